@@ -1,0 +1,400 @@
+//! Unhidra's configuration: built-in defaults < `unhidra.toml` < the file's profile section <
+//! `UNHIDRA_*` environment variables < command-line flags.
+//!
+//! This crate knows nothing of HTTP, SQL or logging; it turns text into a checked [`Config`] and
+//! reports every problem it finds, each naming where it came from.
+
+mod value;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+pub use value::{DatabaseUrl, EnvValue, HumanDuration, LogFormat, REDACTED, Secret};
+
+/// The environment variable that selects the profile.
+pub const PROFILE_VAR: &str = "APP_ENV";
+/// The environment variable that names the config file, like `--config`.
+pub const CONFIG_FILE_VAR: &str = "UNHIDRA_CONFIG";
+/// The file read from the working directory when no other is named.
+pub const DEFAULT_CONFIG_FILE: &str = "unhidra.toml";
+/// Every key's environment variable starts with this.
+pub const ENV_PREFIX: &str = "UNHIDRA_";
+/// A variable named `UNHIDRA_<KEY>_FILE` gives the key's value as the contents of a file.
+pub const FILE_SUFFIX: &str = "_FILE";
+
+/// A deployment profile; it chooses defaults and how strict the checks are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Profile {
+    /// A developer's machine: readable logs, permissive CORS, a generated signing key.
+    Dev,
+    /// Automated tests: like dev, with JSON logs.
+    Test,
+    /// Production: JSON logs, and insecure settings are refused.
+    Prod,
+}
+
+impl Profile {
+    /// The profile's name as written in `APP_ENV` and in the file's `[profile.NAME]`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Dev => "dev",
+            Self::Test => "test",
+            Self::Prod => "prod",
+        }
+    }
+
+    fn parse(text: &str) -> Option<Self> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "" | "dev" | "development" => Some(Self::Dev),
+            "test" => Some(Self::Test),
+            "prod" | "production" => Some(Self::Prod),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Profile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Declares every config key once: its type, its default per profile and whether it is secret.
+///
+/// From that one list come [`Config`], the partial [`Layer`] that a file, a profile section, the
+/// environment or the command line contributes, and [`KEYS`].
+macro_rules! config_keys {
+    (
+        |$profile:ident| {
+            $(
+                $(#[doc = $doc:literal])+
+                $name:ident : $ty:ty = $default:expr, secret = $secret:literal;
+            )+
+        }
+    ) => {
+        /// The effective configuration. Secrets serialise redacted, so this can be shown as is.
+        #[derive(Debug, Clone, Serialize)]
+        pub struct Config {
+            /// The profile these settings were resolved for.
+            pub profile: Profile,
+            $( $(#[doc = $doc])+ pub $name: $ty, )+
+        }
+
+        impl Config {
+            /// The built-in defaults of a profile.
+            pub fn defaults($profile: Profile) -> Self {
+                Self { profile: $profile, $( $name: $default, )+ }
+            }
+        }
+
+        /// Part of a configuration, as one source gives it; `None` leaves a key as it was.
+        #[derive(Debug, Clone, Default, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        pub struct Layer {
+            $( $(#[doc = $doc])+ #[serde(default)] pub $name: Option<$ty>, )+
+        }
+
+        /// A config file: every key, and `[profile.NAME]` sections that override them.
+        #[derive(Debug, Default, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct FileLayer {
+            $( #[serde(default)] $name: Option<$ty>, )+
+            #[serde(default)]
+            profile: BTreeMap<String, Layer>,
+        }
+
+        impl FileLayer {
+            fn split(self) -> (Layer, BTreeMap<String, Layer>) {
+                (Layer { $( $name: self.$name, )+ }, self.profile)
+            }
+        }
+
+        impl Layer {
+            /// Sets every key this layer gives.
+            pub fn apply_to(self, config: &mut Config) {
+                $( if let Some(value) = self.$name { config.$name = value; } )+
+            }
+
+            fn set_from_env(&mut self, key: &str, text: &str) -> Option<Result<(), String>> {
+                match key {
+                    $( stringify!($name) => Some(
+                        <$ty as EnvValue>::parse_env(text).map(|v| self.$name = Some(v))
+                    ), )+
+                    _ => None,
+                }
+            }
+        }
+
+        /// Every key, with its environment variable, in declaration order.
+        pub const KEYS: &[KeyInfo] = &[
+            $( KeyInfo { name: stringify!($name), secret: $secret, doc: concat!($($doc),+) }, )+
+        ];
+    };
+}
+
+config_keys! {
+    |profile| {
+        /// Address and port the server listens on.
+        bind: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 8080)), secret = false;
+        /// Folder for the embedded database, files and generated keys.
+        data_dir: PathBuf = PathBuf::from("./data"), secret = false;
+        /// `postgres://…` selects PostgreSQL; unset means SQLite at `<data_dir>/unhidra.db`.
+        database_url: Option<DatabaseUrl> = None, secret = false;
+        /// Size of the database connection pool.
+        database_max_connections: u32 = 16, secret = false;
+        /// The URL users reach this server at (`https://…` turns on HSTS). Required in prod.
+        public_url: Option<url::Url> = None, secret = false;
+        /// Log filter, in `RUST_LOG` syntax.
+        log: String = "info".to_owned(), secret = false;
+        /// `text` for people, `json` for collectors.
+        log_format: LogFormat = if profile == Profile::Dev { LogFormat::Text } else { LogFormat::Json },
+            secret = false;
+        /// Origins allowed by CORS; `*` allows any and is refused in prod.
+        allowed_origins: Vec<String> = if profile == Profile::Prod { Vec::new() } else { vec!["*".to_owned()] },
+            secret = false;
+        /// Largest request body accepted, in bytes.
+        body_limit: u64 = 1024 * 1024, secret = false;
+        /// Longest time a request may take before it is answered with 408.
+        request_timeout: HumanDuration = HumanDuration::secs(30), secret = false;
+        /// Time in-flight requests get to finish after SIGTERM or SIGINT.
+        shutdown_grace: HumanDuration = HumanDuration::secs(10), secret = false;
+        /// Bearer token that `/metrics` requires; unset leaves it open.
+        metrics_token: Option<Secret> = None, secret = true;
+        /// PEM private key that signs tokens; unset generates one (refused in prod).
+        signing_key: Option<Secret> = None, secret = true;
+    }
+}
+
+/// What `spec` and the docs know of a key.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct KeyInfo {
+    /// Its name in `unhidra.toml`.
+    pub name: &'static str,
+    /// Whether its value is redacted wherever it is shown.
+    pub secret: bool,
+    /// One sentence on what it does.
+    pub doc: &'static str,
+}
+
+impl KeyInfo {
+    /// The environment variable that sets it: `UNHIDRA_` and the name in capitals.
+    pub fn env_var(&self) -> String {
+        format!("{ENV_PREFIX}{}", self.name.to_ascii_uppercase())
+    }
+}
+
+/// Where the configuration comes from. Tests build one by hand; the binary reads the process.
+#[derive(Debug, Clone, Default)]
+pub struct Sources {
+    /// The file named by `--config`; it must exist.
+    pub file: Option<PathBuf>,
+    /// The environment, as name → value.
+    pub env: BTreeMap<String, String>,
+    /// Flags given on the command line; they win over everything else.
+    pub flags: Layer,
+}
+
+impl Sources {
+    /// The process's environment and the given flags.
+    pub fn from_process(file: Option<PathBuf>, flags: Layer) -> Self {
+        Self {
+            file,
+            env: std::env::vars().collect(),
+            flags,
+        }
+    }
+}
+
+/// Why a configuration could not be used. Each line of the message is one problem.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A file could not be read or parsed; the message names the file, key and line.
+    #[error("{path}: {message}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, with line and column where known.
+        message: String,
+    },
+    /// One or more settings are wrong or refused by the profile.
+    #[error("{}", .0.join("\n"))]
+    Invalid(Vec<String>),
+}
+
+/// Resolves the configuration from its sources and checks it.
+pub fn load(sources: &Sources) -> Result<Config, ConfigError> {
+    let profile_text = sources
+        .env
+        .get(PROFILE_VAR)
+        .map(String::as_str)
+        .unwrap_or("");
+    let profile = Profile::parse(profile_text).ok_or_else(|| {
+        ConfigError::Invalid(vec![format!(
+            "{PROFILE_VAR}={profile_text:?} is not a profile; use dev, test or prod"
+        )])
+    })?;
+    let mut config = Config::defaults(profile);
+
+    if let Some(path) = config_file(sources) {
+        let (base, profiles) = read_file(&path)?;
+        base.apply_to(&mut config);
+        if let Some(section) = profiles.get(profile.name()) {
+            section.clone().apply_to(&mut config);
+        }
+        if let Some(unknown) = profiles
+            .keys()
+            .find(|name| !["dev", "test", "prod"].contains(&name.as_str())) {
+            return Err(ConfigError::File {
+                path,
+                message: format!("[profile.{unknown}] is not a profile; use dev, test or prod"),
+            });
+        }
+    }
+
+    env_layer(&sources.env)?.apply_to(&mut config);
+    sources.flags.clone().apply_to(&mut config);
+    check(&config)?;
+    Ok(config)
+}
+
+fn config_file(sources: &Sources) -> Option<PathBuf> {
+    if let Some(path) = &sources.file {
+        return Some(path.clone());
+    }
+    if let Some(path) = sources.env.get(CONFIG_FILE_VAR).filter(|p| !p.is_empty()) {
+        return Some(PathBuf::from(path));
+    }
+    let default = PathBuf::from(DEFAULT_CONFIG_FILE);
+    default.is_file().then_some(default)
+}
+
+/// Reads a config file: its top-level keys and its `[profile.NAME]` sections.
+fn read_file(path: &Path) -> Result<(Layer, BTreeMap<String, Layer>), ConfigError> {
+    let file_error = |message: String| ConfigError::File {
+        path: path.to_owned(),
+        message: message.trim_end().to_owned(),
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| file_error(e.to_string()))?;
+    // The typed parse reports an unknown key or a wrong value with its line and column.
+    let file: FileLayer =
+        toml::from_str(&text).map_err(|e: toml::de::Error| file_error(e.to_string()))?;
+    Ok(file.split())
+}
+
+/// Reads every `UNHIDRA_*` variable. An unknown one is an error: a misspelt
+/// `UNHIDRA_DATABSE_URL` must not silently leave production on the embedded store.
+fn env_layer(env: &BTreeMap<String, String>) -> Result<Layer, ConfigError> {
+    let mut layer = Layer::default();
+    let mut problems = Vec::new();
+    for (var, value) in env.range(ENV_PREFIX.to_owned()..) {
+        let Some(rest) = var.strip_prefix(ENV_PREFIX) else {
+            break;
+        };
+        if var == CONFIG_FILE_VAR {
+            continue;
+        }
+        let (key, text) = match rest.strip_suffix(FILE_SUFFIX) {
+            Some(key) if is_key(key) => match std::fs::read_to_string(value) {
+                // A trailing newline is how editors and `echo` end files, never part of a secret.
+                Ok(text) => (key, text.trim_end_matches(['\n', '\r']).to_owned()),
+                Err(e) => {
+                    problems.push(format!("{var}: cannot read {value}: {e}"));
+                    continue;
+                }
+            },
+            _ => (rest, value.clone()),
+        };
+        let key = key.to_ascii_lowercase();
+        match layer.set_from_env(&key, &text) {
+            Some(Ok(())) => {}
+            Some(Err(why)) => problems.push(format!("{var}: {why}")),
+            None => problems.push(format!(
+                "{var} is not a setting of Unhidra (see `unhidra spec` for the known keys)"
+            )),
+        }
+    }
+    if problems.is_empty() {
+        Ok(layer)
+    } else {
+        Err(ConfigError::Invalid(problems))
+    }
+}
+
+fn is_key(upper: &str) -> bool {
+    KEYS.iter().any(|k| k.name.eq_ignore_ascii_case(upper))
+}
+
+/// Checks what no single value can show: consistency, and what the profile refuses.
+fn check(config: &Config) -> Result<(), ConfigError> {
+    let mut problems = Vec::new();
+    for origin in &config.allowed_origins {
+        if origin != "*" && !is_origin(origin) {
+            problems.push(format!(
+                "allowed_origins: {origin:?} is not an origin such as https://app.example.com"
+            ));
+        }
+    }
+    if let Some(url) = &config.public_url {
+        if !matches!(url.scheme(), "http" | "https") {
+            problems.push(format!("public_url: {url} must be an http:// or https:// URL"));
+        }
+    }
+    if config.body_limit == 0 {
+        problems.push("body_limit: must be at least 1 byte".to_owned());
+    }
+    if config.database_max_connections == 0 {
+        problems.push("database_max_connections: must be at least 1".to_owned());
+    }
+    if config.request_timeout.0.is_zero() {
+        problems.push("request_timeout: must be longer than zero".to_owned());
+    }
+    if config.profile == Profile::Prod {
+        if config.signing_key.is_none() {
+            problems.push(
+                "signing_key: prod refuses a generated signing key; set UNHIDRA_SIGNING_KEY_FILE"
+                    .to_owned(),
+            );
+        }
+        if config.allowed_origins.iter().any(|o| o == "*") {
+            problems.push(
+                "allowed_origins: prod refuses `*`; list the origins of your web clients"
+                    .to_owned(),
+            );
+        }
+        if config.public_url.is_none() {
+            problems.push(
+                "public_url: prod needs the URL users reach this server at (UNHIDRA_PUBLIC_URL)"
+                    .to_owned(),
+            );
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(ConfigError::Invalid(problems))
+    }
+}
+
+/// `scheme://host[:port]` with nothing after it, as browsers send in `Origin`.
+fn is_origin(text: &str) -> bool {
+    match url::Url::parse(text) {
+        Ok(url) => {
+            matches!(url.scheme(), "http" | "https")
+                && url.host().is_some()
+                && url.path() == "/"
+                && !text.ends_with('/')
+                && url.query().is_none()
+                && url.fragment().is_none()
+                && url.username().is_empty()
+        }
+        Err(_) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests;

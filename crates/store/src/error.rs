@@ -1,0 +1,72 @@
+//! The store's error: what callers may act on, with the engine's own error kept for the log.
+
+use std::error::Error as StdError;
+
+/// Why a store operation failed. The engine's message is kept as the source, for logs only: it
+/// may contain SQL and must never reach a client.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The thing asked for does not exist.
+    #[error("{entity} not found")]
+    NotFound {
+        /// What was looked for, such as `meta`.
+        entity: &'static str,
+    },
+    /// The write would break a uniqueness or reference rule.
+    #[error("{entity} conflicts with an existing one")]
+    Conflict {
+        /// What was written.
+        entity: &'static str,
+        /// The engine's error.
+        #[source]
+        source: Box<dyn StdError + Send + Sync>,
+    },
+    /// The database cannot be reached right now.
+    #[error("database unavailable")]
+    Unavailable(#[source] Box<dyn StdError + Send + Sync>),
+    /// This backend does not do that; the message says what to use instead.
+    #[error("{0}")]
+    Unsupported(&'static str),
+    /// The request cannot be carried out as given; the message says why.
+    #[error("{0}")]
+    Invalid(String),
+    /// Anything else; a bug or a broken database.
+    #[error("database error")]
+    Other(#[source] Box<dyn StdError + Send + Sync>),
+}
+
+impl StoreError {
+    pub(crate) fn invalid(message: impl Into<String>) -> Self {
+        Self::Invalid(message.into())
+    }
+
+    /// Classifies an engine error for an operation on `entity`.
+    pub(crate) fn from_sqlx(entity: &'static str, err: sqlx::Error) -> Self {
+        match err {
+            sqlx::Error::RowNotFound => Self::NotFound { entity },
+            sqlx::Error::Database(ref db)
+                if db.is_unique_violation() || db.is_foreign_key_violation() =>
+            {
+                Self::Conflict {
+                    entity,
+                    source: Box::new(err),
+                }
+            }
+            sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed => Self::Unavailable(Box::new(err)),
+            other => Self::Other(Box::new(other)),
+        }
+    }
+}
+
+impl From<sqlx::migrate::MigrateError> for StoreError {
+    fn from(err: sqlx::migrate::MigrateError) -> Self {
+        match err {
+            sqlx::migrate::MigrateError::Execute(e) => Self::from_sqlx("migration", e),
+            other => Self::Other(Box::new(other)),
+        }
+    }
+}

@@ -1,0 +1,68 @@
+//! Migrations embedded in the binary, one list per backend, applied by sqlx's migrator.
+
+use std::borrow::Cow;
+
+use futures_core::future::BoxFuture;
+use sqlx::error::BoxDynError;
+use sqlx::migrate::{Migration, MigrationSource, MigrationType, Migrator};
+
+/// One migration: version, description, SQL.
+type Embedded = (i64, &'static str, &'static str);
+
+/// SQLite's migrations, oldest first. A new one is appended, never edited once released.
+pub(crate) const SQLITE: &[Embedded] = &[(
+    1,
+    "meta",
+    include_str!("../migrations/sqlite/0001_meta.sql"),
+)];
+
+/// PostgreSQL's migrations, oldest first, in step with [`SQLITE`].
+pub(crate) const POSTGRES: &[Embedded] = &[(
+    1,
+    "meta",
+    include_str!("../migrations/postgres/0001_meta.sql"),
+)];
+
+#[derive(Debug)]
+struct Source(&'static [Embedded]);
+
+impl<'s> MigrationSource<'s> for Source {
+    fn resolve(self) -> BoxFuture<'s, Result<Vec<Migration>, BoxDynError>> {
+        Box::pin(async move {
+            Ok(self
+                .0
+                .iter()
+                .map(|(version, description, sql)| {
+                    Migration::new(
+                        *version,
+                        Cow::Borrowed(*description),
+                        MigrationType::Simple,
+                        Cow::Borrowed(*sql),
+                        false,
+                    )
+                })
+                .collect())
+        })
+    }
+}
+
+/// The migrator for one backend's list.
+pub(crate) async fn migrator(list: &'static [Embedded]) -> Result<Migrator, BoxDynError> {
+    Ok(Migrator::new(Source(list)).await?)
+}
+
+/// How many of `list` the database has applied successfully.
+pub(crate) const APPLIED_SQL: &str =
+    "SELECT COUNT(*) FROM _sqlx_migrations WHERE success = TRUE";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn both_backends_have_the_same_migrations() {
+        let versions = |list: &[Embedded]| list.iter().map(|m| (m.0, m.1)).collect::<Vec<_>>();
+        assert_eq!(versions(SQLITE), versions(POSTGRES));
+        assert!(SQLITE.windows(2).all(|w| w[0].0 < w[1].0));
+    }
+}

@@ -1,0 +1,106 @@
+//! The scale-out backend: a PostgreSQL server.
+
+use std::path::Path;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::PgPool;
+
+use crate::meta::MetaStore;
+use crate::migrations::{self, APPLIED_SQL};
+use crate::{Backend, Health, Store, StoreError, StoreOptions};
+
+/// PostgreSQL behind a connection pool.
+#[derive(Debug, Clone)]
+pub struct PostgresStore {
+    pool: PgPool,
+}
+
+impl PostgresStore {
+    /// Connects with the given options; tests use them to pick a schema of their own.
+    pub async fn connect(
+        connect: PgConnectOptions,
+        options: &StoreOptions,
+    ) -> Result<Self, StoreError> {
+        let pool = PgPoolOptions::new()
+            .max_connections(options.max_connections)
+            .acquire_timeout(options.acquire_timeout)
+            .connect_with(connect)
+            .await
+            .map_err(|e| StoreError::Unavailable(Box::new(e)))?;
+        Ok(Self { pool })
+    }
+}
+
+#[async_trait]
+impl Store for PostgresStore {
+    fn backend(&self) -> Backend {
+        Backend::Postgres
+    }
+
+    async fn migrate(&self) -> Result<(), StoreError> {
+        let migrator = migrations::migrator(migrations::POSTGRES)
+            .await
+            .map_err(StoreError::Other)?;
+        migrator.run(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn health(&self) -> Result<Health, StoreError> {
+        let has_table: bool =
+            sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
+                .fetch_one(&self.pool)
+                .await
+                .map_err(|e| StoreError::from_sqlx("health", e))?;
+        let applied: i64 = if has_table {
+            sqlx::query_scalar(APPLIED_SQL)
+                .fetch_one(&self.pool)
+                .await
+                .map_err(|e| StoreError::from_sqlx("health", e))?
+        } else {
+            0
+        };
+        Ok(Health {
+            applied_migrations: usize::try_from(applied).unwrap_or(0),
+            known_migrations: migrations::POSTGRES.len(),
+        })
+    }
+
+    async fn backup(&self, _to: &Path) -> Result<(), StoreError> {
+        Err(StoreError::Unsupported(
+            "unhidra backup copies SQLite only; back up PostgreSQL with pg_dump or pg_basebackup",
+        ))
+    }
+
+    async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+#[async_trait]
+impl MetaStore for PostgresStore {
+    async fn meta_get(&self, key: &str) -> Result<String, StoreError> {
+        sqlx::query_scalar("SELECT value FROM meta WHERE key = $1")
+            .bind(key)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| StoreError::from_sqlx("meta", e))
+    }
+
+    async fn meta_insert(
+        &self,
+        key: &str,
+        value: &str,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        sqlx::query("INSERT INTO meta (key, value, created_at) VALUES ($1, $2, $3)")
+            .bind(key)
+            .bind(value)
+            .bind(now)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| StoreError::from_sqlx("meta", e))?;
+        Ok(())
+    }
+}

@@ -1,0 +1,142 @@
+//! The embedded backend: one SQLite file in WAL mode with foreign keys and a busy timeout.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::SqlitePool;
+
+use crate::meta::MetaStore;
+use crate::migrations::{self, APPLIED_SQL};
+use crate::{Backend, Health, Store, StoreError, StoreOptions};
+
+/// How long a writer waits for another to finish before it gives up.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// SQLite behind a connection pool.
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+    path: PathBuf,
+}
+
+impl SqliteStore {
+    /// Opens (creating if need be) the database file at `path`.
+    pub async fn open(path: &Path, options: &StoreOptions) -> Result<Self, StoreError> {
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(|e| StoreError::Unavailable(Box::new(e)))?;
+        }
+        let connect = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            // NORMAL is durable across application crashes in WAL mode; only a power loss can
+            // lose the last transactions, and never corrupts the file.
+            .synchronous(SqliteSynchronous::Normal)
+            .foreign_keys(true)
+            .busy_timeout(BUSY_TIMEOUT);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(options.max_connections)
+            .acquire_timeout(options.acquire_timeout)
+            .connect_with(connect)
+            .await
+            .map_err(|e| StoreError::Unavailable(Box::new(e)))?;
+        Ok(Self {
+            pool,
+            path: path.to_owned(),
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    fn backend(&self) -> Backend {
+        Backend::Sqlite
+    }
+
+    async fn migrate(&self) -> Result<(), StoreError> {
+        let migrator = migrations::migrator(migrations::SQLITE)
+            .await
+            .map_err(StoreError::Other)?;
+        migrator.run(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn health(&self) -> Result<Health, StoreError> {
+        let has_table: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations'",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .map_err(|e| StoreError::from_sqlx("health", e))?;
+        let applied: i64 = if has_table == 0 {
+            0
+        } else {
+            sqlx::query_scalar(APPLIED_SQL)
+                .fetch_one(&self.pool)
+                .await
+                .map_err(|e| StoreError::from_sqlx("health", e))?
+        };
+        Ok(Health {
+            applied_migrations: usize::try_from(applied).unwrap_or(0),
+            known_migrations: migrations::SQLITE.len(),
+        })
+    }
+
+    async fn backup(&self, to: &Path) -> Result<(), StoreError> {
+        if to.exists() {
+            return Err(StoreError::invalid(format!(
+                "{} exists already; a backup never overwrites a file",
+                to.display()
+            )));
+        }
+        let target = to
+            .to_str()
+            .ok_or_else(|| StoreError::invalid("the backup path must be valid UTF-8"))?;
+        // VACUUM INTO reads one consistent snapshot while writers carry on in the WAL.
+        sqlx::query("VACUUM INTO ?1")
+            .bind(target)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| StoreError::from_sqlx("backup", e))?;
+        Ok(())
+    }
+
+    async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+#[async_trait]
+impl MetaStore for SqliteStore {
+    async fn meta_get(&self, key: &str) -> Result<String, StoreError> {
+        sqlx::query_scalar("SELECT value FROM meta WHERE key = ?1")
+            .bind(key)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| StoreError::from_sqlx("meta", e))
+    }
+
+    async fn meta_insert(
+        &self,
+        key: &str,
+        value: &str,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        sqlx::query("INSERT INTO meta (key, value, created_at) VALUES (?1, ?2, ?3)")
+            .bind(key)
+            .bind(value)
+            .bind(now.to_rfc3339())
+            .execute(&self.pool)
+            .await
+            .map_err(|e| StoreError::from_sqlx("meta", e))?;
+        Ok(())
+    }
+}

@@ -1,0 +1,126 @@
+//! Fresh, isolated databases for tests: a temp SQLite file, or a PostgreSQL schema of its own.
+//!
+//! PostgreSQL is found through `TEST_POSTGRES_URL` (default: the local server's `test`
+//! database). Tests never share a database, so they run in parallel.
+
+use std::sync::Arc;
+
+use sqlx::postgres::PgConnectOptions;
+use sqlx::{Connection, PgConnection};
+
+use crate::{Backend, PostgresStore, SqliteStore, Store, StoreOptions};
+
+/// The variable naming the PostgreSQL server that tests use.
+pub const POSTGRES_URL_VAR: &str = "TEST_POSTGRES_URL";
+const DEFAULT_POSTGRES_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+
+/// The PostgreSQL URL tests connect to.
+pub fn postgres_url() -> String {
+    std::env::var(POSTGRES_URL_VAR).unwrap_or_else(|_| DEFAULT_POSTGRES_URL.to_owned())
+}
+
+/// A database that exists for one test; dropping it removes it.
+#[derive(Debug)]
+pub struct TestDb {
+    /// The store, not yet migrated.
+    pub store: Arc<dyn Store>,
+    /// A URL that opens the same database, for a server or a CLI run under test.
+    pub url: String,
+    cleanup: Cleanup,
+}
+
+#[derive(Debug)]
+enum Cleanup {
+    Sqlite(#[allow(dead_code, reason = "held so the folder lives as long as the test")] tempfile::TempDir),
+    Postgres { schema: String },
+}
+
+impl TestDb {
+    /// A fresh database on `backend`.
+    pub async fn new(backend: Backend) -> Self {
+        match backend {
+            Backend::Sqlite => Self::sqlite().await,
+            Backend::Postgres => Self::postgres().await,
+        }
+    }
+
+    /// A new SQLite file in a temp folder.
+    pub async fn sqlite() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("unhidra.db");
+        let store = SqliteStore::open(&path, &StoreOptions::default())
+            .await
+            .expect("open SQLite");
+        Self {
+            store: Arc::new(store),
+            url: format!("sqlite:{}", path.display()),
+            cleanup: Cleanup::Sqlite(dir),
+        }
+    }
+
+    /// A new schema on the test PostgreSQL server, made the connections' search path.
+    pub async fn postgres() -> Self {
+        let url = postgres_url();
+        let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
+        let mut admin = PgConnection::connect(&url).await.unwrap_or_else(|e| {
+            panic!("PostgreSQL for tests at {POSTGRES_URL_VAR}={url} is not reachable: {e}")
+        });
+        sqlx::query(&format!("CREATE SCHEMA {schema}"))
+            .execute(&mut admin)
+            .await
+            .expect("create schema");
+        let _ = admin.close().await;
+        let options: PgConnectOptions = url.parse().expect("TEST_POSTGRES_URL");
+        let options = options.options([("search_path", schema.as_str())]);
+        let store = PostgresStore::connect(options, &StoreOptions::default())
+            .await
+            .expect("connect PostgreSQL");
+        let sep = if url.contains('?') { '&' } else { '?' };
+        Self {
+            store: Arc::new(store),
+            url: format!("{url}{sep}options=-c%20search_path%3D{schema}"),
+            cleanup: Cleanup::Postgres { schema },
+        }
+    }
+
+    /// Closes the store and removes the database.
+    pub async fn drop_db(self) {
+        self.store.close().await;
+        if let Cleanup::Postgres { schema } = &self.cleanup {
+            if let Ok(mut admin) = PgConnection::connect(&postgres_url()).await {
+                let _ = sqlx::query(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+                    .execute(&mut admin)
+                    .await;
+                let _ = admin.close().await;
+            }
+        }
+    }
+}
+
+/// Runs one async test body against SQLite and against PostgreSQL, each in a fresh database.
+///
+/// ```text
+/// async fn meta_round_trip(db: &TestDb) { … }
+/// both_backends!(meta_round_trip);
+/// ```
+#[macro_export]
+macro_rules! both_backends {
+    ($name:ident) => {
+        mod $name {
+
+            #[tokio::test]
+            async fn sqlite() {
+                let db = $crate::testing::TestDb::new($crate::Backend::Sqlite).await;
+                super::$name(&db).await;
+                db.drop_db().await;
+            }
+
+            #[tokio::test]
+            async fn postgres() {
+                let db = $crate::testing::TestDb::new($crate::Backend::Postgres).await;
+                super::$name(&db).await;
+                db.drop_db().await;
+            }
+        }
+    };
+}
