@@ -248,7 +248,8 @@ pub fn load(sources: &Sources) -> Result<Config, ConfigError> {
         }
         if let Some(unknown) = profiles
             .keys()
-            .find(|name| !["dev", "test", "prod"].contains(&name.as_str())) {
+            .find(|name| !["dev", "test", "prod"].contains(&name.as_str()))
+        {
             return Err(ConfigError::File {
                 path,
                 message: format!("[profile.{unknown}] is not a profile; use dev, test or prod"),
@@ -341,7 +342,9 @@ fn check(config: &Config) -> Result<(), ConfigError> {
     }
     if let Some(url) = &config.public_url {
         if !matches!(url.scheme(), "http" | "https") {
-            problems.push(format!("public_url: {url} must be an http:// or https:// URL"));
+            problems.push(format!(
+                "public_url: {url} must be an http:// or https:// URL"
+            ));
         }
     }
     if config.body_limit == 0 {

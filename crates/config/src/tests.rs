@@ -95,7 +95,10 @@ fn unknown_key_names_file_key_and_line() {
 fn unknown_key_in_profile_section_names_its_line() {
     let f = file("[profile.prod]\nbind = \"127.0.0.1:1\"\nnot_a_key = true\n");
     let text = load_with(Some(f.path()), &[]).unwrap_err().to_string();
-    assert!(text.contains("not_a_key") && text.contains("line 3"), "{text}");
+    assert!(
+        text.contains("not_a_key") && text.contains("line 3"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -106,7 +109,10 @@ fn malformed_file_and_wrong_type_are_reported() {
 
     let f = file("body_limit = \"big\"\n");
     let text = load_with(Some(f.path()), &[]).unwrap_err().to_string();
-    assert!(text.contains("body_limit") && text.contains("line 1"), "{text}");
+    assert!(
+        text.contains("body_limit") && text.contains("line 1"),
+        "{text}"
+    );
 
     let f = file("[profile.staging]\nlog = \"debug\"\n");
     let text = load_with(Some(f.path()), &[]).unwrap_err().to_string();
@@ -154,7 +160,14 @@ fn secrets_come_from_files_and_never_print() {
         ],
     )
     .unwrap();
-    assert!(config.signing_key.as_ref().unwrap().expose().ends_with("KEY-----"));
+    assert!(
+        config
+            .signing_key
+            .as_ref()
+            .unwrap()
+            .expose()
+            .ends_with("KEY-----")
+    );
     let shown = format!("{config:?}");
     let json = serde_json::to_string(&config).unwrap();
     for secret in ["abc", "tok-123", "pw-secret"] {
@@ -163,7 +176,11 @@ fn secrets_come_from_files_and_never_print() {
     }
 
     let p = problems(
-        load_with(None, &[("UNHIDRA_SIGNING_KEY_FILE", "/nonexistent/key.pem")]).unwrap_err(),
+        load_with(
+            None,
+            &[("UNHIDRA_SIGNING_KEY_FILE", "/nonexistent/key.pem")],
+        )
+        .unwrap_err(),
     );
     assert!(p[0].contains("UNHIDRA_SIGNING_KEY_FILE"), "{p:?}");
 }
@@ -171,7 +188,11 @@ fn secrets_come_from_files_and_never_print() {
 #[test]
 fn prod_refuses_insecure_settings_one_message_each() {
     let p = problems(
-        load_with(None, &[("APP_ENV", "prod"), ("UNHIDRA_ALLOWED_ORIGINS", "*")]).unwrap_err(),
+        load_with(
+            None,
+            &[("APP_ENV", "prod"), ("UNHIDRA_ALLOWED_ORIGINS", "*")],
+        )
+        .unwrap_err(),
     );
     assert_eq!(p.len(), 3, "{p:?}");
     assert!(p.iter().any(|l| l.starts_with("allowed_origins")), "{p:?}");
@@ -212,7 +233,11 @@ fn every_key_has_a_distinct_environment_variable() {
     let vars: BTreeSet<String> = KEYS.iter().map(KeyInfo::env_var).collect();
     assert_eq!(vars.len(), KEYS.len());
     for key in KEYS {
-        assert!(!key.name.ends_with("_file"), "{} clashes with *_FILE", key.name);
+        assert!(
+            !key.name.ends_with("_file"),
+            "{} clashes with *_FILE",
+            key.name
+        );
     }
     let secrets: Vec<&str> = KEYS.iter().filter(|k| k.secret).map(|k| k.name).collect();
     assert_eq!(secrets, ["metrics_token", "signing_key"]);

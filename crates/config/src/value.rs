@@ -270,7 +270,10 @@ mod tests {
     fn secret_never_prints() {
         let s = Secret::new("s3cr3t");
         assert_eq!(format!("{s:?}"), REDACTED);
-        assert_eq!(serde_json::to_string(&s).unwrap(), format!("\"{REDACTED}\""));
+        assert_eq!(
+            serde_json::to_string(&s).unwrap(),
+            format!("\"{REDACTED}\"")
+        );
         assert_eq!(s.expose(), "s3cr3t");
     }
 

@@ -15,8 +15,12 @@ pub trait MetaStore {
     async fn meta_get(&self, key: &str) -> Result<String, StoreError>;
 
     /// Stores `key` for the first time; [`StoreError::Conflict`] if it exists already.
-    async fn meta_insert(&self, key: &str, value: &str, now: DateTime<Utc>)
-    -> Result<(), StoreError>;
+    async fn meta_insert(
+        &self,
+        key: &str,
+        value: &str,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError>;
 
     /// The value of `key`, storing `value` first if the key is new. Concurrent callers all get
     /// the one value that won.

@@ -52,8 +52,7 @@ pub(crate) async fn migrator(list: &'static [Embedded]) -> Result<Migrator, BoxD
 }
 
 /// How many of `list` the database has applied successfully.
-pub(crate) const APPLIED_SQL: &str =
-    "SELECT COUNT(*) FROM _sqlx_migrations WHERE success = TRUE";
+pub(crate) const APPLIED_SQL: &str = "SELECT COUNT(*) FROM _sqlx_migrations WHERE success = TRUE";
 
 #[cfg(test)]
 mod tests {

@@ -31,8 +31,13 @@ pub struct TestDb {
 
 #[derive(Debug)]
 enum Cleanup {
-    Sqlite(#[allow(dead_code, reason = "held so the folder lives as long as the test")] tempfile::TempDir),
-    Postgres { schema: String },
+    Sqlite(
+        #[allow(dead_code, reason = "held so the folder lives as long as the test")]
+        tempfile::TempDir,
+    ),
+    Postgres {
+        schema: String,
+    },
 }
 
 impl TestDb {

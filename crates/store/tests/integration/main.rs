@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use chrono::Utc;
 use unhidra_store::testing::TestDb;
-use unhidra_store::{both_backends, Backend, INSTANCE_ID, StoreError, StoreOptions};
+use unhidra_store::{Backend, INSTANCE_ID, StoreError, StoreOptions, both_backends};
 
 async fn migrations_build_the_schema_from_empty(db: &TestDb) {
     let before = db.store.health().await.unwrap();
@@ -37,7 +37,11 @@ async fn meta_keys_are_written_once(db: &TestDb) {
         matches!(again, Err(StoreError::Conflict { entity: "meta", .. })),
         "{again:?}"
     );
-    assert_eq!(store.meta_get("k").await.unwrap(), "first", "a conflict changes nothing");
+    assert_eq!(
+        store.meta_get("k").await.unwrap(),
+        "first",
+        "a conflict changes nothing"
+    );
 }
 both_backends!(meta_keys_are_written_once);
 
@@ -59,7 +63,11 @@ async fn concurrent_first_writers_agree(db: &TestDb) {
         seen.push(task.await.unwrap());
     }
     seen.dedup();
-    assert_eq!(seen.len(), 1, "every caller sees the one value that won: {seen:?}");
+    assert_eq!(
+        seen.len(),
+        1,
+        "every caller sees the one value that won: {seen:?}"
+    );
     assert_eq!(db.store.meta_get(INSTANCE_ID).await.unwrap(), seen[0]);
 }
 both_backends!(concurrent_first_writers_agree);

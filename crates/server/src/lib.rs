@@ -1,0 +1,180 @@
+//! Unhidra's server: it opens the store, builds the router with its middleware, and serves
+//! until told to stop. This is the only crate that knows HTTP and maps errors to statuses.
+//!
+//! The binary is a thin caller: `Application::build(config)` binds the listener (so a test can
+//! ask for port 0 and read the port back) and `run_until_stopped(shutdown)` serves.
+
+mod build_info;
+pub mod error;
+pub mod http;
+pub mod metrics;
+mod routes;
+mod shutdown;
+mod state;
+pub mod telemetry;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use chrono::Utc;
+use tokio::net::TcpListener;
+use unhidra_config::Config;
+use unhidra_store::{INSTANCE_ID, Store, StoreError, StoreOptions};
+
+pub use build_info::{BUILD, BuildInfo};
+pub use routes::{OPENAPI_PATH, openapi};
+pub use shutdown::signal as shutdown_signal;
+pub use state::AppState;
+
+/// The SQLite file under the data folder when no `database_url` is set.
+pub const SQLITE_FILE: &str = "unhidra.db";
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The data folder could not be created.
+    #[error("cannot create the data folder {path}: {source}")]
+    DataDir {
+        /// The folder.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The store could not be opened or migrated.
+    #[error("store: {}", error::error_chain(.0))]
+    Store(#[from] StoreError),
+    /// The address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// The URL of the store a config selects: its `database_url`, or SQLite under `data_dir`.
+pub fn store_url(config: &Config) -> String {
+    match &config.database_url {
+        Some(url) => url.expose().to_owned(),
+        None => format!("sqlite:{}", config.data_dir.join(SQLITE_FILE).display()),
+    }
+}
+
+/// [`store_url`] with any password replaced, for logs and `spec`.
+pub fn store_url_redacted(config: &Config) -> String {
+    match &config.database_url {
+        Some(url) => url.redacted(),
+        None => store_url(config),
+    }
+}
+
+/// Opens the store a config selects, creating the data folder if need be. Not migrated yet.
+pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, StartError> {
+    std::fs::create_dir_all(&config.data_dir).map_err(|source| StartError::DataDir {
+        path: config.data_dir.display().to_string(),
+        source,
+    })?;
+    let options = StoreOptions {
+        max_connections: config.database_max_connections,
+        ..StoreOptions::default()
+    };
+    Ok(unhidra_store::connect(&store_url(config), &options).await?)
+}
+
+/// A server that has bound its port and is ready to serve.
+#[derive(Debug)]
+pub struct Application {
+    listener: TcpListener,
+    router: Router,
+    state: AppState,
+}
+
+impl Application {
+    /// Opens and migrates the store the config selects, and binds the listener.
+    pub async fn build(config: Config) -> Result<Self, StartError> {
+        let store = open_store(&config).await?;
+        Self::with_store(config, store, Router::new()).await
+    }
+
+    /// Like [`Application::build`] over a store already open, with extra routes that pass
+    /// through the same middleware (tests use this for routes that misbehave on purpose).
+    pub async fn with_store(
+        config: Config,
+        store: Arc<dyn Store>,
+        extra: Router<AppState>,
+    ) -> Result<Self, StartError> {
+        store.migrate().await?;
+        let instance_id = store
+            .meta_get_or_insert(INSTANCE_ID, &uuid::Uuid::new_v4().to_string(), Utc::now())
+            .await?;
+        let addr = config.bind;
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartError::Bind { addr, source })?;
+        let state = AppState::new(config, store, metrics::Metrics::new(&BUILD), instance_id);
+        let router = http::with_middleware(routes::router().merge(extra), &state);
+        Ok(Self {
+            listener,
+            router,
+            state,
+        })
+    }
+
+    /// The address actually bound (the real port when the config asked for port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .unwrap_or(self.state.config().bind)
+    }
+
+    /// The router with all middleware, for in-process tests.
+    pub fn router(&self) -> Router {
+        self.router.clone()
+    }
+
+    /// The shared state.
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Serves until `shutdown` completes, then stops accepting, gives requests in flight
+    /// `shutdown_grace` to finish, and closes the store.
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let Self {
+            listener,
+            router,
+            state,
+        } = self;
+        let config = state.config();
+        let addr = listener.local_addr()?;
+        tracing::info!(
+            address = %addr,
+            store = %state.store().backend(),
+            profile = %config.profile,
+            instance_id = state.instance_id(),
+            version = BUILD.version,
+            "unhidra listening"
+        );
+        let grace = config.shutdown_grace.0;
+        let outcome = shutdown::serve(listener, router, shutdown, grace).await?;
+        let abandoned = metrics::read(&state.metrics().http_in_flight);
+        // A request stuck past the grace period may hold a connection; don't wait on it forever.
+        let _ = tokio::time::timeout(Duration::from_secs(2), state.store().close()).await;
+        match outcome {
+            shutdown::Outcome::Drained => tracing::info!("unhidra stopped cleanly"),
+            shutdown::Outcome::GraceExpired => tracing::warn!(
+                abandoned_requests = abandoned,
+                grace_secs = grace.as_secs_f64(),
+                "unhidra stopped; the grace period ended before every request finished"
+            ),
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,55 @@
+//! `/health/live` and `/health/ready`.
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use crate::error::{ApiError, Problem};
+use crate::http::READY_CHECK_TIMEOUT;
+use crate::state::AppState;
+
+/// The answer of a health endpoint that passed.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct Status {
+    /// `live` or `ready`.
+    status: &'static str,
+}
+
+/// The process is up and answering.
+#[utoipa::path(get, path = "/health/live", tag = "operations",
+    responses((status = 200, description = "The process is up", body = Status)))]
+pub(crate) async fn live() -> Json<Status> {
+    Json(Status { status: "live" })
+}
+
+/// Every dependency is reachable and the database is migrated; 503 names what is not.
+#[utoipa::path(get, path = "/health/ready", tag = "operations",
+    responses(
+        (status = 200, description = "Ready to serve", body = Status),
+        (status = 503, description = "A dependency is unavailable", body = Problem,
+            content_type = "application/problem+json"),
+    ))]
+pub(crate) async fn ready(State(state): State<AppState>) -> Result<Json<Status>, ApiError> {
+    let store = state.store();
+    let backend = store.backend().name();
+    let checked = tokio::time::timeout(READY_CHECK_TIMEOUT, store.health()).await;
+    let failure = match checked {
+        Ok(Ok(health)) if health.is_migrated() => return Ok(Json(Status { status: "ready" })),
+        Ok(Ok(health)) => format!(
+            "store ({backend}): {} of {} migrations applied",
+            health.applied_migrations, health.known_migrations
+        ),
+        Ok(Err(err)) => {
+            tracing::warn!(error = %crate::error::error_chain(&err), "readiness: store check failed");
+            format!("store ({backend}): unreachable")
+        }
+        Err(_) => format!("store ({backend}): no answer within {READY_CHECK_TIMEOUT:?}"),
+    };
+    Err(
+        Problem::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", failure)
+            .with("failing", vec!["store"])
+            .into(),
+    )
+}

@@ -1,0 +1,305 @@
+//! The `unhidra` binary: parses the command line, loads the configuration and hands over to
+//! the library crates. Exit codes: 0 success, 1 failure at run time, 2 bad usage or config.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use serde::Serialize;
+use unhidra_config::{Config, KEYS, Layer, Sources};
+use unhidra_server::{Application, BUILD, BuildInfo};
+use unhidra_store::Backend;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "unhidra",
+    version,
+    about = "A secure, self-hosted real-time backend for people and their devices."
+)]
+struct Cli {
+    /// Config file (default: ./unhidra.toml if it exists, or $UNHIDRA_CONFIG).
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the server: HTTP API, docs and metrics on one port.
+    Serve(ServeArgs),
+    /// Apply the embedded database migrations, then exit.
+    Migrate(DataArgs),
+    /// Print the effective configuration (secrets redacted), features and build as JSON.
+    Spec(DataArgs),
+    /// Print the OpenAPI document as JSON.
+    Openapi,
+    /// Write a consistent copy of the live SQLite database to PATH.
+    Backup(BackupArgs),
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// Address to listen on [env: UNHIDRA_BIND; default 127.0.0.1:8080].
+    #[arg(long, value_name = "ADDR")]
+    bind: Option<std::net::SocketAddr>,
+    #[command(flatten)]
+    data: DataArgs,
+}
+
+#[derive(Debug, Args)]
+struct DataArgs {
+    /// Folder for the embedded database and files [env: UNHIDRA_DATA_DIR; default ./data].
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct BackupArgs {
+    /// Where to write the copy; must not exist yet.
+    path: PathBuf,
+    #[command(flatten)]
+    data: DataArgs,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let flags = match &cli.command {
+        Command::Serve(args) => Layer {
+            bind: args.bind,
+            data_dir: args.data.data_dir.clone(),
+            ..Layer::default()
+        },
+        Command::Migrate(data) | Command::Spec(data) | Command::Backup(BackupArgs { data, .. }) => {
+            Layer {
+                data_dir: data.data_dir.clone(),
+                ..Layer::default()
+            }
+        }
+        Command::Openapi => Layer::default(),
+    };
+    if let Command::Openapi = cli.command {
+        return print_json(&unhidra_server::openapi());
+    }
+    let config = match unhidra_config::load(&Sources::from_process(cli.config, flags)) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("unhidra: the configuration cannot be used:");
+            for line in err.to_string().lines() {
+                eprintln!("  {line}");
+            }
+            return ExitCode::from(2);
+        }
+    };
+    if let Command::Spec(_) = cli.command {
+        return print_json(&Spec::of(&config));
+    }
+    if let Err(err) = unhidra_server::telemetry::init(&log_filter(&config), config.log_format) {
+        eprintln!("unhidra: {err}");
+        return ExitCode::from(2);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("unhidra: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Serve(_) => serve(config).await,
+            Command::Migrate(_) => migrate(&config).await,
+            Command::Backup(args) => backup(&config, args.path).await,
+            Command::Spec(_) | Command::Openapi => ExitCode::SUCCESS,
+        }
+    })
+}
+
+/// `UNHIDRA_LOG` (or the file's `log`) wins; `RUST_LOG` is honoured when neither was given.
+fn log_filter(config: &Config) -> String {
+    let explicit = std::env::var_os("UNHIDRA_LOG").is_some() || config.log != "info";
+    match std::env::var("RUST_LOG") {
+        Ok(rust_log) if !explicit && !rust_log.is_empty() => rust_log,
+        _ => config.log.clone(),
+    }
+}
+
+async fn serve(config: Config) -> ExitCode {
+    let app = match Application::build(config).await {
+        Ok(app) => app,
+        Err(err) => {
+            tracing::error!(error = %err, "unhidra cannot start");
+            return ExitCode::FAILURE;
+        }
+    };
+    match app
+        .run_until_stopped(unhidra_server::shutdown_signal())
+        .await
+    {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!(error = %err, "server failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn migrate(config: &Config) -> ExitCode {
+    let result = async {
+        let store = unhidra_server::open_store(config).await?;
+        store.migrate().await?;
+        let health = store.health().await?;
+        store.close().await;
+        Ok::<_, unhidra_server::StartError>(health)
+    }
+    .await;
+    match result {
+        Ok(health) => {
+            tracing::info!(
+                applied = health.applied_migrations,
+                store = %unhidra_server::store_url_redacted(config),
+                "database migrated"
+            );
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            tracing::error!(error = %err, "migration failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn backup(config: &Config, path: PathBuf) -> ExitCode {
+    if config
+        .database_url
+        .as_ref()
+        .is_some_and(|u| u.is_postgres())
+    {
+        tracing::error!(
+            "unhidra backup copies SQLite only; back up PostgreSQL with pg_dump or pg_basebackup"
+        );
+        return ExitCode::from(2);
+    }
+    let db = config.data_dir.join(unhidra_server::SQLITE_FILE);
+    if !db.is_file() {
+        tracing::error!(database = %db.display(), "no database to back up");
+        return ExitCode::from(2);
+    }
+    if path.exists() {
+        tracing::error!(target = %path.display(), "the backup target exists already; nothing was written");
+        return ExitCode::from(2);
+    }
+    let result = async {
+        let store = unhidra_server::open_store(config).await?;
+        let done = store.backup(&path).await;
+        store.close().await;
+        done.map_err(unhidra_server::StartError::from)
+    }
+    .await;
+    match result {
+        Ok(()) => {
+            tracing::info!(target = %path.display(), "backup written");
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            tracing::error!(error = %err, "backup failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn print_json(value: &impl Serialize) -> ExitCode {
+    match serde_json::to_string_pretty(value) {
+        Ok(text) => {
+            #[allow(
+                clippy::print_stdout,
+                reason = "printing the document is the command's job"
+            )]
+            {
+                println!("{text}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("unhidra: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// What `unhidra spec` prints.
+#[derive(Debug, Serialize)]
+struct Spec<'a> {
+    /// The effective configuration; secrets show as `[redacted]`.
+    config: &'a Config,
+    /// Every key, with the environment variable that sets it.
+    keys: Vec<KeySpec>,
+    /// The store this configuration selects.
+    store: StoreSpec,
+    /// What this build and configuration turn on.
+    features: Vec<&'static str>,
+    /// Password hashing parameters; none until accounts exist.
+    password_hashing: Option<()>,
+    build: BuildInfo,
+}
+
+#[derive(Debug, Serialize)]
+struct KeySpec {
+    name: &'static str,
+    env: String,
+    secret: bool,
+    doc: &'static str,
+}
+
+#[derive(Debug, Serialize)]
+struct StoreSpec {
+    backend: &'static str,
+    url: String,
+}
+
+impl<'a> Spec<'a> {
+    fn of(config: &'a Config) -> Self {
+        let backend = if config
+            .database_url
+            .as_ref()
+            .is_some_and(|u| u.is_postgres())
+        {
+            Backend::Postgres
+        } else {
+            Backend::Sqlite
+        };
+        let mut features = vec!["http-api", "openapi", "docs-ui", "metrics"];
+        if config.metrics_token.is_some() {
+            features.push("metrics-token");
+        }
+        if config
+            .public_url
+            .as_ref()
+            .is_some_and(|u| u.scheme() == "https")
+        {
+            features.push("hsts");
+        }
+        Self {
+            config,
+            keys: KEYS
+                .iter()
+                .map(|k| KeySpec {
+                    name: k.name,
+                    env: k.env_var(),
+                    secret: k.secret,
+                    doc: k.doc.trim(),
+                })
+                .collect(),
+            store: StoreSpec {
+                backend: backend.name(),
+                url: unhidra_server::store_url_redacted(config),
+            },
+            features,
+            password_hashing: None,
+            build: BUILD,
+        }
+    }
+}
