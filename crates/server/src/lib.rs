@@ -163,8 +163,8 @@ impl Application {
             "unhidra listening"
         );
         let grace = config.shutdown_grace.0;
-        let outcome = shutdown::serve(listener, router, shutdown, grace).await?;
-        let abandoned = metrics::read(&state.metrics().http_in_flight);
+        let outcome = shutdown::serve(listener, router, &state, shutdown, grace).await?;
+        let abandoned = metrics::in_flight(state.metrics());
         // A request stuck past the grace period may hold a connection; don't wait on it forever.
         let _ = tokio::time::timeout(Duration::from_secs(2), state.store().close()).await;
         match outcome {

@@ -149,7 +149,7 @@ impl Drop for InFlight<'_> {
     }
 }
 
-/// Reads a gauge, for the shutdown log.
-pub(crate) fn read(gauge: &Gauge<i64, AtomicI64>) -> i64 {
-    gauge.inner().load(Ordering::Relaxed)
+/// Requests being answered now.
+pub fn in_flight(metrics: &Metrics) -> i64 {
+    metrics.http_in_flight.inner().load(Ordering::Relaxed)
 }

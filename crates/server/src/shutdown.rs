@@ -9,6 +9,8 @@ use axum::Router;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::state::AppState;
+
 /// How serving ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Outcome {
@@ -18,9 +20,13 @@ pub(crate) enum Outcome {
     GraceExpired,
 }
 
+/// After the grace period, how long abandoned requests get to send their 503.
+const FLUSH: Duration = Duration::from_secs(1);
+
 pub(crate) async fn serve(
     listener: TcpListener,
     router: Router,
+    state: &AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
     grace: Duration,
 ) -> std::io::Result<Outcome> {
@@ -41,10 +47,16 @@ pub(crate) async fn serve(
         }
         tokio::time::sleep(grace).await;
     };
+    let server = server.into_future();
+    tokio::pin!(server);
     tokio::select! {
-        served = server.into_future() => served.map(|()| Outcome::Drained),
-        () = grace_over => Ok(Outcome::GraceExpired),
+        served = &mut server => return served.map(|()| Outcome::Drained),
+        () = grace_over => {}
     }
+    state.abandon_requests();
+    // The server future ends once the abandoned requests have answered.
+    let _ = tokio::time::timeout(FLUSH, server).await;
+    Ok(Outcome::GraceExpired)
 }
 
 /// Completes on SIGTERM or SIGINT (Ctrl-C).

@@ -17,6 +17,8 @@ struct Inner {
     store: Arc<dyn Store>,
     metrics: Metrics,
     instance_id: String,
+    /// Set when the shutdown grace period is over: requests still running are answered 503.
+    abandon: tokio::sync::watch::Sender<bool>,
 }
 
 impl AppState {
@@ -32,6 +34,7 @@ impl AppState {
             store,
             metrics,
             instance_id,
+            abandon: tokio::sync::watch::Sender::new(false),
         }))
     }
 
@@ -53,5 +56,20 @@ impl AppState {
     /// The id of this installation, made at its first start and kept in the store.
     pub fn instance_id(&self) -> &str {
         &self.0.instance_id
+    }
+
+    /// Ends every request still running with 503; called when the shutdown grace is over.
+    pub(crate) fn abandon_requests(&self) {
+        self.0.abandon.send_replace(true);
+    }
+
+    /// Completes once [`AppState::abandon_requests`] has been called.
+    pub(crate) fn abandoned(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.0.abandon.subscribe();
+        async move {
+            if rx.wait_for(|a| *a).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
     }
 }

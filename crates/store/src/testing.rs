@@ -88,6 +88,28 @@ impl TestDb {
         }
     }
 
+    /// Runs SQL on a connection of its own, to put the database in states the API cannot
+    /// (such as a migration rolled back by hand).
+    pub async fn execute_raw(&self, sql: &str) {
+        if self.url.starts_with("sqlite:") {
+            let mut conn = sqlx::SqliteConnection::connect(&self.url)
+                .await
+                .expect("connect");
+            sqlx::raw_sql(sql)
+                .execute(&mut conn)
+                .await
+                .expect("execute");
+            let _ = conn.close().await;
+        } else {
+            let mut conn = PgConnection::connect(&self.url).await.expect("connect");
+            sqlx::raw_sql(sql)
+                .execute(&mut conn)
+                .await
+                .expect("execute");
+            let _ = conn.close().await;
+        }
+    }
+
     /// Closes the store and removes the database.
     pub async fn drop_db(self) {
         self.store.close().await;

@@ -85,9 +85,8 @@ fn field_error(path: &str, err: &serde_json::Error) -> FieldError {
         pointer.push('/');
         pointer.push_str(name);
         "missing_field"
-    } else if let Some(name) = backticked(&message, "unknown field `") {
-        pointer.push('/');
-        pointer.push_str(name);
+    } else if message.starts_with("unknown field `") {
+        // The path already ends at the unknown key.
         "unknown_field"
     } else if message.starts_with("invalid type") {
         "invalid_type"

@@ -6,12 +6,13 @@ use std::time::Instant;
 
 use axum::body::Body;
 use axum::extract::{MatchedPath, Request, State};
+use axum::http::StatusCode;
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::middleware::Next;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use tracing::Instrument;
 
-use crate::error::{InternalCause, PROBLEM_JSON, Problem};
+use crate::error::{ApiError, InternalCause, PROBLEM_JSON, Problem};
 use crate::metrics::InFlight;
 use crate::state::AppState;
 
@@ -108,7 +109,15 @@ pub(crate) async fn finish(
 
     let metrics = state.metrics();
     let in_flight = InFlight::start(&metrics.http_in_flight);
-    let mut response = next.run(req).instrument(span.clone()).await;
+    let mut response = tokio::select! {
+        response = next.run(req).instrument(span.clone()) => response,
+        () = state.abandoned() => ApiError::new(Problem::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            "The server is shutting down; retry against another instance or shortly.",
+        ))
+        .into_response(),
+    };
     drop(in_flight);
 
     let status = response.status();

@@ -1,0 +1,185 @@
+//! Spawns a server on port 0 with a fresh database, and routes that misbehave on purpose.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::Router;
+use axum::routing::{get, post};
+use serde::Deserialize;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use unhidra_config::{Config, HumanDuration, Profile};
+use unhidra_server::error::{ApiError, FieldError};
+use unhidra_server::http::extract::Json;
+use unhidra_server::{AppState, Application};
+use unhidra_store::Backend;
+use unhidra_store::testing::TestDb;
+
+/// A running server and what a test needs to talk to it and stop it.
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub client: reqwest::Client,
+    pub db: TestDb,
+    pub state: AppState,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<std::io::Result<()>>>,
+    _data_dir: tempfile::TempDir,
+}
+
+/// The test profile's defaults, on port 0 and a temp data folder.
+pub fn test_config(data_dir: &std::path::Path) -> Config {
+    let mut config = Config::defaults(Profile::Test);
+    config.bind = "127.0.0.1:0".parse().unwrap();
+    config.data_dir = data_dir.to_owned();
+    config.shutdown_grace = HumanDuration(Duration::from_secs(5));
+    config
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code, reason = "read by serde and by the handler's checks")]
+struct Echo {
+    name: String,
+    count: u32,
+}
+
+/// Routes that exercise the middleware: a JSON body with a validation rule, a panic, a request
+/// that never finishes, and one that finishes when the test says so.
+pub fn test_routes(release: Option<oneshot::Receiver<()>>) -> Router<AppState> {
+    let release = std::sync::Arc::new(tokio::sync::Mutex::new(release));
+    Router::new()
+        .route(
+            "/test/echo",
+            post(|Json(echo): Json<Echo>| async move {
+                if echo.name.is_empty() {
+                    return Err(ApiError::validation(vec![FieldError::new(
+                        "/name",
+                        "required",
+                        "name must not be empty",
+                    )]));
+                }
+                Ok(axum::Json(
+                    serde_json::json!({ "name": echo.name, "count": echo.count }),
+                ))
+            }),
+        )
+        .route(
+            "/test/panic",
+            get(|| async {
+                if true {
+                    panic!("boom: secret detail");
+                }
+                "unreachable"
+            }),
+        )
+        .route("/test/hang", get(|| std::future::pending::<&'static str>()))
+        .route(
+            "/test/slow",
+            get(move || {
+                let release = release.clone();
+                async move {
+                    let rx = release.lock().await.take();
+                    if let Some(rx) = rx {
+                        let _ = rx.await;
+                    }
+                    "finished"
+                }
+            }),
+        )
+}
+
+impl TestApp {
+    /// A server on SQLite with the test profile's defaults.
+    pub async fn spawn() -> Self {
+        Self::spawn_with(Backend::Sqlite, |_| {}, None).await
+    }
+
+    /// A server on `backend`, with the config changed by `tweak`; `release` ends `/test/slow`.
+    pub async fn spawn_with(
+        backend: Backend,
+        tweak: impl FnOnce(&mut Config),
+        release: Option<oneshot::Receiver<()>>,
+    ) -> Self {
+        let data_dir = tempfile::tempdir().unwrap();
+        let mut config = test_config(data_dir.path());
+        tweak(&mut config);
+        let db = TestDb::new(backend).await;
+        let app = Application::with_store(config, db.store.clone(), test_routes(release))
+            .await
+            .expect("server starts");
+        let addr = app.local_addr();
+        let state = app.state().clone();
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(app.run_until_stopped(async move {
+            let _ = stop_rx.await;
+        }));
+        let client = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap();
+        Self {
+            addr,
+            client,
+            db,
+            state,
+            stop: Some(stop_tx),
+            task: Some(task),
+            _data_dir: data_dir,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.client.get(self.url(path)).send().await.unwrap()
+    }
+
+    /// Asks the server to stop, and returns what serving returned.
+    pub fn stop(&mut self) -> impl Future<Output = std::io::Result<()>> + use<> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let task = self.task.take().expect("stopped once");
+        async move { task.await.expect("server task") }
+    }
+
+    pub async fn shutdown(mut self) {
+        self.stop().await.unwrap();
+        self.db.drop_db().await;
+    }
+}
+
+/// Reads a problem response, checking what every problem must have.
+pub async fn problem(response: reqwest::Response, status: u16, code: &str) -> serde_json::Value {
+    assert_eq!(response.status().as_u16(), status, "status");
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/problem+json",
+        "content type"
+    );
+    assert!(response.headers().contains_key("x-request-id"));
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["status"], status, "{body}");
+    assert_eq!(body["code"], code, "{body}");
+    assert_eq!(
+        body["type"],
+        format!("urn:unhidra:problem:{code}"),
+        "{body}"
+    );
+    assert!(
+        body["title"].as_str().is_some_and(|t| !t.is_empty()),
+        "{body}"
+    );
+    assert!(
+        body["detail"].as_str().is_some_and(|t| !t.is_empty()),
+        "{body}"
+    );
+    assert!(
+        body["trace_id"].as_str().is_some_and(|t| !t.is_empty()),
+        "{body}"
+    );
+    body
+}
