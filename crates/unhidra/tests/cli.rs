@@ -1,0 +1,399 @@
+//! The `unhidra` binary as a user runs it: exit codes, messages, logs, signals and backups.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
+use unhidra_store::testing::TestDb;
+
+const BIN: &str = env!("CARGO_BIN_EXE_unhidra");
+/// Bounds every wait on the child, so that a broken server fails the test instead of hanging.
+const WAIT: Duration = Duration::from_secs(30);
+
+/// A command with a clean environment, run in `dir` so that no stray `unhidra.toml` is read.
+fn unhidra(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args)
+        .current_dir(dir)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    cmd
+}
+
+struct Output {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+async fn run(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
+    let out = tokio::time::timeout(WAIT, unhidra(dir, args, env).output())
+        .await
+        .expect("command finishes")
+        .expect("command runs");
+    Output {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// A running `unhidra serve`, with its JSON log lines as they come.
+struct Server {
+    child: Child,
+    lines: mpsc::UnboundedReceiver<String>,
+    seen: Vec<Value>,
+    addr: String,
+}
+
+impl Server {
+    async fn start(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut all_args = vec!["serve", "--bind", "127.0.0.1:0"];
+        all_args.extend_from_slice(args);
+        let mut env = env.to_vec();
+        env.push(("APP_ENV", "test"));
+        env.push(("UNHIDRA_LOG", "info"));
+        let mut child = unhidra(dir, &all_args, &env)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut reader = BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = reader.next_line().await {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut server = Self {
+            child,
+            lines,
+            seen: Vec::new(),
+            addr: String::new(),
+        };
+        let listening = server.wait_for("unhidra listening").await;
+        server.addr = listening["address"].as_str().unwrap().to_owned();
+        server
+    }
+
+    /// Reads log lines until one with this message; every line must be JSON.
+    async fn wait_for(&mut self, message: &str) -> Value {
+        loop {
+            let line = tokio::time::timeout(WAIT, self.lines.recv())
+                .await
+                .unwrap_or_else(|_| panic!("no {message:?} in the log: {:?}", self.seen))
+                .unwrap_or_else(|| panic!("log ended before {message:?}: {:?}", self.seen));
+            let value: Value = serde_json::from_str(&line)
+                .unwrap_or_else(|e| panic!("log line is not JSON ({e}): {line}"));
+            self.seen.push(value.clone());
+            if value["message"] == message {
+                return value;
+            }
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Sends SIGTERM, reads the log to its end and returns the exit code.
+    async fn terminate(mut self) -> (i32, Vec<Value>) {
+        let pid = self.child.id().unwrap().to_string();
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let code = tokio::time::timeout(WAIT, self.child.wait())
+            .await
+            .expect("exits after SIGTERM")
+            .unwrap()
+            .code()
+            .unwrap_or(-1);
+        while let Some(line) = self.lines.recv().await {
+            self.seen
+                .push(serde_json::from_str(&line).unwrap_or(Value::String(line)));
+        }
+        (code, self.seen)
+    }
+}
+
+#[tokio::test]
+async fn serve_logs_json_with_trace_ids_and_stops_cleanly_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[], &[]).await;
+    let first = &server.seen[server.seen.len() - 1];
+    assert_eq!(first["store"], "sqlite");
+    assert_eq!(first["profile"], "test");
+    assert!(
+        dir.path().join("data/unhidra.db").is_file(),
+        "default data folder"
+    );
+
+    let client = reqwest::Client::new();
+    let ready = client
+        .get(server.url("/health/ready"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200);
+    let missing = client
+        .get(server.url("/no/such/page"))
+        .header("x-request-id", "cli-trace-7")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 404);
+
+    let (code, lines) = server.terminate().await;
+    assert_eq!(code, 0, "{lines:?}");
+    let rejected = lines
+        .iter()
+        .find(|l| l["message"] == "request rejected")
+        .unwrap_or_else(|| panic!("{lines:?}"));
+    assert_eq!(rejected["span"]["trace_id"], "cli-trace-7", "{rejected}");
+    assert_eq!(rejected["code"], "not_found");
+    assert_eq!(
+        lines.last().unwrap()["message"],
+        "unhidra stopped cleanly",
+        "{lines:?}"
+    );
+    assert!(lines.iter().any(|l| {
+        l["message"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("shutdown requested")
+    }));
+}
+
+#[tokio::test]
+async fn spec_prints_config_features_and_build_with_secrets_redacted() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("signing.pem");
+    std::fs::write(&key, "-----BEGIN PRIVATE KEY-----\nsuper-secret-key\n").unwrap();
+    let out = run(
+        dir.path(),
+        &["spec"],
+        &[
+            ("UNHIDRA_SIGNING_KEY_FILE", key.to_str().unwrap()),
+            ("UNHIDRA_METRICS_TOKEN", "metrics-secret"),
+            (
+                "UNHIDRA_DATABASE_URL",
+                "postgres://app:db-secret@127.0.0.1/unhidra",
+            ),
+        ],
+    )
+    .await;
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    for secret in ["super-secret-key", "metrics-secret", "db-secret"] {
+        assert!(
+            !out.stdout.contains(secret),
+            "{secret} leaked: {}",
+            out.stdout
+        );
+    }
+    let spec: Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(spec["config"]["bind"], "127.0.0.1:8080");
+    assert_eq!(spec["config"]["profile"], "dev");
+    assert_eq!(spec["config"]["signing_key"], "[redacted]");
+    assert_eq!(spec["store"]["backend"], "postgres");
+    assert_eq!(spec["build"]["version"], env!("CARGO_PKG_VERSION"));
+    for field in ["commit", "rustc", "target"] {
+        assert!(
+            spec["build"][field].as_str().is_some_and(|s| !s.is_empty()),
+            "{field}"
+        );
+    }
+    assert!(
+        spec["build"]["rustc"]
+            .as_str()
+            .unwrap()
+            .starts_with("rustc ")
+    );
+    assert!(
+        spec["features"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f == "metrics")
+    );
+    let keys = spec["keys"].as_array().unwrap();
+    assert!(
+        keys.iter()
+            .any(|k| k["name"] == "bind" && k["env"] == "UNHIDRA_BIND")
+    );
+}
+
+#[tokio::test]
+async fn a_bad_config_file_names_file_key_and_line_and_exits_2() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("unhidra.toml"),
+        "bind = \"127.0.0.1:9999\"\nbody_limt = 10\n",
+    )
+    .unwrap();
+    let out = run(dir.path(), &["serve"], &[]).await;
+    assert_eq!(out.code, 2);
+    assert!(out.stderr.contains("unhidra.toml"), "{}", out.stderr);
+    assert!(out.stderr.contains("body_limt"), "{}", out.stderr);
+    assert!(out.stderr.contains("line 2"), "{}", out.stderr);
+
+    std::fs::write(dir.path().join("broken.toml"), "bind = [\n").unwrap();
+    let out = run(dir.path(), &["--config", "broken.toml", "spec"], &[]).await;
+    assert_eq!(out.code, 2);
+    assert!(
+        out.stderr.contains("broken.toml") && out.stderr.contains("line"),
+        "{}",
+        out.stderr
+    );
+}
+
+#[tokio::test]
+async fn prod_refuses_insecure_settings_with_one_line_each() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = run(
+        dir.path(),
+        &["serve"],
+        &[("APP_ENV", "prod"), ("UNHIDRA_ALLOWED_ORIGINS", "*")],
+    )
+    .await;
+    assert_eq!(out.code, 2);
+    for key in ["signing_key", "allowed_origins", "public_url"] {
+        assert_eq!(
+            out.stderr
+                .lines()
+                .filter(|l| l.trim_start().starts_with(key))
+                .count(),
+            1,
+            "{key}: {}",
+            out.stderr
+        );
+    }
+    assert!(!dir.path().join("data").exists(), "nothing was written");
+
+    let out = run(dir.path(), &["serve"], &[("UNHIDRA_BINDD", "x")]).await;
+    assert_eq!(out.code, 2);
+    assert!(out.stderr.contains("UNHIDRA_BINDD"), "{}", out.stderr);
+}
+
+#[tokio::test]
+async fn flags_override_the_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = run(
+        dir.path(),
+        &["spec", "--data-dir", "/srv/unhidra"],
+        &[
+            ("UNHIDRA_DATA_DIR", "/elsewhere"),
+            ("UNHIDRA_BIND", "0.0.0.0:9000"),
+        ],
+    )
+    .await;
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let spec: Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(spec["config"]["data_dir"], "/srv/unhidra");
+    assert_eq!(spec["config"]["bind"], "0.0.0.0:9000");
+}
+
+#[tokio::test]
+async fn a_backup_taken_while_serving_starts_a_new_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let live = dir.path().join("live");
+    let server = Server::start(dir.path(), &["--data-dir", live.to_str().unwrap()], &[]).await;
+    let instance = server.seen.last().unwrap()["instance_id"].clone();
+    let copy = dir.path().join("restored");
+    std::fs::create_dir(&copy).unwrap();
+    let target = copy.join("unhidra.db");
+    let out = run(
+        dir.path(),
+        &[
+            "backup",
+            target.to_str().unwrap(),
+            "--data-dir",
+            live.to_str().unwrap(),
+        ],
+        &[("APP_ENV", "test")],
+    )
+    .await;
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(target.is_file());
+    // Never overwrites.
+    let again = run(
+        dir.path(),
+        &[
+            "backup",
+            target.to_str().unwrap(),
+            "--data-dir",
+            live.to_str().unwrap(),
+        ],
+        &[("APP_ENV", "test")],
+    )
+    .await;
+    assert_eq!(again.code, 2, "{}", again.stderr);
+    let (code, _) = server.terminate().await;
+    assert_eq!(code, 0);
+
+    let restored = Server::start(dir.path(), &["--data-dir", copy.to_str().unwrap()], &[]).await;
+    assert_eq!(
+        restored.seen.last().unwrap()["instance_id"],
+        instance,
+        "same installation"
+    );
+    let ready = reqwest::get(restored.url("/health/ready")).await.unwrap();
+    assert_eq!(ready.status(), 200);
+    let (code, _) = restored.terminate().await;
+    assert_eq!(code, 0);
+}
+
+#[tokio::test]
+async fn migrate_and_serve_on_postgres() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = TestDb::postgres().await;
+    let env = [
+        ("UNHIDRA_DATABASE_URL", db.url.as_str()),
+        ("APP_ENV", "test"),
+    ];
+    let out = run(dir.path(), &["migrate"], &env).await;
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(db.store.health().await.unwrap().is_migrated());
+
+    let server = Server::start(dir.path(), &[], &env[..1]).await;
+    assert_eq!(server.seen.last().unwrap()["store"], "postgres");
+    let ready = reqwest::get(server.url("/health/ready")).await.unwrap();
+    assert_eq!(ready.status(), 200);
+    let (code, _) = server.terminate().await;
+    assert_eq!(code, 0);
+
+    // Backups of PostgreSQL are pg_dump's job; the command says so and writes nothing.
+    let target = dir.path().join("pg.db");
+    let out = run(dir.path(), &["backup", target.to_str().unwrap()], &env).await;
+    assert_eq!(out.code, 2);
+    assert!(out.stderr.contains("pg_dump"), "{}", out.stderr);
+    assert!(!target.exists());
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn openapi_prints_the_served_document() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = run(dir.path(), &["openapi"], &[]).await;
+    assert_eq!(out.code, 0);
+    let doc: Value = serde_json::from_str(&out.stdout).unwrap();
+    let committed: Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../docs/openapi.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(doc, committed);
+}
