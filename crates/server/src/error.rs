@@ -139,7 +139,8 @@ impl Problem {
 /// What a handler returns when it cannot answer as asked.
 #[derive(Debug)]
 pub struct ApiError {
-    problem: Problem,
+    /// Boxed so that `Result<T, ApiError>` stays small on the happy path.
+    problem: Box<Problem>,
     /// Why, for the log only: never shown to the client.
     source: Option<Box<dyn StdError + Send + Sync>>,
 }
@@ -152,7 +153,7 @@ impl ApiError {
     /// Any problem.
     pub fn new(problem: Problem) -> Self {
         Self {
-            problem,
+            problem: Box::new(problem),
             source: None,
         }
     }
@@ -203,9 +204,16 @@ impl ApiError {
     /// 500 for a failure the client cannot act on; `source` goes to the log only.
     pub fn internal(source: impl Into<Box<dyn StdError + Send + Sync>>) -> Self {
         Self {
-            problem: Problem::for_status(StatusCode::INTERNAL_SERVER_ERROR),
+            problem: Box::new(Problem::for_status(StatusCode::INTERNAL_SERVER_ERROR)),
             source: Some(source.into()),
         }
+    }
+
+    /// Keeps `source` for the log.
+    #[must_use]
+    pub fn with_source(mut self, source: Box<dyn StdError + Send + Sync>) -> Self {
+        self.source = Some(source);
+        self
     }
 
     /// The problem this error is answered with.
@@ -224,22 +232,18 @@ impl From<StoreError> for ApiError {
     fn from(err: StoreError) -> Self {
         match err {
             StoreError::NotFound { entity } => Self::not_found(entity),
-            StoreError::Conflict { entity, source } => Self {
-                problem: Problem::new(
-                    StatusCode::CONFLICT,
-                    "conflict",
-                    format!("This {entity} conflicts with an existing one."),
-                ),
-                source: Some(source),
-            },
-            StoreError::Unavailable(source) => Self {
-                problem: Problem::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "store_unavailable",
-                    "The database is unavailable; try again shortly.",
-                ),
-                source: Some(source),
-            },
+            StoreError::Conflict { entity, source } => Self::new(Problem::new(
+                StatusCode::CONFLICT,
+                "conflict",
+                format!("This {entity} conflicts with an existing one."),
+            ))
+            .with_source(source),
+            StoreError::Unavailable(source) => Self::new(Problem::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_unavailable",
+                "The database is unavailable; try again shortly.",
+            ))
+            .with_source(source),
             other => Self::internal(other),
         }
     }
@@ -253,7 +257,7 @@ impl IntoResponse for ApiError {
                 .extensions_mut()
                 .insert(InternalCause(error_chain(source.as_ref())));
         }
-        response.extensions_mut().insert(self.problem);
+        response.extensions_mut().insert(*self.problem);
         response
     }
 }

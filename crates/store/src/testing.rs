@@ -113,13 +113,13 @@ impl TestDb {
     /// Closes the store and removes the database.
     pub async fn drop_db(self) {
         self.store.close().await;
-        if let Cleanup::Postgres { schema } = &self.cleanup {
-            if let Ok(mut admin) = PgConnection::connect(&postgres_url()).await {
-                let _ = sqlx::query(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
-                    .execute(&mut admin)
-                    .await;
-                let _ = admin.close().await;
-            }
+        if let Cleanup::Postgres { schema } = &self.cleanup
+            && let Ok(mut admin) = PgConnection::connect(&postgres_url()).await
+        {
+            let _ = sqlx::query(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+                .execute(&mut admin)
+                .await;
+            let _ = admin.close().await;
         }
     }
 }

@@ -1,6 +1,12 @@
 //! The `unhidra` binary: parses the command line, loads the configuration and hands over to
 //! the library crates. Exit codes: 0 success, 1 failure at run time, 2 bad usage or config.
 
+#![allow(
+    clippy::print_stdout,
+    clippy::print_stderr,
+    reason = "the binary prints documents to stdout and, before logging exists, errors to stderr"
+)]
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 

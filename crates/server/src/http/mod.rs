@@ -57,6 +57,10 @@ async fn not_found() -> ApiError {
 }
 
 /// A panic in a handler is answered with a 500 problem; the server carries on.
+#[allow(
+    clippy::needless_pass_by_value,
+    reason = "the signature CatchPanicLayer::custom asks for"
+)]
 fn panic_response(panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
     let message = panic
         .downcast_ref::<&str>()

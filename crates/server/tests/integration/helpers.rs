@@ -73,7 +73,7 @@ pub fn test_routes(release: Option<oneshot::Receiver<()>>) -> Router<AppState> {
                 "unreachable"
             }),
         )
-        .route("/test/hang", get(|| std::future::pending::<&'static str>()))
+        .route("/test/hang", get(std::future::pending::<&'static str>))
         .route(
             "/test/slow",
             get(move || {

@@ -1,5 +1,7 @@
 //! The store's behaviour, run against SQLite and PostgreSQL alike.
 
+#![allow(clippy::unwrap_used, reason = "test code: a panic is how a test reports failure")]
+
 use std::sync::Arc;
 
 use chrono::Utc;
