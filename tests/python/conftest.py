@@ -1,0 +1,69 @@
+"""Starts the real `unhidra` binary for the Python clients, on a port the OS picks."""
+
+import json
+import os
+import subprocess
+import tempfile
+import threading
+
+import pytest
+
+# Bounds every wait on the server, so a broken build fails instead of hanging.
+WAIT_SECONDS = 30
+
+
+class Server:
+    """A running `unhidra serve` and its JSON log lines."""
+
+    def __init__(self, binary, data_dir, extra_env=None):
+        env = {"PATH": os.environ.get("PATH", ""), "APP_ENV": "test", "UNHIDRA_LOG": "info"}
+        env.update(extra_env or {})
+        self.lines = []
+        self._listening = threading.Event()
+        self.proc = subprocess.Popen(
+            [binary, "serve", "--bind", "127.0.0.1:0", "--data-dir", data_dir],
+            env=env,
+            cwd=data_dir,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.address = None
+        threading.Thread(target=self._read, daemon=True).start()
+        if not self._listening.wait(WAIT_SECONDS):
+            self.stop()
+            raise RuntimeError(f"server did not start: {self.lines}")
+        self.base_url = f"http://{self.address}"
+
+    def _read(self):
+        for line in self.proc.stderr:
+            record = json.loads(line)
+            self.lines.append(record)
+            if record.get("message") == "unhidra listening":
+                self.address = record["address"]
+                self._listening.set()
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            return self.proc.wait(WAIT_SECONDS)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise
+
+
+@pytest.fixture(scope="session")
+def server_binary():
+    binary = os.environ.get("SERVER_BIN")
+    if not binary or not os.path.exists(binary):
+        pytest.fail("SERVER_BIN must name a built `unhidra` binary (scripts/test sets it)")
+    return binary
+
+
+@pytest.fixture(scope="session")
+def server(server_binary):
+    with tempfile.TemporaryDirectory() as data_dir:
+        srv = Server(server_binary, data_dir)
+        yield srv
+        assert srv.stop() == 0, srv.lines
