@@ -1,0 +1,17 @@
+//! Unhidra's domain: the types and rules of identity that every layer shares.
+//!
+//! This crate knows nothing of HTTP, SQL, JSON wire formats or the async runtime. Inputs are
+//! parsed into types here once (`Email::parse`, `PasswordPolicy::check`), and the types carry
+//! the proof from then on. Time comes in through [`Clock`] so that tests can move it.
+
+pub mod clock;
+pub mod email;
+pub mod password;
+pub mod secret;
+pub mod user;
+
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use email::{Email, EmailError};
+pub use password::{PasswordPolicy, Violation};
+pub use secret::OpaqueToken;
+pub use user::{Role, UserId};
