@@ -4,8 +4,10 @@
 //! This crate knows nothing of HTTP, JSON or configuration files. Each capability adds a trait
 //! of its own (see [`MetaStore`]) with an implementation per backend and its migrations in
 //! `migrations/<backend>/`; [`Store`] gathers them, so callers hold one `Arc<dyn Store>`.
+//! The [`identity`] module holds users, sessions, signing keys and the audit log.
 
 mod error;
+pub mod identity;
 mod meta;
 mod migrations;
 mod postgres;
@@ -21,6 +23,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 pub use error::StoreError;
+pub use identity::{AuditStore, KeyStore, SessionStore, UserStore};
 pub use meta::{INSTANCE_ID, MetaStore};
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
@@ -86,7 +89,9 @@ impl Default for StoreOptions {
 
 /// Everything Unhidra stores, whichever engine holds it.
 #[async_trait]
-pub trait Store: MetaStore + fmt::Debug + Send + Sync + 'static {
+pub trait Store:
+    MetaStore + UserStore + SessionStore + KeyStore + AuditStore + fmt::Debug + Send + Sync + 'static
+{
     /// The engine behind this store.
     fn backend(&self) -> Backend;
 

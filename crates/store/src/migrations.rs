@@ -10,18 +10,32 @@ use sqlx::migrate::{Migration, MigrationSource, MigrationType, Migrator};
 type Embedded = (i64, &'static str, &'static str);
 
 /// SQLite's migrations, oldest first. A new one is appended, never edited once released.
-pub(crate) const SQLITE: &[Embedded] = &[(
-    1,
-    "meta",
-    include_str!("../migrations/sqlite/0001_meta.sql"),
-)];
+pub(crate) const SQLITE: &[Embedded] = &[
+    (
+        1,
+        "meta",
+        include_str!("../migrations/sqlite/0001_meta.sql"),
+    ),
+    (
+        2,
+        "identity",
+        include_str!("../migrations/sqlite/0002_identity.sql"),
+    ),
+];
 
 /// PostgreSQL's migrations, oldest first, in step with [`SQLITE`].
-pub(crate) const POSTGRES: &[Embedded] = &[(
-    1,
-    "meta",
-    include_str!("../migrations/postgres/0001_meta.sql"),
-)];
+pub(crate) const POSTGRES: &[Embedded] = &[
+    (
+        1,
+        "meta",
+        include_str!("../migrations/postgres/0001_meta.sql"),
+    ),
+    (
+        2,
+        "identity",
+        include_str!("../migrations/postgres/0002_identity.sql"),
+    ),
+];
 
 #[derive(Debug)]
 struct Source(&'static [Embedded]);

@@ -1,6 +1,9 @@
 //! End-to-end tests of the HTTP layer: a real server on port 0, driven over a real socket.
 
-#![allow(clippy::unwrap_used, reason = "test code: a panic is how a test reports failure")]
+#![allow(
+    clippy::unwrap_used,
+    reason = "test code: a panic is how a test reports failure"
+)]
 
 mod errors;
 mod helpers;

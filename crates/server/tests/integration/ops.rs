@@ -21,7 +21,7 @@ async fn ready_reflects_the_store(backend: Backend) {
 
     // A migration missing from the database: not ready, and the problem says why.
     app.db
-        .execute_raw("DELETE FROM _sqlx_migrations WHERE version = 1")
+        .execute_raw("DELETE FROM _sqlx_migrations WHERE version = 2")
         .await;
     let body = problem(app.get("/health/ready").await, 503, "not_ready").await;
     let detail = body["detail"].as_str().unwrap();

@@ -1,6 +1,9 @@
 //! The store's behaviour, run against SQLite and PostgreSQL alike.
 
-#![allow(clippy::unwrap_used, reason = "test code: a panic is how a test reports failure")]
+#![allow(
+    clippy::unwrap_used,
+    reason = "test code: a panic is how a test reports failure"
+)]
 
 use std::sync::Arc;
 
@@ -139,3 +142,5 @@ async fn an_unknown_url_is_refused() {
         .unwrap_err();
     assert!(matches!(err, StoreError::Invalid(_)));
 }
+
+mod identity;

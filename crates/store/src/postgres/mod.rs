@@ -7,6 +7,8 @@ use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
+mod identity;
+
 use crate::meta::MetaStore;
 use crate::migrations::{self, APPLIED_SQL};
 use crate::{Backend, Health, Store, StoreError, StoreOptions};
@@ -14,7 +16,7 @@ use crate::{Backend, Health, Store, StoreError, StoreOptions};
 /// PostgreSQL behind a connection pool.
 #[derive(Debug, Clone)]
 pub struct PostgresStore {
-    pool: PgPool,
+    pub(super) pool: PgPool,
 }
 
 impl PostgresStore {

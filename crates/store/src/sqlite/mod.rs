@@ -8,6 +8,8 @@ use chrono::{DateTime, Utc};
 use sqlx::SqlitePool;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 
+mod identity;
+
 use crate::meta::MetaStore;
 use crate::migrations::{self, APPLIED_SQL};
 use crate::{Backend, Health, Store, StoreError, StoreOptions};
@@ -18,7 +20,7 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// SQLite behind a connection pool.
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
-    pool: SqlitePool,
+    pub(super) pool: SqlitePool,
     path: PathBuf,
 }
 
