@@ -343,7 +343,9 @@ fn check(config: &Config) -> Result<(), ConfigError> {
     if let Some(url) = &config.public_url
         && !matches!(url.scheme(), "http" | "https")
     {
-        problems.push(format!("public_url: {url} must be an http:// or https:// URL"));
+        problems.push(format!(
+            "public_url: {url} must be an http:// or https:// URL"
+        ));
     }
     if config.body_limit == 0 {
         problems.push("body_limit: must be at least 1 byte".to_owned());

@@ -1,6 +1,9 @@
 //! The `unhidra` binary as a user runs it: exit codes, messages, logs, signals and backups.
 
-#![allow(clippy::unwrap_used, reason = "test code: a panic is how a test reports failure")]
+#![allow(
+    clippy::unwrap_used,
+    reason = "test code: a panic is how a test reports failure"
+)]
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
