@@ -1,0 +1,310 @@
+//! `unhidra-bench`: starts the release `unhidra` binary and measures its time to ready, its idle
+//! memory and its `/health/live` throughput, then prints a Markdown report on stdout (progress
+//! goes to stderr). Everything it does is bounded in count and time, and it only ever talks to
+//! 127.0.0.1.
+//!
+//! ```text
+//! cargo build --release -p unhidra
+//! cargo run --release -p unhidra-bench -- [--server PATH] [--connections N] [--duration SECS] [--runs K]
+//! ```
+
+mod http;
+mod load;
+mod report;
+mod server;
+mod wrk;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+
+use crate::load::Plan;
+use crate::report::{CpuShare, Machine, Report, WrkStatus};
+use crate::server::Server;
+
+/// The error type of the benchmark: anything, with a message for the user.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// How long a server is left alone after it is ready before its memory is read.
+const SETTLE: Duration = Duration::from_secs(1);
+/// Requests sent before this are not counted.
+const WARMUP: Duration = Duration::from_secs(2);
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "unhidra-bench",
+    version,
+    about = "Measures the unhidra server: start to ready, idle RSS and /health/live throughput."
+)]
+struct Cli {
+    /// The unhidra binary [default: `unhidra` next to this program, i.e. target/release/unhidra].
+    #[arg(long, value_name = "PATH")]
+    server: Option<PathBuf>,
+    /// Concurrent keep-alive connections of the load test.
+    #[arg(long, value_name = "N", default_value_t = 64,
+        value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    connections: u32,
+    /// Measured seconds of the load test (after a 2 s warm-up).
+    #[arg(long, value_name = "SECS", default_value_t = 10,
+        value_parser = clap::value_parser!(u64).range(1..=600))]
+    duration: u64,
+    /// Start-to-ready runs, each with a fresh server and data folder.
+    #[arg(long, value_name = "K", default_value_t = 5,
+        value_parser = clap::value_parser!(u32).range(1..=100))]
+    runs: u32,
+    /// Worker threads of the load generator [default: the number of CPUs].
+    #[arg(long, value_name = "N",
+        value_parser = clap::value_parser!(u32).range(1..=256))]
+    threads: Option<u32>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let threads = cli.threads.map_or_else(
+        || std::thread::available_parallelism().map_or(1, usize::from),
+        |n| usize::try_from(n).unwrap_or(1),
+    );
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            note(&format!("cannot start the async runtime: {err}"));
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(measure(&cli, threads)) {
+        Ok(report) => match report.render() {
+            Ok(text) => {
+                print_report(&text);
+                ExitCode::SUCCESS
+            }
+            Err(err) => {
+                note(&format!("cannot write the report: {err}"));
+                ExitCode::FAILURE
+            }
+        },
+        Err(err) => {
+            note(&format!("error: {err}"));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn measure(cli: &Cli, client_threads: usize) -> Result<Report, BoxError> {
+    let server_bin = server_binary(cli.server.clone())?;
+    let machine = Machine::read();
+    note(&format!(
+        "unhidra-bench: server {}, {} CPUs",
+        server_bin.display(),
+        machine.cpus
+    ));
+
+    let mut ready = Vec::new();
+    let mut idle = Vec::new();
+    let mut stops = Vec::new();
+    for run in 1..=cli.runs {
+        let server = Server::start(&server_bin).await?;
+        let after = server.ready_after();
+        tokio::time::sleep(SETTLE).await;
+        let memory = server.memory();
+        stops.push(server.stop().await);
+        let memory = memory?;
+        note(&format!(
+            "run {run}/{}: ready after {:.1} ms, idle RSS {:.1} MiB",
+            cli.runs,
+            after.as_secs_f64() * 1000.0,
+            memory.rss_kib as f64 / 1024.0
+        ));
+        ready.push(after);
+        idle.push(memory);
+    }
+
+    let server = Server::start(&server_bin).await?;
+    let loaded = load_server(&server, cli).await;
+    server.stop().await;
+    let (plan, load_idle, load, cpu, load_after, wrk) = loaded?;
+
+    Ok(Report {
+        command: command_line(),
+        server: server_bin,
+        machine,
+        ready,
+        idle,
+        stops,
+        plan,
+        client_threads,
+        load_idle,
+        load_after,
+        load,
+        cpu,
+        wrk,
+    })
+}
+
+type Loaded = (
+    Plan,
+    server::Memory,
+    load::Outcome,
+    Option<CpuShare>,
+    server::Memory,
+    WrkStatus,
+);
+
+/// The throughput part, against one running server: the in-process generator, then wrk.
+async fn load_server(server: &Server, cli: &Cli) -> Result<Loaded, BoxError> {
+    tokio::time::sleep(SETTLE).await;
+    let idle = server.memory()?;
+    let plan = Plan {
+        addr: server.addr(),
+        path: "/health/live",
+        connections: cli.connections,
+        warmup: WARMUP,
+        duration: Duration::from_secs(cli.duration),
+    };
+    note(&format!(
+        "load: {} connections, {} s warm-up + {} s on http://{}{} (server pid {})",
+        plan.connections,
+        plan.warmup.as_secs(),
+        plan.duration.as_secs(),
+        plan.addr,
+        plan.path,
+        server.pid()
+    ));
+    let (outcome, cpu) = tokio::join!(load::run(plan), cpu_share(server.pid(), plan));
+    note(&format!(
+        "load: {:.0} req/s, {} errors",
+        outcome.requests_per_sec(),
+        outcome.errors.total()
+    ));
+    let wrk = match wrk::find() {
+        Some(wrk_bin) => {
+            note("wrk: running against the same server");
+            match wrk::run(
+                &wrk_bin,
+                plan.addr,
+                plan.path,
+                plan.connections,
+                plan.duration,
+            )
+            .await
+            {
+                Ok(run) => WrkStatus::Ran(run),
+                Err(err) => WrkStatus::Failed(err.to_string()),
+            }
+        }
+        None => {
+            note("wrk is not installed (apt-get install wrk); skipping the comparison");
+            WrkStatus::Missing
+        }
+    };
+    let after = server.memory()?;
+    Ok((plan, idle, outcome, cpu, after, wrk))
+}
+
+/// CPU used by the server and by this program over the measured window of `plan`, in cores.
+async fn cpu_share(server_pid: u32, plan: Plan) -> Option<CpuShare> {
+    tokio::time::sleep(plan.warmup).await;
+    let me = std::process::id();
+    let begin = (
+        server::cpu_time(server_pid)?,
+        server::cpu_time(me)?,
+        Instant::now(),
+        server::machine_ticks(),
+    );
+    tokio::time::sleep(plan.duration).await;
+    let end = (
+        server::cpu_time(server_pid)?,
+        server::cpu_time(me)?,
+        Instant::now(),
+        server::machine_ticks(),
+    );
+    let wall = end.2.duration_since(begin.2).as_secs_f64();
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from) as f64;
+    let (machine_cores, steal_cores) = match (begin.3, end.3) {
+        (Some(t0), Some(t1)) if t1.total > t0.total => {
+            let share =
+                |a: u64, b: u64| b.saturating_sub(a) as f64 / (t1.total - t0.total) as f64 * cpus;
+            (
+                Some(share(t0.busy, t1.busy)),
+                Some(share(t0.steal, t1.steal)),
+            )
+        }
+        _ => (None, None),
+    };
+    Some(CpuShare {
+        server_cores: end.0.saturating_sub(begin.0).as_secs_f64() / wall,
+        client_cores: end.1.saturating_sub(begin.1).as_secs_f64() / wall,
+        machine_cores,
+        steal_cores,
+    })
+}
+
+/// `--server`, or `unhidra` next to this executable.
+fn server_binary(given: Option<PathBuf>) -> Result<PathBuf, BoxError> {
+    if let Some(path) = given {
+        return if path.is_file() {
+            Ok(path)
+        } else {
+            Err(format!("--server {}: no such file", path.display()).into())
+        };
+    }
+    let exe = std::env::current_exe()?;
+    let dir = exe
+        .parent()
+        .ok_or("cannot tell which folder this program is in")?;
+    let path = dir.join("unhidra");
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(format!(
+            "{} does not exist; build the server first with `cargo build --release -p unhidra` \
+             (or name another binary with --server PATH)",
+            path.display()
+        )
+        .into())
+    }
+}
+
+/// The command that reproduces this run.
+fn command_line() -> String {
+    let args: Vec<String> = std::env::args().skip(1).map(|a| shell_quote(&a)).collect();
+    let mut line = "cargo run --release -p unhidra-bench".to_owned();
+    if !args.is_empty() {
+        line.push_str(" -- ");
+        line.push_str(&args.join(" "));
+    }
+    line
+}
+
+fn shell_quote(arg: &str) -> String {
+    let plain = !arg.is_empty()
+        && arg
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./=:,@+".contains(c));
+    if plain {
+        arg.to_owned()
+    } else {
+        format!("'{}'", arg.replace('\'', r"'\''"))
+    }
+}
+
+#[allow(
+    clippy::print_stdout,
+    reason = "the report on stdout is this program's output"
+)]
+fn print_report(text: &str) {
+    print!("{text}");
+}
+
+#[allow(
+    clippy::print_stderr,
+    reason = "progress and errors go to stderr, apart from the report"
+)]
+fn note(message: &str) {
+    eprintln!("{message}");
+}

@@ -1,0 +1,285 @@
+//! The server under test: started as a child process on a free port of 127.0.0.1 with a fresh
+//! data folder, watched until `/health/ready` answers 200, measured through `/proc`, and stopped
+//! with SIGTERM.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::process::{Child, Command};
+
+use crate::BoxError;
+use crate::http::{Connection, get_request};
+
+/// How often readiness is polled.
+const POLL_EVERY: Duration = Duration::from_millis(2);
+/// How long the server gets to become ready.
+const READY_WITHIN: Duration = Duration::from_secs(10);
+/// How long one readiness probe may take before it counts as "not yet".
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long the server gets to exit after SIGTERM before it is killed.
+const STOP_WITHIN: Duration = Duration::from_secs(10);
+
+/// Numbers the data folders of this process.
+static NEXT_DIR: AtomicU32 = AtomicU32::new(0);
+
+/// A running server, killed if dropped without [`Server::stop`].
+#[derive(Debug)]
+pub struct Server {
+    child: Child,
+    pid: u32,
+    addr: SocketAddr,
+    data_dir: PathBuf,
+    /// From spawn to the first 200 of `/health/ready`.
+    ready_after: Duration,
+}
+
+/// What `/proc/<pid>/status` says about the server's memory.
+#[derive(Debug, Clone, Copy)]
+pub struct Memory {
+    /// Resident set size now, in KiB.
+    pub rss_kib: u64,
+    /// Peak resident set size so far, in KiB.
+    pub hwm_kib: u64,
+}
+
+/// How the server went away.
+#[derive(Debug, Clone, Copy)]
+pub struct Stopped {
+    /// From SIGTERM to exit.
+    pub after: Duration,
+    /// The exit status, or `None` if it had to be killed.
+    pub status: Option<ExitStatus>,
+}
+
+impl Server {
+    /// Starts `binary serve` and waits until it is ready (or fails, or 10 s pass).
+    pub async fn start(binary: &Path) -> Result<Self, BoxError> {
+        let data_dir = fresh_data_dir()?;
+        let addr = match free_port() {
+            Ok(port) => SocketAddr::from(([127, 0, 0, 1], port)),
+            Err(err) => {
+                remove_dir(&data_dir);
+                return Err(err);
+            }
+        };
+        let mut command = Command::new(binary);
+        command
+            .arg("serve")
+            .arg("--bind")
+            .arg(addr.to_string())
+            .arg("--data-dir")
+            .arg(&data_dir)
+            // No stray ./unhidra.toml, and no UNHIDRA_* settings of the caller's shell.
+            .current_dir(&data_dir)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true);
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("UNHIDRA_") {
+                command.env_remove(key);
+            }
+        }
+        command.env("APP_ENV", "test").env("UNHIDRA_LOG", "warn");
+
+        let spawned_at = Instant::now();
+        let child = match command.spawn() {
+            Ok(child) => child,
+            Err(err) => {
+                remove_dir(&data_dir);
+                return Err(format!("cannot start {}: {err}", binary.display()).into());
+            }
+        };
+        let Some(pid) = child.id() else {
+            remove_dir(&data_dir);
+            return Err("the server exited as soon as it was started".into());
+        };
+        let mut server = Self {
+            child,
+            pid,
+            addr,
+            data_dir,
+            ready_after: Duration::ZERO,
+        };
+        match server.wait_ready(spawned_at).await {
+            Ok(after) => {
+                server.ready_after = after;
+                Ok(server)
+            }
+            Err(err) => {
+                server.stop().await;
+                Err(err)
+            }
+        }
+    }
+
+    async fn wait_ready(&mut self, spawned_at: Instant) -> Result<Duration, BoxError> {
+        let request = get_request(self.addr, "/health/ready");
+        let mut last_status = None;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Err(format!(
+                    "the server exited before it was ready ({status}); run it by hand to see its log"
+                )
+                .into());
+            }
+            let elapsed = spawned_at.elapsed();
+            if elapsed >= READY_WITHIN {
+                let seen = last_status.map_or_else(
+                    || "it never answered".to_owned(),
+                    |s: u16| format!("its last answer was {s}"),
+                );
+                return Err(
+                    format!("the server was not ready within {READY_WITHIN:?}; {seen}").into(),
+                );
+            }
+            let probe = async {
+                let mut connection = Connection::open(self.addr).await?;
+                connection.send(&request).await
+            };
+            let budget = PROBE_TIMEOUT.min(READY_WITHIN.saturating_sub(elapsed));
+            if let Ok(Ok(answer)) = tokio::time::timeout(budget, probe).await {
+                if answer.status == 200 {
+                    return Ok(spawned_at.elapsed());
+                }
+                last_status = Some(answer.status);
+            }
+            tokio::time::sleep(POLL_EVERY).await;
+        }
+    }
+
+    /// Where the server listens.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// From spawn to the first 200 of `/health/ready`.
+    pub fn ready_after(&self) -> Duration {
+        self.ready_after
+    }
+
+    /// Current and peak resident memory, from `/proc/<pid>/status`.
+    pub fn memory(&self) -> Result<Memory, BoxError> {
+        let path = format!("/proc/{}/status", self.pid);
+        let status = std::fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
+        let field = |name: &str| -> Result<u64, BoxError> {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix(name))
+                .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+                .ok_or_else(|| format!("no {name} in {path}").into())
+        };
+        Ok(Memory {
+            rss_kib: field("VmRSS:")?,
+            hwm_kib: field("VmHWM:")?,
+        })
+    }
+
+    /// Sends SIGTERM (with the `kill` command), waits for the exit (killing the server after
+    /// 10 s), and removes its data folder.
+    pub async fn stop(mut self) -> Stopped {
+        let asked_at = Instant::now();
+        let sent = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.pid.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .await
+            .is_ok_and(|s| s.success());
+        let status = if sent {
+            tokio::time::timeout(STOP_WITHIN, self.child.wait())
+                .await
+                .ok()
+                .and_then(Result::ok)
+        } else {
+            None
+        };
+        let after = asked_at.elapsed();
+        if status.is_none() {
+            let _ = self.child.start_kill();
+            let _ = tokio::time::timeout(STOP_WITHIN, self.child.wait()).await;
+        }
+        Stopped { after, status }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        remove_dir(&self.data_dir);
+    }
+}
+
+/// CPU time used so far by every live thread of process `pid`: the sum of the first field of
+/// `/proc/<pid>/task/*/schedstat` (nanoseconds on a CPU). `None` if it cannot be read.
+pub fn cpu_time(pid: u32) -> Option<Duration> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    let mut total: u64 = 0;
+    for task in tasks.flatten() {
+        // A thread may end between the listing and the read; it just stops counting.
+        if let Ok(stat) = std::fs::read_to_string(task.path().join("schedstat")) {
+            let nanos: u64 = stat.split_whitespace().next()?.parse().ok()?;
+            total = total.saturating_add(nanos);
+        }
+    }
+    Some(Duration::from_nanos(total))
+}
+
+/// The whole machine's CPU counters from the first line of `/proc/stat`, in ticks.
+#[derive(Debug, Clone, Copy)]
+pub struct MachineTicks {
+    /// Everything but idle, iowait and steal.
+    pub busy: u64,
+    /// Time the hypervisor gave our virtual CPUs to someone else.
+    pub steal: u64,
+    /// All of it.
+    pub total: u64,
+}
+
+/// Reads [`MachineTicks`]; `None` if `/proc/stat` cannot be read.
+pub fn machine_ticks() -> Option<MachineTicks> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().next()?.strip_prefix("cpu ")?;
+    let ticks: Vec<u64> = line
+        .split_whitespace()
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .ok()?;
+    // user nice system idle iowait irq softirq steal (guest time is already in user).
+    let total: u64 = ticks.iter().take(8).sum();
+    let idle = ticks.get(3)? + ticks.get(4).copied().unwrap_or(0);
+    let steal = ticks.get(7).copied().unwrap_or(0);
+    Some(MachineTicks {
+        busy: total.saturating_sub(idle + steal),
+        steal,
+        total,
+    })
+}
+
+/// A port of 127.0.0.1 that was free a moment ago: bound, read back and released.
+fn free_port() -> Result<u16, BoxError> {
+    let listener = std::net::TcpListener::bind(("127.0.0.1", 0))?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// A new, empty folder under the system's temporary folder.
+fn fresh_data_dir() -> Result<PathBuf, BoxError> {
+    let n = NEXT_DIR.fetch_add(1, Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("unhidra-bench-{}-{n}", std::process::id()));
+    std::fs::create_dir(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    Ok(dir)
+}
+
+fn remove_dir(dir: &Path) {
+    let _ = std::fs::remove_dir_all(dir);
+}
