@@ -165,8 +165,38 @@ config_keys! {
         shutdown_grace: HumanDuration = HumanDuration::secs(10), secret = false;
         /// Bearer token that `/metrics` requires; unset leaves it open.
         metrics_token: Option<Secret> = None, secret = true;
-        /// PEM private key that signs tokens; unset generates one (refused in prod).
+        /// PEM (PKCS#8) Ed25519 private key that signs access tokens; unset, one is generated and
+        /// kept in the database (refused in prod).
         signing_key: Option<Secret> = None, secret = true;
+        /// `iss` of access tokens; unset means the public URL, or `unhidra`.
+        jwt_issuer: Option<String> = None, secret = false;
+        /// `aud` of access tokens.
+        jwt_audience: String = "unhidra".to_owned(), secret = false;
+        /// Lifetime of an access token.
+        access_token_ttl: HumanDuration = HumanDuration::secs(15 * 60), secret = false;
+        /// Lifetime of each refresh token; every refresh issues a new one.
+        refresh_token_ttl: HumanDuration = HumanDuration::secs(14 * 24 * 3600), secret = false;
+        /// Absolute lifetime of a login session, however often it is refreshed.
+        session_max_age: HumanDuration = HumanDuration::secs(30 * 24 * 3600), secret = false;
+        /// Argon2id memory cost in KiB (OWASP: at least 19456 in production).
+        argon2_memory_kib: u32 = if profile == Profile::Prod { 19_456 } else { 1_024 }, secret = false;
+        /// Argon2id passes over memory.
+        argon2_iterations: u32 = if profile == Profile::Prod { 2 } else { 1 }, secret = false;
+        /// Argon2id lanes.
+        argon2_parallelism: u32 = 1, secret = false;
+        /// Password hashes computed at once; 0 means one per CPU core.
+        hash_workers: u32 = 0, secret = false;
+        /// Fewest characters in a new password (at least 8).
+        password_min_length: u32 = 15, secret = false;
+        /// Lowest strength score (0–4, zxcvbn) of a new password.
+        password_min_strength: u32 = 3, secret = false;
+        /// Answer a registration with a taken email exactly like a new one, so that outsiders
+        /// cannot learn which emails have accounts.
+        hide_existing_accounts: bool = profile == Profile::Prod, secret = false;
+        /// With `admin_password`, makes sure this admin exists at start.
+        admin_email: Option<String> = None, secret = false;
+        /// The first admin's password, used only if the admin does not exist yet.
+        admin_password: Option<Secret> = None, secret = true;
     }
 }
 
@@ -356,7 +386,32 @@ fn check(config: &Config) -> Result<(), ConfigError> {
     if config.request_timeout.0.is_zero() {
         problems.push("request_timeout: must be longer than zero".to_owned());
     }
+    if config.password_min_length < 8 {
+        problems.push("password_min_length: must be at least 8".to_owned());
+    }
+    if config.password_min_strength > 4 {
+        problems.push("password_min_strength: the scale ends at 4".to_owned());
+    }
+    if config.argon2_memory_kib < 8 * config.argon2_parallelism.max(1)
+        || config.argon2_iterations == 0
+        || config.argon2_parallelism == 0
+    {
+        problems.push(
+            "argon2_*: memory must be at least 8 KiB per lane, iterations and lanes at least 1"
+                .to_owned(),
+        );
+    }
+    if config.admin_email.is_some() != config.admin_password.is_some() {
+        problems.push("admin_email and admin_password: give both or neither".to_owned());
+    }
     if config.profile == Profile::Prod {
+        if config.argon2_memory_kib < 19_456 || config.argon2_iterations < 2 {
+            problems.push(
+                "argon2_memory_kib/argon2_iterations: prod needs at least OWASP's 19456 KiB \
+                 and 2 iterations"
+                    .to_owned(),
+            );
+        }
         if config.signing_key.is_none() {
             problems.push(
                 "signing_key: prod refuses a generated signing key; set UNHIDRA_SIGNING_KEY_FILE"

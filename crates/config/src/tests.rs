@@ -240,5 +240,5 @@ fn every_key_has_a_distinct_environment_variable() {
         );
     }
     let secrets: Vec<&str> = KEYS.iter().filter(|k| k.secret).map(|k| k.name).collect();
-    assert_eq!(secrets, ["metrics_token", "signing_key"]);
+    assert_eq!(secrets, ["metrics_token", "signing_key", "admin_password"]);
 }

@@ -128,7 +128,11 @@ mod tests {
         let e = Email::parse("  Alice.Smith+tag@Example.COM ").unwrap();
         assert_eq!(e.as_str(), "alice.smith+tag@example.com");
         assert_eq!(e.local_part(), "alice.smith+tag");
-        for ok in ["a@b.co", "o'brien@mail.example.org", "x_y-z@sub-domain.example.io"] {
+        for ok in [
+            "a@b.co",
+            "o'brien@mail.example.org",
+            "x_y-z@sub-domain.example.io",
+        ] {
             assert!(Email::parse(ok).is_ok(), "{ok}");
         }
     }

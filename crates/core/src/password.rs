@@ -100,7 +100,13 @@ fn strength(password: &str, email: Option<&Email>, hints: &[&str]) -> u8 {
     let mut inputs: Vec<&str> = hints.to_vec();
     if let Some(email) = email {
         inputs.push(email.local_part());
-        inputs.extend(email.as_str().split('@').nth(1).and_then(|d| d.split('.').next()));
+        inputs.extend(
+            email
+                .as_str()
+                .split('@')
+                .nth(1)
+                .and_then(|d| d.split('.').next()),
+        );
     }
     u8::from(zxcvbn::zxcvbn(&prefix, &inputs).score())
 }
@@ -174,7 +180,10 @@ mod tests {
             codes("password1234", "a@example.com"),
             ["too_short", "common_password", "too_weak"]
         );
-        assert!(codes("alice.wonder-tiger-lamp-9", "alice.wonder@example.com").contains(&"contains_email"));
+        assert!(
+            codes("alice.wonder-tiger-lamp-9", "alice.wonder@example.com")
+                .contains(&"contains_email")
+        );
         assert_eq!(codes(&"x".repeat(300), "a@example.com"), ["too_long"]);
         let repeated = codes("aaaaaaaaaaaaaaaaaaaa", "a@example.com");
         assert!(repeated.contains(&"too_weak") && !repeated.contains(&"too_short"));
@@ -186,7 +195,11 @@ mod tests {
         // 200 characters is fine, and so is a passphrase of lower-case words and spaces.
         let long = "velvet thunder ".repeat(13) + "quietly";
         assert!(long.chars().count() > 64);
-        assert!(codes(&long, "a@example.com").is_empty(), "{:?}", codes(&long, "a@example.com"));
+        assert!(
+            codes(&long, "a@example.com").is_empty(),
+            "{:?}",
+            codes(&long, "a@example.com")
+        );
         // Unicode counts by characters.
         assert!(codes("ключ морского ветра север", "a@example.com").is_empty());
     }

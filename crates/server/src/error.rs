@@ -252,6 +252,29 @@ impl From<StoreError> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response = self.problem.status().into_response();
+        // The headers that go with some problems are derived here, once for every handler.
+        if let Some(secs) = self
+            .problem
+            .extensions
+            .get("retry_after")
+            .and_then(Value::as_i64)
+        {
+            if let Ok(value) = axum::http::HeaderValue::from_str(&secs.to_string()) {
+                response
+                    .headers_mut()
+                    .insert(axum::http::header::RETRY_AFTER, value);
+            }
+        }
+        if self.problem.status == 401 {
+            let challenge = match &*self.problem.code {
+                "unauthenticated" => "Bearer",
+                _ => "Bearer error=\"invalid_token\"",
+            };
+            response.headers_mut().insert(
+                axum::http::header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static(challenge),
+            );
+        }
         if let Some(source) = self.source {
             response
                 .extensions_mut()

@@ -7,6 +7,7 @@
 mod build_info;
 pub mod error;
 pub mod http;
+pub mod identity;
 pub mod metrics;
 mod routes;
 mod shutdown;
@@ -22,6 +23,7 @@ use axum::Router;
 use chrono::Utc;
 use tokio::net::TcpListener;
 use unhidra_config::Config;
+use unhidra_core::{Clock, SystemClock};
 use unhidra_store::{INSTANCE_ID, Store, StoreError, StoreOptions};
 
 pub use build_info::{BUILD, BuildInfo};
@@ -43,6 +45,12 @@ pub enum StartError {
         /// Why.
         source: std::io::Error,
     },
+    /// The signing keys could not be loaded.
+    #[error("{0}")]
+    Keys(#[from] identity::keys::KeyError),
+    /// The first admin could not be created.
+    #[error("admin_email/admin_password: {0}")]
+    Admin(String),
     /// The store could not be opened or migrated.
     #[error("store: {}", error::error_chain(.0))]
     Store(#[from] StoreError),
@@ -107,6 +115,16 @@ impl Application {
         store: Arc<dyn Store>,
         extra: Router<AppState>,
     ) -> Result<Self, StartError> {
+        Self::with_parts(config, store, Arc::new(SystemClock), extra).await
+    }
+
+    /// Like [`Application::with_store`] with the clock given, so that tests can move time.
+    pub async fn with_parts(
+        config: Config,
+        store: Arc<dyn Store>,
+        clock: Arc<dyn Clock>,
+        extra: Router<AppState>,
+    ) -> Result<Self, StartError> {
         store.migrate().await?;
         let instance_id = store
             .meta_get_or_insert(INSTANCE_ID, &uuid::Uuid::new_v4().to_string(), Utc::now())
@@ -115,7 +133,15 @@ impl Application {
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|source| StartError::Bind { addr, source })?;
-        let state = AppState::new(config, store, metrics::Metrics::new(&BUILD), instance_id);
+        let identity = identity::Identity::new(&config, Arc::clone(&store), clock).await?;
+        bootstrap_admin(&config, &identity).await?;
+        let state = AppState::new(
+            config,
+            store,
+            metrics::Metrics::new(&BUILD),
+            instance_id,
+            identity,
+        );
         let router = http::with_middleware(routes::router().merge(extra), &state);
         Ok(Self {
             listener,
@@ -163,7 +189,10 @@ impl Application {
             "unhidra listening"
         );
         let grace = config.shutdown_grace.0;
-        let outcome = shutdown::serve(listener, router, &state, shutdown, grace).await?;
+        let reloads = tokio::spawn(reload_keys(state.clone()));
+        let outcome = shutdown::serve(listener, router, &state, shutdown, grace).await;
+        reloads.abort();
+        let outcome = outcome?;
         let abandoned = metrics::in_flight(state.metrics());
         // A request stuck past the grace period may hold a connection; don't wait on it forever.
         let _ = tokio::time::timeout(Duration::from_secs(2), state.store().close()).await;
@@ -177,4 +206,32 @@ impl Application {
         }
         Ok(())
     }
+}
+
+/// How often a server rereads the signing keys, to pick up a rotation made elsewhere.
+const KEY_RELOAD_EVERY: Duration = Duration::from_secs(60);
+
+async fn reload_keys(state: AppState) {
+    let mut tick = tokio::time::interval(KEY_RELOAD_EVERY);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        if let Err(e) = state.identity().keys().reload().await {
+            tracing::warn!(error = %e, "signing keys not reloaded");
+        }
+    }
+}
+
+/// Creates the admin named by `admin_email`/`admin_password` if it does not exist.
+async fn bootstrap_admin(config: &Config, identity: &identity::Identity) -> Result<(), StartError> {
+    let (Some(email), Some(password)) = (&config.admin_email, &config.admin_password) else {
+        return Ok(());
+    };
+    let ctx = identity::RequestContext::default();
+    match identity.ensure_admin(email, password.expose(), &ctx).await {
+        Ok(true) => tracing::info!(email = %email, "admin created"),
+        Ok(false) => tracing::info!(email = %email, "admin exists; left unchanged"),
+        Err(e) => return Err(StartError::Admin(e.to_string())),
+    }
+    Ok(())
 }

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use unhidra_config::Config;
 use unhidra_store::Store;
 
+use crate::identity::Identity;
 use crate::metrics::Metrics;
 
 /// Shared state of one running server; cloning it is cheap.
@@ -17,6 +18,7 @@ struct Inner {
     store: Arc<dyn Store>,
     metrics: Metrics,
     instance_id: String,
+    identity: Identity,
     /// Set when the shutdown grace period is over: requests still running are answered 503.
     abandon: tokio::sync::watch::Sender<bool>,
 }
@@ -28,12 +30,14 @@ impl AppState {
         store: Arc<dyn Store>,
         metrics: Metrics,
         instance_id: String,
+        identity: Identity,
     ) -> Self {
         Self(Arc::new(Inner {
             config,
             store,
             metrics,
             instance_id,
+            identity,
             abandon: tokio::sync::watch::Sender::new(false),
         }))
     }
@@ -51,6 +55,11 @@ impl AppState {
     /// The metrics registry.
     pub fn metrics(&self) -> &Metrics {
         &self.0.metrics
+    }
+
+    /// Accounts, tokens and sessions.
+    pub fn identity(&self) -> &Identity {
+        &self.0.identity
     }
 
     /// The id of this installation, made at its first start and kept in the store.

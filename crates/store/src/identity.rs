@@ -90,7 +90,7 @@ pub trait UserStore {
     ) -> Result<(), StoreError>;
 
     /// Counts a failed login atomically and returns the new count; `lock_until` is applied
-    /// when the count reaches `lock_at`.
+    /// when the count reaches a multiple of `lock_at` (`lock_at` must be at least 1).
     async fn record_login_failure(
         &self,
         id: UserId,

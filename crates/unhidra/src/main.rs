@@ -9,12 +9,17 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
 use unhidra_config::{Config, KEYS, Layer, Sources};
+use unhidra_core::SystemClock;
+use unhidra_server::identity::hasher::HashParams;
+use unhidra_server::identity::keys::{self, KeyError};
+use unhidra_server::identity::{Identity, IdentityError, RequestContext};
 use unhidra_server::{Application, BUILD, BuildInfo};
-use unhidra_store::Backend;
+use unhidra_store::{Backend, Store, StoreError};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -42,6 +47,40 @@ enum Command {
     Openapi,
     /// Write a consistent copy of the live SQLite database to PATH.
     Backup(BackupArgs),
+    /// Manage accounts.
+    #[command(subcommand)]
+    Admin(AdminCommand),
+    /// Manage the keys that sign access tokens.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum AdminCommand {
+    /// Create an admin; the password is read from the first line of standard input. An
+    /// existing account is left unchanged.
+    Create {
+        /// The admin's email.
+        #[arg(long)]
+        email: String,
+        #[command(flatten)]
+        data: DataArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum KeysCommand {
+    /// Generate a new signing key; older keys keep verifying until retired.
+    Rotate(DataArgs),
+    /// List the keys, newest last, as JSON lines.
+    List(DataArgs),
+    /// Stop trusting a key: tokens it signed are refused from then on.
+    Retire {
+        /// The key id, as `keys list` shows it.
+        kid: String,
+        #[command(flatten)]
+        data: DataArgs,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -76,12 +115,15 @@ fn main() -> ExitCode {
             data_dir: args.data.data_dir.clone(),
             ..Layer::default()
         },
-        Command::Migrate(data) | Command::Spec(data) | Command::Backup(BackupArgs { data, .. }) => {
-            Layer {
-                data_dir: data.data_dir.clone(),
-                ..Layer::default()
-            }
-        }
+        Command::Migrate(data)
+        | Command::Spec(data)
+        | Command::Backup(BackupArgs { data, .. })
+        | Command::Admin(AdminCommand::Create { data, .. })
+        | Command::Keys(KeysCommand::Rotate(data) | KeysCommand::List(data))
+        | Command::Keys(KeysCommand::Retire { data, .. }) => Layer {
+            data_dir: data.data_dir.clone(),
+            ..Layer::default()
+        },
         Command::Openapi => Layer::default(),
     };
     if let Command::Openapi = cli.command {
@@ -119,6 +161,10 @@ fn main() -> ExitCode {
             Command::Serve(_) => serve(config).await,
             Command::Migrate(_) => migrate(&config).await,
             Command::Backup(args) => backup(&config, args.path).await,
+            Command::Admin(AdminCommand::Create { email, .. }) => {
+                admin_create(&config, &email).await
+            }
+            Command::Keys(command) => keys(&config, command).await,
             Command::Spec(_) | Command::Openapi => ExitCode::SUCCESS,
         }
     })
@@ -217,6 +263,135 @@ async fn backup(config: &Config, path: PathBuf) -> ExitCode {
     }
 }
 
+/// Opens the store the config selects and applies pending migrations.
+async fn migrated_store(config: &Config) -> Result<Arc<dyn Store>, unhidra_server::StartError> {
+    let store = unhidra_server::open_store(config).await?;
+    store.migrate().await?;
+    Ok(store)
+}
+
+async fn admin_create(config: &Config, email: &str) -> ExitCode {
+    let mut password = String::new();
+    if std::io::stdin().read_line(&mut password).is_err()
+        || password.trim_end_matches(['\r', '\n']).is_empty()
+    {
+        eprintln!("unhidra: write the admin's password on standard input");
+        return ExitCode::from(2);
+    }
+    let password = password.trim_end_matches(['\r', '\n']);
+    let store = match migrated_store(config).await {
+        Ok(store) => store,
+        Err(err) => {
+            tracing::error!(error = %err, "cannot open the store");
+            return ExitCode::FAILURE;
+        }
+    };
+    let identity = match Identity::new(config, Arc::clone(&store), Arc::new(SystemClock)).await {
+        Ok(identity) => identity,
+        Err(err) => {
+            tracing::error!(error = %err, "cannot load the signing keys");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = identity
+        .ensure_admin(email, password, &RequestContext::default())
+        .await;
+    store.close().await;
+    match result {
+        Ok(true) => {
+            tracing::info!(email, "admin created");
+            ExitCode::SUCCESS
+        }
+        Ok(false) => {
+            tracing::info!(email, "an account with this email exists; left unchanged");
+            ExitCode::SUCCESS
+        }
+        Err(IdentityError::WeakPassword(broken)) => {
+            eprintln!("unhidra: the password is refused:");
+            for rule in broken {
+                eprintln!("  {}: {}", rule.code, rule.message);
+            }
+            ExitCode::from(2)
+        }
+        Err(IdentityError::InvalidEmail(e)) => {
+            eprintln!("unhidra: --email: {e}");
+            ExitCode::from(2)
+        }
+        Err(err) => {
+            tracing::error!(error = %err, "admin not created");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn keys(config: &Config, command: KeysCommand) -> ExitCode {
+    let store = match migrated_store(config).await {
+        Ok(store) => store,
+        Err(err) => {
+            tracing::error!(error = %err, "cannot open the store");
+            return ExitCode::FAILURE;
+        }
+    };
+    let now = chrono::Utc::now();
+    let code = match command {
+        KeysCommand::Rotate(_) if config.signing_key.is_some() => {
+            eprintln!(
+                "unhidra: signing_key is set in the configuration, so that key signs. To rotate, \
+                 make a new one (openssl genpkey -algorithm ed25519 -out new.pem), point \
+                 UNHIDRA_SIGNING_KEY_FILE at it and restart each server; the old key keeps \
+                 verifying until `unhidra keys retire KID`."
+            );
+            ExitCode::from(2)
+        }
+        KeysCommand::Rotate(_) => match keys::rotate(&*store, now).await {
+            Ok(kid) => {
+                println!("{kid}");
+                tracing::info!(kid, "new signing key; servers switch to it within a minute");
+                ExitCode::SUCCESS
+            }
+            Err(err) => {
+                tracing::error!(error = %err, "rotation failed");
+                ExitCode::FAILURE
+            }
+        },
+        KeysCommand::List(_) => match store.signing_keys().await {
+            Ok(list) => {
+                for key in list {
+                    let line = serde_json::json!({
+                        "kid": key.kid,
+                        "algorithm": key.algorithm,
+                        "created_at": key.created_at,
+                        "retired_at": key.retired_at,
+                        "generated": key.private_key.is_some(),
+                    });
+                    println!("{line}");
+                }
+                ExitCode::SUCCESS
+            }
+            Err(err) => {
+                tracing::error!(error = %err, "cannot list keys");
+                ExitCode::FAILURE
+            }
+        },
+        KeysCommand::Retire { kid, .. } => match keys::retire(&*store, &kid, now).await {
+            Ok(()) => {
+                tracing::info!(kid, "key retired; tokens it signed are refused");
+                ExitCode::SUCCESS
+            }
+            Err(KeyError::Store(StoreError::NotFound { .. })) => {
+                eprintln!("unhidra: no key {kid}");
+                ExitCode::from(2)
+            }
+            Err(err) => {
+                eprintln!("unhidra: {err}");
+                ExitCode::from(2)
+            }
+        },
+    };
+    store.close().await;
+    code
+}
+
 fn print_json(value: &impl Serialize) -> ExitCode {
     match serde_json::to_string_pretty(value) {
         Ok(text) => {
@@ -247,9 +422,19 @@ struct Spec<'a> {
     store: StoreSpec,
     /// What this build and configuration turn on.
     features: Vec<&'static str>,
-    /// Password hashing parameters; none until accounts exist.
-    password_hashing: Option<()>,
+    /// Argon2id parameters of new password hashes.
+    password_hashing: PasswordHashing,
     build: BuildInfo,
+}
+
+#[derive(Debug, Serialize)]
+struct PasswordHashing {
+    algorithm: &'static str,
+    #[serde(flatten)]
+    params: HashParams,
+    workers: u32,
+    min_length: u32,
+    min_strength: u32,
 }
 
 #[derive(Debug, Serialize)]
@@ -277,7 +462,10 @@ impl<'a> Spec<'a> {
         } else {
             Backend::Sqlite
         };
-        let mut features = vec!["http-api", "openapi", "docs-ui", "metrics"];
+        let mut features = vec!["http-api", "openapi", "docs-ui", "metrics", "identity"];
+        if config.hide_existing_accounts {
+            features.push("hide-existing-accounts");
+        }
         if config.metrics_token.is_some() {
             features.push("metrics-token");
         }
@@ -304,7 +492,13 @@ impl<'a> Spec<'a> {
                 url: unhidra_server::store_url_redacted(config),
             },
             features,
-            password_hashing: None,
+            password_hashing: PasswordHashing {
+                algorithm: "argon2id",
+                params: HashParams::from_config(config),
+                workers: config.hash_workers,
+                min_length: config.password_min_length,
+                min_strength: config.password_min_strength,
+            },
             build: BUILD,
         }
     }

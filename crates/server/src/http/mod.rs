@@ -4,6 +4,7 @@
 //! bodies, metrics, the one log line of an error) → panic catcher → timeout → the route's
 //! handler, whose body extractors stop reading at the body limit (413).
 
+pub mod auth;
 pub mod extract;
 mod finish;
 mod security;

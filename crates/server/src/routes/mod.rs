@@ -1,5 +1,7 @@
 //! Every route, and the OpenAPI document generated from them.
 
+mod admin;
+mod auth;
 mod docs;
 mod health;
 mod metrics;
@@ -25,11 +27,33 @@ pub const OPENAPI_PATH: &str = "/api/v1/openapi.json";
         license(name = "AGPL-3.0-only"),
     ),
     components(schemas(Problem, FieldError)),
+    modifiers(&BearerAuth),
     tags(
         (name = "operations", description = "Health, readiness, metrics and this document."),
+        (name = "auth", description = "Accounts, tokens and sessions."),
+        (name = "admin", description = "User management and the audit log; admins only."),
     ),
 )]
 struct ApiDoc;
+
+/// Declares the `bearer` scheme that authenticated operations name.
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("JWT")
+                    .build(),
+            ),
+        );
+    }
+}
 
 /// The documented routes and the document describing them.
 fn documented() -> (Router<AppState>, utoipa::openapi::OpenApi) {
@@ -37,6 +61,18 @@ fn documented() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(health::live))
         .routes(routes!(health::ready))
         .routes(routes!(metrics::metrics))
+        .routes(routes!(auth::register))
+        .routes(routes!(auth::login))
+        .routes(routes!(auth::refresh))
+        .routes(routes!(auth::logout))
+        .routes(routes!(auth::me))
+        .routes(routes!(auth::sessions))
+        .routes(routes!(auth::revoke_session))
+        .routes(routes!(auth::jwks))
+        .routes(routes!(admin::list_users))
+        .routes(routes!(admin::update_user))
+        .routes(routes!(admin::bulk))
+        .routes(routes!(admin::logs))
         .split_for_parts()
 }
 

@@ -143,7 +143,7 @@ impl UserStore for SqliteStore {
     ) -> Result<u32, StoreError> {
         let count: i64 = sqlx::query_scalar(
             "UPDATE users SET failed_logins = failed_logins + 1, updated_at = ?4, \
-             locked_until = CASE WHEN failed_logins + 1 >= ?2 THEN ?3 ELSE locked_until END \
+             locked_until = CASE WHEN (failed_logins + 1) % ?2 = 0 THEN ?3 ELSE locked_until END \
              WHERE id = ?1 RETURNING failed_logins",
         )
         .bind(id.to_string())

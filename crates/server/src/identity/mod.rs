@@ -1,0 +1,835 @@
+//! Identity: registration, login, refresh-token rotation, sessions, admin actions and the
+//! audit trail. This module knows the store and the crypto but no HTTP; handlers call it and
+//! map [`IdentityError`] to problems in one place (`routes::auth`).
+
+pub mod hasher;
+pub mod keys;
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Duration, Utc};
+use serde::Serialize;
+use unhidra_config::Config;
+use unhidra_core::{
+    Clock, Email, EmailError, OpaqueToken, PasswordPolicy, Role, UserId, Violation,
+};
+use unhidra_store::identity::{
+    NewAuditEvent, NewRefreshToken, NewSession, NewUser, Rotation, SessionRecord, UserChange,
+    UserPage, UserRecord,
+};
+use unhidra_store::{Store, StoreError};
+use uuid::Uuid;
+
+use self::hasher::{HashError, HashParams, Hasher};
+use self::keys::{KeyError, Keyset, TokenError, TokenSettings};
+
+/// Consecutive failed logins that lock an account; each further multiple locks it again.
+pub const LOCK_THRESHOLD: u32 = 10;
+/// The first lock's length; each next lock doubles it, up to a day.
+const FIRST_LOCK: i64 = 60;
+const LONGEST_LOCK: i64 = 24 * 3600;
+
+/// Who is calling, from where: recorded with sessions and audit events.
+#[derive(Debug, Clone, Default)]
+pub struct RequestContext {
+    /// The client's address.
+    pub ip: Option<String>,
+    /// The client's `User-Agent`.
+    pub user_agent: Option<String>,
+    /// The request's trace id.
+    pub trace_id: Option<String>,
+}
+
+/// An authenticated caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    /// The user.
+    pub user_id: UserId,
+    /// Their role now (not when the token was issued).
+    pub role: Role,
+    /// The session the token belongs to.
+    pub session_id: Uuid,
+}
+
+/// What a successful login or refresh hands the client.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct TokenPair {
+    /// The JWT to send as `Authorization: Bearer …`.
+    pub access_token: String,
+    /// The opaque token that obtains the next pair, once.
+    pub refresh_token: String,
+    /// Always `Bearer`.
+    pub token_type: &'static str,
+    /// Seconds until the access token expires.
+    pub expires_in: i64,
+}
+
+/// Why an identity operation was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    /// The email is not an email address.
+    #[error("invalid email: {0}")]
+    InvalidEmail(EmailError),
+    /// The password breaks the policy; one entry per rule.
+    #[error("the password breaks the policy")]
+    WeakPassword(Vec<Violation>),
+    /// The email has an account already (only said when accounts are not hidden).
+    #[error("the email has an account")]
+    EmailTaken,
+    /// Wrong email or password; the same answer for both.
+    #[error("invalid credentials")]
+    InvalidCredentials,
+    /// Too many failed logins: the account is locked for a while.
+    #[error("account locked")]
+    Locked {
+        /// Seconds until the next attempt is considered.
+        retry_after: i64,
+    },
+    /// The account is deactivated.
+    #[error("account disabled")]
+    Disabled,
+    /// The refresh token is unknown, expired or its session is over.
+    #[error("invalid refresh token")]
+    InvalidRefreshToken,
+    /// A refresh token was used twice; its session is revoked.
+    #[error("refresh token reused")]
+    RefreshTokenReused,
+    /// No usable access token.
+    #[error("unauthenticated: {0}")]
+    Unauthenticated(&'static str),
+    /// Authenticated, but the role does not allow it.
+    #[error("forbidden")]
+    Forbidden,
+    /// An admin may not demote or deactivate themselves.
+    #[error("an admin cannot demote or deactivate themselves")]
+    SelfChange,
+    /// No such user or session (or not the caller's).
+    #[error("not found: {0}")]
+    NotFound(&'static str),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Hashing failed.
+    #[error(transparent)]
+    Hash(#[from] HashError),
+    /// Signing failed.
+    #[error("signing failed: {0}")]
+    Signing(TokenError),
+}
+
+/// A user as the API shows it.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct UserView {
+    /// Id.
+    pub id: String,
+    /// Normalised email.
+    pub email: String,
+    /// Name shown to others.
+    pub display_name: Option<String>,
+    /// `user` or `admin`.
+    pub role: &'static str,
+    /// Whether the user may log in.
+    pub active: bool,
+    /// Whether the email was verified.
+    pub email_verified: bool,
+    /// Whether logins are refused until a lock ends.
+    pub locked: bool,
+    /// Created, RFC 3339.
+    pub created_at: DateTime<Utc>,
+}
+
+impl UserView {
+    fn of(user: &UserRecord, now: DateTime<Utc>) -> Self {
+        Self {
+            id: user.id.to_string(),
+            email: user.email.to_string(),
+            display_name: user.display_name.clone(),
+            role: user.role.as_str(),
+            active: user.active,
+            email_verified: user.email_verified_at.is_some(),
+            locked: user.locked_until.is_some_and(|t| t > now),
+            created_at: user.created_at,
+        }
+    }
+}
+
+/// What an admin's bulk action did.
+#[derive(Debug, Clone, Default, Serialize, utoipa::ToSchema)]
+pub struct BulkSummary {
+    /// Users changed.
+    pub updated: Vec<String>,
+    /// Users already in the asked state.
+    pub unchanged: Vec<String>,
+    /// Ids with no user.
+    pub not_found: Vec<String>,
+}
+
+/// A bulk action on users.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum BulkAction {
+    /// Allow logins again.
+    Activate,
+    /// Refuse logins and end every session.
+    Deactivate,
+    /// Clear a lock after failed logins.
+    Unlock,
+}
+
+/// The identity service.
+#[derive(Debug)]
+pub struct Identity {
+    store: Arc<dyn Store>,
+    hasher: Hasher,
+    keys: Keyset,
+    policy: PasswordPolicy,
+    clock: Arc<dyn Clock>,
+    refresh_ttl: Duration,
+    session_max_age: Duration,
+    hide_existing: bool,
+}
+
+fn duration(d: unhidra_config::HumanDuration) -> Duration {
+    Duration::from_std(d.0).unwrap_or(Duration::MAX)
+}
+
+impl Identity {
+    /// Builds the service: the hasher pool and the keyset (registering or generating keys).
+    pub async fn new(
+        config: &Config,
+        store: Arc<dyn Store>,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, KeyError> {
+        let hasher = Hasher::new(HashParams::from_config(config), config.hash_workers)
+            .map_err(|e| KeyError::Config(format!("argon2 parameters: {e}")))?;
+        let issuer = config
+            .jwt_issuer
+            .clone()
+            .or_else(|| {
+                config
+                    .public_url
+                    .as_ref()
+                    .map(|u| u.as_str().trim_end_matches('/').to_owned())
+            })
+            .unwrap_or_else(|| "unhidra".to_owned());
+        let keys = Keyset::load(
+            Arc::clone(&store),
+            config
+                .signing_key
+                .as_ref()
+                .map(unhidra_config::Secret::expose),
+            TokenSettings {
+                issuer,
+                audience: config.jwt_audience.clone(),
+                ttl: duration(config.access_token_ttl),
+            },
+            clock.now(),
+        )
+        .await?;
+        Ok(Self {
+            store,
+            hasher,
+            keys,
+            policy: PasswordPolicy {
+                min_length: usize::try_from(config.password_min_length).unwrap_or(15),
+                max_length: PasswordPolicy::default().max_length,
+                min_strength: u8::try_from(config.password_min_strength).unwrap_or(3),
+            },
+            clock,
+            refresh_ttl: duration(config.refresh_token_ttl),
+            session_max_age: duration(config.session_max_age),
+            hide_existing: config.hide_existing_accounts,
+        })
+    }
+
+    /// Now, in the whole microseconds that both stores keep, so that what a call returns
+    /// equals what a later read returns.
+    fn now(&self) -> DateTime<Utc> {
+        let now = self.clock.now();
+        DateTime::from_timestamp_micros(now.timestamp_micros()).unwrap_or(now)
+    }
+
+    /// The keyset, for the JWKS endpoint and key reloads.
+    pub fn keys(&self) -> &Keyset {
+        &self.keys
+    }
+
+    /// The Argon2id parameters of new hashes.
+    pub fn hash_params(&self) -> HashParams {
+        self.hasher.params()
+    }
+
+    /// Creates an account. With `hide_existing_accounts`, a taken email is answered like a new
+    /// one (with an id that exists nowhere) and nothing is stored.
+    pub async fn register(
+        &self,
+        email: &str,
+        password: &str,
+        display_name: Option<&str>,
+        ctx: &RequestContext,
+    ) -> Result<UserView, IdentityError> {
+        self.create_user(email, password, display_name, Role::User, ctx)
+            .await
+    }
+
+    async fn create_user(
+        &self,
+        email: &str,
+        password: &str,
+        display_name: Option<&str>,
+        role: Role,
+        ctx: &RequestContext,
+    ) -> Result<UserView, IdentityError> {
+        let email = Email::parse(email).map_err(IdentityError::InvalidEmail)?;
+        let display_name = display_name
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
+            .map(str::to_owned);
+        let hints: Vec<&str> = display_name.iter().map(String::as_str).collect();
+        let broken = self.policy.check(password, Some(&email), &hints);
+        if !broken.is_empty() {
+            return Err(IdentityError::WeakPassword(broken));
+        }
+        // Hash before looking: a taken email then costs the same time as a new one.
+        let password_hash = self.hasher.hash(password).await?;
+        let now = self.now();
+        let user = NewUser {
+            id: UserId::new(),
+            email,
+            display_name,
+            password_hash,
+            role,
+            now,
+        };
+        match self.store.create_user(&user).await {
+            Ok(()) => {}
+            Err(StoreError::Conflict { .. }) if self.hide_existing && role == Role::User => {
+                return Ok(UserView::of(&record_of(&user), now));
+            }
+            Err(StoreError::Conflict { .. }) => return Err(IdentityError::EmailTaken),
+            Err(e) => return Err(e.into()),
+        }
+        self.audit(
+            "user.registered",
+            Some(user.id),
+            Some(user.id.to_string()),
+            ctx,
+            serde_json::json!({ "role": role.as_str() }),
+        )
+        .await;
+        Ok(UserView::of(&record_of(&user), now))
+    }
+
+    /// Makes sure an admin with this email exists, creating it with `password` if not.
+    /// Returns whether it was created. An existing account is never changed.
+    pub async fn ensure_admin(
+        &self,
+        email: &str,
+        password: &str,
+        ctx: &RequestContext,
+    ) -> Result<bool, IdentityError> {
+        let parsed = Email::parse(email).map_err(IdentityError::InvalidEmail)?;
+        match self.store.user_by_email(&parsed).await {
+            Ok(_) => Ok(false),
+            Err(StoreError::NotFound { .. }) => {
+                match self
+                    .create_user(email, password, None, Role::Admin, ctx)
+                    .await
+                {
+                    Ok(_) => Ok(true),
+                    // Another node created it first.
+                    Err(IdentityError::EmailTaken) => Ok(false),
+                    Err(e) => Err(e),
+                }
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Checks email and password and opens a session.
+    pub async fn login(
+        &self,
+        email: &str,
+        password: &str,
+        ctx: &RequestContext,
+    ) -> Result<TokenPair, IdentityError> {
+        let found = match Email::parse(email) {
+            Ok(parsed) => match self.store.user_by_email(&parsed).await {
+                Ok(user) => Some(user),
+                Err(StoreError::NotFound { .. }) => None,
+                Err(e) => return Err(e.into()),
+            },
+            Err(_) => None,
+        };
+        let Some(user) = found else {
+            // The same work as for a real account, so that timing tells nothing.
+            self.hasher.verify(password, None).await?;
+            self.audit(
+                "login.failed",
+                None,
+                None,
+                ctx,
+                serde_json::json!({ "reason": "unknown_email" }),
+            )
+            .await;
+            return Err(IdentityError::InvalidCredentials);
+        };
+        let now = self.now();
+        if let Some(until) = user.locked_until.filter(|t| *t > now) {
+            self.audit(
+                "login.locked",
+                Some(user.id),
+                Some(user.id.to_string()),
+                ctx,
+                serde_json::json!({}),
+            )
+            .await;
+            return Err(IdentityError::Locked {
+                retry_after: (until - now).num_seconds().max(1),
+            });
+        }
+        let verified = self
+            .hasher
+            .verify(password, Some(&user.password_hash))
+            .await?;
+        if !verified.matches {
+            let lock_for = lock_duration(user.failed_logins + 1);
+            let count = self
+                .store
+                .record_login_failure(user.id, LOCK_THRESHOLD, now + lock_for, now)
+                .await?;
+            self.audit(
+                "login.failed",
+                Some(user.id),
+                Some(user.id.to_string()),
+                ctx,
+                serde_json::json!({ "reason": "wrong_password", "consecutive": count }),
+            )
+            .await;
+            if count % LOCK_THRESHOLD == 0 {
+                self.audit(
+                    "account.locked",
+                    Some(user.id),
+                    Some(user.id.to_string()),
+                    ctx,
+                    serde_json::json!({ "seconds": lock_duration(count).num_seconds() }),
+                )
+                .await;
+            }
+            return Err(IdentityError::InvalidCredentials);
+        }
+        if !user.active {
+            self.audit(
+                "login.refused",
+                Some(user.id),
+                Some(user.id.to_string()),
+                ctx,
+                serde_json::json!({ "reason": "disabled" }),
+            )
+            .await;
+            return Err(IdentityError::Disabled);
+        }
+        if verified.needs_rehash {
+            let upgraded = self.hasher.hash(password).await?;
+            self.store
+                .set_password_hash(user.id, &upgraded, now)
+                .await?;
+        }
+        self.store.record_login_success(user.id, now).await?;
+        let pair = self.open_session(&user, ctx, now).await?;
+        self.audit(
+            "login.succeeded",
+            Some(user.id),
+            Some(user.id.to_string()),
+            ctx,
+            serde_json::json!({}),
+        )
+        .await;
+        Ok(pair)
+    }
+
+    async fn open_session(
+        &self,
+        user: &UserRecord,
+        ctx: &RequestContext,
+        now: DateTime<Utc>,
+    ) -> Result<TokenPair, IdentityError> {
+        let session_id = Uuid::new_v4();
+        let refresh = OpaqueToken::generate();
+        self.store
+            .create_session(
+                &NewSession {
+                    id: session_id,
+                    user_id: user.id,
+                    user_agent: ctx.user_agent.clone(),
+                    ip: ctx.ip.clone(),
+                    now,
+                    expires_at: now + self.session_max_age,
+                },
+                &NewRefreshToken {
+                    hash: refresh.hash(),
+                    expires_at: now + self.refresh_ttl,
+                },
+            )
+            .await?;
+        self.pair(user.id, session_id, user.role, &refresh, now)
+    }
+
+    fn pair(
+        &self,
+        user: UserId,
+        session: Uuid,
+        role: Role,
+        refresh: &OpaqueToken,
+        now: DateTime<Utc>,
+    ) -> Result<TokenPair, IdentityError> {
+        let (access_token, expires_in) = self
+            .keys
+            .issue(user, session, role, now)
+            .map_err(IdentityError::Signing)?;
+        Ok(TokenPair {
+            access_token,
+            refresh_token: refresh.expose().to_owned(),
+            token_type: "Bearer",
+            expires_in,
+        })
+    }
+
+    /// Trades a refresh token for a new pair. A token used before revokes its whole session.
+    pub async fn refresh(
+        &self,
+        token: &str,
+        ctx: &RequestContext,
+    ) -> Result<TokenPair, IdentityError> {
+        let presented = OpaqueToken::from_client(token);
+        let next = OpaqueToken::generate();
+        let now = self.now();
+        let rotation = self
+            .store
+            .rotate_refresh_token(
+                &presented.hash(),
+                &NewRefreshToken {
+                    hash: next.hash(),
+                    expires_at: now + self.refresh_ttl,
+                },
+                now,
+            )
+            .await?;
+        match rotation {
+            Rotation::Rotated(session) => {
+                let user = self.store.user_by_id(session.user_id).await?;
+                if !user.active {
+                    self.store
+                        .revoke_session(session.id, "user deactivated", now)
+                        .await?;
+                    return Err(IdentityError::InvalidRefreshToken);
+                }
+                self.pair(user.id, session.id, user.role, &next, now)
+            }
+            Rotation::Reused(session) => {
+                let revoked = self
+                    .store
+                    .revoke_session(session.id, "refresh token reused", now)
+                    .await?;
+                self.audit(
+                    "refresh.reused",
+                    Some(session.user_id),
+                    Some(session.id.to_string()),
+                    ctx,
+                    serde_json::json!({ "session_revoked": revoked }),
+                )
+                .await;
+                Err(IdentityError::RefreshTokenReused)
+            }
+            Rotation::Invalid => Err(IdentityError::InvalidRefreshToken),
+        }
+    }
+
+    /// Checks an access token and that its session and user are still in good standing, so that
+    /// a revoked session or a deactivated user is refused at once, not only at `exp`.
+    pub async fn authenticate(&self, token: &str) -> Result<Principal, IdentityError> {
+        let now = self.now();
+        let claims = self.keys.verify(token, now).await.map_err(|e| {
+            tracing::debug!(reason = %e, "access token refused");
+            IdentityError::Unauthenticated(match e {
+                TokenError::Expired => "expired",
+                _ => "invalid",
+            })
+        })?;
+        let session_id: Uuid = claims
+            .sid
+            .parse()
+            .map_err(|_| IdentityError::Unauthenticated("invalid"))?;
+        let (session, user) = match self.store.session_with_user(session_id).await {
+            Ok(found) => found,
+            Err(StoreError::NotFound { .. }) => {
+                return Err(IdentityError::Unauthenticated("invalid"));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if user.id.to_string() != claims.sub {
+            return Err(IdentityError::Unauthenticated("invalid"));
+        }
+        if !session.is_live(now) {
+            return Err(IdentityError::Unauthenticated("revoked"));
+        }
+        if !user.active {
+            return Err(IdentityError::Unauthenticated("disabled"));
+        }
+        Ok(Principal {
+            user_id: user.id,
+            role: user.role,
+            session_id,
+        })
+    }
+
+    /// Ends the caller's session.
+    pub async fn logout(&self, who: &Principal, ctx: &RequestContext) -> Result<(), IdentityError> {
+        self.store
+            .revoke_session(who.session_id, "logout", self.now())
+            .await?;
+        self.audit(
+            "logout",
+            Some(who.user_id),
+            Some(who.session_id.to_string()),
+            ctx,
+            serde_json::json!({}),
+        )
+        .await;
+        Ok(())
+    }
+
+    /// The caller's account.
+    pub async fn me(&self, who: &Principal) -> Result<UserView, IdentityError> {
+        let user = self.store.user_by_id(who.user_id).await?;
+        Ok(UserView::of(&user, self.now()))
+    }
+
+    /// The caller's live sessions, newest first.
+    pub async fn sessions(&self, who: &Principal) -> Result<Vec<SessionRecord>, IdentityError> {
+        Ok(self.store.live_sessions(who.user_id, self.now()).await?)
+    }
+
+    /// Revokes one of the caller's own sessions.
+    pub async fn revoke_own_session(
+        &self,
+        who: &Principal,
+        id: Uuid,
+        ctx: &RequestContext,
+    ) -> Result<(), IdentityError> {
+        let (session, _) = match self.store.session_with_user(id).await {
+            Ok(found) => found,
+            Err(StoreError::NotFound { .. }) => return Err(IdentityError::NotFound("session")),
+            Err(e) => return Err(e.into()),
+        };
+        // Another user's session is as invisible as one that does not exist.
+        if session.user_id != who.user_id || !session.is_live(self.now()) {
+            return Err(IdentityError::NotFound("session"));
+        }
+        self.store
+            .revoke_session(id, "revoked by user", self.now())
+            .await?;
+        self.audit(
+            "session.revoked",
+            Some(who.user_id),
+            Some(id.to_string()),
+            ctx,
+            serde_json::json!({}),
+        )
+        .await;
+        Ok(())
+    }
+
+    /// Requires the admin role.
+    pub fn require_admin(who: &Principal) -> Result<(), IdentityError> {
+        if who.role == Role::Admin {
+            Ok(())
+        } else {
+            Err(IdentityError::Forbidden)
+        }
+    }
+
+    /// A page of users matching `query`.
+    pub async fn list_users(
+        &self,
+        query: Option<&str>,
+        page: u64,
+        page_size: u64,
+    ) -> Result<(Vec<UserView>, u64), IdentityError> {
+        let UserPage { items, total } = self
+            .store
+            .list_users(query, (page.max(1) - 1) * page_size, page_size)
+            .await?;
+        let now = self.now();
+        Ok((items.iter().map(|u| UserView::of(u, now)).collect(), total))
+    }
+
+    /// An admin changes a user's role or activation. Deactivation ends every session at once.
+    pub async fn update_user(
+        &self,
+        admin: &Principal,
+        id: UserId,
+        change: UserChange,
+        ctx: &RequestContext,
+    ) -> Result<UserView, IdentityError> {
+        if id == admin.user_id && (change.role == Some(Role::User) || change.active == Some(false))
+        {
+            return Err(IdentityError::SelfChange);
+        }
+        let now = self.now();
+        let before = match self.store.user_by_id(id).await {
+            Ok(user) => user,
+            Err(StoreError::NotFound { .. }) => return Err(IdentityError::NotFound("user")),
+            Err(e) => return Err(e.into()),
+        };
+        let after = self.store.update_user(id, change, now).await?;
+        if before.active && !after.active {
+            self.store
+                .revoke_user_sessions(id, None, "user deactivated", now)
+                .await?;
+        }
+        if before.role != after.role || before.active != after.active {
+            self.audit(
+                "user.updated",
+                Some(admin.user_id),
+                Some(id.to_string()),
+                ctx,
+                serde_json::json!({
+                    "role": { "from": before.role.as_str(), "to": after.role.as_str() },
+                    "active": { "from": before.active, "to": after.active },
+                }),
+            )
+            .await;
+        }
+        Ok(UserView::of(&after, now))
+    }
+
+    /// Applies one action to many users and says what happened to each.
+    pub async fn bulk(
+        &self,
+        admin: &Principal,
+        ids: &[String],
+        action: BulkAction,
+        ctx: &RequestContext,
+    ) -> Result<BulkSummary, IdentityError> {
+        let mut summary = BulkSummary::default();
+        let now = self.now();
+        for raw in ids {
+            let Ok(id) = raw.parse::<UserId>() else {
+                summary.not_found.push(raw.clone());
+                continue;
+            };
+            let user = match self.store.user_by_id(id).await {
+                Ok(user) => user,
+                Err(StoreError::NotFound { .. }) => {
+                    summary.not_found.push(raw.clone());
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            let changed = match action {
+                BulkAction::Activate | BulkAction::Deactivate => {
+                    let active = action == BulkAction::Activate;
+                    if user.active == active || (id == admin.user_id && !active) {
+                        false
+                    } else {
+                        self.update_user(
+                            admin,
+                            id,
+                            UserChange {
+                                role: None,
+                                active: Some(active),
+                            },
+                            ctx,
+                        )
+                        .await?;
+                        true
+                    }
+                }
+                BulkAction::Unlock => {
+                    if user.failed_logins == 0 && user.locked_until.is_none() {
+                        false
+                    } else {
+                        self.store.record_login_success(id, now).await?;
+                        self.audit(
+                            "user.unlocked",
+                            Some(admin.user_id),
+                            Some(id.to_string()),
+                            ctx,
+                            serde_json::json!({}),
+                        )
+                        .await;
+                        true
+                    }
+                }
+            };
+            if changed {
+                summary.updated.push(id.to_string());
+            } else {
+                summary.unchanged.push(id.to_string());
+            }
+        }
+        Ok(summary)
+    }
+
+    /// Records a security event. A failure to record is logged, and never hides the outcome of
+    /// the action from its caller.
+    pub async fn audit(
+        &self,
+        kind: &str,
+        actor: Option<UserId>,
+        subject: Option<String>,
+        ctx: &RequestContext,
+        detail: serde_json::Value,
+    ) {
+        let event = NewAuditEvent {
+            at: self.now(),
+            kind: kind.to_owned(),
+            actor_id: actor,
+            subject_id: subject,
+            ip: ctx.ip.clone(),
+            trace_id: ctx.trace_id.clone(),
+            detail: detail.to_string(),
+        };
+        if let Err(e) = self.store.append_audit(&event).await {
+            tracing::error!(kind, error = %crate::error::error_chain(&e), "audit event not recorded");
+        }
+    }
+}
+
+/// How long the lock after `failures` consecutive failures lasts: a minute at the first
+/// threshold, doubling with each further one, at most a day.
+fn lock_duration(failures: u32) -> Duration {
+    let level = (failures / LOCK_THRESHOLD).saturating_sub(1).min(20);
+    Duration::seconds((FIRST_LOCK << level).min(LONGEST_LOCK))
+}
+
+/// The record a new user would have, for answers that must look alike.
+fn record_of(user: &NewUser) -> UserRecord {
+    UserRecord {
+        id: user.id,
+        email: user.email.clone(),
+        display_name: user.display_name.clone(),
+        password_hash: String::new(),
+        role: user.role,
+        active: true,
+        email_verified_at: None,
+        failed_logins: 0,
+        locked_until: None,
+        created_at: user.now,
+        updated_at: user.now,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn locks_grow_and_are_capped() {
+        assert_eq!(lock_duration(10).num_seconds(), 60);
+        assert_eq!(lock_duration(20).num_seconds(), 120);
+        assert_eq!(lock_duration(30).num_seconds(), 240);
+        assert_eq!(lock_duration(10_000).num_seconds(), LONGEST_LOCK);
+    }
+}

@@ -1,0 +1,294 @@
+//! `/api/v1/auth/*` and `/.well-known/jwks.json`: accounts, tokens and sessions.
+
+use axum::Json as JsonResponse;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::error::{ApiError, FieldError, Problem};
+use crate::http::auth::{Auth, Ctx};
+use crate::http::extract::Json;
+use crate::identity::{IdentityError, TokenPair, UserView};
+use crate::state::AppState;
+
+impl From<IdentityError> for ApiError {
+    fn from(err: IdentityError) -> Self {
+        use IdentityError as E;
+        match err {
+            E::InvalidEmail(e) => {
+                Self::validation(vec![FieldError::new("/email", e.code(), e.to_string())])
+            }
+            E::WeakPassword(broken) => Self::validation(
+                broken
+                    .into_iter()
+                    .map(|v| FieldError::new("/password", v.code, v.message))
+                    .collect(),
+            ),
+            E::EmailTaken => Problem::new(
+                StatusCode::CONFLICT,
+                "email_taken",
+                "An account with this email exists.",
+            )
+            .into(),
+            E::InvalidCredentials => Problem::new(
+                StatusCode::UNAUTHORIZED,
+                "invalid_credentials",
+                "The email or password is wrong.",
+            )
+            .into(),
+            E::Locked { retry_after } => Problem::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "account_locked",
+                "Too many failed logins; the account is locked for a while.",
+            )
+            .with("retry_after", retry_after)
+            .into(),
+            E::Disabled => Problem::new(
+                StatusCode::FORBIDDEN,
+                "account_disabled",
+                "This account is deactivated.",
+            )
+            .into(),
+            E::InvalidRefreshToken => Problem::new(
+                StatusCode::UNAUTHORIZED,
+                "invalid_refresh_token",
+                "The refresh token is unknown, expired or its session has ended.",
+            )
+            .into(),
+            E::RefreshTokenReused => Problem::new(
+                StatusCode::UNAUTHORIZED,
+                "refresh_token_reused",
+                "This refresh token was used before; its session is revoked. Log in again.",
+            )
+            .into(),
+            E::Unauthenticated(reason) => {
+                let (code, detail) = match reason {
+                    "missing" => (
+                        "unauthenticated",
+                        "Send an access token as Authorization: Bearer.",
+                    ),
+                    "expired" => ("token_expired", "The access token has expired; refresh it."),
+                    "revoked" => ("session_revoked", "The session of this token has ended."),
+                    "disabled" => ("account_disabled", "This account is deactivated."),
+                    _ => ("invalid_token", "The access token is not valid."),
+                };
+                Problem::new(StatusCode::UNAUTHORIZED, code, detail).into()
+            }
+            E::Forbidden => Problem::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "Your role does not allow this.",
+            )
+            .into(),
+            E::SelfChange => Problem::new(
+                StatusCode::CONFLICT,
+                "cannot_change_self",
+                "An admin cannot demote or deactivate themselves.",
+            )
+            .into(),
+            E::NotFound(what) => Self::not_found(what),
+            E::Store(e) => e.into(),
+            E::Hash(e) => Self::internal(e),
+            E::Signing(e) => Self::internal(e),
+        }
+    }
+}
+
+/// A new account.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RegisterBody {
+    /// The email; it is normalised to lower case.
+    email: String,
+    /// The password: at least 15 characters by default, not a common one, not containing the
+    /// email.
+    password: String,
+    /// The name shown to others.
+    display_name: Option<String>,
+}
+
+/// Creates an account.
+#[utoipa::path(post, path = "/api/v1/auth/register", tag = "auth", request_body = RegisterBody,
+    responses(
+        (status = 201, description = "Created", body = UserView),
+        (status = 409, description = "The email has an account (unless accounts are hidden)",
+            body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid email or password; one entry per broken rule",
+            body = Problem, content_type = "application/problem+json"),
+    ))]
+pub(crate) async fn register(
+    State(state): State<AppState>,
+    Ctx(ctx): Ctx,
+    Json(body): Json<RegisterBody>,
+) -> Result<(StatusCode, JsonResponse<UserView>), ApiError> {
+    let user = state
+        .identity()
+        .register(
+            &body.email,
+            &body.password,
+            body.display_name.as_deref(),
+            &ctx,
+        )
+        .await?;
+    Ok((StatusCode::CREATED, JsonResponse(user)))
+}
+
+/// Credentials.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct LoginBody {
+    /// The account's email.
+    email: String,
+    /// Its password.
+    password: String,
+}
+
+/// Logs in: opens a session and returns an access token and a refresh token.
+#[utoipa::path(post, path = "/api/v1/auth/login", tag = "auth", request_body = LoginBody,
+    responses(
+        (status = 200, description = "Logged in", body = TokenPair),
+        (status = 401, description = "Wrong email or password", body = Problem,
+            content_type = "application/problem+json"),
+        (status = 403, description = "The account is deactivated", body = Problem,
+            content_type = "application/problem+json"),
+        (status = 429, description = "Locked after too many failures", body = Problem,
+            content_type = "application/problem+json"),
+    ))]
+pub(crate) async fn login(
+    State(state): State<AppState>,
+    Ctx(ctx): Ctx,
+    Json(body): Json<LoginBody>,
+) -> Result<JsonResponse<TokenPair>, ApiError> {
+    Ok(JsonResponse(
+        state
+            .identity()
+            .login(&body.email, &body.password, &ctx)
+            .await?,
+    ))
+}
+
+/// A refresh token.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RefreshBody {
+    /// The refresh token from the last login or refresh.
+    refresh_token: String,
+}
+
+/// Trades a refresh token for a new pair. Each refresh token works once: using one again
+/// revokes its session.
+#[utoipa::path(post, path = "/api/v1/auth/refresh", tag = "auth", request_body = RefreshBody,
+    responses(
+        (status = 200, description = "A new pair", body = TokenPair),
+        (status = 401, description = "Unknown, expired or reused refresh token", body = Problem,
+            content_type = "application/problem+json"),
+    ))]
+pub(crate) async fn refresh(
+    State(state): State<AppState>,
+    Ctx(ctx): Ctx,
+    Json(body): Json<RefreshBody>,
+) -> Result<JsonResponse<TokenPair>, ApiError> {
+    Ok(JsonResponse(
+        state.identity().refresh(&body.refresh_token, &ctx).await?,
+    ))
+}
+
+/// Ends the current session; its tokens stop working at once.
+#[utoipa::path(post, path = "/api/v1/auth/logout", tag = "auth", security(("bearer" = [])),
+    responses(
+        (status = 204, description = "Logged out"),
+        (status = 401, description = "No valid access token", body = Problem,
+            content_type = "application/problem+json"),
+    ))]
+pub(crate) async fn logout(
+    State(state): State<AppState>,
+    Auth(who, ..): Auth,
+    Ctx(ctx): Ctx,
+) -> Result<StatusCode, ApiError> {
+    state.identity().logout(&who, &ctx).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// The caller's account.
+#[utoipa::path(get, path = "/api/v1/auth/me", tag = "auth", security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The account", body = UserView),
+        (status = 401, description = "No valid access token", body = Problem,
+            content_type = "application/problem+json"),
+    ))]
+pub(crate) async fn me(
+    State(state): State<AppState>,
+    Auth(who, ..): Auth,
+) -> Result<JsonResponse<UserView>, ApiError> {
+    Ok(JsonResponse(state.identity().me(&who).await?))
+}
+
+/// A live session of the caller.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct SessionView {
+    id: String,
+    user_agent: Option<String>,
+    ip: Option<String>,
+    created_at: chrono::DateTime<chrono::Utc>,
+    last_used_at: chrono::DateTime<chrono::Utc>,
+    expires_at: chrono::DateTime<chrono::Utc>,
+    /// Whether this is the session of the token that asked.
+    current: bool,
+}
+
+/// The caller's live sessions, newest first.
+#[utoipa::path(get, path = "/api/v1/auth/sessions", tag = "auth", security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Sessions", body = [SessionView]),
+        (status = 401, description = "No valid access token", body = Problem,
+            content_type = "application/problem+json"),
+    ))]
+pub(crate) async fn sessions(
+    State(state): State<AppState>,
+    Auth(who, ..): Auth,
+) -> Result<JsonResponse<Vec<SessionView>>, ApiError> {
+    let sessions = state.identity().sessions(&who).await?;
+    Ok(JsonResponse(
+        sessions
+            .into_iter()
+            .map(|s| SessionView {
+                id: s.id.to_string(),
+                current: s.id == who.session_id,
+                user_agent: s.user_agent,
+                ip: s.ip,
+                created_at: s.created_at,
+                last_used_at: s.last_used_at,
+                expires_at: s.expires_at,
+            })
+            .collect(),
+    ))
+}
+
+/// Ends one of the caller's sessions (another device, say).
+#[utoipa::path(delete, path = "/api/v1/auth/sessions/{id}", tag = "auth",
+    security(("bearer" = [])),
+    params(("id" = String, Path, description = "Session id")),
+    responses(
+        (status = 204, description = "Revoked"),
+        (status = 404, description = "No such session of yours", body = Problem,
+            content_type = "application/problem+json"),
+    ))]
+pub(crate) async fn revoke_session(
+    State(state): State<AppState>,
+    Auth(who, ..): Auth,
+    Ctx(ctx): Ctx,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let id: Uuid = id.parse().map_err(|_| ApiError::not_found("session"))?;
+    state.identity().revoke_own_session(&who, id, &ctx).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// The public keys that verify access tokens (RFC 7517).
+#[utoipa::path(get, path = "/.well-known/jwks.json", tag = "auth",
+    responses((status = 200, description = "JSON Web Key Set", body = Object)))]
+pub(crate) async fn jwks(State(state): State<AppState>) -> JsonResponse<serde_json::Value> {
+    JsonResponse(state.identity().keys().jwks())
+}
