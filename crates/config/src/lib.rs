@@ -193,6 +193,9 @@ config_keys! {
         /// Answer a registration with a taken email exactly like a new one, so that outsiders
         /// cannot learn which emails have accounts.
         hide_existing_accounts: bool = profile == Profile::Prod, secret = false;
+        /// Consecutive failed logins that lock an account for a while (doubling each time it
+        /// happens again); 0 never locks.
+        lockout_threshold: u32 = 10, secret = false;
         /// With `admin_password`, makes sure this admin exists at start.
         admin_email: Option<String> = None, secret = false;
         /// The first admin's password, used only if the admin does not exist yet.

@@ -253,17 +253,16 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response = self.problem.status().into_response();
         // The headers that go with some problems are derived here, once for every handler.
-        if let Some(secs) = self
+        if let Some(value) = self
             .problem
             .extensions
             .get("retry_after")
             .and_then(Value::as_i64)
+            .and_then(|secs| axum::http::HeaderValue::from_str(&secs.to_string()).ok())
         {
-            if let Ok(value) = axum::http::HeaderValue::from_str(&secs.to_string()) {
-                response
-                    .headers_mut()
-                    .insert(axum::http::header::RETRY_AFTER, value);
-            }
+            response
+                .headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, value);
         }
         if self.problem.status == 401 {
             let challenge = match &*self.problem.code {

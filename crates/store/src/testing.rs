@@ -88,6 +88,13 @@ impl TestDb {
         }
     }
 
+    /// Opens the store again, after a server that used it closed it.
+    pub async fn reopen(&mut self) {
+        self.store = crate::connect(&self.url, &StoreOptions::default())
+            .await
+            .expect("reopen");
+    }
+
     /// Runs SQL on a connection of its own, to put the database in states the API cannot
     /// (such as a migration rolled back by hand).
     pub async fn execute_raw(&self, sql: &str) {

@@ -41,8 +41,20 @@ where
     }
 }
 
-/// Parses a JSON document into `T`, with problems that say where it went wrong.
+/// Parses a JSON object into `T`, with problems that say where it went wrong. Every request
+/// body of the API is an object; serde would otherwise also read a struct from an array.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
+    if first.is_some_and(|b| *b != b'{') {
+        // Valid JSON of another type is a shape error; anything else is malformed.
+        if serde_json::from_slice::<serde::de::IgnoredAny>(bytes).is_ok() {
+            return Err(ApiError::validation(vec![FieldError::new(
+                "/",
+                "invalid_type",
+                "the body must be a JSON object",
+            )]));
+        }
+    }
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let value = serde_path_to_error::deserialize(&mut de).map_err(|err| {
         let inner = err.inner();
@@ -183,6 +195,21 @@ mod tests {
         assert_eq!((e.field.as_str(), &*e.code), ("/extra", "unknown_field"));
         let e = field(r#"{"email": 5, "limits": {"count": 1}}"#);
         assert_eq!((e.field.as_str(), &*e.code), ("/email", "invalid_type"));
+    }
+
+    #[test]
+    fn only_objects_are_bodies() {
+        for body in [
+            "[\"a\", {\"count\": 1}]",
+            "[null, null]",
+            "\"text\"",
+            "3",
+            "null",
+        ] {
+            let err = parse_json::<Body>(body.as_bytes()).unwrap_err();
+            assert_eq!(err.problem().status, 422, "{body}");
+            assert_eq!(err.problem().errors[0].field, "/", "{body}");
+        }
     }
 
     #[test]

@@ -23,8 +23,8 @@ use uuid::Uuid;
 use self::hasher::{HashError, HashParams, Hasher};
 use self::keys::{KeyError, Keyset, TokenError, TokenSettings};
 
-/// Consecutive failed logins that lock an account; each further multiple locks it again.
-pub const LOCK_THRESHOLD: u32 = 10;
+/// The longest display name, in characters.
+pub const MAX_DISPLAY_NAME: usize = 100;
 /// The first lock's length; each next lock doubles it, up to a day.
 const FIRST_LOCK: i64 = 60;
 const LONGEST_LOCK: i64 = 24 * 3600;
@@ -73,6 +73,9 @@ pub enum IdentityError {
     /// The password breaks the policy; one entry per rule.
     #[error("the password breaks the policy")]
     WeakPassword(Vec<Violation>),
+    /// The display name is longer than allowed.
+    #[error("the display name is too long")]
+    DisplayNameTooLong,
     /// The email has an account already (only said when accounts are not hidden).
     #[error("the email has an account")]
     EmailTaken,
@@ -187,6 +190,9 @@ pub struct Identity {
     refresh_ttl: Duration,
     session_max_age: Duration,
     hide_existing: bool,
+    /// Consecutive failed logins that lock an account; each further multiple locks it again.
+    /// 0 never locks.
+    lock_threshold: u32,
 }
 
 fn duration(d: unhidra_config::HumanDuration) -> Duration {
@@ -239,6 +245,7 @@ impl Identity {
             refresh_ttl: duration(config.refresh_token_ttl),
             session_max_age: duration(config.session_max_age),
             hide_existing: config.hide_existing_accounts,
+            lock_threshold: config.lockout_threshold,
         })
     }
 
@@ -285,6 +292,12 @@ impl Identity {
             .map(str::trim)
             .filter(|n| !n.is_empty())
             .map(str::to_owned);
+        if display_name
+            .as_ref()
+            .is_some_and(|n| n.chars().count() > MAX_DISPLAY_NAME)
+        {
+            return Err(IdentityError::DisplayNameTooLong);
+        }
         let hints: Vec<&str> = display_name.iter().map(String::as_str).collect();
         let broken = self.policy.check(password, Some(&email), &hints);
         if !broken.is_empty() {
@@ -393,10 +406,13 @@ impl Identity {
             .verify(password, Some(&user.password_hash))
             .await?;
         if !verified.matches {
-            let lock_for = lock_duration(user.failed_logins + 1);
+            let threshold = self.lock_threshold;
+            let lock_for = lock_duration(user.failed_logins + 1, threshold);
+            // With locking off, the lock time is now: counted, never locked out.
+            let until = if threshold == 0 { now } else { now + lock_for };
             let count = self
                 .store
-                .record_login_failure(user.id, LOCK_THRESHOLD, now + lock_for, now)
+                .record_login_failure(user.id, threshold.max(1), until, now)
                 .await?;
             self.audit(
                 "login.failed",
@@ -406,13 +422,13 @@ impl Identity {
                 serde_json::json!({ "reason": "wrong_password", "consecutive": count }),
             )
             .await;
-            if count % LOCK_THRESHOLD == 0 {
+            if threshold > 0 && count % threshold == 0 {
                 self.audit(
                     "account.locked",
                     Some(user.id),
                     Some(user.id.to_string()),
                     ctx,
-                    serde_json::json!({ "seconds": lock_duration(count).num_seconds() }),
+                    serde_json::json!({ "seconds": lock_for.num_seconds() }),
                 )
                 .await;
             }
@@ -658,7 +674,11 @@ impl Identity {
     ) -> Result<(Vec<UserView>, u64), IdentityError> {
         let UserPage { items, total } = self
             .store
-            .list_users(query, (page.max(1) - 1) * page_size, page_size)
+            .list_users(
+                query,
+                (page.max(1) - 1).saturating_mul(page_size),
+                page_size,
+            )
             .await?;
         let now = self.now();
         Ok((items.iter().map(|u| UserView::of(u, now)).collect(), total))
@@ -799,8 +819,8 @@ impl Identity {
 
 /// How long the lock after `failures` consecutive failures lasts: a minute at the first
 /// threshold, doubling with each further one, at most a day.
-fn lock_duration(failures: u32) -> Duration {
-    let level = (failures / LOCK_THRESHOLD).saturating_sub(1).min(20);
+fn lock_duration(failures: u32, threshold: u32) -> Duration {
+    let level = (failures / threshold.max(1)).saturating_sub(1).min(20);
     Duration::seconds((FIRST_LOCK << level).min(LONGEST_LOCK))
 }
 
@@ -827,9 +847,10 @@ mod tests {
 
     #[test]
     fn locks_grow_and_are_capped() {
-        assert_eq!(lock_duration(10).num_seconds(), 60);
-        assert_eq!(lock_duration(20).num_seconds(), 120);
-        assert_eq!(lock_duration(30).num_seconds(), 240);
-        assert_eq!(lock_duration(10_000).num_seconds(), LONGEST_LOCK);
+        assert_eq!(lock_duration(10, 10).num_seconds(), 60);
+        assert_eq!(lock_duration(20, 10).num_seconds(), 120);
+        assert_eq!(lock_duration(30, 10).num_seconds(), 240);
+        assert_eq!(lock_duration(10_000, 10).num_seconds(), LONGEST_LOCK);
+        assert_eq!(lock_duration(6, 3).num_seconds(), 120);
     }
 }

@@ -16,6 +16,8 @@ use crate::state::AppState;
 /// The largest page of a list.
 const MAX_PAGE_SIZE: u64 = 200;
 const DEFAULT_PAGE_SIZE: u64 = 50;
+/// The last page number accepted; deeper pages are found by searching.
+const MAX_PAGE: u64 = 1_000_000;
 
 /// `?q=&page=&page_size=` of admin lists.
 #[derive(Debug, Deserialize, IntoParams)]
@@ -24,8 +26,10 @@ pub(crate) struct ListParams {
     /// Matches email or display name, case-insensitively.
     q: Option<String>,
     /// 1-based page number.
+    #[param(minimum = 1, maximum = 1_000_000)]
     page: Option<u64>,
     /// Items per page, 1–200 (default 50).
+    #[param(minimum = 1, maximum = 200)]
     page_size: Option<u64>,
 }
 
@@ -41,8 +45,12 @@ pub(crate) struct Page<T> {
 fn page_params(page: Option<u64>, page_size: Option<u64>) -> Result<(u64, u64), ApiError> {
     let mut errors = Vec::new();
     let page = page.unwrap_or(1);
-    if page == 0 {
-        errors.push(FieldError::new("page", "out_of_range", "pages start at 1"));
+    if !(1..=MAX_PAGE).contains(&page) {
+        errors.push(FieldError::new(
+            "page",
+            "out_of_range",
+            format!("page is between 1 and {MAX_PAGE}"),
+        ));
     }
     let size = page_size.unwrap_or(DEFAULT_PAGE_SIZE);
     if !(1..=MAX_PAGE_SIZE).contains(&size) {
@@ -150,6 +158,7 @@ pub(crate) async fn update_user(
 #[serde(deny_unknown_fields)]
 pub(crate) struct BulkBody {
     /// User ids, at most 1000.
+    #[schema(max_items = 1000)]
     ids: Vec<String>,
     /// `activate`, `deactivate` or `unlock`.
     action: BulkAction,
@@ -192,6 +201,7 @@ pub(crate) async fn bulk(
 #[serde(deny_unknown_fields)]
 pub(crate) struct LogParams {
     /// Events per page, 1–500 (default 100).
+    #[param(minimum = 1, maximum = 500)]
     limit: Option<u32>,
     /// Only events older than this id (the `next_before` of the previous page).
     before: Option<i64>,

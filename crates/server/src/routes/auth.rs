@@ -26,6 +26,14 @@ impl From<IdentityError> for ApiError {
                     .map(|v| FieldError::new("/password", v.code, v.message))
                     .collect(),
             ),
+            E::DisplayNameTooLong => Self::validation(vec![FieldError::new(
+                "/display_name",
+                "too_long",
+                format!(
+                    "use at most {} characters",
+                    crate::identity::MAX_DISPLAY_NAME
+                ),
+            )]),
             E::EmailTaken => Problem::new(
                 StatusCode::CONFLICT,
                 "email_taken",
@@ -101,11 +109,14 @@ impl From<IdentityError> for ApiError {
 #[serde(deny_unknown_fields)]
 pub(crate) struct RegisterBody {
     /// The email; it is normalised to lower case.
+    #[schema(max_length = 254, example = "ada@example.com")]
     email: String,
     /// The password: at least 15 characters by default, not a common one, not containing the
-    /// email.
+    /// email, and hard to guess.
+    #[schema(min_length = 8, max_length = 256)]
     password: String,
     /// The name shown to others.
+    #[schema(max_length = 100)]
     display_name: Option<String>,
 }
 

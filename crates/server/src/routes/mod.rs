@@ -27,7 +27,7 @@ pub const OPENAPI_PATH: &str = "/api/v1/openapi.json";
         license(name = "AGPL-3.0-only"),
     ),
     components(schemas(Problem, FieldError)),
-    modifiers(&BearerAuth),
+
     tags(
         (name = "operations", description = "Health, readiness, metrics and this document."),
         (name = "auth", description = "Accounts, tokens and sessions."),
@@ -35,6 +35,43 @@ pub const OPENAPI_PATH: &str = "/api/v1/openapi.json";
     ),
 )]
 struct ApiDoc;
+
+/// Gives every operation a `default` response: any status not listed is a problem document
+/// (400 malformed JSON, 413, 415, 429, 500 and so on can come from any operation).
+struct ProblemDefault;
+
+impl utoipa::Modify for ProblemDefault {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+        let problem = ResponseBuilder::new()
+            .description("An error, as an RFC 9457 problem document")
+            .content(
+                crate::error::PROBLEM_JSON,
+                ContentBuilder::new()
+                    .schema(Some(Ref::from_schema_name("Problem")))
+                    .build(),
+            )
+            .build();
+        for item in openapi.paths.paths.values_mut() {
+            for operation in [
+                &mut item.get,
+                &mut item.post,
+                &mut item.put,
+                &mut item.patch,
+                &mut item.delete,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                operation
+                    .responses
+                    .responses
+                    .entry("default".to_owned())
+                    .or_insert_with(|| problem.clone().into());
+            }
+        }
+    }
+}
 
 /// Declares the `bearer` scheme that authenticated operations name.
 struct BearerAuth;
@@ -57,7 +94,8 @@ impl utoipa::Modify for BearerAuth {
 
 /// The documented routes and the document describing them.
 fn documented() -> (Router<AppState>, utoipa::openapi::OpenApi) {
-    OpenApiRouter::with_openapi(ApiDoc::openapi())
+    use utoipa::Modify;
+    let (router, mut doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(health::live))
         .routes(routes!(health::ready))
         .routes(routes!(metrics::metrics))
@@ -73,7 +111,11 @@ fn documented() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(admin::update_user))
         .routes(routes!(admin::bulk))
         .routes(routes!(admin::logs))
-        .split_for_parts()
+        .split_for_parts();
+    // Applied to the finished document: the operations exist only after the routes are added.
+    BearerAuth.modify(&mut doc);
+    ProblemDefault.modify(&mut doc);
+    (router, doc)
 }
 
 /// The OpenAPI document of this build.

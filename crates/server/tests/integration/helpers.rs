@@ -2,6 +2,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
@@ -10,6 +11,7 @@ use serde::Deserialize;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use unhidra_config::{Config, HumanDuration, Profile};
+use unhidra_core::{Clock, SystemClock};
 use unhidra_server::error::{ApiError, FieldError};
 use unhidra_server::http::extract::Json;
 use unhidra_server::{AppState, Application};
@@ -47,7 +49,7 @@ struct Echo {
 /// Routes that exercise the middleware: a JSON body with a validation rule, a panic, a request
 /// that never finishes, and one that finishes when the test says so.
 pub fn test_routes(release: Option<oneshot::Receiver<()>>) -> Router<AppState> {
-    let release = std::sync::Arc::new(tokio::sync::Mutex::new(release));
+    let release = Arc::new(tokio::sync::Mutex::new(release));
     Router::new()
         .route(
             "/test/echo",
@@ -101,11 +103,21 @@ impl TestApp {
         tweak: impl FnOnce(&mut Config),
         release: Option<oneshot::Receiver<()>>,
     ) -> Self {
+        let db = TestDb::new(backend).await;
+        Self::spawn_on(db, tweak, release, Arc::new(SystemClock)).await
+    }
+
+    /// A server over an existing test database, with the given clock.
+    pub async fn spawn_on(
+        db: TestDb,
+        tweak: impl FnOnce(&mut Config),
+        release: Option<oneshot::Receiver<()>>,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
         let data_dir = tempfile::tempdir().unwrap();
         let mut config = test_config(data_dir.path());
         tweak(&mut config);
-        let db = TestDb::new(backend).await;
-        let app = Application::with_store(config, db.store.clone(), test_routes(release))
+        let app = Application::with_parts(config, db.store.clone(), clock, test_routes(release))
             .await
             .expect("server starts");
         let addr = app.local_addr();
@@ -149,6 +161,12 @@ impl TestApp {
     pub async fn shutdown(mut self) {
         self.stop().await.unwrap();
         self.db.drop_db().await;
+    }
+
+    /// Stops the server and hands back its database, for a restart over the same data.
+    pub async fn stop_keeping_db(mut self) -> TestDb {
+        self.stop().await.unwrap();
+        self.db
     }
 }
 

@@ -1,0 +1,1061 @@
+//! Identity over HTTP: accounts, tokens, refresh rotation, sessions, lockout, admin, audit.
+
+use std::sync::Arc;
+
+use base64::Engine;
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use chrono::{Duration, Utc};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use ring::signature::{Ed25519KeyPair, KeyPair};
+use serde_json::{Value, json};
+use unhidra_core::ManualClock;
+use unhidra_store::Backend;
+use unhidra_store::testing::TestDb;
+
+use crate::helpers::{TestApp, problem};
+
+const PASSWORD: &str = "maple orbit candle frost 42";
+const ADMIN: &str = "root@example.com";
+const ADMIN_PASSWORD: &str = "velvet thunder quietly seven lamps";
+
+fn with_admin(c: &mut unhidra_config::Config) {
+    c.admin_email = Some(ADMIN.to_owned());
+    c.admin_password = Some(unhidra_config::Secret::new(ADMIN_PASSWORD));
+}
+
+async fn post(app: &TestApp, path: &str, body: Value) -> reqwest::Response {
+    app.client
+        .post(app.url(path))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn register(app: &TestApp, email: &str) -> reqwest::Response {
+    post(
+        app,
+        "/api/v1/auth/register",
+        json!({ "email": email, "password": PASSWORD }),
+    )
+    .await
+}
+
+async fn login(app: &TestApp, email: &str, password: &str) -> reqwest::Response {
+    post(
+        app,
+        "/api/v1/auth/login",
+        json!({ "email": email, "password": password }),
+    )
+    .await
+}
+
+/// Registers and logs in; returns the token pair.
+async fn signed_in(app: &TestApp, email: &str) -> Value {
+    assert_eq!(register(app, email).await.status(), 201);
+    let response = login(app, email, PASSWORD).await;
+    assert_eq!(response.status(), 200);
+    response.json().await.unwrap()
+}
+
+async fn get_with(app: &TestApp, path: &str, token: &str) -> reqwest::Response {
+    app.client
+        .get(app.url(path))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+}
+
+fn access(pair: &Value) -> String {
+    pair["access_token"].as_str().unwrap().to_owned()
+}
+
+fn refresh_token(pair: &Value) -> String {
+    pair["refresh_token"].as_str().unwrap().to_owned()
+}
+
+fn jwt_part(token: &str, index: usize) -> Value {
+    let part = token.split('.').nth(index).unwrap();
+    serde_json::from_slice(&URL_SAFE_NO_PAD.decode(part).unwrap()).unwrap()
+}
+
+/// An Ed25519 key as PEM, and the key pair itself for signing test tokens.
+fn ed25519_pem() -> (String, Vec<u8>) {
+    let rng = ring::rand::SystemRandom::new();
+    let der = Ed25519KeyPair::generate_pkcs8(&rng)
+        .unwrap()
+        .as_ref()
+        .to_vec();
+    let pem = format!(
+        "-----BEGIN PRIVATE KEY-----\n{}\n-----END PRIVATE KEY-----\n",
+        STANDARD.encode(&der)
+    );
+    (pem, der)
+}
+
+async fn audit_kinds(app: &TestApp) -> Vec<String> {
+    app.db
+        .store
+        .audit_events(None, 500)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.kind)
+        .collect()
+}
+
+async fn user_count(app: &TestApp) -> u64 {
+    app.db.store.list_users(None, 0, 1).await.unwrap().total
+}
+
+#[tokio::test]
+async fn register_normalises_and_refuses_duplicates() {
+    let app = TestApp::spawn().await;
+    let response = post(
+        &app,
+        "/api/v1/auth/register",
+        json!({ "email": "  Ada@Example.COM ", "password": PASSWORD, "display_name": "Ada" }),
+    )
+    .await;
+    assert_eq!(response.status(), 201);
+    let user: Value = response.json().await.unwrap();
+    assert_eq!(user["email"], "ada@example.com");
+    assert_eq!(user["display_name"], "Ada");
+    assert_eq!(user["role"], "user");
+    assert_eq!(user["email_verified"], false);
+    assert!(user.get("password_hash").is_none());
+
+    let body = problem(register(&app, "ADA@example.com").await, 409, "email_taken").await;
+    assert!(body["detail"].is_string());
+    assert_eq!(user_count(&app).await, 1);
+    assert_eq!(audit_kinds(&app).await, ["user.registered"]);
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn hidden_accounts_answer_a_taken_email_like_a_new_one() {
+    let app = TestApp::spawn_with(Backend::Sqlite, |c| c.hide_existing_accounts = true, None).await;
+    let first: Value = register(&app, "eve@example.com")
+        .await
+        .json()
+        .await
+        .unwrap();
+    let second = register(&app, "eve@example.com").await;
+    assert_eq!(second.status(), 201);
+    let second: Value = second.json().await.unwrap();
+    let keys = |v: &Value| v.as_object().unwrap().keys().cloned().collect::<Vec<_>>();
+    assert_eq!(keys(&first), keys(&second), "same shape");
+    assert_ne!(first["id"], second["id"]);
+    assert_eq!(user_count(&app).await, 1, "nothing stored the second time");
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn weak_passwords_get_one_error_per_rule_and_store_nothing() {
+    let app = TestApp::spawn().await;
+    let response = post(
+        &app,
+        "/api/v1/auth/register",
+        json!({ "email": "frank.castle@example.com", "password": "password1" }),
+    )
+    .await;
+    let body = problem(response, 422, "validation_failed").await;
+    let codes: Vec<&str> = body["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            assert_eq!(e["field"], "/password");
+            e["code"].as_str().unwrap()
+        })
+        .collect();
+    assert_eq!(codes, ["too_short", "common_password", "too_weak"]);
+
+    let response = post(
+        &app,
+        "/api/v1/auth/register",
+        json!({ "email": "frank.castle@example.com", "password": "frank.castle-likes-long-walks" }),
+    )
+    .await;
+    let body = problem(response, 422, "validation_failed").await;
+    assert!(
+        body["errors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["code"] == "contains_email")
+    );
+
+    let response = post(
+        &app,
+        "/api/v1/auth/register",
+        json!({ "email": "not-an-email", "password": PASSWORD }),
+    )
+    .await;
+    let body = problem(response, 422, "validation_failed").await;
+    assert_eq!(body["errors"][0]["field"], "/email");
+    assert_eq!(body["errors"][0]["code"], "invalid_email");
+    assert_eq!(user_count(&app).await, 0);
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn login_issues_an_rfc_9068_access_token_and_me_works() {
+    let app = TestApp::spawn().await;
+    let pair = signed_in(&app, "gus@example.com").await;
+    assert_eq!(pair["token_type"], "Bearer");
+    assert_eq!(pair["expires_in"], 900);
+    assert!(refresh_token(&pair).len() >= 43, "at least 256 bits");
+    let token = access(&pair);
+    let header = jwt_part(&token, 0);
+    assert_eq!(header["alg"], "EdDSA");
+    assert_eq!(header["typ"], "at+jwt");
+    let jwks: Value = app
+        .get("/.well-known/jwks.json")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(jwks["keys"][0]["kid"], header["kid"]);
+    assert_eq!(jwks["keys"][0]["kty"], "OKP");
+    let claims = jwt_part(&token, 1);
+    for claim in ["iss", "aud", "sub", "sid", "role", "iat", "exp", "jti"] {
+        assert!(!claims[claim].is_null(), "{claim} missing: {claims}");
+    }
+    assert_eq!(claims["aud"], "unhidra");
+    assert_eq!(claims["role"], "user");
+    assert_eq!(
+        claims["exp"].as_i64().unwrap() - claims["iat"].as_i64().unwrap(),
+        900
+    );
+
+    let me: Value = get_with(&app, "/api/v1/auth/me", &token)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(me["email"], "gus@example.com");
+    assert_eq!(me["id"], claims["sub"]);
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn wrong_password_and_unknown_email_look_the_same() {
+    let app = TestApp::spawn().await;
+    assert_eq!(register(&app, "hana@example.com").await.status(), 201);
+    let wrong = problem(
+        login(&app, "hana@example.com", "wrong password here!").await,
+        401,
+        "invalid_credentials",
+    )
+    .await;
+    let unknown = problem(
+        login(&app, "nobody@example.com", PASSWORD).await,
+        401,
+        "invalid_credentials",
+    )
+    .await;
+    let strip = |mut v: Value| {
+        v.as_object_mut().unwrap().remove("trace_id");
+        v
+    };
+    assert_eq!(strip(wrong), strip(unknown));
+    problem(
+        login(&app, "not an email", PASSWORD).await,
+        401,
+        "invalid_credentials",
+    )
+    .await;
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn requests_without_a_good_token_are_refused() {
+    let app = TestApp::spawn().await;
+    let response = app.get("/api/v1/auth/me").await;
+    assert_eq!(response.headers()["www-authenticate"], "Bearer");
+    problem(response, 401, "unauthenticated").await;
+    let response = get_with(&app, "/api/v1/auth/me", "not.a.jwt").await;
+    assert!(
+        response.headers()["www-authenticate"]
+            .to_str()
+            .unwrap()
+            .contains("invalid_token")
+    );
+    problem(response, 401, "invalid_token").await;
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn forged_tokens_are_refused() {
+    let (pem, der) = ed25519_pem();
+    let db = TestDb::sqlite().await;
+    let app = TestApp::spawn_on(
+        db,
+        |c| c.signing_key = Some(unhidra_config::Secret::new(pem.clone())),
+        None,
+        Arc::new(unhidra_core::SystemClock),
+    )
+    .await;
+    let pair = signed_in(&app, "ivan@example.com").await;
+    let good = access(&pair);
+    let header = jwt_part(&good, 0);
+    let claims = jwt_part(&good, 1);
+    assert_eq!(get_with(&app, "/api/v1/auth/me", &good).await.status(), 200);
+
+    let sign = |claims: &Value, kid: &str, key: &EncodingKey| {
+        let mut h = Header::new(Algorithm::EdDSA);
+        h.typ = Some("at+jwt".into());
+        h.kid = Some(kid.to_owned());
+        jsonwebtoken::encode(&h, claims, key).unwrap()
+    };
+    let ours = EncodingKey::from_ed_der(&der);
+    let kid = header["kid"].as_str().unwrap();
+    // Signed with the real key, the same claims pass: the forgeries below fail for one reason each.
+    assert_eq!(
+        get_with(&app, "/api/v1/auth/me", &sign(&claims, kid, &ours))
+            .await
+            .status(),
+        200
+    );
+
+    let mut wrong_aud = claims.clone();
+    wrong_aud["aud"] = json!("someone-else");
+    let mut wrong_iss = claims.clone();
+    wrong_iss["iss"] = json!("https://evil.example.com");
+    let mut expired = claims.clone();
+    expired["exp"] = json!(Utc::now().timestamp() - 10);
+    let mut no_exp = claims.clone();
+    no_exp.as_object_mut().unwrap().remove("exp");
+    let other = Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new()).unwrap();
+    let other_key = EncodingKey::from_ed_der(other.as_ref());
+
+    let public = Ed25519KeyPair::from_pkcs8_maybe_unchecked(&der)
+        .unwrap()
+        .public_key()
+        .as_ref()
+        .to_vec();
+    let mut hs = Header::new(Algorithm::HS256);
+    hs.kid = Some(kid.to_owned());
+    hs.typ = Some("at+jwt".into());
+    let hs256 = jsonwebtoken::encode(&hs, &claims, &EncodingKey::from_secret(&public)).unwrap();
+    let none = format!(
+        "{}.{}.",
+        URL_SAFE_NO_PAD.encode(json!({"alg": "none", "typ": "at+jwt", "kid": kid}).to_string()),
+        URL_SAFE_NO_PAD.encode(claims.to_string())
+    );
+    let mut no_typ = Header::new(Algorithm::EdDSA);
+    no_typ.kid = Some(kid.to_owned());
+    let plain_jwt = jsonwebtoken::encode(&no_typ, &claims, &ours).unwrap();
+    let mut tampered = good.clone();
+    tampered.insert(good.rfind('.').unwrap() + 2, 'A');
+
+    for (name, token, code) in [
+        ("wrong aud", sign(&wrong_aud, kid, &ours), "invalid_token"),
+        ("wrong iss", sign(&wrong_iss, kid, &ours), "invalid_token"),
+        ("expired", sign(&expired, kid, &ours), "token_expired"),
+        ("no exp", sign(&no_exp, kid, &ours), "invalid_token"),
+        (
+            "unknown kid",
+            sign(&claims, "not-a-key", &other_key),
+            "invalid_token",
+        ),
+        (
+            "other key, our kid",
+            sign(&claims, kid, &other_key),
+            "invalid_token",
+        ),
+        ("HS256 with the public key", hs256, "invalid_token"),
+        ("alg none", none, "invalid_token"),
+        ("typ JWT", plain_jwt, "invalid_token"),
+        ("tampered signature", tampered, "invalid_token"),
+    ] {
+        let response = get_with(&app, "/api/v1/auth/me", &token).await;
+        assert_eq!(response.status(), 401, "{name}");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["code"], code, "{name}: {body}");
+    }
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn access_tokens_expire_with_the_clock() {
+    let clock = Arc::new(ManualClock::new(Utc::now()));
+    let app = TestApp::spawn_on(TestDb::sqlite().await, |_| {}, None, clock.clone()).await;
+    let pair = signed_in(&app, "jane@example.com").await;
+    assert_eq!(
+        get_with(&app, "/api/v1/auth/me", &access(&pair))
+            .await
+            .status(),
+        200
+    );
+    clock.advance(Duration::minutes(16));
+    problem(
+        get_with(&app, "/api/v1/auth/me", &access(&pair)).await,
+        401,
+        "token_expired",
+    )
+    .await;
+    // The refresh token still works and gives a fresh access token.
+    let fresh: Value = post(
+        &app,
+        "/api/v1/auth/refresh",
+        json!({ "refresh_token": refresh_token(&pair) }),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(
+        get_with(&app, "/api/v1/auth/me", &access(&fresh))
+            .await
+            .status(),
+        200
+    );
+    // Past the refresh token's own lifetime, it is refused.
+    clock.advance(Duration::days(15));
+    problem(
+        post(
+            &app,
+            "/api/v1/auth/refresh",
+            json!({ "refresh_token": refresh_token(&fresh) }),
+        )
+        .await,
+        401,
+        "invalid_refresh_token",
+    )
+    .await;
+    app.shutdown().await;
+}
+
+async fn refresh_rotates_and_reuse_revokes_the_session(backend: Backend) {
+    let app = TestApp::spawn_with(backend, |_| {}, None).await;
+    let first = signed_in(&app, "kim@example.com").await;
+    let second: Value = post(
+        &app,
+        "/api/v1/auth/refresh",
+        json!({ "refresh_token": refresh_token(&first) }),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    assert_ne!(refresh_token(&first), refresh_token(&second));
+    assert_eq!(
+        jwt_part(&access(&first), 1)["sid"],
+        jwt_part(&access(&second), 1)["sid"]
+    );
+    assert_eq!(
+        get_with(&app, "/api/v1/auth/me", &access(&second))
+            .await
+            .status(),
+        200
+    );
+
+    // The first refresh token again: someone replays it. The whole session ends.
+    problem(
+        post(
+            &app,
+            "/api/v1/auth/refresh",
+            json!({ "refresh_token": refresh_token(&first) }),
+        )
+        .await,
+        401,
+        "refresh_token_reused",
+    )
+    .await;
+    problem(
+        get_with(&app, "/api/v1/auth/me", &access(&second)).await,
+        401,
+        "session_revoked",
+    )
+    .await;
+    problem(
+        post(
+            &app,
+            "/api/v1/auth/refresh",
+            json!({ "refresh_token": refresh_token(&second) }),
+        )
+        .await,
+        401,
+        "invalid_refresh_token",
+    )
+    .await;
+    assert!(
+        audit_kinds(&app)
+            .await
+            .contains(&"refresh.reused".to_owned())
+    );
+    problem(
+        post(
+            &app,
+            "/api/v1/auth/refresh",
+            json!({ "refresh_token": "made-up" }),
+        )
+        .await,
+        401,
+        "invalid_refresh_token",
+    )
+    .await;
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn refresh_rotates_and_reuse_revokes_the_session_sqlite() {
+    refresh_rotates_and_reuse_revokes_the_session(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn refresh_rotates_and_reuse_revokes_the_session_postgres() {
+    refresh_rotates_and_reuse_revokes_the_session(Backend::Postgres).await;
+}
+
+#[tokio::test]
+async fn logout_and_session_revocation_take_effect_at_once() {
+    let app = TestApp::spawn().await;
+    let laptop = signed_in(&app, "lee@example.com").await;
+    let phone: Value = login(&app, "lee@example.com", PASSWORD)
+        .await
+        .json()
+        .await
+        .unwrap();
+    let sessions: Value = get_with(&app, "/api/v1/auth/sessions", &access(&laptop))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let sessions = sessions.as_array().unwrap();
+    assert_eq!(sessions.len(), 2);
+    assert_eq!(sessions.iter().filter(|s| s["current"] == true).count(), 1);
+    assert_eq!(sessions[0]["ip"], "127.0.0.1");
+
+    // Revoke the phone's session from the laptop.
+    let phone_sid = jwt_part(&access(&phone), 1)["sid"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let response = app
+        .client
+        .delete(app.url(&format!("/api/v1/auth/sessions/{phone_sid}")))
+        .bearer_auth(access(&laptop))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 204);
+    problem(
+        get_with(&app, "/api/v1/auth/me", &access(&phone)).await,
+        401,
+        "session_revoked",
+    )
+    .await;
+
+    // Someone else's session is not found, whatever its id.
+    let other = signed_in(&app, "mia@example.com").await;
+    let other_sid = jwt_part(&access(&other), 1)["sid"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let response = app
+        .client
+        .delete(app.url(&format!("/api/v1/auth/sessions/{other_sid}")))
+        .bearer_auth(access(&laptop))
+        .send()
+        .await
+        .unwrap();
+    problem(response, 404, "not_found").await;
+    assert_eq!(
+        get_with(&app, "/api/v1/auth/me", &access(&other))
+            .await
+            .status(),
+        200
+    );
+
+    let response = app
+        .client
+        .post(app.url("/api/v1/auth/logout"))
+        .bearer_auth(access(&laptop))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 204);
+    problem(
+        get_with(&app, "/api/v1/auth/me", &access(&laptop)).await,
+        401,
+        "session_revoked",
+    )
+    .await;
+    problem(
+        post(
+            &app,
+            "/api/v1/auth/refresh",
+            json!({ "refresh_token": refresh_token(&laptop) }),
+        )
+        .await,
+        401,
+        "invalid_refresh_token",
+    )
+    .await;
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn ten_failures_lock_the_account_and_the_lock_ends() {
+    let clock = Arc::new(ManualClock::new(Utc::now()));
+    let app = TestApp::spawn_on(TestDb::sqlite().await, |_| {}, None, clock.clone()).await;
+    assert_eq!(register(&app, "ned@example.com").await.status(), 201);
+    for _ in 0..10 {
+        problem(
+            login(&app, "ned@example.com", "not the password at all").await,
+            401,
+            "invalid_credentials",
+        )
+        .await;
+    }
+    // Locked: even the right password is refused until the lock ends.
+    let response = login(&app, "ned@example.com", PASSWORD).await;
+    assert_eq!(response.headers()["retry-after"], "60");
+    let body = problem(response, 429, "account_locked").await;
+    assert_eq!(body["retry_after"], 60);
+    clock.advance(Duration::seconds(61));
+    assert_eq!(login(&app, "ned@example.com", PASSWORD).await.status(), 200);
+    let kinds = audit_kinds(&app).await;
+    assert!(kinds.contains(&"account.locked".to_owned()), "{kinds:?}");
+    app.shutdown().await;
+}
+
+async fn parallel_failures_lock_exactly_like_sequential_ones(backend: Backend) {
+    let app = TestApp::spawn_with(backend, |_| {}, None).await;
+    assert_eq!(register(&app, "olga@example.com").await.status(), 201);
+    let attempts: Vec<_> = (0..20)
+        .map(|_| {
+            let client = app.client.clone();
+            let url = app.url("/api/v1/auth/login");
+            tokio::spawn(async move {
+                client
+                    .post(url)
+                    .json(&json!({ "email": "olga@example.com", "password": "wrong wrong wrong wrong" }))
+                    .send()
+                    .await
+                    .unwrap()
+                    .status()
+                    .as_u16()
+            })
+        })
+        .collect();
+    for attempt in attempts {
+        let status = attempt.await.unwrap();
+        assert!(status == 401 || status == 429, "{status}");
+    }
+    let stored = app
+        .db
+        .store
+        .user_by_email(&unhidra_core::Email::parse("olga@example.com").unwrap())
+        .await
+        .unwrap();
+    // Every attempt that was checked was counted; none slipped past the lock.
+    assert!(stored.failed_logins >= 10, "{}", stored.failed_logins);
+    assert!(stored.locked_until.is_some_and(|t| t > Utc::now()));
+    problem(
+        login(&app, "olga@example.com", PASSWORD).await,
+        429,
+        "account_locked",
+    )
+    .await;
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn parallel_failures_lock_exactly_like_sequential_ones_sqlite() {
+    parallel_failures_lock_exactly_like_sequential_ones(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn parallel_failures_lock_exactly_like_sequential_ones_postgres() {
+    parallel_failures_lock_exactly_like_sequential_ones(Backend::Postgres).await;
+}
+
+#[tokio::test]
+async fn admin_endpoints_need_the_admin_role() {
+    let app = TestApp::spawn_with(Backend::Sqlite, with_admin, None).await;
+    let user = signed_in(&app, "pat@example.com").await;
+    for path in ["/api/v1/auth/users", "/api/v1/admin/logs"] {
+        problem(get_with(&app, path, &access(&user)).await, 403, "forbidden").await;
+        problem(app.get(path).await, 401, "unauthenticated").await;
+    }
+    let admin: Value = login(&app, ADMIN, ADMIN_PASSWORD)
+        .await
+        .json()
+        .await
+        .unwrap();
+    let page: Value = get_with(
+        &app,
+        "/api/v1/auth/users?q=PAT&page=1&page_size=10",
+        &access(&admin),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(page["total"], 1);
+    assert_eq!(
+        (page["page"].as_u64(), page["page_size"].as_u64()),
+        (Some(1), Some(10))
+    );
+    assert_eq!(page["items"][0]["email"], "pat@example.com");
+    let all: Value = get_with(&app, "/api/v1/auth/users", &access(&admin))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(all["total"], 2);
+    for bad in [
+        "page=0",
+        "page_size=0",
+        "page_size=201",
+        "page=x",
+        "sort=name",
+    ] {
+        let response = get_with(&app, &format!("/api/v1/auth/users?{bad}"), &access(&admin)).await;
+        problem(response, 422, "validation_failed").await;
+    }
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn deactivation_revokes_everything_at_once() {
+    let app = TestApp::spawn_with(Backend::Sqlite, with_admin, None).await;
+    let admin: Value = login(&app, ADMIN, ADMIN_PASSWORD)
+        .await
+        .json()
+        .await
+        .unwrap();
+    let user = signed_in(&app, "quinn@example.com").await;
+    let id = jwt_part(&access(&user), 1)["sub"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let patch = |body: Value, who: String, id: String| {
+        app.client
+            .patch(app.url(&format!("/api/v1/admin/users/{id}")))
+            .bearer_auth(who)
+            .json(&body)
+            .send()
+    };
+    let changed: Value = patch(json!({ "active": false }), access(&admin), id.clone())
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(changed["active"], false);
+    problem(
+        get_with(&app, "/api/v1/auth/me", &access(&user)).await,
+        401,
+        "session_revoked",
+    )
+    .await;
+    problem(
+        post(
+            &app,
+            "/api/v1/auth/refresh",
+            json!({ "refresh_token": refresh_token(&user) }),
+        )
+        .await,
+        401,
+        "invalid_refresh_token",
+    )
+    .await;
+    problem(
+        login(&app, "quinn@example.com", PASSWORD).await,
+        403,
+        "account_disabled",
+    )
+    .await;
+
+    // Promote after reactivation; the role applies to the next request, not the next token.
+    let changed: Value = patch(
+        json!({ "active": true, "role": "admin" }),
+        access(&admin),
+        id.clone(),
+    )
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(
+        (changed["active"].as_bool(), changed["role"].as_str()),
+        (Some(true), Some("admin"))
+    );
+    let again: Value = login(&app, "quinn@example.com", PASSWORD)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        get_with(&app, "/api/v1/auth/users", &access(&again))
+            .await
+            .status(),
+        200
+    );
+
+    // An admin cannot lock themselves out, and a bad role is a validation error.
+    let admin_id = jwt_part(&access(&admin), 1)["sub"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let response = patch(json!({ "role": "user" }), access(&admin), admin_id)
+        .await
+        .unwrap();
+    problem(response, 409, "cannot_change_self").await;
+    let response = patch(json!({ "role": "owner" }), access(&admin), id.clone())
+        .await
+        .unwrap();
+    problem(response, 422, "validation_failed").await;
+    let response = patch(
+        json!({ "active": false }),
+        access(&admin),
+        uuid::Uuid::new_v4().to_string(),
+    )
+    .await
+    .unwrap();
+    problem(response, 404, "not_found").await;
+    let kinds = audit_kinds(&app).await;
+    assert_eq!(
+        kinds.iter().filter(|k| *k == "user.updated").count(),
+        2,
+        "{kinds:?}"
+    );
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn bulk_actions_report_each_id() {
+    let app = TestApp::spawn_with(Backend::Sqlite, with_admin, None).await;
+    let admin: Value = login(&app, ADMIN, ADMIN_PASSWORD)
+        .await
+        .json()
+        .await
+        .unwrap();
+    let a: Value = register(&app, "ray@example.com")
+        .await
+        .json()
+        .await
+        .unwrap();
+    let b: Value = register(&app, "sam@example.com")
+        .await
+        .json()
+        .await
+        .unwrap();
+    let missing = uuid::Uuid::new_v4().to_string();
+    let bulk = |action: &'static str, ids: Vec<Value>| {
+        app.client
+            .post(app.url("/api/v1/admin/users/bulk"))
+            .bearer_auth(access(&admin))
+            .json(&json!({ "ids": ids, "action": action }))
+            .send()
+    };
+    let summary: Value = bulk(
+        "deactivate",
+        vec![
+            a["id"].clone(),
+            b["id"].clone(),
+            json!(missing),
+            json!("junk"),
+        ],
+    )
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(summary["updated"].as_array().unwrap().len(), 2);
+    assert_eq!(summary["not_found"], json!([missing, "junk"]));
+    let summary: Value = bulk("deactivate", vec![a["id"].clone()])
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(summary["unchanged"], json!([a["id"]]));
+    let summary: Value = bulk("activate", vec![a["id"].clone()])
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(summary["updated"], json!([a["id"]]));
+    let response = bulk("delete", vec![a["id"].clone()]).await.unwrap();
+    problem(response, 422, "validation_failed").await;
+
+    // Unlock clears a lock after failed logins.
+    for _ in 0..10 {
+        login(&app, "ray@example.com", "not the password at all").await;
+    }
+    problem(
+        login(&app, "ray@example.com", PASSWORD).await,
+        429,
+        "account_locked",
+    )
+    .await;
+    let summary: Value = bulk("unlock", vec![a["id"].clone(), b["id"].clone()])
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(summary["updated"], json!([a["id"]]));
+    assert_eq!(summary["unchanged"], json!([b["id"]]));
+    assert_eq!(login(&app, "ray@example.com", PASSWORD).await.status(), 200);
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_audit_log_pages_newest_first() {
+    let app = TestApp::spawn_with(Backend::Sqlite, with_admin, None).await;
+    let admin: Value = login(&app, ADMIN, ADMIN_PASSWORD)
+        .await
+        .json()
+        .await
+        .unwrap();
+    login(&app, ADMIN, "wrong password entirely").await;
+    let page: Value = get_with(&app, "/api/v1/admin/logs?limit=2", &access(&admin))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let items = page["items"].as_array().unwrap();
+    assert_eq!(items[0]["kind"], "login.failed");
+    assert_eq!(items[0]["detail"]["reason"], "wrong_password");
+    assert!(items[0]["trace_id"].is_string());
+    assert_eq!(items[1]["kind"], "login.succeeded");
+    let before = page["next_before"].as_i64().unwrap();
+    let older: Value = get_with(
+        &app,
+        &format!("/api/v1/admin/logs?limit=10&before={before}"),
+        &access(&admin),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    assert!(
+        older["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["kind"] == "user.registered")
+    );
+    assert!(older["next_before"].is_null());
+    problem(
+        get_with(&app, "/api/v1/admin/logs?limit=0", &access(&admin)).await,
+        422,
+        "validation_failed",
+    )
+    .await;
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn key_rotation_keeps_old_tokens_valid_until_retired() {
+    let app = TestApp::spawn().await;
+    let before = signed_in(&app, "tara@example.com").await;
+    let old_kid = jwt_part(&access(&before), 0)["kid"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let identity = app.state.identity();
+    let new_kid = unhidra_server::identity::keys::rotate(&*app.db.store, Utc::now())
+        .await
+        .unwrap();
+    identity.keys().reload().await.unwrap();
+    let jwks: Value = app
+        .get("/.well-known/jwks.json")
+        .await
+        .json()
+        .await
+        .unwrap();
+    let kids: Vec<&str> = jwks["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["kid"].as_str().unwrap())
+        .collect();
+    assert!(
+        kids.contains(&old_kid.as_str()) && kids.contains(&new_kid.as_str()),
+        "{kids:?}"
+    );
+    // No one is logged out, and new tokens use the new key.
+    assert_eq!(
+        get_with(&app, "/api/v1/auth/me", &access(&before))
+            .await
+            .status(),
+        200
+    );
+    let after: Value = login(&app, "tara@example.com", PASSWORD)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(jwt_part(&access(&after), 0)["kid"], new_kid.as_str());
+    // The signing key cannot be retired; the old one can, and its tokens stop working.
+    assert!(
+        unhidra_server::identity::keys::retire(&*app.db.store, &new_kid, Utc::now())
+            .await
+            .is_err()
+    );
+    unhidra_server::identity::keys::retire(&*app.db.store, &old_kid, Utc::now())
+        .await
+        .unwrap();
+    identity.keys().reload().await.unwrap();
+    problem(
+        get_with(&app, "/api/v1/auth/me", &access(&before)).await,
+        401,
+        "invalid_token",
+    )
+    .await;
+    assert_eq!(
+        get_with(&app, "/api/v1/auth/me", &access(&after))
+            .await
+            .status(),
+        200
+    );
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn outdated_hashes_are_upgraded_at_login() {
+    let app = TestApp::spawn().await;
+    assert_eq!(register(&app, "uma@example.com").await.status(), 201);
+    let email = unhidra_core::Email::parse("uma@example.com").unwrap();
+    let old = app
+        .db
+        .store
+        .user_by_email(&email)
+        .await
+        .unwrap()
+        .password_hash;
+    assert!(old.contains("m=1024,t=1,p=1"), "{old}");
+    let mut db = app.stop_keeping_db().await;
+    db.reopen().await;
+    let app = TestApp::spawn_on(
+        db,
+        |c| c.argon2_memory_kib = 2048,
+        None,
+        Arc::new(unhidra_core::SystemClock),
+    )
+    .await;
+    assert_eq!(login(&app, "uma@example.com", PASSWORD).await.status(), 200);
+    let new = app
+        .db
+        .store
+        .user_by_email(&email)
+        .await
+        .unwrap()
+        .password_hash;
+    assert!(new.contains("m=2048,t=1,p=1"), "{new}");
+    // And the new hash still takes the password.
+    assert_eq!(login(&app, "uma@example.com", PASSWORD).await.status(), 200);
+    app.shutdown().await;
+}
