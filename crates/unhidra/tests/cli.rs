@@ -39,7 +39,21 @@ struct Output {
 }
 
 async fn run(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
-    let out = tokio::time::timeout(WAIT, unhidra(dir, args, env).output())
+    run_with_input(dir, args, env, "").await
+}
+
+async fn run_with_input(dir: &Path, args: &[&str], env: &[(&str, &str)], input: &str) -> Output {
+    use tokio::io::AsyncWriteExt;
+    let mut child = unhidra(dir, args, env)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("command runs");
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(input.as_bytes()).await.unwrap();
+    drop(stdin);
+    let out = tokio::time::timeout(WAIT, child.wait_with_output())
         .await
         .expect("command finishes")
         .expect("command runs");
@@ -404,4 +418,122 @@ async fn openapi_prints_the_served_document() {
         doc == committed,
         "`unhidra openapi` differs from docs/openapi.json; see the server's snapshot test"
     );
+}
+
+async fn user_role(dir: &Path, email: &str) -> Option<String> {
+    let url = format!("sqlite:{}", dir.join("data/unhidra.db").display());
+    let store = unhidra_store::connect(&url, &unhidra_store::StoreOptions::default())
+        .await
+        .unwrap();
+    let found = store
+        .user_by_email(&unhidra_core::Email::parse(email).unwrap())
+        .await
+        .ok()
+        .map(|u| u.role.as_str().to_owned());
+    store.close().await;
+    found
+}
+
+#[tokio::test]
+async fn admin_create_reads_the_password_from_stdin_and_is_idempotent() {
+    let dir = tempfile::tempdir().unwrap();
+    let env = [("APP_ENV", "test")];
+    let args = ["admin", "create", "--email", "Boss@Example.com"];
+    let out = run_with_input(dir.path(), &args, &env, "maple orbit candle frost 42\n").await;
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(
+        !out.stderr.contains("maple orbit"),
+        "the password is never logged"
+    );
+    assert_eq!(
+        user_role(dir.path(), "boss@example.com").await.as_deref(),
+        Some("admin")
+    );
+
+    let again = run_with_input(dir.path(), &args, &env, "another strong passphrase here\n").await;
+    assert_eq!(again.code, 0, "{}", again.stderr);
+    assert!(again.stderr.contains("exists"), "{}", again.stderr);
+
+    let weak = run_with_input(
+        dir.path(),
+        &["admin", "create", "--email", "x@example.com"],
+        &env,
+        "password1\n",
+    )
+    .await;
+    assert_eq!(weak.code, 2);
+    assert!(
+        weak.stderr.contains("too_short") && weak.stderr.contains("common_password"),
+        "{}",
+        weak.stderr
+    );
+    assert_eq!(user_role(dir.path(), "x@example.com").await, None);
+
+    let empty = run_with_input(
+        dir.path(),
+        &["admin", "create", "--email", "y@example.com"],
+        &env,
+        "",
+    )
+    .await;
+    assert_eq!(empty.code, 2, "{}", empty.stderr);
+}
+
+#[tokio::test]
+async fn keys_rotate_list_and_retire() {
+    let dir = tempfile::tempdir().unwrap();
+    let env = [("APP_ENV", "test")];
+    let first = run(dir.path(), &["keys", "rotate"], &env).await;
+    assert_eq!(first.code, 0, "{}", first.stderr);
+    let second = run(dir.path(), &["keys", "rotate"], &env).await;
+    assert_eq!(second.code, 0, "{}", second.stderr);
+    let (old, new) = (
+        first.stdout.trim().to_owned(),
+        second.stdout.trim().to_owned(),
+    );
+    assert_ne!(old, new);
+    let list = run(dir.path(), &["keys", "list"], &env).await;
+    let kids: Vec<String> = list
+        .stdout
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["kid"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(kids, [old.clone(), new.clone()]);
+
+    let refused = run(dir.path(), &["keys", "retire", &new], &env).await;
+    assert_eq!(refused.code, 2);
+    assert!(refused.stderr.contains("rotate"), "{}", refused.stderr);
+    assert_eq!(
+        run(dir.path(), &["keys", "retire", &old], &env).await.code,
+        0
+    );
+    assert_eq!(
+        run(dir.path(), &["keys", "retire", "no-such-kid"], &env)
+            .await
+            .code,
+        2
+    );
+    let list = run(dir.path(), &["keys", "list"], &env).await;
+    let retired: Value = serde_json::from_str(list.stdout.lines().next().unwrap()).unwrap();
+    assert!(retired["retired_at"].is_string(), "{retired}");
+
+    // With a key in the configuration, rotation is the operator's: the command says how.
+    let key = dir.path().join("k.pem");
+    std::fs::write(&key, "unused").unwrap();
+    let out = run(
+        dir.path(),
+        &["keys", "rotate"],
+        &[
+            ("APP_ENV", "test"),
+            ("UNHIDRA_SIGNING_KEY_FILE", key.to_str().unwrap()),
+        ],
+    )
+    .await;
+    assert_eq!(out.code, 2);
+    assert!(out.stderr.contains("openssl genpkey"), "{}", out.stderr);
 }
