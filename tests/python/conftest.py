@@ -74,6 +74,10 @@ def server(server_binary):
         # The fuzzer sends wrong passwords for every email it sees; the lockout itself is
         # tested in the Rust suite.
         "UNHIDRA_LOCKOUT_THRESHOLD": "0",
+        # The fuzzer sends thousands of requests from one address; limits are tested in Rust.
+        "UNHIDRA_RATE_LIMIT_LOGIN_PER_MINUTE": "0",
+        "UNHIDRA_RATE_LIMIT_REGISTER_PER_HOUR": "0",
+        "UNHIDRA_RATE_LIMIT_REFRESH_PER_MINUTE": "0",
     }
     with tempfile.TemporaryDirectory() as data_dir:
         srv = Server(server_binary, data_dir, env)

@@ -196,6 +196,19 @@ config_keys! {
         /// Consecutive failed logins that lock an account for a while (doubling each time it
         /// happens again); 0 never locks.
         lockout_threshold: u32 = 10, secret = false;
+        /// Failed logins per minute allowed from one address, and for one account.
+        rate_limit_login_per_minute: u32 = 5, secret = false;
+        /// Registrations per hour allowed from one address.
+        rate_limit_register_per_hour: u32 = 10, secret = false;
+        /// Password-reset requests per hour allowed from one address, and for one account.
+        rate_limit_reset_per_hour: u32 = 5, secret = false;
+        /// Email-verification attempts per hour allowed from one address.
+        rate_limit_verify_per_hour: u32 = 20, secret = false;
+        /// Token refreshes per minute allowed from one address.
+        rate_limit_refresh_per_minute: u32 = 60, secret = false;
+        /// Addresses of reverse proxies whose `X-Forwarded-For` is believed; the client is the
+        /// right-most address in it that is not one of them.
+        trusted_proxies: Vec<String> = Vec::new(), secret = false;
         /// With `admin_password`, makes sure this admin exists at start.
         admin_email: Option<String> = None, secret = false;
         /// The first admin's password, used only if the admin does not exist yet.
@@ -403,6 +416,11 @@ fn check(config: &Config) -> Result<(), ConfigError> {
             "argon2_*: memory must be at least 8 KiB per lane, iterations and lanes at least 1"
                 .to_owned(),
         );
+    }
+    for proxy in &config.trusted_proxies {
+        if proxy.parse::<std::net::IpAddr>().is_err() {
+            problems.push(format!("trusted_proxies: {proxy:?} is not an IP address"));
+        }
     }
     if config.admin_email.is_some() != config.admin_password.is_some() {
         problems.push("admin_email and admin_password: give both or neither".to_owned());

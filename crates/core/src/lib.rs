@@ -7,11 +7,13 @@
 pub mod clock;
 pub mod email;
 pub mod password;
+pub mod ratelimit;
 pub mod secret;
 pub mod user;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use email::{Email, EmailError};
 pub use password::{PasswordPolicy, Violation};
+pub use ratelimit::{Reservation, SlidingWindow};
 pub use secret::OpaqueToken;
 pub use user::{Role, UserId};

@@ -133,15 +133,12 @@ impl Application {
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|source| StartError::Bind { addr, source })?;
-        let identity = identity::Identity::new(&config, Arc::clone(&store), clock).await?;
+        let metrics = metrics::Metrics::new(&BUILD);
+        let identity =
+            identity::Identity::new(&config, Arc::clone(&store), clock, metrics.auth.clone())
+                .await?;
         bootstrap_admin(&config, &identity).await?;
-        let state = AppState::new(
-            config,
-            store,
-            metrics::Metrics::new(&BUILD),
-            instance_id,
-            identity,
-        );
+        let state = AppState::new(config, store, metrics, instance_id, identity);
         let router = http::with_middleware(routes::router().merge(extra), &state);
         Ok(Self {
             listener,

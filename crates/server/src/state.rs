@@ -19,6 +19,8 @@ struct Inner {
     metrics: Metrics,
     instance_id: String,
     identity: Identity,
+    /// Reverse proxies whose `X-Forwarded-For` is believed.
+    trusted_proxies: Vec<std::net::IpAddr>,
     /// Set when the shutdown grace period is over: requests still running are answered 503.
     abandon: tokio::sync::watch::Sender<bool>,
 }
@@ -32,7 +34,13 @@ impl AppState {
         instance_id: String,
         identity: Identity,
     ) -> Self {
+        let trusted_proxies = config
+            .trusted_proxies
+            .iter()
+            .filter_map(|p| p.parse().ok())
+            .collect();
         Self(Arc::new(Inner {
+            trusted_proxies,
             config,
             store,
             metrics,
@@ -60,6 +68,11 @@ impl AppState {
     /// Accounts, tokens and sessions.
     pub fn identity(&self) -> &Identity {
         &self.0.identity
+    }
+
+    /// Reverse proxies whose `X-Forwarded-For` is believed.
+    pub fn trusted_proxies(&self) -> &[std::net::IpAddr] {
+        &self.0.trusted_proxies
     }
 
     /// The id of this installation, made at its first start and kept in the store.

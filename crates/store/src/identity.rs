@@ -110,6 +110,9 @@ pub trait UserStore {
         limit: u64,
     ) -> Result<UserPage, StoreError>;
 
+    /// How many users may log in.
+    async fn count_active_users(&self) -> Result<u64, StoreError>;
+
     /// Applies an admin's change and returns the user as it now is.
     async fn update_user(
         &self,

@@ -286,13 +286,15 @@ async fn admin_create(config: &Config, email: &str) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let identity = match Identity::new(config, Arc::clone(&store), Arc::new(SystemClock)).await {
-        Ok(identity) => identity,
-        Err(err) => {
-            tracing::error!(error = %err, "cannot load the signing keys");
-            return ExitCode::FAILURE;
-        }
-    };
+    let metrics = unhidra_server::metrics::AuthMetrics::default();
+    let identity =
+        match Identity::new(config, Arc::clone(&store), Arc::new(SystemClock), metrics).await {
+            Ok(identity) => identity,
+            Err(err) => {
+                tracing::error!(error = %err, "cannot load the signing keys");
+                return ExitCode::FAILURE;
+            }
+        };
     let result = identity
         .ensure_admin(email, password, &RequestContext::default())
         .await;

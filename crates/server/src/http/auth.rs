@@ -2,7 +2,7 @@
 //! for an admin, and the check lives here, not in each handler.
 
 use std::marker::PhantomData;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use axum::extract::{ConnectInfo, FromRequestParts};
 use axum::http::header;
@@ -75,14 +75,18 @@ pub struct Ctx(pub RequestContext);
 /// A `User-Agent` longer than this is cut; it is informational only.
 const MAX_USER_AGENT: usize = 256;
 
-impl<S: Send + Sync> FromRequestParts<S> for Ctx {
+impl FromRequestParts<AppState> for Ctx {
     type Rejection = std::convert::Infallible;
 
-    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
-        let ip = parts
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let peer = parts
             .extensions
             .get::<ConnectInfo<SocketAddr>>()
-            .map(|c| c.0.ip().to_string());
+            .map(|c| c.0.ip());
+        let ip = client_ip(peer, &parts.headers, state.trusted_proxies()).map(|ip| ip.to_string());
         let user_agent = parts
             .headers
             .get(header::USER_AGENT)
@@ -94,5 +98,73 @@ impl<S: Send + Sync> FromRequestParts<S> for Ctx {
             user_agent,
             trace_id,
         }))
+    }
+}
+
+/// The client's address: the peer's, or — when the peer is a trusted proxy — the right-most
+/// address in `X-Forwarded-For` that is not a trusted proxy. Addresses left of it could be
+/// made up by the client.
+pub fn client_ip(
+    peer: Option<IpAddr>,
+    headers: &axum::http::HeaderMap,
+    trusted: &[IpAddr],
+) -> Option<IpAddr> {
+    let peer = peer?;
+    if !trusted.contains(&peer) {
+        return Some(peer);
+    }
+    let chain: Vec<IpAddr> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|a| a.trim().parse().ok())
+        .collect();
+    Some(
+        chain
+            .iter()
+            .rev()
+            .find(|ip| !trusted.contains(ip))
+            .or_else(|| chain.first())
+            .copied()
+            .unwrap_or(peer),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::http::HeaderMap;
+
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn forwarded_for_is_believed_only_from_trusted_proxies() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            "x-forwarded-for",
+            "6.6.6.6, 10.0.0.7, 10.0.0.1".parse().unwrap(),
+        );
+        let trusted = [ip("10.0.0.1"), ip("127.0.0.1")];
+        // From an untrusted peer, the header is ignored.
+        assert_eq!(
+            client_ip(Some(ip("1.2.3.4")), &headers, &trusted),
+            Some(ip("1.2.3.4"))
+        );
+        // Through trusted proxies, the right-most untrusted address is the client.
+        assert_eq!(
+            client_ip(Some(ip("127.0.0.1")), &headers, &trusted),
+            Some(ip("10.0.0.7"))
+        );
+        // Garbage in the header is skipped.
+        headers.insert("x-forwarded-for", "not-an-ip".parse().unwrap());
+        assert_eq!(
+            client_ip(Some(ip("127.0.0.1")), &headers, &trusted),
+            Some(ip("127.0.0.1"))
+        );
+        assert_eq!(client_ip(None, &headers, &trusted), None);
     }
 }

@@ -11,7 +11,8 @@ use chrono::{DateTime, Duration, Utc};
 use serde::Serialize;
 use unhidra_config::Config;
 use unhidra_core::{
-    Clock, Email, EmailError, OpaqueToken, PasswordPolicy, Role, UserId, Violation,
+    Clock, Email, EmailError, OpaqueToken, PasswordPolicy, Reservation, Role, SlidingWindow,
+    UserId, Violation,
 };
 use unhidra_store::identity::{
     NewAuditEvent, NewRefreshToken, NewSession, NewUser, Rotation, SessionRecord, UserChange,
@@ -22,6 +23,7 @@ use uuid::Uuid;
 
 use self::hasher::{HashError, HashParams, Hasher};
 use self::keys::{KeyError, Keyset, TokenError, TokenSettings};
+use crate::metrics::AuthMetrics;
 
 /// The longest display name, in characters.
 pub const MAX_DISPLAY_NAME: usize = 100;
@@ -91,6 +93,12 @@ pub enum IdentityError {
     /// The account is deactivated.
     #[error("account disabled")]
     Disabled,
+    /// Too many attempts from this address or for this account.
+    #[error("rate limited")]
+    RateLimited {
+        /// Seconds until the next attempt is allowed.
+        retry_after: i64,
+    },
     /// The refresh token is unknown, expired or its session is over.
     #[error("invalid refresh token")]
     InvalidRefreshToken,
@@ -193,6 +201,35 @@ pub struct Identity {
     /// Consecutive failed logins that lock an account; each further multiple locks it again.
     /// 0 never locks.
     lock_threshold: u32,
+    limits: Limits,
+    metrics: AuthMetrics,
+}
+
+/// The attempt limits of identity operations, per node.
+#[derive(Debug)]
+struct Limits {
+    login_ip: SlidingWindow,
+    login_account: SlidingWindow,
+    register_ip: SlidingWindow,
+    refresh_ip: SlidingWindow,
+}
+
+impl Limits {
+    fn from_config(config: &Config) -> Self {
+        let minute = Duration::minutes(1);
+        let hour = Duration::hours(1);
+        Self {
+            login_ip: SlidingWindow::new(config.rate_limit_login_per_minute, minute),
+            login_account: SlidingWindow::new(config.rate_limit_login_per_minute, minute),
+            register_ip: SlidingWindow::new(config.rate_limit_register_per_hour, hour),
+            refresh_ip: SlidingWindow::new(config.rate_limit_refresh_per_minute, minute),
+        }
+    }
+}
+
+/// The key of a client in the limits: its address, or one shared key when it is unknown.
+fn ip_key(ctx: &RequestContext) -> &str {
+    ctx.ip.as_deref().unwrap_or("unknown")
 }
 
 fn duration(d: unhidra_config::HumanDuration) -> Duration {
@@ -205,6 +242,7 @@ impl Identity {
         config: &Config,
         store: Arc<dyn Store>,
         clock: Arc<dyn Clock>,
+        metrics: AuthMetrics,
     ) -> Result<Self, KeyError> {
         let hasher = Hasher::new(HashParams::from_config(config), config.hash_workers)
             .map_err(|e| KeyError::Config(format!("argon2 parameters: {e}")))?;
@@ -246,6 +284,8 @@ impl Identity {
             session_max_age: duration(config.session_max_age),
             hide_existing: config.hide_existing_accounts,
             lock_threshold: config.lockout_threshold,
+            limits: Limits::from_config(config),
+            metrics,
         })
     }
 
@@ -254,6 +294,11 @@ impl Identity {
     fn now(&self) -> DateTime<Utc> {
         let now = self.clock.now();
         DateTime::from_timestamp_micros(now.timestamp_micros()).unwrap_or(now)
+    }
+
+    /// The identity counters, for `/metrics`.
+    pub fn metrics(&self) -> &AuthMetrics {
+        &self.metrics
     }
 
     /// The keyset, for the JWKS endpoint and key reloads.
@@ -275,8 +320,35 @@ impl Identity {
         display_name: Option<&str>,
         ctx: &RequestContext,
     ) -> Result<UserView, IdentityError> {
+        self.limited("register", &self.limits.register_ip, ip_key(ctx), ctx)
+            .await?;
         self.create_user(email, password, display_name, Role::User, ctx)
             .await
+    }
+
+    /// Reserves an attempt under `window`, or refuses with the time to wait (and records why).
+    async fn limited(
+        &self,
+        route: &'static str,
+        window: &SlidingWindow,
+        key: &str,
+        ctx: &RequestContext,
+    ) -> Result<Reservation, IdentityError> {
+        match window.try_acquire(key, self.now()) {
+            Ok(reservation) => Ok(reservation),
+            Err(retry_after) => {
+                self.metrics.limited(route);
+                self.audit(
+                    "rate_limited",
+                    None,
+                    None,
+                    ctx,
+                    serde_json::json!({ "route": route, "retry_after": retry_after }),
+                )
+                .await;
+                Err(IdentityError::RateLimited { retry_after })
+            }
+        }
     }
 
     async fn create_user(
@@ -366,6 +438,37 @@ impl Identity {
         password: &str,
         ctx: &RequestContext,
     ) -> Result<TokenPair, IdentityError> {
+        // Both slots are taken before the password is checked, so that parallel guesses are
+        // refused exactly as sequential ones would be; a success gives them back.
+        let by_ip = self
+            .limited("login", &self.limits.login_ip, ip_key(ctx), ctx)
+            .await?;
+        let account_key = email.trim().to_lowercase();
+        let by_account = match self
+            .limited("login", &self.limits.login_account, &account_key, ctx)
+            .await
+        {
+            Ok(reservation) => reservation,
+            Err(e) => {
+                self.limits.login_ip.release(&by_ip);
+                return Err(e);
+            }
+        };
+        let result = self.check_login(email, password, ctx).await;
+        if result.is_ok() {
+            self.limits.login_ip.release(&by_ip);
+            self.limits.login_account.release(&by_account);
+        }
+        self.metrics.login(result.is_ok());
+        result
+    }
+
+    async fn check_login(
+        &self,
+        email: &str,
+        password: &str,
+        ctx: &RequestContext,
+    ) -> Result<TokenPair, IdentityError> {
         let found = match Email::parse(email) {
             Ok(parsed) => match self.store.user_by_email(&parsed).await {
                 Ok(user) => Some(user),
@@ -377,6 +480,7 @@ impl Identity {
         let Some(user) = found else {
             // The same work as for a real account, so that timing tells nothing.
             self.hasher.verify(password, None).await?;
+            self.metrics.failure("unknown_email");
             self.audit(
                 "login.failed",
                 None,
@@ -389,6 +493,7 @@ impl Identity {
         };
         let now = self.now();
         if let Some(until) = user.locked_until.filter(|t| *t > now) {
+            self.metrics.failure("locked");
             self.audit(
                 "login.locked",
                 Some(user.id),
@@ -406,6 +511,7 @@ impl Identity {
             .verify(password, Some(&user.password_hash))
             .await?;
         if !verified.matches {
+            self.metrics.failure("wrong_password");
             let threshold = self.lock_threshold;
             let lock_for = lock_duration(user.failed_logins + 1, threshold);
             // With locking off, the lock time is now: counted, never locked out.
@@ -435,6 +541,7 @@ impl Identity {
             return Err(IdentityError::InvalidCredentials);
         }
         if !user.active {
+            self.metrics.failure("disabled");
             self.audit(
                 "login.refused",
                 Some(user.id),
@@ -517,6 +624,8 @@ impl Identity {
         token: &str,
         ctx: &RequestContext,
     ) -> Result<TokenPair, IdentityError> {
+        self.limited("refresh", &self.limits.refresh_ip, ip_key(ctx), ctx)
+            .await?;
         let presented = OpaqueToken::from_client(token);
         let next = OpaqueToken::generate();
         let now = self.now();
@@ -543,6 +652,7 @@ impl Identity {
                 self.pair(user.id, session.id, user.role, &next, now)
             }
             Rotation::Reused(session) => {
+                self.metrics.failure("refresh_reused");
                 let revoked = self
                     .store
                     .revoke_session(session.id, "refresh token reused", now)

@@ -53,6 +53,13 @@ impl From<IdentityError> for ApiError {
             )
             .with("retry_after", retry_after)
             .into(),
+            E::RateLimited { retry_after } => Problem::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                "Too many attempts; wait before trying again.",
+            )
+            .with("retry_after", retry_after)
+            .into(),
             E::Disabled => Problem::new(
                 StatusCode::FORBIDDEN,
                 "account_disabled",

@@ -40,6 +40,19 @@ pub(crate) async fn metrics(
             return Ok(response);
         }
     }
+    // Read at scrape time: one count, and always current.
+    match state.store().count_active_users().await {
+        Ok(n) => {
+            state
+                .metrics()
+                .auth
+                .active_users
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+        Err(e) => {
+            tracing::warn!(error = %crate::error::error_chain(&e), "active_users not updated");
+        }
+    }
     Ok((
         [(header::CONTENT_TYPE, CONTENT_TYPE)],
         state.metrics().render(),

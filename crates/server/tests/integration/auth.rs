@@ -611,58 +611,77 @@ async fn ten_failures_lock_the_account_and_the_lock_ends() {
             "invalid_credentials",
         )
         .await;
+        // Slow enough to stay under the five-per-minute throttle.
+        clock.advance(Duration::seconds(13));
     }
     // Locked: even the right password is refused until the lock ends.
     let response = login(&app, "ned@example.com", PASSWORD).await;
-    assert_eq!(response.headers()["retry-after"], "60");
+    assert_eq!(response.headers()["retry-after"], "47");
     let body = problem(response, 429, "account_locked").await;
-    assert_eq!(body["retry_after"], 60);
-    clock.advance(Duration::seconds(61));
+    assert_eq!(body["retry_after"], 47);
+    clock.advance(Duration::seconds(48));
     assert_eq!(login(&app, "ned@example.com", PASSWORD).await.status(), 200);
     let kinds = audit_kinds(&app).await;
     assert!(kinds.contains(&"account.locked".to_owned()), "{kinds:?}");
     app.shutdown().await;
 }
 
-async fn parallel_failures_lock_exactly_like_sequential_ones(backend: Backend) {
+/// Statuses of 20 wrong passwords for one account, sent all at once or one after another, and
+/// the failures the store counted.
+async fn twenty_wrong_passwords(backend: Backend, at_once: bool) -> (Vec<u16>, u32) {
     let app = TestApp::spawn_with(backend, |_| {}, None).await;
     assert_eq!(register(&app, "olga@example.com").await.status(), 201);
-    let attempts: Vec<_> = (0..20)
-        .map(|_| {
-            let client = app.client.clone();
-            let url = app.url("/api/v1/auth/login");
-            tokio::spawn(async move {
-                client
-                    .post(url)
-                    .json(&json!({ "email": "olga@example.com", "password": "wrong wrong wrong wrong" }))
-                    .send()
-                    .await
-                    .unwrap()
-                    .status()
-                    .as_u16()
-            })
-        })
-        .collect();
-    for attempt in attempts {
-        let status = attempt.await.unwrap();
-        assert!(status == 401 || status == 429, "{status}");
+    let attempt = || {
+        let client = app.client.clone();
+        let url = app.url("/api/v1/auth/login");
+        async move {
+            client
+                .post(url)
+                .json(
+                    &json!({ "email": "olga@example.com", "password": "wrong wrong wrong wrong" }),
+                )
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    let mut statuses = Vec::new();
+    if at_once {
+        let tasks: Vec<_> = (0..20).map(|_| tokio::spawn(attempt())).collect();
+        for task in tasks {
+            statuses.push(task.await.unwrap());
+        }
+    } else {
+        for _ in 0..20 {
+            statuses.push(attempt().await);
+        }
     }
+    statuses.sort_unstable();
     let stored = app
         .db
         .store
         .user_by_email(&unhidra_core::Email::parse("olga@example.com").unwrap())
         .await
         .unwrap();
-    // Every attempt that was checked was counted; none slipped past the lock.
-    assert!(stored.failed_logins >= 10, "{}", stored.failed_logins);
-    assert!(stored.locked_until.is_some_and(|t| t > Utc::now()));
+    // The right password is throttled too: the limit is on attempts, not on failures only.
     problem(
         login(&app, "olga@example.com", PASSWORD).await,
         429,
-        "account_locked",
+        "rate_limited",
     )
     .await;
     app.shutdown().await;
+    (statuses, stored.failed_logins)
+}
+
+async fn parallel_failures_lock_exactly_like_sequential_ones(backend: Backend) {
+    let sequential = twenty_wrong_passwords(backend, false).await;
+    let parallel = twenty_wrong_passwords(backend, true).await;
+    let expected: Vec<u16> = [401; 5].into_iter().chain([429; 15]).collect();
+    assert_eq!(sequential, (expected.clone(), 5));
+    assert_eq!(parallel, (expected, 5), "no attempt slipped past the limit");
 }
 
 #[tokio::test]
@@ -832,7 +851,15 @@ async fn deactivation_revokes_everything_at_once() {
 
 #[tokio::test]
 async fn bulk_actions_report_each_id() {
-    let app = TestApp::spawn_with(Backend::Sqlite, with_admin, None).await;
+    let app = TestApp::spawn_with(
+        Backend::Sqlite,
+        |c| {
+            with_admin(c);
+            c.lockout_threshold = 3;
+        },
+        None,
+    )
+    .await;
     let admin: Value = login(&app, ADMIN, ADMIN_PASSWORD)
         .await
         .json()
@@ -890,7 +917,7 @@ async fn bulk_actions_report_each_id() {
     problem(response, 422, "validation_failed").await;
 
     // Unlock clears a lock after failed logins.
-    for _ in 0..10 {
+    for _ in 0..3 {
         login(&app, "ray@example.com", "not the password at all").await;
     }
     problem(
@@ -1057,5 +1084,165 @@ async fn outdated_hashes_are_upgraded_at_login() {
     assert!(new.contains("m=2048,t=1,p=1"), "{new}");
     // And the new hash still takes the password.
     assert_eq!(login(&app, "uma@example.com", PASSWORD).await.status(), 200);
+    app.shutdown().await;
+}
+
+async fn login_from(
+    app: &TestApp,
+    client_ip: &str,
+    email: &str,
+    password: &str,
+) -> reqwest::Response {
+    app.client
+        .post(app.url("/api/v1/auth/login"))
+        .header("x-forwarded-for", client_ip)
+        .json(&json!({ "email": email, "password": password }))
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn logins_are_throttled_per_address_and_per_account() {
+    let app = TestApp::spawn_with(
+        Backend::Sqlite,
+        |c| c.trusted_proxies = vec!["127.0.0.1".to_owned()],
+        None,
+    )
+    .await;
+    assert_eq!(register(&app, "vic@example.com").await.status(), 201);
+    // One address guessing at many accounts is stopped after five failures.
+    for i in 0..5 {
+        let r = login_from(
+            &app,
+            "10.1.1.1",
+            &format!("guess{i}@example.com"),
+            "nope nope nope nope",
+        )
+        .await;
+        assert_eq!(r.status(), 401);
+    }
+    let response = login_from(&app, "10.1.1.1", "vic@example.com", PASSWORD).await;
+    assert!(response.headers().contains_key("retry-after"));
+    let body = problem(response, 429, "rate_limited").await;
+    assert!(
+        (1..=60).contains(&body["retry_after"].as_i64().unwrap()),
+        "{body}"
+    );
+    // Another address is not affected...
+    assert_eq!(
+        login_from(&app, "10.2.2.2", "vic@example.com", PASSWORD)
+            .await
+            .status(),
+        200
+    );
+    // ...and many addresses guessing at one account are stopped by the account's limit.
+    for i in 0..5 {
+        let r = login_from(
+            &app,
+            &format!("10.3.3.{i}"),
+            "vic@example.com",
+            "nope nope nope nope",
+        )
+        .await;
+        assert_eq!(r.status(), 401);
+    }
+    problem(
+        login_from(&app, "10.4.4.4", "vic@example.com", PASSWORD).await,
+        429,
+        "rate_limited",
+    )
+    .await;
+    let metrics = app.get("/metrics").await.text().await.unwrap();
+    assert!(
+        metrics.contains(r#"auth_rate_limited_total{route="login"} 2"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"auth_logins_total{result="success"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"auth_failures_total{reason="unknown_email"} 5"#),
+        "{metrics}"
+    );
+    assert!(metrics.contains("active_users 1"), "{metrics}");
+    assert!(audit_kinds(&app).await.contains(&"rate_limited".to_owned()));
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn forwarded_for_is_ignored_without_a_trusted_proxy() {
+    let app = TestApp::spawn().await;
+    for i in 0..5 {
+        let r = login_from(
+            &app,
+            &format!("10.9.9.{i}"),
+            &format!("x{i}@example.com"),
+            "nope nope nope nope",
+        )
+        .await;
+        assert_eq!(r.status(), 401);
+    }
+    // Every attempt came from 127.0.0.1, whatever the header said.
+    problem(
+        login_from(&app, "10.9.9.99", "y@example.com", "nope nope nope nope").await,
+        429,
+        "rate_limited",
+    )
+    .await;
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn registrations_and_refreshes_are_limited_per_address() {
+    let app = TestApp::spawn_with(
+        Backend::Sqlite,
+        |c| {
+            c.rate_limit_register_per_hour = 2;
+            c.rate_limit_refresh_per_minute = 2;
+        },
+        None,
+    )
+    .await;
+    let pair = signed_in(&app, "wes@example.com").await;
+    assert_eq!(register(&app, "xena@example.com").await.status(), 201);
+    problem(
+        register(&app, "yuri@example.com").await,
+        429,
+        "rate_limited",
+    )
+    .await;
+    assert_eq!(
+        user_count(&app).await,
+        2,
+        "a refused registration stores nothing"
+    );
+    let next: Value = post(
+        &app,
+        "/api/v1/auth/refresh",
+        json!({ "refresh_token": refresh_token(&pair) }),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    post(
+        &app,
+        "/api/v1/auth/refresh",
+        json!({ "refresh_token": "junk" }),
+    )
+    .await;
+    problem(
+        post(
+            &app,
+            "/api/v1/auth/refresh",
+            json!({ "refresh_token": refresh_token(&next) }),
+        )
+        .await,
+        429,
+        "rate_limited",
+    )
+    .await;
     app.shutdown().await;
 }

@@ -182,6 +182,14 @@ impl UserStore for PostgresStore {
         })
     }
 
+    async fn count_active_users(&self) -> Result<u64, StoreError> {
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM users WHERE active")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| StoreError::from_sqlx("user", e))?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
     async fn update_user(
         &self,
         id: UserId,

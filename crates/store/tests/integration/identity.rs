@@ -106,6 +106,7 @@ both_backends!(users_are_searched_and_paged);
 async fn admin_changes_apply(db: &TestDb) {
     migrated(db).await;
     let id = user(db, "bob@example.com", None).await;
+    assert_eq!(db.store.count_active_users().await.unwrap(), 1);
     let changed = db
         .store
         .update_user(
@@ -132,6 +133,7 @@ async fn admin_changes_apply(db: &TestDb) {
         .await
         .unwrap();
     assert_eq!((changed.role, changed.active), (Role::Admin, false));
+    assert_eq!(db.store.count_active_users().await.unwrap(), 0);
     assert!(matches!(
         db.store
             .update_user(UserId::new(), UserChange::default(), now())
