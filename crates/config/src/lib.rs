@@ -209,6 +209,13 @@ config_keys! {
         /// Addresses of reverse proxies whose `X-Forwarded-For` is believed; the client is the
         /// right-most address in it that is not one of them.
         trusted_proxies: Vec<String> = Vec::new(), secret = false;
+        /// SMTP server for mail, `smtp://user:pass@host:587?tls=required` or `smtps://…:465`;
+        /// unset, mail is written to `<data_dir>/outbox/` as `.eml` files.
+        smtp_url: Option<Secret> = None, secret = true;
+        /// Sender of Unhidra's mail.
+        mail_from: String = "Unhidra <unhidra@localhost>".to_owned(), secret = false;
+        /// Refuse logins until the email is verified.
+        require_verified_email: bool = false, secret = false;
         /// With `admin_password`, makes sure this admin exists at start.
         admin_email: Option<String> = None, secret = false;
         /// The first admin's password, used only if the admin does not exist yet.

@@ -240,5 +240,8 @@ fn every_key_has_a_distinct_environment_variable() {
         );
     }
     let secrets: Vec<&str> = KEYS.iter().filter(|k| k.secret).map(|k| k.name).collect();
-    assert_eq!(secrets, ["metrics_token", "signing_key", "admin_password"]);
+    assert_eq!(
+        secrets,
+        ["metrics_token", "signing_key", "smtp_url", "admin_password"]
+    );
 }

@@ -8,6 +8,7 @@ mod build_info;
 pub mod error;
 pub mod http;
 pub mod identity;
+pub mod mail;
 pub mod metrics;
 mod routes;
 mod shutdown;
@@ -48,6 +49,9 @@ pub enum StartError {
     /// The signing keys could not be loaded.
     #[error("{0}")]
     Keys(#[from] identity::keys::KeyError),
+    /// Mail is configured wrongly.
+    #[error("{0}")]
+    Mail(#[from] mail::MailError),
     /// The first admin could not be created.
     #[error("admin_email/admin_password: {0}")]
     Admin(String),
@@ -134,9 +138,18 @@ impl Application {
             .await
             .map_err(|source| StartError::Bind { addr, source })?;
         let metrics = metrics::Metrics::new(&BUILD);
-        let identity =
-            identity::Identity::new(&config, Arc::clone(&store), clock, metrics.auth.clone())
-                .await?;
+        let mailer = Arc::new(mail::Mailer::from_config(&config)?);
+        if mailer.is_outbox() && config.profile == unhidra_config::Profile::Prod {
+            tracing::warn!("no smtp_url: mail is written to the outbox folder, not delivered");
+        }
+        let identity = identity::Identity::new(
+            &config,
+            Arc::clone(&store),
+            clock,
+            metrics.auth.clone(),
+            mailer,
+        )
+        .await?;
         bootstrap_admin(&config, &identity).await?;
         let state = AppState::new(config, store, metrics, instance_id, identity);
         let router = http::with_middleware(routes::router().merge(extra), &state);
@@ -191,6 +204,13 @@ impl Application {
         reloads.abort();
         let outcome = outcome?;
         let abandoned = metrics::in_flight(state.metrics());
+        // Notices already promised to users are sent before the process goes.
+        if tokio::time::timeout(Duration::from_secs(5), state.identity().mailer().drain())
+            .await
+            .is_err()
+        {
+            tracing::warn!("shutdown: some mail was still being sent and may be lost");
+        }
         // A request stuck past the grace period may hold a connection; don't wait on it forever.
         let _ = tokio::time::timeout(Duration::from_secs(2), state.store().close()).await;
         match outcome {

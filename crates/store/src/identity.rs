@@ -265,6 +265,77 @@ pub trait KeyStore {
     async fn retire_signing_key(&self, kid: &str, now: DateTime<Utc>) -> Result<(), StoreError>;
 }
 
+/// What a single-use token is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenPurpose {
+    /// Proves the user reads mail at their address.
+    VerifyEmail,
+    /// Lets the user set a new password.
+    ResetPassword,
+}
+
+impl TokenPurpose {
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::VerifyEmail => "verify_email",
+            Self::ResetPassword => "reset_password",
+        }
+    }
+}
+
+/// What the sessions of a user say about a login's device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceHistory {
+    /// The user has logged in before.
+    pub any_session: bool,
+    /// …with this user agent, from this address.
+    pub this_device: bool,
+}
+
+/// Single-use tokens mailed to users, stored as hashes.
+#[async_trait]
+pub trait OneTimeTokenStore {
+    /// Stores a token for `user`; earlier unused tokens of the same purpose stop working, so
+    /// only the newest mail's link does.
+    async fn issue_one_time_token(
+        &self,
+        hash: &str,
+        user: UserId,
+        purpose: TokenPurpose,
+        now: DateTime<Utc>,
+        expires_at: DateTime<Utc>,
+    ) -> Result<(), StoreError>;
+
+    /// Uses the token once and returns its user; [`StoreError::NotFound`] if it is unknown,
+    /// used, expired or for another purpose. Of two concurrent uses, one wins.
+    async fn consume_one_time_token(
+        &self,
+        hash: &str,
+        purpose: TokenPurpose,
+        now: DateTime<Utc>,
+    ) -> Result<UserId, StoreError>;
+
+    /// The user of a usable token, without using it.
+    async fn peek_one_time_token(
+        &self,
+        hash: &str,
+        purpose: TokenPurpose,
+        now: DateTime<Utc>,
+    ) -> Result<UserId, StoreError>;
+
+    /// Records that the user's email is verified (the first time only).
+    async fn set_email_verified(&self, user: UserId, now: DateTime<Utc>) -> Result<(), StoreError>;
+
+    /// Whether the user ever logged in, and whether with this user agent from this address.
+    async fn known_device(
+        &self,
+        user: UserId,
+        user_agent: Option<&str>,
+        ip: Option<&str>,
+    ) -> Result<DeviceHistory, StoreError>;
+}
+
 /// A security event to record.
 #[derive(Debug, Clone)]
 pub struct NewAuditEvent {

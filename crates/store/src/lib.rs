@@ -23,7 +23,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 pub use error::StoreError;
-pub use identity::{AuditStore, KeyStore, SessionStore, UserStore};
+pub use identity::{AuditStore, KeyStore, OneTimeTokenStore, SessionStore, UserStore};
 pub use meta::{INSTANCE_ID, MetaStore};
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
@@ -90,7 +90,16 @@ impl Default for StoreOptions {
 /// Everything Unhidra stores, whichever engine holds it.
 #[async_trait]
 pub trait Store:
-    MetaStore + UserStore + SessionStore + KeyStore + AuditStore + fmt::Debug + Send + Sync + 'static
+    MetaStore
+    + UserStore
+    + SessionStore
+    + KeyStore
+    + AuditStore
+    + OneTimeTokenStore
+    + fmt::Debug
+    + Send
+    + Sync
+    + 'static
 {
     /// The engine behind this store.
     fn backend(&self) -> Backend;

@@ -9,33 +9,33 @@ use sqlx::migrate::{Migration, MigrationSource, MigrationType, Migrator};
 /// One migration: version, description, SQL.
 type Embedded = (i64, &'static str, &'static str);
 
+/// Declares one backend's list: version, description and the file under
+/// `migrations/<backend>/`, which is named `NNNN_<description>.sql`.
+macro_rules! embedded {
+    ($backend:literal: $(($version:literal, $name:literal)),+ $(,)?) => {
+        &[$((
+            $version,
+            $name,
+            include_str!(concat!(
+                "../migrations/", $backend, "/", stringify!($version), "_", $name, ".sql"
+            )),
+        )),+]
+    };
+}
+
 /// SQLite's migrations, oldest first. A new one is appended, never edited once released.
-pub(crate) const SQLITE: &[Embedded] = &[
-    (
-        1,
-        "meta",
-        include_str!("../migrations/sqlite/0001_meta.sql"),
-    ),
-    (
-        2,
-        "identity",
-        include_str!("../migrations/sqlite/0002_identity.sql"),
-    ),
-];
+pub(crate) const SQLITE: &[Embedded] = embedded!("sqlite":
+    (0001, "meta"),
+    (0002, "identity"),
+    (0003, "one_time_tokens"),
+);
 
 /// PostgreSQL's migrations, oldest first, in step with [`SQLITE`].
-pub(crate) const POSTGRES: &[Embedded] = &[
-    (
-        1,
-        "meta",
-        include_str!("../migrations/postgres/0001_meta.sql"),
-    ),
-    (
-        2,
-        "identity",
-        include_str!("../migrations/postgres/0002_identity.sql"),
-    ),
-];
+pub(crate) const POSTGRES: &[Embedded] = embedded!("postgres":
+    (0001, "meta"),
+    (0002, "identity"),
+    (0003, "one_time_tokens"),
+);
 
 #[derive(Debug)]
 struct Source(&'static [Embedded]);

@@ -287,14 +287,28 @@ async fn admin_create(config: &Config, email: &str) -> ExitCode {
         }
     };
     let metrics = unhidra_server::metrics::AuthMetrics::default();
-    let identity =
-        match Identity::new(config, Arc::clone(&store), Arc::new(SystemClock), metrics).await {
-            Ok(identity) => identity,
-            Err(err) => {
-                tracing::error!(error = %err, "cannot load the signing keys");
-                return ExitCode::FAILURE;
-            }
-        };
+    let mailer = match unhidra_server::mail::Mailer::from_config(config) {
+        Ok(mailer) => Arc::new(mailer),
+        Err(err) => {
+            eprintln!("unhidra: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    let identity = match Identity::new(
+        config,
+        Arc::clone(&store),
+        Arc::new(SystemClock),
+        metrics,
+        mailer,
+    )
+    .await
+    {
+        Ok(identity) => identity,
+        Err(err) => {
+            tracing::error!(error = %err, "cannot load the signing keys");
+            return ExitCode::FAILURE;
+        }
+    };
     let result = identity
         .ensure_admin(email, password, &RequestContext::default())
         .await;

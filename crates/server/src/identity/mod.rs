@@ -2,6 +2,7 @@
 //! audit trail. This module knows the store and the crypto but no HTTP; handlers call it and
 //! map [`IdentityError`] to problems in one place (`routes::auth`).
 
+mod account;
 pub mod hasher;
 pub mod keys;
 
@@ -23,6 +24,7 @@ use uuid::Uuid;
 
 use self::hasher::{HashError, HashParams, Hasher};
 use self::keys::{KeyError, Keyset, TokenError, TokenSettings};
+use crate::mail::Mailer;
 use crate::metrics::AuthMetrics;
 
 /// The longest display name, in characters.
@@ -114,6 +116,15 @@ pub enum IdentityError {
     /// An admin may not demote or deactivate themselves.
     #[error("an admin cannot demote or deactivate themselves")]
     SelfChange,
+    /// The email is not verified and the configuration requires it.
+    #[error("email not verified")]
+    EmailNotVerified,
+    /// A mailed token is unknown, used or expired.
+    #[error("the token is unknown, used or expired")]
+    BadMailToken,
+    /// The current password given to change it is wrong.
+    #[error("the current password is wrong")]
+    WrongCurrentPassword,
     /// No such user or session (or not the caller's).
     #[error("not found: {0}")]
     NotFound(&'static str),
@@ -203,6 +214,10 @@ pub struct Identity {
     lock_threshold: u32,
     limits: Limits,
     metrics: AuthMetrics,
+    mailer: Arc<Mailer>,
+    /// Where links in mail point; without it, mail carries the bare token.
+    public_url: Option<String>,
+    require_verified: bool,
 }
 
 /// The attempt limits of identity operations, per node.
@@ -212,6 +227,9 @@ struct Limits {
     login_account: SlidingWindow,
     register_ip: SlidingWindow,
     refresh_ip: SlidingWindow,
+    reset_ip: SlidingWindow,
+    reset_account: SlidingWindow,
+    verify_ip: SlidingWindow,
 }
 
 impl Limits {
@@ -223,6 +241,9 @@ impl Limits {
             login_account: SlidingWindow::new(config.rate_limit_login_per_minute, minute),
             register_ip: SlidingWindow::new(config.rate_limit_register_per_hour, hour),
             refresh_ip: SlidingWindow::new(config.rate_limit_refresh_per_minute, minute),
+            reset_ip: SlidingWindow::new(config.rate_limit_reset_per_hour, hour),
+            reset_account: SlidingWindow::new(config.rate_limit_reset_per_hour, hour),
+            verify_ip: SlidingWindow::new(config.rate_limit_verify_per_hour, hour),
         }
     }
 }
@@ -243,6 +264,7 @@ impl Identity {
         store: Arc<dyn Store>,
         clock: Arc<dyn Clock>,
         metrics: AuthMetrics,
+        mailer: Arc<Mailer>,
     ) -> Result<Self, KeyError> {
         let hasher = Hasher::new(HashParams::from_config(config), config.hash_workers)
             .map_err(|e| KeyError::Config(format!("argon2 parameters: {e}")))?;
@@ -286,6 +308,12 @@ impl Identity {
             lock_threshold: config.lockout_threshold,
             limits: Limits::from_config(config),
             metrics,
+            mailer,
+            public_url: config
+                .public_url
+                .as_ref()
+                .map(|u| u.as_str().trim_end_matches('/').to_owned()),
+            require_verified: config.require_verified_email,
         })
     }
 
@@ -294,6 +322,11 @@ impl Identity {
     fn now(&self) -> DateTime<Utc> {
         let now = self.clock.now();
         DateTime::from_timestamp_micros(now.timestamp_micros()).unwrap_or(now)
+    }
+
+    /// The mailer, to drain at shutdown.
+    pub fn mailer(&self) -> &Mailer {
+        &self.mailer
     }
 
     /// The identity counters, for `/metrics`.
@@ -389,6 +422,7 @@ impl Identity {
         match self.store.create_user(&user).await {
             Ok(()) => {}
             Err(StoreError::Conflict { .. }) if self.hide_existing && role == Role::User => {
+                self.notify_registration_attempt(&user.email);
                 return Ok(UserView::of(&record_of(&user), now));
             }
             Err(StoreError::Conflict { .. }) => return Err(IdentityError::EmailTaken),
@@ -402,6 +436,9 @@ impl Identity {
             serde_json::json!({ "role": role.as_str() }),
         )
         .await;
+        if role == Role::User {
+            self.send_verification(user.id, &user.email).await?;
+        }
         Ok(UserView::of(&record_of(&user), now))
     }
 
@@ -537,6 +574,7 @@ impl Identity {
                     serde_json::json!({ "seconds": lock_for.num_seconds() }),
                 )
                 .await;
+                self.notify_locked(&user.email, lock_for.num_seconds());
             }
             return Err(IdentityError::InvalidCredentials);
         }
@@ -552,6 +590,10 @@ impl Identity {
             .await;
             return Err(IdentityError::Disabled);
         }
+        if self.require_verified && user.email_verified_at.is_none() {
+            self.metrics.failure("email_not_verified");
+            return Err(IdentityError::EmailNotVerified);
+        }
         if verified.needs_rehash {
             let upgraded = self.hasher.hash(password).await?;
             self.store
@@ -559,6 +601,8 @@ impl Identity {
                 .await?;
         }
         self.store.record_login_success(user.id, now).await?;
+        // Judged before this login's own session exists.
+        self.notify_if_new_device(&user, ctx).await;
         let pair = self.open_session(&user, ctx, now).await?;
         self.audit(
             "login.succeeded",

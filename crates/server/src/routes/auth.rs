@@ -103,6 +103,23 @@ impl From<IdentityError> for ApiError {
                 "An admin cannot demote or deactivate themselves.",
             )
             .into(),
+            E::EmailNotVerified => Problem::new(
+                StatusCode::FORBIDDEN,
+                "email_not_verified",
+                "Verify your email address first; the link was mailed to you.",
+            )
+            .into(),
+            E::BadMailToken => Problem::new(
+                StatusCode::BAD_REQUEST,
+                "expired_or_used_token",
+                "This link or code is unknown, was used already or has expired.",
+            )
+            .into(),
+            E::WrongCurrentPassword => Self::validation(vec![FieldError::new(
+                "/current_password",
+                "wrong_password",
+                "the current password is wrong",
+            )]),
             E::NotFound(what) => Self::not_found(what),
             E::Store(e) => e.into(),
             E::Hash(e) => Self::internal(e),
@@ -309,4 +326,130 @@ pub(crate) async fn revoke_session(
     responses((status = 200, description = "JSON Web Key Set", body = Object)))]
 pub(crate) async fn jwks(State(state): State<AppState>) -> JsonResponse<serde_json::Value> {
     JsonResponse(state.identity().keys().jwks())
+}
+
+/// A mailed verification token.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct TokenBody {
+    /// The token from the mail.
+    token: String,
+}
+
+/// Verifies the email address with the token mailed at registration.
+#[utoipa::path(post, path = "/api/v1/auth/verify-email", tag = "auth", request_body = TokenBody,
+    responses(
+        (status = 204, description = "Verified"),
+        (status = 400, description = "Unknown, used or expired token", body = Problem,
+            content_type = "application/problem+json"),
+    ))]
+pub(crate) async fn verify_email(
+    State(state): State<AppState>,
+    Ctx(ctx): Ctx,
+    Json(body): Json<TokenBody>,
+) -> Result<StatusCode, ApiError> {
+    state.identity().verify_email(&body.token, &ctx).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Mails the caller a new verification token (nothing happens if they are verified).
+#[utoipa::path(post, path = "/api/v1/auth/verify-email/request", tag = "auth",
+    security(("bearer" = [])),
+    responses((status = 202, description = "Mailed if not yet verified")))]
+pub(crate) async fn request_verification(
+    State(state): State<AppState>,
+    Auth(who, ..): Auth,
+    Ctx(ctx): Ctx,
+) -> Result<StatusCode, ApiError> {
+    state.identity().request_verification(&who, &ctx).await?;
+    Ok(StatusCode::ACCEPTED)
+}
+
+/// The current password and a new one.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct PasswordChangeBody {
+    /// The password now.
+    current_password: String,
+    /// The password from now on; the policy applies.
+    #[schema(min_length = 8, max_length = 256)]
+    new_password: String,
+}
+
+/// Changes the caller's password and ends every other session.
+#[utoipa::path(post, path = "/api/v1/auth/password", tag = "auth", security(("bearer" = [])),
+    request_body = PasswordChangeBody,
+    responses(
+        (status = 204, description = "Changed"),
+        (status = 422, description = "Wrong current password, or the new one breaks the policy",
+            body = Problem, content_type = "application/problem+json"),
+    ))]
+pub(crate) async fn change_password(
+    State(state): State<AppState>,
+    Auth(who, ..): Auth,
+    Ctx(ctx): Ctx,
+    Json(body): Json<PasswordChangeBody>,
+) -> Result<StatusCode, ApiError> {
+    state
+        .identity()
+        .change_password(&who, &body.current_password, &body.new_password, &ctx)
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// The account to reset.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ResetRequestBody {
+    /// The account's email.
+    email: String,
+}
+
+/// Mails a password-reset token if the email has an account; the answer is always 202.
+#[utoipa::path(post, path = "/api/v1/auth/password-reset", tag = "auth",
+    request_body = ResetRequestBody,
+    responses((status = 202, description = "Mailed if the account exists")))]
+pub(crate) async fn request_password_reset(
+    State(state): State<AppState>,
+    Ctx(ctx): Ctx,
+    Json(body): Json<ResetRequestBody>,
+) -> Result<StatusCode, ApiError> {
+    state
+        .identity()
+        .request_password_reset(&body.email, &ctx)
+        .await?;
+    Ok(StatusCode::ACCEPTED)
+}
+
+/// A reset token and the new password.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ResetConfirmBody {
+    /// The token from the mail.
+    token: String,
+    /// The new password; the policy applies.
+    #[schema(min_length = 8, max_length = 256)]
+    new_password: String,
+}
+
+/// Sets a new password with a mailed token and ends every session.
+#[utoipa::path(post, path = "/api/v1/auth/password-reset/confirm", tag = "auth",
+    request_body = ResetConfirmBody,
+    responses(
+        (status = 204, description = "Password set"),
+        (status = 400, description = "Unknown, used or expired token", body = Problem,
+            content_type = "application/problem+json"),
+        (status = 422, description = "The new password breaks the policy", body = Problem,
+            content_type = "application/problem+json"),
+    ))]
+pub(crate) async fn confirm_password_reset(
+    State(state): State<AppState>,
+    Ctx(ctx): Ctx,
+    Json(body): Json<ResetConfirmBody>,
+) -> Result<StatusCode, ApiError> {
+    state
+        .identity()
+        .confirm_password_reset(&body.token, &body.new_password, &ctx)
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
 }

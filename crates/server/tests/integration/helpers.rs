@@ -163,6 +163,25 @@ impl TestApp {
         self.db.drop_db().await;
     }
 
+    /// Every message mailed so far (to the outbox), oldest first, once background sends are done.
+    pub async fn mails(&self) -> Vec<Mailed> {
+        self.state.identity().mailer().drain().await;
+        let dir = self._data_dir.path().join("outbox");
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return Vec::new();
+        };
+        let mut names: Vec<_> = entries
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|e| e == "eml"))
+            .collect();
+        names.sort();
+        names
+            .iter()
+            .map(|p| Mailed::parse(&std::fs::read_to_string(p).unwrap()))
+            .collect()
+    }
+
     /// Stops the server and hands back its database, for a restart over the same data.
     pub async fn stop_keeping_db(mut self) -> TestDb {
         self.stop().await.unwrap();
@@ -200,4 +219,67 @@ pub async fn problem(response: reqwest::Response, status: u16, code: &str) -> se
         "{body}"
     );
     body
+}
+
+/// A message read back from the outbox.
+#[derive(Debug, Clone)]
+pub struct Mailed {
+    pub to: String,
+    pub subject: String,
+    pub body: String,
+}
+
+impl Mailed {
+    /// Reads an RFC 5322 message: headers, a blank line, the body (quoted-printable decoded).
+    pub fn parse(raw: &str) -> Self {
+        let raw = raw.replace("\r\n", "\n");
+        let (head, body) = raw
+            .split_once("\n\n")
+            .expect("headers end with a blank line");
+        let header = |name: &str| {
+            head.lines()
+                .find_map(|l| l.strip_prefix(&format!("{name}: ")))
+                .unwrap_or_default()
+                .to_owned()
+        };
+        let body = if header("Content-Transfer-Encoding") == "quoted-printable" {
+            quoted_printable(body)
+        } else {
+            body.to_owned()
+        };
+        Self {
+            to: header("To"),
+            subject: header("Subject"),
+            body,
+        }
+    }
+
+    /// The token the mail carries (after `Your code: `).
+    pub fn code(&self) -> String {
+        self.body
+            .split("Your code: ")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .unwrap_or_else(|| panic!("no code in {:?}", self.body))
+            .to_owned()
+    }
+}
+
+fn quoted_printable(text: &str) -> String {
+    let joined = text.replace("=\n", "");
+    let bytes = joined.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'=' && i + 2 < bytes.len() {
+            if let Ok(b) = u8::from_str_radix(&joined[i + 1..i + 3], 16) {
+                out.push(b);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8(out).unwrap()
 }

@@ -5,6 +5,7 @@
     reason = "test code: a panic is how a test reports failure"
 )]
 
+mod account;
 mod auth;
 mod errors;
 mod helpers;

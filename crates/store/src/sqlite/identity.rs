@@ -10,9 +10,10 @@ use uuid::Uuid;
 use super::SqliteStore;
 use crate::StoreError;
 use crate::identity::{
-    AuditRecord, AuditStore, KeyStore, NewAuditEvent, NewRefreshToken, NewSession, NewUser,
-    Rotation, SessionRecord, SessionStore, SigningKeyRecord, UserChange, UserPage, UserRecord,
-    UserStore, like_pattern, stored_email, stored_role,
+    AuditRecord, AuditStore, DeviceHistory, KeyStore, NewAuditEvent, NewRefreshToken, NewSession,
+    NewUser, OneTimeTokenStore, Rotation, SessionRecord, SessionStore, SigningKeyRecord,
+    TokenPurpose, UserChange, UserPage, UserRecord, UserStore, like_pattern, stored_email,
+    stored_role,
 };
 
 fn micros(t: DateTime<Utc>) -> i64 {
@@ -513,5 +514,117 @@ impl AuditStore for SqliteStore {
                 })
             })
             .collect()
+    }
+}
+
+#[async_trait]
+impl OneTimeTokenStore for SqliteStore {
+    async fn issue_one_time_token(
+        &self,
+        hash: &str,
+        user: UserId,
+        purpose: TokenPurpose,
+        now: DateTime<Utc>,
+        expires_at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        let err = |e| StoreError::from_sqlx("token", e);
+        let mut tx = self.pool.begin().await.map_err(err)?;
+        sqlx::query(
+            "UPDATE one_time_tokens SET used_at = ?3 \
+             WHERE user_id = ?1 AND purpose = ?2 AND used_at IS NULL",
+        )
+        .bind(user.to_string())
+        .bind(purpose.as_str())
+        .bind(micros(now))
+        .execute(&mut *tx)
+        .await
+        .map_err(err)?;
+        sqlx::query(
+            "INSERT INTO one_time_tokens (token_hash, user_id, purpose, created_at, expires_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+        )
+        .bind(hash)
+        .bind(user.to_string())
+        .bind(purpose.as_str())
+        .bind(micros(now))
+        .bind(micros(expires_at))
+        .execute(&mut *tx)
+        .await
+        .map_err(err)?;
+        tx.commit().await.map_err(err)
+    }
+
+    async fn consume_one_time_token(
+        &self,
+        hash: &str,
+        purpose: TokenPurpose,
+        now: DateTime<Utc>,
+    ) -> Result<UserId, StoreError> {
+        let user: String = sqlx::query_scalar(
+            "UPDATE one_time_tokens SET used_at = ?3 WHERE token_hash = ?1 AND purpose = ?2 \
+             AND used_at IS NULL AND expires_at > ?3 RETURNING user_id",
+        )
+        .bind(hash)
+        .bind(purpose.as_str())
+        .bind(micros(now))
+        .fetch_one(&self.pool)
+        .await
+        .map_err(|e| StoreError::from_sqlx("token", e))?;
+        Ok(UserId(uuid(&user)?))
+    }
+
+    async fn peek_one_time_token(
+        &self,
+        hash: &str,
+        purpose: TokenPurpose,
+        now: DateTime<Utc>,
+    ) -> Result<UserId, StoreError> {
+        let user: String = sqlx::query_scalar(
+            "SELECT user_id FROM one_time_tokens WHERE token_hash = ?1 AND purpose = ?2 \
+             AND used_at IS NULL AND expires_at > ?3",
+        )
+        .bind(hash)
+        .bind(purpose.as_str())
+        .bind(micros(now))
+        .fetch_one(&self.pool)
+        .await
+        .map_err(|e| StoreError::from_sqlx("token", e))?;
+        Ok(UserId(uuid(&user)?))
+    }
+
+    async fn set_email_verified(&self, user: UserId, now: DateTime<Utc>) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE users SET email_verified_at = COALESCE(email_verified_at, ?2), updated_at = ?2 \
+             WHERE id = ?1",
+        )
+        .bind(user.to_string())
+        .bind(micros(now))
+        .execute(&self.pool)
+        .await
+        .map_err(|e| StoreError::from_sqlx("user", e))?;
+        Ok(())
+    }
+
+    async fn known_device(
+        &self,
+        user: UserId,
+        user_agent: Option<&str>,
+        ip: Option<&str>,
+    ) -> Result<DeviceHistory, StoreError> {
+        sqlx::query_as(
+            "SELECT EXISTS (SELECT 1 FROM sessions WHERE user_id = ?1), \
+             EXISTS (SELECT 1 FROM sessions WHERE user_id = ?1 \
+             AND user_agent IS ?2 AND ip IS ?3)",
+        )
+        .bind(user.to_string())
+        .bind(user_agent)
+        .bind(ip)
+        .fetch_one(&self.pool)
+        .await
+        .map(|(any_session, this_device)| DeviceHistory {
+            any_session,
+            this_device,
+        })
+        .map_err(|e| StoreError::from_sqlx("session", e))
     }
 }

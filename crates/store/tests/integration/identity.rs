@@ -5,7 +5,8 @@ use std::sync::Arc;
 use chrono::{DateTime, Duration, Utc};
 use unhidra_core::{Email, Role, UserId};
 use unhidra_store::identity::{
-    NewAuditEvent, NewRefreshToken, NewSession, NewUser, Rotation, SigningKeyRecord, UserChange,
+    NewAuditEvent, NewRefreshToken, NewSession, NewUser, Rotation, SigningKeyRecord, TokenPurpose,
+    UserChange,
 };
 use unhidra_store::testing::TestDb;
 use unhidra_store::{StoreError, both_backends};
@@ -418,3 +419,106 @@ async fn audit_events_page_newest_first(db: &TestDb) {
     assert_eq!(older[0].kind, "test.2");
 }
 both_backends!(audit_events_page_newest_first);
+
+async fn one_time_tokens_work_once_and_only_the_newest(db: &TestDb) {
+    migrated(db).await;
+    let owner = user(db, "ivy@example.com", None).await;
+    let purpose = TokenPurpose::ResetPassword;
+    let later = now() + Duration::minutes(30);
+    db.store
+        .issue_one_time_token("h1", owner, purpose, now(), later)
+        .await
+        .unwrap();
+    db.store
+        .issue_one_time_token("h2", owner, purpose, now(), later)
+        .await
+        .unwrap();
+    // Only the newest mail's token works, once, and only for its purpose.
+    assert!(matches!(
+        db.store.consume_one_time_token("h1", purpose, now()).await,
+        Err(StoreError::NotFound { .. })
+    ));
+    assert!(matches!(
+        db.store
+            .consume_one_time_token("h2", TokenPurpose::VerifyEmail, now())
+            .await,
+        Err(StoreError::NotFound { .. })
+    ));
+    assert_eq!(
+        db.store
+            .peek_one_time_token("h2", purpose, now())
+            .await
+            .unwrap(),
+        owner,
+        "peeking does not use it"
+    );
+    assert_eq!(
+        db.store
+            .consume_one_time_token("h2", purpose, now())
+            .await
+            .unwrap(),
+        owner
+    );
+    assert!(
+        db.store
+            .consume_one_time_token("h2", purpose, now())
+            .await
+            .is_err()
+    );
+    // Expired tokens do not work.
+    db.store
+        .issue_one_time_token("h3", owner, purpose, now(), now() + Duration::minutes(1))
+        .await
+        .unwrap();
+    assert!(
+        db.store
+            .consume_one_time_token("h3", purpose, now() + Duration::minutes(2))
+            .await
+            .is_err()
+    );
+
+    db.store.set_email_verified(owner, now()).await.unwrap();
+    let first = db.store.user_by_id(owner).await.unwrap().email_verified_at;
+    assert!(first.is_some());
+    db.store
+        .set_email_verified(owner, now() + Duration::days(1))
+        .await
+        .unwrap();
+    assert_eq!(
+        db.store.user_by_id(owner).await.unwrap().email_verified_at,
+        first,
+        "first time only"
+    );
+}
+both_backends!(one_time_tokens_work_once_and_only_the_newest);
+
+async fn devices_are_known_by_agent_and_address(db: &TestDb) {
+    migrated(db).await;
+    let owner = user(db, "jon@example.com", None).await;
+    let seen = |ua: Option<&'static str>, ip: Option<&'static str>| {
+        let store = Arc::clone(&db.store);
+        async move {
+            let h = store.known_device(owner, ua, ip).await.unwrap();
+            (h.any_session, h.this_device)
+        }
+    };
+    assert_eq!(
+        seen(Some("test-agent"), Some("127.0.0.1")).await,
+        (false, false)
+    );
+    session(db, owner, "t").await;
+    assert_eq!(
+        seen(Some("test-agent"), Some("127.0.0.1")).await,
+        (true, true)
+    );
+    assert_eq!(
+        seen(Some("other-agent"), Some("127.0.0.1")).await,
+        (true, false)
+    );
+    assert_eq!(
+        seen(Some("test-agent"), Some("10.0.0.1")).await,
+        (true, false)
+    );
+    assert_eq!(seen(None, None).await, (true, false));
+}
+both_backends!(devices_are_known_by_agent_and_address);

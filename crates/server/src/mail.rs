@@ -1,0 +1,170 @@
+//! Outgoing mail: one mailer for every message Unhidra sends. With `smtp_url` it delivers over
+//! SMTP; without, it writes each message as an RFC 5322 `.eml` file to `<data_dir>/outbox/`
+//! and logs a line, so that development and tests can read what a user would receive.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use lettre::message::{Mailbox, header::ContentType};
+use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
+use tokio::sync::Notify;
+use unhidra_config::Config;
+
+/// A message to one recipient.
+#[derive(Debug, Clone)]
+pub struct Mail {
+    /// The recipient's address.
+    pub to: String,
+    /// The subject line.
+    pub subject: String,
+    /// The plain-text body.
+    pub body: String,
+}
+
+/// Why a message was not sent.
+#[derive(Debug, thiserror::Error)]
+pub enum MailError {
+    /// An address or the message could not be built.
+    #[error("mail: {0}")]
+    Message(String),
+    /// The SMTP server refused or could not be reached.
+    #[error("smtp: {0}")]
+    Smtp(String),
+    /// The outbox could not be written.
+    #[error("outbox: {0}")]
+    Outbox(#[from] std::io::Error),
+}
+
+enum Transport {
+    Smtp(AsyncSmtpTransport<Tokio1Executor>),
+    Outbox(PathBuf),
+}
+
+/// Sends Unhidra's mail.
+pub struct Mailer {
+    from: Mailbox,
+    transport: Transport,
+    /// Messages handed to [`Mailer::send_later`] and not yet sent or failed.
+    pending: AtomicUsize,
+    idle: Notify,
+}
+
+impl std::fmt::Debug for Mailer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match &self.transport {
+            Transport::Smtp(_) => "smtp".to_owned(),
+            Transport::Outbox(dir) => format!("outbox {}", dir.display()),
+        };
+        f.debug_struct("Mailer")
+            .field("from", &self.from.to_string())
+            .field("transport", &kind)
+            .finish()
+    }
+}
+
+/// The folder under the data folder that holds mail when no SMTP server is configured.
+pub const OUTBOX: &str = "outbox";
+
+impl Mailer {
+    /// The mailer a config asks for.
+    pub fn from_config(config: &Config) -> Result<Self, MailError> {
+        let from: Mailbox = config
+            .mail_from
+            .parse()
+            .map_err(|e| MailError::Message(format!("mail_from: {e}")))?;
+        let transport = match &config.smtp_url {
+            Some(url) => Transport::Smtp(
+                AsyncSmtpTransport::<Tokio1Executor>::from_url(url.expose())
+                    // The URL may hold a password: say what is wrong, not what it is.
+                    .map_err(|e| MailError::Smtp(format!("smtp_url is not usable ({e})")))?
+                    .build(),
+            ),
+            None => Transport::Outbox(config.data_dir.join(OUTBOX)),
+        };
+        Ok(Self {
+            from,
+            transport,
+            pending: AtomicUsize::new(0),
+            idle: Notify::new(),
+        })
+    }
+
+    /// Whether mail goes to the outbox folder rather than an SMTP server.
+    pub fn is_outbox(&self) -> bool {
+        matches!(self.transport, Transport::Outbox(_))
+    }
+
+    /// Sends one message.
+    pub async fn send(&self, mail: &Mail) -> Result<(), MailError> {
+        let to: Mailbox = mail
+            .to
+            .parse()
+            .map_err(|e| MailError::Message(format!("recipient: {e}")))?;
+        let message = Message::builder()
+            .from(self.from.clone())
+            .to(to)
+            .subject(mail.subject.clone())
+            .header(ContentType::TEXT_PLAIN)
+            .body(mail.body.clone())
+            .map_err(|e| MailError::Message(e.to_string()))?;
+        match &self.transport {
+            Transport::Smtp(smtp) => {
+                smtp.send(message)
+                    .await
+                    .map_err(|e| MailError::Smtp(e.to_string()))?;
+                tracing::info!(subject = %mail.subject, "mail sent");
+            }
+            Transport::Outbox(dir) => {
+                let path = write_outbox(dir, &message.formatted()).await?;
+                tracing::info!(subject = %mail.subject, file = %path.display(), "mail written to the outbox");
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends in the background: the caller's answer neither waits for nor depends on delivery
+    /// (and so takes the same time whether or not a message was sent). Failures are logged.
+    pub fn send_later(self: &std::sync::Arc<Self>, mail: Mail) {
+        let mailer = std::sync::Arc::clone(self);
+        self.pending.fetch_add(1, Ordering::SeqCst);
+        tokio::spawn(async move {
+            if let Err(e) = mailer.send(&mail).await {
+                tracing::error!(subject = %mail.subject, error = %e, "mail not sent");
+            }
+            if mailer.pending.fetch_sub(1, Ordering::SeqCst) == 1 {
+                mailer.idle.notify_waiters();
+            }
+        });
+    }
+
+    /// Waits until every message handed to [`Mailer::send_later`] is sent or has failed: at
+    /// shutdown, so that no notice is lost, and in tests.
+    pub async fn drain(&self) {
+        loop {
+            let idle = self.idle.notified();
+            tokio::pin!(idle);
+            // Registered before the check, so that a wake-up in between is not missed.
+            idle.as_mut().enable();
+            if self.pending.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            idle.await;
+        }
+    }
+}
+
+/// Writes a message atomically (a temp file renamed into place), named so that files sort by
+/// time.
+async fn write_outbox(dir: &std::path::Path, bytes: &[u8]) -> std::io::Result<PathBuf> {
+    tokio::fs::create_dir_all(dir).await?;
+    let name = format!(
+        "{}-{}.eml",
+        chrono::Utc::now().format("%Y%m%dT%H%M%S%.6fZ"),
+        uuid::Uuid::new_v4().simple()
+    );
+    let path = dir.join(&name);
+    let temp = dir.join(format!(".{name}.tmp"));
+    tokio::fs::write(&temp, bytes).await?;
+    tokio::fs::rename(&temp, &path).await?;
+    Ok(path)
+}
