@@ -24,6 +24,7 @@ macro_rules! embedded {
 }
 
 /// SQLite's migrations, oldest first. A new one is appended, never edited once released.
+#[allow(clippy::zero_prefixed_literal, reason = "spelled as in the file names")]
 pub(crate) const SQLITE: &[Embedded] = embedded!("sqlite":
     (0001, "meta"),
     (0002, "identity"),
@@ -31,6 +32,7 @@ pub(crate) const SQLITE: &[Embedded] = embedded!("sqlite":
 );
 
 /// PostgreSQL's migrations, oldest first, in step with [`SQLITE`].
+#[allow(clippy::zero_prefixed_literal, reason = "spelled as in the file names")]
 pub(crate) const POSTGRES: &[Embedded] = embedded!("postgres":
     (0001, "meta"),
     (0002, "identity"),

@@ -326,7 +326,7 @@ impl Identity {
             }
             Ok(_) => {}
             Err(e) => {
-                tracing::warn!(error = %crate::error::error_chain(&e), "device history not read")
+                tracing::warn!(error = %crate::error::error_chain(&e), "device history not read");
             }
         }
     }
