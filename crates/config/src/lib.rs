@@ -216,6 +216,8 @@ config_keys! {
         mail_from: String = "Unhidra <unhidra@localhost>".to_owned(), secret = false;
         /// Refuse logins until the email is verified.
         require_verified_email: bool = false, secret = false;
+        /// Admins without TOTP may do nothing but enrol it.
+        require_admin_mfa: bool = false, secret = false;
         /// With `admin_password`, makes sure this admin exists at start.
         admin_email: Option<String> = None, secret = false;
         /// The first admin's password, used only if the admin does not exist yet.

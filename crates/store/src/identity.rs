@@ -28,6 +28,8 @@ pub struct UserRecord {
     pub failed_logins: u32,
     /// Logins are refused until then.
     pub locked_until: Option<DateTime<Utc>>,
+    /// When TOTP was enabled; a login then needs a code too.
+    pub totp_enabled_at: Option<DateTime<Utc>>,
     /// Created.
     pub created_at: DateTime<Utc>,
     /// Last changed.
@@ -282,6 +284,85 @@ impl TokenPurpose {
             Self::ResetPassword => "reset_password",
         }
     }
+}
+
+/// A user's TOTP factor.
+#[derive(Clone, PartialEq, Eq)]
+pub struct TotpFactor {
+    /// The shared secret, base32.
+    pub secret: String,
+    /// Whether it is enabled, or only set up and waiting for a first code.
+    pub enabled: bool,
+    /// The last time step a code was accepted for.
+    pub last_step: i64,
+}
+
+impl std::fmt::Debug for TotpFactor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TotpFactor")
+            .field("secret", &"[redacted]")
+            .field("enabled", &self.enabled)
+            .field("last_step", &self.last_step)
+            .finish()
+    }
+}
+
+/// The second factor: TOTP secrets, recovery codes and login challenges.
+#[async_trait]
+pub trait MfaStore {
+    /// Stores a new, not yet enabled secret; false if TOTP is enabled already.
+    async fn set_pending_totp(&self, user: UserId, secret: &str) -> Result<bool, StoreError>;
+
+    /// The user's factor, if one is set up.
+    async fn totp_factor(&self, user: UserId) -> Result<Option<TotpFactor>, StoreError>;
+
+    /// Enables the pending secret, with its first step and fresh recovery codes (hashes),
+    /// together; false if there is no pending secret.
+    async fn enable_totp(
+        &self,
+        user: UserId,
+        step: i64,
+        recovery_hashes: &[String],
+        now: DateTime<Utc>,
+    ) -> Result<bool, StoreError>;
+
+    /// Removes the factor and its recovery codes.
+    async fn disable_totp(&self, user: UserId, now: DateTime<Utc>) -> Result<(), StoreError>;
+
+    /// Accepts a code's time step only if it is later than the last one accepted: a code is
+    /// good once. False if it was used (or an earlier step).
+    async fn claim_totp_step(&self, user: UserId, step: i64) -> Result<bool, StoreError>;
+
+    /// Uses a recovery code once; false if unknown or used.
+    async fn use_recovery_code(
+        &self,
+        user: UserId,
+        hash: &str,
+        now: DateTime<Utc>,
+    ) -> Result<bool, StoreError>;
+
+    /// How many recovery codes are left.
+    async fn recovery_codes_left(&self, user: UserId) -> Result<u32, StoreError>;
+
+    /// Opens a login challenge: the password was right, a code is due.
+    async fn create_mfa_challenge(
+        &self,
+        hash: &str,
+        user: UserId,
+        expires_at: DateTime<Utc>,
+    ) -> Result<(), StoreError>;
+
+    /// Counts an attempt on a live challenge and returns its user;
+    /// [`StoreError::NotFound`] if it is unknown, used, expired or out of attempts.
+    async fn attempt_mfa_challenge(
+        &self,
+        hash: &str,
+        max_attempts: u32,
+        now: DateTime<Utc>,
+    ) -> Result<UserId, StoreError>;
+
+    /// Closes a challenge after a right code.
+    async fn close_mfa_challenge(&self, hash: &str, now: DateTime<Utc>) -> Result<(), StoreError>;
 }
 
 /// What the sessions of a user say about a login's device.

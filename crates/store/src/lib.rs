@@ -23,7 +23,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 pub use error::StoreError;
-pub use identity::{AuditStore, KeyStore, OneTimeTokenStore, SessionStore, UserStore};
+pub use identity::{AuditStore, KeyStore, MfaStore, OneTimeTokenStore, SessionStore, UserStore};
 pub use meta::{INSTANCE_ID, MetaStore};
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
@@ -96,6 +96,7 @@ pub trait Store:
     + KeyStore
     + AuditStore
     + OneTimeTokenStore
+    + MfaStore
     + fmt::Debug
     + Send
     + Sync

@@ -29,6 +29,7 @@ pub(crate) const SQLITE: &[Embedded] = embedded!("sqlite":
     (0001, "meta"),
     (0002, "identity"),
     (0003, "one_time_tokens"),
+    (0004, "totp"),
 );
 
 /// PostgreSQL's migrations, oldest first, in step with [`SQLITE`].
@@ -37,6 +38,7 @@ pub(crate) const POSTGRES: &[Embedded] = embedded!("postgres":
     (0001, "meta"),
     (0002, "identity"),
     (0003, "one_time_tokens"),
+    (0004, "totp"),
 );
 
 #[derive(Debug)]

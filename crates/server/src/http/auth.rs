@@ -18,6 +18,9 @@ use crate::state::AppState;
 pub trait Requirement: Send + Sync + 'static {
     /// Whether `role` may pass.
     fn admits(role: Role) -> bool;
+
+    /// Whether this requirement is the admin role (which may also need a second factor).
+    const REQUIRES_ADMIN: bool = false;
 }
 
 /// Any signed-in user.
@@ -35,6 +38,8 @@ impl Requirement for AnyUser {
 pub struct Admin;
 
 impl Requirement for Admin {
+    const REQUIRES_ADMIN: bool = true;
+
     fn admits(role: Role) -> bool {
         role == Role::Admin
     }
@@ -63,6 +68,11 @@ impl<R: Requirement> FromRequestParts<AppState> for Auth<R> {
         let principal = state.identity().authenticate(token).await?;
         if !R::admits(principal.role) {
             return Err(IdentityError::Forbidden.into());
+        }
+        // Admin routes wait until an admin has a second factor, when the config says so; the
+        // enrolment routes take any user, so the way there stays open.
+        if R::REQUIRES_ADMIN && state.config().require_admin_mfa && !principal.mfa {
+            return Err(IdentityError::MfaEnrollmentRequired.into());
         }
         Ok(Self(principal, PhantomData))
     }

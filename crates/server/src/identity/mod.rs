@@ -5,6 +5,7 @@
 mod account;
 pub mod hasher;
 pub mod keys;
+pub mod mfa;
 
 use std::sync::Arc;
 
@@ -24,6 +25,7 @@ use uuid::Uuid;
 
 use self::hasher::{HashError, HashParams, Hasher};
 use self::keys::{KeyError, Keyset, TokenError, TokenSettings};
+use self::mfa::LoginOutcome;
 use crate::mail::Mailer;
 use crate::metrics::AuthMetrics;
 
@@ -53,6 +55,8 @@ pub struct Principal {
     pub role: Role,
     /// The session the token belongs to.
     pub session_id: Uuid,
+    /// Whether the user has a second factor.
+    pub mfa: bool,
 }
 
 /// What a successful login or refresh hands the client.
@@ -125,6 +129,24 @@ pub enum IdentityError {
     /// The current password given to change it is wrong.
     #[error("the current password is wrong")]
     WrongCurrentPassword,
+    /// TOTP is enabled already.
+    #[error("TOTP is enabled already")]
+    TotpAlreadyEnabled,
+    /// There is no TOTP secret to enable or disable.
+    #[error("TOTP is not set up")]
+    TotpNotSetUp,
+    /// The TOTP or recovery code is wrong, or was used before.
+    #[error("wrong code")]
+    WrongCode,
+    /// The login challenge is unknown, spent or expired.
+    #[error("the login challenge is unknown, spent or expired")]
+    BadMfaToken,
+    /// An admin without a second factor may only enrol one.
+    #[error("enrol a second factor first")]
+    MfaEnrollmentRequired,
+    /// The TOTP secret could not be used.
+    #[error("totp: {0}")]
+    Totp(String),
     /// No such user or session (or not the caller's).
     #[error("not found: {0}")]
     NotFound(&'static str),
@@ -474,7 +496,7 @@ impl Identity {
         email: &str,
         password: &str,
         ctx: &RequestContext,
-    ) -> Result<TokenPair, IdentityError> {
+    ) -> Result<LoginOutcome, IdentityError> {
         // Both slots are taken before the password is checked, so that parallel guesses are
         // refused exactly as sequential ones would be; a success gives them back.
         let by_ip = self
@@ -496,7 +518,11 @@ impl Identity {
             self.limits.login_ip.release(&by_ip);
             self.limits.login_account.release(&by_account);
         }
-        self.metrics.login(result.is_ok());
+        match &result {
+            Ok(LoginOutcome::Tokens(_)) => self.metrics.login(true),
+            Ok(LoginOutcome::MfaRequired(_)) => {}
+            Err(_) => self.metrics.login(false),
+        }
         result
     }
 
@@ -505,7 +531,7 @@ impl Identity {
         email: &str,
         password: &str,
         ctx: &RequestContext,
-    ) -> Result<TokenPair, IdentityError> {
+    ) -> Result<LoginOutcome, IdentityError> {
         let found = match Email::parse(email) {
             Ok(parsed) => match self.store.user_by_email(&parsed).await {
                 Ok(user) => Some(user),
@@ -600,6 +626,12 @@ impl Identity {
                 .set_password_hash(user.id, &upgraded, now)
                 .await?;
         }
+        if user.totp_enabled_at.is_some() {
+            // The password was right; the session waits for the code.
+            return Ok(LoginOutcome::MfaRequired(
+                self.mfa_challenge(user.id).await?,
+            ));
+        }
         self.store.record_login_success(user.id, now).await?;
         // Judged before this login's own session exists.
         self.notify_if_new_device(&user, ctx).await;
@@ -612,7 +644,7 @@ impl Identity {
             serde_json::json!({}),
         )
         .await;
-        Ok(pair)
+        Ok(LoginOutcome::Tokens(pair))
     }
 
     async fn open_session(
@@ -750,6 +782,7 @@ impl Identity {
             user_id: user.id,
             role: user.role,
             session_id,
+            mfa: user.totp_enabled_at.is_some(),
         })
     }
 
@@ -990,6 +1023,7 @@ fn record_of(user: &NewUser) -> UserRecord {
         email_verified_at: None,
         failed_logins: 0,
         locked_until: None,
+        totp_enabled_at: None,
         created_at: user.now,
         updated_at: user.now,
     }

@@ -10,6 +10,7 @@ use uuid::Uuid;
 use crate::error::{ApiError, FieldError, Problem};
 use crate::http::auth::{Auth, Ctx};
 use crate::http::extract::Json;
+use crate::identity::mfa::{LoginOutcome, MfaChallenge, TotpSetup};
 use crate::identity::{IdentityError, TokenPair, UserView};
 use crate::state::AppState;
 
@@ -120,6 +121,36 @@ impl From<IdentityError> for ApiError {
                 "wrong_password",
                 "the current password is wrong",
             )]),
+            E::TotpAlreadyEnabled => Problem::new(
+                StatusCode::CONFLICT,
+                "totp_already_enabled",
+                "Two-factor authentication is on already; turn it off first to set it up again.",
+            )
+            .into(),
+            E::TotpNotSetUp => Problem::new(
+                StatusCode::CONFLICT,
+                "totp_not_set_up",
+                "There is no TOTP secret in this state; call /api/v1/auth/totp/setup first.",
+            )
+            .into(),
+            E::WrongCode => Self::validation(vec![FieldError::new(
+                "/code",
+                "wrong_code",
+                "the code is wrong, expired, or was used before",
+            )]),
+            E::BadMfaToken => Problem::new(
+                StatusCode::UNAUTHORIZED,
+                "invalid_mfa_token",
+                "The login step expired or was used up; log in again.",
+            )
+            .into(),
+            E::MfaEnrollmentRequired => Problem::new(
+                StatusCode::FORBIDDEN,
+                "mfa_enrollment_required",
+                "Admins need two-factor authentication; set it up under /api/v1/auth/totp.",
+            )
+            .into(),
+            E::Totp(e) => Self::internal(IdentityError::Totp(e)),
             E::NotFound(what) => Self::not_found(what),
             E::Store(e) => e.into(),
             E::Hash(e) => Self::internal(e),
@@ -180,10 +211,21 @@ pub(crate) struct LoginBody {
     password: String,
 }
 
-/// Logs in: opens a session and returns an access token and a refresh token.
+/// A login's answer: tokens, or a request for the second factor.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(untagged)]
+pub(crate) enum LoginAnswer {
+    /// Logged in.
+    Tokens(TokenPair),
+    /// The password was right; send a code to `/api/v1/auth/login/mfa`.
+    Mfa(MfaChallenge),
+}
+
+/// Logs in: opens a session and returns an access token and a refresh token — or, for an
+/// account with two-factor authentication, `{mfa_required, mfa_token}`.
 #[utoipa::path(post, path = "/api/v1/auth/login", tag = "auth", request_body = LoginBody,
     responses(
-        (status = 200, description = "Logged in", body = TokenPair),
+        (status = 200, description = "Logged in, or a code is due", body = LoginAnswer),
         (status = 401, description = "Wrong email or password", body = Problem,
             content_type = "application/problem+json"),
         (status = 403, description = "The account is deactivated", body = Problem,
@@ -195,13 +237,123 @@ pub(crate) async fn login(
     State(state): State<AppState>,
     Ctx(ctx): Ctx,
     Json(body): Json<LoginBody>,
+) -> Result<JsonResponse<LoginAnswer>, ApiError> {
+    Ok(JsonResponse(
+        match state
+            .identity()
+            .login(&body.email, &body.password, &ctx)
+            .await?
+        {
+            LoginOutcome::Tokens(pair) => LoginAnswer::Tokens(pair),
+            LoginOutcome::MfaRequired(challenge) => LoginAnswer::Mfa(challenge),
+        },
+    ))
+}
+
+/// The login challenge and a code.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct MfaBody {
+    /// From the login's answer.
+    mfa_token: String,
+    /// A 6-digit TOTP code, or a recovery code.
+    #[schema(max_length = 64)]
+    code: String,
+}
+
+/// Finishes a login with a TOTP code or a recovery code.
+#[utoipa::path(post, path = "/api/v1/auth/login/mfa", tag = "auth", request_body = MfaBody,
+    responses(
+        (status = 200, description = "Logged in", body = TokenPair),
+        (status = 401, description = "The login step expired or was used up", body = Problem,
+            content_type = "application/problem+json"),
+        (status = 422, description = "Wrong or reused code", body = Problem,
+            content_type = "application/problem+json"),
+    ))]
+pub(crate) async fn login_mfa(
+    State(state): State<AppState>,
+    Ctx(ctx): Ctx,
+    Json(body): Json<MfaBody>,
 ) -> Result<JsonResponse<TokenPair>, ApiError> {
     Ok(JsonResponse(
         state
             .identity()
-            .login(&body.email, &body.password, &ctx)
+            .login_mfa(&body.mfa_token, &body.code, &ctx)
             .await?,
     ))
+}
+
+/// Starts TOTP enrolment: a secret, its `otpauth://` URI and a QR code. Enable it with a code.
+#[utoipa::path(post, path = "/api/v1/auth/totp/setup", tag = "auth", security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The new secret", body = TotpSetup),
+        (status = 409, description = "TOTP is on already", body = Problem,
+            content_type = "application/problem+json"),
+    ))]
+pub(crate) async fn totp_setup(
+    State(state): State<AppState>,
+    Auth(who, ..): Auth,
+) -> Result<JsonResponse<TotpSetup>, ApiError> {
+    Ok(JsonResponse(state.identity().totp_setup(&who).await?))
+}
+
+/// A TOTP or recovery code.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct CodeBody {
+    /// A 6-digit TOTP code (or, to disable, a recovery code).
+    #[schema(max_length = 64)]
+    code: String,
+}
+
+/// The recovery codes, shown this once.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct RecoveryCodes {
+    /// Ten single-use codes for when the authenticator is lost.
+    recovery_codes: Vec<String>,
+}
+
+/// Turns TOTP on with a first code from the app; answers the recovery codes.
+#[utoipa::path(post, path = "/api/v1/auth/totp/enable", tag = "auth",
+    security(("bearer" = [])), request_body = CodeBody,
+    responses(
+        (status = 200, description = "On", body = RecoveryCodes),
+        (status = 409, description = "Not set up, or on already", body = Problem,
+            content_type = "application/problem+json"),
+        (status = 422, description = "Wrong code", body = Problem,
+            content_type = "application/problem+json"),
+    ))]
+pub(crate) async fn totp_enable(
+    State(state): State<AppState>,
+    Auth(who, ..): Auth,
+    Ctx(ctx): Ctx,
+    Json(body): Json<CodeBody>,
+) -> Result<JsonResponse<RecoveryCodes>, ApiError> {
+    let recovery_codes = state.identity().totp_enable(&who, &body.code, &ctx).await?;
+    Ok(JsonResponse(RecoveryCodes { recovery_codes }))
+}
+
+/// Turns TOTP off; needs a current code or a recovery code.
+#[utoipa::path(post, path = "/api/v1/auth/totp/disable", tag = "auth",
+    security(("bearer" = [])), request_body = CodeBody,
+    responses(
+        (status = 204, description = "Off"),
+        (status = 409, description = "TOTP is not on", body = Problem,
+            content_type = "application/problem+json"),
+        (status = 422, description = "Wrong code", body = Problem,
+            content_type = "application/problem+json"),
+    ))]
+pub(crate) async fn totp_disable(
+    State(state): State<AppState>,
+    Auth(who, ..): Auth,
+    Ctx(ctx): Ctx,
+    Json(body): Json<CodeBody>,
+) -> Result<StatusCode, ApiError> {
+    state
+        .identity()
+        .totp_disable(&who, &body.code, &ctx)
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// A refresh token.

@@ -9,6 +9,7 @@ mod account;
 mod auth;
 mod errors;
 mod helpers;
+mod mfa;
 mod middleware;
 mod ops;
 mod shutdown;

@@ -10,10 +10,10 @@ use uuid::Uuid;
 use super::PostgresStore;
 use crate::StoreError;
 use crate::identity::{
-    AuditRecord, AuditStore, DeviceHistory, KeyStore, NewAuditEvent, NewRefreshToken, NewSession,
-    NewUser, OneTimeTokenStore, Rotation, SessionRecord, SessionStore, SigningKeyRecord,
-    TokenPurpose, UserChange, UserPage, UserRecord, UserStore, like_pattern, stored_email,
-    stored_role,
+    AuditRecord, AuditStore, DeviceHistory, KeyStore, MfaStore, NewAuditEvent, NewRefreshToken,
+    NewSession, NewUser, OneTimeTokenStore, Rotation, SessionRecord, SessionStore,
+    SigningKeyRecord, TokenPurpose, TotpFactor, UserChange, UserPage, UserRecord, UserStore,
+    like_pattern, stored_email, stored_role,
 };
 
 fn get<'r, T: sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>>(
@@ -25,7 +25,7 @@ fn get<'r, T: sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>>(
 }
 
 const USER_COLUMNS: &str = "id, email, display_name, password_hash, role, active, \
-    email_verified_at, failed_logins, locked_until, created_at, updated_at";
+    email_verified_at, failed_logins, locked_until, totp_enabled_at, created_at, updated_at";
 
 fn user(row: &PgRow) -> Result<UserRecord, StoreError> {
     Ok(UserRecord {
@@ -38,6 +38,7 @@ fn user(row: &PgRow) -> Result<UserRecord, StoreError> {
         email_verified_at: get(row, "email_verified_at")?,
         failed_logins: u32::try_from(get::<i32>(row, "failed_logins")?).unwrap_or(0),
         locked_until: get(row, "locked_until")?,
+        totp_enabled_at: get(row, "totp_enabled_at")?,
         created_at: get(row, "created_at")?,
         updated_at: get(row, "updated_at")?,
     })
@@ -608,5 +609,188 @@ impl OneTimeTokenStore for PostgresStore {
             this_device,
         })
         .map_err(|e| StoreError::from_sqlx("session", e))
+    }
+}
+
+#[async_trait]
+impl MfaStore for PostgresStore {
+    async fn set_pending_totp(&self, user: UserId, secret: &str) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE users SET totp_secret = $2, totp_last_step = 0 \
+             WHERE id = $1 AND totp_enabled_at IS NULL",
+        )
+        .bind(user.0)
+        .bind(secret)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| StoreError::from_sqlx("user", e))?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn totp_factor(&self, user: UserId) -> Result<Option<TotpFactor>, StoreError> {
+        let row: Option<(Option<String>, Option<DateTime<Utc>>, i64)> = sqlx::query_as(
+            "SELECT totp_secret, totp_enabled_at, totp_last_step FROM users WHERE id = $1",
+        )
+        .bind(user.0)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| StoreError::from_sqlx("user", e))?;
+        Ok(row.and_then(|(secret, enabled, last_step)| {
+            secret.map(|secret| TotpFactor {
+                secret,
+                enabled: enabled.is_some(),
+                last_step,
+            })
+        }))
+    }
+
+    async fn enable_totp(
+        &self,
+        user: UserId,
+        step: i64,
+        recovery_hashes: &[String],
+        now: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        let err = |e| StoreError::from_sqlx("user", e);
+        let mut tx = self.pool.begin().await.map_err(err)?;
+        let done = sqlx::query(
+            "UPDATE users SET totp_enabled_at = $2, totp_last_step = $3, updated_at = $2 \
+             WHERE id = $1 AND totp_secret IS NOT NULL AND totp_enabled_at IS NULL",
+        )
+        .bind(user.0)
+        .bind(now)
+        .bind(step)
+        .execute(&mut *tx)
+        .await
+        .map_err(err)?;
+        if done.rows_affected() != 1 {
+            tx.rollback().await.map_err(err)?;
+            return Ok(false);
+        }
+        sqlx::query("DELETE FROM recovery_codes WHERE user_id = $1")
+            .bind(user.0)
+            .execute(&mut *tx)
+            .await
+            .map_err(err)?;
+        for hash in recovery_hashes {
+            sqlx::query("INSERT INTO recovery_codes (user_id, code_hash) VALUES ($1, $2)")
+                .bind(user.0)
+                .bind(hash)
+                .execute(&mut *tx)
+                .await
+                .map_err(err)?;
+        }
+        tx.commit().await.map_err(err)?;
+        Ok(true)
+    }
+
+    async fn disable_totp(&self, user: UserId, now: DateTime<Utc>) -> Result<(), StoreError> {
+        let err = |e| StoreError::from_sqlx("user", e);
+        let mut tx = self.pool.begin().await.map_err(err)?;
+        sqlx::query(
+            "UPDATE users SET totp_secret = NULL, totp_enabled_at = NULL, totp_last_step = 0, \
+             updated_at = $2 WHERE id = $1",
+        )
+        .bind(user.0)
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(err)?;
+        sqlx::query("DELETE FROM recovery_codes WHERE user_id = $1")
+            .bind(user.0)
+            .execute(&mut *tx)
+            .await
+            .map_err(err)?;
+        tx.commit().await.map_err(err)
+    }
+
+    async fn claim_totp_step(&self, user: UserId, step: i64) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE users SET totp_last_step = $2 \
+             WHERE id = $1 AND totp_enabled_at IS NOT NULL AND totp_last_step < $2",
+        )
+        .bind(user.0)
+        .bind(step)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| StoreError::from_sqlx("user", e))?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn use_recovery_code(
+        &self,
+        user: UserId,
+        hash: &str,
+        now: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE recovery_codes SET used_at = $3 \
+             WHERE user_id = $1 AND code_hash = $2 AND used_at IS NULL",
+        )
+        .bind(user.0)
+        .bind(hash)
+        .bind(now)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| StoreError::from_sqlx("recovery code", e))?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn recovery_codes_left(&self, user: UserId) -> Result<u32, StoreError> {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM recovery_codes WHERE user_id = $1 AND used_at IS NULL",
+        )
+        .bind(user.0)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(|e| StoreError::from_sqlx("recovery code", e))?;
+        Ok(u32::try_from(n).unwrap_or(0))
+    }
+
+    async fn create_mfa_challenge(
+        &self,
+        hash: &str,
+        user: UserId,
+        expires_at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO mfa_challenges (token_hash, user_id, expires_at) VALUES ($1, $2, $3)",
+        )
+        .bind(hash)
+        .bind(user.0)
+        .bind(expires_at)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| StoreError::from_sqlx("challenge", e))?;
+        Ok(())
+    }
+
+    async fn attempt_mfa_challenge(
+        &self,
+        hash: &str,
+        max_attempts: u32,
+        now: DateTime<Utc>,
+    ) -> Result<UserId, StoreError> {
+        let user: Uuid = sqlx::query_scalar(
+            "UPDATE mfa_challenges SET attempts = attempts + 1 WHERE token_hash = $1 \
+             AND used_at IS NULL AND expires_at > $2 AND attempts < $3 RETURNING user_id",
+        )
+        .bind(hash)
+        .bind(now)
+        .bind(i32::try_from(max_attempts).unwrap_or(i32::MAX))
+        .fetch_one(&self.pool)
+        .await
+        .map_err(|e| StoreError::from_sqlx("challenge", e))?;
+        Ok(UserId(user))
+    }
+
+    async fn close_mfa_challenge(&self, hash: &str, now: DateTime<Utc>) -> Result<(), StoreError> {
+        sqlx::query("UPDATE mfa_challenges SET used_at = $2 WHERE token_hash = $1")
+            .bind(hash)
+            .bind(now)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| StoreError::from_sqlx("challenge", e))?;
+        Ok(())
     }
 }

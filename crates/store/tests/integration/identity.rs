@@ -522,3 +522,129 @@ async fn devices_are_known_by_agent_and_address(db: &TestDb) {
     assert_eq!(seen(None, None).await, (true, false));
 }
 both_backends!(devices_are_known_by_agent_and_address);
+
+async fn totp_factors_and_challenges(db: &TestDb) {
+    migrated(db).await;
+    let owner = user(db, "kay@example.com", None).await;
+    assert_eq!(db.store.totp_factor(owner).await.unwrap(), None);
+    assert!(db.store.set_pending_totp(owner, "SECRETONE").await.unwrap());
+    let pending = db.store.totp_factor(owner).await.unwrap().unwrap();
+    assert!(!pending.enabled);
+    assert!(
+        !format!("{pending:?}").contains("SECRETONE"),
+        "the secret never prints"
+    );
+    // A pending secret takes no codes.
+    assert!(!db.store.claim_totp_step(owner, 5).await.unwrap());
+    let codes = vec!["c1".to_owned(), "c2".to_owned()];
+    assert!(
+        db.store
+            .enable_totp(owner, 100, &codes, now())
+            .await
+            .unwrap()
+    );
+    assert!(
+        !db.store
+            .enable_totp(owner, 100, &codes, now())
+            .await
+            .unwrap(),
+        "once"
+    );
+    assert!(
+        !db.store.set_pending_totp(owner, "OTHER").await.unwrap(),
+        "enabled stays"
+    );
+    assert!(
+        db.store
+            .user_by_id(owner)
+            .await
+            .unwrap()
+            .totp_enabled_at
+            .is_some()
+    );
+
+    // Each step is good once, and never an earlier one.
+    assert!(!db.store.claim_totp_step(owner, 100).await.unwrap());
+    assert!(db.store.claim_totp_step(owner, 101).await.unwrap());
+    assert!(!db.store.claim_totp_step(owner, 101).await.unwrap());
+    assert!(!db.store.claim_totp_step(owner, 99).await.unwrap());
+
+    assert_eq!(db.store.recovery_codes_left(owner).await.unwrap(), 2);
+    assert!(
+        db.store
+            .use_recovery_code(owner, "c1", now())
+            .await
+            .unwrap()
+    );
+    assert!(
+        !db.store
+            .use_recovery_code(owner, "c1", now())
+            .await
+            .unwrap()
+    );
+    assert!(
+        !db.store
+            .use_recovery_code(owner, "nope", now())
+            .await
+            .unwrap()
+    );
+    assert_eq!(db.store.recovery_codes_left(owner).await.unwrap(), 1);
+
+    let later = now() + Duration::minutes(5);
+    db.store
+        .create_mfa_challenge("ch", owner, later)
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        assert_eq!(
+            db.store
+                .attempt_mfa_challenge("ch", 3, now())
+                .await
+                .unwrap(),
+            owner
+        );
+    }
+    assert!(
+        matches!(
+            db.store.attempt_mfa_challenge("ch", 3, now()).await,
+            Err(StoreError::NotFound { .. })
+        ),
+        "out of attempts"
+    );
+    db.store
+        .create_mfa_challenge("ch2", owner, later)
+        .await
+        .unwrap();
+    db.store.close_mfa_challenge("ch2", now()).await.unwrap();
+    assert!(
+        db.store
+            .attempt_mfa_challenge("ch2", 3, now())
+            .await
+            .is_err(),
+        "closed"
+    );
+    db.store
+        .create_mfa_challenge("ch3", owner, later)
+        .await
+        .unwrap();
+    assert!(
+        db.store
+            .attempt_mfa_challenge("ch3", 3, later)
+            .await
+            .is_err(),
+        "expired"
+    );
+
+    db.store.disable_totp(owner, now()).await.unwrap();
+    assert_eq!(db.store.totp_factor(owner).await.unwrap(), None);
+    assert_eq!(db.store.recovery_codes_left(owner).await.unwrap(), 0);
+    assert!(
+        db.store
+            .user_by_id(owner)
+            .await
+            .unwrap()
+            .totp_enabled_at
+            .is_none()
+    );
+}
+both_backends!(totp_factors_and_challenges);

@@ -1,0 +1,343 @@
+//! Two-factor authentication: enrolment, login with a code, no replay, recovery codes, and
+//! admins held to enrolment when the config says so.
+
+use std::sync::Arc;
+
+use chrono::{Duration, Utc};
+use serde_json::{Value, json};
+use totp_rs::{Algorithm, Secret, TOTP};
+use unhidra_core::ManualClock;
+use unhidra_store::testing::TestDb;
+
+use crate::helpers::{TestApp, problem};
+
+const PASSWORD: &str = "maple orbit candle frost 42";
+
+async fn post(app: &TestApp, path: &str, token: Option<&str>, body: Value) -> reqwest::Response {
+    let mut request = app.client.post(app.url(path)).json(&body);
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    request.send().await.unwrap()
+}
+
+async fn login(app: &TestApp, email: &str) -> Value {
+    let response = post(
+        app,
+        "/api/v1/auth/login",
+        None,
+        json!({ "email": email, "password": PASSWORD }),
+    )
+    .await;
+    assert_eq!(response.status(), 200);
+    response.json().await.unwrap()
+}
+
+fn code_at(secret: &str, clock: &ManualClock) -> String {
+    use unhidra_core::Clock;
+    let bytes = Secret::Encoded(secret.to_owned()).to_bytes().unwrap();
+    let totp = TOTP::new(Algorithm::SHA1, 6, 1, 30, bytes, None, String::new()).unwrap();
+    totp.generate(u64::try_from(clock.now().timestamp()).unwrap())
+}
+
+/// A server on a manual clock, a user, and the user's access token.
+async fn setup() -> (TestApp, Arc<ManualClock>, String) {
+    // Mid-step, so that "one step later" is unambiguous.
+    let start = Utc::now();
+    let start = start - Duration::seconds(start.timestamp() % 30) + Duration::seconds(10);
+    let clock = Arc::new(ManualClock::new(start));
+    let app = TestApp::spawn_on(TestDb::sqlite().await, |_| {}, None, clock.clone()).await;
+    let response = post(
+        &app,
+        "/api/v1/auth/register",
+        None,
+        json!({ "email": "zoe@example.com", "password": PASSWORD }),
+    )
+    .await;
+    assert_eq!(response.status(), 201);
+    let token = login(&app, "zoe@example.com").await["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    (app, clock, token)
+}
+
+/// Enrols TOTP and returns the secret and the recovery codes.
+async fn enrol(app: &TestApp, clock: &ManualClock, token: &str) -> (String, Vec<String>) {
+    let setup: Value = post(app, "/api/v1/auth/totp/setup", Some(token), json!({}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let secret = setup["secret"].as_str().unwrap().to_owned();
+    let response = post(
+        app,
+        "/api/v1/auth/totp/enable",
+        Some(token),
+        json!({ "code": code_at(&secret, clock) }),
+    )
+    .await;
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    let codes = body["recovery_codes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap().to_owned())
+        .collect();
+    (secret, codes)
+}
+
+#[tokio::test]
+async fn enrolment_gives_an_authenticator_uri_and_recovery_codes() {
+    let (app, clock, token) = setup().await;
+    let setup: Value = post(&app, "/api/v1/auth/totp/setup", Some(&token), json!({}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let secret = setup["secret"].as_str().unwrap();
+    let uri = setup["otpauth_uri"].as_str().unwrap();
+    assert!(
+        uri.starts_with("otpauth://totp/Unhidra:zoe%40example.com?secret="),
+        "{uri}"
+    );
+    assert!(uri.contains("issuer=Unhidra"), "{uri}");
+    assert!(setup["qr_svg"].as_str().unwrap().starts_with("<?xml"));
+    assert_eq!(secret.len(), 32, "160 bits in base32");
+
+    let wrong = post(
+        &app,
+        "/api/v1/auth/totp/enable",
+        Some(&token),
+        json!({ "code": "000000" }),
+    )
+    .await;
+    let body = problem(wrong, 422, "validation_failed").await;
+    assert_eq!(body["errors"][0]["code"], "wrong_code");
+    let response = post(
+        &app,
+        "/api/v1/auth/totp/enable",
+        Some(&token),
+        json!({ "code": code_at(secret, &clock) }),
+    )
+    .await;
+    let codes: Value = response.json().await.unwrap();
+    assert_eq!(codes["recovery_codes"].as_array().unwrap().len(), 10);
+    problem(
+        post(&app, "/api/v1/auth/totp/setup", Some(&token), json!({})).await,
+        409,
+        "totp_already_enabled",
+    )
+    .await;
+    assert!(
+        app.mails()
+            .await
+            .iter()
+            .any(|m| m.subject == "Two-factor authentication is on")
+    );
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn login_needs_a_code_and_a_code_works_once() {
+    let (app, clock, token) = setup().await;
+    let (secret, _) = enrol(&app, &clock, &token).await;
+    clock.advance(Duration::seconds(30));
+
+    let first = login(&app, "zoe@example.com").await;
+    assert_eq!(first["mfa_required"], true);
+    assert!(first.get("access_token").is_none());
+    let code = code_at(&secret, &clock);
+    let done = post(
+        &app,
+        "/api/v1/auth/login/mfa",
+        None,
+        json!({ "mfa_token": first["mfa_token"], "code": code }),
+    )
+    .await;
+    assert_eq!(done.status(), 200);
+    let pair: Value = done.json().await.unwrap();
+    assert!(pair["access_token"].is_string());
+
+    // The same code again, within its window: refused.
+    let second = login(&app, "zoe@example.com").await;
+    let replay = post(
+        &app,
+        "/api/v1/auth/login/mfa",
+        None,
+        json!({ "mfa_token": second["mfa_token"], "code": code }),
+    )
+    .await;
+    problem(replay, 422, "validation_failed").await;
+    // The next step's code works (one step of drift is allowed).
+    clock.advance(Duration::seconds(30));
+    let next = post(
+        &app,
+        "/api/v1/auth/login/mfa",
+        None,
+        json!({ "mfa_token": second["mfa_token"], "code": code_at(&secret, &clock) }),
+    )
+    .await;
+    assert_eq!(next.status(), 200);
+    // A used challenge is spent.
+    let again = post(
+        &app,
+        "/api/v1/auth/login/mfa",
+        None,
+        json!({ "mfa_token": second["mfa_token"], "code": code_at(&secret, &clock) }),
+    )
+    .await;
+    problem(again, 401, "invalid_mfa_token").await;
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_challenge_allows_five_tries_and_expires() {
+    let (app, clock, token) = setup().await;
+    let (secret, _) = enrol(&app, &clock, &token).await;
+    clock.advance(Duration::seconds(30));
+    let challenge = login(&app, "zoe@example.com").await;
+    for _ in 0..5 {
+        let r = post(
+            &app,
+            "/api/v1/auth/login/mfa",
+            None,
+            json!({ "mfa_token": challenge["mfa_token"], "code": "123456" }),
+        )
+        .await;
+        assert_eq!(r.status(), 422);
+    }
+    // The address's minute of guesses is over too; past it, the challenge itself is spent.
+    clock.advance(Duration::seconds(61));
+    let spent = post(
+        &app,
+        "/api/v1/auth/login/mfa",
+        None,
+        json!({ "mfa_token": challenge["mfa_token"], "code": code_at(&secret, &clock) }),
+    )
+    .await;
+    problem(spent, 401, "invalid_mfa_token").await;
+
+    let late = login(&app, "zoe@example.com").await;
+    clock.advance(Duration::minutes(6));
+    let expired = post(
+        &app,
+        "/api/v1/auth/login/mfa",
+        None,
+        json!({ "mfa_token": late["mfa_token"], "code": code_at(&secret, &clock) }),
+    )
+    .await;
+    problem(expired, 401, "invalid_mfa_token").await;
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn recovery_codes_work_once_and_can_disable() {
+    let (app, clock, token) = setup().await;
+    let (_, codes) = enrol(&app, &clock, &token).await;
+    let challenge = login(&app, "zoe@example.com").await;
+    // Typed loosely: case, spaces and dashes do not matter.
+    let typed = codes[0].to_uppercase().replace('-', " ");
+    let done = post(
+        &app,
+        "/api/v1/auth/login/mfa",
+        None,
+        json!({ "mfa_token": challenge["mfa_token"], "code": typed }),
+    )
+    .await;
+    assert_eq!(done.status(), 200);
+    let again = login(&app, "zoe@example.com").await;
+    let reuse = post(
+        &app,
+        "/api/v1/auth/login/mfa",
+        None,
+        json!({ "mfa_token": again["mfa_token"], "code": codes[0] }),
+    )
+    .await;
+    problem(reuse, 422, "validation_failed").await;
+    assert!(
+        app.mails()
+            .await
+            .iter()
+            .any(|m| m.subject == "A recovery code was used")
+    );
+
+    problem(
+        post(
+            &app,
+            "/api/v1/auth/totp/disable",
+            Some(&token),
+            json!({ "code": "wrong-code" }),
+        )
+        .await,
+        422,
+        "validation_failed",
+    )
+    .await;
+    let off = post(
+        &app,
+        "/api/v1/auth/totp/disable",
+        Some(&token),
+        json!({ "code": codes[1] }),
+    )
+    .await;
+    assert_eq!(off.status(), 204);
+    let plain = login(&app, "zoe@example.com").await;
+    assert!(plain["access_token"].is_string(), "no code needed any more");
+    problem(
+        post(
+            &app,
+            "/api/v1/auth/totp/disable",
+            Some(&token),
+            json!({ "code": codes[2] }),
+        )
+        .await,
+        409,
+        "totp_not_set_up",
+    )
+    .await;
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn admins_can_be_held_to_enrolment() {
+    let start = Utc::now();
+    let clock = Arc::new(ManualClock::new(
+        start - Duration::seconds(start.timestamp() % 30) + Duration::seconds(10),
+    ));
+    let app = TestApp::spawn_on(
+        TestDb::sqlite().await,
+        |c| {
+            c.require_admin_mfa = true;
+            c.admin_email = Some("root@example.com".into());
+            c.admin_password = Some(unhidra_config::Secret::new(PASSWORD));
+        },
+        None,
+        clock.clone(),
+    )
+    .await;
+    let token = login(&app, "root@example.com").await["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let users = |t: String| {
+        app.client
+            .get(app.url("/api/v1/auth/users"))
+            .bearer_auth(t)
+            .send()
+    };
+    problem(
+        users(token.clone()).await.unwrap(),
+        403,
+        "mfa_enrollment_required",
+    )
+    .await;
+    enrol(&app, &clock, &token).await;
+    assert_eq!(
+        users(token).await.unwrap().status(),
+        200,
+        "enrolled: the admin routes open"
+    );
+    app.shutdown().await;
+}
