@@ -16,6 +16,7 @@ use serde::Serialize;
 use unhidra_config::{Config, KEYS, Layer, Sources};
 use unhidra_core::SystemClock;
 use unhidra_server::identity::hasher::HashParams;
+use unhidra_server::identity::import::ImportError;
 use unhidra_server::identity::keys::{self, KeyError};
 use unhidra_server::identity::{Identity, IdentityError, RequestContext};
 use unhidra_server::{Application, BUILD, BuildInfo};
@@ -63,6 +64,14 @@ enum AdminCommand {
         /// The admin's email.
         #[arg(long)]
         email: String,
+        #[command(flatten)]
+        data: DataArgs,
+    },
+    /// Import users from a JSON-lines file; SHA-256 hashes are upgraded to Argon2id at each
+    /// user's next login. Nothing is imported if any line is wrong.
+    ImportUsers {
+        /// The file: one JSON object per line (see the README).
+        file: PathBuf,
         #[command(flatten)]
         data: DataArgs,
     },
@@ -119,6 +128,7 @@ fn main() -> ExitCode {
         | Command::Spec(data)
         | Command::Backup(BackupArgs { data, .. })
         | Command::Admin(AdminCommand::Create { data, .. })
+        | Command::Admin(AdminCommand::ImportUsers { data, .. })
         | Command::Keys(KeysCommand::Rotate(data) | KeysCommand::List(data))
         | Command::Keys(KeysCommand::Retire { data, .. }) => Layer {
             data_dir: data.data_dir.clone(),
@@ -163,6 +173,9 @@ fn main() -> ExitCode {
             Command::Backup(args) => backup(&config, args.path).await,
             Command::Admin(AdminCommand::Create { email, .. }) => {
                 admin_create(&config, &email).await
+            }
+            Command::Admin(AdminCommand::ImportUsers { file, .. }) => {
+                import_users(&config, &file).await
             }
             Command::Keys(command) => keys(&config, command).await,
             Command::Spec(_) | Command::Openapi => ExitCode::SUCCESS,
@@ -263,6 +276,74 @@ async fn backup(config: &Config, path: PathBuf) -> ExitCode {
     }
 }
 
+/// The store and the identity service over it, for commands that manage accounts.
+async fn open_identity(config: &Config) -> Result<(Arc<dyn Store>, Identity), ExitCode> {
+    let store = migrated_store(config).await.map_err(|err| {
+        tracing::error!(error = %err, "cannot open the store");
+        ExitCode::FAILURE
+    })?;
+    let mailer = unhidra_server::mail::Mailer::from_config(config).map_err(|err| {
+        eprintln!("unhidra: {err}");
+        ExitCode::from(2)
+    })?;
+    let metrics = unhidra_server::metrics::AuthMetrics::default();
+    let identity = Identity::new(
+        config,
+        Arc::clone(&store),
+        Arc::new(SystemClock),
+        metrics,
+        Arc::new(mailer),
+    )
+    .await
+    .map_err(|err| {
+        tracing::error!(error = %err, "cannot load the signing keys");
+        ExitCode::FAILURE
+    })?;
+    Ok((store, identity))
+}
+
+async fn import_users(config: &Config, file: &std::path::Path) -> ExitCode {
+    let text = match std::fs::read_to_string(file) {
+        Ok(text) => text,
+        Err(err) => {
+            eprintln!("unhidra: {}: {err}", file.display());
+            return ExitCode::from(2);
+        }
+    };
+    let (store, identity) = match open_identity(config).await {
+        Ok(opened) => opened,
+        Err(code) => return code,
+    };
+    let result = identity
+        .import_users(&text, &RequestContext::default())
+        .await;
+    store.close().await;
+    match result {
+        Ok(summary) => {
+            tracing::info!(
+                imported = summary.imported,
+                skipped = summary.skipped.len(),
+                "users imported"
+            );
+            for email in &summary.skipped {
+                tracing::info!(email, "skipped: the account exists");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(ImportError::Invalid(problems)) => {
+            eprintln!("unhidra: {}: nothing was imported:", file.display());
+            for problem in problems {
+                eprintln!("  {problem}");
+            }
+            ExitCode::from(2)
+        }
+        Err(err) => {
+            tracing::error!(error = %err, "import failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// Opens the store the config selects and applies pending migrations.
 async fn migrated_store(config: &Config) -> Result<Arc<dyn Store>, unhidra_server::StartError> {
     let store = unhidra_server::open_store(config).await?;
@@ -279,35 +360,9 @@ async fn admin_create(config: &Config, email: &str) -> ExitCode {
         return ExitCode::from(2);
     }
     let password = password.trim_end_matches(['\r', '\n']);
-    let store = match migrated_store(config).await {
-        Ok(store) => store,
-        Err(err) => {
-            tracing::error!(error = %err, "cannot open the store");
-            return ExitCode::FAILURE;
-        }
-    };
-    let metrics = unhidra_server::metrics::AuthMetrics::default();
-    let mailer = match unhidra_server::mail::Mailer::from_config(config) {
-        Ok(mailer) => Arc::new(mailer),
-        Err(err) => {
-            eprintln!("unhidra: {err}");
-            return ExitCode::from(2);
-        }
-    };
-    let identity = match Identity::new(
-        config,
-        Arc::clone(&store),
-        Arc::new(SystemClock),
-        metrics,
-        mailer,
-    )
-    .await
-    {
-        Ok(identity) => identity,
-        Err(err) => {
-            tracing::error!(error = %err, "cannot load the signing keys");
-            return ExitCode::FAILURE;
-        }
+    let (store, identity) = match open_identity(config).await {
+        Ok(opened) => opened,
+        Err(code) => return code,
     };
     let result = identity
         .ensure_admin(email, password, &RequestContext::default())

@@ -537,3 +537,123 @@ async fn keys_rotate_list_and_retire() {
     assert_eq!(out.code, 2);
     assert!(out.stderr.contains("openssl genpkey"), "{}", out.stderr);
 }
+
+fn sha256_hex(text: &str) -> String {
+    unhidra_core::secret::hash_hex(text.as_bytes())
+}
+
+async fn stored_hash(dir: &Path, email: &str) -> String {
+    let url = format!("sqlite:{}", dir.join("data/unhidra.db").display());
+    let store = unhidra_store::connect(&url, &unhidra_store::StoreOptions::default())
+        .await
+        .unwrap();
+    let hash = store
+        .user_by_email(&unhidra_core::Email::parse(email).unwrap())
+        .await
+        .unwrap()
+        .password_hash;
+    store.close().await;
+    hash
+}
+
+#[tokio::test]
+async fn imported_legacy_hashes_log_in_and_are_upgraded() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("users.jsonl");
+    let lines = [
+        serde_json::json!({ "email": "plain@example.com", "sha256": sha256_hex("old plain pw") }),
+        serde_json::json!({ "email": "Salty@example.com", "sha256": sha256_hex("NaClold salty pw"), "salt": "NaCl", "display_name": "Salty" }),
+        serde_json::json!({ "email": "suffix@example.com", "sha256": sha256_hex("old suffix pwpepper"), "salt": "pepper", "salt_position": "suffix", "role": "admin" }),
+    ];
+    let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
+    std::fs::write(&file, text).unwrap();
+    let env = [("APP_ENV", "test")];
+    let out = run(
+        dir.path(),
+        &["admin", "import-users", file.to_str().unwrap()],
+        &env,
+    )
+    .await;
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(
+        stored_hash(dir.path(), "plain@example.com")
+            .await
+            .starts_with("$sha256$")
+    );
+    // Importing again skips what exists.
+    let again = run(
+        dir.path(),
+        &["admin", "import-users", file.to_str().unwrap()],
+        &env,
+    )
+    .await;
+    assert_eq!(again.code, 0);
+    assert!(again.stderr.contains("skipped"), "{}", again.stderr);
+
+    let server = Server::start(dir.path(), &[], &[]).await;
+    let client = reqwest::Client::new();
+    for (email, password) in [
+        ("plain@example.com", "old plain pw"),
+        ("salty@example.com", "old salty pw"),
+        ("suffix@example.com", "old suffix pw"),
+    ] {
+        let wrong = client
+            .post(server.url("/api/v1/auth/login"))
+            .json(&serde_json::json!({ "email": email, "password": "nope" }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(wrong.status(), 401, "{email}");
+        let right = client
+            .post(server.url("/api/v1/auth/login"))
+            .json(&serde_json::json!({ "email": email, "password": password }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(right.status(), 200, "{email}: old passwords work, no reset");
+    }
+    let (code, _) = server.terminate().await;
+    assert_eq!(code, 0);
+    for email in [
+        "plain@example.com",
+        "salty@example.com",
+        "suffix@example.com",
+    ] {
+        let hash = stored_hash(dir.path(), email).await;
+        assert!(hash.starts_with("$argon2id$"), "{email} upgraded: {hash}");
+    }
+}
+
+#[tokio::test]
+async fn a_bad_import_file_imports_nothing_and_names_each_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("users.jsonl");
+    let good = serde_json::json!({ "email": "good@example.com", "sha256": sha256_hex("x") });
+    let text = format!(
+        "{good}\n{{\"email\": \"not-an-email\", \"sha256\": \"{}\"}}\n\n{{\"email\": \"b@example.com\", \"sha256\": \"xyz\"}}\nnot json\n{{\"email\": \"c@example.com\", \"bcrypt\": \"$2b$...\"}}\n{good}\n",
+        sha256_hex("y")
+    );
+    std::fs::write(&file, text).unwrap();
+    let out = run(
+        dir.path(),
+        &["admin", "import-users", file.to_str().unwrap()],
+        &[("APP_ENV", "test")],
+    )
+    .await;
+    assert_eq!(out.code, 2, "{}", out.stderr);
+    for line in [
+        "line 2: email",
+        "line 4: sha256",
+        "line 5:",
+        "line 6:",
+        "line 7: good@example.com appears twice",
+    ] {
+        assert!(out.stderr.contains(line), "{line} missing: {}", out.stderr);
+    }
+    assert!(!out.stderr.contains("line 1:"), "{}", out.stderr);
+    assert_eq!(
+        user_role(dir.path(), "good@example.com").await,
+        None,
+        "nothing imported"
+    );
+}

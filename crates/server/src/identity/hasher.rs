@@ -140,6 +140,14 @@ fn hash_now(params: HashParams, password: &str) -> Result<String, HashError> {
 }
 
 fn verify_now(params: HashParams, password: &str, stored: &str) -> Result<Verified, HashError> {
+    if let Some(legacy) = LegacyHash::parse(stored) {
+        let matches = legacy.verify(password);
+        // A legacy hash that matches is always replaced by Argon2id.
+        return Ok(Verified {
+            matches,
+            needs_rehash: matches,
+        });
+    }
     let parsed = PasswordHash::new(stored).map_err(|e| HashError::Argon(e.to_string()))?;
     let current = parsed.algorithm.as_str() == "argon2id"
         && Params::try_from(&parsed).is_ok_and(|p| {
@@ -157,9 +165,105 @@ fn verify_now(params: HashParams, password: &str, stored: &str) -> Result<Verifi
     })
 }
 
+/// SHA-256 hashes imported from older systems (`unhidra admin import-users`), kept only until
+/// the user's next login replaces them with Argon2id:
+/// `$sha256$<hex>` is SHA-256(password); `$sha256-prefix$<salt, base64>$<hex>` is
+/// SHA-256(salt ‖ password); `$sha256-suffix$<salt, base64>$<hex>` is SHA-256(password ‖ salt).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LegacyHash {
+    salt: Vec<u8>,
+    salt_first: bool,
+    digest: String,
+}
+
+impl LegacyHash {
+    /// Reads a stored legacy hash; `None` for anything else.
+    pub fn parse(stored: &str) -> Option<Self> {
+        use base64::Engine;
+        let mut parts = stored.strip_prefix('$')?.split('$');
+        let scheme = parts.next()?;
+        let (salt, salt_first) = match scheme {
+            "sha256" => (Vec::new(), true),
+            "sha256-prefix" | "sha256-suffix" => (
+                base64::engine::general_purpose::STANDARD
+                    .decode(parts.next()?)
+                    .ok()?,
+                scheme == "sha256-prefix",
+            ),
+            _ => return None,
+        };
+        let digest = parts.next()?.to_ascii_lowercase();
+        let is_hex = digest.len() == 64 && digest.bytes().all(|b| b.is_ascii_hexdigit());
+        (is_hex && parts.next().is_none()).then_some(Self {
+            salt,
+            salt_first,
+            digest,
+        })
+    }
+
+    /// The stored form of an unsalted (empty `salt`) or salted SHA-256 digest.
+    pub fn encode(digest_hex: &str, salt: &[u8], salt_first: bool) -> String {
+        use base64::Engine;
+        let digest = digest_hex.to_ascii_lowercase();
+        if salt.is_empty() {
+            return format!("$sha256${digest}");
+        }
+        let scheme = if salt_first {
+            "sha256-prefix"
+        } else {
+            "sha256-suffix"
+        };
+        let salt = base64::engine::general_purpose::STANDARD.encode(salt);
+        format!("${scheme}${salt}${digest}")
+    }
+
+    fn verify(&self, password: &str) -> bool {
+        use subtle::ConstantTimeEq;
+        let mut input = Vec::with_capacity(self.salt.len() + password.len());
+        if self.salt_first {
+            input.extend_from_slice(&self.salt);
+            input.extend_from_slice(password.as_bytes());
+        } else {
+            input.extend_from_slice(password.as_bytes());
+            input.extend_from_slice(&self.salt);
+        }
+        let computed = unhidra_core::secret::hash_hex(&input);
+        computed.as_bytes().ct_eq(self.digest.as_bytes()).into()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn legacy_sha256_hashes_verify_and_ask_for_an_upgrade() {
+        let hasher = Hasher::new(CHEAP, 1).unwrap();
+        let hex = |s: &str| unhidra_core::secret::hash_hex(s.as_bytes());
+        let plain = LegacyHash::encode(&hex("old secret"), b"", true);
+        let prefix = LegacyHash::encode(&hex("NaClold secret"), b"NaCl", true);
+        let suffix = LegacyHash::encode(&hex("old secretNaCl"), b"NaCl", false);
+        for stored in [&plain, &prefix, &suffix] {
+            let ok = hasher.verify("old secret", Some(stored)).await.unwrap();
+            assert_eq!(
+                ok,
+                Verified {
+                    matches: true,
+                    needs_rehash: true
+                },
+                "{stored}"
+            );
+            assert!(
+                !hasher
+                    .verify("old secreT", Some(stored))
+                    .await
+                    .unwrap()
+                    .matches
+            );
+        }
+        assert_eq!(LegacyHash::parse("$sha256$nothex"), None);
+        assert_eq!(LegacyHash::parse("$md5$abc"), None);
+    }
 
     const CHEAP: HashParams = HashParams {
         memory_kib: 64,

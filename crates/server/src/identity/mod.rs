@@ -4,6 +4,7 @@
 
 mod account;
 pub mod hasher;
+pub mod import;
 pub mod keys;
 pub mod mfa;
 

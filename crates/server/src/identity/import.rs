@@ -1,0 +1,183 @@
+//! Importing users from another system, with their password hashes, as JSON lines. Legacy
+//! SHA-256 hashes are kept until each user's next login rewrites them as Argon2id, so nobody is
+//! forced to reset a password.
+
+use std::collections::HashSet;
+
+use argon2::password_hash::PasswordHash;
+use serde::Deserialize;
+use unhidra_core::{Email, Role, UserId};
+use unhidra_store::StoreError;
+use unhidra_store::identity::{NewUser, UserChange};
+
+use super::hasher::LegacyHash;
+use super::{Identity, RequestContext};
+
+/// One line of an import file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ImportLine {
+    email: String,
+    display_name: Option<String>,
+    role: Option<String>,
+    active: Option<bool>,
+    email_verified: Option<bool>,
+    /// An Argon2 PHC string, taken as it is.
+    password_hash: Option<String>,
+    /// A SHA-256 digest, hex.
+    sha256: Option<String>,
+    /// The salt of `sha256`, as text.
+    salt: Option<String>,
+    /// `prefix` (SHA-256(salt ‖ password), the default) or `suffix`.
+    salt_position: Option<String>,
+}
+
+/// A checked line, ready to store.
+struct Checked {
+    email: Email,
+    display_name: Option<String>,
+    role: Role,
+    active: bool,
+    email_verified: bool,
+    hash: String,
+}
+
+/// What an import did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ImportSummary {
+    /// Users created.
+    pub imported: usize,
+    /// Emails that had an account already, left as they were.
+    pub skipped: Vec<String>,
+}
+
+/// Why nothing was imported.
+#[derive(Debug, thiserror::Error)]
+pub enum ImportError {
+    /// Lines that cannot be imported, each as `line N: why`.
+    #[error("{}", .0.join("\n"))]
+    Invalid(Vec<String>),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+fn check(line: ImportLine) -> Result<Checked, String> {
+    let email = Email::parse(&line.email).map_err(|e| format!("email: {e}"))?;
+    let role = match line.role.as_deref() {
+        None => Role::User,
+        Some(text) => text.parse().map_err(|e: String| format!("role: {e}"))?,
+    };
+    let hash = match (line.password_hash, line.sha256) {
+        (Some(phc), None) => {
+            let parsed = PasswordHash::new(&phc).map_err(|e| format!("password_hash: {e}"))?;
+            if !parsed.algorithm.as_str().starts_with("argon2") {
+                return Err(format!(
+                    "password_hash: {} is not supported; give argon2 PHC strings or sha256",
+                    parsed.algorithm
+                ));
+            }
+            phc
+        }
+        (None, Some(digest)) => {
+            if digest.len() != 64 || !digest.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err("sha256: expected 64 hex digits".into());
+            }
+            let salt_first = match line.salt_position.as_deref() {
+                None | Some("prefix") => true,
+                Some("suffix") => false,
+                Some(other) => {
+                    return Err(format!("salt_position: {other:?} is not prefix or suffix"));
+                }
+            };
+            let salt = line.salt.unwrap_or_default();
+            LegacyHash::encode(&digest, salt.as_bytes(), salt_first)
+        }
+        (Some(_), Some(_)) => return Err("give password_hash or sha256, not both".into()),
+        (None, None) => return Err("a password_hash or a sha256 is required".into()),
+    };
+    Ok(Checked {
+        email,
+        display_name: line.display_name.filter(|n| !n.trim().is_empty()),
+        role,
+        active: line.active.unwrap_or(true),
+        email_verified: line.email_verified.unwrap_or(false),
+        hash,
+    })
+}
+
+impl Identity {
+    /// Imports users from JSON lines. Every line is checked first: if any is wrong, nothing is
+    /// imported and every problem is reported with its line number. Existing emails are skipped.
+    pub async fn import_users(
+        &self,
+        text: &str,
+        ctx: &RequestContext,
+    ) -> Result<ImportSummary, ImportError> {
+        let mut problems = Vec::new();
+        let mut checked = Vec::new();
+        let mut seen = HashSet::new();
+        for (index, raw) in text.lines().enumerate() {
+            let number = index + 1;
+            if raw.trim().is_empty() {
+                continue;
+            }
+            let parsed = serde_json::from_str::<ImportLine>(raw)
+                .map_err(|e| e.to_string())
+                .and_then(check);
+            match parsed {
+                Ok(user) if !seen.insert(user.email.clone()) => {
+                    problems.push(format!("line {number}: {} appears twice", user.email));
+                }
+                Ok(user) => checked.push(user),
+                Err(why) => problems.push(format!("line {number}: {why}")),
+            }
+        }
+        if !problems.is_empty() {
+            return Err(ImportError::Invalid(problems));
+        }
+        let mut summary = ImportSummary::default();
+        let now = self.now();
+        for user in checked {
+            let id = UserId::new();
+            let created = self
+                .store
+                .create_user(&NewUser {
+                    id,
+                    email: user.email.clone(),
+                    display_name: user.display_name,
+                    password_hash: user.hash,
+                    role: user.role,
+                    now,
+                })
+                .await;
+            match created {
+                Ok(()) => summary.imported += 1,
+                Err(StoreError::Conflict { .. }) => {
+                    summary.skipped.push(user.email.to_string());
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            }
+            if !user.active {
+                let change = UserChange {
+                    role: None,
+                    active: Some(false),
+                };
+                self.store.update_user(id, change, now).await?;
+            }
+            if user.email_verified {
+                self.store.set_email_verified(id, now).await?;
+            }
+        }
+        self.audit(
+            "users.imported",
+            None,
+            None,
+            ctx,
+            serde_json::json!({ "imported": summary.imported, "skipped": summary.skipped.len() }),
+        )
+        .await;
+        Ok(summary)
+    }
+}
