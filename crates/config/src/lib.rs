@@ -218,6 +218,17 @@ config_keys! {
         require_verified_email: bool = false, secret = false;
         /// Admins without TOTP may do nothing but enrol it.
         require_admin_mfa: bool = false, secret = false;
+        /// Also write audit events as JSON lines to `<data_dir>/audit/audit.jsonl`.
+        audit_file_enabled: bool = true, secret = false;
+        /// Size at which the audit file is rotated, in bytes.
+        audit_file_max_bytes: u64 = 10 * 1024 * 1024, secret = false;
+        /// Rotated audit files kept.
+        audit_file_max_files: u32 = 10, secret = false;
+        /// Rotated audit files older than this are deleted.
+        audit_file_max_age: HumanDuration = HumanDuration::secs(90 * 24 * 3600), secret = false;
+        /// Shorten client addresses in the audit log to their network (/24 or /48). Events name
+        /// users by id, never by email.
+        audit_minimise: bool = profile == Profile::Prod, secret = false;
         /// With `admin_password`, makes sure this admin exists at start.
         admin_email: Option<String> = None, secret = false;
         /// The first admin's password, used only if the admin does not exist yet.

@@ -3,6 +3,7 @@
 //! map [`IdentityError`] to problems in one place (`routes::auth`).
 
 mod account;
+pub mod audit_file;
 pub mod hasher;
 pub mod import;
 pub mod keys;
@@ -238,6 +239,9 @@ pub struct Identity {
     limits: Limits,
     metrics: AuthMetrics,
     mailer: Arc<Mailer>,
+    audit_file: Option<audit_file::AuditFile>,
+    /// Shorten addresses in audit events.
+    audit_minimise: bool,
     /// Where links in mail point; without it, mail carries the bare token.
     public_url: Option<String>,
     require_verified: bool,
@@ -332,6 +336,8 @@ impl Identity {
             limits: Limits::from_config(config),
             metrics,
             mailer,
+            audit_file: audit_file::AuditFile::from_config(config),
+            audit_minimise: config.audit_minimise,
             public_url: config
                 .public_url
                 .as_ref()
@@ -990,17 +996,40 @@ impl Identity {
         ctx: &RequestContext,
         detail: serde_json::Value,
     ) {
+        let ip = ctx.ip.as_deref().map(|ip| {
+            if self.audit_minimise {
+                audit_file::minimise_ip(ip)
+            } else {
+                ip.to_owned()
+            }
+        });
         let event = NewAuditEvent {
             at: self.now(),
             kind: kind.to_owned(),
             actor_id: actor,
             subject_id: subject,
-            ip: ctx.ip.clone(),
+            ip,
             trace_id: ctx.trace_id.clone(),
             detail: detail.to_string(),
         };
-        if let Err(e) = self.store.append_audit(&event).await {
-            tracing::error!(kind, error = %crate::error::error_chain(&e), "audit event not recorded");
+        let id = match self.store.append_audit(&event).await {
+            Ok(id) => Some(id),
+            Err(e) => {
+                tracing::error!(kind, error = %crate::error::error_chain(&e), "audit event not recorded");
+                None
+            }
+        };
+        if let Some(sink) = &self.audit_file {
+            sink.write(&serde_json::json!({
+                "id": id,
+                "at": event.at,
+                "kind": event.kind,
+                "actor_id": event.actor_id.map(|u| u.to_string()),
+                "subject_id": event.subject_id,
+                "ip": event.ip,
+                "trace_id": event.trace_id,
+                "detail": detail,
+            }));
         }
     }
 }

@@ -1246,3 +1246,30 @@ async fn registrations_and_refreshes_are_limited_per_address() {
     .await;
     app.shutdown().await;
 }
+
+#[tokio::test]
+async fn audit_events_are_also_json_lines_in_a_file() {
+    let app = TestApp::spawn_with(Backend::Sqlite, |c| c.audit_minimise = true, None).await;
+    signed_in(&app, "wil@example.com").await;
+    let stored = app.db.store.audit_events(None, 10).await.unwrap();
+    assert_eq!(
+        stored[0].ip.as_deref(),
+        Some("127.0.0.0/24"),
+        "minimised before it is stored"
+    );
+    let text = std::fs::read_to_string(app.data_dir().join("audit/audit.jsonl")).unwrap();
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let kinds: Vec<&str> = lines.iter().map(|l| l["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["user.registered", "login.succeeded"]);
+    assert_eq!(lines[1]["ip"], "127.0.0.0/24");
+    assert_eq!(lines[1]["id"], stored[0].id);
+    assert!(lines[1]["trace_id"].is_string());
+    assert!(
+        !text.contains("wil@example.com"),
+        "no emails in the audit log"
+    );
+    app.shutdown().await;
+}

@@ -163,6 +163,11 @@ impl TestApp {
         self.db.drop_db().await;
     }
 
+    /// The server's data folder.
+    pub fn data_dir(&self) -> &std::path::Path {
+        self._data_dir.path()
+    }
+
     /// Every message mailed so far (to the outbox), oldest first, once background sends are done.
     pub async fn mails(&self) -> Vec<Mailed> {
         self.state.identity().mailer().drain().await;
