@@ -176,6 +176,9 @@ config_keys! {
         access_token_ttl: HumanDuration = HumanDuration::secs(15 * 60), secret = false;
         /// Lifetime of each refresh token; every refresh issues a new one.
         refresh_token_ttl: HumanDuration = HumanDuration::secs(14 * 24 * 3600), secret = false;
+        /// A used refresh token presented again within this time (a second tab retrying) gets
+        /// the same successor instead of revoking the session; 0 turns this off.
+        refresh_reuse_grace: HumanDuration = HumanDuration::secs(0), secret = false;
         /// Absolute lifetime of a login session, however often it is refreshed.
         session_max_age: HumanDuration = HumanDuration::secs(30 * 24 * 3600), secret = false;
         /// Argon2id memory cost in KiB (OWASP: at least 19456 in production).

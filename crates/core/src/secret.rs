@@ -21,6 +21,11 @@ impl OpaqueToken {
         Self(URL_SAFE_NO_PAD.encode(bytes))
     }
 
+    /// A token made of the given 256 bits, such as a keyed hash of another token.
+    pub fn from_bytes(bytes: &[u8; TOKEN_BYTES]) -> Self {
+        Self(URL_SAFE_NO_PAD.encode(bytes))
+    }
+
     /// Wraps a token a client presented.
     pub fn from_client(text: &str) -> Self {
         Self(text.to_owned())

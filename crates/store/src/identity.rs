@@ -183,8 +183,14 @@ pub struct NewRefreshToken {
 pub enum Rotation {
     /// The token was current: it is now used, and its successor is stored.
     Rotated(SessionRecord),
-    /// The token had been used before: someone replays it. The caller revokes the session.
-    Reused(SessionRecord),
+    /// The token had been used before: someone replays it (or a second tab retries). The
+    /// caller revokes the session, unless the use was within its grace window.
+    Reused {
+        /// The token's session.
+        session: SessionRecord,
+        /// When the token was first used.
+        used_at: DateTime<Utc>,
+    },
     /// Unknown, expired, or its session is over. Nothing changed.
     Invalid,
 }
@@ -217,6 +223,14 @@ pub trait SessionStore {
         user_id: UserId,
         now: DateTime<Utc>,
     ) -> Result<Vec<SessionRecord>, StoreError>;
+
+    /// Whether the refresh token with this hash exists, is unused and unexpired, and its
+    /// session is live.
+    async fn refresh_token_usable(
+        &self,
+        hash: &str,
+        now: DateTime<Utc>,
+    ) -> Result<bool, StoreError>;
 
     /// Revokes one session; false if it was revoked already.
     async fn revoke_session(

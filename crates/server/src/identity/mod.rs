@@ -31,6 +31,9 @@ use self::mfa::LoginOutcome;
 use crate::mail::Mailer;
 use crate::metrics::AuthMetrics;
 
+/// The meta key of the installation's refresh-token derivation key.
+const REFRESH_KEY: &str = "refresh_successor_key";
+
 /// The longest display name, in characters.
 pub const MAX_DISPLAY_NAME: usize = 100;
 /// The first lock's length; each next lock doubles it, up to a day.
@@ -231,6 +234,10 @@ pub struct Identity {
     policy: PasswordPolicy,
     clock: Arc<dyn Clock>,
     refresh_ttl: Duration,
+    refresh_grace: Duration,
+    /// Keys the derivation of a refresh token's successor from the token itself, so that a
+    /// retry within the grace window can be given the same successor without storing it.
+    refresh_key: ring::hmac::Key,
     session_max_age: Duration,
     hide_existing: bool,
     /// Consecutive failed logins that lock an account; each further multiple locks it again.
@@ -295,6 +302,10 @@ impl Identity {
     ) -> Result<Self, KeyError> {
         let hasher = Hasher::new(HashParams::from_config(config), config.hash_workers)
             .map_err(|e| KeyError::Config(format!("argon2 parameters: {e}")))?;
+        let key_hex = store
+            .meta_get_or_insert(REFRESH_KEY, &OpaqueToken::generate().hash(), clock.now())
+            .await?;
+        let refresh_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key_hex.as_bytes());
         let issuer = config
             .jwt_issuer
             .clone()
@@ -330,6 +341,8 @@ impl Identity {
             },
             clock,
             refresh_ttl: duration(config.refresh_token_ttl),
+            refresh_grace: duration(config.refresh_reuse_grace),
+            refresh_key,
             session_max_age: duration(config.session_max_age),
             hide_existing: config.hide_existing_accounts,
             lock_threshold: config.lockout_threshold,
@@ -710,7 +723,7 @@ impl Identity {
         self.limited("refresh", &self.limits.refresh_ip, ip_key(ctx), ctx)
             .await?;
         let presented = OpaqueToken::from_client(token);
-        let next = OpaqueToken::generate();
+        let next = self.successor(&presented);
         let now = self.now();
         let rotation = self
             .store
@@ -734,7 +747,14 @@ impl Identity {
                 }
                 self.pair(user.id, session.id, user.role, &next, now)
             }
-            Rotation::Reused(session) => {
+            Rotation::Reused { session, used_at } => {
+                if self.within_grace(used_at, now, &next).await? {
+                    // A concurrent retry (another tab): the same successor, no revocation.
+                    let user = self.store.user_by_id(session.user_id).await?;
+                    if user.active {
+                        return self.pair(user.id, session.id, user.role, &next, now);
+                    }
+                }
                 self.metrics.failure("refresh_reused");
                 let revoked = self
                     .store
@@ -752,6 +772,32 @@ impl Identity {
             }
             Rotation::Invalid => Err(IdentityError::InvalidRefreshToken),
         }
+    }
+
+    /// The successor of a refresh token: an HMAC of it, so the same token always has the same
+    /// successor.
+    fn successor(&self, presented: &OpaqueToken) -> OpaqueToken {
+        let tag = ring::hmac::sign(&self.refresh_key, presented.expose().as_bytes());
+        let mut bytes = [0u8; 32];
+        bytes.copy_from_slice(&tag.as_ref()[..32]);
+        OpaqueToken::from_bytes(&bytes)
+    }
+
+    /// Whether a reuse at `now` of a token first used at `used_at` is a retry within the grace
+    /// window whose successor is still unused.
+    async fn within_grace(
+        &self,
+        used_at: DateTime<Utc>,
+        now: DateTime<Utc>,
+        successor: &OpaqueToken,
+    ) -> Result<bool, IdentityError> {
+        if self.refresh_grace <= Duration::zero() || now - used_at > self.refresh_grace {
+            return Ok(false);
+        }
+        Ok(self
+            .store
+            .refresh_token_usable(&successor.hash(), now)
+            .await?)
     }
 
     /// Checks an access token and that its session and user are still in good standing, so that

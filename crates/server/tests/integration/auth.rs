@@ -1273,3 +1273,62 @@ async fn audit_events_are_also_json_lines_in_a_file() {
     );
     app.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_retry_within_the_grace_window_gets_the_same_successor() {
+    let clock = Arc::new(ManualClock::new(Utc::now()));
+    let app = TestApp::spawn_on(
+        TestDb::sqlite().await,
+        |c| c.refresh_reuse_grace = unhidra_config::HumanDuration::secs(10),
+        None,
+        clock.clone(),
+    )
+    .await;
+    let first = signed_in(&app, "xia@example.com").await;
+    let refresh = |token: String| {
+        post(
+            &app,
+            "/api/v1/auth/refresh",
+            json!({ "refresh_token": token }),
+        )
+    };
+    let a: Value = refresh(refresh_token(&first)).await.json().await.unwrap();
+    clock.advance(Duration::seconds(3));
+    // The second tab retries with the same token: same successor, session intact.
+    let b = refresh(refresh_token(&first)).await;
+    assert_eq!(b.status(), 200);
+    let b: Value = b.json().await.unwrap();
+    assert_eq!(refresh_token(&a), refresh_token(&b));
+    assert_eq!(
+        get_with(&app, "/api/v1/auth/me", &access(&b))
+            .await
+            .status(),
+        200
+    );
+    // Once the successor is used, the old token is a replay again, grace or not.
+    let c: Value = refresh(refresh_token(&b)).await.json().await.unwrap();
+    problem(
+        refresh(refresh_token(&first)).await,
+        401,
+        "refresh_token_reused",
+    )
+    .await;
+    problem(
+        get_with(&app, "/api/v1/auth/me", &access(&c)).await,
+        401,
+        "session_revoked",
+    )
+    .await;
+
+    // And past the window, a retry is a replay.
+    let other = signed_in(&app, "yan@example.com").await;
+    refresh(refresh_token(&other)).await;
+    clock.advance(Duration::seconds(11));
+    problem(
+        refresh(refresh_token(&other)).await,
+        401,
+        "refresh_token_reused",
+    )
+    .await;
+    app.shutdown().await;
+}

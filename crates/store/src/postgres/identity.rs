@@ -278,7 +278,7 @@ impl SessionStore for PostgresStore {
             .map_err(err)?;
             tx.rollback().await.map_err(err)?;
             return match prior {
-                Some((sid, Some(_))) => {
+                Some((sid, Some(used_at))) => {
                     let row = sqlx::query(&format!(
                         "SELECT {SESSION_COLUMNS} FROM sessions WHERE id = $1"
                     ))
@@ -286,7 +286,10 @@ impl SessionStore for PostgresStore {
                     .fetch_one(&self.pool)
                     .await
                     .map_err(err)?;
-                    Ok(Rotation::Reused(session(&row)?))
+                    Ok(Rotation::Reused {
+                        session: session(&row)?,
+                        used_at,
+                    })
                 }
                 _ => Ok(Rotation::Invalid),
             };
@@ -348,6 +351,23 @@ impl SessionStore for PostgresStore {
         .await
         .map_err(|e| StoreError::from_sqlx("session", e))?;
         rows.iter().map(session).collect()
+    }
+
+    async fn refresh_token_usable(
+        &self,
+        hash: &str,
+        now: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM refresh_tokens t JOIN sessions s ON s.id = t.session_id \
+             WHERE t.token_hash = $1 AND t.used_at IS NULL AND t.expires_at > $2 \
+             AND s.revoked_at IS NULL AND s.expires_at > $2)",
+        )
+        .bind(hash)
+        .bind(now)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(|e| StoreError::from_sqlx("refresh token", e))
     }
 
     async fn revoke_session(

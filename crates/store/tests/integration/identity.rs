@@ -226,7 +226,7 @@ async fn refresh_tokens_rotate_once(db: &TestDb) {
         .await
         .unwrap();
     assert!(
-        matches!(&reused, Rotation::Reused(s) if s.id == sid),
+        matches!(&reused, Rotation::Reused { session, .. } if session.id == sid),
         "{reused:?}"
     );
     // Reuse stored nothing: t3 does not exist.
@@ -236,6 +236,12 @@ async fn refresh_tokens_rotate_once(db: &TestDb) {
         .await
         .unwrap();
     assert_eq!(t3, Rotation::Invalid);
+    assert!(db.store.refresh_token_usable("t2", now()).await.unwrap());
+    assert!(
+        !db.store.refresh_token_usable("t1", now()).await.unwrap(),
+        "used"
+    );
+    assert!(!db.store.refresh_token_usable("nope", now()).await.unwrap());
     // The successor still works.
     let next = db
         .store
@@ -276,7 +282,7 @@ async fn concurrent_rotations_have_one_winner(db: &TestDb) {
     for t in tasks {
         match t.await.unwrap() {
             Rotation::Rotated(_) => rotated += 1,
-            Rotation::Reused(_) => {}
+            Rotation::Reused { .. } => {}
             Rotation::Invalid => panic!("a known token is never invalid here"),
         }
     }
