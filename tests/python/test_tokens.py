@@ -55,3 +55,29 @@ def test_a_token_pyjwt_forges_is_refused(server):
     )
     assert response.status_code == 401
     assert response.json()["code"] == "invalid_token"
+
+
+def test_tokens_verify_before_and_after_a_key_rotation(server):
+    before = login(server)
+    old_kid = jwt.get_unverified_header(before["access_token"])["kid"]
+    auth = {"Authorization": f"Bearer {before['access_token']}"}
+    rotated = requests.post(f"{server.base_url}/api/v1/admin/keys/rotate", headers=auth, timeout=10)
+    assert rotated.status_code == 201, rotated.text
+    new_kid = rotated.json()["kid"]
+    assert new_kid != old_kid
+
+    after = login(server)
+    assert jwt.get_unverified_header(after["access_token"])["kid"] == new_kid
+    # Both verify against the published key set: no one is logged out by a rotation.
+    assert verify(server, before["access_token"])["sub"] == verify(server, after["access_token"])["sub"]
+
+    # Once the old key is retired, it leaves the key set and its tokens stop working.
+    new_auth = {"Authorization": f"Bearer {after['access_token']}"}
+    retired = requests.post(
+        f"{server.base_url}/api/v1/admin/keys/{old_kid}/retire", headers=new_auth, timeout=10
+    )
+    assert retired.status_code == 204, retired.text
+    with pytest.raises(jwt.PyJWKClientError):
+        verify(server, before["access_token"])
+    me = requests.get(f"{server.base_url}/api/v1/auth/me", headers=auth, timeout=10)
+    assert me.status_code == 401

@@ -181,6 +181,11 @@ impl Keyset {
         Ok(())
     }
 
+    /// Whether the signing key comes from the configuration.
+    pub fn is_configured(&self) -> bool {
+        self.configured.is_some()
+    }
+
     /// The kid that signs now.
     pub fn signing_kid(&self) -> String {
         self.current().signer.kid.clone()

@@ -58,7 +58,7 @@ pub enum LoginOutcome {
 fn totp(secret_b32: &str, account: &str) -> Result<TOTP, IdentityError> {
     let bytes = Secret::Encoded(secret_b32.to_owned())
         .to_bytes()
-        .map_err(|e| IdentityError::Totp(e.to_string()))?;
+        .map_err(|e| IdentityError::Crypto(e.to_string()))?;
     TOTP::new(
         Algorithm::SHA1,
         6,
@@ -68,7 +68,7 @@ fn totp(secret_b32: &str, account: &str) -> Result<TOTP, IdentityError> {
         Some(ISSUER.to_owned()),
         account.to_owned(),
     )
-    .map_err(|e| IdentityError::Totp(e.to_string()))
+    .map_err(|e| IdentityError::Crypto(e.to_string()))
 }
 
 /// The time step whose code is `code`, among the current one and its neighbours.
@@ -118,7 +118,7 @@ impl Identity {
                     .min_dimensions(200, 200)
                     .build()
             })
-            .map_err(|e| IdentityError::Totp(e.to_string()))?;
+            .map_err(|e| IdentityError::Crypto(e.to_string()))?;
         Ok(TotpSetup {
             secret,
             otpauth_uri: uri,

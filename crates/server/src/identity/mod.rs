@@ -149,9 +149,15 @@ pub enum IdentityError {
     /// An admin without a second factor may only enrol one.
     #[error("enrol a second factor first")]
     MfaEnrollmentRequired,
-    /// The TOTP secret could not be used.
-    #[error("totp: {0}")]
-    Totp(String),
+    /// The signing key comes from the configuration; rotate it there.
+    #[error("the signing key is configured")]
+    KeyFromConfig,
+    /// The key signs now; rotate before retiring it.
+    #[error("the key signs now")]
+    KeyInUse,
+    /// A TOTP secret or a signing key could not be used.
+    #[error("crypto: {0}")]
+    Crypto(String),
     /// No such user or session (or not the caller's).
     #[error("not found: {0}")]
     NotFound(&'static str),
@@ -905,6 +911,55 @@ impl Identity {
         }
     }
 
+    /// Rotates the signing key and starts signing with the new one on this server at once.
+    pub async fn rotate_key(
+        &self,
+        admin: &Principal,
+        ctx: &RequestContext,
+    ) -> Result<String, IdentityError> {
+        if self.keys.is_configured() {
+            return Err(IdentityError::KeyFromConfig);
+        }
+        let kid = keys::rotate(&*self.store, self.now())
+            .await
+            .map_err(key_error)?;
+        self.keys.reload().await.map_err(key_error)?;
+        self.audit(
+            "key.rotated",
+            Some(admin.user_id),
+            Some(kid.clone()),
+            ctx,
+            serde_json::json!({}),
+        )
+        .await;
+        Ok(kid)
+    }
+
+    /// Retires a key that no longer signs; its tokens are refused from then on.
+    pub async fn retire_key(
+        &self,
+        admin: &Principal,
+        kid: &str,
+        ctx: &RequestContext,
+    ) -> Result<(), IdentityError> {
+        if self.keys.signing_kid() == kid {
+            return Err(IdentityError::KeyInUse);
+        }
+        keys::retire(&*self.store, kid, self.now())
+            .await
+            .map_err(key_error)?;
+        self.keys.reload().await.map_err(key_error)?;
+        self.audit(
+            "key.retired",
+            Some(admin.user_id),
+            Some(kid.to_owned()),
+            ctx,
+            serde_json::json!({}),
+        )
+        .await;
+        Ok(())
+    }
+
     /// A page of users matching `query`.
     pub async fn list_users(
         &self,
@@ -1077,6 +1132,16 @@ impl Identity {
                 "detail": detail,
             }));
         }
+    }
+}
+
+/// Maps a keyset failure: a missing key is a 404, anything else is internal.
+fn key_error(err: KeyError) -> IdentityError {
+    match err {
+        KeyError::Store(StoreError::NotFound { .. }) => IdentityError::NotFound("signing key"),
+        KeyError::Store(e) => IdentityError::Store(e),
+        KeyError::Config(_) => IdentityError::KeyInUse,
+        other => IdentityError::Crypto(other.to_string()),
     }
 }
 

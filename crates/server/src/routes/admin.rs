@@ -271,3 +271,91 @@ pub(crate) async fn logs(
         next_before,
     }))
 }
+
+/// A signing key, without its private part.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct KeyView {
+    kid: String,
+    algorithm: String,
+    created_at: chrono::DateTime<chrono::Utc>,
+    retired_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// Whether this key signs new tokens on this server now.
+    signing: bool,
+}
+
+/// The keys that sign and verify access tokens, oldest first.
+#[utoipa::path(get, path = "/api/v1/admin/keys", tag = "admin", security(("bearer" = [])),
+    responses((status = 200, description = "Keys", body = [KeyView])))]
+pub(crate) async fn keys(
+    State(state): State<AppState>,
+    _: Auth<Admin>,
+) -> Result<JsonResponse<Vec<KeyView>>, ApiError> {
+    let signing = state.identity().keys().signing_kid();
+    let keys = state.store().signing_keys().await?;
+    Ok(JsonResponse(
+        keys.into_iter()
+            .map(|k| KeyView {
+                signing: k.kid == signing,
+                kid: k.kid,
+                algorithm: k.algorithm,
+                created_at: k.created_at,
+                retired_at: k.retired_at,
+            })
+            .collect(),
+    ))
+}
+
+/// Generates a new signing key; this server signs with it at once, others within a minute.
+/// Tokens signed before keep working until their key is retired.
+#[utoipa::path(post, path = "/api/v1/admin/keys/rotate", tag = "admin",
+    security(("bearer" = [])),
+    responses(
+        (status = 201, description = "The new key", body = KeyView),
+        (status = 409, description = "The signing key comes from the configuration", body = Problem,
+            content_type = "application/problem+json"),
+    ))]
+pub(crate) async fn rotate_key(
+    State(state): State<AppState>,
+    Auth(admin, ..): Auth<Admin>,
+    Ctx(ctx): Ctx,
+) -> Result<(axum::http::StatusCode, JsonResponse<KeyView>), ApiError> {
+    let kid = state.identity().rotate_key(&admin, &ctx).await?;
+    let key = state
+        .store()
+        .signing_keys()
+        .await?
+        .into_iter()
+        .find(|k| k.kid == kid)
+        .ok_or_else(|| ApiError::not_found("signing key"))?;
+    Ok((
+        axum::http::StatusCode::CREATED,
+        JsonResponse(KeyView {
+            signing: true,
+            kid: key.kid,
+            algorithm: key.algorithm,
+            created_at: key.created_at,
+            retired_at: key.retired_at,
+        }),
+    ))
+}
+
+/// Retires a key: tokens it signed are refused from then on. The signing key cannot be retired.
+#[utoipa::path(post, path = "/api/v1/admin/keys/{kid}/retire", tag = "admin",
+    security(("bearer" = [])),
+    params(("kid" = String, Path, description = "Key id")),
+    responses(
+        (status = 204, description = "Retired"),
+        (status = 404, description = "No such key", body = Problem,
+            content_type = "application/problem+json"),
+        (status = 409, description = "The key signs now", body = Problem,
+            content_type = "application/problem+json"),
+    ))]
+pub(crate) async fn retire_key(
+    State(state): State<AppState>,
+    Auth(admin, ..): Auth<Admin>,
+    Ctx(ctx): Ctx,
+    Path(kid): Path<String>,
+) -> Result<axum::http::StatusCode, ApiError> {
+    state.identity().retire_key(&admin, &kid, &ctx).await?;
+    Ok(axum::http::StatusCode::NO_CONTENT)
+}

@@ -150,7 +150,20 @@ impl From<IdentityError> for ApiError {
                 "Admins need two-factor authentication; set it up under /api/v1/auth/totp.",
             )
             .into(),
-            E::Totp(e) => Self::internal(IdentityError::Totp(e)),
+            E::KeyFromConfig => Problem::new(
+                StatusCode::CONFLICT,
+                "signing_key_configured",
+                "The signing key comes from the configuration: point signing_key at a new key \
+                 and restart; the old one keeps verifying until retired.",
+            )
+            .into(),
+            E::KeyInUse => Problem::new(
+                StatusCode::CONFLICT,
+                "key_in_use",
+                "This key signs new tokens; rotate first, then retire it.",
+            )
+            .into(),
+            E::Crypto(e) => Self::internal(IdentityError::Crypto(e)),
             E::NotFound(what) => Self::not_found(what),
             E::Store(e) => e.into(),
             E::Hash(e) => Self::internal(e),

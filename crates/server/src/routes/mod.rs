@@ -120,6 +120,9 @@ fn documented() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(admin::update_user))
         .routes(routes!(admin::bulk))
         .routes(routes!(admin::logs))
+        .routes(routes!(admin::keys))
+        .routes(routes!(admin::rotate_key))
+        .routes(routes!(admin::retire_key))
         .split_for_parts();
     // Applied to the finished document: the operations exist only after the routes are added.
     BearerAuth.modify(&mut doc);

@@ -1332,3 +1332,100 @@ async fn a_retry_within_the_grace_window_gets_the_same_successor() {
     .await;
     app.shutdown().await;
 }
+
+#[tokio::test]
+async fn admins_rotate_and_retire_keys_over_the_api() {
+    let app = TestApp::spawn_with(Backend::Sqlite, with_admin, None).await;
+    let admin: Value = login(&app, ADMIN, ADMIN_PASSWORD)
+        .await
+        .json()
+        .await
+        .unwrap();
+    let old_kid = jwt_part(&access(&admin), 0)["kid"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let call =
+        |path: String, token: String| app.client.post(app.url(&path)).bearer_auth(token).send();
+    let rotated = call("/api/v1/admin/keys/rotate".into(), access(&admin))
+        .await
+        .unwrap();
+    assert_eq!(rotated.status(), 201);
+    let new_kid = rotated.json::<Value>().await.unwrap()["kid"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let keys: Value = get_with(&app, "/api/v1/admin/keys", &access(&admin))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let signing: Vec<&str> = keys
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|k| k["signing"] == true)
+        .map(|k| k["kid"].as_str().unwrap())
+        .collect();
+    assert_eq!(signing, [new_kid.as_str()]);
+    let refused = call(
+        format!("/api/v1/admin/keys/{new_kid}/retire"),
+        access(&admin),
+    )
+    .await
+    .unwrap();
+    problem(refused, 409, "key_in_use").await;
+    let missing = call(
+        "/api/v1/admin/keys/no-such-kid/retire".into(),
+        access(&admin),
+    )
+    .await
+    .unwrap();
+    problem(missing, 404, "not_found").await;
+    assert_eq!(
+        call(
+            format!("/api/v1/admin/keys/{old_kid}/retire"),
+            access(&admin)
+        )
+        .await
+        .unwrap()
+        .status(),
+        204
+    );
+    // The admin's own token was signed by the old key: it stops working too.
+    problem(
+        get_with(&app, "/api/v1/auth/me", &access(&admin)).await,
+        401,
+        "invalid_token",
+    )
+    .await;
+    let kinds = audit_kinds(&app).await;
+    assert!(kinds.contains(&"key.rotated".to_owned()) && kinds.contains(&"key.retired".to_owned()));
+
+    // With the key in the configuration, rotation is refused with the way to do it.
+    let (pem, _) = ed25519_pem();
+    let configured = TestApp::spawn_with(
+        Backend::Sqlite,
+        |c| {
+            with_admin(c);
+            c.signing_key = Some(unhidra_config::Secret::new(pem.clone()));
+        },
+        None,
+    )
+    .await;
+    let admin: Value = login(&configured, ADMIN, ADMIN_PASSWORD)
+        .await
+        .json()
+        .await
+        .unwrap();
+    let response = configured
+        .client
+        .post(configured.url("/api/v1/admin/keys/rotate"))
+        .bearer_auth(access(&admin))
+        .send()
+        .await
+        .unwrap();
+    problem(response, 409, "signing_key_configured").await;
+    configured.shutdown().await;
+    app.shutdown().await;
+}
