@@ -11,6 +11,7 @@ pub mod identity;
 mod meta;
 mod migrations;
 mod postgres;
+pub mod rooms;
 mod sqlite;
 #[cfg(feature = "testing")]
 pub mod testing;
@@ -26,6 +27,7 @@ pub use error::StoreError;
 pub use identity::{AuditStore, KeyStore, MfaStore, OneTimeTokenStore, SessionStore, UserStore};
 pub use meta::{INSTANCE_ID, MetaStore};
 pub use postgres::PostgresStore;
+pub use rooms::RoomStore;
 pub use sqlite::SqliteStore;
 
 /// Which engine is behind a [`Store`].
@@ -97,6 +99,7 @@ pub trait Store:
     + AuditStore
     + OneTimeTokenStore
     + MfaStore
+    + RoomStore
     + fmt::Debug
     + Send
     + Sync

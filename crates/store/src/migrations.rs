@@ -30,6 +30,7 @@ pub(crate) const SQLITE: &[Embedded] = embedded!("sqlite":
     (0002, "identity"),
     (0003, "one_time_tokens"),
     (0004, "totp"),
+    (0005, "rooms"),
 );
 
 /// PostgreSQL's migrations, oldest first, in step with [`SQLITE`].
@@ -39,6 +40,7 @@ pub(crate) const POSTGRES: &[Embedded] = embedded!("postgres":
     (0002, "identity"),
     (0003, "one_time_tokens"),
     (0004, "totp"),
+    (0005, "rooms"),
 );
 
 #[derive(Debug)]

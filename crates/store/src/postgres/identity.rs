@@ -16,7 +16,7 @@ use crate::identity::{
     like_pattern, stored_email, stored_role,
 };
 
-fn get<'r, T: sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>>(
+pub(super) fn get<'r, T: sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>>(
     row: &'r PgRow,
     column: &str,
 ) -> Result<T, StoreError> {

@@ -8,6 +8,7 @@ use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
 mod identity;
+mod rooms;
 
 use crate::meta::MetaStore;
 use crate::migrations::{self, APPLIED_SQL};

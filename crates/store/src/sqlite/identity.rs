@@ -16,24 +16,28 @@ use crate::identity::{
     like_pattern, stored_email, stored_role,
 };
 
-fn micros(t: DateTime<Utc>) -> i64 {
+pub(super) fn micros(t: DateTime<Utc>) -> i64 {
     t.timestamp_micros()
 }
 
-fn time(m: i64) -> Result<DateTime<Utc>, StoreError> {
+pub(super) fn time(m: i64) -> Result<DateTime<Utc>, StoreError> {
     DateTime::from_timestamp_micros(m)
         .ok_or_else(|| StoreError::Other(format!("stored time {m} is out of range").into()))
+}
+
+pub(super) fn opt_uuid(text: Option<String>) -> Result<Option<Uuid>, StoreError> {
+    text.as_deref().map(uuid).transpose()
 }
 
 fn opt_time(m: Option<i64>) -> Result<Option<DateTime<Utc>>, StoreError> {
     m.map(time).transpose()
 }
 
-fn uuid(text: &str) -> Result<Uuid, StoreError> {
+pub(super) fn uuid(text: &str) -> Result<Uuid, StoreError> {
     Uuid::parse_str(text).map_err(|e| StoreError::Other(Box::new(e)))
 }
 
-fn get<'r, T: sqlx::Decode<'r, sqlx::Sqlite> + sqlx::Type<sqlx::Sqlite>>(
+pub(super) fn get<'r, T: sqlx::Decode<'r, sqlx::Sqlite> + sqlx::Type<sqlx::Sqlite>>(
     row: &'r SqliteRow,
     column: &str,
 ) -> Result<T, StoreError> {

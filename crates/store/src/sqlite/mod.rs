@@ -9,6 +9,7 @@ use sqlx::SqlitePool;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 
 mod identity;
+mod rooms;
 
 use crate::meta::MetaStore;
 use crate::migrations::{self, APPLIED_SQL};

@@ -144,3 +144,5 @@ async fn an_unknown_url_is_refused() {
 }
 
 mod identity;
+
+mod rooms;

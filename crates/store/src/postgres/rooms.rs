@@ -1,0 +1,285 @@
+//! Rooms, members and messages on PostgreSQL.
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use sqlx::postgres::PgRow;
+use unhidra_core::UserId;
+use uuid::Uuid;
+
+use super::PostgresStore;
+use super::identity::get;
+use crate::StoreError;
+use crate::rooms::{
+    MessageRange, MessageRecord, RoomChange, RoomListing, RoomRecord, RoomRole, RoomStore,
+    Visibility,
+};
+
+const ROOM_COLUMNS: &str = "r.id, r.name, r.visibility, r.created_by, r.created_at, r.retention_max_age, r.retention_max_count";
+
+fn room(row: &PgRow) -> Result<RoomRecord, StoreError> {
+    Ok(RoomRecord {
+        id: get(row, "id")?,
+        name: get(row, "name")?,
+        visibility: Visibility::parse(&get::<String>(row, "visibility")?)?,
+        created_by: get::<Option<Uuid>>(row, "created_by")?.map(UserId),
+        created_at: get(row, "created_at")?,
+        retention_max_age: get(row, "retention_max_age")?,
+        retention_max_count: get(row, "retention_max_count")?,
+    })
+}
+
+fn message(row: &PgRow) -> Result<MessageRecord, StoreError> {
+    Ok(MessageRecord {
+        id: get(row, "id")?,
+        room_id: get(row, "room_id")?,
+        sender_id: UserId(get(row, "sender_id")?),
+        client_msg_id: get(row, "client_msg_id")?,
+        body: get(row, "body")?,
+        created_at: get(row, "created_at")?,
+    })
+}
+
+const MESSAGE_COLUMNS: &str = "id, room_id, sender_id, client_msg_id, body, created_at";
+
+fn err(e: sqlx::Error) -> StoreError {
+    StoreError::from_sqlx("room", e)
+}
+
+#[async_trait]
+impl RoomStore for PostgresStore {
+    async fn create_room(&self, new: &RoomRecord, owner: UserId) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await.map_err(err)?;
+        sqlx::query(
+            "INSERT INTO rooms (id, name, visibility, created_by, created_at, retention_max_age, \
+             retention_max_count) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(new.id)
+        .bind(&new.name)
+        .bind(new.visibility.as_str())
+        .bind(new.created_by.map(|u| u.0))
+        .bind(new.created_at)
+        .bind(new.retention_max_age)
+        .bind(new.retention_max_count)
+        .execute(&mut *tx)
+        .await
+        .map_err(err)?;
+        sqlx::query(
+            "INSERT INTO room_members (room_id, user_id, role, joined_at) VALUES ($1, $2, 'owner', $3)",
+        )
+        .bind(new.id)
+        .bind(owner.0)
+        .bind(new.created_at)
+        .execute(&mut *tx)
+        .await
+        .map_err(err)?;
+        tx.commit().await.map_err(err)
+    }
+
+    async fn room(&self, id: Uuid) -> Result<RoomRecord, StoreError> {
+        let row = sqlx::query(&format!(
+            "SELECT {ROOM_COLUMNS} FROM rooms r WHERE r.id = $1"
+        ))
+        .bind(id)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(err)?;
+        room(&row)
+    }
+
+    async fn visible_rooms(&self, user: UserId) -> Result<Vec<RoomListing>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {ROOM_COLUMNS}, m.role FROM rooms r LEFT JOIN room_members m \
+             ON m.room_id = r.id AND m.user_id = $1 \
+             WHERE r.visibility = 'public' OR m.user_id IS NOT NULL ORDER BY r.name, r.id"
+        ))
+        .bind(user.0)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(err)?;
+        rows.iter()
+            .map(|row| {
+                Ok(RoomListing {
+                    room: room(row)?,
+                    role: get::<Option<String>>(row, "role")?
+                        .map(|r| RoomRole::parse(&r))
+                        .transpose()?,
+                })
+            })
+            .collect()
+    }
+
+    async fn update_room(&self, id: Uuid, change: &RoomChange) -> Result<RoomRecord, StoreError> {
+        let row = sqlx::query(&format!(
+            "UPDATE rooms AS r SET name = COALESCE($2, name), visibility = COALESCE($3, visibility), \
+             retention_max_age = CASE WHEN $4 THEN $5 ELSE retention_max_age END, \
+             retention_max_count = CASE WHEN $6 THEN $7 ELSE retention_max_count END \
+             WHERE id = $1 RETURNING {ROOM_COLUMNS}"
+        ))
+        .bind(id)
+        .bind(change.name.as_deref())
+        .bind(change.visibility.map(Visibility::as_str))
+        .bind(change.retention_max_age.is_some())
+        .bind(change.retention_max_age.flatten())
+        .bind(change.retention_max_count.is_some())
+        .bind(change.retention_max_count.flatten())
+        .fetch_one(&self.pool)
+        .await
+        .map_err(err)?;
+        room(&row)
+    }
+
+    async fn delete_room(&self, id: Uuid) -> Result<(), StoreError> {
+        let done = sqlx::query("DELETE FROM rooms WHERE id = $1")
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(err)?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound { entity: "room" });
+        }
+        Ok(())
+    }
+
+    async fn room_role(&self, room: Uuid, user: UserId) -> Result<Option<RoomRole>, StoreError> {
+        let role: Option<String> =
+            sqlx::query_scalar("SELECT role FROM room_members WHERE room_id = $1 AND user_id = $2")
+                .bind(room)
+                .bind(user.0)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(err)?;
+        role.map(|r| RoomRole::parse(&r)).transpose()
+    }
+
+    async fn put_member(
+        &self,
+        room: Uuid,
+        user: UserId,
+        role: RoomRole,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO room_members (room_id, user_id, role, joined_at) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (room_id, user_id) DO UPDATE SET role = excluded.role",
+        )
+        .bind(room)
+        .bind(user.0)
+        .bind(role.as_str())
+        .bind(now)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| StoreError::from_sqlx("room member", e))?;
+        Ok(())
+    }
+
+    async fn remove_member(&self, room: Uuid, user: UserId) -> Result<bool, StoreError> {
+        let done = sqlx::query("DELETE FROM room_members WHERE room_id = $1 AND user_id = $2")
+            .bind(room)
+            .bind(user.0)
+            .execute(&self.pool)
+            .await
+            .map_err(err)?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn members(&self, room: Uuid) -> Result<Vec<(UserId, RoomRole)>, StoreError> {
+        let rows: Vec<(Uuid, String)> = sqlx::query_as(
+            "SELECT user_id, role FROM room_members WHERE room_id = $1 \
+             ORDER BY CASE role WHEN 'owner' THEN 0 WHEN 'admin' THEN 1 ELSE 2 END, joined_at",
+        )
+        .bind(room)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(err)?;
+        rows.iter()
+            .map(|(u, r)| Ok((UserId(*u), RoomRole::parse(r)?)))
+            .collect()
+    }
+
+    async fn append_message(
+        &self,
+        room: Uuid,
+        sender: UserId,
+        client_msg_id: &str,
+        body: &str,
+        now: DateTime<Utc>,
+    ) -> Result<(MessageRecord, bool), StoreError> {
+        let inserted = sqlx::query(&format!(
+            "INSERT INTO messages (room_id, sender_id, client_msg_id, body, created_at) \
+             VALUES ($1, $2, $3, $4, $5) \
+             ON CONFLICT (room_id, sender_id, client_msg_id) DO NOTHING RETURNING {MESSAGE_COLUMNS}"
+        ))
+        .bind(room)
+        .bind(sender.0)
+        .bind(client_msg_id)
+        .bind(body)
+        .bind(now)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| StoreError::from_sqlx("message", e))?;
+        if let Some(row) = inserted {
+            return Ok((message(&row)?, true));
+        }
+        let row = sqlx::query(&format!(
+            "SELECT {MESSAGE_COLUMNS} FROM messages \
+             WHERE room_id = $1 AND sender_id = $2 AND client_msg_id = $3"
+        ))
+        .bind(room)
+        .bind(sender.0)
+        .bind(client_msg_id)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(|e| StoreError::from_sqlx("message", e))?;
+        Ok((message(&row)?, false))
+    }
+
+    async fn messages(
+        &self,
+        room: Uuid,
+        range: MessageRange,
+    ) -> Result<Vec<MessageRecord>, StoreError> {
+        // With `after`, read forward from it; otherwise read back from `before` (or the end).
+        let forward = range.after.is_some();
+        let sql = format!(
+            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE room_id = $1 \
+             AND ($2::bigint IS NULL OR id < $2) AND ($3::bigint IS NULL OR id > $3) \
+             ORDER BY id {} LIMIT $4",
+            if forward { "ASC" } else { "DESC" }
+        );
+        let rows = sqlx::query(&sql)
+            .bind(room)
+            .bind(range.before)
+            .bind(range.after)
+            .bind(i64::from(range.limit))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| StoreError::from_sqlx("message", e))?;
+        let mut list: Vec<MessageRecord> = rows.iter().map(message).collect::<Result<_, _>>()?;
+        if !forward {
+            list.reverse();
+        }
+        Ok(list)
+    }
+
+    async fn apply_retention(&self, now: DateTime<Utc>) -> Result<u64, StoreError> {
+        let by_age = sqlx::query(
+            "DELETE FROM messages WHERE id IN (SELECT m.id FROM messages m \
+             JOIN rooms r ON r.id = m.room_id WHERE r.retention_max_age IS NOT NULL \
+             AND m.created_at < $1 - make_interval(secs => r.retention_max_age))",
+        )
+        .bind(now)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| StoreError::from_sqlx("message", e))?;
+        let by_count = sqlx::query(
+            "DELETE FROM messages WHERE id IN (SELECT id FROM (SELECT m.id, r.retention_max_count \
+             AS keep, ROW_NUMBER() OVER (PARTITION BY m.room_id ORDER BY m.id DESC) AS n \
+             FROM messages m JOIN rooms r ON r.id = m.room_id \
+             WHERE r.retention_max_count IS NOT NULL) ranked WHERE n > keep)",
+        )
+        .execute(&self.pool)
+        .await
+        .map_err(|e| StoreError::from_sqlx("message", e))?;
+        Ok(by_age.rows_affected() + by_count.rows_affected())
+    }
+}

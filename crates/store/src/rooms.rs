@@ -1,0 +1,197 @@
+//! Storage of rooms, their members and their messages.
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use unhidra_core::UserId;
+use uuid::Uuid;
+
+use crate::StoreError;
+
+/// Who may see a room.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Visibility {
+    /// Anyone signed in may see, join and read it.
+    Public,
+    /// Only members.
+    Private,
+}
+
+impl Visibility {
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Public => "public",
+            Self::Private => "private",
+        }
+    }
+
+    pub(crate) fn parse(text: &str) -> Result<Self, StoreError> {
+        match text {
+            "public" => Ok(Self::Public),
+            "private" => Ok(Self::Private),
+            other => Err(StoreError::Other(
+                format!("stored visibility {other:?}").into(),
+            )),
+        }
+    }
+}
+
+/// A member's role in a room.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum RoomRole {
+    /// Posts and reads.
+    Member,
+    /// Also adds and removes members.
+    Admin,
+    /// Also changes and deletes the room.
+    Owner,
+}
+
+impl RoomRole {
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Member => "member",
+            Self::Admin => "admin",
+            Self::Owner => "owner",
+        }
+    }
+
+    pub(crate) fn parse(text: &str) -> Result<Self, StoreError> {
+        match text {
+            "member" => Ok(Self::Member),
+            "admin" => Ok(Self::Admin),
+            "owner" => Ok(Self::Owner),
+            other => Err(StoreError::Other(
+                format!("stored room role {other:?}").into(),
+            )),
+        }
+    }
+}
+
+/// A stored room.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoomRecord {
+    /// Its id.
+    pub id: Uuid,
+    /// Its name.
+    pub name: String,
+    /// Who may see it.
+    pub visibility: Visibility,
+    /// Who created it.
+    pub created_by: Option<UserId>,
+    /// When.
+    pub created_at: DateTime<Utc>,
+    /// Messages older than this many seconds are deleted.
+    pub retention_max_age: Option<i64>,
+    /// Only this many newest messages are kept.
+    pub retention_max_count: Option<i64>,
+}
+
+/// A room and the caller's role in it, if any.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoomListing {
+    /// The room.
+    pub room: RoomRecord,
+    /// The caller's role; `None` for a public room they have not joined.
+    pub role: Option<RoomRole>,
+}
+
+/// Changes to a room; `None` leaves a field as it is.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RoomChange {
+    /// A new name.
+    pub name: Option<String>,
+    /// A new visibility.
+    pub visibility: Option<Visibility>,
+    /// New retention by age (`Some(None)` clears it).
+    pub retention_max_age: Option<Option<i64>>,
+    /// New retention by count (`Some(None)` clears it).
+    pub retention_max_count: Option<Option<i64>>,
+}
+
+/// A stored message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessageRecord {
+    /// Increasing id.
+    pub id: i64,
+    /// The room.
+    pub room_id: Uuid,
+    /// Who sent it.
+    pub sender_id: UserId,
+    /// The sender's id for it.
+    pub client_msg_id: String,
+    /// The text.
+    pub body: String,
+    /// When it was stored.
+    pub created_at: DateTime<Utc>,
+}
+
+/// Which messages of a room to read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MessageRange {
+    /// Only ids below.
+    pub before: Option<i64>,
+    /// Only ids above.
+    pub after: Option<i64>,
+    /// At most this many: the newest ones below `before`, or the oldest ones above `after`.
+    pub limit: u32,
+}
+
+/// Rooms, members and messages.
+#[async_trait]
+pub trait RoomStore {
+    /// Creates a room with its creator as owner.
+    async fn create_room(&self, room: &RoomRecord, owner: UserId) -> Result<(), StoreError>;
+
+    /// The room with this id.
+    async fn room(&self, id: Uuid) -> Result<RoomRecord, StoreError>;
+
+    /// The rooms a user can see (public ones and those they belong to), by name, with their role.
+    async fn visible_rooms(&self, user: UserId) -> Result<Vec<RoomListing>, StoreError>;
+
+    /// Changes a room and returns it as it now is.
+    async fn update_room(&self, id: Uuid, change: &RoomChange) -> Result<RoomRecord, StoreError>;
+
+    /// Deletes a room with its members and messages.
+    async fn delete_room(&self, id: Uuid) -> Result<(), StoreError>;
+
+    /// A user's role in a room, if they are a member.
+    async fn room_role(&self, room: Uuid, user: UserId) -> Result<Option<RoomRole>, StoreError>;
+
+    /// Adds a member, or changes their role.
+    async fn put_member(
+        &self,
+        room: Uuid,
+        user: UserId,
+        role: RoomRole,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError>;
+
+    /// Removes a member; false if they were not one.
+    async fn remove_member(&self, room: Uuid, user: UserId) -> Result<bool, StoreError>;
+
+    /// The members and their roles, by role then join time.
+    async fn members(&self, room: Uuid) -> Result<Vec<(UserId, RoomRole)>, StoreError>;
+
+    /// Stores a message unless the sender stored one with this `client_msg_id` in this room
+    /// already; returns the stored message and whether it is new.
+    async fn append_message(
+        &self,
+        room: Uuid,
+        sender: UserId,
+        client_msg_id: &str,
+        body: &str,
+        now: DateTime<Utc>,
+    ) -> Result<(MessageRecord, bool), StoreError>;
+
+    /// Messages of a room in a range, oldest first.
+    async fn messages(
+        &self,
+        room: Uuid,
+        range: MessageRange,
+    ) -> Result<Vec<MessageRecord>, StoreError>;
+
+    /// Applies every room's retention; returns how many messages were deleted.
+    async fn apply_retention(&self, now: DateTime<Utc>) -> Result<u64, StoreError>;
+}

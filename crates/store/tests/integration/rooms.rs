@@ -1,0 +1,265 @@
+//! Rooms, members, idempotent messages, history ranges and retention, on both backends.
+
+use chrono::{DateTime, Duration, Utc};
+use unhidra_core::{Email, Role, UserId};
+use unhidra_store::identity::NewUser;
+use unhidra_store::rooms::{MessageRange, RoomChange, RoomRecord, RoomRole, Visibility};
+use unhidra_store::testing::TestDb;
+use unhidra_store::{StoreError, both_backends};
+use uuid::Uuid;
+
+fn now() -> DateTime<Utc> {
+    DateTime::from_timestamp_micros(Utc::now().timestamp_micros()).unwrap()
+}
+
+async fn user(db: &TestDb, email: &str) -> UserId {
+    let id = UserId::new();
+    db.store
+        .create_user(&NewUser {
+            id,
+            email: Email::parse(email).unwrap(),
+            display_name: None,
+            password_hash: "x".into(),
+            role: Role::User,
+            now: now(),
+        })
+        .await
+        .unwrap();
+    id
+}
+
+async fn room(db: &TestDb, owner: UserId, name: &str, visibility: Visibility) -> Uuid {
+    let id = Uuid::new_v4();
+    db.store
+        .create_room(
+            &RoomRecord {
+                id,
+                name: name.to_owned(),
+                visibility,
+                created_by: Some(owner),
+                created_at: now(),
+                retention_max_age: None,
+                retention_max_count: None,
+            },
+            owner,
+        )
+        .await
+        .unwrap();
+    id
+}
+
+fn range(before: Option<i64>, after: Option<i64>, limit: u32) -> MessageRange {
+    MessageRange {
+        before,
+        after,
+        limit,
+    }
+}
+
+async fn rooms_and_members(db: &TestDb) {
+    db.store.migrate().await.unwrap();
+    let ann = user(db, "ann@example.com").await;
+    let bo = user(db, "bo@example.com").await;
+    let public = room(db, ann, "lobby", Visibility::Public).await;
+    let private = room(db, ann, "secret", Visibility::Private).await;
+    assert_eq!(
+        db.store.room_role(public, ann).await.unwrap(),
+        Some(RoomRole::Owner)
+    );
+    assert_eq!(db.store.room_role(public, bo).await.unwrap(), None);
+
+    // Bo sees the public room only, without a role; Ann sees both as owner.
+    let seen: Vec<(String, Option<RoomRole>)> = db
+        .store
+        .visible_rooms(bo)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|l| (l.room.name, l.role))
+        .collect();
+    assert_eq!(seen, [("lobby".to_owned(), None)]);
+    assert_eq!(db.store.visible_rooms(ann).await.unwrap().len(), 2);
+
+    db.store
+        .put_member(private, bo, RoomRole::Member, now())
+        .await
+        .unwrap();
+    db.store
+        .put_member(private, bo, RoomRole::Admin, now())
+        .await
+        .unwrap();
+    assert_eq!(
+        db.store.room_role(private, bo).await.unwrap(),
+        Some(RoomRole::Admin)
+    );
+    let members = db.store.members(private).await.unwrap();
+    assert_eq!(members, [(ann, RoomRole::Owner), (bo, RoomRole::Admin)]);
+    assert!(db.store.remove_member(private, bo).await.unwrap());
+    assert!(!db.store.remove_member(private, bo).await.unwrap());
+    assert!(
+        matches!(
+            db.store
+                .put_member(Uuid::new_v4(), bo, RoomRole::Member, now())
+                .await,
+            Err(StoreError::Conflict { .. })
+        ),
+        "no member of a room that does not exist"
+    );
+
+    let changed = db
+        .store
+        .update_room(
+            private,
+            &RoomChange {
+                name: Some("hidden".into()),
+                retention_max_count: Some(Some(10)),
+                ..RoomChange::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            changed.name.as_str(),
+            changed.visibility,
+            changed.retention_max_count
+        ),
+        ("hidden", Visibility::Private, Some(10))
+    );
+    let cleared = db
+        .store
+        .update_room(
+            private,
+            &RoomChange {
+                retention_max_count: Some(None),
+                ..RoomChange::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(cleared.retention_max_count, None);
+    assert_eq!(cleared.name, "hidden");
+    assert!(matches!(
+        db.store.room(Uuid::new_v4()).await,
+        Err(StoreError::NotFound { .. })
+    ));
+}
+both_backends!(rooms_and_members);
+
+async fn messages_are_stored_once_and_read_in_ranges(db: &TestDb) {
+    db.store.migrate().await.unwrap();
+    let ann = user(db, "ann@example.com").await;
+    let lobby = room(db, ann, "lobby", Visibility::Public).await;
+    let mut ids = Vec::new();
+    for i in 0..10 {
+        let (stored, new) = db
+            .store
+            .append_message(lobby, ann, &format!("c{i}"), &format!("hello {i}"), now())
+            .await
+            .unwrap();
+        assert!(new);
+        ids.push(stored.id);
+    }
+    // A retry with the same client id returns the same message and stores nothing.
+    let (again, new) = db
+        .store
+        .append_message(lobby, ann, "c3", "different body", now())
+        .await
+        .unwrap();
+    assert!(!new);
+    assert_eq!((again.id, again.body.as_str()), (ids[3], "hello 3"));
+
+    let newest = db
+        .store
+        .messages(lobby, range(None, None, 3))
+        .await
+        .unwrap();
+    assert_eq!(newest.iter().map(|m| m.id).collect::<Vec<_>>(), ids[7..]);
+    let older = db
+        .store
+        .messages(lobby, range(Some(ids[7]), None, 3))
+        .await
+        .unwrap();
+    assert_eq!(older.iter().map(|m| m.id).collect::<Vec<_>>(), ids[4..7]);
+    let after = db
+        .store
+        .messages(lobby, range(None, Some(ids[2]), 2))
+        .await
+        .unwrap();
+    assert_eq!(after.iter().map(|m| m.id).collect::<Vec<_>>(), ids[3..5]);
+    let between = db
+        .store
+        .messages(lobby, range(Some(ids[6]), Some(ids[2]), 50))
+        .await
+        .unwrap();
+    assert_eq!(between.iter().map(|m| m.id).collect::<Vec<_>>(), ids[3..6]);
+
+    db.store.delete_room(lobby).await.unwrap();
+    assert!(
+        db.store
+            .messages(lobby, range(None, None, 50))
+            .await
+            .unwrap()
+            .is_empty(),
+        "messages go with the room"
+    );
+    assert!(matches!(
+        db.store.delete_room(lobby).await,
+        Err(StoreError::NotFound { .. })
+    ));
+}
+both_backends!(messages_are_stored_once_and_read_in_ranges);
+
+async fn retention_by_count_and_age(db: &TestDb) {
+    db.store.migrate().await.unwrap();
+    let ann = user(db, "ann@example.com").await;
+    let by_count = room(db, ann, "a", Visibility::Public).await;
+    let by_age = room(db, ann, "b", Visibility::Public).await;
+    let untouched = room(db, ann, "c", Visibility::Public).await;
+    db.store
+        .update_room(
+            by_count,
+            &RoomChange {
+                retention_max_count: Some(Some(3)),
+                ..RoomChange::default()
+            },
+        )
+        .await
+        .unwrap();
+    db.store
+        .update_room(
+            by_age,
+            &RoomChange {
+                retention_max_age: Some(Some(3600)),
+                ..RoomChange::default()
+            },
+        )
+        .await
+        .unwrap();
+    let old = now() - Duration::hours(2);
+    for i in 0..5 {
+        for (room, at) in [
+            (by_count, now()),
+            (by_age, if i < 2 { old } else { now() }),
+            (untouched, old),
+        ] {
+            db.store
+                .append_message(room, ann, &format!("c{i}"), "x", at)
+                .await
+                .unwrap();
+        }
+    }
+    let deleted = db.store.apply_retention(now()).await.unwrap();
+    assert_eq!(deleted, 2 + 2);
+    let count = |room| async move {
+        db.store
+            .messages(room, range(None, None, 100))
+            .await
+            .unwrap()
+            .len()
+    };
+    assert_eq!(count(by_count).await, 3);
+    assert_eq!(count(by_age).await, 3);
+    assert_eq!(count(untouched).await, 5);
+}
+both_backends!(retention_by_count_and_age);
