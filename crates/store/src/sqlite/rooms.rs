@@ -21,7 +21,7 @@ fn room(row: &SqliteRow) -> Result<RoomRecord, StoreError> {
         id: uuid(&get::<String>(row, "id")?)?,
         name: get(row, "name")?,
         visibility: Visibility::parse(&get::<String>(row, "visibility")?)?,
-        created_by: opt_uuid(get(row, "created_by")?)?.map(UserId),
+        created_by: opt_uuid(get::<Option<String>>(row, "created_by")?.as_deref())?.map(UserId),
         created_at: time(get(row, "created_at")?)?,
         retention_max_age: get(row, "retention_max_age")?,
         retention_max_count: get(row, "retention_max_count")?,
