@@ -232,6 +232,11 @@ config_keys! {
         /// Shorten client addresses in the audit log to their network (/24 or /48). Events name
         /// users by id, never by email.
         audit_minimise: bool = profile == Profile::Prod, secret = false;
+        /// Largest WebSocket frame (and message) accepted, in bytes; larger ones close with 1009.
+        ws_max_frame_bytes: u64 = 64 * 1024, secret = false;
+        /// Frames queued for one WebSocket client; a client that falls this far behind is
+        /// closed with 1013.
+        ws_queue_frames: u32 = 256, secret = false;
         /// With `admin_password`, makes sure this admin exists at start.
         admin_email: Option<String> = None, secret = false;
         /// The first admin's password, used only if the admin does not exist yet.

@@ -5,6 +5,7 @@
 //! ask for port 0 and read the port back) and `run_until_stopped(shutdown)` serves.
 
 mod build_info;
+pub mod chat;
 pub mod error;
 pub mod http;
 pub mod identity;
@@ -142,6 +143,11 @@ impl Application {
         if mailer.is_outbox() && config.profile == unhidra_config::Profile::Prod {
             tracing::warn!("no smtp_url: mail is written to the outbox folder, not delivered");
         }
+        let chat = chat::Chat::new(
+            Arc::clone(&store),
+            Arc::clone(&clock),
+            usize::try_from(config.ws_queue_frames).unwrap_or(256),
+        );
         let identity = identity::Identity::new(
             &config,
             Arc::clone(&store),
@@ -151,7 +157,7 @@ impl Application {
         )
         .await?;
         bootstrap_admin(&config, &identity).await?;
-        let state = AppState::new(config, store, metrics, instance_id, identity);
+        let state = AppState::new(config, store, metrics, instance_id, identity, chat);
         let router = http::with_middleware(routes::router().merge(extra), &state);
         Ok(Self {
             listener,

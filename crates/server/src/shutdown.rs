@@ -35,10 +35,18 @@ pub(crate) async fn serve(
         listener,
         router.into_make_service_with_connect_info::<SocketAddr>(),
     )
-    .with_graceful_shutdown(async move {
-        shutdown.await;
-        tracing::info!("shutdown requested; finishing requests in flight");
-        let _ = stopping_tx.send(true);
+    .with_graceful_shutdown({
+        let state = state.clone();
+        async move {
+            shutdown.await;
+            tracing::info!("shutdown requested; finishing requests in flight");
+            // WebSocket clients are told why before the process goes.
+            state
+                .chat()
+                .hub()
+                .close_all(unhidra_protocol::close::GOING_AWAY, "server shutting down");
+            let _ = stopping_tx.send(true);
+        }
     });
     let grace_over = async move {
         if stopping.wait_for(|s| *s).await.is_err() {

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use unhidra_config::Config;
 use unhidra_store::Store;
 
+use crate::chat::Chat;
 use crate::identity::Identity;
 use crate::metrics::Metrics;
 
@@ -19,6 +20,7 @@ struct Inner {
     metrics: Metrics,
     instance_id: String,
     identity: Identity,
+    chat: Chat,
     /// Reverse proxies whose `X-Forwarded-For` is believed.
     trusted_proxies: Vec<std::net::IpAddr>,
     /// Set when the shutdown grace period is over: requests still running are answered 503.
@@ -33,6 +35,7 @@ impl AppState {
         metrics: Metrics,
         instance_id: String,
         identity: Identity,
+        chat: Chat,
     ) -> Self {
         let trusted_proxies = config
             .trusted_proxies
@@ -46,6 +49,7 @@ impl AppState {
             metrics,
             instance_id,
             identity,
+            chat,
             abandon: tokio::sync::watch::Sender::new(false),
         }))
     }
@@ -68,6 +72,11 @@ impl AppState {
     /// Accounts, tokens and sessions.
     pub fn identity(&self) -> &Identity {
         &self.0.identity
+    }
+
+    /// Rooms, messages and live connections.
+    pub fn chat(&self) -> &Chat {
+        &self.0.chat
     }
 
     /// Reverse proxies whose `X-Forwarded-For` is believed.

@@ -809,6 +809,15 @@ impl Identity {
     /// Checks an access token and that its session and user are still in good standing, so that
     /// a revoked session or a deactivated user is refused at once, not only at `exp`.
     pub async fn authenticate(&self, token: &str) -> Result<Principal, IdentityError> {
+        self.authenticate_until(token).await.map(|(who, _)| who)
+    }
+
+    /// Like [`Identity::authenticate`], with the token's expiry, for connections that outlive a
+    /// request.
+    pub async fn authenticate_until(
+        &self,
+        token: &str,
+    ) -> Result<(Principal, DateTime<Utc>), IdentityError> {
         let now = self.now();
         let claims = self.keys.verify(token, now).await.map_err(|e| {
             tracing::debug!(reason = %e, "access token refused");
@@ -837,12 +846,16 @@ impl Identity {
         if !user.active {
             return Err(IdentityError::Unauthenticated("disabled"));
         }
-        Ok(Principal {
-            user_id: user.id,
-            role: user.role,
-            session_id,
-            mfa: user.totp_enabled_at.is_some(),
-        })
+        let expires = DateTime::from_timestamp(claims.exp, 0).unwrap_or(now);
+        Ok((
+            Principal {
+                user_id: user.id,
+                role: user.role,
+                session_id,
+                mfa: user.totp_enabled_at.is_some(),
+            },
+            expires,
+        ))
     }
 
     /// Ends the caller's session.

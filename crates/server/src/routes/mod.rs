@@ -5,6 +5,7 @@ mod auth;
 mod docs;
 mod health;
 mod metrics;
+mod rooms;
 
 use axum::Router;
 use axum::routing::get;
@@ -32,6 +33,8 @@ pub const OPENAPI_PATH: &str = "/api/v1/openapi.json";
         (name = "operations", description = "Health, readiness, metrics and this document."),
         (name = "auth", description = "Accounts, tokens and sessions."),
         (name = "admin", description = "User management and the audit log; admins only."),
+        (name = "rooms", description = "Rooms, members, messages and presence. Realtime delivery \
+            is the WebSocket at /ws (docs/protocol.md)."),
     ),
 )]
 struct ApiDoc;
@@ -123,6 +126,16 @@ fn documented() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(admin::keys))
         .routes(routes!(admin::rotate_key))
         .routes(routes!(admin::retire_key))
+        .routes(routes!(rooms::create, rooms::list))
+        .routes(routes!(rooms::get, rooms::update, rooms::delete))
+        .routes(routes!(rooms::members, rooms::put_member))
+        .routes(routes!(rooms::remove_member))
+        .routes(routes!(rooms::join))
+        .routes(routes!(rooms::leave))
+        .routes(routes!(rooms::publish, rooms::history))
+        .routes(routes!(rooms::presence))
+        .routes(routes!(rooms::connections))
+        .routes(routes!(rooms::close_connection))
         .split_for_parts();
     // Applied to the finished document: the operations exist only after the routes are added.
     BearerAuth.modify(&mut doc);
@@ -143,17 +156,18 @@ pub(crate) fn router() -> Router<AppState> {
     let spec = openapi()
         .to_pretty_json()
         .unwrap_or_else(|_| "{}".to_owned());
-    api.route(
-        OPENAPI_PATH,
-        get(move || {
-            let spec = spec.clone();
-            async move {
-                (
-                    [(axum::http::header::CONTENT_TYPE, "application/json")],
-                    spec,
-                )
-            }
-        }),
-    )
-    .merge(docs::router())
+    api.route("/ws", get(crate::chat::ws::upgrade))
+        .route(
+            OPENAPI_PATH,
+            get(move || {
+                let spec = spec.clone();
+                async move {
+                    (
+                        [(axum::http::header::CONTENT_TYPE, "application/json")],
+                        spec,
+                    )
+                }
+            }),
+        )
+        .merge(docs::router())
 }

@@ -12,4 +12,6 @@ mod helpers;
 mod mfa;
 mod middleware;
 mod ops;
+mod rooms;
 mod shutdown;
+mod ws;

@@ -1,0 +1,449 @@
+//! The hub: every live WebSocket connection, which rooms it listens to, and delivery.
+//!
+//! A broadcast encodes its frame once and hands the same bytes to every subscriber's bounded
+//! queue without waiting; a connection whose queue is full reads too slowly and is closed with
+//! 1013, so one slow client never holds up a room or grows the server's memory.
+
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use axum::extract::ws::{Message, Utf8Bytes};
+use chrono::{DateTime, Utc};
+use tokio::sync::{Notify, mpsc};
+use unhidra_core::UserId;
+use unhidra_protocol::{PresenceStatus, ServerFrame, close};
+use uuid::Uuid;
+
+/// A connection's id, unique within this process.
+pub type ConnId = u64;
+
+/// Asks a connection's writer to send a close frame and stop.
+#[derive(Debug, Default)]
+pub struct Closer {
+    reason: Mutex<Option<(u16, String)>>,
+    notify: Notify,
+}
+
+impl Closer {
+    /// Asks for the close; the first reason wins.
+    pub fn close(&self, code: u16, reason: &str) {
+        let mut slot = self
+            .reason
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if slot.is_none() {
+            *slot = Some((code, reason.to_owned()));
+        }
+        drop(slot);
+        // Both the reader and the writer of the connection wait for this.
+        self.notify.notify_waiters();
+    }
+
+    /// Waits for a close request and returns it.
+    pub async fn requested(&self) -> (u16, String) {
+        loop {
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            // Registered before the check, so that a close in between is not missed.
+            notified.as_mut().enable();
+            if let Some(reason) = self
+                .reason
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone()
+            {
+                return reason;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// What the admin API shows of a connection.
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
+pub struct ConnectionInfo {
+    /// The connection's id.
+    pub id: String,
+    /// `user` (devices come later).
+    pub kind: &'static str,
+    /// The user's id.
+    pub user: String,
+    /// The client's address.
+    pub ip: Option<String>,
+    /// The subprotocol agreed.
+    pub protocol: String,
+    /// When it connected.
+    pub connected_at: DateTime<Utc>,
+    /// The rooms it listens to.
+    pub rooms: Vec<String>,
+}
+
+struct Conn {
+    user: UserId,
+    session: Uuid,
+    ip: Option<IpAddr>,
+    protocol: String,
+    connected_at: DateTime<Utc>,
+    tx: mpsc::Sender<Message>,
+    closer: std::sync::Arc<Closer>,
+    rooms: HashSet<Uuid>,
+    /// Rooms being resumed: their live messages wait here until the replay is sent.
+    held: HashMap<Uuid, Vec<(Option<i64>, Utf8Bytes)>>,
+}
+
+#[derive(Default)]
+struct State {
+    conns: HashMap<ConnId, Conn>,
+    /// Room → its listening connections.
+    rooms: HashMap<Uuid, HashSet<ConnId>>,
+}
+
+/// Every live connection of this process.
+pub struct Hub {
+    queue: usize,
+    next: AtomicU64,
+    state: Mutex<State>,
+}
+
+impl std::fmt::Debug for Hub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hub")
+            .field("queue", &self.queue)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A registered connection: its id, its outbound queue and its closer.
+#[derive(Debug)]
+pub struct Registration {
+    /// The id.
+    pub id: ConnId,
+    /// Frames to write, in order.
+    pub outbound: mpsc::Receiver<Message>,
+    /// Close requests from elsewhere (admin, revocation, slow reader, shutdown).
+    pub closer: std::sync::Arc<Closer>,
+}
+
+impl Hub {
+    /// A hub whose connections queue at most `queue` frames each.
+    pub fn new(queue: usize) -> Self {
+        Self {
+            queue: queue.max(1),
+            next: AtomicU64::new(1),
+            state: Mutex::new(State::default()),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Registers a new connection.
+    pub fn register(
+        &self,
+        user: UserId,
+        session: Uuid,
+        ip: Option<IpAddr>,
+        protocol: &str,
+        now: DateTime<Utc>,
+    ) -> Registration {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let (tx, outbound) = mpsc::channel(self.queue);
+        let closer = std::sync::Arc::new(Closer::default());
+        self.state().conns.insert(
+            id,
+            Conn {
+                user,
+                session,
+                ip,
+                protocol: protocol.to_owned(),
+                connected_at: now,
+                tx,
+                closer: std::sync::Arc::clone(&closer),
+                rooms: HashSet::new(),
+                held: HashMap::new(),
+            },
+        );
+        Registration {
+            id,
+            outbound,
+            closer,
+        }
+    }
+
+    /// Removes a connection from every room, announcing users whose last connection left.
+    pub fn unregister(&self, id: ConnId) {
+        let rooms: Vec<Uuid> = {
+            let state = self.state();
+            state
+                .conns
+                .get(&id)
+                .map(|c| c.rooms.iter().copied().collect())
+                .unwrap_or_default()
+        };
+        for room in rooms {
+            self.unsubscribe(id, room);
+        }
+        self.state().conns.remove(&id);
+    }
+
+    /// Starts delivering a room's frames to a connection; announces the user if this is their
+    /// first connection in the room.
+    pub fn subscribe(&self, id: ConnId, room: Uuid) {
+        let announce = {
+            let mut state = self.state();
+            let Some(user) = state.conns.get(&id).map(|c| c.user) else {
+                return;
+            };
+            let already = Self::user_in_room(&state, room, user);
+            if !state.rooms.entry(room).or_default().insert(id) {
+                return;
+            }
+            if let Some(conn) = state.conns.get_mut(&id) {
+                conn.rooms.insert(room);
+            }
+            (!already).then_some(user)
+        };
+        if let Some(user) = announce {
+            self.presence(room, user, PresenceStatus::Online);
+        }
+    }
+
+    /// Stops delivering a room to a connection; announces the user if it was their last.
+    pub fn unsubscribe(&self, id: ConnId, room: Uuid) {
+        let announce = {
+            let mut state = self.state();
+            let Some(user) = state.conns.get(&id).map(|c| c.user) else {
+                return;
+            };
+            let removed = state
+                .rooms
+                .get_mut(&room)
+                .is_some_and(|set| set.remove(&id));
+            if state.rooms.get(&room).is_some_and(HashSet::is_empty) {
+                state.rooms.remove(&room);
+            }
+            if let Some(conn) = state.conns.get_mut(&id) {
+                conn.rooms.remove(&room);
+            }
+            (removed && !Self::user_in_room(&state, room, user)).then_some(user)
+        };
+        if let Some(user) = announce {
+            self.presence(room, user, PresenceStatus::Offline);
+        }
+    }
+
+    fn user_in_room(state: &State, room: Uuid, user: UserId) -> bool {
+        state.rooms.get(&room).is_some_and(|set| {
+            set.iter()
+                .any(|c| state.conns.get(c).is_some_and(|conn| conn.user == user))
+        })
+    }
+
+    /// Stops every connection of a user listening to a room (they left or were removed).
+    pub fn unsubscribe_user(&self, room: Uuid, user: UserId) {
+        let conns: Vec<ConnId> = {
+            let state = self.state();
+            state
+                .rooms
+                .get(&room)
+                .map(|set| {
+                    set.iter()
+                        .copied()
+                        .filter(|c| state.conns.get(c).is_some_and(|conn| conn.user == user))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        for conn in conns {
+            self.unsubscribe(conn, room);
+        }
+    }
+
+    /// Forgets a deleted room.
+    pub fn forget_room(&self, room: Uuid) {
+        let mut state = self.state();
+        if let Some(conns) = state.rooms.remove(&room) {
+            for id in conns {
+                if let Some(conn) = state.conns.get_mut(&id) {
+                    conn.rooms.remove(&room);
+                }
+            }
+        }
+    }
+
+    /// Users with a connection listening to a room.
+    pub fn online(&self, room: Uuid) -> Vec<UserId> {
+        let state = self.state();
+        let mut users: Vec<UserId> = state
+            .rooms
+            .get(&room)
+            .map(|set| {
+                set.iter()
+                    .filter_map(|c| state.conns.get(c).map(|c| c.user))
+                    .collect()
+            })
+            .unwrap_or_default();
+        users.sort();
+        users.dedup();
+        users
+    }
+
+    fn presence(&self, room: Uuid, user: UserId, status: PresenceStatus) {
+        self.broadcast(
+            room,
+            &ServerFrame::Presence {
+                room: room.to_string(),
+                user: user.to_string(),
+                status,
+            },
+        );
+    }
+
+    /// Announces that a user is typing.
+    pub fn typing(&self, room: Uuid, user: UserId) {
+        self.presence(room, user, PresenceStatus::Typing);
+    }
+
+    /// Delivers a frame to every connection listening to a room, encoded once.
+    pub fn broadcast(&self, room: Uuid, frame: &ServerFrame) {
+        self.broadcast_message(room, frame, None);
+    }
+
+    /// Like [`Hub::broadcast`], for a stored message with its id, so that a connection resuming
+    /// the room can drop what its replay already holds.
+    pub fn broadcast_message(&self, room: Uuid, frame: &ServerFrame, id: Option<i64>) {
+        let text: Utf8Bytes = frame.to_json().into();
+        let mut state = self.state();
+        let State { rooms, conns } = &mut *state;
+        if let Some(set) = rooms.get(&room) {
+            for conn_id in set {
+                if let Some(conn) = conns.get_mut(conn_id) {
+                    match conn.held.get_mut(&room) {
+                        Some(held) => held.push((id, text.clone())),
+                        None => Self::offer(conn, Message::Text(text.clone())),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Starts listening to a room while its replay is read: live frames are held back.
+    pub fn subscribe_held(&self, id: ConnId, room: Uuid) {
+        if let Some(conn) = self.state().conns.get_mut(&id) {
+            conn.held.entry(room).or_default();
+        }
+        self.subscribe(id, room);
+    }
+
+    /// Sends the replay, then the held live frames that are newer than it, in order: no gap
+    /// and no duplicate.
+    pub fn release_held(&self, id: ConnId, room: Uuid, replay: &ServerFrame, replayed_to: i64) {
+        let mut state = self.state();
+        let Some(conn) = state.conns.get_mut(&id) else {
+            return;
+        };
+        let held = conn.held.remove(&room).unwrap_or_default();
+        Self::offer(conn, Message::Text(replay.to_json().into()));
+        for (message_id, text) in held {
+            if message_id.is_none_or(|m| m > replayed_to) {
+                Self::offer(conn, Message::Text(text));
+            }
+        }
+    }
+
+    /// Delivers a frame to one connection.
+    pub fn send_to(&self, id: ConnId, frame: &ServerFrame) {
+        let state = self.state();
+        if let Some(conn) = state.conns.get(&id) {
+            Self::offer(conn, Message::Text(frame.to_json().into()));
+        }
+    }
+
+    /// Delivers a frame to every connection of a user: targeted delivery for other
+    /// capabilities (device commands, admin notices).
+    pub fn send_to_user(&self, user: UserId, frame: &ServerFrame) -> usize {
+        let text: Utf8Bytes = frame.to_json().into();
+        let state = self.state();
+        let mut delivered = 0;
+        for conn in state.conns.values().filter(|c| c.user == user) {
+            Self::offer(conn, Message::Text(text.clone()));
+            delivered += 1;
+        }
+        delivered
+    }
+
+    /// Queues a message without waiting; a full queue means the reader is too slow.
+    fn offer(conn: &Conn, message: Message) {
+        if let Err(mpsc::error::TrySendError::Full(_)) = conn.tx.try_send(message) {
+            conn.closer.close(close::OVERLOADED, "too slow to keep up");
+        }
+    }
+
+    /// Closes one connection; false if there is none with that id.
+    pub fn close(&self, id: ConnId, code: u16, reason: &str) -> bool {
+        let state = self.state();
+        match state.conns.get(&id) {
+            Some(conn) => {
+                conn.closer.close(code, reason);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Closes every connection of a session.
+    pub fn close_session(&self, session: Uuid, code: u16, reason: &str) {
+        for conn in self.state().conns.values().filter(|c| c.session == session) {
+            conn.closer.close(code, reason);
+        }
+    }
+
+    /// Closes every connection of a user.
+    pub fn close_user(&self, user: UserId, code: u16, reason: &str) {
+        for conn in self.state().conns.values().filter(|c| c.user == user) {
+            conn.closer.close(code, reason);
+        }
+    }
+
+    /// Closes every connection (shutdown).
+    pub fn close_all(&self, code: u16, reason: &str) {
+        for conn in self.state().conns.values() {
+            conn.closer.close(code, reason);
+        }
+    }
+
+    /// How many connections are open.
+    pub fn len(&self) -> usize {
+        self.state().conns.len()
+    }
+
+    /// Whether no connection is open.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Every connection, for the admin API.
+    pub fn connections(&self) -> Vec<ConnectionInfo> {
+        let state = self.state();
+        let mut list: Vec<ConnectionInfo> = state
+            .conns
+            .iter()
+            .map(|(id, c)| ConnectionInfo {
+                id: id.to_string(),
+                kind: "user",
+                user: c.user.to_string(),
+                ip: c.ip.map(|ip| ip.to_string()),
+                protocol: c.protocol.clone(),
+                connected_at: c.connected_at,
+                rooms: c.rooms.iter().map(Uuid::to_string).collect(),
+            })
+            .collect();
+        list.sort_by_key(|c| c.connected_at);
+        list
+    }
+}

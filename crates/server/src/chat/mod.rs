@@ -1,0 +1,379 @@
+//! Chat: rooms, membership and messages, with the authorisation rules every endpoint and every
+//! WebSocket frame goes through, and the hub that delivers to connected clients.
+//!
+//! Rules: anyone signed in may see, join and read a public room; a private room exists only
+//! for its members (to others it is "not found"). Members post; room admins and owners add and
+//! remove members; owners change and delete the room. A site admin may manage any room.
+
+pub mod hub;
+pub mod ws;
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use unhidra_core::{Clock, Role, UserId};
+use unhidra_protocol::{MessageData, ServerFrame};
+use unhidra_store::rooms::{
+    MessageRange, MessageRecord, RoomChange, RoomListing, RoomRecord, RoomRole, Visibility,
+};
+use unhidra_store::{Store, StoreError};
+use uuid::Uuid;
+
+use self::hub::Hub;
+use crate::identity::Principal;
+
+/// The longest room name, in characters.
+pub const MAX_ROOM_NAME: usize = 100;
+/// The longest message, in characters.
+pub const MAX_BODY: usize = 16 * 1024;
+/// The longest `client_msg_id`, in characters.
+pub const MAX_CLIENT_MSG_ID: usize = 128;
+/// Messages per history page when none is asked for, and at most.
+pub const DEFAULT_HISTORY: u32 = 50;
+/// The largest history page.
+pub const MAX_HISTORY: u32 = 200;
+
+/// Why a chat operation was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ChatError {
+    /// No such room, or a private room the caller does not belong to.
+    #[error("no such room")]
+    RoomNotFound,
+    /// No such member.
+    #[error("no such member")]
+    MemberNotFound,
+    /// No such user.
+    #[error("no such user")]
+    UserNotFound,
+    /// The caller's role in the room does not allow this.
+    #[error("your role in this room does not allow this")]
+    Forbidden,
+    /// A field is wrong: (field, code, message).
+    #[error("{2}")]
+    Invalid(&'static str, &'static str, String),
+    /// The last owner cannot leave or be demoted.
+    #[error("a room keeps at least one owner")]
+    LastOwner,
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A stored message as the API shows it.
+pub fn message_data(m: &MessageRecord) -> MessageData {
+    MessageData {
+        room: m.room_id.to_string(),
+        id: m.id,
+        sender: m.sender_id.to_string(),
+        body: m.body.clone(),
+        ts: m.created_at.timestamp_millis(),
+    }
+}
+
+/// The chat service.
+#[derive(Debug)]
+pub struct Chat {
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+    hub: Hub,
+}
+
+impl Chat {
+    /// The service over a store, with its hub.
+    pub fn new(store: Arc<dyn Store>, clock: Arc<dyn Clock>, queue: usize) -> Self {
+        Self {
+            store,
+            clock,
+            hub: Hub::new(queue),
+        }
+    }
+
+    /// The hub of live connections.
+    pub fn hub(&self) -> &Hub {
+        &self.hub
+    }
+
+    fn now(&self) -> DateTime<Utc> {
+        let now = self.clock.now();
+        DateTime::from_timestamp_micros(now.timestamp_micros()).unwrap_or(now)
+    }
+
+    /// The room and the caller's role; a private room the caller does not belong to is not
+    /// found (unless the caller is a site admin).
+    pub async fn visible_room(
+        &self,
+        who: &Principal,
+        id: Uuid,
+    ) -> Result<(RoomRecord, Option<RoomRole>), ChatError> {
+        let room = match self.store.room(id).await {
+            Ok(room) => room,
+            Err(StoreError::NotFound { .. }) => return Err(ChatError::RoomNotFound),
+            Err(e) => return Err(e.into()),
+        };
+        let role = self.store.room_role(id, who.user_id).await?;
+        if room.visibility == Visibility::Private && role.is_none() && who.role != Role::Admin {
+            return Err(ChatError::RoomNotFound);
+        }
+        Ok((room, role))
+    }
+
+    /// Whether the caller may act as `needed` in the room (site admins always may).
+    fn allowed(who: &Principal, role: Option<RoomRole>, needed: RoomRole) -> bool {
+        who.role == Role::Admin || role.is_some_and(|r| r >= needed)
+    }
+
+    /// Creates a room; the caller becomes its owner.
+    pub async fn create_room(
+        &self,
+        who: &Principal,
+        name: &str,
+        visibility: Visibility,
+    ) -> Result<RoomRecord, ChatError> {
+        let name = valid_name(name)?;
+        let room = RoomRecord {
+            id: Uuid::new_v4(),
+            name,
+            visibility,
+            created_by: Some(who.user_id),
+            created_at: self.now(),
+            retention_max_age: None,
+            retention_max_count: None,
+        };
+        self.store.create_room(&room, who.user_id).await?;
+        Ok(room)
+    }
+
+    /// The rooms the caller can see.
+    pub async fn rooms(&self, who: &Principal) -> Result<Vec<RoomListing>, ChatError> {
+        Ok(self.store.visible_rooms(who.user_id).await?)
+    }
+
+    /// Changes a room (owners).
+    pub async fn update_room(
+        &self,
+        who: &Principal,
+        id: Uuid,
+        mut change: RoomChange,
+    ) -> Result<RoomRecord, ChatError> {
+        let (_, role) = self.visible_room(who, id).await?;
+        if !Self::allowed(who, role, RoomRole::Owner) {
+            return Err(ChatError::Forbidden);
+        }
+        if let Some(name) = &change.name {
+            change.name = Some(valid_name(name)?);
+        }
+        for (field, value) in [
+            ("/retention_max_age", change.retention_max_age.flatten()),
+            ("/retention_max_count", change.retention_max_count.flatten()),
+        ] {
+            if value.is_some_and(|v| v < 1) {
+                return Err(ChatError::Invalid(
+                    field,
+                    "out_of_range",
+                    "must be at least 1".into(),
+                ));
+            }
+        }
+        Ok(self.store.update_room(id, &change).await?)
+    }
+
+    /// Deletes a room with its messages (owners).
+    pub async fn delete_room(&self, who: &Principal, id: Uuid) -> Result<(), ChatError> {
+        let (_, role) = self.visible_room(who, id).await?;
+        if !Self::allowed(who, role, RoomRole::Owner) {
+            return Err(ChatError::Forbidden);
+        }
+        self.store.delete_room(id).await?;
+        self.hub.forget_room(id);
+        Ok(())
+    }
+
+    /// The members of a room (anyone who may see it).
+    pub async fn members(
+        &self,
+        who: &Principal,
+        id: Uuid,
+    ) -> Result<Vec<(UserId, RoomRole)>, ChatError> {
+        self.visible_room(who, id).await?;
+        Ok(self.store.members(id).await?)
+    }
+
+    /// Adds a member or changes their role: room admins add members, owners give any role.
+    pub async fn put_member(
+        &self,
+        who: &Principal,
+        id: Uuid,
+        user: UserId,
+        role: RoomRole,
+    ) -> Result<(), ChatError> {
+        let (_, mine) = self.visible_room(who, id).await?;
+        let needed = if role == RoomRole::Member {
+            RoomRole::Admin
+        } else {
+            RoomRole::Owner
+        };
+        if !Self::allowed(who, mine, needed) {
+            return Err(ChatError::Forbidden);
+        }
+        match self.store.user_by_id(user).await {
+            Ok(_) => {}
+            Err(StoreError::NotFound { .. }) => return Err(ChatError::UserNotFound),
+            Err(e) => return Err(e.into()),
+        }
+        if role != RoomRole::Owner && self.is_last_owner(id, user).await? {
+            return Err(ChatError::LastOwner);
+        }
+        self.store.put_member(id, user, role, self.now()).await?;
+        Ok(())
+    }
+
+    async fn is_last_owner(&self, room: Uuid, user: UserId) -> Result<bool, ChatError> {
+        let members = self.store.members(room).await?;
+        let owners: Vec<UserId> = members
+            .iter()
+            .filter(|(_, r)| *r == RoomRole::Owner)
+            .map(|(u, _)| *u)
+            .collect();
+        Ok(owners == [user])
+    }
+
+    /// Removes a member: room admins remove members, owners anyone, and anyone themselves.
+    pub async fn remove_member(
+        &self,
+        who: &Principal,
+        id: Uuid,
+        user: UserId,
+    ) -> Result<(), ChatError> {
+        let (_, mine) = self.visible_room(who, id).await?;
+        let theirs = self.store.room_role(id, user).await?;
+        let Some(theirs) = theirs else {
+            return Err(ChatError::MemberNotFound);
+        };
+        let needed = if user == who.user_id {
+            RoomRole::Member
+        } else if theirs == RoomRole::Member {
+            RoomRole::Admin
+        } else {
+            RoomRole::Owner
+        };
+        if !Self::allowed(who, mine, needed) {
+            return Err(ChatError::Forbidden);
+        }
+        if theirs == RoomRole::Owner && self.is_last_owner(id, user).await? {
+            return Err(ChatError::LastOwner);
+        }
+        self.store.remove_member(id, user).await?;
+        self.hub.unsubscribe_user(id, user);
+        Ok(())
+    }
+
+    /// Joins a public room as a member.
+    pub async fn join(&self, who: &Principal, id: Uuid) -> Result<RoomRole, ChatError> {
+        let (room, role) = self.visible_room(who, id).await?;
+        if let Some(role) = role {
+            return Ok(role);
+        }
+        if room.visibility == Visibility::Private {
+            return Err(ChatError::RoomNotFound);
+        }
+        self.store
+            .put_member(id, who.user_id, RoomRole::Member, self.now())
+            .await?;
+        Ok(RoomRole::Member)
+    }
+
+    /// Stores a message once per `client_msg_id`; returns it and whether it is new. The caller
+    /// acknowledges, then calls [`Chat::deliver`] for a new one: durable, acknowledged,
+    /// broadcast, in that order.
+    pub async fn post(
+        &self,
+        who: &Principal,
+        id: Uuid,
+        client_msg_id: &str,
+        body: &str,
+    ) -> Result<(MessageRecord, bool), ChatError> {
+        if body.is_empty() || body.chars().count() > MAX_BODY {
+            return Err(ChatError::Invalid(
+                "/body",
+                "invalid_length",
+                format!("a message has 1 to {MAX_BODY} characters"),
+            ));
+        }
+        if client_msg_id.is_empty() || client_msg_id.chars().count() > MAX_CLIENT_MSG_ID {
+            return Err(ChatError::Invalid(
+                "/client_msg_id",
+                "invalid_length",
+                format!("a client_msg_id has 1 to {MAX_CLIENT_MSG_ID} characters"),
+            ));
+        }
+        let (_, role) = self.visible_room(who, id).await?;
+        if role.is_none() {
+            // Readers of a public room join it before they post.
+            return Err(ChatError::Forbidden);
+        }
+        let (stored, new) = self
+            .store
+            .append_message(id, who.user_id, client_msg_id, body, self.now())
+            .await?;
+        Ok((stored, new))
+    }
+
+    /// Delivers a newly stored message to the room's connections.
+    pub fn deliver(&self, message: &MessageRecord) {
+        self.hub.broadcast_message(
+            message.room_id,
+            &ServerFrame::Message(message_data(message)),
+            Some(message.id),
+        );
+    }
+
+    /// Messages of a room in a range, oldest first (anyone who may see the room).
+    pub async fn history(
+        &self,
+        who: &Principal,
+        id: Uuid,
+        before: Option<i64>,
+        after: Option<i64>,
+        limit: Option<u32>,
+    ) -> Result<Vec<MessageRecord>, ChatError> {
+        let limit = limit.unwrap_or(DEFAULT_HISTORY);
+        if !(1..=MAX_HISTORY).contains(&limit) {
+            return Err(ChatError::Invalid(
+                "limit",
+                "out_of_range",
+                format!("limit is between 1 and {MAX_HISTORY}"),
+            ));
+        }
+        self.visible_room(who, id).await?;
+        Ok(self
+            .store
+            .messages(
+                id,
+                MessageRange {
+                    before,
+                    after,
+                    limit,
+                },
+            )
+            .await?)
+    }
+}
+
+fn valid_name(name: &str) -> Result<String, ChatError> {
+    let name = name.trim();
+    if name.is_empty() || name.chars().count() > MAX_ROOM_NAME {
+        return Err(ChatError::Invalid(
+            "/name",
+            "invalid_length",
+            format!("a room name has 1 to {MAX_ROOM_NAME} characters"),
+        ));
+    }
+    if name.chars().any(char::is_control) {
+        return Err(ChatError::Invalid(
+            "/name",
+            "invalid_characters",
+            "a room name has no control characters".into(),
+        ));
+    }
+    Ok(name.to_owned())
+}

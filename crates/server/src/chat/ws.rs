@@ -1,0 +1,421 @@
+//! `GET /ws`: authentication before the upgrade, then one task reading frames and one writing
+//! them. The token travels in `Sec-WebSocket-Protocol` (`unhidra.v1.json, bearer.<token>`, or a
+//! lone token as ESP32 firmware sends it), or in `Authorization` for non-browser clients.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use chrono::{DateTime, Utc};
+use futures_util::{SinkExt, StreamExt};
+use unhidra_protocol::{
+    BEARER_PREFIX, ClientFrame, SUBPROTOCOL_JSON, ServerFrame, close, parse_client_frame,
+};
+use uuid::Uuid;
+
+use super::{ChatError, MAX_HISTORY, message_data};
+use crate::error::{ApiError, Problem};
+use crate::http::auth::client_ip;
+use crate::identity::{IdentityError, Principal};
+use crate::state::AppState;
+
+/// How the client authenticated and which subprotocol to echo.
+struct Offer {
+    token: String,
+    /// The exact value to echo in `Sec-WebSocket-Protocol`, if any.
+    echo: Option<String>,
+}
+
+/// Reads the token and the subprotocol to echo from the upgrade request.
+fn offer(headers: &HeaderMap) -> Option<Offer> {
+    let offered: Vec<String> = headers
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|p| p.trim().to_owned())
+        .filter(|p| !p.is_empty())
+        .collect();
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(|t| t.trim().to_owned());
+    if offered.iter().any(|p| p == SUBPROTOCOL_JSON) {
+        let token = offered
+            .iter()
+            .find_map(|p| p.strip_prefix(BEARER_PREFIX).map(str::to_owned))
+            .or(bearer)?;
+        return Some(Offer {
+            token,
+            echo: Some(SUBPROTOCOL_JSON.to_owned()),
+        });
+    }
+    // The firmware style: the token is the only subprotocol, and must be echoed back.
+    if let [lone] = offered.as_slice() {
+        return Some(Offer {
+            token: lone.clone(),
+            echo: Some(lone.clone()),
+        });
+    }
+    bearer.map(|token| Offer { token, echo: None })
+}
+
+fn origin_allowed(state: &AppState, headers: &HeaderMap) -> bool {
+    let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) else {
+        // Devices and servers send no Origin.
+        return true;
+    };
+    let allowed = &state.config().allowed_origins;
+    allowed
+        .iter()
+        .any(|o| o == "*" || o.eq_ignore_ascii_case(origin))
+}
+
+/// Upgrades to a WebSocket after checking origin and token.
+pub async fn upgrade(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
+    if !origin_allowed(&state, &headers) {
+        return ApiError::new(Problem::new(
+            StatusCode::FORBIDDEN,
+            "origin_not_allowed",
+            "This origin may not open a WebSocket here.",
+        ))
+        .into_response();
+    }
+    let Some(offer) = offer(&headers) else {
+        return ApiError::from(IdentityError::Unauthenticated("missing")).into_response();
+    };
+    let (who, expires) = match state.identity().authenticate_until(&offer.token).await {
+        Ok(found) => found,
+        Err(e) => return ApiError::from(e).into_response(),
+    };
+    let ip = client_ip(Some(peer.ip()), &headers, state.trusted_proxies());
+    let limit = usize::try_from(state.config().ws_max_frame_bytes).unwrap_or(usize::MAX);
+    let protocol = offer
+        .echo
+        .clone()
+        .unwrap_or_else(|| SUBPROTOCOL_JSON.to_owned());
+    // Frames past `limit` are refused with 1009 by the reader below. The library's own cap sits
+    // well above it, as a memory guard: a frame past that one ends the connection without a
+    // close frame, because the library cannot read past it.
+    let hard_cap = limit.saturating_mul(4).max(1024 * 1024);
+    let ws = ws.max_message_size(hard_cap).max_frame_size(hard_cap);
+    let ws = match offer.echo {
+        Some(echo) => ws.protocols([echo]),
+        None => ws,
+    };
+    ws.on_upgrade(move |socket| run(state, socket, who, expires, ip, protocol, limit))
+}
+
+/// One connection, from upgrade to close.
+async fn run(
+    state: AppState,
+    socket: WebSocket,
+    who: Principal,
+    expires: DateTime<Utc>,
+    ip: Option<IpAddr>,
+    protocol: String,
+    limit: usize,
+) {
+    let chat = state.chat();
+    let hub = chat.hub();
+    let registration = hub.register(who.user_id, who.session_id, ip, &protocol, Utc::now());
+    let id = registration.id;
+    let closer = Arc::clone(&registration.closer);
+    let (mut sink, mut stream) = socket.split();
+    let mut outbound = registration.outbound;
+    let writer_closer = Arc::clone(&closer);
+    let writer = tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                biased;
+                (code, reason) = writer_closer.requested() => {
+                    // What was queued before the close goes out first, for a bounded time: a
+                    // slow reader is not waited for.
+                    let flush = async {
+                        while let Ok(message) = outbound.try_recv() {
+                            if sink.send(message).await.is_err() {
+                                break;
+                            }
+                        }
+                    };
+                    let _ = tokio::time::timeout(std::time::Duration::from_millis(500), flush).await;
+                    let frame = CloseFrame { code, reason: reason.into() };
+                    let _ = sink.send(Message::Close(Some(frame))).await;
+                    break;
+                }
+                next = outbound.recv() => match next {
+                    Some(message) => {
+                        if sink.send(message).await.is_err() {
+                            break;
+                        }
+                    }
+                    None => break,
+                },
+            }
+        }
+    });
+    hub.send_to(
+        id,
+        &ServerFrame::Welcome {
+            connection: id.to_string(),
+            user: who.user_id.to_string(),
+        },
+    );
+    tracing::debug!(connection = id, user = %who.user_id, "websocket open");
+
+    let mut conn = Connection {
+        state: state.clone(),
+        id,
+        who,
+        expires,
+    };
+    loop {
+        let until_expiry = (conn.expires - Utc::now())
+            .to_std()
+            .unwrap_or(std::time::Duration::ZERO);
+        tokio::select! {
+            () = tokio::time::sleep(until_expiry) => {
+                closer.close(close::TOKEN_EXPIRED, "token expired");
+                break;
+            }
+            _ = closer.requested() => break,
+            next = stream.next() => match next {
+                None | Some(Ok(Message::Close(_))) => break,
+                Some(Ok(Message::Text(text))) if text.len() > limit => {
+                    closer.close(close::TOO_BIG, "frame too large");
+                    break;
+                }
+                Some(Ok(Message::Text(text))) => conn.handle(text.as_str()).await,
+                Some(Ok(Message::Binary(_))) => {
+                    closer.close(close::UNSUPPORTED, "binary frames are not part of unhidra.v1.json");
+                    break;
+                }
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                Some(Err(e)) => {
+                    let (code, reason) = read_error(&e);
+                    closer.close(code, reason);
+                    break;
+                }
+            },
+        }
+    }
+    hub.unregister(id);
+    // Give the writer a moment to send the close frame; it ends on its own after that.
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), writer).await;
+    tracing::debug!(connection = id, "websocket closed");
+}
+
+/// The close code for a failed read: too large, invalid UTF-8, or a protocol error.
+fn read_error(err: &axum::Error) -> (u16, &'static str) {
+    let text = err.to_string();
+    if text.contains("Space limit exceeded")
+        || text.contains("too long")
+        || text.contains("Capacity")
+    {
+        (close::TOO_BIG, "frame too large")
+    } else if text.contains("UTF-8") || text.contains("utf-8") || text.contains("Utf8") {
+        (close::INVALID_PAYLOAD, "invalid UTF-8")
+    } else {
+        (close::POLICY, "protocol error")
+    }
+}
+
+struct Connection {
+    state: AppState,
+    id: u64,
+    who: Principal,
+    expires: DateTime<Utc>,
+}
+
+impl Connection {
+    fn reply(&self, frame: &ServerFrame) {
+        self.state.chat().hub().send_to(self.id, frame);
+    }
+
+    fn error(&self, code: &str, message: impl Into<String>, reference: Option<String>) {
+        self.reply(&ServerFrame::Error {
+            code: code.to_owned(),
+            message: message.into(),
+            retry_after: None,
+            reference,
+        });
+    }
+
+    fn chat_error(&self, err: &ChatError, reference: Option<String>) {
+        let (code, message) = match err {
+            ChatError::RoomNotFound => ("room_not_found", "no such room".to_owned()),
+            ChatError::MemberNotFound => ("not_found", "no such member".to_owned()),
+            ChatError::UserNotFound => ("unknown_user", "no such user".to_owned()),
+            ChatError::Forbidden => (
+                "forbidden",
+                "your role in this room does not allow this (join the room first)".to_owned(),
+            ),
+            ChatError::Invalid(_, code, message) => (*code, message.clone()),
+            ChatError::LastOwner => ("last_owner", err.to_string()),
+            ChatError::Store(e) => {
+                tracing::error!(error = %crate::error::error_chain(e), "websocket frame failed");
+                ("internal", "the frame could not be carried out".to_owned())
+            }
+        };
+        self.error(code, message, reference);
+    }
+
+    fn room_id(&self, room: &str) -> Option<Uuid> {
+        let parsed = room.parse().ok();
+        if parsed.is_none() {
+            self.error("room_not_found", "no such room", Some(room.to_owned()));
+        }
+        parsed
+    }
+
+    async fn handle(&mut self, text: &str) {
+        let frame = match parse_client_frame(text) {
+            Ok(frame) => frame,
+            Err(e) => return self.error(e.code, e.message, None),
+        };
+        let chat = self.state.chat();
+        match frame {
+            ClientFrame::Ping => self.reply(&ServerFrame::Pong),
+            ClientFrame::Join { room } => {
+                let Some(id) = self.room_id(&room) else {
+                    return;
+                };
+                match chat.join(&self.who, id).await {
+                    Ok(_) => chat.hub().subscribe(self.id, id),
+                    Err(e) => self.chat_error(&e, Some(room)),
+                }
+            }
+            ClientFrame::Leave { room } => {
+                let Some(id) = self.room_id(&room) else {
+                    return;
+                };
+                chat.hub().unsubscribe(self.id, id);
+            }
+            ClientFrame::Send {
+                room,
+                body,
+                client_msg_id,
+            } => {
+                let Some(id) = self.room_id(&room) else {
+                    return;
+                };
+                match chat.post(&self.who, id, &client_msg_id, &body).await {
+                    Ok((stored, new)) => {
+                        // Stored, then acknowledged, then broadcast.
+                        self.reply(&ServerFrame::Ack {
+                            client_msg_id,
+                            id: stored.id,
+                            ts: stored.created_at.timestamp_millis(),
+                        });
+                        if new {
+                            chat.deliver(&stored);
+                        }
+                    }
+                    Err(e) => self.chat_error(&e, Some(client_msg_id)),
+                }
+            }
+            ClientFrame::History {
+                room,
+                before,
+                after,
+                limit,
+            } => {
+                let Some(id) = self.room_id(&room) else {
+                    return;
+                };
+                match chat.history(&self.who, id, before, after, limit).await {
+                    Ok(messages) => self.reply(&ServerFrame::History {
+                        room,
+                        messages: messages.iter().map(message_data).collect(),
+                    }),
+                    Err(e) => self.chat_error(&e, Some(room)),
+                }
+            }
+            ClientFrame::Resume { rooms } => {
+                for (room, last_seen) in rooms {
+                    self.resume(&room, last_seen).await;
+                }
+            }
+            ClientFrame::Typing { room } => {
+                let Some(id) = self.room_id(&room) else {
+                    return;
+                };
+                match chat.visible_room(&self.who, id).await {
+                    Ok((_, Some(_))) => chat.hub().typing(id, self.who.user_id),
+                    Ok((_, None)) => self.chat_error(&ChatError::Forbidden, Some(room)),
+                    Err(e) => self.chat_error(&e, Some(room)),
+                }
+            }
+            ClientFrame::Auth { token } => {
+                match self.state.identity().authenticate_until(&token).await {
+                    Ok((who, expires)) if who.user_id == self.who.user_id => {
+                        self.who = who;
+                        self.expires = expires;
+                    }
+                    Ok(_) => self.error("user_mismatch", "the token is another user's", None),
+                    Err(_) => self.error("invalid_token", "the token is not valid", None),
+                }
+            }
+        }
+    }
+
+    /// Joins a room and replays every message after `last_seen`, then lets live messages
+    /// through: nothing missed, nothing twice.
+    async fn resume(&self, room: &str, last_seen: i64) {
+        let chat = self.state.chat();
+        let Some(id) = self.room_id(room) else { return };
+        if let Err(e) = chat.join(&self.who, id).await {
+            return self.chat_error(&e, Some(room.to_owned()));
+        }
+        chat.hub().subscribe_held(self.id, id);
+        let mut replay = Vec::new();
+        let mut after = last_seen;
+        loop {
+            match chat
+                .history(&self.who, id, None, Some(after), Some(MAX_HISTORY))
+                .await
+            {
+                Ok(page) => {
+                    let full = page.len() == usize::try_from(MAX_HISTORY).unwrap_or(usize::MAX);
+                    if let Some(last) = page.last() {
+                        after = last.id;
+                    }
+                    replay.extend(page.iter().map(message_data));
+                    if !full {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    chat.hub().release_held(
+                        self.id,
+                        id,
+                        &ServerFrame::History {
+                            room: room.to_owned(),
+                            messages: Vec::new(),
+                        },
+                        i64::MAX,
+                    );
+                    return self.chat_error(&e, Some(room.to_owned()));
+                }
+            }
+        }
+        chat.hub().release_held(
+            self.id,
+            id,
+            &ServerFrame::History {
+                room: room.to_owned(),
+                messages: replay,
+            },
+            after,
+        );
+    }
+}

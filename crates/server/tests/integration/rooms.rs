@@ -1,0 +1,494 @@
+//! Rooms over HTTP: who may see, post, invite and manage, idempotent publishing and history.
+
+use serde_json::{Value, json};
+
+use crate::helpers::{TestApp, problem};
+
+const PASSWORD: &str = "maple orbit candle frost 42";
+
+async fn user(app: &TestApp, email: &str) -> (String, String) {
+    let r = app
+        .client
+        .post(app.url("/api/v1/auth/register"))
+        .json(&json!({ "email": email, "password": PASSWORD }))
+        .send()
+        .await
+        .unwrap();
+    let id = r.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let pair: Value = app
+        .client
+        .post(app.url("/api/v1/auth/login"))
+        .json(&json!({ "email": email, "password": PASSWORD }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    (id, pair["access_token"].as_str().unwrap().to_owned())
+}
+
+async fn call(
+    app: &TestApp,
+    method: reqwest::Method,
+    path: &str,
+    token: &str,
+    body: Option<Value>,
+) -> reqwest::Response {
+    let mut request = app.client.request(method, app.url(path)).bearer_auth(token);
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    request.send().await.unwrap()
+}
+
+use reqwest::Method;
+
+#[tokio::test]
+async fn private_rooms_exist_only_for_members() {
+    let app = TestApp::spawn().await;
+    let (_, owner) = user(&app, "own@example.com").await;
+    let (outsider_id, outsider) = user(&app, "out@example.com").await;
+    let created = call(
+        &app,
+        Method::POST,
+        "/api/v1/rooms",
+        &owner,
+        Some(json!({ "name": "  secret  ", "visibility": "private" })),
+    )
+    .await;
+    assert_eq!(created.status(), 201);
+    let room: Value = created.json().await.unwrap();
+    assert_eq!(
+        (room["name"].as_str(), room["role"].as_str()),
+        (Some("secret"), Some("owner"))
+    );
+    let id = room["id"].as_str().unwrap();
+
+    for (method, path, body) in [
+        (Method::GET, format!("/api/v1/rooms/{id}"), None),
+        (Method::GET, format!("/api/v1/rooms/{id}/messages"), None),
+        (Method::GET, format!("/api/v1/rooms/{id}/members"), None),
+        (Method::POST, format!("/api/v1/rooms/{id}/join"), None),
+        (
+            Method::POST,
+            format!("/api/v1/rooms/{id}/messages"),
+            Some(json!({ "body": "x", "client_msg_id": "1" })),
+        ),
+        (Method::DELETE, format!("/api/v1/rooms/{id}"), None),
+    ] {
+        let response = call(&app, method.clone(), &path, &outsider, body).await;
+        problem(response, 404, "not_found").await;
+    }
+    let listed: Value = call(&app, Method::GET, "/api/v1/rooms", &outsider, None)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert!(listed.as_array().unwrap().is_empty());
+
+    // Invited, the outsider reads and posts.
+    let invited = call(
+        &app,
+        Method::POST,
+        &format!("/api/v1/rooms/{id}/members"),
+        &owner,
+        Some(json!({ "user_id": outsider_id, "role": "member" })),
+    )
+    .await;
+    assert_eq!(invited.status(), 204);
+    let posted = call(
+        &app,
+        Method::POST,
+        &format!("/api/v1/rooms/{id}/messages"),
+        &outsider,
+        Some(json!({ "body": "hi", "client_msg_id": "1" })),
+    )
+    .await;
+    assert_eq!(posted.status(), 201);
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn roles_decide_who_invites_and_manages() {
+    let app = TestApp::spawn().await;
+    let (owner_id, owner) = user(&app, "o@example.com").await;
+    let (member_id, member) = user(&app, "m@example.com").await;
+    let (admin_id, admin) = user(&app, "a@example.com").await;
+    let (third_id, _) = user(&app, "t@example.com").await;
+    let room: Value = call(
+        &app,
+        Method::POST,
+        "/api/v1/rooms",
+        &owner,
+        Some(json!({ "name": "team", "visibility": "private" })),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    let id = room["id"].as_str().unwrap();
+    let members = format!("/api/v1/rooms/{id}/members");
+    assert_eq!(
+        call(
+            &app,
+            Method::POST,
+            &members,
+            &owner,
+            Some(json!({ "user_id": member_id, "role": "member" }))
+        )
+        .await
+        .status(),
+        204
+    );
+    assert_eq!(
+        call(
+            &app,
+            Method::POST,
+            &members,
+            &owner,
+            Some(json!({ "user_id": admin_id, "role": "admin" }))
+        )
+        .await
+        .status(),
+        204
+    );
+
+    // A member may not invite; a room admin may add members but not make admins.
+    problem(
+        call(
+            &app,
+            Method::POST,
+            &members,
+            &member,
+            Some(json!({ "user_id": third_id, "role": "member" })),
+        )
+        .await,
+        403,
+        "forbidden",
+    )
+    .await;
+    problem(
+        call(
+            &app,
+            Method::POST,
+            &members,
+            &admin,
+            Some(json!({ "user_id": third_id, "role": "admin" })),
+        )
+        .await,
+        403,
+        "forbidden",
+    )
+    .await;
+    assert_eq!(
+        call(
+            &app,
+            Method::POST,
+            &members,
+            &admin,
+            Some(json!({ "user_id": third_id, "role": "member" }))
+        )
+        .await
+        .status(),
+        204
+    );
+    let body = problem(
+        call(
+            &app,
+            Method::POST,
+            &members,
+            &owner,
+            Some(json!({ "user_id": "nobody", "role": "member" })),
+        )
+        .await,
+        422,
+        "validation_failed",
+    )
+    .await;
+    assert_eq!(body["errors"][0]["code"], "unknown_user");
+
+    // Only the owner changes or deletes the room.
+    problem(
+        call(
+            &app,
+            Method::PATCH,
+            &format!("/api/v1/rooms/{id}"),
+            &admin,
+            Some(json!({ "name": "x" })),
+        )
+        .await,
+        403,
+        "forbidden",
+    )
+    .await;
+    let changed: Value = call(
+        &app,
+        Method::PATCH,
+        &format!("/api/v1/rooms/{id}"),
+        &owner,
+        Some(json!({ "name": "renamed", "retention_max_count": 100 })),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(
+        (
+            changed["name"].as_str(),
+            changed["retention_max_count"].as_i64()
+        ),
+        (Some("renamed"), Some(100))
+    );
+    problem(
+        call(
+            &app,
+            Method::PATCH,
+            &format!("/api/v1/rooms/{id}"),
+            &owner,
+            Some(json!({ "retention_max_age": 0 })),
+        )
+        .await,
+        422,
+        "validation_failed",
+    )
+    .await;
+
+    // Anyone may leave, but the last owner stays.
+    assert_eq!(
+        call(
+            &app,
+            Method::POST,
+            &format!("/api/v1/rooms/{id}/leave"),
+            &member,
+            None
+        )
+        .await
+        .status(),
+        204
+    );
+    problem(
+        call(
+            &app,
+            Method::POST,
+            &format!("/api/v1/rooms/{id}/leave"),
+            &owner,
+            None,
+        )
+        .await,
+        409,
+        "last_owner",
+    )
+    .await;
+    problem(
+        call(
+            &app,
+            Method::DELETE,
+            &format!("{members}/{owner_id}"),
+            &admin,
+            None,
+        )
+        .await,
+        403,
+        "forbidden",
+    )
+    .await;
+    problem(
+        call(
+            &app,
+            Method::DELETE,
+            &format!("/api/v1/rooms/{id}"),
+            &admin,
+            None,
+        )
+        .await,
+        403,
+        "forbidden",
+    )
+    .await;
+    assert_eq!(
+        call(
+            &app,
+            Method::DELETE,
+            &format!("/api/v1/rooms/{id}"),
+            &owner,
+            None
+        )
+        .await
+        .status(),
+        204
+    );
+    problem(
+        call(
+            &app,
+            Method::GET,
+            &format!("/api/v1/rooms/{id}"),
+            &owner,
+            None,
+        )
+        .await,
+        404,
+        "not_found",
+    )
+    .await;
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn publishing_is_idempotent_and_history_pages() {
+    let app = TestApp::spawn().await;
+    let (_, owner) = user(&app, "p@example.com").await;
+    let (_, reader) = user(&app, "r@example.com").await;
+    let room: Value = call(
+        &app,
+        Method::POST,
+        "/api/v1/rooms",
+        &owner,
+        Some(json!({ "name": "news", "visibility": "public" })),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    let id = room["id"].as_str().unwrap();
+    let messages = format!("/api/v1/rooms/{id}/messages");
+    let first = call(
+        &app,
+        Method::POST,
+        &messages,
+        &owner,
+        Some(json!({ "body": "one", "client_msg_id": "a" })),
+    )
+    .await;
+    assert_eq!(first.status(), 201);
+    let first: Value = first.json().await.unwrap();
+    let retry = call(
+        &app,
+        Method::POST,
+        &messages,
+        &owner,
+        Some(json!({ "body": "one", "client_msg_id": "a" })),
+    )
+    .await;
+    assert_eq!(retry.status(), 200);
+    assert_eq!(retry.json::<Value>().await.unwrap()["id"], first["id"]);
+    for i in 0..4 {
+        call(
+            &app,
+            Method::POST,
+            &messages,
+            &owner,
+            Some(json!({ "body": format!("m{i}"), "client_msg_id": format!("b{i}") })),
+        )
+        .await;
+    }
+    // A reader of a public room reads without joining, but joins to post.
+    let page: Value = call(
+        &app,
+        Method::GET,
+        &format!("{messages}?limit=2"),
+        &reader,
+        None,
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    let bodies: Vec<&str> = page["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["body"].as_str().unwrap())
+        .collect();
+    assert_eq!(bodies, ["m2", "m3"]);
+    let before = page["items"][0]["id"].as_i64().unwrap();
+    let older: Value = call(
+        &app,
+        Method::GET,
+        &format!("{messages}?before={before}&limit=10"),
+        &reader,
+        None,
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(older["items"].as_array().unwrap().len(), 3);
+    problem(
+        call(
+            &app,
+            Method::POST,
+            &messages,
+            &reader,
+            Some(json!({ "body": "x", "client_msg_id": "r" })),
+        )
+        .await,
+        403,
+        "forbidden",
+    )
+    .await;
+    assert_eq!(
+        call(
+            &app,
+            Method::POST,
+            &format!("/api/v1/rooms/{id}/join"),
+            &reader,
+            None
+        )
+        .await
+        .status(),
+        204
+    );
+    assert_eq!(
+        call(
+            &app,
+            Method::POST,
+            &messages,
+            &reader,
+            Some(json!({ "body": "x", "client_msg_id": "r" }))
+        )
+        .await
+        .status(),
+        201
+    );
+    for bad in [
+        json!({ "body": "", "client_msg_id": "z" }),
+        json!({ "body": "x", "client_msg_id": "" }),
+    ] {
+        problem(
+            call(&app, Method::POST, &messages, &reader, Some(bad)).await,
+            422,
+            "validation_failed",
+        )
+        .await;
+    }
+    problem(
+        call(
+            &app,
+            Method::GET,
+            &format!("{messages}?limit=0"),
+            &reader,
+            None,
+        )
+        .await,
+        422,
+        "validation_failed",
+    )
+    .await;
+    let presence: Value = call(
+        &app,
+        Method::GET,
+        &format!("/api/v1/rooms/{id}/presence"),
+        &reader,
+        None,
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(presence["online"], json!([]), "nobody is connected");
+    app.shutdown().await;
+}

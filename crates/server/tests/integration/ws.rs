@@ -1,0 +1,484 @@
+//! The WebSocket gateway over a real socket: authentication styles, frames, acks before
+//! broadcasts, idempotent sends, history, resume without gaps or duplicates, and close codes.
+
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use unhidra_store::Backend;
+
+use crate::helpers::TestApp;
+
+const PASSWORD: &str = "maple orbit candle frost 42";
+/// Bounds every wait for a frame, so a broken server fails the test instead of hanging it.
+const WAIT: Duration = Duration::from_secs(10);
+
+type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+async fn user(app: &TestApp, email: &str) -> (String, String) {
+    let r = app
+        .client
+        .post(app.url("/api/v1/auth/register"))
+        .json(&json!({ "email": email, "password": PASSWORD }))
+        .send()
+        .await
+        .unwrap();
+    let id = r.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let pair: Value = app
+        .client
+        .post(app.url("/api/v1/auth/login"))
+        .json(&json!({ "email": email, "password": PASSWORD }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    (id, pair["access_token"].as_str().unwrap().to_owned())
+}
+
+async fn room(app: &TestApp, token: &str, name: &str, visibility: &str) -> String {
+    let r: Value = app
+        .client
+        .post(app.url("/api/v1/rooms"))
+        .bearer_auth(token)
+        .json(&json!({ "name": name, "visibility": visibility }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    r["id"].as_str().unwrap().to_owned()
+}
+
+fn ws_url(app: &TestApp) -> String {
+    format!("ws://{}/ws", app.addr)
+}
+
+async fn connect_with(
+    app: &TestApp,
+    protocols: Option<&str>,
+    bearer: Option<&str>,
+) -> Result<(Socket, Option<String>), WsError> {
+    let mut request = ws_url(app).into_client_request().unwrap();
+    if let Some(p) = protocols {
+        request
+            .headers_mut()
+            .insert("sec-websocket-protocol", HeaderValue::from_str(p).unwrap());
+    }
+    if let Some(t) = bearer {
+        request.headers_mut().insert(
+            "authorization",
+            HeaderValue::from_str(&format!("Bearer {t}")).unwrap(),
+        );
+    }
+    let (socket, response) = tokio_tungstenite::connect_async(request).await?;
+    let echoed = response
+        .headers()
+        .get("sec-websocket-protocol")
+        .map(|v| v.to_str().unwrap().to_owned());
+    Ok((socket, echoed))
+}
+
+/// Connects the browser way and reads the welcome frame.
+async fn connect(app: &TestApp, token: &str) -> Socket {
+    let (mut socket, echoed) =
+        connect_with(app, Some(&format!("unhidra.v1.json, bearer.{token}")), None)
+            .await
+            .unwrap();
+    assert_eq!(echoed.as_deref(), Some("unhidra.v1.json"));
+    assert_eq!(next(&mut socket).await["type"], "welcome");
+    socket
+}
+
+async fn send(socket: &mut Socket, frame: Value) {
+    socket.send(Message::text(frame.to_string())).await.unwrap();
+}
+
+/// The next text frame, as JSON.
+async fn next(socket: &mut Socket) -> Value {
+    loop {
+        let message = tokio::time::timeout(WAIT, socket.next())
+            .await
+            .expect("a frame in time");
+        match message.expect("open").expect("readable") {
+            Message::Text(text) => return serde_json::from_str(&text).unwrap(),
+            Message::Ping(_) | Message::Pong(_) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+/// The next frame that is not presence.
+async fn next_non_presence(socket: &mut Socket) -> Value {
+    loop {
+        let frame = next(socket).await;
+        if frame["type"] != "presence" {
+            return frame;
+        }
+    }
+}
+
+/// Reads until the server closes, returning the close code.
+async fn close_code(socket: &mut Socket) -> u16 {
+    loop {
+        let message = tokio::time::timeout(WAIT, socket.next())
+            .await
+            .expect("closed in time");
+        match message {
+            Some(Ok(Message::Close(Some(frame)))) => return u16::from(frame.code),
+            Some(Ok(Message::Close(None))) | None => return 1005,
+            Some(Ok(_)) => {}
+            Some(Err(e)) => panic!("read failed before the close: {e}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn all_three_ways_to_authenticate() {
+    let app = TestApp::spawn().await;
+    let (_, token) = user(&app, "ws1@example.com").await;
+    connect(&app, &token).await;
+    // The ESP32 firmware style: a lone token, echoed as it came.
+    let (mut lone, echoed) = connect_with(&app, Some(&token), None).await.unwrap();
+    assert_eq!(echoed.as_deref(), Some(token.as_str()));
+    assert_eq!(next(&mut lone).await["type"], "welcome");
+    // Non-browser clients: Authorization on the upgrade request.
+    let (mut header, echoed) = connect_with(&app, None, Some(&token)).await.unwrap();
+    assert_eq!(echoed, None);
+    assert_eq!(next(&mut header).await["type"], "welcome");
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn bad_tokens_and_origins_are_refused_before_the_upgrade() {
+    let app = TestApp::spawn_with(
+        Backend::Sqlite,
+        |c| c.allowed_origins = vec!["https://app.example.com".into()],
+        None,
+    )
+    .await;
+    let (_, token) = user(&app, "ws2@example.com").await;
+    let status = |r: Result<(Socket, Option<String>), WsError>| match r {
+        Err(WsError::Http(response)) => response.status().as_u16(),
+        Err(other) => panic!("{other}"),
+        Ok(_) => 101,
+    };
+    assert_eq!(
+        status(connect_with(&app, Some("unhidra.v1.json"), None).await),
+        401
+    );
+    assert_eq!(
+        status(connect_with(&app, Some("unhidra.v1.json, bearer.forged"), None).await),
+        401
+    );
+    assert_eq!(
+        status(connect_with(&app, Some("garbage-token"), None).await),
+        401
+    );
+    let mut request = ws_url(&app).into_client_request().unwrap();
+    request.headers_mut().insert(
+        "sec-websocket-protocol",
+        HeaderValue::from_str(&format!("unhidra.v1.json, bearer.{token}")).unwrap(),
+    );
+    request.headers_mut().insert(
+        "origin",
+        HeaderValue::from_static("https://evil.example.com"),
+    );
+    assert_eq!(
+        status(
+            tokio_tungstenite::connect_async(request)
+                .await
+                .map(|(s, _)| (s, None))
+        ),
+        403
+    );
+    let mut request = ws_url(&app).into_client_request().unwrap();
+    request.headers_mut().insert(
+        "sec-websocket-protocol",
+        HeaderValue::from_str(&format!("unhidra.v1.json, bearer.{token}")).unwrap(),
+    );
+    request.headers_mut().insert(
+        "origin",
+        HeaderValue::from_static("https://app.example.com"),
+    );
+    assert!(
+        tokio_tungstenite::connect_async(request).await.is_ok(),
+        "an allowed origin"
+    );
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn send_is_stored_then_acked_then_broadcast_once() {
+    let app = TestApp::spawn().await;
+    let (alice_id, alice) = user(&app, "alice@example.com").await;
+    let (bob_id, bob) = user(&app, "bob@example.com").await;
+    let lobby = room(&app, &alice, "lobby", "public").await;
+    let mut a = connect(&app, &alice).await;
+    let mut b = connect(&app, &bob).await;
+    send(&mut a, json!({ "type": "join", "room": lobby })).await;
+    send(&mut b, json!({ "type": "join", "room": lobby })).await;
+    // Alice sees Bob come online: both are listening now.
+    loop {
+        let frame = next(&mut a).await;
+        if frame["type"] == "presence" && frame["user"] == bob_id.as_str() {
+            assert_eq!(frame["status"], "online");
+            break;
+        }
+    }
+    send(
+        &mut a,
+        json!({ "type": "send", "room": lobby, "body": "hello", "client_msg_id": "m1" }),
+    )
+    .await;
+    let ack = next_non_presence(&mut a).await;
+    assert_eq!(
+        (ack["type"].as_str(), ack["client_msg_id"].as_str()),
+        (Some("ack"), Some("m1"))
+    );
+    let echo = next_non_presence(&mut a).await;
+    assert_eq!(
+        echo["type"], "message",
+        "the ack comes before the broadcast"
+    );
+    let got = next_non_presence(&mut b).await;
+    assert_eq!(
+        (got["type"].as_str(), got["body"].as_str()),
+        (Some("message"), Some("hello"))
+    );
+    assert_eq!(got["id"], ack["id"]);
+    assert_eq!(got["sender"], alice_id.as_str());
+
+    // A retry: acknowledged again with the same id, stored once, not broadcast again.
+    send(
+        &mut a,
+        json!({ "type": "send", "room": lobby, "body": "hello", "client_msg_id": "m1" }),
+    )
+    .await;
+    let again = next_non_presence(&mut a).await;
+    assert_eq!(
+        (again["type"].as_str(), &again["id"]),
+        (Some("ack"), &ack["id"])
+    );
+    send(&mut b, json!({ "type": "ping" })).await;
+    assert_eq!(
+        next_non_presence(&mut b).await["type"],
+        "pong",
+        "no second copy reached bob"
+    );
+    let stored: Value = app
+        .client
+        .get(app.url(&format!("/api/v1/rooms/{lobby}/messages")))
+        .bearer_auth(&bob)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(stored["items"].as_array().unwrap().len(), 1);
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn malformed_frames_get_error_frames_and_the_connection_goes_on() {
+    let app = TestApp::spawn().await;
+    let (_, token) = user(&app, "mal@example.com").await;
+    let private = room(&app, &token, "mine", "private").await;
+    let (_, other) = user(&app, "other@example.com").await;
+    let mut socket = connect(&app, &other).await;
+    for (frame, code) in [
+        ("not json", "invalid_json"),
+        ("[]", "not_an_object"),
+        (r#"{"room":"x"}"#, "missing_type"),
+        (r#"{"type":"dance"}"#, "unknown_type"),
+        (r#"{"type":"join"}"#, "missing_field"),
+        (r#"{"type":"join","room":7}"#, "invalid_field"),
+        (r#"{"type":"join","room":"not-a-uuid"}"#, "room_not_found"),
+    ] {
+        socket.send(Message::text(frame)).await.unwrap();
+        let answer = next(&mut socket).await;
+        assert_eq!(
+            (answer["type"].as_str(), answer["code"].as_str()),
+            (Some("error"), Some(code)),
+            "{frame}"
+        );
+    }
+    // A private room is not found for a non-member, whatever its real id.
+    send(&mut socket, json!({ "type": "join", "room": private })).await;
+    assert_eq!(next(&mut socket).await["code"], "room_not_found");
+    send(
+        &mut socket,
+        json!({ "type": "send", "room": private, "body": "x", "client_msg_id": "c" }),
+    )
+    .await;
+    let refused = next(&mut socket).await;
+    assert_eq!(
+        (refused["code"].as_str(), refused["ref"].as_str()),
+        (Some("room_not_found"), Some("c"))
+    );
+    send(&mut socket, json!({ "type": "ping" })).await;
+    assert_eq!(next(&mut socket).await["type"], "pong");
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn resume_replays_the_gap_without_duplicates() {
+    let app = TestApp::spawn().await;
+    let (_, alice) = user(&app, "ra@example.com").await;
+    let lobby = room(&app, &alice, "lobby", "public").await;
+    let mut a = connect(&app, &alice).await;
+    send(&mut a, json!({ "type": "join", "room": lobby })).await;
+    send(
+        &mut a,
+        json!({ "type": "send", "room": lobby, "body": "first", "client_msg_id": "1" }),
+    )
+    .await;
+    let ack = next_non_presence(&mut a).await;
+    let last_seen = ack["id"].as_i64().unwrap();
+    a.close(None).await.unwrap();
+
+    // While Alice is away, three messages arrive.
+    for i in 0..3 {
+        let r = app
+            .client
+            .post(app.url(&format!("/api/v1/rooms/{lobby}/messages")))
+            .bearer_auth(&alice)
+            .json(&json!({ "body": format!("missed {i}"), "client_msg_id": format!("away-{i}") }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+    }
+    let mut back = connect(&app, &alice).await;
+    send(
+        &mut back,
+        json!({ "type": "resume", "rooms": { lobby.clone(): last_seen } }),
+    )
+    .await;
+    let replay = next_non_presence(&mut back).await;
+    assert_eq!(replay["type"], "history");
+    let bodies: Vec<&str> = replay["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["body"].as_str().unwrap())
+        .collect();
+    assert_eq!(bodies, ["missed 0", "missed 1", "missed 2"]);
+    // Live delivery goes on after the replay.
+    app.client
+        .post(app.url(&format!("/api/v1/rooms/{lobby}/messages")))
+        .bearer_auth(&alice)
+        .json(&json!({ "body": "live", "client_msg_id": "live" }))
+        .send()
+        .await
+        .unwrap();
+    let live = next_non_presence(&mut back).await;
+    assert_eq!(
+        (live["type"].as_str(), live["body"].as_str()),
+        (Some("message"), Some("live"))
+    );
+
+    send(
+        &mut back,
+        json!({ "type": "history", "room": lobby, "limit": 2 }),
+    )
+    .await;
+    let page = next_non_presence(&mut back).await;
+    let bodies: Vec<&str> = page["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["body"].as_str().unwrap())
+        .collect();
+    assert_eq!(bodies, ["missed 2", "live"]);
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn close_codes_for_oversize_frames_admins_and_shutdown() {
+    let mut app = TestApp::spawn_with(
+        Backend::Sqlite,
+        |c| {
+            c.ws_max_frame_bytes = 1024;
+            c.admin_email = Some("root@example.com".into());
+            c.admin_password = Some(unhidra_config::Secret::new(PASSWORD));
+        },
+        None,
+    )
+    .await;
+    let (_, token) = user(&app, "big@example.com").await;
+    let mut socket = connect(&app, &token).await;
+    socket.send(Message::text("x".repeat(4096))).await.unwrap();
+    assert_eq!(close_code(&mut socket).await, 1009);
+
+    let admin: Value = app
+        .client
+        .post(app.url("/api/v1/auth/login"))
+        .json(&json!({ "email": "root@example.com", "password": PASSWORD }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let admin = admin["access_token"].as_str().unwrap().to_owned();
+    let mut watched = connect(&app, &token).await;
+    let list: Value = app
+        .client
+        .get(app.url("/api/v1/admin/connections"))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = list.as_array().unwrap()[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let closed = app
+        .client
+        .delete(app.url(&format!("/api/v1/admin/connections/{id}")))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(closed.status(), 204);
+    assert_eq!(close_code(&mut watched).await, 4003);
+
+    let mut last = connect(&app, &token).await;
+    let stopped = tokio::spawn(app.stop());
+    assert_eq!(
+        close_code(&mut last).await,
+        1001,
+        "told before the server goes"
+    );
+    stopped.await.unwrap().unwrap();
+    app.db.drop_db().await;
+}
+
+#[tokio::test]
+async fn an_expired_token_closes_the_connection_with_4001() {
+    let app = TestApp::spawn_with(
+        Backend::Sqlite,
+        |c| c.access_token_ttl = unhidra_config::HumanDuration(Duration::from_secs(2)),
+        None,
+    )
+    .await;
+    let (_, token) = user(&app, "exp@example.com").await;
+    let mut socket = connect(&app, &token).await;
+    assert_eq!(close_code(&mut socket).await, 4001);
+    app.shutdown().await;
+}
