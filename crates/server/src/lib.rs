@@ -158,6 +158,7 @@ impl Application {
         .await?;
         bootstrap_admin(&config, &identity).await?;
         let state = AppState::new(config, store, metrics, instance_id, identity, chat);
+        tokio::spawn(follow_revocations(state.clone()));
         let router = http::with_middleware(routes::router().merge(extra), &state);
         Ok(Self {
             listener,
@@ -257,4 +258,27 @@ async fn bootstrap_admin(config: &Config, identity: &identity::Identity) -> Resu
         Err(e) => return Err(StartError::Admin(e.to_string())),
     }
     Ok(())
+}
+
+/// Closes live connections whose session or user was revoked, with close code 4003.
+async fn follow_revocations(state: AppState) {
+    let mut revocations = state.identity().revocations();
+    loop {
+        match revocations.recv().await {
+            Ok(identity::Revoked::Session(session)) => state.chat().hub().close_session(
+                session,
+                unhidra_protocol::close::REVOKED,
+                "session revoked",
+            ),
+            Ok(identity::Revoked::User { user, except }) => state.chat().hub().close_user_except(
+                user,
+                except,
+                unhidra_protocol::close::REVOKED,
+                "sessions revoked",
+            ),
+            // Missed revocations: close nothing by guess; the next request checks anyway.
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+        }
+    }
 }

@@ -403,6 +403,18 @@ impl Hub {
         }
     }
 
+    /// Closes every connection of a user but those of `except`.
+    pub fn close_user_except(&self, user: UserId, except: Option<Uuid>, code: u16, reason: &str) {
+        for conn in self
+            .state()
+            .conns
+            .values()
+            .filter(|c| c.user == user && Some(c.session) != except)
+        {
+            conn.closer.close(code, reason);
+        }
+    }
+
     /// Closes every connection of a user.
     pub fn close_user(&self, user: UserId, code: u16, reason: &str) {
         for conn in self.state().conns.values().filter(|c| c.user == user) {

@@ -157,14 +157,13 @@ impl Identity {
         }
         self.limits.login_account.release(&reservation);
         self.set_password(&user, new).await?;
-        self.store
-            .revoke_user_sessions(
-                user.id,
-                Some(who.session_id),
-                "password changed",
-                self.now(),
-            )
-            .await?;
+        self.end_user_sessions(
+            user.id,
+            Some(who.session_id),
+            "password changed",
+            self.now(),
+        )
+        .await?;
         self.audit(
             "password.changed",
             Some(user.id),
@@ -279,8 +278,7 @@ impl Identity {
         self.consume(&hash, TokenPurpose::ResetPassword).await?;
         self.set_password(&user, new).await?;
         let now = self.now();
-        self.store
-            .revoke_user_sessions(user.id, None, "password reset", now)
+        self.end_user_sessions(user.id, None, "password reset", now)
             .await?;
         // The link arrived by mail: that proves the address, and ends a lock.
         self.store.set_email_verified(user.id, now).await?;

@@ -51,6 +51,20 @@ pub struct RequestContext {
     pub trace_id: Option<String>,
 }
 
+/// A revocation that live connections must follow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Revoked {
+    /// One session ended.
+    Session(Uuid),
+    /// Every session of a user but `except` ended (deactivation, password change or reset).
+    User {
+        /// The user.
+        user: UserId,
+        /// The session that goes on, if any.
+        except: Option<Uuid>,
+    },
+}
+
 /// An authenticated caller.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Principal {
@@ -252,6 +266,7 @@ pub struct Identity {
     limits: Limits,
     metrics: AuthMetrics,
     mailer: Arc<Mailer>,
+    revoked: tokio::sync::broadcast::Sender<Revoked>,
     audit_file: Option<audit_file::AuditFile>,
     /// Shorten addresses in audit events.
     audit_minimise: bool,
@@ -355,6 +370,7 @@ impl Identity {
             limits: Limits::from_config(config),
             metrics,
             mailer,
+            revoked: tokio::sync::broadcast::Sender::new(1024),
             audit_file: audit_file::AuditFile::from_config(config),
             audit_minimise: config.audit_minimise,
             public_url: config
@@ -370,6 +386,39 @@ impl Identity {
     fn now(&self) -> DateTime<Utc> {
         let now = self.clock.now();
         DateTime::from_timestamp_micros(now.timestamp_micros()).unwrap_or(now)
+    }
+
+    /// Revocations as they happen, for closing live connections at once.
+    pub fn revocations(&self) -> tokio::sync::broadcast::Receiver<Revoked> {
+        self.revoked.subscribe()
+    }
+
+    /// Revokes a session in the store and tells whoever listens.
+    async fn end_session(
+        &self,
+        id: Uuid,
+        reason: &str,
+        now: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        let revoked = self.store.revoke_session(id, reason, now).await?;
+        let _ = self.revoked.send(Revoked::Session(id));
+        Ok(revoked)
+    }
+
+    /// Revokes a user's sessions (all but `except`) and tells whoever listens.
+    async fn end_user_sessions(
+        &self,
+        user: UserId,
+        except: Option<Uuid>,
+        reason: &str,
+        now: DateTime<Utc>,
+    ) -> Result<u64, StoreError> {
+        let count = self
+            .store
+            .revoke_user_sessions(user, except, reason, now)
+            .await?;
+        let _ = self.revoked.send(Revoked::User { user, except });
+        Ok(count)
     }
 
     /// The mailer, to drain at shutdown.
@@ -746,8 +795,7 @@ impl Identity {
             Rotation::Rotated(session) => {
                 let user = self.store.user_by_id(session.user_id).await?;
                 if !user.active {
-                    self.store
-                        .revoke_session(session.id, "user deactivated", now)
+                    self.end_session(session.id, "user deactivated", now)
                         .await?;
                     return Err(IdentityError::InvalidRefreshToken);
                 }
@@ -763,8 +811,7 @@ impl Identity {
                 }
                 self.metrics.failure("refresh_reused");
                 let revoked = self
-                    .store
-                    .revoke_session(session.id, "refresh token reused", now)
+                    .end_session(session.id, "refresh token reused", now)
                     .await?;
                 self.audit(
                     "refresh.reused",
@@ -860,8 +907,7 @@ impl Identity {
 
     /// Ends the caller's session.
     pub async fn logout(&self, who: &Principal, ctx: &RequestContext) -> Result<(), IdentityError> {
-        self.store
-            .revoke_session(who.session_id, "logout", self.now())
+        self.end_session(who.session_id, "logout", self.now())
             .await?;
         self.audit(
             "logout",
@@ -901,9 +947,7 @@ impl Identity {
         if session.user_id != who.user_id || !session.is_live(self.now()) {
             return Err(IdentityError::NotFound("session"));
         }
-        self.store
-            .revoke_session(id, "revoked by user", self.now())
-            .await?;
+        self.end_session(id, "revoked by user", self.now()).await?;
         self.audit(
             "session.revoked",
             Some(who.user_id),
@@ -1012,8 +1056,7 @@ impl Identity {
         };
         let after = self.store.update_user(id, change, now).await?;
         if before.active && !after.active {
-            self.store
-                .revoke_user_sessions(id, None, "user deactivated", now)
+            self.end_user_sessions(id, None, "user deactivated", now)
                 .await?;
         }
         if before.role != after.role || before.active != after.active {

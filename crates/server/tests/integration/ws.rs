@@ -482,3 +482,68 @@ async fn an_expired_token_closes_the_connection_with_4001() {
     assert_eq!(close_code(&mut socket).await, 4001);
     app.shutdown().await;
 }
+
+#[tokio::test]
+async fn revoking_a_session_or_user_closes_their_connections_with_4003() {
+    let app = TestApp::spawn_with(
+        Backend::Sqlite,
+        |c| {
+            c.admin_email = Some("root@example.com".into());
+            c.admin_password = Some(unhidra_config::Secret::new(PASSWORD));
+        },
+        None,
+    )
+    .await;
+    let (user_id, token) = user(&app, "rev@example.com").await;
+    let mut socket = connect(&app, &token).await;
+    let logout = app
+        .client
+        .post(app.url("/api/v1/auth/logout"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(logout.status(), 204);
+    assert_eq!(
+        close_code(&mut socket).await,
+        4003,
+        "logout ends the session's connections"
+    );
+
+    let fresh: Value = app
+        .client
+        .post(app.url("/api/v1/auth/login"))
+        .json(&json!({ "email": "rev@example.com", "password": PASSWORD }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let mut socket = connect(&app, fresh["access_token"].as_str().unwrap()).await;
+    let admin: Value = app
+        .client
+        .post(app.url("/api/v1/auth/login"))
+        .json(&json!({ "email": "root@example.com", "password": PASSWORD }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let deactivated = app
+        .client
+        .patch(app.url(&format!("/api/v1/admin/users/{user_id}")))
+        .bearer_auth(admin["access_token"].as_str().unwrap())
+        .json(&json!({ "active": false }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deactivated.status(), 200);
+    assert_eq!(
+        close_code(&mut socket).await,
+        4003,
+        "deactivation ends every connection"
+    );
+    app.shutdown().await;
+}
