@@ -237,6 +237,19 @@ config_keys! {
         /// Frames queued for one WebSocket client; a client that falls this far behind is
         /// closed with 1013.
         ws_queue_frames: u32 = 256, secret = false;
+        /// New WebSocket connections per minute from one address.
+        rate_limit_ip_per_minute: u32 = 60, secret = false;
+        /// New WebSocket connections per minute for one user.
+        rate_limit_user_per_minute: u32 = 30, secret = false;
+        /// Frames per second one WebSocket connection may send (a token bucket of that size).
+        rate_limit_messages_per_sec: u32 = 50, secret = false;
+        /// Concurrent WebSocket connections from one address.
+        ws_max_connections_per_ip: u32 = 200, secret = false;
+        /// How often an idle WebSocket is pinged; one that stays silent for two intervals is
+        /// closed.
+        ws_ping_interval: HumanDuration = HumanDuration::secs(30), secret = false;
+        /// How often room retention is applied.
+        retention_interval: HumanDuration = HumanDuration::secs(60), secret = false;
         /// With `admin_password`, makes sure this admin exists at start.
         admin_email: Option<String> = None, secret = false;
         /// The first admin's password, used only if the admin does not exist yet.

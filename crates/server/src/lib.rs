@@ -146,7 +146,8 @@ impl Application {
         let chat = chat::Chat::new(
             Arc::clone(&store),
             Arc::clone(&clock),
-            usize::try_from(config.ws_queue_frames).unwrap_or(256),
+            &config,
+            metrics.ws.clone(),
         );
         let identity = identity::Identity::new(
             &config,
@@ -207,8 +208,10 @@ impl Application {
         );
         let grace = config.shutdown_grace.0;
         let reloads = tokio::spawn(reload_keys(state.clone()));
+        let retention = tokio::spawn(apply_retention(state.clone()));
         let outcome = shutdown::serve(listener, router, &state, shutdown, grace).await;
         reloads.abort();
+        retention.abort();
         let outcome = outcome?;
         let abandoned = metrics::in_flight(state.metrics());
         // Notices already promised to users are sent before the process goes.
@@ -279,6 +282,25 @@ async fn follow_revocations(state: AppState) {
             // Missed revocations: close nothing by guess; the next request checks anyway.
             Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
             Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+        }
+    }
+}
+
+/// Applies room retention on a schedule.
+async fn apply_retention(state: AppState) {
+    let mut tick = tokio::time::interval(
+        state
+            .config()
+            .retention_interval
+            .0
+            .max(Duration::from_secs(1)),
+    );
+    loop {
+        tick.tick().await;
+        match state.chat().apply_retention().await {
+            Ok(0) => {}
+            Ok(deleted) => tracing::info!(deleted, "retention applied"),
+            Err(e) => tracing::warn!(error = %e, "retention not applied"),
         }
     }
 }

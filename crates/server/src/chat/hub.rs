@@ -16,6 +16,8 @@ use unhidra_core::UserId;
 use unhidra_protocol::{PresenceStatus, ServerFrame, close};
 use uuid::Uuid;
 
+use crate::metrics::WsMetrics;
+
 /// A connection's id, unique within this process.
 pub type ConnId = u64;
 
@@ -39,6 +41,15 @@ impl Closer {
         drop(slot);
         // Both the reader and the writer of the connection wait for this.
         self.notify.notify_waiters();
+    }
+
+    /// The code of the close requested, if one was.
+    pub fn code(&self) -> Option<u16> {
+        self.reason
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_ref()
+            .map(|(code, _)| *code)
     }
 
     /// Waits for a close request and returns it.
@@ -103,6 +114,7 @@ struct State {
 /// Every live connection of this process.
 pub struct Hub {
     queue: usize,
+    metrics: WsMetrics,
     next: AtomicU64,
     state: Mutex<State>,
 }
@@ -128,9 +140,10 @@ pub struct Registration {
 
 impl Hub {
     /// A hub whose connections queue at most `queue` frames each.
-    pub fn new(queue: usize) -> Self {
+    pub fn new(queue: usize, metrics: WsMetrics) -> Self {
         Self {
             queue: queue.max(1),
+            metrics,
             next: AtomicU64::new(1),
             state: Mutex::new(State::default()),
         }
@@ -321,6 +334,13 @@ impl Hub {
         let mut state = self.state();
         let State { rooms, conns } = &mut *state;
         if let Some(set) = rooms.get(&room) {
+            self.metrics
+                .frames
+                .get_or_create(&crate::metrics::FrameLabels {
+                    direction: "out",
+                    r#type: frame.kind(),
+                })
+                .inc_by(u64::try_from(set.len()).unwrap_or(0));
             for conn_id in set {
                 if let Some(conn) = conns.get_mut(conn_id) {
                     match conn.held.get_mut(&room) {
@@ -358,6 +378,7 @@ impl Hub {
 
     /// Delivers a frame to one connection.
     pub fn send_to(&self, id: ConnId, frame: &ServerFrame) {
+        self.metrics.frame("out", frame.kind());
         let state = self.state();
         if let Some(conn) = state.conns.get(&id) {
             Self::offer(conn, Message::Text(frame.to_json().into()));
@@ -426,6 +447,22 @@ impl Hub {
     pub fn close_all(&self, code: u16, reason: &str) {
         for conn in self.state().conns.values() {
             conn.closer.close(code, reason);
+        }
+    }
+
+    /// How many connections come from one address.
+    pub fn connections_from(&self, ip: IpAddr) -> usize {
+        self.state()
+            .conns
+            .values()
+            .filter(|c| c.ip == Some(ip))
+            .count()
+    }
+
+    /// Queues a WebSocket ping for a connection.
+    pub fn ping(&self, id: ConnId) {
+        if let Some(conn) = self.state().conns.get(&id) {
+            Self::offer(conn, Message::Ping(axum::body::Bytes::new()));
         }
     }
 

@@ -11,7 +11,7 @@ pub mod ws;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use unhidra_core::{Clock, Role, UserId};
+use unhidra_core::{Clock, Role, SlidingWindow, UserId};
 use unhidra_protocol::{MessageData, ServerFrame};
 use unhidra_store::rooms::{
     MessageRange, MessageRecord, RoomChange, RoomListing, RoomRecord, RoomRole, Visibility,
@@ -21,6 +21,7 @@ use uuid::Uuid;
 
 use self::hub::Hub;
 use crate::identity::Principal;
+use crate::metrics::WsMetrics;
 
 /// The longest room name, in characters.
 pub const MAX_ROOM_NAME: usize = 100;
@@ -76,16 +77,79 @@ pub struct Chat {
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
     hub: Hub,
+    metrics: WsMetrics,
+    conn_per_ip: SlidingWindow,
+    conn_per_user: SlidingWindow,
+    max_per_ip: usize,
+    /// Frames per second a connection may send.
+    pub frames_per_sec: u32,
+    /// How often idle connections are pinged.
+    pub ping_interval: std::time::Duration,
+}
+
+/// Why a new connection was refused by a limit: the scope and the seconds to wait.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refused {
+    /// `ip`, `user` or `concurrent`.
+    pub scope: &'static str,
+    /// Seconds until a new connection may be accepted.
+    pub retry_after: i64,
 }
 
 impl Chat {
-    /// The service over a store, with its hub.
-    pub fn new(store: Arc<dyn Store>, clock: Arc<dyn Clock>, queue: usize) -> Self {
+    /// The service over a store, with its hub and the limits of the config.
+    pub fn new(
+        store: Arc<dyn Store>,
+        clock: Arc<dyn Clock>,
+        config: &unhidra_config::Config,
+        metrics: WsMetrics,
+    ) -> Self {
+        let minute = chrono::Duration::minutes(1);
         Self {
             store,
             clock,
-            hub: Hub::new(queue),
+            hub: Hub::new(
+                usize::try_from(config.ws_queue_frames).unwrap_or(256),
+                metrics.clone(),
+            ),
+            metrics,
+            conn_per_ip: SlidingWindow::new(config.rate_limit_ip_per_minute, minute),
+            conn_per_user: SlidingWindow::new(config.rate_limit_user_per_minute, minute),
+            max_per_ip: usize::try_from(config.ws_max_connections_per_ip).unwrap_or(usize::MAX),
+            frames_per_sec: config.rate_limit_messages_per_sec,
+            ping_interval: config.ws_ping_interval.0,
         }
+    }
+
+    /// The gateway's metrics.
+    pub fn metrics(&self) -> &WsMetrics {
+        &self.metrics
+    }
+
+    /// Admits a new connection under the per-address and per-user limits.
+    pub fn admit(&self, ip: Option<std::net::IpAddr>, user: UserId) -> Result<(), Refused> {
+        let now = self.now();
+        let refuse = |scope: &'static str, retry_after: i64| {
+            self.metrics.limited(scope);
+            Refused { scope, retry_after }
+        };
+        if let Some(ip) = ip {
+            if self.hub.connections_from(ip) >= self.max_per_ip {
+                return Err(refuse("concurrent", 1));
+            }
+            self.conn_per_ip
+                .try_acquire(&ip.to_string(), now)
+                .map_err(|secs| refuse("ip", secs))?;
+        }
+        self.conn_per_user
+            .try_acquire(&user.to_string(), now)
+            .map_err(|secs| refuse("user", secs))?;
+        Ok(())
+    }
+
+    /// Applies every room's retention now.
+    pub async fn apply_retention(&self) -> Result<u64, ChatError> {
+        Ok(self.store.apply_retention(self.now()).await?)
     }
 
     /// The hub of live connections.

@@ -98,6 +98,20 @@ pub async fn upgrade(
         Err(e) => return ApiError::from(e).into_response(),
     };
     let ip = client_ip(Some(peer.ip()), &headers, state.trusted_proxies());
+    if let Err(refused) = state.chat().admit(ip, who.user_id) {
+        return ApiError::new(
+            Problem::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                format!(
+                    "Too many new connections ({}); wait before connecting again.",
+                    refused.scope
+                ),
+            )
+            .with("retry_after", refused.retry_after),
+        )
+        .into_response();
+    }
     let limit = usize::try_from(state.config().ws_max_frame_bytes).unwrap_or(usize::MAX);
     let protocol = offer
         .echo
@@ -127,6 +141,9 @@ async fn run(
 ) {
     let chat = state.chat();
     let hub = chat.hub();
+    let metrics = chat.metrics().clone();
+    let kind = crate::metrics::KindLabel { kind: "user" };
+    metrics.connections.get_or_create(&kind).inc();
     let registration = hub.register(who.user_id, who.session_id, ip, &protocol, Utc::now());
     let id = registration.id;
     let closer = Arc::clone(&registration.closer);
@@ -177,7 +194,14 @@ async fn run(
         id,
         who,
         expires,
+        bucket: Bucket::new(chat.frames_per_sec),
+        strikes: 0,
     };
+    let mut ping = tokio::time::interval(chat.ping_interval.max(std::time::Duration::from_secs(1)));
+    ping.tick().await;
+    // Whether anything arrived since the last ping tick.
+    let mut heard = true;
+    let mut closed_by_peer = false;
     loop {
         let until_expiry = (conn.expires - Utc::now())
             .to_std()
@@ -188,18 +212,37 @@ async fn run(
                 break;
             }
             _ = closer.requested() => break,
+            _ = ping.tick() => {
+                if !heard {
+                    // Silent for a whole interval after a ping: the peer is gone.
+                    closer.close(close::POLICY, "no answer to ping");
+                    break;
+                }
+                heard = false;
+                hub.ping(id);
+            }
             next = stream.next() => match next {
-                None | Some(Ok(Message::Close(_))) => break,
+                None | Some(Ok(Message::Close(_))) => {
+                    closed_by_peer = true;
+                    break;
+                }
                 Some(Ok(Message::Text(text))) if text.len() > limit => {
                     closer.close(close::TOO_BIG, "frame too large");
                     break;
                 }
-                Some(Ok(Message::Text(text))) => conn.handle(text.as_str()).await,
+                Some(Ok(Message::Text(text))) => {
+                    heard = true;
+                    match conn.admit_frame() {
+                        Admit::Handle => conn.handle(text.as_str()).await,
+                        Admit::Drop => {}
+                        Admit::Close => break,
+                    }
+                }
                 Some(Ok(Message::Binary(_))) => {
                     closer.close(close::UNSUPPORTED, "binary frames are not part of unhidra.v1.json");
                     break;
                 }
-                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => heard = true,
                 Some(Err(e)) => {
                     let (code, reason) = read_error(&e);
                     closer.close(code, reason);
@@ -209,6 +252,16 @@ async fn run(
         }
     }
     hub.unregister(id);
+    metrics.connections.get_or_create(&kind).dec();
+    let code = if closed_by_peer {
+        close::NORMAL
+    } else {
+        closer.code().unwrap_or(close::GOING_AWAY)
+    };
+    metrics
+        .disconnects
+        .get_or_create(&crate::metrics::CodeLabel { code })
+        .inc();
     // Give the writer a moment to send the close frame; it ends on its own after that.
     let _ = tokio::time::timeout(std::time::Duration::from_secs(2), writer).await;
     tracing::debug!(connection = id, "websocket closed");
@@ -229,14 +282,91 @@ fn read_error(err: &axum::Error) -> (u16, &'static str) {
     }
 }
 
+/// What to do with a frame under the rate limit.
+enum Admit {
+    /// Handle it.
+    Handle,
+    /// Drop it (an `error` frame said why).
+    Drop,
+    /// Close the connection.
+    Close,
+}
+
+/// A token bucket: `rate` frames per second, bursts up to `rate`.
+struct Bucket {
+    rate: f64,
+    tokens: f64,
+    last: std::time::Instant,
+}
+
+impl Bucket {
+    fn new(rate: u32) -> Self {
+        let rate = f64::from(rate);
+        Self {
+            rate,
+            tokens: rate,
+            last: std::time::Instant::now(),
+        }
+    }
+
+    /// Takes a token; false when the bucket is empty. A rate of 0 means no limit.
+    fn take(&mut self) -> bool {
+        if self.rate <= 0.0 {
+            return true;
+        }
+        let now = std::time::Instant::now();
+        let refill = now.duration_since(self.last).as_secs_f64() * self.rate;
+        self.tokens = (self.tokens + refill).min(self.rate);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
 struct Connection {
     state: AppState,
     id: u64,
     who: Principal,
     expires: DateTime<Utc>,
+    bucket: Bucket,
+    /// Frames refused in a row by the bucket.
+    strikes: u32,
 }
 
 impl Connection {
+    /// Applies the per-connection frame rate: an `error` frame with `retry_after` when the
+    /// bucket is empty, and a close with 4029 when refusals go on for a second's worth of
+    /// frames.
+    fn admit_frame(&mut self) -> Admit {
+        if self.bucket.take() {
+            self.strikes = 0;
+            return Admit::Handle;
+        }
+        let chat = self.state.chat();
+        chat.metrics().limited("connection");
+        self.strikes += 1;
+        if self.strikes > chat.frames_per_sec.max(1) {
+            chat.hub().close(
+                self.id,
+                close::RATE_LIMITED,
+                "rate limit exceeded again and again",
+            );
+            return Admit::Close;
+        }
+        self.reply(&ServerFrame::Error {
+            code: "rate_limited".to_owned(),
+            message: "too many frames; slow down".to_owned(),
+            retry_after: Some(1),
+            reference: None,
+        });
+        // The refused frame is dropped; the connection goes on.
+        Admit::Drop
+    }
+
     fn reply(&self, frame: &ServerFrame) {
         self.state.chat().hub().send_to(self.id, frame);
     }
@@ -283,6 +413,7 @@ impl Connection {
             Err(e) => return self.error(e.code, e.message, None),
         };
         let chat = self.state.chat();
+        chat.metrics().frame("in", frame.kind());
         match frame {
             ClientFrame::Ping => self.reply(&ServerFrame::Pong),
             ClientFrame::Join { room } => {
@@ -305,6 +436,7 @@ impl Connection {
                 body,
                 client_msg_id,
             } => {
+                let received = std::time::Instant::now();
                 let Some(id) = self.room_id(&room) else {
                     return;
                 };
@@ -318,6 +450,9 @@ impl Connection {
                         });
                         if new {
                             chat.deliver(&stored);
+                            chat.metrics()
+                                .delivery
+                                .observe(received.elapsed().as_secs_f64());
                         }
                     }
                     Err(e) => self.chat_error(&e, Some(client_msg_id)),

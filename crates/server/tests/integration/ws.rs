@@ -227,6 +227,12 @@ async fn send_is_stored_then_acked_then_broadcast_once() {
     let mut a = connect(&app, &alice).await;
     let mut b = connect(&app, &bob).await;
     send(&mut a, json!({ "type": "join", "room": lobby })).await;
+    // Alice's own arrival first, so that she is listening when Bob joins.
+    let own = next(&mut a).await;
+    assert_eq!(
+        (own["type"].as_str(), own["user"].as_str()),
+        (Some("presence"), Some(alice_id.as_str()))
+    );
     send(&mut b, json!({ "type": "join", "room": lobby })).await;
     // Alice sees Bob come online: both are listening now.
     loop {
@@ -544,6 +550,110 @@ async fn revoking_a_session_or_user_closes_their_connections_with_4003() {
         close_code(&mut socket).await,
         4003,
         "deactivation ends every connection"
+    );
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn new_connections_are_limited_per_address() {
+    let app = TestApp::spawn_with(Backend::Sqlite, |c| c.rate_limit_ip_per_minute = 2, None).await;
+    let (_, token) = user(&app, "many@example.com").await;
+    let _a = connect(&app, &token).await;
+    let _b = connect(&app, &token).await;
+    match connect_with(
+        &app,
+        Some(&format!("unhidra.v1.json, bearer.{token}")),
+        None,
+    )
+    .await
+    {
+        Err(WsError::Http(response)) => {
+            assert_eq!(response.status().as_u16(), 429);
+            assert!(response.headers().contains_key("retry-after"));
+        }
+        other => panic!("expected 429, got {:?}", other.map(|_| ())),
+    }
+    let metrics = app.get("/metrics").await.text().await.unwrap();
+    assert!(
+        metrics.contains(r#"ws_rate_limited_total{scope="ip"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"ws_connections{kind="user"} 2"#),
+        "{metrics}"
+    );
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_flood_of_frames_is_refused_then_closed_with_4029() {
+    let app =
+        TestApp::spawn_with(Backend::Sqlite, |c| c.rate_limit_messages_per_sec = 3, None).await;
+    let (_, token) = user(&app, "flood@example.com").await;
+    let mut socket = connect(&app, &token).await;
+    for _ in 0..20 {
+        send(&mut socket, json!({ "type": "ping" })).await;
+    }
+    let mut pongs = 0;
+    let mut limited = 0;
+    let code = loop {
+        match tokio::time::timeout(WAIT, socket.next())
+            .await
+            .expect("in time")
+        {
+            Some(Ok(Message::Text(text))) => {
+                let frame: Value = serde_json::from_str(&text).unwrap();
+                match frame["type"].as_str() {
+                    Some("pong") => pongs += 1,
+                    Some("error") => {
+                        assert_eq!(frame["code"], "rate_limited");
+                        assert_eq!(frame["retry_after"], 1);
+                        limited += 1;
+                    }
+                    other => panic!("{other:?}"),
+                }
+            }
+            Some(Ok(Message::Close(Some(frame)))) => break u16::from(frame.code),
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(code, 4029);
+    assert!(
+        pongs >= 3 && limited >= 1,
+        "{pongs} pongs, {limited} refusals"
+    );
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_peer_that_never_answers_pings_is_closed() {
+    let app = TestApp::spawn_with(
+        Backend::Sqlite,
+        |c| c.ws_ping_interval = unhidra_config::HumanDuration(Duration::from_secs(1)),
+        None,
+    )
+    .await;
+    let (_, token) = user(&app, "silent@example.com").await;
+    // Connect but read nothing (so no pong goes back) until the server gives up.
+    let (mut socket, _) = connect_with(
+        &app,
+        Some(&format!("unhidra.v1.json, bearer.{token}")),
+        None,
+    )
+    .await
+    .unwrap();
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let mut waited = 0;
+    while app.state.chat().hub().len() == 1 && waited < 40 {
+        tick.tick().await;
+        waited += 1;
+    }
+    assert_eq!(app.state.chat().hub().len(), 0, "reaped");
+    assert_eq!(close_code(&mut socket).await, 1008);
+    let metrics = app.get("/metrics").await.text().await.unwrap();
+    assert!(
+        metrics.contains(r#"ws_disconnects_total{code="1008"} 1"#),
+        "{metrics}"
     );
     app.shutdown().await;
 }
