@@ -1,6 +1,6 @@
 //! A minimal HTTP/1.1 client over one keep-alive TCP connection to 127.0.0.1: it sends a
-//! prepared `GET` request and reads back the status line and the body (by `Content-Length`, or
-//! chunked), nothing more. Small on purpose: it keeps the benchmark quick to build and its own
+//! prepared request (a `GET`, or a `POST` of JSON) and reads back the status line and the body
+//! (by `Content-Length`, or chunked), nothing more. Small on purpose: it keeps the benchmark quick to build and its own
 //! cost per request low and easy to reason about.
 
 use std::net::SocketAddr;
@@ -19,6 +19,25 @@ const MAX_BODY: usize = 1024 * 1024;
 pub fn get_request(addr: SocketAddr, path: &str) -> Vec<u8> {
     format!(
         "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: unhidra-bench\r\nAccept: */*\r\n\r\n"
+    )
+    .into_bytes()
+}
+
+/// The bytes of a `GET path` request to `addr` that carries `Authorization: Bearer token`.
+pub fn get_bearer_request(addr: SocketAddr, path: &str, token: &str) -> Vec<u8> {
+    format!(
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: unhidra-bench\r\nAccept: */*\r\n\
+         Authorization: Bearer {token}\r\n\r\n"
+    )
+    .into_bytes()
+}
+
+/// The bytes of a `POST path` request to `addr` whose body is the JSON text `json`.
+pub fn post_json_request(addr: SocketAddr, path: &str, json: &str) -> Vec<u8> {
+    format!(
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: unhidra-bench\r\nAccept: */*\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{json}",
+        json.len()
     )
     .into_bytes()
 }
@@ -59,6 +78,22 @@ impl Connection {
 
     /// Sends `request` (from [`get_request`]) and reads the whole response.
     pub async fn send(&mut self, request: &[u8]) -> Result<Answer, BoxError> {
+        self.exchange(request, None).await
+    }
+
+    /// Sends `request` and reads the whole response, keeping its body (de-chunked).
+    pub async fn send_for_body(&mut self, request: &[u8]) -> Result<(Answer, Vec<u8>), BoxError> {
+        let mut body = Vec::new();
+        let answer = self.exchange(request, Some(&mut body)).await?;
+        Ok((answer, body))
+    }
+
+    /// Sends `request` and reads the response; its body goes to `sink` if one is given.
+    async fn exchange(
+        &mut self,
+        request: &[u8],
+        mut sink: Option<&mut Vec<u8>>,
+    ) -> Result<Answer, BoxError> {
         self.stream.write_all(request).await?;
         let head_end = loop {
             if let Some(at) = find(&self.buf, b"\r\n\r\n") {
@@ -78,12 +113,19 @@ impl Connection {
                 while self.buf.len() < head_end + len {
                     self.fill().await?;
                 }
+                if let Some(sink) = sink {
+                    sink.extend_from_slice(&self.buf[head_end..head_end + len]);
+                }
                 head_end + len
             }
-            Body::Chunked => self.read_chunked(head_end).await?,
+            Body::Chunked => self.read_chunked(head_end, sink.as_deref_mut()).await?,
             Body::None => head_end,
             Body::UntilClose => {
-                // Rare and not keep-alive: drop the connection without reading the body.
+                // Rare and not keep-alive: the body is whatever comes until the server closes.
+                if let Some(sink) = sink {
+                    sink.extend_from_slice(&self.buf[head_end..]);
+                    self.read_to_close(sink).await?;
+                }
                 self.buf.clear();
                 return Ok(Answer {
                     status: head.status,
@@ -98,8 +140,28 @@ impl Connection {
         })
     }
 
-    /// Reads a chunked body that starts at `from`; returns where the response ends.
-    async fn read_chunked(&mut self, from: usize) -> Result<usize, BoxError> {
+    /// Reads into `sink` until the server closes the connection (at most [`MAX_BODY`] bytes).
+    async fn read_to_close(&mut self, sink: &mut Vec<u8>) -> Result<(), BoxError> {
+        let mut chunk = [0_u8; 4096];
+        loop {
+            if sink.len() > MAX_BODY {
+                return Err("response body too large".into());
+            }
+            let read = self.stream.read(&mut chunk).await?;
+            if read == 0 {
+                return Ok(());
+            }
+            sink.extend_from_slice(&chunk[..read]);
+        }
+    }
+
+    /// Reads a chunked body that starts at `from`, appending its data to `sink` if given;
+    /// returns where the response ends.
+    async fn read_chunked(
+        &mut self,
+        from: usize,
+        mut sink: Option<&mut Vec<u8>>,
+    ) -> Result<usize, BoxError> {
         let mut at = from;
         loop {
             let line_end = loop {
@@ -128,6 +190,12 @@ impl Connection {
             let next = line_end + 2 + size + 2;
             while self.buf.len() < next {
                 self.fill().await?;
+            }
+            if let Some(sink) = sink.as_deref_mut() {
+                if sink.len() + size > MAX_BODY {
+                    return Err("chunked response body too large".into());
+                }
+                sink.extend_from_slice(&self.buf[line_end + 2..line_end + 2 + size]);
             }
             at = next;
         }
@@ -298,6 +366,56 @@ mod tests {
                 let answer = connection.send(&request).await.unwrap();
                 assert_eq!(answer, Answer { status, keep_alive });
             }
+            assert!(connection.buf.is_empty());
+            server.await.unwrap();
+        });
+    }
+
+    #[test]
+    fn posts_carry_their_body_and_answers_their_body() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let json = r#"{"email":"a@example.com"}"#;
+            let post = post_json_request(addr, "/api/v1/auth/login", json);
+            let get = get_bearer_request(addr, "/api/v1/auth/me", "a.b.c");
+            let expected_post = post.clone();
+            let server = tokio::spawn(async move {
+                let (mut socket, _) = listener.accept().await.unwrap();
+                let mut seen = vec![0_u8; expected_post.len()];
+                socket.read_exact(&mut seen).await.unwrap();
+                assert_eq!(seen, expected_post);
+                socket
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\n{\"a\":\"b\"}")
+                    .await
+                    .unwrap();
+                let mut seen = Vec::new();
+                let mut buf = [0_u8; 1024];
+                while find(&seen, b"\r\n\r\n").is_none() {
+                    let n = socket.read(&mut buf).await.unwrap();
+                    seen.extend_from_slice(&buf[..n]);
+                }
+                assert!(find(&seen, b"\r\nAuthorization: Bearer a.b.c\r\n").is_some());
+                socket
+                    .write_all(b"HTTP/1.1 401 Unauthorized\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n")
+                    .await
+                    .unwrap();
+            });
+            let text = String::from_utf8(post.clone()).unwrap();
+            assert!(text.starts_with("POST /api/v1/auth/login HTTP/1.1\r\n"), "{text}");
+            assert!(text.contains("\r\nContent-Type: application/json\r\n"), "{text}");
+            assert!(text.ends_with(&format!("Content-Length: {}\r\n\r\n{json}", json.len())));
+            let mut connection = Connection::open(addr).await.unwrap();
+            let (answer, body) = connection.send_for_body(&post).await.unwrap();
+            assert_eq!(answer.status, 200);
+            assert_eq!(body, br#"{"a":"b"}"#);
+            let (answer, body) = connection.send_for_body(&get).await.unwrap();
+            assert_eq!(answer.status, 401);
+            assert_eq!(body, b"abcde");
             assert!(connection.buf.is_empty());
             server.await.unwrap();
         });

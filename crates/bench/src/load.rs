@@ -48,7 +48,8 @@ impl Errors {
         self.status + self.io + self.timeouts
     }
 
-    fn merge(&mut self, other: Self) {
+    /// Adds `other`'s counts to these.
+    pub fn merge(&mut self, other: Self) {
         self.status += other.status;
         self.io += other.io;
         self.timeouts += other.timeouts;
@@ -58,7 +59,8 @@ impl Errors {
         }
     }
 
-    fn note(&mut self, what: String) {
+    /// Keeps `what` as the first failure, unless one was kept already.
+    pub fn note(&mut self, what: String) {
         if self.first.is_none() {
             self.first = Some(what);
         }
@@ -86,27 +88,36 @@ impl Outcome {
 
     /// The latency at percentile `p` (0–100), nearest rank, in milliseconds.
     pub fn percentile_ms(&self, p: f64) -> Option<f64> {
-        let n = self.latencies_us.len();
-        if n == 0 {
-            return None;
-        }
-        // p × n / 100 computed in floating point can land a hair above a whole number
-        // (99.9 % of 1000 is 999.000…1); don't let that push the rank up by one.
-        let rank = (p * n as f64 / 100.0 - 1e-9).ceil() as usize;
-        let index = rank.clamp(1, n) - 1;
-        self.latencies_us
-            .get(index)
-            .map(|&us| f64::from(us) / 1000.0)
+        percentile_ms(&self.latencies_us, p)
     }
 
     /// The mean latency in milliseconds.
     pub fn mean_ms(&self) -> Option<f64> {
-        let n = self.latencies_us.len();
-        (n > 0).then(|| {
-            let sum: u64 = self.latencies_us.iter().map(|&us| u64::from(us)).sum();
-            sum as f64 / n as f64 / 1000.0
-        })
+        mean_ms(&self.latencies_us)
     }
+}
+
+/// The value at percentile `p` (0–100) of latencies in microseconds sorted in ascending order,
+/// by nearest rank, in milliseconds; `None` if there are none.
+pub fn percentile_ms(sorted_us: &[u32], p: f64) -> Option<f64> {
+    let n = sorted_us.len();
+    if n == 0 {
+        return None;
+    }
+    // p × n / 100 computed in floating point can land a hair above a whole number
+    // (99.9 % of 1000 is 999.000…1); don't let that push the rank up by one.
+    let rank = (p * n as f64 / 100.0 - 1e-9).ceil() as usize;
+    let index = rank.clamp(1, n) - 1;
+    sorted_us.get(index).map(|&us| f64::from(us) / 1000.0)
+}
+
+/// The mean of latencies in microseconds, in milliseconds; `None` if there are none.
+pub fn mean_ms(latencies_us: &[u32]) -> Option<f64> {
+    let n = latencies_us.len();
+    (n > 0).then(|| {
+        let sum: u64 = latencies_us.iter().map(|&us| u64::from(us)).sum();
+        sum as f64 / n as f64 / 1000.0
+    })
 }
 
 /// What one connection saw.

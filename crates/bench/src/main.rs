@@ -1,14 +1,19 @@
 //! `unhidra-bench`: starts the release `unhidra` binary and measures its time to ready, its idle
 //! memory and its `/health/live` throughput, then prints a Markdown report on stdout (progress
-//! goes to stderr). Everything it does is bounded in count and time, and it only ever talks to
-//! 127.0.0.1.
+//! goes to stderr). The `identity` subcommand measures logins per second against the raw
+//! Argon2id rate, and the latency of `GET /api/v1/auth/me` during a login flood, instead.
+//! Everything it does is bounded in count and time, and it only ever talks to 127.0.0.1.
 //!
 //! ```text
-//! cargo build --release -p unhidra
+//! cargo build --release -p unhidra -p unhidra-bench
 //! cargo run --release -p unhidra-bench -- [--server PATH] [--connections N] [--duration SECS] [--runs K]
+//! cargo run --release -p unhidra-bench -- identity [--clients N] [--duration SECS] [--hash-workers 0,1]
 //! ```
 
+mod hashrate;
 mod http;
+mod identity;
+mod identity_report;
 mod load;
 mod report;
 mod server;
@@ -18,8 +23,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use clap::Parser;
+use clap::{Args, Parser, Subcommand};
 
+use crate::identity_report::IdentityReport;
 use crate::load::Plan;
 use crate::report::{CpuShare, Machine, Report, WrkStatus};
 use crate::server::Server;
@@ -36,11 +42,15 @@ const WARMUP: Duration = Duration::from_secs(2);
 #[command(
     name = "unhidra-bench",
     version,
-    about = "Measures the unhidra server: start to ready, idle RSS and /health/live throughput."
+    about = "Measures the unhidra server: start to ready, idle RSS and /health/live throughput.",
+    args_conflicts_with_subcommands = true
 )]
 struct Cli {
+    /// Another scenario instead of the default one.
+    #[command(subcommand)]
+    scenario: Option<Scenario>,
     /// The unhidra binary [default: `unhidra` next to this program, i.e. target/release/unhidra].
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", global = true)]
     server: Option<PathBuf>,
     /// Concurrent keep-alive connections of the load test.
     #[arg(long, value_name = "N", default_value_t = 64,
@@ -55,9 +65,45 @@ struct Cli {
         value_parser = clap::value_parser!(u32).range(1..=100))]
     runs: u32,
     /// Worker threads of the load generator [default: the number of CPUs].
-    #[arg(long, value_name = "N",
+    #[arg(long, value_name = "N", global = true,
         value_parser = clap::value_parser!(u32).range(1..=256))]
     threads: Option<u32>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Scenario {
+    /// Logins per second with the production Argon2id parameters against the raw hash rate,
+    /// and the latency of `GET /api/v1/auth/me` during a login flood and on an idle server.
+    Identity(IdentityArgs),
+}
+
+#[derive(Debug, Args)]
+struct IdentityArgs {
+    /// Concurrent login clients, each on its own keep-alive connection.
+    #[arg(long, value_name = "N", default_value_t = 16,
+        value_parser = clap::value_parser!(u32).range(1..=256))]
+    clients: u32,
+    /// Measured seconds of the login flood (after a 2 s warm-up).
+    #[arg(long, value_name = "SECS", default_value_t = 10,
+        value_parser = clap::value_parser!(u64).range(1..=120))]
+    duration: u64,
+    /// Seconds of the raw hash-rate measurement.
+    #[arg(long, value_name = "SECS", default_value_t = 5,
+        value_parser = clap::value_parser!(u64).range(1..=60))]
+    hash_seconds: u64,
+    /// Seconds the prober runs against the idle server.
+    #[arg(long, value_name = "SECS", default_value_t = 5,
+        value_parser = clap::value_parser!(u64).range(1..=60))]
+    idle_seconds: u64,
+    /// Milliseconds between two probes of `GET /api/v1/auth/me`.
+    #[arg(long, value_name = "MS", default_value_t = 10,
+        value_parser = clap::value_parser!(u64).range(1..=1000))]
+    probe_every: u64,
+    /// `UNHIDRA_HASH_WORKERS` of the server (0: one per CPU); a list such as `0,1` runs one
+    /// server after the other with each value (at most 4).
+    #[arg(long, value_name = "N[,N…]", value_delimiter = ',', default_value = "0",
+        value_parser = clap::value_parser!(u32).range(0..=64))]
+    hash_workers: Vec<u32>,
 }
 
 fn main() -> ExitCode {
@@ -77,8 +123,16 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(measure(&cli, threads)) {
-        Ok(report) => match report.render() {
+    let rendered = match &cli.scenario {
+        None => runtime
+            .block_on(measure(&cli, threads))
+            .map(|report| report.render()),
+        Some(Scenario::Identity(args)) => runtime
+            .block_on(measure_identity(cli.server.clone(), args))
+            .map(|report| report.render()),
+    };
+    match rendered {
+        Ok(rendered) => match rendered {
             Ok(text) => {
                 print_report(&text);
                 ExitCode::SUCCESS
@@ -175,7 +229,10 @@ async fn load_server(server: &Server, cli: &Cli) -> Result<Loaded, BoxError> {
         plan.path,
         server.pid()
     ));
-    let (outcome, cpu) = tokio::join!(load::run(plan), cpu_share(server.pid(), plan));
+    let (outcome, cpu) = tokio::join!(
+        load::run(plan),
+        cpu_share(server.pid(), plan.warmup, plan.duration)
+    );
     note(&format!(
         "load: {:.0} req/s, {} errors",
         outcome.requests_per_sec(),
@@ -206,9 +263,44 @@ async fn load_server(server: &Server, cli: &Cli) -> Result<Loaded, BoxError> {
     Ok((plan, idle, outcome, cpu, after, wrk))
 }
 
-/// CPU used by the server and by this program over the measured window of `plan`, in cores.
-async fn cpu_share(server_pid: u32, plan: Plan) -> Option<CpuShare> {
-    tokio::time::sleep(plan.warmup).await;
+/// The identity scenario.
+async fn measure_identity(
+    server: Option<PathBuf>,
+    args: &IdentityArgs,
+) -> Result<IdentityReport, BoxError> {
+    if args.hash_workers.len() > 4 {
+        return Err("--hash-workers takes at most 4 values".into());
+    }
+    let server_bin = server_binary(server)?;
+    let machine = Machine::read();
+    note(&format!(
+        "unhidra-bench identity: server {}, {} CPUs",
+        server_bin.display(),
+        machine.cpus
+    ));
+    let settings = identity::Settings {
+        clients: args.clients,
+        warmup: WARMUP,
+        duration: Duration::from_secs(args.duration),
+        idle: Duration::from_secs(args.idle_seconds),
+        probe_every: Duration::from_millis(args.probe_every),
+        hash_budget: Duration::from_secs(args.hash_seconds),
+        hash_workers: args.hash_workers.clone(),
+    };
+    let outcome = identity::run(&server_bin, &settings).await?;
+    Ok(IdentityReport {
+        command: command_line(),
+        server: server_bin,
+        machine,
+        settings,
+        outcome,
+    })
+}
+
+/// CPU used by the server and by this program over a window that starts `warmup` from now and
+/// lasts `duration`, in cores.
+async fn cpu_share(server_pid: u32, warmup: Duration, duration: Duration) -> Option<CpuShare> {
+    tokio::time::sleep(warmup).await;
     let me = std::process::id();
     let begin = (
         server::cpu_time(server_pid)?,
@@ -216,7 +308,7 @@ async fn cpu_share(server_pid: u32, plan: Plan) -> Option<CpuShare> {
         Instant::now(),
         server::machine_ticks(),
     );
-    tokio::time::sleep(plan.duration).await;
+    tokio::time::sleep(duration).await;
     let end = (
         server::cpu_time(server_pid)?,
         server::cpu_time(me)?,

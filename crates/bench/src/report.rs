@@ -114,20 +114,23 @@ pub struct Report {
     pub wrk: WrkStatus,
 }
 
-fn mib(kib: u64) -> f64 {
+/// KiB → MiB.
+pub fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
 }
 
-fn ms(d: Duration) -> f64 {
+/// A duration in milliseconds.
+pub fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-fn yes_no(met: bool) -> &'static str {
+/// "yes", or a bold "no".
+pub fn yes_no(met: bool) -> &'static str {
     if met { "yes" } else { "**no**" }
 }
 
 /// 12345.6 → "12,346".
-fn thousands(value: f64) -> String {
+pub fn thousands(value: f64) -> String {
     let digits = format!("{:.0}", value.max(0.0));
     let mut out = String::with_capacity(digits.len() + digits.len() / 3);
     for (i, c) in digits.chars().enumerate() {
@@ -139,12 +142,13 @@ fn thousands(value: f64) -> String {
     out
 }
 
-fn opt_ms(value: Option<f64>) -> String {
+/// Milliseconds with two decimals, or "–".
+pub fn opt_ms(value: Option<f64>) -> String {
     value.map_or_else(|| "–".to_owned(), |v| format!("{v:.2}"))
 }
 
 /// The median of values already sorted.
-fn median<T: Copy>(sorted: &[T]) -> Option<T> {
+pub fn median<T: Copy>(sorted: &[T]) -> Option<T> {
     sorted.get(sorted.len() / 2).copied()
 }
 
@@ -341,17 +345,22 @@ impl Report {
         }
         writeln!(out)?;
 
-        writeln!(out, "## Machine")?;
-        writeln!(out)?;
-        let m = &self.machine;
-        writeln!(out, "- CPUs (nproc): {}", m.cpus)?;
-        writeln!(out, "- Model: {}", m.model)?;
-        writeln!(out, "- Kernel: {}", m.kernel)?;
-        if let Some(mem) = m.memory_mib {
-            writeln!(out, "- Memory: {:.1} GiB", mem / 1024.0)?;
-        }
+        write_machine(&mut out, &self.machine)?;
         Ok(out)
     }
+}
+
+/// The `## Machine` section.
+pub fn write_machine(out: &mut String, m: &Machine) -> fmt::Result {
+    writeln!(out, "## Machine")?;
+    writeln!(out)?;
+    writeln!(out, "- CPUs (nproc): {}", m.cpus)?;
+    writeln!(out, "- Model: {}", m.model)?;
+    writeln!(out, "- Kernel: {}", m.kernel)?;
+    if let Some(mem) = m.memory_mib {
+        writeln!(out, "- Memory: {:.1} GiB", mem / 1024.0)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -57,6 +57,12 @@ pub struct Stopped {
 impl Server {
     /// Starts `binary serve` and waits until it is ready (or fails, or 10 s pass).
     pub async fn start(binary: &Path) -> Result<Self, BoxError> {
+        Self::start_with_env(binary, &[]).await
+    }
+
+    /// Like [`Server::start`], with these environment variables set on top of `APP_ENV=test`
+    /// and `UNHIDRA_LOG=warn` (the caller's own `UNHIDRA_*` variables are still removed).
+    pub async fn start_with_env(binary: &Path, env: &[(&str, String)]) -> Result<Self, BoxError> {
         let data_dir = fresh_data_dir()?;
         let addr = match free_port() {
             Ok(port) => SocketAddr::from(([127, 0, 0, 1], port)),
@@ -85,6 +91,9 @@ impl Server {
             }
         }
         command.env("APP_ENV", "test").env("UNHIDRA_LOG", "warn");
+        for (key, value) in env {
+            command.env(key, value);
+        }
 
         let spawned_at = Instant::now();
         let child = match command.spawn() {
@@ -235,6 +244,35 @@ pub fn cpu_time(pid: u32) -> Option<Duration> {
     Some(Duration::from_nanos(total))
 }
 
+/// Minor page faults so far of process `pid` (all its threads, live or gone), from
+/// `/proc/<pid>/stat`: each is a page the kernel had to map (and zero) on first touch.
+pub fn minor_faults(pid: u32) -> Option<u64> {
+    minflt_of(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+/// Minor page faults so far of the calling thread, from `/proc/thread-self/stat`.
+pub fn thread_minor_faults() -> Option<u64> {
+    minflt_of(&std::fs::read_to_string("/proc/thread-self/stat").ok()?)
+}
+
+/// The `minflt` field of a `stat` line: the 10th, the 8th after the `(comm)` that may hold
+/// spaces.
+fn minflt_of(stat: &str) -> Option<u64> {
+    let after_comm = &stat[stat.rfind(')')? + 1..];
+    after_comm.split_whitespace().nth(7)?.parse().ok()
+}
+
+/// The number of threads of process `pid`, from `/proc/<pid>/status`.
+pub fn threads(pid: u32) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|line| line.strip_prefix("Threads:"))?
+        .trim()
+        .parse()
+        .ok()
+}
+
 /// The whole machine's CPU counters from the first line of `/proc/stat`, in ticks.
 #[derive(Debug, Clone, Copy)]
 pub struct MachineTicks {
@@ -282,4 +320,20 @@ fn fresh_data_dir() -> Result<PathBuf, BoxError> {
 
 fn remove_dir(dir: &Path) {
     let _ = std::fs::remove_dir_all(dir);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proc_counters_are_read() {
+        let stat = "123 (tokio rt) worker) S 1 123 123 0 -1 4194560 4242 0 0 0 7 3 0 0 20 0 5 0";
+        assert_eq!(minflt_of(stat), Some(4242));
+        assert_eq!(minflt_of("garbage"), None);
+        let me = std::process::id();
+        assert!(minor_faults(me).is_some());
+        assert!(thread_minor_faults().is_some());
+        assert!(threads(me).is_some_and(|n| n >= 1));
+    }
 }
