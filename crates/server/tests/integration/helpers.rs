@@ -18,6 +18,36 @@ use unhidra_server::{AppState, Application};
 use unhidra_store::Backend;
 use unhidra_store::testing::TestDb;
 
+/// A password the policy accepts, for test accounts.
+pub const PASSWORD: &str = "maple orbit candle frost 42";
+
+/// Registers an account and logs it in; returns its id and access token.
+pub async fn user(app: &TestApp, email: &str) -> (String, String) {
+    let registered = app
+        .client
+        .post(app.url("/api/v1/auth/register"))
+        .json(&serde_json::json!({ "email": email, "password": PASSWORD }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(registered.status(), 201, "register {email}");
+    let id = registered.json::<serde_json::Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let pair: serde_json::Value = app
+        .client
+        .post(app.url("/api/v1/auth/login"))
+        .json(&serde_json::json!({ "email": email, "password": PASSWORD }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    (id, pair["access_token"].as_str().unwrap().to_owned())
+}
+
 /// A running server and what a test needs to talk to it and stop it.
 pub struct TestApp {
     pub addr: SocketAddr,

@@ -2,34 +2,7 @@
 
 use serde_json::{Value, json};
 
-use crate::helpers::{TestApp, problem};
-
-const PASSWORD: &str = "maple orbit candle frost 42";
-
-async fn user(app: &TestApp, email: &str) -> (String, String) {
-    let r = app
-        .client
-        .post(app.url("/api/v1/auth/register"))
-        .json(&json!({ "email": email, "password": PASSWORD }))
-        .send()
-        .await
-        .unwrap();
-    let id = r.json::<Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let pair: Value = app
-        .client
-        .post(app.url("/api/v1/auth/login"))
-        .json(&json!({ "email": email, "password": PASSWORD }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    (id, pair["access_token"].as_str().unwrap().to_owned())
-}
+use crate::helpers::{TestApp, problem, user};
 
 async fn call(
     app: &TestApp,

@@ -12,38 +12,12 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use unhidra_store::Backend;
 
-use crate::helpers::TestApp;
+use crate::helpers::{PASSWORD, TestApp, user};
 
-const PASSWORD: &str = "maple orbit candle frost 42";
 /// Bounds every wait for a frame, so a broken server fails the test instead of hanging it.
 const WAIT: Duration = Duration::from_secs(10);
 
 type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
-
-async fn user(app: &TestApp, email: &str) -> (String, String) {
-    let r = app
-        .client
-        .post(app.url("/api/v1/auth/register"))
-        .json(&json!({ "email": email, "password": PASSWORD }))
-        .send()
-        .await
-        .unwrap();
-    let id = r.json::<Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let pair: Value = app
-        .client
-        .post(app.url("/api/v1/auth/login"))
-        .json(&json!({ "email": email, "password": PASSWORD }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    (id, pair["access_token"].as_str().unwrap().to_owned())
-}
 
 async fn room(app: &TestApp, token: &str, name: &str, visibility: &str) -> String {
     let r: Value = app
