@@ -31,6 +31,7 @@ pub(crate) const SQLITE: &[Embedded] = embedded!("sqlite":
     (0003, "one_time_tokens"),
     (0004, "totp"),
     (0005, "rooms"),
+    (0006, "search"),
 );
 
 /// PostgreSQL's migrations, oldest first, in step with [`SQLITE`].
@@ -41,6 +42,7 @@ pub(crate) const POSTGRES: &[Embedded] = embedded!("postgres":
     (0003, "one_time_tokens"),
     (0004, "totp"),
     (0005, "rooms"),
+    (0006, "search"),
 );
 
 #[derive(Debug)]

@@ -127,6 +127,28 @@ pub struct MessageRecord {
     pub created_at: DateTime<Utc>,
 }
 
+/// A message found by search.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SearchHit {
+    /// The message.
+    pub message: MessageRecord,
+    /// A part of its text, matches wrapped in `<mark>` and `</mark>`.
+    pub snippet: String,
+    /// Higher is better.
+    pub score: f64,
+}
+
+/// The words of a search, each quoted for FTS5 so that user input is never query syntax.
+pub fn fts5_query(text: &str) -> Option<String> {
+    let terms: Vec<String> = text
+        .split(|c: char| !c.is_alphanumeric())
+        .filter(|t| !t.is_empty())
+        .take(16)
+        .map(|t| format!("\"{t}\""))
+        .collect();
+    (!terms.is_empty()).then(|| terms.join(" "))
+}
+
 /// Which messages of a room to read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MessageRange {
@@ -191,6 +213,16 @@ pub trait RoomStore {
         room: Uuid,
         range: MessageRange,
     ) -> Result<Vec<MessageRecord>, StoreError>;
+
+    /// Messages matching `query` in the rooms `user` belongs to (or in `room` only), best
+    /// first, with a snippet where matches are wrapped in `<mark>` and `</mark>`.
+    async fn search_messages(
+        &self,
+        user: UserId,
+        query: &str,
+        room: Option<Uuid>,
+        limit: u32,
+    ) -> Result<Vec<SearchHit>, StoreError>;
 
     /// Applies every room's retention; returns how many messages were deleted.
     async fn apply_retention(&self, now: DateTime<Utc>) -> Result<u64, StoreError>;

@@ -14,7 +14,8 @@ use chrono::{DateTime, Utc};
 use unhidra_core::{Clock, Role, SlidingWindow, UserId};
 use unhidra_protocol::{MessageData, ServerFrame};
 use unhidra_store::rooms::{
-    MessageRange, MessageRecord, RoomChange, RoomListing, RoomRecord, RoomRole, Visibility,
+    MessageRange, MessageRecord, RoomChange, RoomListing, RoomRecord, RoomRole, SearchHit,
+    Visibility,
 };
 use unhidra_store::{Store, StoreError};
 use uuid::Uuid;
@@ -145,6 +146,38 @@ impl Chat {
             .try_acquire(&user.to_string(), now)
             .map_err(|secs| refuse("user", secs))?;
         Ok(())
+    }
+
+    /// Full-text search over the rooms the caller belongs to, best first.
+    pub async fn search(
+        &self,
+        who: &Principal,
+        query: &str,
+        room: Option<Uuid>,
+        limit: Option<u32>,
+    ) -> Result<Vec<SearchHit>, ChatError> {
+        if query.is_empty() || query.chars().count() > 200 {
+            return Err(ChatError::Invalid(
+                "q",
+                "invalid_length",
+                "a search has 1 to 200 characters".into(),
+            ));
+        }
+        let limit = limit.unwrap_or(20);
+        if !(1..=100).contains(&limit) {
+            return Err(ChatError::Invalid(
+                "limit",
+                "out_of_range",
+                "limit is between 1 and 100".into(),
+            ));
+        }
+        if let Some(room) = room {
+            self.visible_room(who, room).await?;
+        }
+        Ok(self
+            .store
+            .search_messages(who.user_id, query, room, limit)
+            .await?)
     }
 
     /// Applies every room's retention now.

@@ -285,6 +285,8 @@ struct Limits {
     reset_ip: SlidingWindow,
     reset_account: SlidingWindow,
     verify_ip: SlidingWindow,
+    /// At most one audited refusal per operation and key a minute.
+    audit_refusals: SlidingWindow,
 }
 
 impl Limits {
@@ -299,6 +301,7 @@ impl Limits {
             reset_ip: SlidingWindow::new(config.rate_limit_reset_per_hour, hour),
             reset_account: SlidingWindow::new(config.rate_limit_reset_per_hour, hour),
             verify_ip: SlidingWindow::new(config.rate_limit_verify_per_hour, hour),
+            audit_refusals: SlidingWindow::new(1, minute),
         }
     }
 }
@@ -468,6 +471,17 @@ impl Identity {
             Ok(reservation) => Ok(reservation),
             Err(retry_after) => {
                 self.metrics.limited(route);
+                // One audit event per operation and key a minute: a client hammering a limit
+                // must not turn into a flood of audit rows.
+                let audit_key = format!("{route}:{key}");
+                if self
+                    .limits
+                    .audit_refusals
+                    .try_acquire(&audit_key, self.now())
+                    .is_err()
+                {
+                    return Err(IdentityError::RateLimited { retry_after });
+                }
                 self.audit(
                     "rate_limited",
                     None,

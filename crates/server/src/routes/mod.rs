@@ -134,6 +134,7 @@ fn documented() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(rooms::leave))
         .routes(routes!(rooms::publish, rooms::history))
         .routes(routes!(rooms::presence))
+        .routes(routes!(rooms::search))
         .routes(routes!(rooms::connections))
         .routes(routes!(rooms::close_connection))
         .split_for_parts();

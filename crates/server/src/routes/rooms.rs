@@ -521,3 +521,75 @@ pub(crate) async fn close_connection(
         Err(ApiError::not_found("connection"))
     }
 }
+
+/// `?q=&room=&limit=` of a search.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct SearchParams {
+    /// The words to find (all of them), 1–200 characters.
+    #[param(min_length = 1, max_length = 200)]
+    q: String,
+    /// Only this room.
+    room: Option<String>,
+    /// 1–100 (default 20).
+    #[param(minimum = 1, maximum = 100)]
+    limit: Option<u32>,
+}
+
+/// A message found by search.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct SearchHitView {
+    room: String,
+    id: i64,
+    sender: String,
+    body: String,
+    /// Unix milliseconds.
+    ts: i64,
+    /// Part of the text with the matches wrapped in `<mark>` and `</mark>`; the rest is the
+    /// message's own text, which a page must escape.
+    snippet: String,
+    /// Higher is a better match.
+    score: f64,
+}
+
+/// The search results.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct SearchResults {
+    items: Vec<SearchHitView>,
+}
+
+/// Full-text search over the messages of the rooms the caller belongs to, best match first.
+#[utoipa::path(get, path = "/api/v1/search/messages", tag = "rooms",
+    security(("bearer" = [])), params(SearchParams),
+    responses((status = 200, description = "Matches", body = SearchResults)))]
+pub(crate) async fn search(
+    State(state): State<AppState>,
+    Auth(who, ..): Auth,
+    Query(params): Query<SearchParams>,
+) -> Result<JsonResponse<SearchResults>, ApiError> {
+    let room = match params.room.as_deref() {
+        Some(raw) => Some(room_id(raw)?),
+        None => None,
+    };
+    let hits = state
+        .chat()
+        .search(&who, &params.q, room, params.limit)
+        .await?;
+    Ok(JsonResponse(SearchResults {
+        items: hits
+            .into_iter()
+            .map(|h| {
+                let m = message_data(&h.message);
+                SearchHitView {
+                    room: m.room,
+                    id: m.id,
+                    sender: m.sender,
+                    body: m.body,
+                    ts: m.ts,
+                    snippet: h.snippet,
+                    score: h.score,
+                }
+            })
+            .collect(),
+    }))
+}

@@ -465,3 +465,112 @@ async fn publishing_is_idempotent_and_history_pages() {
     assert_eq!(presence["online"], json!([]), "nobody is connected");
     app.shutdown().await;
 }
+
+#[tokio::test]
+async fn search_is_ranked_highlighted_and_scoped_to_membership() {
+    let app = TestApp::spawn().await;
+    let (_, owner) = user(&app, "s1@example.com").await;
+    let (_, stranger) = user(&app, "s2@example.com").await;
+    let room: Value = call(
+        &app,
+        Method::POST,
+        "/api/v1/rooms",
+        &owner,
+        Some(json!({ "name": "ops", "visibility": "private" })),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    let id = room["id"].as_str().unwrap();
+    for (i, body) in ["deploy failed on node seven", "deploy succeeded", "lunch?"]
+        .iter()
+        .enumerate()
+    {
+        call(
+            &app,
+            Method::POST,
+            &format!("/api/v1/rooms/{id}/messages"),
+            &owner,
+            Some(json!({ "body": body, "client_msg_id": format!("s{i}") })),
+        )
+        .await;
+    }
+    let found: Value = call(
+        &app,
+        Method::GET,
+        "/api/v1/search/messages?q=deploy%20failed",
+        &owner,
+        None,
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    let items = found["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1);
+    assert!(
+        items[0]["snippet"]
+            .as_str()
+            .unwrap()
+            .contains("<mark>deploy</mark>"),
+        "{found}"
+    );
+    let found: Value = call(
+        &app,
+        Method::GET,
+        &format!("/api/v1/search/messages?q=deploy&room={id}&limit=5"),
+        &owner,
+        None,
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(found["items"].as_array().unwrap().len(), 2);
+    let none: Value = call(
+        &app,
+        Method::GET,
+        "/api/v1/search/messages?q=deploy",
+        &stranger,
+        None,
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    assert!(none["items"].as_array().unwrap().is_empty(), "not a member");
+    problem(
+        call(
+            &app,
+            Method::GET,
+            &format!("/api/v1/search/messages?q=deploy&room={id}"),
+            &stranger,
+            None,
+        )
+        .await,
+        404,
+        "not_found",
+    )
+    .await;
+    problem(
+        call(
+            &app,
+            Method::GET,
+            "/api/v1/search/messages?q=",
+            &owner,
+            None,
+        )
+        .await,
+        422,
+        "validation_failed",
+    )
+    .await;
+    problem(
+        call(&app, Method::GET, "/api/v1/search/messages", &owner, None).await,
+        422,
+        "validation_failed",
+    )
+    .await;
+    app.shutdown().await;
+}

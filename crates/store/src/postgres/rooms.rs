@@ -11,7 +11,7 @@ use super::identity::get;
 use crate::StoreError;
 use crate::rooms::{
     MessageRange, MessageRecord, RoomChange, RoomListing, RoomRecord, RoomRole, RoomStore,
-    Visibility,
+    SearchHit, Visibility, fts5_query,
 };
 
 const ROOM_COLUMNS: &str = "r.id, r.name, r.visibility, r.created_by, r.created_at, r.retention_max_age, r.retention_max_count";
@@ -261,6 +261,16 @@ impl RoomStore for PostgresStore {
         Ok(list)
     }
 
+    async fn search_messages(
+        &self,
+        user: UserId,
+        query: &str,
+        room: Option<Uuid>,
+        limit: u32,
+    ) -> Result<Vec<SearchHit>, StoreError> {
+        self.search(user, query, room, limit).await
+    }
+
     async fn apply_retention(&self, now: DateTime<Utc>) -> Result<u64, StoreError> {
         let by_age = sqlx::query(
             "DELETE FROM messages WHERE id IN (SELECT m.id FROM messages m \
@@ -281,5 +291,45 @@ impl RoomStore for PostgresStore {
         .await
         .map_err(|e| StoreError::from_sqlx("message", e))?;
         Ok(by_age.rows_affected() + by_count.rows_affected())
+    }
+}
+
+impl PostgresStore {
+    pub(crate) async fn search(
+        &self,
+        user: UserId,
+        query: &str,
+        room: Option<Uuid>,
+        limit: u32,
+    ) -> Result<Vec<SearchHit>, StoreError> {
+        if fts5_query(query).is_none() {
+            return Ok(Vec::new());
+        }
+        let rows = sqlx::query(
+            "SELECT m.id, m.room_id, m.sender_id, m.client_msg_id, m.body, m.created_at, \
+             ts_headline('simple', m.body, q, 'StartSel=<mark>, StopSel=</mark>, MaxWords=24, \
+             MinWords=8, MaxFragments=1, FragmentDelimiter=…') AS snippet, \
+             ts_rank(m.body_tsv, q)::float8 AS rank \
+             FROM messages m, plainto_tsquery('simple', $1) q, room_members rm \
+             WHERE rm.room_id = m.room_id AND rm.user_id = $2 AND m.body_tsv @@ q \
+             AND ($3::uuid IS NULL OR m.room_id = $3) \
+             ORDER BY rank DESC, m.id DESC LIMIT $4",
+        )
+        .bind(query)
+        .bind(user.0)
+        .bind(room)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| StoreError::from_sqlx("message", e))?;
+        rows.iter()
+            .map(|row| {
+                Ok(SearchHit {
+                    message: message(row)?,
+                    snippet: get(row, "snippet")?,
+                    score: get::<f64>(row, "rank")?,
+                })
+            })
+            .collect()
     }
 }

@@ -11,7 +11,7 @@ use super::identity::{get, micros, opt_uuid, time, uuid};
 use crate::StoreError;
 use crate::rooms::{
     MessageRange, MessageRecord, RoomChange, RoomListing, RoomRecord, RoomRole, RoomStore,
-    Visibility,
+    SearchHit, Visibility, fts5_query,
 };
 
 const ROOM_COLUMNS: &str = "r.id, r.name, r.visibility, r.created_by, r.created_at, r.retention_max_age, r.retention_max_count";
@@ -263,6 +263,16 @@ impl RoomStore for SqliteStore {
         Ok(list)
     }
 
+    async fn search_messages(
+        &self,
+        user: UserId,
+        query: &str,
+        room: Option<Uuid>,
+        limit: u32,
+    ) -> Result<Vec<SearchHit>, StoreError> {
+        self.search(user, query, room, limit).await
+    }
+
     async fn apply_retention(&self, now: DateTime<Utc>) -> Result<u64, StoreError> {
         let by_age = sqlx::query(
             "DELETE FROM messages WHERE id IN (SELECT m.id FROM messages m \
@@ -283,5 +293,45 @@ impl RoomStore for SqliteStore {
         .await
         .map_err(|e| StoreError::from_sqlx("message", e))?;
         Ok(by_age.rows_affected() + by_count.rows_affected())
+    }
+}
+
+impl SqliteStore {
+    pub(crate) async fn search(
+        &self,
+        user: UserId,
+        query: &str,
+        room: Option<Uuid>,
+        limit: u32,
+    ) -> Result<Vec<SearchHit>, StoreError> {
+        let Some(fts) = fts5_query(query) else {
+            return Ok(Vec::new());
+        };
+        let rows = sqlx::query(
+            "SELECT m.id, m.room_id, m.sender_id, m.client_msg_id, m.body, m.created_at, \
+             snippet(messages_fts, 0, '<mark>', '</mark>', '…', 12) AS snippet, \
+             bm25(messages_fts) AS rank \
+             FROM messages_fts JOIN messages m ON m.id = messages_fts.rowid \
+             JOIN room_members rm ON rm.room_id = m.room_id AND rm.user_id = ?2 \
+             WHERE messages_fts MATCH ?1 AND (?3 IS NULL OR m.room_id = ?3) \
+             ORDER BY rank LIMIT ?4",
+        )
+        .bind(fts)
+        .bind(user.to_string())
+        .bind(room.map(|r| r.to_string()))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| StoreError::from_sqlx("message", e))?;
+        rows.iter()
+            .map(|row| {
+                Ok(SearchHit {
+                    message: message(row)?,
+                    snippet: get(row, "snippet")?,
+                    // bm25 is lower for better matches.
+                    score: -get::<f64>(row, "rank")?,
+                })
+            })
+            .collect()
     }
 }

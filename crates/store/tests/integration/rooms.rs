@@ -263,3 +263,85 @@ async fn retention_by_count_and_age(db: &TestDb) {
     assert_eq!(count(untouched).await, 5);
 }
 both_backends!(retention_by_count_and_age);
+
+async fn search_finds_words_in_rooms_the_user_belongs_to(db: &TestDb) {
+    db.store.migrate().await.unwrap();
+    let ann = user(db, "ann@example.com").await;
+    let bo = user(db, "bo@example.com").await;
+    let ours = room(db, ann, "ours", Visibility::Public).await;
+    let theirs = room(db, bo, "theirs", Visibility::Private).await;
+    for (room, sender, id, body) in [
+        (
+            ours,
+            ann,
+            "1",
+            "The quick brown fox jumps over the lazy dog",
+        ),
+        (ours, ann, "2", "A quick note about the release"),
+        (ours, ann, "3", "Nothing to see here"),
+        (theirs, bo, "4", "quick secret plans"),
+    ] {
+        db.store
+            .append_message(room, sender, id, body, now())
+            .await
+            .unwrap();
+    }
+    let hits = db
+        .store
+        .search_messages(ann, "quick", None, 10)
+        .await
+        .unwrap();
+    assert_eq!(hits.len(), 2, "only rooms Ann belongs to: {hits:?}");
+    assert!(
+        hits.iter().all(|h| h.snippet.contains("<mark>quick</mark>")
+            || h.snippet.contains("<mark>Quick</mark>")),
+        "{hits:?}"
+    );
+    let both = db
+        .store
+        .search_messages(ann, "quick fox", None, 10)
+        .await
+        .unwrap();
+    assert_eq!(both.len(), 1, "every word must match");
+    assert_eq!(
+        both[0].message.body,
+        "The quick brown fox jumps over the lazy dog"
+    );
+    assert_eq!(
+        db.store
+            .search_messages(bo, "quick", Some(theirs), 10)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    assert!(
+        db.store
+            .search_messages(bo, "quick", Some(ours), 10)
+            .await
+            .unwrap()
+            .is_empty(),
+        "Bo is not a member of ours"
+    );
+    // Query syntax in the input is just text.
+    for odd in [
+        "\"",
+        "AND OR NOT",
+        "NEAR(quick fox",
+        "*",
+        "quick\" OR \"1",
+        "",
+    ] {
+        db.store.search_messages(ann, odd, None, 10).await.unwrap();
+    }
+    db.store.delete_room(ours).await.unwrap();
+    assert!(
+        db.store
+            .search_messages(ann, "quick", None, 10)
+            .await
+            .unwrap()
+            .is_empty(),
+        "gone with the room"
+    );
+}
+both_backends!(search_finds_words_in_rooms_the_user_belongs_to);
