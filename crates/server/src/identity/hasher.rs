@@ -1,12 +1,11 @@
-//! Password hashing with Argon2id, off the async runtime and behind a bounded pool, so that a
-//! flood of logins queues for hashing instead of starving every other request.
+//! Password hashing with Argon2id on dedicated threads, off the async runtime, so that a flood
+//! of logins queues for hashing instead of starving every other request.
 
 use std::sync::Arc;
 
-use argon2::password_hash::{PasswordHash, PasswordHasher as _, PasswordVerifier as _, SaltString};
-use argon2::{Algorithm, Argon2, Params, Version};
+use argon2::password_hash::{PasswordHash, PasswordVerifier as _, SaltString};
+use argon2::{Algorithm, Argon2, Block, Params, Version};
 use serde::Serialize;
-use tokio::sync::Semaphore;
 
 /// The Argon2id parameters new hashes use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -55,27 +54,65 @@ pub enum HashError {
     Worker,
 }
 
-/// Hashes and verifies passwords on the blocking pool, at most `workers` at a time.
+/// A job for a hashing thread: it gets the thread's own Argon2 memory.
+type Job = Box<dyn FnOnce(&mut [Block]) + Send>;
+
+/// Hashes and verifies passwords on `workers` dedicated threads. Each thread keeps its Argon2
+/// memory (19 MiB at the production cost) for its whole life, so a login allocates and zeroes
+/// nothing; jobs wait in a queue, so a flood of logins never takes the async runtime's threads.
 #[derive(Debug, Clone)]
 pub struct Hasher {
     params: HashParams,
-    permits: Arc<Semaphore>,
+    jobs: std::sync::mpsc::Sender<Job>,
     /// A hash of a random password, verified when the user is unknown so that the answer takes
     /// as long as for a known user.
     dummy: Arc<str>,
 }
 
 impl Hasher {
-    /// A hasher with `workers` concurrent hashes (0: one per CPU core).
+    /// A hasher with `workers` threads (0: one per CPU core).
     pub fn new(params: HashParams, workers: u32) -> Result<Self, HashError> {
         let workers = match workers {
             0 => std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
             n => usize::try_from(n).unwrap_or(1),
         };
-        let dummy = hash_now(params, &unhidra_core::OpaqueToken::generate().hash())?;
+        let argon = params
+            .argon2()
+            .map_err(|e| HashError::Argon(e.to_string()))?;
+        let blocks = argon.params().block_count();
+        let (jobs, queue) = std::sync::mpsc::channel::<Job>();
+        let queue = Arc::new(std::sync::Mutex::new(queue));
+        for index in 0..workers {
+            let queue = Arc::clone(&queue);
+            std::thread::Builder::new()
+                .name(format!("argon2-{index}"))
+                .spawn(move || {
+                    let mut memory = vec![Block::default(); blocks];
+                    loop {
+                        let job = {
+                            let receiver = queue
+                                .lock()
+                                .unwrap_or_else(std::sync::PoisonError::into_inner);
+                            receiver.recv()
+                        };
+                        match job {
+                            Ok(job) => job(&mut memory),
+                            // Every sender is gone: the server is shutting down.
+                            Err(_) => break,
+                        }
+                    }
+                })
+                .map_err(|e| HashError::Argon(format!("hashing thread: {e}")))?;
+        }
+        let mut memory = vec![Block::default(); blocks];
+        let dummy = hash_now(
+            params,
+            &unhidra_core::OpaqueToken::generate().hash(),
+            &mut memory,
+        )?;
         Ok(Self {
             params,
-            permits: Arc::new(Semaphore::new(workers)),
+            jobs,
             dummy: dummy.into(),
         })
     }
@@ -89,7 +126,8 @@ impl Hasher {
     pub async fn hash(&self, password: &str) -> Result<String, HashError> {
         let params = self.params;
         let password = password.to_owned();
-        self.run(move || hash_now(params, &password)).await
+        self.run(move |memory| hash_now(params, &password, memory))
+            .await
     }
 
     /// Checks `password` against `stored`; a `stored` of `None` checks against the dummy hash
@@ -106,7 +144,7 @@ impl Hasher {
             None => (self.dummy.to_string(), false),
         };
         let verified = self
-            .run(move || verify_now(params, &password, &hash))
+            .run(move |memory| verify_now(params, &password, &hash, memory))
             .await?;
         Ok(Verified {
             matches: verified.matches && real,
@@ -116,30 +154,53 @@ impl Hasher {
 
     async fn run<T: Send + 'static>(
         &self,
-        work: impl FnOnce() -> Result<T, HashError> + Send + 'static,
+        work: impl FnOnce(&mut [Block]) -> Result<T, HashError> + Send + 'static,
     ) -> Result<T, HashError> {
-        let _permit = self
-            .permits
-            .acquire()
-            .await
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.jobs
+            .send(Box::new(move |memory| {
+                let _ = reply.send(work(memory));
+            }))
             .map_err(|_| HashError::Worker)?;
-        tokio::task::spawn_blocking(work)
-            .await
-            .map_err(|_| HashError::Worker)?
+        answer.await.map_err(|_| HashError::Worker)?
     }
 }
 
-fn hash_now(params: HashParams, password: &str) -> Result<String, HashError> {
-    let salt = SaltString::generate(&mut argon2::password_hash::rand_core::OsRng);
-    params
-        .argon2()
-        .map_err(|e| HashError::Argon(e.to_string()))?
-        .hash_password(password.as_bytes(), &salt)
-        .map(|h| h.to_string())
-        .map_err(|e| HashError::Argon(e.to_string()))
+/// PHC strings use base64 without padding.
+fn b64(bytes: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD_NO_PAD.encode(bytes)
 }
 
-fn verify_now(params: HashParams, password: &str, stored: &str) -> Result<Verified, HashError> {
+fn hash_now(params: HashParams, password: &str, memory: &mut [Block]) -> Result<String, HashError> {
+    let argon = |e: argon2::Error| HashError::Argon(e.to_string());
+    let salt = SaltString::generate(&mut argon2::password_hash::rand_core::OsRng);
+    let mut salt_buf = [0u8; 64];
+    let salt_bytes = salt
+        .decode_b64(&mut salt_buf)
+        .map_err(|e| HashError::Argon(e.to_string()))?;
+    let mut out = [0u8; 32];
+    params
+        .argon2()
+        .map_err(argon)?
+        .hash_password_into_with_memory(password.as_bytes(), salt_bytes, &mut out, memory)
+        .map_err(argon)?;
+    Ok(format!(
+        "$argon2id$v=19$m={},t={},p={}${}${}",
+        params.memory_kib,
+        params.iterations,
+        params.parallelism,
+        salt.as_str(),
+        b64(&out)
+    ))
+}
+
+fn verify_now(
+    params: HashParams,
+    password: &str,
+    stored: &str,
+    memory: &mut [Block],
+) -> Result<Verified, HashError> {
     if let Some(legacy) = LegacyHash::parse(stored) {
         let matches = legacy.verify(password);
         // A legacy hash that matches is always replaced by Argon2id.
@@ -155,10 +216,27 @@ fn verify_now(params: HashParams, password: &str, stored: &str) -> Result<Verifi
                 && p.t_cost() == params.iterations
                 && p.p_cost() == params.parallelism
         });
-    // The stored hash's own parameters verify it; the new ones only decide on a rehash.
-    let matches = Argon2::default()
-        .verify_password(password.as_bytes(), &parsed)
-        .is_ok();
+    let matches = match (current, parsed.salt, parsed.hash) {
+        // The usual case: the thread's own memory, nothing allocated.
+        (true, Some(salt), Some(expected)) => {
+            use subtle::ConstantTimeEq;
+            let mut salt_buf = [0u8; 64];
+            let salt = salt
+                .decode_b64(&mut salt_buf)
+                .map_err(|e| HashError::Argon(e.to_string()))?;
+            let mut out = vec![0u8; expected.len()];
+            params
+                .argon2()
+                .map_err(|e| HashError::Argon(e.to_string()))?
+                .hash_password_into_with_memory(password.as_bytes(), salt, &mut out, memory)
+                .map_err(|e| HashError::Argon(e.to_string()))?;
+            bool::from(out.as_slice().ct_eq(expected.as_bytes()))
+        }
+        // Other parameters: the stored hash's own verify them (and it allocates).
+        _ => Argon2::default()
+            .verify_password(password.as_bytes(), &parsed)
+            .is_ok(),
+    };
     Ok(Verified {
         matches,
         needs_rehash: matches && !current,
