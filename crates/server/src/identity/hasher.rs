@@ -87,7 +87,8 @@ impl Hasher {
             std::thread::Builder::new()
                 .name(format!("argon2-{index}"))
                 .spawn(move || {
-                    let mut memory = vec![Block::default(); blocks];
+                    // Allocated at the first job, so an idle server does not hold it.
+                    let mut memory: Vec<Block> = Vec::new();
                     loop {
                         let job = {
                             let receiver = queue
@@ -96,7 +97,12 @@ impl Hasher {
                             receiver.recv()
                         };
                         match job {
-                            Ok(job) => job(&mut memory),
+                            Ok(job) => {
+                                if memory.is_empty() {
+                                    memory = vec![Block::default(); blocks];
+                                }
+                                job(&mut memory);
+                            }
                             // Every sender is gone: the server is shutting down.
                             Err(_) => break,
                         }
