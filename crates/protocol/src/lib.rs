@@ -19,6 +19,8 @@ pub mod close {
     pub const NORMAL: u16 = 1000;
     /// The server is going away (shutdown).
     pub const GOING_AWAY: u16 = 1001;
+    /// A violation of RFC 6455 framing (reserved bits, unknown opcodes, bad fragments).
+    pub const PROTOCOL_ERROR: u16 = 1002;
     /// A frame type the protocol does not use (binary on the JSON subprotocol).
     pub const UNSUPPORTED: u16 = 1003;
     /// Invalid UTF-8 in a text frame.

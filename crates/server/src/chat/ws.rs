@@ -222,7 +222,14 @@ async fn run(
                 hub.ping(id);
             }
             next = stream.next() => match next {
-                None | Some(Ok(Message::Close(_))) => {
+                Some(Ok(Message::Close(_))) => {
+                    // The library answers a close with a close on its next read: one more read
+                    // completes the handshake.
+                    closed_by_peer = true;
+                    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), stream.next()).await;
+                    break;
+                }
+                None => {
                     closed_by_peer = true;
                     break;
                 }
@@ -278,7 +285,7 @@ fn read_error(err: &axum::Error) -> (u16, &'static str) {
     } else if text.contains("UTF-8") || text.contains("utf-8") || text.contains("Utf8") {
         (close::INVALID_PAYLOAD, "invalid UTF-8")
     } else {
-        (close::POLICY, "protocol error")
+        (close::PROTOCOL_ERROR, "protocol error")
     }
 }
 

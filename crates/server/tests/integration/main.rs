@@ -7,6 +7,7 @@
 
 mod account;
 mod auth;
+mod conformance;
 mod errors;
 mod helpers;
 mod mfa;
