@@ -10,6 +10,8 @@ use serde::{Deserialize, Serialize};
 
 /// The subprotocol of JSON text frames.
 pub const SUBPROTOCOL_JSON: &str = "unhidra.v1.json";
+/// The subprotocol of the same frames in MessagePack, as binary frames.
+pub const SUBPROTOCOL_MSGPACK: &str = "unhidra.v1.msgpack";
 /// The prefix of the subprotocol entry that carries an access token: `bearer.<token>`.
 pub const BEARER_PREFIX: &str = "bearer.";
 
@@ -199,6 +201,12 @@ impl ServerFrame {
         })
     }
 
+    /// The frame in MessagePack: a map with the same keys as the JSON object.
+    pub fn to_msgpack(&self) -> Vec<u8> {
+        // Named fields, so that the map is what the JSON object is.
+        rmp_serde::to_vec_named(self).unwrap_or_default()
+    }
+
     /// The `type` of the frame, for metrics.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -245,6 +253,20 @@ pub fn parse_client_frame(text: &str) -> Result<ClientFrame, FrameError> {
         code: "invalid_json",
         message: format!("the frame is not JSON: {e}"),
     })?;
+    parse_value(value)
+}
+
+/// Parses a client's binary frame on the MessagePack subprotocol: the same map as the JSON
+/// object, so the same checks and error codes apply.
+pub fn parse_client_frame_msgpack(bytes: &[u8]) -> Result<ClientFrame, FrameError> {
+    let value: serde_json::Value = rmp_serde::from_slice(bytes).map_err(|e| FrameError {
+        code: "invalid_msgpack",
+        message: format!("the frame is not MessagePack: {e}"),
+    })?;
+    parse_value(value)
+}
+
+fn parse_value(value: serde_json::Value) -> Result<ClientFrame, FrameError> {
     let Some(object) = value.as_object() else {
         return Err(FrameError {
             code: "not_an_object",
@@ -330,6 +352,36 @@ mod tests {
             let err = parse_client_frame(text).unwrap_err();
             assert_eq!(err.code, code, "{text}: {}", err.message);
         }
+    }
+
+    #[test]
+    fn msgpack_frames_are_the_json_frames() {
+        let send = ClientFrame::Send {
+            room: "r".into(),
+            body: "hi".into(),
+            client_msg_id: "c".into(),
+        };
+        let bytes = rmp_serde::to_vec_named(&send).unwrap();
+        assert_eq!(parse_client_frame_msgpack(&bytes).unwrap(), send);
+        let ack = ServerFrame::Ack {
+            client_msg_id: "c".into(),
+            id: 1,
+            ts: 2,
+        };
+        let back: serde_json::Value = rmp_serde::from_slice(&ack.to_msgpack()).unwrap();
+        assert_eq!(
+            back,
+            serde_json::from_str::<serde_json::Value>(&ack.to_json()).unwrap()
+        );
+        assert_eq!(
+            parse_client_frame_msgpack(b"\xc1").unwrap_err().code,
+            "invalid_msgpack"
+        );
+        let unknown = rmp_serde::to_vec_named(&serde_json::json!({ "type": "dance" })).unwrap();
+        assert_eq!(
+            parse_client_frame_msgpack(&unknown).unwrap_err().code,
+            "unknown_type"
+        );
     }
 
     #[test]

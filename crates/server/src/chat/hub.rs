@@ -91,7 +91,44 @@ pub struct ConnectionInfo {
     pub rooms: Vec<String>,
 }
 
+/// A frame encoded at most once per wire format, however many connections get it.
+struct Encoded<'a> {
+    frame: &'a ServerFrame,
+    json: Option<Utf8Bytes>,
+    msgpack: Option<axum::body::Bytes>,
+}
+
+impl<'a> Encoded<'a> {
+    fn new(frame: &'a ServerFrame) -> Self {
+        Self {
+            frame,
+            json: None,
+            msgpack: None,
+        }
+    }
+
+    fn message(&mut self, msgpack: bool) -> Message {
+        if msgpack {
+            let frame = self.frame;
+            Message::Binary(
+                self.msgpack
+                    .get_or_insert_with(|| frame.to_msgpack().into())
+                    .clone(),
+            )
+        } else {
+            let frame = self.frame;
+            Message::Text(
+                self.json
+                    .get_or_insert_with(|| frame.to_json().into())
+                    .clone(),
+            )
+        }
+    }
+}
+
 struct Conn {
+    /// Whether frames go out as MessagePack.
+    msgpack: bool,
     user: UserId,
     session: Uuid,
     ip: Option<IpAddr>,
@@ -101,7 +138,7 @@ struct Conn {
     closer: std::sync::Arc<Closer>,
     rooms: HashSet<Uuid>,
     /// Rooms being resumed: their live messages wait here until the replay is sent.
-    held: HashMap<Uuid, Vec<(Option<i64>, Utf8Bytes)>>,
+    held: HashMap<Uuid, Vec<(Option<i64>, Message)>>,
 }
 
 #[derive(Default)]
@@ -170,6 +207,7 @@ impl Hub {
         self.state().conns.insert(
             id,
             Conn {
+                msgpack: protocol == unhidra_protocol::SUBPROTOCOL_MSGPACK,
                 user,
                 session,
                 ip,
@@ -330,7 +368,7 @@ impl Hub {
     /// Like [`Hub::broadcast`], for a stored message with its id, so that a connection resuming
     /// the room can drop what its replay already holds.
     pub fn broadcast_message(&self, room: Uuid, frame: &ServerFrame, id: Option<i64>) {
-        let text: Utf8Bytes = frame.to_json().into();
+        let mut encoded = Encoded::new(frame);
         let mut state = self.state();
         let State { rooms, conns } = &mut *state;
         if let Some(set) = rooms.get(&room) {
@@ -343,9 +381,10 @@ impl Hub {
                 .inc_by(u64::try_from(set.len()).unwrap_or(0));
             for conn_id in set {
                 if let Some(conn) = conns.get_mut(conn_id) {
+                    let message = encoded.message(conn.msgpack);
                     match conn.held.get_mut(&room) {
-                        Some(held) => held.push((id, text.clone())),
-                        None => Self::offer(conn, Message::Text(text.clone())),
+                        Some(held) => held.push((id, message)),
+                        None => Self::offer(conn, message),
                     }
                 }
             }
@@ -368,10 +407,11 @@ impl Hub {
             return;
         };
         let held = conn.held.remove(&room).unwrap_or_default();
-        Self::offer(conn, Message::Text(replay.to_json().into()));
-        for (message_id, text) in held {
+        let replay = Encoded::new(replay).message(conn.msgpack);
+        Self::offer(conn, replay);
+        for (message_id, message) in held {
             if message_id.is_none_or(|m| m > replayed_to) {
-                Self::offer(conn, Message::Text(text));
+                Self::offer(conn, message);
             }
         }
     }
@@ -381,18 +421,18 @@ impl Hub {
         self.metrics.frame("out", frame.kind());
         let state = self.state();
         if let Some(conn) = state.conns.get(&id) {
-            Self::offer(conn, Message::Text(frame.to_json().into()));
+            Self::offer(conn, Encoded::new(frame).message(conn.msgpack));
         }
     }
 
     /// Delivers a frame to every connection of a user: targeted delivery for other
     /// capabilities (device commands, admin notices).
     pub fn send_to_user(&self, user: UserId, frame: &ServerFrame) -> usize {
-        let text: Utf8Bytes = frame.to_json().into();
+        let mut encoded = Encoded::new(frame);
         let state = self.state();
         let mut delivered = 0;
         for conn in state.conns.values().filter(|c| c.user == user) {
-            Self::offer(conn, Message::Text(text.clone()));
+            Self::offer(conn, encoded.message(conn.msgpack));
             delivered += 1;
         }
         delivered

@@ -12,7 +12,8 @@ use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
 use futures_util::{SinkExt, StreamExt};
 use unhidra_protocol::{
-    BEARER_PREFIX, ClientFrame, SUBPROTOCOL_JSON, ServerFrame, close, parse_client_frame,
+    BEARER_PREFIX, ClientFrame, FrameError, SUBPROTOCOL_JSON, SUBPROTOCOL_MSGPACK, ServerFrame,
+    close, parse_client_frame, parse_client_frame_msgpack,
 };
 use uuid::Uuid;
 
@@ -44,14 +45,18 @@ fn offer(headers: &HeaderMap) -> Option<Offer> {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(|t| t.trim().to_owned());
-    if offered.iter().any(|p| p == SUBPROTOCOL_JSON) {
+    // The first protocol name the client offers wins.
+    if let Some(name) = offered
+        .iter()
+        .find(|p| *p == SUBPROTOCOL_JSON || *p == SUBPROTOCOL_MSGPACK)
+    {
         let token = offered
             .iter()
             .find_map(|p| p.strip_prefix(BEARER_PREFIX).map(str::to_owned))
             .or(bearer)?;
         return Some(Offer {
             token,
-            echo: Some(SUBPROTOCOL_JSON.to_owned()),
+            echo: Some(name.clone()),
         });
     }
     // The firmware style: the token is the only subprotocol, and must be echoed back.
@@ -144,6 +149,7 @@ async fn run(
     let metrics = chat.metrics().clone();
     let kind = crate::metrics::KindLabel { kind: "user" };
     metrics.connections.get_or_create(&kind).inc();
+    let msgpack = protocol == SUBPROTOCOL_MSGPACK;
     let registration = hub.register(who.user_id, who.session_id, ip, &protocol, Utc::now());
     let id = registration.id;
     let closer = Arc::clone(&registration.closer);
@@ -240,10 +246,22 @@ async fn run(
                 Some(Ok(Message::Text(text))) => {
                     heard = true;
                     match conn.admit_frame() {
-                        Admit::Handle => conn.handle(text.as_str()).await,
+                        Admit::Handle => conn.handle(parse_client_frame(text.as_str())).await,
                         Admit::Drop => {}
                         Admit::Close => break,
                     }
+                }
+                Some(Ok(Message::Binary(bytes))) if msgpack && bytes.len() <= limit => {
+                    heard = true;
+                    match conn.admit_frame() {
+                        Admit::Handle => conn.handle(parse_client_frame_msgpack(&bytes)).await,
+                        Admit::Drop => {}
+                        Admit::Close => break,
+                    }
+                }
+                Some(Ok(Message::Binary(_))) if msgpack => {
+                    closer.close(close::TOO_BIG, "frame too large");
+                    break;
                 }
                 Some(Ok(Message::Binary(_))) => {
                     closer.close(close::UNSUPPORTED, "binary frames are not part of unhidra.v1.json");
@@ -414,8 +432,8 @@ impl Connection {
         parsed
     }
 
-    async fn handle(&mut self, text: &str) {
-        let frame = match parse_client_frame(text) {
+    async fn handle(&mut self, parsed: Result<ClientFrame, FrameError>) {
+        let frame = match parsed {
             Ok(frame) => frame,
             Err(e) => return self.error(e.code, e.message, None),
         };

@@ -631,3 +631,76 @@ async fn a_peer_that_never_answers_pings_is_closed() {
     );
     app.shutdown().await;
 }
+
+fn msgpack(frame: &Value) -> Message {
+    Message::binary(rmp_serde::to_vec_named(frame).unwrap())
+}
+
+async fn next_msgpack(socket: &mut Socket) -> Value {
+    loop {
+        let message = tokio::time::timeout(WAIT, socket.next())
+            .await
+            .expect("a frame in time");
+        match message.expect("open").expect("readable") {
+            Message::Binary(bytes) => return rmp_serde::from_slice(&bytes).unwrap(),
+            Message::Ping(_) | Message::Pong(_) => {}
+            other => panic!("expected a binary frame, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_msgpack_subprotocol_carries_the_same_frames() {
+    let app = TestApp::spawn().await;
+    let (alice_id, alice) = user(&app, "mp1@example.com").await;
+    let (_, bob) = user(&app, "mp2@example.com").await;
+    let lobby = room(&app, &alice, "lobby", "public").await;
+    let (mut packed, echoed) = connect_with(
+        &app,
+        Some(&format!("unhidra.v1.msgpack, bearer.{bob}")),
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(echoed.as_deref(), Some("unhidra.v1.msgpack"));
+    assert_eq!(next_msgpack(&mut packed).await["type"], "welcome");
+    packed
+        .send(msgpack(&json!({ "type": "join", "room": lobby })))
+        .await
+        .unwrap();
+    packed
+        .send(msgpack(&json!({ "type": "ping" })))
+        .await
+        .unwrap();
+    loop {
+        if next_msgpack(&mut packed).await["type"] == "pong" {
+            break;
+        }
+    }
+    // A JSON client's message reaches the MessagePack client as MessagePack.
+    let mut text = connect(&app, &alice).await;
+    send(&mut text, json!({ "type": "join", "room": lobby })).await;
+    send(
+        &mut text,
+        json!({ "type": "send", "room": lobby, "body": "hej", "client_msg_id": "x" }),
+    )
+    .await;
+    let delivered = loop {
+        let frame = next_msgpack(&mut packed).await;
+        if frame["type"] == "message" {
+            break frame;
+        }
+    };
+    assert_eq!(
+        (delivered["body"].as_str(), delivered["sender"].as_str()),
+        (Some("hej"), Some(alice_id.as_str()))
+    );
+    // Malformed MessagePack gets an error frame, in MessagePack.
+    packed.send(Message::binary(vec![0xc1])).await.unwrap();
+    let error = next_msgpack(&mut packed).await;
+    assert_eq!(
+        (error["type"].as_str(), error["code"].as_str()),
+        (Some("error"), Some("invalid_msgpack"))
+    );
+    app.shutdown().await;
+}
