@@ -164,6 +164,10 @@ pub enum ServerFrame {
         room: String,
         /// The messages.
         messages: Vec<MessageData>,
+        /// On a `resume` replay: more messages follow the last one here; read them with
+        /// `history {after}`. Live messages continue meanwhile.
+        #[serde(default, skip_serializing_if = "is_false")]
+        more: bool,
     },
     /// The answer to `ping`.
     Pong,
@@ -235,6 +239,10 @@ impl ClientFrame {
             Self::Auth { .. } => "auth",
         }
     }
+}
+
+fn is_false(value: &bool) -> bool {
+    !*value
 }
 
 /// Why a client frame was refused; the code goes into the `error` frame.

@@ -8,6 +8,7 @@
 pub mod hub;
 pub mod ws;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
@@ -30,6 +31,10 @@ pub const MAX_ROOM_NAME: usize = 100;
 pub const MAX_BODY: usize = 16 * 1024;
 /// The longest `client_msg_id`, in characters.
 pub const MAX_CLIENT_MSG_ID: usize = 128;
+/// The longest retention by age: a hundred years, in seconds.
+pub const MAX_RETENTION_AGE: i64 = 100 * 365 * 24 * 3600;
+/// The largest retention by count.
+pub const MAX_RETENTION_COUNT: i64 = 1_000_000_000;
 /// Messages per history page when none is asked for, and at most.
 pub const DEFAULT_HISTORY: u32 = 50;
 /// The largest history page.
@@ -86,6 +91,20 @@ pub struct Chat {
     pub frames_per_sec: u32,
     /// How often idle connections are pinged.
     pub ping_interval: std::time::Duration,
+    /// One lock per room, held from storing a message to queueing its broadcast, so that a
+    /// room's messages are stored, committed and delivered in the order of their ids.
+    order: std::sync::Mutex<HashMap<Uuid, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// A message stored by [`Chat::post`], with the room's order held until it is dropped:
+/// acknowledge it and [`Chat::deliver`] it first.
+#[derive(Debug)]
+pub struct Posted {
+    /// The stored message.
+    pub message: MessageRecord,
+    /// Whether it is new (false for a retry of a stored `client_msg_id`).
+    pub new: bool,
+    _order: tokio::sync::OwnedMutexGuard<()>,
 }
 
 /// Why a new connection was refused by a limit: the scope and the seconds to wait.
@@ -119,6 +138,7 @@ impl Chat {
             max_per_ip: usize::try_from(config.ws_max_connections_per_ip).unwrap_or(usize::MAX),
             frames_per_sec: config.rate_limit_messages_per_sec,
             ping_interval: config.ws_ping_interval.0,
+            order: std::sync::Mutex::new(HashMap::new()),
         }
     }
 
@@ -259,15 +279,23 @@ impl Chat {
         if let Some(name) = &change.name {
             change.name = Some(valid_name(name)?);
         }
-        for (field, value) in [
-            ("/retention_max_age", change.retention_max_age.flatten()),
-            ("/retention_max_count", change.retention_max_count.flatten()),
+        for (field, value, most) in [
+            (
+                "/retention_max_age",
+                change.retention_max_age.flatten(),
+                MAX_RETENTION_AGE,
+            ),
+            (
+                "/retention_max_count",
+                change.retention_max_count.flatten(),
+                MAX_RETENTION_COUNT,
+            ),
         ] {
-            if value.is_some_and(|v| v < 1) {
+            if value.is_some_and(|v| !(1..=most).contains(&v)) {
                 return Err(ChatError::Invalid(
                     field,
                     "out_of_range",
-                    "must be at least 1".into(),
+                    format!("must be between 1 and {most}"),
                 ));
             }
         }
@@ -282,6 +310,10 @@ impl Chat {
         }
         self.store.delete_room(id).await?;
         self.hub.forget_room(id);
+        self.order
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&id);
         Ok(())
     }
 
@@ -304,7 +336,10 @@ impl Chat {
         role: RoomRole,
     ) -> Result<(), ChatError> {
         let (_, mine) = self.visible_room(who, id).await?;
-        let needed = if role == RoomRole::Member {
+        let theirs = self.store.room_role(id, user).await?;
+        // Room admins only add new members; changing anyone's role is the owners' (otherwise an
+        // admin could demote an owner and then remove them).
+        let needed = if role == RoomRole::Member && theirs.is_none() {
             RoomRole::Admin
         } else {
             RoomRole::Owner
@@ -388,7 +423,7 @@ impl Chat {
         id: Uuid,
         client_msg_id: &str,
         body: &str,
-    ) -> Result<(MessageRecord, bool), ChatError> {
+    ) -> Result<Posted, ChatError> {
         if body.is_empty() || body.chars().count() > MAX_BODY {
             return Err(ChatError::Invalid(
                 "/body",
@@ -408,11 +443,23 @@ impl Chat {
             // Readers of a public room join it before they post.
             return Err(ChatError::Forbidden);
         }
-        let (stored, new) = self
+        let lock = Arc::clone(
+            self.order
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .entry(id)
+                .or_default(),
+        );
+        let order = lock.lock_owned().await;
+        let (message, new) = self
             .store
             .append_message(id, who.user_id, client_msg_id, body, self.now())
             .await?;
-        Ok((stored, new))
+        Ok(Posted {
+            message,
+            new,
+            _order: order,
+        })
     }
 
     /// Delivers a newly stored message to the room's connections.

@@ -18,6 +18,9 @@ use unhidra_protocol::{
 use uuid::Uuid;
 
 use super::{ChatError, MAX_HISTORY, message_data};
+
+/// The most messages one `resume` replays per room; `more` says when there are others.
+const MAX_REPLAY: usize = 1000;
 use crate::error::{ApiError, Problem};
 use crate::http::auth::client_ip;
 use crate::identity::{IdentityError, Principal};
@@ -466,7 +469,8 @@ impl Connection {
                     return;
                 };
                 match chat.post(&self.who, id, &client_msg_id, &body).await {
-                    Ok((stored, new)) => {
+                    Ok(posted) => {
+                        let (stored, new) = (&posted.message, posted.new);
                         // Stored, then acknowledged, then broadcast.
                         self.reply(&ServerFrame::Ack {
                             client_msg_id,
@@ -474,7 +478,7 @@ impl Connection {
                             ts: stored.created_at.timestamp_millis(),
                         });
                         if new {
-                            chat.deliver(&stored);
+                            chat.deliver(stored);
                             chat.metrics()
                                 .delivery
                                 .observe(received.elapsed().as_secs_f64());
@@ -496,6 +500,7 @@ impl Connection {
                     Ok(messages) => self.reply(&ServerFrame::History {
                         room,
                         messages: messages.iter().map(message_data).collect(),
+                        more: false,
                     }),
                     Err(e) => self.chat_error(&e, Some(room)),
                 }
@@ -517,11 +522,16 @@ impl Connection {
             }
             ClientFrame::Auth { token } => {
                 match self.state.identity().authenticate_until(&token).await {
-                    Ok((who, expires)) if who.user_id == self.who.user_id => {
+                    // The same session: revoking it must still close this connection.
+                    Ok((who, expires)) if who.session_id == self.who.session_id => {
                         self.who = who;
                         self.expires = expires;
                     }
-                    Ok(_) => self.error("user_mismatch", "the token is another user's", None),
+                    Ok(_) => self.error(
+                        "session_mismatch",
+                        "the token belongs to another session; reconnect with it instead",
+                        None,
+                    ),
                     Err(_) => self.error("invalid_token", "the token is not valid", None),
                 }
             }
@@ -539,6 +549,7 @@ impl Connection {
         chat.hub().subscribe_held(self.id, id);
         let mut replay = Vec::new();
         let mut after = last_seen;
+        let mut more = false;
         loop {
             match chat
                 .history(&self.who, id, None, Some(after), Some(MAX_HISTORY))
@@ -553,6 +564,11 @@ impl Connection {
                     if !full {
                         break;
                     }
+                    // A bounded replay: past it, the client pages with `history {after}`.
+                    if replay.len() >= MAX_REPLAY {
+                        more = true;
+                        break;
+                    }
                 }
                 Err(e) => {
                     chat.hub().release_held(
@@ -561,6 +577,7 @@ impl Connection {
                         &ServerFrame::History {
                             room: room.to_owned(),
                             messages: Vec::new(),
+                            more: false,
                         },
                         i64::MAX,
                     );
@@ -574,6 +591,7 @@ impl Connection {
             &ServerFrame::History {
                 room: room.to_owned(),
                 messages: replay,
+                more,
             },
             after,
         );

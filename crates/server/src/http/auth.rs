@@ -123,22 +123,24 @@ pub fn client_ip(
     if !trusted.contains(&peer) {
         return Some(peer);
     }
-    let chain: Vec<IpAddr> = headers
+    let entries: Vec<&str> = headers
         .get_all("x-forwarded-for")
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|a| a.trim().parse().ok())
+        .map(str::trim)
         .collect();
-    Some(
-        chain
-            .iter()
-            .rev()
-            .find(|ip| !trusted.contains(ip))
-            .or_else(|| chain.first())
-            .copied()
-            .unwrap_or(peer),
-    )
+    // Right to left, past the trusted proxies. An entry that is not an address ends the walk:
+    // what stands left of it cannot be trusted.
+    let mut client = peer;
+    for entry in entries.iter().rev() {
+        match entry.parse::<IpAddr>() {
+            Ok(ip) if trusted.contains(&ip) => client = ip,
+            Ok(ip) => return Some(ip),
+            Err(_) => return Some(client),
+        }
+    }
+    Some(client)
 }
 
 #[cfg(test)]
@@ -169,7 +171,15 @@ mod tests {
             client_ip(Some(ip("127.0.0.1")), &headers, &trusted),
             Some(ip("10.0.0.7"))
         );
-        // Garbage in the header is skipped.
+        // Garbage ends the walk: nothing left of it is believed.
+        headers.insert(
+            "x-forwarded-for",
+            "6.6.6.6, junk, 10.0.0.1".parse().unwrap(),
+        );
+        assert_eq!(
+            client_ip(Some(ip("127.0.0.1")), &headers, &trusted),
+            Some(ip("10.0.0.1"))
+        );
         headers.insert("x-forwarded-for", "not-an-ip".parse().unwrap());
         assert_eq!(
             client_ip(Some(ip("127.0.0.1")), &headers, &trusted),

@@ -52,7 +52,13 @@ pub enum HashError {
     /// The pool's worker stopped.
     #[error("password hashing worker stopped")]
     Worker,
+    /// Too many hashes are waiting.
+    #[error("too many password checks are waiting")]
+    Busy,
 }
+
+/// Hashes that may wait per hashing thread.
+const QUEUE_PER_WORKER: usize = 256;
 
 /// A job for a hashing thread: it gets the thread's own Argon2 memory.
 type Job = Box<dyn FnOnce(&mut [Block]) + Send>;
@@ -63,7 +69,7 @@ type Job = Box<dyn FnOnce(&mut [Block]) + Send>;
 #[derive(Debug, Clone)]
 pub struct Hasher {
     params: HashParams,
-    jobs: std::sync::mpsc::Sender<Job>,
+    jobs: std::sync::mpsc::SyncSender<Job>,
     /// A hash of a random password, verified when the user is unknown so that the answer takes
     /// as long as for a known user.
     dummy: Arc<str>,
@@ -80,7 +86,9 @@ impl Hasher {
             .argon2()
             .map_err(|e| HashError::Argon(e.to_string()))?;
         let blocks = argon.params().block_count();
-        let (jobs, queue) = std::sync::mpsc::channel::<Job>();
+        // Bounded: past this many waiting hashes, logins are refused (503) rather than queued
+        // until long after their requests timed out.
+        let (jobs, queue) = std::sync::mpsc::sync_channel::<Job>(workers * QUEUE_PER_WORKER);
         let queue = Arc::new(std::sync::Mutex::new(queue));
         for index in 0..workers {
             let queue = Arc::clone(&queue);
@@ -164,10 +172,16 @@ impl Hasher {
     ) -> Result<T, HashError> {
         let (reply, answer) = tokio::sync::oneshot::channel();
         self.jobs
-            .send(Box::new(move |memory| {
-                let _ = reply.send(work(memory));
+            .try_send(Box::new(move |memory| {
+                // The request gave up (timed out or disconnected): skip the work.
+                if !reply.is_closed() {
+                    let _ = reply.send(work(memory));
+                }
             }))
-            .map_err(|_| HashError::Worker)?;
+            .map_err(|e| match e {
+                std::sync::mpsc::TrySendError::Full(_) => HashError::Busy,
+                std::sync::mpsc::TrySendError::Disconnected(_) => HashError::Worker,
+            })?;
         answer.await.map_err(|_| HashError::Worker)?
     }
 }

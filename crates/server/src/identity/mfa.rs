@@ -295,6 +295,22 @@ impl Identity {
             Err(e) => return Err(e.into()),
         };
         let user = self.store.user_by_id(user_id).await?;
+        // Codes are guessed per account too, however many addresses the guesser has.
+        let by_account = match self
+            .limited(
+                "login",
+                &self.limits.login_account,
+                user.email.as_str(),
+                ctx,
+            )
+            .await
+        {
+            Ok(reservation) => reservation,
+            Err(e) => {
+                self.limits.login_ip.release(&by_ip);
+                return Err(e);
+            }
+        };
         let Some(method) = self.check_code(&user, code).await? else {
             self.metrics.failure("wrong_code");
             self.audit(
@@ -308,6 +324,7 @@ impl Identity {
             return Err(IdentityError::WrongCode);
         };
         self.limits.login_ip.release(&by_ip);
+        self.limits.login_account.release(&by_account);
         if !user.active {
             return Err(IdentityError::Disabled);
         }

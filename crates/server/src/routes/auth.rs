@@ -11,7 +11,7 @@ use crate::error::{ApiError, FieldError, Problem};
 use crate::http::auth::{Auth, Ctx};
 use crate::http::extract::Json;
 use crate::identity::mfa::{LoginOutcome, MfaChallenge, TotpSetup};
-use crate::identity::{IdentityError, TokenPair, UserView};
+use crate::identity::{IdentityError, TokenPair, UserView, hasher};
 use crate::state::AppState;
 
 impl From<IdentityError> for ApiError {
@@ -166,6 +166,13 @@ impl From<IdentityError> for ApiError {
             E::Crypto(e) => Self::internal(IdentityError::Crypto(e)),
             E::NotFound(what) => Self::not_found(what),
             E::Store(e) => e.into(),
+            E::Hash(hasher::HashError::Busy) => Problem::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "busy",
+                "Too many logins are being checked; try again in a moment.",
+            )
+            .with("retry_after", 1)
+            .into(),
             E::Hash(e) => Self::internal(e),
             E::Signing(e) => Self::internal(e),
         }

@@ -188,11 +188,11 @@ pub(crate) struct RoomPatch {
     visibility: Option<VisibilityName>,
     /// Seconds a message is kept; `null` keeps them forever.
     #[serde(default, deserialize_with = "present")]
-    #[schema(value_type = Option<i64>, minimum = 1)]
+    #[schema(value_type = Option<i64>, minimum = 1, maximum = 3_153_600_000_i64)]
     retention_max_age: Option<Option<i64>>,
     /// Newest messages kept; `null` keeps all.
     #[serde(default, deserialize_with = "present")]
-    #[schema(value_type = Option<i64>, minimum = 1)]
+    #[schema(value_type = Option<i64>, minimum = 1, maximum = 1_000_000_000_i64)]
     retention_max_count: Option<Option<i64>>,
 }
 
@@ -402,18 +402,18 @@ pub(crate) async fn publish(
     Json(body): Json<PublishBody>,
 ) -> Result<(StatusCode, JsonResponse<MessageView>), ApiError> {
     let chat = state.chat();
-    let (stored, new) = chat
+    let posted = chat
         .post(&who, room_id(&id)?, &body.client_msg_id, &body.body)
         .await?;
-    if new {
-        chat.deliver(&stored);
+    if posted.new {
+        chat.deliver(&posted.message);
     }
-    let status = if new {
+    let status = if posted.new {
         StatusCode::CREATED
     } else {
         StatusCode::OK
     };
-    Ok((status, JsonResponse(message_data(&stored).into())))
+    Ok((status, JsonResponse(message_data(&posted.message).into())))
 }
 
 /// `?before=&after=&limit=` of a room's history.

@@ -184,6 +184,35 @@ async fn roles_decide_who_invites_and_manages() {
     .await;
     assert_eq!(body["errors"][0]["code"], "unknown_user");
 
+    // A room admin cannot change anyone's role: not demote an owner, not promote a member.
+    for (target, role) in [
+        (owner_id.clone(), "member"),
+        (member_id.clone(), "admin"),
+        (member_id.clone(), "member"),
+    ] {
+        let response = call(
+            &app,
+            Method::POST,
+            &members,
+            &admin,
+            Some(json!({ "user_id": target, "role": role })),
+        )
+        .await;
+        problem(response, 403, "forbidden").await;
+    }
+    problem(
+        call(
+            &app,
+            Method::PATCH,
+            &format!("/api/v1/rooms/{id}"),
+            &owner,
+            Some(json!({ "retention_max_age": 1_000_000_000_000_i64 })),
+        )
+        .await,
+        422,
+        "validation_failed",
+    )
+    .await;
     // Only the owner changes or deletes the room.
     problem(
         call(
