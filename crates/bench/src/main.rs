@@ -1,15 +1,20 @@
 //! `unhidra-bench`: starts the release `unhidra` binary and measures its time to ready, its idle
 //! memory and its `/health/live` throughput, then prints a Markdown report on stdout (progress
 //! goes to stderr). The `identity` subcommand measures logins per second against the raw
-//! Argon2id rate, and the latency of `GET /api/v1/auth/me` during a login flood, instead.
+//! Argon2id rate, and the latency of `GET /api/v1/auth/me` during a login flood, instead. The
+//! `fanout` subcommand measures deliveries per second and delivery latency from one publisher
+//! to N WebSocket subscribers of a room, and the server's memory per idle connection.
 //! Everything it does is bounded in count and time, and it only ever talks to 127.0.0.1.
 //!
 //! ```text
 //! cargo build --release -p unhidra -p unhidra-bench
 //! cargo run --release -p unhidra-bench -- [--server PATH] [--connections N] [--duration SECS] [--runs K]
 //! cargo run --release -p unhidra-bench -- identity [--clients N] [--duration SECS] [--hash-workers 0,1]
+//! cargo run --release -p unhidra-bench -- fanout [--subscribers 1000] [--rates 100,1000,5000] [--seconds 5]
 //! ```
 
+mod fanout;
+mod fanout_report;
 mod hashrate;
 mod http;
 mod identity;
@@ -25,6 +30,7 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::fanout_report::FanoutReport;
 use crate::identity_report::IdentityReport;
 use crate::load::Plan;
 use crate::report::{CpuShare, Machine, Report, WrkStatus};
@@ -75,6 +81,25 @@ enum Scenario {
     /// Logins per second with the production Argon2id parameters against the raw hash rate,
     /// and the latency of `GET /api/v1/auth/me` during a login flood and on an idle server.
     Identity(IdentityArgs),
+    /// Deliveries per second and delivery latency from one publisher to N WebSocket
+    /// subscribers of one room, at several publishing rates, and RSS per idle connection.
+    Fanout(FanoutArgs),
+}
+
+#[derive(Debug, Args)]
+struct FanoutArgs {
+    /// Subscriber connections (all of one user), opened 32 at a time.
+    #[arg(long, value_name = "N", default_value_t = 1000,
+        value_parser = clap::value_parser!(u32).range(1..=20_000))]
+    subscribers: u32,
+    /// Publishing rates in messages per second, one window each (at most 8).
+    #[arg(long, value_name = "R[,R…]", value_delimiter = ',', default_value = "100,1000,5000",
+        value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    rates: Vec<u32>,
+    /// Seconds of each publishing window.
+    #[arg(long, value_name = "SECS", default_value_t = 5,
+        value_parser = clap::value_parser!(u64).range(1..=60))]
+    seconds: u64,
 }
 
 #[derive(Debug, Args)]
@@ -129,6 +154,9 @@ fn main() -> ExitCode {
             .map(|report| report.render()),
         Some(Scenario::Identity(args)) => runtime
             .block_on(measure_identity(cli.server.clone(), args))
+            .map(|report| report.render()),
+        Some(Scenario::Fanout(args)) => runtime
+            .block_on(measure_fanout(cli.server.clone(), args))
             .map(|report| report.render()),
     };
     match rendered {
@@ -289,6 +317,36 @@ async fn measure_identity(
     };
     let outcome = identity::run(&server_bin, &settings).await?;
     Ok(IdentityReport {
+        command: command_line(),
+        server: server_bin,
+        machine,
+        settings,
+        outcome,
+    })
+}
+
+/// The fan-out scenario.
+async fn measure_fanout(
+    server: Option<PathBuf>,
+    args: &FanoutArgs,
+) -> Result<FanoutReport, BoxError> {
+    if args.rates.len() > fanout::MAX_RATES {
+        return Err(format!("--rates takes at most {} values", fanout::MAX_RATES).into());
+    }
+    let server_bin = server_binary(server)?;
+    let machine = Machine::read();
+    note(&format!(
+        "unhidra-bench fanout: server {}, {} CPUs",
+        server_bin.display(),
+        machine.cpus
+    ));
+    let settings = fanout::Settings {
+        subscribers: args.subscribers,
+        rates: args.rates.clone(),
+        window: Duration::from_secs(args.seconds),
+    };
+    let outcome = fanout::run(&server_bin, &settings).await?;
+    Ok(FanoutReport {
         command: command_line(),
         server: server_bin,
         machine,

@@ -19,12 +19,17 @@ use uuid::Uuid;
 
 use super::{ChatError, MAX_HISTORY, message_data};
 
-/// The most messages one `resume` replays per room; `more` says when there are others.
-const MAX_REPLAY: usize = 1000;
 use crate::error::{ApiError, Problem};
 use crate::http::auth::client_ip;
 use crate::identity::{IdentityError, Principal};
 use crate::state::AppState;
+
+/// The most messages one `resume` replays per room; `more` says when there are others.
+const MAX_REPLAY: usize = 1000;
+/// How much one read from the socket asks for.
+const READ_CHUNK_BYTES: usize = 4 * 1024;
+/// The most queued frames written before one flush.
+const MAX_BATCH: usize = 64;
 
 /// How the client authenticated and which subprotocol to echo.
 struct Offer {
@@ -129,7 +134,12 @@ pub async fn upgrade(
     // well above it, as a memory guard: a frame past that one ends the connection without a
     // close frame, because the library cannot read past it.
     let hard_cap = limit.saturating_mul(4).max(1024 * 1024);
-    let ws = ws.max_message_size(hard_cap).max_frame_size(hard_cap);
+    // tungstenite's default 128 KiB read chunk is zero-filled on the first read, which would
+    // make every idle connection cost that much; larger frames still grow the buffer as needed.
+    let ws = ws
+        .read_buffer_size(READ_CHUNK_BYTES)
+        .max_message_size(hard_cap)
+        .max_frame_size(hard_cap);
     let ws = match offer.echo {
         Some(echo) => ws.protocols([echo]),
         None => ws,
@@ -180,7 +190,9 @@ async fn run(
                 }
                 next = outbound.recv() => match next {
                     Some(message) => {
-                        if sink.send(message).await.is_err() {
+                        // Whatever else is already queued goes out with it in one flush, so a
+                        // busy room costs one write per batch rather than one per frame.
+                        if write_batch(&mut sink, &mut outbound, message).await.is_err() {
                             break;
                         }
                     }
@@ -596,4 +608,24 @@ impl Connection {
             after,
         );
     }
+}
+
+/// Writes `first` and whatever else is already queued (up to [`MAX_BATCH`] frames), then
+/// flushes once.
+async fn write_batch<S>(
+    sink: &mut S,
+    outbound: &mut tokio::sync::mpsc::Receiver<Message>,
+    first: Message,
+) -> Result<(), S::Error>
+where
+    S: futures_util::Sink<Message> + Unpin,
+{
+    sink.feed(first).await?;
+    for _ in 1..MAX_BATCH {
+        match outbound.try_recv() {
+            Ok(message) => sink.feed(message).await?,
+            Err(_) => break,
+        }
+    }
+    sink.flush().await
 }
