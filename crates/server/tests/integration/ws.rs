@@ -271,6 +271,45 @@ async fn send_is_stored_then_acked_then_broadcast_once() {
 }
 
 #[tokio::test]
+async fn frames_larger_than_one_read_and_bursts_arrive_whole_and_in_order() {
+    // The burst below is a flood by the default per-connection limit.
+    let app =
+        TestApp::spawn_with(Backend::Sqlite, |c| c.rate_limit_messages_per_sec = 0, None).await;
+    let (_, alice) = user(&app, "wide@example.com").await;
+    let lobby = room(&app, &alice, "wide", "public").await;
+    let mut a = connect(&app, &alice).await;
+    send(&mut a, json!({ "type": "join", "room": lobby })).await;
+    // A body of 16 Ki characters, several of them multi-byte: the frame spans many socket reads.
+    let body: String = "é".repeat(8 * 1024) + &"z".repeat(8 * 1024);
+    send(
+        &mut a,
+        json!({ "type": "send", "room": lobby, "body": body, "client_msg_id": "big" }),
+    )
+    .await;
+    let ack = next_non_presence(&mut a).await;
+    assert_eq!(ack["type"], "ack");
+    let echo = next_non_presence(&mut a).await;
+    assert_eq!(echo["body"].as_str(), Some(body.as_str()));
+    // A burst written back to back is delivered complete and in order, however the writer
+    // batches its flushes.
+    for i in 0..200 {
+        let frame = json!({ "type": "send", "room": lobby, "body": format!("n{i}"), "client_msg_id": format!("b{i}") });
+        a.feed(Message::text(frame.to_string())).await.unwrap();
+    }
+    a.flush().await.unwrap();
+    let mut bodies = Vec::new();
+    while bodies.len() < 200 {
+        let frame = next_non_presence(&mut a).await;
+        if frame["type"] == "message" {
+            bodies.push(frame["body"].as_str().unwrap().to_owned());
+        }
+    }
+    let expected: Vec<String> = (0..200).map(|i| format!("n{i}")).collect();
+    assert_eq!(bodies, expected);
+    app.shutdown().await;
+}
+
+#[tokio::test]
 async fn malformed_frames_get_error_frames_and_the_connection_goes_on() {
     let app = TestApp::spawn().await;
     let (_, token) = user(&app, "mal@example.com").await;
