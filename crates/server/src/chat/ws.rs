@@ -177,8 +177,8 @@ async fn run(
                     // What was queued before the close goes out first, for a bounded time: a
                     // slow reader is not waited for.
                     let flush = async {
-                        while let Ok(message) = outbound.try_recv() {
-                            if sink.send(message).await.is_err() {
+                        while let Ok(first) = outbound.try_recv() {
+                            if write_batch(&mut sink, &mut outbound, first).await.is_err() {
                                 break;
                             }
                         }
