@@ -159,34 +159,27 @@ async fn bad_tokens_and_origins_are_refused_before_the_upgrade() {
         status(connect_with(&app, Some("garbage-token"), None).await),
         401
     );
-    let mut request = ws_url(&app).into_client_request().unwrap();
-    request.headers_mut().insert(
-        "sec-websocket-protocol",
-        HeaderValue::from_str(&format!("unhidra.v1.json, bearer.{token}")).unwrap(),
-    );
-    request.headers_mut().insert(
-        "origin",
-        HeaderValue::from_static("https://evil.example.com"),
-    );
+    let from = |origin: &'static str| {
+        let mut request = ws_url(&app).into_client_request().unwrap();
+        request.headers_mut().insert(
+            "sec-websocket-protocol",
+            HeaderValue::from_str(&format!("unhidra.v1.json, bearer.{token}")).unwrap(),
+        );
+        request
+            .headers_mut()
+            .insert("origin", HeaderValue::from_static(origin));
+        tokio_tungstenite::connect_async(request)
+    };
     assert_eq!(
         status(
-            tokio_tungstenite::connect_async(request)
+            from("https://evil.example.com")
                 .await
                 .map(|(s, _)| (s, None))
         ),
         403
     );
-    let mut request = ws_url(&app).into_client_request().unwrap();
-    request.headers_mut().insert(
-        "sec-websocket-protocol",
-        HeaderValue::from_str(&format!("unhidra.v1.json, bearer.{token}")).unwrap(),
-    );
-    request.headers_mut().insert(
-        "origin",
-        HeaderValue::from_static("https://app.example.com"),
-    );
     assert!(
-        tokio_tungstenite::connect_async(request).await.is_ok(),
+        from("https://app.example.com").await.is_ok(),
         "an allowed origin"
     );
     app.shutdown().await;
