@@ -1,8 +1,10 @@
-//! The fan-out scenario: one room, N subscriber WebSocket connections (all of one user) and one
-//! publisher (another user) that sends at R messages a second. Every message body carries its
-//! send time in microseconds since an `Instant` the whole process shares, so each subscriber
-//! measures the latency from the publisher's write to its own read. Also the server's resident
-//! memory with the N connections idle.
+//! The fan-out scenario: one room, N subscriber WebSocket connections and one publisher that
+//! sends at R messages a second, run against Unhidra and, with the very same load generator,
+//! against nats-server and a Socket.IO server (`fanout_target.rs` holds what differs between
+//! them). Every message body carries its send time in microseconds since an `Instant` the
+//! whole process shares, so each subscriber measures the latency from the publisher's write to
+//! its own read. Also the server's resident memory with the N connections idle, and the CPU
+//! the server and this program use in each window.
 //!
 //! Everything is bounded: connection setup, every publishing window, every drain and the final
 //! stop have a deadline, and the scenario only ever talks to 127.0.0.1.
@@ -15,18 +17,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt as _, StreamExt as _};
-use tokio::net::TcpStream;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
 use tokio::time::MissedTickBehavior;
-use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
-use tokio_tungstenite::tungstenite::http::HeaderValue;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use crate::BoxError;
-use crate::http::{Connection, post_json_request};
+use crate::fanout_target::{self, Access, Conn, Decoder, Event, Target, Ws};
+use crate::peer::Peer;
 use crate::server::{self, Memory, Server};
 
 /// Deliveries per second the issue asks for.
@@ -37,17 +35,17 @@ pub const P99_TARGET: Duration = Duration::from_millis(20);
 pub const P99_TARGET_RATE: u32 = 100;
 /// Resident memory per idle connection the issue asks for, in KiB.
 pub const RSS_PER_CONNECTION_TARGET_KIB: f64 = 10.0;
+/// Unhidra's best deliveries per second should be at least this share of nats-server's.
+pub const NATS_RATIO_TARGET: f64 = 0.8;
+/// Unhidra's best deliveries per second should be at least this many times Socket.IO's.
+pub const SOCKETIO_RATIO_TARGET: f64 = 5.0;
 
-/// A password long and uncommon enough for the server's policy.
-const PASSWORD: &str = "maple orbit candle frost 42";
 /// Connections being set up at once.
 const SETUP_CONCURRENCY: usize = 32;
-/// How long one connection may take to connect, be welcomed, join and answer a ping.
+/// How long one connection may take to connect, be greeted and subscribe.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long all subscriber connections together may take to be set up.
 const SETUP_BUDGET: Duration = Duration::from_secs(120);
-/// How long one HTTP request may take.
-const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Pause before memory is read.
 const SETTLE: Duration = Duration::from_secs(1);
 /// A drain ends when no delivery arrived for this long.
@@ -57,10 +55,6 @@ const DRAIN_QUIET: Duration = Duration::from_secs(1);
 const DRAIN_MAX: Duration = Duration::from_secs(30);
 /// How often the publisher looks at the clock.
 const PACE: Duration = Duration::from_millis(1);
-/// The read buffer of each client connection. tungstenite's default, 128 KiB, is zero-filled
-/// up to its capacity before every `read`, which made the subscribers cost more CPU than the
-/// server; 8 KiB holds dozens of these frames.
-const CLIENT_READ_BUFFER: usize = 8 * 1024;
 /// At most this many rates.
 pub const MAX_RATES: usize = 8;
 /// File descriptors kept aside for the runtime, the HTTP client and the publisher.
@@ -84,13 +78,13 @@ pub struct Phase {
     pub rate: u32,
     /// Messages written by the publisher.
     pub sent: u64,
-    /// `ack` frames the publisher got back.
-    pub acked: u64,
+    /// Acknowledgements the publisher got back (`None`: the protocol has none).
+    pub acked: Option<u64>,
     /// From the first write to the last.
     pub send_window: Duration,
     /// Subscribers connected when the window started.
     pub listeners: u64,
-    /// `message` frames received by all subscribers.
+    /// Messages received by all subscribers.
     pub delivered: u64,
     /// From the first write to the last delivery.
     pub delivery_window: Duration,
@@ -114,26 +108,43 @@ impl Phase {
         self.sent.saturating_mul(self.listeners)
     }
 
+    /// Whether every expected delivery arrived.
+    pub fn complete(&self) -> bool {
+        self.sent > 0 && self.delivered >= self.expected()
+    }
+
+    /// Whether the server kept up with the publisher: everything arrived, at no less than 90%
+    /// of `rate × listeners` a second. A window that kept pace measures the publisher, not the
+    /// server's capacity.
+    pub fn kept_pace(&self) -> bool {
+        self.complete()
+            && self.deliveries_per_sec() >= 0.9 * f64::from(self.rate) * self.listeners as f64
+    }
+
     /// Deliveries per second from the first write to the last delivery.
     pub fn deliveries_per_sec(&self) -> f64 {
         self.delivered as f64 / self.delivery_window.as_secs_f64().max(1e-9)
     }
 }
 
-/// Everything the scenario measured.
+/// Everything the scenario measured against one server.
 #[derive(Debug, Clone)]
 pub struct Outcome {
+    /// The server.
+    pub target: Target,
+    /// What ran, with its version.
+    pub program: String,
     /// Subscribers asked for.
     pub asked: u32,
-    /// Subscribers connected and joined.
+    /// Subscribers connected and subscribed.
     pub connected: u64,
     /// The first setup errors (at most a few).
     pub setup_errors: Vec<String>,
-    /// How long the subscribers took to connect and join.
+    /// How long the subscribers took to connect and subscribe.
     pub setup_time: Duration,
-    /// Server memory after the users, the room and the publisher, before any subscriber.
+    /// Server memory with the publisher connected, before any subscriber.
     pub before: Memory,
-    /// Server memory with every subscriber connected, joined and idle.
+    /// Server memory with every subscriber connected, subscribed and idle.
     pub connected_memory: Memory,
     /// Server memory after the last window.
     pub after: Memory,
@@ -144,10 +155,8 @@ pub struct Outcome {
     /// Close codes seen by subscribers (and how often); 0 for a connection that ended
     /// without a close frame.
     pub close_codes: BTreeMap<u16, u64>,
-    /// The first error frame the publisher got, if any.
+    /// The first error the publisher got, if any.
     pub publisher_error: Option<String>,
-    /// The soft limit on open files of this process.
-    pub open_files: Option<u64>,
 }
 
 impl Outcome {
@@ -158,9 +167,28 @@ impl Outcome {
                 / self.connected as f64
         })
     }
+
+    /// The most deliveries per second of any window.
+    pub fn best_deliveries_per_sec(&self) -> Option<f64> {
+        self.phases
+            .iter()
+            .map(Phase::deliveries_per_sec)
+            .reduce(f64::max)
+    }
+
+    /// Whether some window found the server's limit (it fell behind the publisher), so that
+    /// the best window measures its capacity rather than the publisher's pace.
+    pub fn saturated(&self) -> bool {
+        self.phases.iter().any(|p| !p.kept_pace())
+    }
+
+    /// The window at `rate`, if it ran.
+    pub fn phase(&self, rate: u32) -> Option<&Phase> {
+        self.phases.iter().find(|p| p.rate == rate)
+    }
 }
 
-/// The environment the server is started with: no limit gets in the way of the scenario.
+/// The environment Unhidra is started with: no limit gets in the way of the scenario.
 pub fn server_env() -> Vec<(&'static str, String)> {
     [
         ("UNHIDRA_RATE_LIMIT_IP_PER_MINUTE", "0"),
@@ -195,7 +223,7 @@ pub fn check_open_files(subscribers: u32) -> Result<Option<u64>, BoxError> {
     match limit {
         Some(limit) if limit < needed => Err(format!(
             "{subscribers} subscribers need about {needed} open files, but this process may \
-             open {limit}; run `ulimit -n {}` in the shell first (the server inherits it too), \
+             open {limit}; run `ulimit -n {}` in the shell first (the servers inherit it too), \
              or ask for fewer with --subscribers",
             needed.next_power_of_two().max(1024)
         )
@@ -204,17 +232,86 @@ pub fn check_open_files(subscribers: u32) -> Result<Option<u64>, BoxError> {
     }
 }
 
-/// Runs the scenario against a fresh server.
-pub async fn run(binary: &Path, settings: &Settings) -> Result<Outcome, BoxError> {
-    let open_files = check_open_files(settings.subscribers)?;
-    let server = Server::start_with_env(binary, &server_env()).await?;
+/// A running server of any target, killed if dropped.
+#[derive(Debug)]
+enum Process {
+    Unhidra(Server),
+    Peer(Peer),
+}
+
+impl Process {
+    async fn start(target: Target, unhidra: Option<&Path>) -> Result<(Self, String), BoxError> {
+        Ok(match target {
+            Target::Unhidra => {
+                let binary = unhidra.ok_or("no unhidra binary to measure")?;
+                let server = Server::start_with_env(binary, &server_env()).await?;
+                (Self::Unhidra(server), format!("`{}`", binary.display()))
+            }
+            Target::Nats => {
+                let peer = Peer::nats().await?;
+                let program = peer.program().to_owned();
+                (Self::Peer(peer), program)
+            }
+            Target::SocketIo => {
+                let peer = Peer::socketio().await?;
+                let program = peer.program().to_owned();
+                (Self::Peer(peer), program)
+            }
+        })
+    }
+
+    fn pid(&self) -> u32 {
+        match self {
+            Self::Unhidra(server) => server.pid(),
+            Self::Peer(peer) => peer.pid(),
+        }
+    }
+
+    fn addr(&self) -> SocketAddr {
+        match self {
+            Self::Unhidra(server) => server.addr(),
+            Self::Peer(peer) => peer.addr(),
+        }
+    }
+
+    fn memory(&self) -> Result<Memory, BoxError> {
+        match self {
+            Self::Unhidra(server) => server.memory(),
+            Self::Peer(peer) => peer.memory(),
+        }
+    }
+
+    async fn stop(self) {
+        match self {
+            Self::Unhidra(server) => {
+                server.stop().await;
+            }
+            Self::Peer(peer) => peer.stop().await,
+        }
+    }
+}
+
+/// Runs the scenario against a fresh server of `target` (`unhidra` is the binary to start for
+/// [`Target::Unhidra`]).
+pub async fn run(
+    target: Target,
+    unhidra: Option<&Path>,
+    settings: &Settings,
+) -> Result<Outcome, BoxError> {
+    check_open_files(settings.subscribers)?;
+    let (process, program) = Process::start(target, unhidra).await?;
     crate::note(&format!(
-        "fanout: server pid {} on {}",
-        server.pid(),
-        server.addr()
+        "fanout: {} ({program}) pid {} on {}",
+        target.name(),
+        process.pid(),
+        process.addr()
     ));
-    let result = exercise(&server, settings, open_files).await;
-    server.stop().await;
+    let result = async {
+        let access = Access::prepare(target, process.addr()).await?;
+        exercise(&process, &access, settings, program).await
+    }
+    .await;
+    process.stop().await;
     result
 }
 
@@ -238,49 +335,83 @@ struct Seen {
     last_us: Vec<u64>,
 }
 
+type WsSink = futures_util::stream::SplitSink<Ws, Message>;
+/// The publisher's sending half, shared with its reader, which answers the server's pings.
+type SharedSink = Arc<tokio::sync::Mutex<WsSink>>;
+
+/// One window as measured before the subscribers' histograms are gathered.
+#[derive(Debug)]
+struct Window {
+    rate: u32,
+    sent: u64,
+    send_window: Duration,
+    listeners: u64,
+    started: Instant,
+    lost: u64,
+    server_cores: Option<f64>,
+    client_cores: Option<f64>,
+}
+
 async fn exercise(
-    server: &Server,
+    process: &Process,
+    access: &Access,
     settings: &Settings,
-    open_files: Option<u64>,
+    program: String,
 ) -> Result<Outcome, BoxError> {
-    let addr = server.addr();
+    let target = access.target;
     let phases = settings.rates.len();
     let epoch = Instant::now();
 
-    let subscriber_token = account(addr, "fanout-sub@example.com").await?;
-    let publisher_token = account(addr, "fanout-pub@example.com").await?;
-    let room = create_room(addr, &publisher_token).await?;
-    crate::note(&format!("fanout: room {room}"));
-
     // The publisher: connected before the memory baseline so that it does not count.
-    let publisher = tokio::time::timeout(SETUP_TIMEOUT, open(addr, &publisher_token))
+    let publisher = tokio::time::timeout(SETUP_TIMEOUT, fanout_target::publisher(access))
         .await
-        .map_err(|_| "the publisher was not welcomed in time")??;
-    let (mut sink, mut stream) = publisher.split();
+        .map_err(|_| "the publisher was not set up in time")??;
+    let Conn { ws, mut decoder } = publisher;
+    let (sink, mut stream) = ws.split();
+    let sink: SharedSink = Arc::new(tokio::sync::Mutex::new(sink));
     let acks: Arc<Vec<AtomicU64>> = Arc::new((0..phases).map(|_| AtomicU64::new(0)).collect());
     let publisher_error: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
     let reader = {
         let acks = Arc::clone(&acks);
         let publisher_error = Arc::clone(&publisher_error);
+        let sink = Arc::clone(&sink);
         tokio::spawn(async move {
+            let first_error = |text: String| {
+                if let Ok(mut first) = publisher_error.lock() {
+                    first.get_or_insert(text);
+                }
+            };
             while let Some(Ok(frame)) = stream.next().await {
-                let Message::Text(text) = frame else { continue };
-                let text = text.as_str();
-                if text.starts_with(r#"{"type":"ack""#) {
-                    if let Some(counter) = ack_phase(text).and_then(|phase| acks.get(phase)) {
-                        counter.fetch_add(1, Ordering::Relaxed);
+                let mut pings = 0;
+                let fed = decoder.feed(&frame, &mut |event| match event {
+                    Event::Acked { phase } => {
+                        if let Some(counter) = acks.get(phase) {
+                            counter.fetch_add(1, Ordering::Relaxed);
+                        }
                     }
-                } else if text.starts_with(r#"{"type":"error""#)
-                    && let Ok(mut first) = publisher_error.lock()
-                {
-                    first.get_or_insert_with(|| text.to_owned());
+                    Event::Refused(text) => first_error(text),
+                    Event::Ping => pings += 1,
+                    _ => {}
+                });
+                if let Err(err) = fed {
+                    first_error(err);
+                    break;
+                }
+                if pings > 0 {
+                    let mut sink = sink.lock().await;
+                    if fanout_target::answer_pings(&mut *sink, target, pings)
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
                 }
             }
         })
     };
 
     tokio::time::sleep(SETTLE).await;
-    let before = server.memory()?;
+    let before = process.memory()?;
 
     // The subscribers, set up a few at a time.
     crate::note(&format!(
@@ -292,6 +423,7 @@ async fn exercise(
         lost: AtomicU64::new(0),
         close_codes: Mutex::new(BTreeMap::new()),
     });
+    let access = Arc::new(access.clone());
     let (stop_tx, stop_rx) = watch::channel(false);
     let (ready_tx, mut ready_rx) = tokio::sync::mpsc::unbounded_channel::<Result<(), String>>();
     let gate = Arc::new(Semaphore::new(SETUP_CONCURRENCY));
@@ -299,24 +431,23 @@ async fn exercise(
     let mut tasks: Vec<JoinHandle<Seen>> = Vec::new();
     for _ in 0..settings.subscribers {
         let gate = Arc::clone(&gate);
-        let token = subscriber_token.clone();
-        let room = room.clone();
+        let access = Arc::clone(&access);
         let shared = Arc::clone(&shared);
         let ready = ready_tx.clone();
         let stop = stop_rx.clone();
         tasks.push(tokio::spawn(async move {
-            let joined = {
+            let subscribed = {
                 let Ok(_permit) = gate.acquire().await else {
                     return Seen::default();
                 };
-                tokio::time::timeout(SETUP_TIMEOUT, subscribe(addr, &token, &room))
+                tokio::time::timeout(SETUP_TIMEOUT, fanout_target::subscriber(&access))
                     .await
-                    .unwrap_or_else(|_| Err("no welcome, join or pong within 10 s".into()))
+                    .unwrap_or_else(|_| Err("not subscribed within 10 s".into()))
             };
-            match joined {
-                Ok(ws) => {
+            match subscribed {
+                Ok(conn) => {
                     let _ = ready.send(Ok(()));
-                    listen(ws, epoch, phases, &shared, stop).await
+                    listen(conn, epoch, phases, &shared, stop).await
                 }
                 Err(err) => {
                     let _ = ready.send(Err(err.to_string()));
@@ -351,16 +482,16 @@ async fn exercise(
     }
     let setup_time = setup_started.elapsed();
     crate::note(&format!(
-        "fanout: {connected} subscribers joined in {:.1} s, {failed} failed",
+        "fanout: {connected} subscribers ready in {:.1} s, {failed} failed",
         setup_time.as_secs_f64()
     ));
     tokio::time::sleep(SETTLE).await;
-    let connected_memory = server.memory()?;
+    let connected_memory = process.memory()?;
     if connected == 0 {
         let _ = stop_tx.send(true);
         reader.abort();
         return Err(format!(
-            "no subscriber could join: {}",
+            "no subscriber could subscribe: {}",
             setup_errors.first().map_or("?", String::as_str)
         )
         .into());
@@ -370,43 +501,35 @@ async fn exercise(
     let mut windows = Vec::new();
     let mut skipped = Vec::new();
     let mut stopped = false;
-    let server_pid = server.pid();
+    let server_pid = process.pid();
     let me = std::process::id();
     for (phase, &rate) in settings.rates.iter().enumerate() {
         if stopped {
             skipped.push(rate);
             continue;
         }
-        let listeners = connected.saturating_sub(shared.lost.load(Ordering::Relaxed));
         let lost_before = shared.lost.load(Ordering::Relaxed);
+        let listeners = connected.saturating_sub(lost_before);
         crate::note(&format!(
             "fanout: {rate} messages/s for {} s to {listeners} subscribers",
             settings.window.as_secs()
         ));
         let cpu_before = (server::cpu_time(server_pid), server::cpu_time(me));
         let started = Instant::now();
-        let sent = publish(&mut sink, &room, phase, rate, settings.window, epoch).await;
+        let pace = Pace {
+            phase,
+            rate,
+            window: settings.window,
+            epoch,
+        };
+        let sent = publish(&sink, target, &access.room, pace).await;
         let send_window = started.elapsed();
         let (sent, send_error) = match sent {
             Ok(sent) => (sent, None),
             Err((sent, err)) => (sent, Some(err)),
         };
         let expected = sent.saturating_mul(listeners);
-        let counter = &shared.delivered[phase];
-        let drain_started = Instant::now();
-        let mut last = counter.load(Ordering::Relaxed);
-        let mut quiet_since = Instant::now();
-        while counter.load(Ordering::Relaxed) < expected && drain_started.elapsed() < DRAIN_MAX {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            let now = counter.load(Ordering::Relaxed);
-            if now != last {
-                last = now;
-                quiet_since = Instant::now();
-            } else if quiet_since.elapsed() >= DRAIN_QUIET {
-                break;
-            }
-        }
-        let delivered = counter.load(Ordering::Relaxed);
+        let delivered = drain(&shared.delivered[phase], expected).await;
         let cpu_wall = started.elapsed().as_secs_f64().max(1e-9);
         let cores = |before: Option<Duration>, after: Option<Duration>| {
             Some(after?.saturating_sub(before?).as_secs_f64() / cpu_wall)
@@ -419,21 +542,20 @@ async fn exercise(
             send_error.map_or_else(String::new, |e| format!(" (publisher: {e})"))
         ));
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let lost = shared
-            .lost
-            .load(Ordering::Relaxed)
-            .saturating_sub(lost_before);
-        let drained = delivered >= expected;
-        windows.push((
+        windows.push(Window {
             rate,
             sent,
             send_window,
             listeners,
             started,
-            lost,
-            (server_cores, client_cores),
-        ));
-        if !drained {
+            lost: shared
+                .lost
+                .load(Ordering::Relaxed)
+                .saturating_sub(lost_before),
+            server_cores,
+            client_cores,
+        });
+        if delivered < expected {
             crate::note(&format!(
                 "fanout: {rate}/s was not delivered in full (the drain stopped after a quiet \
                  second or {DRAIN_MAX:?}); skipping the rates after it"
@@ -451,42 +573,46 @@ async fn exercise(
             seen.push(s);
         }
     }
-    let _ = tokio::time::timeout(Duration::from_secs(2), sink.close()).await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        sink.lock().await.close().await
+    })
+    .await;
     reader.abort();
-    let after = server.memory()?;
+    let after = process.memory()?;
 
-    let mut phases_out = Vec::new();
-    for (
-        phase,
-        (rate, sent, send_window, listeners, started, lost, (server_cores, client_cores)),
-    ) in windows.into_iter().enumerate()
-    {
-        let mut merged = Histogram::new();
-        let mut last_us = 0_u64;
-        for s in &seen {
-            if let Some(Some(h)) = s.histograms.get(phase) {
-                merged.merge(h);
+    let phases_out = windows
+        .into_iter()
+        .enumerate()
+        .map(|(phase, w)| {
+            let mut merged = Histogram::new();
+            let mut last_us = 0_u64;
+            for s in &seen {
+                if let Some(Some(h)) = s.histograms.get(phase) {
+                    merged.merge(h);
+                }
+                last_us = last_us.max(s.last_us.get(phase).copied().unwrap_or(0));
             }
-            last_us = last_us.max(s.last_us.get(phase).copied().unwrap_or(0));
-        }
-        let started_us = micros(started.duration_since(epoch));
-        let delivery_window = Duration::from_micros(last_us.saturating_sub(started_us));
-        phases_out.push(Phase {
-            rate,
-            sent,
-            acked: acks[phase].load(Ordering::Relaxed),
-            send_window,
-            listeners,
-            delivered: shared.delivered[phase].load(Ordering::Relaxed),
-            delivery_window: delivery_window.max(send_window),
-            p50_us: merged.quantile(0.50),
-            p99_us: merged.quantile(0.99),
-            max_us: merged.quantile(1.0),
-            lost,
-            server_cores,
-            client_cores,
-        });
-    }
+            let started_us = micros(w.started.duration_since(epoch));
+            let delivery_window = Duration::from_micros(last_us.saturating_sub(started_us));
+            Phase {
+                rate: w.rate,
+                sent: w.sent,
+                acked: target
+                    .has_acks()
+                    .then(|| acks[phase].load(Ordering::Relaxed)),
+                send_window: w.send_window,
+                listeners: w.listeners,
+                delivered: shared.delivered[phase].load(Ordering::Relaxed),
+                delivery_window: delivery_window.max(w.send_window),
+                p50_us: merged.quantile(0.50),
+                p99_us: merged.quantile(0.99),
+                max_us: merged.quantile(1.0),
+                lost: w.lost,
+                server_cores: w.server_cores,
+                client_cores: w.client_cores,
+            }
+        })
+        .collect();
 
     let close_codes = shared
         .close_codes
@@ -495,6 +621,8 @@ async fn exercise(
         .unwrap_or_default();
     let publisher_error = publisher_error.lock().ok().and_then(|e| e.clone());
     Ok(Outcome {
+        target,
+        program,
         asked: settings.subscribers,
         connected,
         setup_errors,
@@ -506,24 +634,52 @@ async fn exercise(
         skipped,
         close_codes,
         publisher_error,
-        open_files,
     })
 }
 
-type Ws = WebSocketStream<TcpStream>;
-type WsSink = futures_util::stream::SplitSink<Ws, Message>;
+/// Waits until `counter` reaches `expected`, a second passes without any delivery, or the
+/// drain limit; returns the count then.
+async fn drain(counter: &AtomicU64, expected: u64) -> u64 {
+    let drain_started = Instant::now();
+    let mut last = counter.load(Ordering::Relaxed);
+    let mut quiet_since = Instant::now();
+    while last < expected && drain_started.elapsed() < DRAIN_MAX {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let now = counter.load(Ordering::Relaxed);
+        if now != last {
+            last = now;
+            quiet_since = Instant::now();
+        } else if quiet_since.elapsed() >= DRAIN_QUIET {
+            break;
+        }
+    }
+    counter.load(Ordering::Relaxed)
+}
+
+/// One publishing window's pace.
+#[derive(Debug, Clone, Copy)]
+struct Pace {
+    phase: usize,
+    rate: u32,
+    window: Duration,
+    epoch: Instant,
+}
 
 /// Writes `rate × window` messages at `rate` a second (or as fast as the socket takes them,
 /// for at most twice the window). Returns how many were written, and the error that stopped
 /// the publisher early, if any.
 async fn publish(
-    sink: &mut WsSink,
+    sink: &tokio::sync::Mutex<WsSink>,
+    target: Target,
     room: &str,
-    phase: usize,
-    rate: u32,
-    window: Duration,
-    epoch: Instant,
+    pace: Pace,
 ) -> Result<u64, (u64, String)> {
+    let Pace {
+        phase,
+        rate,
+        window,
+        epoch,
+    } = pace;
     let total = (f64::from(rate) * window.as_secs_f64()).round() as u64;
     let hard_stop = window * 2 + Duration::from_secs(1);
     let started = Instant::now();
@@ -537,13 +693,11 @@ async fn publish(
             return Err((sent, format!("stopped after {hard_stop:?}")));
         }
         let due = ((elapsed.as_secs_f64() * f64::from(rate)).ceil() as u64).min(total);
+        // Held for one tick's frames only, so that the reader can answer a ping in between.
+        let mut sink = sink.lock().await;
         while sent < due {
-            let ts = micros(epoch.elapsed());
-            let text = format!(
-                r#"{{"type":"send","room":"{room}","body":"{phase}:{sent}:{ts}","client_msg_id":"{phase}-{sent}"}}"#
-            );
-            let fed = tokio::time::timeout(hard_stop, sink.feed(Message::text(text))).await;
-            match fed {
+            let frame = target.publish_frame(room, phase, sent, micros(epoch.elapsed()));
+            match tokio::time::timeout(hard_stop, sink.feed(frame)).await {
                 Ok(Ok(())) => sent += 1,
                 Ok(Err(err)) => return Err((sent, err.to_string())),
                 Err(_) => return Err((sent, "the socket took no more".to_owned())),
@@ -558,14 +712,19 @@ async fn publish(
     Ok(sent)
 }
 
-/// Reads `message` frames until told to stop (or the connection ends), recording latencies.
+/// Reads deliveries until told to stop (or the connection ends), recording latencies and
+/// answering the server's pings.
 async fn listen(
-    mut ws: Ws,
+    conn: Conn,
     epoch: Instant,
     phases: usize,
     shared: &Shared,
     mut stop: watch::Receiver<bool>,
 ) -> Seen {
+    let Conn {
+        mut ws,
+        mut decoder,
+    } = conn;
     let mut seen = Seen {
         histograms: (0..phases).map(|_| None).collect(),
         last_us: vec![0; phases],
@@ -576,24 +735,15 @@ async fn listen(
             biased;
             _ = stop.changed() => break false,
             frame = ws.next() => match frame {
-                Some(Ok(Message::Text(text))) => {
-                    let now = micros(epoch.elapsed());
-                    if let Some((phase, sent_us)) = delivery(text.as_str())
-                        && phase < phases
-                    {
-                        let latency = now.saturating_sub(sent_us);
-                        seen.histograms[phase]
-                            .get_or_insert_with(Histogram::new)
-                            .record(latency);
-                        seen.last_us[phase] = now;
-                        shared.delivered[phase].fetch_add(1, Ordering::Relaxed);
-                    }
-                }
                 Some(Ok(Message::Close(frame))) => {
                     close_code = Some(frame.map_or(0, |f| u16::from(f.code)));
                     break true;
                 }
-                Some(Ok(_)) => {}
+                Some(Ok(frame)) => {
+                    if !take(&mut decoder, &frame, epoch, &mut seen, shared, &mut ws).await {
+                        break true;
+                    }
+                }
                 Some(Err(_)) | None => break true,
             },
         }
@@ -609,153 +759,40 @@ async fn listen(
     seen
 }
 
-/// The phase and send time of a `message` frame, read from its body `phase:seq:micros` with a
-/// plain text search (cheaper than parsing the JSON, which matters at 10⁵–10⁶ frames a second).
-fn delivery(text: &str) -> Option<(usize, u64)> {
-    if !text.starts_with(r#"{"type":"message""#) {
-        return None;
-    }
-    let at = text.find(r#""body":""#)? + r#""body":""#.len();
-    let body = &text[at..];
-    let body = &body[..body.find('"')?];
-    let mut parts = body.split(':');
-    let phase = parts.next()?.parse().ok()?;
-    let _seq = parts.next()?;
-    let sent_us = parts.next()?.parse().ok()?;
-    Some((phase, sent_us))
-}
-
-/// The phase of an `ack` frame, from its `client_msg_id` `phase-seq`.
-fn ack_phase(text: &str) -> Option<usize> {
-    let at = text.find(r#""client_msg_id":""#)? + r#""client_msg_id":""#.len();
-    let id = &text[at..];
-    id[..id.find('-')?].parse().ok()
+/// Records the deliveries of one frame and answers its pings; false if the connection cannot
+/// go on.
+async fn take(
+    decoder: &mut Decoder,
+    frame: &Message,
+    epoch: Instant,
+    seen: &mut Seen,
+    shared: &Shared,
+    ws: &mut Ws,
+) -> bool {
+    let now = micros(epoch.elapsed());
+    let mut pings = 0;
+    let fed = decoder.feed(frame, &mut |event| match event {
+        Event::Delivery { phase, sent_us } => {
+            if let Some(histogram) = seen.histograms.get_mut(phase) {
+                histogram
+                    .get_or_insert_with(Histogram::new)
+                    .record(now.saturating_sub(sent_us));
+                seen.last_us[phase] = now;
+                shared.delivered[phase].fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        Event::Ping => pings += 1,
+        _ => {}
+    });
+    fed.is_ok()
+        && (pings == 0
+            || fanout_target::answer_pings(ws, decoder.target(), pings)
+                .await
+                .is_ok())
 }
 
 fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
-}
-
-/// Connects to `/ws` with the browser-style subprotocol token and waits for `welcome`.
-async fn open(addr: SocketAddr, token: &str) -> Result<Ws, BoxError> {
-    if !addr.ip().is_loopback() {
-        return Err(format!("refusing to connect to {addr}: only 127.0.0.1").into());
-    }
-    let stream = TcpStream::connect(addr).await?;
-    stream.set_nodelay(true)?;
-    let mut request = format!("ws://{addr}/ws").into_client_request()?;
-    request.headers_mut().insert(
-        "Sec-WebSocket-Protocol",
-        HeaderValue::from_str(&format!("unhidra.v1.json, bearer.{token}"))?,
-    );
-    let config = WebSocketConfig::default().read_buffer_size(CLIENT_READ_BUFFER);
-    let (mut ws, _) =
-        tokio_tungstenite::client_async_with_config(request, stream, Some(config)).await?;
-    let text = next_text(&mut ws).await?;
-    if !text.starts_with(r#"{"type":"welcome""#) {
-        return Err(format!("expected welcome, got {text}").into());
-    }
-    Ok(ws)
-}
-
-/// Opens a subscriber connection, joins `room`, and waits for the `pong` that follows the
-/// join (frames of one connection are handled in order, so the join is then done).
-async fn subscribe(addr: SocketAddr, token: &str, room: &str) -> Result<Ws, BoxError> {
-    let mut ws = open(addr, token).await?;
-    ws.send(Message::text(format!(
-        r#"{{"type":"join","room":"{room}"}}"#
-    )))
-    .await?;
-    ws.send(Message::text(r#"{"type":"ping"}"#)).await?;
-    loop {
-        let text = next_text(&mut ws).await?;
-        if text.starts_with(r#"{"type":"pong""#) {
-            return Ok(ws);
-        }
-        if text.starts_with(r#"{"type":"error""#) {
-            return Err(format!("join refused: {text}").into());
-        }
-    }
-}
-
-/// The next text frame.
-async fn next_text(ws: &mut Ws) -> Result<String, BoxError> {
-    loop {
-        match ws.next().await {
-            Some(Ok(Message::Text(text))) => return Ok(text.as_str().to_owned()),
-            Some(Ok(Message::Close(frame))) => {
-                return Err(format!("closed by the server: {frame:?}").into());
-            }
-            Some(Ok(_)) => {}
-            Some(Err(err)) => return Err(err.into()),
-            None => return Err("the connection ended".into()),
-        }
-    }
-}
-
-/// Registers `email` and logs in; returns the access token.
-async fn account(addr: SocketAddr, email: &str) -> Result<String, BoxError> {
-    let credentials = serde_json::json!({ "email": email, "password": PASSWORD }).to_string();
-    let (status, body) = request(
-        addr,
-        &post_json_request(addr, "/api/v1/auth/register", &credentials),
-    )
-    .await?;
-    if status != 201 {
-        return Err(format!(
-            "register {email}: {status} {}",
-            String::from_utf8_lossy(&body)
-        )
-        .into());
-    }
-    let (status, body) = request(
-        addr,
-        &post_json_request(addr, "/api/v1/auth/login", &credentials),
-    )
-    .await?;
-    if status != 200 {
-        return Err(format!("login {email}: {status} {}", String::from_utf8_lossy(&body)).into());
-    }
-    let answer: serde_json::Value = serde_json::from_slice(&body)?;
-    answer
-        .get("access_token")
-        .and_then(serde_json::Value::as_str)
-        .map(str::to_owned)
-        .ok_or_else(|| "no access_token in the login answer".into())
-}
-
-/// Creates a public room as the owner of `token`; returns its id.
-async fn create_room(addr: SocketAddr, token: &str) -> Result<String, BoxError> {
-    let json = r#"{"name":"fanout","visibility":"public"}"#;
-    let request_bytes = format!(
-        "POST /api/v1/rooms HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: unhidra-bench\r\n\
-         Accept: */*\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\n\r\n{json}",
-        json.len()
-    )
-    .into_bytes();
-    let (status, body) = request(addr, &request_bytes).await?;
-    if status != 201 {
-        return Err(format!("create room: {status} {}", String::from_utf8_lossy(&body)).into());
-    }
-    let room: serde_json::Value = serde_json::from_slice(&body)?;
-    match room.get("id") {
-        Some(serde_json::Value::String(id)) => Ok(id.clone()),
-        Some(serde_json::Value::Number(id)) => Ok(id.to_string()),
-        _ => Err(format!("no id in {}", String::from_utf8_lossy(&body)).into()),
-    }
-}
-
-/// One request on a new connection, with a timeout; returns the status and the body.
-async fn request(addr: SocketAddr, bytes: &[u8]) -> Result<(u16, Vec<u8>), BoxError> {
-    let exchange = async {
-        let mut connection = Connection::open(addr).await?;
-        connection.send_for_body(bytes).await
-    };
-    let (answer, body) = tokio::time::timeout(HTTP_TIMEOUT, exchange)
-        .await
-        .map_err(|_| format!("no answer within {HTTP_TIMEOUT:?}"))??;
-    Ok((answer.status, body))
 }
 
 /// A log-linear latency histogram in microseconds: exact below 128 µs, then 64 buckets per
@@ -881,18 +918,6 @@ mod tests {
         let p99 = h.quantile(0.99).unwrap();
         assert!((975..=1005).contains(&p99), "{p99}");
         assert_eq!(Histogram::new().quantile(0.5), None);
-    }
-
-    #[test]
-    fn frames_are_read_without_json() {
-        let text =
-            r#"{"type":"message","room":"r1","id":7,"sender":"u","body":"2:41:123456","ts":1}"#;
-        assert_eq!(delivery(text), Some((2, 123_456)));
-        assert_eq!(delivery(r#"{"type":"presence","room":"r"}"#), None);
-        assert_eq!(
-            ack_phase(r#"{"type":"ack","client_msg_id":"3-17","id":1,"ts":2}"#),
-            Some(3)
-        );
     }
 
     #[test]

@@ -3,23 +3,26 @@
 //! goes to stderr). The `identity` subcommand measures logins per second against the raw
 //! Argon2id rate, and the latency of `GET /api/v1/auth/me` during a login flood, instead. The
 //! `fanout` subcommand measures deliveries per second and delivery latency from one publisher
-//! to N WebSocket subscribers of a room, and the server's memory per idle connection.
+//! to N WebSocket subscribers of a room, and the server's memory per idle connection, for
+//! Unhidra and, with the same load generator, for nats-server and a Socket.IO server.
 //! Everything it does is bounded in count and time, and it only ever talks to 127.0.0.1.
 //!
 //! ```text
 //! cargo build --release -p unhidra -p unhidra-bench
 //! cargo run --release -p unhidra-bench -- [--server PATH] [--connections N] [--duration SECS] [--runs K]
 //! cargo run --release -p unhidra-bench -- identity [--clients N] [--duration SECS] [--hash-workers 0,1]
-//! cargo run --release -p unhidra-bench -- fanout [--subscribers 1000] [--rates 100,1000,5000] [--seconds 5]
+//! cargo run --release -p unhidra-bench -- fanout [--subscribers 1000] [--rates 100,1000,5000] [--seconds 5] [--targets unhidra,nats,socketio]
 //! ```
 
 mod fanout;
 mod fanout_report;
+mod fanout_target;
 mod hashrate;
 mod http;
 mod identity;
 mod identity_report;
 mod load;
+mod peer;
 mod report;
 mod server;
 mod wrk;
@@ -30,7 +33,8 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::fanout_report::FanoutReport;
+use crate::fanout_report::{FanoutReport, TargetRun};
+use crate::fanout_target::Target;
 use crate::identity_report::IdentityReport;
 use crate::load::Plan;
 use crate::report::{CpuShare, Machine, Report, WrkStatus};
@@ -82,7 +86,8 @@ enum Scenario {
     /// and the latency of `GET /api/v1/auth/me` during a login flood and on an idle server.
     Identity(IdentityArgs),
     /// Deliveries per second and delivery latency from one publisher to N WebSocket
-    /// subscribers of one room, at several publishing rates, and RSS per idle connection.
+    /// subscribers of one room, at several publishing rates, and RSS per idle connection; for
+    /// Unhidra, nats-server and Socket.IO, with the same load generator.
     Fanout(FanoutArgs),
 }
 
@@ -100,6 +105,15 @@ struct FanoutArgs {
     #[arg(long, value_name = "SECS", default_value_t = 5,
         value_parser = clap::value_parser!(u64).range(1..=60))]
     seconds: u64,
+    /// The servers to measure, one after the other; a peer that is not installed (nats-server,
+    /// node and npm) is reported as skipped.
+    #[arg(
+        long,
+        value_name = "T[,T…]",
+        value_delimiter = ',',
+        default_value = "unhidra,nats,socketio"
+    )]
+    targets: Vec<Target>,
 }
 
 #[derive(Debug, Args)]
@@ -325,7 +339,8 @@ async fn measure_identity(
     })
 }
 
-/// The fan-out scenario.
+/// The fan-out scenario, against each target in turn. Unhidra failing fails the command; a
+/// peer failing (or missing) is reported as skipped.
 async fn measure_fanout(
     server: Option<PathBuf>,
     args: &FanoutArgs,
@@ -333,11 +348,26 @@ async fn measure_fanout(
     if args.rates.len() > fanout::MAX_RATES {
         return Err(format!("--rates takes at most {} values", fanout::MAX_RATES).into());
     }
-    let server_bin = server_binary(server)?;
+    let mut targets: Vec<Target> = Vec::new();
+    for &target in &args.targets {
+        if !targets.contains(&target) {
+            targets.push(target);
+        }
+    }
+    let server_bin = if targets.contains(&Target::Unhidra) {
+        Some(server_binary(server)?)
+    } else {
+        None
+    };
+    let open_files = fanout::check_open_files(args.subscribers)?;
     let machine = Machine::read();
     note(&format!(
-        "unhidra-bench fanout: server {}, {} CPUs",
-        server_bin.display(),
+        "unhidra-bench fanout: {}; {} CPUs",
+        targets
+            .iter()
+            .map(|t| t.name())
+            .collect::<Vec<_>>()
+            .join(", "),
         machine.cpus
     ));
     let settings = fanout::Settings {
@@ -345,13 +375,28 @@ async fn measure_fanout(
         rates: args.rates.clone(),
         window: Duration::from_secs(args.seconds),
     };
-    let outcome = fanout::run(&server_bin, &settings).await?;
+    let mut runs = Vec::new();
+    for (i, &target) in targets.iter().enumerate() {
+        if i > 0 {
+            // The previous server's sockets and CPU settle before the next one starts.
+            tokio::time::sleep(SETTLE).await;
+        }
+        let result = match fanout::run(target, server_bin.as_deref(), &settings).await {
+            Ok(outcome) => Ok(outcome),
+            Err(err) if target == Target::Unhidra => return Err(err),
+            Err(err) => {
+                note(&format!("fanout: {} skipped: {err}", target.name()));
+                Err(err.to_string())
+            }
+        };
+        runs.push(TargetRun { target, result });
+    }
     Ok(FanoutReport {
         command: command_line(),
-        server: server_bin,
         machine,
         settings,
-        outcome,
+        open_files,
+        runs,
     })
 }
 

@@ -178,48 +178,13 @@ impl Server {
 
     /// Current and peak resident memory, from `/proc/<pid>/status`.
     pub fn memory(&self) -> Result<Memory, BoxError> {
-        let path = format!("/proc/{}/status", self.pid);
-        let status = std::fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
-        let field = |name: &str| -> Result<u64, BoxError> {
-            status
-                .lines()
-                .find_map(|line| line.strip_prefix(name))
-                .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
-                .ok_or_else(|| format!("no {name} in {path}").into())
-        };
-        Ok(Memory {
-            rss_kib: field("VmRSS:")?,
-            hwm_kib: field("VmHWM:")?,
-        })
+        memory_of(self.pid)
     }
 
     /// Sends SIGTERM (with the `kill` command), waits for the exit (killing the server after
     /// 10 s), and removes its data folder.
     pub async fn stop(mut self) -> Stopped {
-        let asked_at = Instant::now();
-        let sent = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.pid.to_string())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .await
-            .is_ok_and(|s| s.success());
-        let status = if sent {
-            tokio::time::timeout(STOP_WITHIN, self.child.wait())
-                .await
-                .ok()
-                .and_then(Result::ok)
-        } else {
-            None
-        };
-        let after = asked_at.elapsed();
-        if status.is_none() {
-            let _ = self.child.start_kill();
-            let _ = tokio::time::timeout(STOP_WITHIN, self.child.wait()).await;
-        }
-        Stopped { after, status }
+        terminate(&mut self.child, self.pid).await
     }
 }
 
@@ -227,6 +192,52 @@ impl Drop for Server {
     fn drop(&mut self) {
         remove_dir(&self.data_dir);
     }
+}
+
+/// Current and peak resident memory of process `pid`, from `/proc/<pid>/status`.
+pub fn memory_of(pid: u32) -> Result<Memory, BoxError> {
+    let path = format!("/proc/{pid}/status");
+    let status = std::fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
+    let field = |name: &str| -> Result<u64, BoxError> {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(name))
+            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+            .ok_or_else(|| format!("no {name} in {path}").into())
+    };
+    Ok(Memory {
+        rss_kib: field("VmRSS:")?,
+        hwm_kib: field("VmHWM:")?,
+    })
+}
+
+/// Sends SIGTERM (with the `kill` command) to `child`, whose id is `pid`, and waits for it to
+/// exit, killing it after 10 s.
+pub async fn terminate(child: &mut Child, pid: u32) -> Stopped {
+    let asked_at = Instant::now();
+    let sent = Command::new("kill")
+        .arg("-TERM")
+        .arg(pid.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .await
+        .is_ok_and(|s| s.success());
+    let status = if sent {
+        tokio::time::timeout(STOP_WITHIN, child.wait())
+            .await
+            .ok()
+            .and_then(Result::ok)
+    } else {
+        None
+    };
+    let after = asked_at.elapsed();
+    if status.is_none() {
+        let _ = child.start_kill();
+        let _ = tokio::time::timeout(STOP_WITHIN, child.wait()).await;
+    }
+    Stopped { after, status }
 }
 
 /// CPU time used so far by every live thread of process `pid`: the sum of the first field of
@@ -306,19 +317,32 @@ pub fn machine_ticks() -> Option<MachineTicks> {
 
 /// A port of 127.0.0.1 that was free a moment ago: bound, read back and released.
 fn free_port() -> Result<u16, BoxError> {
-    let listener = std::net::TcpListener::bind(("127.0.0.1", 0))?;
-    Ok(listener.local_addr()?.port())
+    let [port] = free_ports::<1>()?;
+    Ok(port)
+}
+
+/// `N` distinct ports of 127.0.0.1 that were free a moment ago: all bound at once, read back
+/// and released.
+pub fn free_ports<const N: usize>() -> Result<[u16; N], BoxError> {
+    let mut listeners = Vec::with_capacity(N);
+    let mut ports = [0; N];
+    for port in &mut ports {
+        let listener = std::net::TcpListener::bind(("127.0.0.1", 0))?;
+        *port = listener.local_addr()?.port();
+        listeners.push(listener);
+    }
+    Ok(ports)
 }
 
 /// A new, empty folder under the system's temporary folder.
-fn fresh_data_dir() -> Result<PathBuf, BoxError> {
+pub fn fresh_data_dir() -> Result<PathBuf, BoxError> {
     let n = NEXT_DIR.fetch_add(1, Ordering::Relaxed);
     let dir = std::env::temp_dir().join(format!("unhidra-bench-{}-{n}", std::process::id()));
     std::fs::create_dir(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     Ok(dir)
 }
 
-fn remove_dir(dir: &Path) {
+pub fn remove_dir(dir: &Path) {
     let _ = std::fs::remove_dir_all(dir);
 }
 
