@@ -6,71 +6,20 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use axum::extract::ws::{Message, Utf8Bytes};
 use chrono::{DateTime, Utc};
-use tokio::sync::{Notify, mpsc};
 use unhidra_core::UserId;
 use unhidra_protocol::{PresenceStatus, ServerFrame, close};
 use uuid::Uuid;
 
+use super::outbox::Outbox;
 use crate::metrics::WsMetrics;
 
 /// A connection's id, unique within this process.
 pub type ConnId = u64;
-
-/// Asks a connection's writer to send a close frame and stop.
-#[derive(Debug, Default)]
-pub struct Closer {
-    reason: Mutex<Option<(u16, String)>>,
-    notify: Notify,
-}
-
-impl Closer {
-    /// Asks for the close; the first reason wins.
-    pub fn close(&self, code: u16, reason: &str) {
-        let mut slot = self
-            .reason
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if slot.is_none() {
-            *slot = Some((code, reason.to_owned()));
-        }
-        drop(slot);
-        // Both the reader and the writer of the connection wait for this.
-        self.notify.notify_waiters();
-    }
-
-    /// The code of the close requested, if one was.
-    pub fn code(&self) -> Option<u16> {
-        self.reason
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .as_ref()
-            .map(|(code, _)| *code)
-    }
-
-    /// Waits for a close request and returns it.
-    pub async fn requested(&self) -> (u16, String) {
-        loop {
-            let notified = self.notify.notified();
-            tokio::pin!(notified);
-            // Registered before the check, so that a close in between is not missed.
-            notified.as_mut().enable();
-            if let Some(reason) = self
-                .reason
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .clone()
-            {
-                return reason;
-            }
-            notified.await;
-        }
-    }
-}
 
 /// What the admin API shows of a connection.
 #[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
@@ -134,8 +83,7 @@ struct Conn {
     ip: Option<IpAddr>,
     protocol: String,
     connected_at: DateTime<Utc>,
-    tx: mpsc::Sender<Message>,
-    closer: std::sync::Arc<Closer>,
+    outbox: Arc<Outbox>,
     rooms: HashSet<Uuid>,
     /// Rooms being resumed: their live messages wait here until the replay is sent.
     held: HashMap<Uuid, Vec<(Option<i64>, Message)>>,
@@ -164,15 +112,14 @@ impl std::fmt::Debug for Hub {
     }
 }
 
-/// A registered connection: its id, its outbound queue and its closer.
+/// A registered connection: its id, and its outbox (frames to write, in order, and close
+/// requests from elsewhere: admin, revocation, slow reader, shutdown).
 #[derive(Debug)]
 pub struct Registration {
     /// The id.
     pub id: ConnId,
-    /// Frames to write, in order.
-    pub outbound: mpsc::Receiver<Message>,
-    /// Close requests from elsewhere (admin, revocation, slow reader, shutdown).
-    pub closer: std::sync::Arc<Closer>,
+    /// What the connection's writer sends.
+    pub outbox: Arc<Outbox>,
 }
 
 impl Hub {
@@ -202,8 +149,7 @@ impl Hub {
         now: DateTime<Utc>,
     ) -> Registration {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let (tx, outbound) = mpsc::channel(self.queue);
-        let closer = std::sync::Arc::new(Closer::default());
+        let outbox = Arc::new(Outbox::new(self.queue));
         self.state().conns.insert(
             id,
             Conn {
@@ -213,17 +159,12 @@ impl Hub {
                 ip,
                 protocol: protocol.to_owned(),
                 connected_at: now,
-                tx,
-                closer: std::sync::Arc::clone(&closer),
+                outbox: Arc::clone(&outbox),
                 rooms: HashSet::new(),
                 held: HashMap::new(),
             },
         );
-        Registration {
-            id,
-            outbound,
-            closer,
-        }
+        Registration { id, outbox }
     }
 
     /// Removes a connection from every room, announcing users whose last connection left.
@@ -440,8 +381,8 @@ impl Hub {
 
     /// Queues a message without waiting; a full queue means the reader is too slow.
     fn offer(conn: &Conn, message: Message) {
-        if let Err(mpsc::error::TrySendError::Full(_)) = conn.tx.try_send(message) {
-            conn.closer.close(close::OVERLOADED, "too slow to keep up");
+        if conn.outbox.push(message).is_err() {
+            conn.outbox.close(close::OVERLOADED, "too slow to keep up");
         }
     }
 
@@ -450,7 +391,7 @@ impl Hub {
         let state = self.state();
         match state.conns.get(&id) {
             Some(conn) => {
-                conn.closer.close(code, reason);
+                conn.outbox.close(code, reason);
                 true
             }
             None => false,
@@ -460,7 +401,7 @@ impl Hub {
     /// Closes every connection of a session.
     pub fn close_session(&self, session: Uuid, code: u16, reason: &str) {
         for conn in self.state().conns.values().filter(|c| c.session == session) {
-            conn.closer.close(code, reason);
+            conn.outbox.close(code, reason);
         }
     }
 
@@ -472,21 +413,21 @@ impl Hub {
             .values()
             .filter(|c| c.user == user && Some(c.session) != except)
         {
-            conn.closer.close(code, reason);
+            conn.outbox.close(code, reason);
         }
     }
 
     /// Closes every connection of a user.
     pub fn close_user(&self, user: UserId, code: u16, reason: &str) {
         for conn in self.state().conns.values().filter(|c| c.user == user) {
-            conn.closer.close(code, reason);
+            conn.outbox.close(code, reason);
         }
     }
 
     /// Closes every connection (shutdown).
     pub fn close_all(&self, code: u16, reason: &str) {
         for conn in self.state().conns.values() {
-            conn.closer.close(code, reason);
+            conn.outbox.close(code, reason);
         }
     }
 

@@ -6,6 +6,7 @@
 //! remove members; owners change and delete the room. A site admin may manage any room.
 
 pub mod hub;
+pub mod outbox;
 pub mod ws;
 
 use std::collections::HashMap;

@@ -2,6 +2,7 @@
 //! them. The token travels in `Sec-WebSocket-Protocol` (`unhidra.v1.json, bearer.<token>`, or a
 //! lone token as ESP32 firmware sends it), or in `Authorization` for non-browser clients.
 
+use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
@@ -17,6 +18,7 @@ use unhidra_protocol::{
 };
 use uuid::Uuid;
 
+use super::outbox::Next;
 use super::{ChatError, MAX_HISTORY, message_data};
 
 use crate::error::{ApiError, Problem};
@@ -28,8 +30,8 @@ use crate::state::AppState;
 const MAX_REPLAY: usize = 1000;
 /// How much one read from the socket asks for.
 const READ_CHUNK_BYTES: usize = 4 * 1024;
-/// The most queued frames written before one flush.
-const MAX_BATCH: usize = 64;
+/// How long a closing connection's writer gets to send what is queued and the close frame.
+const WRITER_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// How the client authenticated and which subprotocol to echo.
 struct Offer {
@@ -152,7 +154,7 @@ async fn run(
     state: AppState,
     socket: WebSocket,
     who: Principal,
-    expires: DateTime<Utc>,
+    mut expires: DateTime<Utc>,
     ip: Option<IpAddr>,
     protocol: String,
     limit: usize,
@@ -165,39 +167,29 @@ async fn run(
     let msgpack = protocol == SUBPROTOCOL_MSGPACK;
     let registration = hub.register(who.user_id, who.session_id, ip, &protocol, Utc::now());
     let id = registration.id;
-    let closer = Arc::clone(&registration.closer);
+    let outbox = registration.outbox;
     let (mut sink, mut stream) = socket.split();
-    let mut outbound = registration.outbound;
-    let writer_closer = Arc::clone(&closer);
-    let writer = tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                biased;
-                (code, reason) = writer_closer.requested() => {
-                    // What was queued before the close goes out first, for a bounded time: a
-                    // slow reader is not waited for.
-                    let flush = async {
-                        while let Ok(first) = outbound.try_recv() {
-                            if write_batch(&mut sink, &mut outbound, first).await.is_err() {
-                                break;
-                            }
-                        }
-                    };
-                    let _ = tokio::time::timeout(std::time::Duration::from_millis(500), flush).await;
-                    let frame = CloseFrame { code, reason: reason.into() };
-                    let _ = sink.send(Message::Close(Some(frame))).await;
-                    break;
-                }
-                next = outbound.recv() => match next {
-                    Some(message) => {
-                        // Whatever else is already queued goes out with it in one flush, so a
-                        // busy room costs one write per batch rather than one per frame.
-                        if write_batch(&mut sink, &mut outbound, message).await.is_err() {
+    let mut writer = tokio::spawn({
+        let outbox = Arc::clone(&outbox);
+        async move {
+            loop {
+                match outbox.next().await {
+                    // Everything queued goes out with one flush, so a busy room costs one write
+                    // per batch rather than one per frame.
+                    Next::Frames(frames) => {
+                        if write_all(&mut sink, frames).await.is_err() {
                             break;
                         }
                     }
-                    None => break,
-                },
+                    Next::Close(code, reason) => {
+                        let frame = CloseFrame {
+                            code,
+                            reason: reason.into(),
+                        };
+                        let _ = sink.send(Message::Close(Some(frame))).await;
+                        break;
+                    }
+                }
             }
         }
     });
@@ -220,23 +212,25 @@ async fn run(
     };
     let mut ping = tokio::time::interval(chat.ping_interval.max(std::time::Duration::from_secs(1)));
     ping.tick().await;
+    // Created once and reused: an idle connection's loop allocates nothing per frame.
+    let close_requested = outbox.close_requested();
+    tokio::pin!(close_requested);
+    let expiry = tokio::time::sleep(until(conn.expires));
+    tokio::pin!(expiry);
     // Whether anything arrived since the last ping tick.
     let mut heard = true;
     let mut closed_by_peer = false;
     loop {
-        let until_expiry = (conn.expires - Utc::now())
-            .to_std()
-            .unwrap_or(std::time::Duration::ZERO);
         tokio::select! {
-            () = tokio::time::sleep(until_expiry) => {
-                closer.close(close::TOKEN_EXPIRED, "token expired");
+            () = &mut expiry => {
+                outbox.close(close::TOKEN_EXPIRED, "token expired");
                 break;
             }
-            _ = closer.requested() => break,
+            _ = &mut close_requested => break,
             _ = ping.tick() => {
                 if !heard {
                     // Silent for a whole interval after a ping: the peer is gone.
-                    closer.close(close::POLICY, "no answer to ping");
+                    outbox.close(close::POLICY, "no answer to ping");
                     break;
                 }
                 heard = false;
@@ -255,13 +249,13 @@ async fn run(
                     break;
                 }
                 Some(Ok(Message::Text(text))) if text.len() > limit => {
-                    closer.close(close::TOO_BIG, "frame too large");
+                    outbox.close(close::TOO_BIG, "frame too large");
                     break;
                 }
                 Some(Ok(Message::Text(text))) => {
                     heard = true;
                     match conn.admit_frame() {
-                        Admit::Handle => conn.handle(parse_client_frame(text.as_str())).await,
+                        Admit::Handle => conn.handle_boxed(parse_client_frame(text.as_str())).await,
                         Admit::Drop => {}
                         Admit::Close => break,
                     }
@@ -269,26 +263,33 @@ async fn run(
                 Some(Ok(Message::Binary(bytes))) if msgpack && bytes.len() <= limit => {
                     heard = true;
                     match conn.admit_frame() {
-                        Admit::Handle => conn.handle(parse_client_frame_msgpack(&bytes)).await,
+                        Admit::Handle => conn.handle_boxed(parse_client_frame_msgpack(&bytes)).await,
                         Admit::Drop => {}
                         Admit::Close => break,
                     }
                 }
                 Some(Ok(Message::Binary(_))) if msgpack => {
-                    closer.close(close::TOO_BIG, "frame too large");
+                    outbox.close(close::TOO_BIG, "frame too large");
                     break;
                 }
                 Some(Ok(Message::Binary(_))) => {
-                    closer.close(close::UNSUPPORTED, "binary frames are not part of unhidra.v1.json");
+                    outbox.close(close::UNSUPPORTED, "binary frames are not part of unhidra.v1.json");
                     break;
                 }
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => heard = true,
                 Some(Err(e)) => {
                     let (code, reason) = read_error(&e);
-                    closer.close(code, reason);
+                    outbox.close(code, reason);
                     break;
                 }
             },
+        }
+        if conn.expires != expires {
+            // An `auth` frame brought a fresh token.
+            expires = conn.expires;
+            expiry
+                .as_mut()
+                .reset(tokio::time::Instant::now() + until(expires));
         }
     }
     hub.unregister(id);
@@ -296,14 +297,20 @@ async fn run(
     let code = if closed_by_peer {
         close::NORMAL
     } else {
-        closer.code().unwrap_or(close::GOING_AWAY)
+        outbox.close_code().unwrap_or(close::GOING_AWAY)
     };
     metrics
         .disconnects
         .get_or_create(&crate::metrics::CodeLabel { code })
         .inc();
-    // Give the writer a moment to send the close frame; it ends on its own after that.
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), writer).await;
+    // The writer sends what is queued and the close frame; a peer that stopped reading is not
+    // waited for longer than this, and dropping the writer closes the socket.
+    if tokio::time::timeout(WRITER_GRACE, &mut writer)
+        .await
+        .is_err()
+    {
+        writer.abort();
+    }
     tracing::debug!(connection = id, "websocket closed");
 }
 
@@ -445,6 +452,12 @@ impl Connection {
             self.error("room_not_found", "no such room", Some(room.to_owned()));
         }
         parsed
+    }
+
+    /// [`Connection::handle`] on the heap: its state (store calls and all) is only allocated
+    /// while a frame is being handled, not for as long as the connection is idle.
+    async fn handle_boxed(&mut self, parsed: Result<ClientFrame, FrameError>) {
+        Box::pin(self.handle(parsed)).await;
     }
 
     async fn handle(&mut self, parsed: Result<ClientFrame, FrameError>) {
@@ -610,22 +623,20 @@ impl Connection {
     }
 }
 
-/// Writes `first` and whatever else is already queued (up to [`MAX_BATCH`] frames), then
-/// flushes once.
-async fn write_batch<S>(
-    sink: &mut S,
-    outbound: &mut tokio::sync::mpsc::Receiver<Message>,
-    first: Message,
-) -> Result<(), S::Error>
+/// Writes frames in order with one flush at the end.
+async fn write_all<S>(sink: &mut S, frames: VecDeque<Message>) -> Result<(), S::Error>
 where
     S: futures_util::Sink<Message> + Unpin,
 {
-    sink.feed(first).await?;
-    for _ in 1..MAX_BATCH {
-        match outbound.try_recv() {
-            Ok(message) => sink.feed(message).await?,
-            Err(_) => break,
-        }
+    for frame in frames {
+        sink.feed(frame).await?;
     }
     sink.flush().await
+}
+
+/// How long from now until `expires` (zero when it is past).
+fn until(expires: DateTime<Utc>) -> std::time::Duration {
+    (expires - Utc::now())
+        .to_std()
+        .unwrap_or(std::time::Duration::ZERO)
 }

@@ -736,3 +736,85 @@ async fn the_msgpack_subprotocol_carries_the_same_frames() {
     );
     app.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_subscriber_that_stops_reading_is_closed_with_1013_and_released() {
+    let app = TestApp::spawn_with(
+        Backend::Sqlite,
+        |c| {
+            c.ws_queue_frames = 4;
+            c.rate_limit_messages_per_sec = 0;
+        },
+        None,
+    )
+    .await;
+    let (_, alice) = user(&app, "slow-pub@example.com").await;
+    let (_, bob) = user(&app, "slow-sub@example.com").await;
+    let lobby = room(&app, &alice, "lobby", "public").await;
+
+    // The subscriber asks for a tiny receive buffer, joins, and then reads nothing.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let stream = socket.connect(app.addr).await.unwrap();
+    let mut request = ws_url(&app).into_client_request().unwrap();
+    request.headers_mut().insert(
+        "sec-websocket-protocol",
+        HeaderValue::from_str(&format!("unhidra.v1.json, bearer.{bob}")).unwrap(),
+    );
+    let (slow, _) = tokio_tungstenite::client_async(request, MaybeTlsStream::Plain(stream))
+        .await
+        .unwrap();
+    let mut slow: Socket = slow;
+    assert_eq!(next(&mut slow).await["type"], "welcome");
+    send(&mut slow, json!({ "type": "join", "room": lobby })).await;
+    send(&mut slow, json!({ "type": "ping" })).await;
+    while next(&mut slow).await["type"] != "pong" {}
+
+    // Large messages fill the socket buffers, then the four-frame queue.
+    let mut publisher = connect(&app, &alice).await;
+    let body = "x".repeat(16 * 1024);
+    let mut sent = 0;
+    while app.state.chat().hub().len() == 2 && sent < 400 {
+        send(
+            &mut publisher,
+            json!({ "type": "send", "room": lobby, "body": body, "client_msg_id": sent.to_string() }),
+        )
+        .await;
+        while next_non_presence(&mut publisher).await["type"] != "ack" {}
+        sent += 1;
+    }
+    let mut waited = 0;
+    while app.state.chat().hub().len() != 1 && waited < 40 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        waited += 1;
+    }
+    assert_eq!(
+        app.state.chat().hub().len(),
+        1,
+        "only the publisher is left"
+    );
+    let metrics = app.get("/metrics").await.text().await.unwrap();
+    assert!(
+        metrics.contains(r#"ws_disconnects_total{code="1013"} 1"#),
+        "{metrics}"
+    );
+    // Reading again, the subscriber gets what was already on its way, then the end.
+    let ended = tokio::time::timeout(WAIT, async {
+        loop {
+            match slow.next().await {
+                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break,
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the server let go of the connection");
+    // The publisher was not held up by the slow one.
+    send(
+        &mut publisher,
+        json!({ "type": "send", "room": lobby, "body": "still here", "client_msg_id": "last" }),
+    )
+    .await;
+    assert_eq!(next_non_presence(&mut publisher).await["type"], "ack");
+    app.shutdown().await;
+}

@@ -1,0 +1,216 @@
+//! A connection's outbound side: the frames waiting to be written and the request to close.
+//!
+//! The hub pushes frames without waiting; the connection's writer takes everything queued at
+//! once and writes it with one flush, so a busy room costs one write per batch rather than one
+//! per frame. A full queue means the reader is too slow: the push fails and the caller closes
+//! the connection (1013) instead of growing memory. An idle connection holds an empty queue,
+//! with nothing allocated.
+
+use std::collections::VecDeque;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use axum::extract::ws::Message;
+use tokio::sync::Notify;
+
+/// Frames queued for one connection, and its close request.
+#[derive(Debug)]
+pub struct Outbox {
+    limit: usize,
+    state: Mutex<State>,
+    /// Wakes the writer: frames or a close request are waiting.
+    writer: Notify,
+    /// Wakes everyone waiting for a close request (the reader).
+    closed: Notify,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    frames: VecDeque<Message>,
+    close: Option<(u16, String)>,
+}
+
+/// What the writer does next.
+#[derive(Debug)]
+pub enum Next {
+    /// Writes these frames, in order, with one flush.
+    Frames(VecDeque<Message>),
+    /// Sends a close frame with this code and reason, and stops.
+    Close(u16, String),
+}
+
+/// The queue was full: the reader is too slow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Full;
+
+impl Outbox {
+    /// An outbox that queues at most `limit` frames.
+    pub fn new(limit: usize) -> Self {
+        Self {
+            limit: limit.max(1),
+            state: Mutex::new(State::default()),
+            writer: Notify::new(),
+            closed: Notify::new(),
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Queues a frame without waiting. Once a close is requested, frames are dropped: the
+    /// connection is going away.
+    pub fn push(&self, message: Message) -> Result<(), Full> {
+        let mut state = self.state();
+        if state.close.is_some() {
+            return Ok(());
+        }
+        if state.frames.len() >= self.limit {
+            return Err(Full);
+        }
+        state.frames.push_back(message);
+        let first = state.frames.len() == 1;
+        drop(state);
+        // A writer that has not taken the earlier frames yet will take this one with them.
+        if first {
+            self.writer.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Asks for the connection to be closed; the first reason wins. Frames queued before it
+    /// are still written first.
+    pub fn close(&self, code: u16, reason: &str) {
+        let mut state = self.state();
+        if state.close.is_none() {
+            state.close = Some((code, reason.to_owned()));
+        }
+        drop(state);
+        self.writer.notify_one();
+        self.closed.notify_waiters();
+    }
+
+    /// The code of the close requested, if one was.
+    pub fn close_code(&self) -> Option<u16> {
+        self.state().close.as_ref().map(|(code, _)| *code)
+    }
+
+    /// Waits for a close request and returns it.
+    pub async fn close_requested(&self) -> (u16, String) {
+        loop {
+            let notified = self.closed.notified();
+            tokio::pin!(notified);
+            // Registered before the check, so that a close in between is not missed.
+            notified.as_mut().enable();
+            if let Some(reason) = self.state().close.clone() {
+                return reason;
+            }
+            notified.await;
+        }
+    }
+
+    /// Waits for work: every queued frame at once, or, when none is left, the close request.
+    pub async fn next(&self) -> Next {
+        loop {
+            {
+                let mut state = self.state();
+                if !state.frames.is_empty() {
+                    return Next::Frames(std::mem::take(&mut state.frames));
+                }
+                if let Some((code, reason)) = state.close.clone() {
+                    return Next::Close(code, reason);
+                }
+            }
+            // `notify_one` leaves a permit when nobody waits, so a push between the check and
+            // this wait is not missed.
+            self.writer.notified().await;
+        }
+    }
+
+    /// How many frames are queued.
+    pub fn len(&self) -> usize {
+        self.state().frames.len()
+    }
+
+    /// Whether no frame is queued.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(s: &str) -> Message {
+        Message::Text(s.into())
+    }
+
+    fn texts(next: Next) -> Vec<String> {
+        match next {
+            Next::Frames(frames) => frames
+                .into_iter()
+                .map(|m| match m {
+                    Message::Text(t) => t.as_str().to_owned(),
+                    other => format!("{other:?}"),
+                })
+                .collect(),
+            Next::Close(code, reason) => vec![format!("close {code} {reason}")],
+        }
+    }
+
+    #[tokio::test]
+    async fn the_writer_takes_everything_queued_in_order() {
+        let outbox = Outbox::new(8);
+        for s in ["a", "b", "c"] {
+            outbox.push(text(s)).unwrap();
+        }
+        assert_eq!(outbox.len(), 3);
+        assert_eq!(texts(outbox.next().await), ["a", "b", "c"]);
+        assert!(outbox.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_refuses_instead_of_growing() {
+        let outbox = Outbox::new(2);
+        outbox.push(text("a")).unwrap();
+        outbox.push(text("b")).unwrap();
+        assert_eq!(outbox.push(text("c")), Err(Full));
+        assert_eq!(texts(outbox.next().await), ["a", "b"]);
+        outbox.push(text("d")).unwrap();
+    }
+
+    #[tokio::test]
+    async fn queued_frames_go_out_before_the_close_and_later_ones_are_dropped() {
+        let outbox = Outbox::new(8);
+        outbox.push(text("a")).unwrap();
+        outbox.close(1013, "too slow");
+        outbox.close(1000, "second reason loses");
+        outbox.push(text("late")).unwrap();
+        assert_eq!(outbox.close_code(), Some(1013));
+        assert_eq!(texts(outbox.next().await), ["a"]);
+        assert_eq!(texts(outbox.next().await), ["close 1013 too slow"]);
+        assert_eq!(
+            outbox.close_requested().await,
+            (1013, "too slow".to_owned())
+        );
+    }
+
+    #[tokio::test]
+    async fn a_waiting_writer_and_reader_are_woken() {
+        let outbox = std::sync::Arc::new(Outbox::new(8));
+        let writer = tokio::spawn({
+            let outbox = std::sync::Arc::clone(&outbox);
+            async move { texts(outbox.next().await) }
+        });
+        let reader = tokio::spawn({
+            let outbox = std::sync::Arc::clone(&outbox);
+            async move { outbox.close_requested().await }
+        });
+        tokio::task::yield_now().await;
+        outbox.push(text("x")).unwrap();
+        assert_eq!(writer.await.unwrap(), ["x"]);
+        outbox.close(4003, "revoked");
+        assert_eq!(reader.await.unwrap(), (4003, "revoked".to_owned()));
+        assert_eq!(texts(outbox.next().await), ["close 4003 revoked"]);
+    }
+}
