@@ -132,7 +132,7 @@ pub struct MessageRecord {
 pub struct SearchHit {
     /// The message.
     pub message: MessageRecord,
-    /// A part of its text, matches wrapped in `<mark>` and `</mark>`.
+    /// A part of its text as HTML: the text escaped, matches wrapped in `<mark>` and `</mark>`.
     pub snippet: String,
     /// Higher is better.
     pub score: f64,
@@ -226,4 +226,60 @@ pub trait RoomStore {
 
     /// Applies every room's retention; returns how many messages were deleted.
     async fn apply_retention(&self, now: DateTime<Utc>) -> Result<u64, StoreError>;
+}
+
+/// Marks the start of a match in the snippets the databases build (a private-use character,
+/// so that the text itself can be escaped before the marks become HTML).
+pub(crate) const MATCH_START: char = '\u{E000}';
+/// Marks the end of a match.
+pub(crate) const MATCH_END: char = '\u{E001}';
+
+/// Turns a database snippet into safe HTML: every `<`, `>`, `&`, `"` and `'` of the message
+/// escaped, and the match marks turned into balanced `<mark>…</mark>`. A message that itself
+/// contains the private-use mark characters can at most highlight part of its own text.
+pub(crate) fn snippet_html(raw: &str) -> String {
+    let mut html = String::with_capacity(raw.len() + 16);
+    let mut open = false;
+    for c in raw.chars() {
+        match c {
+            MATCH_START if !open => {
+                html.push_str("<mark>");
+                open = true;
+            }
+            MATCH_END if open => {
+                html.push_str("</mark>");
+                open = false;
+            }
+            MATCH_START | MATCH_END => {}
+            '<' => html.push_str("&lt;"),
+            '>' => html.push_str("&gt;"),
+            '&' => html.push_str("&amp;"),
+            '"' => html.push_str("&quot;"),
+            '\'' => html.push_str("&#39;"),
+            c => html.push(c),
+        }
+    }
+    if open {
+        html.push_str("</mark>");
+    }
+    html
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snippets_are_escaped_and_marks_balanced() {
+        assert_eq!(
+            snippet_html("a <b>\u{E000}deploy\u{E001}</b> & 'x' \"y\""),
+            "a &lt;b&gt;<mark>deploy</mark>&lt;/b&gt; &amp; &#39;x&#39; &quot;y&quot;"
+        );
+        // Stray or nested marks (from the text itself) never unbalance the HTML.
+        assert_eq!(
+            snippet_html("\u{E001}a\u{E000}\u{E000}b"),
+            "a<mark>b</mark>"
+        );
+        assert_eq!(snippet_html("plain"), "plain");
+    }
 }

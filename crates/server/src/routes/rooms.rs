@@ -545,8 +545,8 @@ pub(crate) struct SearchHitView {
     body: String,
     /// Unix milliseconds.
     ts: i64,
-    /// Part of the text with the matches wrapped in `<mark>` and `</mark>`; the rest is the
-    /// message's own text, which a page must escape.
+    /// Part of the text as HTML: the message's own text escaped, the matches wrapped in
+    /// `<mark>` and `</mark>`.
     snippet: String,
     /// Higher is a better match.
     score: f64,

@@ -3,6 +3,7 @@
 use serde_json::{Value, json};
 
 use crate::helpers::{TestApp, problem, user};
+use unhidra_store::Backend;
 
 async fn call(
     app: &TestApp,
@@ -496,8 +497,17 @@ async fn publishing_is_idempotent_and_history_pages() {
 }
 
 #[tokio::test]
-async fn search_is_ranked_highlighted_and_scoped_to_membership() {
-    let app = TestApp::spawn().await;
+async fn search_on_sqlite() {
+    search_is_ranked_highlighted_and_scoped_to_membership(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn search_on_postgres() {
+    search_is_ranked_highlighted_and_scoped_to_membership(Backend::Postgres).await;
+}
+
+async fn search_is_ranked_highlighted_and_scoped_to_membership(backend: Backend) {
+    let app = TestApp::spawn_with(backend, |_| {}, None).await;
     let (_, owner) = user(&app, "s1@example.com").await;
     let (_, stranger) = user(&app, "s2@example.com").await;
     let room: Value = call(
@@ -544,6 +554,36 @@ async fn search_is_ranked_highlighted_and_scoped_to_membership() {
             .unwrap()
             .contains("<mark>deploy</mark>"),
         "{found}"
+    );
+    // The snippet is HTML: the message's own markup comes back escaped.
+    call(
+        &app,
+        Method::POST,
+        &format!("/api/v1/rooms/{id}/messages"),
+        &owner,
+        Some(json!({ "body": "rollout <script>alert(1)</script> & \"done\" and some more words", "client_msg_id": "html" })),
+    )
+    .await;
+    let found: Value = call(
+        &app,
+        Method::GET,
+        "/api/v1/search/messages?q=rollout",
+        &owner,
+        None,
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    let snippet = found["items"][0]["snippet"].as_str().unwrap();
+    // SQLite escapes the tags; PostgreSQL's headline leaves them out. Neither lets them through.
+    assert!(
+        !snippet.contains("<script") && !snippet.contains("</script"),
+        "{snippet}"
+    );
+    assert!(
+        snippet.contains("<mark>rollout</mark>") && snippet.contains("&amp; &quot;done&quot;"),
+        "{snippet}"
     );
     let found: Value = call(
         &app,

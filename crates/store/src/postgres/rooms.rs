@@ -11,7 +11,7 @@ use super::identity::get;
 use crate::StoreError;
 use crate::rooms::{
     MessageRange, MessageRecord, RoomChange, RoomListing, RoomRecord, RoomRole, RoomStore,
-    SearchHit, Visibility, fts5_query,
+    SearchHit, Visibility, fts5_query, snippet_html,
 };
 
 const ROOM_COLUMNS: &str = "r.id, r.name, r.visibility, r.created_by, r.created_at, r.retention_max_age, r.retention_max_count";
@@ -307,8 +307,9 @@ impl PostgresStore {
         }
         let rows = sqlx::query(
             "SELECT m.id, m.room_id, m.sender_id, m.client_msg_id, m.body, m.created_at, \
-             ts_headline('simple', m.body, q, 'StartSel=<mark>, StopSel=</mark>, MaxWords=24, \
-             MinWords=8, MaxFragments=1, FragmentDelimiter=…') AS snippet, \
+             ts_headline('simple', m.body, q, 'StartSel=' || chr(57344) || ', StopSel=' || \
+             chr(57345) || ', MaxWords=24, MinWords=8, MaxFragments=1, FragmentDelimiter=…') \
+             AS snippet, \
              ts_rank(m.body_tsv, q)::float8 AS rank \
              FROM messages m, plainto_tsquery('simple', $1) q, room_members rm \
              WHERE rm.room_id = m.room_id AND rm.user_id = $2 AND m.body_tsv @@ q \
@@ -326,7 +327,7 @@ impl PostgresStore {
             .map(|row| {
                 Ok(SearchHit {
                     message: message(row)?,
-                    snippet: get(row, "snippet")?,
+                    snippet: snippet_html(&get::<String>(row, "snippet")?),
                     score: get::<f64>(row, "rank")?,
                 })
             })

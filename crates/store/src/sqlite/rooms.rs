@@ -11,7 +11,7 @@ use super::identity::{get, micros, opt_uuid, time, uuid};
 use crate::StoreError;
 use crate::rooms::{
     MessageRange, MessageRecord, RoomChange, RoomListing, RoomRecord, RoomRole, RoomStore,
-    SearchHit, Visibility, fts5_query,
+    SearchHit, Visibility, fts5_query, snippet_html,
 };
 
 const ROOM_COLUMNS: &str = "r.id, r.name, r.visibility, r.created_by, r.created_at, r.retention_max_age, r.retention_max_count";
@@ -309,7 +309,7 @@ impl SqliteStore {
         };
         let rows = sqlx::query(
             "SELECT m.id, m.room_id, m.sender_id, m.client_msg_id, m.body, m.created_at, \
-             snippet(messages_fts, 0, '<mark>', '</mark>', '…', 12) AS snippet, \
+             snippet(messages_fts, 0, char(57344), char(57345), '…', 12) AS snippet, \
              bm25(messages_fts) AS rank \
              FROM messages_fts JOIN messages m ON m.id = messages_fts.rowid \
              JOIN room_members rm ON rm.room_id = m.room_id AND rm.user_id = ?2 \
@@ -327,7 +327,7 @@ impl SqliteStore {
             .map(|row| {
                 Ok(SearchHit {
                     message: message(row)?,
-                    snippet: get(row, "snippet")?,
+                    snippet: snippet_html(&get::<String>(row, "snippet")?),
                     // bm25 is lower for better matches.
                     score: -get::<f64>(row, "rank")?,
                 })
