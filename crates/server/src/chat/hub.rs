@@ -6,7 +6,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use axum::extract::ws::{Message, Utf8Bytes};
@@ -36,6 +36,9 @@ pub struct ConnectionInfo {
     pub protocol: String,
     /// When it connected.
     pub connected_at: DateTime<Utc>,
+    /// When the client last sent a frame (a WebSocket ping or pong counts); the connect time
+    /// until then.
+    pub last_activity: DateTime<Utc>,
     /// The rooms it listens to.
     pub rooms: Vec<String>,
 }
@@ -83,6 +86,8 @@ struct Conn {
     ip: Option<IpAddr>,
     protocol: String,
     connected_at: DateTime<Utc>,
+    /// Unix milliseconds of the client's last frame (0 before the first).
+    activity: Arc<AtomicI64>,
     outbox: Arc<Outbox>,
     rooms: HashSet<Uuid>,
     /// Rooms being resumed: their live messages wait here until the replay is sent.
@@ -120,6 +125,8 @@ pub struct Registration {
     pub id: ConnId,
     /// What the connection's writer sends.
     pub outbox: Arc<Outbox>,
+    /// Unix milliseconds of the client's last frame, for the admin API: the reader updates it.
+    pub activity: Arc<AtomicI64>,
 }
 
 impl Hub {
@@ -150,6 +157,7 @@ impl Hub {
     ) -> Registration {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let outbox = Arc::new(Outbox::new(self.queue));
+        let activity = Arc::new(AtomicI64::new(0));
         self.state().conns.insert(
             id,
             Conn {
@@ -159,12 +167,17 @@ impl Hub {
                 ip,
                 protocol: protocol.to_owned(),
                 connected_at: now,
+                activity: Arc::clone(&activity),
                 outbox: Arc::clone(&outbox),
                 rooms: HashSet::new(),
                 held: HashMap::new(),
             },
         );
-        Registration { id, outbox }
+        Registration {
+            id,
+            outbox,
+            activity,
+        }
     }
 
     /// Removes a connection from every room, announcing users whose last connection left.
@@ -470,6 +483,10 @@ impl Hub {
                 ip: c.ip.map(|ip| ip.to_string()),
                 protocol: c.protocol.clone(),
                 connected_at: c.connected_at,
+                last_activity: match c.activity.load(Ordering::Relaxed) {
+                    0 => c.connected_at,
+                    millis => DateTime::from_timestamp_millis(millis).unwrap_or(c.connected_at),
+                },
                 rooms: c.rooms.iter().map(Uuid::to_string).collect(),
             })
             .collect();

@@ -5,6 +5,7 @@
 use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, State};
@@ -168,6 +169,7 @@ async fn run(
     let registration = hub.register(who.user_id, who.session_id, ip, &protocol, Utc::now());
     let id = registration.id;
     let outbox = registration.outbox;
+    let activity = registration.activity;
     let (mut sink, mut stream) = socket.split();
     let mut writer = tokio::spawn({
         let outbox = Arc::clone(&outbox);
@@ -236,7 +238,11 @@ async fn run(
                 heard = false;
                 hub.ping(id);
             }
-            next = stream.next() => match next {
+            next = stream.next() => {
+                if matches!(next, Some(Ok(_))) {
+                    activity.store(Utc::now().timestamp_millis(), Ordering::Relaxed);
+                }
+                match next {
                 Some(Ok(Message::Close(_))) => {
                     // The library answers a close with a close on its next read: one more read
                     // completes the handshake.
@@ -282,7 +288,8 @@ async fn run(
                     outbox.close(code, reason);
                     break;
                 }
-            },
+                }
+            }
         }
         if conn.expires != expires {
             // An `auth` frame brought a fresh token.

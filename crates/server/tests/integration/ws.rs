@@ -446,20 +446,36 @@ async fn close_codes_for_oversize_frames_admins_and_shutdown() {
         .unwrap();
     let admin = admin["access_token"].as_str().unwrap().to_owned();
     let mut watched = connect(&app, &token).await;
-    let list: Value = app
-        .client
-        .get(app.url("/api/v1/admin/connections"))
-        .bearer_auth(&admin)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let id = list.as_array().unwrap()[0]["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let listing = || async {
+        let list: Value = app
+            .client
+            .get(app.url("/api/v1/admin/connections"))
+            .bearer_auth(&admin)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
+        list[0].clone()
+    };
+    let listed = listing().await;
+    assert_eq!(listed["kind"], "user");
+    assert_eq!(listed["protocol"], "unhidra.v1.json");
+    assert_eq!(listed["ip"], "127.0.0.1");
+    assert_eq!(listed["last_activity"], listed["connected_at"], "{listed}");
+    // A frame from the client moves its last activity on.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    send(&mut watched, json!({ "type": "ping" })).await;
+    assert_eq!(next(&mut watched).await["type"], "pong");
+    let active = listing().await;
+    let time = |v: &Value| chrono::DateTime::parse_from_rfc3339(v.as_str().unwrap()).unwrap();
+    assert!(
+        time(&active["last_activity"]) > time(&active["connected_at"]),
+        "{active}"
+    );
+    let id = listed["id"].as_str().unwrap().to_owned();
     let closed = app
         .client
         .delete(app.url(&format!("/api/v1/admin/connections/{id}")))
