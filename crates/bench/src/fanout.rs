@@ -100,6 +100,11 @@ pub struct Phase {
     pub server_cores: Option<f64>,
     /// CPU used by this program (publisher and subscribers) over the same time, in cores.
     pub client_cores: Option<f64>,
+    /// CPU used by the whole machine over the same time, in cores: more than the server and
+    /// this program together means something else ran too.
+    pub machine_cores: Option<f64>,
+    /// CPU time the hypervisor gave to others over the same time, in cores.
+    pub steal_cores: Option<f64>,
 }
 
 impl Phase {
@@ -174,6 +179,16 @@ impl Outcome {
             .iter()
             .map(Phase::deliveries_per_sec)
             .reduce(f64::max)
+    }
+
+    /// Deliveries per second of the server's CPU time in its best window: a measure of the
+    /// cost per delivery that does not depend on how the machine's cores were shared.
+    pub fn best_per_server_core(&self) -> Option<f64> {
+        let best = self
+            .phases
+            .iter()
+            .max_by(|a, b| a.deliveries_per_sec().total_cmp(&b.deliveries_per_sec()))?;
+        Some(best.deliveries_per_sec() / best.server_cores.filter(|c| *c > 0.0)?)
     }
 
     /// Whether some window found the server's limit (it fell behind the publisher), so that
@@ -350,6 +365,8 @@ struct Window {
     lost: u64,
     server_cores: Option<f64>,
     client_cores: Option<f64>,
+    machine_cores: Option<f64>,
+    steal_cores: Option<f64>,
 }
 
 async fn exercise(
@@ -514,7 +531,11 @@ async fn exercise(
             "fanout: {rate} messages/s for {} s to {listeners} subscribers",
             settings.window.as_secs()
         ));
-        let cpu_before = (server::cpu_time(server_pid), server::cpu_time(me));
+        let cpu_before = (
+            server::cpu_time(server_pid),
+            server::cpu_time(me),
+            server::machine_ticks(),
+        );
         let started = Instant::now();
         let pace = Pace {
             phase,
@@ -536,6 +557,10 @@ async fn exercise(
         };
         let server_cores = cores(cpu_before.0, server::cpu_time(server_pid));
         let client_cores = cores(cpu_before.1, server::cpu_time(me));
+        let (machine_cores, steal_cores) = match (cpu_before.2, server::machine_ticks()) {
+            (Some(t0), Some(t1)) => t0.cores_until(t1).unzip(),
+            _ => (None, None),
+        };
         crate::note(&format!(
             "fanout: {rate}/s: sent {sent} in {:.2} s, delivered {delivered} of {expected}{}",
             send_window.as_secs_f64(),
@@ -554,6 +579,8 @@ async fn exercise(
                 .saturating_sub(lost_before),
             server_cores,
             client_cores,
+            machine_cores,
+            steal_cores,
         });
         if delivered < expected {
             crate::note(&format!(
@@ -610,6 +637,8 @@ async fn exercise(
                 lost: w.lost,
                 server_cores: w.server_cores,
                 client_cores: w.client_cores,
+                machine_cores: w.machine_cores,
+                steal_cores: w.steal_cores,
             }
         })
         .collect();

@@ -342,6 +342,21 @@ impl FanoutReport {
                 .collect::<Vec<_>>()
                 .join(" | ")
         )?;
+        let per_core: Vec<Option<f64>> = all.iter().map(|o| o.best_per_server_core()).collect();
+        writeln!(
+            out,
+            "| Deliveries per server CPU-second (best window) | {} | {} |",
+            per_core
+                .iter()
+                .map(|v| v.map_or_else(|| "–".to_owned(), thousands))
+                .collect::<Vec<_>>()
+                .join(" | "),
+            per_core[1..]
+                .iter()
+                .map(|v| show_ratio(ratio(per_core[0], *v)))
+                .collect::<Vec<_>>()
+                .join(" | ")
+        )?;
         for &rate in &self.settings.rates {
             let server_cores = |o: &Outcome| o.phase(rate).and_then(|p| p.server_cores);
             let client_cores = |o: &Outcome| o.phase(rate).and_then(|p| p.client_cores);
@@ -383,13 +398,13 @@ fn write_target(out: &mut String, o: &Outcome) -> fmt::Result {
     }
     writeln!(
         out,
-        "| Rate (msg/s) | Sent (acked) | Send window | Subscribers | Delivered / expected | All arrived | Deliveries/s | p50 | p99 | max | Connections lost | CPU server / bench (cores) |"
+        "| Rate (msg/s) | Sent (acked) | Send window | Subscribers | Delivered / expected | All arrived | Deliveries/s | p50 | p99 | max | Connections lost | CPU server / bench / machine (steal), cores |"
     )?;
     writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|---|")?;
     for p in &o.phases {
         writeln!(
             out,
-            "| {} | {} ({}) | {:.2} s | {} | {} / {} | {} | {:.0} | {} ms | {} ms | {} ms | {} | {} / {} |",
+            "| {} | {} ({}) | {:.2} s | {} | {} / {} | {} | {:.0} | {} ms | {} ms | {} ms | {} | {} / {} / {} ({}) |",
             p.rate,
             p.sent,
             p.acked
@@ -406,6 +421,8 @@ fn write_target(out: &mut String, o: &Outcome) -> fmt::Result {
             p.lost,
             cores(p.server_cores),
             cores(p.client_cores),
+            cores(p.machine_cores),
+            cores(p.steal_cores),
         )?;
     }
     for rate in &o.skipped {

@@ -419,16 +419,8 @@ async fn cpu_share(server_pid: u32, warmup: Duration, duration: Duration) -> Opt
         server::machine_ticks(),
     );
     let wall = end.2.duration_since(begin.2).as_secs_f64();
-    let cpus = std::thread::available_parallelism().map_or(1, usize::from) as f64;
     let (machine_cores, steal_cores) = match (begin.3, end.3) {
-        (Some(t0), Some(t1)) if t1.total > t0.total => {
-            let share =
-                |a: u64, b: u64| b.saturating_sub(a) as f64 / (t1.total - t0.total) as f64 * cpus;
-            (
-                Some(share(t0.busy, t1.busy)),
-                Some(share(t0.steal, t1.steal)),
-            )
-        }
+        (Some(t0), Some(t1)) => t0.cores_until(t1).unzip(),
         _ => (None, None),
     };
     Some(CpuShare {

@@ -315,6 +315,20 @@ pub fn machine_ticks() -> Option<MachineTicks> {
     })
 }
 
+impl MachineTicks {
+    /// The whole machine's busy and stolen CPU between `self` and `later`, in cores; `None`
+    /// if no tick passed.
+    pub fn cores_until(self, later: Self) -> Option<(f64, f64)> {
+        if later.total <= self.total {
+            return None;
+        }
+        let cpus = std::thread::available_parallelism().map_or(1, usize::from) as f64;
+        let share =
+            |a: u64, b: u64| b.saturating_sub(a) as f64 / (later.total - self.total) as f64 * cpus;
+        Some((share(self.busy, later.busy), share(self.steal, later.steal)))
+    }
+}
+
 /// A port of 127.0.0.1 that was free a moment ago: bound, read back and released.
 fn free_port() -> Result<u16, BoxError> {
     let [port] = free_ports::<1>()?;
