@@ -86,6 +86,8 @@ pub struct Phase {
     pub listeners: u64,
     /// Messages received by all subscribers.
     pub delivered: u64,
+    /// WebSocket frames that carried them (nats-server packs several messages into one).
+    pub frames: u64,
     /// From the first write to the last delivery.
     pub delivery_window: Duration,
     /// Latency percentiles of the deliveries, in microseconds (`None` without deliveries).
@@ -124,6 +126,11 @@ impl Phase {
     pub fn kept_pace(&self) -> bool {
         self.complete()
             && self.deliveries_per_sec() >= 0.9 * f64::from(self.rate) * self.listeners as f64
+    }
+
+    /// Deliveries per WebSocket frame.
+    pub fn per_frame(&self) -> Option<f64> {
+        (self.frames > 0).then(|| self.delivered as f64 / self.frames as f64)
     }
 
     /// Deliveries per second from the first write to the last delivery.
@@ -173,21 +180,22 @@ impl Outcome {
         })
     }
 
-    /// The most deliveries per second of any window.
-    pub fn best_deliveries_per_sec(&self) -> Option<f64> {
+    /// The window with the most deliveries per second.
+    pub fn best_phase(&self) -> Option<&Phase> {
         self.phases
             .iter()
-            .map(Phase::deliveries_per_sec)
-            .reduce(f64::max)
+            .max_by(|a, b| a.deliveries_per_sec().total_cmp(&b.deliveries_per_sec()))
+    }
+
+    /// The most deliveries per second of any window.
+    pub fn best_deliveries_per_sec(&self) -> Option<f64> {
+        self.best_phase().map(Phase::deliveries_per_sec)
     }
 
     /// Deliveries per second of the server's CPU time in its best window: a measure of the
     /// cost per delivery that does not depend on how the machine's cores were shared.
     pub fn best_per_server_core(&self) -> Option<f64> {
-        let best = self
-            .phases
-            .iter()
-            .max_by(|a, b| a.deliveries_per_sec().total_cmp(&b.deliveries_per_sec()))?;
+        let best = self.best_phase()?;
         Some(best.deliveries_per_sec() / best.server_cores.filter(|c| *c > 0.0)?)
     }
 
@@ -348,6 +356,8 @@ struct Seen {
     histograms: Vec<Option<Histogram>>,
     /// Time of the last delivery per phase, microseconds since the epoch.
     last_us: Vec<u64>,
+    /// WebSocket frames that carried deliveries, per phase (of the frame's first delivery).
+    frames: Vec<u64>,
 }
 
 type WsSink = futures_util::stream::SplitSink<Ws, Message>;
@@ -613,11 +623,13 @@ async fn exercise(
         .map(|(phase, w)| {
             let mut merged = Histogram::new();
             let mut last_us = 0_u64;
+            let mut frames = 0_u64;
             for s in &seen {
                 if let Some(Some(h)) = s.histograms.get(phase) {
                     merged.merge(h);
                 }
                 last_us = last_us.max(s.last_us.get(phase).copied().unwrap_or(0));
+                frames += s.frames.get(phase).copied().unwrap_or(0);
             }
             let started_us = micros(w.started.duration_since(epoch));
             let delivery_window = Duration::from_micros(last_us.saturating_sub(started_us));
@@ -630,6 +642,7 @@ async fn exercise(
                 send_window: w.send_window,
                 listeners: w.listeners,
                 delivered: shared.delivered[phase].load(Ordering::Relaxed),
+                frames,
                 delivery_window: delivery_window.max(w.send_window),
                 p50_us: merged.quantile(0.50),
                 p99_us: merged.quantile(0.99),
@@ -757,6 +770,7 @@ async fn listen(
     let mut seen = Seen {
         histograms: (0..phases).map(|_| None).collect(),
         last_us: vec![0; phases],
+        frames: vec![0; phases],
     };
     let mut close_code = None;
     let ended = loop {
@@ -800,9 +814,11 @@ async fn take(
 ) -> bool {
     let now = micros(epoch.elapsed());
     let mut pings = 0;
+    let mut first_phase = None;
     let fed = decoder.feed(frame, &mut |event| match event {
         Event::Delivery { phase, sent_us } => {
             if let Some(histogram) = seen.histograms.get_mut(phase) {
+                first_phase.get_or_insert(phase);
                 histogram
                     .get_or_insert_with(Histogram::new)
                     .record(now.saturating_sub(sent_us));
@@ -813,6 +829,9 @@ async fn take(
         Event::Ping => pings += 1,
         _ => {}
     });
+    if let Some(phase) = first_phase {
+        seen.frames[phase] += 1;
+    }
     fed.is_ok()
         && (pings == 0
             || fanout_target::answer_pings(ws, decoder.target(), pings)

@@ -66,6 +66,32 @@ fn show_rate(phase: Option<&Phase>) -> String {
     )
 }
 
+/// One row of a comparison table: `label`, each server's value (Unhidra's first), then
+/// Unhidra's ÷ each other's.
+fn ratio_row(out: &mut String, label: &str, values: &[Option<f64>]) -> fmt::Result {
+    let show = |v: Option<f64>| match v {
+        None => "–".to_owned(),
+        Some(v) if v >= 10_000.0 => thousands(v),
+        Some(v) => format!("{v:.2}"),
+    };
+    let unhidra = values.first().copied().flatten();
+    writeln!(
+        out,
+        "| {label} | {} | {} |",
+        values
+            .iter()
+            .map(|v| show(*v))
+            .collect::<Vec<_>>()
+            .join(" | "),
+        values
+            .iter()
+            .skip(1)
+            .map(|v| show_ratio(ratio(unhidra, *v)))
+            .collect::<Vec<_>>()
+            .join(" | ")
+    )
+}
+
 /// Whether `ratio` (Unhidra's best deliveries/s ÷ a peer's) meets `goal`, as far as the run
 /// can tell: a server that kept pace with the publisher in every window was not measured at
 /// its capacity, so its best is only a lower bound.
@@ -152,7 +178,8 @@ impl FanoutReport {
             "Deliveries/s: messages received by all subscribers ÷ the time from the window's \
              first write to its last delivery (the drain after the window waits until all \
              arrived, a second passes without any, or 30 s). Latency percentiles come from a \
-             log-linear histogram (within 1.6%). CPU is over the window and its drain; the \
+             log-linear histogram (within 1.6%). Per frame: deliveries ÷ the WebSocket frames \
+             that carried them. CPU is over the window and its drain; the \
              server and this program share the machine's CPUs. RSS per idle connection is \
              (RSS with the subscribers subscribed and idle − RSS before them) ÷ subscribers, \
              from `/proc/<pid>/status` of the server process (node's own for Socket.IO)."
@@ -277,11 +304,19 @@ impl FanoutReport {
             best_ratios.join(" | ")
         )?;
         writeln!(out)?;
+        let anything_missing = all.iter().any(|o| o.phases.iter().any(|p| !p.complete()));
+        if anything_missing {
+            writeln!(
+                out,
+                "† not every delivery arrived within the drain (the run of that server stops \
+                 there)."
+            )?;
+            writeln!(out)?;
+        }
         writeln!(
             out,
-            "† not every delivery arrived within the drain (the run of that server stops there). \
-             Below about 1/N of a server's capacity every server keeps up with the publisher, \
-             so the ratio is about 1; the best window is where the servers differ."
+            "While a server keeps up with the publisher, deliveries/s is the publisher's pace and \
+             the ratio about 1; the best window is where the servers differ."
         )?;
         writeln!(out)?;
 
@@ -292,71 +327,38 @@ impl FanoutReport {
         writeln!(out)?;
         writeln!(out, "{}", header("Rate (msg/s)"))?;
         for &rate in &self.settings.rates {
-            let p99 = |o: &Outcome| o.phase(rate).and_then(|p| p.p99_us);
-            let cells: Vec<String> = all.iter().map(|o| opt_us_as_ms(p99(o))).collect();
-            let ratios: Vec<String> = peers
+            let p99_ms = all
                 .iter()
-                .map(|p| {
-                    let as_f64 = |v: Option<u64>| v.map(|v| v as f64);
-                    show_ratio(ratio(as_f64(p99(unhidra)), as_f64(p99(p))))
-                })
-                .collect();
-            writeln!(
-                out,
-                "| {rate} | {} | {} |",
-                cells.join(" | "),
-                ratios.join(" | ")
-            )?;
+                .map(|o| o.phase(rate)?.p99_us.map(|us| us as f64 / 1000.0))
+                .collect::<Vec<_>>();
+            ratio_row(out, &rate.to_string(), &p99_ms)?;
         }
         writeln!(out)?;
 
         writeln!(out, "### Memory and CPU")?;
         writeln!(out)?;
         writeln!(out, "{}", header("Measure"))?;
-        let per_conn: Vec<Option<f64>> = all.iter().map(|o| o.rss_per_connection_kib()).collect();
-        writeln!(
+        let row = |out: &mut String, label: &str, value: &dyn Fn(&Outcome) -> Option<f64>| {
+            ratio_row(
+                out,
+                label,
+                &all.iter().map(|o| value(o)).collect::<Vec<_>>(),
+            )
+        };
+        row(out, "RSS per idle connection (KiB)", &|o| {
+            o.rss_per_connection_kib()
+        })?;
+        row(out, "RSS before the subscribers (MiB)", &|o| {
+            Some(mib(o.before.rss_kib))
+        })?;
+        row(
             out,
-            "| RSS per idle connection (KiB) | {} | {} |",
-            per_conn
-                .iter()
-                .map(|k| k.map_or_else(|| "–".to_owned(), |k| format!("{k:.1}")))
-                .collect::<Vec<_>>()
-                .join(" | "),
-            per_conn[1..]
-                .iter()
-                .map(|k| show_ratio(ratio(per_conn[0], *k)))
-                .collect::<Vec<_>>()
-                .join(" | ")
+            "Deliveries per server CPU-second (best window)",
+            &|o| o.best_per_server_core(),
         )?;
-        let idle: Vec<f64> = all.iter().map(|o| mib(o.before.rss_kib)).collect();
-        writeln!(
-            out,
-            "| RSS before the subscribers (MiB) | {} | {} |",
-            idle.iter()
-                .map(|m| format!("{m:.1}"))
-                .collect::<Vec<_>>()
-                .join(" | "),
-            idle[1..]
-                .iter()
-                .map(|m| show_ratio(ratio(Some(idle[0]), Some(*m))))
-                .collect::<Vec<_>>()
-                .join(" | ")
-        )?;
-        let per_core: Vec<Option<f64>> = all.iter().map(|o| o.best_per_server_core()).collect();
-        writeln!(
-            out,
-            "| Deliveries per server CPU-second (best window) | {} | {} |",
-            per_core
-                .iter()
-                .map(|v| v.map_or_else(|| "–".to_owned(), thousands))
-                .collect::<Vec<_>>()
-                .join(" | "),
-            per_core[1..]
-                .iter()
-                .map(|v| show_ratio(ratio(per_core[0], *v)))
-                .collect::<Vec<_>>()
-                .join(" | ")
-        )?;
+        row(out, "Deliveries per WebSocket frame (best window)", &|o| {
+            o.best_phase().and_then(Phase::per_frame)
+        })?;
         for &rate in &self.settings.rates {
             let server_cores = |o: &Outcome| o.phase(rate).and_then(|p| p.server_cores);
             let client_cores = |o: &Outcome| o.phase(rate).and_then(|p| p.client_cores);
@@ -398,13 +400,13 @@ fn write_target(out: &mut String, o: &Outcome) -> fmt::Result {
     }
     writeln!(
         out,
-        "| Rate (msg/s) | Sent (acked) | Send window | Subscribers | Delivered / expected | All arrived | Deliveries/s | p50 | p99 | max | Connections lost | CPU server / bench / machine (steal), cores |"
+        "| Rate (msg/s) | Sent (acked) | Send window | Subscribers | Delivered / expected | All arrived | Deliveries/s | Per frame | p50 | p99 | max | Connections lost | CPU server / bench / machine (steal), cores |"
     )?;
-    writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|---|")?;
+    writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|---|---|")?;
     for p in &o.phases {
         writeln!(
             out,
-            "| {} | {} ({}) | {:.2} s | {} | {} / {} | {} | {:.0} | {} ms | {} ms | {} ms | {} | {} / {} / {} ({}) |",
+            "| {} | {} ({}) | {:.2} s | {} | {} / {} | {} | {:.0} | {} | {} ms | {} ms | {} ms | {} | {} / {} / {} ({}) |",
             p.rate,
             p.sent,
             p.acked
@@ -415,6 +417,8 @@ fn write_target(out: &mut String, o: &Outcome) -> fmt::Result {
             p.expected(),
             yes_no(p.complete()),
             p.deliveries_per_sec(),
+            p.per_frame()
+                .map_or_else(|| "–".to_owned(), |f| format!("{f:.2}")),
             opt_us_as_ms(p.p50_us),
             opt_us_as_ms(p.p99_us),
             opt_us_as_ms(p.max_us),
@@ -428,7 +432,7 @@ fn write_target(out: &mut String, o: &Outcome) -> fmt::Result {
     for rate in &o.skipped {
         writeln!(
             out,
-            "| {rate} | skipped: an earlier rate was not delivered in full | | | | | | | | | | |"
+            "| {rate} | skipped: an earlier rate was not delivered in full | | | | | | | | | | | |"
         )?;
     }
     writeln!(out)?;
