@@ -147,6 +147,11 @@ impl HumanDuration {
     pub const fn secs(secs: u64) -> Self {
         Self(Duration::from_secs(secs))
     }
+
+    /// Whole milliseconds.
+    pub const fn millis(millis: u64) -> Self {
+        Self(Duration::from_millis(millis))
+    }
 }
 
 impl Serialize for HumanDuration {

@@ -87,11 +87,15 @@ pub struct Chat {
     metrics: WsMetrics,
     conn_per_ip: SlidingWindow,
     conn_per_user: SlidingWindow,
+    /// HTTP publishes per user and second: the same budget as one connection's frames.
+    publish_per_user: SlidingWindow,
     max_per_ip: usize,
     /// Frames per second a connection may send.
     pub frames_per_sec: u32,
     /// How often idle connections are pinged.
     pub ping_interval: std::time::Duration,
+    /// The shortest time between two writes to one connection while frames keep coming.
+    pub write_coalesce: std::time::Duration,
     /// One lock per room, held from storing a message to queueing its broadcast, so that a
     /// room's messages are stored, committed and delivered in the order of their ids.
     order: std::sync::Mutex<HashMap<Uuid, Arc<tokio::sync::Mutex<()>>>>,
@@ -108,13 +112,31 @@ pub struct Posted {
     _order: tokio::sync::OwnedMutexGuard<()>,
 }
 
-/// Why a new connection was refused by a limit: the scope and the seconds to wait.
+/// Why a new connection or an HTTP publish was refused by a limit: the scope and the seconds
+/// to wait.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Refused {
-    /// `ip`, `user` or `concurrent`.
+    /// `ip`, `user`, `concurrent` or `publish`.
     pub scope: &'static str,
-    /// Seconds until a new connection may be accepted.
+    /// Seconds until the next attempt may be accepted.
     pub retry_after: i64,
+}
+
+impl Refused {
+    /// The `429 rate_limited` problem (with `Retry-After`) that tells the client.
+    pub fn problem(self, what: &str) -> crate::error::ApiError {
+        crate::error::ApiError::new(
+            crate::error::Problem::new(
+                axum::http::StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                format!(
+                    "Too many {what} ({}); wait before trying again.",
+                    self.scope
+                ),
+            )
+            .with("retry_after", self.retry_after),
+        )
+    }
 }
 
 impl Chat {
@@ -136,9 +158,14 @@ impl Chat {
             metrics,
             conn_per_ip: SlidingWindow::new(config.rate_limit_ip_per_minute, minute),
             conn_per_user: SlidingWindow::new(config.rate_limit_user_per_minute, minute),
+            publish_per_user: SlidingWindow::new(
+                config.rate_limit_messages_per_sec,
+                chrono::Duration::seconds(1),
+            ),
             max_per_ip: usize::try_from(config.ws_max_connections_per_ip).unwrap_or(usize::MAX),
             frames_per_sec: config.rate_limit_messages_per_sec,
             ping_interval: config.ws_ping_interval.0,
+            write_coalesce: config.ws_write_coalesce.0,
             order: std::sync::Mutex::new(HashMap::new()),
         }
     }
@@ -167,6 +194,20 @@ impl Chat {
             .try_acquire(&user.to_string(), now)
             .map_err(|secs| refuse("user", secs))?;
         Ok(())
+    }
+
+    /// Admits an HTTP publish under the per-user limit (`rate_limit_messages_per_sec`).
+    pub fn admit_publish(&self, user: UserId) -> Result<(), Refused> {
+        self.publish_per_user
+            .try_acquire(&user.to_string(), self.now())
+            .map(drop)
+            .map_err(|retry_after| {
+                self.metrics.limited("publish");
+                Refused {
+                    scope: "publish",
+                    retry_after,
+                }
+            })
     }
 
     /// Full-text search over the rooms the caller belongs to, best first.

@@ -126,6 +126,12 @@ impl Outbox {
         }
     }
 
+    /// Moves the frames queued since [`Outbox::next`] to the end of `frames` (a close request
+    /// stays for the next call).
+    pub fn take_more(&self, frames: &mut VecDeque<Message>) {
+        frames.append(&mut self.state().frames);
+    }
+
     /// How many frames are queued.
     pub fn len(&self) -> usize {
         self.state().frames.len()
@@ -167,6 +173,20 @@ mod tests {
         assert_eq!(outbox.len(), 3);
         assert_eq!(texts(outbox.next().await), ["a", "b", "c"]);
         assert!(outbox.is_empty());
+    }
+
+    #[tokio::test]
+    async fn frames_queued_after_the_take_join_the_same_batch() {
+        let outbox = Outbox::new(8);
+        outbox.push(text("a")).unwrap();
+        let Next::Frames(mut frames) = outbox.next().await else {
+            panic!("frames first")
+        };
+        outbox.push(text("b")).unwrap();
+        outbox.close(1001, "bye");
+        outbox.take_more(&mut frames);
+        assert_eq!(texts(Next::Frames(frames)), ["a", "b"]);
+        assert_eq!(texts(outbox.next().await), ["close 1001 bye"]);
     }
 
     #[tokio::test]

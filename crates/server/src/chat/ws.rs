@@ -115,18 +115,7 @@ pub async fn upgrade(
     };
     let ip = client_ip(Some(peer.ip()), &headers, state.trusted_proxies());
     if let Err(refused) = state.chat().admit(ip, who.user_id) {
-        return ApiError::new(
-            Problem::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limited",
-                format!(
-                    "Too many new connections ({}); wait before connecting again.",
-                    refused.scope
-                ),
-            )
-            .with("retry_after", refused.retry_after),
-        )
-        .into_response();
+        return refused.problem("new connections").into_response();
     }
     let limit = usize::try_from(state.config().ws_max_frame_bytes).unwrap_or(usize::MAX);
     let protocol = offer
@@ -171,17 +160,28 @@ async fn run(
     let outbox = registration.outbox;
     let activity = registration.activity;
     let (mut sink, mut stream) = socket.split();
+    let coalesce = chat.write_coalesce;
     let mut writer = tokio::spawn({
         let outbox = Arc::clone(&outbox);
         async move {
+            let mut last_write: Option<tokio::time::Instant> = None;
             loop {
                 match outbox.next().await {
                     // Everything queued goes out with one flush, so a busy room costs one write
                     // per batch rather than one per frame.
-                    Next::Frames(frames) => {
+                    Next::Frames(mut frames) => {
+                        // Written to a moment ago: what arrives during the rest of the moment
+                        // joins this write. A quiet connection is written to at once.
+                        if let Some(due) = last_write.map(|at| at + coalesce)
+                            && due > tokio::time::Instant::now()
+                        {
+                            tokio::time::sleep_until(due).await;
+                            outbox.take_more(&mut frames);
+                        }
                         if write_all(&mut sink, frames).await.is_err() {
                             break;
                         }
+                        last_write = Some(tokio::time::Instant::now());
                     }
                     Next::Close(code, reason) => {
                         let frame = CloseFrame {

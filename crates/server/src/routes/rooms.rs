@@ -394,6 +394,8 @@ impl From<unhidra_protocol::MessageData> for MessageView {
     responses(
         (status = 201, description = "Stored and delivered", body = MessageView),
         (status = 200, description = "Stored before with this client_msg_id", body = MessageView),
+        (status = 429, description = "More than `rate_limit_messages_per_sec` publishes a second by this user",
+            body = Problem, content_type = "application/problem+json"),
     ))]
 pub(crate) async fn publish(
     State(state): State<AppState>,
@@ -402,6 +404,8 @@ pub(crate) async fn publish(
     Json(body): Json<PublishBody>,
 ) -> Result<(StatusCode, JsonResponse<MessageView>), ApiError> {
     let chat = state.chat();
+    chat.admit_publish(who.user_id)
+        .map_err(|refused| refused.problem("messages"))?;
     let posted = chat
         .post(&who, room_id(&id)?, &body.client_msg_id, &body.body)
         .await?;

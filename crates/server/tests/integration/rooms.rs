@@ -3,7 +3,12 @@
 use serde_json::{Value, json};
 
 use crate::helpers::{TestApp, problem, user};
+use std::sync::Arc;
+
+use chrono::Utc;
+use unhidra_core::ManualClock;
 use unhidra_store::Backend;
+use unhidra_store::testing::TestDb;
 
 async fn call(
     app: &TestApp,
@@ -641,5 +646,61 @@ async fn search_is_ranked_highlighted_and_scoped_to_membership(backend: Backend)
         "validation_failed",
     )
     .await;
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn http_publishes_are_limited_per_user_and_refusals_store_nothing() {
+    let clock = Arc::new(ManualClock::new(Utc::now()));
+    let app = TestApp::spawn_on(
+        TestDb::sqlite().await,
+        |c| c.rate_limit_messages_per_sec = 2,
+        None,
+        clock.clone(),
+    )
+    .await;
+    let (_, owner) = user(&app, "pub-limit@example.com").await;
+    let created: Value = call(
+        &app,
+        Method::POST,
+        "/api/v1/rooms",
+        &owner,
+        Some(json!({ "name": "limited", "visibility": "private" })),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    let messages = format!("/api/v1/rooms/{}/messages", created["id"].as_str().unwrap());
+    let publish = |n: u32| {
+        call(
+            &app,
+            Method::POST,
+            &messages,
+            &owner,
+            Some(json!({ "body": format!("m{n}"), "client_msg_id": format!("c{n}") })),
+        )
+    };
+    assert_eq!(publish(1).await.status(), 201);
+    assert_eq!(publish(2).await.status(), 201);
+    let refused = publish(3).await;
+    assert_eq!(refused.headers()["retry-after"], "1");
+    let body = problem(refused, 429, "rate_limited").await;
+    assert_eq!(body["retry_after"], 1);
+    // A second later the budget is back; the refused message was never stored.
+    clock.advance(chrono::Duration::seconds(1));
+    assert_eq!(publish(4).await.status(), 201);
+    let history: Value = call(&app, Method::GET, &messages, &owner, None)
+        .await
+        .json()
+        .await
+        .unwrap();
+    let bodies: Vec<&str> = history["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["body"].as_str().unwrap())
+        .collect();
+    assert_eq!(bodies, ["m1", "m2", "m4"]);
     app.shutdown().await;
 }
