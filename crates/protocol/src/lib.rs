@@ -10,6 +10,11 @@ use serde::{Deserialize, Serialize};
 
 /// The subprotocol of JSON text frames.
 pub const SUBPROTOCOL_JSON: &str = "unhidra.v1.json";
+/// The subprotocol of the same JSON frames, where one server text message may carry several
+/// frames, one per line (`\n` between them; JSON text never holds a raw newline). Client
+/// messages are one frame each, as on [`SUBPROTOCOL_JSON`]. A busy room then costs a client one
+/// WebSocket message per batch rather than one per frame.
+pub const SUBPROTOCOL_JSON_LINES: &str = "unhidra.v1.jsonl";
 /// The subprotocol of the same frames in MessagePack, as binary frames.
 pub const SUBPROTOCOL_MSGPACK: &str = "unhidra.v1.msgpack";
 /// The prefix of the subprotocol entry that carries an access token: `bearer.<token>`.

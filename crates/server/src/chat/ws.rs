@@ -7,15 +7,15 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
 use futures_util::{SinkExt, StreamExt};
 use unhidra_protocol::{
-    BEARER_PREFIX, ClientFrame, FrameError, SUBPROTOCOL_JSON, SUBPROTOCOL_MSGPACK, ServerFrame,
-    close, parse_client_frame, parse_client_frame_msgpack,
+    BEARER_PREFIX, ClientFrame, FrameError, SUBPROTOCOL_JSON, SUBPROTOCOL_JSON_LINES,
+    SUBPROTOCOL_MSGPACK, ServerFrame, close, parse_client_frame, parse_client_frame_msgpack,
 };
 use uuid::Uuid;
 
@@ -57,10 +57,14 @@ fn offer(headers: &HeaderMap) -> Option<Offer> {
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(|t| t.trim().to_owned());
     // The first protocol name the client offers wins.
-    if let Some(name) = offered
-        .iter()
-        .find(|p| *p == SUBPROTOCOL_JSON || *p == SUBPROTOCOL_MSGPACK)
-    {
+    if let Some(name) = offered.iter().find(|p| {
+        [
+            SUBPROTOCOL_JSON,
+            SUBPROTOCOL_JSON_LINES,
+            SUBPROTOCOL_MSGPACK,
+        ]
+        .contains(&p.as_str())
+    }) {
         let token = offered
             .iter()
             .find_map(|p| p.strip_prefix(BEARER_PREFIX).map(str::to_owned))
@@ -161,6 +165,9 @@ async fn run(
     let activity = registration.activity;
     let (mut sink, mut stream) = socket.split();
     let coalesce = chat.write_coalesce;
+    // On `unhidra.v1.jsonl` a batch's text frames share WebSocket messages, up to the largest
+    // message the server itself accepts.
+    let lines = (protocol == SUBPROTOCOL_JSON_LINES).then_some(limit);
     let mut writer = tokio::spawn({
         let outbox = Arc::clone(&outbox);
         async move {
@@ -178,6 +185,10 @@ async fn run(
                             tokio::time::sleep_until(due).await;
                             outbox.take_more(&mut frames);
                         }
+                        let frames = match lines {
+                            Some(cap) => join_lines(frames, cap),
+                            None => frames,
+                        };
                         if write_all(&mut sink, frames).await.is_err() {
                             break;
                         }
@@ -641,9 +652,90 @@ where
     sink.flush().await
 }
 
+/// Joins runs of text frames into messages of at most `cap` bytes, one frame per line; other
+/// messages (pings, the close) keep their place. A frame larger than `cap` travels alone.
+fn join_lines(frames: VecDeque<Message>, cap: usize) -> VecDeque<Message> {
+    fn finish(run: &mut Vec<Utf8Bytes>, out: &mut VecDeque<Message>) {
+        match run.len() {
+            0 => {}
+            1 => out.extend(run.pop().map(Message::Text)),
+            _ => {
+                let len = run.iter().map(|t| t.len() + 1).sum::<usize>();
+                let mut joined = String::with_capacity(len);
+                for (i, text) in run.drain(..).enumerate() {
+                    if i > 0 {
+                        joined.push('\n');
+                    }
+                    joined.push_str(text.as_str());
+                }
+                out.push_back(Message::Text(joined.into()));
+            }
+        }
+    }
+    let mut out = VecDeque::with_capacity(frames.len().min(8));
+    let mut run: Vec<Utf8Bytes> = Vec::new();
+    let mut run_len = 0;
+    for frame in frames {
+        match frame {
+            Message::Text(text) => {
+                if !run.is_empty() && run_len + 1 + text.len() > cap {
+                    finish(&mut run, &mut out);
+                    run_len = 0;
+                }
+                run_len += text.len() + usize::from(!run.is_empty());
+                run.push(text);
+            }
+            other => {
+                finish(&mut run, &mut out);
+                run_len = 0;
+                out.push_back(other);
+            }
+        }
+    }
+    finish(&mut run, &mut out);
+    out
+}
+
 /// How long from now until `expires` (zero when it is past).
 fn until(expires: DateTime<Utc>) -> std::time::Duration {
     (expires - Utc::now())
         .to_std()
         .unwrap_or(std::time::Duration::ZERO)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(s: &str) -> Message {
+        Message::Text(s.into())
+    }
+
+    #[test]
+    fn text_runs_share_messages_up_to_the_cap_and_others_keep_their_place() {
+        let frames: VecDeque<Message> = [
+            text("{\"a\":1}"),
+            text("{\"b\":2}"),
+            Message::Ping(axum::body::Bytes::new()),
+            text("{\"c\":3}"),
+            text("{\"d\":4}"),
+            text("{\"e\":5}"),
+        ]
+        .into();
+        // "{"c":3}\n{"d":4}" is 15 bytes: the cap of 16 leaves no room for the third line.
+        let joined: Vec<Message> = join_lines(frames, 16).into();
+        assert_eq!(
+            joined,
+            [
+                text("{\"a\":1}\n{\"b\":2}"),
+                Message::Ping(axum::body::Bytes::new()),
+                text("{\"c\":3}\n{\"d\":4}"),
+                text("{\"e\":5}"),
+            ]
+        );
+        // A frame past the cap travels alone, untouched.
+        let big = "x".repeat(40);
+        let joined: Vec<Message> = join_lines([text("a"), text(&big), text("b")].into(), 16).into();
+        assert_eq!(joined, [text("a"), text(&big), text("b")]);
+    }
 }

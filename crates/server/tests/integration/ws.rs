@@ -834,3 +834,83 @@ async fn a_subscriber_that_stops_reading_is_closed_with_1013_and_released() {
     assert_eq!(next_non_presence(&mut publisher).await["type"], "ack");
     app.shutdown().await;
 }
+
+#[tokio::test]
+async fn the_json_lines_subprotocol_batches_frames_one_per_line() {
+    // A long coalescing window: everything published right after the join shares one write.
+    let app = TestApp::spawn_with(
+        Backend::Sqlite,
+        |c| c.ws_write_coalesce = unhidra_config::HumanDuration(Duration::from_secs(2)),
+        None,
+    )
+    .await;
+    let (_, alice) = user(&app, "lines-pub@example.com").await;
+    let (_, bob) = user(&app, "lines-sub@example.com").await;
+    let lobby = room(&app, &alice, "lobby", "public").await;
+    let (mut socket, echoed) =
+        connect_with(&app, Some(&format!("unhidra.v1.jsonl, bearer.{bob}")), None)
+            .await
+            .unwrap();
+    assert_eq!(echoed.as_deref(), Some("unhidra.v1.jsonl"));
+    let mut frames: Vec<Value> = Vec::new();
+    let mut messages = 0;
+    {
+        frames.extend(read_lines(&mut socket).await);
+        messages += 1;
+    }
+    assert_eq!(frames[0]["type"], "welcome");
+    send(&mut socket, json!({ "type": "join", "room": lobby })).await;
+    send(&mut socket, json!({ "type": "ping" })).await;
+    while frames.last().is_none_or(|f| f["type"] != "pong") {
+        {
+            frames.extend(read_lines(&mut socket).await);
+            messages += 1;
+        }
+    }
+    let before = messages;
+    for i in 0..3 {
+        let published = app
+            .client
+            .post(app.url(&format!("/api/v1/rooms/{lobby}/messages")))
+            .bearer_auth(&alice)
+            .json(&json!({ "body": format!("line {i}"), "client_msg_id": format!("l{i}") }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(published.status(), 201);
+    }
+    let delivered = |frames: &[Value]| {
+        frames
+            .iter()
+            .filter(|f| f["type"] == "message")
+            .map(|f| f["body"].as_str().unwrap().to_owned())
+            .collect::<Vec<_>>()
+    };
+    while delivered(&frames).len() < 3 {
+        {
+            frames.extend(read_lines(&mut socket).await);
+            messages += 1;
+        }
+    }
+    assert_eq!(delivered(&frames), ["line 0", "line 1", "line 2"]);
+    assert_eq!(messages - before, 1, "three frames, one WebSocket message");
+    app.shutdown().await;
+}
+
+/// The frames of the next WebSocket text message, one per line.
+async fn read_lines(socket: &mut Socket) -> Vec<Value> {
+    loop {
+        let message = tokio::time::timeout(WAIT, socket.next())
+            .await
+            .expect("a message in time")
+            .expect("open")
+            .expect("readable");
+        if let Message::Text(text) = message {
+            return text
+                .as_str()
+                .split('\n')
+                .map(|line| serde_json::from_str(line).expect("one JSON frame per line"))
+                .collect();
+        }
+    }
+}
