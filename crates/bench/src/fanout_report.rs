@@ -112,8 +112,9 @@ fn verdict(
 fn how_it_ran(target: Target) -> String {
     match target {
         Target::Unhidra => format!(
-            "`unhidra.v1.json` on `/ws`; every message is stored (SQLite) and acknowledged to \
-             the publisher before it is broadcast; started with `APP_ENV=test UNHIDRA_LOG=warn {}`",
+            "`unhidra.v1.jsonl` on `/ws` (a batch of frames per WebSocket message, one per \
+             line); every message is stored (SQLite) and acknowledged to the publisher before \
+             it is broadcast; started with `APP_ENV=test UNHIDRA_LOG=warn {}`",
             fanout::server_env()
                 .iter()
                 .map(|(key, value)| format!("{key}={value}"))

@@ -1,6 +1,6 @@
 //! What differs between the servers the fan-out scenario measures: how a client connects and
 //! subscribes, how one publish is written, and how deliveries, acks and the server's own pings
-//! are read out of the frames it receives. Unhidra speaks `unhidra.v1.json`; nats-server speaks
+//! are read out of the frames it receives. Unhidra speaks `unhidra.v1.jsonl`; nats-server speaks
 //! its text protocol in binary WebSocket frames (one frame may hold several operations, and
 //! one operation may span frames); Socket.IO 4 speaks Engine.IO v4 packets, one per frame.
 //! Everything else (pacing, latency, drains, CPU, memory) is the same code for all of them, in
@@ -43,7 +43,8 @@ const NATS_MAX_PENDING: usize = 1 << 20;
 /// A server the scenario can measure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Target {
-    /// This product, over `unhidra.v1.json`: every message is stored before it is broadcast.
+    /// This product, over `unhidra.v1.jsonl` (a batch of frames per WebSocket message, one per
+    /// line): every message is stored before it is broadcast.
     Unhidra,
     /// nats-server core publish/subscribe over its WebSocket listener (nothing stored).
     Nats,
@@ -160,7 +161,10 @@ impl Decoder {
             (Target::Nats, Message::Binary(bytes)) => self.nats.feed(bytes, on),
             (Target::Nats, Message::Text(text)) => self.nats.feed(text.as_bytes(), on),
             (Target::Unhidra, Message::Text(text)) => {
-                unhidra_frame(text.as_str(), on);
+                // `unhidra.v1.jsonl`: one frame per line.
+                for line in text.as_str().split('\n') {
+                    unhidra_frame(line, on);
+                }
                 Ok(())
             }
             (Target::SocketIo, Message::Text(text)) => {
@@ -469,7 +473,7 @@ async fn open(access: &Access, token: Option<&str>) -> Result<Conn, BoxError> {
     if let Some(token) = token {
         request.headers_mut().insert(
             "Sec-WebSocket-Protocol",
-            HeaderValue::from_str(&format!("unhidra.v1.json, bearer.{token}"))?,
+            HeaderValue::from_str(&format!("unhidra.v1.jsonl, bearer.{token}"))?,
         );
     }
     let config = WebSocketConfig::default().read_buffer_size(CLIENT_READ_BUFFER);
@@ -636,6 +640,9 @@ mod tests {
             &[
                 Message::text(r#"{"type":"welcome","user":"u"}"#),
                 Message::text(
+                    "{\"type\":\"message\",\"body\":\"1:1:5\"}\n{\"type\":\"message\",\"body\":\"1:2:6\"}",
+                ),
+                Message::text(
                     r#"{"type":"message","room":"r1","id":7,"sender":"u","body":"2:41:123456","ts":1}"#,
                 ),
                 Message::text(r#"{"type":"ack","client_msg_id":"3-17","id":1,"ts":2}"#),
@@ -647,6 +654,8 @@ mod tests {
             seen,
             [
                 Event::Greeting,
+                delivery(1, 5),
+                delivery(1, 6),
                 delivery(2, 123_456),
                 Event::Acked { phase: 3 },
                 Event::Pong

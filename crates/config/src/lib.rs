@@ -237,10 +237,10 @@ config_keys! {
         /// Frames queued for one WebSocket client; a client that falls this far behind is
         /// closed with 1013.
         ws_queue_frames: u32 = 256, secret = false;
-        /// How long a WebSocket client that was just written to waits before its next write,
-        /// so that frames arriving meanwhile go out together. A client not written to within
-        /// this time is written to at once; `0s` writes every batch at once.
-        ws_write_coalesce: HumanDuration = HumanDuration::millis(5), secret = false;
+        /// How long a WebSocket client whose last write carried a backlog (more than one
+        /// frame) waits before its next write, so that frames arriving meanwhile go out
+        /// together. A client that keeps up is written to at once; `0s` never waits.
+        ws_write_coalesce: HumanDuration = HumanDuration::millis(20), secret = false;
         /// New WebSocket connections per minute from one address.
         rate_limit_ip_per_minute: u32 = 60, secret = false;
         /// New WebSocket connections per minute for one user.

@@ -171,20 +171,17 @@ async fn run(
     let mut writer = tokio::spawn({
         let outbox = Arc::clone(&outbox);
         async move {
-            let mut last_write: Option<tokio::time::Instant> = None;
+            let mut pace = Pace::new(coalesce);
             loop {
                 match outbox.next().await {
                     // Everything queued goes out with one flush, so a busy room costs one write
                     // per batch rather than one per frame.
                     Next::Frames(mut frames) => {
-                        // Written to a moment ago: what arrives during the rest of the moment
-                        // joins this write. A quiet connection is written to at once.
-                        if let Some(due) = last_write.map(|at| at + coalesce)
-                            && due > tokio::time::Instant::now()
-                        {
+                        if let Some(due) = pace.due(tokio::time::Instant::now()) {
                             tokio::time::sleep_until(due).await;
                             outbox.take_more(&mut frames);
                         }
+                        let count = frames.len();
                         let frames = match lines {
                             Some(cap) => join_lines(frames, cap),
                             None => frames,
@@ -192,7 +189,7 @@ async fn run(
                         if write_all(&mut sink, frames).await.is_err() {
                             break;
                         }
-                        last_write = Some(tokio::time::Instant::now());
+                        pace.wrote(count, tokio::time::Instant::now());
                     }
                     Next::Close(code, reason) => {
                         let frame = CloseFrame {
@@ -652,6 +649,38 @@ where
     sink.flush().await
 }
 
+/// When a connection's writer writes: at once while it keeps up (one frame a write), and, once
+/// a write carried a backlog (more than one frame), not again until `coalesce` after it, so
+/// that what arrives meanwhile joins the next write. Under load, writes then carry more frames
+/// instead of falling further behind; a quiet connection never waits.
+#[derive(Debug, Clone, Copy)]
+struct Pace {
+    coalesce: std::time::Duration,
+    /// When the last write went out, if it carried a backlog.
+    behind_since: Option<tokio::time::Instant>,
+}
+
+impl Pace {
+    fn new(coalesce: std::time::Duration) -> Self {
+        Self {
+            coalesce,
+            behind_since: None,
+        }
+    }
+
+    /// Until when to wait before the next write, if at all.
+    fn due(&self, now: tokio::time::Instant) -> Option<tokio::time::Instant> {
+        self.behind_since
+            .map(|at| at + self.coalesce)
+            .filter(|due| *due > now)
+    }
+
+    /// A write of `frames` frames went out at `now`.
+    fn wrote(&mut self, frames: usize, now: tokio::time::Instant) {
+        self.behind_since = (frames > 1).then_some(now);
+    }
+}
+
 /// Joins runs of text frames into messages of at most `cap` bytes, one frame per line; other
 /// messages (pings, the close) keep their place. A frame larger than `cap` travels alone.
 fn join_lines(frames: VecDeque<Message>, cap: usize) -> VecDeque<Message> {
@@ -709,6 +738,28 @@ mod tests {
 
     fn text(s: &str) -> Message {
         Message::Text(s.into())
+    }
+
+    #[test]
+    fn a_connection_waits_only_after_a_write_that_carried_a_backlog() {
+        let ms = std::time::Duration::from_millis;
+        let start = tokio::time::Instant::now();
+        let mut pace = Pace::new(ms(20));
+        assert_eq!(pace.due(start), None, "the first write goes at once");
+        pace.wrote(1, start);
+        assert_eq!(pace.due(start + ms(1)), None, "keeping up: no wait");
+        pace.wrote(5, start + ms(2));
+        assert_eq!(
+            pace.due(start + ms(3)),
+            Some(start + ms(22)),
+            "behind: wait"
+        );
+        assert_eq!(pace.due(start + ms(22)), None, "the wait is over");
+        pace.wrote(1, start + ms(22));
+        assert_eq!(pace.due(start + ms(23)), None, "caught up");
+        let mut never = Pace::new(ms(0));
+        never.wrote(9, start);
+        assert_eq!(never.due(start), None, "0s never waits");
     }
 
     #[test]
