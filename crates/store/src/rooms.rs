@@ -178,6 +178,14 @@ pub trait RoomStore {
     /// Deletes a room with its members and messages.
     async fn delete_room(&self, id: Uuid) -> Result<(), StoreError>;
 
+    /// The room with this id and the user's role in it (if a member), in one query: what every
+    /// frame's authorisation needs.
+    async fn room_with_role(
+        &self,
+        id: Uuid,
+        user: UserId,
+    ) -> Result<(RoomRecord, Option<RoomRole>), StoreError>;
+
     /// A user's role in a room, if they are a member.
     async fn room_role(&self, room: Uuid, user: UserId) -> Result<Option<RoomRole>, StoreError>;
 

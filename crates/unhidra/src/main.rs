@@ -116,6 +116,9 @@ struct BackupArgs {
     data: DataArgs,
 }
 
+/// How many tasks a runtime worker polls from its own queue between looks at the global one.
+const GLOBAL_QUEUE_INTERVAL: u32 = 2;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let flags = match &cli.command {
@@ -157,6 +160,13 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
+        // A broadcast wakes one writer task per subscriber onto the broadcasting worker's local
+        // queue. The task that stores the room's next message is woken from the database's own
+        // thread, onto the global queue, which a worker looks at only every so many polls: it
+        // would wait behind a whole room's writes at each store call. Looking at the global
+        // queue every other poll keeps a busy room's publishing path moving (about +10%
+        // deliveries/s in the fan-out benchmark, docs/benchmarks.md).
+        .global_queue_interval(GLOBAL_QUEUE_INTERVAL)
         .enable_all()
         .build()
     {

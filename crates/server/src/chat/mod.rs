@@ -264,12 +264,11 @@ impl Chat {
         who: &Principal,
         id: Uuid,
     ) -> Result<(RoomRecord, Option<RoomRole>), ChatError> {
-        let room = match self.store.room(id).await {
-            Ok(room) => room,
+        let (room, role) = match self.store.room_with_role(id, who.user_id).await {
+            Ok(found) => found,
             Err(StoreError::NotFound { .. }) => return Err(ChatError::RoomNotFound),
             Err(e) => return Err(e.into()),
         };
-        let role = self.store.room_role(id, who.user_id).await?;
         if room.visibility == Visibility::Private && role.is_none() && who.role != Role::Admin {
             return Err(ChatError::RoomNotFound);
         }

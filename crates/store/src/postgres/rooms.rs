@@ -86,6 +86,26 @@ impl RoomStore for PostgresStore {
         room(&row)
     }
 
+    async fn room_with_role(
+        &self,
+        id: Uuid,
+        user: UserId,
+    ) -> Result<(RoomRecord, Option<RoomRole>), StoreError> {
+        let row = sqlx::query(&format!(
+            "SELECT {ROOM_COLUMNS}, m.role FROM rooms r LEFT JOIN room_members m \
+             ON m.room_id = r.id AND m.user_id = $2 WHERE r.id = $1"
+        ))
+        .bind(id)
+        .bind(user.0)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(err)?;
+        let role = get::<Option<String>>(&row, "role")?
+            .map(|r| RoomRole::parse(&r))
+            .transpose()?;
+        Ok((room(&row)?, role))
+    }
+
     async fn visible_rooms(&self, user: UserId) -> Result<Vec<RoomListing>, StoreError> {
         let rows = sqlx::query(&format!(
             "SELECT {ROOM_COLUMNS}, m.role FROM rooms r LEFT JOIN room_members m \

@@ -67,6 +67,17 @@ async fn rooms_and_members(db: &TestDb) {
         Some(RoomRole::Owner)
     );
     assert_eq!(db.store.room_role(public, bo).await.unwrap(), None);
+    let (found, role) = db.store.room_with_role(private, ann).await.unwrap();
+    assert_eq!(
+        (found.name.as_str(), role),
+        ("secret", Some(RoomRole::Owner))
+    );
+    let (found, role) = db.store.room_with_role(public, bo).await.unwrap();
+    assert_eq!((found.id, role), (public, None));
+    assert!(matches!(
+        db.store.room_with_role(Uuid::new_v4(), ann).await,
+        Err(StoreError::NotFound { .. })
+    ));
 
     // Bo sees the public room only, without a role; Ann sees both as owner.
     let seen: Vec<(String, Option<RoomRole>)> = db
