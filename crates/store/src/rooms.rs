@@ -127,6 +127,62 @@ pub struct MessageRecord {
     pub created_at: DateTime<Utc>,
 }
 
+/// A message to store: the sender's id for it and its text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NewMessage<'a> {
+    /// The sender's id for it (a retry carries the same one).
+    pub client_msg_id: &'a str,
+    /// The text.
+    pub body: &'a str,
+}
+
+/// Puts the answer of a group insert in the order of `items`: `inserted` are the rows the
+/// insert returned, `earlier` those stored before under the other ids. The first item with an
+/// inserted id is new; a repeat of it later in `items` is not.
+pub(crate) fn in_item_order(
+    items: &[NewMessage<'_>],
+    inserted: Vec<MessageRecord>,
+    earlier: Vec<MessageRecord>,
+) -> Result<Vec<(MessageRecord, bool)>, StoreError> {
+    let inserted: std::collections::HashMap<String, MessageRecord> = inserted
+        .into_iter()
+        .map(|m| (m.client_msg_id.clone(), m))
+        .collect();
+    let earlier: std::collections::HashMap<String, MessageRecord> = earlier
+        .into_iter()
+        .map(|m| (m.client_msg_id.clone(), m))
+        .collect();
+    let mut announced = std::collections::HashSet::new();
+    items
+        .iter()
+        .map(|item| {
+            if let Some(m) = inserted.get(item.client_msg_id) {
+                Ok((m.clone(), announced.insert(item.client_msg_id)))
+            } else {
+                earlier
+                    .get(item.client_msg_id)
+                    .map(|m| (m.clone(), false))
+                    .ok_or(StoreError::NotFound { entity: "message" })
+            }
+        })
+        .collect()
+}
+
+/// The `client_msg_id`s of `items` that the insert did not return.
+pub(crate) fn not_inserted<'a>(
+    items: &[NewMessage<'a>],
+    inserted: &[MessageRecord],
+) -> Vec<&'a str> {
+    let mut ids: Vec<&str> = items
+        .iter()
+        .map(|item| item.client_msg_id)
+        .filter(|id| !inserted.iter().any(|m| m.client_msg_id == *id))
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
 /// A message found by search.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SearchHit {
@@ -213,7 +269,28 @@ pub trait RoomStore {
         client_msg_id: &str,
         body: &str,
         now: DateTime<Utc>,
-    ) -> Result<(MessageRecord, bool), StoreError>;
+    ) -> Result<(MessageRecord, bool), StoreError> {
+        let item = NewMessage {
+            client_msg_id,
+            body,
+        };
+        self.append_messages(room, sender, &[item], now)
+            .await?
+            .pop()
+            .ok_or(StoreError::NotFound { entity: "message" })
+    }
+
+    /// Stores several messages of one sender in one room with one statement (group commit),
+    /// their ids increasing in the order given; each is skipped if the sender stored one with
+    /// its `client_msg_id` before (or earlier in `items`). Returns, in the order given, the
+    /// stored message and whether it is new.
+    async fn append_messages(
+        &self,
+        room: Uuid,
+        sender: UserId,
+        items: &[NewMessage<'_>],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<(MessageRecord, bool)>, StoreError>;
 
     /// Messages of a room in a range, oldest first.
     async fn messages(

@@ -862,6 +862,13 @@ async fn the_json_lines_subprotocol_batches_frames_one_per_line() {
 
     // Messages arrive whole and in order, however they are batched.
     send(&mut socket, json!({ "type": "join", "room": lobby })).await;
+    // Frames of one connection are handled in order: at the pong, the join is done.
+    send(&mut socket, json!({ "type": "ping" })).await;
+    while !read_lines(&mut socket)
+        .await
+        .iter()
+        .any(|f| f["type"] == "pong")
+    {}
     for i in 0..3 {
         let published = app
             .client

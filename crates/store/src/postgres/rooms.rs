@@ -2,7 +2,8 @@
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use sqlx::postgres::PgRow;
+use sqlx::QueryBuilder;
+use sqlx::postgres::{PgRow, Postgres};
 use unhidra_core::UserId;
 use uuid::Uuid;
 
@@ -10,8 +11,8 @@ use super::PostgresStore;
 use super::identity::get;
 use crate::StoreError;
 use crate::rooms::{
-    MessageRange, MessageRecord, RoomChange, RoomListing, RoomRecord, RoomRole, RoomStore,
-    SearchHit, Visibility, fts5_query, snippet_html,
+    MessageRange, MessageRecord, NewMessage, RoomChange, RoomListing, RoomRecord, RoomRole,
+    RoomStore, SearchHit, Visibility, fts5_query, in_item_order, not_inserted, snippet_html,
 };
 
 const ROOM_COLUMNS: &str = "r.id, r.name, r.visibility, r.created_by, r.created_at, r.retention_max_age, r.retention_max_count";
@@ -216,41 +217,65 @@ impl RoomStore for PostgresStore {
             .collect()
     }
 
-    async fn append_message(
+    async fn append_messages(
         &self,
         room: Uuid,
         sender: UserId,
-        client_msg_id: &str,
-        body: &str,
+        items: &[NewMessage<'_>],
         now: DateTime<Utc>,
-    ) -> Result<(MessageRecord, bool), StoreError> {
-        let inserted = sqlx::query(&format!(
-            "INSERT INTO messages (room_id, sender_id, client_msg_id, body, created_at) \
-             VALUES ($1, $2, $3, $4, $5) \
-             ON CONFLICT (room_id, sender_id, client_msg_id) DO NOTHING RETURNING {MESSAGE_COLUMNS}"
-        ))
-        .bind(room)
-        .bind(sender.0)
-        .bind(client_msg_id)
-        .bind(body)
-        .bind(now)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(|e| StoreError::from_sqlx("message", e))?;
-        if let Some(row) = inserted {
-            return Ok((message(&row)?, true));
+    ) -> Result<Vec<(MessageRecord, bool)>, StoreError> {
+        if items.is_empty() {
+            return Ok(Vec::new());
         }
-        let row = sqlx::query(&format!(
-            "SELECT {MESSAGE_COLUMNS} FROM messages \
-             WHERE room_id = $1 AND sender_id = $2 AND client_msg_id = $3"
-        ))
-        .bind(room)
-        .bind(sender.0)
-        .bind(client_msg_id)
-        .fetch_one(&self.pool)
-        .await
-        .map_err(|e| StoreError::from_sqlx("message", e))?;
-        Ok((message(&row)?, false))
+        let fail = |e| StoreError::from_sqlx("message", e);
+        // One statement: the rows get increasing ids in the order of `items`.
+        let mut insert = QueryBuilder::<Postgres>::new(
+            "INSERT INTO messages (room_id, sender_id, client_msg_id, body, created_at) ",
+        );
+        insert.push_values(items, |mut row, item| {
+            row.push_bind(room)
+                .push_bind(sender.0)
+                .push_bind(item.client_msg_id)
+                .push_bind(item.body)
+                .push_bind(now);
+        });
+        insert.push(format!(
+            " ON CONFLICT (room_id, sender_id, client_msg_id) DO NOTHING RETURNING {MESSAGE_COLUMNS}"
+        ));
+        let inserted = insert
+            .build()
+            .fetch_all(&self.pool)
+            .await
+            .map_err(fail)?
+            .iter()
+            .map(message)
+            .collect::<Result<Vec<_>, _>>()?;
+        let missing = not_inserted(items, &inserted);
+        let mut earlier = Vec::new();
+        if !missing.is_empty() {
+            let mut select = QueryBuilder::<Postgres>::new(format!(
+                "SELECT {MESSAGE_COLUMNS} FROM messages WHERE room_id = "
+            ));
+            select
+                .push_bind(room)
+                .push(" AND sender_id = ")
+                .push_bind(sender.0)
+                .push(" AND client_msg_id IN (");
+            let mut ids = select.separated(", ");
+            for id in missing {
+                ids.push_bind(id);
+            }
+            select.push(")");
+            earlier = select
+                .build()
+                .fetch_all(&self.pool)
+                .await
+                .map_err(fail)?
+                .iter()
+                .map(message)
+                .collect::<Result<Vec<_>, _>>()?;
+        }
+        in_item_order(items, inserted, earlier)
     }
 
     async fn messages(

@@ -3,7 +3,9 @@
 use chrono::{DateTime, Duration, Utc};
 use unhidra_core::{Email, Role, UserId};
 use unhidra_store::identity::NewUser;
-use unhidra_store::rooms::{MessageRange, RoomChange, RoomRecord, RoomRole, Visibility};
+use unhidra_store::rooms::{
+    MessageRange, NewMessage, RoomChange, RoomRecord, RoomRole, Visibility,
+};
 use unhidra_store::testing::TestDb;
 use unhidra_store::{StoreError, both_backends};
 use uuid::Uuid;
@@ -220,6 +222,74 @@ async fn messages_are_stored_once_and_read_in_ranges(db: &TestDb) {
     ));
 }
 both_backends!(messages_are_stored_once_and_read_in_ranges);
+
+async fn a_group_of_messages_is_stored_in_order_and_once(db: &TestDb) {
+    db.store.migrate().await.unwrap();
+    let ann = user(db, "ann@example.com").await;
+    let lobby = room(db, ann, "lobby", Visibility::Public).await;
+    let (first, _) = db
+        .store
+        .append_message(lobby, ann, "a", "alpha", now())
+        .await
+        .unwrap();
+    let item = |client_msg_id, body| NewMessage {
+        client_msg_id,
+        body,
+    };
+    let stored = db
+        .store
+        .append_messages(
+            lobby,
+            ann,
+            &[
+                item("b", "bravo"),
+                item("a", "a retry of alpha"),
+                item("c", "charlie"),
+                item("b", "a retry of bravo in the same group"),
+                item("d", "delta"),
+            ],
+            now(),
+        )
+        .await
+        .unwrap();
+    let seen: Vec<(&str, &str, bool)> = stored
+        .iter()
+        .map(|(m, new)| (m.client_msg_id.as_str(), m.body.as_str(), *new))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("b", "bravo", true),
+            ("a", "alpha", false),
+            ("c", "charlie", true),
+            ("b", "bravo", false),
+            ("d", "delta", true),
+        ]
+    );
+    // Ids follow the order of the group, after what was there.
+    let (b, c, d) = (stored[0].0.id, stored[2].0.id, stored[4].0.id);
+    assert!(first.id < b && b < c && c < d, "{first:?} {stored:?}");
+    assert_eq!(stored[1].0.id, first.id);
+    assert_eq!(stored[3].0.id, b);
+    let all = db
+        .store
+        .messages(lobby, range(None, None, 10))
+        .await
+        .unwrap();
+    assert_eq!(
+        all.iter().map(|m| m.body.as_str()).collect::<Vec<_>>(),
+        ["alpha", "bravo", "charlie", "delta"]
+    );
+    assert!(
+        db.store
+            .append_messages(lobby, ann, &[], now())
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+both_backends!(a_group_of_messages_is_stored_in_order_and_once);
 
 async fn retention_by_count_and_age(db: &TestDb) {
     db.store.migrate().await.unwrap();
