@@ -460,6 +460,11 @@ impl Hub {
         }
     }
 
+    /// The most frames one connection's queue holds.
+    pub fn queue_limit(&self) -> usize {
+        self.queue
+    }
+
     /// How many connections are open.
     pub fn len(&self) -> usize {
         self.state().conns.len()

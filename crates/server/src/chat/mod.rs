@@ -16,8 +16,8 @@ use chrono::{DateTime, Utc};
 use unhidra_core::{Clock, Role, SlidingWindow, UserId};
 use unhidra_protocol::{MessageData, ServerFrame};
 use unhidra_store::rooms::{
-    MessageRange, MessageRecord, RoomChange, RoomListing, RoomRecord, RoomRole, SearchHit,
-    Visibility,
+    MessageRange, MessageRecord, NewMessage, RoomChange, RoomListing, RoomRecord, RoomRole,
+    SearchHit, Visibility,
 };
 use unhidra_store::{Store, StoreError};
 use uuid::Uuid;
@@ -109,7 +109,36 @@ pub struct Posted {
     pub message: MessageRecord,
     /// Whether it is new (false for a retry of a stored `client_msg_id`).
     pub new: bool,
-    _order: tokio::sync::OwnedMutexGuard<()>,
+    _order: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+/// Messages of one sender to one room stored as a group (see [`Chat::post_group`]); the room's
+/// order lock is held until this is dropped, so the caller acknowledges and delivers first.
+#[derive(Debug)]
+pub struct PostedGroup {
+    /// Per item, in order: the stored message and whether it is new, or why it was refused.
+    pub outcomes: Vec<Result<(MessageRecord, bool), ChatError>>,
+    _order: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+/// Checks a message's length and its `client_msg_id`'s.
+fn valid_message(item: &NewMessage<'_>) -> Result<(), ChatError> {
+    if item.body.is_empty() || item.body.chars().count() > MAX_BODY {
+        return Err(ChatError::Invalid(
+            "/body",
+            "invalid_length",
+            format!("a message has 1 to {MAX_BODY} characters"),
+        ));
+    }
+    let id = item.client_msg_id;
+    if id.is_empty() || id.chars().count() > MAX_CLIENT_MSG_ID {
+        return Err(ChatError::Invalid(
+            "/client_msg_id",
+            "invalid_length",
+            format!("a client_msg_id has 1 to {MAX_CLIENT_MSG_ID} characters"),
+        ));
+    }
+    Ok(())
 }
 
 /// Why a new connection or an HTTP publish was refused by a limit: the scope and the seconds
@@ -465,40 +494,76 @@ impl Chat {
         client_msg_id: &str,
         body: &str,
     ) -> Result<Posted, ChatError> {
-        if body.is_empty() || body.chars().count() > MAX_BODY {
-            return Err(ChatError::Invalid(
-                "/body",
-                "invalid_length",
-                format!("a message has 1 to {MAX_BODY} characters"),
-            ));
-        }
-        if client_msg_id.is_empty() || client_msg_id.chars().count() > MAX_CLIENT_MSG_ID {
-            return Err(ChatError::Invalid(
-                "/client_msg_id",
-                "invalid_length",
-                format!("a client_msg_id has 1 to {MAX_CLIENT_MSG_ID} characters"),
-            ));
-        }
-        let (_, role) = self.visible_room(who, id).await?;
-        if role.is_none() {
-            // Readers of a public room join it before they post.
-            return Err(ChatError::Forbidden);
-        }
-        let lock = Arc::clone(
-            self.order
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .entry(id)
-                .or_default(),
-        );
-        let order = lock.lock_owned().await;
-        let (message, new) = self
-            .store
-            .append_message(id, who.user_id, client_msg_id, body, self.now())
-            .await?;
+        let item = NewMessage {
+            client_msg_id,
+            body,
+        };
+        let mut group = self.post_group(who, id, &[item]).await?;
+        let (message, new) =
+            group
+                .outcomes
+                .pop()
+                .unwrap_or(Err(ChatError::Store(StoreError::NotFound {
+                    entity: "message",
+                })))?;
         Ok(Posted {
             message,
             new,
+            _order: group._order.take(),
+        })
+    }
+
+    /// Like [`Chat::post`] for several messages of one sender to one room, stored with one
+    /// statement (group commit) under one order lock: a connection that sent a burst pays
+    /// one authorisation check and one store call for all of it. An item that is not valid is
+    /// refused on its own; the others are stored in order. An error of the room (not found,
+    /// not a member, the store failing) refuses the whole group.
+    pub async fn post_group(
+        &self,
+        who: &Principal,
+        id: Uuid,
+        items: &[NewMessage<'_>],
+    ) -> Result<PostedGroup, ChatError> {
+        let checks: Vec<Result<(), ChatError>> = items.iter().map(valid_message).collect();
+        let valid: Vec<NewMessage<'_>> = items
+            .iter()
+            .zip(&checks)
+            .filter(|(_, check)| check.is_ok())
+            .map(|(item, _)| *item)
+            .collect();
+        let mut stored = Vec::new().into_iter();
+        let mut order = None;
+        if !valid.is_empty() {
+            let (_, role) = self.visible_room(who, id).await?;
+            if role.is_none() {
+                // Readers of a public room join it before they post.
+                return Err(ChatError::Forbidden);
+            }
+            let lock = Arc::clone(
+                self.order
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .entry(id)
+                    .or_default(),
+            );
+            order = Some(lock.lock_owned().await);
+            stored = self
+                .store
+                .append_messages(id, who.user_id, &valid, self.now())
+                .await?
+                .into_iter();
+        }
+        let outcomes = checks
+            .into_iter()
+            .map(|check| {
+                check?;
+                stored
+                    .next()
+                    .ok_or(ChatError::Store(StoreError::NotFound { entity: "message" }))
+            })
+            .collect();
+        Ok(PostedGroup {
+            outcomes,
             _order: order,
         })
     }

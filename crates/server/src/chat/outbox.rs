@@ -19,6 +19,8 @@ pub struct Outbox {
     state: Mutex<State>,
     /// Wakes the writer: frames or a close request are waiting.
     writer: Notify,
+    /// Wakes a writer that is waiting to batch: the queue is half full, so it writes now.
+    half_full: Notify,
     /// Wakes everyone waiting for a close request (the reader).
     closed: Notify,
 }
@@ -49,6 +51,7 @@ impl Outbox {
             limit: limit.max(1),
             state: Mutex::new(State::default()),
             writer: Notify::new(),
+            half_full: Notify::new(),
             closed: Notify::new(),
         }
     }
@@ -68,11 +71,14 @@ impl Outbox {
             return Err(Full);
         }
         state.frames.push_back(message);
-        let first = state.frames.len() == 1;
+        let queued = state.frames.len();
         drop(state);
         // A writer that has not taken the earlier frames yet will take this one with them.
-        if first {
+        if queued == 1 {
             self.writer.notify_one();
+        }
+        if queued == self.limit.div_ceil(2) {
+            self.half_full.notify_one();
         }
         Ok(())
     }
@@ -123,6 +129,20 @@ impl Outbox {
             // `notify_one` leaves a permit when nobody waits, so a push between the check and
             // this wait is not missed.
             self.writer.notified().await;
+        }
+    }
+
+    /// Waits until the queue is half full: a writer waiting to batch stops waiting then, so that
+    /// a burst is not refused as a slow reader.
+    pub async fn half_full(&self) {
+        loop {
+            let notified = self.half_full.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.len() >= self.limit.div_ceil(2) {
+                return;
+            }
+            notified.await;
         }
     }
 
@@ -187,6 +207,22 @@ mod tests {
         outbox.take_more(&mut frames);
         assert_eq!(texts(Next::Frames(frames)), ["a", "b"]);
         assert_eq!(texts(outbox.next().await), ["close 1001 bye"]);
+    }
+
+    #[tokio::test]
+    async fn a_half_full_queue_wakes_a_batching_writer() {
+        let outbox = std::sync::Arc::new(Outbox::new(4));
+        let waiting = tokio::spawn({
+            let outbox = std::sync::Arc::clone(&outbox);
+            async move { outbox.half_full().await }
+        });
+        outbox.push(text("a")).unwrap();
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished());
+        outbox.push(text("b")).unwrap();
+        waiting.await.unwrap();
+        // Already half full: no wait at all.
+        outbox.half_full().await;
     }
 
     #[tokio::test]

@@ -21,6 +21,7 @@ use uuid::Uuid;
 
 use super::outbox::Next;
 use super::{ChatError, MAX_HISTORY, message_data};
+use unhidra_store::rooms::NewMessage;
 
 use crate::error::{ApiError, Problem};
 use crate::http::auth::client_ip;
@@ -178,7 +179,11 @@ async fn run(
                     // per batch rather than one per frame.
                     Next::Frames(mut frames) => {
                         if let Some(due) = pace.due(tokio::time::Instant::now()) {
-                            tokio::time::sleep_until(due).await;
+                            // A burst that fills half the queue ends the wait early.
+                            tokio::select! {
+                                () = tokio::time::sleep_until(due) => {}
+                                () = outbox.half_full() => {}
+                            }
                             outbox.take_more(&mut frames);
                         }
                         let count = frames.len();
@@ -230,73 +235,105 @@ async fn run(
     // Whether anything arrived since the last ping tick.
     let mut heard = true;
     let mut closed_by_peer = false;
+    // A frame read while gathering a burst of `send`s that did not belong to it: handled next.
+    let mut pending: Option<Message> = None;
     loop {
-        tokio::select! {
-            () = &mut expiry => {
-                outbox.close(close::TOKEN_EXPIRED, "token expired");
+        let next = match pending.take() {
+            Some(message) => Some(Ok(message)),
+            None => tokio::select! {
+                () = &mut expiry => {
+                    outbox.close(close::TOKEN_EXPIRED, "token expired");
+                    break;
+                }
+                _ = &mut close_requested => break,
+                _ = ping.tick() => {
+                    if !heard {
+                        // Silent for a whole interval after a ping: the peer is gone.
+                        outbox.close(close::POLICY, "no answer to ping");
+                        break;
+                    }
+                    heard = false;
+                    hub.ping(id);
+                    continue;
+                }
+                next = stream.next() => next,
+            },
+        };
+        if matches!(next, Some(Ok(_))) {
+            activity.store(Utc::now().timestamp_millis(), Ordering::Relaxed);
+        }
+        match next {
+            Some(Ok(Message::Close(_))) => {
+                // The library answers a close with a close on its next read: one more read
+                // completes the handshake.
+                closed_by_peer = true;
+                let _ =
+                    tokio::time::timeout(std::time::Duration::from_secs(1), stream.next()).await;
                 break;
             }
-            _ = &mut close_requested => break,
-            _ = ping.tick() => {
-                if !heard {
-                    // Silent for a whole interval after a ping: the peer is gone.
-                    outbox.close(close::POLICY, "no answer to ping");
-                    break;
-                }
-                heard = false;
-                hub.ping(id);
+            None => {
+                closed_by_peer = true;
+                break;
             }
-            next = stream.next() => {
-                if matches!(next, Some(Ok(_))) {
-                    activity.store(Utc::now().timestamp_millis(), Ordering::Relaxed);
+            Some(Ok(Message::Text(text))) if text.len() > limit => {
+                outbox.close(close::TOO_BIG, "frame too large");
+                break;
+            }
+            Some(Ok(Message::Text(text))) => {
+                heard = true;
+                match conn.admit_frame() {
+                    Admit::Handle => match parse_client_frame(text.as_str()) {
+                        Ok(ClientFrame::Send {
+                            room,
+                            body,
+                            client_msg_id,
+                        }) => {
+                            // A burst already read from the socket is stored as one group.
+                            let mut burst = Burst {
+                                room,
+                                items: vec![(client_msg_id, body)],
+                                closed: false,
+                            };
+                            burst.gather(&mut conn, &mut stream, limit, &mut pending);
+                            for _ in &burst.items {
+                                metrics.frame("in", "send");
+                            }
+                            let closed = burst.closed;
+                            conn.send_boxed(burst).await;
+                            if closed {
+                                break;
+                            }
+                        }
+                        parsed => conn.handle_boxed(parsed).await,
+                    },
+                    Admit::Drop => {}
+                    Admit::Close => break,
                 }
-                match next {
-                Some(Ok(Message::Close(_))) => {
-                    // The library answers a close with a close on its next read: one more read
-                    // completes the handshake.
-                    closed_by_peer = true;
-                    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), stream.next()).await;
-                    break;
+            }
+            Some(Ok(Message::Binary(bytes))) if msgpack && bytes.len() <= limit => {
+                heard = true;
+                match conn.admit_frame() {
+                    Admit::Handle => conn.handle_boxed(parse_client_frame_msgpack(&bytes)).await,
+                    Admit::Drop => {}
+                    Admit::Close => break,
                 }
-                None => {
-                    closed_by_peer = true;
-                    break;
-                }
-                Some(Ok(Message::Text(text))) if text.len() > limit => {
-                    outbox.close(close::TOO_BIG, "frame too large");
-                    break;
-                }
-                Some(Ok(Message::Text(text))) => {
-                    heard = true;
-                    match conn.admit_frame() {
-                        Admit::Handle => conn.handle_boxed(parse_client_frame(text.as_str())).await,
-                        Admit::Drop => {}
-                        Admit::Close => break,
-                    }
-                }
-                Some(Ok(Message::Binary(bytes))) if msgpack && bytes.len() <= limit => {
-                    heard = true;
-                    match conn.admit_frame() {
-                        Admit::Handle => conn.handle_boxed(parse_client_frame_msgpack(&bytes)).await,
-                        Admit::Drop => {}
-                        Admit::Close => break,
-                    }
-                }
-                Some(Ok(Message::Binary(_))) if msgpack => {
-                    outbox.close(close::TOO_BIG, "frame too large");
-                    break;
-                }
-                Some(Ok(Message::Binary(_))) => {
-                    outbox.close(close::UNSUPPORTED, "binary frames are not part of unhidra.v1.json");
-                    break;
-                }
-                Some(Ok(Message::Ping(_) | Message::Pong(_))) => heard = true,
-                Some(Err(e)) => {
-                    let (code, reason) = read_error(&e);
-                    outbox.close(code, reason);
-                    break;
-                }
-                }
+            }
+            Some(Ok(Message::Binary(_))) if msgpack => {
+                outbox.close(close::TOO_BIG, "frame too large");
+                break;
+            }
+            Some(Ok(Message::Binary(_))) => {
+                outbox.close(
+                    close::UNSUPPORTED,
+                    "binary frames are not part of unhidra.v1.json",
+                );
+                break;
+            }
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => heard = true,
+            Some(Err(e)) => {
+                let (code, reason) = read_error(&e);
+                outbox.close(code, reason);
+                break;
             }
         }
         if conn.expires != expires {
@@ -327,6 +364,70 @@ async fn run(
         writer.abort();
     }
     tracing::debug!(connection = id, "websocket closed");
+}
+
+/// The most `send` frames stored as one group (and at most a quarter of the connection's queue,
+/// since each one queues an `ack` for the sender, and its broadcast if the sender listens).
+const MAX_BURST: usize = 64;
+
+/// Consecutive `send` frames of one connection to one room, stored as one group.
+struct Burst {
+    room: String,
+    /// `(client_msg_id, body)` in the order they came.
+    items: Vec<(String, String)>,
+    /// The rate limit closed the connection while gathering.
+    closed: bool,
+}
+
+impl Burst {
+    /// Adds the `send` frames to the same room that are already read from the socket (nothing
+    /// is waited for). The first other frame is left in `pending`, to be handled next, so
+    /// frames are still handled in the order they came.
+    fn gather<S>(
+        &mut self,
+        conn: &mut Connection,
+        stream: &mut S,
+        limit: usize,
+        pending: &mut Option<Message>,
+    ) where
+        S: futures_util::Stream<Item = Result<Message, axum::Error>> + Unpin,
+    {
+        use futures_util::FutureExt as _;
+        let most = (conn.state.chat().hub().queue_limit() / 4).clamp(1, MAX_BURST);
+        while self.items.len() < most {
+            let Some(Some(Ok(message))) = stream.next().now_or_never() else {
+                // Nothing more is ready (an error or the end is read again next time).
+                return;
+            };
+            let Message::Text(text) = &message else {
+                *pending = Some(message);
+                return;
+            };
+            if text.len() > limit {
+                *pending = Some(message);
+                return;
+            }
+            match parse_client_frame(text.as_str()) {
+                Ok(ClientFrame::Send {
+                    room,
+                    body,
+                    client_msg_id,
+                }) if room == self.room => match conn.admit_frame() {
+                    Admit::Handle => self.items.push((client_msg_id, body)),
+                    // Refused (the client was told); what came before is still stored.
+                    Admit::Drop => return,
+                    Admit::Close => {
+                        self.closed = true;
+                        return;
+                    }
+                },
+                _ => {
+                    *pending = Some(message);
+                    return;
+                }
+            }
+        }
+    }
 }
 
 /// The close code for a failed read: too large, invalid UTF-8, or a protocol error.
@@ -475,6 +576,59 @@ impl Connection {
         Box::pin(self.handle(parsed)).await;
     }
 
+    /// [`Connection::send`] on the heap, like [`Connection::handle_boxed`].
+    async fn send_boxed(&mut self, burst: Burst) {
+        Box::pin(self.send(burst)).await;
+    }
+
+    /// Stores a burst of `send`s to one room as one group, then, message by message in order,
+    /// acknowledges it and broadcasts a new one: durable, acknowledged, broadcast.
+    async fn send(&mut self, burst: Burst) {
+        let received = std::time::Instant::now();
+        let chat = self.state.chat();
+        let Ok(id) = burst.room.parse::<Uuid>() else {
+            for _ in &burst.items {
+                self.error("room_not_found", "no such room", Some(burst.room.clone()));
+            }
+            return;
+        };
+        let items: Vec<NewMessage<'_>> = burst
+            .items
+            .iter()
+            .map(|(client_msg_id, body)| NewMessage {
+                client_msg_id,
+                body,
+            })
+            .collect();
+        match chat.post_group(&self.who, id, &items).await {
+            Ok(group) => {
+                for ((client_msg_id, _), outcome) in burst.items.iter().zip(&group.outcomes) {
+                    match outcome {
+                        Ok((stored, new)) => {
+                            self.reply(&ServerFrame::Ack {
+                                client_msg_id: client_msg_id.clone(),
+                                id: stored.id,
+                                ts: stored.created_at.timestamp_millis(),
+                            });
+                            if *new {
+                                chat.deliver(stored);
+                                chat.metrics()
+                                    .delivery
+                                    .observe(received.elapsed().as_secs_f64());
+                            }
+                        }
+                        Err(e) => self.chat_error(e, Some(client_msg_id.clone())),
+                    }
+                }
+            }
+            Err(e) => {
+                for (client_msg_id, _) in &burst.items {
+                    self.chat_error(&e, Some(client_msg_id.clone()));
+                }
+            }
+        }
+    }
+
     async fn handle(&mut self, parsed: Result<ClientFrame, FrameError>) {
         let frame = match parsed {
             Ok(frame) => frame,
@@ -504,28 +658,12 @@ impl Connection {
                 body,
                 client_msg_id,
             } => {
-                let received = std::time::Instant::now();
-                let Some(id) = self.room_id(&room) else {
-                    return;
-                };
-                match chat.post(&self.who, id, &client_msg_id, &body).await {
-                    Ok(posted) => {
-                        let (stored, new) = (&posted.message, posted.new);
-                        // Stored, then acknowledged, then broadcast.
-                        self.reply(&ServerFrame::Ack {
-                            client_msg_id,
-                            id: stored.id,
-                            ts: stored.created_at.timestamp_millis(),
-                        });
-                        if new {
-                            chat.deliver(stored);
-                            chat.metrics()
-                                .delivery
-                                .observe(received.elapsed().as_secs_f64());
-                        }
-                    }
-                    Err(e) => self.chat_error(&e, Some(client_msg_id)),
-                }
+                self.send(Burst {
+                    room,
+                    items: vec![(client_msg_id, body)],
+                    closed: false,
+                })
+                .await;
             }
             ClientFrame::History {
                 room,

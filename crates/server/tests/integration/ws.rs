@@ -299,6 +299,41 @@ async fn frames_larger_than_one_read_and_bursts_arrive_whole_and_in_order() {
     }
     let expected: Vec<String> = (0..200).map(|i| format!("n{i}")).collect();
     assert_eq!(bodies, expected);
+    // Sends read together are stored as one group, but every frame is still answered in the
+    // order it came: a ping between two sends is answered between their acks, and a retry
+    // inside the burst gets the first one's id.
+    for frame in [
+        json!({ "type": "send", "room": lobby, "body": "x1", "client_msg_id": "m1" }),
+        json!({ "type": "send", "room": lobby, "body": "x2", "client_msg_id": "m2" }),
+        json!({ "type": "ping" }),
+        json!({ "type": "send", "room": lobby, "body": "x3", "client_msg_id": "m3" }),
+        json!({ "type": "send", "room": lobby, "body": "x1 again", "client_msg_id": "m1" }),
+        json!({ "type": "send", "room": lobby, "body": "", "client_msg_id": "m4" }),
+    ] {
+        a.feed(Message::text(frame.to_string())).await.unwrap();
+    }
+    a.flush().await.unwrap();
+    let mut answers = Vec::new();
+    let mut ids = std::collections::HashMap::new();
+    while answers.len() < 6 {
+        let frame = next_non_presence(&mut a).await;
+        match frame["type"].as_str().unwrap() {
+            "ack" => {
+                let cid = frame["client_msg_id"].as_str().unwrap().to_owned();
+                let id = frame["id"].as_i64().unwrap();
+                assert_eq!(*ids.entry(cid.clone()).or_insert(id), id, "{cid}");
+                answers.push(format!("ack {cid}"));
+            }
+            "error" => answers.push(format!("error {}", frame["ref"].as_str().unwrap())),
+            "pong" => answers.push("pong".to_owned()),
+            _ => {}
+        }
+    }
+    assert_eq!(
+        answers,
+        ["ack m1", "ack m2", "pong", "ack m3", "ack m1", "error m4"]
+    );
+    assert!(ids["m1"] < ids["m2"] && ids["m2"] < ids["m3"], "{ids:?}");
     app.shutdown().await;
 }
 
