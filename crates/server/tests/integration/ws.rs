@@ -34,6 +34,23 @@ async fn room(app: &TestApp, token: &str, name: &str, visibility: &str) -> Strin
     r["id"].as_str().unwrap().to_owned()
 }
 
+/// Publishes over HTTP, as servers and scripts do.
+async fn publish(
+    app: &TestApp,
+    token: &str,
+    room: &str,
+    body: &str,
+    client_msg_id: &str,
+) -> reqwest::Response {
+    app.client
+        .post(app.url(&format!("/api/v1/rooms/{room}/messages")))
+        .bearer_auth(token)
+        .json(&json!({ "body": body, "client_msg_id": client_msg_id }))
+        .send()
+        .await
+        .unwrap()
+}
+
 fn ws_url(app: &TestApp) -> String {
     format!("ws://{}/ws", app.addr)
 }
@@ -397,14 +414,14 @@ async fn resume_replays_the_gap_without_duplicates() {
 
     // While Alice is away, three messages arrive.
     for i in 0..3 {
-        let r = app
-            .client
-            .post(app.url(&format!("/api/v1/rooms/{lobby}/messages")))
-            .bearer_auth(&alice)
-            .json(&json!({ "body": format!("missed {i}"), "client_msg_id": format!("away-{i}") }))
-            .send()
-            .await
-            .unwrap();
+        let r = publish(
+            &app,
+            &alice,
+            &lobby,
+            &format!("missed {i}"),
+            &format!("away-{i}"),
+        )
+        .await;
         assert_eq!(r.status(), 201);
     }
     let mut back = connect(&app, &alice).await;
@@ -423,13 +440,7 @@ async fn resume_replays_the_gap_without_duplicates() {
         .collect();
     assert_eq!(bodies, ["missed 0", "missed 1", "missed 2"]);
     // Live delivery goes on after the replay.
-    app.client
-        .post(app.url(&format!("/api/v1/rooms/{lobby}/messages")))
-        .bearer_auth(&alice)
-        .json(&json!({ "body": "live", "client_msg_id": "live" }))
-        .send()
-        .await
-        .unwrap();
+    publish(&app, &alice, &lobby, "live", "live").await;
     let live = next_non_presence(&mut back).await;
     assert_eq!(
         (live["type"].as_str(), live["body"].as_str()),
@@ -905,14 +916,7 @@ async fn the_json_lines_subprotocol_batches_frames_one_per_line() {
         .any(|f| f["type"] == "pong")
     {}
     for i in 0..3 {
-        let published = app
-            .client
-            .post(app.url(&format!("/api/v1/rooms/{lobby}/messages")))
-            .bearer_auth(&alice)
-            .json(&json!({ "body": format!("line {i}"), "client_msg_id": format!("l{i}") }))
-            .send()
-            .await
-            .unwrap();
+        let published = publish(&app, &alice, &lobby, &format!("line {i}"), &format!("l{i}")).await;
         assert_eq!(published.status(), 201);
     }
     let mut bodies = Vec::new();
