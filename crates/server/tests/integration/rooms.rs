@@ -26,6 +26,22 @@ async fn call(
 
 use reqwest::Method;
 
+/// Creates a room as the owner of `token`; returns its id.
+async fn create_room(app: &TestApp, token: &str, name: &str, visibility: &str) -> String {
+    let room: Value = call(
+        app,
+        Method::POST,
+        "/api/v1/rooms",
+        token,
+        Some(json!({ "name": name, "visibility": visibility })),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    room["id"].as_str().unwrap().to_owned()
+}
+
 #[tokio::test]
 async fn private_rooms_exist_only_for_members() {
     let app = TestApp::spawn().await;
@@ -98,18 +114,7 @@ async fn roles_decide_who_invites_and_manages() {
     let (member_id, member) = user(&app, "m@example.com").await;
     let (admin_id, admin) = user(&app, "a@example.com").await;
     let (third_id, _) = user(&app, "t@example.com").await;
-    let room: Value = call(
-        &app,
-        Method::POST,
-        "/api/v1/rooms",
-        &owner,
-        Some(json!({ "name": "team", "visibility": "private" })),
-    )
-    .await
-    .json()
-    .await
-    .unwrap();
-    let id = room["id"].as_str().unwrap();
+    let id = &create_room(&app, &owner, "team", "private").await;
     let members = format!("/api/v1/rooms/{id}/members");
     assert_eq!(
         call(
@@ -350,18 +355,7 @@ async fn publishing_is_idempotent_and_history_pages() {
     let app = TestApp::spawn().await;
     let (_, owner) = user(&app, "p@example.com").await;
     let (_, reader) = user(&app, "r@example.com").await;
-    let room: Value = call(
-        &app,
-        Method::POST,
-        "/api/v1/rooms",
-        &owner,
-        Some(json!({ "name": "news", "visibility": "public" })),
-    )
-    .await
-    .json()
-    .await
-    .unwrap();
-    let id = room["id"].as_str().unwrap();
+    let id = &create_room(&app, &owner, "news", "public").await;
     let messages = format!("/api/v1/rooms/{id}/messages");
     let first = call(
         &app,
@@ -515,18 +509,7 @@ async fn search_is_ranked_highlighted_and_scoped_to_membership(backend: Backend)
     let app = TestApp::spawn_with(backend, |_| {}, None).await;
     let (_, owner) = user(&app, "s1@example.com").await;
     let (_, stranger) = user(&app, "s2@example.com").await;
-    let room: Value = call(
-        &app,
-        Method::POST,
-        "/api/v1/rooms",
-        &owner,
-        Some(json!({ "name": "ops", "visibility": "private" })),
-    )
-    .await
-    .json()
-    .await
-    .unwrap();
-    let id = room["id"].as_str().unwrap();
+    let id = &create_room(&app, &owner, "ops", "private").await;
     for (i, body) in ["deploy failed on node seven", "deploy succeeded", "lunch?"]
         .iter()
         .enumerate()
@@ -660,18 +643,8 @@ async fn http_publishes_are_limited_per_user_and_refusals_store_nothing() {
     )
     .await;
     let (_, owner) = user(&app, "pub-limit@example.com").await;
-    let created: Value = call(
-        &app,
-        Method::POST,
-        "/api/v1/rooms",
-        &owner,
-        Some(json!({ "name": "limited", "visibility": "private" })),
-    )
-    .await
-    .json()
-    .await
-    .unwrap();
-    let messages = format!("/api/v1/rooms/{}/messages", created["id"].as_str().unwrap());
+    let id = create_room(&app, &owner, "limited", "private").await;
+    let messages = format!("/api/v1/rooms/{id}/messages");
     let publish = |n: u32| {
         call(
             &app,
