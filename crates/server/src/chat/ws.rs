@@ -235,11 +235,12 @@ async fn run(
     // Whether anything arrived since the last ping tick.
     let mut heard = true;
     let mut closed_by_peer = false;
-    // A frame read while gathering a burst of `send`s that did not belong to it: handled next.
-    let mut pending: Option<Message> = None;
+    // What the socket gave while a burst of `send`s was gathered that does not belong to it (a
+    // frame, an error or the end): handled next.
+    let mut pending: Option<Option<Result<Message, axum::Error>>> = None;
     loop {
         let next = match pending.take() {
-            Some(message) => Some(Ok(message)),
+            Some(read) => read,
             None => tokio::select! {
                 () = &mut expiry => {
                     outbox.close(close::TOKEN_EXPIRED, "token expired");
@@ -388,41 +389,40 @@ impl Burst {
         conn: &mut Connection,
         stream: &mut S,
         limit: usize,
-        pending: &mut Option<Message>,
+        pending: &mut Option<Option<Result<Message, axum::Error>>>,
     ) where
         S: futures_util::Stream<Item = Result<Message, axum::Error>> + Unpin,
     {
         use futures_util::FutureExt as _;
         let most = (conn.state.chat().hub().queue_limit() / 4).clamp(1, MAX_BURST);
         while self.items.len() < most {
-            let Some(Some(Ok(message))) = stream.next().now_or_never() else {
-                // Nothing more is ready (an error or the end is read again next time).
+            // Only what is ready: nothing is waited for.
+            let Some(read) = stream.next().now_or_never() else {
                 return;
             };
-            let Message::Text(text) = &message else {
-                *pending = Some(message);
-                return;
-            };
-            if text.len() > limit {
-                *pending = Some(message);
-                return;
-            }
-            match parse_client_frame(text.as_str()) {
-                Ok(ClientFrame::Send {
-                    room,
-                    body,
-                    client_msg_id,
-                }) if room == self.room => match conn.admit_frame() {
-                    Admit::Handle => self.items.push((client_msg_id, body)),
-                    // Refused (the client was told); what came before is still stored.
-                    Admit::Drop => return,
-                    Admit::Close => {
-                        self.closed = true;
-                        return;
+            let same_room_send = match &read {
+                Some(Ok(Message::Text(text))) if text.len() <= limit => {
+                    match parse_client_frame(text.as_str()) {
+                        Ok(ClientFrame::Send {
+                            room,
+                            body,
+                            client_msg_id,
+                        }) if room == self.room => Some((client_msg_id, body)),
+                        _ => None,
                     }
-                },
-                _ => {
-                    *pending = Some(message);
+                }
+                _ => None,
+            };
+            let Some(item) = same_room_send else {
+                *pending = Some(read);
+                return;
+            };
+            match conn.admit_frame() {
+                Admit::Handle => self.items.push(item),
+                // Refused (the client was told); what came before is still stored.
+                Admit::Drop => return,
+                Admit::Close => {
+                    self.closed = true;
                     return;
                 }
             }

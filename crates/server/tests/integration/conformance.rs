@@ -249,3 +249,46 @@ async fn protocol_violations_fail_the_connection_and_nothing_else() {
     still_serving(&app, &token).await;
     app.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_bad_frame_read_together_with_sends_keeps_its_own_close_code() {
+    let app = TestApp::spawn().await;
+    let (_, token) = user(&app, "burst-utf8@example.com").await;
+    let mut stream = open(&app, &token).await;
+    // Two sends and a text frame with invalid UTF-8 in one write: the sends are gathered into
+    // one group, and the bad frame read while gathering is still failed as invalid UTF-8.
+    let send = |id: &str| {
+        frame(
+            true,
+            0,
+            1,
+            format!(
+                r#"{{"type":"send","room":"00000000-0000-0000-0000-000000000000","body":"b","client_msg_id":"{id}"}}"#
+            )
+            .as_bytes(),
+        )
+    };
+    let mut bytes = send("one");
+    bytes.extend(send("two"));
+    bytes.extend(frame(true, 0, 1, &[0x7b, 0xed, 0xa0, 0x80, 0x7d]));
+    stream.write_all(&bytes).await.unwrap();
+    let mut refs = Vec::new();
+    let code = loop {
+        match read_reply(&mut stream).await {
+            Got::Frame { opcode: 1, payload } => {
+                let frame: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+                assert_eq!(frame["code"], "room_not_found", "{frame}");
+                refs.push(frame["ref"].as_str().unwrap().to_owned());
+            }
+            Got::Frame { opcode: 8, payload } if payload.len() >= 2 => {
+                break Some(u16::from_be_bytes([payload[0], payload[1]]));
+            }
+            Got::Frame { .. } => {}
+            Got::Closed => break None,
+        }
+    };
+    assert_eq!(refs.len(), 2, "every send is answered: {refs:?}");
+    assert_eq!(code, Some(1007));
+    still_serving(&app, &token).await;
+    app.shutdown().await;
+}
