@@ -85,7 +85,8 @@ enum KeysCommand {
     List(DataArgs),
     /// Stop trusting a key: tokens it signed are refused from then on.
     Retire {
-        /// The key id, as `keys list` shows it.
+        /// The key id, as `keys list` shows it (base64url: it may start with `-`).
+        #[arg(allow_hyphen_values = true)]
         kid: String,
         #[command(flatten)]
         data: DataArgs,
@@ -582,5 +583,31 @@ impl<'a> Spec<'a> {
             },
             build: BUILD,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::{Cli, Command, KeysCommand};
+
+    #[test]
+    fn a_key_id_that_starts_with_a_hyphen_is_a_key_id() {
+        let cli = Cli::try_parse_from(["unhidra", "keys", "retire", "-D5x_abc"]).unwrap();
+        let Command::Keys(KeysCommand::Retire { kid, .. }) = cli.command else {
+            panic!("keys retire");
+        };
+        assert_eq!(kid, "-D5x_abc");
+        let cli = Cli::try_parse_from(["unhidra", "keys", "retire", "-k", "--data-dir", "/tmp/x"])
+            .unwrap();
+        let Command::Keys(KeysCommand::Retire { kid, data }) = cli.command else {
+            panic!("keys retire");
+        };
+        assert_eq!(kid, "-k");
+        assert_eq!(
+            data.data_dir.as_deref(),
+            Some(std::path::Path::new("/tmp/x"))
+        );
     }
 }

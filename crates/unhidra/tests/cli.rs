@@ -508,10 +508,8 @@ async fn keys_rotate_list_and_retire() {
     let refused = run(dir.path(), &["keys", "retire", &new], &env).await;
     assert_eq!(refused.code, 2);
     assert!(refused.stderr.contains("rotate"), "{}", refused.stderr);
-    assert_eq!(
-        run(dir.path(), &["keys", "retire", &old], &env).await.code,
-        0
-    );
+    let retired = run(dir.path(), &["keys", "retire", &old], &env).await;
+    assert_eq!(retired.code, 0, "{}", retired.stderr);
     assert_eq!(
         run(dir.path(), &["keys", "retire", "no-such-kid"], &env)
             .await
