@@ -263,78 +263,76 @@ async fn run(
         if matches!(next, Some(Ok(_))) {
             activity.store(Utc::now().timestamp_millis(), Ordering::Relaxed);
         }
-        match next {
-            Some(Ok(Message::Close(_))) => {
-                // The library answers a close with a close on its next read: one more read
-                // completes the handshake.
-                closed_by_peer = true;
-                let _ =
-                    tokio::time::timeout(std::time::Duration::from_secs(1), stream.next()).await;
-                break;
-            }
-            None => {
-                closed_by_peer = true;
-                break;
-            }
-            Some(Ok(Message::Text(text))) if text.len() > limit => {
-                outbox.close(close::TOO_BIG, "frame too large");
-                break;
-            }
-            Some(Ok(Message::Text(text))) => {
-                heard = true;
-                match conn.admit_frame() {
-                    Admit::Handle => match parse_client_frame(text.as_str()) {
-                        Ok(ClientFrame::Send {
+        // A frame of the protocol (JSON text, or MessagePack on `unhidra.v1.msgpack`).
+        if let Some(parsed) = next
+            .as_ref()
+            .and_then(|read| read.as_ref().ok())
+            .and_then(|message| client_frame(message, msgpack, limit))
+        {
+            heard = true;
+            match conn.admit_frame() {
+                Admit::Handle => match parsed {
+                    Ok(ClientFrame::Send {
+                        room,
+                        body,
+                        client_msg_id,
+                    }) => {
+                        // A burst already read from the socket is stored as one group.
+                        let mut burst = Burst {
                             room,
-                            body,
-                            client_msg_id,
-                        }) => {
-                            // A burst already read from the socket is stored as one group.
-                            let mut burst = Burst {
-                                room,
-                                items: vec![(client_msg_id, body)],
-                                closed: false,
-                            };
-                            burst.gather(&mut conn, &mut stream, limit, &mut pending);
-                            for _ in &burst.items {
-                                metrics.frame("in", "send");
-                            }
-                            let closed = burst.closed;
-                            conn.send_boxed(burst).await;
-                            if closed {
-                                break;
-                            }
+                            items: vec![(client_msg_id, body)],
+                            closed: false,
+                        };
+                        burst.gather(&mut conn, &mut stream, msgpack, limit, &mut pending);
+                        for _ in &burst.items {
+                            metrics.frame("in", "send");
                         }
-                        parsed => conn.handle_boxed(parsed).await,
-                    },
-                    Admit::Drop => {}
-                    Admit::Close => break,
+                        let closed = burst.closed;
+                        conn.send_boxed(burst).await;
+                        if closed {
+                            break;
+                        }
+                    }
+                    parsed => conn.handle_boxed(parsed).await,
+                },
+                Admit::Drop => {}
+                Admit::Close => break,
+            }
+        } else {
+            match next {
+                Some(Ok(Message::Close(_))) => {
+                    // The library answers a close with a close on its next read: one more read
+                    // completes the handshake.
+                    closed_by_peer = true;
+                    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), stream.next())
+                        .await;
+                    break;
                 }
-            }
-            Some(Ok(Message::Binary(bytes))) if msgpack && bytes.len() <= limit => {
-                heard = true;
-                match conn.admit_frame() {
-                    Admit::Handle => conn.handle_boxed(parse_client_frame_msgpack(&bytes)).await,
-                    Admit::Drop => {}
-                    Admit::Close => break,
+                None => {
+                    closed_by_peer = true;
+                    break;
                 }
-            }
-            Some(Ok(Message::Binary(_))) if msgpack => {
-                outbox.close(close::TOO_BIG, "frame too large");
-                break;
-            }
-            Some(Ok(Message::Binary(_))) => {
-                outbox.close(
-                    close::UNSUPPORTED,
-                    "binary frames are not part of unhidra.v1.json",
-                );
-                break;
-            }
-            Some(Ok(Message::Ping(_) | Message::Pong(_))) => heard = true,
-            Some(Err(e)) => {
-                let (code, reason) = read_error(&e);
-                outbox.close(code, reason);
-                break;
+                Some(Ok(Message::Text(_))) => {
+                    outbox.close(close::TOO_BIG, "frame too large");
+                    break;
+                }
+                Some(Ok(Message::Binary(_))) if msgpack => {
+                    outbox.close(close::TOO_BIG, "frame too large");
+                    break;
+                }
+                Some(Ok(Message::Binary(_))) => {
+                    outbox.close(
+                        close::UNSUPPORTED,
+                        "binary frames are not part of unhidra.v1.json",
+                    );
+                    break;
+                }
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => heard = true,
+                Some(Err(e)) => {
+                    let (code, reason) = read_error(&e);
+                    outbox.close(code, reason);
+                    break;
+                }
             }
         }
         if conn.expires != expires {
@@ -367,6 +365,22 @@ async fn run(
     tracing::debug!(connection = id, "websocket closed");
 }
 
+/// The client frame a socket message carries: JSON text (on every subprotocol), or MessagePack
+/// binary on `unhidra.v1.msgpack`; `None` for anything else, or past the size limit.
+fn client_frame(
+    message: &Message,
+    msgpack: bool,
+    limit: usize,
+) -> Option<Result<ClientFrame, FrameError>> {
+    match message {
+        Message::Text(text) if text.len() <= limit => Some(parse_client_frame(text.as_str())),
+        Message::Binary(bytes) if msgpack && bytes.len() <= limit => {
+            Some(parse_client_frame_msgpack(bytes))
+        }
+        _ => None,
+    }
+}
+
 /// The most `send` frames stored as one group (and at most a quarter of the connection's queue,
 /// since each one queues an `ack` for the sender, and its broadcast if the sender listens).
 const MAX_BURST: usize = 64;
@@ -388,6 +402,7 @@ impl Burst {
         &mut self,
         conn: &mut Connection,
         stream: &mut S,
+        msgpack: bool,
         limit: usize,
         pending: &mut Option<Option<Result<Message, axum::Error>>>,
     ) where
@@ -400,17 +415,16 @@ impl Burst {
             let Some(read) = stream.next().now_or_never() else {
                 return;
             };
-            let same_room_send = match &read {
-                Some(Ok(Message::Text(text))) if text.len() <= limit => {
-                    match parse_client_frame(text.as_str()) {
-                        Ok(ClientFrame::Send {
-                            room,
-                            body,
-                            client_msg_id,
-                        }) if room == self.room => Some((client_msg_id, body)),
-                        _ => None,
-                    }
-                }
+            let same_room_send = match read
+                .as_ref()
+                .and_then(|read| read.as_ref().ok())
+                .and_then(|message| client_frame(message, msgpack, limit))
+            {
+                Some(Ok(ClientFrame::Send {
+                    room,
+                    body,
+                    client_msg_id,
+                })) if room == self.room => Some((client_msg_id, body)),
                 _ => None,
             };
             let Some(item) = same_room_send else {

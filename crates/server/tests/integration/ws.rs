@@ -789,6 +789,30 @@ async fn the_msgpack_subprotocol_carries_the_same_frames() {
         (delivered["body"].as_str(), delivered["sender"].as_str()),
         (Some("hej"), Some(alice_id.as_str()))
     );
+    // Sends written back to back are stored together and answered in order, as on JSON.
+    for i in 0..3 {
+        packed
+            .feed(msgpack(
+                &json!({ "type": "send", "room": lobby, "body": format!("p{i}"), "client_msg_id": format!("p{i}") }),
+            ))
+            .await
+            .unwrap();
+    }
+    packed
+        .feed(msgpack(&json!({ "type": "ping" })))
+        .await
+        .unwrap();
+    packed.flush().await.unwrap();
+    let mut answers = Vec::new();
+    while answers.last().is_none_or(|a| a != "pong") {
+        let frame = next_msgpack(&mut packed).await;
+        match frame["type"].as_str().unwrap() {
+            "ack" => answers.push(frame["client_msg_id"].as_str().unwrap().to_owned()),
+            "pong" => answers.push("pong".to_owned()),
+            _ => {}
+        }
+    }
+    assert_eq!(answers, ["p0", "p1", "p2", "pong"]);
     // Malformed MessagePack gets an error frame, in MessagePack.
     packed.send(Message::binary(vec![0xc1])).await.unwrap();
     let error = next_msgpack(&mut packed).await;
