@@ -808,28 +808,39 @@ where
 #[derive(Debug, Clone, Copy)]
 struct Pace {
     coalesce: std::time::Duration,
-    /// When the last write went out, if it carried a backlog.
-    behind_since: Option<tokio::time::Instant>,
+    /// When the next write may go out, if the last one carried a backlog.
+    due: Option<tokio::time::Instant>,
 }
+
+/// Frames in one write past which a connection counts as far behind: each multiple of this
+/// stretches its next wait by another `coalesce`, up to [`MAX_STRETCH`] times.
+const FAR_BEHIND: usize = 64;
+/// The longest wait, in multiples of `coalesce`.
+const MAX_STRETCH: u32 = 3;
 
 impl Pace {
     fn new(coalesce: std::time::Duration) -> Self {
         Self {
             coalesce,
-            behind_since: None,
+            due: None,
         }
     }
 
     /// Until when to wait before the next write, if at all.
     fn due(&self, now: tokio::time::Instant) -> Option<tokio::time::Instant> {
-        self.behind_since
-            .map(|at| at + self.coalesce)
-            .filter(|due| *due > now)
+        self.due.filter(|due| *due > now)
     }
 
-    /// A write of `frames` frames went out at `now`.
+    /// A write of `frames` frames went out at `now`. A write that carried a backlog makes the
+    /// next one wait `coalesce`; a very large backlog (a room far busier than the connection
+    /// can be written to frame by frame) makes it wait longer, so that each write carries more.
     fn wrote(&mut self, frames: usize, now: tokio::time::Instant) {
-        self.behind_since = (frames > 1).then_some(now);
+        self.due = (frames > 1).then(|| {
+            let stretch = u32::try_from(1 + frames / FAR_BEHIND)
+                .unwrap_or(MAX_STRETCH)
+                .min(MAX_STRETCH);
+            now + self.coalesce * stretch
+        });
     }
 }
 
@@ -909,6 +920,18 @@ mod tests {
         assert_eq!(pace.due(start + ms(22)), None, "the wait is over");
         pace.wrote(1, start + ms(22));
         assert_eq!(pace.due(start + ms(23)), None, "caught up");
+        pace.wrote(64, start + ms(30));
+        assert_eq!(
+            pace.due(start + ms(31)),
+            Some(start + ms(70)),
+            "far behind: longer"
+        );
+        pace.wrote(1000, start + ms(70));
+        assert_eq!(
+            pace.due(start + ms(71)),
+            Some(start + ms(130)),
+            "at most 3 ×"
+        );
         let mut never = Pace::new(ms(0));
         never.wrote(9, start);
         assert_eq!(never.due(start), None, "0s never waits");
