@@ -238,8 +238,9 @@ config_keys! {
         /// closed with 1013.
         ws_queue_frames: u32 = 256, secret = false;
         /// How long a WebSocket client whose last write carried a backlog (more than one
-        /// frame) waits before its next write, so that frames arriving meanwhile go out
-        /// together. A client that keeps up is written to at once; `0s` never waits.
+        /// frame) waits before its next write (up to three times as long for a very large
+        /// backlog), so that frames arriving meanwhile go out together. A client that keeps up
+        /// is written to at once; `0s` never waits.
         ws_write_coalesce: HumanDuration = HumanDuration::millis(20), secret = false;
         /// New WebSocket connections per minute from one address.
         rate_limit_ip_per_minute: u32 = 60, secret = false;
