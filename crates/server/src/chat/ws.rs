@@ -281,17 +281,12 @@ async fn run(
                         let mut burst = Burst {
                             room,
                             items: vec![(client_msg_id, body)],
-                            closed: false,
                         };
                         burst.gather(&mut conn, &mut stream, msgpack, limit, &mut pending);
                         for _ in &burst.items {
                             metrics.frame("in", "send");
                         }
-                        let closed = burst.closed;
                         conn.send_boxed(burst).await;
-                        if closed {
-                            break;
-                        }
                     }
                     parsed => conn.handle_boxed(parsed).await,
                 },
@@ -390,8 +385,6 @@ struct Burst {
     room: String,
     /// `(client_msg_id, body)` in the order they came.
     items: Vec<(String, String)>,
-    /// The rate limit closed the connection while gathering.
-    closed: bool,
 }
 
 impl Burst {
@@ -431,15 +424,15 @@ impl Burst {
                 *pending = Some(read);
                 return;
             };
-            match conn.admit_frame() {
-                Admit::Handle => self.items.push(item),
-                // Refused (the client was told); what came before is still stored.
-                Admit::Drop => return,
-                Admit::Close => {
-                    self.closed = true;
-                    return;
-                }
+            // A frame the rate limit would refuse is left for the reader, which refuses it after
+            // the burst's acks: every frame is answered in the order it came.
+            if !conn.bucket.ready() {
+                *pending = Some(read);
+                return;
             }
+            let admitted = conn.admit_frame();
+            debug_assert!(matches!(admitted, Admit::Handle));
+            self.items.push(item);
         }
     }
 }
@@ -488,6 +481,17 @@ impl Bucket {
 
     /// Takes a token; false when the bucket is empty. A rate of 0 means no limit.
     fn take(&mut self) -> bool {
+        if !self.ready() {
+            return false;
+        }
+        if self.rate > 0.0 {
+            self.tokens -= 1.0;
+        }
+        true
+    }
+
+    /// Whether a token is there to take (refilling first), without taking it.
+    fn ready(&mut self) -> bool {
         if self.rate <= 0.0 {
             return true;
         }
@@ -495,12 +499,7 @@ impl Bucket {
         let refill = now.duration_since(self.last).as_secs_f64() * self.rate;
         self.tokens = (self.tokens + refill).min(self.rate);
         self.last = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
+        self.tokens >= 1.0
     }
 }
 
@@ -675,7 +674,6 @@ impl Connection {
                 self.send(Burst {
                     room,
                     items: vec![(client_msg_id, body)],
-                    closed: false,
                 })
                 .await;
             }

@@ -972,3 +972,39 @@ async fn read_lines(socket: &mut Socket) -> Vec<Value> {
         }
     }
 }
+
+#[tokio::test]
+async fn a_burst_cut_short_by_the_rate_limit_is_still_answered_in_order() {
+    let app =
+        TestApp::spawn_with(Backend::Sqlite, |c| c.rate_limit_messages_per_sec = 3, None).await;
+    let (_, owner) = user(&app, "burst-owner@example.com").await;
+    let (_, guest) = user(&app, "burst-guest@example.com").await;
+    let lobby = room(&app, &owner, "lobby", "public").await;
+    let mut socket = connect(&app, &guest).await;
+    // Four sends in one write to a room the guest has not joined: the bucket holds three.
+    for i in 1..=4 {
+        let frame = json!({ "type": "send", "room": lobby, "body": "hi", "client_msg_id": format!("s{i}") });
+        socket.feed(Message::text(frame.to_string())).await.unwrap();
+    }
+    socket.flush().await.unwrap();
+    let mut answers = Vec::new();
+    while answers.len() < 4 {
+        let frame = next_non_presence(&mut socket).await;
+        assert_eq!(frame["type"], "error", "{frame}");
+        answers.push(format!(
+            "{} {}",
+            frame["code"].as_str().unwrap(),
+            frame["ref"].as_str().unwrap_or("-")
+        ));
+    }
+    assert_eq!(
+        answers,
+        [
+            "forbidden s1",
+            "forbidden s2",
+            "forbidden s3",
+            "rate_limited -"
+        ]
+    );
+    app.shutdown().await;
+}
