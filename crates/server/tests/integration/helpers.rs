@@ -48,6 +48,22 @@ pub async fn user(app: &TestApp, email: &str) -> (String, String) {
     (id, pair["access_token"].as_str().unwrap().to_owned())
 }
 
+/// Creates a room as the owner of `token`; returns its id.
+pub async fn create_room(app: &TestApp, token: &str, name: &str, visibility: &str) -> String {
+    let room: serde_json::Value = app
+        .client
+        .post(app.url("/api/v1/rooms"))
+        .bearer_auth(token)
+        .json(&serde_json::json!({ "name": name, "visibility": visibility }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    room["id"].as_str().unwrap().to_owned()
+}
+
 /// A running server and what a test needs to talk to it and stop it.
 pub struct TestApp {
     pub addr: SocketAddr,

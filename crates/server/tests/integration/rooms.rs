@@ -2,7 +2,7 @@
 
 use serde_json::{Value, json};
 
-use crate::helpers::{TestApp, problem, user};
+use crate::helpers::{TestApp, create_room, problem, user};
 use std::sync::Arc;
 
 use chrono::Utc;
@@ -25,22 +25,6 @@ async fn call(
 }
 
 use reqwest::Method;
-
-/// Creates a room as the owner of `token`; returns its id.
-async fn create_room(app: &TestApp, token: &str, name: &str, visibility: &str) -> String {
-    let room: Value = call(
-        app,
-        Method::POST,
-        "/api/v1/rooms",
-        token,
-        Some(json!({ "name": name, "visibility": visibility })),
-    )
-    .await
-    .json()
-    .await
-    .unwrap();
-    room["id"].as_str().unwrap().to_owned()
-}
 
 #[tokio::test]
 async fn private_rooms_exist_only_for_members() {

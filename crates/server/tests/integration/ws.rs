@@ -12,27 +12,12 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use unhidra_store::Backend;
 
-use crate::helpers::{PASSWORD, TestApp, user};
+use crate::helpers::{PASSWORD, TestApp, create_room, user};
 
 /// Bounds every wait for a frame, so a broken server fails the test instead of hanging it.
 const WAIT: Duration = Duration::from_secs(10);
 
 type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
-
-async fn room(app: &TestApp, token: &str, name: &str, visibility: &str) -> String {
-    let r: Value = app
-        .client
-        .post(app.url("/api/v1/rooms"))
-        .bearer_auth(token)
-        .json(&json!({ "name": name, "visibility": visibility }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    r["id"].as_str().unwrap().to_owned()
-}
 
 /// Publishes over HTTP, as servers and scripts do.
 async fn publish(
@@ -207,7 +192,7 @@ async fn send_is_stored_then_acked_then_broadcast_once() {
     let app = TestApp::spawn().await;
     let (alice_id, alice) = user(&app, "alice@example.com").await;
     let (bob_id, bob) = user(&app, "bob@example.com").await;
-    let lobby = room(&app, &alice, "lobby", "public").await;
+    let lobby = create_room(&app, &alice, "lobby", "public").await;
     let mut a = connect(&app, &alice).await;
     let mut b = connect(&app, &bob).await;
     send(&mut a, json!({ "type": "join", "room": lobby })).await;
@@ -286,7 +271,7 @@ async fn frames_larger_than_one_read_and_bursts_arrive_whole_and_in_order() {
     let app =
         TestApp::spawn_with(Backend::Sqlite, |c| c.rate_limit_messages_per_sec = 0, None).await;
     let (_, alice) = user(&app, "wide@example.com").await;
-    let lobby = room(&app, &alice, "wide", "public").await;
+    let lobby = create_room(&app, &alice, "wide", "public").await;
     let mut a = connect(&app, &alice).await;
     send(&mut a, json!({ "type": "join", "room": lobby })).await;
     // A body of 16 Ki characters, several of them multi-byte: the frame spans many socket reads.
@@ -358,7 +343,7 @@ async fn frames_larger_than_one_read_and_bursts_arrive_whole_and_in_order() {
 async fn malformed_frames_get_error_frames_and_the_connection_goes_on() {
     let app = TestApp::spawn().await;
     let (_, token) = user(&app, "mal@example.com").await;
-    let private = room(&app, &token, "mine", "private").await;
+    let private = create_room(&app, &token, "mine", "private").await;
     let (_, other) = user(&app, "other@example.com").await;
     let mut socket = connect(&app, &other).await;
     for (frame, code) in [
@@ -400,7 +385,7 @@ async fn malformed_frames_get_error_frames_and_the_connection_goes_on() {
 async fn resume_replays_the_gap_without_duplicates() {
     let app = TestApp::spawn().await;
     let (_, alice) = user(&app, "ra@example.com").await;
-    let lobby = room(&app, &alice, "lobby", "public").await;
+    let lobby = create_room(&app, &alice, "lobby", "public").await;
     let mut a = connect(&app, &alice).await;
     send(&mut a, json!({ "type": "join", "room": lobby })).await;
     send(
@@ -748,7 +733,7 @@ async fn the_msgpack_subprotocol_carries_the_same_frames() {
     let app = TestApp::spawn().await;
     let (alice_id, alice) = user(&app, "mp1@example.com").await;
     let (_, bob) = user(&app, "mp2@example.com").await;
-    let lobby = room(&app, &alice, "lobby", "public").await;
+    let lobby = create_room(&app, &alice, "lobby", "public").await;
     let (mut packed, echoed) = connect_with(
         &app,
         Some(&format!("unhidra.v1.msgpack, bearer.{bob}")),
@@ -836,7 +821,7 @@ async fn a_subscriber_that_stops_reading_is_closed_with_1013_and_released() {
     .await;
     let (_, alice) = user(&app, "slow-pub@example.com").await;
     let (_, bob) = user(&app, "slow-sub@example.com").await;
-    let lobby = room(&app, &alice, "lobby", "public").await;
+    let lobby = create_room(&app, &alice, "lobby", "public").await;
 
     // The subscriber asks for a tiny receive buffer, joins, and then reads nothing.
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
@@ -910,7 +895,7 @@ async fn the_json_lines_subprotocol_batches_frames_one_per_line() {
     let app = TestApp::spawn().await;
     let (_, alice) = user(&app, "lines-pub@example.com").await;
     let (_, bob) = user(&app, "lines-sub@example.com").await;
-    let lobby = room(&app, &alice, "lobby", "public").await;
+    let lobby = create_room(&app, &alice, "lobby", "public").await;
     let (mut socket, echoed) =
         connect_with(&app, Some(&format!("unhidra.v1.jsonl, bearer.{bob}")), None)
             .await
@@ -979,7 +964,7 @@ async fn a_burst_cut_short_by_the_rate_limit_is_still_answered_in_order() {
         TestApp::spawn_with(Backend::Sqlite, |c| c.rate_limit_messages_per_sec = 3, None).await;
     let (_, owner) = user(&app, "burst-owner@example.com").await;
     let (_, guest) = user(&app, "burst-guest@example.com").await;
-    let lobby = room(&app, &owner, "lobby", "public").await;
+    let lobby = create_room(&app, &owner, "lobby", "public").await;
     let mut socket = connect(&app, &guest).await;
     // Four sends in one write to a room the guest has not joined: the bucket holds three.
     for i in 1..=4 {
