@@ -222,9 +222,6 @@ pub trait RoomStore {
     /// Creates a room with its creator as owner.
     async fn create_room(&self, room: &RoomRecord, owner: UserId) -> Result<(), StoreError>;
 
-    /// The room with this id.
-    async fn room(&self, id: Uuid) -> Result<RoomRecord, StoreError>;
-
     /// The rooms a user can see (public ones and those they belong to), by name, with their role.
     async fn visible_rooms(&self, user: UserId) -> Result<Vec<RoomListing>, StoreError>;
 

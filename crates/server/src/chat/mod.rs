@@ -94,7 +94,8 @@ pub struct Chat {
     pub frames_per_sec: u32,
     /// How often idle connections are pinged.
     pub ping_interval: std::time::Duration,
-    /// The shortest time between two writes to one connection while frames keep coming.
+    /// How long after a write that carried a backlog a connection waits before the next
+    /// (`ws_write_coalesce`; stretched for a very large backlog).
     pub write_coalesce: std::time::Duration,
     /// One lock per room, held from storing a message to queueing its broadcast, so that a
     /// room's messages are stored, committed and delivered in the order of their ids.

@@ -76,17 +76,6 @@ impl RoomStore for SqliteStore {
         tx.commit().await.map_err(err)
     }
 
-    async fn room(&self, id: Uuid) -> Result<RoomRecord, StoreError> {
-        let row = sqlx::query(&format!(
-            "SELECT {ROOM_COLUMNS} FROM rooms r WHERE r.id = ?1"
-        ))
-        .bind(id.to_string())
-        .fetch_one(&self.pool)
-        .await
-        .map_err(err)?;
-        room(&row)
-    }
-
     async fn room_with_role(
         &self,
         id: Uuid,
