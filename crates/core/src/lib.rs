@@ -16,4 +16,16 @@ pub use email::{Email, EmailError};
 pub use password::{PasswordPolicy, Violation};
 pub use ratelimit::{Reservation, SlidingWindow};
 pub use secret::OpaqueToken;
-pub use user::{Role, UserId};
+pub use user::{Principal, Role, UserId};
+
+/// The error and its sources, one after another, for a log line.
+pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut next = err.source();
+    while let Some(cause) = next {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        next = cause.source();
+    }
+    text
+}

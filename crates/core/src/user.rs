@@ -75,3 +75,16 @@ impl FromStr for Role {
         }
     }
 }
+
+/// An authenticated caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    /// The user.
+    pub user_id: UserId,
+    /// Their role now (not when the token was issued).
+    pub role: Role,
+    /// The session the token belongs to.
+    pub session_id: Uuid,
+    /// Whether the user has a second factor.
+    pub mfa: bool,
+}

@@ -284,16 +284,22 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// The error and its sources, one after another, for a log line.
-pub(crate) fn error_chain(err: &(dyn StdError + 'static)) -> String {
-    let mut text = err.to_string();
-    let mut next = err.source();
-    while let Some(cause) = next {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        next = cause.source();
-    }
-    text
+pub(crate) use unhidra_core::error_chain;
+
+/// The `429 rate_limited` problem (with `Retry-After`) for a new connection or an HTTP publish
+/// that a limit refused.
+pub(crate) fn rate_limited(refused: unhidra_chat::Refused, what: &str) -> ApiError {
+    ApiError::new(
+        Problem::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            format!(
+                "Too many {what} ({}); wait before trying again.",
+                refused.scope
+            ),
+        )
+        .with("retry_after", refused.retry_after),
+    )
 }
 
 #[cfg(test)]

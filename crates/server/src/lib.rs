@@ -5,16 +5,14 @@
 //! ask for port 0 and read the port back) and `run_until_stopped(shutdown)` serves.
 
 mod build_info;
-pub mod chat;
 pub mod error;
 pub mod http;
-pub mod identity;
-pub mod mail;
 pub mod metrics;
 mod routes;
 mod shutdown;
 mod state;
 pub mod telemetry;
+mod ws;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -24,8 +22,11 @@ use std::time::Duration;
 use axum::Router;
 use chrono::Utc;
 use tokio::net::TcpListener;
+use unhidra_chat as chat;
 use unhidra_config::Config;
 use unhidra_core::{Clock, SystemClock};
+pub use unhidra_identity as identity;
+pub use unhidra_mail as mail;
 use unhidra_store::{INSTANCE_ID, Store, StoreError, StoreOptions};
 
 pub use build_info::{BUILD, BuildInfo};

@@ -13,6 +13,9 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 
+use unhidra_chat::metrics::WsMetrics;
+use unhidra_identity::metrics::AuthMetrics;
+
 use crate::build_info::BuildInfo;
 
 /// The content type of the exposition format written by [`Metrics::render`].
@@ -40,132 +43,6 @@ pub struct RouteLabels {
 }
 
 type HistogramFamily = Family<RouteLabels, Histogram, fn() -> Histogram>;
-
-/// Labels of `auth_logins_total`.
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ResultLabel {
-    /// `success` or `failure`.
-    pub result: &'static str,
-}
-
-/// Labels of `auth_failures_total`.
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ReasonLabel {
-    /// Why: `wrong_password`, `unknown_email`, `locked`, `disabled`, `refresh_reused`, …
-    pub reason: &'static str,
-}
-
-/// Labels of `auth_rate_limited_total`.
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct LimitLabel {
-    /// The limited operation: `login`, `register`, `refresh`, …
-    pub route: &'static str,
-}
-
-/// Labels of `ws_frames_total`.
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct FrameLabels {
-    /// `in` or `out`.
-    pub direction: &'static str,
-    /// The frame's `type`.
-    pub r#type: &'static str,
-}
-
-/// Labels of `ws_connections`.
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct KindLabel {
-    /// `user` (devices come later).
-    pub kind: &'static str,
-}
-
-/// Labels of `ws_disconnects_total`.
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct CodeLabel {
-    /// The close code.
-    pub code: u16,
-}
-
-/// Labels of `ws_rate_limited_total`.
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ScopeLabel {
-    /// `ip`, `user` or `connection`.
-    pub scope: &'static str,
-}
-
-/// The gateway's metrics; cloning shares them.
-#[derive(Debug, Clone)]
-pub struct WsMetrics {
-    /// Open connections by kind.
-    pub connections: Family<KindLabel, Gauge<i64, AtomicI64>>,
-    /// Frames by direction and type.
-    pub frames: Family<FrameLabels, Counter>,
-    /// Closes by code.
-    pub disconnects: Family<CodeLabel, Counter>,
-    /// Refusals by rate limit scope.
-    pub rate_limited: Family<ScopeLabel, Counter>,
-    /// Seconds from receiving a `send` to queueing its broadcast.
-    pub delivery: Histogram,
-}
-
-impl Default for WsMetrics {
-    fn default() -> Self {
-        Self {
-            connections: Family::default(),
-            frames: Family::default(),
-            disconnects: Family::default(),
-            rate_limited: Family::default(),
-            delivery: duration_histogram(),
-        }
-    }
-}
-
-impl WsMetrics {
-    /// Counts a frame.
-    pub fn frame(&self, direction: &'static str, kind: &'static str) {
-        self.frames
-            .get_or_create(&FrameLabels {
-                direction,
-                r#type: kind,
-            })
-            .inc();
-    }
-
-    /// Counts a refusal.
-    pub fn limited(&self, scope: &'static str) {
-        self.rate_limited.get_or_create(&ScopeLabel { scope }).inc();
-    }
-}
-
-/// The identity service's counters; cloning shares them.
-#[derive(Debug, Clone, Default)]
-pub struct AuthMetrics {
-    /// Logins by result.
-    pub logins: Family<ResultLabel, Counter>,
-    /// Authentication failures by reason.
-    pub failures: Family<ReasonLabel, Counter>,
-    /// Requests refused by a rate limit, by operation.
-    pub rate_limited: Family<LimitLabel, Counter>,
-    /// Accounts that may log in, as of the last scrape.
-    pub active_users: Gauge<i64, AtomicI64>,
-}
-
-impl AuthMetrics {
-    /// Counts a failure of `reason`.
-    pub fn failure(&self, reason: &'static str) {
-        self.failures.get_or_create(&ReasonLabel { reason }).inc();
-    }
-
-    /// Counts a login result.
-    pub fn login(&self, success: bool) {
-        let result = if success { "success" } else { "failure" };
-        self.logins.get_or_create(&ResultLabel { result }).inc();
-    }
-
-    /// Counts a refusal by the rate limit of `route`.
-    pub fn limited(&self, route: &'static str) {
-        self.rate_limited.get_or_create(&LimitLabel { route }).inc();
-    }
-}
 
 /// Every metric the server records.
 #[derive(Debug)]
@@ -224,49 +101,9 @@ impl Metrics {
             ]),
         );
         let auth = AuthMetrics::default();
-        registry.register("auth_logins", "Logins, by result", auth.logins.clone());
-        registry.register(
-            "auth_failures",
-            "Authentication failures, by reason",
-            auth.failures.clone(),
-        );
-        registry.register(
-            "auth_rate_limited",
-            "Requests refused by a rate limit, by operation",
-            auth.rate_limited.clone(),
-        );
-        registry.register(
-            "active_users",
-            "Accounts that may log in",
-            auth.active_users.clone(),
-        );
+        auth.register(&mut registry);
         let ws = WsMetrics::default();
-        registry.register(
-            "ws_connections",
-            "Open WebSocket connections, by kind",
-            ws.connections.clone(),
-        );
-        registry.register(
-            "ws_frames",
-            "WebSocket frames, by direction and type",
-            ws.frames.clone(),
-        );
-        registry.register(
-            "ws_disconnects",
-            "WebSocket closes, by close code",
-            ws.disconnects.clone(),
-        );
-        registry.register(
-            "ws_rate_limited",
-            "WebSocket connections and frames refused by a rate limit, by scope",
-            ws.rate_limited.clone(),
-        );
-        registry.register_with_unit(
-            "ws_delivery",
-            "Time from receiving a send to queueing its broadcast",
-            prometheus_client::registry::Unit::Seconds,
-            ws.delivery.clone(),
-        );
+        ws.register(&mut registry);
         Self {
             registry,
             http_requests,

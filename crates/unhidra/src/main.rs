@@ -297,7 +297,7 @@ async fn open_identity(config: &Config) -> Result<(Arc<dyn Store>, Identity), Ex
         eprintln!("unhidra: {err}");
         ExitCode::from(2)
     })?;
-    let metrics = unhidra_server::metrics::AuthMetrics::default();
+    let metrics = unhidra_server::identity::metrics::AuthMetrics::default();
     let identity = Identity::new(
         config,
         Arc::clone(&store),

@@ -157,7 +157,7 @@ pub(crate) fn router() -> Router<AppState> {
     let spec = openapi()
         .to_pretty_json()
         .unwrap_or_else(|_| "{}".to_owned());
-    api.route("/ws", get(crate::chat::ws::upgrade))
+    api.route("/ws", get(crate::ws::upgrade))
         .route(
             OPENAPI_PATH,
             get(move || {

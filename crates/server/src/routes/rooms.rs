@@ -11,12 +11,12 @@ use unhidra_store::rooms::{RoomChange, RoomRecord, RoomRole, Visibility};
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
-use crate::chat::hub::ConnectionInfo;
-use crate::chat::{ChatError, message_data};
 use crate::error::{ApiError, FieldError, Problem};
 use crate::http::auth::{Admin, Auth};
 use crate::http::extract::{Json, Query};
 use crate::state::AppState;
+use unhidra_chat::hub::ConnectionInfo;
+use unhidra_chat::{ChatError, message_data};
 
 impl From<ChatError> for ApiError {
     fn from(err: ChatError) -> Self {
@@ -405,7 +405,7 @@ pub(crate) async fn publish(
 ) -> Result<(StatusCode, JsonResponse<MessageView>), ApiError> {
     let chat = state.chat();
     chat.admit_publish(who.user_id)
-        .map_err(|refused| refused.problem("messages"))?;
+        .map_err(|refused| crate::error::rate_limited(refused, "messages"))?;
     let posted = chat
         .post(&who, room_id(&id)?, &body.client_msg_id, &body.body)
         .await?;

@@ -19,11 +19,11 @@ use unhidra_protocol::{
 };
 use uuid::Uuid;
 
-use super::outbox::Next;
-use super::{ChatError, MAX_HISTORY, message_data};
+use unhidra_chat::outbox::{Message as Queued, Next};
+use unhidra_chat::{ChatError, MAX_HISTORY, message_data};
 use unhidra_store::rooms::NewMessage;
 
-use crate::error::{ApiError, Problem};
+use crate::error::{ApiError, Problem, rate_limited};
 use crate::http::auth::client_ip;
 use crate::identity::{IdentityError, Principal};
 use crate::state::AppState;
@@ -120,7 +120,7 @@ pub async fn upgrade(
     };
     let ip = client_ip(Some(peer.ip()), &headers, state.trusted_proxies());
     if let Err(refused) = state.chat().admit(ip, who.user_id) {
-        return refused.problem("new connections").into_response();
+        return rate_limited(refused, "new connections").into_response();
     }
     let limit = usize::try_from(state.config().ws_max_frame_bytes).unwrap_or(usize::MAX);
     let protocol = offer
@@ -157,7 +157,7 @@ async fn run(
     let chat = state.chat();
     let hub = chat.hub();
     let metrics = chat.metrics().clone();
-    let kind = crate::metrics::KindLabel { kind: "user" };
+    let kind = unhidra_chat::metrics::KindLabel { kind: "user" };
     metrics.connections.get_or_create(&kind).inc();
     let msgpack = protocol == SUBPROTOCOL_MSGPACK;
     let registration = hub.register(who.user_id, who.session_id, ip, &protocol, Utc::now());
@@ -347,7 +347,7 @@ async fn run(
     };
     metrics
         .disconnects
-        .get_or_create(&crate::metrics::CodeLabel { code })
+        .get_or_create(&unhidra_chat::metrics::CodeLabel { code })
         .inc();
     // The writer sends what is queued and the close frame; a peer that stopped reading is not
     // waited for longer than this, and dropping the writer closes the socket.
@@ -789,12 +789,25 @@ impl Connection {
 }
 
 /// Writes frames in order with one flush at the end.
-async fn write_all<S>(sink: &mut S, frames: VecDeque<Message>) -> Result<(), S::Error>
+async fn write_all<S>(sink: &mut S, frames: VecDeque<Queued>) -> Result<(), S::Error>
 where
     S: futures_util::Sink<Message> + Unpin,
 {
     for frame in frames {
-        sink.feed(frame).await?;
+        let message = match frame {
+            // UTF-8 by construction; the check is the price of a hub that knows no WebSocket
+            // library (it is a fast scan next to the write itself).
+            Queued::Text(text) => match Utf8Bytes::try_from(text) {
+                Ok(text) => Message::Text(text),
+                Err(e) => {
+                    tracing::error!(error = %e, "a queued text frame is not UTF-8; dropped");
+                    continue;
+                }
+            },
+            Queued::Binary(bytes) => Message::Binary(bytes),
+            Queued::Ping => Message::Ping(axum::body::Bytes::new()),
+        };
+        sink.feed(message).await?;
     }
     sink.flush().await
 }
@@ -844,30 +857,31 @@ impl Pace {
 
 /// Joins runs of text frames into messages of at most `cap` bytes, one frame per line; other
 /// messages (pings, the close) keep their place. A frame larger than `cap` travels alone.
-fn join_lines(frames: VecDeque<Message>, cap: usize) -> VecDeque<Message> {
-    fn finish(run: &mut Vec<Utf8Bytes>, out: &mut VecDeque<Message>) {
+fn join_lines(frames: VecDeque<Queued>, cap: usize) -> VecDeque<Queued> {
+    fn finish(run: &mut Vec<axum::body::Bytes>, out: &mut VecDeque<Queued>) {
         match run.len() {
             0 => {}
-            1 => out.extend(run.pop().map(Message::Text)),
+            1 => out.extend(run.pop().map(Queued::Text)),
             _ => {
                 let len = run.iter().map(|t| t.len() + 1).sum::<usize>();
-                let mut joined = String::with_capacity(len);
+                let mut joined = Vec::with_capacity(len);
                 for (i, text) in run.drain(..).enumerate() {
                     if i > 0 {
-                        joined.push('\n');
+                        joined.push(b'\n');
                     }
-                    joined.push_str(text.as_str());
+                    joined.extend_from_slice(&text);
                 }
-                out.push_back(Message::Text(joined.into()));
+                // Lines of UTF-8 joined by newlines are UTF-8.
+                out.push_back(Queued::Text(joined.into()));
             }
         }
     }
     let mut out = VecDeque::with_capacity(frames.len().min(8));
-    let mut run: Vec<Utf8Bytes> = Vec::new();
+    let mut run: Vec<axum::body::Bytes> = Vec::new();
     let mut run_len = 0;
     for frame in frames {
         match frame {
-            Message::Text(text) => {
+            Queued::Text(text) => {
                 if !run.is_empty() && run_len + 1 + text.len() > cap {
                     finish(&mut run, &mut out);
                     run_len = 0;
@@ -897,8 +911,8 @@ fn until(expires: DateTime<Utc>) -> std::time::Duration {
 mod tests {
     use super::*;
 
-    fn text(s: &str) -> Message {
-        Message::Text(s.into())
+    fn text(s: &str) -> Queued {
+        Queued::text(s)
     }
 
     #[test]
@@ -937,29 +951,29 @@ mod tests {
 
     #[test]
     fn text_runs_share_messages_up_to_the_cap_and_others_keep_their_place() {
-        let frames: VecDeque<Message> = [
+        let frames: VecDeque<Queued> = [
             text("{\"a\":1}"),
             text("{\"b\":2}"),
-            Message::Ping(axum::body::Bytes::new()),
+            Queued::Ping,
             text("{\"c\":3}"),
             text("{\"d\":4}"),
             text("{\"e\":5}"),
         ]
         .into();
         // "{"c":3}\n{"d":4}" is 15 bytes: the cap of 16 leaves no room for the third line.
-        let joined: Vec<Message> = join_lines(frames, 16).into();
+        let joined: Vec<Queued> = join_lines(frames, 16).into();
         assert_eq!(
             joined,
             [
                 text("{\"a\":1}\n{\"b\":2}"),
-                Message::Ping(axum::body::Bytes::new()),
+                Queued::Ping,
                 text("{\"c\":3}\n{\"d\":4}"),
                 text("{\"e\":5}"),
             ]
         );
         // A frame past the cap travels alone, untouched.
         let big = "x".repeat(40);
-        let joined: Vec<Message> = join_lines([text("a"), text(&big), text("b")].into(), 16).into();
+        let joined: Vec<Queued> = join_lines([text("a"), text(&big), text("b")].into(), 16).into();
         assert_eq!(joined, [text("a"), text(&big), text("b")]);
     }
 }

@@ -7,6 +7,7 @@ pub mod audit_file;
 pub mod hasher;
 pub mod import;
 pub mod keys;
+pub mod metrics;
 pub mod mfa;
 
 use std::sync::Arc;
@@ -14,6 +15,7 @@ use std::sync::Arc;
 use chrono::{DateTime, Duration, Utc};
 use serde::Serialize;
 use unhidra_config::Config;
+pub use unhidra_core::Principal;
 use unhidra_core::{
     Clock, Email, EmailError, OpaqueToken, PasswordPolicy, Reservation, Role, SlidingWindow,
     UserId, Violation,
@@ -28,8 +30,8 @@ use uuid::Uuid;
 use self::hasher::{HashError, HashParams, Hasher};
 use self::keys::{KeyError, Keyset, TokenError, TokenSettings};
 use self::mfa::LoginOutcome;
-use crate::mail::Mailer;
 use crate::metrics::AuthMetrics;
+use unhidra_mail::Mailer;
 
 /// The meta key of the installation's refresh-token derivation key.
 const REFRESH_KEY: &str = "refresh_successor_key";
@@ -63,19 +65,6 @@ pub enum Revoked {
         /// The session that goes on, if any.
         except: Option<Uuid>,
     },
-}
-
-/// An authenticated caller.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Principal {
-    /// The user.
-    pub user_id: UserId,
-    /// Their role now (not when the token was issued).
-    pub role: Role,
-    /// The session the token belongs to.
-    pub session_id: Uuid,
-    /// Whether the user has a second factor.
-    pub mfa: bool,
 }
 
 /// What a successful login or refresh hands the client.
@@ -1186,7 +1175,7 @@ impl Identity {
         let id = match self.store.append_audit(&event).await {
             Ok(id) => Some(id),
             Err(e) => {
-                tracing::error!(kind, error = %crate::error::error_chain(&e), "audit event not recorded");
+                tracing::error!(kind, error = %unhidra_core::error_chain(&e), "audit event not recorded");
                 None
             }
         };

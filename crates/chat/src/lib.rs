@@ -6,8 +6,8 @@
 //! remove members; owners change and delete the room. A site admin may manage any room.
 
 pub mod hub;
+pub mod metrics;
 pub mod outbox;
-pub mod ws;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -22,9 +22,9 @@ use unhidra_store::rooms::{
 use unhidra_store::{Store, StoreError};
 use uuid::Uuid;
 
-use self::hub::Hub;
-use crate::identity::Principal;
+use crate::hub::Hub;
 use crate::metrics::WsMetrics;
+use unhidra_core::Principal;
 
 /// The longest room name, in characters.
 pub const MAX_ROOM_NAME: usize = 100;
@@ -150,23 +150,6 @@ pub struct Refused {
     pub scope: &'static str,
     /// Seconds until the next attempt may be accepted.
     pub retry_after: i64,
-}
-
-impl Refused {
-    /// The `429 rate_limited` problem (with `Retry-After`) that tells the client.
-    pub fn problem(self, what: &str) -> crate::error::ApiError {
-        crate::error::ApiError::new(
-            crate::error::Problem::new(
-                axum::http::StatusCode::TOO_MANY_REQUESTS,
-                "rate_limited",
-                format!(
-                    "Too many {what} ({}); wait before trying again.",
-                    self.scope
-                ),
-            )
-            .with("retry_after", self.retry_after),
-        )
-    }
 }
 
 impl Chat {

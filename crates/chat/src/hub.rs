@@ -9,14 +9,14 @@ use std::net::IpAddr;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use axum::extract::ws::{Message, Utf8Bytes};
+use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use unhidra_core::UserId;
 use unhidra_protocol::{PresenceStatus, ServerFrame, close};
 use uuid::Uuid;
 
-use super::outbox::Outbox;
-use crate::metrics::WsMetrics;
+use crate::metrics::{FrameLabels, WsMetrics};
+use crate::outbox::{Message, Outbox};
 
 /// A connection's id, unique within this process.
 pub type ConnId = u64;
@@ -46,8 +46,8 @@ pub struct ConnectionInfo {
 /// A frame encoded at most once per wire format, however many connections get it.
 struct Encoded<'a> {
     frame: &'a ServerFrame,
-    json: Option<Utf8Bytes>,
-    msgpack: Option<axum::body::Bytes>,
+    json: Option<Bytes>,
+    msgpack: Option<Bytes>,
 }
 
 impl<'a> Encoded<'a> {
@@ -71,7 +71,7 @@ impl<'a> Encoded<'a> {
             let frame = self.frame;
             Message::Text(
                 self.json
-                    .get_or_insert_with(|| frame.to_json().into())
+                    .get_or_insert_with(|| Bytes::from(frame.to_json()))
                     .clone(),
             )
         }
@@ -328,7 +328,7 @@ impl Hub {
         if let Some(set) = rooms.get(&room) {
             self.metrics
                 .frames
-                .get_or_create(&crate::metrics::FrameLabels {
+                .get_or_create(&FrameLabels {
                     direction: "out",
                     r#type: frame.kind(),
                 })
@@ -456,7 +456,7 @@ impl Hub {
     /// Queues a WebSocket ping for a connection.
     pub fn ping(&self, id: ConnId) {
         if let Some(conn) = self.state().conns.get(&id) {
-            Self::offer(conn, Message::Ping(axum::body::Bytes::new()));
+            Self::offer(conn, Message::Ping);
         }
     }
 

@@ -9,8 +9,28 @@
 use std::collections::VecDeque;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
-use axum::extract::ws::Message;
+use bytes::Bytes;
 use tokio::sync::Notify;
+
+/// A WebSocket message as the hub queues it. The hub encodes a frame once per wire format and
+/// every listening connection's queue holds a clone of the same bytes; the server's WebSocket
+/// adapter turns each into its library's message when it writes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    /// A text message: UTF-8 by construction ([`Message::text`]).
+    Text(Bytes),
+    /// A binary message (MessagePack).
+    Binary(Bytes),
+    /// A WebSocket ping with no payload.
+    Ping,
+}
+
+impl Message {
+    /// A text message.
+    pub fn text(text: impl Into<String>) -> Self {
+        Self::Text(Bytes::from(text.into()))
+    }
+}
 
 /// Frames queued for one connection, and its close request.
 #[derive(Debug)]
@@ -168,7 +188,7 @@ mod tests {
     use super::*;
 
     fn text(s: &str) -> Message {
-        Message::Text(s.into())
+        Message::text(s)
     }
 
     fn texts(next: Next) -> Vec<String> {
@@ -176,7 +196,7 @@ mod tests {
             Next::Frames(frames) => frames
                 .into_iter()
                 .map(|m| match m {
-                    Message::Text(t) => t.as_str().to_owned(),
+                    Message::Text(t) => String::from_utf8_lossy(&t).into_owned(),
                     other => format!("{other:?}"),
                 })
                 .collect(),

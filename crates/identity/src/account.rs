@@ -7,7 +7,7 @@ use unhidra_store::StoreError;
 use unhidra_store::identity::{TokenPurpose, UserRecord};
 
 use super::{Identity, IdentityError, Principal, RequestContext, ip_key};
-use crate::mail::Mail;
+use unhidra_mail::Mail;
 
 /// How long a verification link works.
 const VERIFY_TTL: i64 = 24 * 3600;
@@ -324,7 +324,7 @@ impl Identity {
             }
             Ok(_) => {}
             Err(e) => {
-                tracing::warn!(error = %crate::error::error_chain(&e), "device history not read");
+                tracing::warn!(error = %unhidra_core::error_chain(&e), "device history not read");
             }
         }
     }
