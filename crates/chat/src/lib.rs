@@ -8,6 +8,7 @@
 pub mod hub;
 pub mod metrics;
 pub mod outbox;
+pub mod session;
 
 use std::collections::HashMap;
 use std::sync::Arc;

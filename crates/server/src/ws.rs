@@ -17,19 +17,15 @@ use unhidra_protocol::{
     BEARER_PREFIX, ClientFrame, FrameError, SUBPROTOCOL_JSON, SUBPROTOCOL_JSON_LINES,
     SUBPROTOCOL_MSGPACK, ServerFrame, close, parse_client_frame, parse_client_frame_msgpack,
 };
-use uuid::Uuid;
 
 use unhidra_chat::outbox::{Message as Queued, Next};
-use unhidra_chat::{ChatError, MAX_HISTORY, message_data};
-use unhidra_store::rooms::NewMessage;
+use unhidra_chat::session::{Admit, Burst, Handled, Session};
 
 use crate::error::{ApiError, Problem, rate_limited};
 use crate::http::auth::client_ip;
 use crate::identity::{IdentityError, Principal};
 use crate::state::AppState;
 
-/// The most messages one `resume` replays per room; `more` says when there are others.
-const MAX_REPLAY: usize = 1000;
 /// How much one read from the socket asks for.
 const READ_CHUNK_BYTES: usize = 4 * 1024;
 /// How long a closing connection's writer gets to send what is queued and the close frame.
@@ -217,20 +213,13 @@ async fn run(
     );
     tracing::debug!(connection = id, user = %who.user_id, "websocket open");
 
-    let mut conn = Connection {
-        state: state.clone(),
-        id,
-        who,
-        expires,
-        bucket: Bucket::new(chat.frames_per_sec),
-        strikes: 0,
-    };
+    let mut conn = Session::new(chat, id, who, expires);
     let mut ping = tokio::time::interval(chat.ping_interval.max(std::time::Duration::from_secs(1)));
     ping.tick().await;
     // Created once and reused: an idle connection's loop allocates nothing per frame.
     let close_requested = outbox.close_requested();
     tokio::pin!(close_requested);
-    let expiry = tokio::time::sleep(until(conn.expires));
+    let expiry = tokio::time::sleep(until(conn.expires()));
     tokio::pin!(expiry);
     // Whether anything arrived since the last ping tick.
     let mut heard = true;
@@ -282,13 +271,25 @@ async fn run(
                             room,
                             items: vec![(client_msg_id, body)],
                         };
-                        burst.gather(&mut conn, &mut stream, msgpack, limit, &mut pending);
+                        gather(
+                            &mut burst,
+                            &mut conn,
+                            &mut stream,
+                            msgpack,
+                            limit,
+                            &mut pending,
+                        );
                         for _ in &burst.items {
                             metrics.frame("in", "send");
                         }
                         conn.send_boxed(burst).await;
                     }
-                    parsed => conn.handle_boxed(parsed).await,
+                    parsed => {
+                        if let Handled::Authenticate(token) = conn.handle_boxed(parsed).await {
+                            let verified = state.identity().authenticate_until(&token).await.ok();
+                            conn.reauthenticated(verified);
+                        }
+                    }
                 },
                 Admit::Drop => {}
                 Admit::Close => break,
@@ -330,9 +331,9 @@ async fn run(
                 }
             }
         }
-        if conn.expires != expires {
+        if conn.expires() != expires {
             // An `auth` frame brought a fresh token.
-            expires = conn.expires;
+            expires = conn.expires();
             expiry
                 .as_mut()
                 .reset(tokio::time::Instant::now() + until(expires));
@@ -376,64 +377,51 @@ fn client_frame(
     }
 }
 
-/// The most `send` frames stored as one group (and at most a quarter of the connection's queue,
-/// since each one queues an `ack` for the sender, and its broadcast if the sender listens).
-const MAX_BURST: usize = 64;
-
-/// Consecutive `send` frames of one connection to one room, stored as one group.
-struct Burst {
-    room: String,
-    /// `(client_msg_id, body)` in the order they came.
-    items: Vec<(String, String)>,
-}
-
-impl Burst {
-    /// Adds the `send` frames to the same room that are already read from the socket (nothing
-    /// is waited for). The first other frame is left in `pending`, to be handled next, so
-    /// frames are still handled in the order they came.
-    fn gather<S>(
-        &mut self,
-        conn: &mut Connection,
-        stream: &mut S,
-        msgpack: bool,
-        limit: usize,
-        pending: &mut Option<Option<Result<Message, axum::Error>>>,
-    ) where
-        S: futures_util::Stream<Item = Result<Message, axum::Error>> + Unpin,
-    {
-        use futures_util::FutureExt as _;
-        let most = (conn.state.chat().hub().queue_limit() / 4).clamp(1, MAX_BURST);
-        while self.items.len() < most {
-            // Only what is ready: nothing is waited for.
-            let Some(read) = stream.next().now_or_never() else {
-                return;
-            };
-            let same_room_send = match read
-                .as_ref()
-                .and_then(|read| read.as_ref().ok())
-                .and_then(|message| client_frame(message, msgpack, limit))
-            {
-                Some(Ok(ClientFrame::Send {
-                    room,
-                    body,
-                    client_msg_id,
-                })) if room == self.room => Some((client_msg_id, body)),
-                _ => None,
-            };
-            let Some(item) = same_room_send else {
-                *pending = Some(read);
-                return;
-            };
-            // A frame the rate limit would refuse is left for the reader, which refuses it after
-            // the burst's acks: every frame is answered in the order it came.
-            if !conn.bucket.ready() {
-                *pending = Some(read);
-                return;
-            }
-            let admitted = conn.admit_frame();
-            debug_assert!(matches!(admitted, Admit::Handle));
-            self.items.push(item);
+/// Adds to a burst the `send` frames to the same room that are already read from the socket (nothing
+/// is waited for). The first other frame is left in `pending`, to be handled next, so
+/// frames are still handled in the order they came.
+fn gather<S>(
+    burst: &mut Burst,
+    conn: &mut Session<'_>,
+    stream: &mut S,
+    msgpack: bool,
+    limit: usize,
+    pending: &mut Option<Option<Result<Message, axum::Error>>>,
+) where
+    S: futures_util::Stream<Item = Result<Message, axum::Error>> + Unpin,
+{
+    use futures_util::FutureExt as _;
+    let most = conn.burst_limit();
+    while burst.items.len() < most {
+        // Only what is ready: nothing is waited for.
+        let Some(read) = stream.next().now_or_never() else {
+            return;
+        };
+        let same_room_send = match read
+            .as_ref()
+            .and_then(|read| read.as_ref().ok())
+            .and_then(|message| client_frame(message, msgpack, limit))
+        {
+            Some(Ok(ClientFrame::Send {
+                room,
+                body,
+                client_msg_id,
+            })) if room == burst.room => Some((client_msg_id, body)),
+            _ => None,
+        };
+        let Some(item) = same_room_send else {
+            *pending = Some(read);
+            return;
+        };
+        // A frame the rate limit would refuse is left for the reader, which refuses it after
+        // the burst's acks: every frame is answered in the order it came.
+        if !conn.ready() {
+            *pending = Some(read);
+            return;
         }
+        let admitted = conn.admit_frame();
+        debug_assert!(matches!(admitted, Admit::Handle));
+        burst.items.push(item);
     }
 }
 
@@ -449,342 +437,6 @@ fn read_error(err: &axum::Error) -> (u16, &'static str) {
         (close::INVALID_PAYLOAD, "invalid UTF-8")
     } else {
         (close::PROTOCOL_ERROR, "protocol error")
-    }
-}
-
-/// What to do with a frame under the rate limit.
-enum Admit {
-    /// Handle it.
-    Handle,
-    /// Drop it (an `error` frame said why).
-    Drop,
-    /// Close the connection.
-    Close,
-}
-
-/// A token bucket: `rate` frames per second, bursts up to `rate`.
-struct Bucket {
-    rate: f64,
-    tokens: f64,
-    last: std::time::Instant,
-}
-
-impl Bucket {
-    fn new(rate: u32) -> Self {
-        let rate = f64::from(rate);
-        Self {
-            rate,
-            tokens: rate,
-            last: std::time::Instant::now(),
-        }
-    }
-
-    /// Takes a token; false when the bucket is empty. A rate of 0 means no limit.
-    fn take(&mut self) -> bool {
-        if !self.ready() {
-            return false;
-        }
-        if self.rate > 0.0 {
-            self.tokens -= 1.0;
-        }
-        true
-    }
-
-    /// Whether a token is there to take (refilling first), without taking it.
-    fn ready(&mut self) -> bool {
-        if self.rate <= 0.0 {
-            return true;
-        }
-        let now = std::time::Instant::now();
-        let refill = now.duration_since(self.last).as_secs_f64() * self.rate;
-        self.tokens = (self.tokens + refill).min(self.rate);
-        self.last = now;
-        self.tokens >= 1.0
-    }
-}
-
-struct Connection {
-    state: AppState,
-    id: u64,
-    who: Principal,
-    expires: DateTime<Utc>,
-    bucket: Bucket,
-    /// Frames refused in a row by the bucket.
-    strikes: u32,
-}
-
-impl Connection {
-    /// Applies the per-connection frame rate: an `error` frame with `retry_after` when the
-    /// bucket is empty, and a close with 4029 when refusals go on for a second's worth of
-    /// frames.
-    fn admit_frame(&mut self) -> Admit {
-        if self.bucket.take() {
-            self.strikes = 0;
-            return Admit::Handle;
-        }
-        let chat = self.state.chat();
-        chat.metrics().limited("connection");
-        self.strikes += 1;
-        if self.strikes > chat.frames_per_sec.max(1) {
-            chat.hub().close(
-                self.id,
-                close::RATE_LIMITED,
-                "rate limit exceeded again and again",
-            );
-            return Admit::Close;
-        }
-        self.reply(&ServerFrame::Error {
-            code: "rate_limited".to_owned(),
-            message: "too many frames; slow down".to_owned(),
-            retry_after: Some(1),
-            reference: None,
-        });
-        // The refused frame is dropped; the connection goes on.
-        Admit::Drop
-    }
-
-    fn reply(&self, frame: &ServerFrame) {
-        self.state.chat().hub().send_to(self.id, frame);
-    }
-
-    fn error(&self, code: &str, message: impl Into<String>, reference: Option<String>) {
-        self.reply(&ServerFrame::Error {
-            code: code.to_owned(),
-            message: message.into(),
-            retry_after: None,
-            reference,
-        });
-    }
-
-    fn chat_error(&self, err: &ChatError, reference: Option<String>) {
-        let (code, message) = match err {
-            ChatError::RoomNotFound => ("room_not_found", "no such room".to_owned()),
-            ChatError::MemberNotFound => ("not_found", "no such member".to_owned()),
-            ChatError::UserNotFound => ("unknown_user", "no such user".to_owned()),
-            ChatError::Forbidden => (
-                "forbidden",
-                "your role in this room does not allow this (join the room first)".to_owned(),
-            ),
-            ChatError::Invalid(_, code, message) => (*code, message.clone()),
-            ChatError::LastOwner => ("last_owner", err.to_string()),
-            ChatError::Store(e) => {
-                tracing::error!(error = %crate::error::error_chain(e), "websocket frame failed");
-                ("internal", "the frame could not be carried out".to_owned())
-            }
-        };
-        self.error(code, message, reference);
-    }
-
-    fn room_id(&self, room: &str) -> Option<Uuid> {
-        let parsed = room.parse().ok();
-        if parsed.is_none() {
-            self.error("room_not_found", "no such room", Some(room.to_owned()));
-        }
-        parsed
-    }
-
-    /// [`Connection::handle`] on the heap: its state (store calls and all) is only allocated
-    /// while a frame is being handled, not for as long as the connection is idle.
-    async fn handle_boxed(&mut self, parsed: Result<ClientFrame, FrameError>) {
-        Box::pin(self.handle(parsed)).await;
-    }
-
-    /// [`Connection::send`] on the heap, like [`Connection::handle_boxed`].
-    async fn send_boxed(&mut self, burst: Burst) {
-        Box::pin(self.send(burst)).await;
-    }
-
-    /// Stores a burst of `send`s to one room as one group, then, message by message in order,
-    /// acknowledges it and broadcasts a new one: durable, acknowledged, broadcast.
-    async fn send(&mut self, burst: Burst) {
-        let received = std::time::Instant::now();
-        let chat = self.state.chat();
-        let Ok(id) = burst.room.parse::<Uuid>() else {
-            for _ in &burst.items {
-                self.error("room_not_found", "no such room", Some(burst.room.clone()));
-            }
-            return;
-        };
-        let items: Vec<NewMessage<'_>> = burst
-            .items
-            .iter()
-            .map(|(client_msg_id, body)| NewMessage {
-                client_msg_id,
-                body,
-            })
-            .collect();
-        match chat.post_group(&self.who, id, &items).await {
-            Ok(group) => {
-                for ((client_msg_id, _), outcome) in burst.items.iter().zip(&group.outcomes) {
-                    match outcome {
-                        Ok((stored, new)) => {
-                            self.reply(&ServerFrame::Ack {
-                                client_msg_id: client_msg_id.clone(),
-                                id: stored.id,
-                                ts: stored.created_at.timestamp_millis(),
-                            });
-                            if *new {
-                                chat.deliver(stored);
-                                chat.metrics()
-                                    .delivery
-                                    .observe(received.elapsed().as_secs_f64());
-                            }
-                        }
-                        Err(e) => self.chat_error(e, Some(client_msg_id.clone())),
-                    }
-                }
-            }
-            Err(e) => {
-                for (client_msg_id, _) in &burst.items {
-                    self.chat_error(&e, Some(client_msg_id.clone()));
-                }
-            }
-        }
-    }
-
-    async fn handle(&mut self, parsed: Result<ClientFrame, FrameError>) {
-        let frame = match parsed {
-            Ok(frame) => frame,
-            Err(e) => return self.error(e.code, e.message, None),
-        };
-        let chat = self.state.chat();
-        chat.metrics().frame("in", frame.kind());
-        match frame {
-            ClientFrame::Ping => self.reply(&ServerFrame::Pong),
-            ClientFrame::Join { room } => {
-                let Some(id) = self.room_id(&room) else {
-                    return;
-                };
-                match chat.join(&self.who, id).await {
-                    Ok(_) => chat.hub().subscribe(self.id, id),
-                    Err(e) => self.chat_error(&e, Some(room)),
-                }
-            }
-            ClientFrame::Leave { room } => {
-                let Some(id) = self.room_id(&room) else {
-                    return;
-                };
-                chat.hub().unsubscribe(self.id, id);
-            }
-            ClientFrame::Send {
-                room,
-                body,
-                client_msg_id,
-            } => {
-                self.send(Burst {
-                    room,
-                    items: vec![(client_msg_id, body)],
-                })
-                .await;
-            }
-            ClientFrame::History {
-                room,
-                before,
-                after,
-                limit,
-            } => {
-                let Some(id) = self.room_id(&room) else {
-                    return;
-                };
-                match chat.history(&self.who, id, before, after, limit).await {
-                    Ok(messages) => self.reply(&ServerFrame::History {
-                        room,
-                        messages: messages.iter().map(message_data).collect(),
-                        more: false,
-                    }),
-                    Err(e) => self.chat_error(&e, Some(room)),
-                }
-            }
-            ClientFrame::Resume { rooms } => {
-                for (room, last_seen) in rooms {
-                    self.resume(&room, last_seen).await;
-                }
-            }
-            ClientFrame::Typing { room } => {
-                let Some(id) = self.room_id(&room) else {
-                    return;
-                };
-                match chat.visible_room(&self.who, id).await {
-                    Ok((_, Some(_))) => chat.hub().typing(id, self.who.user_id),
-                    Ok((_, None)) => self.chat_error(&ChatError::Forbidden, Some(room)),
-                    Err(e) => self.chat_error(&e, Some(room)),
-                }
-            }
-            ClientFrame::Auth { token } => {
-                match self.state.identity().authenticate_until(&token).await {
-                    // The same session: revoking it must still close this connection.
-                    Ok((who, expires)) if who.session_id == self.who.session_id => {
-                        self.who = who;
-                        self.expires = expires;
-                    }
-                    Ok(_) => self.error(
-                        "session_mismatch",
-                        "the token belongs to another session; reconnect with it instead",
-                        None,
-                    ),
-                    Err(_) => self.error("invalid_token", "the token is not valid", None),
-                }
-            }
-        }
-    }
-
-    /// Joins a room and replays every message after `last_seen`, then lets live messages
-    /// through: nothing missed, nothing twice.
-    async fn resume(&self, room: &str, last_seen: i64) {
-        let chat = self.state.chat();
-        let Some(id) = self.room_id(room) else { return };
-        if let Err(e) = chat.join(&self.who, id).await {
-            return self.chat_error(&e, Some(room.to_owned()));
-        }
-        chat.hub().subscribe_held(self.id, id);
-        let mut replay = Vec::new();
-        let mut after = last_seen;
-        let mut more = false;
-        loop {
-            match chat
-                .history(&self.who, id, None, Some(after), Some(MAX_HISTORY))
-                .await
-            {
-                Ok(page) => {
-                    let full = page.len() == usize::try_from(MAX_HISTORY).unwrap_or(usize::MAX);
-                    if let Some(last) = page.last() {
-                        after = last.id;
-                    }
-                    replay.extend(page.iter().map(message_data));
-                    if !full {
-                        break;
-                    }
-                    // A bounded replay: past it, the client pages with `history {after}`.
-                    if replay.len() >= MAX_REPLAY {
-                        more = true;
-                        break;
-                    }
-                }
-                Err(e) => {
-                    chat.hub().release_held(
-                        self.id,
-                        id,
-                        &ServerFrame::History {
-                            room: room.to_owned(),
-                            messages: Vec::new(),
-                            more: false,
-                        },
-                        i64::MAX,
-                    );
-                    return self.chat_error(&e, Some(room.to_owned()));
-                }
-            }
-        }
-        chat.hub().release_held(
-            self.id,
-            id,
-            &ServerFrame::History {
-                room: room.to_owned(),
-                messages: replay,
-                more,
-            },
-            after,
-        );
     }
 }
 

@@ -1,0 +1,423 @@
+//! One connection's side of the protocol, without the socket: the per-connection frame rate,
+//! what each client frame does (join, leave, send in bursts, history, resume, typing), and the
+//! error frame for each refusal. The server's WebSocket adapter reads, parses and feeds frames
+//! in; everything the session answers goes out through the hub's outbox.
+
+use chrono::{DateTime, Utc};
+use unhidra_core::Principal;
+use unhidra_protocol::{ClientFrame, FrameError, ServerFrame, close};
+use unhidra_store::rooms::NewMessage;
+use uuid::Uuid;
+
+use crate::hub::ConnId;
+use crate::{Chat, ChatError, MAX_HISTORY, message_data};
+
+/// The most messages one `resume` replays per room; `more` says when there are others.
+const MAX_REPLAY: usize = 1000;
+
+/// The most `send` frames stored as one group (and at most a quarter of the connection's queue,
+/// since each one queues an `ack` for the sender, and its broadcast if the sender listens).
+pub const MAX_BURST: usize = 64;
+
+/// Consecutive `send` frames of one connection to one room, stored as one group.
+#[derive(Debug)]
+pub struct Burst {
+    /// The room, as the frames name it.
+    pub room: String,
+    /// `(client_msg_id, body)` in the order they came.
+    pub items: Vec<(String, String)>,
+}
+
+/// What the adapter does after [`Session::handle`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Handled {
+    /// Nothing more.
+    Done,
+    /// An `auth` frame brought this token: verify it and call [`Session::reauthenticated`].
+    Authenticate(String),
+}
+
+/// What to do with a frame under the rate limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admit {
+    /// Handle it.
+    Handle,
+    /// Drop it (an `error` frame said why).
+    Drop,
+    /// Close the connection.
+    Close,
+}
+
+/// A token bucket: `rate` frames per second, bursts up to `rate`.
+#[derive(Debug)]
+struct Bucket {
+    rate: f64,
+    tokens: f64,
+    last: std::time::Instant,
+}
+
+impl Bucket {
+    fn new(rate: u32) -> Self {
+        let rate = f64::from(rate);
+        Self {
+            rate,
+            tokens: rate,
+            last: std::time::Instant::now(),
+        }
+    }
+
+    /// Takes a token; false when the bucket is empty. A rate of 0 means no limit.
+    fn take(&mut self) -> bool {
+        if !self.ready() {
+            return false;
+        }
+        if self.rate > 0.0 {
+            self.tokens -= 1.0;
+        }
+        true
+    }
+
+    /// Whether a token is there to take (refilling first), without taking it.
+    fn ready(&mut self) -> bool {
+        if self.rate <= 0.0 {
+            return true;
+        }
+        let now = std::time::Instant::now();
+        let refill = now.duration_since(self.last).as_secs_f64() * self.rate;
+        self.tokens = (self.tokens + refill).min(self.rate);
+        self.last = now;
+        self.tokens >= 1.0
+    }
+}
+
+/// One connection's side of the protocol: what each client frame does. The WebSocket adapter
+/// reads and parses frames and feeds them in; replies and broadcasts go out through the hub.
+#[derive(Debug)]
+pub struct Session<'a> {
+    chat: &'a Chat,
+    id: ConnId,
+    who: Principal,
+    expires: DateTime<Utc>,
+    bucket: Bucket,
+    /// Frames refused in a row by the bucket.
+    strikes: u32,
+}
+
+impl<'a> Session<'a> {
+    /// Applies the per-connection frame rate: an `error` frame with `retry_after` when the
+    /// bucket is empty, and a close with 4029 when refusals go on for a second's worth of
+    /// frames.
+    pub fn admit_frame(&mut self) -> Admit {
+        if self.bucket.take() {
+            self.strikes = 0;
+            return Admit::Handle;
+        }
+        let chat = self.chat;
+        chat.metrics().limited("connection");
+        self.strikes += 1;
+        if self.strikes > chat.frames_per_sec.max(1) {
+            chat.hub().close(
+                self.id,
+                close::RATE_LIMITED,
+                "rate limit exceeded again and again",
+            );
+            return Admit::Close;
+        }
+        self.reply(&ServerFrame::Error {
+            code: "rate_limited".to_owned(),
+            message: "too many frames; slow down".to_owned(),
+            retry_after: Some(1),
+            reference: None,
+        });
+        // The refused frame is dropped; the connection goes on.
+        Admit::Drop
+    }
+
+    fn reply(&self, frame: &ServerFrame) {
+        self.chat.hub().send_to(self.id, frame);
+    }
+
+    fn error(&self, code: &str, message: impl Into<String>, reference: Option<String>) {
+        self.reply(&ServerFrame::Error {
+            code: code.to_owned(),
+            message: message.into(),
+            retry_after: None,
+            reference,
+        });
+    }
+
+    fn chat_error(&self, err: &ChatError, reference: Option<String>) {
+        let (code, message) = match err {
+            ChatError::RoomNotFound => ("room_not_found", "no such room".to_owned()),
+            ChatError::MemberNotFound => ("not_found", "no such member".to_owned()),
+            ChatError::UserNotFound => ("unknown_user", "no such user".to_owned()),
+            ChatError::Forbidden => (
+                "forbidden",
+                "your role in this room does not allow this (join the room first)".to_owned(),
+            ),
+            ChatError::Invalid(_, code, message) => (*code, message.clone()),
+            ChatError::LastOwner => ("last_owner", err.to_string()),
+            ChatError::Store(e) => {
+                tracing::error!(error = %unhidra_core::error_chain(e), "websocket frame failed");
+                ("internal", "the frame could not be carried out".to_owned())
+            }
+        };
+        self.error(code, message, reference);
+    }
+
+    fn room_id(&self, room: &str) -> Option<Uuid> {
+        let parsed = room.parse().ok();
+        if parsed.is_none() {
+            self.error("room_not_found", "no such room", Some(room.to_owned()));
+        }
+        parsed
+    }
+
+    /// [`Session::handle`] on the heap: its state (store calls and all) is only allocated
+    /// while a frame is being handled, not for as long as the connection is idle.
+    pub async fn handle_boxed(&mut self, parsed: Result<ClientFrame, FrameError>) -> Handled {
+        Box::pin(self.handle(parsed)).await
+    }
+
+    /// [`Session::send`] on the heap, like [`Session::handle_boxed`].
+    pub async fn send_boxed(&mut self, burst: Burst) {
+        Box::pin(self.send(burst)).await;
+    }
+
+    /// Stores a burst of `send`s to one room as one group, then, message by message in order,
+    /// acknowledges it and broadcasts a new one: durable, acknowledged, broadcast.
+    pub async fn send(&mut self, burst: Burst) {
+        let received = std::time::Instant::now();
+        let chat = self.chat;
+        let Ok(id) = burst.room.parse::<Uuid>() else {
+            for _ in &burst.items {
+                self.error("room_not_found", "no such room", Some(burst.room.clone()));
+            }
+            return;
+        };
+        let items: Vec<NewMessage<'_>> = burst
+            .items
+            .iter()
+            .map(|(client_msg_id, body)| NewMessage {
+                client_msg_id,
+                body,
+            })
+            .collect();
+        match chat.post_group(&self.who, id, &items).await {
+            Ok(group) => {
+                for ((client_msg_id, _), outcome) in burst.items.iter().zip(&group.outcomes) {
+                    match outcome {
+                        Ok((stored, new)) => {
+                            self.reply(&ServerFrame::Ack {
+                                client_msg_id: client_msg_id.clone(),
+                                id: stored.id,
+                                ts: stored.created_at.timestamp_millis(),
+                            });
+                            if *new {
+                                chat.deliver(stored);
+                                chat.metrics()
+                                    .delivery
+                                    .observe(received.elapsed().as_secs_f64());
+                            }
+                        }
+                        Err(e) => self.chat_error(e, Some(client_msg_id.clone())),
+                    }
+                }
+            }
+            Err(e) => {
+                for (client_msg_id, _) in &burst.items {
+                    self.chat_error(&e, Some(client_msg_id.clone()));
+                }
+            }
+        }
+    }
+
+    /// Carries out one frame (a `send` too, as a burst of one).
+    pub async fn handle(&mut self, parsed: Result<ClientFrame, FrameError>) -> Handled {
+        let frame = match parsed {
+            Ok(frame) => frame,
+            Err(e) => {
+                self.error(e.code, e.message, None);
+                return Handled::Done;
+            }
+        };
+        let chat = self.chat;
+        chat.metrics().frame("in", frame.kind());
+        match frame {
+            ClientFrame::Ping => self.reply(&ServerFrame::Pong),
+            ClientFrame::Join { room } => {
+                let Some(id) = self.room_id(&room) else {
+                    return Handled::Done;
+                };
+                match chat.join(&self.who, id).await {
+                    Ok(_) => chat.hub().subscribe(self.id, id),
+                    Err(e) => self.chat_error(&e, Some(room)),
+                }
+            }
+            ClientFrame::Leave { room } => {
+                let Some(id) = self.room_id(&room) else {
+                    return Handled::Done;
+                };
+                chat.hub().unsubscribe(self.id, id);
+            }
+            ClientFrame::Send {
+                room,
+                body,
+                client_msg_id,
+            } => {
+                self.send(Burst {
+                    room,
+                    items: vec![(client_msg_id, body)],
+                })
+                .await;
+            }
+            ClientFrame::History {
+                room,
+                before,
+                after,
+                limit,
+            } => {
+                let Some(id) = self.room_id(&room) else {
+                    return Handled::Done;
+                };
+                match chat.history(&self.who, id, before, after, limit).await {
+                    Ok(messages) => self.reply(&ServerFrame::History {
+                        room,
+                        messages: messages.iter().map(message_data).collect(),
+                        more: false,
+                    }),
+                    Err(e) => self.chat_error(&e, Some(room)),
+                }
+            }
+            ClientFrame::Resume { rooms } => {
+                for (room, last_seen) in rooms {
+                    self.resume(&room, last_seen).await;
+                }
+            }
+            ClientFrame::Typing { room } => {
+                let Some(id) = self.room_id(&room) else {
+                    return Handled::Done;
+                };
+                match chat.visible_room(&self.who, id).await {
+                    Ok((_, Some(_))) => chat.hub().typing(id, self.who.user_id),
+                    Ok((_, None)) => self.chat_error(&ChatError::Forbidden, Some(room)),
+                    Err(e) => self.chat_error(&e, Some(room)),
+                }
+            }
+            ClientFrame::Auth { token } => return Handled::Authenticate(token),
+        }
+        Handled::Done
+    }
+
+    /// Applies what a fresh token from an `auth` frame proved: the same session goes on with
+    /// the new expiry; another session's token, or none that verified, gets an error frame.
+    pub fn reauthenticated(&mut self, verified: Option<(Principal, DateTime<Utc>)>) {
+        match verified {
+            // The same session: revoking it must still close this connection.
+            Some((who, expires)) if who.session_id == self.who.session_id => {
+                self.who = who;
+                self.expires = expires;
+            }
+            Some(_) => self.error(
+                "session_mismatch",
+                "the token belongs to another session; reconnect with it instead",
+                None,
+            ),
+            None => self.error("invalid_token", "the token is not valid", None),
+        }
+    }
+
+    /// Joins a room and replays every message after `last_seen`, then lets live messages
+    /// through: nothing missed, nothing twice.
+    async fn resume(&self, room: &str, last_seen: i64) {
+        let chat = self.chat;
+        let Some(id) = self.room_id(room) else { return };
+        if let Err(e) = chat.join(&self.who, id).await {
+            return self.chat_error(&e, Some(room.to_owned()));
+        }
+        chat.hub().subscribe_held(self.id, id);
+        let mut replay = Vec::new();
+        let mut after = last_seen;
+        let mut more = false;
+        loop {
+            match chat
+                .history(&self.who, id, None, Some(after), Some(MAX_HISTORY))
+                .await
+            {
+                Ok(page) => {
+                    let full = page.len() == usize::try_from(MAX_HISTORY).unwrap_or(usize::MAX);
+                    if let Some(last) = page.last() {
+                        after = last.id;
+                    }
+                    replay.extend(page.iter().map(message_data));
+                    if !full {
+                        break;
+                    }
+                    // A bounded replay: past it, the client pages with `history {after}`.
+                    if replay.len() >= MAX_REPLAY {
+                        more = true;
+                        break;
+                    }
+                }
+                Err(e) => {
+                    chat.hub().release_held(
+                        self.id,
+                        id,
+                        &ServerFrame::History {
+                            room: room.to_owned(),
+                            messages: Vec::new(),
+                            more: false,
+                        },
+                        i64::MAX,
+                    );
+                    return self.chat_error(&e, Some(room.to_owned()));
+                }
+            }
+        }
+        chat.hub().release_held(
+            self.id,
+            id,
+            &ServerFrame::History {
+                room: room.to_owned(),
+                messages: replay,
+                more,
+            },
+            after,
+        );
+    }
+}
+
+impl<'a> Session<'a> {
+    /// The session of a connection the hub registered, for a caller whose token is valid until
+    /// `expires`.
+    pub fn new(chat: &'a Chat, id: ConnId, who: Principal, expires: DateTime<Utc>) -> Self {
+        Self {
+            chat,
+            id,
+            who,
+            expires,
+            bucket: Bucket::new(chat.frames_per_sec),
+            strikes: 0,
+        }
+    }
+
+    /// Who the connection belongs to.
+    pub fn who(&self) -> &Principal {
+        &self.who
+    }
+
+    /// When the connection's token expires.
+    pub fn expires(&self) -> DateTime<Utc> {
+        self.expires
+    }
+
+    /// The most `send`s gathered into one burst for this connection.
+    pub fn burst_limit(&self) -> usize {
+        (self.chat.hub().queue_limit() / 4).clamp(1, MAX_BURST)
+    }
+
+    /// Whether the frame rate admits another frame now, without taking it.
+    pub fn ready(&mut self) -> bool {
+        self.bucket.ready()
+    }
+}
