@@ -6,11 +6,13 @@
 //! `migrations/<backend>/`; [`Store`] gathers them, so callers hold one `Arc<dyn Store>`.
 //! The [`identity`] module holds users, sessions, signing keys and the audit log.
 
+mod dialect;
 mod error;
 pub mod identity;
 mod meta;
 mod migrations;
 mod postgres;
+mod queries;
 pub mod rooms;
 mod sqlite;
 #[cfg(feature = "testing")]

@@ -25,10 +25,6 @@ pub(super) fn time(m: i64) -> Result<DateTime<Utc>, StoreError> {
         .ok_or_else(|| StoreError::Other(format!("stored time {m} is out of range").into()))
 }
 
-pub(super) fn opt_uuid(text: Option<&str>) -> Result<Option<Uuid>, StoreError> {
-    text.map(uuid).transpose()
-}
-
 fn opt_time(m: Option<i64>) -> Result<Option<DateTime<Utc>>, StoreError> {
     m.map(time).transpose()
 }
