@@ -21,6 +21,10 @@ pub(crate) trait Dialect {
     /// A UUID as bound and read.
     type Id;
 
+    /// The case-insensitive `LIKE`.
+    const ILIKE: &'static str;
+    /// Written after a text parameter that goes into a JSON column.
+    const AS_JSON: &'static str;
     /// The time `$1` less `r.retention_max_age` seconds, comparable with a stored time.
     const AGE_CUTOFF: &'static str;
 
@@ -36,6 +40,11 @@ pub(crate) trait Dialect {
     /// A stored UUID read back.
     fn read_id(stored: Self::Id) -> Result<Uuid, StoreError>;
 
+    /// A stored time that may be NULL.
+    fn read_opt_time(stored: Option<Self::Time>) -> Result<Option<DateTime<Utc>>, StoreError> {
+        stored.map(Self::read_time).transpose()
+    }
+
     /// A stored UUID that may be NULL.
     fn read_opt_id(stored: Option<Self::Id>) -> Result<Option<Uuid>, StoreError> {
         stored.map(Self::read_id).transpose()
@@ -47,6 +56,9 @@ impl Dialect for crate::SqliteStore {
     type Time = i64;
     type Id = String;
 
+    // SQLite's LIKE ignores ASCII case already.
+    const ILIKE: &'static str = "LIKE";
+    const AS_JSON: &'static str = "";
     const AGE_CUTOFF: &'static str = "$1 - r.retention_max_age * 1000000";
 
     fn time(t: DateTime<Utc>) -> i64 {
@@ -73,6 +85,8 @@ impl Dialect for crate::PostgresStore {
     type Time = DateTime<Utc>;
     type Id = Uuid;
 
+    const ILIKE: &'static str = "ILIKE";
+    const AS_JSON: &'static str = "::jsonb";
     const AGE_CUTOFF: &'static str = "$1 - make_interval(secs => r.retention_max_age)";
 
     fn time(t: DateTime<Utc>) -> DateTime<Utc> {

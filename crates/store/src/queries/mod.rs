@@ -5,4 +5,5 @@
 //! store's [`Dialect`](crate::dialect::Dialect). A macro rather than functions generic over
 //! the engine keeps sqlx's executor, argument and decoding bounds out of every signature.
 
+pub(crate) mod identity;
 pub(crate) mod rooms;
