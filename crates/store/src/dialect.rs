@@ -2,9 +2,10 @@
 //!
 //! Those queries use `$1`-style placeholders on both engines: sqlx binds SQLite's `$N` by its
 //! number, as PostgreSQL does, so one SQL text serves both unchanged. What the engines store
-//! differently goes through [`Dialect`]: SQLite keeps times as Unix microseconds in INTEGER
-//! columns and UUIDs as TEXT, PostgreSQL has TIMESTAMPTZ and UUID. The queries themselves live
-//! in `queries/`, as macros that each backend expands once with its own store type.
+//! differently goes through [`Dialect`], which each backend implements next to its connection:
+//! SQLite keeps times as Unix microseconds in INTEGER columns and UUIDs as TEXT, PostgreSQL has
+//! TIMESTAMPTZ and UUID, and their full-text search has nothing in common. The queries
+//! themselves live in `queries/`, as macros that each backend expands once with its store type.
 
 use chrono::{DateTime, Utc};
 use sqlx::{ColumnIndex, Decode, Row, Type};
@@ -27,6 +28,13 @@ pub(crate) trait Dialect {
     const AS_JSON: &'static str;
     /// The time `$1` less `r.retention_max_age` seconds, comparable with a stored time.
     const AGE_CUTOFF: &'static str;
+    /// Full-text search: the terms `$1` in the rooms of user `$2` (or in room `$3` only), at
+    /// most `$4`, best first, with the message's columns, `snippet` and `score` (higher is
+    /// better).
+    const SEARCH: &'static str;
+
+    /// What to bind as `$1` of [`Self::SEARCH`]; `None` if the text has no word to look for.
+    fn search_terms(query: &str) -> Option<String>;
 
     /// A time to bind.
     fn time(t: DateTime<Utc>) -> Self::Time;
@@ -48,61 +56,6 @@ pub(crate) trait Dialect {
     /// A stored UUID that may be NULL.
     fn read_opt_id(stored: Option<Self::Id>) -> Result<Option<Uuid>, StoreError> {
         stored.map(Self::read_id).transpose()
-    }
-}
-
-impl Dialect for crate::SqliteStore {
-    type Db = sqlx::Sqlite;
-    type Time = i64;
-    type Id = String;
-
-    // SQLite's LIKE ignores ASCII case already.
-    const ILIKE: &'static str = "LIKE";
-    const AS_JSON: &'static str = "";
-    const AGE_CUTOFF: &'static str = "$1 - r.retention_max_age * 1000000";
-
-    fn time(t: DateTime<Utc>) -> i64 {
-        t.timestamp_micros()
-    }
-
-    fn read_time(stored: i64) -> Result<DateTime<Utc>, StoreError> {
-        DateTime::from_timestamp_micros(stored).ok_or_else(|| {
-            StoreError::Other(format!("stored time {stored} is out of range").into())
-        })
-    }
-
-    fn id(id: Uuid) -> String {
-        id.to_string()
-    }
-
-    fn read_id(stored: String) -> Result<Uuid, StoreError> {
-        Uuid::parse_str(&stored).map_err(|e| StoreError::Other(Box::new(e)))
-    }
-}
-
-impl Dialect for crate::PostgresStore {
-    type Db = sqlx::Postgres;
-    type Time = DateTime<Utc>;
-    type Id = Uuid;
-
-    const ILIKE: &'static str = "ILIKE";
-    const AS_JSON: &'static str = "::jsonb";
-    const AGE_CUTOFF: &'static str = "$1 - make_interval(secs => r.retention_max_age)";
-
-    fn time(t: DateTime<Utc>) -> DateTime<Utc> {
-        t
-    }
-
-    fn read_time(stored: DateTime<Utc>) -> Result<DateTime<Utc>, StoreError> {
-        Ok(stored)
-    }
-
-    fn id(id: Uuid) -> Uuid {
-        id
-    }
-
-    fn read_id(stored: Uuid) -> Result<Uuid, StoreError> {
-        Ok(stored)
     }
 }
 

@@ -1,9 +1,9 @@
 //! Users, sessions, signing keys, the audit log, one-time tokens and TOTP on both engines.
 
-/// Expands to a module `shared` with every identity trait implemented for `$store`.
+/// Expands to a module `$module` with every identity trait implemented for `$store`.
 macro_rules! identity_queries {
-    ($store:ty) => {
-        pub(super) mod shared {
+    ($module:ident, $store:ty) => {
+        mod $module {
             use async_trait::async_trait;
             use chrono::{DateTime, Utc};
             use unhidra_core::{Email, UserId};
@@ -22,7 +22,8 @@ macro_rules! identity_queries {
             type Row = <<Store as Dialect>::Db as sqlx::Database>::Row;
 
             const USER_COLUMNS: &str = "id, email, display_name, password_hash, role, active, \
-                email_verified_at, failed_logins, locked_until, totp_enabled_at, created_at, updated_at";
+                email_verified_at, failed_logins, locked_until, totp_enabled_at, created_at, \
+                updated_at";
 
             fn user(row: &Row) -> Result<UserRecord, StoreError> {
                 Ok(UserRecord {
@@ -62,7 +63,8 @@ macro_rules! identity_queries {
                 async fn create_user(&self, user: &NewUser) -> Result<(), StoreError> {
                     sqlx::query(
                         "INSERT INTO users (id, email, display_name, password_hash, role, active, \
-                         failed_logins, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, TRUE, 0, $6, $6)",
+                         failed_logins, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, TRUE, \
+                         0, $6, $6)",
                     )
                     .bind(Store::id(user.id.0))
                     .bind(user.email.as_str())
@@ -88,11 +90,12 @@ macro_rules! identity_queries {
                 }
 
                 async fn user_by_id(&self, id: UserId) -> Result<UserRecord, StoreError> {
-                    let row = sqlx::query(&format!("SELECT {USER_COLUMNS} FROM users WHERE id = $1"))
-                        .bind(Store::id(id.0))
-                        .fetch_one(&self.pool)
-                        .await
-                        .map_err(|e| StoreError::from_sqlx("user", e))?;
+                    let row =
+                        sqlx::query(&format!("SELECT {USER_COLUMNS} FROM users WHERE id = $1"))
+                            .bind(Store::id(id.0))
+                            .fetch_one(&self.pool)
+                            .await
+                            .map_err(|e| StoreError::from_sqlx("user", e))?;
                     user(&row)
                 }
 
@@ -126,8 +129,8 @@ macro_rules! identity_queries {
                 ) -> Result<u32, StoreError> {
                     let count: i32 = sqlx::query_scalar(
                         "UPDATE users SET failed_logins = failed_logins + 1, updated_at = $4, \
-                         locked_until = CASE WHEN (failed_logins + 1) % $2 = 0 THEN $3 ELSE locked_until END \
-                         WHERE id = $1 RETURNING failed_logins",
+                         locked_until = CASE WHEN (failed_logins + 1) % $2 = 0 THEN $3 ELSE \
+                         locked_until END WHERE id = $1 RETURNING failed_logins",
                     )
                     .bind(Store::id(id.0))
                     .bind(i32::try_from(lock_at).unwrap_or(i32::MAX))
@@ -207,8 +210,8 @@ macro_rules! identity_queries {
                     now: DateTime<Utc>,
                 ) -> Result<UserRecord, StoreError> {
                     let row = sqlx::query(&format!(
-                        "UPDATE users SET role = COALESCE($2, role), active = COALESCE($3, active), \
-                         updated_at = $4 WHERE id = $1 RETURNING {USER_COLUMNS}"
+                        "UPDATE users SET role = COALESCE($2, role), active = COALESCE($3, \
+                         active), updated_at = $4 WHERE id = $1 RETURNING {USER_COLUMNS}"
                     ))
                     .bind(Store::id(id.0))
                     .bind(change.role.map(|r| r.as_str()))
@@ -231,8 +234,8 @@ macro_rules! identity_queries {
                     let err = |e| StoreError::from_sqlx("session", e);
                     let mut tx = self.pool.begin().await.map_err(err)?;
                     sqlx::query(
-                        "INSERT INTO sessions (id, user_id, user_agent, ip, created_at, last_used_at, \
-                         expires_at) VALUES ($1, $2, $3, $4, $5, $5, $6)",
+                        "INSERT INTO sessions (id, user_id, user_agent, ip, created_at, \
+                         last_used_at, expires_at) VALUES ($1, $2, $3, $4, $5, $5, $6)",
                     )
                     .bind(Store::id(new.id))
                     .bind(Store::id(new.user_id.0))
@@ -244,8 +247,8 @@ macro_rules! identity_queries {
                     .await
                     .map_err(err)?;
                     sqlx::query(
-                        "INSERT INTO refresh_tokens (token_hash, session_id, created_at, expires_at) \
-                         VALUES ($1, $2, $3, $4)",
+                        "INSERT INTO refresh_tokens (token_hash, session_id, created_at, \
+                         expires_at) VALUES ($1, $2, $3, $4)",
                     )
                     .bind(&token.hash)
                     .bind(Store::id(new.id))
@@ -265,11 +268,12 @@ macro_rules! identity_queries {
                 ) -> Result<Rotation, StoreError> {
                     let err = |e| StoreError::from_sqlx("refresh token", e);
                     let mut tx = self.pool.begin().await.map_err(err)?;
-                    // The compare-and-set: only one caller can flip used_at from NULL; on PostgreSQL the
-                    // row lock makes a concurrent second use wait, then see used_at set, and match nothing.
+                    // The compare-and-set: only one caller can flip used_at from NULL; on
+                    // PostgreSQL the row lock makes a concurrent second use wait, then see
+                    // used_at set, and match nothing.
                     let claimed: Option<<Store as Dialect>::Id> = sqlx::query_scalar(
-                        "UPDATE refresh_tokens SET used_at = $2 \
-                         WHERE token_hash = $1 AND used_at IS NULL AND expires_at > $2 RETURNING session_id",
+                        "UPDATE refresh_tokens SET used_at = $2 WHERE token_hash = $1 AND used_at \
+                         IS NULL AND expires_at > $2 RETURNING session_id",
                     )
                     .bind(presented)
                     .bind(Store::time(now))
@@ -277,14 +281,16 @@ macro_rules! identity_queries {
                     .await
                     .map_err(err)?;
                     let Some(session_id) = claimed else {
-                        let prior: Option<(<Store as Dialect>::Id, Option<<Store as Dialect>::Time>)> =
-                            sqlx::query_as(
-                                "SELECT session_id, used_at FROM refresh_tokens WHERE token_hash = $1",
-                            )
-                            .bind(presented)
-                            .fetch_optional(&mut *tx)
-                            .await
-                            .map_err(err)?;
+                        let prior: Option<(
+                            <Store as Dialect>::Id,
+                            Option<<Store as Dialect>::Time>,
+                        )> = sqlx::query_as(
+                            "SELECT session_id, used_at FROM refresh_tokens WHERE token_hash = $1",
+                        )
+                        .bind(presented)
+                        .fetch_optional(&mut *tx)
+                        .await
+                        .map_err(err)?;
                         tx.rollback().await.map_err(err)?;
                         return match prior {
                             Some((sid, Some(used_at))) => {
@@ -304,8 +310,8 @@ macro_rules! identity_queries {
                         };
                     };
                     let row = sqlx::query(&format!(
-                        "UPDATE sessions SET last_used_at = $2 \
-                         WHERE id = $1 AND revoked_at IS NULL AND expires_at > $2 RETURNING {SESSION_COLUMNS}"
+                        "UPDATE sessions SET last_used_at = $2 WHERE id = $1 AND revoked_at IS \
+                         NULL AND expires_at > $2 RETURNING {SESSION_COLUMNS}"
                     ))
                     .bind(&session_id)
                     .bind(Store::time(now))
@@ -318,8 +324,8 @@ macro_rules! identity_queries {
                     };
                     let live = session(&row)?;
                     sqlx::query(
-                        "INSERT INTO refresh_tokens (token_hash, session_id, created_at, expires_at) \
-                         VALUES ($1, $2, $3, $4)",
+                        "INSERT INTO refresh_tokens (token_hash, session_id, created_at, \
+                         expires_at) VALUES ($1, $2, $3, $4)",
                     )
                     .bind(&next.hash)
                     .bind(&session_id)
@@ -354,8 +360,8 @@ macro_rules! identity_queries {
                     now: DateTime<Utc>,
                 ) -> Result<Vec<SessionRecord>, StoreError> {
                     let rows = sqlx::query(&format!(
-                        "SELECT {SESSION_COLUMNS} FROM sessions WHERE user_id = $1 AND revoked_at IS NULL \
-                         AND expires_at > $2 ORDER BY created_at DESC"
+                        "SELECT {SESSION_COLUMNS} FROM sessions WHERE user_id = $1 AND revoked_at \
+                         IS NULL AND expires_at > $2 ORDER BY created_at DESC"
                     ))
                     .bind(Store::id(user_id.0))
                     .bind(Store::time(now))
@@ -371,9 +377,9 @@ macro_rules! identity_queries {
                     now: DateTime<Utc>,
                 ) -> Result<bool, StoreError> {
                     sqlx::query_scalar(
-                        "SELECT EXISTS (SELECT 1 FROM refresh_tokens t JOIN sessions s ON s.id = t.session_id \
-                         WHERE t.token_hash = $1 AND t.used_at IS NULL AND t.expires_at > $2 \
-                         AND s.revoked_at IS NULL AND s.expires_at > $2)",
+                        "SELECT EXISTS (SELECT 1 FROM refresh_tokens t JOIN sessions s ON s.id = \
+                         t.session_id WHERE t.token_hash = $1 AND t.used_at IS NULL AND \
+                         t.expires_at > $2 AND s.revoked_at IS NULL AND s.expires_at > $2)",
                     )
                     .bind(hash)
                     .bind(Store::time(now))
@@ -436,10 +442,13 @@ macro_rules! identity_queries {
 
             #[async_trait]
             impl KeyStore for Store {
-                async fn insert_signing_key(&self, key: &SigningKeyRecord) -> Result<(), StoreError> {
+                async fn insert_signing_key(
+                    &self,
+                    key: &SigningKeyRecord,
+                ) -> Result<(), StoreError> {
                     sqlx::query(
-                        "INSERT INTO signing_keys (kid, algorithm, public_key, private_key, created_at, \
-                         retired_at) VALUES ($1, $2, $3, $4, $5, $6)",
+                        "INSERT INTO signing_keys (kid, algorithm, public_key, private_key, \
+                         created_at, retired_at) VALUES ($1, $2, $3, $4, $5, $6)",
                     )
                     .bind(&key.kid)
                     .bind(&key.algorithm)
@@ -470,7 +479,8 @@ macro_rules! identity_queries {
                     now: DateTime<Utc>,
                 ) -> Result<(), StoreError> {
                     let done = sqlx::query(
-                        "UPDATE signing_keys SET retired_at = COALESCE(retired_at, $2) WHERE kid = $1",
+                        "UPDATE signing_keys SET retired_at = COALESCE(retired_at, $2) WHERE kid = \
+                         $1",
                     )
                     .bind(kid)
                     .bind(Store::time(now))
@@ -490,8 +500,8 @@ macro_rules! identity_queries {
             impl AuditStore for Store {
                 async fn append_audit(&self, event: &NewAuditEvent) -> Result<i64, StoreError> {
                     sqlx::query_scalar(&format!(
-                        "INSERT INTO audit_events (at, kind, actor_id, subject_id, ip, trace_id, detail) \
-                         VALUES ($1, $2, $3, $4, $5, $6, $7{}) RETURNING id",
+                        "INSERT INTO audit_events (at, kind, actor_id, subject_id, ip, trace_id, \
+                         detail) VALUES ($1, $2, $3, $4, $5, $6, $7{}) RETURNING id",
                         Store::AS_JSON
                     ))
                     .bind(Store::time(event.at))
@@ -512,8 +522,9 @@ macro_rules! identity_queries {
                     limit: u32,
                 ) -> Result<Vec<AuditRecord>, StoreError> {
                     let rows = sqlx::query(
-                        "SELECT id, at, kind, actor_id, subject_id, ip, trace_id, CAST(detail AS TEXT) AS detail \
-                         FROM audit_events WHERE CAST($1 AS BIGINT) IS NULL OR id < $1 ORDER BY id DESC LIMIT $2",
+                        "SELECT id, at, kind, actor_id, subject_id, ip, trace_id, CAST(detail AS \
+                         TEXT) AS detail FROM audit_events WHERE CAST($1 AS BIGINT) IS NULL OR id \
+                         < $1 ORDER BY id DESC LIMIT $2",
                     )
                     .bind(before)
                     .bind(i64::from(limit))
@@ -560,8 +571,8 @@ macro_rules! identity_queries {
                     .await
                     .map_err(err)?;
                     sqlx::query(
-                        "INSERT INTO one_time_tokens (token_hash, user_id, purpose, created_at, expires_at) \
-                         VALUES ($1, $2, $3, $4, $5)",
+                        "INSERT INTO one_time_tokens (token_hash, user_id, purpose, created_at, \
+                         expires_at) VALUES ($1, $2, $3, $4, $5)",
                     )
                     .bind(hash)
                     .bind(Store::id(user.0))
@@ -581,8 +592,8 @@ macro_rules! identity_queries {
                     now: DateTime<Utc>,
                 ) -> Result<UserId, StoreError> {
                     let user: <Store as Dialect>::Id = sqlx::query_scalar(
-                        "UPDATE one_time_tokens SET used_at = $3 WHERE token_hash = $1 AND purpose = $2 \
-                         AND used_at IS NULL AND expires_at > $3 RETURNING user_id",
+                        "UPDATE one_time_tokens SET used_at = $3 WHERE token_hash = $1 AND purpose \
+                         = $2 AND used_at IS NULL AND expires_at > $3 RETURNING user_id",
                     )
                     .bind(hash)
                     .bind(purpose.as_str())
@@ -600,8 +611,8 @@ macro_rules! identity_queries {
                     now: DateTime<Utc>,
                 ) -> Result<UserId, StoreError> {
                     let user: <Store as Dialect>::Id = sqlx::query_scalar(
-                        "SELECT user_id FROM one_time_tokens WHERE token_hash = $1 AND purpose = $2 \
-                         AND used_at IS NULL AND expires_at > $3",
+                        "SELECT user_id FROM one_time_tokens WHERE token_hash = $1 AND purpose = \
+                         $2 AND used_at IS NULL AND expires_at > $3",
                     )
                     .bind(hash)
                     .bind(purpose.as_str())
@@ -618,8 +629,8 @@ macro_rules! identity_queries {
                     now: DateTime<Utc>,
                 ) -> Result<(), StoreError> {
                     sqlx::query(
-                        "UPDATE users SET email_verified_at = COALESCE(email_verified_at, $2), updated_at = $2 \
-                         WHERE id = $1",
+                        "UPDATE users SET email_verified_at = COALESCE(email_verified_at, $2), \
+                         updated_at = $2 WHERE id = $1",
                     )
                     .bind(Store::id(user.0))
                     .bind(Store::time(now))
@@ -672,14 +683,19 @@ macro_rules! identity_queries {
                     Ok(done.rows_affected() == 1)
                 }
 
-                async fn totp_factor(&self, user: UserId) -> Result<Option<TotpFactor>, StoreError> {
-                    let row: Option<(Option<String>, Option<<Store as Dialect>::Time>, i64)> = sqlx::query_as(
-                        "SELECT totp_secret, totp_enabled_at, totp_last_step FROM users WHERE id = $1",
-                    )
-                    .bind(Store::id(user.0))
-                    .fetch_optional(&self.pool)
-                    .await
-                    .map_err(|e| StoreError::from_sqlx("user", e))?;
+                async fn totp_factor(
+                    &self,
+                    user: UserId,
+                ) -> Result<Option<TotpFactor>, StoreError> {
+                    let row: Option<(Option<String>, Option<<Store as Dialect>::Time>, i64)> =
+                        sqlx::query_as(
+                            "SELECT totp_secret, totp_enabled_at, totp_last_step FROM users \
+                             WHERE id = $1",
+                        )
+                        .bind(Store::id(user.0))
+                        .fetch_optional(&self.pool)
+                        .await
+                        .map_err(|e| StoreError::from_sqlx("user", e))?;
                     Ok(row.and_then(|(secret, enabled, last_step)| {
                         secret.map(|secret| TotpFactor {
                             secret,
@@ -699,8 +715,8 @@ macro_rules! identity_queries {
                     let err = |e| StoreError::from_sqlx("user", e);
                     let mut tx = self.pool.begin().await.map_err(err)?;
                     let done = sqlx::query(
-                        "UPDATE users SET totp_enabled_at = $2, totp_last_step = $3, updated_at = $2 \
-                         WHERE id = $1 AND totp_secret IS NOT NULL AND totp_enabled_at IS NULL",
+                        "UPDATE users SET totp_enabled_at = $2, totp_last_step = $3, updated_at = \
+                         $2 WHERE id = $1 AND totp_secret IS NOT NULL AND totp_enabled_at IS NULL",
                     )
                     .bind(Store::id(user.0))
                     .bind(Store::time(now))
@@ -718,12 +734,14 @@ macro_rules! identity_queries {
                         .await
                         .map_err(err)?;
                     for hash in recovery_hashes {
-                        sqlx::query("INSERT INTO recovery_codes (user_id, code_hash) VALUES ($1, $2)")
-                            .bind(Store::id(user.0))
-                            .bind(hash)
-                            .execute(&mut *tx)
-                            .await
-                            .map_err(err)?;
+                        sqlx::query(
+                            "INSERT INTO recovery_codes (user_id, code_hash) VALUES ($1, $2)",
+                        )
+                        .bind(Store::id(user.0))
+                        .bind(hash)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(err)?;
                     }
                     tx.commit().await.map_err(err)?;
                     Ok(true)
@@ -737,8 +755,8 @@ macro_rules! identity_queries {
                     let err = |e| StoreError::from_sqlx("user", e);
                     let mut tx = self.pool.begin().await.map_err(err)?;
                     sqlx::query(
-                        "UPDATE users SET totp_secret = NULL, totp_enabled_at = NULL, totp_last_step = 0, \
-                         updated_at = $2 WHERE id = $1",
+                        "UPDATE users SET totp_secret = NULL, totp_enabled_at = NULL, \
+                         totp_last_step = 0, updated_at = $2 WHERE id = $1",
                     )
                     .bind(Store::id(user.0))
                     .bind(Store::time(now))
@@ -753,7 +771,11 @@ macro_rules! identity_queries {
                     tx.commit().await.map_err(err)
                 }
 
-                async fn claim_totp_step(&self, user: UserId, step: i64) -> Result<bool, StoreError> {
+                async fn claim_totp_step(
+                    &self,
+                    user: UserId,
+                    step: i64,
+                ) -> Result<bool, StoreError> {
                     let done = sqlx::query(
                         "UPDATE users SET totp_last_step = $2 \
                          WHERE id = $1 AND totp_enabled_at IS NOT NULL AND totp_last_step < $2",
@@ -787,7 +809,8 @@ macro_rules! identity_queries {
 
                 async fn recovery_codes_left(&self, user: UserId) -> Result<u32, StoreError> {
                     let n: i64 = sqlx::query_scalar(
-                        "SELECT COUNT(*) FROM recovery_codes WHERE user_id = $1 AND used_at IS NULL",
+                        "SELECT COUNT(*) FROM recovery_codes WHERE user_id = $1 AND used_at IS \
+                         NULL",
                     )
                     .bind(Store::id(user.0))
                     .fetch_one(&self.pool)
@@ -803,7 +826,8 @@ macro_rules! identity_queries {
                     expires_at: DateTime<Utc>,
                 ) -> Result<(), StoreError> {
                     sqlx::query(
-                        "INSERT INTO mfa_challenges (token_hash, user_id, expires_at) VALUES ($1, $2, $3)",
+                        "INSERT INTO mfa_challenges (token_hash, user_id, expires_at) VALUES ($1, \
+                         $2, $3)",
                     )
                     .bind(hash)
                     .bind(Store::id(user.0))
@@ -822,7 +846,8 @@ macro_rules! identity_queries {
                 ) -> Result<UserId, StoreError> {
                     let user: <Store as Dialect>::Id = sqlx::query_scalar(
                         "UPDATE mfa_challenges SET attempts = attempts + 1 WHERE token_hash = $1 \
-                         AND used_at IS NULL AND expires_at > $2 AND attempts < $3 RETURNING user_id",
+                         AND used_at IS NULL AND expires_at > $2 AND attempts < $3 RETURNING \
+                         user_id",
                     )
                     .bind(hash)
                     .bind(Store::time(now))

@@ -1,10 +1,10 @@
-//! Rooms, members and messages on both engines; search stays with each backend.
+//! Rooms, members and messages on both engines.
 
-/// Expands to a module `shared` with `impl RoomStore for $store` and the row reader
-/// `message`; the backend defines `search`, since full-text search differs.
+/// Expands to a module `$module` with `impl RoomStore for $store`; full-text search runs the
+/// store's own [`Dialect::SEARCH`](crate::dialect::Dialect::SEARCH).
 macro_rules! room_queries {
-    ($store:ty) => {
-        pub(super) mod shared {
+    ($module:ident, $store:ty) => {
+        mod $module {
             use async_trait::async_trait;
             use chrono::{DateTime, Utc};
             use sqlx::QueryBuilder;
@@ -16,6 +16,7 @@ macro_rules! room_queries {
             use $crate::rooms::{
                 MessageRange, MessageRecord, NewMessage, RoomChange, RoomListing, RoomRecord,
                 RoomRole, RoomStore, SearchHit, Visibility, in_item_order, not_inserted,
+                snippet_html,
             };
 
             type Store = $store;
@@ -40,7 +41,7 @@ macro_rules! room_queries {
                 })
             }
 
-            pub(crate) fn message(row: &Row) -> Result<MessageRecord, StoreError> {
+            fn message(row: &Row) -> Result<MessageRecord, StoreError> {
                 Ok(MessageRecord {
                     id: get(row, "id")?,
                     room_id: Store::read_id(get(row, "room_id")?)?,
@@ -352,7 +353,26 @@ macro_rules! room_queries {
                     room: Option<Uuid>,
                     limit: u32,
                 ) -> Result<Vec<SearchHit>, StoreError> {
-                    self.search(user, query, room, limit).await
+                    let Some(terms) = Store::search_terms(query) else {
+                        return Ok(Vec::new());
+                    };
+                    let rows = sqlx::query(Store::SEARCH)
+                        .bind(terms)
+                        .bind(Store::id(user.0))
+                        .bind(room.map(Store::id))
+                        .bind(i64::from(limit))
+                        .fetch_all(&self.pool)
+                        .await
+                        .map_err(message_err)?;
+                    rows.iter()
+                        .map(|row| {
+                            Ok(SearchHit {
+                                message: message(row)?,
+                                snippet: snippet_html(&get::<_, String>(row, "snippet")?),
+                                score: get(row, "score")?,
+                            })
+                        })
+                        .collect()
                 }
 
                 async fn apply_retention(&self, now: DateTime<Utc>) -> Result<u64, StoreError> {

@@ -1,3 +1,0 @@
-//! Identity on PostgreSQL: the queries shared with the other backend.
-
-crate::queries::identity::identity_queries!(crate::PostgresStore);
