@@ -21,6 +21,8 @@ pub(crate) trait Dialect {
     type Time;
     /// A UUID as bound and read.
     type Id;
+    /// A time as `meta.created_at` stores it.
+    type MetaTime;
 
     /// The case-insensitive `LIKE`.
     const ILIKE: &'static str;
@@ -41,6 +43,9 @@ pub(crate) trait Dialect {
 
     /// A stored time read back.
     fn read_time(stored: Self::Time) -> Result<DateTime<Utc>, StoreError>;
+
+    /// A time to bind to `meta.created_at`.
+    fn meta_time(t: DateTime<Utc>) -> Self::MetaTime;
 
     /// A UUID to bind.
     fn id(id: Uuid) -> Self::Id;

@@ -9,13 +9,13 @@ use sqlx::{PgPool, Postgres};
 use uuid::Uuid;
 
 use crate::dialect::Dialect;
-use crate::meta::MetaStore;
 use crate::migrations::{self, APPLIED_SQL};
 use crate::rooms::fts5_query;
 use crate::{Backend, Health, Store, StoreError, StoreOptions};
 
 // The queries written once for both engines, expanded on this one's types.
 crate::queries::identity::identity_queries!(identity, super::PostgresStore);
+crate::queries::meta::meta_queries!(meta, super::PostgresStore);
 crate::queries::rooms::room_queries!(rooms, super::PostgresStore);
 
 /// PostgreSQL behind a connection pool.
@@ -85,37 +85,11 @@ impl Store for PostgresStore {
     }
 }
 
-#[async_trait]
-impl MetaStore for PostgresStore {
-    async fn meta_get(&self, key: &str) -> Result<String, StoreError> {
-        sqlx::query_scalar("SELECT value FROM meta WHERE key = $1")
-            .bind(key)
-            .fetch_one(&self.pool)
-            .await
-            .map_err(|e| StoreError::from_sqlx("meta", e))
-    }
-
-    async fn meta_insert(
-        &self,
-        key: &str,
-        value: &str,
-        now: DateTime<Utc>,
-    ) -> Result<(), StoreError> {
-        sqlx::query("INSERT INTO meta (key, value, created_at) VALUES ($1, $2, $3)")
-            .bind(key)
-            .bind(value)
-            .bind(now)
-            .execute(&self.pool)
-            .await
-            .map_err(|e| StoreError::from_sqlx("meta", e))?;
-        Ok(())
-    }
-}
-
 impl Dialect for PostgresStore {
     type Db = Postgres;
     type Time = DateTime<Utc>;
     type Id = Uuid;
+    type MetaTime = DateTime<Utc>;
 
     const ILIKE: &'static str = "ILIKE";
     const AS_JSON: &'static str = "::jsonb";
@@ -141,6 +115,10 @@ impl Dialect for PostgresStore {
 
     fn read_time(stored: DateTime<Utc>) -> Result<DateTime<Utc>, StoreError> {
         Ok(stored)
+    }
+
+    fn meta_time(t: DateTime<Utc>) -> DateTime<Utc> {
+        t
     }
 
     fn id(id: Uuid) -> Uuid {

@@ -6,4 +6,5 @@
 //! the engine keeps sqlx's executor, argument and decoding bounds out of every signature.
 
 pub(crate) mod identity;
+pub(crate) mod meta;
 pub(crate) mod rooms;

@@ -10,13 +10,13 @@ use sqlx::{Sqlite, SqlitePool};
 use uuid::Uuid;
 
 use crate::dialect::Dialect;
-use crate::meta::MetaStore;
 use crate::migrations::{self, APPLIED_SQL};
 use crate::rooms::fts5_query;
 use crate::{Backend, Health, Store, StoreError, StoreOptions};
 
 // The queries written once for both engines, expanded on this one's types.
 crate::queries::identity::identity_queries!(identity, super::SqliteStore);
+crate::queries::meta::meta_queries!(meta, super::SqliteStore);
 crate::queries::rooms::room_queries!(rooms, super::SqliteStore);
 
 /// How long a writer waits for another to finish before it gives up.
@@ -121,37 +121,12 @@ impl Store for SqliteStore {
     }
 }
 
-#[async_trait]
-impl MetaStore for SqliteStore {
-    async fn meta_get(&self, key: &str) -> Result<String, StoreError> {
-        sqlx::query_scalar("SELECT value FROM meta WHERE key = ?1")
-            .bind(key)
-            .fetch_one(&self.pool)
-            .await
-            .map_err(|e| StoreError::from_sqlx("meta", e))
-    }
-
-    async fn meta_insert(
-        &self,
-        key: &str,
-        value: &str,
-        now: DateTime<Utc>,
-    ) -> Result<(), StoreError> {
-        sqlx::query("INSERT INTO meta (key, value, created_at) VALUES (?1, ?2, ?3)")
-            .bind(key)
-            .bind(value)
-            .bind(now.to_rfc3339())
-            .execute(&self.pool)
-            .await
-            .map_err(|e| StoreError::from_sqlx("meta", e))?;
-        Ok(())
-    }
-}
-
 impl Dialect for SqliteStore {
     type Db = Sqlite;
     type Time = i64;
     type Id = String;
+    // The first migration keeps meta times as RFC 3339 text.
+    type MetaTime = String;
 
     // SQLite's LIKE ignores ASCII case already.
     const ILIKE: &'static str = "LIKE";
@@ -178,6 +153,10 @@ impl Dialect for SqliteStore {
         DateTime::from_timestamp_micros(stored).ok_or_else(|| {
             StoreError::Other(format!("stored time {stored} is out of range").into())
         })
+    }
+
+    fn meta_time(t: DateTime<Utc>) -> String {
+        t.to_rfc3339()
     }
 
     fn id(id: Uuid) -> String {
