@@ -414,6 +414,8 @@ macro_rules! identity_queries {
                     reason: &str,
                     now: DateTime<Utc>,
                 ) -> Result<u64, StoreError> {
+                    // Every id is distinct from a NULL `except`, so then no session is spared;
+                    // both engines (SQLite since 3.39) know `IS DISTINCT FROM`.
                     let done = sqlx::query(
                         "UPDATE sessions SET revoked_at = $3, revoked_reason = $4 \
                          WHERE user_id = $1 AND revoked_at IS NULL AND id IS DISTINCT FROM $2",
