@@ -2,15 +2,19 @@
 //! SQLite (the embedded default) and PostgreSQL.
 //!
 //! This crate knows nothing of HTTP, JSON or configuration files. Each capability adds a trait
-//! of its own (see [`MetaStore`]) with an implementation per backend and its migrations in
-//! `migrations/<backend>/`; [`Store`] gathers them, so callers hold one `Arc<dyn Store>`.
+//! of its own (see [`MetaStore`]), its queries in `queries/`, written once and expanded for
+//! each backend (what the engines do differently is each backend's `Dialect`), and its
+//! migrations in `migrations/<backend>/`; [`Store`] gathers them, so callers hold one
+//! `Arc<dyn Store>`.
 //! The [`identity`] module holds users, sessions, signing keys and the audit log.
 
+mod dialect;
 mod error;
 pub mod identity;
 mod meta;
 mod migrations;
 mod postgres;
+mod queries;
 pub mod rooms;
 mod sqlite;
 #[cfg(feature = "testing")]

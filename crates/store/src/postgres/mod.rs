@@ -4,15 +4,19 @@ use std::path::Path;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{PgPool, Postgres};
+use uuid::Uuid;
 
-mod identity;
-mod rooms;
-
-use crate::meta::MetaStore;
+use crate::dialect::Dialect;
 use crate::migrations::{self, APPLIED_SQL};
+use crate::rooms::fts5_query;
 use crate::{Backend, Health, Store, StoreError, StoreOptions};
+
+// The queries written once for both engines, expanded on this one's types.
+crate::queries::identity::identity_queries!(identity, super::PostgresStore);
+crate::queries::meta::meta_queries!(meta, super::PostgresStore);
+crate::queries::rooms::room_queries!(rooms, super::PostgresStore);
 
 /// PostgreSQL behind a connection pool.
 #[derive(Debug, Clone)]
@@ -81,29 +85,47 @@ impl Store for PostgresStore {
     }
 }
 
-#[async_trait]
-impl MetaStore for PostgresStore {
-    async fn meta_get(&self, key: &str) -> Result<String, StoreError> {
-        sqlx::query_scalar("SELECT value FROM meta WHERE key = $1")
-            .bind(key)
-            .fetch_one(&self.pool)
-            .await
-            .map_err(|e| StoreError::from_sqlx("meta", e))
+impl Dialect for PostgresStore {
+    type Db = Postgres;
+    type Time = DateTime<Utc>;
+    type Id = Uuid;
+    type MetaTime = DateTime<Utc>;
+
+    const ILIKE: &'static str = "ILIKE";
+    const AS_JSON: &'static str = "::jsonb";
+    const AGE_CUTOFF: &'static str = "$1 - make_interval(secs => r.retention_max_age)";
+    const SEARCH: &'static str = "SELECT m.id, m.room_id, m.sender_id, m.client_msg_id, m.body, \
+        m.created_at, ts_headline('simple', m.body, q, 'StartSel=' || chr(57344) || \
+        ', StopSel=' || chr(57345) || \
+        ', MaxWords=24, MinWords=8, MaxFragments=1, FragmentDelimiter=…') AS snippet, \
+        ts_rank(m.body_tsv, q)::float8 AS score \
+        FROM messages m, plainto_tsquery('simple', $1) q, room_members rm \
+        WHERE rm.room_id = m.room_id AND rm.user_id = $2 AND m.body_tsv @@ q \
+        AND ($3::uuid IS NULL OR m.room_id = $3) \
+        ORDER BY score DESC, m.id DESC LIMIT $4";
+
+    // plainto_tsquery reads the text itself; the words only tell whether there is one.
+    fn search_terms(query: &str) -> Option<String> {
+        fts5_query(query).map(|_| query.to_owned())
     }
 
-    async fn meta_insert(
-        &self,
-        key: &str,
-        value: &str,
-        now: DateTime<Utc>,
-    ) -> Result<(), StoreError> {
-        sqlx::query("INSERT INTO meta (key, value, created_at) VALUES ($1, $2, $3)")
-            .bind(key)
-            .bind(value)
-            .bind(now)
-            .execute(&self.pool)
-            .await
-            .map_err(|e| StoreError::from_sqlx("meta", e))?;
-        Ok(())
+    fn time(t: DateTime<Utc>) -> DateTime<Utc> {
+        t
+    }
+
+    fn read_time(stored: DateTime<Utc>) -> Result<DateTime<Utc>, StoreError> {
+        Ok(stored)
+    }
+
+    fn meta_time(t: DateTime<Utc>) -> DateTime<Utc> {
+        t
+    }
+
+    fn id(id: Uuid) -> Uuid {
+        id
+    }
+
+    fn read_id(stored: Uuid) -> Result<Uuid, StoreError> {
+        Ok(stored)
     }
 }

@@ -5,15 +5,19 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use sqlx::SqlitePool;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Sqlite, SqlitePool};
+use uuid::Uuid;
 
-mod identity;
-mod rooms;
-
-use crate::meta::MetaStore;
+use crate::dialect::Dialect;
 use crate::migrations::{self, APPLIED_SQL};
+use crate::rooms::fts5_query;
 use crate::{Backend, Health, Store, StoreError, StoreOptions};
+
+// The queries written once for both engines, expanded on this one's types.
+crate::queries::identity::identity_queries!(identity, super::SqliteStore);
+crate::queries::meta::meta_queries!(meta, super::SqliteStore);
+crate::queries::rooms::room_queries!(rooms, super::SqliteStore);
 
 /// How long a writer waits for another to finish before it gives up.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -117,29 +121,49 @@ impl Store for SqliteStore {
     }
 }
 
-#[async_trait]
-impl MetaStore for SqliteStore {
-    async fn meta_get(&self, key: &str) -> Result<String, StoreError> {
-        sqlx::query_scalar("SELECT value FROM meta WHERE key = ?1")
-            .bind(key)
-            .fetch_one(&self.pool)
-            .await
-            .map_err(|e| StoreError::from_sqlx("meta", e))
+impl Dialect for SqliteStore {
+    type Db = Sqlite;
+    type Time = i64;
+    type Id = String;
+    // The first migration keeps meta times as RFC 3339 text.
+    type MetaTime = String;
+
+    // SQLite's LIKE ignores ASCII case already.
+    const ILIKE: &'static str = "LIKE";
+    const AS_JSON: &'static str = "";
+    const AGE_CUTOFF: &'static str = "$1 - r.retention_max_age * 1000000";
+    // FTS5's bm25 is lower for better matches.
+    const SEARCH: &'static str = "SELECT m.id, m.room_id, m.sender_id, m.client_msg_id, m.body, \
+        m.created_at, snippet(messages_fts, 0, char(57344), char(57345), '…', 12) AS snippet, \
+        -bm25(messages_fts) AS score \
+        FROM messages_fts JOIN messages m ON m.id = messages_fts.rowid \
+        JOIN room_members rm ON rm.room_id = m.room_id AND rm.user_id = $2 \
+        WHERE messages_fts MATCH $1 AND ($3 IS NULL OR m.room_id = $3) \
+        ORDER BY bm25(messages_fts) LIMIT $4";
+
+    fn search_terms(query: &str) -> Option<String> {
+        fts5_query(query)
     }
 
-    async fn meta_insert(
-        &self,
-        key: &str,
-        value: &str,
-        now: DateTime<Utc>,
-    ) -> Result<(), StoreError> {
-        sqlx::query("INSERT INTO meta (key, value, created_at) VALUES (?1, ?2, ?3)")
-            .bind(key)
-            .bind(value)
-            .bind(now.to_rfc3339())
-            .execute(&self.pool)
-            .await
-            .map_err(|e| StoreError::from_sqlx("meta", e))?;
-        Ok(())
+    fn time(t: DateTime<Utc>) -> i64 {
+        t.timestamp_micros()
+    }
+
+    fn read_time(stored: i64) -> Result<DateTime<Utc>, StoreError> {
+        DateTime::from_timestamp_micros(stored).ok_or_else(|| {
+            StoreError::Other(format!("stored time {stored} is out of range").into())
+        })
+    }
+
+    fn meta_time(t: DateTime<Utc>) -> String {
+        t.to_rfc3339()
+    }
+
+    fn id(id: Uuid) -> String {
+        id.to_string()
+    }
+
+    fn read_id(stored: String) -> Result<Uuid, StoreError> {
+        Uuid::parse_str(&stored).map_err(|e| StoreError::Other(Box::new(e)))
     }
 }
