@@ -550,6 +550,25 @@ macro_rules! identity_queries {
                 }
             }
 
+            /// The user of a live (unused, unexpired) one-time token that `sql` selects by
+            /// `$1` hash, `$2` purpose and `$3` now.
+            async fn live_token_user(
+                pool: &sqlx::Pool<<Store as Dialect>::Db>,
+                sql: &'static str,
+                hash: &str,
+                purpose: TokenPurpose,
+                now: DateTime<Utc>,
+            ) -> Result<UserId, StoreError> {
+                let user: <Store as Dialect>::Id = sqlx::query_scalar(sql)
+                    .bind(hash)
+                    .bind(purpose.as_str())
+                    .bind(Store::time(now))
+                    .fetch_one(pool)
+                    .await
+                    .map_err(|e| StoreError::from_sqlx("token", e))?;
+                Ok(UserId(Store::read_id(user)?))
+            }
+
             #[async_trait]
             impl OneTimeTokenStore for Store {
                 async fn issue_one_time_token(
@@ -593,17 +612,10 @@ macro_rules! identity_queries {
                     purpose: TokenPurpose,
                     now: DateTime<Utc>,
                 ) -> Result<UserId, StoreError> {
-                    let user: <Store as Dialect>::Id = sqlx::query_scalar(
-                        "UPDATE one_time_tokens SET used_at = $3 WHERE token_hash = $1 AND purpose \
-                         = $2 AND used_at IS NULL AND expires_at > $3 RETURNING user_id",
-                    )
-                    .bind(hash)
-                    .bind(purpose.as_str())
-                    .bind(Store::time(now))
-                    .fetch_one(&self.pool)
-                    .await
-                    .map_err(|e| StoreError::from_sqlx("token", e))?;
-                    Ok(UserId(Store::read_id(user)?))
+                    let sql = "UPDATE one_time_tokens SET used_at = $3 WHERE token_hash = $1 AND \
+                               purpose = $2 AND used_at IS NULL AND expires_at > $3 RETURNING \
+                               user_id";
+                    live_token_user(&self.pool, sql, hash, purpose, now).await
                 }
 
                 async fn peek_one_time_token(
@@ -612,17 +624,9 @@ macro_rules! identity_queries {
                     purpose: TokenPurpose,
                     now: DateTime<Utc>,
                 ) -> Result<UserId, StoreError> {
-                    let user: <Store as Dialect>::Id = sqlx::query_scalar(
-                        "SELECT user_id FROM one_time_tokens WHERE token_hash = $1 AND purpose = \
-                         $2 AND used_at IS NULL AND expires_at > $3",
-                    )
-                    .bind(hash)
-                    .bind(purpose.as_str())
-                    .bind(Store::time(now))
-                    .fetch_one(&self.pool)
-                    .await
-                    .map_err(|e| StoreError::from_sqlx("token", e))?;
-                    Ok(UserId(Store::read_id(user)?))
+                    let sql = "SELECT user_id FROM one_time_tokens WHERE token_hash = $1 AND \
+                               purpose = $2 AND used_at IS NULL AND expires_at > $3";
+                    live_token_user(&self.pool, sql, hash, purpose, now).await
                 }
 
                 async fn set_email_verified(
