@@ -1,5 +1,6 @@
 //! Chat: rooms, membership and messages, with the authorisation rules every endpoint and every
-//! WebSocket frame goes through, and the hub that delivers to connected clients.
+//! WebSocket frame goes through, and the hub that delivers to connected clients. This crate
+//! knows the store's traits and the wire protocol, but no HTTP, no WebSocket library and no SQL.
 //!
 //! Rules: anyone signed in may see, join and read a public room; a private room exists only
 //! for its members (to others it is "not found"). Members post; room admins and owners add and

@@ -1,6 +1,7 @@
 //! Identity: registration, login, refresh-token rotation, sessions, admin actions and the
-//! audit trail. This module knows the store and the crypto but no HTTP; handlers call it and
-//! map [`IdentityError`] to problems in one place (`routes::auth`).
+//! audit trail. This crate knows the store's traits and the crypto but no HTTP and no SQL; the
+//! server's handlers call it and map [`IdentityError`] to problems in one place (its
+//! `routes::auth`).
 
 mod account;
 pub mod audit_file;
