@@ -10,6 +10,7 @@ pub mod hub;
 pub mod metrics;
 pub mod outbox;
 pub mod session;
+pub mod writer;
 
 use std::collections::HashMap;
 use std::sync::Arc;
