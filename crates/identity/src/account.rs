@@ -99,14 +99,7 @@ impl Identity {
         let hash = OpaqueToken::from_client(token).hash();
         let user = self.consume(&hash, TokenPurpose::VerifyEmail).await?;
         self.store.set_email_verified(user, self.now()).await?;
-        self.audit(
-            "email.verified",
-            Some(user),
-            Some(user.to_string()),
-            ctx,
-            serde_json::json!({}),
-        )
-        .await;
+        self.audit_own("email.verified", user, ctx).await;
         Ok(())
     }
 
@@ -145,14 +138,7 @@ impl Identity {
             .verify(current, Some(&user.password_hash))
             .await?;
         if !verified.matches {
-            self.audit(
-                "password.change_failed",
-                Some(user.id),
-                Some(user.id.to_string()),
-                ctx,
-                serde_json::json!({}),
-            )
-            .await;
+            self.audit_own("password.change_failed", user.id, ctx).await;
             return Err(IdentityError::WrongCurrentPassword);
         }
         self.limits.login_account.release(&reservation);
@@ -164,14 +150,7 @@ impl Identity {
             self.now(),
         )
         .await?;
-        self.audit(
-            "password.changed",
-            Some(user.id),
-            Some(user.id.to_string()),
-            ctx,
-            serde_json::json!({}),
-        )
-        .await;
+        self.audit_own("password.changed", user.id, ctx).await;
         self.notify(
             &user.email,
             "Your password was changed",
@@ -284,14 +263,7 @@ impl Identity {
         self.store.set_email_verified(user.id, now).await?;
         self.store.record_login_success(user.id, now).await?;
         self.limits.login_account.reset(user.email.as_str());
-        self.audit(
-            "password.reset",
-            Some(user.id),
-            Some(user.id.to_string()),
-            ctx,
-            serde_json::json!({}),
-        )
-        .await;
+        self.audit_own("password.reset", user.id, ctx).await;
         self.notify(
             &user.email,
             "Your password was reset",

@@ -636,14 +636,7 @@ impl Identity {
         let now = self.now();
         if let Some(until) = user.locked_until.filter(|t| *t > now) {
             self.metrics.failure("locked");
-            self.audit(
-                "login.locked",
-                Some(user.id),
-                Some(user.id.to_string()),
-                ctx,
-                serde_json::json!({}),
-            )
-            .await;
+            self.audit_own("login.locked", user.id, ctx).await;
             return Err(IdentityError::Locked {
                 retry_after: (until - now).num_seconds().max(1),
             });
@@ -715,14 +708,7 @@ impl Identity {
         // Judged before this login's own session exists.
         self.notify_if_new_device(&user, ctx).await;
         let pair = self.open_session(&user, ctx, now).await?;
-        self.audit(
-            "login.succeeded",
-            Some(user.id),
-            Some(user.id.to_string()),
-            ctx,
-            serde_json::json!({}),
-        )
-        .await;
+        self.audit_own("login.succeeded", user.id, ctx).await;
         Ok(LoginOutcome::Tokens(pair))
     }
 
@@ -1145,6 +1131,19 @@ impl Identity {
             }
         }
         Ok(summary)
+    }
+
+    /// Records that a user did something to their own account (actor and subject are the
+    /// user), with no further detail.
+    async fn audit_own(&self, kind: &str, user: UserId, ctx: &RequestContext) {
+        self.audit(
+            kind,
+            Some(user),
+            Some(user.to_string()),
+            ctx,
+            serde_json::json!({}),
+        )
+        .await;
     }
 
     /// Records a security event. A failure to record is logged, and never hides the outcome of

@@ -155,14 +155,7 @@ impl Identity {
         {
             return Err(IdentityError::TotpNotSetUp);
         }
-        self.audit(
-            "mfa.enabled",
-            Some(user.id),
-            Some(user.id.to_string()),
-            ctx,
-            serde_json::json!({}),
-        )
-        .await;
+        self.audit_own("mfa.enabled", user.id, ctx).await;
         self.notify(
             &user.email,
             "Two-factor authentication is on",
@@ -189,26 +182,12 @@ impl Identity {
             .limited("mfa", &self.limits.login_account, user.email.as_str(), ctx)
             .await?;
         if self.check_code(&user, code).await?.is_none() {
-            self.audit(
-                "mfa.failed",
-                Some(user.id),
-                Some(user.id.to_string()),
-                ctx,
-                serde_json::json!({}),
-            )
-            .await;
+            self.audit_own("mfa.failed", user.id, ctx).await;
             return Err(IdentityError::WrongCode);
         }
         self.limits.login_account.release(&reservation);
         self.store.disable_totp(user.id, self.now()).await?;
-        self.audit(
-            "mfa.disabled",
-            Some(user.id),
-            Some(user.id.to_string()),
-            ctx,
-            serde_json::json!({}),
-        )
-        .await;
+        self.audit_own("mfa.disabled", user.id, ctx).await;
         self.notify(
             &user.email,
             "Two-factor authentication is off",
@@ -313,14 +292,7 @@ impl Identity {
         };
         let Some(method) = self.check_code(&user, code).await? else {
             self.metrics.failure("wrong_code");
-            self.audit(
-                "login.mfa_failed",
-                Some(user.id),
-                Some(user.id.to_string()),
-                ctx,
-                serde_json::json!({}),
-            )
-            .await;
+            self.audit_own("login.mfa_failed", user.id, ctx).await;
             return Err(IdentityError::WrongCode);
         };
         self.limits.login_ip.release(&by_ip);
