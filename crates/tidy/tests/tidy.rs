@@ -1,6 +1,7 @@
 //! The architecture's invariants, made mechanical (in the spirit of rust-analyzer's tidy
 //! tests): each capability crate knows no HTTP and no SQL, `protocol` depends on no other
-//! Unhidra crate, and `docs/ARCHITECTURE.md` maps exactly the crates `cargo metadata` lists.
+//! Unhidra crate, `docs/ARCHITECTURE.md` maps exactly the crates `cargo metadata` lists, and
+//! every crate carries the project's licence.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -282,4 +283,46 @@ fn every_module_says_what_it_is_for() {
         missing.is_empty(),
         "modules without a `//!` line saying what they are for: {missing:?}"
     );
+}
+
+#[test]
+fn every_crate_is_licensed_mit_or_apache() {
+    let meta = metadata();
+    let members: BTreeSet<String> = meta["workspace_members"]
+        .as_array()
+        .expect("workspace_members")
+        .iter()
+        .map(str_of)
+        .collect();
+    let wrong: Vec<String> = meta["packages"]
+        .as_array()
+        .expect("packages")
+        .iter()
+        .filter(|p| members.contains(&str_of(&p["id"])))
+        .filter(|p| p["license"].as_str() != Some("MIT OR Apache-2.0"))
+        .map(|p| format!("{}: {}", str_of(&p["name"]), p["license"]))
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "every crate is `MIT OR Apache-2.0`: {wrong:?}"
+    );
+    let root = root();
+    let mit = std::fs::read_to_string(root.join("LICENSE-MIT")).expect("LICENSE-MIT");
+    assert!(
+        mit.starts_with("MIT License"),
+        "LICENSE-MIT is the MIT licence"
+    );
+    let apache = std::fs::read_to_string(root.join("LICENSE-APACHE")).expect("LICENSE-APACHE");
+    assert!(
+        apache.contains("Apache License") && apache.contains("Version 2.0, January 2004"),
+        "LICENSE-APACHE is the Apache License 2.0"
+    );
+    // Vendored assets keep their own terms beside them.
+    let swagger = root.join("crates/server/assets/swagger-ui");
+    for notice in ["LICENSE", "NOTICE"] {
+        assert!(
+            swagger.join(notice).is_file(),
+            "swagger-ui/{notice} is kept"
+        );
+    }
 }

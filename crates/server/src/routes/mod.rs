@@ -25,7 +25,7 @@ pub const OPENAPI_PATH: &str = "/api/v1/openapi.json";
         title = "Unhidra",
         description = "A secure, self-hosted real-time backend for people and their devices. \
             Every error is an RFC 9457 problem (`application/problem+json`).",
-        license(name = "AGPL-3.0-only"),
+        license(name = "MIT OR Apache-2.0", identifier = "MIT OR Apache-2.0"),
     ),
     components(schemas(Problem, FieldError)),
 

@@ -1,0 +1,1 @@
+//! A fixture for scripts/audit: never built.
