@@ -92,3 +92,52 @@ def test_a_bad_token_is_refused_before_the_upgrade(server):
             assert refused.response.status_code == 401
 
     asyncio.run(scenario())
+
+
+async def keep_sending_until_closed(ws, frames):
+    """Sends `frames` (an iterator of text frames) until the server closes; returns the close
+    code the client received (1006 when no close frame arrived). Bounded: at most 100,000
+    frames or 20 seconds."""
+    async def flood():
+        for i, text in zip(range(100_000), frames):
+            await ws.send(text)
+            if i % 200 == 0:
+                await asyncio.sleep(0)  # lets the client read what the server sends
+
+    try:
+        await asyncio.wait_for(flood(), timeout=20)
+        await asyncio.wait_for(ws.wait_closed(), timeout=10)
+    except websockets.exceptions.ConnectionClosed:
+        pass
+    return ws.close_code
+
+
+def test_a_client_still_sending_gets_the_documented_close_code(server):
+    """After its close frame the server reads and drops what the client still sends until the
+    client answers, so the close frame is not destroyed by a TCP reset: a flood ends with 4029
+    (rate limit), an oversize frame with 1009, not with 1006."""
+    token = account(server, "py.flood@example.com")
+    url = server.base_url.replace("http://", "ws://") + "/ws"
+    protocols = ["unhidra.v1.json", f"bearer.{token}"]
+
+    def pings():
+        while True:
+            yield json.dumps({"type": "ping"})
+
+    async def scenario():
+        # max_queue=None: the client keeps reading whatever the server sends, so that only the
+        # rate limit, not a full queue, can end the connection.
+        async with websockets.connect(url, subprotocols=protocols, max_queue=None) as ws:
+            await frame(ws, "welcome")
+            assert await keep_sending_until_closed(ws, pings()) == 4029
+
+        async with websockets.connect(url, subprotocols=protocols, max_queue=None, max_size=None) as ws:
+            await frame(ws, "welcome")
+
+            def oversize_then_pings():
+                yield "x" * (64 * 1024 + 1)  # past ws_max_frame_bytes' default
+                yield from pings()
+
+            assert await keep_sending_until_closed(ws, oversize_then_pings()) == 1009
+
+    asyncio.run(scenario())

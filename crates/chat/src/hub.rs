@@ -32,8 +32,10 @@ pub struct ConnectionInfo {
     pub user: String,
     /// The client's address.
     pub ip: Option<String>,
-    /// The subprotocol agreed.
-    pub protocol: String,
+    /// The wire format: `unhidra.v1.json`, `unhidra.v1.jsonl` or `unhidra.v1.msgpack`.
+    pub protocol: &'static str,
+    /// How the client presented its credential (never the credential itself).
+    pub auth: AuthStyle,
     /// When it connected.
     pub connected_at: DateTime<Utc>,
     /// When the client last sent a frame (a WebSocket ping or pong counts); the connect time
@@ -78,13 +80,27 @@ impl<'a> Encoded<'a> {
     }
 }
 
+/// How a connection presented its token on the upgrade. The token itself is never kept: in the
+/// firmware style the subprotocol *is* the token, so the listing says the style instead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum AuthStyle {
+    /// A protocol name and `bearer.<token>` in `Sec-WebSocket-Protocol` (browsers).
+    Bearer,
+    /// The token as the only subprotocol, echoed back (ESP32 firmware).
+    TokenOnly,
+    /// `Authorization: Bearer` on the upgrade request.
+    AuthorizationHeader,
+}
+
 struct Conn {
     /// Whether frames go out as MessagePack.
     msgpack: bool,
     user: UserId,
     session: Uuid,
     ip: Option<IpAddr>,
-    protocol: String,
+    protocol: &'static str,
+    auth: AuthStyle,
     connected_at: DateTime<Utc>,
     /// Unix milliseconds of the client's last frame (0 before the first).
     activity: Arc<AtomicI64>,
@@ -146,13 +162,13 @@ impl Hub {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Registers a new connection.
+    /// Registers a new connection speaking `protocol` (one of the `SUBPROTOCOL_*` names).
     pub fn register(
         &self,
         user: UserId,
         session: Uuid,
         ip: Option<IpAddr>,
-        protocol: &str,
+        (protocol, auth): (&'static str, AuthStyle),
         now: DateTime<Utc>,
     ) -> Registration {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
@@ -165,7 +181,8 @@ impl Hub {
                 user,
                 session,
                 ip,
-                protocol: protocol.to_owned(),
+                protocol,
+                auth,
                 connected_at: now,
                 activity: Arc::clone(&activity),
                 outbox: Arc::clone(&outbox),
@@ -486,7 +503,8 @@ impl Hub {
                 kind: "user",
                 user: c.user.to_string(),
                 ip: c.ip.map(|ip| ip.to_string()),
-                protocol: c.protocol.clone(),
+                protocol: c.protocol,
+                auth: c.auth,
                 connected_at: c.connected_at,
                 last_activity: match c.activity.load(Ordering::Relaxed) {
                     0 => c.connected_at,

@@ -18,6 +18,7 @@ use unhidra_protocol::{
     SUBPROTOCOL_MSGPACK, ServerFrame, close, parse_client_frame, parse_client_frame_msgpack,
 };
 
+use unhidra_chat::hub::AuthStyle;
 use unhidra_chat::outbox::{Message as Queued, Next};
 use unhidra_chat::session::{Admit, Burst, Handled, Session};
 use unhidra_chat::writer::{Pace, join_lines};
@@ -31,12 +32,21 @@ use crate::state::AppState;
 const READ_CHUNK_BYTES: usize = 4 * 1024;
 /// How long a closing connection's writer gets to send what is queued and the close frame.
 const WRITER_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+/// How long a connection the server closes keeps reading, and discarding, what the peer still
+/// sends while it waits for the peer's close frame. Dropping a socket with unread bytes makes
+/// the kernel answer with a reset, which destroys the close frame on its way: the client would
+/// see 1006 instead of the code it was sent.
+const CLOSE_LINGER: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// How the client authenticated and which subprotocol to echo.
 struct Offer {
     token: String,
     /// The exact value to echo in `Sec-WebSocket-Protocol`, if any.
     echo: Option<String>,
+    /// The wire format the connection speaks.
+    protocol: &'static str,
+    /// How the token came; what the hub keeps and lists instead of it.
+    style: AuthStyle,
 }
 
 /// Reads the token and the subprotocol to echo from the upgrade request.
@@ -55,21 +65,28 @@ fn offer(headers: &HeaderMap) -> Option<Offer> {
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(|t| t.trim().to_owned());
     // The first protocol name the client offers wins.
-    if let Some(name) = offered.iter().find(|p| {
+    let named = offered.iter().find_map(|p| {
         [
             SUBPROTOCOL_JSON,
             SUBPROTOCOL_JSON_LINES,
             SUBPROTOCOL_MSGPACK,
         ]
-        .contains(&p.as_str())
-    }) {
-        let token = offered
+        .into_iter()
+        .find(|name| name == p)
+    });
+    if let Some(name) = named {
+        let in_protocols = offered
             .iter()
-            .find_map(|p| p.strip_prefix(BEARER_PREFIX).map(str::to_owned))
-            .or(bearer)?;
+            .find_map(|p| p.strip_prefix(BEARER_PREFIX).map(str::to_owned));
+        let (token, style) = match in_protocols {
+            Some(token) => (token, AuthStyle::Bearer),
+            None => (bearer?, AuthStyle::AuthorizationHeader),
+        };
         return Some(Offer {
             token,
-            echo: Some(name.clone()),
+            echo: Some(name.to_owned()),
+            protocol: name,
+            style,
         });
     }
     // The firmware style: the token is the only subprotocol, and must be echoed back.
@@ -77,9 +94,16 @@ fn offer(headers: &HeaderMap) -> Option<Offer> {
         return Some(Offer {
             token: lone.clone(),
             echo: Some(lone.clone()),
+            protocol: SUBPROTOCOL_JSON,
+            style: AuthStyle::TokenOnly,
         });
     }
-    bearer.map(|token| Offer { token, echo: None })
+    bearer.map(|token| Offer {
+        token,
+        echo: None,
+        protocol: SUBPROTOCOL_JSON,
+        style: AuthStyle::AuthorizationHeader,
+    })
 }
 
 fn origin_allowed(state: &AppState, headers: &HeaderMap) -> bool {
@@ -120,10 +144,7 @@ pub async fn upgrade(
         return rate_limited(refused, "new connections").into_response();
     }
     let limit = usize::try_from(state.config().ws_max_frame_bytes).unwrap_or(usize::MAX);
-    let protocol = offer
-        .echo
-        .clone()
-        .unwrap_or_else(|| SUBPROTOCOL_JSON.to_owned());
+    let wire = (offer.protocol, offer.style);
     // Frames past `limit` are refused with 1009 by the reader below. The library's own cap sits
     // well above it, as a memory guard: a frame past that one ends the connection without a
     // close frame, because the library cannot read past it.
@@ -138,7 +159,7 @@ pub async fn upgrade(
         Some(echo) => ws.protocols([echo]),
         None => ws,
     };
-    ws.on_upgrade(move |socket| run(state, socket, who, expires, ip, protocol, limit))
+    ws.on_upgrade(move |socket| run(state, socket, who, expires, ip, wire, limit))
 }
 
 /// One connection, from upgrade to close.
@@ -148,16 +169,17 @@ async fn run(
     who: Principal,
     mut expires: DateTime<Utc>,
     ip: Option<IpAddr>,
-    protocol: String,
+    wire: (&'static str, AuthStyle),
     limit: usize,
 ) {
+    let protocol = wire.0;
     let chat = state.chat();
     let hub = chat.hub();
     let metrics = chat.metrics().clone();
     let kind = unhidra_chat::metrics::KindLabel { kind: "user" };
     metrics.connections.get_or_create(&kind).inc();
     let msgpack = protocol == SUBPROTOCOL_MSGPACK;
-    let registration = hub.register(who.user_id, who.session_id, ip, &protocol, Utc::now());
+    let registration = hub.register(who.user_id, who.session_id, ip, wire, Utc::now());
     let id = registration.id;
     let outbox = registration.outbox;
     let activity = registration.activity;
@@ -353,12 +375,24 @@ async fn run(
         .inc();
     // The writer sends what is queued and the close frame; a peer that stopped reading is not
     // waited for longer than this, and dropping the writer closes the socket.
-    if tokio::time::timeout(WRITER_GRACE, &mut writer)
-        .await
-        .is_err()
-    {
-        writer.abort();
+    let written = async {
+        let _ = tokio::time::timeout(WRITER_GRACE, &mut writer).await;
+    };
+    if closed_by_peer {
+        written.await;
+    } else {
+        // Meanwhile the peer's frames are read and dropped until its close frame answers ours.
+        let drained = async {
+            while let Some(Ok(message)) = stream.next().await {
+                if matches!(message, Message::Close(_)) {
+                    break;
+                }
+            }
+        };
+        let linger = WRITER_GRACE.max(CLOSE_LINGER);
+        let _ = tokio::time::timeout(linger, futures_util::future::join(written, drained)).await;
     }
+    writer.abort();
     tracing::debug!(connection = id, "websocket closed");
 }
 

@@ -65,6 +65,21 @@ async fn connect_with(
     Ok((socket, echoed))
 }
 
+/// Logs an existing account in; returns its access token.
+async fn login(app: &TestApp, email: &str) -> String {
+    let pair: Value = app
+        .client
+        .post(app.url("/api/v1/auth/login"))
+        .json(&json!({ "email": email, "password": PASSWORD }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    pair["access_token"].as_str().unwrap().to_owned()
+}
+
 /// Connects the browser way and reads the welcome frame.
 async fn connect(app: &TestApp, token: &str) -> Socket {
     let (mut socket, echoed) =
@@ -121,9 +136,17 @@ async fn close_code(socket: &mut Socket) -> u16 {
 
 #[tokio::test]
 async fn all_three_ways_to_authenticate() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_with(
+        Backend::Sqlite,
+        |c| {
+            c.admin_email = Some("root@example.com".into());
+            c.admin_password = Some(unhidra_config::Secret::new(PASSWORD));
+        },
+        None,
+    )
+    .await;
     let (_, token) = user(&app, "ws1@example.com").await;
-    connect(&app, &token).await;
+    let _browser = connect(&app, &token).await;
     // The ESP32 firmware style: a lone token, echoed as it came.
     let (mut lone, echoed) = connect_with(&app, Some(&token), None).await.unwrap();
     assert_eq!(echoed.as_deref(), Some(token.as_str()));
@@ -132,6 +155,38 @@ async fn all_three_ways_to_authenticate() {
     let (mut header, echoed) = connect_with(&app, None, Some(&token)).await.unwrap();
     assert_eq!(echoed, None);
     assert_eq!(next(&mut header).await["type"], "welcome");
+    // The listing names each style and wire format, and never holds the token.
+    let admin = login(&app, "root@example.com").await;
+    let list = app
+        .client
+        .get(app.url("/api/v1/admin/connections"))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(!list.contains(&token), "the token is listed: {list}");
+    let list: Value = serde_json::from_str(&list).unwrap();
+    let mut seen: Vec<(String, String)> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (c["auth"].to_string(), c["protocol"].to_string()))
+        .collect();
+    seen.sort();
+    assert_eq!(
+        seen,
+        [
+            (
+                r#""authorization-header""#.into(),
+                r#""unhidra.v1.json""#.into()
+            ),
+            (r#""bearer""#.into(), r#""unhidra.v1.json""#.into()),
+            (r#""token-only""#.into(), r#""unhidra.v1.json""#.into()),
+        ]
+    );
     app.shutdown().await;
 }
 
@@ -465,17 +520,7 @@ async fn close_codes_for_oversize_frames_admins_and_shutdown() {
     socket.send(Message::text("x".repeat(4096))).await.unwrap();
     assert_eq!(close_code(&mut socket).await, 1009);
 
-    let admin: Value = app
-        .client
-        .post(app.url("/api/v1/auth/login"))
-        .json(&json!({ "email": "root@example.com", "password": PASSWORD }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let admin = admin["access_token"].as_str().unwrap().to_owned();
+    let admin = login(&app, "root@example.com").await;
     let mut watched = connect(&app, &token).await;
     let listing = || async {
         let list: Value = app
@@ -494,6 +539,7 @@ async fn close_codes_for_oversize_frames_admins_and_shutdown() {
     let listed = listing().await;
     assert_eq!(listed["kind"], "user");
     assert_eq!(listed["protocol"], "unhidra.v1.json");
+    assert_eq!(listed["auth"], "bearer");
     assert_eq!(listed["ip"], "127.0.0.1");
     assert_eq!(listed["last_activity"], listed["connected_at"], "{listed}");
     // A frame from the client moves its last activity on.
