@@ -107,7 +107,14 @@ struct Conn {
     outbox: Arc<Outbox>,
     rooms: HashSet<Uuid>,
     /// Rooms being resumed: their live messages wait here until the replay is sent.
-    held: HashMap<Uuid, Vec<(Option<i64>, Message)>>,
+    held: HashMap<Uuid, Held>,
+}
+
+/// Live messages of a room held back while its replay is read, bounded like the queue.
+#[derive(Default)]
+struct Held {
+    messages: Vec<(Option<i64>, Message)>,
+    bytes: usize,
 }
 
 #[derive(Default)]
@@ -120,6 +127,7 @@ struct State {
 /// Every live connection of this process.
 pub struct Hub {
     queue: usize,
+    queue_bytes: usize,
     metrics: WsMetrics,
     next: AtomicU64,
     state: Mutex<State>,
@@ -129,6 +137,7 @@ impl std::fmt::Debug for Hub {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Hub")
             .field("queue", &self.queue)
+            .field("queue_bytes", &self.queue_bytes)
             .finish_non_exhaustive()
     }
 }
@@ -146,10 +155,11 @@ pub struct Registration {
 }
 
 impl Hub {
-    /// A hub whose connections queue at most `queue` frames each.
-    pub fn new(queue: usize, metrics: WsMetrics) -> Self {
+    /// A hub whose connections queue at most `queue` frames and `queue_bytes` bytes each.
+    pub fn new(queue: usize, queue_bytes: usize, metrics: WsMetrics) -> Self {
         Self {
             queue: queue.max(1),
+            queue_bytes,
             metrics,
             next: AtomicU64::new(1),
             state: Mutex::new(State::default()),
@@ -172,7 +182,7 @@ impl Hub {
         now: DateTime<Utc>,
     ) -> Registration {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let outbox = Arc::new(Outbox::new(self.queue));
+        let outbox = Arc::new(Outbox::new(self.queue, self.queue_bytes));
         let activity = Arc::new(AtomicI64::new(0));
         self.state().conns.insert(
             id,
@@ -351,12 +361,25 @@ impl Hub {
                 })
                 .inc_by(u64::try_from(set.len()).unwrap_or(0));
             for conn_id in set {
-                if let Some(conn) = conns.get_mut(conn_id) {
-                    let message = encoded.message(conn.msgpack);
-                    match conn.held.get_mut(&room) {
-                        Some(held) => held.push((id, message)),
-                        None => Self::offer(conn, message),
+                let Some(conn) = conns.get_mut(conn_id) else {
+                    continue;
+                };
+                // Nothing is encoded for a connection that is going away.
+                if conn.outbox.is_closing() {
+                    continue;
+                }
+                let message = encoded.message(conn.msgpack);
+                match conn.held.get_mut(&room) {
+                    Some(held) => {
+                        held.bytes = held.bytes.saturating_add(message.len());
+                        held.messages.push((id, message));
+                        if held.messages.len() > self.queue || held.bytes > self.queue_bytes {
+                            conn.held.clear();
+                            conn.outbox
+                                .close_now(close::OVERLOADED, "too slow to keep up");
+                        }
                     }
+                    None => Self::offer(conn, message),
                 }
             }
         }
@@ -378,9 +401,12 @@ impl Hub {
             return;
         };
         let held = conn.held.remove(&room).unwrap_or_default();
+        if conn.outbox.is_closing() {
+            return;
+        }
         let replay = Encoded::new(replay).message(conn.msgpack);
         Self::offer(conn, replay);
-        for (message_id, message) in held {
+        for (message_id, message) in held.messages {
             if message_id.is_none_or(|m| m > replayed_to) {
                 Self::offer(conn, message);
             }
@@ -391,7 +417,7 @@ impl Hub {
     pub fn send_to(&self, id: ConnId, frame: &ServerFrame) {
         self.metrics.frame("out", frame.kind());
         let state = self.state();
-        if let Some(conn) = state.conns.get(&id) {
+        if let Some(conn) = state.conns.get(&id).filter(|c| !c.outbox.is_closing()) {
             Self::offer(conn, Encoded::new(frame).message(conn.msgpack));
         }
     }
@@ -402,18 +428,32 @@ impl Hub {
         let mut encoded = Encoded::new(frame);
         let state = self.state();
         let mut delivered = 0;
-        for conn in state.conns.values().filter(|c| c.user == user) {
+        for conn in state
+            .conns
+            .values()
+            .filter(|c| c.user == user && !c.outbox.is_closing())
+        {
             Self::offer(conn, encoded.message(conn.msgpack));
             delivered += 1;
         }
         delivered
     }
 
-    /// Queues a message without waiting; a full queue means the reader is too slow.
+    /// Queues a message without waiting; a full queue means the reader is too slow, and what
+    /// waits for it is dropped with the connection.
     fn offer(conn: &Conn, message: Message) {
         if conn.outbox.push(message).is_err() {
-            conn.outbox.close(close::OVERLOADED, "too slow to keep up");
+            conn.outbox
+                .close_now(close::OVERLOADED, "too slow to keep up");
         }
+    }
+
+    /// Whether a connection is gone or going away: work for it can stop.
+    pub fn is_closing(&self, id: ConnId) -> bool {
+        self.state()
+            .conns
+            .get(&id)
+            .is_none_or(|c| c.outbox.is_closing())
     }
 
     /// Closes one connection; false if there is none with that id.

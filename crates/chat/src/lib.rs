@@ -100,6 +100,8 @@ pub struct Chat {
     /// How long after a write that carried a backlog a connection waits before the next
     /// (`ws_write_coalesce`; stretched for a very large backlog).
     pub write_coalesce: std::time::Duration,
+    /// The largest `history` reply or `resume` replay per room, in encoded bytes.
+    pub max_reply_bytes: usize,
     /// One lock per room, held from storing a message to queueing its broadcast, so that a
     /// room's messages are stored, committed and delivered in the order of their ids.
     order: std::sync::Mutex<HashMap<Uuid, Arc<tokio::sync::Mutex<()>>>>,
@@ -169,6 +171,7 @@ impl Chat {
             clock,
             hub: Hub::new(
                 usize::try_from(config.ws_queue_frames).unwrap_or(256),
+                usize::try_from(config.ws_queue_bytes).unwrap_or(usize::MAX),
                 metrics.clone(),
             ),
             metrics,
@@ -182,6 +185,7 @@ impl Chat {
             frames_per_sec: config.rate_limit_messages_per_sec,
             ping_interval: config.ws_ping_interval.0,
             write_coalesce: config.ws_write_coalesce.0,
+            max_reply_bytes: usize::try_from(config.ws_max_reply_bytes).unwrap_or(usize::MAX),
             order: std::sync::Mutex::new(HashMap::new()),
         }
     }

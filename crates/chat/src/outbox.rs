@@ -2,9 +2,9 @@
 //!
 //! The hub pushes frames without waiting; the connection's writer takes everything queued at
 //! once and writes it with one flush, so a busy room costs one write per batch rather than one
-//! per frame. A full queue means the reader is too slow: the push fails and the caller closes
-//! the connection (1013) instead of growing memory. An idle connection holds an empty queue,
-//! with nothing allocated.
+//! per frame. The queue is bounded in frames and in bytes; a full queue means the reader is too
+//! slow: the push fails and the caller closes the connection (1013), dropping what waits,
+//! instead of growing memory. An idle connection holds an empty queue, with nothing allocated.
 
 use std::collections::VecDeque;
 use std::sync::{Mutex, MutexGuard, PoisonError};
@@ -30,12 +30,26 @@ impl Message {
     pub fn text(text: impl Into<String>) -> Self {
         Self::Text(Bytes::from(text.into()))
     }
+
+    /// The payload's length, which the queue's byte bound counts.
+    pub fn len(&self) -> usize {
+        match self {
+            Self::Text(bytes) | Self::Binary(bytes) => bytes.len(),
+            Self::Ping => 0,
+        }
+    }
+
+    /// Whether the payload is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// Frames queued for one connection, and its close request.
 #[derive(Debug)]
 pub struct Outbox {
     limit: usize,
+    byte_limit: usize,
     state: Mutex<State>,
     /// Wakes the writer: frames or a close request are waiting.
     writer: Notify,
@@ -48,6 +62,8 @@ pub struct Outbox {
 #[derive(Debug, Default)]
 struct State {
     frames: VecDeque<Message>,
+    /// The payload bytes of `frames`.
+    bytes: usize,
     close: Option<(u16, String)>,
 }
 
@@ -65,10 +81,12 @@ pub enum Next {
 pub struct Full;
 
 impl Outbox {
-    /// An outbox that queues at most `limit` frames.
-    pub fn new(limit: usize) -> Self {
+    /// An outbox that queues at most `limit` frames holding at most `byte_limit` payload bytes
+    /// (frames the writer has taken and is writing are not counted: at most as much again).
+    pub fn new(limit: usize, byte_limit: usize) -> Self {
         Self {
             limit: limit.max(1),
+            byte_limit,
             state: Mutex::new(State::default()),
             writer: Notify::new(),
             half_full: Notify::new(),
@@ -87,9 +105,11 @@ impl Outbox {
         if state.close.is_some() {
             return Ok(());
         }
-        if state.frames.len() >= self.limit {
+        let bytes = state.bytes.saturating_add(message.len());
+        if state.frames.len() >= self.limit || bytes > self.byte_limit {
             return Err(Full);
         }
+        state.bytes = bytes;
         state.frames.push_back(message);
         let queued = state.frames.len();
         drop(state);
@@ -113,6 +133,21 @@ impl Outbox {
         drop(state);
         self.writer.notify_one();
         self.closed.notify_waiters();
+    }
+
+    /// Asks for the connection to be closed at once: what is queued is dropped, and only the
+    /// close frame goes out (a reader too slow for its queue would not read the rest anyway).
+    pub fn close_now(&self, code: u16, reason: &str) {
+        let mut state = self.state();
+        state.frames = VecDeque::new();
+        state.bytes = 0;
+        drop(state);
+        self.close(code, reason);
+    }
+
+    /// Whether a close was requested: nothing more is queued, so nothing need be encoded.
+    pub fn is_closing(&self) -> bool {
+        self.state().close.is_some()
     }
 
     /// The code of the close requested, if one was.
@@ -140,6 +175,7 @@ impl Outbox {
             {
                 let mut state = self.state();
                 if !state.frames.is_empty() {
+                    state.bytes = 0;
                     return Next::Frames(std::mem::take(&mut state.frames));
                 }
                 if let Some((code, reason)) = state.close.clone() {
@@ -169,7 +205,9 @@ impl Outbox {
     /// Moves the frames queued since [`Outbox::next`] to the end of `frames` (a close request
     /// stays for the next call).
     pub fn take_more(&self, frames: &mut VecDeque<Message>) {
-        frames.append(&mut self.state().frames);
+        let mut state = self.state();
+        state.bytes = 0;
+        frames.append(&mut state.frames);
     }
 
     /// How many frames are queued.
@@ -206,7 +244,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_writer_takes_everything_queued_in_order() {
-        let outbox = Outbox::new(8);
+        let outbox = Outbox::new(8, usize::MAX);
         for s in ["a", "b", "c"] {
             outbox.push(text(s)).unwrap();
         }
@@ -217,7 +255,7 @@ mod tests {
 
     #[tokio::test]
     async fn frames_queued_after_the_take_join_the_same_batch() {
-        let outbox = Outbox::new(8);
+        let outbox = Outbox::new(8, usize::MAX);
         outbox.push(text("a")).unwrap();
         let Next::Frames(mut frames) = outbox.next().await else {
             panic!("frames first")
@@ -231,7 +269,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_half_full_queue_wakes_a_batching_writer() {
-        let outbox = std::sync::Arc::new(Outbox::new(4));
+        let outbox = std::sync::Arc::new(Outbox::new(4, usize::MAX));
         let waiting = tokio::spawn({
             let outbox = std::sync::Arc::clone(&outbox);
             async move { outbox.half_full().await }
@@ -247,7 +285,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_full_queue_refuses_instead_of_growing() {
-        let outbox = Outbox::new(2);
+        let outbox = Outbox::new(2, usize::MAX);
         outbox.push(text("a")).unwrap();
         outbox.push(text("b")).unwrap();
         assert_eq!(outbox.push(text("c")), Err(Full));
@@ -256,8 +294,36 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_queue_is_bounded_in_bytes_too() {
+        let outbox = Outbox::new(100, 10);
+        outbox.push(text("12345")).unwrap();
+        outbox.push(text("67890")).unwrap();
+        assert_eq!(outbox.push(text("x")), Err(Full), "past 10 bytes");
+        outbox.push(Message::Ping).unwrap();
+        // What the writer took no longer counts.
+        let Next::Frames(taken) = outbox.next().await else {
+            panic!("frames first")
+        };
+        assert_eq!(taken.len(), 3);
+        outbox.push(text("abcdefghij")).unwrap();
+        assert_eq!(outbox.push(text("k")), Err(Full));
+    }
+
+    #[tokio::test]
+    async fn close_now_drops_what_waits() {
+        let outbox = Outbox::new(8, usize::MAX);
+        outbox.push(text("a")).unwrap();
+        assert!(!outbox.is_closing());
+        outbox.close_now(1013, "too slow");
+        assert!(outbox.is_closing());
+        assert_eq!(texts(outbox.next().await), ["close 1013 too slow"]);
+        // The bytes were given back with the frames.
+        assert_eq!(outbox.state().bytes, 0);
+    }
+
+    #[tokio::test]
     async fn queued_frames_go_out_before_the_close_and_later_ones_are_dropped() {
-        let outbox = Outbox::new(8);
+        let outbox = Outbox::new(8, usize::MAX);
         outbox.push(text("a")).unwrap();
         outbox.close(1013, "too slow");
         outbox.close(1000, "second reason loses");
@@ -273,7 +339,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_waiting_writer_and_reader_are_woken() {
-        let outbox = std::sync::Arc::new(Outbox::new(8));
+        let outbox = std::sync::Arc::new(Outbox::new(8, usize::MAX));
         let writer = tokio::spawn({
             let outbox = std::sync::Arc::clone(&outbox);
             async move { texts(outbox.next().await) }

@@ -3,9 +3,11 @@
 //! error frame for each refusal. The server's WebSocket adapter reads, parses and feeds frames
 //! in; everything the session answers goes out through the hub's outbox.
 
+use std::collections::BTreeMap;
+
 use chrono::{DateTime, Utc};
 use unhidra_core::Principal;
-use unhidra_protocol::{ClientFrame, FrameError, ServerFrame, close};
+use unhidra_protocol::{ClientFrame, FrameError, MessageData, ServerFrame, close};
 use unhidra_store::rooms::NewMessage;
 use uuid::Uuid;
 
@@ -14,6 +16,45 @@ use crate::{Chat, ChatError, MAX_HISTORY, message_data};
 
 /// The most messages one `resume` replays per room; `more` says when there are others.
 const MAX_REPLAY: usize = 1000;
+
+/// How many messages, from the start (oldest) or from the end (`from_newest`), fit in
+/// `budget` encoded bytes.
+fn fitting(messages: &[MessageData], budget: usize, from_newest: bool) -> usize {
+    let mut used = 0usize;
+    let mut fits = |m: &&MessageData| {
+        used = used.saturating_add(m.encoded_len() + 1);
+        used <= budget
+    };
+    if from_newest {
+        messages.iter().rev().take_while(&mut fits).count()
+    } else {
+        messages.iter().take_while(&mut fits).count()
+    }
+}
+
+/// Cuts a reply's messages (oldest first) to at most `budget` encoded bytes, keeping at least
+/// one so that paging always moves on: the newest when `keep_newest` (a page read backwards,
+/// towards older messages), else the oldest. Says whether any was cut.
+fn fit(messages: &mut Vec<MessageData>, budget: usize, keep_newest: bool) -> bool {
+    let kept = fitting(messages, budget, keep_newest).max(1);
+    if kept >= messages.len() {
+        return false;
+    }
+    if keep_newest {
+        messages.drain(..messages.len() - kept);
+    } else {
+        messages.truncate(kept);
+    }
+    true
+}
+
+/// Like [`fit`] for a page that continues a reply (oldest kept): it may keep nothing.
+fn fit_more(messages: &mut Vec<MessageData>, budget: usize) -> bool {
+    let kept = fitting(messages, budget, false);
+    let cut = kept < messages.len();
+    messages.truncate(kept);
+    cut
+}
 
 /// The most `send` frames stored as one group (and at most a quarter of the connection's queue,
 /// since each one queues an `ack` for the sender, and its broadcast if the sender listens).
@@ -281,17 +322,35 @@ impl<'a> Session<'a> {
                     return Handled::Done;
                 };
                 match chat.history(&self.who, id, before, after, limit).await {
-                    Ok(messages) => self.reply(&ServerFrame::History {
-                        room,
-                        messages: messages.iter().map(message_data).collect(),
-                        more: false,
-                    }),
+                    Ok(messages) => {
+                        let mut messages: Vec<MessageData> =
+                            messages.iter().map(message_data).collect();
+                        let more = fit(&mut messages, chat.max_reply_bytes, after.is_none());
+                        self.reply(&ServerFrame::History {
+                            room: id.to_string(),
+                            messages,
+                            more,
+                        });
+                    }
                     Err(e) => self.chat_error(&e, Some(room)),
                 }
             }
             ClientFrame::Resume { rooms } => {
+                // One entry per room however its id is spelled (hyphenated, plain, braced,
+                // `urn:uuid:`, any case), from the earliest message asked for.
+                let mut wanted: BTreeMap<Uuid, i64> = BTreeMap::new();
                 for (room, last_seen) in rooms {
-                    self.resume(&room, last_seen).await;
+                    if let Some(id) = self.room_id(&room) {
+                        let from = wanted.entry(id).or_insert(last_seen);
+                        *from = (*from).min(last_seen);
+                    }
+                }
+                for (id, last_seen) in wanted {
+                    // A connection closed meanwhile (too slow for its queue, say) gets no more.
+                    if chat.hub().is_closing(self.id) {
+                        break;
+                    }
+                    self.resume(id, last_seen).await;
                 }
             }
             ClientFrame::Typing { room } => {
@@ -329,16 +388,17 @@ impl<'a> Session<'a> {
 
     /// Joins a room and replays every message after `last_seen`, then lets live messages
     /// through: nothing missed, nothing twice.
-    async fn resume(&self, room: &str, last_seen: i64) {
+    async fn resume(&self, id: Uuid, last_seen: i64) {
         let chat = self.chat;
-        let Some(id) = self.room_id(room) else { return };
+        let room = id.to_string();
         if let Err(e) = chat.join(&self.who, id).await {
-            return self.chat_error(&e, Some(room.to_owned()));
+            return self.chat_error(&e, Some(room));
         }
         chat.hub().subscribe_held(self.id, id);
         let mut replay = Vec::new();
         let mut after = last_seen;
         let mut more = false;
+        let mut budget = chat.max_reply_bytes;
         loop {
             match chat
                 .history(&self.who, id, None, Some(after), Some(MAX_HISTORY))
@@ -346,16 +406,24 @@ impl<'a> Session<'a> {
             {
                 Ok(page) => {
                     let full = page.len() == usize::try_from(MAX_HISTORY).unwrap_or(usize::MAX);
+                    let mut page: Vec<MessageData> = page.iter().map(message_data).collect();
+                    // A bounded replay, in messages and in bytes: past it, the client pages
+                    // with `history {after}`.
+                    let cut = if replay.is_empty() {
+                        fit(&mut page, budget, false)
+                    } else {
+                        fit_more(&mut page, budget)
+                    };
+                    budget = budget.saturating_sub(page.iter().map(|m| m.encoded_len() + 1).sum());
                     if let Some(last) = page.last() {
                         after = last.id;
                     }
-                    replay.extend(page.iter().map(message_data));
-                    if !full {
+                    replay.extend(page);
+                    if cut || (full && replay.len() >= MAX_REPLAY) {
+                        more = true;
                         break;
                     }
-                    // A bounded replay: past it, the client pages with `history {after}`.
-                    if replay.len() >= MAX_REPLAY {
-                        more = true;
+                    if !full {
                         break;
                     }
                 }
@@ -364,13 +432,13 @@ impl<'a> Session<'a> {
                         self.id,
                         id,
                         &ServerFrame::History {
-                            room: room.to_owned(),
+                            room: room.clone(),
                             messages: Vec::new(),
                             more: false,
                         },
                         i64::MAX,
                     );
-                    return self.chat_error(&e, Some(room.to_owned()));
+                    return self.chat_error(&e, Some(room));
                 }
             }
         }
@@ -378,7 +446,7 @@ impl<'a> Session<'a> {
             self.id,
             id,
             &ServerFrame::History {
-                room: room.to_owned(),
+                room,
                 messages: replay,
                 more,
             },
@@ -419,5 +487,55 @@ impl<'a> Session<'a> {
     /// Whether the frame rate admits another frame now, without taking it.
     pub fn ready(&mut self) -> bool {
         self.bucket.ready()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn messages(bodies: &[&str]) -> Vec<MessageData> {
+        bodies
+            .iter()
+            .zip(1..)
+            .map(|(body, id)| MessageData {
+                room: "r".into(),
+                id,
+                sender: "s".into(),
+                body: (*body).to_owned(),
+                ts: 0,
+            })
+            .collect()
+    }
+
+    fn ids(messages: &[MessageData]) -> Vec<i64> {
+        messages.iter().map(|m| m.id).collect()
+    }
+
+    #[test]
+    fn a_reply_is_cut_to_its_byte_budget_from_the_right_end() {
+        let one = messages(&["x"])[0].encoded_len() + 1;
+        let mut forward = messages(&["x", "x", "x", "x"]);
+        assert!(fit(&mut forward, 2 * one, false));
+        assert_eq!(ids(&forward), [1, 2], "paging forwards keeps the oldest");
+        let mut backward = messages(&["x", "x", "x", "x"]);
+        assert!(fit(&mut backward, 2 * one, true));
+        assert_eq!(ids(&backward), [3, 4], "paging backwards keeps the newest");
+        let mut whole = messages(&["x", "x"]);
+        assert!(!fit(&mut whole, 2 * one, false));
+        assert_eq!(ids(&whole), [1, 2]);
+    }
+
+    #[test]
+    fn escapes_count_and_one_message_always_goes() {
+        // A control character becomes a six-byte `\u0001` escape in JSON.
+        let control = "\u{1}".repeat(100);
+        let mut page = messages(&[&control, "x"]);
+        assert!(page[0].encoded_len() > 600);
+        assert!(fit(&mut page, 10, false));
+        assert_eq!(ids(&page), [1], "paging always moves on");
+        let mut next = messages(&[&control]);
+        assert!(fit_more(&mut next, 10));
+        assert!(next.is_empty(), "a continuation may add nothing");
     }
 }

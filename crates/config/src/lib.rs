@@ -237,6 +237,14 @@ config_keys! {
         /// Frames queued for one WebSocket client; a client that falls this far behind is
         /// closed with 1013.
         ws_queue_frames: u32 = 256, secret = false;
+        /// Bytes queued for one WebSocket client (frames being written count once more); a
+        /// client whose queue would grow past it is closed with 1013 and what waits for it is
+        /// dropped.
+        ws_queue_bytes: u64 = 4 * 1024 * 1024, secret = false;
+        /// Largest `history` reply (and `resume` replay per room) in encoded bytes; a reply cut
+        /// short says `more: true`. At least 128 KiB (one message of the largest size), at most
+        /// `ws_queue_bytes`.
+        ws_max_reply_bytes: u64 = 1024 * 1024, secret = false;
         /// How long a WebSocket client whose last write carried a backlog (more than one
         /// frame) waits before its next write (up to three times as long for a very large
         /// backlog), so that frames arriving meanwhile go out together. A client that keeps up
@@ -467,6 +475,11 @@ fn check(config: &Config) -> Result<(), ConfigError> {
         if proxy.parse::<std::net::IpAddr>().is_err() {
             problems.push(format!("trusted_proxies: {proxy:?} is not an IP address"));
         }
+    }
+    if config.ws_max_reply_bytes < 128 * 1024 || config.ws_max_reply_bytes > config.ws_queue_bytes {
+        problems.push(
+            "ws_max_reply_bytes: must be at least 128 KiB and at most ws_queue_bytes".to_owned(),
+        );
     }
     if config.admin_email.is_some() != config.admin_password.is_some() {
         problems.push("admin_email and admin_password: give both or neither".to_owned());

@@ -245,3 +245,22 @@ fn every_key_has_a_distinct_environment_variable() {
         ["metrics_token", "signing_key", "smtp_url", "admin_password"]
     );
 }
+
+#[test]
+fn a_reply_bound_must_fit_the_queue_bound() {
+    let p = problems(
+        load_with(
+            None,
+            &[
+                ("UNHIDRA_WS_QUEUE_BYTES", "1048576"),
+                ("UNHIDRA_WS_MAX_REPLY_BYTES", "2097152"),
+            ],
+        )
+        .unwrap_err(),
+    );
+    assert!(p.iter().any(|p| p.starts_with("ws_max_reply_bytes:")), "{p:?}");
+    let p = problems(load_with(None, &[("UNHIDRA_WS_MAX_REPLY_BYTES", "1024")]).unwrap_err());
+    assert!(p.iter().any(|p| p.starts_with("ws_max_reply_bytes:")), "{p:?}");
+    let fits = load_with(None, &[("UNHIDRA_WS_QUEUE_BYTES", "1048576")]).unwrap();
+    assert_eq!(fits.ws_max_reply_bytes, fits.ws_queue_bytes);
+}

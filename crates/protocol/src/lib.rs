@@ -120,6 +120,27 @@ pub struct MessageData {
     pub ts: i64,
 }
 
+impl MessageData {
+    /// The length of its JSON encoding, the largest of the wire formats (escapes can make it
+    /// six times the body): what the byte bound of a reply counts.
+    pub fn encoded_len(&self) -> usize {
+        struct Count(usize);
+        impl std::io::Write for Count {
+            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+                self.0 += bytes.len();
+                Ok(bytes.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut count = Count(0);
+        // Plain data: serialising it cannot fail.
+        let _ = serde_json::to_writer(&mut count, self);
+        count.0
+    }
+}
+
 /// Whether a user came or went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -169,8 +190,11 @@ pub enum ServerFrame {
         room: String,
         /// The messages.
         messages: Vec<MessageData>,
-        /// On a `resume` replay: more messages follow the last one here; read them with
-        /// `history {after}`. Live messages continue meanwhile.
+        /// The reply was cut short: on a `resume` replay or a `history {after}` page, more
+        /// messages follow the last one here (read them with `history {after}`; live messages
+        /// continue meanwhile); on any other `history` page, older ones precede the first one
+        /// here (`history {before}`). Replies are bounded in bytes (`ws_max_reply_bytes`) as
+        /// well as in messages.
         #[serde(default, skip_serializing_if = "is_false")]
         more: bool,
     },
