@@ -1,6 +1,6 @@
 """A member who stops reading cannot make the server hold more than its queue bound: the
-attack of a `resume` naming one room in many spellings, against a room of long messages whose
-JSON escapes make each one ~98 KB, is answered with one bounded replay, and reading nothing
+attack of a `resume` naming one room in many spellings, against a room of the longest messages
+(16,384 four-byte characters: 64 KiB each), is answered with one bounded replay, and reading nothing
 while asking for more ends with 1013. The server's peak RSS stays within the documented bound."""
 
 import asyncio
@@ -58,11 +58,12 @@ def spellings(room, count):
 
 
 async def next_frame(ws):
-    """The next frame that is not presence."""
+    """The next frame that is not presence, and its size on the wire."""
     while True:
-        frame = json.loads(await asyncio.wait_for(ws.recv(), 10))
+        text = await asyncio.wait_for(ws.recv(), 10)
+        frame = json.loads(text)
         if frame["type"] != "presence":
-            return frame
+            return frame, len(text.encode())
 
 
 def test_a_reader_that_stops_cannot_make_the_server_hold_its_replies(server_binary):
@@ -79,7 +80,7 @@ def test_a_reader_that_stops_cannot_make_the_server_hold_its_replies(server_bina
             room = requests.post(
                 f"{base}/api/v1/rooms", headers=auth, json={"name": "long", "visibility": "public"}, timeout=10
             ).json()["id"]
-            body = "\u0001" * 16 * 1024  # the longest body; each character is `\u0001` in JSON
+            body = "\U0001F600" * 16 * 1024  # the longest body: 16,384 characters of four bytes
             with requests.Session() as http:
                 for i in range(1000):
                     http.post(
@@ -98,12 +99,12 @@ def test_a_reader_that_stops_cannot_make_the_server_hold_its_replies(server_bina
                                               max_size=None) as ws:
                     assert json.loads(await ws.recv())["type"] == "welcome"
                     await ws.send(json.dumps({"type": "resume", "rooms": {n: 0 for n in names[:3]}}))
-                    replay = await next_frame(ws)
+                    replay, size = await next_frame(ws)
                     assert replay["type"] == "history" and replay["room"] == room
                     assert replay["more"] is True
-                    assert 0 < len(json.dumps(replay)) <= 1024 * 1024 + 1024
+                    assert 0 < size <= 1024 * 1024 + 1024, size
                     await ws.send(json.dumps({"type": "ping"}))
-                    assert (await next_frame(ws))["type"] == "pong", "one replay only"
+                    assert (await next_frame(ws))[0]["type"] == "pong", "one replay only"
 
             async def reader_that_stops():
                 # max_queue=1: the client stops reading from the socket once one message waits.

@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use unhidra_core::{Clock, Role, SlidingWindow, UserId};
+use unhidra_core::{Clock, Controls, Role, SlidingWindow, UserId, forbidden_control};
 use unhidra_protocol::{MessageData, ServerFrame};
 use unhidra_store::rooms::{
     MessageRange, MessageRecord, NewMessage, RoomChange, RoomListing, RoomRecord, RoomRole,
@@ -136,12 +136,26 @@ fn valid_message(item: &NewMessage<'_>) -> Result<(), ChatError> {
             format!("a message has 1 to {MAX_BODY} characters"),
         ));
     }
+    if forbidden_control(item.body, Controls::LineBreaks).is_some() {
+        return Err(ChatError::Invalid(
+            "/body",
+            "invalid_characters",
+            "a message has no control characters but tab and line breaks".into(),
+        ));
+    }
     let id = item.client_msg_id;
     if id.is_empty() || id.chars().count() > MAX_CLIENT_MSG_ID {
         return Err(ChatError::Invalid(
             "/client_msg_id",
             "invalid_length",
             format!("a client_msg_id has 1 to {MAX_CLIENT_MSG_ID} characters"),
+        ));
+    }
+    if forbidden_control(id, Controls::None).is_some() {
+        return Err(ChatError::Invalid(
+            "/client_msg_id",
+            "invalid_characters",
+            "a client_msg_id has no control characters".into(),
         ));
     }
     Ok(())
@@ -243,6 +257,13 @@ impl Chat {
                 "q",
                 "invalid_length",
                 "a search has 1 to 200 characters".into(),
+            ));
+        }
+        if forbidden_control(query, Controls::None).is_some() {
+            return Err(ChatError::Invalid(
+                "q",
+                "invalid_characters",
+                "a search has no control characters".into(),
             ));
         }
         let limit = limit.unwrap_or(20);
@@ -609,7 +630,7 @@ fn valid_name(name: &str) -> Result<String, ChatError> {
             format!("a room name has 1 to {MAX_ROOM_NAME} characters"),
         ));
     }
-    if name.chars().any(char::is_control) {
+    if forbidden_control(name, Controls::None).is_some() {
         return Err(ChatError::Invalid(
             "/name",
             "invalid_characters",

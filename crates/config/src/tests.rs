@@ -258,9 +258,15 @@ fn a_reply_bound_must_fit_the_queue_bound() {
         )
         .unwrap_err(),
     );
-    assert!(p.iter().any(|p| p.starts_with("ws_max_reply_bytes:")), "{p:?}");
+    assert!(
+        p.iter().any(|p| p.starts_with("ws_max_reply_bytes:")),
+        "{p:?}"
+    );
     let p = problems(load_with(None, &[("UNHIDRA_WS_MAX_REPLY_BYTES", "1024")]).unwrap_err());
-    assert!(p.iter().any(|p| p.starts_with("ws_max_reply_bytes:")), "{p:?}");
+    assert!(
+        p.iter().any(|p| p.starts_with("ws_max_reply_bytes:")),
+        "{p:?}"
+    );
     let fits = load_with(None, &[("UNHIDRA_WS_QUEUE_BYTES", "1048576")]).unwrap();
     assert_eq!(fits.ws_max_reply_bytes, fits.ws_queue_bytes);
 }

@@ -9,6 +9,7 @@ pub mod email;
 pub mod password;
 pub mod ratelimit;
 pub mod secret;
+pub mod text;
 pub mod user;
 
 pub use clock::{Clock, ManualClock, SystemClock};
@@ -16,6 +17,7 @@ pub use email::{Email, EmailError};
 pub use password::{PasswordPolicy, Violation};
 pub use ratelimit::{Reservation, SlidingWindow};
 pub use secret::OpaqueToken;
+pub use text::{Controls, forbidden_control};
 pub use user::{Principal, Role, UserId};
 
 /// The error and its sources, one after another, for a log line.

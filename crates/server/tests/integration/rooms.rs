@@ -661,3 +661,88 @@ async fn http_publishes_are_limited_per_user_and_refusals_store_nothing() {
     assert_eq!(bodies, ["m1", "m2", "m4"]);
     app.shutdown().await;
 }
+
+#[tokio::test]
+async fn control_characters_are_refused_on_sqlite() {
+    control_characters_are_refused_with_the_field_named(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn control_characters_are_refused_on_postgres() {
+    control_characters_are_refused_with_the_field_named(Backend::Postgres).await;
+}
+
+/// NUL reached PostgreSQL (error 22021, a 500) from a message body or a search; every text
+/// input now refuses the control characters it has no use for, identically on both backends,
+/// and stores nothing.
+async fn control_characters_are_refused_with_the_field_named(backend: Backend) {
+    let app = TestApp::spawn_with(backend, |_| {}, None).await;
+    let (_, owner) = user(&app, "nul@example.com").await;
+    let id = &create_room(&app, &owner, "text", "public").await;
+    let path = format!("/api/v1/rooms/{id}/messages");
+    let post = |body: Value| call(&app, Method::POST, &path, &owner, Some(body));
+    for (body, pointer) in [
+        (json!({ "body": "a\u{0}b", "client_msg_id": "c1" }), "/body"),
+        (
+            json!({ "body": "\u{1b}[2J", "client_msg_id": "c2" }),
+            "/body",
+        ),
+        (
+            json!({ "body": "ok", "client_msg_id": "c\u{0}3" }),
+            "/client_msg_id",
+        ),
+    ] {
+        let problem = problem(post(body).await, 422, "validation_failed").await;
+        assert_eq!(problem["errors"][0]["field"], pointer, "{problem}");
+        assert_eq!(
+            problem["errors"][0]["code"], "invalid_characters",
+            "{problem}"
+        );
+    }
+    // Line breaks and tabs belong in a message.
+    assert_eq!(
+        post(json!({ "body": "two\nlines\tand a tab", "client_msg_id": "ok" }))
+            .await
+            .status(),
+        201
+    );
+    let search = call(
+        &app,
+        Method::GET,
+        "/api/v1/search/messages?q=a%00b",
+        &owner,
+        None,
+    )
+    .await;
+    let problem = problem(search, 422, "validation_failed").await;
+    assert_eq!(problem["errors"][0]["field"], "q", "{problem}");
+    let renamed = call(
+        &app,
+        Method::PATCH,
+        &format!("/api/v1/rooms/{id}"),
+        &owner,
+        Some(json!({ "name": "bad\u{0}name" })),
+    )
+    .await;
+    assert_eq!(renamed.status(), 422);
+    // Nothing refused was stored.
+    let history: Value = call(
+        &app,
+        Method::GET,
+        &format!("/api/v1/rooms/{id}/messages"),
+        &owner,
+        None,
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    let bodies: Vec<&str> = history["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["body"].as_str().unwrap())
+        .collect();
+    assert_eq!(bodies, ["two\nlines\tand a tab"]);
+    app.shutdown().await;
+}
