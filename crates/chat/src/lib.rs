@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use unhidra_core::{Clock, Controls, Role, SlidingWindow, UserId, forbidden_control};
+use unhidra_core::{Clock, Controls, SlidingWindow, UserId, forbidden_control};
 use unhidra_protocol::{MessageData, ServerFrame};
 use unhidra_store::rooms::{
     MessageRange, MessageRecord, NewMessage, RoomChange, RoomListing, RoomRecord, RoomRole,
@@ -102,6 +102,8 @@ pub struct Chat {
     pub write_coalesce: std::time::Duration,
     /// The largest `history` reply or `resume` replay per room, in encoded bytes.
     pub max_reply_bytes: usize,
+    /// Site admins use their powers only with a second factor.
+    require_admin_mfa: bool,
     /// One lock per room, held from storing a message to queueing its broadcast, so that a
     /// room's messages are stored, committed and delivered in the order of their ids.
     order: std::sync::Mutex<HashMap<Uuid, Arc<tokio::sync::Mutex<()>>>>,
@@ -200,6 +202,7 @@ impl Chat {
             ping_interval: config.ws_ping_interval.0,
             write_coalesce: config.ws_write_coalesce.0,
             max_reply_bytes: usize::try_from(config.ws_max_reply_bytes).unwrap_or(usize::MAX),
+            require_admin_mfa: config.require_admin_mfa,
             order: std::sync::Mutex::new(HashMap::new()),
         }
     }
@@ -310,15 +313,21 @@ impl Chat {
             Err(StoreError::NotFound { .. }) => return Err(ChatError::RoomNotFound),
             Err(e) => return Err(e.into()),
         };
-        if room.visibility == Visibility::Private && role.is_none() && who.role != Role::Admin {
+        if room.visibility == Visibility::Private && role.is_none() && !self.admin_powers(who) {
             return Err(ChatError::RoomNotFound);
         }
         Ok((room, role))
     }
 
     /// Whether the caller may act as `needed` in the room (site admins always may).
-    fn allowed(who: &Principal, role: Option<RoomRole>, needed: RoomRole) -> bool {
-        who.role == Role::Admin || role.is_some_and(|r| r >= needed)
+    fn allowed(&self, who: &Principal, role: Option<RoomRole>, needed: RoomRole) -> bool {
+        self.admin_powers(who) || role.is_some_and(|r| r >= needed)
+    }
+
+    /// Whether the caller may use site-admin powers here (`require_admin_mfa` holds an admin
+    /// without a second factor to the rights of a member).
+    fn admin_powers(&self, who: &Principal) -> bool {
+        who.has_admin_powers(self.require_admin_mfa)
     }
 
     /// Creates a room; the caller becomes its owner.
@@ -355,7 +364,7 @@ impl Chat {
         mut change: RoomChange,
     ) -> Result<RoomRecord, ChatError> {
         let (_, role) = self.visible_room(who, id).await?;
-        if !Self::allowed(who, role, RoomRole::Owner) {
+        if !self.allowed(who, role, RoomRole::Owner) {
             return Err(ChatError::Forbidden);
         }
         if let Some(name) = &change.name {
@@ -387,7 +396,7 @@ impl Chat {
     /// Deletes a room with its messages (owners).
     pub async fn delete_room(&self, who: &Principal, id: Uuid) -> Result<(), ChatError> {
         let (_, role) = self.visible_room(who, id).await?;
-        if !Self::allowed(who, role, RoomRole::Owner) {
+        if !self.allowed(who, role, RoomRole::Owner) {
             return Err(ChatError::Forbidden);
         }
         self.store.delete_room(id).await?;
@@ -426,7 +435,7 @@ impl Chat {
         } else {
             RoomRole::Owner
         };
-        if !Self::allowed(who, mine, needed) {
+        if !self.allowed(who, mine, needed) {
             return Err(ChatError::Forbidden);
         }
         match self.store.user_by_id(user).await {
@@ -470,7 +479,7 @@ impl Chat {
         } else {
             RoomRole::Owner
         };
-        if !Self::allowed(who, mine, needed) {
+        if !self.allowed(who, mine, needed) {
             return Err(ChatError::Forbidden);
         }
         if theirs == RoomRole::Owner && self.is_last_owner(id, user).await? {

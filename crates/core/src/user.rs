@@ -88,3 +88,12 @@ pub struct Principal {
     /// Whether the user has a second factor.
     pub mfa: bool,
 }
+
+impl Principal {
+    /// Whether this principal may use site-admin powers: an admin, and, when `require_mfa`
+    /// (`require_admin_mfa`), one with a second factor. Every admin power asks this, so that an
+    /// admin who has not enrolled is an ordinary user everywhere until they do.
+    pub fn has_admin_powers(&self, require_mfa: bool) -> bool {
+        self.role == Role::Admin && (self.mfa || !require_mfa)
+    }
+}

@@ -746,3 +746,84 @@ async fn control_characters_are_refused_with_the_field_named(backend: Backend) {
     assert_eq!(bodies, ["two\nlines\tand a tab"]);
     app.shutdown().await;
 }
+
+/// With `require_admin_mfa`, an admin without a second factor has a member's rights in rooms:
+/// no reading private rooms, changing roles or deleting rooms, over HTTP or WebSocket. The
+/// same admin without the requirement has them.
+#[tokio::test]
+async fn admin_powers_in_rooms_pass_the_second_factor_gate() {
+    for required in [true, false] {
+        let app = TestApp::spawn_with(
+            Backend::Sqlite,
+            |c| {
+                c.require_admin_mfa = required;
+                c.admin_email = Some("root@example.com".into());
+                c.admin_password = Some(unhidra_config::Secret::new(crate::helpers::PASSWORD));
+            },
+            None,
+        )
+        .await;
+        let (member_id, owner) = user(&app, "owner@example.com").await;
+        let admin: Value = app
+            .client
+            .post(app.url("/api/v1/auth/login"))
+            .json(&json!({ "email": "root@example.com", "password": crate::helpers::PASSWORD }))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let admin = admin["access_token"].as_str().unwrap().to_owned();
+        let id = &create_room(&app, &owner, "secret", "private").await;
+        let read = call(
+            &app,
+            Method::GET,
+            &format!("/api/v1/rooms/{id}/messages"),
+            &admin,
+            None,
+        )
+        .await
+        .status();
+        let demote = call(
+            &app,
+            Method::POST,
+            &format!("/api/v1/rooms/{id}/members"),
+            &admin,
+            Some(json!({ "user_id": member_id, "role": "member" })),
+        )
+        .await
+        .status();
+        let delete = call(
+            &app,
+            Method::DELETE,
+            &format!("/api/v1/rooms/{id}"),
+            &admin,
+            None,
+        )
+        .await
+        .status();
+        if required {
+            assert_eq!([read, demote, delete].map(|s| s.as_u16()), [404, 404, 404]);
+            // The room is untouched.
+            let room = call(
+                &app,
+                Method::GET,
+                &format!("/api/v1/rooms/{id}"),
+                &owner,
+                None,
+            )
+            .await;
+            assert_eq!(room.status(), 200);
+        } else {
+            assert_eq!(read, 200);
+            assert_eq!(
+                demote.as_u16(),
+                409,
+                "the last owner stays: the power was used"
+            );
+            assert_eq!(delete.as_u16(), 204);
+        }
+        app.shutdown().await;
+    }
+}
