@@ -13,7 +13,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-pub use value::{DatabaseUrl, EnvValue, HumanDuration, LogFormat, REDACTED, Secret};
+pub use value::{
+    DatabaseUrl, EnvValue, HumanDuration, LogFormat, REDACTED, Secret, SqliteSynchronous,
+};
 
 /// The environment variable that selects the profile.
 pub const PROFILE_VAR: &str = "APP_ENV";
@@ -147,6 +149,10 @@ config_keys! {
         database_url: Option<DatabaseUrl> = None, secret = false;
         /// Size of the database connection pool.
         database_max_connections: u32 = 16, secret = false;
+        /// When an SQLite commit counts as durable: `normal` survives a process crash, `full`
+        /// also a power loss (one fsync per transaction). PostgreSQL follows its own
+        /// `synchronous_commit`.
+        sqlite_synchronous: SqliteSynchronous = SqliteSynchronous::Normal, secret = false;
         /// The URL users reach this server at (`https://…` turns on HSTS). Required in prod.
         public_url: Option<url::Url> = None, secret = false;
         /// Log filter, in `RUST_LOG` syntax.

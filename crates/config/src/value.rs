@@ -195,6 +195,28 @@ impl EnvValue for LogFormat {
     }
 }
 
+/// When SQLite makes a commit durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SqliteSynchronous {
+    /// A commit survives a crash of the process (WAL is written before the answer), but the
+    /// last commits before a power loss or kernel crash may be lost; never corruption.
+    Normal,
+    /// A commit is on disk (fsync of the WAL) before it is acknowledged: it survives a power
+    /// loss too, at the cost of one fsync per transaction.
+    Full,
+}
+
+impl EnvValue for SqliteSynchronous {
+    fn parse_env(text: &str) -> Result<Self, String> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "normal" => Ok(Self::Normal),
+            "full" => Ok(Self::Full),
+            _ => Err(format!("expected normal or full, got {text:?}")),
+        }
+    }
+}
+
 /// A database URL; its password is redacted whenever it is shown.
 #[derive(Clone, PartialEq, Eq)]
 pub struct DatabaseUrl(String);

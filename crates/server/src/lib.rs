@@ -94,6 +94,7 @@ pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, StartError> {
     })?;
     let options = StoreOptions {
         max_connections: config.database_max_connections,
+        sqlite_full_sync: config.sqlite_synchronous == unhidra_config::SqliteSynchronous::Full,
         ..StoreOptions::default()
     };
     Ok(unhidra_store::connect(&store_url(config), &options).await?)

@@ -82,6 +82,9 @@ pub struct StoreOptions {
     pub max_connections: u32,
     /// How long a query waits for a connection before it fails.
     pub acquire_timeout: Duration,
+    /// SQLite: whether a commit is fsynced before it returns (survives a power loss), not just
+    /// written to the WAL (survives a process crash).
+    pub sqlite_full_sync: bool,
 }
 
 impl Default for StoreOptions {
@@ -89,6 +92,7 @@ impl Default for StoreOptions {
         Self {
             max_connections: 16,
             acquire_timeout: Duration::from_secs(5),
+            sqlite_full_sync: false,
         }
     }
 }

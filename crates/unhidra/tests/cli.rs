@@ -13,6 +13,7 @@ use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
+use unhidra_store::Backend;
 use unhidra_store::testing::TestDb;
 
 const BIN: &str = env!("CARGO_BIN_EXE_unhidra");
@@ -125,6 +126,16 @@ impl Server {
         format!("http://{}{path}", self.addr)
     }
 
+    /// Kills the process with SIGKILL: no shutdown, no flush.
+    fn kill(&mut self) {
+        let pid = self.child.id().unwrap().to_string();
+        let status = std::process::Command::new("kill")
+            .args(["-KILL", &pid])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
     /// Sends SIGTERM, reads the log to its end and returns the exit code.
     async fn terminate(mut self) -> (i32, Vec<Value>) {
         let pid = self.child.id().unwrap().to_string();
@@ -145,6 +156,152 @@ impl Server {
         }
         (code, self.seen)
     }
+}
+
+/// A stored message's acknowledgement promises that it survives a crash: a client writes
+/// messages over the WebSocket while the server is killed with SIGKILL; after a restart every
+/// acknowledged message is in the history, exactly once.
+async fn acknowledged_messages_survive_kill_9(backend: Backend) {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+    let dir = tempfile::tempdir().unwrap();
+    let db = match backend {
+        Backend::Postgres => Some(TestDb::postgres().await),
+        Backend::Sqlite => None,
+    };
+    let mut env = vec![("UNHIDRA_RATE_LIMIT_MESSAGES_PER_SEC", "0")];
+    if let Some(db) = &db {
+        env.push(("UNHIDRA_DATABASE_URL", db.url.as_str()));
+    }
+    let mut server = Server::start(dir.path(), &[], &env).await;
+    let http = reqwest::Client::new();
+    let password = "maple orbit candle frost 42";
+    let account = serde_json::json!({ "email": "crash@example.com", "password": password });
+    http.post(server.url("/api/v1/auth/register"))
+        .json(&account)
+        .send()
+        .await
+        .unwrap();
+    let login: Value = http
+        .post(server.url("/api/v1/auth/login"))
+        .json(&account)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = login["access_token"].as_str().unwrap().to_owned();
+    let room: Value = http
+        .post(server.url("/api/v1/rooms"))
+        .bearer_auth(&token)
+        .json(&serde_json::json!({ "name": "crash", "visibility": "public" }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let room = room["id"].as_str().unwrap().to_owned();
+
+    let mut request = format!("ws://{}/ws", server.addr)
+        .into_client_request()
+        .unwrap();
+    request.headers_mut().insert(
+        "sec-websocket-protocol",
+        format!("unhidra.v1.json, bearer.{token}").parse().unwrap(),
+    );
+    let (socket, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    let (mut sink, mut stream) = socket.split();
+    // Writes as fast as the socket takes them, until the server is gone (at most 20,000).
+    let writer = tokio::spawn({
+        let room = room.clone();
+        async move {
+            for i in 0..20_000 {
+                let frame = serde_json::json!({
+                    "type": "send", "room": room, "body": format!("m{i}"), "client_msg_id": format!("c{i}"),
+                });
+                if sink.send(Message::text(frame.to_string())).await.is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    // The acknowledged client_msg_id → stored id; the server is killed at the 300th.
+    let mut acked = std::collections::BTreeMap::new();
+    let mut killed = false;
+    while let Ok(Some(Ok(message))) = tokio::time::timeout(WAIT, stream.next()).await {
+        let Message::Text(text) = message else {
+            continue;
+        };
+        let frame: Value = serde_json::from_str(&text).unwrap();
+        if frame["type"] == "ack" {
+            acked.insert(
+                frame["client_msg_id"].as_str().unwrap().to_owned(),
+                frame["id"].as_i64().unwrap(),
+            );
+            if acked.len() == 300 && !killed {
+                server.kill();
+                killed = true;
+            }
+        }
+    }
+    assert!(killed, "the server was killed under load");
+    writer.abort();
+
+    let server = Server::start(dir.path(), &[], &env).await;
+    let mut stored: Vec<(i64, String)> = Vec::new();
+    let mut after = 0;
+    loop {
+        let page: Value = http
+            .get(server.url(&format!(
+                "/api/v1/rooms/{room}/messages?after={after}&limit=200"
+            )))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let items = page["items"].as_array().unwrap();
+        if items.is_empty() {
+            break;
+        }
+        for m in items {
+            stored.push((
+                m["id"].as_i64().unwrap(),
+                m["body"].as_str().unwrap().to_owned(),
+            ));
+        }
+        after = stored.last().unwrap().0;
+    }
+    let mut bodies: Vec<&str> = stored.iter().map(|(_, b)| b.as_str()).collect();
+    bodies.sort_unstable();
+    let before = bodies.len();
+    bodies.dedup();
+    assert_eq!(bodies.len(), before, "no message is stored twice");
+    for (client_msg_id, id) in &acked {
+        let body = format!("m{}", &client_msg_id[1..]);
+        assert!(
+            stored.contains(&(*id, body.clone())),
+            "acknowledged {client_msg_id} (id {id}) is missing after the crash"
+        );
+    }
+    assert!(acked.len() >= 300);
+    server.terminate().await;
+}
+
+#[tokio::test]
+async fn acknowledged_messages_survive_kill_9_on_sqlite() {
+    acknowledged_messages_survive_kill_9(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn acknowledged_messages_survive_kill_9_on_postgres() {
+    acknowledged_messages_survive_kill_9(Backend::Postgres).await;
 }
 
 #[tokio::test]

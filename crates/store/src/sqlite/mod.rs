@@ -40,8 +40,12 @@ impl SqliteStore {
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             // NORMAL is durable across application crashes in WAL mode; only a power loss can
-            // lose the last transactions, and never corrupts the file.
-            .synchronous(SqliteSynchronous::Normal)
+            // lose the last transactions, and never corrupts the file. FULL fsyncs every commit.
+            .synchronous(if options.sqlite_full_sync {
+                SqliteSynchronous::Full
+            } else {
+                SqliteSynchronous::Normal
+            })
             .foreign_keys(true)
             .busy_timeout(BUSY_TIMEOUT);
         let pool = SqlitePoolOptions::new()
@@ -165,5 +169,33 @@ impl Dialect for SqliteStore {
 
     fn read_id(stored: String) -> Result<Uuid, StoreError> {
         Uuid::parse_str(&stored).map_err(|e| StoreError::Other(Box::new(e)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn sqlite_synchronous_follows_the_options() {
+        let dir = tempfile::tempdir().unwrap();
+        for (full, expected) in [(false, 1), (true, 2)] {
+            let options = StoreOptions {
+                sqlite_full_sync: full,
+                ..StoreOptions::default()
+            };
+            let store = SqliteStore::open(&dir.path().join("sync.db"), &options)
+                .await
+                .unwrap();
+            // PRAGMA synchronous: 1 is NORMAL, 2 is FULL, on every pooled connection.
+            for _ in 0..3 {
+                let level: i64 = sqlx::query_scalar("PRAGMA synchronous")
+                    .fetch_one(&store.pool)
+                    .await
+                    .unwrap();
+                assert_eq!(level, expected);
+            }
+            store.pool.close().await;
+        }
     }
 }
