@@ -245,9 +245,7 @@ pub fn address_key(ip: IpAddr, ipv6_prefix: u8) -> String {
             Some(v4) => v4.to_string(),
             None => {
                 let prefix = ipv6_prefix.min(128);
-                let mask = u128::MAX
-                    .checked_shl(128 - u32::from(prefix))
-                    .unwrap_or(0);
+                let mask = u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0);
                 let network = std::net::Ipv6Addr::from(u128::from(v6) & mask);
                 format!("{network}/{prefix}")
             }
@@ -338,7 +336,10 @@ mod tests {
         );
         // Keys that found the map full share one bucket with the same limit: stricter, never
         // looser.
-        assert!(w.try_acquire("newcomer", t0() + Duration::seconds(10)).is_err());
+        assert!(
+            w.try_acquire("newcomer", t0() + Duration::seconds(10))
+                .is_err()
+        );
         // Two windows later every generation has turned over: room again, and the victim's
         // attempts have left the window.
         let later = t0() + Duration::seconds(125);
