@@ -265,6 +265,8 @@ pub struct Identity {
     ipv6_prefix: u8,
     /// Accounts whose throttles were cleared lately (see [`ThrottleEpochs`]).
     throttle_epochs: Mutex<ThrottleEpochs>,
+    /// Password and code checks running now, per account (see [`InFlight`]).
+    in_flight: InFlight,
     /// Where links in mail point; without it, mail carries the bare token.
     public_url: Option<String>,
     require_verified: bool,
@@ -280,6 +282,47 @@ pub struct Identity {
 struct ThrottleEpochs {
     last: u64,
     by_account: HashMap<Email, (u64, DateTime<Utc>)>,
+}
+
+/// Password and code checks running now, per account, so that guesses sent in parallel from
+/// many addresses cannot overshoot the lockout: a check starts only if the account would not be
+/// past its next lock were it and every check already running to fail. An entry lives while
+/// its checks run (bounded by the hashing queue) and is removed when the last one ends.
+#[derive(Debug, Default)]
+struct InFlight(Mutex<HashMap<UserId, u32>>);
+
+/// A check's place in [`InFlight`], given back when dropped.
+struct InFlightGuard<'a> {
+    map: &'a InFlight,
+    user: UserId,
+}
+
+impl InFlight {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<UserId, u32>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Counts a check for `user`; says how many run now, this one included.
+    fn enter(&self, user: UserId) -> (InFlightGuard<'_>, u32) {
+        let mut map = self.lock();
+        let count = map.entry(user).or_insert(0);
+        *count += 1;
+        (InFlightGuard { map: self, user }, *count)
+    }
+}
+
+impl Drop for InFlightGuard<'_> {
+    fn drop(&mut self) {
+        let mut map = self.map.lock();
+        if let Some(count) = map.get_mut(&self.user) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                map.remove(&self.user);
+            }
+        }
+    }
 }
 
 /// The attempt limits of identity operations, per node. Keys are bounded: addresses (IPv6 cut
@@ -390,6 +433,7 @@ impl Identity {
             audit_minimise: config.audit_minimise,
             ipv6_prefix: u8::try_from(config.rate_limit_ipv6_prefix.min(128)).unwrap_or(64),
             throttle_epochs: Mutex::new(ThrottleEpochs::default()),
+            in_flight: InFlight::default(),
             public_url: config
                 .public_url
                 .as_ref()
@@ -711,6 +755,35 @@ impl Identity {
         }
     }
 
+    /// Takes a place among the account's checks in flight, with the account as stored once the
+    /// place is held, so that every failure is counted either in the store or in flight. Refuses
+    /// when the account is locked by now, or when the failures counted and the checks in flight
+    /// could already reach its next lock.
+    async fn enter_check(
+        &self,
+        user: &UserRecord,
+        password: Option<&str>,
+        ctx: &RequestContext,
+    ) -> Result<(InFlightGuard<'_>, UserRecord), IdentityError> {
+        let (guard, in_flight) = self.in_flight.enter(user.id);
+        let fresh = self.store.user_by_id(user.id).await?;
+        let now = self.now();
+        if let Some(until) = fresh.locked_until.filter(|t| *t > now) {
+            return Err(self.refuse_locked(&fresh, until, password, ctx).await);
+        }
+        let threshold = self.lock_threshold;
+        if threshold > 0 && fresh.failed_logins % threshold + in_flight > threshold {
+            self.metrics.failure("checks_in_flight");
+            if let Some(password) = password.filter(|_| self.hide_existing) {
+                // Answered like an unknown email, after the same work.
+                self.hasher.verify(password, None).await?;
+                return Err(IdentityError::InvalidCredentials);
+            }
+            return Err(IdentityError::RateLimited { retry_after: 1 });
+        }
+        Ok((guard, fresh))
+    }
+
     /// Counts a failed login (a wrong password or second-factor code) towards the account's
     /// lockout, audits it as `event`, and locks the account (with its audit event and notice
     /// mail) at each multiple of the threshold.
@@ -781,6 +854,7 @@ impl Identity {
         if let Some(until) = user.locked_until.filter(|t| *t > now) {
             return Err(self.refuse_locked(&user, until, Some(password), ctx).await);
         }
+        let (_checking, user) = self.enter_check(&user, Some(password), ctx).await?;
         let verified = match self
             .hasher
             .verify(password, Some(&user.password_hash))

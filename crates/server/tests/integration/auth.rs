@@ -1287,6 +1287,49 @@ async fn others_cannot_throttle_an_account(backend: Backend) {
 }
 on_both_backends!(others_cannot_throttle_an_account);
 
+/// Wrong passwords sent at once from twenty addresses are judged like twenty in a row: ten
+/// are checked and lock the account, and none gets past the lockout.
+async fn parallel_failures_from_many_addresses_stop_at_the_lockout(backend: Backend) {
+    let app = behind_proxy(backend, |_| {}).await;
+    assert_eq!(register(&app, "vic@example.com").await.status(), 201);
+    let tasks: Vec<_> = (0..20)
+        .map(|i| {
+            let client = app.client.clone();
+            let url = app.url("/api/v1/auth/login");
+            tokio::spawn(async move {
+                client
+                    .post(url)
+                    .header("x-forwarded-for", format!("10.7.7.{i}"))
+                    .json(&json!({ "email": "vic@example.com", "password": WRONG }))
+                    .send()
+                    .await
+                    .unwrap()
+                    .status()
+                    .as_u16()
+            })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for task in tasks {
+        statuses.push(task.await.unwrap());
+    }
+    statuses.sort_unstable();
+    let expected: Vec<u16> = [401; 10].into_iter().chain([429; 10]).collect();
+    assert_eq!(statuses, expected);
+    let stored = app
+        .db
+        .store
+        .user_by_email(&unhidra_core::Email::parse("vic@example.com").unwrap())
+        .await
+        .unwrap();
+    assert_eq!(
+        stored.failed_logins, 10,
+        "no guess slipped past the lockout"
+    );
+    app.shutdown().await;
+}
+on_both_backends!(parallel_failures_from_many_addresses_stop_at_the_lockout);
+
 /// An admin's unlock ends the lock and every address's throttle for the account.
 async fn an_unlock_clears_the_account_throttles(backend: Backend) {
     let app = behind_proxy(backend, with_admin).await;
