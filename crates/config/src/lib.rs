@@ -193,6 +193,13 @@ config_keys! {
         argon2_iterations: u32 = if profile == Profile::Prod { 2 } else { 1 }, secret = false;
         /// Argon2id lanes.
         argon2_parallelism: u32 = 1, secret = false;
+        /// Highest Argon2 memory cost in KiB a stored or imported hash may have: an import over
+        /// it is refused, and a login against such a hash is refused without verifying it.
+        argon2_max_memory_kib: u32 = 262_144, secret = false;
+        /// Highest Argon2 iteration count a stored or imported hash may have.
+        argon2_max_iterations: u32 = 10, secret = false;
+        /// Highest Argon2 lane count a stored or imported hash may have.
+        argon2_max_parallelism: u32 = 8, secret = false;
         /// Password hashes computed at once; 0 means one per CPU core.
         hash_workers: u32 = 0, secret = false;
         /// Fewest characters in a new password (at least 8).
@@ -205,8 +212,18 @@ config_keys! {
         /// Consecutive failed logins that lock an account for a while (doubling each time it
         /// happens again); 0 never locks.
         lockout_threshold: u32 = 10, secret = false;
-        /// Failed logins per minute allowed from one address, and for one account.
+        /// Failed logins (wrong passwords and wrong second-factor codes) per minute allowed from
+        /// one address for one account; the account itself is protected by the lockout.
         rate_limit_login_per_minute: u32 = 5, secret = false;
+        /// Failed logins per minute allowed from one address across all accounts, which stops
+        /// one address from spraying passwords over many accounts.
+        rate_limit_login_ip_per_minute: u32 = 30, secret = false;
+        /// IPv6 clients are limited per network of this many leading bits (a /64 is one
+        /// subscriber); IPv4 clients per address.
+        rate_limit_ipv6_prefix: u32 = 64, secret = false;
+        /// Keys (addresses, accounts) each rate limit tracks at once on this node; past it, new
+        /// keys share one bucket until old ones expire, so a flood makes limits stricter.
+        rate_limit_max_keys: u32 = 50_000, secret = false;
         /// Registrations per hour allowed from one address.
         rate_limit_register_per_hour: u32 = 10, secret = false;
         /// Password-reset requests per hour allowed from one address, and for one account.
@@ -476,6 +493,21 @@ fn check(config: &Config) -> Result<(), ConfigError> {
             "argon2_*: memory must be at least 8 KiB per lane, iterations and lanes at least 1"
                 .to_owned(),
         );
+    }
+    if config.argon2_memory_kib > config.argon2_max_memory_kib
+        || config.argon2_iterations > config.argon2_max_iterations
+        || config.argon2_parallelism > config.argon2_max_parallelism
+    {
+        problems.push(
+            "argon2_max_*: the ceiling must not be below the cost of new hashes (argon2_*)"
+                .to_owned(),
+        );
+    }
+    if config.rate_limit_ipv6_prefix > 128 {
+        problems.push("rate_limit_ipv6_prefix: an IPv6 prefix has at most 128 bits".to_owned());
+    }
+    if config.rate_limit_max_keys == 0 {
+        problems.push("rate_limit_max_keys: must be at least 1".to_owned());
     }
     for proxy in &config.trusted_proxies {
         if proxy.parse::<std::net::IpAddr>().is_err() {

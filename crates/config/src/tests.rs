@@ -270,3 +270,39 @@ fn a_reply_bound_must_fit_the_queue_bound() {
     let fits = load_with(None, &[("UNHIDRA_WS_QUEUE_BYTES", "1048576")]).unwrap();
     assert_eq!(fits.ws_max_reply_bytes, fits.ws_queue_bytes);
 }
+
+#[test]
+fn abuse_limits_have_checked_defaults() {
+    let config = load_with(None, &[]).unwrap();
+    assert_eq!(config.rate_limit_ipv6_prefix, 64);
+    assert_eq!(config.rate_limit_login_ip_per_minute, 30);
+    assert_eq!(
+        (
+            config.argon2_max_memory_kib,
+            config.argon2_max_iterations,
+            config.argon2_max_parallelism
+        ),
+        (262_144, 10, 8)
+    );
+    let p = problems(
+        load_with(
+            None,
+            &[
+                ("UNHIDRA_RATE_LIMIT_IPV6_PREFIX", "129"),
+                ("UNHIDRA_RATE_LIMIT_MAX_KEYS", "0"),
+                ("UNHIDRA_ARGON2_MAX_MEMORY_KIB", "512"),
+            ],
+        )
+        .unwrap_err(),
+    );
+    assert_eq!(p.len(), 3, "{p:?}");
+    assert!(
+        p.iter().any(|l| l.starts_with("rate_limit_ipv6_prefix")),
+        "{p:?}"
+    );
+    assert!(
+        p.iter().any(|l| l.starts_with("rate_limit_max_keys")),
+        "{p:?}"
+    );
+    assert!(p.iter().any(|l| l.starts_with("argon2_max_")), "{p:?}");
+}

@@ -6,7 +6,7 @@ use unhidra_core::{Email, OpaqueToken, UserId};
 use unhidra_store::StoreError;
 use unhidra_store::identity::{TokenPurpose, UserRecord};
 
-use super::{Identity, IdentityError, Principal, RequestContext, ip_key};
+use super::{Identity, IdentityError, Principal, RequestContext};
 use unhidra_mail::Mail;
 
 /// How long a verification link works.
@@ -79,7 +79,7 @@ impl Identity {
         who: &Principal,
         ctx: &RequestContext,
     ) -> Result<(), IdentityError> {
-        self.limited("verify", &self.limits.verify_ip, ip_key(ctx), ctx)
+        self.limited("verify", &self.limits.verify_ip, &self.ip_key(ctx), ctx)
             .await?;
         let user = self.store.user_by_id(who.user_id).await?;
         if user.email_verified_at.is_none() {
@@ -94,7 +94,7 @@ impl Identity {
         token: &str,
         ctx: &RequestContext,
     ) -> Result<(), IdentityError> {
-        self.limited("verify", &self.limits.verify_ip, ip_key(ctx), ctx)
+        self.limited("verify", &self.limits.verify_ip, &self.ip_key(ctx), ctx)
             .await?;
         let hash = OpaqueToken::from_client(token).hash();
         let user = self.consume(&hash, TokenPurpose::VerifyEmail).await?;
@@ -128,7 +128,7 @@ impl Identity {
         let reservation = self
             .limited(
                 "password",
-                &self.limits.login_account,
+                &self.limits.reauth_account,
                 user.email.as_str(),
                 ctx,
             )
@@ -141,7 +141,7 @@ impl Identity {
             self.audit_own("password.change_failed", user.id, ctx).await;
             return Err(IdentityError::WrongCurrentPassword);
         }
-        self.limits.login_account.release(&reservation);
+        self.limits.reauth_account.release(&reservation);
         self.set_password(&user, new).await?;
         self.end_user_sessions(
             user.id,
@@ -182,14 +182,22 @@ impl Identity {
         email: &str,
         ctx: &RequestContext,
     ) -> Result<(), IdentityError> {
-        self.limited("password_reset", &self.limits.reset_ip, ip_key(ctx), ctx)
-            .await?;
-        let key = email.trim().to_lowercase();
-        self.limited("password_reset", &self.limits.reset_account, &key, ctx)
-            .await?;
-        let Ok(parsed) = Email::parse(email) else {
-            return Ok(());
-        };
+        // Parsed before any limit is touched: limits only ever see bounded, normalised keys.
+        let parsed = Email::parse(email).map_err(IdentityError::InvalidEmail)?;
+        self.limited(
+            "password_reset",
+            &self.limits.reset_ip,
+            &self.ip_key(ctx),
+            ctx,
+        )
+        .await?;
+        self.limited(
+            "password_reset",
+            &self.limits.reset_account,
+            parsed.as_str(),
+            ctx,
+        )
+        .await?;
         let user = match self.store.user_by_email(&parsed).await {
             Ok(user) if user.active => user,
             Ok(_) | Err(StoreError::NotFound { .. }) => return Ok(()),
@@ -235,8 +243,13 @@ impl Identity {
         new: &str,
         ctx: &RequestContext,
     ) -> Result<(), IdentityError> {
-        self.limited("password_reset", &self.limits.reset_ip, ip_key(ctx), ctx)
-            .await?;
+        self.limited(
+            "password_reset",
+            &self.limits.reset_ip,
+            &self.ip_key(ctx),
+            ctx,
+        )
+        .await?;
         let hash = OpaqueToken::from_client(token).hash();
         let owner = match self
             .store
@@ -262,7 +275,7 @@ impl Identity {
         // The link arrived by mail: that proves the address, and ends a lock.
         self.store.set_email_verified(user.id, now).await?;
         self.store.record_login_success(user.id, now).await?;
-        self.limits.login_account.reset(user.email.as_str());
+        self.clear_throttles(&user.email);
         self.audit_own("password.reset", user.id, ctx).await;
         self.notify(
             &user.email,

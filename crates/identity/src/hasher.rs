@@ -28,6 +28,63 @@ impl HashParams {
         }
     }
 
+    /// The most a stored or imported hash may cost, from the config's `argon2_max_*`.
+    pub fn ceiling_from_config(config: &unhidra_config::Config) -> Self {
+        Self {
+            memory_kib: config.argon2_max_memory_kib,
+            iterations: config.argon2_max_iterations,
+            parallelism: config.argon2_max_parallelism,
+        }
+    }
+
+    /// The cost a PHC string asks for.
+    pub fn of_hash(hash: &PasswordHash<'_>) -> Result<Self, HashError> {
+        let params = Params::try_from(hash).map_err(|e| HashError::Argon(e.to_string()))?;
+        Ok(Self {
+            memory_kib: params.m_cost(),
+            iterations: params.t_cost(),
+            parallelism: params.p_cost(),
+        })
+    }
+
+    /// Says which cost is above `ceiling`, if any.
+    pub fn exceeds(self, ceiling: Self) -> Option<String> {
+        let over = |what: &str, value: u32, max: u32, key: &str| {
+            (value > max).then(|| format!("{what} {value} is above {key} = {max}"))
+        };
+        over(
+            "memory (KiB)",
+            self.memory_kib,
+            ceiling.memory_kib,
+            "argon2_max_memory_kib",
+        )
+        .or_else(|| {
+            over(
+                "iterations",
+                self.iterations,
+                ceiling.iterations,
+                "argon2_max_iterations",
+            )
+        })
+        .or_else(|| {
+            over(
+                "parallelism",
+                self.parallelism,
+                ceiling.parallelism,
+                "argon2_max_parallelism",
+            )
+        })
+    }
+
+    /// Each cost the larger of the two.
+    fn max(self, other: Self) -> Self {
+        Self {
+            memory_kib: self.memory_kib.max(other.memory_kib),
+            iterations: self.iterations.max(other.iterations),
+            parallelism: self.parallelism.max(other.parallelism),
+        }
+    }
+
     fn argon2(self) -> Result<Argon2<'static>, argon2::Error> {
         let params = Params::new(self.memory_kib, self.iterations, self.parallelism, None)?;
         Ok(Argon2::new(Algorithm::Argon2id, Version::V0x13, params))
@@ -55,7 +112,17 @@ pub enum HashError {
     /// Too many hashes are waiting.
     #[error("too many password checks are waiting")]
     Busy,
+    /// The stored hash asks for more work than the ceiling allows; it was not verified.
+    #[error("the stored hash is not verified: its {0}")]
+    OverCeiling(String),
 }
+
+/// The ceiling of a hasher built without one: the config's defaults.
+pub const DEFAULT_CEILING: HashParams = HashParams {
+    memory_kib: 262_144,
+    iterations: 10,
+    parallelism: 8,
+};
 
 /// Hashes that may wait per hashing thread.
 const QUEUE_PER_WORKER: usize = 256;
@@ -69,6 +136,9 @@ type Job = Box<dyn FnOnce(&mut [Block]) + Send>;
 #[derive(Debug, Clone)]
 pub struct Hasher {
     params: HashParams,
+    /// Stored hashes costing more than this are refused unverified: a hash imported with
+    /// `m=4194304` must not make each login allocate 4 GiB.
+    ceiling: HashParams,
     jobs: std::sync::mpsc::SyncSender<Job>,
     /// A hash of a random password, verified when the user is unknown so that the answer takes
     /// as long as for a known user.
@@ -126,14 +196,28 @@ impl Hasher {
         )?;
         Ok(Self {
             params,
+            ceiling: DEFAULT_CEILING.max(params),
             jobs,
             dummy: dummy.into(),
         })
     }
 
+    /// The same hasher refusing stored hashes that cost more than `ceiling` (never less than
+    /// its own hashes cost).
+    #[must_use]
+    pub fn with_ceiling(mut self, ceiling: HashParams) -> Self {
+        self.ceiling = ceiling.max(self.params);
+        self
+    }
+
     /// The parameters of new hashes.
     pub fn params(&self) -> HashParams {
         self.params
+    }
+
+    /// The most a stored hash may cost.
+    pub fn ceiling(&self) -> HashParams {
+        self.ceiling
     }
 
     /// Hashes a new password.
@@ -145,20 +229,22 @@ impl Hasher {
     }
 
     /// Checks `password` against `stored`; a `stored` of `None` checks against the dummy hash
-    /// and never matches.
+    /// and never matches. A stored hash above the ceiling is refused with
+    /// [`HashError::OverCeiling`] before any work.
     pub async fn verify(
         &self,
         password: &str,
         stored: Option<&str>,
     ) -> Result<Verified, HashError> {
         let params = self.params;
+        let ceiling = self.ceiling;
         let password = password.to_owned();
         let (hash, real) = match stored {
             Some(h) => (h.to_owned(), true),
             None => (self.dummy.to_string(), false),
         };
         let verified = self
-            .run(move |memory| verify_now(params, &password, &hash, memory))
+            .run(move |memory| verify_now(params, ceiling, &password, &hash, memory))
             .await?;
         Ok(Verified {
             matches: verified.matches && real,
@@ -217,6 +303,7 @@ fn hash_now(params: HashParams, password: &str, memory: &mut [Block]) -> Result<
 
 fn verify_now(
     params: HashParams,
+    ceiling: HashParams,
     password: &str,
     stored: &str,
     memory: &mut [Block],
@@ -230,12 +317,18 @@ fn verify_now(
         });
     }
     let parsed = PasswordHash::new(stored).map_err(|e| HashError::Argon(e.to_string()))?;
-    let current = parsed.algorithm.as_str() == "argon2id"
-        && Params::try_from(&parsed).is_ok_and(|p| {
-            p.m_cost() == params.memory_kib
-                && p.t_cost() == params.iterations
-                && p.p_cost() == params.parallelism
+    if !parsed.algorithm.as_str().starts_with("argon2") {
+        // Another scheme's PHC string: no password matches it.
+        return Ok(Verified {
+            matches: false,
+            needs_rehash: false,
         });
+    }
+    let cost = HashParams::of_hash(&parsed)?;
+    if let Some(why) = cost.exceeds(ceiling) {
+        return Err(HashError::OverCeiling(why));
+    }
+    let current = parsed.algorithm.as_str() == "argon2id" && cost == params;
     let matches = match (current, parsed.salt, parsed.hash) {
         // The usual case: the thread's own memory, nothing allocated.
         (true, Some(salt), Some(expected)) => {
@@ -252,7 +345,8 @@ fn verify_now(
                 .map_err(|e| HashError::Argon(e.to_string()))?;
             bool::from(out.as_slice().ct_eq(expected.as_bytes()))
         }
-        // Other parameters: the stored hash's own verify them (and it allocates).
+        // Other parameters, at most the ceiling: the stored hash's own verify them (and it
+        // allocates up to `argon2_max_memory_kib`).
         _ => Argon2::default()
             .verify_password(password.as_bytes(), &parsed)
             .is_ok(),
@@ -409,6 +503,62 @@ mod tests {
                 .await
                 .unwrap()
                 .needs_rehash
+        );
+    }
+
+    #[tokio::test]
+    async fn a_stored_hash_above_the_ceiling_is_refused_unverified() {
+        let hasher = Hasher::new(CHEAP, 1).unwrap().with_ceiling(HashParams {
+            memory_kib: 96,
+            iterations: 2,
+            parallelism: 2,
+        });
+        for params in [
+            HashParams {
+                memory_kib: 128,
+                ..CHEAP
+            },
+            HashParams {
+                iterations: 3,
+                ..CHEAP
+            },
+            HashParams {
+                memory_kib: 64 * 3,
+                parallelism: 3,
+                ..CHEAP
+            },
+        ] {
+            let costly = Hasher::new(params, 1).unwrap();
+            let hash = costly.hash("correct horse").await.unwrap();
+            let refused = hasher.verify("correct horse", Some(&hash)).await;
+            assert!(
+                matches!(refused, Err(HashError::OverCeiling(_))),
+                "{hash}: {refused:?}"
+            );
+        }
+        // At the ceiling is fine, and is upgraded to the current parameters.
+        let at = Hasher::new(
+            HashParams {
+                memory_kib: 96,
+                iterations: 2,
+                parallelism: 1,
+            },
+            1,
+        )
+        .unwrap();
+        let hash = at.hash("correct horse").await.unwrap();
+        let verified = hasher.verify("correct horse", Some(&hash)).await.unwrap();
+        assert!(verified.matches && verified.needs_rehash);
+        // The message names the setting, never the hash.
+        let why = HashParams {
+            memory_kib: 4_194_304,
+            ..CHEAP
+        }
+        .exceeds(DEFAULT_CEILING)
+        .unwrap();
+        assert_eq!(
+            why,
+            "memory (KiB) 4194304 is above argon2_max_memory_kib = 262144"
         );
     }
 

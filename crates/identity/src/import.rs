@@ -10,7 +10,7 @@ use unhidra_core::{Email, Role, UserId};
 use unhidra_store::StoreError;
 use unhidra_store::identity::{NewUser, UserChange};
 
-use super::hasher::LegacyHash;
+use super::hasher::{HashParams, LegacyHash};
 use super::{Identity, RequestContext};
 
 /// One line of an import file.
@@ -62,7 +62,8 @@ pub enum ImportError {
     Store(#[from] StoreError),
 }
 
-fn check(line: ImportLine) -> Result<Checked, String> {
+/// Checks one line; an Argon2 hash must cost at most `ceiling`.
+fn check(line: ImportLine, ceiling: HashParams) -> Result<Checked, String> {
     let email = Email::parse(&line.email).map_err(|e| format!("email: {e}"))?;
     let role = match line.role.as_deref() {
         None => Role::User,
@@ -75,6 +76,14 @@ fn check(line: ImportLine) -> Result<Checked, String> {
                 return Err(format!(
                     "password_hash: {} is not supported; give argon2 PHC strings or sha256",
                     parsed.algorithm
+                ));
+            }
+            let cost = HashParams::of_hash(&parsed).map_err(|e| format!("password_hash: {e}"))?;
+            if let Some(why) = cost.exceeds(ceiling) {
+                return Err(format!(
+                    "password_hash: its Argon2 {why}; every login would cost that much, so \
+                     it is refused (raise the ceiling, or import without this hash and let \
+                     the user reset the password)"
                 ));
             }
             phc
@@ -117,6 +126,7 @@ impl Identity {
         let mut problems = Vec::new();
         let mut checked = Vec::new();
         let mut seen = HashSet::new();
+        let ceiling = self.hasher.ceiling();
         for (index, raw) in text.lines().enumerate() {
             let number = index + 1;
             if raw.trim().is_empty() {
@@ -124,7 +134,7 @@ impl Identity {
             }
             let parsed = serde_json::from_str::<ImportLine>(raw)
                 .map_err(|e| e.to_string())
-                .and_then(check);
+                .and_then(|line| check(line, ceiling));
             match parsed {
                 Ok(user) if !seen.insert(user.email.clone()) => {
                     problems.push(format!("line {number}: {} appears twice", user.email));
@@ -179,5 +189,42 @@ impl Identity {
         )
         .await;
         Ok(summary)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hasher::DEFAULT_CEILING;
+
+    fn line(hash: &str) -> ImportLine {
+        serde_json::from_value(serde_json::json!({
+            "email": "ada@example.com",
+            "password_hash": hash,
+        }))
+        .unwrap()
+    }
+
+    const SALT_AND_HASH: &str =
+        "c29tZXNhbHRzb21lc2FsdA$Dt2hHYzQ2SjFHUJ9cyAk6jPgwzXHGJjm0eNm2sX1RGU";
+
+    #[test]
+    fn hashes_above_the_cost_ceiling_are_refused() {
+        let costly = format!("$argon2id$v=19$m=4194304,t=2,p=1${SALT_AND_HASH}");
+        let why = check(line(&costly), DEFAULT_CEILING).err().unwrap();
+        assert!(
+            why.starts_with("password_hash: its Argon2 memory (KiB) 4194304 is above argon2_max_memory_kib = 262144"),
+            "{why}"
+        );
+        for (params, key) in [
+            ("m=19456,t=11,p=1", "argon2_max_iterations"),
+            ("m=19456,t=2,p=9", "argon2_max_parallelism"),
+        ] {
+            let hash = format!("$argon2id$v=19${params}${SALT_AND_HASH}");
+            let why = check(line(&hash), DEFAULT_CEILING).err().unwrap();
+            assert!(why.contains(key), "{why}");
+        }
+        let fine = format!("$argon2id$v=19$m=262144,t=10,p=8${SALT_AND_HASH}");
+        assert!(check(line(&fine), DEFAULT_CEILING).is_ok());
     }
 }

@@ -11,7 +11,8 @@ pub mod keys;
 pub mod metrics;
 pub mod mfa;
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Duration, Utc};
 use serde::Serialize;
@@ -260,16 +261,80 @@ pub struct Identity {
     audit_file: Option<audit_file::AuditFile>,
     /// Shorten addresses in audit events.
     audit_minimise: bool,
+    /// IPv6 clients are limited per network of this many bits.
+    ipv6_prefix: u8,
+    /// Accounts whose throttles were cleared lately (see [`ThrottleEpochs`]).
+    throttle_epochs: Mutex<ThrottleEpochs>,
+    /// Password and code checks running now, per account (see [`InFlight`]).
+    in_flight: InFlight,
     /// Where links in mail point; without it, mail carries the bare token.
     public_url: Option<String>,
     require_verified: bool,
 }
 
-/// The attempt limits of identity operations, per node.
+/// When an account's throttles are cleared (an admin's unlock, a password reset), the account
+/// gets a new epoch, which is part of its (address, account) limit's key: every address's count
+/// for the account starts afresh at once, without finding them (the windows keep keys only as
+/// hashes). Epochs come from one counter, so none is used twice. Only real accounts get one,
+/// and only from an admin or a mailed token; an epoch older than the login window is dropped,
+/// since every count it keyed has left the window by then.
+#[derive(Debug, Default)]
+struct ThrottleEpochs {
+    last: u64,
+    by_account: HashMap<Email, (u64, DateTime<Utc>)>,
+}
+
+/// Password and code checks running now, per account, so that guesses sent in parallel from
+/// many addresses cannot overshoot the lockout: a check starts only if the account would not be
+/// past its next lock were it and every check already running to fail. An entry lives while
+/// its checks run (bounded by the hashing queue) and is removed when the last one ends.
+#[derive(Debug, Default)]
+struct InFlight(Mutex<HashMap<UserId, u32>>);
+
+/// A check's place in [`InFlight`], given back when dropped.
+struct InFlightGuard<'a> {
+    map: &'a InFlight,
+    user: UserId,
+}
+
+impl InFlight {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<UserId, u32>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Counts a check for `user`; says how many run now, this one included.
+    fn enter(&self, user: UserId) -> (InFlightGuard<'_>, u32) {
+        let mut map = self.lock();
+        let count = map.entry(user).or_insert(0);
+        *count += 1;
+        (InFlightGuard { map: self, user }, *count)
+    }
+}
+
+impl Drop for InFlightGuard<'_> {
+    fn drop(&mut self) {
+        let mut map = self.map.lock();
+        if let Some(count) = map.get_mut(&self.user) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                map.remove(&self.user);
+            }
+        }
+    }
+}
+
+/// The attempt limits of identity operations, per node. Keys are bounded: addresses (IPv6 cut
+/// to its network) and parsed emails, which each window keeps only as a hash.
 #[derive(Debug)]
 struct Limits {
+    /// Failed logins (passwords and second-factor codes) from one address for one account.
+    login_pair: SlidingWindow,
+    /// Failed logins from one address across every account: password spraying.
     login_ip: SlidingWindow,
-    login_account: SlidingWindow,
+    /// Wrong current passwords and codes on authenticated endpoints, per account.
+    reauth_account: SlidingWindow,
     register_ip: SlidingWindow,
     refresh_ip: SlidingWindow,
     reset_ip: SlidingWindow,
@@ -283,22 +348,21 @@ impl Limits {
     fn from_config(config: &Config) -> Self {
         let minute = Duration::minutes(1);
         let hour = Duration::hours(1);
+        let max_keys = usize::try_from(config.rate_limit_max_keys).unwrap_or(usize::MAX);
+        let window =
+            |limit: u32, per: Duration| SlidingWindow::new(limit, per).with_max_keys(max_keys);
         Self {
-            login_ip: SlidingWindow::new(config.rate_limit_login_per_minute, minute),
-            login_account: SlidingWindow::new(config.rate_limit_login_per_minute, minute),
-            register_ip: SlidingWindow::new(config.rate_limit_register_per_hour, hour),
-            refresh_ip: SlidingWindow::new(config.rate_limit_refresh_per_minute, minute),
-            reset_ip: SlidingWindow::new(config.rate_limit_reset_per_hour, hour),
-            reset_account: SlidingWindow::new(config.rate_limit_reset_per_hour, hour),
-            verify_ip: SlidingWindow::new(config.rate_limit_verify_per_hour, hour),
-            audit_refusals: SlidingWindow::new(1, minute),
+            login_pair: window(config.rate_limit_login_per_minute, minute),
+            login_ip: window(config.rate_limit_login_ip_per_minute, minute),
+            reauth_account: window(config.rate_limit_login_per_minute, minute),
+            register_ip: window(config.rate_limit_register_per_hour, hour),
+            refresh_ip: window(config.rate_limit_refresh_per_minute, minute),
+            reset_ip: window(config.rate_limit_reset_per_hour, hour),
+            reset_account: window(config.rate_limit_reset_per_hour, hour),
+            verify_ip: window(config.rate_limit_verify_per_hour, hour),
+            audit_refusals: window(1, minute),
         }
     }
-}
-
-/// The key of a client in the limits: its address, or one shared key when it is unknown.
-fn ip_key(ctx: &RequestContext) -> &str {
-    ctx.ip.as_deref().unwrap_or("unknown")
 }
 
 fn duration(d: unhidra_config::HumanDuration) -> Duration {
@@ -315,7 +379,8 @@ impl Identity {
         mailer: Arc<Mailer>,
     ) -> Result<Self, KeyError> {
         let hasher = Hasher::new(HashParams::from_config(config), config.hash_workers)
-            .map_err(|e| KeyError::Config(format!("argon2 parameters: {e}")))?;
+            .map_err(|e| KeyError::Config(format!("argon2 parameters: {e}")))?
+            .with_ceiling(HashParams::ceiling_from_config(config));
         let key_hex = store
             .meta_get_or_insert(REFRESH_KEY, &OpaqueToken::generate().hash(), clock.now())
             .await?;
@@ -366,6 +431,9 @@ impl Identity {
             revoked: tokio::sync::broadcast::Sender::new(1024),
             audit_file: audit_file::AuditFile::from_config(config),
             audit_minimise: config.audit_minimise,
+            ipv6_prefix: u8::try_from(config.rate_limit_ipv6_prefix.min(128)).unwrap_or(64),
+            throttle_epochs: Mutex::new(ThrottleEpochs::default()),
+            in_flight: InFlight::default(),
             public_url: config
                 .public_url
                 .as_ref()
@@ -379,6 +447,43 @@ impl Identity {
     fn now(&self) -> DateTime<Utc> {
         let now = self.clock.now();
         DateTime::from_timestamp_micros(now.timestamp_micros()).unwrap_or(now)
+    }
+
+    /// The key of a client in the limits: its address (an IPv6 address cut to its network),
+    /// or one shared key when it is unknown.
+    fn ip_key(&self, ctx: &RequestContext) -> String {
+        match ctx.ip.as_deref().map(str::parse::<std::net::IpAddr>) {
+            Some(Ok(ip)) => unhidra_core::ratelimit::address_key(ip, self.ipv6_prefix),
+            _ => "unknown".to_owned(),
+        }
+    }
+
+    /// The key of (address, account) in the login limit, with the account's throttle epoch.
+    fn pair_key(&self, ip: &str, email: &Email) -> String {
+        let epoch = self
+            .throttle_epochs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .by_account
+            .get(email)
+            .map_or(0, |(epoch, _)| *epoch);
+        format!("{ip} {email} {epoch}")
+    }
+
+    /// Clears an account's throttles: every address's login count for it, and its count of
+    /// re-checked passwords and codes. The lockout is the store's, cleared by the caller.
+    fn clear_throttles(&self, email: &Email) {
+        self.limits.reauth_account.reset(email.as_str());
+        let now = self.now();
+        let horizon = now - self.limits.login_pair.window();
+        let mut epochs = self
+            .throttle_epochs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        epochs.last += 1;
+        let epoch = epochs.last;
+        epochs.by_account.retain(|_, (_, at)| *at > horizon);
+        epochs.by_account.insert(email.clone(), (epoch, now));
     }
 
     /// Revocations as they happen, for closing live connections at once.
@@ -443,7 +548,7 @@ impl Identity {
         display_name: Option<&str>,
         ctx: &RequestContext,
     ) -> Result<UserView, IdentityError> {
-        self.limited("register", &self.limits.register_ip, ip_key(ctx), ctx)
+        self.limited("register", &self.limits.register_ip, &self.ip_key(ctx), ctx)
             .await?;
         self.create_user(email, password, display_name, Role::User, ctx)
             .await
@@ -570,32 +675,27 @@ impl Identity {
     }
 
     /// Checks email and password and opens a session.
+    ///
+    /// Throttles, in order: the address's failures across every account
+    /// (`rate_limit_login_ip_per_minute`), then the failures from this address for this
+    /// account (`rate_limit_login_per_minute`). Both slots are taken before the password is
+    /// checked, so that parallel guesses are refused exactly as sequential ones would be; a
+    /// success gives them back. The account itself is protected by the lockout, which counts
+    /// failures from every address; no per-account window can be filled by someone else to
+    /// refuse the owner's correct password.
     pub async fn login(
         &self,
         email: &str,
         password: &str,
         ctx: &RequestContext,
     ) -> Result<LoginOutcome, IdentityError> {
-        // Both slots are taken before the password is checked, so that parallel guesses are
-        // refused exactly as sequential ones would be; a success gives them back.
-        let by_ip = self
-            .limited("login", &self.limits.login_ip, ip_key(ctx), ctx)
-            .await?;
-        let account_key = email.trim().to_lowercase();
-        let by_account = match self
-            .limited("login", &self.limits.login_account, &account_key, ctx)
-            .await
-        {
-            Ok(reservation) => reservation,
-            Err(e) => {
-                self.limits.login_ip.release(&by_ip);
-                return Err(e);
-            }
-        };
-        let result = self.check_login(email, password, ctx).await;
+        // Parsed before any limit is touched: limits only ever see bounded, normalised keys.
+        let email = Email::parse(email).map_err(IdentityError::InvalidEmail)?;
+        let (by_ip, by_pair) = self.login_slots(&self.ip_key(ctx), &email, ctx).await?;
+        let result = self.check_login(&email, password, ctx).await;
         if result.is_ok() {
             self.limits.login_ip.release(&by_ip);
-            self.limits.login_account.release(&by_account);
+            self.limits.login_pair.release(&by_pair);
         }
         match &result {
             Ok(LoginOutcome::Tokens(_)) => self.metrics.login(true),
@@ -605,19 +705,136 @@ impl Identity {
         result
     }
 
+    /// Reserves a login attempt from `ip` for `email`: the address's slot, then the pair's.
+    async fn login_slots(
+        &self,
+        ip: &str,
+        email: &Email,
+        ctx: &RequestContext,
+    ) -> Result<(Reservation, Reservation), IdentityError> {
+        let by_ip = self
+            .limited("login", &self.limits.login_ip, ip, ctx)
+            .await?;
+        match self
+            .limited(
+                "login",
+                &self.limits.login_pair,
+                &self.pair_key(ip, email),
+                ctx,
+            )
+            .await
+        {
+            Ok(by_pair) => Ok((by_ip, by_pair)),
+            Err(e) => {
+                self.limits.login_ip.release(&by_ip);
+                Err(e)
+            }
+        }
+    }
+
+    /// Refuses a login for a locked account. With `hide_existing_accounts`, the answer is the
+    /// one an unknown email gets, after the same work, so that a lock tells outsiders nothing;
+    /// the owner learns of the lock by mail.
+    async fn refuse_locked(
+        &self,
+        user: &UserRecord,
+        until: DateTime<Utc>,
+        password: Option<&str>,
+        ctx: &RequestContext,
+    ) -> IdentityError {
+        self.metrics.failure("locked");
+        self.audit_own("login.locked", user.id, ctx).await;
+        if let Some(password) = password.filter(|_| self.hide_existing) {
+            if let Err(e) = self.hasher.verify(password, None).await {
+                return e.into();
+            }
+            return IdentityError::InvalidCredentials;
+        }
+        IdentityError::Locked {
+            retry_after: (until - self.now()).num_seconds().max(1),
+        }
+    }
+
+    /// Takes a place among the account's checks in flight, with the account as stored once the
+    /// place is held, so that every failure is counted either in the store or in flight. Refuses
+    /// when the account is locked by now, or when the failures counted and the checks in flight
+    /// could already reach its next lock.
+    async fn enter_check(
+        &self,
+        user: &UserRecord,
+        password: Option<&str>,
+        ctx: &RequestContext,
+    ) -> Result<(InFlightGuard<'_>, UserRecord), IdentityError> {
+        let (guard, in_flight) = self.in_flight.enter(user.id);
+        let fresh = self.store.user_by_id(user.id).await?;
+        let now = self.now();
+        if let Some(until) = fresh.locked_until.filter(|t| *t > now) {
+            return Err(self.refuse_locked(&fresh, until, password, ctx).await);
+        }
+        let threshold = self.lock_threshold;
+        if threshold > 0 && fresh.failed_logins % threshold + in_flight > threshold {
+            self.metrics.failure("checks_in_flight");
+            if let Some(password) = password.filter(|_| self.hide_existing) {
+                // Answered like an unknown email, after the same work.
+                self.hasher.verify(password, None).await?;
+                return Err(IdentityError::InvalidCredentials);
+            }
+            return Err(IdentityError::RateLimited { retry_after: 1 });
+        }
+        Ok((guard, fresh))
+    }
+
+    /// Counts a failed login (a wrong password or second-factor code) towards the account's
+    /// lockout, audits it as `event`, and locks the account (with its audit event and notice
+    /// mail) at each multiple of the threshold.
+    async fn count_failure(
+        &self,
+        user: &UserRecord,
+        event: &str,
+        reason: &str,
+        ctx: &RequestContext,
+    ) -> Result<(), IdentityError> {
+        let now = self.now();
+        let threshold = self.lock_threshold;
+        let lock_for = lock_duration(user.failed_logins + 1, threshold);
+        // With locking off, the lock time is now: counted, never locked out.
+        let until = if threshold == 0 { now } else { now + lock_for };
+        let count = self
+            .store
+            .record_login_failure(user.id, threshold.max(1), until, now)
+            .await?;
+        self.audit(
+            event,
+            Some(user.id),
+            Some(user.id.to_string()),
+            ctx,
+            serde_json::json!({ "reason": reason, "consecutive": count }),
+        )
+        .await;
+        if threshold > 0 && count % threshold == 0 {
+            self.audit(
+                "account.locked",
+                Some(user.id),
+                Some(user.id.to_string()),
+                ctx,
+                serde_json::json!({ "seconds": lock_for.num_seconds() }),
+            )
+            .await;
+            self.notify_locked(&user.email, lock_for.num_seconds());
+        }
+        Ok(())
+    }
+
     async fn check_login(
         &self,
-        email: &str,
+        email: &Email,
         password: &str,
         ctx: &RequestContext,
     ) -> Result<LoginOutcome, IdentityError> {
-        let found = match Email::parse(email) {
-            Ok(parsed) => match self.store.user_by_email(&parsed).await {
-                Ok(user) => Some(user),
-                Err(StoreError::NotFound { .. }) => None,
-                Err(e) => return Err(e.into()),
-            },
-            Err(_) => None,
+        let found = match self.store.user_by_email(email).await {
+            Ok(user) => Some(user),
+            Err(StoreError::NotFound { .. }) => None,
+            Err(e) => return Err(e.into()),
         };
         let Some(user) = found else {
             // The same work as for a real account, so that timing tells nothing.
@@ -635,45 +852,37 @@ impl Identity {
         };
         let now = self.now();
         if let Some(until) = user.locked_until.filter(|t| *t > now) {
-            self.metrics.failure("locked");
-            self.audit_own("login.locked", user.id, ctx).await;
-            return Err(IdentityError::Locked {
-                retry_after: (until - now).num_seconds().max(1),
-            });
+            return Err(self.refuse_locked(&user, until, Some(password), ctx).await);
         }
-        let verified = self
+        let (_checking, user) = self.enter_check(&user, Some(password), ctx).await?;
+        let verified = match self
             .hasher
             .verify(password, Some(&user.password_hash))
-            .await?;
-        if !verified.matches {
-            self.metrics.failure("wrong_password");
-            let threshold = self.lock_threshold;
-            let lock_for = lock_duration(user.failed_logins + 1, threshold);
-            // With locking off, the lock time is now: counted, never locked out.
-            let until = if threshold == 0 { now } else { now + lock_for };
-            let count = self
-                .store
-                .record_login_failure(user.id, threshold.max(1), until, now)
-                .await?;
-            self.audit(
-                "login.failed",
-                Some(user.id),
-                Some(user.id.to_string()),
-                ctx,
-                serde_json::json!({ "reason": "wrong_password", "consecutive": count }),
-            )
-            .await;
-            if threshold > 0 && count % threshold == 0 {
+            .await
+        {
+            Ok(verified) => verified,
+            Err(HashError::OverCeiling(why)) => {
+                // Imported with a cost above `argon2_max_*`: never verified, so that one login
+                // cannot take gigabytes. The user gets in again by resetting the password.
+                tracing::warn!(user = %user.id, why, "login refused: the stored password hash costs more than argon2_max_* allows; the user must reset the password");
+                self.hasher.verify(password, None).await?;
+                self.metrics.failure("hash_over_ceiling");
                 self.audit(
-                    "account.locked",
+                    "login.refused",
                     Some(user.id),
                     Some(user.id.to_string()),
                     ctx,
-                    serde_json::json!({ "seconds": lock_for.num_seconds() }),
+                    serde_json::json!({ "reason": "hash_over_ceiling" }),
                 )
                 .await;
-                self.notify_locked(&user.email, lock_for.num_seconds());
+                return Err(IdentityError::InvalidCredentials);
             }
+            Err(e) => return Err(e.into()),
+        };
+        if !verified.matches {
+            self.metrics.failure("wrong_password");
+            self.count_failure(&user, "login.failed", "wrong_password", ctx)
+                .await?;
             return Err(IdentityError::InvalidCredentials);
         }
         if !user.active {
@@ -699,7 +908,8 @@ impl Identity {
                 .await?;
         }
         if user.totp_enabled_at.is_some() {
-            // The password was right; the session waits for the code.
+            // The password was right; the session waits for the code. The failure count is
+            // left as it is: wrong codes count towards the same lockout.
             return Ok(LoginOutcome::MfaRequired(
                 self.mfa_challenge(user.id).await?,
             ));
@@ -765,7 +975,7 @@ impl Identity {
         token: &str,
         ctx: &RequestContext,
     ) -> Result<TokenPair, IdentityError> {
-        self.limited("refresh", &self.limits.refresh_ip, ip_key(ctx), ctx)
+        self.limited("refresh", &self.limits.refresh_ip, &self.ip_key(ctx), ctx)
             .await?;
         let presented = OpaqueToken::from_client(token);
         let next = self.successor(&presented);
@@ -1108,6 +1318,9 @@ impl Identity {
                     }
                 }
                 BulkAction::Unlock => {
+                    // Throttles are in memory and may outlast the store's count (failures
+                    // from one address, then a success from another): cleared either way.
+                    self.clear_throttles(&user.email);
                     if user.failed_logins == 0 && user.locked_until.is_none() {
                         false
                     } else {

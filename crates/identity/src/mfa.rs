@@ -11,7 +11,7 @@ use unhidra_core::{OpaqueToken, UserId};
 use unhidra_store::StoreError;
 use unhidra_store::identity::UserRecord;
 
-use super::{Identity, IdentityError, Principal, RequestContext, TokenPair, ip_key};
+use super::{Identity, IdentityError, Principal, RequestContext, TokenPair};
 
 /// The issuer shown in authenticator apps.
 const ISSUER: &str = "Unhidra";
@@ -179,13 +179,13 @@ impl Identity {
             return Err(IdentityError::TotpNotSetUp);
         }
         let reservation = self
-            .limited("mfa", &self.limits.login_account, user.email.as_str(), ctx)
+            .limited("mfa", &self.limits.reauth_account, user.email.as_str(), ctx)
             .await?;
         if self.check_code(&user, code).await?.is_none() {
             self.audit_own("mfa.failed", user.id, ctx).await;
             return Err(IdentityError::WrongCode);
         }
-        self.limits.login_account.release(&reservation);
+        self.limits.reauth_account.release(&reservation);
         self.store.disable_totp(user.id, self.now()).await?;
         self.audit_own("mfa.disabled", user.id, ctx).await;
         self.notify(
@@ -253,15 +253,18 @@ impl Identity {
         })
     }
 
-    /// Finishes a login with the second factor.
+    /// Finishes a login with the second factor. Wrong codes are throttled like wrong
+    /// passwords (per address, and per address and account) and count towards the same
+    /// lockout, so that a right password does not buy endless guesses at the code.
     pub async fn login_mfa(
         &self,
         mfa_token: &str,
         code: &str,
         ctx: &RequestContext,
     ) -> Result<TokenPair, IdentityError> {
+        let ip = self.ip_key(ctx);
         let by_ip = self
-            .limited("login", &self.limits.login_ip, ip_key(ctx), ctx)
+            .limited("login", &self.limits.login_ip, &ip, ctx)
             .await?;
         let hash = OpaqueToken::from_client(mfa_token).hash();
         let user_id = match self
@@ -274,12 +277,11 @@ impl Identity {
             Err(e) => return Err(e.into()),
         };
         let user = self.store.user_by_id(user_id).await?;
-        // Codes are guessed per account too, however many addresses the guesser has.
-        let by_account = match self
+        let by_pair = match self
             .limited(
                 "login",
-                &self.limits.login_account,
-                user.email.as_str(),
+                &self.limits.login_pair,
+                &self.pair_key(&ip, &user.email),
                 ctx,
             )
             .await
@@ -290,17 +292,23 @@ impl Identity {
                 return Err(e);
             }
         };
+        let now = self.now();
+        if let Some(until) = user.locked_until.filter(|t| *t > now) {
+            // Whoever holds the challenge knows the password: the lock may be said.
+            return Err(self.refuse_locked(&user, until, None, ctx).await);
+        }
+        let (_checking, user) = self.enter_check(&user, None, ctx).await?;
         let Some(method) = self.check_code(&user, code).await? else {
             self.metrics.failure("wrong_code");
-            self.audit_own("login.mfa_failed", user.id, ctx).await;
+            self.count_failure(&user, "login.mfa_failed", "wrong_code", ctx)
+                .await?;
             return Err(IdentityError::WrongCode);
         };
         self.limits.login_ip.release(&by_ip);
-        self.limits.login_account.release(&by_account);
+        self.limits.login_pair.release(&by_pair);
         if !user.active {
             return Err(IdentityError::Disabled);
         }
-        let now = self.now();
         self.store.close_mfa_challenge(&hash, now).await?;
         self.store.record_login_success(user.id, now).await?;
         self.notify_if_new_device(&user, ctx).await;

@@ -246,12 +246,14 @@ pub(crate) enum LoginAnswer {
 #[utoipa::path(post, path = "/api/v1/auth/login", tag = "auth", request_body = LoginBody,
     responses(
         (status = 200, description = "Logged in, or a code is due", body = LoginAnswer),
-        (status = 401, description = "Wrong email or password", body = Problem,
-            content_type = "application/problem+json"),
+        (status = 401, description = "Wrong email or password (also for a locked account when \
+            accounts are hidden)", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "The account is deactivated", body = Problem,
             content_type = "application/problem+json"),
-        (status = 429, description = "Locked after too many failures", body = Problem,
+        (status = 422, description = "The email is not an email address", body = Problem,
             content_type = "application/problem+json"),
+        (status = 429, description = "Too many failures from this address, or the account is \
+            locked", body = Problem, content_type = "application/problem+json"),
     ))]
 pub(crate) async fn login(
     State(state): State<AppState>,
@@ -289,6 +291,8 @@ pub(crate) struct MfaBody {
             content_type = "application/problem+json"),
         (status = 422, description = "Wrong or reused code", body = Problem,
             content_type = "application/problem+json"),
+        (status = 429, description = "Too many failures from this address, or the account is \
+            locked", body = Problem, content_type = "application/problem+json"),
     ))]
 pub(crate) async fn login_mfa(
     State(state): State<AppState>,
@@ -577,10 +581,15 @@ pub(crate) struct ResetRequestBody {
     email: String,
 }
 
-/// Mails a password-reset token if the email has an account; the answer is always 202.
+/// Mails a password-reset token if the email has an account; the answer is 202 for any email
+/// address, known or not.
 #[utoipa::path(post, path = "/api/v1/auth/password-reset", tag = "auth",
     request_body = ResetRequestBody,
-    responses((status = 202, description = "Mailed if the account exists")))]
+    responses(
+        (status = 202, description = "Mailed if the account exists"),
+        (status = 422, description = "The email is not an email address", body = Problem,
+            content_type = "application/problem+json"),
+    ))]
 pub(crate) async fn request_password_reset(
     State(state): State<AppState>,
     Ctx(ctx): Ctx,

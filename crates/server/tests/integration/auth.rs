@@ -261,12 +261,14 @@ async fn wrong_password_and_unknown_email_look_the_same() {
         v
     };
     assert_eq!(strip(wrong), strip(unknown));
-    problem(
+    // Not an email at all: refused as input, before any limit or lookup.
+    let body = problem(
         login(&app, "not an email", PASSWORD).await,
-        401,
-        "invalid_credentials",
+        422,
+        "validation_failed",
     )
     .await;
+    assert_eq!(body["errors"][0]["field"], "/email", "{body}");
     app.shutdown().await;
 }
 
@@ -1102,24 +1104,50 @@ async fn login_from(
         .unwrap()
 }
 
-#[tokio::test]
-async fn logins_are_throttled_per_address_and_per_account() {
-    let app = TestApp::spawn_with(
-        Backend::Sqlite,
-        |c| c.trusted_proxies = vec!["127.0.0.1".to_owned()],
+/// Runs an async test body `name(backend)` once on SQLite and once on PostgreSQL, as
+/// `name::sqlite` and `name::postgres`.
+macro_rules! on_both_backends {
+    ($name:ident) => {
+        mod $name {
+            #[tokio::test]
+            async fn sqlite() {
+                super::$name(unhidra_store::Backend::Sqlite).await;
+            }
+
+            #[tokio::test]
+            async fn postgres() {
+                super::$name(unhidra_store::Backend::Postgres).await;
+            }
+        }
+    };
+}
+
+/// A server behind a trusted proxy at 127.0.0.1, so that tests choose client addresses.
+async fn behind_proxy(
+    backend: Backend,
+    tweak: impl FnOnce(&mut unhidra_config::Config),
+) -> TestApp {
+    TestApp::spawn_with(
+        backend,
+        |c| {
+            c.trusted_proxies = vec!["127.0.0.1".to_owned()];
+            tweak(c);
+        },
         None,
     )
-    .await;
+    .await
+}
+
+const WRONG: &str = "nope nope nope nope";
+
+/// Five failures from one address for one account throttle that pair only: the same address
+/// logs in to another account, and the account's owner logs in from elsewhere.
+async fn failures_throttle_the_address_and_account_pair(backend: Backend) {
+    let app = behind_proxy(backend, |_| {}).await;
     assert_eq!(register(&app, "vic@example.com").await.status(), 201);
-    // One address guessing at many accounts is stopped after five failures.
-    for i in 0..5 {
-        let r = login_from(
-            &app,
-            "10.1.1.1",
-            &format!("guess{i}@example.com"),
-            "nope nope nope nope",
-        )
-        .await;
+    assert_eq!(register(&app, "wes@example.com").await.status(), 201);
+    for _ in 0..5 {
+        let r = login_from(&app, "10.1.1.1", "vic@example.com", WRONG).await;
         assert_eq!(r.status(), 401);
     }
     let response = login_from(&app, "10.1.1.1", "vic@example.com", PASSWORD).await;
@@ -1129,45 +1157,374 @@ async fn logins_are_throttled_per_address_and_per_account() {
         (1..=60).contains(&body["retry_after"].as_i64().unwrap()),
         "{body}"
     );
-    // Another address is not affected...
+    // A neighbour's failures do not stop a correct password for another account...
+    assert_eq!(
+        login_from(&app, "10.1.1.1", "wes@example.com", PASSWORD)
+            .await
+            .status(),
+        200
+    );
+    // ...and the owner, elsewhere, is not refused.
     assert_eq!(
         login_from(&app, "10.2.2.2", "vic@example.com", PASSWORD)
             .await
             .status(),
         200
     );
-    // ...and many addresses guessing at one account are stopped by the account's limit.
-    for i in 0..5 {
+    let metrics = app.get("/metrics").await.text().await.unwrap();
+    assert!(
+        metrics.contains(r#"auth_rate_limited_total{route="login"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"auth_logins_total{result="success"} 2"#),
+        "{metrics}"
+    );
+    assert!(audit_kinds(&app).await.contains(&"rate_limited".to_owned()));
+    app.shutdown().await;
+}
+on_both_backends!(failures_throttle_the_address_and_account_pair);
+
+/// One address spraying a password over many accounts is stopped by the address's own cap.
+async fn spraying_from_one_address_is_capped(backend: Backend) {
+    let app = behind_proxy(backend, |c| c.rate_limit_login_ip_per_minute = 12).await;
+    assert_eq!(register(&app, "vic@example.com").await.status(), 201);
+    for i in 0..12 {
+        let r = login_from(&app, "10.1.1.1", &format!("guess{i}@example.com"), WRONG).await;
+        assert_eq!(
+            r.status(),
+            401,
+            "attempt {i}: one failure per account is below the pair limit"
+        );
+    }
+    problem(
+        login_from(&app, "10.1.1.1", "vic@example.com", PASSWORD).await,
+        429,
+        "rate_limited",
+    )
+    .await;
+    // Another address is not affected.
+    assert_eq!(
+        login_from(&app, "10.2.2.2", "vic@example.com", PASSWORD)
+            .await
+            .status(),
+        200
+    );
+    let metrics = app.get("/metrics").await.text().await.unwrap();
+    assert!(
+        metrics.contains(r#"auth_failures_total{reason="unknown_email"} 12"#),
+        "{metrics}"
+    );
+    app.shutdown().await;
+}
+on_both_backends!(spraying_from_one_address_is_capped);
+
+#[tokio::test]
+async fn the_address_cap_defaults_to_thirty_failures_a_minute() {
+    let app = behind_proxy(Backend::Sqlite, |_| {}).await;
+    for i in 0..30 {
+        let r = login_from(&app, "10.1.1.1", &format!("g{i}@example.com"), WRONG).await;
+        assert_eq!(r.status(), 401, "attempt {i}");
+    }
+    problem(
+        login_from(&app, "10.1.1.1", "g99@example.com", WRONG).await,
+        429,
+        "rate_limited",
+    )
+    .await;
+    app.shutdown().await;
+}
+
+/// Failures from many addresses cannot keep the owner's correct password out: below the
+/// lockout threshold nothing refuses it, and the lockout is what protects the account.
+async fn others_cannot_throttle_an_account(backend: Backend) {
+    let clock = Arc::new(ManualClock::new(Utc::now()));
+    let app = TestApp::spawn_on(
+        TestDb::new(backend).await,
+        |c| c.trusted_proxies = vec!["127.0.0.1".to_owned()],
+        None,
+        clock.clone(),
+    )
+    .await;
+    assert_eq!(register(&app, "vic@example.com").await.status(), 201);
+    for i in 0..9 {
+        let r = login_from(&app, &format!("10.3.3.{i}"), "vic@example.com", WRONG).await;
+        assert_eq!(r.status(), 401);
+    }
+    assert_eq!(
+        login_from(&app, "10.4.4.4", "vic@example.com", PASSWORD)
+            .await
+            .status(),
+        200,
+        "nine failures from elsewhere do not refuse the owner"
+    );
+    // Ten consecutive failures lock the account, from however many addresses...
+    for i in 0..10 {
+        let r = login_from(&app, &format!("10.5.5.{i}"), "vic@example.com", WRONG).await;
+        assert_eq!(r.status(), 401);
+    }
+    let locked = problem(
+        login_from(&app, "10.4.4.4", "vic@example.com", PASSWORD).await,
+        429,
+        "account_locked",
+    )
+    .await;
+    assert_eq!(locked["retry_after"], 60);
+    // ...and each next lock lasts twice as long.
+    clock.advance(Duration::seconds(61));
+    for i in 0..10 {
+        let r = login_from(&app, &format!("10.6.6.{i}"), "vic@example.com", WRONG).await;
+        assert_eq!(r.status(), 401);
+    }
+    let locked = problem(
+        login_from(&app, "10.4.4.4", "vic@example.com", PASSWORD).await,
+        429,
+        "account_locked",
+    )
+    .await;
+    assert_eq!(locked["retry_after"], 120);
+    app.shutdown().await;
+}
+on_both_backends!(others_cannot_throttle_an_account);
+
+/// Wrong passwords sent at once from twenty addresses are judged like twenty in a row: ten
+/// are checked and lock the account, and none gets past the lockout.
+async fn parallel_failures_from_many_addresses_stop_at_the_lockout(backend: Backend) {
+    let app = behind_proxy(backend, |_| {}).await;
+    assert_eq!(register(&app, "vic@example.com").await.status(), 201);
+    let tasks: Vec<_> = (0..20)
+        .map(|i| {
+            let client = app.client.clone();
+            let url = app.url("/api/v1/auth/login");
+            tokio::spawn(async move {
+                client
+                    .post(url)
+                    .header("x-forwarded-for", format!("10.7.7.{i}"))
+                    .json(&json!({ "email": "vic@example.com", "password": WRONG }))
+                    .send()
+                    .await
+                    .unwrap()
+                    .status()
+                    .as_u16()
+            })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for task in tasks {
+        statuses.push(task.await.unwrap());
+    }
+    statuses.sort_unstable();
+    let expected: Vec<u16> = [401; 10].into_iter().chain([429; 10]).collect();
+    assert_eq!(statuses, expected);
+    let stored = app
+        .db
+        .store
+        .user_by_email(&unhidra_core::Email::parse("vic@example.com").unwrap())
+        .await
+        .unwrap();
+    assert_eq!(
+        stored.failed_logins, 10,
+        "no guess slipped past the lockout"
+    );
+    app.shutdown().await;
+}
+on_both_backends!(parallel_failures_from_many_addresses_stop_at_the_lockout);
+
+/// An admin's unlock ends the lock and every address's throttle for the account.
+async fn an_unlock_clears_the_account_throttles(backend: Backend) {
+    let app = behind_proxy(backend, with_admin).await;
+    let admin: Value = login(&app, ADMIN, ADMIN_PASSWORD)
+        .await
+        .json()
+        .await
+        .unwrap();
+    let vic: Value = register(&app, "vic@example.com")
+        .await
+        .json()
+        .await
+        .unwrap();
+    for address in ["10.1.1.1", "10.2.2.2"] {
+        for _ in 0..5 {
+            let r = login_from(&app, address, "vic@example.com", WRONG).await;
+            assert_eq!(r.status(), 401);
+        }
+    }
+    problem(
+        login_from(&app, "10.1.1.1", "vic@example.com", PASSWORD).await,
+        429,
+        "rate_limited",
+    )
+    .await;
+    problem(
+        login_from(&app, "10.3.3.3", "vic@example.com", PASSWORD).await,
+        429,
+        "account_locked",
+    )
+    .await;
+    let summary: Value = app
+        .client
+        .post(app.url("/api/v1/admin/users/bulk"))
+        .bearer_auth(access(&admin))
+        .json(&json!({ "ids": [vic["id"]], "action": "unlock" }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(summary["updated"], json!([vic["id"]]), "{summary}");
+    assert_eq!(
+        login_from(&app, "10.1.1.1", "vic@example.com", PASSWORD)
+            .await
+            .status(),
+        200,
+        "the address that failed five times is let in again"
+    );
+    // The count starts afresh: five more failures from there before a refusal.
+    for _ in 0..5 {
+        let r = login_from(&app, "10.2.2.2", "vic@example.com", WRONG).await;
+        assert_eq!(r.status(), 401);
+    }
+    problem(
+        login_from(&app, "10.2.2.2", "vic@example.com", WRONG).await,
+        429,
+        "rate_limited",
+    )
+    .await;
+    app.shutdown().await;
+}
+on_both_backends!(an_unlock_clears_the_account_throttles);
+
+/// With accounts hidden, a locked account answers exactly like an unknown email: status,
+/// problem, headers and timing work alike.
+async fn hidden_accounts_do_not_tell_a_lock(backend: Backend) {
+    let app = behind_proxy(backend, |c| c.hide_existing_accounts = true).await;
+    assert_eq!(register(&app, "lia@example.com").await.status(), 201);
+    for address in ["10.1.1.1", "10.2.2.2"] {
+        for _ in 0..5 {
+            let r = login_from(&app, address, "lia@example.com", WRONG).await;
+            assert_eq!(r.status(), 401);
+        }
+    }
+    assert_eq!(
+        app.db
+            .store
+            .user_by_email(&unhidra_core::Email::parse("lia@example.com").unwrap())
+            .await
+            .unwrap()
+            .failed_logins,
+        10,
+        "locked"
+    );
+    let locked = login_from(&app, "10.3.3.3", "lia@example.com", PASSWORD).await;
+    let unknown = login_from(&app, "10.3.3.3", "nobody@example.com", PASSWORD).await;
+    let shape = |r: &reqwest::Response| {
+        let mut names: Vec<String> = r
+            .headers()
+            .keys()
+            .map(|k| k.as_str().to_owned())
+            .filter(|k| !["date", "x-request-id", "content-length"].contains(&k.as_str()))
+            .collect();
+        names.sort();
+        (r.status(), names, r.headers().get("retry-after").cloned())
+    };
+    assert_eq!(shape(&locked), shape(&unknown));
+    let strip = |mut v: Value| {
+        v.as_object_mut().unwrap().remove("trace_id");
+        v
+    };
+    let locked = strip(problem(locked, 401, "invalid_credentials").await);
+    let unknown = strip(problem(unknown, 401, "invalid_credentials").await);
+    assert_eq!(locked, unknown);
+    app.shutdown().await;
+}
+on_both_backends!(hidden_accounts_do_not_tell_a_lock);
+
+/// Attempts from one IPv6 network count together (a /64 by default): a client cannot dodge
+/// the limit by moving within its network.
+#[tokio::test]
+async fn ipv6_clients_are_limited_per_network() {
+    let app = behind_proxy(Backend::Sqlite, |_| {}).await;
+    assert_eq!(register(&app, "vic@example.com").await.status(), 201);
+    for i in 1..=5 {
         let r = login_from(
             &app,
-            &format!("10.3.3.{i}"),
+            &format!("2001:db8:1:2::{i:x}"),
             "vic@example.com",
-            "nope nope nope nope",
+            WRONG,
         )
         .await;
         assert_eq!(r.status(), 401);
     }
     problem(
-        login_from(&app, "10.4.4.4", "vic@example.com", PASSWORD).await,
+        login_from(
+            &app,
+            "2001:db8:1:2:ffff:ffff:ffff:ffff",
+            "vic@example.com",
+            WRONG,
+        )
+        .await,
         429,
         "rate_limited",
     )
     .await;
+    // The next /64 is another client.
+    assert_eq!(
+        login_from(&app, "2001:db8:1:3::1", "vic@example.com", WRONG)
+            .await
+            .status(),
+        401
+    );
+    app.shutdown().await;
+
+    // The prefix is configurable: with /128 every address is its own client.
+    let app = behind_proxy(Backend::Sqlite, |c| c.rate_limit_ipv6_prefix = 128).await;
+    assert_eq!(register(&app, "vic@example.com").await.status(), 201);
+    for i in 1..=6 {
+        let r = login_from(
+            &app,
+            &format!("2001:db8:1:2::{i:x}"),
+            "vic@example.com",
+            WRONG,
+        )
+        .await;
+        assert_eq!(r.status(), 401);
+    }
+    app.shutdown().await;
+}
+
+/// An email that does not parse is refused before any limit is touched, so an attacker's
+/// megabyte of "email" is never a key kept in memory, and never uses up anyone's attempts.
+#[tokio::test]
+async fn unparsable_emails_are_refused_before_the_limits() {
+    let app = behind_proxy(Backend::Sqlite, |_| {}).await;
+    let huge = "a".repeat(512 * 1024);
+    for email in ["not an email", huge.as_str(), "x@", "@example.com"] {
+        for _ in 0..6 {
+            problem(
+                login_from(&app, "10.1.1.1", email, WRONG).await,
+                422,
+                "validation_failed",
+            )
+            .await;
+        }
+    }
+    let reset = app
+        .client
+        .post(app.url("/api/v1/auth/password-reset"))
+        .header("x-forwarded-for", "10.1.1.1")
+        .json(&json!({ "email": huge }))
+        .send()
+        .await
+        .unwrap();
+    problem(reset, 422, "validation_failed").await;
     let metrics = app.get("/metrics").await.text().await.unwrap();
-    assert!(
-        metrics.contains(r#"auth_rate_limited_total{route="login"} 2"#),
-        "{metrics}"
-    );
-    assert!(
-        metrics.contains(r#"auth_logins_total{result="success"} 1"#),
-        "{metrics}"
-    );
-    assert!(
-        metrics.contains(r#"auth_failures_total{reason="unknown_email"} 5"#),
-        "{metrics}"
-    );
-    assert!(metrics.contains("active_users 1"), "{metrics}");
-    assert!(audit_kinds(&app).await.contains(&"rate_limited".to_owned()));
+    assert!(!metrics.contains("auth_rate_limited_total{"), "{metrics}");
+    // The address has all its attempts left.
+    for _ in 0..5 {
+        let r = login_from(&app, "10.1.1.1", "vic@example.com", WRONG).await;
+        assert_eq!(r.status(), 401);
+    }
     app.shutdown().await;
 }
 
@@ -1175,18 +1532,12 @@ async fn logins_are_throttled_per_address_and_per_account() {
 async fn forwarded_for_is_ignored_without_a_trusted_proxy() {
     let app = TestApp::spawn().await;
     for i in 0..5 {
-        let r = login_from(
-            &app,
-            &format!("10.9.9.{i}"),
-            &format!("x{i}@example.com"),
-            "nope nope nope nope",
-        )
-        .await;
+        let r = login_from(&app, &format!("10.9.9.{i}"), "x@example.com", WRONG).await;
         assert_eq!(r.status(), 401);
     }
     // Every attempt came from 127.0.0.1, whatever the header said.
     problem(
-        login_from(&app, "10.9.9.99", "y@example.com", "nope nope nope nope").await,
+        login_from(&app, "10.9.9.99", "x@example.com", WRONG).await,
         429,
         "rate_limited",
     )
@@ -1429,3 +1780,91 @@ async fn admins_rotate_and_retire_keys_over_the_api() {
     configured.shutdown().await;
     app.shutdown().await;
 }
+
+/// Argon2 hashes costing more than `argon2_max_*` are refused at import, naming the line, and
+/// one stored before the ceiling was lowered is never verified at login (so one login cannot
+/// allocate what the hash asks for): the login is refused, logged and audited, and counts as
+/// no failure of the user's.
+async fn costly_hashes_are_refused(backend: Backend) {
+    use unhidra_server::identity::RequestContext;
+    use unhidra_server::identity::hasher::{HashParams, Hasher};
+    use unhidra_server::identity::import::ImportError;
+
+    let costly = Hasher::new(
+        HashParams {
+            memory_kib: 2048,
+            iterations: 1,
+            parallelism: 1,
+        },
+        1,
+    )
+    .unwrap()
+    .hash(PASSWORD)
+    .await
+    .unwrap();
+    let line = |email: &str| json!({ "email": email, "password_hash": costly }).to_string();
+    let app = TestApp::spawn_with(backend, |_| {}, None).await;
+    let summary = app
+        .state
+        .identity()
+        .import_users(&line("old@example.com"), &RequestContext::default())
+        .await
+        .unwrap();
+    assert_eq!(summary.imported, 1, "under the default ceiling");
+    let mut db = app.stop_keeping_db().await;
+    db.reopen().await;
+    let app = TestApp::spawn_on(
+        db,
+        |c| c.argon2_max_memory_kib = 1024,
+        None,
+        Arc::new(unhidra_core::SystemClock),
+    )
+    .await;
+
+    let text = format!(
+        "{}\n{}\n",
+        json!({ "email": "fine@example.com", "sha256": "ab".repeat(32) }),
+        line("new@example.com")
+    );
+    let refused = app
+        .state
+        .identity()
+        .import_users(&text, &RequestContext::default())
+        .await;
+    let Err(ImportError::Invalid(problems)) = refused else {
+        panic!("imported: {refused:?}");
+    };
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert!(
+        problems[0].starts_with(
+            "line 2: password_hash: its Argon2 memory (KiB) 2048 is above argon2_max_memory_kib = 1024"
+        ),
+        "{problems:?}"
+    );
+    assert!(!problems[0].contains(&costly), "the hash is not repeated");
+    assert_eq!(user_count(&app).await, 1, "nothing imported");
+
+    problem(
+        login(&app, "old@example.com", PASSWORD).await,
+        401,
+        "invalid_credentials",
+    )
+    .await;
+    let stored = app
+        .db
+        .store
+        .user_by_email(&unhidra_core::Email::parse("old@example.com").unwrap())
+        .await
+        .unwrap();
+    assert_eq!(stored.password_hash, costly, "not rehashed");
+    assert_eq!(stored.failed_logins, 0, "not the user's failure");
+    let events = app.db.store.audit_events(None, 50).await.unwrap();
+    assert!(
+        events
+            .iter()
+            .any(|e| e.kind == "login.refused" && e.detail.contains("hash_over_ceiling")),
+        "{events:?}"
+    );
+    app.shutdown().await;
+}
+on_both_backends!(costly_hashes_are_refused);

@@ -7,6 +7,7 @@ use chrono::{Duration, Utc};
 use serde_json::{Value, json};
 use totp_rs::{Algorithm, Secret, TOTP};
 use unhidra_core::ManualClock;
+use unhidra_store::Backend;
 use unhidra_store::testing::TestDb;
 
 use crate::helpers::{TestApp, problem};
@@ -42,11 +43,24 @@ fn code_at(secret: &str, clock: &ManualClock) -> String {
 
 /// A server on a manual clock, a user, and the user's access token.
 async fn setup() -> (TestApp, Arc<ManualClock>, String) {
+    setup_on(Backend::Sqlite).await
+}
+
+/// [`setup`] on `backend`.
+async fn setup_on(backend: Backend) -> (TestApp, Arc<ManualClock>, String) {
     // Mid-step, so that "one step later" is unambiguous.
     let start = Utc::now();
     let start = start - Duration::seconds(start.timestamp() % 30) + Duration::seconds(10);
     let clock = Arc::new(ManualClock::new(start));
-    let app = TestApp::spawn_on(TestDb::sqlite().await, |_| {}, None, clock.clone()).await;
+    // Behind a trusted proxy, so that a test may speak from another address; without the
+    // header every request comes from 127.0.0.1.
+    let app = TestApp::spawn_on(
+        TestDb::new(backend).await,
+        |c| c.trusted_proxies = vec!["127.0.0.1".to_owned()],
+        None,
+        clock.clone(),
+    )
+    .await;
     let response = post(
         &app,
         "/api/v1/auth/register",
@@ -189,6 +203,131 @@ async fn login_needs_a_code_and_a_code_works_once() {
     )
     .await;
     problem(again, 401, "invalid_mfa_token").await;
+    app.shutdown().await;
+}
+
+/// A six-digit code that is none of the codes accepted now (this step and its neighbours).
+fn wrong_code(secret: &str, clock: &ManualClock) -> String {
+    use unhidra_core::Clock;
+    let bytes = Secret::Encoded(secret.to_owned()).to_bytes().unwrap();
+    let totp = TOTP::new(Algorithm::SHA1, 6, 1, 30, bytes, None, String::new()).unwrap();
+    let now = u64::try_from(clock.now().timestamp()).unwrap();
+    let accepted: Vec<String> = [now - 30, now, now + 30]
+        .iter()
+        .map(|t| totp.generate(*t))
+        .collect();
+    (0..4)
+        .map(|i| format!("{i}{i}{i}{i}{i}{i}"))
+        .find(|c| !accepted.contains(c))
+        .unwrap()
+}
+
+/// Wrong codes count towards the account's lockout like wrong passwords: with the right
+/// password, ten wrong codes over two challenges lock the account, mail the notice and are
+/// audited; the right password is refused while the lock lasts.
+async fn wrong_codes_lock_the_account(backend: Backend) {
+    let (app, clock, token) = setup_on(backend).await;
+    let (secret, _) = enrol(&app, &clock, &token).await;
+    clock.advance(Duration::seconds(30));
+    for round in 0..2 {
+        let challenge = login(&app, "zoe@example.com").await;
+        assert_eq!(challenge["mfa_required"], true, "{challenge}");
+        for _ in 0..5 {
+            let r = post(
+                &app,
+                "/api/v1/auth/login/mfa",
+                None,
+                json!({ "mfa_token": challenge["mfa_token"], "code": wrong_code(&secret, &clock) }),
+            )
+            .await;
+            problem(r, 422, "validation_failed").await;
+        }
+        if round == 0 {
+            // Past the minute of the (address, account) limit: a new challenge is not free,
+            // the failures stay counted.
+            clock.advance(Duration::seconds(61));
+        }
+    }
+    let stored = app
+        .db
+        .store
+        .user_by_email(&unhidra_core::Email::parse("zoe@example.com").unwrap())
+        .await
+        .unwrap();
+    assert_eq!(stored.failed_logins, 10);
+    // From another address, which the (address, account) limit does not refuse.
+    let locked = app
+        .client
+        .post(app.url("/api/v1/auth/login"))
+        .header("x-forwarded-for", "10.9.9.9")
+        .json(&json!({ "email": "zoe@example.com", "password": PASSWORD }))
+        .send()
+        .await
+        .unwrap();
+    assert!(locked.headers().contains_key("retry-after"));
+    problem(locked, 429, "account_locked").await;
+    let events = app.db.store.audit_events(None, 500).await.unwrap();
+    let failed = events
+        .iter()
+        .filter(|e| e.kind == "login.mfa_failed")
+        .count();
+    assert_eq!(failed, 10);
+    assert!(events.iter().any(|e| e.kind == "account.locked"));
+    let mails = app.mails().await;
+    assert_eq!(
+        mails
+            .iter()
+            .filter(|m| m.subject == "Your account is locked for a while")
+            .count(),
+        1
+    );
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn wrong_codes_lock_the_account_sqlite() {
+    wrong_codes_lock_the_account(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn wrong_codes_lock_the_account_postgres() {
+    wrong_codes_lock_the_account(Backend::Postgres).await;
+}
+
+/// A challenge obtained before the lock cannot be used to guess on during it.
+#[tokio::test]
+async fn a_locked_account_takes_no_codes() {
+    let (app, clock, token) = setup().await;
+    let (secret, _) = enrol(&app, &clock, &token).await;
+    clock.advance(Duration::seconds(30));
+    let open = login(&app, "zoe@example.com").await;
+    // Ten wrong codes over two more challenges lock the account.
+    for round in 0..2 {
+        let challenge = login(&app, "zoe@example.com").await;
+        for _ in 0..5 {
+            post(
+                &app,
+                "/api/v1/auth/login/mfa",
+                None,
+                json!({ "mfa_token": challenge["mfa_token"], "code": wrong_code(&secret, &clock) }),
+            )
+            .await;
+        }
+        if round == 0 {
+            clock.advance(Duration::seconds(61));
+        }
+    }
+    // Even the right code is refused on the challenge opened before the lock (sent from
+    // another address, which no rate limit refuses).
+    let r = app
+        .client
+        .post(app.url("/api/v1/auth/login/mfa"))
+        .header("x-forwarded-for", "10.9.9.9")
+        .json(&json!({ "mfa_token": open["mfa_token"], "code": code_at(&secret, &clock) }))
+        .send()
+        .await
+        .unwrap();
+    problem(r, 429, "account_locked").await;
     app.shutdown().await;
 }
 
