@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use unhidra_core::UserId;
+use unhidra_core::ratelimit::address_network;
 use unhidra_protocol::{PresenceStatus, ServerFrame, close};
 use uuid::Uuid;
 
@@ -501,12 +502,16 @@ impl Hub {
         }
     }
 
-    /// How many connections come from one address.
-    pub fn connections_from(&self, ip: IpAddr) -> usize {
+    /// How many connections come from one address's network (an IPv6 address's first
+    /// `ipv6_prefix` bits; an IPv4 address itself).
+    pub fn connections_from(&self, ip: IpAddr, ipv6_prefix: u8) -> usize {
+        let network = address_network(ip, ipv6_prefix);
         self.state()
             .conns
             .values()
-            .filter(|c| c.ip == Some(ip))
+            .filter(|c| {
+                c.ip.is_some_and(|ip| address_network(ip, ipv6_prefix) == network)
+            })
             .count()
     }
 

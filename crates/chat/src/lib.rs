@@ -16,6 +16,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
+use unhidra_core::ratelimit::address_key;
 use unhidra_core::{Clock, Controls, SlidingWindow, UserId, forbidden_control};
 use unhidra_protocol::{MessageData, ServerFrame};
 use unhidra_store::rooms::{
@@ -104,6 +105,8 @@ pub struct Chat {
     pub max_reply_bytes: usize,
     /// Site admins use their powers only with a second factor.
     require_admin_mfa: bool,
+    /// The bits of an IPv6 address that name one client for the per-address limits.
+    ipv6_prefix: u8,
     /// One lock per room, held from storing a message to queueing its broadcast, so that a
     /// room's messages are stored, committed and delivered in the order of their ids.
     order: std::sync::Mutex<HashMap<Uuid, Arc<tokio::sync::Mutex<()>>>>,
@@ -203,6 +206,7 @@ impl Chat {
             write_coalesce: config.ws_write_coalesce.0,
             max_reply_bytes: usize::try_from(config.ws_max_reply_bytes).unwrap_or(usize::MAX),
             require_admin_mfa: config.require_admin_mfa,
+            ipv6_prefix: u8::try_from(config.rate_limit_ipv6_prefix).unwrap_or(128),
             order: std::sync::Mutex::new(HashMap::new()),
         }
     }
@@ -220,11 +224,12 @@ impl Chat {
             Refused { scope, retry_after }
         };
         if let Some(ip) = ip {
-            if self.hub.connections_from(ip) >= self.max_per_ip {
+            // An IPv6 client counts as its network (`rate_limit_ipv6_prefix`), as for logins.
+            if self.hub.connections_from(ip, self.ipv6_prefix) >= self.max_per_ip {
                 return Err(refuse("concurrent", 1));
             }
             self.conn_per_ip
-                .try_acquire(&ip.to_string(), now)
+                .try_acquire(&address_key(ip, self.ipv6_prefix), now)
                 .map_err(|secs| refuse("ip", secs))?;
         }
         self.conn_per_user

@@ -235,21 +235,29 @@ fn remove_at(times: &mut VecDeque<i64>, at: i64) {
     }
 }
 
-/// The key of a client address in a limit: an IPv4 address as it is; an IPv6 address cut to
-/// its network of `ipv6_prefix` bits (one /64 is one subscriber, who holds 2^64 addresses),
-/// written as `network/prefix`. An IPv4-mapped IPv6 address counts as its IPv4 address.
-pub fn address_key(ip: IpAddr, ipv6_prefix: u8) -> String {
+/// The network a client address counts as in a limit: an IPv4 address as it is; an IPv6
+/// address cut to its network of `ipv6_prefix` bits (one /64 is one subscriber, who holds 2^64
+/// addresses). An IPv4-mapped IPv6 address counts as its IPv4 address.
+pub fn address_network(ip: IpAddr, ipv6_prefix: u8) -> IpAddr {
     match ip {
-        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V4(_) => ip,
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => v4.to_string(),
+            Some(v4) => IpAddr::V4(v4),
             None => {
                 let prefix = ipv6_prefix.min(128);
                 let mask = u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0);
-                let network = std::net::Ipv6Addr::from(u128::from(v6) & mask);
-                format!("{network}/{prefix}")
+                IpAddr::V6(std::net::Ipv6Addr::from(u128::from(v6) & mask))
             }
         },
+    }
+}
+
+/// The key of a client address in a limit: its [`address_network`], an IPv6 network written
+/// as `network/prefix`.
+pub fn address_key(ip: IpAddr, ipv6_prefix: u8) -> String {
+    match address_network(ip, ipv6_prefix) {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => format!("{v6}/{}", ipv6_prefix.min(128)),
     }
 }
 

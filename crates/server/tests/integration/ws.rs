@@ -1039,3 +1039,38 @@ async fn a_burst_cut_short_by_the_rate_limit_is_still_answered_in_order() {
     );
     app.shutdown().await;
 }
+
+/// The per-address connection limits count an IPv6 client as its /64 (one subscriber holds
+/// 2^64 addresses), as the login limits do.
+#[tokio::test]
+async fn ipv6_clients_are_limited_per_network_on_the_gateway() {
+    let app = TestApp::spawn_with(
+        Backend::Sqlite,
+        |c| {
+            c.trusted_proxies = vec!["127.0.0.1".to_owned()];
+            c.ws_max_connections_per_ip = 2;
+        },
+        None,
+    )
+    .await;
+    let (_, token) = user(&app, "v6@example.com").await;
+    let from = |address: &str| {
+        let mut request = ws_url(&app).into_client_request().unwrap();
+        request.headers_mut().insert(
+            "sec-websocket-protocol",
+            HeaderValue::from_str(&format!("unhidra.v1.json, bearer.{token}")).unwrap(),
+        );
+        request
+            .headers_mut()
+            .insert("x-forwarded-for", HeaderValue::from_str(address).unwrap());
+        tokio_tungstenite::connect_async(request)
+    };
+    let (_first, _) = from("2001:db8:1:2::1").await.unwrap();
+    let (_second, _) = from("2001:db8:1:2::2").await.unwrap();
+    match from("2001:db8:1:2:ffff::3").await {
+        Err(WsError::Http(response)) => assert_eq!(response.status().as_u16(), 429),
+        other => panic!("a third connection from the same /64 must be refused: {other:?}"),
+    }
+    let (_other_network, _) = from("2001:db8:1:3::1").await.unwrap();
+    app.shutdown().await;
+}
