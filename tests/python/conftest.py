@@ -76,6 +76,7 @@ def server(server_binary):
         "UNHIDRA_LOCKOUT_THRESHOLD": "0",
         # The fuzzer sends thousands of requests from one address; limits are tested in Rust.
         "UNHIDRA_RATE_LIMIT_LOGIN_PER_MINUTE": "0",
+        "UNHIDRA_RATE_LIMIT_LOGIN_IP_PER_MINUTE": "0",
         "UNHIDRA_RATE_LIMIT_REGISTER_PER_HOUR": "0",
         "UNHIDRA_RATE_LIMIT_REFRESH_PER_MINUTE": "0",
     }

@@ -105,6 +105,10 @@ def test_a_reader_that_stops_cannot_make_the_server_hold_its_replies(server_bina
                     assert 0 < size <= 1024 * 1024 + 1024, size
                     await ws.send(json.dumps({"type": "ping"}))
                     assert (await next_frame(ws))[0]["type"] == "pong", "one replay only"
+                    # Past 100 names a resume is refused before any work.
+                    await ws.send(json.dumps({"type": "resume", "rooms": {n: 0 for n in names[:101]}}))
+                    refused, _ = await next_frame(ws)
+                    assert refused["type"] == "error" and refused["code"] == "too_many_rooms", refused
 
             async def reader_that_stops():
                 # max_queue=1: the client stops reading from the socket once one message waits.
@@ -112,7 +116,8 @@ def test_a_reader_that_stops_cannot_make_the_server_hold_its_replies(server_bina
                                               max_queue=1, max_size=None) as ws:
                     resume = json.dumps({"type": "resume", "rooms": {n: 0 for n in names}})
                     assert len(resume) < 64 * 1024
-                    await ws.send(resume)
+                    await ws.send(resume)  # refused: too many names
+                    await ws.send(json.dumps({"type": "resume", "rooms": {n: 0 for n in names[:100]}}))
                     for _ in range(40):
                         await ws.send(json.dumps({"type": "history", "room": room, "limit": 200}))
                     # Nothing is read until the server has given up on this client; then what

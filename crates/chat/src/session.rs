@@ -17,6 +17,10 @@ use crate::{Chat, ChatError, MAX_HISTORY, message_data};
 /// The most messages one `resume` replays per room; `more` says when there are others.
 const MAX_REPLAY: usize = 1000;
 
+/// The most rooms one `resume` names: each costs a join and a replay, for one frame of the
+/// rate limit. A client in more rooms resumes them over several frames.
+pub const MAX_RESUME_ROOMS: usize = 100;
+
 /// How many messages, from the start (oldest) or from the end (`from_newest`), fit in
 /// `budget` encoded bytes.
 fn fitting(messages: &[MessageData], budget: usize, from_newest: bool) -> usize {
@@ -334,6 +338,13 @@ impl<'a> Session<'a> {
                     }
                     Err(e) => self.chat_error(&e, Some(room)),
                 }
+            }
+            ClientFrame::Resume { rooms } if rooms.len() > MAX_RESUME_ROOMS => {
+                self.error(
+                    "too_many_rooms",
+                    format!("a resume names at most {MAX_RESUME_ROOMS} rooms; send several"),
+                    None,
+                );
             }
             ClientFrame::Resume { rooms } => {
                 // One entry per room however its id is spelled (hyphenated, plain, braced,

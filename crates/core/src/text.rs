@@ -1,12 +1,15 @@
 //! Which control characters a text field may hold. NUL never: PostgreSQL cannot store it in
 //! text, and it truncates strings in C libraries and log viewers. The other C0 controls and DEL
 //! have no business in names, ids or queries (they spoof terminals that show logs), and only
-//! tab and line breaks belong in free text such as a message.
+//! tab and line breaks belong in free text such as a message. Names, ids and queries also
+//! refuse the bidirectional embedding, override and isolate controls (U+202A–U+202E,
+//! U+2066–U+2069), which make a name read differently from what it is; free text keeps them,
+//! since right-to-left writing uses them.
 
 /// What a field allows beyond printable text.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Controls {
-    /// No control character at all (names, ids, queries).
+    /// No control character at all, nor a bidirectional override (names, ids, queries).
     None,
     /// Tab, line feed and carriage return (free text: messages).
     LineBreaks,
@@ -14,8 +17,11 @@ pub enum Controls {
 
 /// The first control character `text` may not hold under `allowed`, if any.
 pub fn forbidden_control(text: &str, allowed: Controls) -> Option<char> {
-    text.chars().find(|&c| {
-        c.is_control() && !(allowed == Controls::LineBreaks && matches!(c, '\t' | '\n' | '\r'))
+    text.chars().find(|&c| match allowed {
+        Controls::None => {
+            c.is_control() || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+        }
+        Controls::LineBreaks => c.is_control() && !matches!(c, '\t' | '\n' | '\r'),
     })
 }
 
@@ -43,5 +49,13 @@ mod tests {
             None
         );
         assert_eq!(forbidden_control("two\nlines", Controls::None), Some('\n'));
+        assert_eq!(
+            forbidden_control("admin\u{202e}gpj", Controls::None),
+            Some('\u{202e}')
+        );
+        assert_eq!(
+            forbidden_control("שלום \u{2067}x\u{2069}", Controls::LineBreaks),
+            None
+        );
     }
 }

@@ -105,9 +105,24 @@ fn check(line: ImportLine, ceiling: HashParams) -> Result<Checked, String> {
         (Some(_), Some(_)) => return Err("give password_hash or sha256, not both".into()),
         (None, None) => return Err("a password_hash or a sha256 is required".into()),
     };
+    let display_name = line
+        .display_name
+        .map(|n| n.trim().to_owned())
+        .filter(|n| !n.is_empty());
+    if let Some(name) = &display_name {
+        if name.chars().count() > crate::MAX_DISPLAY_NAME {
+            return Err(format!(
+                "display_name: use at most {} characters",
+                crate::MAX_DISPLAY_NAME
+            ));
+        }
+        if unhidra_core::forbidden_control(name, unhidra_core::Controls::None).is_some() {
+            return Err("display_name: no control characters or bidirectional overrides".into());
+        }
+    }
     Ok(Checked {
         email,
-        display_name: line.display_name.filter(|n| !n.trim().is_empty()),
+        display_name,
         role,
         active: line.active.unwrap_or(true),
         email_verified: line.email_verified.unwrap_or(false),
@@ -226,5 +241,25 @@ mod tests {
         }
         let fine = format!("$argon2id$v=19$m=262144,t=10,p=8${SALT_AND_HASH}");
         assert!(check(line(&fine), DEFAULT_CEILING).is_ok());
+    }
+
+    #[test]
+    fn display_names_are_checked_like_at_registration() {
+        let with_name = |name: &str| -> ImportLine {
+            serde_json::from_value(serde_json::json!({
+                "email": "ada@example.com",
+                "sha256": "0".repeat(64),
+                "display_name": name,
+            }))
+            .unwrap()
+        };
+        let why = check(with_name("Ada\u{0}"), DEFAULT_CEILING).err().unwrap();
+        assert!(why.starts_with("display_name: no control"), "{why}");
+        let why = check(with_name(&"a".repeat(101)), DEFAULT_CEILING)
+            .err()
+            .unwrap();
+        assert!(why.starts_with("display_name: use at most 100"), "{why}");
+        let ok = check(with_name("  Ada Lovelace "), DEFAULT_CEILING).unwrap();
+        assert_eq!(ok.display_name.as_deref(), Some("Ada Lovelace"));
     }
 }

@@ -94,6 +94,9 @@ pub enum IdentityError {
     /// The display name is longer than allowed.
     #[error("the display name is too long")]
     DisplayNameTooLong,
+    /// The display name holds a control character or a bidirectional override.
+    #[error("the display name holds a control character")]
+    DisplayNameInvalid,
     /// The email has an account already (only said when accounts are not hidden).
     #[error("the email has an account")]
     EmailTaken,
@@ -608,6 +611,11 @@ impl Identity {
             .is_some_and(|n| n.chars().count() > MAX_DISPLAY_NAME)
         {
             return Err(IdentityError::DisplayNameTooLong);
+        }
+        if display_name.as_deref().is_some_and(|n| {
+            unhidra_core::forbidden_control(n, unhidra_core::Controls::None).is_some()
+        }) {
+            return Err(IdentityError::DisplayNameInvalid);
         }
         let hints: Vec<&str> = display_name.iter().map(String::as_str).collect();
         let broken = self.policy.check(password, Some(&email), &hints);

@@ -23,7 +23,12 @@ const MAX_PAGE: u64 = 1_000_000;
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct ListParams {
-    /// Matches email or display name, case-insensitively.
+    /// Matches email or display name, case-insensitively; at most 200 characters, no control
+    /// characters.
+    #[param(
+        max_length = 200,
+        pattern = "^[^\\u0000-\\u001f\\u007f-\\u009f\\u202a-\\u202e\\u2066-\\u2069]*$"
+    )]
     q: Option<String>,
     /// 1-based page number.
     #[param(minimum = 1, maximum = 1_000_000)]
@@ -82,6 +87,20 @@ pub(crate) async fn list_users(
 ) -> Result<JsonResponse<Page<UserView>>, ApiError> {
     let (page, page_size) = page_params(params.page, params.page_size)?;
     let query = params.q.as_deref().map(str::trim).filter(|q| !q.is_empty());
+    if let Some(q) = query {
+        let problem = if q.chars().count() > 200 {
+            Some(("invalid_length", "a search has at most 200 characters"))
+        } else if unhidra_core::forbidden_control(q, unhidra_core::Controls::None).is_some() {
+            Some(("invalid_characters", "a search has no control characters"))
+        } else {
+            None
+        };
+        if let Some((code, message)) = problem {
+            return Err(ApiError::validation(vec![FieldError::new(
+                "q", code, message,
+            )]));
+        }
+    }
     let (items, total) = state.identity().list_users(query, page, page_size).await?;
     Ok(JsonResponse(Page {
         items,

@@ -35,6 +35,11 @@ impl From<IdentityError> for ApiError {
                     crate::identity::MAX_DISPLAY_NAME
                 ),
             )]),
+            E::DisplayNameInvalid => Self::validation(vec![FieldError::new(
+                "/display_name",
+                "invalid_characters",
+                "a display name has no control characters or bidirectional overrides",
+            )]),
             E::EmailTaken => Problem::new(
                 StatusCode::CONFLICT,
                 "email_taken",
@@ -190,8 +195,11 @@ pub(crate) struct RegisterBody {
     /// email, and hard to guess.
     #[schema(min_length = 8, max_length = 256)]
     password: String,
-    /// The name shown to others.
-    #[schema(max_length = 100)]
+    /// The name shown to others: no control characters or bidirectional overrides.
+    #[schema(
+        max_length = 100,
+        pattern = "^[^\\u0000-\\u001f\\u007f-\\u009f\\u202a-\\u202e\\u2066-\\u2069]*$"
+    )]
     display_name: Option<String>,
 }
 

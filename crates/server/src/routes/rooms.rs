@@ -124,7 +124,7 @@ pub(crate) struct NewRoomBody {
     #[schema(
         min_length = 1,
         max_length = 100,
-        pattern = "^[^\\u0000-\\u001f\\u007f-\\u009f]*[^\\s\\u0000-\\u001f\\u007f-\\u009f][^\\u0000-\\u001f\\u007f-\\u009f]*$"
+        pattern = "^[^\\u0000-\\u001f\\u007f-\\u009f\\u202a-\\u202e\\u2066-\\u2069]*[^\\s\\u0000-\\u001f\\u007f-\\u009f\\u202a-\\u202e\\u2066-\\u2069][^\\u0000-\\u001f\\u007f-\\u009f\\u202a-\\u202e\\u2066-\\u2069]*$"
     )]
     name: String,
     visibility: VisibilityName,
@@ -182,7 +182,7 @@ pub(crate) struct RoomPatch {
     #[schema(
         min_length = 1,
         max_length = 100,
-        pattern = "^[^\\u0000-\\u001f\\u007f-\\u009f]*[^\\s\\u0000-\\u001f\\u007f-\\u009f][^\\u0000-\\u001f\\u007f-\\u009f]*$"
+        pattern = "^[^\\u0000-\\u001f\\u007f-\\u009f\\u202a-\\u202e\\u2066-\\u2069]*[^\\s\\u0000-\\u001f\\u007f-\\u009f\\u202a-\\u202e\\u2066-\\u2069][^\\u0000-\\u001f\\u007f-\\u009f\\u202a-\\u202e\\u2066-\\u2069]*$"
     )]
     name: Option<String>,
     visibility: Option<VisibilityName>,
@@ -356,11 +356,20 @@ pub(crate) async fn leave(
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct PublishBody {
-    /// The text, 1 byte to 16 KiB.
-    #[schema(min_length = 1, max_length = 16384)]
+    /// The text, 1 to 16,384 characters; of the control characters only tab and line breaks.
+    #[schema(
+        min_length = 1,
+        max_length = 16384,
+        pattern = "^[^\\u0000-\\u0008\\u000b\\u000c\\u000e-\\u001f\\u007f-\\u009f]*$"
+    )]
     body: String,
-    /// The publisher's id for it; a retry with the same id is stored once.
-    #[schema(min_length = 1, max_length = 128)]
+    /// The publisher's id for it; a retry with the same id is stored once. No control
+    /// characters.
+    #[schema(
+        min_length = 1,
+        max_length = 128,
+        pattern = "^[^\\u0000-\\u001f\\u007f-\\u009f\\u202a-\\u202e\\u2066-\\u2069]*$"
+    )]
     client_msg_id: String,
 }
 
@@ -530,8 +539,12 @@ pub(crate) async fn close_connection(
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct SearchParams {
-    /// The words to find (all of them), 1–200 characters.
-    #[param(min_length = 1, max_length = 200)]
+    /// The words to find (all of them), 1–200 characters, no control characters.
+    #[param(
+        min_length = 1,
+        max_length = 200,
+        pattern = "^[^\\u0000-\\u001f\\u007f-\\u009f\\u202a-\\u202e\\u2066-\\u2069]*$"
+    )]
     q: String,
     /// Only this room.
     room: Option<String>,

@@ -21,6 +21,21 @@ use unhidra_store::testing::TestDb;
 /// A password the policy accepts, for test accounts.
 pub const PASSWORD: &str = "maple orbit candle frost 42";
 
+/// Logs an existing account with [`PASSWORD`] in; returns its access token.
+pub async fn access_token(app: &TestApp, email: &str) -> String {
+    let pair: serde_json::Value = app
+        .client
+        .post(app.url("/api/v1/auth/login"))
+        .json(&serde_json::json!({ "email": email, "password": PASSWORD }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    pair["access_token"].as_str().unwrap().to_owned()
+}
+
 /// Registers an account and logs it in; returns its id and access token.
 pub async fn user(app: &TestApp, email: &str) -> (String, String) {
     let registered = app
@@ -35,17 +50,7 @@ pub async fn user(app: &TestApp, email: &str) -> (String, String) {
         .as_str()
         .unwrap()
         .to_owned();
-    let pair: serde_json::Value = app
-        .client
-        .post(app.url("/api/v1/auth/login"))
-        .json(&serde_json::json!({ "email": email, "password": PASSWORD }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    (id, pair["access_token"].as_str().unwrap().to_owned())
+    (id, access_token(app, email).await)
 }
 
 /// Creates a room as the owner of `token`; returns its id.

@@ -699,6 +699,22 @@ async fn control_characters_are_refused_with_the_field_named(backend: Backend) {
             "{problem}"
         );
     }
+    // A display name takes no control characters or bidirectional overrides.
+    for name in ["Ada\u{0}", "admin\u{202e}gpj"] {
+        let registered = app
+            .client
+            .post(app.url("/api/v1/auth/register"))
+            .json(&json!({ "email": "named@example.com", "password": crate::helpers::PASSWORD, "display_name": name }))
+            .send()
+            .await
+            .unwrap();
+        let problem = problem(registered, 422, "validation_failed").await;
+        assert_eq!(problem["errors"][0]["field"], "/display_name", "{problem}");
+        assert_eq!(
+            problem["errors"][0]["code"], "invalid_characters",
+            "{problem}"
+        );
+    }
     // Line breaks and tabs belong in a message.
     assert_eq!(
         post(json!({ "body": "two\nlines\tand a tab", "client_msg_id": "ok" }))
@@ -764,17 +780,7 @@ async fn admin_powers_in_rooms_pass_the_second_factor_gate() {
         )
         .await;
         let (member_id, owner) = user(&app, "owner@example.com").await;
-        let admin: Value = app
-            .client
-            .post(app.url("/api/v1/auth/login"))
-            .json(&json!({ "email": "root@example.com", "password": crate::helpers::PASSWORD }))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let admin = admin["access_token"].as_str().unwrap().to_owned();
+        let admin = crate::helpers::access_token(&app, "root@example.com").await;
         let id = &create_room(&app, &owner, "secret", "private").await;
         let read = call(
             &app,

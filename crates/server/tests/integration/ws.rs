@@ -12,7 +12,7 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use unhidra_store::Backend;
 
-use crate::helpers::{PASSWORD, TestApp, create_room, user};
+use crate::helpers::{PASSWORD, TestApp, access_token, create_room, user};
 
 /// Bounds every wait for a frame, so a broken server fails the test instead of hanging it.
 const WAIT: Duration = Duration::from_secs(10);
@@ -63,21 +63,6 @@ async fn connect_with(
         .get("sec-websocket-protocol")
         .map(|v| v.to_str().unwrap().to_owned());
     Ok((socket, echoed))
-}
-
-/// Logs an existing account in; returns its access token.
-async fn login(app: &TestApp, email: &str) -> String {
-    let pair: Value = app
-        .client
-        .post(app.url("/api/v1/auth/login"))
-        .json(&json!({ "email": email, "password": PASSWORD }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    pair["access_token"].as_str().unwrap().to_owned()
 }
 
 /// Connects the browser way and reads the welcome frame.
@@ -156,7 +141,7 @@ async fn all_three_ways_to_authenticate() {
     assert_eq!(echoed, None);
     assert_eq!(next(&mut header).await["type"], "welcome");
     // The listing names each style and wire format, and never holds the token.
-    let admin = login(&app, "root@example.com").await;
+    let admin = access_token(&app, "root@example.com").await;
     let list = app
         .client
         .get(app.url("/api/v1/admin/connections"))
@@ -520,7 +505,7 @@ async fn close_codes_for_oversize_frames_admins_and_shutdown() {
     socket.send(Message::text("x".repeat(4096))).await.unwrap();
     assert_eq!(close_code(&mut socket).await, 1009);
 
-    let admin = login(&app, "root@example.com").await;
+    let admin = access_token(&app, "root@example.com").await;
     let mut watched = connect(&app, &token).await;
     let listing = || async {
         let list: Value = app
