@@ -123,6 +123,9 @@ struct State {
     conns: HashMap<ConnId, Conn>,
     /// Room → its listening connections.
     rooms: HashMap<Uuid, HashSet<ConnId>>,
+    /// Room → how many times members were removed from it: a subscription checked against a
+    /// membership read before a removal is refused ([`Hub::subscribe_checked`]).
+    removals: HashMap<Uuid, u64>,
 }
 
 /// Every live connection of this process.
@@ -227,23 +230,51 @@ impl Hub {
     /// Starts delivering a room's frames to a connection; announces the user if this is their
     /// first connection in the room.
     pub fn subscribe(&self, id: ConnId, room: Uuid) {
+        let announce = Self::subscribe_locked(&mut self.state(), id, room, false);
+        if let Some(user) = announce {
+            self.presence(room, user, PresenceStatus::Online);
+        }
+    }
+
+    /// How many times members were removed from a room; read it before checking a membership
+    /// and pass it to [`Hub::subscribe_checked`].
+    pub fn removals(&self, room: Uuid) -> u64 {
+        self.state().removals.get(&room).copied().unwrap_or(0)
+    }
+
+    /// Subscribes (holding live frames back when `held`, for a resume) only if no member was
+    /// removed from the room since `removals` was read: a membership checked in between may be
+    /// stale, and the caller checks again. Atomic with [`Hub::unsubscribe_user`], so that a
+    /// member removed while joining never stays subscribed.
+    pub fn subscribe_checked(&self, id: ConnId, room: Uuid, removals: u64, held: bool) -> bool {
         let announce = {
             let mut state = self.state();
-            let Some(user) = state.conns.get(&id).map(|c| c.user) else {
-                return;
-            };
-            let already = Self::user_in_room(&state, room, user);
-            if !state.rooms.entry(room).or_default().insert(id) {
-                return;
+            if state.removals.get(&room).copied().unwrap_or(0) != removals {
+                return false;
             }
-            if let Some(conn) = state.conns.get_mut(&id) {
-                conn.rooms.insert(room);
-            }
-            (!already).then_some(user)
+            Self::subscribe_locked(&mut state, id, room, held)
         };
         if let Some(user) = announce {
             self.presence(room, user, PresenceStatus::Online);
         }
+        true
+    }
+
+    /// Adds the subscription; returns the user to announce when it is their first connection
+    /// in the room.
+    fn subscribe_locked(state: &mut State, id: ConnId, room: Uuid, held: bool) -> Option<UserId> {
+        let user = state.conns.get(&id).map(|c| c.user)?;
+        if held && let Some(conn) = state.conns.get_mut(&id) {
+            conn.held.entry(room).or_default();
+        }
+        let already = Self::user_in_room(state, room, user);
+        if !state.rooms.entry(room).or_default().insert(id) {
+            return None;
+        }
+        if let Some(conn) = state.conns.get_mut(&id) {
+            conn.rooms.insert(room);
+        }
+        (!already).then_some(user)
     }
 
     /// Stops delivering a room to a connection; announces the user if it was their last.
@@ -280,7 +311,8 @@ impl Hub {
     /// Stops every connection of a user listening to a room (they left or were removed).
     pub fn unsubscribe_user(&self, room: Uuid, user: UserId) {
         let conns: Vec<ConnId> = {
-            let state = self.state();
+            let mut state = self.state();
+            *state.removals.entry(room).or_default() += 1;
             state
                 .rooms
                 .get(&room)
@@ -352,7 +384,7 @@ impl Hub {
     pub fn broadcast_message(&self, room: Uuid, frame: &ServerFrame, id: Option<i64>) {
         let mut encoded = Encoded::new(frame);
         let mut state = self.state();
-        let State { rooms, conns } = &mut *state;
+        let State { rooms, conns, .. } = &mut *state;
         if let Some(set) = rooms.get(&room) {
             self.metrics
                 .frames
@@ -384,14 +416,6 @@ impl Hub {
                 }
             }
         }
-    }
-
-    /// Starts listening to a room while its replay is read: live frames are held back.
-    pub fn subscribe_held(&self, id: ConnId, room: Uuid) {
-        if let Some(conn) = self.state().conns.get_mut(&id) {
-            conn.held.entry(room).or_default();
-        }
-        self.subscribe(id, room);
     }
 
     /// Sends the replay, then the held live frames that are newer than it, in order: no gap
@@ -474,6 +498,14 @@ impl Hub {
         for conn in self.state().conns.values().filter(|c| c.session == session) {
             conn.outbox.close(code, reason);
         }
+    }
+
+    /// The session of every live connection, to re-check after revocations were missed.
+    pub fn sessions(&self) -> Vec<Uuid> {
+        let mut sessions: Vec<Uuid> = self.state().conns.values().map(|c| c.session).collect();
+        sessions.sort_unstable();
+        sessions.dedup();
+        sessions
     }
 
     /// Closes every connection of a user but those of `except`.
@@ -560,5 +592,40 @@ impl Hub {
             .collect();
         list.sort_by_key(|c| c.connected_at);
         list
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hub() -> Hub {
+        Hub::new(8, 1 << 20, WsMetrics::default())
+    }
+
+    #[test]
+    fn a_removal_between_check_and_subscribe_refuses_the_subscription() {
+        let hub = hub();
+        let user = UserId(Uuid::new_v4());
+        let room = Uuid::new_v4();
+        let registration = hub.register(
+            user,
+            Uuid::new_v4(),
+            None,
+            (unhidra_protocol::SUBPROTOCOL_JSON, AuthStyle::Bearer),
+            Utc::now(),
+        );
+        let id = registration.id;
+        // The membership was read, then the member was removed: the subscription is refused.
+        let seen = hub.removals(room);
+        hub.unsubscribe_user(room, user);
+        assert!(!hub.subscribe_checked(id, room, seen, false));
+        assert!(hub.connections()[0].rooms.is_empty());
+        // Checked afresh, with no removal since, it holds; a later removal ends it.
+        let seen = hub.removals(room);
+        assert!(hub.subscribe_checked(id, room, seen, false));
+        assert_eq!(hub.connections()[0].rooms, [room.to_string()]);
+        hub.unsubscribe_user(room, user);
+        assert!(hub.connections()[0].rooms.is_empty());
     }
 }

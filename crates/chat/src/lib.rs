@@ -66,6 +66,9 @@ pub enum ChatError {
     /// The last owner cannot leave or be demoted.
     #[error("a room keeps at least one owner")]
     LastOwner,
+    /// Members of the room kept being removed while the caller joined; try again.
+    #[error("the room's members are changing; try again")]
+    Busy,
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),

@@ -17,6 +17,10 @@ use crate::{Chat, ChatError, MAX_HISTORY, message_data};
 /// The most messages one `resume` replays per room; `more` says when there are others.
 const MAX_REPLAY: usize = 1000;
 
+/// How many times a join checks the membership again when members of the room are being
+/// removed meanwhile, before it gives up with `busy`.
+const MAX_JOIN_RACES: usize = 3;
+
 /// The most rooms one `resume` names: each costs a join and a replay, for one frame of the
 /// rate limit. A client in more rooms resumes them over several frames.
 pub const MAX_RESUME_ROOMS: usize = 100;
@@ -202,6 +206,7 @@ impl<'a> Session<'a> {
             ),
             ChatError::Invalid(_, code, message) => (*code, message.clone()),
             ChatError::LastOwner => ("last_owner", err.to_string()),
+            ChatError::Busy => ("busy", err.to_string()),
             ChatError::Store(e) => {
                 tracing::error!(error = %unhidra_core::error_chain(e), "websocket frame failed");
                 ("internal", "the frame could not be carried out".to_owned())
@@ -294,9 +299,8 @@ impl<'a> Session<'a> {
                 let Some(id) = self.room_id(&room) else {
                     return Handled::Done;
                 };
-                match chat.join(&self.who, id).await {
-                    Ok(_) => chat.hub().subscribe(self.id, id),
-                    Err(e) => self.chat_error(&e, Some(room)),
+                if let Err(e) = self.join(id, false).await {
+                    self.chat_error(&e, Some(room));
                 }
             }
             ClientFrame::Leave { room } => {
@@ -397,15 +401,29 @@ impl<'a> Session<'a> {
         }
     }
 
+    /// Joins a room (see [`Chat::join`]) and subscribes the connection, holding live frames
+    /// back when `held`. The membership check and the subscription are atomic with respect to
+    /// removing the member: a removal in between makes the check run again.
+    async fn join(&self, id: Uuid, held: bool) -> Result<(), ChatError> {
+        let hub = self.chat.hub();
+        for _ in 0..MAX_JOIN_RACES {
+            let removals = hub.removals(id);
+            self.chat.join(&self.who, id).await?;
+            if hub.subscribe_checked(self.id, id, removals, held) {
+                return Ok(());
+            }
+        }
+        Err(ChatError::Busy)
+    }
+
     /// Joins a room and replays every message after `last_seen`, then lets live messages
     /// through: nothing missed, nothing twice.
     async fn resume(&self, id: Uuid, last_seen: i64) {
         let chat = self.chat;
         let room = id.to_string();
-        if let Err(e) = chat.join(&self.who, id).await {
+        if let Err(e) = self.join(id, true).await {
             return self.chat_error(&e, Some(room));
         }
-        chat.hub().subscribe_held(self.id, id);
         let mut replay = Vec::new();
         let mut after = last_seen;
         let mut more = false;

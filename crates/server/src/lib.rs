@@ -281,9 +281,36 @@ async fn follow_revocations(state: AppState) {
                 unhidra_protocol::close::REVOKED,
                 "sessions revoked",
             ),
-            // Missed revocations: close nothing by guess; the next request checks anyway.
-            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+            // Missed revocations are not lost: every live connection's session is checked.
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
+                tracing::warn!(
+                    missed,
+                    "revocations were missed; re-checking live connections"
+                );
+                recheck_connections(&state).await;
+            }
             Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+        }
+    }
+}
+
+/// Closes, with 4003, every live connection whose session has ended or whose user is no longer
+/// active, as the store says now: what a missed revocation would have done. A session the
+/// store cannot be asked about is closed too (the client reconnects and is checked afresh).
+pub async fn recheck_connections(state: &AppState) {
+    let hub = state.chat().hub();
+    let now = chrono::Utc::now();
+    for session in hub.sessions() {
+        let live = match state.store().session_with_user(session).await {
+            Ok((session, user)) => session.is_live(now) && user.active,
+            Err(unhidra_store::StoreError::NotFound { .. }) => false,
+            Err(e) => {
+                tracing::warn!(error = %unhidra_core::error_chain(&e), "session re-check failed");
+                false
+            }
+        };
+        if !live {
+            hub.close_session(session, unhidra_protocol::close::REVOKED, "session revoked");
         }
     }
 }

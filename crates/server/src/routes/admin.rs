@@ -160,16 +160,28 @@ pub(crate) async fn update_user(
     Json(patch): Json<UserPatch>,
 ) -> Result<JsonResponse<UserView>, ApiError> {
     let id = user_id(&id)?;
+    let role = patch.role.map(Role::from);
+    let before = match role {
+        Some(_) => state.store().user_by_id(id).await.ok().map(|u| u.role),
+        None => None,
+    };
     let change = UserChange {
-        role: patch.role.map(Role::from),
+        role,
         active: patch.active,
     };
-    Ok(JsonResponse(
+    let view = state
+        .identity()
+        .update_user(&admin, id, change, &ctx)
+        .await?;
+    // A live connection acts with the role it had when it connected: a changed role closes
+    // the user's connections (4003), and they reconnect with the role stored now.
+    if role.is_some() && role != before {
         state
-            .identity()
-            .update_user(&admin, id, change, &ctx)
-            .await?,
-    ))
+            .chat()
+            .hub()
+            .close_user(id, unhidra_protocol::close::REVOKED, "role changed");
+    }
+    Ok(JsonResponse(view))
 }
 
 /// One action on many users.

@@ -43,6 +43,12 @@ impl From<ChatError> for ApiError {
                 "A room keeps at least one owner; make someone else owner first.",
             )
             .into(),
+            ChatError::Busy => Problem::new(
+                StatusCode::CONFLICT,
+                "busy",
+                "The room's members are changing; try again.",
+            )
+            .into(),
             ChatError::Store(e) => e.into(),
         }
     }

@@ -1059,3 +1059,151 @@ async fn ipv6_clients_are_limited_per_network_on_the_gateway() {
     let (_other_network, _) = from("2001:db8:1:3::1").await.unwrap();
     app.shutdown().await;
 }
+
+/// The session of the token, from the caller's own session listing.
+async fn session_of(app: &TestApp, token: &str) -> uuid::Uuid {
+    let sessions: Value = app
+        .client
+        .get(app.url("/api/v1/auth/sessions"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let current = sessions
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["current"] == true)
+        .unwrap();
+    current["id"].as_str().unwrap().parse().unwrap()
+}
+
+/// Sends a ping and reads up to its pong; returns the types of the frames before it.
+async fn until_pong(socket: &mut Socket) -> Vec<String> {
+    send(socket, json!({ "type": "ping" })).await;
+    let mut seen = Vec::new();
+    loop {
+        let frame = next(socket).await;
+        if frame["type"] == "pong" {
+            return seen;
+        }
+        seen.push(frame["type"].as_str().unwrap().to_owned());
+    }
+}
+
+/// A revocation whose broadcast the follower missed (a lag) is not lost: the re-check it runs
+/// then closes every connection whose session ended, and leaves the others open.
+#[tokio::test]
+async fn missed_revocations_are_found_by_a_recheck() {
+    let app = TestApp::spawn().await;
+    let (_, token) = user(&app, "lag@example.com").await;
+    let (_, other) = user(&app, "stays@example.com").await;
+    let mut revoked = connect(&app, &token).await;
+    let mut kept = connect(&app, &other).await;
+    let session = session_of(&app, &token).await;
+    // Revoked in the store only, as if its broadcast had been lost.
+    assert!(
+        app.state
+            .store()
+            .revoke_session(session, "test", chrono::Utc::now())
+            .await
+            .unwrap()
+    );
+    unhidra_server::recheck_connections(&app.state).await;
+    assert_eq!(close_code(&mut revoked).await, 4003);
+    assert_eq!(until_pong(&mut kept).await, Vec::<String>::new());
+    app.shutdown().await;
+}
+
+/// A connection acts with the role it connected with; a role change closes it (4003), and the
+/// client reconnects with the role stored now. Naming the same role again changes nothing.
+#[tokio::test]
+async fn a_role_change_closes_the_users_live_connections() {
+    let app = TestApp::spawn_with(
+        Backend::Sqlite,
+        |c| {
+            c.admin_email = Some("root@example.com".into());
+            c.admin_password = Some(unhidra_config::Secret::new(PASSWORD));
+        },
+        None,
+    )
+    .await;
+    let admin = access_token(&app, "root@example.com").await;
+    let (id, token) = user(&app, "promoted@example.com").await;
+    let set_role = |role: &'static str| {
+        app.client
+            .patch(app.url(&format!("/api/v1/admin/users/{id}")))
+            .bearer_auth(&admin)
+            .json(&json!({ "role": role }))
+            .send()
+    };
+    let mut socket = connect(&app, &token).await;
+    assert_eq!(set_role("admin").await.unwrap().status(), 200);
+    assert_eq!(close_code(&mut socket).await, 4003);
+    let mut again = connect(&app, &token).await;
+    assert_eq!(set_role("admin").await.unwrap().status(), 200);
+    assert_eq!(
+        until_pong(&mut again).await,
+        Vec::<String>::new(),
+        "same role: still open"
+    );
+    app.shutdown().await;
+}
+
+/// Joining checks membership and subscribes atomically with respect to removal: a member who
+/// keeps sending `join` while being removed never stays subscribed.
+#[tokio::test]
+async fn a_member_removed_while_joining_gets_nothing_afterwards() {
+    let app =
+        TestApp::spawn_with(Backend::Sqlite, |c| c.rate_limit_messages_per_sec = 0, None).await;
+    let (_, owner) = user(&app, "keeper@example.com").await;
+    let (member_id, member) = user(&app, "churn@example.com").await;
+    let room = create_room(&app, &owner, "churn", "private").await;
+    let members = app.url(&format!("/api/v1/rooms/{room}/members"));
+    let mut socket = connect(&app, &member).await;
+    for round in 0..50 {
+        let added = app
+            .client
+            .post(&members)
+            .bearer_auth(&owner)
+            .json(&json!({ "user_id": member_id, "role": "member" }))
+            .send()
+            .await
+            .unwrap();
+        assert!(added.status().is_success(), "{}", added.status());
+        for _ in 0..20 {
+            send(&mut socket, json!({ "type": "join", "room": room })).await;
+        }
+        let removed = app
+            .client
+            .delete(format!("{members}/{member_id}"))
+            .bearer_auth(&owner)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(removed.status(), 204);
+        // Every join is handled before the pong.
+        until_pong(&mut socket).await;
+        assert_eq!(
+            publish(
+                &app,
+                &owner,
+                &room,
+                "after the removal",
+                &format!("r{round}")
+            )
+            .await
+            .status(),
+            201
+        );
+        let seen = until_pong(&mut socket).await;
+        assert!(
+            !seen.iter().any(|t| t == "message"),
+            "round {round}: a removed member received {seen:?}"
+        );
+    }
+    app.shutdown().await;
+}
