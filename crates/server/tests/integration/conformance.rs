@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use unhidra_store::Backend;
 
 use crate::helpers::{TestApp, user};
 
@@ -201,7 +200,12 @@ async fn failing(app: &TestApp, token: &str, bytes: &[u8]) -> Option<u16> {
 
 #[tokio::test]
 async fn protocol_violations_fail_the_connection_and_nothing_else() {
-    let app = TestApp::spawn_with(Backend::Sqlite, |c| c.ws_max_frame_bytes = 1024, None).await;
+    let app = TestApp::spawn_with(
+        crate::helpers::default_backend(),
+        |c| c.ws_max_frame_bytes = 1024,
+        None,
+    )
+    .await;
     let (_, token) = user(&app, "violations@example.com").await;
     // Group 3: reserved bits without an extension.
     let code = failing(&app, &token, &frame(true, 0b100, 1, br#"{"type":"ping"}"#)).await;

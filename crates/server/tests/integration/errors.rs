@@ -2,7 +2,6 @@
 
 use std::time::Duration;
 
-use unhidra_store::Backend;
 
 use crate::helpers::{TestApp, problem};
 
@@ -105,7 +104,12 @@ async fn json_bodies_are_checked_in_order() {
 
 #[tokio::test]
 async fn bodies_over_the_limit_are_413() {
-    let app = TestApp::spawn_with(Backend::Sqlite, |c| c.body_limit = 64, None).await;
+    let app = TestApp::spawn_with(
+        crate::helpers::default_backend(),
+        |c| c.body_limit = 64,
+        None,
+    )
+    .await;
     let big = format!(r#"{{"name":"{}","count":1}}"#, "x".repeat(200));
     problem(
         post_echo(&app, Some("application/json"), &big).await,
@@ -122,7 +126,12 @@ async fn bodies_over_the_limit_are_413() {
 #[tokio::test]
 async fn a_chunked_body_over_the_limit_is_413() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let app = TestApp::spawn_with(Backend::Sqlite, |c| c.body_limit = 64, None).await;
+    let app = TestApp::spawn_with(
+        crate::helpers::default_backend(),
+        |c| c.body_limit = 64,
+        None,
+    )
+    .await;
     let mut stream = tokio::net::TcpStream::connect(app.addr).await.unwrap();
     let chunk = "x".repeat(100);
     let request = format!(
@@ -145,7 +154,7 @@ async fn a_chunked_body_over_the_limit_is_413() {
 #[tokio::test]
 async fn a_request_over_the_timeout_is_408() {
     let app = TestApp::spawn_with(
-        Backend::Sqlite,
+        crate::helpers::default_backend(),
         |c| c.request_timeout = unhidra_config::HumanDuration(Duration::from_millis(200)),
         None,
     )

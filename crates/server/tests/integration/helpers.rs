@@ -142,10 +142,20 @@ pub fn test_routes(release: Option<oneshot::Receiver<()>>) -> Router<AppState> {
         )
 }
 
+/// The backend of tests that do not name one: `UNHIDRA_TEST_BACKEND` (`sqlite`, the default,
+/// or `postgres`). `scripts/test` runs the suite once with each.
+pub fn default_backend() -> Backend {
+    match std::env::var("UNHIDRA_TEST_BACKEND").as_deref() {
+        Ok("postgres") => Backend::Postgres,
+        Ok("sqlite") | Err(_) => Backend::Sqlite,
+        Ok(other) => panic!("UNHIDRA_TEST_BACKEND={other:?}: expected sqlite or postgres"),
+    }
+}
+
 impl TestApp {
-    /// A server on SQLite with the test profile's defaults.
+    /// A server on the default backend with the test profile's defaults.
     pub async fn spawn() -> Self {
-        Self::spawn_with(Backend::Sqlite, |_| {}, None).await
+        Self::spawn_with(default_backend(), |_| {}, None).await
     }
 
     /// A server on `backend`, with the config changed by `tweak`; `release` ends `/test/slow`.

@@ -1,6 +1,5 @@
 //! Request ids, security headers, CORS and compression on every response.
 
-use unhidra_store::Backend;
 
 use crate::helpers::{TestApp, problem};
 
@@ -92,7 +91,7 @@ async fn security_headers_on_success_and_error() {
 #[tokio::test]
 async fn hsts_when_served_over_https() {
     let app = TestApp::spawn_with(
-        Backend::Sqlite,
+        crate::helpers::default_backend(),
         |c| c.public_url = Some("https://unhidra.example.com".parse().unwrap()),
         None,
     )
@@ -108,7 +107,7 @@ async fn hsts_when_served_over_https() {
 #[tokio::test]
 async fn cors_follows_the_allow_list() {
     let app = TestApp::spawn_with(
-        Backend::Sqlite,
+        crate::helpers::default_backend(),
         |c| c.allowed_origins = vec!["https://app.example.com".to_owned()],
         None,
     )

@@ -114,7 +114,7 @@ async fn metrics_count_requests_by_route_template() {
 #[tokio::test]
 async fn metrics_can_require_a_token() {
     let app = TestApp::spawn_with(
-        Backend::Sqlite,
+        crate::helpers::default_backend(),
         |c| c.metrics_token = Some(unhidra_config::Secret::new("scrape-me")),
         None,
     )

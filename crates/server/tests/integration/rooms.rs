@@ -620,7 +620,7 @@ async fn search_is_ranked_highlighted_and_scoped_to_membership(backend: Backend)
 async fn http_publishes_are_limited_per_user_and_refusals_store_nothing() {
     let clock = Arc::new(ManualClock::new(Utc::now()));
     let app = TestApp::spawn_on(
-        TestDb::sqlite().await,
+        TestDb::new(crate::helpers::default_backend()).await,
         |c| c.rate_limit_messages_per_sec = 2,
         None,
         clock.clone(),
@@ -770,7 +770,7 @@ async fn control_characters_are_refused_with_the_field_named(backend: Backend) {
 async fn admin_powers_in_rooms_pass_the_second_factor_gate() {
     for required in [true, false] {
         let app = TestApp::spawn_with(
-            Backend::Sqlite,
+            crate::helpers::default_backend(),
             |c| {
                 c.require_admin_mfa = required;
                 c.admin_email = Some("root@example.com".into());

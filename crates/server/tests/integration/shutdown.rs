@@ -3,14 +3,14 @@
 use std::time::Duration;
 
 use tokio::sync::oneshot;
-use unhidra_store::Backend;
 
 use crate::helpers::TestApp;
 
 #[tokio::test]
 async fn requests_in_flight_finish_after_the_signal() {
     let (release_tx, release_rx) = oneshot::channel();
-    let mut app = TestApp::spawn_with(Backend::Sqlite, |_| {}, Some(release_rx)).await;
+    let mut app =
+        TestApp::spawn_with(crate::helpers::default_backend(), |_| {}, Some(release_rx)).await;
     let in_flight = tokio::spawn(app.client.get(app.url("/test/slow")).send());
     // Wait until the server has the request in hand.
     while unhidra_server::metrics::in_flight(app.state.metrics()) == 0 {
@@ -40,7 +40,7 @@ async fn requests_in_flight_finish_after_the_signal() {
 #[tokio::test]
 async fn the_grace_period_bounds_the_wait() {
     let mut app = TestApp::spawn_with(
-        Backend::Sqlite,
+        crate::helpers::default_backend(),
         |c| c.shutdown_grace = unhidra_config::HumanDuration(Duration::from_millis(300)),
         None,
     )

@@ -10,7 +10,6 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
-use unhidra_store::Backend;
 
 use crate::helpers::{PASSWORD, TestApp, access_token, create_room, user};
 
@@ -122,7 +121,7 @@ async fn close_code(socket: &mut Socket) -> u16 {
 #[tokio::test]
 async fn all_three_ways_to_authenticate() {
     let app = TestApp::spawn_with(
-        Backend::Sqlite,
+        crate::helpers::default_backend(),
         |c| {
             c.admin_email = Some("root@example.com".into());
             c.admin_password = Some(unhidra_config::Secret::new(PASSWORD));
@@ -178,7 +177,7 @@ async fn all_three_ways_to_authenticate() {
 #[tokio::test]
 async fn bad_tokens_and_origins_are_refused_before_the_upgrade() {
     let app = TestApp::spawn_with(
-        Backend::Sqlite,
+        crate::helpers::default_backend(),
         |c| c.allowed_origins = vec!["https://app.example.com".into()],
         None,
     )
@@ -308,8 +307,12 @@ async fn send_is_stored_then_acked_then_broadcast_once() {
 #[tokio::test]
 async fn frames_larger_than_one_read_and_bursts_arrive_whole_and_in_order() {
     // The burst below is a flood by the default per-connection limit.
-    let app =
-        TestApp::spawn_with(Backend::Sqlite, |c| c.rate_limit_messages_per_sec = 0, None).await;
+    let app = TestApp::spawn_with(
+        crate::helpers::default_backend(),
+        |c| c.rate_limit_messages_per_sec = 0,
+        None,
+    )
+    .await;
     let (_, alice) = user(&app, "wide@example.com").await;
     let lobby = create_room(&app, &alice, "wide", "public").await;
     let mut a = connect(&app, &alice).await;
@@ -491,7 +494,7 @@ async fn resume_replays_the_gap_without_duplicates() {
 #[tokio::test]
 async fn close_codes_for_oversize_frames_admins_and_shutdown() {
     let mut app = TestApp::spawn_with(
-        Backend::Sqlite,
+        crate::helpers::default_backend(),
         |c| {
             c.ws_max_frame_bytes = 1024;
             c.admin_email = Some("root@example.com".into());
@@ -562,7 +565,7 @@ async fn close_codes_for_oversize_frames_admins_and_shutdown() {
 #[tokio::test]
 async fn an_expired_token_closes_the_connection_with_4001() {
     let app = TestApp::spawn_with(
-        Backend::Sqlite,
+        crate::helpers::default_backend(),
         |c| c.access_token_ttl = unhidra_config::HumanDuration(Duration::from_secs(2)),
         None,
     )
@@ -576,7 +579,7 @@ async fn an_expired_token_closes_the_connection_with_4001() {
 #[tokio::test]
 async fn revoking_a_session_or_user_closes_their_connections_with_4003() {
     let app = TestApp::spawn_with(
-        Backend::Sqlite,
+        crate::helpers::default_backend(),
         |c| {
             c.admin_email = Some("root@example.com".into());
             c.admin_password = Some(unhidra_config::Secret::new(PASSWORD));
@@ -640,7 +643,12 @@ async fn revoking_a_session_or_user_closes_their_connections_with_4003() {
 
 #[tokio::test]
 async fn new_connections_are_limited_per_address() {
-    let app = TestApp::spawn_with(Backend::Sqlite, |c| c.rate_limit_ip_per_minute = 2, None).await;
+    let app = TestApp::spawn_with(
+        crate::helpers::default_backend(),
+        |c| c.rate_limit_ip_per_minute = 2,
+        None,
+    )
+    .await;
     let (_, token) = user(&app, "many@example.com").await;
     let _a = connect(&app, &token).await;
     let _b = connect(&app, &token).await;
@@ -671,8 +679,12 @@ async fn new_connections_are_limited_per_address() {
 
 #[tokio::test]
 async fn a_flood_of_frames_is_refused_then_closed_with_4029() {
-    let app =
-        TestApp::spawn_with(Backend::Sqlite, |c| c.rate_limit_messages_per_sec = 3, None).await;
+    let app = TestApp::spawn_with(
+        crate::helpers::default_backend(),
+        |c| c.rate_limit_messages_per_sec = 3,
+        None,
+    )
+    .await;
     let (_, token) = user(&app, "flood@example.com").await;
     let mut socket = connect(&app, &token).await;
     for _ in 0..20 {
@@ -712,7 +724,7 @@ async fn a_flood_of_frames_is_refused_then_closed_with_4029() {
 #[tokio::test]
 async fn a_peer_that_never_answers_pings_is_closed() {
     let app = TestApp::spawn_with(
-        Backend::Sqlite,
+        crate::helpers::default_backend(),
         |c| c.ws_ping_interval = unhidra_config::HumanDuration(Duration::from_secs(1)),
         None,
     )
@@ -842,7 +854,7 @@ async fn the_msgpack_subprotocol_carries_the_same_frames() {
 #[tokio::test]
 async fn a_subscriber_that_stops_reading_is_closed_with_1013_and_released() {
     let app = TestApp::spawn_with(
-        Backend::Sqlite,
+        crate::helpers::default_backend(),
         |c| {
             c.ws_queue_frames = 4;
             c.rate_limit_messages_per_sec = 0;
@@ -991,8 +1003,12 @@ async fn read_lines(socket: &mut Socket) -> Vec<Value> {
 
 #[tokio::test]
 async fn a_burst_cut_short_by_the_rate_limit_is_still_answered_in_order() {
-    let app =
-        TestApp::spawn_with(Backend::Sqlite, |c| c.rate_limit_messages_per_sec = 3, None).await;
+    let app = TestApp::spawn_with(
+        crate::helpers::default_backend(),
+        |c| c.rate_limit_messages_per_sec = 3,
+        None,
+    )
+    .await;
     let (_, owner) = user(&app, "burst-owner@example.com").await;
     let (_, guest) = user(&app, "burst-guest@example.com").await;
     let lobby = create_room(&app, &owner, "lobby", "public").await;
@@ -1030,7 +1046,7 @@ async fn a_burst_cut_short_by_the_rate_limit_is_still_answered_in_order() {
 #[tokio::test]
 async fn ipv6_clients_are_limited_per_network_on_the_gateway() {
     let app = TestApp::spawn_with(
-        Backend::Sqlite,
+        crate::helpers::default_backend(),
         |c| {
             c.trusted_proxies = vec!["127.0.0.1".to_owned()];
             c.ws_max_connections_per_ip = 2;
@@ -1123,7 +1139,7 @@ async fn missed_revocations_are_found_by_a_recheck() {
 #[tokio::test]
 async fn a_role_change_closes_the_users_live_connections() {
     let app = TestApp::spawn_with(
-        Backend::Sqlite,
+        crate::helpers::default_backend(),
         |c| {
             c.admin_email = Some("root@example.com".into());
             c.admin_password = Some(unhidra_config::Secret::new(PASSWORD));
@@ -1157,8 +1173,12 @@ async fn a_role_change_closes_the_users_live_connections() {
 /// keeps sending `join` while being removed never stays subscribed.
 #[tokio::test]
 async fn a_member_removed_while_joining_gets_nothing_afterwards() {
-    let app =
-        TestApp::spawn_with(Backend::Sqlite, |c| c.rate_limit_messages_per_sec = 0, None).await;
+    let app = TestApp::spawn_with(
+        crate::helpers::default_backend(),
+        |c| c.rate_limit_messages_per_sec = 0,
+        None,
+    )
+    .await;
     let (_, owner) = user(&app, "keeper@example.com").await;
     let (member_id, member) = user(&app, "churn@example.com").await;
     let room = create_room(&app, &owner, "churn", "private").await;
