@@ -1,6 +1,7 @@
 """Schemathesis, an independent client, checks every operation against the OpenAPI document."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,8 +13,82 @@ from conftest import ADMIN_EMAIL, ADMIN_PASSWORD
 HERE = Path(__file__).parent
 
 
-def test_every_operation_conforms_to_the_document(server):
+# Operations that revoke or demote the session the run is logged in with: fuzzed in a second
+# run of their own, after every other operation, so that they cannot turn the rest into 401s.
+SELF_HARMING = [
+    "/api/v1/auth/logout",
+    "/api/v1/auth/sessions/{id}",
+    "/api/v1/admin/users/{id}",
+    "/api/v1/admin/users/bulk",
+    "/api/v1/admin/keys/rotate",
+    "/api/v1/admin/keys/{kid}/retire",
+]
+
+# Authenticated operations that generated data cannot make succeed, each with why; every other
+# authenticated operation must have answered 2xx at least once, or the run was hollow.
+NO_SUCCESS_EXPECTED = {
+    ("POST", "/api/v1/auth/login/mfa"): "needs a live MFA challenge and a TOTP code",
+    ("POST", "/api/v1/auth/totp/enable"): "needs a code from the enrolled secret",
+    ("POST", "/api/v1/auth/totp/disable"): "needs a TOTP code",
+    ("POST", "/api/v1/auth/password"): "needs the current password",
+    ("POST", "/api/v1/auth/verify-email"): "needs a mailed token",
+    ("POST", "/api/v1/auth/password-reset/confirm"): "needs a mailed token",
+    ("DELETE", "/api/v1/admin/connections/{id}"): "no WebSocket is open during the run",
+    ("POST", "/api/v1/admin/keys/{kid}/retire"): "needs a kid that no longer signs",
+}
+
+
+def successes(base_url):
+    """(method, route) → how many 2xx answers the server has counted (its /metrics)."""
+    counts = {}
+    for line in requests.get(f"{base_url}/metrics", timeout=10).text.splitlines():
+        if not line.startswith("http_requests_total{"):
+            continue
+        labels = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', line[: line.rindex("}") + 1]))
+        if labels["status"].startswith("2"):
+            key = (labels["method"], labels["route"])
+            counts[key] = counts.get(key, 0) + int(float(line.rsplit(" ", 1)[1]))
+    return counts
+
+
+def prepare_room(server):
+    """A room owned by another user that the admin and a third user belong to, and a second
+    session of the admin: leave, member removal and session revocation then have something to
+    succeed on. Returns the room's, the member's and the session's ids."""
+    base = server.base_url
+
+    def account(email):
+        password = "quiet harbour lantern nine"
+        requests.post(f"{base}/api/v1/auth/register", json={"email": email, "password": password}, timeout=10)
+        pair = requests.post(f"{base}/api/v1/auth/login", json={"email": email, "password": password}, timeout=10)
+        return pair.json()["access_token"]
+
+    owner = {"Authorization": f"Bearer {account('st.owner@example.com')}"}
+    member = account("st.member@example.com")
+    member_id = requests.get(f"{base}/api/v1/auth/me", headers={"Authorization": f"Bearer {member}"}, timeout=10).json()["id"]
+    admin = requests.post(
+        f"{base}/api/v1/auth/login", json={"email": ADMIN_EMAIL, "password": ADMIN_PASSWORD}, timeout=10
+    ).json()["access_token"]
+    room = requests.post(
+        f"{base}/api/v1/rooms", headers=owner, json={"name": "fuzzed", "visibility": "public"}, timeout=10
+    ).json()["id"]
+    requests.post(f"{base}/api/v1/rooms/{room}/join", headers={"Authorization": f"Bearer {admin}"}, timeout=10).raise_for_status()
+    requests.post(
+        f"{base}/api/v1/rooms/{room}/members", headers=owner, json={"user_id": member_id, "role": "member"}, timeout=10
+    ).raise_for_status()
+    # A second session of the admin, for the run to revoke.
+    sessions = requests.get(
+        f"{base}/api/v1/auth/sessions", headers={"Authorization": f"Bearer {admin}"}, timeout=10
+    ).json()
+    session = next(s["id"] for s in sessions if s["current"])
+    return room, member_id, session
+
+
+def run_schemathesis(server, *paths, exclude=False, env=None):
     schemathesis = Path(sys.executable).with_name("schemathesis")
+    selection = []
+    for path in paths:
+        selection += ["--exclude-path" if exclude else "--include-path", path]
     result = subprocess.run(
         [
             str(schemathesis),
@@ -28,15 +103,38 @@ def test_every_operation_conforms_to_the_document(server):
             "--workers",
             "2",
             "--no-color",
+            *selection,
         ],
         capture_output=True,
         text=True,
         timeout=180,
-        env={**os.environ, "ST_ADMIN_EMAIL": ADMIN_EMAIL, "ST_ADMIN_PASSWORD": ADMIN_PASSWORD},
+        env={**os.environ, "ST_ADMIN_EMAIL": ADMIN_EMAIL, "ST_ADMIN_PASSWORD": ADMIN_PASSWORD, **(env or {})},
     )
     assert result.returncode == 0, result.stdout + result.stderr
     # Warnings are allowed: the password policy rejects most generated passwords by design.
     assert "❌" not in result.stdout and "🚫" not in result.stdout, result.stdout
+
+
+def test_every_operation_conforms_to_the_document(server):
+    room, member, session = prepare_room(server)
+    env = {"ST_ROOM_ID": room, "ST_MEMBER_ID": member, "ST_SESSION_ID": session}
+    before = successes(server.base_url)
+    run_schemathesis(server, *SELF_HARMING, exclude=True, env=env)
+    # The lists that supply ids to the self-harming operations run with them.
+    run_schemathesis(server, *SELF_HARMING, "/api/v1/auth/users", "/api/v1/auth/sessions", env=env)
+    after = successes(server.base_url)
+    document = requests.get(f"{server.base_url}/api/v1/openapi.json", timeout=10).json()
+    hollow = []
+    for path, item in document["paths"].items():
+        for method, operation in item.items():
+            if method not in {"get", "post", "put", "patch", "delete"} or not operation.get("security"):
+                continue
+            key = (method.upper(), path)
+            if key in NO_SUCCESS_EXPECTED:
+                continue
+            if after.get(key, 0) - before.get(key, 0) == 0:
+                hollow.append(key)
+    assert not hollow, f"authenticated operations that never succeeded during the run: {hollow}"
 
 
 def test_problem_documents_from_outside(server):
