@@ -1167,15 +1167,6 @@ impl Identity {
         Ok(())
     }
 
-    /// Requires the admin role.
-    pub fn require_admin(who: &Principal) -> Result<(), IdentityError> {
-        if who.role == Role::Admin {
-            Ok(())
-        } else {
-            Err(IdentityError::Forbidden)
-        }
-    }
-
     /// Rotates the signing key and starts signing with the new one on this server at once.
     pub async fn rotate_key(
         &self,
