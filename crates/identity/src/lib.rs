@@ -925,16 +925,19 @@ impl Identity {
         self.store.record_login_success(user.id, now).await?;
         // Judged before this login's own session exists.
         self.notify_if_new_device(&user, ctx).await;
-        let pair = self.open_session(&user, ctx, now).await?;
+        let pair = self.open_session(&user, ctx, now, false).await?;
         self.audit_own("login.succeeded", user.id, ctx).await;
         Ok(LoginOutcome::Tokens(pair))
     }
 
+    /// Opens a session for a login that presented the password now and, when `mfa`, a second
+    /// factor.
     async fn open_session(
         &self,
         user: &UserRecord,
         ctx: &RequestContext,
         now: DateTime<Utc>,
+        mfa: bool,
     ) -> Result<TokenPair, IdentityError> {
         let session_id = Uuid::new_v4();
         let refresh = OpaqueToken::generate();
@@ -947,6 +950,7 @@ impl Identity {
                     ip: ctx.ip.clone(),
                     now,
                     expires_at: now + self.session_max_age,
+                    mfa,
                 },
                 &NewRefreshToken {
                     hash: refresh.hash(),
@@ -1107,7 +1111,9 @@ impl Identity {
                 user_id: user.id,
                 role: user.role,
                 session_id,
-                mfa: user.totp_enabled_at.is_some(),
+                // This session proved a second factor, and the account still has it: a session
+                // opened before enrolment never counts, one from before a disable no longer does.
+                mfa: session.mfa && user.totp_enabled_at.is_some(),
             },
             expires,
         ))

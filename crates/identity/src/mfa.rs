@@ -155,6 +155,13 @@ impl Identity {
         {
             return Err(IdentityError::TotpNotSetUp);
         }
+        // This session just proved a code: it counts as verified.
+        // Every other session was opened without the second factor, and a stolen one must not
+        // gain what enrolment grants, so they end: they log in again, with a code.
+        let now = self.now();
+        self.store.mark_session_mfa(who.session_id, now).await?;
+        self.end_user_sessions(user.id, Some(who.session_id), "second factor enabled", now)
+            .await?;
         self.audit_own("mfa.enabled", user.id, ctx).await;
         self.notify(
             &user.email,
@@ -312,7 +319,7 @@ impl Identity {
         self.store.close_mfa_challenge(&hash, now).await?;
         self.store.record_login_success(user.id, now).await?;
         self.notify_if_new_device(&user, ctx).await;
-        let pair = self.open_session(&user, ctx, now).await?;
+        let pair = self.open_session(&user, ctx, now, true).await?;
         self.metrics.login(true);
         self.audit(
             "login.succeeded",

@@ -152,7 +152,8 @@ impl From<IdentityError> for ApiError {
             E::MfaEnrollmentRequired => Problem::new(
                 StatusCode::FORBIDDEN,
                 "mfa_enrollment_required",
-                "Admins need two-factor authentication; set it up under /api/v1/auth/totp.",
+                "Admins need a session verified with two-factor authentication: set it up under \
+                 /api/v1/auth/totp, or log in again with a code.",
             )
             .into(),
             E::KeyFromConfig => Problem::new(
@@ -345,7 +346,8 @@ pub(crate) struct RecoveryCodes {
     recovery_codes: Vec<String>,
 }
 
-/// Turns TOTP on with a first code from the app; answers the recovery codes.
+/// Turns TOTP on with a first code from the app; answers the recovery codes. This session
+/// counts as verified with the second factor from now on; the account's other sessions end.
 #[utoipa::path(post, path = "/api/v1/auth/totp/enable", tag = "auth",
     security(("bearer" = [])), request_body = CodeBody,
     responses(

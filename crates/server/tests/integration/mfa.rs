@@ -1,5 +1,5 @@
 //! Two-factor authentication: enrolment, login with a code, no replay, recovery codes, and
-//! admins held to enrolment when the config says so.
+//! admins held to enrolment — per session — when the config says so.
 
 use std::sync::Arc;
 
@@ -48,6 +48,14 @@ async fn setup() -> (TestApp, Arc<ManualClock>, String) {
 
 /// [`setup`] on `backend`.
 async fn setup_on(backend: Backend) -> (TestApp, Arc<ManualClock>, String) {
+    setup_with(backend, |_| {}).await
+}
+
+/// [`setup_on`], with the config changed by `tweak`.
+async fn setup_with(
+    backend: Backend,
+    tweak: impl FnOnce(&mut unhidra_config::Config),
+) -> (TestApp, Arc<ManualClock>, String) {
     // Mid-step, so that "one step later" is unambiguous.
     let start = Utc::now();
     let start = start - Duration::seconds(start.timestamp() % 30) + Duration::seconds(10);
@@ -56,7 +64,10 @@ async fn setup_on(backend: Backend) -> (TestApp, Arc<ManualClock>, String) {
     // header every request comes from 127.0.0.1.
     let app = TestApp::spawn_on(
         TestDb::new(backend).await,
-        |c| c.trusted_proxies = vec!["127.0.0.1".to_owned()],
+        |c| {
+            c.trusted_proxies = vec!["127.0.0.1".to_owned()];
+            tweak(c);
+        },
         None,
         clock.clone(),
     )
@@ -479,4 +490,76 @@ async fn admins_can_be_held_to_enrolment() {
         "enrolled: the admin routes open"
     );
     app.shutdown().await;
+}
+
+/// The second factor belongs to the session: a session opened with the password alone before
+/// the admin enrolled (a stolen one, say) ends when TOTP is enabled instead of gaining admin
+/// powers; the enrolling session counts as verified; a session from a login with a code does
+/// too; and after TOTP is turned off no session counts any more.
+async fn a_session_from_before_enrolment_gains_no_admin_powers(backend: Backend) {
+    let start = Utc::now();
+    let clock = Arc::new(ManualClock::new(
+        start - Duration::seconds(start.timestamp() % 30) + Duration::seconds(10),
+    ));
+    let app = TestApp::spawn_on(
+        TestDb::new(backend).await,
+        |c| {
+            c.require_admin_mfa = true;
+            c.admin_email = Some("root@example.com".into());
+            c.admin_password = Some(unhidra_config::Secret::new(PASSWORD));
+        },
+        None,
+        clock.clone(),
+    )
+    .await;
+    let token = |v: Value| v["access_token"].as_str().unwrap().to_owned();
+    let earlier = token(login(&app, "root@example.com").await);
+    let enrolling = token(login(&app, "root@example.com").await);
+    let users = |t: &str| {
+        app.client
+            .get(app.url("/api/v1/auth/users"))
+            .bearer_auth(t)
+            .send()
+    };
+    let (secret, codes) = enrol(&app, &clock, &enrolling).await;
+    problem(users(&earlier).await.unwrap(), 401, "session_revoked").await;
+    assert_eq!(users(&enrolling).await.unwrap().status(), 200);
+
+    clock.advance(Duration::seconds(30));
+    let challenge = login(&app, "root@example.com").await;
+    let with_code: Value = post(
+        &app,
+        "/api/v1/auth/login/mfa",
+        None,
+        json!({ "mfa_token": challenge["mfa_token"], "code": code_at(&secret, &clock) }),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    let with_code = token(with_code);
+    assert_eq!(users(&with_code).await.unwrap().status(), 200);
+
+    let off = post(
+        &app,
+        "/api/v1/auth/totp/disable",
+        Some(&enrolling),
+        json!({ "code": codes[0] }),
+    )
+    .await;
+    assert_eq!(off.status(), 204);
+    for t in [&enrolling, &with_code] {
+        problem(users(t).await.unwrap(), 403, "mfa_enrollment_required").await;
+    }
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_session_from_before_enrolment_gains_no_admin_powers_sqlite() {
+    a_session_from_before_enrolment_gains_no_admin_powers(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn a_session_from_before_enrolment_gains_no_admin_powers_postgres() {
+    a_session_from_before_enrolment_gains_no_admin_powers(Backend::Postgres).await;
 }
