@@ -10,6 +10,7 @@ pub mod import;
 pub mod keys;
 pub mod metrics;
 pub mod mfa;
+mod reauth;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -157,6 +158,9 @@ pub enum IdentityError {
     /// An admin without a second factor may only enrol one.
     #[error("enrol a second factor first")]
     MfaEnrollmentRequired,
+    /// The operation needs the password presented within `reauth_window`.
+    #[error("re-authenticate first")]
+    ReauthenticationRequired,
     /// The signing key comes from the configuration; rotate it there.
     #[error("the signing key is configured")]
     KeyFromConfig,
@@ -253,6 +257,9 @@ pub struct Identity {
     /// retry within the grace window can be given the same successor without storing it.
     refresh_key: ring::hmac::Key,
     session_max_age: Duration,
+    /// How recently a session's password must have been presented for changes to the second
+    /// factor.
+    reauth_window: Duration,
     hide_existing: bool,
     /// Consecutive failed logins that lock an account; each further multiple locks it again.
     /// 0 never locks.
@@ -426,6 +433,7 @@ impl Identity {
             refresh_grace: duration(config.refresh_reuse_grace),
             refresh_key,
             session_max_age: duration(config.session_max_age),
+            reauth_window: duration(config.reauth_window),
             hide_existing: config.hide_existing_accounts,
             lock_threshold: config.lockout_threshold,
             limits: Limits::from_config(config),
