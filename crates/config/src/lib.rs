@@ -187,6 +187,9 @@ config_keys! {
         refresh_reuse_grace: HumanDuration = HumanDuration::secs(0), secret = false;
         /// Absolute lifetime of a login session, however often it is refreshed.
         session_max_age: HumanDuration = HumanDuration::secs(30 * 24 * 3600), secret = false;
+        /// How recently a session's password must have been presented (at login or on
+        /// `POST /api/v1/auth/reauthenticate`) for setting up, enabling or disabling TOTP.
+        reauth_window: HumanDuration = HumanDuration::secs(5 * 60), secret = false;
         /// Argon2id memory cost in KiB (OWASP: at least 19456 in production).
         argon2_memory_kib: u32 = if profile == Profile::Prod { 19_456 } else { 1_024 }, secret = false;
         /// Argon2id passes over memory.
@@ -478,6 +481,10 @@ fn check(config: &Config) -> Result<(), ConfigError> {
     }
     if config.request_timeout.0.is_zero() {
         problems.push("request_timeout: must be longer than zero".to_owned());
+    }
+    if config.reauth_window.0.is_zero() {
+        // Zero would refuse every second-factor change, however fresh the password.
+        problems.push("reauth_window: must be longer than zero".to_owned());
     }
     if config.password_min_length < 8 {
         problems.push("password_min_length: must be at least 8".to_owned());

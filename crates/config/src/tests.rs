@@ -229,6 +229,14 @@ fn malformed_origins_are_refused() {
 }
 
 #[test]
+fn the_reauthentication_window_defaults_to_five_minutes_and_is_never_zero() {
+    let config = load_with(None, &[]).unwrap();
+    assert_eq!(config.reauth_window, HumanDuration::secs(5 * 60));
+    let p = problems(load_with(None, &[("UNHIDRA_REAUTH_WINDOW", "0s")]).unwrap_err());
+    assert_eq!(p, ["reauth_window: must be longer than zero"], "{p:?}");
+}
+
+#[test]
 fn every_key_has_a_distinct_environment_variable() {
     let vars: BTreeSet<String> = KEYS.iter().map(KeyInfo::env_var).collect();
     assert_eq!(vars.len(), KEYS.len());

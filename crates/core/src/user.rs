@@ -85,7 +85,9 @@ pub struct Principal {
     pub role: Role,
     /// The session the token belongs to.
     pub session_id: Uuid,
-    /// Whether the user has a second factor.
+    /// Whether this session was authenticated with a second factor (its login finished with a
+    /// TOTP or recovery code, or it enrolled TOTP) that the account still has. A session opened
+    /// with the password alone never gains it, whatever the account enrols later.
     pub mfa: bool,
 }
 

@@ -10,6 +10,7 @@ pub mod import;
 pub mod keys;
 pub mod metrics;
 pub mod mfa;
+mod reauth;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -157,6 +158,9 @@ pub enum IdentityError {
     /// An admin without a second factor may only enrol one.
     #[error("enrol a second factor first")]
     MfaEnrollmentRequired,
+    /// The operation needs the password presented within `reauth_window`.
+    #[error("re-authenticate first")]
+    ReauthenticationRequired,
     /// The signing key comes from the configuration; rotate it there.
     #[error("the signing key is configured")]
     KeyFromConfig,
@@ -253,6 +257,9 @@ pub struct Identity {
     /// retry within the grace window can be given the same successor without storing it.
     refresh_key: ring::hmac::Key,
     session_max_age: Duration,
+    /// How recently a session's password must have been presented for changes to the second
+    /// factor.
+    reauth_window: Duration,
     hide_existing: bool,
     /// Consecutive failed logins that lock an account; each further multiple locks it again.
     /// 0 never locks.
@@ -426,6 +433,7 @@ impl Identity {
             refresh_grace: duration(config.refresh_reuse_grace),
             refresh_key,
             session_max_age: duration(config.session_max_age),
+            reauth_window: duration(config.reauth_window),
             hide_existing: config.hide_existing_accounts,
             lock_threshold: config.lockout_threshold,
             limits: Limits::from_config(config),
@@ -925,16 +933,19 @@ impl Identity {
         self.store.record_login_success(user.id, now).await?;
         // Judged before this login's own session exists.
         self.notify_if_new_device(&user, ctx).await;
-        let pair = self.open_session(&user, ctx, now).await?;
+        let pair = self.open_session(&user, ctx, now, false).await?;
         self.audit_own("login.succeeded", user.id, ctx).await;
         Ok(LoginOutcome::Tokens(pair))
     }
 
+    /// Opens a session for a login that presented the password now and, when `mfa`, a second
+    /// factor.
     async fn open_session(
         &self,
         user: &UserRecord,
         ctx: &RequestContext,
         now: DateTime<Utc>,
+        mfa: bool,
     ) -> Result<TokenPair, IdentityError> {
         let session_id = Uuid::new_v4();
         let refresh = OpaqueToken::generate();
@@ -947,6 +958,7 @@ impl Identity {
                     ip: ctx.ip.clone(),
                     now,
                     expires_at: now + self.session_max_age,
+                    mfa,
                 },
                 &NewRefreshToken {
                     hash: refresh.hash(),
@@ -1107,7 +1119,9 @@ impl Identity {
                 user_id: user.id,
                 role: user.role,
                 session_id,
-                mfa: user.totp_enabled_at.is_some(),
+                // This session proved a second factor, and the account still has it: a session
+                // opened before enrolment never counts, one from before a disable no longer does.
+                mfa: session.mfa && user.totp_enabled_at.is_some(),
             },
             expires,
         ))
@@ -1165,15 +1179,6 @@ impl Identity {
         )
         .await;
         Ok(())
-    }
-
-    /// Requires the admin role.
-    pub fn require_admin(who: &Principal) -> Result<(), IdentityError> {
-        if who.role == Role::Admin {
-            Ok(())
-        } else {
-            Err(IdentityError::Forbidden)
-        }
     }
 
     /// Rotates the signing key and starts signing with the new one on this server at once.

@@ -103,6 +103,7 @@ fn new_recovery_code() -> String {
 impl Identity {
     /// Starts TOTP enrolment: a new secret, not yet enabled.
     pub async fn totp_setup(&self, who: &Principal) -> Result<TotpSetup, IdentityError> {
+        self.require_recent_password(who).await?;
         let user = self.store.user_by_id(who.user_id).await?;
         let mut raw = [0u8; 20];
         rand::rng().fill_bytes(&mut raw);
@@ -133,6 +134,7 @@ impl Identity {
         code: &str,
         ctx: &RequestContext,
     ) -> Result<Vec<String>, IdentityError> {
+        self.require_recent_password(who).await?;
         let user = self.store.user_by_id(who.user_id).await?;
         let factor = match self.store.totp_factor(user.id).await? {
             Some(f) if !f.enabled => f,
@@ -155,6 +157,13 @@ impl Identity {
         {
             return Err(IdentityError::TotpNotSetUp);
         }
+        // This session just proved the password (recently) and a code: it counts as verified.
+        // Every other session was opened without the second factor, and a stolen one must not
+        // gain what enrolment grants, so they end: they log in again, with a code.
+        let now = self.now();
+        self.store.mark_session_mfa(who.session_id, now).await?;
+        self.end_user_sessions(user.id, Some(who.session_id), "second factor enabled", now)
+            .await?;
         self.audit_own("mfa.enabled", user.id, ctx).await;
         self.notify(
             &user.email,
@@ -174,6 +183,7 @@ impl Identity {
         code: &str,
         ctx: &RequestContext,
     ) -> Result<(), IdentityError> {
+        self.require_recent_password(who).await?;
         let user = self.store.user_by_id(who.user_id).await?;
         if user.totp_enabled_at.is_none() {
             return Err(IdentityError::TotpNotSetUp);
@@ -312,7 +322,7 @@ impl Identity {
         self.store.close_mfa_challenge(&hash, now).await?;
         self.store.record_login_success(user.id, now).await?;
         self.notify_if_new_device(&user, ctx).await;
-        let pair = self.open_session(&user, ctx, now).await?;
+        let pair = self.open_session(&user, ctx, now, true).await?;
         self.metrics.login(true);
         self.audit(
             "login.succeeded",

@@ -143,6 +143,10 @@ pub struct SessionRecord {
     pub expires_at: DateTime<Utc>,
     /// When it was revoked, if it was.
     pub revoked_at: Option<DateTime<Utc>>,
+    /// Whether its login finished with a second factor (or it enrolled one).
+    pub mfa: bool,
+    /// When the password was last presented for it: at login, or on re-authentication.
+    pub authenticated_at: DateTime<Utc>,
 }
 
 impl SessionRecord {
@@ -167,6 +171,8 @@ pub struct NewSession {
     pub now: DateTime<Utc>,
     /// The absolute end.
     pub expires_at: DateTime<Utc>,
+    /// Whether the login finished with a second factor.
+    pub mfa: bool,
 }
 
 /// A refresh token to store, by its hash.
@@ -231,6 +237,17 @@ pub trait SessionStore {
         hash: &str,
         now: DateTime<Utc>,
     ) -> Result<bool, StoreError>;
+
+    /// Records that the session's password was presented again at `now`; false if the
+    /// session is not live.
+    async fn reauthenticate_session(
+        &self,
+        id: Uuid,
+        now: DateTime<Utc>,
+    ) -> Result<bool, StoreError>;
+
+    /// Marks a live session as verified with a second factor; false if it is not live.
+    async fn mark_session_mfa(&self, id: Uuid, now: DateTime<Utc>) -> Result<bool, StoreError>;
 
     /// Revokes one session; false if it was revoked already.
     async fn revoke_session(

@@ -32,6 +32,7 @@ pub(crate) const SQLITE: &[Embedded] = embedded!("sqlite":
     (0004, "totp"),
     (0005, "rooms"),
     (0006, "search"),
+    (0007, "session_factors"),
 );
 
 /// PostgreSQL's migrations, oldest first, in step with [`SQLITE`].
@@ -43,6 +44,7 @@ pub(crate) const POSTGRES: &[Embedded] = embedded!("postgres":
     (0004, "totp"),
     (0005, "rooms"),
     (0006, "search"),
+    (0007, "session_factors"),
 );
 
 #[derive(Debug)]

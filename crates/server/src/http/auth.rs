@@ -69,9 +69,9 @@ impl<R: Requirement> FromRequestParts<AppState> for Auth<R> {
         if !R::admits(principal.role) {
             return Err(IdentityError::Forbidden.into());
         }
-        // Admin routes wait until an admin has a second factor, when the config says so; the
-        // enrolment routes take any user, so the way there stays open.
-        if R::REQUIRES_ADMIN && state.config().require_admin_mfa && !principal.mfa {
+        // Admin routes wait until an admin's session has a second factor, when the config says
+        // so; the enrolment routes take any user, so the way there stays open.
+        if R::REQUIRES_ADMIN && !principal.has_admin_powers(state.config().require_admin_mfa) {
             return Err(IdentityError::MfaEnrollmentRequired.into());
         }
         Ok(Self(principal, PhantomData))

@@ -152,7 +152,15 @@ impl From<IdentityError> for ApiError {
             E::MfaEnrollmentRequired => Problem::new(
                 StatusCode::FORBIDDEN,
                 "mfa_enrollment_required",
-                "Admins need two-factor authentication; set it up under /api/v1/auth/totp.",
+                "Admins need a session verified with two-factor authentication: set it up under \
+                 /api/v1/auth/totp, or log in again with a code.",
+            )
+            .into(),
+            E::ReauthenticationRequired => Problem::new(
+                StatusCode::FORBIDDEN,
+                "reauthentication_required",
+                "Confirm your password first: POST /api/v1/auth/reauthenticate, then retry within \
+                 the next few minutes.",
             )
             .into(),
             E::KeyFromConfig => Problem::new(
@@ -316,9 +324,13 @@ pub(crate) async fn login_mfa(
 }
 
 /// Starts TOTP enrolment: a secret, its `otpauth://` URI and a QR code. Enable it with a code.
+/// Needs the password presented within `reauth_window` (at login or on re-authentication).
 #[utoipa::path(post, path = "/api/v1/auth/totp/setup", tag = "auth", security(("bearer" = [])),
     responses(
         (status = 200, description = "The new secret", body = TotpSetup),
+        (status = 403, description = "The password was not presented within \
+            `reauth_window`; re-authenticate first", body = Problem,
+            content_type = "application/problem+json"),
         (status = 409, description = "TOTP is on already", body = Problem,
             content_type = "application/problem+json"),
     ))]
@@ -345,11 +357,16 @@ pub(crate) struct RecoveryCodes {
     recovery_codes: Vec<String>,
 }
 
-/// Turns TOTP on with a first code from the app; answers the recovery codes.
+/// Turns TOTP on with a first code from the app; answers the recovery codes. Needs a recent
+/// password, like setup. This session counts as verified with the second factor from now on;
+/// the account's other sessions end.
 #[utoipa::path(post, path = "/api/v1/auth/totp/enable", tag = "auth",
     security(("bearer" = [])), request_body = CodeBody,
     responses(
         (status = 200, description = "On", body = RecoveryCodes),
+        (status = 403, description = "The password was not presented within \
+            `reauth_window`; re-authenticate first", body = Problem,
+            content_type = "application/problem+json"),
         (status = 409, description = "Not set up, or on already", body = Problem,
             content_type = "application/problem+json"),
         (status = 422, description = "Wrong code", body = Problem,
@@ -365,11 +382,14 @@ pub(crate) async fn totp_enable(
     Ok(JsonResponse(RecoveryCodes { recovery_codes }))
 }
 
-/// Turns TOTP off; needs a current code or a recovery code.
+/// Turns TOTP off; needs a current code or a recovery code, and a recent password.
 #[utoipa::path(post, path = "/api/v1/auth/totp/disable", tag = "auth",
     security(("bearer" = [])), request_body = CodeBody,
     responses(
         (status = 204, description = "Off"),
+        (status = 403, description = "The password was not presented within \
+            `reauth_window`; re-authenticate first", body = Problem,
+            content_type = "application/problem+json"),
         (status = 409, description = "TOTP is not on", body = Problem,
             content_type = "application/problem+json"),
         (status = 422, description = "Wrong code", body = Problem,
@@ -384,6 +404,41 @@ pub(crate) async fn totp_disable(
     state
         .identity()
         .totp_disable(&who, &body.code, &ctx)
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// The caller's password.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ReauthenticateBody {
+    /// The account's password.
+    current_password: String,
+}
+
+/// Confirms the caller's password for this session, which may then set up, enable or disable
+/// TOTP for `reauth_window`. A wrong password counts towards the account's lockout like a
+/// failed login.
+#[utoipa::path(post, path = "/api/v1/auth/reauthenticate", tag = "auth",
+    security(("bearer" = [])), request_body = ReauthenticateBody,
+    responses(
+        (status = 204, description = "Confirmed"),
+        (status = 401, description = "No valid access token", body = Problem,
+            content_type = "application/problem+json"),
+        (status = 422, description = "Wrong password", body = Problem,
+            content_type = "application/problem+json"),
+        (status = 429, description = "Too many wrong passwords, or the account is locked",
+            body = Problem, content_type = "application/problem+json"),
+    ))]
+pub(crate) async fn reauthenticate(
+    State(state): State<AppState>,
+    Auth(who, ..): Auth,
+    Ctx(ctx): Ctx,
+    Json(body): Json<ReauthenticateBody>,
+) -> Result<StatusCode, ApiError> {
+    state
+        .identity()
+        .reauthenticate(&who, &body.current_password, &ctx)
         .await?;
     Ok(StatusCode::NO_CONTENT)
 }

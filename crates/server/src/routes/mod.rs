@@ -108,6 +108,7 @@ fn documented() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(auth::totp_setup))
         .routes(routes!(auth::totp_enable))
         .routes(routes!(auth::totp_disable))
+        .routes(routes!(auth::reauthenticate))
         .routes(routes!(auth::refresh))
         .routes(routes!(auth::logout))
         .routes(routes!(auth::me))

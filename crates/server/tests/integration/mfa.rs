@@ -1,5 +1,6 @@
-//! Two-factor authentication: enrolment, login with a code, no replay, recovery codes, and
-//! admins held to enrolment when the config says so.
+//! Two-factor authentication: enrolment, login with a code, no replay, recovery codes, a recent
+//! password for changing the factor, and admins held to enrolment — per session — when the
+//! config says so.
 
 use std::sync::Arc;
 
@@ -48,6 +49,14 @@ async fn setup() -> (TestApp, Arc<ManualClock>, String) {
 
 /// [`setup`] on `backend`.
 async fn setup_on(backend: Backend) -> (TestApp, Arc<ManualClock>, String) {
+    setup_with(backend, |_| {}).await
+}
+
+/// [`setup_on`], with the config changed by `tweak`.
+async fn setup_with(
+    backend: Backend,
+    tweak: impl FnOnce(&mut unhidra_config::Config),
+) -> (TestApp, Arc<ManualClock>, String) {
     // Mid-step, so that "one step later" is unambiguous.
     let start = Utc::now();
     let start = start - Duration::seconds(start.timestamp() % 30) + Duration::seconds(10);
@@ -56,7 +65,10 @@ async fn setup_on(backend: Backend) -> (TestApp, Arc<ManualClock>, String) {
     // header every request comes from 127.0.0.1.
     let app = TestApp::spawn_on(
         TestDb::new(backend).await,
-        |c| c.trusted_proxies = vec!["127.0.0.1".to_owned()],
+        |c| {
+            c.trusted_proxies = vec!["127.0.0.1".to_owned()];
+            tweak(c);
+        },
         None,
         clock.clone(),
     )
@@ -479,4 +491,293 @@ async fn admins_can_be_held_to_enrolment() {
         "enrolled: the admin routes open"
     );
     app.shutdown().await;
+}
+
+/// Reads zoe's stored TOTP factor: `None`, or whether it is enabled.
+async fn stored_factor(app: &TestApp) -> Option<bool> {
+    let zoe = app
+        .db
+        .store
+        .user_by_email(&unhidra_core::Email::parse("zoe@example.com").unwrap())
+        .await
+        .unwrap();
+    app.db
+        .store
+        .totp_factor(zoe.id)
+        .await
+        .unwrap()
+        .map(|f| f.enabled)
+}
+
+async fn reauthenticate(app: &TestApp, token: &str, password: &str) -> reqwest::Response {
+    post(
+        app,
+        "/api/v1/auth/reauthenticate",
+        Some(token),
+        json!({ "current_password": password }),
+    )
+    .await
+}
+
+/// Setting up, enabling and disabling TOTP need the password presented within
+/// `reauth_window` (5 minutes); a refusal stores nothing, and `reauthenticate` opens the
+/// window again. A refresh is no re-authentication.
+async fn second_factor_changes_need_a_recent_password(backend: Backend) {
+    // Access tokens outlive the test's clock moves, so that only the window is tested.
+    let (app, clock, token) = setup_with(backend, |c| {
+        c.access_token_ttl = unhidra_config::HumanDuration::secs(3600);
+    })
+    .await;
+    let past_window = Duration::minutes(5) + Duration::seconds(1);
+    clock.advance(past_window);
+    problem(
+        post(&app, "/api/v1/auth/totp/setup", Some(&token), json!({})).await,
+        403,
+        "reauthentication_required",
+    )
+    .await;
+    assert_eq!(stored_factor(&app).await, None, "no secret stored");
+
+    // A wrong password is refused and counted like a failed login.
+    let wrong = reauthenticate(&app, &token, "not the password at all").await;
+    let body = problem(wrong, 422, "validation_failed").await;
+    assert_eq!(body["errors"][0]["code"], "wrong_password");
+    let zoe = app
+        .db
+        .store
+        .user_by_email(&unhidra_core::Email::parse("zoe@example.com").unwrap())
+        .await
+        .unwrap();
+    assert_eq!(zoe.failed_logins, 1);
+    problem(
+        post(&app, "/api/v1/auth/totp/setup", Some(&token), json!({})).await,
+        403,
+        "reauthentication_required",
+    )
+    .await;
+
+    assert_eq!(reauthenticate(&app, &token, PASSWORD).await.status(), 204);
+    let setup: Value = post(&app, "/api/v1/auth/totp/setup", Some(&token), json!({}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let secret = setup["secret"].as_str().unwrap().to_owned();
+    assert_eq!(stored_factor(&app).await, Some(false));
+
+    clock.advance(past_window);
+    let enable = post(
+        &app,
+        "/api/v1/auth/totp/enable",
+        Some(&token),
+        json!({ "code": code_at(&secret, &clock) }),
+    )
+    .await;
+    problem(enable, 403, "reauthentication_required").await;
+    assert_eq!(stored_factor(&app).await, Some(false), "not enabled");
+    assert_eq!(reauthenticate(&app, &token, PASSWORD).await.status(), 204);
+    let enabled = post(
+        &app,
+        "/api/v1/auth/totp/enable",
+        Some(&token),
+        json!({ "code": code_at(&secret, &clock) }),
+    )
+    .await;
+    assert_eq!(enabled.status(), 200);
+    let codes: Value = enabled.json().await.unwrap();
+    let recovery = codes["recovery_codes"][0].as_str().unwrap().to_owned();
+
+    clock.advance(past_window);
+    let disable = post(
+        &app,
+        "/api/v1/auth/totp/disable",
+        Some(&token),
+        json!({ "code": recovery }),
+    )
+    .await;
+    problem(disable, 403, "reauthentication_required").await;
+    assert_eq!(stored_factor(&app).await, Some(true), "still on");
+    assert_eq!(reauthenticate(&app, &token, PASSWORD).await.status(), 204);
+    // The recovery code was not spent by the refusal.
+    let off = post(
+        &app,
+        "/api/v1/auth/totp/disable",
+        Some(&token),
+        json!({ "code": recovery }),
+    )
+    .await;
+    assert_eq!(off.status(), 204);
+    assert_eq!(stored_factor(&app).await, None, "off: the secret is gone");
+
+    let events = app.db.store.audit_events(None, 500).await.unwrap();
+    assert_eq!(
+        events.iter().filter(|e| e.kind == "reauth.failed").count(),
+        1
+    );
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| e.kind == "reauthenticated")
+            .count(),
+        3
+    );
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn second_factor_changes_need_a_recent_password_sqlite() {
+    second_factor_changes_need_a_recent_password(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn second_factor_changes_need_a_recent_password_postgres() {
+    second_factor_changes_need_a_recent_password(Backend::Postgres).await;
+}
+
+/// A refreshed access token carries its session's last password, not a new one.
+#[tokio::test]
+async fn a_refresh_does_not_count_as_reauthentication() {
+    let (app, clock, _) = setup().await;
+    let pair = login(&app, "zoe@example.com").await;
+    clock.advance(Duration::minutes(5) + Duration::seconds(1));
+    let refreshed: Value = post(
+        &app,
+        "/api/v1/auth/refresh",
+        None,
+        json!({ "refresh_token": pair["refresh_token"] }),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    let token = refreshed["access_token"].as_str().unwrap();
+    problem(
+        post(&app, "/api/v1/auth/totp/setup", Some(token), json!({})).await,
+        403,
+        "reauthentication_required",
+    )
+    .await;
+    app.shutdown().await;
+}
+
+/// Wrong passwords on `reauthenticate` count towards the account's lockout like failed logins:
+/// ten lock the account for every login, and more than five a minute are throttled.
+async fn wrong_reauthentication_passwords_lock_the_account(backend: Backend) {
+    let (app, clock, token) = setup_on(backend).await;
+    for round in 0..2 {
+        for _ in 0..5 {
+            let r = reauthenticate(&app, &token, "not the password at all").await;
+            problem(r, 422, "validation_failed").await;
+        }
+        // The sixth in a minute is throttled, not checked.
+        problem(
+            reauthenticate(&app, &token, "not the password at all").await,
+            429,
+            "rate_limited",
+        )
+        .await;
+        if round == 0 {
+            clock.advance(Duration::seconds(61));
+        }
+    }
+    let zoe = app
+        .db
+        .store
+        .user_by_email(&unhidra_core::Email::parse("zoe@example.com").unwrap())
+        .await
+        .unwrap();
+    assert_eq!(zoe.failed_logins, 10);
+    let locked = post(
+        &app,
+        "/api/v1/auth/login",
+        None,
+        json!({ "email": "zoe@example.com", "password": PASSWORD }),
+    )
+    .await;
+    problem(locked, 429, "account_locked").await;
+    let events = app.db.store.audit_events(None, 500).await.unwrap();
+    assert!(events.iter().any(|e| e.kind == "account.locked"));
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn wrong_reauthentication_passwords_lock_the_account_sqlite() {
+    wrong_reauthentication_passwords_lock_the_account(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn wrong_reauthentication_passwords_lock_the_account_postgres() {
+    wrong_reauthentication_passwords_lock_the_account(Backend::Postgres).await;
+}
+
+/// The second factor belongs to the session: a session opened with the password alone before
+/// the admin enrolled (a stolen one, say) ends when TOTP is enabled instead of gaining admin
+/// powers; the enrolling session counts as verified; a session from a login with a code does
+/// too; and after TOTP is turned off no session counts any more.
+async fn a_session_from_before_enrolment_gains_no_admin_powers(backend: Backend) {
+    let start = Utc::now();
+    let clock = Arc::new(ManualClock::new(
+        start - Duration::seconds(start.timestamp() % 30) + Duration::seconds(10),
+    ));
+    let app = TestApp::spawn_on(
+        TestDb::new(backend).await,
+        |c| {
+            c.require_admin_mfa = true;
+            c.admin_email = Some("root@example.com".into());
+            c.admin_password = Some(unhidra_config::Secret::new(PASSWORD));
+        },
+        None,
+        clock.clone(),
+    )
+    .await;
+    let token = |v: Value| v["access_token"].as_str().unwrap().to_owned();
+    let earlier = token(login(&app, "root@example.com").await);
+    let enrolling = token(login(&app, "root@example.com").await);
+    let users = |t: &str| {
+        app.client
+            .get(app.url("/api/v1/auth/users"))
+            .bearer_auth(t)
+            .send()
+    };
+    let (secret, codes) = enrol(&app, &clock, &enrolling).await;
+    problem(users(&earlier).await.unwrap(), 401, "session_revoked").await;
+    assert_eq!(users(&enrolling).await.unwrap().status(), 200);
+
+    clock.advance(Duration::seconds(30));
+    let challenge = login(&app, "root@example.com").await;
+    let with_code: Value = post(
+        &app,
+        "/api/v1/auth/login/mfa",
+        None,
+        json!({ "mfa_token": challenge["mfa_token"], "code": code_at(&secret, &clock) }),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    let with_code = token(with_code);
+    assert_eq!(users(&with_code).await.unwrap().status(), 200);
+
+    let off = post(
+        &app,
+        "/api/v1/auth/totp/disable",
+        Some(&enrolling),
+        json!({ "code": codes[0] }),
+    )
+    .await;
+    assert_eq!(off.status(), 204);
+    for t in [&enrolling, &with_code] {
+        problem(users(t).await.unwrap(), 403, "mfa_enrollment_required").await;
+    }
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_session_from_before_enrolment_gains_no_admin_powers_sqlite() {
+    a_session_from_before_enrolment_gains_no_admin_powers(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn a_session_from_before_enrolment_gains_no_admin_powers_postgres() {
+    a_session_from_before_enrolment_gains_no_admin_powers(Backend::Postgres).await;
 }

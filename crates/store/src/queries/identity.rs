@@ -42,8 +42,8 @@ macro_rules! identity_queries {
                 })
             }
 
-            const SESSION_COLUMNS: &str =
-                "id, user_id, user_agent, ip, created_at, last_used_at, expires_at, revoked_at";
+            const SESSION_COLUMNS: &str = "id, user_id, user_agent, ip, created_at, last_used_at, \
+                expires_at, revoked_at, mfa, authenticated_at";
 
             fn session(row: &Row) -> Result<SessionRecord, StoreError> {
                 Ok(SessionRecord {
@@ -55,6 +55,8 @@ macro_rules! identity_queries {
                     last_used_at: Store::read_time(get(row, "last_used_at")?)?,
                     expires_at: Store::read_time(get(row, "expires_at")?)?,
                     revoked_at: Store::read_opt_time(get(row, "revoked_at")?)?,
+                    mfa: get(row, "mfa")?,
+                    authenticated_at: Store::read_time(get(row, "authenticated_at")?)?,
                 })
             }
 
@@ -235,7 +237,8 @@ macro_rules! identity_queries {
                     let mut tx = self.pool.begin().await.map_err(err)?;
                     sqlx::query(
                         "INSERT INTO sessions (id, user_id, user_agent, ip, created_at, \
-                         last_used_at, expires_at) VALUES ($1, $2, $3, $4, $5, $5, $6)",
+                         last_used_at, expires_at, mfa, authenticated_at) VALUES ($1, $2, $3, $4, \
+                         $5, $5, $6, $7, $5)",
                     )
                     .bind(Store::id(new.id))
                     .bind(Store::id(new.user_id.0))
@@ -243,6 +246,7 @@ macro_rules! identity_queries {
                     .bind(new.ip.as_deref())
                     .bind(Store::time(new.now))
                     .bind(Store::time(new.expires_at))
+                    .bind(new.mfa)
                     .execute(&mut *tx)
                     .await
                     .map_err(err)?;
@@ -386,6 +390,40 @@ macro_rules! identity_queries {
                     .fetch_one(&self.pool)
                     .await
                     .map_err(|e| StoreError::from_sqlx("refresh token", e))
+                }
+
+                async fn reauthenticate_session(
+                    &self,
+                    id: Uuid,
+                    now: DateTime<Utc>,
+                ) -> Result<bool, StoreError> {
+                    let done = sqlx::query(
+                        "UPDATE sessions SET authenticated_at = $2 \
+                         WHERE id = $1 AND revoked_at IS NULL AND expires_at > $2",
+                    )
+                    .bind(Store::id(id))
+                    .bind(Store::time(now))
+                    .execute(&self.pool)
+                    .await
+                    .map_err(|e| StoreError::from_sqlx("session", e))?;
+                    Ok(done.rows_affected() > 0)
+                }
+
+                async fn mark_session_mfa(
+                    &self,
+                    id: Uuid,
+                    now: DateTime<Utc>,
+                ) -> Result<bool, StoreError> {
+                    let done = sqlx::query(
+                        "UPDATE sessions SET mfa = TRUE \
+                         WHERE id = $1 AND revoked_at IS NULL AND expires_at > $2",
+                    )
+                    .bind(Store::id(id))
+                    .bind(Store::time(now))
+                    .execute(&self.pool)
+                    .await
+                    .map_err(|e| StoreError::from_sqlx("session", e))?;
+                    Ok(done.rows_affected() > 0)
                 }
 
                 async fn revoke_session(

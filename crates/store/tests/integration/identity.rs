@@ -198,6 +198,7 @@ async fn session(db: &TestDb, owner: UserId, first: &str) -> Uuid {
                 ip: Some("127.0.0.1".into()),
                 now: now(),
                 expires_at: now() + Duration::days(30),
+                mfa: false,
             },
             &token(first, Duration::days(14)),
         )
@@ -258,6 +259,76 @@ async fn refresh_tokens_rotate_once(db: &TestDb) {
     );
 }
 both_backends!(refresh_tokens_rotate_once);
+
+async fn sessions_keep_their_factor_and_last_password(db: &TestDb) {
+    migrated(db).await;
+    let owner = user(db, "fay@example.com", None).await;
+    let sid = session(db, owner, "f1").await;
+    let (opened, _) = db.store.session_with_user(sid).await.unwrap();
+    assert!(!opened.mfa, "opened with a password only");
+    assert_eq!(opened.authenticated_at, opened.created_at);
+
+    let later = opened.created_at + Duration::minutes(7);
+    assert!(db.store.reauthenticate_session(sid, later).await.unwrap());
+    assert!(db.store.mark_session_mfa(sid, later).await.unwrap());
+    let (again, _) = db.store.session_with_user(sid).await.unwrap();
+    assert_eq!(again.authenticated_at, later);
+    assert!(again.mfa);
+    assert_eq!(again.created_at, opened.created_at);
+    // A rotation carries both along.
+    let rotated = db
+        .store
+        .rotate_refresh_token("f1", &token("f2", Duration::days(14)), later)
+        .await
+        .unwrap();
+    assert!(
+        matches!(&rotated, Rotation::Rotated(s) if s.mfa && s.authenticated_at == later),
+        "{rotated:?}"
+    );
+
+    // A revoked session is neither re-authenticated nor marked.
+    let other = session(db, owner, "g1").await;
+    db.store.revoke_session(other, "test", now()).await.unwrap();
+    assert!(!db.store.reauthenticate_session(other, later).await.unwrap());
+    assert!(!db.store.mark_session_mfa(other, later).await.unwrap());
+    let (revoked, _) = db.store.session_with_user(other).await.unwrap();
+    assert!(!revoked.mfa);
+    assert_eq!(revoked.authenticated_at, revoked.created_at);
+}
+both_backends!(sessions_keep_their_factor_and_last_password);
+
+/// The migration that gave sessions their factor and last password, applied to sessions that
+/// already exist: each counts as authenticated when it began, and as verified with a second
+/// factor only if it began after its user enabled TOTP.
+async fn existing_sessions_get_their_factor_from_their_start(db: &TestDb) {
+    migrated(db).await;
+    let owner = user(db, "gus@example.com", None).await;
+    let before = session(db, owner, "b1").await;
+    db.store.set_pending_totp(owner, "SECRET").await.unwrap();
+    assert!(
+        db.store
+            .enable_totp(owner, 1, &["c".to_owned()], now())
+            .await
+            .unwrap()
+    );
+    let after = session(db, owner, "a1").await;
+    let plain = user(db, "hal@example.com", None).await;
+    let other = session(db, plain, "p1").await;
+    // Back to the schema before the migration, with these sessions in it; then migrate.
+    db.execute_raw(
+        "ALTER TABLE sessions DROP COLUMN mfa; \
+         ALTER TABLE sessions DROP COLUMN authenticated_at; \
+         DELETE FROM _sqlx_migrations WHERE version = 7;",
+    )
+    .await;
+    migrated(db).await;
+    for (id, mfa) in [(before, false), (after, true), (other, false)] {
+        let (found, _) = db.store.session_with_user(id).await.unwrap();
+        assert_eq!(found.mfa, mfa, "{id}");
+        assert_eq!(found.authenticated_at, found.created_at);
+    }
+}
+both_backends!(existing_sessions_get_their_factor_from_their_start);
 
 async fn concurrent_rotations_have_one_winner(db: &TestDb) {
     migrated(db).await;

@@ -1,0 +1,71 @@
+//! Recent re-authentication: operations that could take over an account's second factor need
+//! the password presented for this session within `reauth_window`, so that a stolen access
+//! token alone cannot enrol or remove TOTP.
+
+use super::{Identity, IdentityError, Principal, RequestContext};
+
+impl Identity {
+    /// Refuses unless this session's password was presented within `reauth_window` (at login
+    /// or with [`Identity::reauthenticate`]). Called before anything is stored.
+    pub(super) async fn require_recent_password(
+        &self,
+        who: &Principal,
+    ) -> Result<(), IdentityError> {
+        let (session, _) = self.store.session_with_user(who.session_id).await?;
+        if self.now() - session.authenticated_at > self.reauth_window {
+            return Err(IdentityError::ReauthenticationRequired);
+        }
+        Ok(())
+    }
+
+    /// Checks the caller's password again and records it for the session, which then may
+    /// change its second factor for `reauth_window`. A wrong password counts like a failed
+    /// login (the account's lockout, audited as `reauth.failed`), and guesses are throttled per
+    /// account like those at a password change.
+    pub async fn reauthenticate(
+        &self,
+        who: &Principal,
+        password: &str,
+        ctx: &RequestContext,
+    ) -> Result<(), IdentityError> {
+        let user = self.store.user_by_id(who.user_id).await?;
+        let reservation = self
+            .limited(
+                "reauthenticate",
+                &self.limits.reauth_account,
+                user.email.as_str(),
+                ctx,
+            )
+            .await?;
+        // Refuses a locked account, and checks that would overshoot the lock.
+        let (_checking, user) = self.enter_check(&user, None, ctx).await?;
+        let verified = self
+            .hasher
+            .verify(password, Some(&user.password_hash))
+            .await?;
+        if !verified.matches {
+            self.count_failure(&user, "reauth.failed", "wrong_password", ctx)
+                .await?;
+            return Err(IdentityError::WrongCurrentPassword);
+        }
+        self.limits.reauth_account.release(&reservation);
+        let now = self.now();
+        self.store.record_login_success(user.id, now).await?;
+        if !self
+            .store
+            .reauthenticate_session(who.session_id, now)
+            .await?
+        {
+            return Err(IdentityError::Unauthenticated("revoked"));
+        }
+        self.audit(
+            "reauthenticated",
+            Some(user.id),
+            Some(who.session_id.to_string()),
+            ctx,
+            serde_json::json!({}),
+        )
+        .await;
+        Ok(())
+    }
+}
