@@ -277,6 +277,10 @@ pub struct Identity {
     throttle_epochs: Mutex<ThrottleEpochs>,
     /// Password and code checks running now, per account (see [`InFlight`]).
     in_flight: InFlight,
+    /// Orders, per account (16 shards), taking a place in flight with reading the account,
+    /// against recording a failure with giving the place back: a failure is then counted once,
+    /// in the store or in flight, never in both or neither.
+    failure_order: [tokio::sync::Mutex<()>; 16],
     /// Where links in mail point; without it, mail carries the bare token.
     public_url: Option<String>,
     require_verified: bool,
@@ -445,6 +449,7 @@ impl Identity {
             ipv6_prefix: u8::try_from(config.rate_limit_ipv6_prefix.min(128)).unwrap_or(64),
             throttle_epochs: Mutex::new(ThrottleEpochs::default()),
             in_flight: InFlight::default(),
+            failure_order: std::array::from_fn(|_| tokio::sync::Mutex::new(())),
             public_url: config
                 .public_url
                 .as_ref()
@@ -781,8 +786,10 @@ impl Identity {
         password: Option<&str>,
         ctx: &RequestContext,
     ) -> Result<(InFlightGuard<'_>, UserRecord), IdentityError> {
+        let order = self.failure_order(user.id).lock().await;
         let (guard, in_flight) = self.in_flight.enter(user.id);
         let fresh = self.store.user_by_id(user.id).await?;
+        drop(order);
         let now = self.now();
         if let Some(until) = fresh.locked_until.filter(|t| *t > now) {
             return Err(self.refuse_locked(&fresh, until, password, ctx).await);
@@ -800,11 +807,19 @@ impl Identity {
         Ok((guard, fresh))
     }
 
+    /// The lock that orders an account's failure accounting.
+    fn failure_order(&self, user: UserId) -> &tokio::sync::Mutex<()> {
+        let shard = usize::try_from(user.0.as_u128() % 16).unwrap_or(0);
+        &self.failure_order[shard]
+    }
+
     /// Counts a failed login (a wrong password or second-factor code) towards the account's
     /// lockout, audits it as `event`, and locks the account (with its audit event and notice
-    /// mail) at each multiple of the threshold.
+    /// mail) at each multiple of the threshold. The check's place in flight is given back in
+    /// the same step as the failure is stored.
     async fn count_failure(
         &self,
+        checking: InFlightGuard<'_>,
         user: &UserRecord,
         event: &str,
         reason: &str,
@@ -815,10 +830,14 @@ impl Identity {
         let lock_for = lock_duration(user.failed_logins + 1, threshold);
         // With locking off, the lock time is now: counted, never locked out.
         let until = if threshold == 0 { now } else { now + lock_for };
+        let order = self.failure_order(user.id).lock().await;
         let count = self
             .store
             .record_login_failure(user.id, threshold.max(1), until, now)
-            .await?;
+            .await;
+        drop(checking);
+        drop(order);
+        let count = count?;
         self.audit(
             event,
             Some(user.id),
@@ -870,7 +889,7 @@ impl Identity {
         if let Some(until) = user.locked_until.filter(|t| *t > now) {
             return Err(self.refuse_locked(&user, until, Some(password), ctx).await);
         }
-        let (_checking, user) = self.enter_check(&user, Some(password), ctx).await?;
+        let (checking, user) = self.enter_check(&user, Some(password), ctx).await?;
         let verified = match self
             .hasher
             .verify(password, Some(&user.password_hash))
@@ -897,7 +916,7 @@ impl Identity {
         };
         if !verified.matches {
             self.metrics.failure("wrong_password");
-            self.count_failure(&user, "login.failed", "wrong_password", ctx)
+            self.count_failure(checking, &user, "login.failed", "wrong_password", ctx)
                 .await?;
             return Err(IdentityError::InvalidCredentials);
         }

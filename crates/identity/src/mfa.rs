@@ -307,10 +307,10 @@ impl Identity {
             // Whoever holds the challenge knows the password: the lock may be said.
             return Err(self.refuse_locked(&user, until, None, ctx).await);
         }
-        let (_checking, user) = self.enter_check(&user, None, ctx).await?;
+        let (checking, user) = self.enter_check(&user, None, ctx).await?;
         let Some(method) = self.check_code(&user, code).await? else {
             self.metrics.failure("wrong_code");
-            self.count_failure(&user, "login.mfa_failed", "wrong_code", ctx)
+            self.count_failure(checking, &user, "login.mfa_failed", "wrong_code", ctx)
                 .await?;
             return Err(IdentityError::WrongCode);
         };

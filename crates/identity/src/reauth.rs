@@ -38,13 +38,13 @@ impl Identity {
             )
             .await?;
         // Refuses a locked account, and checks that would overshoot the lock.
-        let (_checking, user) = self.enter_check(&user, None, ctx).await?;
+        let (checking, user) = self.enter_check(&user, None, ctx).await?;
         let verified = self
             .hasher
             .verify(password, Some(&user.password_hash))
             .await?;
         if !verified.matches {
-            self.count_failure(&user, "reauth.failed", "wrong_password", ctx)
+            self.count_failure(checking, &user, "reauth.failed", "wrong_password", ctx)
                 .await?;
             return Err(IdentityError::WrongCurrentPassword);
         }

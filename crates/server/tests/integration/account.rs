@@ -1,7 +1,6 @@
 //! Flows that go through mail: verification, password change and reset, and account notices.
 
 use serde_json::{Value, json};
-use unhidra_store::Backend;
 
 use crate::helpers::{TestApp, problem};
 
@@ -101,7 +100,12 @@ async fn registration_mails_a_code_that_verifies_the_email_once() {
 
 #[tokio::test]
 async fn logins_can_require_a_verified_email() {
-    let app = TestApp::spawn_with(Backend::Sqlite, |c| c.require_verified_email = true, None).await;
+    let app = TestApp::spawn_with(
+        crate::helpers::default_backend(),
+        |c| c.require_verified_email = true,
+        None,
+    )
+    .await;
     assert_eq!(register(&app, "ben@example.com").await.status(), 201);
     let first = app.mails().await[0].code();
     problem(
@@ -172,7 +176,12 @@ async fn a_new_verification_code_replaces_the_old_one() {
 
 #[tokio::test]
 async fn a_hidden_duplicate_registration_warns_the_owner_instead() {
-    let app = TestApp::spawn_with(Backend::Sqlite, |c| c.hide_existing_accounts = true, None).await;
+    let app = TestApp::spawn_with(
+        crate::helpers::default_backend(),
+        |c| c.hide_existing_accounts = true,
+        None,
+    )
+    .await;
     assert_eq!(register(&app, "dan@example.com").await.status(), 201);
     assert_eq!(register(&app, "dan@example.com").await.status(), 201);
     let mails = app.mails().await;
@@ -314,7 +323,12 @@ async fn password_reset_by_mail() {
 
 #[tokio::test]
 async fn reset_requests_are_limited() {
-    let app = TestApp::spawn_with(Backend::Sqlite, |c| c.rate_limit_reset_per_hour = 2, None).await;
+    let app = TestApp::spawn_with(
+        crate::helpers::default_backend(),
+        |c| c.rate_limit_reset_per_hour = 2,
+        None,
+    )
+    .await;
     for _ in 0..2 {
         let r = post(
             &app,
@@ -387,7 +401,12 @@ async fn a_login_from_a_new_device_is_mailed_once() {
 
 #[tokio::test]
 async fn a_lockout_is_mailed_to_the_owner() {
-    let app = TestApp::spawn_with(Backend::Sqlite, |c| c.lockout_threshold = 3, None).await;
+    let app = TestApp::spawn_with(
+        crate::helpers::default_backend(),
+        |c| c.lockout_threshold = 3,
+        None,
+    )
+    .await;
     assert_eq!(register(&app, "hal@example.com").await.status(), 201);
     for _ in 0..3 {
         login_as(&app, "hal@example.com", "not the password at all", "x").await;

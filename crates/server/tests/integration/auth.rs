@@ -135,7 +135,12 @@ async fn register_normalises_and_refuses_duplicates() {
 
 #[tokio::test]
 async fn hidden_accounts_answer_a_taken_email_like_a_new_one() {
-    let app = TestApp::spawn_with(Backend::Sqlite, |c| c.hide_existing_accounts = true, None).await;
+    let app = TestApp::spawn_with(
+        crate::helpers::default_backend(),
+        |c| c.hide_existing_accounts = true,
+        None,
+    )
+    .await;
     let first: Value = register(&app, "eve@example.com")
         .await
         .json()
@@ -292,7 +297,7 @@ async fn requests_without_a_good_token_are_refused() {
 #[tokio::test]
 async fn forged_tokens_are_refused() {
     let (pem, der) = ed25519_pem();
-    let db = TestDb::sqlite().await;
+    let db = TestDb::new(crate::helpers::default_backend()).await;
     let app = TestApp::spawn_on(
         db,
         |c| c.signing_key = Some(unhidra_config::Secret::new(pem.clone())),
@@ -384,7 +389,13 @@ async fn forged_tokens_are_refused() {
 #[tokio::test]
 async fn access_tokens_expire_with_the_clock() {
     let clock = Arc::new(ManualClock::new(Utc::now()));
-    let app = TestApp::spawn_on(TestDb::sqlite().await, |_| {}, None, clock.clone()).await;
+    let app = TestApp::spawn_on(
+        TestDb::new(crate::helpers::default_backend()).await,
+        |_| {},
+        None,
+        clock.clone(),
+    )
+    .await;
     let pair = signed_in(&app, "jane@example.com").await;
     assert_eq!(
         get_with(&app, "/api/v1/auth/me", &access(&pair))
@@ -604,7 +615,13 @@ async fn logout_and_session_revocation_take_effect_at_once() {
 #[tokio::test]
 async fn ten_failures_lock_the_account_and_the_lock_ends() {
     let clock = Arc::new(ManualClock::new(Utc::now()));
-    let app = TestApp::spawn_on(TestDb::sqlite().await, |_| {}, None, clock.clone()).await;
+    let app = TestApp::spawn_on(
+        TestDb::new(crate::helpers::default_backend()).await,
+        |_| {},
+        None,
+        clock.clone(),
+    )
+    .await;
     assert_eq!(register(&app, "ned@example.com").await.status(), 201);
     for _ in 0..10 {
         problem(
@@ -698,7 +715,7 @@ async fn parallel_failures_lock_exactly_like_sequential_ones_postgres() {
 
 #[tokio::test]
 async fn admin_endpoints_need_the_admin_role() {
-    let app = TestApp::spawn_with(Backend::Sqlite, with_admin, None).await;
+    let app = TestApp::spawn_with(crate::helpers::default_backend(), with_admin, None).await;
     let user = signed_in(&app, "pat@example.com").await;
     for path in ["/api/v1/auth/users", "/api/v1/admin/logs"] {
         problem(get_with(&app, path, &access(&user)).await, 403, "forbidden").await;
@@ -745,7 +762,7 @@ async fn admin_endpoints_need_the_admin_role() {
 
 #[tokio::test]
 async fn deactivation_revokes_everything_at_once() {
-    let app = TestApp::spawn_with(Backend::Sqlite, with_admin, None).await;
+    let app = TestApp::spawn_with(crate::helpers::default_backend(), with_admin, None).await;
     let admin: Value = login(&app, ADMIN, ADMIN_PASSWORD)
         .await
         .json()
@@ -854,7 +871,7 @@ async fn deactivation_revokes_everything_at_once() {
 #[tokio::test]
 async fn bulk_actions_report_each_id() {
     let app = TestApp::spawn_with(
-        Backend::Sqlite,
+        crate::helpers::default_backend(),
         |c| {
             with_admin(c);
             c.lockout_threshold = 3;
@@ -942,7 +959,7 @@ async fn bulk_actions_report_each_id() {
 
 #[tokio::test]
 async fn the_audit_log_pages_newest_first() {
-    let app = TestApp::spawn_with(Backend::Sqlite, with_admin, None).await;
+    let app = TestApp::spawn_with(crate::helpers::default_backend(), with_admin, None).await;
     let admin: Value = login(&app, ADMIN, ADMIN_PASSWORD)
         .await
         .json()
@@ -1221,7 +1238,7 @@ on_both_backends!(spraying_from_one_address_is_capped);
 
 #[tokio::test]
 async fn the_address_cap_defaults_to_thirty_failures_a_minute() {
-    let app = behind_proxy(Backend::Sqlite, |_| {}).await;
+    let app = behind_proxy(crate::helpers::default_backend(), |_| {}).await;
     for i in 0..30 {
         let r = login_from(&app, "10.1.1.1", &format!("g{i}@example.com"), WRONG).await;
         assert_eq!(r.status(), 401, "attempt {i}");
@@ -1444,7 +1461,7 @@ on_both_backends!(hidden_accounts_do_not_tell_a_lock);
 /// the limit by moving within its network.
 #[tokio::test]
 async fn ipv6_clients_are_limited_per_network() {
-    let app = behind_proxy(Backend::Sqlite, |_| {}).await;
+    let app = behind_proxy(crate::helpers::default_backend(), |_| {}).await;
     assert_eq!(register(&app, "vic@example.com").await.status(), 201);
     for i in 1..=5 {
         let r = login_from(
@@ -1478,7 +1495,10 @@ async fn ipv6_clients_are_limited_per_network() {
     app.shutdown().await;
 
     // The prefix is configurable: with /128 every address is its own client.
-    let app = behind_proxy(Backend::Sqlite, |c| c.rate_limit_ipv6_prefix = 128).await;
+    let app = behind_proxy(crate::helpers::default_backend(), |c| {
+        c.rate_limit_ipv6_prefix = 128;
+    })
+    .await;
     assert_eq!(register(&app, "vic@example.com").await.status(), 201);
     for i in 1..=6 {
         let r = login_from(
@@ -1497,7 +1517,7 @@ async fn ipv6_clients_are_limited_per_network() {
 /// megabyte of "email" is never a key kept in memory, and never uses up anyone's attempts.
 #[tokio::test]
 async fn unparsable_emails_are_refused_before_the_limits() {
-    let app = behind_proxy(Backend::Sqlite, |_| {}).await;
+    let app = behind_proxy(crate::helpers::default_backend(), |_| {}).await;
     let huge = "a".repeat(512 * 1024);
     for email in ["not an email", huge.as_str(), "x@", "@example.com"] {
         for _ in 0..6 {
@@ -1548,7 +1568,7 @@ async fn forwarded_for_is_ignored_without_a_trusted_proxy() {
 #[tokio::test]
 async fn registrations_and_refreshes_are_limited_per_address() {
     let app = TestApp::spawn_with(
-        Backend::Sqlite,
+        crate::helpers::default_backend(),
         |c| {
             c.rate_limit_register_per_hour = 2;
             c.rate_limit_refresh_per_minute = 2;
@@ -1600,7 +1620,12 @@ async fn registrations_and_refreshes_are_limited_per_address() {
 
 #[tokio::test]
 async fn audit_events_are_also_json_lines_in_a_file() {
-    let app = TestApp::spawn_with(Backend::Sqlite, |c| c.audit_minimise = true, None).await;
+    let app = TestApp::spawn_with(
+        crate::helpers::default_backend(),
+        |c| c.audit_minimise = true,
+        None,
+    )
+    .await;
     signed_in(&app, "wil@example.com").await;
     let stored = app.db.store.audit_events(None, 10).await.unwrap();
     assert_eq!(
@@ -1629,7 +1654,7 @@ async fn audit_events_are_also_json_lines_in_a_file() {
 async fn a_retry_within_the_grace_window_gets_the_same_successor() {
     let clock = Arc::new(ManualClock::new(Utc::now()));
     let app = TestApp::spawn_on(
-        TestDb::sqlite().await,
+        TestDb::new(crate::helpers::default_backend()).await,
         |c| c.refresh_reuse_grace = unhidra_config::HumanDuration::secs(10),
         None,
         clock.clone(),
@@ -1686,7 +1711,7 @@ async fn a_retry_within_the_grace_window_gets_the_same_successor() {
 
 #[tokio::test]
 async fn admins_rotate_and_retire_keys_over_the_api() {
-    let app = TestApp::spawn_with(Backend::Sqlite, with_admin, None).await;
+    let app = TestApp::spawn_with(crate::helpers::default_backend(), with_admin, None).await;
     let admin: Value = login(&app, ADMIN, ADMIN_PASSWORD)
         .await
         .json()
@@ -1756,7 +1781,7 @@ async fn admins_rotate_and_retire_keys_over_the_api() {
     // With the key in the configuration, rotation is refused with the way to do it.
     let (pem, _) = ed25519_pem();
     let configured = TestApp::spawn_with(
-        Backend::Sqlite,
+        crate::helpers::default_backend(),
         |c| {
             with_admin(c);
             c.signing_key = Some(unhidra_config::Secret::new(pem.clone()));

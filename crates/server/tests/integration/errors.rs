@@ -2,7 +2,6 @@
 
 use std::time::Duration;
 
-
 use crate::helpers::{TestApp, problem};
 
 #[tokio::test]

@@ -44,7 +44,7 @@ fn code_at(secret: &str, clock: &ManualClock) -> String {
 
 /// A server on a manual clock, a user, and the user's access token.
 async fn setup() -> (TestApp, Arc<ManualClock>, String) {
-    setup_on(Backend::Sqlite).await
+    setup_on(crate::helpers::default_backend()).await
 }
 
 /// [`setup`] on `backend`.
@@ -458,7 +458,7 @@ async fn admins_can_be_held_to_enrolment() {
         start - Duration::seconds(start.timestamp() % 30) + Duration::seconds(10),
     ));
     let app = TestApp::spawn_on(
-        TestDb::sqlite().await,
+        TestDb::new(crate::helpers::default_backend()).await,
         |c| {
             c.require_admin_mfa = true;
             c.admin_email = Some("root@example.com".into());

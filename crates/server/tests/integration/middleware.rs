@@ -1,6 +1,5 @@
 //! Request ids, security headers, CORS and compression on every response.
 
-
 use crate::helpers::{TestApp, problem};
 
 #[tokio::test]
