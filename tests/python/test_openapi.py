@@ -31,6 +31,7 @@ NO_SUCCESS_EXPECTED = {
     ("POST", "/api/v1/auth/totp/enable"): "needs a code from the enrolled secret",
     ("POST", "/api/v1/auth/totp/disable"): "needs a TOTP code",
     ("POST", "/api/v1/auth/password"): "needs the current password",
+    ("POST", "/api/v1/auth/reauthenticate"): "needs the current password",
     ("POST", "/api/v1/auth/verify-email"): "needs a mailed token",
     ("POST", "/api/v1/auth/password-reset/confirm"): "needs a mailed token",
     ("DELETE", "/api/v1/admin/connections/{id}"): "no WebSocket is open during the run",
