@@ -575,6 +575,8 @@ impl Hub {
         let mut list: Vec<ConnectionInfo> = state
             .conns
             .iter()
+            // One that is closing (still reading what its client sends) is not listed.
+            .filter(|(_, c)| !c.outbox.is_closing())
             .map(|(id, c)| ConnectionInfo {
                 id: id.to_string(),
                 kind: "user",

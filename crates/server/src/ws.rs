@@ -362,7 +362,6 @@ async fn run(
                 .reset(tokio::time::Instant::now() + until(expires));
         }
     }
-    hub.unregister(id);
     metrics.connections.get_or_create(&kind).dec();
     let code = if closed_by_peer {
         close::NORMAL
@@ -393,6 +392,9 @@ async fn run(
         let _ = tokio::time::timeout(linger, futures_util::future::join(written, drained)).await;
     }
     writer.abort();
+    // Only now: a socket still lingering counts towards its address's connection limit, and
+    // the hub encodes nothing for it meanwhile, since its outbox is closing.
+    hub.unregister(id);
     tracing::debug!(connection = id, "websocket closed");
 }
 

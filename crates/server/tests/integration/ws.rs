@@ -1227,3 +1227,71 @@ async fn a_member_removed_while_joining_gets_nothing_afterwards() {
     }
     app.shutdown().await;
 }
+
+/// An `auth` frame with a fresh token of the same session keeps the connection past the first
+/// token's expiry; a token that does not verify, or one of another session, is refused with an
+/// error frame and changes nothing.
+#[tokio::test]
+async fn an_auth_frame_extends_the_connection_and_refuses_other_tokens() {
+    let app = TestApp::spawn_with(
+        crate::helpers::default_backend(),
+        |c| c.access_token_ttl = unhidra_config::HumanDuration(Duration::from_secs(4)),
+        None,
+    )
+    .await;
+    let (_, _) = user(&app, "renew@example.com").await;
+    let pair: Value = app
+        .client
+        .post(app.url("/api/v1/auth/login"))
+        .json(&json!({ "email": "renew@example.com", "password": PASSWORD }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let connected = tokio::time::Instant::now();
+    let mut socket = connect(&app, pair["access_token"].as_str().unwrap()).await;
+    send(&mut socket, json!({ "type": "auth", "token": "forged" })).await;
+    let refused = next_non_presence(&mut socket).await;
+    assert_eq!(refused["code"], "invalid_token", "{refused}");
+    let other_session = access_token(&app, "renew@example.com").await;
+    send(
+        &mut socket,
+        json!({ "type": "auth", "token": other_session }),
+    )
+    .await;
+    let refused = next_non_presence(&mut socket).await;
+    assert_eq!(refused["code"], "session_mismatch", "{refused}");
+    // Tokens expire on whole seconds: the first within 3–4 s of the login, a fresh one taken
+    // 2 s after the connect at least 5 s after it. 4.6 s after the connect lies between.
+    tokio::time::sleep_until(connected + Duration::from_secs(2)).await;
+    let fresh: Value = app
+        .client
+        .post(app.url("/api/v1/auth/refresh"))
+        .json(&json!({ "refresh_token": pair["refresh_token"] }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(fresh["access_token"].is_string(), "{fresh}");
+    send(
+        &mut socket,
+        json!({ "type": "auth", "token": fresh["access_token"] }),
+    )
+    .await;
+    tokio::time::sleep_until(connected + Duration::from_millis(4600)).await;
+    assert_eq!(
+        until_pong(&mut socket).await,
+        Vec::<String>::new(),
+        "still open after the first token expired"
+    );
+    assert_eq!(
+        close_code(&mut socket).await,
+        4001,
+        "then the fresh one expires"
+    );
+    app.shutdown().await;
+}
