@@ -812,3 +812,35 @@ async fn a_bad_import_file_imports_nothing_and_names_each_line() {
         "nothing imported"
     );
 }
+
+/// Failures at run time exit with 1 and say why: a port already taken, a store that cannot be
+/// reached.
+#[tokio::test]
+async fn a_taken_port_or_an_unreachable_store_exits_with_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = Server::start(dir.path(), &[], &[]).await;
+    let other = tempfile::tempdir().unwrap();
+    let out = run(
+        other.path(),
+        &["serve", "--bind", &first.addr],
+        &[("APP_ENV", "test")],
+    )
+    .await;
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    first.terminate().await;
+
+    // Nothing listens on port 1.
+    let out = run(
+        other.path(),
+        &["serve", "--bind", "127.0.0.1:0"],
+        &[
+            ("APP_ENV", "test"),
+            (
+                "UNHIDRA_DATABASE_URL",
+                "postgres://postgres@127.0.0.1:1/test",
+            ),
+        ],
+    )
+    .await;
+    assert_eq!(out.code, 1, "{}", out.stderr);
+}

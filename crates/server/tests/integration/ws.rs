@@ -1295,3 +1295,95 @@ async fn an_auth_frame_extends_the_connection_and_refuses_other_tokens() {
     );
     app.shutdown().await;
 }
+
+/// Reads frames until a presence frame about `user` with `status` arrives.
+async fn presence_of(socket: &mut Socket, user: &str, status: &str) {
+    loop {
+        let frame = next(socket).await;
+        if frame["type"] == "presence" && frame["user"] == user && frame["status"] == status {
+            return;
+        }
+    }
+}
+
+/// `typing` reaches the room's other listeners as presence; `leave` stops delivery to that
+/// connection; a user's last connection going away is announced `offline`.
+#[tokio::test]
+async fn typing_leave_and_offline_reach_the_room() {
+    let app = TestApp::spawn().await;
+    let (alice_id, alice) = user(&app, "typist@example.com").await;
+    let (bob_id, bob) = user(&app, "watcher@example.com").await;
+    let room = create_room(&app, &alice, "typing", "public").await;
+    let mut a = connect(&app, &alice).await;
+    let mut b = connect(&app, &bob).await;
+    send(&mut b, json!({ "type": "join", "room": room })).await;
+    presence_of(&mut b, &bob_id, "online").await;
+    send(&mut a, json!({ "type": "join", "room": room })).await;
+    presence_of(&mut b, &alice_id, "online").await;
+    send(&mut a, json!({ "type": "typing", "room": room })).await;
+    presence_of(&mut b, &alice_id, "typing").await;
+    // Bob leaves: a message posted afterwards does not reach him.
+    send(&mut b, json!({ "type": "leave", "room": room })).await;
+    assert!(
+        until_pong(&mut b).await.iter().all(|t| t == "presence"),
+        "leave is silent"
+    );
+    assert_eq!(
+        publish(&app, &alice, &room, "after bob left", "t1")
+            .await
+            .status(),
+        201
+    );
+    let seen = until_pong(&mut b).await;
+    assert!(!seen.iter().any(|t| t == "message"), "{seen:?}");
+    // Bob listens again; Alice's last connection closes: Bob sees her go offline.
+    send(&mut b, json!({ "type": "join", "room": room })).await;
+    until_pong(&mut b).await;
+    a.close(None).await.unwrap();
+    presence_of(&mut b, &alice_id, "offline").await;
+    app.shutdown().await;
+}
+
+/// New connections are limited per user and minute (`rate_limit_user_per_minute`) and live
+/// ones per address (`ws_max_connections_per_ip`); a refusal is a 429 before the upgrade.
+#[tokio::test]
+async fn connection_limits_per_user_and_per_address() {
+    let app = TestApp::spawn_with(
+        crate::helpers::default_backend(),
+        |c| {
+            c.rate_limit_user_per_minute = 2;
+            c.ws_max_connections_per_ip = 3;
+        },
+        None,
+    )
+    .await;
+    let status = |r: Result<(Socket, Option<String>), WsError>| match r {
+        Err(WsError::Http(response)) => response.status().as_u16(),
+        Err(other) => panic!("{other}"),
+        Ok(_) => 101,
+    };
+    let bearer = |token: &str| format!("unhidra.v1.json, bearer.{token}");
+    let (_, busy) = user(&app, "many@example.com").await;
+    let _first = connect_with(&app, Some(&bearer(&busy)), None)
+        .await
+        .unwrap();
+    let _second = connect_with(&app, Some(&bearer(&busy)), None)
+        .await
+        .unwrap();
+    assert_eq!(
+        status(connect_with(&app, Some(&bearer(&busy)), None).await),
+        429,
+        "a third connection of the user within the minute"
+    );
+    let (_, other) = user(&app, "neighbour@example.com").await;
+    let _third = connect_with(&app, Some(&bearer(&other)), None)
+        .await
+        .unwrap();
+    let (_, late) = user(&app, "late@example.com").await;
+    assert_eq!(
+        status(connect_with(&app, Some(&bearer(&late)), None).await),
+        429,
+        "a fourth live connection from the address"
+    );
+    app.shutdown().await;
+}
