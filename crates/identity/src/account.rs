@@ -133,15 +133,27 @@ impl Identity {
                 ctx,
             )
             .await?;
+        // Refuses a locked account, and checks that would overshoot the lock.
+        let (checking, user) = self.enter_check(&user, None, ctx).await?;
         let verified = self
             .hasher
             .verify(current, Some(&user.password_hash))
             .await?;
         if !verified.matches {
-            self.audit_own("password.change_failed", user.id, ctx).await;
+            // A wrong current password counts towards the lockout, as at login.
+            self.count_failure(
+                checking,
+                &user,
+                "password.change_failed",
+                "wrong_password",
+                ctx,
+            )
+            .await?;
             return Err(IdentityError::WrongCurrentPassword);
         }
+        drop(checking);
         self.limits.reauth_account.release(&reservation);
+        self.store.record_login_success(user.id, self.now()).await?;
         self.set_password(&user, new).await?;
         self.end_user_sessions(
             user.id,

@@ -217,6 +217,20 @@ async fn changing_the_password_ends_other_sessions_and_tells_the_user() {
     )
     .await;
     assert_eq!(body["errors"][0]["field"], "/current_password");
+    let failures = || async {
+        let email = unhidra_core::Email::parse("eli@example.com").unwrap();
+        app.db
+            .store
+            .user_by_email(&email)
+            .await
+            .unwrap()
+            .failed_logins
+    };
+    assert_eq!(
+        failures().await,
+        1,
+        "a wrong current password counts towards the lockout"
+    );
     let body = problem(
         change(PASSWORD, "password123").await,
         422,
@@ -225,6 +239,7 @@ async fn changing_the_password_ends_other_sessions_and_tells_the_user() {
     .await;
     assert_eq!(body["errors"][0]["field"], "/password");
     assert_eq!(change(PASSWORD, NEW_PASSWORD).await.status(), 204);
+    assert_eq!(failures().await, 0, "the right one resets the count");
 
     assert_eq!(me(&app, &here).await.status(), 200, "this session goes on");
     problem(me(&app, &elsewhere).await, 401, "session_revoked").await;
