@@ -123,37 +123,10 @@ impl Identity {
         new: &str,
         ctx: &RequestContext,
     ) -> Result<(), IdentityError> {
-        let user = self.store.user_by_id(who.user_id).await?;
         // Guessing the current password through this endpoint counts like guessing at login.
-        let reservation = self
-            .limited(
-                "password",
-                &self.limits.reauth_account,
-                user.email.as_str(),
-                ctx,
-            )
+        let user = self
+            .check_current_password(who, current, "password", "password.change_failed", ctx)
             .await?;
-        // Refuses a locked account, and checks that would overshoot the lock.
-        let (checking, user) = self.enter_check(&user, None, ctx).await?;
-        let verified = self
-            .hasher
-            .verify(current, Some(&user.password_hash))
-            .await?;
-        if !verified.matches {
-            // A wrong current password counts towards the lockout, as at login.
-            self.count_failure(
-                checking,
-                &user,
-                "password.change_failed",
-                "wrong_password",
-                ctx,
-            )
-            .await?;
-            return Err(IdentityError::WrongCurrentPassword);
-        }
-        drop(checking);
-        self.limits.reauth_account.release(&reservation);
-        self.store.record_login_success(user.id, self.now()).await?;
         self.set_password(&user, new).await?;
         self.end_user_sessions(
             user.id,

@@ -2,9 +2,44 @@
 //! the password presented for this session within `reauth_window`, so that a stolen access
 //! token alone cannot enrol or remove TOTP.
 
+use unhidra_store::identity::UserRecord;
+
 use super::{Identity, IdentityError, Principal, RequestContext};
 
 impl Identity {
+    /// Checks the caller's current password for an operation that asks for it again (a
+    /// password change, a re-authentication): throttled per account (`route` names the
+    /// throttle), refused while the account is locked or when the check could overshoot its
+    /// lock, a wrong one counted like a failed login (audited as `failed_event`), the right one
+    /// resetting the count. Returns the account as stored.
+    pub(super) async fn check_current_password(
+        &self,
+        who: &Principal,
+        password: &str,
+        route: &'static str,
+        failed_event: &str,
+        ctx: &RequestContext,
+    ) -> Result<UserRecord, IdentityError> {
+        let user = self.store.user_by_id(who.user_id).await?;
+        let reservation = self
+            .limited(route, &self.limits.reauth_account, user.email.as_str(), ctx)
+            .await?;
+        let (checking, user) = self.enter_check(&user, None, ctx).await?;
+        let verified = self
+            .hasher
+            .verify(password, Some(&user.password_hash))
+            .await?;
+        if !verified.matches {
+            self.count_failure(checking, &user, failed_event, "wrong_password", ctx)
+                .await?;
+            return Err(IdentityError::WrongCurrentPassword);
+        }
+        drop(checking);
+        self.limits.reauth_account.release(&reservation);
+        self.store.record_login_success(user.id, self.now()).await?;
+        Ok(user)
+    }
+
     /// Refuses unless this session's password was presented within `reauth_window` (at login
     /// or with [`Identity::reauthenticate`]). Called before anything is stored.
     pub(super) async fn require_recent_password(
@@ -28,29 +63,10 @@ impl Identity {
         password: &str,
         ctx: &RequestContext,
     ) -> Result<(), IdentityError> {
-        let user = self.store.user_by_id(who.user_id).await?;
-        let reservation = self
-            .limited(
-                "reauthenticate",
-                &self.limits.reauth_account,
-                user.email.as_str(),
-                ctx,
-            )
+        let user = self
+            .check_current_password(who, password, "reauthenticate", "reauth.failed", ctx)
             .await?;
-        // Refuses a locked account, and checks that would overshoot the lock.
-        let (checking, user) = self.enter_check(&user, None, ctx).await?;
-        let verified = self
-            .hasher
-            .verify(password, Some(&user.password_hash))
-            .await?;
-        if !verified.matches {
-            self.count_failure(checking, &user, "reauth.failed", "wrong_password", ctx)
-                .await?;
-            return Err(IdentityError::WrongCurrentPassword);
-        }
-        self.limits.reauth_account.release(&reservation);
         let now = self.now();
-        self.store.record_login_success(user.id, now).await?;
         if !self
             .store
             .reauthenticate_session(who.session_id, now)
