@@ -25,43 +25,52 @@ const MAX_JOIN_RACES: usize = 3;
 /// rate limit. A client in more rooms resumes them over several frames.
 pub const MAX_RESUME_ROOMS: usize = 100;
 
-/// How many messages, from the start (oldest) or from the end (`from_newest`), fit in
-/// `budget` encoded bytes.
-fn fitting(messages: &[MessageData], budget: usize, from_newest: bool) -> usize {
-    let mut used = 0usize;
-    let mut fits = |m: &&MessageData| {
-        used = used.saturating_add(m.encoded_len() + 1);
-        used <= budget
-    };
-    if from_newest {
-        messages.iter().rev().take_while(&mut fits).count()
-    } else {
-        messages.iter().take_while(&mut fits).count()
+/// How many of `messages`, in the order given, fit in `budget` encoded bytes, and their bytes.
+fn fitting<'a>(messages: impl Iterator<Item = &'a MessageData>, budget: usize) -> (usize, usize) {
+    let (mut count, mut used) = (0, 0usize);
+    for message in messages {
+        let next = used.saturating_add(message.encoded_len() + 1);
+        if next > budget {
+            break;
+        }
+        (count, used) = (count + 1, next);
     }
+    (count, used)
 }
 
 /// Cuts a reply's messages (oldest first) to at most `budget` encoded bytes, keeping at least
 /// one so that paging always moves on: the newest when `keep_newest` (a page read backwards,
-/// towards older messages), else the oldest. Says whether any was cut.
-fn fit(messages: &mut Vec<MessageData>, budget: usize, keep_newest: bool) -> bool {
-    let kept = fitting(messages, budget, keep_newest).max(1);
+/// towards older messages), else the oldest. Says whether any was cut, and the bytes kept.
+fn fit(messages: &mut Vec<MessageData>, budget: usize, keep_newest: bool) -> (bool, usize) {
+    let (kept, used) = if keep_newest {
+        fitting(messages.iter().rev(), budget)
+    } else {
+        fitting(messages.iter(), budget)
+    };
+    let (kept, used) = match (kept, messages.first(), messages.last()) {
+        // Not even one fits: the one nearest the cursor goes alone.
+        (0, Some(first), Some(last)) => {
+            (1, if keep_newest { last } else { first }.encoded_len() + 1)
+        }
+        fits => (fits.0, used),
+    };
     if kept >= messages.len() {
-        return false;
+        return (false, used);
     }
     if keep_newest {
         messages.drain(..messages.len() - kept);
     } else {
         messages.truncate(kept);
     }
-    true
+    (true, used)
 }
 
 /// Like [`fit`] for a page that continues a reply (oldest kept): it may keep nothing.
-fn fit_more(messages: &mut Vec<MessageData>, budget: usize) -> bool {
-    let kept = fitting(messages, budget, false);
+fn fit_more(messages: &mut Vec<MessageData>, budget: usize) -> (bool, usize) {
+    let (kept, used) = fitting(messages.iter(), budget);
     let cut = kept < messages.len();
     messages.truncate(kept);
-    cut
+    (cut, used)
 }
 
 /// The most `send` frames stored as one group (and at most a quarter of the connection's queue,
@@ -333,7 +342,7 @@ impl<'a> Session<'a> {
                     Ok(messages) => {
                         let mut messages: Vec<MessageData> =
                             messages.iter().map(message_data).collect();
-                        let more = fit(&mut messages, chat.max_reply_bytes, after.is_none());
+                        let (more, _) = fit(&mut messages, chat.max_reply_bytes, after.is_none());
                         self.reply(&ServerFrame::History {
                             room: id.to_string(),
                             messages,
@@ -438,12 +447,12 @@ impl<'a> Session<'a> {
                     let mut page: Vec<MessageData> = page.iter().map(message_data).collect();
                     // A bounded replay, in messages and in bytes: past it, the client pages
                     // with `history {after}`.
-                    let cut = if replay.is_empty() {
+                    let (cut, used) = if replay.is_empty() {
                         fit(&mut page, budget, false)
                     } else {
                         fit_more(&mut page, budget)
                     };
-                    budget = budget.saturating_sub(page.iter().map(|m| m.encoded_len() + 1).sum());
+                    budget = budget.saturating_sub(used);
                     if let Some(last) = page.last() {
                         after = last.id;
                     }
@@ -545,13 +554,13 @@ mod tests {
     fn a_reply_is_cut_to_its_byte_budget_from_the_right_end() {
         let one = messages(&["x"])[0].encoded_len() + 1;
         let mut forward = messages(&["x", "x", "x", "x"]);
-        assert!(fit(&mut forward, 2 * one, false));
+        assert_eq!(fit(&mut forward, 2 * one, false), (true, 2 * one));
         assert_eq!(ids(&forward), [1, 2], "paging forwards keeps the oldest");
         let mut backward = messages(&["x", "x", "x", "x"]);
-        assert!(fit(&mut backward, 2 * one, true));
+        assert_eq!(fit(&mut backward, 2 * one, true), (true, 2 * one));
         assert_eq!(ids(&backward), [3, 4], "paging backwards keeps the newest");
         let mut whole = messages(&["x", "x"]);
-        assert!(!fit(&mut whole, 2 * one, false));
+        assert_eq!(fit(&mut whole, 2 * one, false), (false, 2 * one));
         assert_eq!(ids(&whole), [1, 2]);
     }
 
@@ -561,10 +570,11 @@ mod tests {
         let control = "\u{1}".repeat(100);
         let mut page = messages(&[&control, "x"]);
         assert!(page[0].encoded_len() > 600);
-        assert!(fit(&mut page, 10, false));
+        let long = page[0].encoded_len() + 1;
+        assert_eq!(fit(&mut page, 10, false), (true, long));
         assert_eq!(ids(&page), [1], "paging always moves on");
         let mut next = messages(&[&control]);
-        assert!(fit_more(&mut next, 10));
+        assert_eq!(fit_more(&mut next, 10), (true, 0));
         assert!(next.is_empty(), "a continuation may add nothing");
     }
 }
