@@ -11,7 +11,7 @@ use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-use crate::helpers::{PASSWORD, TestApp, access_token, create_room, user};
+use crate::helpers::{PASSWORD, TestApp, access_token, create_room, problem, user};
 
 /// Bounds every wait for a frame, so a broken server fails the test instead of hanging it.
 const WAIT: Duration = Duration::from_secs(10);
@@ -1385,5 +1385,223 @@ async fn connection_limits_per_user_and_per_address() {
         429,
         "a fourth live connection from the address"
     );
+    app.shutdown().await;
+}
+
+/// A password accepted by the policy and different from [`PASSWORD`].
+const NEW_PASSWORD: &str = "harbor lantern seventeen quiet moths";
+
+/// A password change ends the user's other sessions at once: their live connections close with
+/// 4003, while the session that changed the password, and its connection, go on.
+#[tokio::test]
+async fn a_password_change_closes_the_other_sessions_connections_with_4003() {
+    let app = TestApp::spawn().await;
+    let (_, here) = user(&app, "pw-change@example.com").await;
+    let elsewhere = access_token(&app, "pw-change@example.com").await;
+    let mut kept = connect(&app, &here).await;
+    let mut ended = connect(&app, &elsewhere).await;
+    let changed = app
+        .client
+        .post(app.url("/api/v1/auth/password"))
+        .bearer_auth(&here)
+        .json(&json!({ "current_password": PASSWORD, "new_password": NEW_PASSWORD }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(changed.status(), 204);
+    assert_eq!(close_code(&mut ended).await, 4003);
+    assert_eq!(
+        until_pong(&mut kept).await,
+        Vec::<String>::new(),
+        "the changing session's connection stays open"
+    );
+    app.shutdown().await;
+}
+
+/// A completed password reset ends every session of the user, so every live connection of
+/// theirs closes with 4003; another user's connection stays open.
+#[tokio::test]
+async fn a_password_reset_closes_every_connection_of_the_user_with_4003() {
+    let app = TestApp::spawn().await;
+    let (_, first) = user(&app, "pw-reset@example.com").await;
+    let second = access_token(&app, "pw-reset@example.com").await;
+    let (_, bystander) = user(&app, "pw-bystander@example.com").await;
+    let mut a = connect(&app, &first).await;
+    let mut b = connect(&app, &second).await;
+    let mut other = connect(&app, &bystander).await;
+    let requested = app
+        .client
+        .post(app.url("/api/v1/auth/password-reset"))
+        .json(&json!({ "email": "pw-reset@example.com" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(requested.status(), 202);
+    let mail = app
+        .mails()
+        .await
+        .into_iter()
+        .find(|m| m.subject == "Reset your password")
+        .expect("a reset mail");
+    let confirmed = app
+        .client
+        .post(app.url("/api/v1/auth/password-reset/confirm"))
+        .json(&json!({ "token": mail.code(), "new_password": NEW_PASSWORD }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(confirmed.status(), 204);
+    assert_eq!(close_code(&mut a).await, 4003);
+    assert_eq!(close_code(&mut b).await, 4003);
+    assert_eq!(until_pong(&mut other).await, Vec::<String>::new());
+    app.shutdown().await;
+}
+
+/// Presenting a rotated refresh token again revokes its session (reuse detection): the live
+/// connection of that session closes with 4003; the user's other session is not touched.
+#[tokio::test]
+async fn a_replayed_refresh_token_closes_its_sessions_connection_with_4003() {
+    let app = TestApp::spawn().await;
+    let (_, other_session) = user(&app, "replay@example.com").await;
+    let pair: Value = app
+        .client
+        .post(app.url("/api/v1/auth/login"))
+        .json(&json!({ "email": "replay@example.com", "password": PASSWORD }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let mut replayed = connect(&app, pair["access_token"].as_str().unwrap()).await;
+    let mut kept = connect(&app, &other_session).await;
+    let refresh = |token: Value| {
+        app.client
+            .post(app.url("/api/v1/auth/refresh"))
+            .json(&json!({ "refresh_token": token }))
+            .send()
+    };
+    let rotated = refresh(pair["refresh_token"].clone()).await.unwrap();
+    assert_eq!(rotated.status(), 200);
+    problem(
+        refresh(pair["refresh_token"].clone()).await.unwrap(),
+        401,
+        "refresh_token_reused",
+    )
+    .await;
+    assert_eq!(close_code(&mut replayed).await, 4003);
+    assert_eq!(until_pong(&mut kept).await, Vec::<String>::new());
+    app.shutdown().await;
+}
+
+/// The ids of the messages a resumed `socket` receives for `room`, replayed or live, in arrival
+/// order, and whether the `history` reply came before any live message: reads until the
+/// message with body `last` arrived.
+async fn resumed_ids(mut socket: Socket, room: &str, last: &str) -> (Vec<i64>, bool) {
+    let socket = &mut socket;
+    let mut ids = Vec::new();
+    let mut history_first = None;
+    let mut done = false;
+    while !done {
+        let frame = next_non_presence(socket).await;
+        match frame["type"].as_str() {
+            Some("history") => {
+                assert_eq!(frame["room"], room, "{frame}");
+                assert_eq!(frame.get("more"), None, "one reply holds the gap: {frame}");
+                history_first.get_or_insert(ids.is_empty());
+                for m in frame["messages"].as_array().unwrap() {
+                    ids.push(m["id"].as_i64().unwrap());
+                    done |= m["body"] == last;
+                }
+            }
+            Some("message") => {
+                assert_eq!(frame["room"], room, "{frame}");
+                history_first.get_or_insert(false);
+                ids.push(frame["id"].as_i64().unwrap());
+                done |= frame["body"] == last;
+            }
+            _ => panic!("unexpected {frame}"),
+        }
+    }
+    (ids, history_first == Some(true))
+}
+
+/// `resume` while another client keeps sending: each resumed client gets the replay first,
+/// then the live messages, and sees every message after its cursor exactly once, in order,
+/// with no gap where the replay hands over to live delivery.
+#[tokio::test]
+async fn resume_while_messages_keep_arriving_has_no_gap_and_no_duplicate() {
+    const SENT: usize = 300;
+    let app = TestApp::spawn_with(
+        crate::helpers::default_backend(),
+        |c| c.rate_limit_messages_per_sec = 0,
+        None,
+    )
+    .await;
+    let (_, alice) = user(&app, "resumer@example.com").await;
+    let (_, bob) = user(&app, "sender@example.com").await;
+    let room = create_room(&app, &alice, "busy", "public").await;
+    let cursor = publish(&app, &alice, &room, "before", "before").await;
+    assert_eq!(cursor.status(), 201);
+    let cursor = cursor.json::<Value>().await.unwrap()["id"]
+        .as_i64()
+        .unwrap();
+
+    let mut sender = connect(&app, &bob).await;
+    send(&mut sender, json!({ "type": "join", "room": room })).await;
+    // Acks come in order; each one tells the resumers how far the sender got.
+    let (progress_tx, progress) = tokio::sync::watch::channel(Vec::<i64>::new());
+    let sending = {
+        let room = room.clone();
+        tokio::spawn(async move {
+            let mut acked = Vec::new();
+            for i in 0..SENT {
+                send(
+                    &mut sender,
+                    json!({ "type": "send", "room": room, "body": format!("b{i}"), "client_msg_id": format!("b{i}") }),
+                )
+                .await;
+                let ack = loop {
+                    let frame = next_non_presence(&mut sender).await;
+                    if frame["type"] == "ack" {
+                        break frame;
+                    }
+                };
+                acked.push(ack["id"].as_i64().unwrap());
+                progress_tx.send_replace(acked.clone());
+            }
+            acked
+        })
+    };
+    // Three clients resume at different points of the stream, each on a connection of its own,
+    // and read from then on.
+    let last = format!("b{}", SENT - 1);
+    let mut resumers = Vec::new();
+    for after in [10, 100, 200] {
+        let mut progress = progress.clone();
+        progress
+            .wait_for(|acked| acked.len() >= after)
+            .await
+            .unwrap();
+        let mut socket = connect(&app, &alice).await;
+        send(
+            &mut socket,
+            json!({ "type": "resume", "rooms": { room.clone(): cursor } }),
+        )
+        .await;
+        let (room, last) = (room.clone(), last.clone());
+        resumers.push(tokio::spawn(async move {
+            resumed_ids(socket, &room, &last).await
+        }));
+    }
+    let acked = tokio::time::timeout(6 * WAIT, sending)
+        .await
+        .expect("the sender finished in time")
+        .unwrap();
+    for (n, resumer) in resumers.into_iter().enumerate() {
+        let (ids, history_first) = resumer.await.unwrap();
+        assert!(history_first, "resumer {n}: the replay comes first");
+        assert_eq!(ids, acked, "resumer {n}: every message once, in order");
+    }
     app.shutdown().await;
 }
