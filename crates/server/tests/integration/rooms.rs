@@ -833,3 +833,100 @@ async fn admin_powers_in_rooms_pass_the_second_factor_gate() {
         app.shutdown().await;
     }
 }
+
+/// The bodies of a room's history, oldest first.
+async fn bodies(app: &TestApp, token: &str, room: &str) -> Vec<String> {
+    let page: Value = call(
+        app,
+        Method::GET,
+        &format!("/api/v1/rooms/{room}/messages?limit=200"),
+        token,
+        None,
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    page["items"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{page}"))
+        .iter()
+        .map(|m| m["body"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// Retention runs by itself every `retention_interval`: with no request asking for it, a room
+/// with `retention_max_count` keeps only its newest messages, one with `retention_max_age`
+/// loses those older than that, and a room without retention keeps everything.
+#[tokio::test]
+async fn scheduled_retention_trims_rooms_with_no_request_asking() {
+    let clock = Arc::new(ManualClock::new(Utc::now()));
+    let app = TestApp::spawn_on(
+        TestDb::new(crate::helpers::default_backend()).await,
+        |c| {
+            c.retention_interval = unhidra_config::HumanDuration::secs(1);
+            c.rate_limit_messages_per_sec = 0;
+        },
+        None,
+        clock.clone(),
+    )
+    .await;
+    let (_, owner) = user(&app, "keeper@example.com").await;
+    let counted = create_room(&app, &owner, "counted", "public").await;
+    let aged = create_room(&app, &owner, "aged", "public").await;
+    let kept = create_room(&app, &owner, "kept", "public").await;
+    for (room, limit) in [
+        (&counted, json!({ "retention_max_count": 3 })),
+        (&aged, json!({ "retention_max_age": 3600 })),
+    ] {
+        let changed = call(
+            &app,
+            Method::PATCH,
+            &format!("/api/v1/rooms/{room}"),
+            &owner,
+            Some(limit),
+        )
+        .await;
+        assert_eq!(changed.status(), 200);
+    }
+    let post = |token: String, room: String, body: String| {
+        let app = &app;
+        async move {
+            let posted = call(
+                app,
+                Method::POST,
+                &format!("/api/v1/rooms/{room}/messages"),
+                &token,
+                Some(json!({ "body": body, "client_msg_id": body })),
+            )
+            .await;
+            assert_eq!(posted.status(), 201);
+        }
+    };
+    for room in [&counted, &aged, &kept] {
+        for i in 0..5 {
+            post(owner.clone(), room.clone(), format!("m{i}")).await;
+        }
+    }
+    // Two hours later (a new login: the first token has expired), one fresh message.
+    clock.advance(chrono::Duration::hours(2));
+    let owner = crate::helpers::access_token(&app, "keeper@example.com").await;
+    post(owner.clone(), aged.clone(), "fresh".to_owned()).await;
+
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let trimmed = bodies(&app, &owner, &counted).await.len() == 3
+            && bodies(&app, &owner, &aged).await.len() == 1;
+        if trimmed || tokio::time::Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(bodies(&app, &owner, &counted).await, ["m2", "m3", "m4"]);
+    assert_eq!(bodies(&app, &owner, &aged).await, ["fresh"]);
+    assert_eq!(
+        bodies(&app, &owner, &kept).await,
+        ["m0", "m1", "m2", "m3", "m4"]
+    );
+    app.shutdown().await;
+}
