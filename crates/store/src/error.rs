@@ -52,6 +52,9 @@ impl StoreError {
                     source: Box::new(err),
                 }
             }
+            sqlx::Error::Database(ref db) if db.code().is_some_and(|c| server_gone(&c)) => {
+                Self::Unavailable(Box::new(err))
+            }
             sqlx::Error::Io(_)
             | sqlx::Error::Tls(_)
             | sqlx::Error::PoolTimedOut
@@ -62,11 +65,35 @@ impl StoreError {
     }
 }
 
+/// Whether a PostgreSQL SQLSTATE says the database cannot be used right now rather than that
+/// the statement was wrong: a connection exception (class 08), the server shutting down or
+/// terminating the connection (57P01–57P03), or the database not existing (3D000). SQLite's
+/// codes are numbers and never match.
+fn server_gone(sqlstate: &str) -> bool {
+    sqlstate.starts_with("08") || matches!(sqlstate, "57P01" | "57P02" | "57P03" | "3D000")
+}
+
 impl From<sqlx::migrate::MigrateError> for StoreError {
     fn from(err: sqlx::migrate::MigrateError) -> Self {
         match err {
             sqlx::migrate::MigrateError::Execute(e) => Self::from_sqlx("migration", e),
             other => Self::Other(Box::new(other)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::server_gone;
+
+    #[test]
+    fn a_lost_server_is_told_apart_from_a_wrong_statement() {
+        for gone in ["08006", "08001", "57P01", "57P02", "57P03", "3D000"] {
+            assert!(server_gone(gone), "{gone}");
+        }
+        // A syntax error, a unique violation, and SQLite's numeric codes are not.
+        for other in ["42601", "23505", "57014", "5", "2067"] {
+            assert!(!server_gone(other), "{other}");
         }
     }
 }

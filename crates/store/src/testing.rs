@@ -38,6 +38,12 @@ enum Cleanup {
     Postgres {
         schema: String,
     },
+    /// A PostgreSQL database of its own, for tests that take the whole database away.
+    PostgresDatabase {
+        name: String,
+    },
+    /// Another handle on a database some other [`TestDb`] removes.
+    Shared,
 }
 
 impl TestDb {
@@ -88,6 +94,73 @@ impl TestDb {
         }
     }
 
+    /// A new database of its own on the test PostgreSQL server (not a schema), for a test that
+    /// drops it under a running server.
+    pub async fn postgres_database() -> Self {
+        let url = postgres_url();
+        let name = format!("unhidra_gone_{}", uuid::Uuid::new_v4().simple());
+        let mut admin = PgConnection::connect(&url).await.unwrap_or_else(|e| {
+            panic!("PostgreSQL for tests at {POSTGRES_URL_VAR}={url} is not reachable: {e}")
+        });
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut admin)
+            .await
+            .expect("create database");
+        let _ = admin.close().await;
+        // The same server and credentials, another database: swap the URL's path.
+        let (base, query) = url.split_once('?').unwrap_or((url.as_str(), ""));
+        let authority_end = base.find("://").map_or(0, |i| i + 3);
+        let path_start = base[authority_end..]
+            .find('/')
+            .map_or(base.len(), |i| authority_end + i);
+        let mut own = format!("{}/{name}", &base[..path_start]);
+        if !query.is_empty() {
+            own = format!("{own}?{query}");
+        }
+        let options: PgConnectOptions = own.parse().expect("TEST_POSTGRES_URL");
+        let store = PostgresStore::connect(options, &StoreOptions::default())
+            .await
+            .expect("connect PostgreSQL");
+        Self {
+            store: Arc::new(store),
+            url: own,
+            cleanup: Cleanup::PostgresDatabase { name },
+        }
+    }
+
+    /// Takes the database of [`TestDb::postgres_database`] away under whoever uses it: ends
+    /// its connections and drops it, as an operator's mistake or a lost server would.
+    pub async fn remove_database_now(&self) {
+        let Cleanup::PostgresDatabase { name } = &self.cleanup else {
+            panic!("only a database of its own can be removed under a server");
+        };
+        let mut admin = PgConnection::connect(&postgres_url())
+            .await
+            .expect("connect PostgreSQL");
+        sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1")
+            .bind(name)
+            .execute(&mut admin)
+            .await
+            .expect("terminate the database's connections");
+        sqlx::query(&format!("DROP DATABASE {name} WITH (FORCE)"))
+            .execute(&mut admin)
+            .await
+            .expect("drop the database");
+        let _ = admin.close().await;
+    }
+
+    /// A second handle on the same database with a pool of its own, as a second server node
+    /// has; removing the database stays with `self`.
+    pub async fn another_handle(&self) -> Self {
+        Self {
+            store: crate::connect(&self.url, &StoreOptions::default())
+                .await
+                .expect("open the database again"),
+            url: self.url.clone(),
+            cleanup: Cleanup::Shared,
+        }
+    }
+
     /// Opens the store again, after a server that used it closed it.
     pub async fn reopen(&mut self) {
         self.store = crate::connect(&self.url, &StoreOptions::default())
@@ -120,12 +193,15 @@ impl TestDb {
     /// Closes the store and removes the database.
     pub async fn drop_db(self) {
         self.store.close().await;
-        if let Cleanup::Postgres { schema } = &self.cleanup
-            && let Ok(mut admin) = PgConnection::connect(&postgres_url()).await
-        {
-            let _ = sqlx::query(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
-                .execute(&mut admin)
-                .await;
+        let drop = match &self.cleanup {
+            Cleanup::Postgres { schema } => format!("DROP SCHEMA IF EXISTS {schema} CASCADE"),
+            Cleanup::PostgresDatabase { name } => {
+                format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+            }
+            Cleanup::Sqlite(_) | Cleanup::Shared => return,
+        };
+        if let Ok(mut admin) = PgConnection::connect(&postgres_url()).await {
+            let _ = sqlx::query(&drop).execute(&mut admin).await;
             let _ = admin.close().await;
         }
     }

@@ -205,3 +205,44 @@ async fn docs_explorer_is_served_from_the_binary() {
     assert!(init.contains("/api/v1/openapi.json"));
     app.shutdown().await;
 }
+
+/// The database going away under a running server (its connections ended, the database
+/// dropped): a request that needs the store answers 503 `store_unavailable`, not 500, and
+/// readiness answers 503. PostgreSQL only: an SQLite file cannot be taken away from a process
+/// that has it open (an unlinked file stays readable through the open descriptors, and file
+/// permissions do not stop root), so there is no faithful way to stage this on SQLite.
+#[tokio::test]
+async fn a_database_dropped_under_the_server_answers_503_store_unavailable() {
+    let db = unhidra_store::testing::TestDb::postgres_database().await;
+    let app = TestApp::spawn_on(
+        db,
+        |_| {},
+        None,
+        std::sync::Arc::new(unhidra_core::SystemClock),
+    )
+    .await;
+    let (_, token) = crate::helpers::user(&app, "gone@example.com").await;
+    app.db.remove_database_now().await;
+
+    let me = app
+        .client
+        .get(app.url("/api/v1/auth/me"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    let body = problem(me, 503, "store_unavailable").await;
+    assert!(!body.to_string().contains("unhidra_gone"), "{body}");
+    let login = app
+        .client
+        .post(app.url("/api/v1/auth/login"))
+        .json(&serde_json::json!({ "email": "gone@example.com", "password": crate::helpers::PASSWORD }))
+        .send()
+        .await
+        .unwrap();
+    problem(login, 503, "store_unavailable").await;
+    let ready = problem(app.get("/health/ready").await, 503, "not_ready").await;
+    assert_eq!(ready["failing"][0], "store");
+    assert_eq!(app.get("/health/live").await.status(), 200);
+    app.shutdown().await;
+}
