@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
-use std::time::{Duration as StdDuration, Instant};
+use std::time::Duration as StdDuration;
 
 use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
@@ -16,7 +16,7 @@ use chrono::{DateTime, Utc};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use ring::signature::{Ed25519KeyPair, KeyPair};
 use serde::{Deserialize, Serialize};
-use unhidra_core::{Role, UserId};
+use unhidra_core::{Clock, Role, UserId};
 use unhidra_store::identity::SigningKeyRecord;
 use unhidra_store::{Store, StoreError};
 use uuid::Uuid;
@@ -26,7 +26,10 @@ pub const ALGORITHM: &str = "EdDSA";
 /// RFC 9068's media type of access tokens, in the `typ` header.
 pub const TOKEN_TYPE: &str = "at+jwt";
 /// An unknown `kid` makes the keyset reload at most this often.
-const RELOAD_ON_MISS_EVERY: StdDuration = StdDuration::from_secs(5);
+pub const RELOAD_ON_MISS_EVERY: StdDuration = StdDuration::from_secs(5);
+/// Keys loaded longer ago than this are reread, to pick up a rotation or retirement made by
+/// another node.
+pub const RELOAD_EVERY: StdDuration = StdDuration::from_secs(60);
 
 /// The claims of an access token.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -94,7 +97,8 @@ struct Loaded {
     signer: Signer,
     verifiers: HashMap<String, DecodingKey>,
     jwks: serde_json::Value,
-    at: Instant,
+    /// When the store was read, on the injected clock.
+    at: DateTime<Utc>,
 }
 
 /// Settings of issued tokens.
@@ -113,6 +117,7 @@ pub struct Keyset {
     store: Arc<dyn Store>,
     configured: Option<SigningKeyRecord>,
     settings: TokenSettings,
+    clock: Arc<dyn Clock>,
     loaded: RwLock<Arc<Loaded>>,
 }
 
@@ -131,8 +136,9 @@ impl Keyset {
         store: Arc<dyn Store>,
         configured_pem: Option<&str>,
         settings: TokenSettings,
-        now: DateTime<Utc>,
+        clock: Arc<dyn Clock>,
     ) -> Result<Self, KeyError> {
+        let now = clock.now();
         let configured = configured_pem
             .map(|pem| key_from_pem(pem, now))
             .transpose()?;
@@ -153,11 +159,12 @@ impl Keyset {
         {
             store.insert_signing_key(&generate_key(now)?).await?;
         }
-        let loaded = build(&*store, configured.as_ref()).await?;
+        let loaded = build(&*store, configured.as_ref(), now).await?;
         Ok(Self {
             store,
             configured,
             settings,
+            clock,
             loaded: RwLock::new(Arc::new(loaded)),
         })
     }
@@ -173,7 +180,7 @@ impl Keyset {
 
     /// Reads the keys from the store again (after a rotation or retirement elsewhere).
     pub async fn reload(&self) -> Result<(), KeyError> {
-        let fresh = build(&*self.store, self.configured.as_ref()).await?;
+        let fresh = build(&*self.store, self.configured.as_ref(), self.clock.now()).await?;
         *self
             .loaded
             .write()
@@ -239,11 +246,12 @@ impl Keyset {
         }
         let kid = header.kid.ok_or(TokenError::UnknownKey)?;
         let mut loaded = self.current();
-        if !loaded.verifiers.contains_key(&kid) && loaded.at.elapsed() >= RELOAD_ON_MISS_EVERY {
-            // Another node may have rotated; look once, not on every request.
-            if self.reload().await.is_ok() {
-                loaded = self.current();
-            }
+        let age = (now - loaded.at).to_std().unwrap_or_default();
+        // Another node may have rotated or retired a key: keys older than a minute are reread,
+        // and an unknown kid is looked up at once, though not on every request.
+        let missing = !loaded.verifiers.contains_key(&kid) && age >= RELOAD_ON_MISS_EVERY;
+        if (missing || age >= RELOAD_EVERY) && self.reload().await.is_ok() {
+            loaded = self.current();
         }
         let key = loaded.verifiers.get(&kid).ok_or(TokenError::UnknownKey)?;
         let mut validation = Validation::new(Algorithm::EdDSA);
@@ -265,6 +273,7 @@ impl Keyset {
 async fn build(
     store: &dyn Store,
     configured: Option<&SigningKeyRecord>,
+    now: DateTime<Utc>,
 ) -> Result<Loaded, KeyError> {
     let keys = store.signing_keys().await?;
     let live: Vec<&SigningKeyRecord> = keys.iter().filter(|k| k.retired_at.is_none()).collect();
@@ -310,7 +319,7 @@ async fn build(
         signer,
         verifiers,
         jwks: serde_json::json!({ "keys": jwks }),
-        at: Instant::now(),
+        at: now,
     })
 }
 

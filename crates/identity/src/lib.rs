@@ -420,7 +420,7 @@ impl Identity {
                 audience: config.jwt_audience.clone(),
                 ttl: duration(config.access_token_ttl),
             },
-            clock.now(),
+            Arc::clone(&clock),
         )
         .await?;
         Ok(Self {

@@ -237,11 +237,10 @@ impl Application {
     }
 }
 
-/// How often a server rereads the signing keys, to pick up a rotation made elsewhere.
-const KEY_RELOAD_EVERY: Duration = Duration::from_secs(60);
-
+/// Rereads the signing keys every minute, so that a server that only issues tokens also signs
+/// with a key rotated elsewhere (verifying rereads keys older than that by itself).
 async fn reload_keys(state: AppState) {
-    let mut tick = tokio::time::interval(KEY_RELOAD_EVERY);
+    let mut tick = tokio::time::interval(identity::keys::RELOAD_EVERY);
     tick.tick().await;
     loop {
         tick.tick().await;

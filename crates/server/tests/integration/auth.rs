@@ -1893,3 +1893,138 @@ async fn costly_hashes_are_refused(backend: Backend) {
     app.shutdown().await;
 }
 on_both_backends!(costly_hashes_are_refused);
+
+/// A session ends `session_max_age` after its login however often it is refreshed: then even a
+/// refresh token well inside `refresh_token_ttl` is refused with 401 `invalid_refresh_token`.
+#[tokio::test]
+async fn a_session_past_its_max_age_cannot_be_refreshed() {
+    let clock = Arc::new(ManualClock::new(Utc::now()));
+    let app = TestApp::spawn_on(
+        TestDb::new(crate::helpers::default_backend()).await,
+        |c| c.session_max_age = unhidra_config::HumanDuration::secs(3600),
+        None,
+        clock.clone(),
+    )
+    .await;
+    let first = signed_in(&app, "aging@example.com").await;
+    clock.advance(Duration::minutes(50));
+    let refreshed = post(
+        &app,
+        "/api/v1/auth/refresh",
+        json!({ "refresh_token": refresh_token(&first) }),
+    )
+    .await;
+    assert_eq!(refreshed.status(), 200, "inside the session's age");
+    let second: Value = refreshed.json().await.unwrap();
+    // Twenty minutes on, the second refresh token is twenty minutes old (its lifetime is
+    // 14 days), but the session is seventy.
+    clock.advance(Duration::minutes(20));
+    problem(
+        post(
+            &app,
+            "/api/v1/auth/refresh",
+            json!({ "refresh_token": refresh_token(&second) }),
+        )
+        .await,
+        401,
+        "invalid_refresh_token",
+    )
+    .await;
+    assert!(
+        !audit_kinds(&app)
+            .await
+            .contains(&"refresh.reused".to_owned()),
+        "an aged-out session is not a replay"
+    );
+    app.shutdown().await;
+}
+
+/// Two nodes over one database. A key rotated on one node is trusted by the other at the first
+/// token it signs (an unknown `kid` makes the keyset reload), a retirement on one node reaches
+/// the other within a minute (nodes reread the keys every minute), and the other node then
+/// signs with the newest key. Time moves on the first node's clock only.
+#[tokio::test]
+async fn another_nodes_rotation_and_retirement_are_picked_up() {
+    let clock = Arc::new(ManualClock::new(Utc::now()));
+    let a = TestApp::spawn_on(
+        TestDb::new(crate::helpers::default_backend()).await,
+        with_admin,
+        None,
+        clock.clone(),
+    )
+    .await;
+    let b = a
+        .spawn_beside(with_admin, Arc::new(unhidra_core::SystemClock))
+        .await;
+    let kid = |pair: &Value| {
+        jwt_part(&access(pair), 0)["kid"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let from_a = signed_in(&a, "nodes@example.com").await;
+    let old_kid = kid(&from_a);
+    let admin: Value = login(&b, ADMIN, ADMIN_PASSWORD).await.json().await.unwrap();
+    let rotated = b
+        .client
+        .post(b.url("/api/v1/admin/keys/rotate"))
+        .bearer_auth(access(&admin))
+        .send()
+        .await
+        .unwrap();
+    assert!(rotated.status().is_success(), "{}", rotated.status());
+    let new_kid = rotated.json::<Value>().await.unwrap()["kid"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let from_b: Value = login(&b, "nodes@example.com", PASSWORD)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(kid(&from_b), new_kid, "b signs with its new key at once");
+
+    // An unknown kid is looked up at most every 5 s; a's keys were loaded when it started.
+    clock.advance(Duration::seconds(6));
+    assert_eq!(
+        get_with(&a, "/api/v1/auth/me", &access(&from_b))
+            .await
+            .status(),
+        200,
+        "a trusts b's new key at its first token"
+    );
+    let jwks: Value = a.get("/.well-known/jwks.json").await.json().await.unwrap();
+    assert!(jwks.to_string().contains(&new_kid), "{jwks}");
+
+    // b retires the old key; within a minute a refuses its tokens and signs with the new one.
+    let admin: Value = login(&b, ADMIN, ADMIN_PASSWORD).await.json().await.unwrap();
+    let retired = b
+        .client
+        .post(b.url(&format!("/api/v1/admin/keys/{old_kid}/retire")))
+        .bearer_auth(access(&admin))
+        .send()
+        .await
+        .unwrap();
+    assert!(retired.status().is_success(), "{}", retired.status());
+    clock.advance(Duration::seconds(61));
+    problem(
+        get_with(&a, "/api/v1/auth/me", &access(&from_a)).await,
+        401,
+        "invalid_token",
+    )
+    .await;
+    let again: Value = login(&a, "nodes@example.com", PASSWORD)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(kid(&again), new_kid, "a signs with the newest key");
+    assert_eq!(
+        get_with(&a, "/api/v1/auth/me", &access(&again))
+            .await
+            .status(),
+        200
+    );
+    b.shutdown().await;
+    a.shutdown().await;
+}

@@ -202,6 +202,16 @@ impl TestApp {
         }
     }
 
+    /// A second server node over the same database (with a connection pool of its own), as in
+    /// a deployment of several nodes; stopping it leaves the database to `self`.
+    pub async fn spawn_beside(
+        &self,
+        tweak: impl FnOnce(&mut Config),
+        clock: Arc<dyn Clock>,
+    ) -> Self {
+        Self::spawn_on(self.db.another_handle().await, tweak, None, clock).await
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
     }
