@@ -636,6 +636,23 @@ impl Chat {
             )
             .await?)
     }
+
+    /// A page of a room's history as the wire carries it, cut to `ws_max_reply_bytes` encoded
+    /// bytes (keeping at least one message, the one nearest the cursor); says whether it was
+    /// cut. What `history` answers over WebSocket and HTTP alike.
+    pub async fn history_page(
+        &self,
+        who: &Principal,
+        id: Uuid,
+        before: Option<i64>,
+        after: Option<i64>,
+        limit: Option<u32>,
+    ) -> Result<(Vec<MessageData>, bool), ChatError> {
+        let records = self.history(who, id, before, after, limit).await?;
+        let mut messages: Vec<MessageData> = records.iter().map(message_data).collect();
+        let (more, _) = session::fit(&mut messages, self.max_reply_bytes, after.is_none());
+        Ok((messages, more))
+    }
 }
 
 fn valid_name(name: &str) -> Result<String, ChatError> {

@@ -41,7 +41,11 @@ fn fitting<'a>(messages: impl Iterator<Item = &'a MessageData>, budget: usize) -
 /// Cuts a reply's messages (oldest first) to at most `budget` encoded bytes, keeping at least
 /// one so that paging always moves on: the newest when `keep_newest` (a page read backwards,
 /// towards older messages), else the oldest. Says whether any was cut, and the bytes kept.
-fn fit(messages: &mut Vec<MessageData>, budget: usize, keep_newest: bool) -> (bool, usize) {
+pub(crate) fn fit(
+    messages: &mut Vec<MessageData>,
+    budget: usize,
+    keep_newest: bool,
+) -> (bool, usize) {
     let (kept, used) = if keep_newest {
         fitting(messages.iter().rev(), budget)
     } else {
@@ -338,11 +342,8 @@ impl<'a> Session<'a> {
                 let Some(id) = self.room_id(&room) else {
                     return Handled::Done;
                 };
-                match chat.history(&self.who, id, before, after, limit).await {
-                    Ok(messages) => {
-                        let mut messages: Vec<MessageData> =
-                            messages.iter().map(message_data).collect();
-                        let (more, _) = fit(&mut messages, chat.max_reply_bytes, after.is_none());
+                match chat.history_page(&self.who, id, before, after, limit).await {
+                    Ok((messages, more)) => {
                         self.reply(&ServerFrame::History {
                             room: id.to_string(),
                             messages,

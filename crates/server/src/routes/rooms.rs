@@ -452,6 +452,9 @@ pub(crate) struct HistoryParams {
 #[derive(Debug, Serialize, ToSchema)]
 pub(crate) struct HistoryPage {
     items: Vec<MessageView>,
+    /// The page was cut short of `limit` to stay within `ws_max_reply_bytes`: ask again from
+    /// its first (or, paging forwards with `after`, its last) message.
+    more: bool,
 }
 
 /// A room's messages: the newest (or those before `before`, or after `after`), oldest first.
@@ -465,9 +468,9 @@ pub(crate) async fn history(
     Path(id): Path<String>,
     Query(params): Query<HistoryParams>,
 ) -> Result<JsonResponse<HistoryPage>, ApiError> {
-    let messages = state
+    let (messages, more) = state
         .chat()
-        .history(
+        .history_page(
             &who,
             room_id(&id)?,
             params.before,
@@ -476,7 +479,8 @@ pub(crate) async fn history(
         )
         .await?;
     Ok(JsonResponse(HistoryPage {
-        items: messages.iter().map(|m| message_data(m).into()).collect(),
+        items: messages.into_iter().map(MessageView::from).collect(),
+        more,
     }))
 }
 

@@ -334,6 +334,74 @@ async fn roles_decide_who_invites_and_manages() {
     app.shutdown().await;
 }
 
+/// An HTTP history page is bounded in encoded bytes as a WebSocket `history` reply is: a page
+/// of long messages is cut to `ws_max_reply_bytes`, keeps the messages nearest the cursor and
+/// says `more`.
+#[tokio::test]
+async fn a_history_page_is_bounded_in_bytes_and_says_more() {
+    let app = TestApp::spawn_with(
+        crate::helpers::default_backend(),
+        |config| config.ws_max_reply_bytes = 128 * 1024,
+        None,
+    )
+    .await;
+    let (_, owner) = user(&app, "bytes@example.com").await;
+    let id = &create_room(&app, &owner, "long", "public").await;
+    let messages = format!("/api/v1/rooms/{id}/messages");
+    // 10,000 four-byte characters: about 40 KB each, so three fit in 128 KiB and four do not.
+    let long = "🔥".repeat(10_000);
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let posted = call(
+            &app,
+            Method::POST,
+            &messages,
+            &owner,
+            Some(json!({ "body": format!("{i}{long}"), "client_msg_id": format!("l{i}") })),
+        )
+        .await;
+        assert_eq!(posted.status(), 201);
+        ids.push(
+            posted.json::<Value>().await.unwrap()["id"]
+                .as_i64()
+                .unwrap(),
+        );
+    }
+    let page = |query: String| {
+        let app = &app;
+        let messages = &messages;
+        let owner = &owner;
+        async move {
+            let response = call(app, Method::GET, &format!("{messages}{query}"), owner, None).await;
+            assert_eq!(response.status(), 200);
+            let page: Value = response.json().await.unwrap();
+            let got: Vec<i64> = page["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|m| m["id"].as_i64().unwrap())
+                .collect();
+            (got, page["more"].as_bool().unwrap())
+        }
+    };
+    assert_eq!(
+        page(String::new()).await,
+        (ids[2..].to_vec(), true),
+        "the newest that fit"
+    );
+    assert_eq!(
+        page(format!("?after={}", ids[0] - 1)).await,
+        (ids[..3].to_vec(), true),
+        "paging forwards keeps the oldest"
+    );
+    assert_eq!(
+        page("?limit=2".to_owned()).await,
+        (ids[3..].to_vec(), false),
+        "a page within the budget is whole"
+    );
+    app.shutdown().await;
+}
+
 #[tokio::test]
 async fn publishing_is_idempotent_and_history_pages() {
     let app = TestApp::spawn().await;
