@@ -126,19 +126,42 @@ impl Mailer {
     /// (and so takes the same time whether or not a message was sent). Failures are logged.
     pub fn send_later(self: &std::sync::Arc<Self>, mail: Mail) {
         let mailer = std::sync::Arc::clone(self);
-        self.pending.fetch_add(1, Ordering::SeqCst);
-        tokio::spawn(async move {
+        self.later(async move {
             if let Err(e) = mailer.send(&mail).await {
                 tracing::error!(subject = %mail.subject, error = %e, "mail not sent");
-            }
-            if mailer.pending.fetch_sub(1, Ordering::SeqCst) == 1 {
-                mailer.idle.notify_waiters();
             }
         });
     }
 
-    /// Waits until every message handed to [`Mailer::send_later`] is sent or has failed: at
-    /// shutdown, so that no notice is lost, and in tests.
+    /// Runs `work` in the background, counted like a message waiting to be sent, so that
+    /// [`Mailer::drain`] also waits for work that ends in a message (storing the token a mail
+    /// carries, then sending it). `work` logs its own failures.
+    pub fn later(
+        self: &std::sync::Arc<Self>,
+        work: impl std::future::Future<Output = ()> + Send + 'static,
+    ) {
+        /// Counts the work as pending until it ends, by a panic too.
+        struct Pending(std::sync::Arc<Mailer>);
+        impl Drop for Pending {
+            fn drop(&mut self) {
+                if self.0.pending.fetch_sub(1, Ordering::SeqCst) == 1 {
+                    self.0.idle.notify_waiters();
+                }
+            }
+        }
+        self.pending.fetch_add(1, Ordering::SeqCst);
+        let pending = Pending(std::sync::Arc::clone(self));
+        // In the caller's span, so that a failure is logged with the request's trace id.
+        let work = tracing::Instrument::in_current_span(work);
+        tokio::spawn(async move {
+            let _pending = pending;
+            work.await;
+        });
+    }
+
+    /// Waits until every message handed to [`Mailer::send_later`] is sent or has failed, and
+    /// all work handed to [`Mailer::later`] has ended: at shutdown, so that no notice is lost,
+    /// and in tests.
     pub async fn drain(&self) {
         loop {
             let idle = self.idle.notified();
