@@ -722,7 +722,23 @@ impl Identity {
         // Parsed before any limit is touched: limits only ever see bounded, normalised keys.
         let email = Email::parse(email).map_err(IdentityError::InvalidEmail)?;
         let (by_ip, by_pair) = self.login_slots(&self.ip_key(ctx), &email, ctx).await?;
-        let result = self.check_login(&email, password, ctx).await;
+        let result = if self.password_fits(password) {
+            self.check_login(&email, password, ctx).await
+        } else {
+            // No account has such a password: refused before the account is looked up or
+            // anything is hashed, alike for every email (and counted by the address
+            // throttles, not by any account's lockout).
+            self.metrics.failure("password_too_long");
+            self.audit(
+                "login.failed",
+                None,
+                None,
+                ctx,
+                serde_json::json!({ "reason": "password_too_long" }),
+            )
+            .await;
+            Err(IdentityError::InvalidCredentials)
+        };
         if result.is_ok() {
             self.limits.login_ip.release(&by_ip);
             self.limits.login_pair.release(&by_pair);
@@ -733,6 +749,14 @@ impl Identity {
             Err(_) => self.metrics.login(false),
         }
         result
+    }
+
+    /// Whether `password` is short enough to be checked: at most four bytes (the most a
+    /// character takes in UTF-8) for each character the policy allows, 1024 bytes with its 256,
+    /// so that every password the policy accepts fits, and imported ones of any plausible
+    /// length. A longer one is wrong without being hashed.
+    fn password_fits(&self, password: &str) -> bool {
+        password.len() <= 4 * self.policy.max_length
     }
 
     /// Reserves a login attempt from `ip` for `email`: the address's slot, then the pair's.

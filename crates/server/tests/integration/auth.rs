@@ -1451,6 +1451,69 @@ async fn lock_out(app: &TestApp, email: &str) {
     );
 }
 
+/// A login password longer than 1024 bytes (four for each of the 256 characters the policy
+/// allows) is refused before the account is looked up or anything is hashed, with the answer
+/// of a wrong password, alike for every email; it is no account's failure. One of 1024 bytes
+/// is checked as usual. At a re-authentication, an overlong password is a wrong one.
+async fn overlong_passwords_are_wrong_unhashed(backend: Backend) {
+    let app = behind_proxy(backend, |c| c.hide_existing_accounts = true).await;
+    let pair = signed_in(&app, "ann@example.com").await;
+    let overlong = "é".repeat(513);
+    assert_eq!(overlong.len(), 1026);
+    let failures = || async {
+        app.db
+            .store
+            .user_by_email(&unhidra_core::Email::parse("ann@example.com").unwrap())
+            .await
+            .unwrap()
+            .failed_logins
+    };
+    let known = shape(
+        login_from(&app, "10.6.6.6", "ann@example.com", &overlong).await,
+        &[],
+    )
+    .await;
+    let unknown = shape(
+        login_from(&app, "10.6.6.6", "nobody@example.com", &overlong).await,
+        &[],
+    )
+    .await;
+    let wrong = shape(
+        login_from(&app, "10.6.6.6", "ann@example.com", WRONG).await,
+        &[],
+    )
+    .await;
+    assert_eq!(known.status, 401);
+    assert_eq!(known, unknown);
+    assert_eq!(known, wrong);
+    assert_eq!(failures().await, 1, "only the wrong password counted");
+    let events = app.db.store.audit_events(None, 500).await.unwrap();
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| e.kind == "login.failed" && e.detail.contains("password_too_long"))
+            .count(),
+        2
+    );
+    let longest = "a".repeat(1024);
+    let r = login_from(&app, "10.7.7.7", "ann@example.com", &longest).await;
+    problem(r, 401, "invalid_credentials").await;
+    assert_eq!(failures().await, 2, "checked, and wrong");
+
+    let reauth = app
+        .client
+        .post(app.url("/api/v1/auth/reauthenticate"))
+        .bearer_auth(access(&pair))
+        .json(&json!({ "current_password": overlong }))
+        .send()
+        .await
+        .unwrap();
+    problem(reauth, 422, "validation_failed").await;
+    assert_eq!(failures().await, 3, "a wrong current password");
+    app.shutdown().await;
+}
+on_both_backends!(overlong_passwords_are_wrong_unhashed);
+
 /// Imports `lines` (JSON values, one user each) through the identity service, as
 /// `unhidra admin import-users` does.
 async fn import(app: &TestApp, lines: &[Value]) -> unhidra_server::identity::import::ImportSummary {
