@@ -191,3 +191,48 @@ async fn write_outbox(dir: &std::path::Path, bytes: &[u8]) -> std::io::Result<Pa
     tokio::fs::rename(&temp, &path).await?;
     Ok(path)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    fn outbox_mailer(dir: &std::path::Path) -> Arc<Mailer> {
+        let mut config = Config::defaults(unhidra_config::Profile::Test);
+        config.data_dir = dir.to_owned();
+        Arc::new(Mailer::from_config(&config).unwrap())
+    }
+
+    #[tokio::test]
+    async fn drain_waits_for_work_that_ends_in_a_message() {
+        let dir = tempfile::tempdir().unwrap();
+        let mailer = outbox_mailer(dir.path());
+        let (go, wait) = tokio::sync::oneshot::channel::<()>();
+        let inner = Arc::clone(&mailer);
+        mailer.later(async move {
+            // Stands for storing a token: the mail is handed over only after it.
+            let _ = wait.await;
+            inner.send_later(Mail {
+                to: "ada@example.com".to_owned(),
+                subject: "Reset your password".to_owned(),
+                body: "Your code: x".to_owned(),
+            });
+        });
+        go.send(()).unwrap();
+        mailer.drain().await;
+        let written = std::fs::read_dir(dir.path().join(OUTBOX)).unwrap().count();
+        assert_eq!(
+            written, 1,
+            "the message of the later work is sent before drain returns"
+        );
+    }
+
+    #[tokio::test]
+    async fn work_that_panics_does_not_hold_drain_forever() {
+        let dir = tempfile::tempdir().unwrap();
+        let mailer = outbox_mailer(dir.path());
+        mailer.later(async { panic!("background work failed") });
+        mailer.drain().await;
+    }
+}
