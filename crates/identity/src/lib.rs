@@ -559,7 +559,9 @@ impl Identity {
     }
 
     /// Creates an account. With `hide_existing_accounts`, a taken email is answered like a new
-    /// one (with an id that exists nowhere) and nothing is stored.
+    /// one (with an id that exists nowhere) and nothing is stored; a new account's audit event
+    /// and verification token are then stored after the answer, so that both answers take the
+    /// same path.
     pub async fn register(
         &self,
         email: &str,
@@ -712,7 +714,8 @@ impl Identity {
     /// checked, so that parallel guesses are refused exactly as sequential ones would be; a
     /// success gives them back. The account itself is protected by the lockout, which counts
     /// failures from every address; no per-account window can be filled by someone else to
-    /// refuse the owner's correct password.
+    /// refuse the owner's correct password. A password longer than any account can have is
+    /// refused before the account is looked up (see `password_fits`).
     pub async fn login(
         &self,
         email: &str,
