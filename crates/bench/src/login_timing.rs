@@ -9,9 +9,6 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use argon2::password_hash::{PasswordHasher as _, SaltString};
-use argon2::{Algorithm, Argon2, Params, Version};
-
 use crate::BoxError;
 use crate::hashrate::{self, HashParams, PASSWORD};
 use crate::http::{Connection, post_json_request};
@@ -196,32 +193,12 @@ fn email(case: Case, n: u32) -> String {
     format!("{kind}-{n}@example.com")
 }
 
-/// A PHC string of [`PASSWORD`] at `params`.
-fn argon2_phc(params: HashParams) -> Result<String, BoxError> {
-    let argon = Argon2::new(
-        Algorithm::Argon2id,
-        Version::V0x13,
-        Params::new(
-            params.memory_kib,
-            params.iterations,
-            params.parallelism,
-            None,
-        )
-        .map_err(|e| format!("argon2 parameters: {e}"))?,
-    );
-    let salt = SaltString::encode_b64(b"unhidra-timing16").map_err(|e| format!("salt: {e}"))?;
-    Ok(argon
-        .hash_password(PASSWORD.as_bytes(), &salt)
-        .map_err(|e| format!("argon2: {e}"))?
-        .to_string())
-}
-
 /// The import file: enough accounts of each case that none gets `LOCKOUT_THRESHOLD` wrong
 /// logins, and `locked` accounts to lock.
 fn import_lines(params: HashParams, logins: u32, locked: u32) -> Result<String, BoxError> {
-    let current = argon2_phc(params)?;
-    let cheaper = argon2_phc(CHEAPER)?;
-    let costlier = argon2_phc(COSTLIER)?;
+    let current = hashrate::phc(params)?;
+    let cheaper = hashrate::phc(CHEAPER)?;
+    let costlier = hashrate::phc(COSTLIER)?;
     let salt = "NaCl";
     let legacy = sha256_hex(format!("{salt}{PASSWORD}").as_bytes());
     let mut lines = Vec::new();

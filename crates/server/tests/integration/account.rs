@@ -2,7 +2,7 @@
 
 use serde_json::{Value, json};
 
-use crate::helpers::{TestApp, problem, shape};
+use crate::helpers::{TestApp, import_users, problem, shape};
 
 const PASSWORD: &str = "maple orbit candle frost 42";
 const NEW_PASSWORD: &str = "harbor lantern seventeen quiet moths";
@@ -359,15 +359,7 @@ async fn reset_requests_answer_alike_for_every_email() {
         json!({ "email": "leg@example.com", "sha256": "ab".repeat(32) }),
         json!({ "email": "off@example.com", "sha256": "ab".repeat(32), "active": false }),
     ];
-    let text: Vec<String> = lines.iter().map(Value::to_string).collect();
-    app.state
-        .identity()
-        .import_users(
-            &text.join("\n"),
-            &unhidra_server::identity::RequestContext::default(),
-        )
-        .await
-        .unwrap();
+    import_users(&app, &lines).await;
     let before = app.mails().await.len();
     let request = |email: &'static str| {
         post(

@@ -12,7 +12,7 @@ use unhidra_core::ManualClock;
 use unhidra_store::Backend;
 use unhidra_store::testing::TestDb;
 
-use crate::helpers::{TestApp, problem, shape};
+use crate::helpers::{TestApp, import_users, problem, shape};
 
 const PASSWORD: &str = "maple orbit candle frost 42";
 const ADMIN: &str = "root@example.com";
@@ -1514,20 +1514,6 @@ async fn overlong_passwords_are_wrong_unhashed(backend: Backend) {
 }
 on_both_backends!(overlong_passwords_are_wrong_unhashed);
 
-/// Imports `lines` (JSON values, one user each) through the identity service, as
-/// `unhidra admin import-users` does.
-async fn import(app: &TestApp, lines: &[Value]) -> unhidra_server::identity::import::ImportSummary {
-    let text: Vec<String> = lines.iter().map(Value::to_string).collect();
-    app.state
-        .identity()
-        .import_users(
-            &text.join("\n"),
-            &unhidra_server::identity::RequestContext::default(),
-        )
-        .await
-        .unwrap()
-}
-
 /// An Argon2id hash of [`PASSWORD`] at `memory_kib` KiB and one pass.
 async fn argon2_hash(memory_kib: u32) -> String {
     use unhidra_server::identity::hasher::{HashParams, Hasher};
@@ -1556,7 +1542,7 @@ async fn hidden_accounts_answer_every_wrong_password_alike(backend: Backend) {
     assert_eq!(register(&app, "lia@example.com").await.status(), 201);
     lock_out(&app, "lia@example.com").await;
     let sha256 = unhidra_core::secret::hash_hex(format!("NaCl{PASSWORD}").as_bytes());
-    let summary = import(
+    let summary = import_users(
         &app,
         &[
             json!({ "email": "leg@example.com", "sha256": sha256, "salt": "NaCl" }),

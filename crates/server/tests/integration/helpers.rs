@@ -393,3 +393,20 @@ pub async fn shape(response: reqwest::Response, varying: &[&str]) -> Shape {
         body,
     }
 }
+
+/// Imports `lines` (one user each) through the identity service, as
+/// `unhidra admin import-users` does.
+pub async fn import_users(
+    app: &TestApp,
+    lines: &[serde_json::Value],
+) -> unhidra_server::identity::import::ImportSummary {
+    let text: Vec<String> = lines.iter().map(serde_json::Value::to_string).collect();
+    app.state
+        .identity()
+        .import_users(
+            &text.join("\n"),
+            &unhidra_server::identity::RequestContext::default(),
+        )
+        .await
+        .unwrap()
+}
