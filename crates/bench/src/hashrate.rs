@@ -57,10 +57,9 @@ impl RawRate {
 /// The password the benchmark uses everywhere; it passes the server's policy.
 pub const PASSWORD: &str = "maple orbit candle frost 42";
 
-/// Verifies a password against its Argon2id hash with `params` on `threads` threads at once,
-/// each for `budget` after one untimed check, the way the server checks a login
-/// (`Argon2::default().verify_password` of a parsed PHC string). Blocks for about `budget`.
-pub fn measure(params: HashParams, threads: usize, budget: Duration) -> Result<RawRate, BoxError> {
+/// The PHC string of [`PASSWORD`] hashed with Argon2id at `params` (a fixed salt: the
+/// benchmark needs a hash, not a secret).
+pub fn phc(params: HashParams) -> Result<String, BoxError> {
     let argon = Argon2::new(
         Algorithm::Argon2id,
         Version::V0x13,
@@ -73,10 +72,17 @@ pub fn measure(params: HashParams, threads: usize, budget: Duration) -> Result<R
         .map_err(|e| format!("argon2 parameters: {e}"))?,
     );
     let salt = SaltString::encode_b64(b"unhidra-bench-16").map_err(|e| format!("salt: {e}"))?;
-    let stored = argon
+    Ok(argon
         .hash_password(PASSWORD.as_bytes(), &salt)
         .map_err(|e| format!("argon2: {e}"))?
-        .to_string();
+        .to_string())
+}
+
+/// Verifies a password against its Argon2id hash with `params` on `threads` threads at once,
+/// each for `budget` after one untimed check, the way the server checks a login
+/// (`Argon2::default().verify_password` of a parsed PHC string). Blocks for about `budget`.
+pub fn measure(params: HashParams, threads: usize, budget: Duration) -> Result<RawRate, BoxError> {
+    let stored = phc(params)?;
     let threads = threads.max(1);
     let results: Vec<Result<Checked, String>> = std::thread::scope(|scope| {
         let workers: Vec<_> = (0..threads)

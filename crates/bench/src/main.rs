@@ -4,14 +4,17 @@
 //! Argon2id rate, and the latency of `GET /api/v1/auth/me` during a login flood, instead. The
 //! `fanout` subcommand measures deliveries per second and delivery latency from one publisher
 //! to N WebSocket subscribers of a room, and the server's memory per idle connection, for
-//! Unhidra and, with the same load generator, for nats-server and a Socket.IO server.
-//! Everything it does is bounded in count and time, and it only ever talks to 127.0.0.1.
+//! Unhidra and, with the same load generator, for nats-server and a Socket.IO server. The
+//! `login-timing` subcommand measures, with `hide_existing_accounts` on, the latency of wrong
+//! logins and reset requests for existing, imported, locked and unknown accounts, as ratios to
+//! the unknown email's. Everything it does is bounded in count and time, and it only ever talks to 127.0.0.1.
 //!
 //! ```text
 //! cargo build --release -p unhidra -p unhidra-bench
 //! cargo run --release -p unhidra-bench -- [--server PATH] [--connections N] [--duration SECS] [--runs K]
 //! cargo run --release -p unhidra-bench -- identity [--clients N] [--duration SECS] [--hash-workers 0,1]
 //! cargo run --release -p unhidra-bench -- fanout [--subscribers 1000] [--rates 100,1000,5000] [--seconds 5] [--targets unhidra,nats,socketio]
+//! cargo run --release -p unhidra-bench -- login-timing [--samples 200] [--max-seconds 100]
 //! ```
 
 mod fanout;
@@ -22,6 +25,8 @@ mod http;
 mod identity;
 mod identity_report;
 mod load;
+mod login_timing;
+mod login_timing_report;
 mod peer;
 mod report;
 mod server;
@@ -37,6 +42,7 @@ use crate::fanout_report::{FanoutReport, TargetRun};
 use crate::fanout_target::Target;
 use crate::identity_report::IdentityReport;
 use crate::load::Plan;
+use crate::login_timing_report::LoginTimingReport;
 use crate::report::{CpuShare, Machine, Report, WrkStatus};
 use crate::server::Server;
 
@@ -89,6 +95,22 @@ enum Scenario {
     /// subscribers of one room, at several publishing rates, and RSS per idle connection; for
     /// Unhidra, nats-server and Socket.IO, with the same load generator.
     Fanout(FanoutArgs),
+    /// With `hide_existing_accounts` on, the latency of wrong logins for an unknown email, an
+    /// account, imported legacy, cheaper and costlier hashes and a locked account, and of reset
+    /// requests for an account and an unknown email, as ratios to the unknown email's.
+    LoginTiming(LoginTimingArgs),
+}
+
+#[derive(Debug, Args)]
+struct LoginTimingArgs {
+    /// Measured rounds, each one request of every case (after 3 warm-up rounds).
+    #[arg(long, value_name = "N", default_value_t = 200,
+        value_parser = clap::value_parser!(u32).range(1..=5_000))]
+    samples: u32,
+    /// The run stops after this many seconds even if fewer rounds were measured.
+    #[arg(long, value_name = "SECS", default_value_t = 100,
+        value_parser = clap::value_parser!(u64).range(1..=600))]
+    max_seconds: u64,
 }
 
 #[derive(Debug, Args)]
@@ -171,6 +193,9 @@ fn main() -> ExitCode {
             .map(|report| report.render()),
         Some(Scenario::Fanout(args)) => runtime
             .block_on(measure_fanout(cli.server.clone(), args))
+            .map(|report| report.render()),
+        Some(Scenario::LoginTiming(args)) => runtime
+            .block_on(measure_login_timing(cli.server.clone(), args))
             .map(|report| report.render()),
     };
     match rendered {
@@ -331,6 +356,32 @@ async fn measure_identity(
     };
     let outcome = identity::run(&server_bin, &settings).await?;
     Ok(IdentityReport {
+        command: command_line(),
+        server: server_bin,
+        machine,
+        settings,
+        outcome,
+    })
+}
+
+/// The login-timing scenario.
+async fn measure_login_timing(
+    server: Option<PathBuf>,
+    args: &LoginTimingArgs,
+) -> Result<LoginTimingReport, BoxError> {
+    let server_bin = server_binary(server)?;
+    let machine = Machine::read();
+    note(&format!(
+        "unhidra-bench login-timing: server {}, {} CPUs",
+        server_bin.display(),
+        machine.cpus
+    ));
+    let settings = login_timing::Settings {
+        samples: args.samples,
+        budget: Duration::from_secs(args.max_seconds),
+    };
+    let outcome = login_timing::run(&server_bin, settings).await?;
+    Ok(LoginTimingReport {
         command: command_line(),
         server: server_bin,
         machine,

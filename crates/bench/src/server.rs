@@ -34,6 +34,10 @@ pub struct Server {
     data_dir: PathBuf,
     /// From spawn to the first 200 of `/health/ready`.
     ready_after: Duration,
+    /// The binary it runs, for [`Server::admin`].
+    binary: PathBuf,
+    /// The environment it was started with, on top of the defaults.
+    env: Vec<(String, String)>,
 }
 
 /// What `/proc/<pid>/status` says about the server's memory.
@@ -71,29 +75,16 @@ impl Server {
                 return Err(err);
             }
         };
-        let mut command = Command::new(binary);
+        let mut command = unhidra_command(binary, &data_dir, env);
         command
             .arg("serve")
             .arg("--bind")
             .arg(addr.to_string())
             .arg("--data-dir")
             .arg(&data_dir)
-            // No stray ./unhidra.toml, and no UNHIDRA_* settings of the caller's shell.
-            .current_dir(&data_dir)
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .kill_on_drop(true);
-        for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("UNHIDRA_") {
-                command.env_remove(key);
-            }
-        }
-        command.env("APP_ENV", "test").env("UNHIDRA_LOG", "warn");
-        for (key, value) in env {
-            command.env(key, value);
-        }
 
         let spawned_at = Instant::now();
         let child = match command.spawn() {
@@ -113,6 +104,11 @@ impl Server {
             addr,
             data_dir,
             ready_after: Duration::ZERO,
+            binary: binary.to_owned(),
+            env: env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), v.clone()))
+                .collect(),
         };
         match server.wait_ready(spawned_at).await {
             Ok(after) => {
@@ -181,6 +177,40 @@ impl Server {
         memory_of(self.pid)
     }
 
+    /// Runs `unhidra admin ARGS… --data-dir DIR` over the server's data folder with the
+    /// server's environment (the SQLite database takes a second process), waiting at most
+    /// 60 s; fails with its standard error unless it exits 0.
+    pub async fn admin(&self, args: &[&str]) -> Result<(), BoxError> {
+        let env: Vec<(&str, String)> = self
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.clone()))
+            .collect();
+        let mut command = unhidra_command(&self.binary, &self.data_dir, &env);
+        command
+            .arg("admin")
+            .args(args)
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let output = tokio::time::timeout(Duration::from_secs(60), command.output())
+            .await
+            .map_err(|_| format!("unhidra admin {}: no exit within 60 s", args.join(" ")))??;
+        if output.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "unhidra admin {} exited with {}: {}",
+                args.join(" "),
+                output.status,
+                String::from_utf8_lossy(&output.stderr).trim()
+            )
+            .into())
+        }
+    }
+
     /// Sends SIGTERM (with the `kill` command), waits for the exit (killing the server after
     /// 10 s), and removes its data folder.
     pub async fn stop(mut self) -> Stopped {
@@ -192,6 +222,26 @@ impl Drop for Server {
     fn drop(&mut self) {
         remove_dir(&self.data_dir);
     }
+}
+
+/// `binary` run in `data_dir` (so no stray `./unhidra.toml` is read) with none of the caller's
+/// `UNHIDRA_*` settings or `RUST_LOG`: only `APP_ENV=test`, `UNHIDRA_LOG=warn` and `env`.
+fn unhidra_command(binary: &Path, data_dir: &Path, env: &[(&str, String)]) -> Command {
+    let mut command = Command::new(binary);
+    command
+        .current_dir(data_dir)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null());
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("UNHIDRA_") {
+            command.env_remove(key);
+        }
+    }
+    command.env("APP_ENV", "test").env("UNHIDRA_LOG", "warn");
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    command
 }
 
 /// Current and peak resident memory of process `pid`, from `/proc/<pid>/status`.

@@ -1,18 +1,67 @@
 //! Account flows that go through mail: email verification, password change and reset, and the
 //! notices a user gets about their account (new device, password changed, lockout).
 
-use chrono::Duration;
+use std::sync::Arc;
+
+use chrono::{DateTime, Duration, Utc};
 use unhidra_core::{Email, OpaqueToken, UserId};
-use unhidra_store::StoreError;
+use unhidra_mail::{Mail, Mailer};
 use unhidra_store::identity::{TokenPurpose, UserRecord};
+use unhidra_store::{Store, StoreError};
 
 use super::{Identity, IdentityError, Principal, RequestContext};
-use unhidra_mail::Mail;
 
 /// How long a verification link works.
 const VERIFY_TTL: i64 = 24 * 3600;
 /// How long a password-reset link works.
 const RESET_TTL: i64 = 30 * 60;
+
+/// The page of the web app that takes a token of `purpose`.
+fn page(purpose: TokenPurpose) -> &'static str {
+    match purpose {
+        TokenPurpose::VerifyEmail => "verify-email",
+        TokenPurpose::ResetPassword => "reset-password",
+    }
+}
+
+/// A mailed token ready to store and send, owning what it needs, so that it can be issued
+/// after the answer.
+pub(super) struct MailedToken {
+    store: Arc<dyn Store>,
+    mailer: Arc<Mailer>,
+    /// The token's hash; the token itself is only in `mail`.
+    hash: String,
+    user: UserId,
+    purpose: TokenPurpose,
+    now: DateTime<Utc>,
+    expires_at: DateTime<Utc>,
+    mail: Mail,
+}
+
+impl MailedToken {
+    /// Stores the token, then sends its mail in the background.
+    async fn issue(self) -> Result<(), StoreError> {
+        self.store
+            .issue_one_time_token(
+                &self.hash,
+                self.user,
+                self.purpose,
+                self.now,
+                self.expires_at,
+            )
+            .await?;
+        self.mailer.send_later(self.mail);
+        Ok(())
+    }
+}
+
+/// An audit event recorded after the answer (see [`Identity::after_answer`]).
+pub(super) struct AuditLater {
+    pub(super) kind: &'static str,
+    pub(super) actor: Option<UserId>,
+    pub(super) subject: Option<String>,
+    pub(super) detail: serde_json::Value,
+}
 
 impl Identity {
     /// Mails a notice to the user; delivery happens in the background.
@@ -32,33 +81,87 @@ impl Identity {
         }
     }
 
+    /// A verification token for `user`, to issue and mail.
+    pub(super) fn verification_token(&self, user: UserId, email: &Email) -> MailedToken {
+        self.mailed_token(user, TokenPurpose::VerifyEmail, VERIFY_TTL, |text| Mail {
+            to: email.to_string(),
+            subject: "Verify your email address".to_owned(),
+            body: format!(
+                "Welcome to Unhidra.\n\nTo verify that this address is yours, use this within \
+                 24 hours:\n\n{text}\n\nIf you did not create an account, ignore this message.\n"
+            ),
+        })
+    }
+
+    /// A password-reset token for `user`, to issue and mail.
+    fn reset_token(&self, user: &UserRecord) -> MailedToken {
+        self.mailed_token(user.id, TokenPurpose::ResetPassword, RESET_TTL, |text| {
+            Mail {
+                to: user.email.to_string(),
+                subject: "Reset your password".to_owned(),
+                body: format!(
+                    "To choose a new password for your Unhidra account, use this within 30 \
+                 minutes:\n\n{text}\n\nIf you did not ask for this, ignore this message; your \
+                 password stays as it is.\n"
+                ),
+            }
+        })
+    }
+
+    /// A new token of `purpose`, good for `ttl` seconds, with the mail that carries it (`mail`
+    /// gets the text that lets the user act on it).
+    fn mailed_token(
+        &self,
+        user: UserId,
+        purpose: TokenPurpose,
+        ttl: i64,
+        mail: impl FnOnce(&str) -> Mail,
+    ) -> MailedToken {
+        let token = OpaqueToken::generate();
+        let now = self.now();
+        MailedToken {
+            store: Arc::clone(&self.store),
+            mailer: Arc::clone(&self.mailer),
+            hash: token.hash(),
+            user,
+            purpose,
+            now,
+            expires_at: now + Duration::seconds(ttl),
+            mail: mail(&self.token_text(page(purpose), &token)),
+        }
+    }
+
     /// Issues a verification token and mails it.
     pub(super) async fn send_verification(
         &self,
         user: UserId,
         email: &Email,
     ) -> Result<(), IdentityError> {
-        let token = OpaqueToken::generate();
-        let now = self.now();
-        self.store
-            .issue_one_time_token(
-                &token.hash(),
-                user,
-                TokenPurpose::VerifyEmail,
-                now,
-                now + Duration::seconds(VERIFY_TTL),
-            )
-            .await?;
-        self.notify(
-            email,
-            "Verify your email address",
-            format!(
-                "Welcome to Unhidra.\n\nTo verify that this address is yours, use this within \
-                 24 hours:\n\n{}\n\nIf you did not create an account, ignore this message.\n",
-                self.token_text("verify-email", &token)
-            ),
-        );
-        Ok(())
+        Ok(self.verification_token(user, email).issue().await?)
+    }
+
+    /// Does the work that only an existing account's answer has — its audit `event`, then its
+    /// mailed `token` — after the answer, so that the answer takes the same path, and so the
+    /// same time, as one for an unknown or taken email. Failures are logged (never the token);
+    /// [`Mailer::drain`](unhidra_mail::Mailer::drain) waits for this work too.
+    pub(super) fn after_answer(&self, event: AuditLater, token: MailedToken, ctx: &RequestContext) {
+        let auditor = Arc::clone(&self.auditor);
+        let ctx = ctx.clone();
+        self.mailer.later(async move {
+            auditor
+                .record(event.kind, event.actor, event.subject, &ctx, event.detail)
+                .await;
+            let purpose = token.purpose;
+            let user = token.user;
+            if let Err(e) = token.issue().await {
+                tracing::error!(
+                    %user,
+                    purpose = purpose.as_str(),
+                    error = %unhidra_core::error_chain(&e),
+                    "mailed token not issued; nothing was mailed"
+                );
+            }
+        });
     }
 
     /// Tells the owner of an existing account that someone tried to register with their
@@ -188,34 +291,17 @@ impl Identity {
             Ok(_) | Err(StoreError::NotFound { .. }) => return Ok(()),
             Err(e) => return Err(e.into()),
         };
-        let token = OpaqueToken::generate();
-        let now = self.now();
-        self.store
-            .issue_one_time_token(
-                &token.hash(),
-                user.id,
-                TokenPurpose::ResetPassword,
-                now,
-                now + Duration::seconds(RESET_TTL),
-            )
-            .await?;
-        self.audit(
-            "password.reset_requested",
-            None,
-            Some(user.id.to_string()),
+        // Storing the token and the audit event happen after the answer: an unknown email
+        // does neither, and the answer must not take longer for a real account.
+        self.after_answer(
+            AuditLater {
+                kind: "password.reset_requested",
+                actor: None,
+                subject: Some(user.id.to_string()),
+                detail: serde_json::json!({}),
+            },
+            self.reset_token(&user),
             ctx,
-            serde_json::json!({}),
-        )
-        .await;
-        self.notify(
-            &user.email,
-            "Reset your password",
-            format!(
-                "To choose a new password for your Unhidra account, use this within 30 \
-                 minutes:\n\n{}\n\nIf you did not ask for this, ignore this message; your \
-                 password stays as it is.\n",
-                self.token_text("reset-password", &token)
-            ),
         );
         Ok(())
     }

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use argon2::password_hash::{PasswordHash, PasswordVerifier as _, SaltString};
+use argon2::password_hash::{PasswordHash, SaltString};
 use argon2::{Algorithm, Argon2, Block, Params, Version};
 use serde::Serialize;
 
@@ -74,6 +74,15 @@ impl HashParams {
                 "argon2_max_parallelism",
             )
         })
+    }
+
+    /// Whether a check at these parameters takes more Argon2 work than one at `other`: such a
+    /// check cannot be padded to look like one at `other`.
+    pub fn costs_more_than(self, other: Self) -> bool {
+        match (self.argon2(), other.argon2()) {
+            (Ok(this), Ok(that)) => work_of(this.params()) > work_of(that.params()),
+            _ => false,
+        }
     }
 
     /// Each cost the larger of the two.
@@ -229,7 +238,9 @@ impl Hasher {
     }
 
     /// Checks `password` against `stored`; a `stored` of `None` checks against the dummy hash
-    /// and never matches. A stored hash above the ceiling is refused with
+    /// and never matches. A stored hash that costs less than a new one (legacy SHA-256, another
+    /// scheme, cheaper Argon2) is followed by padding work on the same thread, so that no check
+    /// answers sooner than the dummy's. A stored hash above the ceiling is refused with
     /// [`HashError::OverCeiling`] before any work.
     pub async fn verify(
         &self,
@@ -301,6 +312,9 @@ fn hash_now(params: HashParams, password: &str, memory: &mut [Block]) -> Result<
     ))
 }
 
+/// Checks `password` against `stored`, then pads the work up to one verification at `params`
+/// (see [`pad_to`]): a cheaper stored hash (a legacy SHA-256 digest, Argon2 with lower costs,
+/// another scheme's string) must not answer sooner than the dummy hash of an unknown email.
 fn verify_now(
     params: HashParams,
     ceiling: HashParams,
@@ -308,53 +322,137 @@ fn verify_now(
     stored: &str,
     memory: &mut [Block],
 ) -> Result<Verified, HashError> {
+    let (verified, spent) = verify_stored(params, ceiling, password, stored, memory)?;
+    pad_to(params, spent, password, memory)?;
+    Ok(verified)
+}
+
+/// The work of an Argon2 run, in block operations: every pass fills every block once (lanes
+/// are filled one after another, so parallelism does not change it).
+fn work_of(params: &Params) -> u64 {
+    let blocks = u64::try_from(params.block_count()).unwrap_or(u64::MAX);
+    blocks.saturating_mul(u64::from(params.t_cost()))
+}
+
+/// Checks `password` against `stored`; also says how much Argon2 work that took.
+fn verify_stored(
+    params: HashParams,
+    ceiling: HashParams,
+    password: &str,
+    stored: &str,
+    memory: &mut [Block],
+) -> Result<(Verified, u64), HashError> {
+    let argon = |e: argon2::Error| HashError::Argon(e.to_string());
     if let Some(legacy) = LegacyHash::parse(stored) {
         let matches = legacy.verify(password);
         // A legacy hash that matches is always replaced by Argon2id.
-        return Ok(Verified {
+        let verified = Verified {
             matches,
             needs_rehash: matches,
-        });
+        };
+        return Ok((verified, 0));
     }
     let parsed = PasswordHash::new(stored).map_err(|e| HashError::Argon(e.to_string()))?;
-    if !parsed.algorithm.as_str().starts_with("argon2") {
+    let Ok(algorithm) = Algorithm::try_from(parsed.algorithm) else {
         // Another scheme's PHC string: no password matches it.
-        return Ok(Verified {
+        let verified = Verified {
             matches: false,
             needs_rehash: false,
-        });
-    }
+        };
+        return Ok((verified, 0));
+    };
     let cost = HashParams::of_hash(&parsed)?;
     if let Some(why) = cost.exceeds(ceiling) {
         return Err(HashError::OverCeiling(why));
     }
-    let current = parsed.algorithm.as_str() == "argon2id" && cost == params;
-    let matches = match (current, parsed.salt, parsed.hash) {
-        // The usual case: the thread's own memory, nothing allocated.
-        (true, Some(salt), Some(expected)) => {
-            use subtle::ConstantTimeEq;
-            let mut salt_buf = [0u8; 64];
-            let salt = salt
-                .decode_b64(&mut salt_buf)
-                .map_err(|e| HashError::Argon(e.to_string()))?;
-            let mut out = vec![0u8; expected.len()];
-            params
-                .argon2()
-                .map_err(|e| HashError::Argon(e.to_string()))?
-                .hash_password_into_with_memory(password.as_bytes(), salt, &mut out, memory)
-                .map_err(|e| HashError::Argon(e.to_string()))?;
-            bool::from(out.as_slice().ct_eq(expected.as_bytes()))
-        }
-        // Other parameters, at most the ceiling: the stored hash's own verify them (and it
-        // allocates up to `argon2_max_memory_kib`).
-        _ => Argon2::default()
-            .verify_password(password.as_bytes(), &parsed)
-            .is_ok(),
+    let version = match parsed.version {
+        None => Version::V0x13,
+        Some(v) => Version::try_from(v).map_err(argon)?,
     };
-    Ok(Verified {
+    let (Some(salt), Some(expected)) = (parsed.salt, parsed.hash) else {
+        return Err(HashError::Argon(
+            "the stored hash has no salt or no output".into(),
+        ));
+    };
+    let stored_params = Params::try_from(&parsed).map_err(|e| HashError::Argon(e.to_string()))?;
+    let mut salt_buf = [0u8; 64];
+    let salt = salt
+        .decode_b64(&mut salt_buf)
+        .map_err(|e| HashError::Argon(e.to_string()))?;
+    let mut out = vec![0u8; expected.len()];
+    let work = work_of(&stored_params);
+    let hasher = Argon2::new(algorithm, version, stored_params);
+    if hasher.params().block_count() <= memory.len() {
+        // The usual case: the thread's own memory, nothing allocated.
+        hasher
+            .hash_password_into_with_memory(password.as_bytes(), salt, &mut out, &mut *memory)
+            .map_err(argon)?;
+    } else {
+        // Costlier than new hashes, at most the ceiling: it allocates up to
+        // `argon2_max_memory_kib`, once, until the next login upgrades it.
+        let mut more = vec![Block::default(); hasher.params().block_count()];
+        hasher
+            .hash_password_into_with_memory(password.as_bytes(), salt, &mut out, &mut more)
+            .map_err(argon)?;
+    }
+    use subtle::ConstantTimeEq;
+    let matches = bool::from(out.as_slice().ct_eq(expected.as_bytes()));
+    let current = algorithm == Algorithm::Argon2id && version == Version::V0x13 && cost == params;
+    let verified = Verified {
         matches,
         needs_rehash: matches && !current,
-    })
+    };
+    Ok((verified, work))
+}
+
+/// Runs Argon2id over the thread's memory until `spent` block operations reach those of one
+/// verification at `params`, so that every check costs at least that much.
+fn pad_to(
+    params: HashParams,
+    spent: u64,
+    password: &str,
+    memory: &mut [Block],
+) -> Result<(), HashError> {
+    let argon = |e: argon2::Error| HashError::Argon(e.to_string());
+    let Some(padding) = padding(params, spent)? else {
+        return Ok(());
+    };
+    let padding = padding.argon2().map_err(argon)?;
+    let memory = memory
+        .get_mut(..padding.params().block_count())
+        .ok_or_else(|| HashError::Argon("padding needs more memory than a hash".into()))?;
+    let mut out = [0u8; 32];
+    padding
+        .hash_password_into_with_memory(password.as_bytes(), &[0u8; 16], &mut out, memory)
+        .map_err(argon)?;
+    std::hint::black_box(out);
+    Ok(())
+}
+
+/// The Argon2id run that brings `spent` block operations up to one verification at `params`:
+/// one lane, the same passes, as many blocks as the missing work needs (rounded up to what
+/// Argon2 uses: four per lane segment, at least eight); `None` when nothing is missing. A hash
+/// costing more than `params` is not padded and stays measurably slower until its next login
+/// upgrades it.
+fn padding(params: HashParams, spent: u64) -> Result<Option<HashParams>, HashError> {
+    let current = params
+        .argon2()
+        .map_err(|e| HashError::Argon(e.to_string()))?;
+    let target = work_of(current.params());
+    if spent >= target {
+        return Ok(None);
+    }
+    let passes = current.params().t_cost();
+    let blocks = (target - spent)
+        .div_ceil(u64::from(passes))
+        .next_multiple_of(4);
+    Ok(Some(HashParams {
+        memory_kib: u32::try_from(blocks)
+            .unwrap_or(u32::MAX)
+            .max(Params::MIN_M_COST),
+        iterations: passes,
+        parallelism: 1,
+    }))
 }
 
 /// SHA-256 hashes imported from older systems (`unhidra admin import-users`), kept only until
@@ -560,6 +658,93 @@ mod tests {
             why,
             "memory (KiB) 4194304 is above argon2_max_memory_kib = 262144"
         );
+    }
+
+    /// The work of a check at `params`, in block operations.
+    fn work(params: HashParams) -> u64 {
+        work_of(params.argon2().unwrap().params())
+    }
+
+    #[test]
+    fn cheaper_checks_are_padded_to_one_check_at_the_current_cost() {
+        let current = HashParams {
+            memory_kib: 19_456,
+            iterations: 2,
+            parallelism: 1,
+        };
+        let target = work(current);
+        let cheaper = [
+            // A legacy SHA-256 digest, or another scheme's string: no Argon2 work at all.
+            0,
+            // OWASP's lighter Argon2id choices, and the crate's old default.
+            work(HashParams {
+                memory_kib: 7_168,
+                iterations: 5,
+                parallelism: 1,
+            }),
+            work(HashParams {
+                memory_kib: 4_096,
+                iterations: 3,
+                parallelism: 1,
+            }),
+            work(HashParams {
+                memory_kib: 64,
+                iterations: 1,
+                parallelism: 4,
+            }),
+        ];
+        for spent in cheaper {
+            let pad = padding(current, spent).unwrap().expect("padded");
+            assert!(
+                pad.memory_kib <= current.memory_kib,
+                "{pad:?} fits the memory"
+            );
+            let total = spent + work(pad);
+            assert!(total >= target, "{spent}: {total} < {target}");
+            // Over by at most one rounding step of four blocks per pass.
+            assert!(total - target < 4 * 2 + 8, "{spent}: {total} vs {target}");
+        }
+        // The same cost, or a costlier one, is not padded.
+        assert_eq!(padding(current, target).unwrap(), None);
+        let costlier = HashParams {
+            memory_kib: 65_536,
+            ..current
+        };
+        assert_eq!(padding(current, work(costlier)).unwrap(), None);
+    }
+
+    #[test]
+    fn a_check_reports_the_argon2_work_of_the_stored_hash() {
+        let current = HashParams {
+            memory_kib: 256,
+            iterations: 2,
+            parallelism: 1,
+        };
+        let mut memory = vec![Block::default(); 256];
+        let check = |stored: &str, memory: &mut [Block]| {
+            verify_stored(current, DEFAULT_CEILING, "pw", stored, memory)
+                .unwrap()
+                .1
+        };
+        let legacy = LegacyHash::encode(&unhidra_core::secret::hash_hex(b"pw"), b"", true);
+        assert_eq!(check(&legacy, &mut memory), 0);
+        let scrypt = "$scrypt$ln=16,r=8,p=1$aM15713r3Xsvxbi31lqr1Q$nFNh2CVHVjNldFVKDHDlm4CbdRSCdEBsjjJxD+iCs5E";
+        assert_eq!(check(scrypt, &mut memory), 0);
+        for params in [CHEAP, current] {
+            let stored = hash_now(params, "pw", &mut memory).unwrap();
+            assert_eq!(check(&stored, &mut memory), work(params), "{stored}");
+        }
+        // Costlier than the thread's memory: allocated for this check, still verified.
+        let costlier = HashParams {
+            memory_kib: 1024,
+            ..current
+        };
+        let mut more = vec![Block::default(); 1024];
+        let stored = hash_now(costlier, "pw", &mut more).unwrap();
+        let (verified, spent) =
+            verify_stored(current, DEFAULT_CEILING, "pw", &stored, &mut memory).unwrap();
+        assert!(verified.matches && verified.needs_rehash);
+        assert_eq!(spent, work(costlier));
     }
 
     #[tokio::test]

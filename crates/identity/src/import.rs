@@ -40,6 +40,8 @@ struct Checked {
     active: bool,
     email_verified: bool,
     hash: String,
+    /// The Argon2 hash costs more than new hashes.
+    costlier: bool,
 }
 
 /// What an import did.
@@ -49,6 +51,10 @@ pub struct ImportSummary {
     pub imported: usize,
     /// Emails that had an account already, left as they were.
     pub skipped: Vec<String>,
+    /// Imported emails whose Argon2 hash costs more than new hashes: until the user's next
+    /// login upgrades it, a wrong password for them is answered measurably later than for an
+    /// unknown email (cheaper hashes are padded; costlier ones cannot be).
+    pub costlier: Vec<String>,
 }
 
 /// Why nothing was imported.
@@ -62,8 +68,10 @@ pub enum ImportError {
     Store(#[from] StoreError),
 }
 
-/// Checks one line; an Argon2 hash must cost at most `ceiling`.
-fn check(line: ImportLine, ceiling: HashParams) -> Result<Checked, String> {
+/// Checks one line; an Argon2 hash must cost at most `ceiling`, and is marked when it costs
+/// more than `current`.
+fn check(line: ImportLine, current: HashParams, ceiling: HashParams) -> Result<Checked, String> {
+    let mut costlier = false;
     let email = Email::parse(&line.email).map_err(|e| format!("email: {e}"))?;
     let role = match line.role.as_deref() {
         None => Role::User,
@@ -86,6 +94,7 @@ fn check(line: ImportLine, ceiling: HashParams) -> Result<Checked, String> {
                      the user reset the password)"
                 ));
             }
+            costlier = cost.costs_more_than(current);
             phc
         }
         (None, Some(digest)) => {
@@ -127,6 +136,7 @@ fn check(line: ImportLine, ceiling: HashParams) -> Result<Checked, String> {
         active: line.active.unwrap_or(true),
         email_verified: line.email_verified.unwrap_or(false),
         hash,
+        costlier,
     })
 }
 
@@ -142,6 +152,7 @@ impl Identity {
         let mut checked = Vec::new();
         let mut seen = HashSet::new();
         let ceiling = self.hasher.ceiling();
+        let current = self.hasher.params();
         for (index, raw) in text.lines().enumerate() {
             let number = index + 1;
             if raw.trim().is_empty() {
@@ -149,7 +160,7 @@ impl Identity {
             }
             let parsed = serde_json::from_str::<ImportLine>(raw)
                 .map_err(|e| e.to_string())
-                .and_then(|line| check(line, ceiling));
+                .and_then(|line| check(line, current, ceiling));
             match parsed {
                 Ok(user) if !seen.insert(user.email.clone()) => {
                     problems.push(format!("line {number}: {} appears twice", user.email));
@@ -177,6 +188,10 @@ impl Identity {
                 })
                 .await;
             match created {
+                Ok(()) if user.costlier => {
+                    summary.imported += 1;
+                    summary.costlier.push(user.email.to_string());
+                }
                 Ok(()) => summary.imported += 1,
                 Err(StoreError::Conflict { .. }) => {
                     summary.skipped.push(user.email.to_string());
@@ -200,7 +215,11 @@ impl Identity {
             None,
             None,
             ctx,
-            serde_json::json!({ "imported": summary.imported, "skipped": summary.skipped.len() }),
+            serde_json::json!({
+                "imported": summary.imported,
+                "skipped": summary.skipped.len(),
+                "costlier": summary.costlier.len(),
+            }),
         )
         .await;
         Ok(summary)
@@ -220,13 +239,20 @@ mod tests {
         .unwrap()
     }
 
+    /// The production cost of new hashes.
+    const PROD: HashParams = HashParams {
+        memory_kib: 19_456,
+        iterations: 2,
+        parallelism: 1,
+    };
+
     const SALT_AND_HASH: &str =
         "c29tZXNhbHRzb21lc2FsdA$Dt2hHYzQ2SjFHUJ9cyAk6jPgwzXHGJjm0eNm2sX1RGU";
 
     #[test]
     fn hashes_above_the_cost_ceiling_are_refused() {
         let costly = format!("$argon2id$v=19$m=4194304,t=2,p=1${SALT_AND_HASH}");
-        let why = check(line(&costly), DEFAULT_CEILING).err().unwrap();
+        let why = check(line(&costly), PROD, DEFAULT_CEILING).err().unwrap();
         assert!(
             why.starts_with("password_hash: its Argon2 memory (KiB) 4194304 is above argon2_max_memory_kib = 262144"),
             "{why}"
@@ -236,11 +262,24 @@ mod tests {
             ("m=19456,t=2,p=9", "argon2_max_parallelism"),
         ] {
             let hash = format!("$argon2id$v=19${params}${SALT_AND_HASH}");
-            let why = check(line(&hash), DEFAULT_CEILING).err().unwrap();
+            let why = check(line(&hash), PROD, DEFAULT_CEILING).err().unwrap();
             assert!(why.contains(key), "{why}");
         }
         let fine = format!("$argon2id$v=19$m=262144,t=10,p=8${SALT_AND_HASH}");
-        assert!(check(line(&fine), DEFAULT_CEILING).is_ok());
+        assert!(check(line(&fine), PROD, DEFAULT_CEILING).is_ok());
+    }
+
+    #[test]
+    fn hashes_costlier_than_new_ones_are_marked() {
+        let costlier = |params: &str| {
+            let hash = format!("$argon2id$v=19${params}${SALT_AND_HASH}");
+            check(line(&hash), PROD, DEFAULT_CEILING).unwrap().costlier
+        };
+        assert!(costlier("m=65536,t=3,p=4"));
+        assert!(costlier("m=19456,t=3,p=1"));
+        assert!(!costlier("m=19456,t=2,p=1"), "the current cost");
+        assert!(!costlier("m=4096,t=3,p=1"), "cheaper ones are padded");
+        assert!(!costlier("m=19456,t=2,p=4"), "more lanes are not more work");
     }
 
     #[test]
@@ -253,13 +292,15 @@ mod tests {
             }))
             .unwrap()
         };
-        let why = check(with_name("Ada\u{0}"), DEFAULT_CEILING).err().unwrap();
+        let why = check(with_name("Ada\u{0}"), PROD, DEFAULT_CEILING)
+            .err()
+            .unwrap();
         assert!(why.starts_with("display_name: no control"), "{why}");
-        let why = check(with_name(&"a".repeat(101)), DEFAULT_CEILING)
+        let why = check(with_name(&"a".repeat(101)), PROD, DEFAULT_CEILING)
             .err()
             .unwrap();
         assert!(why.starts_with("display_name: use at most 100"), "{why}");
-        let ok = check(with_name("  Ada Lovelace "), DEFAULT_CEILING).unwrap();
+        let ok = check(with_name("  Ada Lovelace "), PROD, DEFAULT_CEILING).unwrap();
         assert_eq!(ok.display_name.as_deref(), Some("Ada Lovelace"));
     }
 }

@@ -4,6 +4,7 @@
 //! `routes::auth`).
 
 mod account;
+mod audit;
 pub mod audit_file;
 pub mod hasher;
 pub mod import;
@@ -24,8 +25,7 @@ use unhidra_core::{
     UserId, Violation,
 };
 use unhidra_store::identity::{
-    NewAuditEvent, NewRefreshToken, NewSession, NewUser, Rotation, SessionRecord, UserChange,
-    UserPage, UserRecord,
+    NewRefreshToken, NewSession, NewUser, Rotation, SessionRecord, UserChange, UserPage, UserRecord,
 };
 use unhidra_store::{Store, StoreError};
 use uuid::Uuid;
@@ -268,9 +268,8 @@ pub struct Identity {
     metrics: AuthMetrics,
     mailer: Arc<Mailer>,
     revoked: tokio::sync::broadcast::Sender<Revoked>,
-    audit_file: Option<audit_file::AuditFile>,
-    /// Shorten addresses in audit events.
-    audit_minimise: bool,
+    /// Where security events are recorded.
+    auditor: Arc<audit::Auditor>,
     /// IPv6 clients are limited per network of this many bits.
     ipv6_prefix: u8,
     /// Accounts whose throttles were cleared lately (see [`ThrottleEpochs`]).
@@ -423,6 +422,12 @@ impl Identity {
             Arc::clone(&clock),
         )
         .await?;
+        let auditor = Arc::new(audit::Auditor {
+            store: Arc::clone(&store),
+            clock: Arc::clone(&clock),
+            file: audit_file::AuditFile::from_config(config),
+            minimise: config.audit_minimise,
+        });
         Ok(Self {
             store,
             hasher,
@@ -444,8 +449,7 @@ impl Identity {
             metrics,
             mailer,
             revoked: tokio::sync::broadcast::Sender::new(1024),
-            audit_file: audit_file::AuditFile::from_config(config),
-            audit_minimise: config.audit_minimise,
+            auditor,
             ipv6_prefix: u8::try_from(config.rate_limit_ipv6_prefix.min(128)).unwrap_or(64),
             throttle_epochs: Mutex::new(ThrottleEpochs::default()),
             in_flight: InFlight::default(),
@@ -461,8 +465,7 @@ impl Identity {
     /// Now, in the whole microseconds that both stores keep, so that what a call returns
     /// equals what a later read returns.
     fn now(&self) -> DateTime<Utc> {
-        let now = self.clock.now();
-        DateTime::from_timestamp_micros(now.timestamp_micros()).unwrap_or(now)
+        audit::now_of(&*self.clock)
     }
 
     /// The key of a client in the limits: its address (an IPv6 address cut to its network),
@@ -556,7 +559,9 @@ impl Identity {
     }
 
     /// Creates an account. With `hide_existing_accounts`, a taken email is answered like a new
-    /// one (with an id that exists nowhere) and nothing is stored.
+    /// one (with an id that exists nowhere) and nothing is stored; a new account's audit event
+    /// and verification token are then stored after the answer, so that both answers take the
+    /// same path.
     pub async fn register(
         &self,
         email: &str,
@@ -655,14 +660,20 @@ impl Identity {
             Err(StoreError::Conflict { .. }) => return Err(IdentityError::EmailTaken),
             Err(e) => return Err(e.into()),
         }
-        self.audit(
-            "user.registered",
-            Some(user.id),
-            Some(user.id.to_string()),
-            ctx,
-            serde_json::json!({ "role": role.as_str() }),
-        )
-        .await;
+        let event = account::AuditLater {
+            kind: "user.registered",
+            actor: Some(user.id),
+            subject: Some(user.id.to_string()),
+            detail: serde_json::json!({ "role": role.as_str() }),
+        };
+        if self.hide_existing && role == Role::User {
+            // A taken email stores nothing more: neither does the answer for a new one.
+            let verification = self.verification_token(user.id, &user.email);
+            self.after_answer(event, verification, ctx);
+            return Ok(UserView::of(&record_of(&user), now));
+        }
+        self.audit(event.kind, event.actor, event.subject, ctx, event.detail)
+            .await;
         if role == Role::User {
             self.send_verification(user.id, &user.email).await?;
         }
@@ -703,7 +714,8 @@ impl Identity {
     /// checked, so that parallel guesses are refused exactly as sequential ones would be; a
     /// success gives them back. The account itself is protected by the lockout, which counts
     /// failures from every address; no per-account window can be filled by someone else to
-    /// refuse the owner's correct password.
+    /// refuse the owner's correct password. A password longer than any account can have is
+    /// refused before the account is looked up (see `password_fits`).
     pub async fn login(
         &self,
         email: &str,
@@ -713,7 +725,23 @@ impl Identity {
         // Parsed before any limit is touched: limits only ever see bounded, normalised keys.
         let email = Email::parse(email).map_err(IdentityError::InvalidEmail)?;
         let (by_ip, by_pair) = self.login_slots(&self.ip_key(ctx), &email, ctx).await?;
-        let result = self.check_login(&email, password, ctx).await;
+        let result = if self.password_fits(password) {
+            self.check_login(&email, password, ctx).await
+        } else {
+            // No account has such a password: refused before the account is looked up or
+            // anything is hashed, alike for every email (and counted by the address
+            // throttles, not by any account's lockout).
+            self.metrics.failure("password_too_long");
+            self.audit(
+                "login.failed",
+                None,
+                None,
+                ctx,
+                serde_json::json!({ "reason": "password_too_long" }),
+            )
+            .await;
+            Err(IdentityError::InvalidCredentials)
+        };
         if result.is_ok() {
             self.limits.login_ip.release(&by_ip);
             self.limits.login_pair.release(&by_pair);
@@ -724,6 +752,14 @@ impl Identity {
             Err(_) => self.metrics.login(false),
         }
         result
+    }
+
+    /// Whether `password` is short enough to be checked: at most four bytes (the most a
+    /// character takes in UTF-8) for each character the policy allows, 1024 bytes with its 256,
+    /// so that every password the policy accepts fits, and imported ones of any plausible
+    /// length. A longer one is wrong without being hashed.
+    fn password_fits(&self, password: &str) -> bool {
+        password.len() <= 4 * self.policy.max_length
     }
 
     /// Reserves a login attempt from `ip` for `email`: the address's slot, then the pair's.
@@ -1401,41 +1437,7 @@ impl Identity {
         ctx: &RequestContext,
         detail: serde_json::Value,
     ) {
-        let ip = ctx.ip.as_deref().map(|ip| {
-            if self.audit_minimise {
-                audit_file::minimise_ip(ip)
-            } else {
-                ip.to_owned()
-            }
-        });
-        let event = NewAuditEvent {
-            at: self.now(),
-            kind: kind.to_owned(),
-            actor_id: actor,
-            subject_id: subject,
-            ip,
-            trace_id: ctx.trace_id.clone(),
-            detail: detail.to_string(),
-        };
-        let id = match self.store.append_audit(&event).await {
-            Ok(id) => Some(id),
-            Err(e) => {
-                tracing::error!(kind, error = %unhidra_core::error_chain(&e), "audit event not recorded");
-                None
-            }
-        };
-        if let Some(sink) = &self.audit_file {
-            sink.write(&serde_json::json!({
-                "id": id,
-                "at": event.at,
-                "kind": event.kind,
-                "actor_id": event.actor_id.map(|u| u.to_string()),
-                "subject_id": event.subject_id,
-                "ip": event.ip,
-                "trace_id": event.trace_id,
-                "detail": detail,
-            }));
-        }
+        self.auditor.record(kind, actor, subject, ctx, detail).await;
     }
 }
 

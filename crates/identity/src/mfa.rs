@@ -11,6 +11,7 @@ use unhidra_core::{OpaqueToken, UserId};
 use unhidra_store::StoreError;
 use unhidra_store::identity::UserRecord;
 
+use super::reauth::Presented;
 use super::{Identity, IdentityError, Principal, RequestContext, TokenPair};
 
 /// The issuer shown in authenticator apps.
@@ -176,7 +177,8 @@ impl Identity {
         Ok(codes)
     }
 
-    /// Turns TOTP off; needs a current code or a recovery code.
+    /// Turns TOTP off; needs a current code or a recovery code. A wrong one counts towards the
+    /// account's lockout like a wrong code at login (audited as `mfa.failed`).
     pub async fn totp_disable(
         &self,
         who: &Principal,
@@ -188,14 +190,10 @@ impl Identity {
         if user.totp_enabled_at.is_none() {
             return Err(IdentityError::TotpNotSetUp);
         }
-        let reservation = self
-            .limited("mfa", &self.limits.reauth_account, user.email.as_str(), ctx)
+        // Guessing codes here counts like guessing them at login.
+        let user = self
+            .check_presented(who, Presented::Code(code), "mfa", "mfa.failed", ctx)
             .await?;
-        if self.check_code(&user, code).await?.is_none() {
-            self.audit_own("mfa.failed", user.id, ctx).await;
-            return Err(IdentityError::WrongCode);
-        }
-        self.limits.reauth_account.release(&reservation);
         self.store.disable_totp(user.id, self.now()).await?;
         self.audit_own("mfa.disabled", user.id, ctx).await;
         self.notify(
@@ -209,7 +207,7 @@ impl Identity {
     }
 
     /// Checks a TOTP code (each good once) or a recovery code (each good once); says which.
-    async fn check_code(
+    pub(super) async fn check_code(
         &self,
         user: &UserRecord,
         code: &str,

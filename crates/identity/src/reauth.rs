@@ -6,16 +6,40 @@ use unhidra_store::identity::UserRecord;
 
 use super::{Identity, IdentityError, Principal, RequestContext};
 
+/// What a signed-in user presents again to prove it is them.
+#[derive(Clone, Copy)]
+pub(super) enum Presented<'a> {
+    /// The current password.
+    Password(&'a str),
+    /// A TOTP code or a recovery code.
+    Code(&'a str),
+}
+
 impl Identity {
     /// Checks the caller's current password for an operation that asks for it again (a
-    /// password change, a re-authentication): throttled per account (`route` names the
-    /// throttle), refused while the account is locked or when the check could overshoot its
-    /// lock, a wrong one counted like a failed login (audited as `failed_event`), the right one
-    /// resetting the count. Returns the account as stored.
+    /// password change, a re-authentication); see [`Identity::check_presented`].
     pub(super) async fn check_current_password(
         &self,
         who: &Principal,
         password: &str,
+        route: &'static str,
+        failed_event: &str,
+        ctx: &RequestContext,
+    ) -> Result<UserRecord, IdentityError> {
+        self.check_presented(who, Presented::Password(password), route, failed_event, ctx)
+            .await
+    }
+
+    /// Checks a password or second-factor code that the signed-in caller presents again:
+    /// throttled per account (`route` names the throttle), refused while the account is locked
+    /// or when the check could overshoot its lock, a wrong one counted like a failed login
+    /// (audited as `failed_event`; a stolen access token must not buy guesses), the right one
+    /// resetting the count. A password too long to be anyone's (see `password_fits`) is
+    /// wrong without being hashed. Returns the account as stored.
+    pub(super) async fn check_presented(
+        &self,
+        who: &Principal,
+        presented: Presented<'_>,
         route: &'static str,
         failed_event: &str,
         ctx: &RequestContext,
@@ -25,14 +49,25 @@ impl Identity {
             .limited(route, &self.limits.reauth_account, user.email.as_str(), ctx)
             .await?;
         let (checking, user) = self.enter_check(&user, None, ctx).await?;
-        let verified = self
-            .hasher
-            .verify(password, Some(&user.password_hash))
-            .await?;
-        if !verified.matches {
-            self.count_failure(checking, &user, failed_event, "wrong_password", ctx)
+        let (right, reason, wrong) = match presented {
+            Presented::Password(password) => {
+                let right = self.password_fits(password)
+                    && self
+                        .hasher
+                        .verify(password, Some(&user.password_hash))
+                        .await?
+                        .matches;
+                (right, "wrong_password", IdentityError::WrongCurrentPassword)
+            }
+            Presented::Code(code) => {
+                let right = self.check_code(&user, code).await?.is_some();
+                (right, "wrong_code", IdentityError::WrongCode)
+            }
+        };
+        if !right {
+            self.count_failure(checking, &user, failed_event, reason, ctx)
                 .await?;
-            return Err(IdentityError::WrongCurrentPassword);
+            return Err(wrong);
         }
         drop(checking);
         self.limits.reauth_account.release(&reservation);

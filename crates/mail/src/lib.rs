@@ -126,19 +126,42 @@ impl Mailer {
     /// (and so takes the same time whether or not a message was sent). Failures are logged.
     pub fn send_later(self: &std::sync::Arc<Self>, mail: Mail) {
         let mailer = std::sync::Arc::clone(self);
-        self.pending.fetch_add(1, Ordering::SeqCst);
-        tokio::spawn(async move {
+        self.later(async move {
             if let Err(e) = mailer.send(&mail).await {
                 tracing::error!(subject = %mail.subject, error = %e, "mail not sent");
-            }
-            if mailer.pending.fetch_sub(1, Ordering::SeqCst) == 1 {
-                mailer.idle.notify_waiters();
             }
         });
     }
 
-    /// Waits until every message handed to [`Mailer::send_later`] is sent or has failed: at
-    /// shutdown, so that no notice is lost, and in tests.
+    /// Runs `work` in the background, counted like a message waiting to be sent, so that
+    /// [`Mailer::drain`] also waits for work that ends in a message (storing the token a mail
+    /// carries, then sending it). `work` logs its own failures.
+    pub fn later(
+        self: &std::sync::Arc<Self>,
+        work: impl std::future::Future<Output = ()> + Send + 'static,
+    ) {
+        /// Counts the work as pending until it ends, by a panic too.
+        struct Pending(std::sync::Arc<Mailer>);
+        impl Drop for Pending {
+            fn drop(&mut self) {
+                if self.0.pending.fetch_sub(1, Ordering::SeqCst) == 1 {
+                    self.0.idle.notify_waiters();
+                }
+            }
+        }
+        self.pending.fetch_add(1, Ordering::SeqCst);
+        let pending = Pending(std::sync::Arc::clone(self));
+        // In the caller's span, so that a failure is logged with the request's trace id.
+        let work = tracing::Instrument::in_current_span(work);
+        tokio::spawn(async move {
+            let _pending = pending;
+            work.await;
+        });
+    }
+
+    /// Waits until every message handed to [`Mailer::send_later`] is sent or has failed, and
+    /// all work handed to [`Mailer::later`] has ended: at shutdown, so that no notice is lost,
+    /// and in tests.
     pub async fn drain(&self) {
         loop {
             let idle = self.idle.notified();
@@ -167,4 +190,49 @@ async fn write_outbox(dir: &std::path::Path, bytes: &[u8]) -> std::io::Result<Pa
     tokio::fs::write(&temp, bytes).await?;
     tokio::fs::rename(&temp, &path).await?;
     Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    fn outbox_mailer(dir: &std::path::Path) -> Arc<Mailer> {
+        let mut config = Config::defaults(unhidra_config::Profile::Test);
+        config.data_dir = dir.to_owned();
+        Arc::new(Mailer::from_config(&config).unwrap())
+    }
+
+    #[tokio::test]
+    async fn drain_waits_for_work_that_ends_in_a_message() {
+        let dir = tempfile::tempdir().unwrap();
+        let mailer = outbox_mailer(dir.path());
+        let (go, wait) = tokio::sync::oneshot::channel::<()>();
+        let inner = Arc::clone(&mailer);
+        mailer.later(async move {
+            // Stands for storing a token: the mail is handed over only after it.
+            let _ = wait.await;
+            inner.send_later(Mail {
+                to: "ada@example.com".to_owned(),
+                subject: "Reset your password".to_owned(),
+                body: "Your code: x".to_owned(),
+            });
+        });
+        go.send(()).unwrap();
+        mailer.drain().await;
+        let written = std::fs::read_dir(dir.path().join(OUTBOX)).unwrap().count();
+        assert_eq!(
+            written, 1,
+            "the message of the later work is sent before drain returns"
+        );
+    }
+
+    #[tokio::test]
+    async fn work_that_panics_does_not_hold_drain_forever() {
+        let dir = tempfile::tempdir().unwrap();
+        let mailer = outbox_mailer(dir.path());
+        mailer.later(async { panic!("background work failed") });
+        mailer.drain().await;
+    }
 }

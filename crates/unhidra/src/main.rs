@@ -339,6 +339,18 @@ async fn import_users(config: &Config, file: &std::path::Path) -> ExitCode {
             for email in &summary.skipped {
                 tracing::info!(email, "skipped: the account exists");
             }
+            if !summary.costlier.is_empty() {
+                tracing::warn!(
+                    count = summary.costlier.len(),
+                    "imported Argon2 hashes cost more than new hashes (argon2_*): until each \
+                     user's next login upgrades the hash, a wrong password for these accounts \
+                     is answered measurably later than for an unknown email, which tells that \
+                     they exist even with hide_existing_accounts"
+                );
+                for email in &summary.costlier {
+                    tracing::warn!(email, "costlier than new hashes until the next login");
+                }
+            }
             ExitCode::SUCCESS
         }
         Err(ImportError::Invalid(problems)) => {

@@ -2,7 +2,7 @@
 
 use serde_json::{Value, json};
 
-use crate::helpers::{TestApp, problem};
+use crate::helpers::{TestApp, import_users, problem, shape};
 
 const PASSWORD: &str = "maple orbit candle frost 42";
 const NEW_PASSWORD: &str = "harbor lantern seventeen quiet moths";
@@ -332,6 +332,84 @@ async fn password_reset_by_mail() {
             .await
             .iter()
             .any(|m| m.subject == "Your password was reset")
+    );
+    app.shutdown().await;
+}
+
+/// A reset request answers alike whatever the email holds — an account, an imported legacy
+/// hash, a locked or a deactivated account, nothing — since what a real account adds (the
+/// token, its audit event, the mail) is done after the answer. The mailed token still works.
+#[tokio::test]
+async fn reset_requests_answer_alike_for_every_email() {
+    let app = TestApp::spawn_with(
+        crate::helpers::default_backend(),
+        |c| {
+            c.hide_existing_accounts = true;
+            c.lockout_threshold = 1;
+            c.rate_limit_reset_per_hour = 10;
+        },
+        None,
+    )
+    .await;
+    assert_eq!(register(&app, "ann@example.com").await.status(), 201);
+    assert_eq!(register(&app, "lia@example.com").await.status(), 201);
+    let wrong = login_as(&app, "lia@example.com", "not the password!", "t").await;
+    assert_eq!(wrong.status(), 401, "and locked");
+    let lines = [
+        json!({ "email": "leg@example.com", "sha256": "ab".repeat(32) }),
+        json!({ "email": "off@example.com", "sha256": "ab".repeat(32), "active": false }),
+    ];
+    import_users(&app, &lines).await;
+    let before = app.mails().await.len();
+    let request = |email: &'static str| {
+        post(
+            &app,
+            "/api/v1/auth/password-reset",
+            json!({ "email": email }),
+        )
+    };
+    let unknown = shape(request("nobody@example.com").await, &[]).await;
+    assert_eq!(unknown.status, 202);
+    for email in [
+        "ann@example.com",
+        "leg@example.com",
+        "lia@example.com",
+        "off@example.com",
+    ] {
+        assert_eq!(shape(request(email).await, &[]).await, unknown, "{email}");
+    }
+    let mails = app.mails().await;
+    let mut to: Vec<&str> = mails[before..].iter().map(|m| m.to.as_str()).collect();
+    // Each is mailed in the background: in any order.
+    to.sort_unstable();
+    assert_eq!(
+        to,
+        ["ann@example.com", "leg@example.com", "lia@example.com"],
+        "active accounts only"
+    );
+    let events = app.db.store.audit_events(None, 500).await.unwrap();
+    let requested = events
+        .iter()
+        .filter(|e| e.kind == "password.reset_requested")
+        .count();
+    assert_eq!(requested, 3);
+    let code = mails[before..]
+        .iter()
+        .find(|m| m.to == "ann@example.com")
+        .unwrap()
+        .code();
+    let confirmed = post(
+        &app,
+        "/api/v1/auth/password-reset/confirm",
+        json!({ "token": code, "new_password": NEW_PASSWORD }),
+    )
+    .await;
+    assert_eq!(confirmed.status(), 204);
+    assert_eq!(
+        login_as(&app, "ann@example.com", NEW_PASSWORD, "t")
+            .await
+            .status(),
+        200
     );
     app.shutdown().await;
 }

@@ -360,3 +360,63 @@ fn quoted_printable(text: &str) -> String {
     }
     String::from_utf8(out).unwrap()
 }
+
+/// What a client can tell of an answer apart from its timing: the status, every header but
+/// those that differ per request (`date`, `x-request-id`, `content-length`), and the body
+/// without its `trace_id` and the fields named in `varying`.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Shape {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: serde_json::Value,
+}
+
+/// The [`Shape`] of `response`, leaving out the body fields `varying` (ids, times).
+pub async fn shape(response: reqwest::Response, varying: &[&str]) -> Shape {
+    let status = response.status().as_u16();
+    let mut headers: Vec<(String, String)> = response
+        .headers()
+        .iter()
+        .filter(|(name, _)| !["date", "x-request-id", "content-length"].contains(&name.as_str()))
+        .map(|(name, value)| {
+            (
+                name.as_str().to_owned(),
+                value.to_str().unwrap_or("<binary>").to_owned(),
+            )
+        })
+        .collect();
+    headers.sort();
+    let text = response.text().await.unwrap();
+    let mut body = if text.is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::from_str(&text).unwrap()
+    };
+    if let Some(object) = body.as_object_mut() {
+        for field in varying.iter().chain(&["trace_id"]) {
+            object.remove(*field);
+        }
+    }
+    Shape {
+        status,
+        headers,
+        body,
+    }
+}
+
+/// Imports `lines` (one user each) through the identity service, as
+/// `unhidra admin import-users` does.
+pub async fn import_users(
+    app: &TestApp,
+    lines: &[serde_json::Value],
+) -> unhidra_server::identity::import::ImportSummary {
+    let text: Vec<String> = lines.iter().map(serde_json::Value::to_string).collect();
+    app.state
+        .identity()
+        .import_users(
+            &text.join("\n"),
+            &unhidra_server::identity::RequestContext::default(),
+        )
+        .await
+        .unwrap()
+}

@@ -451,6 +451,68 @@ async fn recovery_codes_work_once_and_can_disable() {
     app.shutdown().await;
 }
 
+/// Wrong codes at `totp/disable` count towards the lockout like wrong codes at login: a
+/// stolen access token (with a recent password) does not buy endless guesses at the code. At
+/// the threshold the account locks, for the disable and for logins.
+async fn wrong_codes_at_disable_lock_the_account(backend: Backend) {
+    let (app, clock, token) = setup_with(backend, |c| c.lockout_threshold = 3).await;
+    let (secret, codes) = enrol(&app, &clock, &token).await;
+    let disable = |code: String| {
+        post(
+            &app,
+            "/api/v1/auth/totp/disable",
+            Some(&token),
+            json!({ "code": code }),
+        )
+    };
+    problem(
+        disable("not-a-recovery-code".to_owned()).await,
+        422,
+        "validation_failed",
+    )
+    .await;
+    for _ in 0..2 {
+        let wrong = wrong_code(&secret, &clock);
+        problem(disable(wrong).await, 422, "validation_failed").await;
+    }
+    let zoe = app
+        .db
+        .store
+        .user_by_email(&unhidra_core::Email::parse("zoe@example.com").unwrap())
+        .await
+        .unwrap();
+    assert_eq!(zoe.failed_logins, 3);
+    problem(disable(codes[0].clone()).await, 429, "account_locked").await;
+    assert_eq!(stored_factor(&app).await, Some(true), "still on");
+    let login = post(
+        &app,
+        "/api/v1/auth/login",
+        None,
+        json!({ "email": "zoe@example.com", "password": PASSWORD }),
+    )
+    .await;
+    problem(login, 429, "account_locked").await;
+    let events = app.db.store.audit_events(None, 500).await.unwrap();
+    let failed: Vec<_> = events.iter().filter(|e| e.kind == "mfa.failed").collect();
+    assert_eq!(failed.len(), 3);
+    assert!(
+        failed.iter().all(|e| e.detail.contains("wrong_code")),
+        "{failed:?}"
+    );
+    assert!(events.iter().any(|e| e.kind == "account.locked"));
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn wrong_codes_at_disable_lock_the_account_sqlite() {
+    wrong_codes_at_disable_lock_the_account(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn wrong_codes_at_disable_lock_the_account_postgres() {
+    wrong_codes_at_disable_lock_the_account(Backend::Postgres).await;
+}
+
 #[tokio::test]
 async fn admins_can_be_held_to_enrolment() {
     let start = Utc::now();
