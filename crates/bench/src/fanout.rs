@@ -69,6 +69,28 @@ pub struct Settings {
     pub rates: Vec<u32>,
     /// Length of each publishing window.
     pub window: Duration,
+    /// Unhidra's `sqlite_synchronous`: what an acknowledgement promises (`normal`: survives a
+    /// crash of the process; `full`: a power loss too).
+    pub synchronous: Synchronous,
+}
+
+/// SQLite's `synchronous` setting for the Unhidra server under test.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Synchronous {
+    /// The default: acknowledged messages survive a crash of the process.
+    Normal,
+    /// Every commit waits for the disk: acknowledged messages survive a power loss.
+    Full,
+}
+
+impl Synchronous {
+    /// The config value.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Normal => "normal",
+            Self::Full => "full",
+        }
+    }
 }
 
 /// One publishing window.
@@ -212,8 +234,9 @@ impl Outcome {
 }
 
 /// The environment Unhidra is started with: no limit gets in the way of the scenario.
-pub fn server_env() -> Vec<(&'static str, String)> {
+pub fn server_env(synchronous: Synchronous) -> Vec<(&'static str, String)> {
     [
+        ("UNHIDRA_SQLITE_SYNCHRONOUS", synchronous.name()),
         ("UNHIDRA_RATE_LIMIT_IP_PER_MINUTE", "0"),
         ("UNHIDRA_RATE_LIMIT_USER_PER_MINUTE", "0"),
         ("UNHIDRA_WS_MAX_CONNECTIONS_PER_IP", "100000"),
@@ -263,11 +286,15 @@ enum Process {
 }
 
 impl Process {
-    async fn start(target: Target, unhidra: Option<&Path>) -> Result<(Self, String), BoxError> {
+    async fn start(
+        target: Target,
+        unhidra: Option<&Path>,
+        synchronous: Synchronous,
+    ) -> Result<(Self, String), BoxError> {
         Ok(match target {
             Target::Unhidra => {
                 let binary = unhidra.ok_or("no unhidra binary to measure")?;
-                let server = Server::start_with_env(binary, &server_env()).await?;
+                let server = Server::start_with_env(binary, &server_env(synchronous)).await?;
                 (Self::Unhidra(server), format!("`{}`", binary.display()))
             }
             Target::Nats => {
@@ -322,7 +349,7 @@ pub async fn run(
     settings: &Settings,
 ) -> Result<Outcome, BoxError> {
     check_open_files(settings.subscribers)?;
-    let (process, program) = Process::start(target, unhidra).await?;
+    let (process, program) = Process::start(target, unhidra, settings.synchronous).await?;
     crate::note(&format!(
         "fanout: {} ({program}) pid {} on {}",
         target.name(),

@@ -109,13 +109,15 @@ fn verdict(
 }
 
 /// How a target ran, for the list of servers.
-fn how_it_ran(target: Target) -> String {
+fn how_it_ran(target: Target, synchronous: fanout::Synchronous) -> String {
     match target {
         Target::Unhidra => format!(
             "`unhidra.v1.jsonl` on `/ws` (a batch of frames per WebSocket message, one per \
-             line); every message is stored (SQLite) and acknowledged to the publisher before \
-             it is broadcast; started with `APP_ENV=test UNHIDRA_LOG=warn {}`",
-            fanout::server_env()
+             line); every message is stored (SQLite, `synchronous = {}`) and acknowledged to \
+             the publisher before it is broadcast; started with `APP_ENV=test UNHIDRA_LOG=warn \
+             {}`",
+            synchronous.name(),
+            fanout::server_env(synchronous)
                 .iter()
                 .map(|(key, value)| format!("{key}={value}"))
                 .collect::<Vec<_>>()
@@ -166,7 +168,7 @@ impl FanoutReport {
                     "- **{}** ({}): {}.",
                     run.target.name(),
                     o.program,
-                    how_it_ran(run.target)
+                    how_it_ran(run.target, self.settings.synchronous)
                 )?,
                 Err(reason) => {
                     writeln!(out, "- **{}**: not measured: {reason}", run.target.name())?;

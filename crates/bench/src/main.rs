@@ -136,6 +136,10 @@ struct FanoutArgs {
         default_value = "unhidra,nats,socketio"
     )]
     targets: Vec<Target>,
+    /// Unhidra's `sqlite_synchronous`: `full` makes every acknowledged message survive a power
+    /// loss, at the cost this measures.
+    #[arg(long, value_name = "MODE", value_enum, default_value_t = fanout::Synchronous::Normal)]
+    sqlite_synchronous: fanout::Synchronous,
 }
 
 #[derive(Debug, Args)]
@@ -425,6 +429,7 @@ async fn measure_fanout(
         subscribers: args.subscribers,
         rates: args.rates.clone(),
         window: Duration::from_secs(args.seconds),
+        synchronous: args.sqlite_synchronous,
     };
     let mut runs = Vec::new();
     for (i, &target) in targets.iter().enumerate() {

@@ -101,8 +101,9 @@ pub struct Chat {
     pub frames_per_sec: u32,
     /// How often idle connections are pinged.
     pub ping_interval: std::time::Duration,
-    /// How long after a write that carried a backlog a connection waits before the next
-    /// (`ws_write_coalesce`; stretched for a very large backlog).
+    /// How long after a write that found it behind (a backlog, or a socket that pushed back) a
+    /// connection waits before the next (`ws_write_coalesce`; stretched for a very large
+    /// backlog).
     pub write_coalesce: std::time::Duration,
     /// The largest `history` reply or `resume` replay per room, in encoded bytes.
     pub max_reply_bytes: usize,

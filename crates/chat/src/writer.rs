@@ -1,6 +1,6 @@
-//! How a connection's writer batches, whatever the socket: when it writes (at once while it
-//! keeps up, later once it carried a backlog, so that more frames share a write) and, on
-//! `unhidra.v1.jsonl`, how a batch's text frames share WebSocket messages, one per line.
+//! How a connection's writer batches, whatever the socket: when it writes (as soon as the
+//! previous write completed, with what queued meanwhile; later only once the socket pushed back)
+//! and, on `unhidra.v1.jsonl`, how a batch's text frames share WebSocket messages, one per line.
 
 use std::collections::VecDeque;
 
@@ -8,17 +8,23 @@ use bytes::Bytes;
 
 use crate::outbox::Message;
 
-/// When a connection's writer writes: at once while it keeps up (one frame a write), and, once
-/// a write carried a backlog (more than one frame), not again until `coalesce` after it, so
-/// that what arrives meanwhile joins the next write. Under load, writes then carry more frames
-/// instead of falling further behind; a quiet connection never waits.
+/// When a connection's writer writes. It writes as soon as the previous write completed, with
+/// whatever queued meanwhile, so that a connection that keeps up is never delayed and a stray
+/// pair of frames that met in the queue costs no wait. Only when the connection is behind — the
+/// socket pushed back (the kernel's send buffer was full) or a write carried [`BEHIND`] frames
+/// or more — does the next write wait `coalesce` after it, so that what arrives meanwhile joins
+/// it instead of being written frame by frame.
 #[derive(Debug, Clone, Copy)]
 pub struct Pace {
     coalesce: std::time::Duration,
-    /// When the next write may go out, if the last one carried a backlog.
+    /// When the next write may go out, if the connection was behind at the last one.
     due: Option<tokio::time::Instant>,
 }
 
+/// Frames in one write from which a connection counts as behind even though the socket took
+/// them at once: the room fills faster than one write per frame can carry (a stray pair of frames
+/// that met in the queue does not count).
+const BEHIND: usize = 8;
 /// Frames in one write past which a connection counts as far behind: each multiple of this
 /// stretches its next wait by another `coalesce`, up to [`MAX_STRETCH`] times.
 const FAR_BEHIND: usize = 64;
@@ -26,7 +32,8 @@ const FAR_BEHIND: usize = 64;
 const MAX_STRETCH: u32 = 3;
 
 impl Pace {
-    /// A writer's pace: after a write that carried a backlog, the next waits `coalesce`.
+    /// A writer's pace: after a write that found the connection behind, the next waits
+    /// `coalesce`.
     pub fn new(coalesce: std::time::Duration) -> Self {
         Self {
             coalesce,
@@ -39,11 +46,13 @@ impl Pace {
         self.due.filter(|due| *due > now)
     }
 
-    /// A write of `frames` frames went out at `now`. A write that carried a backlog makes the
-    /// next one wait `coalesce`; a very large backlog (a room far busier than the connection
-    /// can be written to frame by frame) makes it wait longer, so that each write carries more.
-    pub fn wrote(&mut self, frames: usize, now: tokio::time::Instant) {
-        self.due = (frames > 1).then(|| {
+    /// A write of `frames` frames went out at `now`; `pushed_back` says whether the socket
+    /// made it wait. A write of a few frames that went straight through lets the next go at
+    /// once. One that was pushed back or carried a backlog makes the next wait `coalesce`,
+    /// longer after a large backlog (a room far busier than frame-by-frame writing carries), so
+    /// that each write carries more.
+    pub fn wrote(&mut self, frames: usize, pushed_back: bool, now: tokio::time::Instant) {
+        self.due = (pushed_back || frames >= BEHIND).then(|| {
             let stretch = u32::try_from(1 + frames / FAR_BEHIND)
                 .unwrap_or(MAX_STRETCH)
                 .min(MAX_STRETCH);
@@ -106,36 +115,48 @@ mod tests {
     }
 
     #[test]
-    fn a_connection_waits_only_after_a_write_that_carried_a_backlog() {
+    fn a_connection_waits_only_once_behind() {
         let ms = std::time::Duration::from_millis;
         let start = tokio::time::Instant::now();
         let mut pace = Pace::new(ms(20));
         assert_eq!(pace.due(start), None, "the first write goes at once");
-        pace.wrote(1, start);
+        pace.wrote(1, false, start);
         assert_eq!(pace.due(start + ms(1)), None, "keeping up: no wait");
-        pace.wrote(5, start + ms(2));
+        pace.wrote(7, false, start + ms(2));
+        assert_eq!(
+            pace.due(start + ms(3)),
+            None,
+            "a few frames the socket took at once: no wait"
+        );
+        pace.wrote(8, false, start + ms(2));
         assert_eq!(
             pace.due(start + ms(3)),
             Some(start + ms(22)),
-            "behind: wait"
+            "a backlog: wait"
+        );
+        pace.wrote(5, true, start + ms(2));
+        assert_eq!(
+            pace.due(start + ms(3)),
+            Some(start + ms(22)),
+            "pushed back: wait"
         );
         assert_eq!(pace.due(start + ms(22)), None, "the wait is over");
-        pace.wrote(1, start + ms(22));
+        pace.wrote(1, false, start + ms(22));
         assert_eq!(pace.due(start + ms(23)), None, "caught up");
-        pace.wrote(64, start + ms(30));
+        pace.wrote(64, true, start + ms(30));
         assert_eq!(
             pace.due(start + ms(31)),
             Some(start + ms(70)),
             "far behind: longer"
         );
-        pace.wrote(1000, start + ms(70));
+        pace.wrote(1000, true, start + ms(70));
         assert_eq!(
             pace.due(start + ms(71)),
             Some(start + ms(130)),
             "at most 3 ×"
         );
         let mut never = Pace::new(ms(0));
-        never.wrote(9, start);
+        never.wrote(9, true, start);
         assert_eq!(never.due(start), None, "0s never waits");
     }
 

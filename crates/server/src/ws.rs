@@ -4,8 +4,10 @@
 
 use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, State};
@@ -195,7 +197,8 @@ async fn run(
             loop {
                 match outbox.next().await {
                     // Everything queued goes out with one flush, so a busy room costs one write
-                    // per batch rather than one per frame.
+                    // per batch rather than one per frame; what queues during a write is the
+                    // next batch.
                     Next::Frames(mut frames) => {
                         if let Some(due) = pace.due(tokio::time::Instant::now()) {
                             // A burst that fills half the queue ends the wait early.
@@ -210,10 +213,10 @@ async fn run(
                             Some(cap) => join_lines(frames, cap),
                             None => frames,
                         };
-                        if write_all(&mut sink, frames).await.is_err() {
+                        let Ok(pushed_back) = write_all(&mut sink, frames).await else {
                             break;
-                        }
-                        pace.wrote(count, tokio::time::Instant::now());
+                        };
+                        pace.wrote(count, pushed_back, tokio::time::Instant::now());
                     }
                     Next::Close(code, reason) => {
                         let frame = CloseFrame {
@@ -477,11 +480,16 @@ fn read_error(err: &axum::Error) -> (u16, &'static str) {
     }
 }
 
-/// Writes frames in order with one flush at the end.
-async fn write_all<S>(sink: &mut S, frames: VecDeque<Queued>) -> Result<(), S::Error>
+/// Writes frames in order with one flush at the end; answers whether the socket pushed back
+/// (made the write wait) on the way.
+async fn write_all<S>(sink: &mut S, frames: VecDeque<Queued>) -> Result<bool, S::Error>
 where
     S: futures_util::Sink<Message> + Unpin,
 {
+    let mut sink = Watched {
+        inner: sink,
+        pushed_back: false,
+    };
     for frame in frames {
         let message = match frame {
             // UTF-8 by construction; the check is the price of a hub that knows no WebSocket
@@ -498,7 +506,46 @@ where
         };
         sink.feed(message).await?;
     }
-    sink.flush().await
+    sink.flush().await?;
+    Ok(sink.pushed_back)
+}
+
+/// A sink that notes whether it ever made its caller wait: a socket whose send buffer is full.
+struct Watched<'a, S> {
+    inner: &'a mut S,
+    pushed_back: bool,
+}
+
+impl<S> Watched<'_, S> {
+    fn watch<T, E>(&mut self, poll: Poll<Result<T, E>>) -> Poll<Result<T, E>> {
+        self.pushed_back |= poll.is_pending();
+        poll
+    }
+}
+
+impl<S> futures_util::Sink<Message> for Watched<'_, S>
+where
+    S: futures_util::Sink<Message> + Unpin,
+{
+    type Error = S::Error;
+
+    fn poll_ready(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        let poll = Pin::new(&mut *self.inner).poll_ready(cx);
+        self.watch(poll)
+    }
+
+    fn start_send(self: Pin<&mut Self>, item: Message) -> Result<(), S::Error> {
+        Pin::new(&mut *self.get_mut().inner).start_send(item)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        let poll = Pin::new(&mut *self.inner).poll_flush(cx);
+        self.watch(poll)
+    }
+
+    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        Pin::new(&mut *self.get_mut().inner).poll_close(cx)
+    }
 }
 
 /// How long from now until `expires` (zero when it is past).
@@ -506,4 +553,60 @@ fn until(expires: DateTime<Utc>) -> std::time::Duration {
     (expires - Utc::now())
         .to_std()
         .unwrap_or(std::time::Duration::ZERO)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A socket that takes every frame, and makes its first `flushes_pending` flushes wait.
+    struct Socket {
+        flushes_pending: usize,
+        sent: Vec<Message>,
+    }
+
+    impl futures_util::Sink<Message> for Socket {
+        type Error = ();
+
+        fn poll_ready(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), ()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn start_send(self: Pin<&mut Self>, item: Message) -> Result<(), ()> {
+            self.get_mut().sent.push(item);
+            Ok(())
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), ()>> {
+            let socket = self.get_mut();
+            if socket.flushes_pending == 0 {
+                return Poll::Ready(Ok(()));
+            }
+            socket.flushes_pending -= 1;
+            cx.waker().wake_by_ref();
+            Poll::Pending
+        }
+
+        fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), ()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_write_reports_whether_the_socket_made_it_wait() {
+        let frames = || VecDeque::from([Queued::text("{}"), Queued::Ping, Queued::text("[]")]);
+        let mut quick = Socket {
+            flushes_pending: 0,
+            sent: Vec::new(),
+        };
+        assert_eq!(write_all(&mut quick, frames()).await, Ok(false));
+        assert_eq!(quick.sent.len(), 3, "every frame, in order");
+        assert!(matches!(quick.sent[1], Message::Ping(_)));
+        let mut full = Socket {
+            flushes_pending: 2,
+            sent: Vec::new(),
+        };
+        assert_eq!(write_all(&mut full, frames()).await, Ok(true));
+        assert_eq!(full.sent.len(), 3);
+    }
 }
