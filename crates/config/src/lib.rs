@@ -271,10 +271,10 @@ config_keys! {
         /// short says `more: true`. At least 128 KiB (one message of the largest size), at most
         /// `ws_queue_bytes`.
         ws_max_reply_bytes: u64 = 1024 * 1024, secret = false;
-        /// How long a WebSocket client whose last write carried a backlog (more than one
-        /// frame) waits before its next write (up to three times as long for a very large
-        /// backlog), so that frames arriving meanwhile go out together. A client that keeps up
-        /// is written to at once; `0s` never waits.
+        /// How long a WebSocket client found behind at its last write (8 frames or more in it,
+        /// or a socket that pushed back) waits before its next write (up to three times as long
+        /// for a very large backlog), so that frames arriving meanwhile go out together. Else the
+        /// next write goes as soon as the last completed; `0s` never waits.
         ws_write_coalesce: HumanDuration = HumanDuration::millis(20), secret = false;
         /// New WebSocket connections per minute from one address.
         rate_limit_ip_per_minute: u32 = 60, secret = false;
@@ -552,6 +552,13 @@ fn check(config: &Config) -> Result<(), ConfigError> {
         if config.public_url.is_none() {
             problems.push(
                 "public_url: prod needs the URL users reach this server at (UNHIDRA_PUBLIC_URL)"
+                    .to_owned(),
+            );
+        }
+        if config.hide_existing_accounts && config.metrics_token.is_none() {
+            problems.push(
+                "metrics_token: prod hides which emails have accounts, and open metrics would \
+                 tell (login failures by reason, users); set UNHIDRA_METRICS_TOKEN_FILE"
                     .to_owned(),
             );
         }

@@ -194,23 +194,34 @@ fn prod_refuses_insecure_settings_one_message_each() {
         )
         .unwrap_err(),
     );
-    assert_eq!(p.len(), 3, "{p:?}");
+    assert_eq!(p.len(), 4, "{p:?}");
     assert!(p.iter().any(|l| l.starts_with("allowed_origins")), "{p:?}");
     assert!(p.iter().any(|l| l.starts_with("signing_key")), "{p:?}");
     assert!(p.iter().any(|l| l.starts_with("public_url")), "{p:?}");
+    assert!(p.iter().any(|l| l.starts_with("metrics_token")), "{p:?}");
 
     let key = file("k");
-    let config = load_with(
+    let token = file("a-metrics-token-of-some-length");
+    let secure = [
+        ("APP_ENV", "prod"),
+        ("UNHIDRA_SIGNING_KEY_FILE", key.path().to_str().unwrap()),
+        ("UNHIDRA_PUBLIC_URL", "https://unhidra.example.com"),
+        ("UNHIDRA_ALLOWED_ORIGINS", "https://app.example.com"),
+        ("UNHIDRA_METRICS_TOKEN_FILE", token.path().to_str().unwrap()),
+    ];
+    let config = load_with(None, &secure).unwrap();
+    assert_eq!(config.profile, Profile::Prod);
+    // Open metrics are allowed where accounts are not hidden anyway.
+    let open = load_with(
         None,
         &[
-            ("APP_ENV", "prod"),
-            ("UNHIDRA_SIGNING_KEY_FILE", key.path().to_str().unwrap()),
-            ("UNHIDRA_PUBLIC_URL", "https://unhidra.example.com"),
-            ("UNHIDRA_ALLOWED_ORIGINS", "https://app.example.com"),
-        ],
+            &secure[..4],
+            &[("UNHIDRA_HIDE_EXISTING_ACCOUNTS", "false")][..],
+        ]
+        .concat(),
     )
     .unwrap();
-    assert_eq!(config.profile, Profile::Prod);
+    assert!(open.metrics_token.is_none());
 }
 
 #[test]

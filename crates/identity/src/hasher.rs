@@ -76,11 +76,15 @@ impl HashParams {
         })
     }
 
-    /// Whether a check at these parameters takes more Argon2 work than one at `other`: such a
-    /// check cannot be padded to look like one at `other`.
+    /// Whether a check at these parameters takes more Argon2 work, or more memory, than one at
+    /// `other`: such a check cannot be padded to look like one at `other` (more memory than a
+    /// hashing thread holds is allocated and zeroed afresh for each check).
     pub fn costs_more_than(self, other: Self) -> bool {
         match (self.argon2(), other.argon2()) {
-            (Ok(this), Ok(that)) => work_of(this.params()) > work_of(that.params()),
+            (Ok(this), Ok(that)) => {
+                work_of(this.params()) > work_of(that.params())
+                    || this.params().block_count() > that.params().block_count()
+            }
             _ => false,
         }
     }

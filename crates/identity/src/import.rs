@@ -280,6 +280,10 @@ mod tests {
         assert!(!costlier("m=19456,t=2,p=1"), "the current cost");
         assert!(!costlier("m=4096,t=3,p=1"), "cheaper ones are padded");
         assert!(!costlier("m=19456,t=2,p=4"), "more lanes are not more work");
+        assert!(
+            costlier("m=32768,t=1,p=1"),
+            "less work, but more memory than a hashing thread holds"
+        );
     }
 
     #[test]

@@ -66,11 +66,13 @@ impl StoreError {
 }
 
 /// Whether a PostgreSQL SQLSTATE says the database cannot be used right now rather than that
-/// the statement was wrong: a connection exception (class 08), the server shutting down or
-/// terminating the connection (57P01–57P03), or the database not existing (3D000). SQLite's
-/// codes are numbers and never match.
+/// the statement was wrong: a connection exception (class 08, but not 08P01, a protocol
+/// violation, which is a bug to see as one), the server shutting down or terminating the
+/// connection (57P01–57P03), too many connections (53300), or the database not existing
+/// (3D000). SQLite's codes are numbers and never match.
 fn server_gone(sqlstate: &str) -> bool {
-    sqlstate.starts_with("08") || matches!(sqlstate, "57P01" | "57P02" | "57P03" | "3D000")
+    (sqlstate.starts_with("08") && sqlstate != "08P01")
+        || matches!(sqlstate, "57P01" | "57P02" | "57P03" | "53300" | "3D000")
 }
 
 impl From<sqlx::migrate::MigrateError> for StoreError {

@@ -444,7 +444,12 @@ async fn prod_refuses_insecure_settings_with_one_line_each() {
     )
     .await;
     assert_eq!(out.code, 2);
-    for key in ["signing_key", "allowed_origins", "public_url"] {
+    for key in [
+        "signing_key",
+        "allowed_origins",
+        "public_url",
+        "metrics_token",
+    ] {
         assert_eq!(
             out.stderr
                 .lines()
