@@ -7,6 +7,7 @@
 //! no one out.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration as StdDuration;
 
@@ -119,6 +120,12 @@ pub struct Keyset {
     settings: TokenSettings,
     clock: Arc<dyn Clock>,
     loaded: RwLock<Arc<Loaded>>,
+    /// Held while the keys are read from the store: one read at a time, each later than the
+    /// one before it, so that an older read never replaces a newer one.
+    reloading: tokio::sync::Mutex<()>,
+    /// When a reload was last tried (Unix ms), whether or not the store answered: a failing
+    /// store is not asked again on every request.
+    tried_at: AtomicI64,
 }
 
 impl std::fmt::Debug for Keyset {
@@ -166,7 +173,17 @@ impl Keyset {
             settings,
             clock,
             loaded: RwLock::new(Arc::new(loaded)),
+            reloading: tokio::sync::Mutex::new(()),
+            tried_at: AtomicI64::new(now.timestamp_millis()),
         })
+    }
+
+    /// How long since keys were last read, or a read was tried.
+    fn since_tried(&self, now: DateTime<Utc>) -> StdDuration {
+        let tried = DateTime::from_timestamp_millis(self.tried_at.load(Ordering::Relaxed))
+            .unwrap_or(now)
+            .max(self.current().at);
+        (now - tried).to_std().unwrap_or_default()
     }
 
     fn current(&self) -> Arc<Loaded> {
@@ -180,7 +197,16 @@ impl Keyset {
 
     /// Reads the keys from the store again (after a rotation or retirement elsewhere).
     pub async fn reload(&self) -> Result<(), KeyError> {
-        let fresh = build(&*self.store, self.configured.as_ref(), self.clock.now()).await?;
+        let _one = self.reloading.lock().await;
+        self.reload_held().await
+    }
+
+    /// [`Self::reload`] with `reloading` held.
+    async fn reload_held(&self) -> Result<(), KeyError> {
+        let now = self.clock.now();
+        self.tried_at
+            .store(now.timestamp_millis(), Ordering::Relaxed);
+        let fresh = build(&*self.store, self.configured.as_ref(), now).await?;
         *self
             .loaded
             .write()
@@ -246,11 +272,21 @@ impl Keyset {
         }
         let kid = header.kid.ok_or(TokenError::UnknownKey)?;
         let mut loaded = self.current();
-        let age = (now - loaded.at).to_std().unwrap_or_default();
-        // Another node may have rotated or retired a key: keys older than a minute are reread,
-        // and an unknown kid is looked up at once, though not on every request.
-        let missing = !loaded.verifiers.contains_key(&kid) && age >= RELOAD_ON_MISS_EVERY;
-        if (missing || age >= RELOAD_EVERY) && self.reload().await.is_ok() {
+        // Another node may have rotated or retired a key: keys older than a minute are reread
+        // (by one request; the others go on with the keys they have), and an unknown kid is
+        // looked up at once, though not more than every few seconds (a request that finds a
+        // read under way waits for it).
+        let age = self.since_tried(now);
+        if !loaded.verifiers.contains_key(&kid) && age >= RELOAD_ON_MISS_EVERY {
+            let _one = self.reloading.lock().await;
+            if self.since_tried(now) >= RELOAD_ON_MISS_EVERY {
+                let _ = self.reload_held().await;
+            }
+            loaded = self.current();
+        } else if age >= RELOAD_EVERY
+            && let Ok(_one) = self.reloading.try_lock()
+            && self.reload_held().await.is_ok()
+        {
             loaded = self.current();
         }
         let key = loaded.verifiers.get(&kid).ok_or(TokenError::UnknownKey)?;

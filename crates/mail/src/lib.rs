@@ -62,6 +62,11 @@ impl std::fmt::Debug for Mailer {
     }
 }
 
+/// The most background work (messages and [`Mailer::later`] work) waiting at once; past it new
+/// work is dropped and logged, so that a flood of requests that each start some cannot grow
+/// memory without bound while the SMTP server or the store is slow.
+pub const MAX_PENDING: usize = 1000;
+
 /// The folder under the data folder that holds mail when no SMTP server is configured.
 pub const OUTBOX: &str = "outbox";
 
@@ -135,7 +140,8 @@ impl Mailer {
 
     /// Runs `work` in the background, counted like a message waiting to be sent, so that
     /// [`Mailer::drain`] also waits for work that ends in a message (storing the token a mail
-    /// carries, then sending it). `work` logs its own failures.
+    /// carries, then sending it). `work` logs its own failures. With [`MAX_PENDING`] already
+    /// waiting, `work` is dropped (and logged) instead: the caller's answer does not change.
     pub fn later(
         self: &std::sync::Arc<Self>,
         work: impl std::future::Future<Output = ()> + Send + 'static,
@@ -149,7 +155,14 @@ impl Mailer {
                 }
             }
         }
-        self.pending.fetch_add(1, Ordering::SeqCst);
+        if self.pending.fetch_add(1, Ordering::SeqCst) >= MAX_PENDING {
+            drop(Pending(std::sync::Arc::clone(self)));
+            tracing::error!(
+                limit = MAX_PENDING,
+                "background mail work dropped: too much is waiting already"
+            );
+            return;
+        }
         let pending = Pending(std::sync::Arc::clone(self));
         // In the caller's span, so that a failure is logged with the request's trace id.
         let work = tracing::Instrument::in_current_span(work);
@@ -225,6 +238,32 @@ mod tests {
         assert_eq!(
             written, 1,
             "the message of the later work is sent before drain returns"
+        );
+    }
+
+    #[tokio::test]
+    async fn work_past_the_limit_is_dropped_and_the_rest_still_drains() {
+        let dir = tempfile::tempdir().unwrap();
+        let mailer = outbox_mailer(dir.path());
+        let (go, wait) = tokio::sync::watch::channel(false);
+        let ran = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        for _ in 0..MAX_PENDING + 5 {
+            let mut wait = wait.clone();
+            let ran = Arc::clone(&ran);
+            mailer.later(async move {
+                let _ = wait.wait_for(|go| *go).await;
+                ran.fetch_add(1, Ordering::SeqCst);
+            });
+        }
+        assert_eq!(mailer.pending.load(Ordering::SeqCst), MAX_PENDING);
+        go.send_replace(true);
+        tokio::time::timeout(std::time::Duration::from_secs(10), mailer.drain())
+            .await
+            .expect("drained");
+        assert_eq!(
+            ran.load(Ordering::SeqCst),
+            MAX_PENDING,
+            "the 5 past the limit never ran"
         );
     }
 
