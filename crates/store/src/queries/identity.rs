@@ -619,6 +619,14 @@ macro_rules! identity_queries {
                 ) -> Result<(), StoreError> {
                     let err = |e| StoreError::from_sqlx("token", e);
                     let mut tx = self.pool.begin().await.map_err(err)?;
+                    // The user's row is locked first (a write that changes nothing), so that two
+                    // issues for one user run one after the other and each sees the other's
+                    // token: under PostgreSQL's READ COMMITTED both would otherwise stay valid.
+                    sqlx::query("UPDATE users SET id = id WHERE id = $1")
+                        .bind(Store::id(user.0))
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(err)?;
                     sqlx::query(
                         "UPDATE one_time_tokens SET used_at = $3 \
                          WHERE user_id = $1 AND purpose = $2 AND used_at IS NULL",

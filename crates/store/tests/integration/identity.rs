@@ -497,6 +497,39 @@ async fn audit_events_page_newest_first(db: &TestDb) {
 }
 both_backends!(audit_events_page_newest_first);
 
+/// Tokens issued for one user at the same time leave exactly one usable: each issue sees the
+/// ones before it.
+async fn concurrent_one_time_tokens_leave_one_usable(db: &TestDb) {
+    migrated(db).await;
+    let owner = user(db, "race@example.com", None).await;
+    let purpose = TokenPurpose::ResetPassword;
+    let later = now() + Duration::minutes(30);
+    let issues = (0..8).map(|i| {
+        let store = db.store.clone();
+        tokio::spawn(async move {
+            store
+                .issue_one_time_token(&format!("race{i}"), owner, purpose, now(), later)
+                .await
+        })
+    });
+    for issue in issues.collect::<Vec<_>>() {
+        issue.await.unwrap().unwrap();
+    }
+    let mut usable = 0;
+    for i in 0..8 {
+        if db
+            .store
+            .peek_one_time_token(&format!("race{i}"), purpose, now())
+            .await
+            .is_ok()
+        {
+            usable += 1;
+        }
+    }
+    assert_eq!(usable, 1, "exactly the last one issued stays usable");
+}
+both_backends!(concurrent_one_time_tokens_leave_one_usable);
+
 async fn one_time_tokens_work_once_and_only_the_newest(db: &TestDb) {
     migrated(db).await;
     let owner = user(db, "ivy@example.com", None).await;
