@@ -968,6 +968,21 @@ impl Identity {
             .await;
             return Err(IdentityError::Disabled);
         }
+        if user.email_verified_at.is_none() && self.hide_existing {
+            // Hidden accounts are usable once their owner proved the address: else registering
+            // an email with a chosen password and logging in with it would tell whether the
+            // email was free. The right password answers like a wrong one, and the address gets
+            // a fresh verification link.
+            self.metrics.failure("email_not_verified");
+            let event = account::AuditLater {
+                kind: "login.refused",
+                actor: Some(user.id),
+                subject: Some(user.id.to_string()),
+                detail: serde_json::json!({ "reason": "email_not_verified" }),
+            };
+            self.after_answer(event, self.verification_token(user.id, &user.email), ctx);
+            return Err(IdentityError::InvalidCredentials);
+        }
         if self.require_verified && user.email_verified_at.is_none() {
             self.metrics.failure("email_not_verified");
             return Err(IdentityError::EmailNotVerified);

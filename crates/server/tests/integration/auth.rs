@@ -1457,7 +1457,11 @@ async fn lock_out(app: &TestApp, email: &str) {
 /// is checked as usual. At a re-authentication, an overlong password is a wrong one.
 async fn overlong_passwords_are_wrong_unhashed(backend: Backend) {
     let app = behind_proxy(backend, |c| c.hide_existing_accounts = true).await;
-    let pair = signed_in(&app, "ann@example.com").await;
+    assert_eq!(register(&app, "ann@example.com").await.status(), 201);
+    verified(&app, "ann@example.com").await;
+    let response = login(&app, "ann@example.com", PASSWORD).await;
+    assert_eq!(response.status(), 200);
+    let pair: Value = response.json().await.unwrap();
     let overlong = "é".repeat(513);
     assert_eq!(overlong.len(), 1026);
     let failures = || async {
@@ -1514,6 +1518,53 @@ async fn overlong_passwords_are_wrong_unhashed(backend: Backend) {
 }
 on_both_backends!(overlong_passwords_are_wrong_unhashed);
 
+/// Marks `email`'s address as verified, as following the mailed link does.
+async fn verified(app: &TestApp, email: &str) {
+    let user = app
+        .db
+        .store
+        .user_by_email(&unhidra_core::Email::parse(email).unwrap())
+        .await
+        .unwrap();
+    app.db
+        .store
+        .set_email_verified(user.id, chrono::Utc::now())
+        .await
+        .unwrap();
+}
+
+/// With accounts hidden, an account is usable once its address is verified: else whoever
+/// registers an email with a password of their choosing and logs in with it would learn
+/// whether the email was free. The right password of an unverified account answers like a
+/// wrong one and mails a fresh link; after following it, the login works.
+async fn hidden_accounts_log_in_only_once_verified(backend: Backend) {
+    let app = behind_proxy(backend, |c| c.hide_existing_accounts = true).await;
+    assert_eq!(register(&app, "new@example.com").await.status(), 201);
+    let mailed = app.mails().await.len();
+    let unknown = shape(
+        login_from(&app, "10.7.7.7", "nobody@example.com", WRONG).await,
+        &[],
+    )
+    .await;
+    let right = shape(
+        login_from(&app, "10.7.7.7", "new@example.com", PASSWORD).await,
+        &[],
+    )
+    .await;
+    assert_eq!(
+        right, unknown,
+        "the right password of an unverified account"
+    );
+    let mails = app.mails().await;
+    assert_eq!(mails.len(), mailed + 1, "a fresh verification link");
+    let code = mails.last().unwrap().code();
+    let followed = post(&app, "/api/v1/auth/verify-email", json!({ "token": code })).await;
+    assert_eq!(followed.status(), 204);
+    assert_eq!(login(&app, "new@example.com", PASSWORD).await.status(), 200);
+    app.shutdown().await;
+}
+on_both_backends!(hidden_accounts_log_in_only_once_verified);
+
 /// An Argon2id hash of [`PASSWORD`] at `memory_kib` KiB and one pass.
 async fn argon2_hash(memory_kib: u32) -> String {
     use unhidra_server::identity::hasher::{HashParams, Hasher};
@@ -1545,9 +1596,9 @@ async fn hidden_accounts_answer_every_wrong_password_alike(backend: Backend) {
     let summary = import_users(
         &app,
         &[
-            json!({ "email": "leg@example.com", "sha256": sha256, "salt": "NaCl" }),
-            json!({ "email": "low@example.com", "password_hash": argon2_hash(64).await }),
-            json!({ "email": "big@example.com", "password_hash": argon2_hash(4096).await }),
+            json!({ "email": "leg@example.com", "sha256": sha256, "salt": "NaCl", "email_verified": true }),
+            json!({ "email": "low@example.com", "password_hash": argon2_hash(64).await, "email_verified": true }),
+            json!({ "email": "big@example.com", "password_hash": argon2_hash(4096).await, "email_verified": true }),
         ],
     )
     .await;
