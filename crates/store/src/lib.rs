@@ -11,6 +11,7 @@
 mod dialect;
 mod error;
 pub mod identity;
+pub mod jobs;
 mod meta;
 mod migrations;
 mod postgres;
@@ -29,6 +30,7 @@ use async_trait::async_trait;
 
 pub use error::StoreError;
 pub use identity::{AuditStore, KeyStore, MfaStore, OneTimeTokenStore, SessionStore, UserStore};
+pub use jobs::JobStore;
 pub use meta::{INSTANCE_ID, MetaStore};
 pub use postgres::PostgresStore;
 pub use rooms::RoomStore;
