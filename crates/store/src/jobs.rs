@@ -116,6 +116,13 @@ impl UniqueStates {
     pub fn contains(self, state: JobState) -> bool {
         self.0 & state.bit() != 0
     }
+
+    /// Whether a job with a unique key may have this mask: it holds every state before the job
+    /// finishes ([`Self::UNFINISHED`]), so a key stops counting only when its job finishes, and
+    /// no move between waiting and running can find the key taken.
+    pub fn is_storable(self) -> bool {
+        self.0 & Self::UNFINISHED.0 == Self::UNFINISHED.0
+    }
 }
 
 /// A job to enqueue.
@@ -339,6 +346,7 @@ pub enum Enqueued {
 #[async_trait]
 pub trait JobStore {
     /// Stores `job`, unless a job with its unique key exists in a state where the key counts.
+    /// `Invalid` for a unique key whose states are not [`UniqueStates::is_storable`].
     async fn enqueue_job(&self, job: &NewJob) -> Result<Enqueued, StoreError>;
 
     /// Moves up to `limit` jobs of `queue` that are due at `now` (`available`, or `scheduled`
@@ -366,7 +374,9 @@ pub trait JobStore {
 
     /// Records the end of attempts, each with its history entry, in one transaction. An end
     /// reported for a job that is no longer `running` under that worker and attempt (its lease
-    /// ran out and another worker took it) is ignored. Answers the jobs as stored after it.
+    /// ran out and another worker took it) is ignored. Answers the jobs whose end was recorded,
+    /// as stored after it (a `Retry` of a job whose cancellation was asked for makes it
+    /// `cancelled`).
     async fn finish_jobs(
         &self,
         finished: &[Finished],
@@ -384,11 +394,12 @@ pub trait JobStore {
     async fn cancel_job(&self, id: Uuid, now: DateTime<Utc>) -> Result<JobRecord, StoreError>;
 
     /// Puts a `discarded` or `cancelled` job back to `available` at `now` with its attempts
-    /// reset. `NotFound` for no such job; a job in another state is answered unchanged.
+    /// reset. `NotFound` for no such job; a job in another state is answered unchanged;
+    /// `Conflict` if another job holds its unique key now.
     async fn retry_job(&self, id: Uuid, now: DateTime<Utc>) -> Result<JobRecord, StoreError>;
 
-    /// Puts every `discarded` job matching `kind` (all kinds if `None`) back to `available`;
-    /// answers how many.
+    /// Puts every `discarded` job matching `kind` (all kinds if `None`) back to `available`,
+    /// but for one whose unique key another job holds now; answers how many.
     async fn requeue_discarded(
         &self,
         kind: Option<&str>,
@@ -398,7 +409,8 @@ pub trait JobStore {
     /// Deletes every `discarded` job matching `kind` (all kinds if `None`); answers how many.
     async fn purge_discarded(&self, kind: Option<&str>) -> Result<u64, StoreError>;
 
-    /// A job with its attempts, oldest first. `NotFound` for no such job.
+    /// A job with its attempts, oldest first (after a retry its attempts count from 1 again).
+    /// `NotFound` for no such job.
     async fn job(&self, id: Uuid) -> Result<(JobRecord, Vec<AttemptRecord>), StoreError>;
 
     /// Jobs matching `filter`, newest first, `limit` from `offset`.
@@ -419,4 +431,157 @@ pub trait JobStore {
     /// Deletes jobs that reached a final state before `before`, with their attempts, at most
     /// `limit` at a time; answers how many.
     async fn prune_jobs(&self, before: DateTime<Utc>, limit: u32) -> Result<u64, StoreError>;
+}
+
+/// The state a new job starts in.
+pub(crate) fn initial_state(job: &NewJob) -> JobState {
+    if job.run_at > job.created_at {
+        JobState::Scheduled
+    } else {
+        JobState::Available
+    }
+}
+
+/// Reads a stored state back.
+pub(crate) fn stored_state(text: &str) -> Result<JobState, StoreError> {
+    JobState::parse(text)
+        .ok_or_else(|| StoreError::Other(format!("stored job state {text:?}").into()))
+}
+
+/// Reads a stored attempt outcome back.
+pub(crate) fn stored_outcome(text: &str) -> Result<AttemptOutcome, StoreError> {
+    AttemptOutcome::parse(text)
+        .ok_or_else(|| StoreError::Other(format!("stored attempt outcome {text:?}").into()))
+}
+
+/// What a reported end stores: the state (before a cancellation overrides a retry), the
+/// attempt's outcome and error, and the next `run_at`.
+pub(crate) fn finish_parts(
+    finish: &Finish,
+) -> (
+    JobState,
+    AttemptOutcome,
+    Option<&str>,
+    Option<DateTime<Utc>>,
+) {
+    match finish {
+        Finish::Completed => (JobState::Completed, AttemptOutcome::Completed, None, None),
+        Finish::Retry {
+            error,
+            retry_at,
+            outcome,
+        } => (JobState::Retryable, *outcome, Some(error), Some(*retry_at)),
+        Finish::Discard { error, outcome } => (JobState::Discarded, *outcome, Some(error), None),
+        Finish::Cancelled => (JobState::Cancelled, AttemptOutcome::Cancelled, None, None),
+    }
+}
+
+/// The advisory lock that serialises claims of one concurrency key on PostgreSQL: FNV-1a of
+/// the key, computed here rather than by the server so that every node sorts the locks of a
+/// batch the same way (taken in that order, they cannot deadlock), and stable across builds
+/// (std's hasher is not) so that nodes of two versions agree during a rolling upgrade.
+pub(crate) fn concurrency_lock_id(key: &str) -> i64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in b"unhidra.jobs.concurrency:".iter().chain(key.as_bytes()) {
+        hash ^= u64::from(*byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    i64::from_be_bytes(hash.to_be_bytes())
+}
+
+/// Whether a claimed batch keeps every concurrency limit, given how many jobs of each of its
+/// keys run now (the batch's own included): the claim's rule again, with a fresh count. The
+/// jobs of a key in the batch are ranked as the claim ranks them; the n-th may run only while
+/// fewer than its limit run besides it and the n − 1 before it.
+pub(crate) fn within_limits(batch: &[JobRecord], running: &[(String, i64)]) -> bool {
+    let mut keyed: Vec<&JobRecord> = batch
+        .iter()
+        .filter(|j| j.concurrency_key.is_some())
+        .collect();
+    keyed.sort_by(|a, b| {
+        (&a.concurrency_key, a.priority, a.run_at, a.id).cmp(&(
+            &b.concurrency_key,
+            b.priority,
+            b.run_at,
+            b.id,
+        ))
+    });
+    let mut rank = 0_i64;
+    let mut previous: Option<&str> = None;
+    keyed.iter().all(|job| {
+        let key = job.concurrency_key.as_deref().unwrap_or_default();
+        rank = if previous == Some(key) { rank + 1 } else { 1 };
+        previous = Some(key);
+        let ours = batch
+            .iter()
+            .filter(|j| j.concurrency_key.as_deref() == Some(key))
+            .count();
+        let all = running
+            .iter()
+            .find(|(k, _)| k == key)
+            .map_or(0, |(_, n)| *n);
+        let others = all - i64::try_from(ours).unwrap_or(i64::MAX);
+        others + rank <= i64::from(job.concurrency_limit)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keyed(key: &str, priority: i16, limit: i32) -> JobRecord {
+        let t = DateTime::from_timestamp(1_700_000_000, 0).unwrap_or_default();
+        JobRecord {
+            id: Uuid::new_v4(),
+            kind: "k".into(),
+            queue: "q".into(),
+            payload: String::new(),
+            priority,
+            state: JobState::Running,
+            run_at: t,
+            attempt: 1,
+            max_attempts: 3,
+            timeout_ms: 1000,
+            unique_key: None,
+            unique_states: UniqueStates::DEFAULT,
+            concurrency_key: Some(key.into()),
+            concurrency_limit: limit,
+            leased_by: Some("w".into()),
+            lease_until: Some(t),
+            last_error: None,
+            cancel_requested: false,
+            trace_id: None,
+            created_at: t,
+            finished_at: None,
+        }
+    }
+
+    #[test]
+    fn a_batch_keeps_its_limits_only_with_the_others_running() {
+        let batch = [keyed("a", 0, 2), keyed("a", 1, 2), keyed("b", 0, 1)];
+        let counts = |a: i64, b: i64| vec![("a".to_owned(), a), ("b".to_owned(), b)];
+        assert!(within_limits(&batch, &counts(2, 1)));
+        // Another node's job of `a` runs as well: three of a limit of two.
+        assert!(!within_limits(&batch, &counts(3, 1)));
+        assert!(!within_limits(&batch, &counts(2, 2)));
+        // A job's own limit counts: the second of `a` may not run beside one other.
+        let mixed = [keyed("a", 0, 5), keyed("a", 1, 1)];
+        assert!(!within_limits(&mixed, &[("a".to_owned(), 2)]));
+        let mixed = [keyed("a", 0, 1), keyed("a", 1, 5)];
+        assert!(within_limits(&mixed, &[("a".to_owned(), 2)]));
+    }
+
+    #[test]
+    fn lock_ids_are_stable() {
+        assert_eq!(concurrency_lock_id("a"), concurrency_lock_id("a"));
+        assert_ne!(concurrency_lock_id("a"), concurrency_lock_id("b"));
+    }
+
+    #[test]
+    fn masks_without_a_waiting_state_are_refused() {
+        assert!(UniqueStates::DEFAULT.is_storable());
+        assert!(UniqueStates::UNFINISHED.is_storable());
+        assert!(!UniqueStates::of(&[JobState::Running]).is_storable());
+        assert!(!UniqueStates(0).is_storable());
+    }
 }

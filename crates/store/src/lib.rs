@@ -110,6 +110,7 @@ pub trait Store:
     + OneTimeTokenStore
     + MfaStore
     + RoomStore
+    + JobStore
     + fmt::Debug
     + Send
     + Sync
