@@ -56,8 +56,16 @@ mod tests {
         };
         let ceilings: Vec<u64> = (1..=7).map(|n| backoff.ceiling(n).as_secs()).collect();
         assert_eq!(ceilings, [2, 4, 8, 16, 32, 60, 60]);
-        assert_eq!(backoff.ceiling(0), Duration::from_secs(2), "0 counts as the first");
-        assert_eq!(backoff.ceiling(i32::MAX), Duration::from_secs(60), "no overflow");
+        assert_eq!(
+            backoff.ceiling(0),
+            Duration::from_secs(2),
+            "0 counts as the first"
+        );
+        assert_eq!(
+            backoff.ceiling(i32::MAX),
+            Duration::from_secs(60),
+            "no overflow"
+        );
     }
 
     #[test]
@@ -69,8 +77,14 @@ mod tests {
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
         let waits: Vec<Duration> = (0..2000).map(|_| backoff.delay(4, &mut rng)).collect();
         assert!(waits.iter().all(|w| *w <= Duration::from_secs(8)));
-        let low = waits.iter().filter(|w| **w < Duration::from_secs(2)).count();
-        let high = waits.iter().filter(|w| **w > Duration::from_secs(6)).count();
+        let low = waits
+            .iter()
+            .filter(|w| **w < Duration::from_secs(2))
+            .count();
+        let high = waits
+            .iter()
+            .filter(|w| **w > Duration::from_secs(6))
+            .count();
         // Uniform over [0, 8 s]: about a quarter in each of these ends.
         assert!((350..650).contains(&low), "{low} waits under 2 s");
         assert!((350..650).contains(&high), "{high} waits over 6 s");

@@ -251,12 +251,7 @@ impl JobsBuilder {
     /// # Panics
     /// If `kind` is registered twice or is not a valid name: a programming error.
     #[must_use]
-    pub fn register(
-        mut self,
-        kind: &str,
-        handler: impl Handler,
-        options: KindOptions,
-    ) -> Self {
+    pub fn register(mut self, kind: &str, handler: impl Handler, options: KindOptions) -> Self {
         assert!(valid_name(kind), "job kind {kind:?} is not a valid name");
         assert!(valid_name(&options.queue), "queue {:?}", options.queue);
         let previous = self.kinds.insert(
@@ -440,7 +435,7 @@ impl Jobs {
     /// Starts this node's workers, one per configured queue; they stop when `shutdown` turns
     /// true, after the attempts in flight end (or are stopped at their timeout).
     pub fn start(self: &Arc<Self>, shutdown: watch::Receiver<bool>) -> Workers {
-        Workers::start(Arc::clone(self), shutdown)
+        Workers::start(self, shutdown)
     }
 }
 
@@ -457,4 +452,3 @@ fn valid_name(name: &str) -> bool {
 fn valid_key(key: &str) -> bool {
     !key.is_empty() && key.len() <= MAX_NAME && !key.chars().any(char::is_control)
 }
-

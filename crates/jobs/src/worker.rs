@@ -29,14 +29,14 @@ pub struct Workers {
 }
 
 impl Workers {
-    pub(crate) fn start(jobs: Arc<Jobs>, shutdown: watch::Receiver<bool>) -> Self {
+    pub(crate) fn start(jobs: &Arc<Jobs>, shutdown: watch::Receiver<bool>) -> Self {
         let mut tasks = Vec::new();
         for (queue, concurrency) in jobs.config.queues.clone() {
-            let worker = QueueWorker::new(Arc::clone(&jobs), queue, concurrency.max(1));
+            let worker = QueueWorker::new(Arc::clone(jobs), queue, concurrency.max(1));
             tasks.push(tokio::spawn(worker.run(shutdown.clone())));
         }
         if !jobs.config.queues.is_empty() {
-            tasks.push(tokio::spawn(maintain(Arc::clone(&jobs), shutdown)));
+            tasks.push(tokio::spawn(maintain(Arc::clone(jobs), shutdown)));
         }
         Self { tasks }
     }

@@ -133,16 +133,22 @@ impl Harness {
 
     /// Waits (at most 10 s) until the job is in `state`.
     async fn until(&self, id: Uuid, state: JobState) -> JobRecord {
+        self.until_attempt(id, state, None).await
+    }
+
+    /// Waits (at most 10 s) until the job is in `state` (after attempt `attempt`, if given).
+    async fn until_attempt(&self, id: Uuid, state: JobState, attempt: Option<i32>) -> JobRecord {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {
             let (job, _) = self.jobs.job(id).await.expect("job");
-            if job.state == state {
+            if job.state == state && attempt.is_none_or(|a| a == job.attempt) {
                 return job;
             }
             assert!(
                 tokio::time::Instant::now() < deadline,
-                "job still {:?}, not {state:?}: {job:?}",
-                job.state
+                "job still {:?} after attempt {}, not {state:?} after {attempt:?}: {job:?}",
+                job.state,
+                job.attempt
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -180,13 +186,20 @@ async fn a_job_that_fails_twice_is_retried_with_backoff_and_completes(backend: B
     .await;
     let job = h.enqueue("flaky").await;
     for failure in 1..=2 {
-        let retryable = h.until(job.id, JobState::Retryable).await;
-        assert_eq!(retryable.attempt, failure);
-        assert_eq!(retryable.last_error.as_deref(), Some(&*format!("failure {failure}")));
+        let retryable = h
+            .until_attempt(job.id, JobState::Retryable, Some(failure))
+            .await;
+        assert_eq!(
+            retryable.last_error.as_deref(),
+            Some(&*format!("failure {failure}"))
+        );
         // Full jitter: somewhere in [now, now + 10 s × 2^(n-1)].
         let wait = retryable.run_at - h.clock.now();
         assert!(wait >= chrono::Duration::zero());
-        assert!(wait <= chrono::Duration::seconds(10 << (failure - 1)), "{wait}");
+        assert!(
+            wait <= chrono::Duration::seconds(10 << (failure - 1)),
+            "{wait}"
+        );
         // Not claimed before its time has come.
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert_eq!(flaky.calls.load(Ordering::SeqCst), failure as u32);
@@ -205,7 +218,11 @@ async fn a_job_that_fails_twice_is_retried_with_backoff_and_completes(backend: B
         ]
     );
     assert_eq!(attempts[0].error.as_deref(), Some("failure 1"));
-    assert_eq!(flaky.calls.load(Ordering::SeqCst), 3, "exactly once per attempt");
+    assert_eq!(
+        flaky.calls.load(Ordering::SeqCst),
+        3,
+        "exactly once per attempt"
+    );
     h.stop().await;
 }
 on_both!(a_job_that_fails_twice_is_retried_with_backoff_and_completes);
@@ -229,7 +246,10 @@ async fn attempts_used_up_discard_the_job_and_a_retry_requeues_it(backend: Backe
     assert_eq!(attempts.last().unwrap().outcome, AttemptOutcome::Discarded);
     // An operator sends it back: fresh attempts, and this time it succeeds.
     let requeued = h.jobs.retry(job.id).await.unwrap();
-    assert!(matches!(requeued.state, JobState::Available | JobState::Running | JobState::Completed));
+    assert!(matches!(
+        requeued.state,
+        JobState::Available | JobState::Running | JobState::Completed
+    ));
     h.until(job.id, JobState::Completed).await;
     assert_eq!(flaky.calls.load(Ordering::SeqCst), 3);
     h.stop().await;
@@ -314,7 +334,10 @@ async fn cancelling_a_running_job_reaches_its_handler(backend: Backend) {
         panic!("new")
     };
     assert_eq!(later.state, JobState::Scheduled);
-    assert_eq!(h.jobs.cancel(later.id).await.unwrap().state, JobState::Cancelled);
+    assert_eq!(
+        h.jobs.cancel(later.id).await.unwrap().state,
+        JobState::Cancelled
+    );
     h.clock.advance(chrono::Duration::hours(2));
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(slow.started.load(Ordering::SeqCst), 1);
@@ -322,7 +345,9 @@ async fn cancelling_a_running_job_reaches_its_handler(backend: Backend) {
 }
 on_both!(cancelling_a_running_job_reaches_its_handler);
 
-async fn a_lost_lease_is_rescued_counting_the_attempt_and_a_late_report_changes_nothing(backend: Backend) {
+async fn a_lost_lease_is_rescued_counting_the_attempt_and_a_late_report_changes_nothing(
+    backend: Backend,
+) {
     let flaky = Arc::new(Flaky::default());
     let h = Harness::start(backend, Duration::from_millis(300), |b| {
         b.register("flaky", Shared(Arc::clone(&flaky)), options(5))
@@ -340,12 +365,17 @@ async fn a_lost_lease_is_rescued_counting_the_attempt_and_a_late_report_changes_
         panic!("new")
     };
     let now = h.clock.now();
-    let claimed = h
-        .db
-        .store
-        .claim_jobs("elsewhere", 1, "dead-node/elsewhere", now, now + chrono::Duration::seconds(5))
-        .await
-        .unwrap();
+    let claimed =
+        h.db.store
+            .claim_jobs(
+                "elsewhere",
+                1,
+                "dead-node/elsewhere",
+                now,
+                now + chrono::Duration::seconds(5),
+            )
+            .await
+            .unwrap();
     assert_eq!(claimed.len(), 1);
     assert_eq!(claimed[0].id, stored.id);
     // The dead node's lease ends; the rescue makes the job due again (in its own queue).
@@ -363,8 +393,14 @@ async fn a_lost_lease_is_rescued_counting_the_attempt_and_a_late_report_changes_
         started_at: now,
         finish: unhidra_store::jobs::Finish::Completed,
     };
-    h.db.store.finish_jobs(&[late], h.clock.now()).await.unwrap();
-    assert_eq!(h.jobs.job(stored.id).await.unwrap().0.state, JobState::Retryable);
+    h.db.store
+        .finish_jobs(&[late], h.clock.now())
+        .await
+        .unwrap();
+    assert_eq!(
+        h.jobs.job(stored.id).await.unwrap().0.state,
+        JobState::Retryable
+    );
     h.stop().await;
 }
 on_both!(a_lost_lease_is_rescued_counting_the_attempt_and_a_late_report_changes_nothing);
@@ -443,8 +479,14 @@ async fn bad_jobs_are_refused_and_store_nothing(backend: Backend) {
         .await;
     assert!(matches!(refused, Err(JobsError::UnknownKind(k)) if k == "no-such-kind"));
     let big = json!({ "blob": "x".repeat(70 * 1024) });
-    let refused = h.jobs.enqueue("flaky", &big, EnqueueOptions::default()).await;
-    assert!(matches!(refused, Err(JobsError::Invalid("payload", "too_large", _))));
+    let refused = h
+        .jobs
+        .enqueue("flaky", &big, EnqueueOptions::default())
+        .await;
+    assert!(matches!(
+        refused,
+        Err(JobsError::Invalid("payload", "too_large", _))
+    ));
     for options in [
         EnqueueOptions {
             max_attempts: Some(0),
@@ -464,14 +506,16 @@ async fn bad_jobs_are_refused_and_store_nothing(backend: Backend) {
         },
     ] {
         let refused = h.jobs.enqueue("flaky", &json!({}), options).await;
-        assert!(matches!(refused, Err(JobsError::Invalid(..))), "{refused:?}");
+        assert!(
+            matches!(refused, Err(JobsError::Invalid(..))),
+            "{refused:?}"
+        );
     }
-    let listed = h
-        .db
-        .store
-        .list_jobs(&unhidra_store::jobs::JobFilter::default(), 100, 0)
-        .await
-        .unwrap();
+    let listed =
+        h.db.store
+            .list_jobs(&unhidra_store::jobs::JobFilter::default(), 100, 0)
+            .await
+            .unwrap();
     assert!(listed.is_empty(), "nothing stored: {listed:?}");
     h.stop().await;
 }
