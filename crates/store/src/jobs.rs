@@ -385,7 +385,8 @@ pub trait JobStore {
 
     /// Jobs `running` whose lease ended before `now` (their worker died or stalled): each
     /// attempt is recorded as `lease_lost` and the job is `retryable` at `now` if it has
-    /// attempts left, else `discarded`. Answers how many were rescued.
+    /// attempts left, else `discarded` (`cancelled` if that was asked for). Answers how many
+    /// were rescued.
     async fn rescue_expired_leases(&self, now: DateTime<Utc>) -> Result<u64, StoreError>;
 
     /// Cancels a job: one not yet running becomes `cancelled`; a running one is marked, and

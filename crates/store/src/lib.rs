@@ -6,7 +6,8 @@
 //! each backend (what the engines do differently is each backend's `Dialect`), and its
 //! migrations in `migrations/<backend>/`; [`Store`] gathers them, so callers hold one
 //! `Arc<dyn Store>`.
-//! The [`identity`] module holds users, sessions, signing keys and the audit log.
+//! The [`identity`] module holds users, sessions, signing keys and the audit log; [`jobs`] the
+//! durable job queue.
 
 mod dialect;
 mod error;

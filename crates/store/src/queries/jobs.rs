@@ -53,6 +53,15 @@ macro_rules! job_queries {
                 state.bit().to_string()
             }
 
+            /// What an operator's retry sets: `available` at `$2`, its attempts counted anew.
+            fn back_to_available() -> String {
+                format!(
+                    "state = 'available', attempt = 0, run_at = $2, unique_live = {}, \
+                     finished_at = NULL, cancel_requested = FALSE",
+                    live(&bit(JobState::Available))
+                )
+            }
+
             fn job(row: &Row) -> Result<JobRecord, StoreError> {
                 Ok(JobRecord {
                     id: Store::read_id(get(row, "id")?)?,
@@ -104,6 +113,26 @@ macro_rules! job_queries {
                             .await
                             .map_err(err)?;
                     job(&row)
+                }
+
+                /// Runs `update` (`$1` the job's id, `$2` the time) on one job; a job it does
+                /// not match is answered as stored.
+                async fn change_job(
+                    &self,
+                    update: &str,
+                    id: Uuid,
+                    now: DateTime<Utc>,
+                ) -> Result<JobRecord, StoreError> {
+                    let row = sqlx::query(update)
+                        .bind(Store::id(id))
+                        .bind(Store::time(now))
+                        .fetch_optional(&self.pool)
+                        .await
+                        .map_err(err)?;
+                    match row {
+                        Some(row) => job(&row),
+                        None => self.find_job(id).await,
+                    }
                 }
 
                 /// One claim: the statement, then on an engine where two claims can run at
@@ -288,8 +317,9 @@ macro_rules! job_queries {
                     // jobs without a key only, and the next one tries the keys again.
                     for round in 1..=CLAIM_ROUNDS {
                         let with_keys = round < CLAIM_ROUNDS;
+                        let limit = i64::from(limit);
                         let claimed = self
-                            .claim_round(queue, i64::from(limit), worker, now, lease_until, with_keys)
+                            .claim_round(queue, limit, worker, now, lease_until, with_keys)
                             .await?;
                         if let Some(claimed) = claimed {
                             return Ok(claimed);
@@ -447,7 +477,8 @@ macro_rules! job_queries {
                         let mut move_them = QueryBuilder::<Db>::new(&set);
                         move_them
                             .push_bind(Store::time(now))
-                            .push(" END, run_at = CASE WHEN attempt >= max_attempts THEN run_at ELSE ")
+                            .push(" END, run_at = CASE WHEN attempt >= max_attempts \
+                                   THEN run_at ELSE ")
                             .push_bind(Store::time(now))
                             .push(" END, last_error = ")
                             .push_bind(ERROR)
@@ -487,7 +518,7 @@ macro_rules! job_queries {
                     now: DateTime<Utc>,
                 ) -> Result<JobRecord, StoreError> {
                     // A running job is only marked: its worker stops it and reports the end.
-                    let row = sqlx::query(&format!(
+                    let update = format!(
                         "UPDATE jobs SET \
                          cancel_requested = CASE WHEN state = 'running' THEN TRUE \
                          ELSE cancel_requested END, \
@@ -496,16 +527,8 @@ macro_rules! job_queries {
                          state = CASE WHEN state = 'running' THEN state ELSE 'cancelled' END \
                          WHERE id = $1 AND NOT {FINAL} RETURNING {JOB_COLUMNS}",
                         live(&bit(JobState::Cancelled)),
-                    ))
-                    .bind(Store::id(id))
-                    .bind(Store::time(now))
-                    .fetch_optional(&self.pool)
-                    .await
-                    .map_err(err)?;
-                    match row {
-                        Some(row) => job(&row),
-                        None => self.find_job(id).await,
-                    }
+                    );
+                    self.change_job(&update, id, now).await
                 }
 
                 async fn retry_job(
@@ -513,22 +536,12 @@ macro_rules! job_queries {
                     id: Uuid,
                     now: DateTime<Utc>,
                 ) -> Result<JobRecord, StoreError> {
-                    let row = sqlx::query(&format!(
-                        "UPDATE jobs SET state = 'available', attempt = 0, run_at = $2, \
-                         unique_live = {}, finished_at = NULL, cancel_requested = FALSE \
-                         WHERE id = $1 AND state IN ('discarded', 'cancelled') \
+                    let update = format!(
+                        "UPDATE jobs SET {} WHERE id = $1 AND state IN ('discarded', 'cancelled') \
                          RETURNING {JOB_COLUMNS}",
-                        live(&bit(JobState::Available)),
-                    ))
-                    .bind(Store::id(id))
-                    .bind(Store::time(now))
-                    .fetch_optional(&self.pool)
-                    .await
-                    .map_err(err)?;
-                    match row {
-                        Some(row) => job(&row),
-                        None => self.find_job(id).await,
-                    }
+                        back_to_available(),
+                    );
+                    self.change_job(&update, id, now).await
                 }
 
                 async fn requeue_discarded(
@@ -540,16 +553,15 @@ macro_rules! job_queries {
                     // jobs sharing a key only the one with the highest id comes back.
                     let available = bit(JobState::Available);
                     let done = sqlx::query(&format!(
-                        "UPDATE jobs SET state = 'available', attempt = 0, run_at = $2, \
-                         unique_live = {}, finished_at = NULL, cancel_requested = FALSE \
-                         WHERE state = 'discarded' AND (CAST($1 AS TEXT) IS NULL OR kind = $1) \
+                        "UPDATE jobs SET {} WHERE state = 'discarded' \
+                         AND (CAST($1 AS TEXT) IS NULL OR kind = $1) \
                          AND (unique_key IS NULL OR (unique_states & {available}) = 0 OR ( \
                          NOT EXISTS (SELECT 1 FROM jobs o WHERE o.unique_live = jobs.unique_key) \
                          AND NOT EXISTS (SELECT 1 FROM jobs d WHERE d.state = 'discarded' \
                          AND d.unique_key = jobs.unique_key AND d.id > jobs.id \
                          AND (d.unique_states & {available}) <> 0 \
                          AND (CAST($1 AS TEXT) IS NULL OR d.kind = $1))))",
-                        live(&available),
+                        back_to_available(),
                     ))
                     .bind(kind)
                     .bind(Store::time(now))

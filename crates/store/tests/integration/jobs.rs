@@ -10,7 +10,7 @@ use unhidra_store::jobs::{
     UniqueStates,
 };
 use unhidra_store::testing::TestDb;
-use unhidra_store::{Store, StoreError, both_backends};
+use unhidra_store::{Backend, Store, StoreError, both_backends};
 use uuid::Uuid;
 
 /// A time both engines store exactly (microseconds).
@@ -810,3 +810,78 @@ async fn pruning_removes_old_finished_jobs_with_their_attempts(db: &TestDb) {
     );
 }
 both_backends!(pruning_removes_old_finished_jobs_with_their_attempts);
+
+async fn odd_inputs_are_stored_or_refused_without_a_panic(db: &TestDb) {
+    db.store.migrate().await.unwrap();
+    let store = &*db.store;
+    let t = t0();
+    // The service validates these; the store keeps them and never panics on them.
+    let never = enqueue(
+        store,
+        &NewJob {
+            concurrency_key: Some("k".into()),
+            concurrency_limit: -1,
+            priority: i16::MIN,
+            ..new_job("odd", t)
+        },
+    )
+    .await;
+    let no_attempts = enqueue(
+        store,
+        &NewJob {
+            max_attempts: 0,
+            timeout_ms: -5,
+            payload: "é".into(),
+            ..new_job("odd", t)
+        },
+    )
+    .await;
+    let batch = claim(store, u32::MAX, "w", t).await;
+    assert_eq!(
+        ids(&batch),
+        [no_attempts.id],
+        "a limit below one never runs"
+    );
+    assert_eq!(batch[0].payload, "é");
+    // Its lease expires: with no attempt left, it is discarded.
+    assert_eq!(store.rescue_expired_leases(t + secs(31)).await.unwrap(), 1);
+    assert_eq!(
+        store.job(no_attempts.id).await.unwrap().0.state,
+        JobState::Discarded
+    );
+    assert_eq!(
+        store.job(never.id).await.unwrap().0.state,
+        JobState::Available
+    );
+    assert!(
+        store
+            .claim_jobs("", 10, "", t, t - secs(1))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // PostgreSQL text holds no NUL character: an error, not a panic.
+    let nul = NewJob {
+        payload: "a\u{0}b".into(),
+        ..new_job("odd", t)
+    };
+    match db.store.backend() {
+        Backend::Sqlite => assert!(store.enqueue_job(&nul).await.is_ok()),
+        Backend::Postgres => assert!(store.enqueue_job(&nul).await.is_err()),
+    }
+    // More ids than one statement binds.
+    let many: Vec<Uuid> = (0..1200).map(|_| Uuid::new_v4()).collect();
+    assert!(store.renew_leases("w", &many, t).await.unwrap().is_empty());
+    let filter = JobFilter {
+        text: Some("%_\\".into()),
+        ..JobFilter::default()
+    };
+    assert!(
+        store
+            .list_jobs(&filter, u32::MAX, 0)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+both_backends!(odd_inputs_are_stored_or_refused_without_a_panic);
