@@ -1,6 +1,11 @@
 //! The job system over a real store, on SQLite and PostgreSQL: retries with backoff, discards
 //! and requeues, timeouts, unique keys, cancellation, lost leases, wake-ups and bad input.
 
+#![allow(
+    clippy::unwrap_used,
+    reason = "test code: a panic is how a test reports failure"
+)]
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
