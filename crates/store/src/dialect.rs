@@ -30,6 +30,16 @@ pub(crate) trait Dialect {
     const AS_JSON: &'static str;
     /// The time `$1` less `r.retention_max_age` seconds, comparable with a stored time.
     const AGE_CUTOFF: &'static str;
+    /// How a transaction that writes begins: it must see, statement by statement, what other
+    /// transactions committed (the job claim's check of concurrency limits relies on it).
+    const BEGIN_WRITE: &'static str;
+    /// Written after the `SELECT` of rows a transaction is about to change, so that two
+    /// transactions never take the same row and neither waits for the other; empty where a
+    /// writing transaction has the database to itself.
+    const SKIP_LOCKED: &'static str;
+    /// A statement taking the transaction-long lock `$1` (a BIGINT), which serialises the claims
+    /// of one concurrency key across nodes; `None` where writers are serialised already.
+    const LOCK_KEY: Option<&'static str>;
     /// Full-text search: the terms `$1` in the rooms of user `$2` (or in room `$3` only), at
     /// most `$4`, best first, with the message's columns, `snippet` and `score` (higher is
     /// better).

@@ -6,11 +6,13 @@
 //! each backend (what the engines do differently is each backend's `Dialect`), and its
 //! migrations in `migrations/<backend>/`; [`Store`] gathers them, so callers hold one
 //! `Arc<dyn Store>`.
-//! The [`identity`] module holds users, sessions, signing keys and the audit log.
+//! The [`identity`] module holds users, sessions, signing keys and the audit log; [`jobs`] the
+//! durable job queue.
 
 mod dialect;
 mod error;
 pub mod identity;
+pub mod jobs;
 mod meta;
 mod migrations;
 mod postgres;
@@ -29,6 +31,7 @@ use async_trait::async_trait;
 
 pub use error::StoreError;
 pub use identity::{AuditStore, KeyStore, MfaStore, OneTimeTokenStore, SessionStore, UserStore};
+pub use jobs::JobStore;
 pub use meta::{INSTANCE_ID, MetaStore};
 pub use postgres::PostgresStore;
 pub use rooms::RoomStore;
@@ -108,6 +111,7 @@ pub trait Store:
     + OneTimeTokenStore
     + MfaStore
     + RoomStore
+    + JobStore
     + fmt::Debug
     + Send
     + Sync

@@ -33,6 +33,7 @@ pub(crate) const SQLITE: &[Embedded] = embedded!("sqlite":
     (0005, "rooms"),
     (0006, "search"),
     (0007, "session_factors"),
+    (0008, "jobs"),
 );
 
 /// PostgreSQL's migrations, oldest first, in step with [`SQLITE`].
@@ -45,6 +46,7 @@ pub(crate) const POSTGRES: &[Embedded] = embedded!("postgres":
     (0005, "rooms"),
     (0006, "search"),
     (0007, "session_factors"),
+    (0008, "jobs"),
 );
 
 #[derive(Debug)]

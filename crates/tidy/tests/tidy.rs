@@ -11,7 +11,12 @@ use serde_json::Value;
 
 /// Domain services: they take the store traits, a clock and their config, and return typed
 /// errors. HTTP belongs to the server, SQL to the store.
-const CAPABILITIES: &[&str] = &["unhidra-identity", "unhidra-chat", "unhidra-mail"];
+const CAPABILITIES: &[&str] = &[
+    "unhidra-identity",
+    "unhidra-chat",
+    "unhidra-mail",
+    "unhidra-jobs",
+];
 
 /// Crates of the HTTP and WebSocket stack.
 const HTTP: &[&str] = &[

@@ -15,6 +15,7 @@ use crate::{Backend, Health, Store, StoreError, StoreOptions};
 
 // The queries written once for both engines, expanded on this one's types.
 crate::queries::identity::identity_queries!(identity, super::PostgresStore);
+crate::queries::jobs::job_queries!(jobs, super::PostgresStore);
 crate::queries::meta::meta_queries!(meta, super::PostgresStore);
 crate::queries::rooms::room_queries!(rooms, super::PostgresStore);
 
@@ -94,6 +95,11 @@ impl Dialect for PostgresStore {
     const ILIKE: &'static str = "ILIKE";
     const AS_JSON: &'static str = "::jsonb";
     const AGE_CUTOFF: &'static str = "$1 - make_interval(secs => r.retention_max_age)";
+    // Spelled out, so that a server whose default is REPEATABLE READ does not give the claim's
+    // check one snapshot for the whole transaction.
+    const BEGIN_WRITE: &'static str = "BEGIN ISOLATION LEVEL READ COMMITTED";
+    const SKIP_LOCKED: &'static str = "FOR UPDATE SKIP LOCKED";
+    const LOCK_KEY: Option<&'static str> = Some("SELECT pg_advisory_xact_lock($1)");
     const SEARCH: &'static str = "SELECT m.id, m.room_id, m.sender_id, m.client_msg_id, m.body, \
         m.created_at, ts_headline('simple', m.body, q, 'StartSel=' || chr(57344) || \
         ', StopSel=' || chr(57345) || \

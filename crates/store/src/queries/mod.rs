@@ -6,5 +6,6 @@
 //! the engine keeps sqlx's executor, argument and decoding bounds out of every signature.
 
 pub(crate) mod identity;
+pub(crate) mod jobs;
 pub(crate) mod meta;
 pub(crate) mod rooms;

@@ -16,6 +16,7 @@ use crate::{Backend, Health, Store, StoreError, StoreOptions};
 
 // The queries written once for both engines, expanded on this one's types.
 crate::queries::identity::identity_queries!(identity, super::SqliteStore);
+crate::queries::jobs::job_queries!(jobs, super::SqliteStore);
 crate::queries::meta::meta_queries!(meta, super::SqliteStore);
 crate::queries::rooms::room_queries!(rooms, super::SqliteStore);
 
@@ -136,6 +137,12 @@ impl Dialect for SqliteStore {
     const ILIKE: &'static str = "LIKE";
     const AS_JSON: &'static str = "";
     const AGE_CUTOFF: &'static str = "$1 - r.retention_max_age * 1000000";
+    // IMMEDIATE takes the write lock at once: the transaction's reads are then never outdated
+    // by another writer, and it never fails at its first write as a deferred one that read
+    // first can (SQLITE_BUSY_SNAPSHOT, which the busy timeout does not retry).
+    const BEGIN_WRITE: &'static str = "BEGIN IMMEDIATE";
+    const SKIP_LOCKED: &'static str = "";
+    const LOCK_KEY: Option<&'static str> = None;
     // FTS5's bm25 is lower for better matches.
     const SEARCH: &'static str = "SELECT m.id, m.room_id, m.sender_id, m.client_msg_id, m.body, \
         m.created_at, snippet(messages_fts, 0, char(57344), char(57345), '…', 12) AS snippet, \

@@ -145,4 +145,6 @@ async fn an_unknown_url_is_refused() {
 
 mod identity;
 
+mod jobs;
+
 mod rooms;

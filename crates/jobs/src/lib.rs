@@ -1,0 +1,454 @@
+//! Unhidra's background jobs: a durable queue in the database Unhidra already has.
+//!
+//! A capability registers a [`Handler`] per job *kind* with its [`KindOptions`] (queue,
+//! attempts, timeout, backoff); [`Jobs::enqueue`] checks a job against them and stores it;
+//! [`Jobs::start`] runs a [`worker`] per configured queue on this node, which claims due jobs
+//! in batches under a lease it renews, runs their handlers with a timeout, and records each
+//! attempt's end. A node killed mid-job loses its leases, and another node (or this one after a
+//! restart) retries those jobs once the leases end. The rules of the states live in
+//! `unhidra-store`'s [`jobs`](unhidra_store::jobs) module, which holds them on both engines.
+//!
+//! Knows no HTTP and no SQL.
+
+pub mod backoff;
+mod worker;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use tokio::sync::{Notify, watch};
+use unhidra_core::Clock;
+use unhidra_store::jobs::{Enqueued, JobRecord, NewJob, UniqueStates};
+use unhidra_store::{Store, StoreError};
+use uuid::Uuid;
+
+pub use backoff::Backoff;
+pub use worker::Workers;
+
+/// The longest job kind, queue name, unique or concurrency key, in bytes.
+pub const MAX_NAME: usize = 200;
+
+/// How the job system runs on this node.
+#[derive(Debug, Clone)]
+pub struct JobsConfig {
+    /// The queues this node works, each with how many jobs it runs at once; empty: this node
+    /// runs no jobs (it still enqueues them).
+    pub queues: Vec<(String, u32)>,
+    /// How long a claimed job stays this node's without a renewal; renewed every third of it.
+    pub lease: Duration,
+    /// How often an idle queue looks for due jobs when nothing woke it (jobs scheduled for
+    /// later, or enqueued by another node).
+    pub poll_interval: Duration,
+    /// The largest payload, in encoded bytes.
+    pub max_payload_bytes: usize,
+    /// How long finished jobs are kept before they are pruned.
+    pub retention: Duration,
+    /// This node's name in leases and attempts.
+    pub node: String,
+}
+
+impl Default for JobsConfig {
+    fn default() -> Self {
+        Self {
+            queues: vec![("default".to_owned(), 10)],
+            lease: Duration::from_secs(30),
+            poll_interval: Duration::from_secs(1),
+            max_payload_bytes: 64 * 1024,
+            retention: Duration::from_secs(7 * 24 * 3600),
+            node: format!("node-{}", Uuid::new_v4().simple()),
+        }
+    }
+}
+
+/// How jobs of one kind run unless their enqueue says otherwise.
+#[derive(Debug, Clone)]
+pub struct KindOptions {
+    /// The queue whose workers run them.
+    pub queue: String,
+    /// Attempts before a job is discarded.
+    pub max_attempts: i32,
+    /// How long one attempt may run.
+    pub timeout: Duration,
+    /// Smaller runs first.
+    pub priority: i16,
+    /// The wait between attempts.
+    pub backoff: Backoff,
+}
+
+impl Default for KindOptions {
+    /// The `default` queue, 25 attempts (about a day and a half of backoff), 60 s per attempt.
+    fn default() -> Self {
+        Self {
+            queue: "default".to_owned(),
+            max_attempts: 25,
+            timeout: Duration::from_secs(60),
+            priority: 0,
+            backoff: Backoff::default(),
+        }
+    }
+}
+
+/// What an enqueue may change from its kind's options.
+#[derive(Debug, Clone, Default)]
+pub struct EnqueueOptions {
+    /// Run no earlier than this (default: now).
+    pub run_at: Option<DateTime<Utc>>,
+    /// Instead of the kind's priority.
+    pub priority: Option<i16>,
+    /// Instead of the kind's attempts.
+    pub max_attempts: Option<i32>,
+    /// Instead of the kind's timeout.
+    pub timeout: Option<Duration>,
+    /// At most one job with this key in the states `unique_states` names: a second enqueue
+    /// returns the first job.
+    pub unique_key: Option<String>,
+    /// Where `unique_key` counts (default: [`UniqueStates::DEFAULT`]).
+    pub unique_states: Option<UniqueStates>,
+    /// At most `.1` jobs with key `.0` run at once, across every node.
+    pub concurrency: Option<(String, i32)>,
+    /// The trace id of the request that enqueued it.
+    pub trace_id: Option<String>,
+}
+
+/// Why a job was refused, or the queue could not be reached.
+#[derive(Debug, thiserror::Error)]
+pub enum JobsError {
+    /// No handler is registered for this kind.
+    #[error("unknown job kind {0:?}")]
+    UnknownKind(String),
+    /// A field is out of its bounds: the field, a stable code, and what is allowed.
+    #[error("{0}: {2}")]
+    Invalid(&'static str, &'static str, String),
+    /// No such job.
+    #[error("no such job")]
+    NotFound,
+    /// The store failed.
+    #[error(transparent)]
+    Store(StoreError),
+}
+
+impl From<StoreError> for JobsError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NotFound { .. } => Self::NotFound,
+            other => Self::Store(other),
+        }
+    }
+}
+
+/// How an attempt failed.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    /// Try again: after `after` if given, else after the kind's backoff. Discarded once the
+    /// attempts are used up.
+    #[error("{error}")]
+    Retry {
+        /// What went wrong, for the job's history.
+        error: String,
+        /// When to try again, if the handler knows (a `Retry-After`).
+        after: Option<Duration>,
+    },
+    /// Do not try again: the job is discarded at once.
+    #[error("{0}")]
+    Permanent(String),
+}
+
+impl JobError {
+    /// A failure worth retrying after the kind's backoff.
+    pub fn retry(error: impl std::fmt::Display) -> Self {
+        Self::Retry {
+            error: error.to_string(),
+            after: None,
+        }
+    }
+
+    /// A failure worth retrying after `after`.
+    pub fn retry_after(error: impl std::fmt::Display, after: Duration) -> Self {
+        Self::Retry {
+            error: error.to_string(),
+            after: Some(after),
+        }
+    }
+
+    /// A failure that another attempt would not fix.
+    pub fn permanent(error: impl std::fmt::Display) -> Self {
+        Self::Permanent(error.to_string())
+    }
+}
+
+/// One attempt of a job, as its handler sees it.
+#[derive(Debug)]
+pub struct JobContext {
+    /// The job.
+    pub id: Uuid,
+    /// Its kind.
+    pub kind: String,
+    /// Which attempt this is (1 for the first).
+    pub attempt: i32,
+    /// Its attempts before it is discarded.
+    pub max_attempts: i32,
+    /// Its payload.
+    pub payload: serde_json::Value,
+    /// The trace id of the request that enqueued it.
+    pub trace_id: Option<String>,
+    cancel: watch::Receiver<bool>,
+}
+
+impl JobContext {
+    /// Whether a cancellation was asked for: a long handler checks between steps and returns.
+    pub fn is_cancelled(&self) -> bool {
+        *self.cancel.borrow()
+    }
+
+    /// Completes once a cancellation is asked for (never, if none is).
+    pub async fn cancelled(&self) {
+        let mut cancel = self.cancel.clone();
+        if cancel.wait_for(|c| *c).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// Runs the jobs of one kind.
+#[async_trait]
+pub trait Handler: Send + Sync + std::fmt::Debug + 'static {
+    /// Runs one attempt. An attempt that outlives its timeout is stopped and counts as failed.
+    async fn run(&self, job: &JobContext) -> Result<(), JobError>;
+}
+
+#[derive(Debug, Clone)]
+struct Kind {
+    handler: Arc<dyn Handler>,
+    options: KindOptions,
+}
+
+/// The job system: which kinds exist, and the queue.
+#[derive(Debug)]
+pub struct Jobs {
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+    config: JobsConfig,
+    kinds: HashMap<String, Kind>,
+    /// One per queue this node works: an enqueue here wakes its worker at once.
+    wake: HashMap<String, Arc<Notify>>,
+}
+
+/// Gathers the kinds before the job system starts.
+#[derive(Debug)]
+pub struct JobsBuilder {
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+    config: JobsConfig,
+    kinds: HashMap<String, Kind>,
+}
+
+impl JobsBuilder {
+    /// Registers the handler of `kind`.
+    ///
+    /// # Panics
+    /// If `kind` is registered twice or is not a valid name: a programming error.
+    #[must_use]
+    pub fn register(mut self, kind: &str, handler: impl Handler, options: KindOptions) -> Self {
+        assert!(valid_name(kind), "job kind {kind:?} is not a valid name");
+        assert!(valid_name(&options.queue), "queue {:?}", options.queue);
+        let previous = self.kinds.insert(
+            kind.to_owned(),
+            Kind {
+                handler: Arc::new(handler),
+                options,
+            },
+        );
+        assert!(previous.is_none(), "job kind {kind:?} registered twice");
+        self
+    }
+
+    /// The job system, ready to enqueue; [`Jobs::start`] runs its workers.
+    pub fn build(self) -> Arc<Jobs> {
+        let wake = self
+            .config
+            .queues
+            .iter()
+            .map(|(queue, _)| (queue.clone(), Arc::new(Notify::new())))
+            .collect();
+        Arc::new(Jobs {
+            store: self.store,
+            clock: self.clock,
+            config: self.config,
+            kinds: self.kinds,
+            wake,
+        })
+    }
+}
+
+impl Jobs {
+    /// Starts gathering kinds.
+    pub fn builder(
+        store: Arc<dyn Store>,
+        clock: Arc<dyn Clock>,
+        config: JobsConfig,
+    ) -> JobsBuilder {
+        JobsBuilder {
+            store,
+            clock,
+            config,
+            kinds: HashMap::new(),
+        }
+    }
+
+    /// How the job system runs on this node.
+    pub fn config(&self) -> &JobsConfig {
+        &self.config
+    }
+
+    /// Checks a job against its kind and stores it (or answers the job that holds its unique
+    /// key). Nothing is stored when it is refused.
+    pub async fn enqueue(
+        &self,
+        kind: &str,
+        payload: &serde_json::Value,
+        options: EnqueueOptions,
+    ) -> Result<Enqueued, JobsError> {
+        let job = self.new_job(kind, payload, options)?;
+        let enqueued = self.store.enqueue_job(&job).await?;
+        if let Enqueued::New(stored) = &enqueued {
+            self.wake(&stored.queue);
+        }
+        Ok(enqueued)
+    }
+
+    /// The job `kind` with `payload` would be stored as, checked: what [`Self::enqueue`] stores,
+    /// and what a capability hands its store to enqueue in the same transaction as its own
+    /// write (then call [`Self::wake`] after the commit).
+    pub fn new_job(
+        &self,
+        kind: &str,
+        payload: &serde_json::Value,
+        options: EnqueueOptions,
+    ) -> Result<NewJob, JobsError> {
+        let registered = self
+            .kinds
+            .get(kind)
+            .ok_or_else(|| JobsError::UnknownKind(kind.to_owned()))?;
+        let payload = payload.to_string();
+        if payload.len() > self.config.max_payload_bytes {
+            return Err(JobsError::Invalid(
+                "payload",
+                "too_large",
+                format!(
+                    "a payload has at most {} bytes encoded",
+                    self.config.max_payload_bytes
+                ),
+            ));
+        }
+        let defaults = &registered.options;
+        let max_attempts = options.max_attempts.unwrap_or(defaults.max_attempts);
+        if !(1..=1000).contains(&max_attempts) {
+            return Err(JobsError::Invalid(
+                "max_attempts",
+                "out_of_range",
+                "attempts are between 1 and 1000".to_owned(),
+            ));
+        }
+        let timeout = options.timeout.unwrap_or(defaults.timeout);
+        if timeout.is_zero() || timeout > Duration::from_secs(24 * 3600) {
+            return Err(JobsError::Invalid(
+                "timeout",
+                "out_of_range",
+                "a timeout is more than 0 s and at most a day".to_owned(),
+            ));
+        }
+        for (field, key) in [
+            ("unique_key", options.unique_key.as_deref()),
+            (
+                "concurrency_key",
+                options.concurrency.as_ref().map(|(k, _)| k.as_str()),
+            ),
+        ] {
+            if key.is_some_and(|k| !valid_key(k)) {
+                return Err(JobsError::Invalid(
+                    field,
+                    "invalid",
+                    format!("a key has 1 to {MAX_NAME} bytes and no control characters"),
+                ));
+            }
+        }
+        let (concurrency_key, concurrency_limit) = match options.concurrency {
+            Some((_, limit)) if !(1..=10_000).contains(&limit) => {
+                return Err(JobsError::Invalid(
+                    "concurrency_limit",
+                    "out_of_range",
+                    "a concurrency limit is between 1 and 10000".to_owned(),
+                ));
+            }
+            Some((key, limit)) => (Some(key), limit),
+            None => (None, 0),
+        };
+        let now = self.clock.now();
+        Ok(NewJob {
+            id: Uuid::now_v7(),
+            kind: kind.to_owned(),
+            queue: defaults.queue.clone(),
+            payload,
+            priority: options.priority.unwrap_or(defaults.priority),
+            run_at: options.run_at.unwrap_or(now).max(now),
+            max_attempts,
+            timeout_ms: i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX),
+            unique_key: options.unique_key,
+            unique_states: options.unique_states.unwrap_or(UniqueStates::DEFAULT),
+            concurrency_key,
+            concurrency_limit,
+            trace_id: options.trace_id,
+            created_at: now,
+        })
+    }
+
+    /// Wakes this node's worker of `queue`, if it has one: new work is due.
+    pub fn wake(&self, queue: &str) {
+        if let Some(notify) = self.wake.get(queue) {
+            notify.notify_one();
+        }
+    }
+
+    /// A job with its attempts.
+    pub async fn job(
+        &self,
+        id: Uuid,
+    ) -> Result<(JobRecord, Vec<unhidra_store::jobs::AttemptRecord>), JobsError> {
+        Ok(self.store.job(id).await?)
+    }
+
+    /// Cancels a job (a running one at its worker's next lease renewal).
+    pub async fn cancel(&self, id: Uuid) -> Result<JobRecord, JobsError> {
+        Ok(self.store.cancel_job(id, self.clock.now()).await?)
+    }
+
+    /// Puts a discarded or cancelled job back in its queue with fresh attempts.
+    pub async fn retry(&self, id: Uuid) -> Result<JobRecord, JobsError> {
+        let job = self.store.retry_job(id, self.clock.now()).await?;
+        self.wake(&job.queue);
+        Ok(job)
+    }
+
+    /// Starts this node's workers, one per configured queue; they stop when `shutdown` turns
+    /// true, after the attempts in flight end (or are stopped at their timeout).
+    pub fn start(self: &Arc<Self>, shutdown: watch::Receiver<bool>) -> Workers {
+        Workers::start(self, shutdown)
+    }
+}
+
+/// A kind or queue name: 1 to [`MAX_NAME`] bytes of ASCII letters, digits, `.`, `_` and `-`.
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_NAME
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// A unique or concurrency key: 1 to [`MAX_NAME`] bytes without control characters.
+fn valid_key(key: &str) -> bool {
+    !key.is_empty() && key.len() <= MAX_NAME && !key.chars().any(char::is_control)
+}

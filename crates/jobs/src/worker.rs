@@ -1,0 +1,401 @@
+//! The workers of one node: per queue, a loop that claims due jobs in batches, runs each
+//! attempt in a task of its own under the job's timeout, renews the leases of what runs, and
+//! records the attempts that ended in batches; and one maintenance loop that rescues jobs whose
+//! lease ran out and prunes finished ones.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use tokio::sync::{mpsc, watch};
+use tokio::task::{AbortHandle, JoinHandle};
+use unhidra_store::jobs::{AttemptOutcome, Finish, Finished, JobRecord};
+use uuid::Uuid;
+
+use crate::{JobContext, JobError, Jobs};
+
+/// How long a worker waits before it tries again to record ended attempts the store refused.
+const STORE_RETRY: Duration = Duration::from_secs(1);
+/// Finished jobs deleted per statement when pruning.
+const PRUNE_BATCH: u32 = 1000;
+/// How often finished jobs past the retention are pruned.
+const PRUNE_EVERY: Duration = Duration::from_secs(600);
+
+/// This node's running workers.
+#[derive(Debug)]
+pub struct Workers {
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Workers {
+    pub(crate) fn start(jobs: &Arc<Jobs>, shutdown: watch::Receiver<bool>) -> Self {
+        let mut tasks = Vec::new();
+        for (queue, concurrency) in jobs.config.queues.clone() {
+            let worker = QueueWorker::new(Arc::clone(jobs), queue, concurrency.max(1));
+            tasks.push(tokio::spawn(worker.run(shutdown.clone())));
+        }
+        if !jobs.config.queues.is_empty() {
+            tasks.push(tokio::spawn(maintain(Arc::clone(jobs), shutdown)));
+        }
+        Self { tasks }
+    }
+
+    /// Waits until every worker has stopped (after the shutdown signal, once the attempts in
+    /// flight ended).
+    pub async fn stopped(self) {
+        for task in self.tasks {
+            if let Err(e) = task.await {
+                tracing::error!(error = %e, "a job worker ended abnormally");
+            }
+        }
+    }
+}
+
+/// An attempt in flight.
+#[derive(Debug)]
+struct Running {
+    cancel: watch::Sender<bool>,
+    task: AbortHandle,
+}
+
+/// The worker of one queue on this node.
+#[derive(Debug)]
+struct QueueWorker {
+    jobs: Arc<Jobs>,
+    queue: String,
+    concurrency: u32,
+    /// The name in leases and attempts: this node and the queue.
+    name: String,
+    running: HashMap<Uuid, Running>,
+    /// Ended attempts not yet recorded.
+    ended: Vec<Finished>,
+    done_tx: mpsc::UnboundedSender<Finished>,
+    done_rx: mpsc::UnboundedReceiver<Finished>,
+}
+
+impl QueueWorker {
+    fn new(jobs: Arc<Jobs>, queue: String, concurrency: u32) -> Self {
+        let name = format!("{}/{queue}", jobs.config.node);
+        let (done_tx, done_rx) = mpsc::unbounded_channel();
+        Self {
+            jobs,
+            queue,
+            concurrency,
+            name,
+            running: HashMap::new(),
+            ended: Vec::new(),
+            done_tx,
+            done_rx,
+        }
+    }
+
+    async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        let config = self.jobs.config.clone();
+        let wake = self.jobs.wake.get(&self.queue).cloned().unwrap_or_default();
+        let mut renew = tokio::time::interval((config.lease / 3).max(Duration::from_millis(10)));
+        renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut stopping = *shutdown.borrow();
+        tracing::debug!(queue = %self.queue, worker = %self.name, "job worker started");
+        loop {
+            while let Ok(ended) = self.done_rx.try_recv() {
+                self.ended(ended);
+            }
+            let recorded = self.record_ended().await;
+            if stopping && self.running.is_empty() && self.ended.is_empty() {
+                break;
+            }
+            if !stopping && recorded {
+                self.claim().await;
+            }
+            let pause = if recorded {
+                config.poll_interval
+            } else {
+                STORE_RETRY
+            };
+            tokio::select! {
+                () = wake.notified(), if !stopping => {}
+                Some(ended) = self.done_rx.recv() => self.ended(ended),
+                _ = renew.tick() => self.renew().await,
+                () = tokio::time::sleep(pause) => {}
+                _ = shutdown.changed(), if !stopping => stopping = true,
+            }
+        }
+        tracing::debug!(queue = %self.queue, worker = %self.name, "job worker stopped");
+    }
+
+    fn ended(&mut self, ended: Finished) {
+        self.running.remove(&ended.id);
+        self.ended.push(ended);
+    }
+
+    /// Records the attempts that ended, in one batch; false if the store refused (they are
+    /// kept and recorded later: the leases keep their jobs from running elsewhere meanwhile).
+    async fn record_ended(&mut self) -> bool {
+        if self.ended.is_empty() {
+            return true;
+        }
+        let now = self.jobs.clock.now();
+        match self.jobs.store.finish_jobs(&self.ended, now).await {
+            Ok(_) => {
+                self.ended.clear();
+                true
+            }
+            Err(e) => {
+                tracing::warn!(queue = %self.queue, error = %e, "cannot record ended job attempts; retrying");
+                false
+            }
+        }
+    }
+
+    /// Claims as many due jobs as there are free places, and starts them.
+    async fn claim(&mut self) {
+        let free = self
+            .concurrency
+            .saturating_sub(u32::try_from(self.running.len()).unwrap_or(u32::MAX));
+        if free == 0 {
+            return;
+        }
+        let now = self.jobs.clock.now();
+        let lease_until = now + lease(&self.jobs);
+        match self
+            .jobs
+            .store
+            .claim_jobs(&self.queue, free, &self.name, now, lease_until)
+            .await
+        {
+            Ok(claimed) => {
+                for job in claimed {
+                    self.start(job, now);
+                }
+            }
+            Err(e) => tracing::warn!(queue = %self.queue, error = %e, "cannot claim jobs"),
+        }
+    }
+
+    /// Starts one attempt of `job`, claimed at `now`.
+    fn start(&mut self, job: JobRecord, now: DateTime<Utc>) {
+        let (cancel, cancelled) = watch::channel(job.cancel_requested);
+        let jobs = Arc::clone(&self.jobs);
+        let done = self.done_tx.clone();
+        let worker = self.name.clone();
+        let id = job.id;
+        let task = tokio::spawn(async move {
+            let finish = attempt(&jobs, &job, cancelled).await;
+            let _ = done.send(Finished {
+                id: job.id,
+                attempt: job.attempt,
+                worker,
+                started_at: now,
+                finish,
+            });
+        });
+        self.running.insert(
+            id,
+            Running {
+                cancel,
+                task: task.abort_handle(),
+            },
+        );
+    }
+
+    /// Renews the leases of the attempts in flight; passes on cancellations, and stops the
+    /// attempts whose lease was lost (their job may already run elsewhere).
+    async fn renew(&mut self) {
+        if self.running.is_empty() {
+            return;
+        }
+        let ids: Vec<Uuid> = self.running.keys().copied().collect();
+        let lease_until = self.jobs.clock.now() + lease(&self.jobs);
+        let held = match self
+            .jobs
+            .store
+            .renew_leases(&self.name, &ids, lease_until)
+            .await
+        {
+            Ok(held) => held,
+            Err(e) => {
+                tracing::warn!(queue = %self.queue, error = %e, "cannot renew job leases");
+                return;
+            }
+        };
+        let held: HashMap<Uuid, bool> = held.into_iter().collect();
+        for id in ids {
+            match held.get(&id) {
+                Some(true) => {
+                    if let Some(running) = self.running.get(&id) {
+                        running.cancel.send_replace(true);
+                    }
+                }
+                Some(false) => {}
+                None => {
+                    if let Some(running) = self.running.remove(&id) {
+                        tracing::warn!(job = %id, queue = %self.queue, "job lease lost; attempt stopped");
+                        running.task.abort();
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A lease as a chrono duration.
+fn lease(jobs: &Jobs) -> chrono::Duration {
+    chrono::Duration::from_std(jobs.config.lease).unwrap_or(chrono::Duration::seconds(30))
+}
+
+/// Runs one attempt of `job` under its timeout and says how it ended.
+async fn attempt(jobs: &Jobs, job: &JobRecord, cancel: watch::Receiver<bool>) -> Finish {
+    let Some(kind) = jobs.kinds.get(&job.kind).cloned() else {
+        // Enqueued by a node that knows the kind (a newer version during a rolling upgrade).
+        return failed(
+            jobs,
+            job,
+            JobError::retry_after(
+                format!("no handler for job kind {:?} on this node", job.kind),
+                Duration::from_secs(60),
+            ),
+            AttemptOutcome::Retried,
+        );
+    };
+    let payload = match serde_json::from_str(&job.payload) {
+        Ok(payload) => payload,
+        Err(e) => {
+            return failed(
+                jobs,
+                job,
+                JobError::permanent(format!("the payload is not JSON: {e}")),
+                AttemptOutcome::Discarded,
+            );
+        }
+    };
+    let context = JobContext {
+        id: job.id,
+        kind: job.kind.clone(),
+        attempt: job.attempt,
+        max_attempts: job.max_attempts,
+        payload,
+        trace_id: job.trace_id.clone(),
+        cancel,
+    };
+    let timeout = Duration::from_millis(u64::try_from(job.timeout_ms).unwrap_or(0));
+    let span = tracing::info_span!(
+        "job",
+        job = %job.id,
+        kind = %job.kind,
+        attempt = job.attempt,
+        trace_id = job.trace_id.as_deref().unwrap_or("")
+    );
+    // The handler runs in a task of its own, so that a panic is an attempt that failed rather
+    // than a worker that stops, and a timeout can stop it.
+    let handler = Arc::clone(&kind.handler);
+    let context = Arc::new(context);
+    let mut run = tokio::spawn({
+        let context = Arc::clone(&context);
+        tracing::Instrument::instrument(async move { handler.run(&context).await }, span)
+    });
+    let result = tokio::time::timeout(timeout, &mut run).await;
+    match result {
+        Ok(Ok(Ok(()))) => Finish::Completed,
+        Ok(Ok(Err(_))) if context.is_cancelled() => Finish::Cancelled,
+        Ok(Ok(Err(error))) => {
+            let outcome = match error {
+                JobError::Permanent(_) => AttemptOutcome::Discarded,
+                JobError::Retry { .. } => AttemptOutcome::Retried,
+            };
+            failed(jobs, job, error, outcome)
+        }
+        Ok(Err(join)) => failed(
+            jobs,
+            job,
+            JobError::retry(format!("the handler panicked: {join}")),
+            AttemptOutcome::Retried,
+        ),
+        Err(_) => {
+            run.abort();
+            failed(
+                jobs,
+                job,
+                JobError::retry(format!("timed out after {} ms", job.timeout_ms)),
+                AttemptOutcome::TimedOut,
+            )
+        }
+    }
+}
+
+/// How a failed attempt ends: retried after its backoff while attempts are left, else
+/// discarded.
+fn failed(jobs: &Jobs, job: &JobRecord, error: JobError, outcome: AttemptOutcome) -> Finish {
+    let now = jobs.clock.now();
+    match error {
+        JobError::Retry { error, after } if job.attempt < job.max_attempts => {
+            let backoff = jobs
+                .kinds
+                .get(&job.kind)
+                .map(|k| k.options.backoff)
+                .unwrap_or_default();
+            let wait = after.unwrap_or_else(|| backoff.delay(job.attempt, &mut rand::rng()));
+            let wait = chrono::Duration::from_std(wait).unwrap_or(chrono::Duration::hours(1));
+            tracing::info!(job = %job.id, kind = %job.kind, attempt = job.attempt, error = %error, "job attempt failed; retrying");
+            Finish::Retry {
+                error,
+                retry_at: now + wait,
+                outcome,
+            }
+        }
+        JobError::Retry { error, .. } | JobError::Permanent(error) => {
+            tracing::warn!(job = %job.id, kind = %job.kind, attempt = job.attempt, error = %error, "job discarded");
+            let outcome = match outcome {
+                AttemptOutcome::TimedOut => AttemptOutcome::TimedOut,
+                _ => AttemptOutcome::Discarded,
+            };
+            Finish::Discard { error, outcome }
+        }
+    }
+}
+
+/// Rescues the jobs of dead workers and prunes finished jobs, until shutdown.
+async fn maintain(jobs: Arc<Jobs>, mut shutdown: watch::Receiver<bool>) {
+    let mut rescue = tokio::time::interval((jobs.config.lease / 2).max(Duration::from_millis(10)));
+    rescue.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut prune = tokio::time::interval(PRUNE_EVERY);
+    prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    if *shutdown.borrow() {
+        return;
+    }
+    loop {
+        tokio::select! {
+            _ = rescue.tick() => {
+                match jobs.store.rescue_expired_leases(jobs.clock.now()).await {
+                    Ok(0) => {}
+                    Ok(rescued) => {
+                        tracing::warn!(rescued, "jobs whose worker lost its lease are due again");
+                        for (queue, _) in &jobs.config.queues {
+                            jobs.wake(queue);
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot rescue expired job leases"),
+                }
+            }
+            _ = prune.tick() => prune_finished(&jobs).await,
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+/// Deletes the jobs that finished before the retention period, a batch at a time.
+async fn prune_finished(jobs: &Jobs) {
+    let retention =
+        chrono::Duration::from_std(jobs.config.retention).unwrap_or(chrono::Duration::days(7));
+    let before = jobs.clock.now() - retention;
+    loop {
+        match jobs.store.prune_jobs(before, PRUNE_BATCH).await {
+            Ok(n) if n < u64::from(PRUNE_BATCH) => break,
+            Ok(_) => tokio::task::yield_now().await,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot prune finished jobs");
+                break;
+            }
+        }
+    }
+}

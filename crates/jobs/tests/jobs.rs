@@ -1,0 +1,538 @@
+//! The job system over a real store, on SQLite and PostgreSQL: retries with backoff, discards
+//! and requeues, timeouts, unique keys, cancellation, lost leases, wake-ups and bad input.
+
+#![allow(
+    clippy::unwrap_used,
+    reason = "test code: a panic is how a test reports failure"
+)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{TimeZone, Utc};
+use serde_json::json;
+use tokio::sync::watch;
+use unhidra_core::{Clock, ManualClock};
+use unhidra_jobs::{
+    Backoff, EnqueueOptions, Handler, JobContext, JobError, Jobs, JobsConfig, JobsError,
+    KindOptions, Workers,
+};
+use unhidra_store::Backend;
+use unhidra_store::jobs::{AttemptOutcome, Enqueued, JobRecord, JobState};
+use unhidra_store::testing::TestDb;
+use uuid::Uuid;
+
+/// Runs a scenario on each backend.
+macro_rules! on_both {
+    ($name:ident) => {
+        mod $name {
+            #[tokio::test]
+            async fn sqlite() {
+                super::$name(unhidra_store::Backend::Sqlite).await;
+            }
+            #[tokio::test]
+            async fn postgres() {
+                super::$name(unhidra_store::Backend::Postgres).await;
+            }
+        }
+    };
+}
+
+/// Fails its first `failures` attempts (retryable, or for good), then succeeds; counts calls.
+#[derive(Debug, Default)]
+struct Flaky {
+    failures: u32,
+    permanent: bool,
+    calls: AtomicU32,
+}
+
+#[async_trait]
+impl Handler for Flaky {
+    async fn run(&self, _: &JobContext) -> Result<(), JobError> {
+        let call = self.calls.fetch_add(1, Ordering::SeqCst);
+        if call < self.failures {
+            return Err(if self.permanent {
+                JobError::permanent("bad input")
+            } else {
+                JobError::retry(format!("failure {}", call + 1))
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Sleeps until cancelled, or for `for_`.
+#[derive(Debug)]
+struct Slow {
+    for_: Duration,
+    started: AtomicU32,
+}
+
+#[async_trait]
+impl Handler for Slow {
+    async fn run(&self, job: &JobContext) -> Result<(), JobError> {
+        self.started.fetch_add(1, Ordering::SeqCst);
+        tokio::select! {
+            () = tokio::time::sleep(self.for_) => Ok(()),
+            () = job.cancelled() => Err(JobError::permanent("cancelled")),
+        }
+    }
+}
+
+struct Harness {
+    db: TestDb,
+    clock: Arc<ManualClock>,
+    jobs: Arc<Jobs>,
+    stop: watch::Sender<bool>,
+    workers: Option<Workers>,
+}
+
+impl Harness {
+    /// A job system with `register` applied, its workers polling every 10 ms.
+    async fn start(
+        backend: Backend,
+        lease: Duration,
+        register: impl FnOnce(unhidra_jobs::JobsBuilder) -> unhidra_jobs::JobsBuilder,
+    ) -> Self {
+        let db = TestDb::new(backend).await;
+        db.store.migrate().await.expect("migrate");
+        let clock = Arc::new(ManualClock::new(
+            Utc.with_ymd_and_hms(2026, 12, 1, 12, 0, 0).unwrap(),
+        ));
+        let config = JobsConfig {
+            queues: vec![("default".to_owned(), 4)],
+            lease,
+            poll_interval: Duration::from_millis(10),
+            ..JobsConfig::default()
+        };
+        let jobs = register(Jobs::builder(
+            db.store.clone(),
+            clock.clone() as Arc<dyn Clock>,
+            config,
+        ))
+        .build();
+        let (stop, shutdown) = watch::channel(false);
+        let workers = Some(jobs.start(shutdown));
+        Self {
+            db,
+            clock,
+            jobs,
+            stop,
+            workers,
+        }
+    }
+
+    async fn enqueue(&self, kind: &str) -> JobRecord {
+        match self
+            .jobs
+            .enqueue(kind, &json!({ "n": 1 }), EnqueueOptions::default())
+            .await
+            .expect("enqueued")
+        {
+            Enqueued::New(job) => job,
+            Enqueued::Existing(job) => panic!("a new job was expected, got {job:?}"),
+        }
+    }
+
+    /// Waits (at most 10 s) until the job is in `state`.
+    async fn until(&self, id: Uuid, state: JobState) -> JobRecord {
+        self.until_attempt(id, state, None).await
+    }
+
+    /// Waits (at most 10 s) until the job is in `state` (after attempt `attempt`, if given).
+    async fn until_attempt(&self, id: Uuid, state: JobState, attempt: Option<i32>) -> JobRecord {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let (job, _) = self.jobs.job(id).await.expect("job");
+            if job.state == state && attempt.is_none_or(|a| a == job.attempt) {
+                return job;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "job still {:?} after attempt {}, not {state:?} after {attempt:?}: {job:?}",
+                job.state,
+                job.attempt
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    async fn stop(mut self) {
+        self.stop.send_replace(true);
+        if let Some(workers) = self.workers.take() {
+            tokio::time::timeout(Duration::from_secs(10), workers.stopped())
+                .await
+                .expect("workers stop");
+        }
+    }
+}
+
+fn options(max_attempts: i32) -> KindOptions {
+    KindOptions {
+        max_attempts,
+        backoff: Backoff {
+            base: Duration::from_secs(10),
+            cap: Duration::from_secs(60),
+        },
+        ..KindOptions::default()
+    }
+}
+
+async fn a_job_that_fails_twice_is_retried_with_backoff_and_completes(backend: Backend) {
+    let flaky = Arc::new(Flaky {
+        failures: 2,
+        ..Flaky::default()
+    });
+    let h = Harness::start(backend, Duration::from_secs(30), |b| {
+        b.register("flaky", Shared(Arc::clone(&flaky)), options(5))
+    })
+    .await;
+    let job = h.enqueue("flaky").await;
+    for failure in 1..=2 {
+        let retryable = h
+            .until_attempt(job.id, JobState::Retryable, Some(failure))
+            .await;
+        assert_eq!(
+            retryable.last_error.as_deref(),
+            Some(&*format!("failure {failure}"))
+        );
+        // Full jitter: somewhere in [now, now + 10 s × 2^(n-1)].
+        let wait = retryable.run_at - h.clock.now();
+        assert!(wait >= chrono::Duration::zero());
+        assert!(
+            wait <= chrono::Duration::seconds(10 << (failure - 1)),
+            "{wait}"
+        );
+        // Not claimed before its time has come.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(flaky.calls.load(Ordering::SeqCst), failure as u32);
+        h.clock.advance(chrono::Duration::seconds(61));
+    }
+    let done = h.until(job.id, JobState::Completed).await;
+    assert_eq!(done.attempt, 3);
+    let (_, attempts) = h.jobs.job(job.id).await.unwrap();
+    let outcomes: Vec<AttemptOutcome> = attempts.iter().map(|a| a.outcome).collect();
+    assert_eq!(
+        outcomes,
+        [
+            AttemptOutcome::Retried,
+            AttemptOutcome::Retried,
+            AttemptOutcome::Completed
+        ]
+    );
+    assert_eq!(attempts[0].error.as_deref(), Some("failure 1"));
+    assert_eq!(
+        flaky.calls.load(Ordering::SeqCst),
+        3,
+        "exactly once per attempt"
+    );
+    h.stop().await;
+}
+on_both!(a_job_that_fails_twice_is_retried_with_backoff_and_completes);
+
+async fn attempts_used_up_discard_the_job_and_a_retry_requeues_it(backend: Backend) {
+    let flaky = Arc::new(Flaky {
+        failures: 2,
+        ..Flaky::default()
+    });
+    let h = Harness::start(backend, Duration::from_secs(30), |b| {
+        b.register("flaky", Shared(Arc::clone(&flaky)), options(2))
+    })
+    .await;
+    let job = h.enqueue("flaky").await;
+    h.until(job.id, JobState::Retryable).await;
+    h.clock.advance(chrono::Duration::seconds(61));
+    let discarded = h.until(job.id, JobState::Discarded).await;
+    assert_eq!(discarded.attempt, 2);
+    assert!(discarded.finished_at.is_some());
+    let (_, attempts) = h.jobs.job(job.id).await.unwrap();
+    assert_eq!(attempts.last().unwrap().outcome, AttemptOutcome::Discarded);
+    // An operator sends it back: fresh attempts, and this time it succeeds.
+    let requeued = h.jobs.retry(job.id).await.unwrap();
+    assert!(matches!(
+        requeued.state,
+        JobState::Available | JobState::Running | JobState::Completed
+    ));
+    h.until(job.id, JobState::Completed).await;
+    assert_eq!(flaky.calls.load(Ordering::SeqCst), 3);
+    h.stop().await;
+}
+on_both!(attempts_used_up_discard_the_job_and_a_retry_requeues_it);
+
+async fn a_permanent_error_discards_at_once(backend: Backend) {
+    let flaky = Arc::new(Flaky {
+        failures: 1,
+        permanent: true,
+        ..Flaky::default()
+    });
+    let h = Harness::start(backend, Duration::from_secs(30), |b| {
+        b.register("flaky", Shared(Arc::clone(&flaky)), options(10))
+    })
+    .await;
+    let job = h.enqueue("flaky").await;
+    let discarded = h.until(job.id, JobState::Discarded).await;
+    assert_eq!(discarded.attempt, 1);
+    assert_eq!(discarded.last_error.as_deref(), Some("bad input"));
+    h.stop().await;
+}
+on_both!(a_permanent_error_discards_at_once);
+
+async fn a_timeout_ends_the_attempt_and_counts_it(backend: Backend) {
+    let slow = Arc::new(Slow {
+        for_: Duration::from_secs(3600),
+        started: AtomicU32::new(0),
+    });
+    let h = Harness::start(backend, Duration::from_secs(30), |b| {
+        b.register(
+            "slow",
+            Shared(Arc::clone(&slow)),
+            KindOptions {
+                max_attempts: 1,
+                timeout: Duration::from_millis(100),
+                ..KindOptions::default()
+            },
+        )
+    })
+    .await;
+    let job = h.enqueue("slow").await;
+    let discarded = h.until(job.id, JobState::Discarded).await;
+    assert_eq!(discarded.attempt, 1);
+    let (_, attempts) = h.jobs.job(job.id).await.unwrap();
+    assert_eq!(attempts[0].outcome, AttemptOutcome::TimedOut);
+    assert!(attempts[0].error.as_deref().unwrap().contains("timed out"));
+    h.stop().await;
+}
+on_both!(a_timeout_ends_the_attempt_and_counts_it);
+
+async fn cancelling_a_running_job_reaches_its_handler(backend: Backend) {
+    let slow = Arc::new(Slow {
+        for_: Duration::from_secs(3600),
+        started: AtomicU32::new(0),
+    });
+    // A short lease: renewals (every third of it) carry the cancellation.
+    let h = Harness::start(backend, Duration::from_millis(300), |b| {
+        b.register("slow", Shared(Arc::clone(&slow)), options(5))
+    })
+    .await;
+    let job = h.enqueue("slow").await;
+    h.until(job.id, JobState::Running).await;
+    let marked = h.jobs.cancel(job.id).await.unwrap();
+    assert!(marked.cancel_requested || marked.state == JobState::Cancelled);
+    h.until(job.id, JobState::Cancelled).await;
+    assert_eq!(slow.started.load(Ordering::SeqCst), 1);
+    // A job not yet running is cancelled at once and never runs.
+    let later = h
+        .jobs
+        .enqueue(
+            "slow",
+            &json!({}),
+            EnqueueOptions {
+                run_at: Some(h.clock.now() + chrono::Duration::hours(1)),
+                ..EnqueueOptions::default()
+            },
+        )
+        .await
+        .unwrap();
+    let Enqueued::New(later) = later else {
+        panic!("new")
+    };
+    assert_eq!(later.state, JobState::Scheduled);
+    assert_eq!(
+        h.jobs.cancel(later.id).await.unwrap().state,
+        JobState::Cancelled
+    );
+    h.clock.advance(chrono::Duration::hours(2));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(slow.started.load(Ordering::SeqCst), 1);
+    h.stop().await;
+}
+on_both!(cancelling_a_running_job_reaches_its_handler);
+
+async fn a_lost_lease_is_rescued_counting_the_attempt_and_a_late_report_changes_nothing(
+    backend: Backend,
+) {
+    let flaky = Arc::new(Flaky::default());
+    let h = Harness::start(backend, Duration::from_millis(300), |b| {
+        b.register("flaky", Shared(Arc::clone(&flaky)), options(5))
+    })
+    .await;
+    // A job a node claimed and then died with, in a queue this harness's worker does not work
+    // (so that only the rescue can move it).
+    let job = h
+        .jobs
+        .new_job("flaky", &json!({}), EnqueueOptions::default())
+        .unwrap();
+    let mut dead = job.clone();
+    dead.queue = "elsewhere".to_owned();
+    let Enqueued::New(stored) = h.db.store.enqueue_job(&dead).await.unwrap() else {
+        panic!("new")
+    };
+    let now = h.clock.now();
+    let claimed =
+        h.db.store
+            .claim_jobs(
+                "elsewhere",
+                1,
+                "dead-node/elsewhere",
+                now,
+                now + chrono::Duration::seconds(5),
+            )
+            .await
+            .unwrap();
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(claimed[0].id, stored.id);
+    // The dead node's lease ends; the rescue makes the job due again (in its own queue).
+    h.clock.advance(chrono::Duration::seconds(6));
+    let rescued = h.until(stored.id, JobState::Retryable).await;
+    assert_eq!(rescued.attempt, 1, "the lost attempt counts");
+    let (_, attempts) = h.jobs.job(stored.id).await.unwrap();
+    assert_eq!(attempts[0].outcome, AttemptOutcome::LeaseLost);
+    assert_eq!(attempts[0].worker, "dead-node/elsewhere");
+    // A report from the dead node arriving late changes nothing.
+    let late = unhidra_store::jobs::Finished {
+        id: stored.id,
+        attempt: 1,
+        worker: "dead-node/elsewhere".to_owned(),
+        started_at: now,
+        finish: unhidra_store::jobs::Finish::Completed,
+    };
+    h.db.store
+        .finish_jobs(&[late], h.clock.now())
+        .await
+        .unwrap();
+    assert_eq!(
+        h.jobs.job(stored.id).await.unwrap().0.state,
+        JobState::Retryable
+    );
+    h.stop().await;
+}
+on_both!(a_lost_lease_is_rescued_counting_the_attempt_and_a_late_report_changes_nothing);
+
+async fn an_enqueue_wakes_an_idle_worker_at_once(backend: Backend) {
+    let flaky = Arc::new(Flaky::default());
+    let db = TestDb::new(backend).await;
+    db.store.migrate().await.unwrap();
+    let clock: Arc<dyn Clock> = Arc::new(unhidra_core::SystemClock);
+    let jobs = Jobs::builder(
+        db.store.clone(),
+        clock,
+        JobsConfig {
+            queues: vec![("default".to_owned(), 1)],
+            // Polling alone would take an hour.
+            poll_interval: Duration::from_secs(3600),
+            ..JobsConfig::default()
+        },
+    )
+    .register("flaky", Shared(Arc::clone(&flaky)), options(1))
+    .build();
+    let (stop, shutdown) = watch::channel(false);
+    let workers = jobs.start(shutdown);
+    // Let the worker find the queue empty and go idle.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for round in 1..=3 {
+        jobs.enqueue("flaky", &json!({}), EnqueueOptions::default())
+            .await
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while flaky.calls.load(Ordering::SeqCst) < round {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("the enqueue woke the worker");
+    }
+    stop.send_replace(true);
+    tokio::time::timeout(Duration::from_secs(10), workers.stopped())
+        .await
+        .unwrap();
+}
+on_both!(an_enqueue_wakes_an_idle_worker_at_once);
+
+async fn unique_keys_return_the_existing_job(backend: Backend) {
+    let h = Harness::start(backend, Duration::from_secs(30), |b| {
+        b.register("flaky", Flaky::default(), options(1))
+    })
+    .await;
+    let later = h.clock.now() + chrono::Duration::hours(1);
+    let unique = || EnqueueOptions {
+        run_at: Some(later),
+        unique_key: Some("sync:device-1".to_owned()),
+        ..EnqueueOptions::default()
+    };
+    let Enqueued::New(first) = h.jobs.enqueue("flaky", &json!({}), unique()).await.unwrap() else {
+        panic!("new")
+    };
+    let Enqueued::Existing(again) = h.jobs.enqueue("flaky", &json!({}), unique()).await.unwrap()
+    else {
+        panic!("the second enqueue returns the first job")
+    };
+    assert_eq!(again.id, first.id);
+    h.stop().await;
+}
+on_both!(unique_keys_return_the_existing_job);
+
+async fn bad_jobs_are_refused_and_store_nothing(backend: Backend) {
+    let h = Harness::start(backend, Duration::from_secs(30), |b| {
+        b.register("flaky", Flaky::default(), options(1))
+    })
+    .await;
+    let refused = h
+        .jobs
+        .enqueue("no-such-kind", &json!({}), EnqueueOptions::default())
+        .await;
+    assert!(matches!(refused, Err(JobsError::UnknownKind(k)) if k == "no-such-kind"));
+    let big = json!({ "blob": "x".repeat(70 * 1024) });
+    let refused = h
+        .jobs
+        .enqueue("flaky", &big, EnqueueOptions::default())
+        .await;
+    assert!(matches!(
+        refused,
+        Err(JobsError::Invalid("payload", "too_large", _))
+    ));
+    for options in [
+        EnqueueOptions {
+            max_attempts: Some(0),
+            ..EnqueueOptions::default()
+        },
+        EnqueueOptions {
+            timeout: Some(Duration::ZERO),
+            ..EnqueueOptions::default()
+        },
+        EnqueueOptions {
+            unique_key: Some("a\u{0}b".to_owned()),
+            ..EnqueueOptions::default()
+        },
+        EnqueueOptions {
+            concurrency: Some(("k".to_owned(), 0)),
+            ..EnqueueOptions::default()
+        },
+    ] {
+        let refused = h.jobs.enqueue("flaky", &json!({}), options).await;
+        assert!(
+            matches!(refused, Err(JobsError::Invalid(..))),
+            "{refused:?}"
+        );
+    }
+    let listed =
+        h.db.store
+            .list_jobs(&unhidra_store::jobs::JobFilter::default(), 100, 0)
+            .await
+            .unwrap();
+    assert!(listed.is_empty(), "nothing stored: {listed:?}");
+    h.stop().await;
+}
+on_both!(bad_jobs_are_refused_and_store_nothing);
+
+/// A handler shared with the test, which reads its counters.
+#[derive(Debug)]
+struct Shared<H>(Arc<H>);
+
+#[async_trait]
+impl<H: Handler> Handler for Shared<H> {
+    async fn run(&self, job: &JobContext) -> Result<(), JobError> {
+        self.0.run(job).await
+    }
+}

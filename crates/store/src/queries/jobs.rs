@@ -1,0 +1,701 @@
+//! The job queue on both engines: enqueue, claim, leases, attempts' ends, and the admin side.
+
+/// Expands to a module `$module` with `impl JobStore for $store`.
+///
+/// Every query that changes a job's state also sets `unique_live` from the job's
+/// `unique_states` mask and the new state's bit (see the migration), so the partial unique
+/// index on it is the whole of the unique-key rule.
+macro_rules! job_queries {
+    ($module:ident, $store:ty) => {
+        mod $module {
+            use async_trait::async_trait;
+            use chrono::{DateTime, Utc};
+            use sqlx::QueryBuilder;
+            use uuid::Uuid;
+
+            use $crate::StoreError;
+            use $crate::dialect::{Dialect, get};
+            use $crate::identity::like_pattern;
+            use $crate::jobs::{
+                AttemptRecord, Enqueued, Finished, JobCount, JobFilter, JobRecord, JobState,
+                JobStore, NewJob, UniqueStates, concurrency_lock_id, finish_parts,
+                initial_state, stored_outcome, stored_state, within_limits,
+            };
+
+            type Store = $store;
+            type Db = <Store as Dialect>::Db;
+            type Row = <Db as sqlx::Database>::Row;
+
+            const JOB_COLUMNS: &str = "id, kind, queue, payload, priority, state, run_at, \
+                attempt, max_attempts, timeout_ms, unique_key, unique_states, concurrency_key, \
+                concurrency_limit, leased_by, lease_until, last_error, cancel_requested, \
+                trace_id, created_at, finished_at";
+
+            /// The states a claim takes jobs from (those with a `run_at` that has come).
+            const WAITING: &str = "state IN ('available', 'scheduled', 'retryable')";
+
+            /// The states a job is never claimed from again.
+            const FINAL: &str = "state IN ('completed', 'discarded', 'cancelled')";
+
+            /// Claims a batch at most; what a rescue or a renewal changes in one statement.
+            const CHUNK: usize = 500;
+
+            /// How often a claim whose batch broke a concurrency limit is tried again before
+            /// it claims jobs without a key only.
+            const CLAIM_ROUNDS: usize = 4;
+
+            /// `unique_live` for a job moving to the state whose bit `bit` (SQL) is.
+            fn live(bit: &str) -> String {
+                format!("CASE WHEN (unique_states & {bit}) <> 0 THEN unique_key END")
+            }
+
+            fn bit(state: JobState) -> String {
+                state.bit().to_string()
+            }
+
+            /// What an operator's retry sets: `available` at `$2`, its attempts counted anew.
+            fn back_to_available() -> String {
+                format!(
+                    "state = 'available', attempt = 0, run_at = $2, unique_live = {}, \
+                     finished_at = NULL, cancel_requested = FALSE",
+                    live(&bit(JobState::Available))
+                )
+            }
+
+            fn job(row: &Row) -> Result<JobRecord, StoreError> {
+                Ok(JobRecord {
+                    id: Store::read_id(get(row, "id")?)?,
+                    kind: get(row, "kind")?,
+                    queue: get(row, "queue")?,
+                    payload: get(row, "payload")?,
+                    priority: get(row, "priority")?,
+                    state: stored_state(&get::<_, String>(row, "state")?)?,
+                    run_at: Store::read_time(get(row, "run_at")?)?,
+                    attempt: get(row, "attempt")?,
+                    max_attempts: get(row, "max_attempts")?,
+                    timeout_ms: get(row, "timeout_ms")?,
+                    unique_key: get(row, "unique_key")?,
+                    unique_states: UniqueStates(get(row, "unique_states")?),
+                    concurrency_key: get(row, "concurrency_key")?,
+                    concurrency_limit: get(row, "concurrency_limit")?,
+                    leased_by: get(row, "leased_by")?,
+                    lease_until: Store::read_opt_time(get(row, "lease_until")?)?,
+                    last_error: get(row, "last_error")?,
+                    cancel_requested: get(row, "cancel_requested")?,
+                    trace_id: get(row, "trace_id")?,
+                    created_at: Store::read_time(get(row, "created_at")?)?,
+                    finished_at: Store::read_opt_time(get(row, "finished_at")?)?,
+                })
+            }
+
+            fn jobs(rows: &[Row]) -> Result<Vec<JobRecord>, StoreError> {
+                rows.iter().map(job).collect()
+            }
+
+            /// A running job whose lease expired: id, attempt, worker, when the attempt began.
+            type Expired = (
+                <Store as Dialect>::Id,
+                i32,
+                Option<String>,
+                Option<<Store as Dialect>::Time>,
+            );
+
+            fn err(e: sqlx::Error) -> StoreError {
+                StoreError::from_sqlx("job", e)
+            }
+
+            impl Store {
+                async fn find_job(&self, id: Uuid) -> Result<JobRecord, StoreError> {
+                    let row =
+                        sqlx::query(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1"))
+                            .bind(Store::id(id))
+                            .fetch_one(&self.pool)
+                            .await
+                            .map_err(err)?;
+                    job(&row)
+                }
+
+                /// Runs `update` (`$1` the job's id, `$2` the time) on one job; a job it does
+                /// not match is answered as stored.
+                async fn change_job(
+                    &self,
+                    update: &str,
+                    id: Uuid,
+                    now: DateTime<Utc>,
+                ) -> Result<JobRecord, StoreError> {
+                    let row = sqlx::query(update)
+                        .bind(Store::id(id))
+                        .bind(Store::time(now))
+                        .fetch_optional(&self.pool)
+                        .await
+                        .map_err(err)?;
+                    match row {
+                        Some(row) => job(&row),
+                        None => self.find_job(id).await,
+                    }
+                }
+
+                /// One claim: the statement, then on an engine where two claims can run at
+                /// once, the check of the concurrency limits under the keys' locks. `None`
+                /// if the batch broke a limit and was rolled back.
+                async fn claim_round(
+                    &self,
+                    queue: &str,
+                    limit: i64,
+                    worker: &str,
+                    now: DateTime<Utc>,
+                    lease_until: DateTime<Utc>,
+                    with_keys: bool,
+                ) -> Result<Option<Vec<JobRecord>>, StoreError> {
+                    // A keyed job is a candidate while fewer than its limit run; the outer
+                    // filter then ranks the candidates of one key, so that a batch does not
+                    // take more of a key than its free slots.
+                    let keyed = if with_keys {
+                        "j.concurrency_limit > (SELECT COUNT(*) FROM jobs r \
+                         WHERE r.state = 'running' AND r.concurrency_key = j.concurrency_key)"
+                    } else {
+                        "FALSE"
+                    };
+                    let sql = format!(
+                        "UPDATE jobs SET state = 'running', attempt = attempt + 1, \
+                         leased_by = $4, lease_until = $5, attempted_at = $2, unique_live = {} \
+                         WHERE id IN (SELECT id FROM (SELECT c.id, c.concurrency_key, \
+                         c.concurrency_limit, ROW_NUMBER() OVER (PARTITION BY c.concurrency_key \
+                         ORDER BY c.priority, c.run_at, c.id) AS nth FROM (SELECT j.id, \
+                         j.priority, j.run_at, j.concurrency_key, j.concurrency_limit \
+                         FROM jobs j WHERE j.queue = $1 AND j.{WAITING} AND j.run_at <= $2 \
+                         AND (j.concurrency_key IS NULL OR {keyed}) \
+                         ORDER BY j.priority, j.run_at, j.id LIMIT $3 {}) c) ranked \
+                         WHERE ranked.concurrency_key IS NULL OR ranked.nth + (SELECT COUNT(*) \
+                         FROM jobs r WHERE r.state = 'running' \
+                         AND r.concurrency_key = ranked.concurrency_key) \
+                         <= ranked.concurrency_limit) \
+                         RETURNING {JOB_COLUMNS}",
+                        live(&bit(JobState::Running)),
+                        Store::SKIP_LOCKED,
+                    );
+                    let mut tx = self.pool.begin_with(Store::BEGIN_WRITE).await.map_err(err)?;
+                    let rows = sqlx::query(&sql)
+                        .bind(queue)
+                        .bind(Store::time(now))
+                        .bind(limit)
+                        .bind(worker)
+                        .bind(Store::time(lease_until))
+                        .fetch_all(&mut *tx)
+                        .await
+                        .map_err(err)?;
+                    let mut claimed = jobs(&rows)?;
+                    let mut keys: Vec<&str> = claimed
+                        .iter()
+                        .filter_map(|j| j.concurrency_key.as_deref())
+                        .collect();
+                    if let Some(lock) = Store::LOCK_KEY
+                        && !keys.is_empty()
+                    {
+                        // Another node's claim may have counted the same free slot. Under the
+                        // keys' locks, a new statement sees every claim of these keys that
+                        // committed, and any other waits for this one to commit: of two
+                        // claims that took the same last slot, the second to check rolls
+                        // back.
+                        let mut locks: Vec<i64> =
+                            keys.iter().map(|k| concurrency_lock_id(k)).collect();
+                        locks.sort_unstable();
+                        locks.dedup();
+                        for id in locks {
+                            sqlx::query(lock)
+                                .bind(id)
+                                .execute(&mut *tx)
+                                .await
+                                .map_err(err)?;
+                        }
+                        keys.sort_unstable();
+                        keys.dedup();
+                        let mut count = QueryBuilder::<Db>::new(
+                            "SELECT concurrency_key, COUNT(*) FROM jobs \
+                             WHERE state = 'running' AND concurrency_key IN (",
+                        );
+                        let mut list = count.separated(", ");
+                        for key in &keys {
+                            list.push_bind(*key);
+                        }
+                        count.push(") GROUP BY concurrency_key");
+                        let running: Vec<(String, i64)> = count
+                            .build_query_as()
+                            .fetch_all(&mut *tx)
+                            .await
+                            .map_err(err)?;
+                        if !within_limits(&claimed, &running) {
+                            tx.rollback().await.map_err(err)?;
+                            return Ok(None);
+                        }
+                    }
+                    tx.commit().await.map_err(err)?;
+                    claimed.sort_by(|a, b| {
+                        (a.priority, a.run_at, a.id).cmp(&(b.priority, b.run_at, b.id))
+                    });
+                    Ok(Some(claimed))
+                }
+            }
+
+            #[async_trait]
+            impl JobStore for Store {
+                async fn enqueue_job(&self, new: &NewJob) -> Result<Enqueued, StoreError> {
+                    if new.unique_key.is_some() && !new.unique_states.is_storable() {
+                        return Err(StoreError::invalid(
+                            "a unique key must count in every state before its job finishes",
+                        ));
+                    }
+                    let state = initial_state(new);
+                    let unique_live = new
+                        .unique_key
+                        .as_deref()
+                        .filter(|_| new.unique_states.contains(state));
+                    // The job that holds the key may finish between the insert and the read
+                    // of it; the insert then succeeds when tried again.
+                    for _ in 0..3 {
+                        let inserted = sqlx::query(&format!(
+                            "INSERT INTO jobs (id, kind, queue, payload, priority, state, run_at, \
+                             max_attempts, timeout_ms, unique_key, unique_states, unique_live, \
+                             concurrency_key, concurrency_limit, trace_id, created_at) \
+                             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, \
+                             $15, $16) \
+                             ON CONFLICT (unique_live) WHERE unique_live IS NOT NULL DO NOTHING \
+                             RETURNING {JOB_COLUMNS}"
+                        ))
+                        .bind(Store::id(new.id))
+                        .bind(&new.kind)
+                        .bind(&new.queue)
+                        .bind(&new.payload)
+                        .bind(new.priority)
+                        .bind(state.as_str())
+                        .bind(Store::time(new.run_at))
+                        .bind(new.max_attempts)
+                        .bind(new.timeout_ms)
+                        .bind(new.unique_key.as_deref())
+                        .bind(new.unique_states.0)
+                        .bind(unique_live)
+                        .bind(new.concurrency_key.as_deref())
+                        .bind(new.concurrency_limit)
+                        .bind(new.trace_id.as_deref())
+                        .bind(Store::time(new.created_at))
+                        .fetch_optional(&self.pool)
+                        .await
+                        .map_err(err)?;
+                        if let Some(row) = inserted {
+                            return Ok(Enqueued::New(job(&row)?));
+                        }
+                        let existing = sqlx::query(&format!(
+                            "SELECT {JOB_COLUMNS} FROM jobs WHERE unique_live = $1"
+                        ))
+                        .bind(unique_live)
+                        .fetch_optional(&self.pool)
+                        .await
+                        .map_err(err)?;
+                        if let Some(row) = existing {
+                            return Ok(Enqueued::Existing(job(&row)?));
+                        }
+                    }
+                    Err(StoreError::Conflict {
+                        entity: "job",
+                        source: "the job holding the unique key kept changing".into(),
+                    })
+                }
+
+                async fn claim_jobs(
+                    &self,
+                    queue: &str,
+                    limit: u32,
+                    worker: &str,
+                    now: DateTime<Utc>,
+                    lease_until: DateTime<Utc>,
+                ) -> Result<Vec<JobRecord>, StoreError> {
+                    if limit == 0 {
+                        return Ok(Vec::new());
+                    }
+                    // A batch that broke a concurrency limit is rolled back and claimed again,
+                    // now seeing the other claim; after a few rounds of that, this poll takes
+                    // jobs without a key only, and the next one tries the keys again.
+                    for round in 1..=CLAIM_ROUNDS {
+                        let with_keys = round < CLAIM_ROUNDS;
+                        let limit = i64::from(limit);
+                        let claimed = self
+                            .claim_round(queue, limit, worker, now, lease_until, with_keys)
+                            .await?;
+                        if let Some(claimed) = claimed {
+                            return Ok(claimed);
+                        }
+                    }
+                    Ok(Vec::new())
+                }
+
+                async fn renew_leases(
+                    &self,
+                    worker: &str,
+                    ids: &[Uuid],
+                    lease_until: DateTime<Utc>,
+                ) -> Result<Vec<(Uuid, bool)>, StoreError> {
+                    let mut held = Vec::new();
+                    for chunk in ids.chunks(CHUNK) {
+                        let mut renew = QueryBuilder::<Db>::new("UPDATE jobs SET lease_until = ");
+                        renew
+                            .push_bind(Store::time(lease_until))
+                            .push(" WHERE state = 'running' AND leased_by = ")
+                            .push_bind(worker)
+                            .push(" AND id IN (");
+                        let mut list = renew.separated(", ");
+                        for id in chunk {
+                            list.push_bind(Store::id(*id));
+                        }
+                        renew.push(") RETURNING id, cancel_requested");
+                        let rows: Vec<(<Store as Dialect>::Id, bool)> = renew
+                            .build_query_as()
+                            .fetch_all(&self.pool)
+                            .await
+                            .map_err(err)?;
+                        for (id, cancel) in rows {
+                            held.push((Store::read_id(id)?, cancel));
+                        }
+                    }
+                    Ok(held)
+                }
+
+                async fn finish_jobs(
+                    &self,
+                    finished: &[Finished],
+                    now: DateTime<Utc>,
+                ) -> Result<Vec<JobRecord>, StoreError> {
+                    if finished.is_empty() {
+                        return Ok(Vec::new());
+                    }
+                    // A retry of a job whose cancellation was asked for cancels it instead.
+                    let cancels = "(cancel_requested AND $4 = 'retryable')";
+                    let update = format!(
+                        "UPDATE jobs SET state = CASE WHEN {cancels} THEN 'cancelled' ELSE $4 END, \
+                         unique_live = {}, \
+                         finished_at = CASE WHEN {cancels} OR $6 THEN $9 END, \
+                         run_at = COALESCE($8, run_at), last_error = $7, leased_by = NULL, \
+                         lease_until = NULL, attempted_at = NULL \
+                         WHERE id = $1 AND state = 'running' AND attempt = $2 AND leased_by = $3 \
+                         RETURNING {JOB_COLUMNS}",
+                        live(&format!(
+                            "CASE WHEN {cancels} THEN {} ELSE $5 END",
+                            bit(JobState::Cancelled)
+                        )),
+                    );
+                    let mut tx = self.pool.begin_with(Store::BEGIN_WRITE).await.map_err(err)?;
+                    let mut stored = Vec::new();
+                    for end in finished {
+                        let (state, outcome, error, retry_at) = finish_parts(&end.finish);
+                        let row = sqlx::query(&update)
+                            .bind(Store::id(end.id))
+                            .bind(end.attempt)
+                            .bind(&end.worker)
+                            .bind(state.as_str())
+                            .bind(state.bit())
+                            .bind(state.is_final())
+                            .bind(error)
+                            .bind(retry_at.map(Store::time))
+                            .bind(Store::time(now))
+                            .fetch_optional(&mut *tx)
+                            .await
+                            .map_err(err)?;
+                        let Some(row) = row else { continue };
+                        sqlx::query(
+                            "INSERT INTO job_attempts (job_id, attempt, worker, started_at, \
+                             finished_at, outcome, error) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                        )
+                        .bind(Store::id(end.id))
+                        .bind(end.attempt)
+                        .bind(&end.worker)
+                        .bind(Store::time(end.started_at))
+                        .bind(Store::time(now))
+                        .bind(outcome.as_str())
+                        .bind(error)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(err)?;
+                        stored.push(job(&row)?);
+                    }
+                    tx.commit().await.map_err(err)?;
+                    Ok(stored)
+                }
+
+                async fn rescue_expired_leases(
+                    &self,
+                    now: DateTime<Utc>,
+                ) -> Result<u64, StoreError> {
+                    const ERROR: &str = "the worker's lease expired";
+                    // Cancelled if that was asked for, discarded if no attempt is left.
+                    let next = |cancelled: &str, discarded: &str, retryable: &str| {
+                        format!(
+                            "CASE WHEN cancel_requested THEN {cancelled} \
+                             WHEN attempt >= max_attempts THEN {discarded} ELSE {retryable} END"
+                        )
+                    };
+                    let set = format!(
+                        "UPDATE jobs SET state = {}, unique_live = {}, \
+                         leased_by = NULL, lease_until = NULL, attempted_at = NULL, \
+                         finished_at = CASE WHEN cancel_requested OR attempt >= max_attempts \
+                         THEN ",
+                        next("'cancelled'", "'discarded'", "'retryable'"),
+                        live(&next(
+                            &bit(JobState::Cancelled),
+                            &bit(JobState::Discarded),
+                            &bit(JobState::Retryable),
+                        )),
+                    );
+                    let mut rescued = 0;
+                    // Each chunk in a transaction of its own; the rows it reads are locked
+                    // (and those another transaction holds skipped), so a worker's late report
+                    // waits and then finds the job no longer its own.
+                    loop {
+                        let mut tx =
+                            self.pool.begin_with(Store::BEGIN_WRITE).await.map_err(err)?;
+                        let expired: Vec<Expired> =
+                            sqlx::query_as(&format!(
+                                "SELECT id, attempt, leased_by, attempted_at FROM jobs \
+                                 WHERE state = 'running' AND lease_until < $1 \
+                                 ORDER BY lease_until LIMIT $2 {}",
+                                Store::SKIP_LOCKED
+                            ))
+                            .bind(Store::time(now))
+                            .bind(i64::try_from(CHUNK).unwrap_or(i64::MAX))
+                            .fetch_all(&mut *tx)
+                            .await
+                            .map_err(err)?;
+                        if expired.is_empty() {
+                            break;
+                        }
+                        let mut ids = Vec::with_capacity(expired.len());
+                        let mut attempts = Vec::with_capacity(expired.len());
+                        for (id, attempt, worker, started) in expired {
+                            let id = Store::read_id(id)?;
+                            let started = Store::read_opt_time(started)?.unwrap_or(now);
+                            ids.push(id);
+                            attempts.push((id, attempt, worker.unwrap_or_default(), started));
+                        }
+                        let mut move_them = QueryBuilder::<Db>::new(&set);
+                        move_them
+                            .push_bind(Store::time(now))
+                            .push(" END, run_at = CASE WHEN attempt >= max_attempts \
+                                   THEN run_at ELSE ")
+                            .push_bind(Store::time(now))
+                            .push(" END, last_error = ")
+                            .push_bind(ERROR)
+                            .push(" WHERE state = 'running' AND id IN (");
+                        let mut list = move_them.separated(", ");
+                        for id in &ids {
+                            list.push_bind(Store::id(*id));
+                        }
+                        move_them.push(")");
+                        move_them.build().execute(&mut *tx).await.map_err(err)?;
+                        let mut history = QueryBuilder::<Db>::new(
+                            "INSERT INTO job_attempts (job_id, attempt, worker, started_at, \
+                             finished_at, outcome, error) ",
+                        );
+                        history.push_values(&attempts, |mut row, (id, attempt, worker, started)| {
+                            row.push_bind(Store::id(*id))
+                                .push_bind(*attempt)
+                                .push_bind(worker.clone())
+                                .push_bind(Store::time(*started))
+                                .push_bind(Store::time(now))
+                                .push_bind("lease_lost")
+                                .push_bind(ERROR);
+                        });
+                        history.build().execute(&mut *tx).await.map_err(err)?;
+                        tx.commit().await.map_err(err)?;
+                        rescued += u64::try_from(ids.len()).unwrap_or(u64::MAX);
+                        if ids.len() < CHUNK {
+                            break;
+                        }
+                    }
+                    Ok(rescued)
+                }
+
+                async fn cancel_job(
+                    &self,
+                    id: Uuid,
+                    now: DateTime<Utc>,
+                ) -> Result<JobRecord, StoreError> {
+                    // A running job is only marked: its worker stops it and reports the end.
+                    let update = format!(
+                        "UPDATE jobs SET \
+                         cancel_requested = CASE WHEN state = 'running' THEN TRUE \
+                         ELSE cancel_requested END, \
+                         unique_live = CASE WHEN state = 'running' THEN unique_live ELSE {} END, \
+                         finished_at = CASE WHEN state = 'running' THEN finished_at ELSE $2 END, \
+                         state = CASE WHEN state = 'running' THEN state ELSE 'cancelled' END \
+                         WHERE id = $1 AND NOT {FINAL} RETURNING {JOB_COLUMNS}",
+                        live(&bit(JobState::Cancelled)),
+                    );
+                    self.change_job(&update, id, now).await
+                }
+
+                async fn retry_job(
+                    &self,
+                    id: Uuid,
+                    now: DateTime<Utc>,
+                ) -> Result<JobRecord, StoreError> {
+                    let update = format!(
+                        "UPDATE jobs SET {} WHERE id = $1 AND state IN ('discarded', 'cancelled') \
+                         RETURNING {JOB_COLUMNS}",
+                        back_to_available(),
+                    );
+                    self.change_job(&update, id, now).await
+                }
+
+                async fn requeue_discarded(
+                    &self,
+                    kind: Option<&str>,
+                    now: DateTime<Utc>,
+                ) -> Result<u64, StoreError> {
+                    // A job whose key another job holds stays discarded, and of discarded
+                    // jobs sharing a key only the one with the highest id comes back.
+                    let available = bit(JobState::Available);
+                    let done = sqlx::query(&format!(
+                        "UPDATE jobs SET {} WHERE state = 'discarded' \
+                         AND (CAST($1 AS TEXT) IS NULL OR kind = $1) \
+                         AND (unique_key IS NULL OR (unique_states & {available}) = 0 OR ( \
+                         NOT EXISTS (SELECT 1 FROM jobs o WHERE o.unique_live = jobs.unique_key) \
+                         AND NOT EXISTS (SELECT 1 FROM jobs d WHERE d.state = 'discarded' \
+                         AND d.unique_key = jobs.unique_key AND d.id > jobs.id \
+                         AND (d.unique_states & {available}) <> 0 \
+                         AND (CAST($1 AS TEXT) IS NULL OR d.kind = $1))))",
+                        back_to_available(),
+                    ))
+                    .bind(kind)
+                    .bind(Store::time(now))
+                    .execute(&self.pool)
+                    .await
+                    .map_err(err)?;
+                    Ok(done.rows_affected())
+                }
+
+                async fn purge_discarded(&self, kind: Option<&str>) -> Result<u64, StoreError> {
+                    let done = sqlx::query(
+                        "DELETE FROM jobs WHERE state = 'discarded' \
+                         AND (CAST($1 AS TEXT) IS NULL OR kind = $1)",
+                    )
+                    .bind(kind)
+                    .execute(&self.pool)
+                    .await
+                    .map_err(err)?;
+                    Ok(done.rows_affected())
+                }
+
+                async fn job(
+                    &self,
+                    id: Uuid,
+                ) -> Result<(JobRecord, Vec<AttemptRecord>), StoreError> {
+                    let record = self.find_job(id).await?;
+                    let rows = sqlx::query(
+                        "SELECT attempt, worker, started_at, finished_at, outcome, error \
+                         FROM job_attempts WHERE job_id = $1 ORDER BY id",
+                    )
+                    .bind(Store::id(id))
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(err)?;
+                    let attempts = rows
+                        .iter()
+                        .map(|row| {
+                            Ok(AttemptRecord {
+                                attempt: get(row, "attempt")?,
+                                worker: get(row, "worker")?,
+                                started_at: Store::read_time(get(row, "started_at")?)?,
+                                finished_at: Store::read_time(get(row, "finished_at")?)?,
+                                outcome: stored_outcome(&get::<_, String>(row, "outcome")?)?,
+                                error: get(row, "error")?,
+                            })
+                        })
+                        .collect::<Result<_, StoreError>>()?;
+                    Ok((record, attempts))
+                }
+
+                async fn list_jobs(
+                    &self,
+                    filter: &JobFilter,
+                    limit: u32,
+                    offset: u64,
+                ) -> Result<Vec<JobRecord>, StoreError> {
+                    let ilike = Store::ILIKE;
+                    // The pattern is lower case: `lower` makes SQLite's LIKE match it, and
+                    // changes nothing for PostgreSQL's ILIKE.
+                    let rows = sqlx::query(&format!(
+                        "SELECT {JOB_COLUMNS} FROM jobs \
+                         WHERE (CAST($1 AS TEXT) IS NULL OR state = $1) \
+                         AND (CAST($2 AS TEXT) IS NULL OR kind = $2) \
+                         AND (CAST($3 AS TEXT) IS NULL OR queue = $3) \
+                         AND (CAST($4 AS TEXT) IS NULL OR lower(kind) {ilike} $4 ESCAPE '\\' \
+                         OR lower(unique_key) {ilike} $4 ESCAPE '\\' \
+                         OR lower(last_error) {ilike} $4 ESCAPE '\\') \
+                         ORDER BY created_at DESC, id DESC LIMIT $5 OFFSET $6"
+                    ))
+                    .bind(filter.state.map(JobState::as_str))
+                    .bind(filter.kind.as_deref())
+                    .bind(filter.queue.as_deref())
+                    .bind(filter.text.as_deref().map(like_pattern))
+                    .bind(i64::from(limit))
+                    .bind(i64::try_from(offset).unwrap_or(i64::MAX))
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(err)?;
+                    jobs(&rows)
+                }
+
+                async fn job_stats(
+                    &self,
+                    now: DateTime<Utc>,
+                ) -> Result<(Vec<JobCount>, Option<DateTime<Utc>>), StoreError> {
+                    let rows: Vec<(String, String, i64)> = sqlx::query_as(
+                        "SELECT kind, state, COUNT(*) FROM jobs GROUP BY kind, state \
+                         ORDER BY kind, state",
+                    )
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(err)?;
+                    let counts = rows
+                        .into_iter()
+                        .map(|(kind, state, count)| {
+                            Ok(JobCount {
+                                kind,
+                                state: stored_state(&state)?,
+                                count,
+                            })
+                        })
+                        .collect::<Result<_, StoreError>>()?;
+                    let oldest: Option<<Store as Dialect>::Time> = sqlx::query_scalar(&format!(
+                        "SELECT MIN(run_at) FROM jobs WHERE {WAITING} AND run_at <= $1"
+                    ))
+                    .bind(Store::time(now))
+                    .fetch_one(&self.pool)
+                    .await
+                    .map_err(err)?;
+                    Ok((counts, Store::read_opt_time(oldest)?))
+                }
+
+                async fn prune_jobs(
+                    &self,
+                    before: DateTime<Utc>,
+                    limit: u32,
+                ) -> Result<u64, StoreError> {
+                    if limit == 0 {
+                        return Ok(0);
+                    }
+                    let done = sqlx::query(&format!(
+                        "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE {FINAL} \
+                         AND finished_at < $1 ORDER BY finished_at LIMIT $2)"
+                    ))
+                    .bind(Store::time(before))
+                    .bind(i64::from(limit))
+                    .execute(&self.pool)
+                    .await
+                    .map_err(err)?;
+                    Ok(done.rows_affected())
+                }
+            }
+        }
+    };
+}
+
+pub(crate) use job_queries;
