@@ -9,6 +9,7 @@
 pub mod hub;
 pub mod metrics;
 pub mod outbox;
+pub mod retention;
 pub mod session;
 pub mod writer;
 
@@ -306,8 +307,12 @@ impl Chat {
     }
 
     fn now(&self) -> DateTime<Utc> {
-        let now = self.clock.now();
-        DateTime::from_timestamp_micros(now.timestamp_micros()).unwrap_or(now)
+        stored_now(&*self.clock)
+    }
+
+    /// Room retention as a background job: see [`retention`].
+    pub fn retention_job(&self) -> retention::RetentionJob {
+        retention::RetentionJob::new(Arc::clone(&self.store), Arc::clone(&self.clock))
     }
 
     /// The room and the caller's role; a private room the caller does not belong to is not
@@ -654,6 +659,12 @@ impl Chat {
         let (more, _) = session::fit(&mut messages, self.max_reply_bytes, after.is_none());
         Ok((messages, more))
     }
+}
+
+/// The clock's time at the store's precision (microseconds).
+fn stored_now(clock: &dyn Clock) -> DateTime<Utc> {
+    let now = clock.now();
+    DateTime::from_timestamp_micros(now.timestamp_micros()).unwrap_or(now)
 }
 
 fn valid_name(name: &str) -> Result<String, ChatError> {

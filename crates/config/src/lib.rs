@@ -287,8 +287,19 @@ config_keys! {
         /// How often an idle WebSocket is pinged; one that stays silent for two intervals is
         /// closed.
         ws_ping_interval: HumanDuration = HumanDuration::secs(30), secret = false;
-        /// How often room retention is applied.
+        /// How often room retention is applied (a background job, once across every node).
         retention_interval: HumanDuration = HumanDuration::secs(60), secret = false;
+        /// The job queues this node works, each `name=concurrency`, comma-separated; empty:
+        /// this node runs no jobs (it still enqueues them).
+        jobs_queues: String = "default=10".to_owned(), secret = false;
+        /// How long a claimed job stays this node's without a renewal (renewed every third of
+        /// it): the jobs of a node killed mid-job are retried elsewhere once it ends.
+        jobs_lease: HumanDuration = HumanDuration::secs(30), secret = false;
+        /// How often an idle job queue looks for due jobs that nothing woke it for (jobs
+        /// enqueued on another node, or scheduled for later).
+        jobs_poll_interval: HumanDuration = HumanDuration::secs(1), secret = false;
+        /// How long finished jobs are kept before they are pruned.
+        jobs_retention: HumanDuration = HumanDuration::secs(7 * 24 * 3600), secret = false;
         /// With `admin_password`, makes sure this admin exists at start.
         admin_email: Option<String> = None, secret = false;
         /// The first admin's password, used only if the admin does not exist yet.
@@ -510,6 +521,15 @@ fn check(config: &Config) -> Result<(), ConfigError> {
                 .to_owned(),
         );
     }
+    if let Err(why) = parse_job_queues(&config.jobs_queues) {
+        problems.push(format!("jobs_queues: {why}"));
+    }
+    if config.jobs_lease.0 < std::time::Duration::from_secs(1) {
+        problems.push("jobs_lease: at least 1s".to_owned());
+    }
+    if config.jobs_poll_interval.0.is_zero() {
+        problems.push("jobs_poll_interval: more than 0s".to_owned());
+    }
     if config.rate_limit_ipv6_prefix > 128 {
         problems.push("rate_limit_ipv6_prefix: an IPv6 prefix has at most 128 bits".to_owned());
     }
@@ -568,6 +588,37 @@ fn check(config: &Config) -> Result<(), ConfigError> {
     } else {
         Err(ConfigError::Invalid(problems))
     }
+}
+
+/// Reads `jobs_queues`: `name=concurrency` pairs, comma-separated (names of ASCII letters,
+/// digits, `.`, `_` and `-`; 1 to 1000 at once; each name once); empty for none.
+pub fn parse_job_queues(text: &str) -> Result<Vec<(String, u32)>, String> {
+    let mut queues: Vec<(String, u32)> = Vec::new();
+    for item in text.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+        let (name, concurrency) = item
+            .split_once('=')
+            .ok_or_else(|| format!("{item:?} is not name=concurrency"))?;
+        let name = name.trim();
+        let valid = !name.is_empty()
+            && name.len() <= 200
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+        if !valid {
+            return Err(format!("{name:?} is not a queue name"));
+        }
+        let concurrency: u32 = concurrency
+            .trim()
+            .parse()
+            .ok()
+            .filter(|n| (1..=1000).contains(n))
+            .ok_or_else(|| format!("{item:?}: a concurrency is 1 to 1000"))?;
+        if queues.iter().any(|(n, _)| n == name) {
+            return Err(format!("{name:?} is named twice"));
+        }
+        queues.push((name.to_owned(), concurrency));
+    }
+    Ok(queues)
 }
 
 /// `scheme://host[:port]` with nothing after it, as browsers send in `Origin`.

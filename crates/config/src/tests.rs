@@ -325,3 +325,17 @@ fn abuse_limits_have_checked_defaults() {
     );
     assert!(p.iter().any(|l| l.starts_with("argon2_max_")), "{p:?}");
 }
+
+#[test]
+fn job_queues_are_name_concurrency_pairs() {
+    assert_eq!(
+        crate::parse_job_queues(" default=10, mail=2 ").unwrap(),
+        [("default".to_owned(), 10), ("mail".to_owned(), 2)]
+    );
+    assert_eq!(crate::parse_job_queues("").unwrap(), []);
+    for bad in ["default", "a b=1", "x=0", "x=1001", "x=1,x=2", "=3"] {
+        assert!(crate::parse_job_queues(bad).is_err(), "{bad}");
+    }
+    let p = problems(load_with(None, &[("UNHIDRA_JOBS_QUEUES", "default=lots")]).unwrap_err());
+    assert!(p[0].starts_with("jobs_queues: "), "{p:?}");
+}

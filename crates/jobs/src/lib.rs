@@ -232,6 +232,8 @@ pub struct Jobs {
     clock: Arc<dyn Clock>,
     config: JobsConfig,
     kinds: HashMap<String, Kind>,
+    /// Kinds that run every so often, one job at a time across every node.
+    periodic: HashMap<String, Duration>,
     /// One per queue this node works: an enqueue here wakes its worker at once.
     wake: HashMap<String, Arc<Notify>>,
 }
@@ -243,6 +245,7 @@ pub struct JobsBuilder {
     clock: Arc<dyn Clock>,
     config: JobsConfig,
     kinds: HashMap<String, Kind>,
+    periodic: HashMap<String, Duration>,
 }
 
 impl JobsBuilder {
@@ -265,6 +268,20 @@ impl JobsBuilder {
         self
     }
 
+    /// Runs `kind` (registered before) every `interval`: one job of it waits at any time across
+    /// every node (its unique key is `every:<kind>`); when it ends, the next is due `interval`
+    /// later. Its payload is `{}`.
+    ///
+    /// # Panics
+    /// If `kind` is not registered yet, or `interval` is zero: a programming error.
+    #[must_use]
+    pub fn every(mut self, kind: &str, interval: Duration) -> Self {
+        assert!(self.kinds.contains_key(kind), "register {kind:?} first");
+        assert!(!interval.is_zero(), "{kind:?} every 0 s");
+        self.periodic.insert(kind.to_owned(), interval);
+        self
+    }
+
     /// The job system, ready to enqueue; [`Jobs::start`] runs its workers.
     pub fn build(self) -> Arc<Jobs> {
         let wake = self
@@ -278,6 +295,7 @@ impl JobsBuilder {
             clock: self.clock,
             config: self.config,
             kinds: self.kinds,
+            periodic: self.periodic,
             wake,
         })
     }
@@ -295,6 +313,7 @@ impl Jobs {
             clock,
             config,
             kinds: HashMap::new(),
+            periodic: HashMap::new(),
         }
     }
 
@@ -430,6 +449,23 @@ impl Jobs {
         let job = self.store.retry_job(id, self.clock.now()).await?;
         self.wake(&job.queue);
         Ok(job)
+    }
+
+    /// Makes sure the next job of the periodic `kind` waits, due at `run_at` if it has to be
+    /// created (an existing one is left as it is).
+    pub(crate) async fn ensure_periodic(
+        &self,
+        kind: &str,
+        run_at: DateTime<Utc>,
+    ) -> Result<(), JobsError> {
+        let options = EnqueueOptions {
+            run_at: Some(run_at),
+            unique_key: Some(format!("every:{kind}")),
+            unique_states: Some(UniqueStates::UNFINISHED),
+            ..EnqueueOptions::default()
+        };
+        self.enqueue(kind, &serde_json::json!({}), options).await?;
+        Ok(())
     }
 
     /// Starts this node's workers, one per configured queue; they stop when `shutdown` turns

@@ -137,8 +137,17 @@ impl QueueWorker {
         }
         let now = self.jobs.clock.now();
         match self.jobs.store.finish_jobs(&self.ended, now).await {
-            Ok(_) => {
+            Ok(recorded) => {
                 self.ended.clear();
+                for job in recorded.iter().filter(|j| j.state.is_final()) {
+                    if let Some(interval) = self.jobs.periodic.get(&job.kind) {
+                        let next = now + chrono_duration(*interval);
+                        if let Err(e) = self.jobs.ensure_periodic(&job.kind, next).await {
+                            // The maintenance loop makes sure of it again.
+                            tracing::warn!(kind = %job.kind, error = %e, "next periodic job not enqueued");
+                        }
+                    }
+                }
                 true
             }
             Err(e) => {
@@ -241,7 +250,13 @@ impl QueueWorker {
 
 /// A lease as a chrono duration.
 fn lease(jobs: &Jobs) -> chrono::Duration {
-    chrono::Duration::from_std(jobs.config.lease).unwrap_or(chrono::Duration::seconds(30))
+    chrono_duration(jobs.config.lease)
+}
+
+/// A duration as chrono's (a year at most).
+fn chrono_duration(d: Duration) -> chrono::Duration {
+    chrono::Duration::from_std(d.min(Duration::from_secs(365 * 24 * 3600)))
+        .unwrap_or(chrono::Duration::days(365))
 }
 
 /// Runs one attempt of `job` under its timeout and says how it ended.
@@ -363,9 +378,23 @@ async fn maintain(jobs: Arc<Jobs>, mut shutdown: watch::Receiver<bool>) {
     if *shutdown.borrow() {
         return;
     }
+    // Periodic kinds: the first run is due now unless one already waits; afterwards each end
+    // enqueues the next, and every tick makes sure of it (a node that died between the two).
+    let now = jobs.clock.now();
+    for kind in jobs.periodic.keys() {
+        if let Err(e) = jobs.ensure_periodic(kind, now).await {
+            tracing::warn!(%kind, error = %e, "periodic job not enqueued");
+        }
+    }
     loop {
         tokio::select! {
             _ = rescue.tick() => {
+                let now = jobs.clock.now();
+                for (kind, interval) in &jobs.periodic {
+                    if let Err(e) = jobs.ensure_periodic(kind, now + chrono_duration(*interval)).await {
+                        tracing::warn!(%kind, error = %e, "periodic job not enqueued");
+                    }
+                }
                 match jobs.store.rescue_expired_leases(jobs.clock.now()).await {
                     Ok(0) => {}
                     Ok(rescued) => {

@@ -536,3 +536,54 @@ impl<H: Handler> Handler for Shared<H> {
         self.0.run(job).await
     }
 }
+
+/// A periodic kind runs once per interval however many nodes run it: the first run when the
+/// nodes start, then one each time the interval passed.
+async fn a_periodic_kind_runs_once_per_interval_across_two_nodes(backend: Backend) {
+    let ticks = Arc::new(Flaky::default());
+    let db = TestDb::new(backend).await;
+    db.store.migrate().await.unwrap();
+    let other = db.another_handle().await;
+    let clock = Arc::new(ManualClock::new(
+        Utc.with_ymd_and_hms(2026, 12, 1, 12, 0, 0).unwrap(),
+    ));
+    let node = |store: Arc<dyn unhidra_store::Store>| {
+        Jobs::builder(
+            store,
+            clock.clone() as Arc<dyn Clock>,
+            JobsConfig {
+                queues: vec![("default".to_owned(), 2)],
+                lease: Duration::from_millis(300),
+                poll_interval: Duration::from_millis(10),
+                ..JobsConfig::default()
+            },
+        )
+        .register("tick", Shared(Arc::clone(&ticks)), options(1))
+        .every("tick", Duration::from_secs(60))
+        .build()
+    };
+    let (stop, shutdown) = watch::channel(false);
+    let nodes = [node(db.store.clone()), node(other.store.clone())];
+    let workers: Vec<Workers> = nodes.iter().map(|n| n.start(shutdown.clone())).collect();
+    let calls = || ticks.calls.load(Ordering::SeqCst);
+    for round in 1..=3 {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while calls() < round {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("run {round} did not come"));
+        // Both nodes poll often and make sure of the next run: still one run.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(calls(), round, "one run per interval");
+        clock.advance(chrono::Duration::seconds(61));
+    }
+    stop.send_replace(true);
+    for w in workers {
+        tokio::time::timeout(Duration::from_secs(10), w.stopped())
+            .await
+            .unwrap();
+    }
+}
+on_both!(a_periodic_kind_runs_once_per_interval_across_two_nodes);

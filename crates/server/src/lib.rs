@@ -26,6 +26,7 @@ use unhidra_chat as chat;
 use unhidra_config::Config;
 use unhidra_core::{Clock, SystemClock};
 pub use unhidra_identity as identity;
+pub use unhidra_jobs as jobs;
 pub use unhidra_mail as mail;
 use unhidra_store::{INSTANCE_ID, Store, StoreError, StoreOptions};
 
@@ -151,6 +152,22 @@ impl Application {
             &config,
             metrics.ws.clone(),
         );
+        let jobs =
+            jobs::Jobs::builder(Arc::clone(&store), Arc::clone(&clock), jobs_config(&config))
+                .register(
+                    chat::retention::KIND,
+                    chat.retention_job(),
+                    jobs::KindOptions {
+                        max_attempts: 3,
+                        timeout: Duration::from_secs(300),
+                        ..jobs::KindOptions::default()
+                    },
+                )
+                .every(
+                    chat::retention::KIND,
+                    config.retention_interval.0.max(Duration::from_secs(1)),
+                )
+                .build();
         let identity = identity::Identity::new(
             &config,
             Arc::clone(&store),
@@ -160,7 +177,7 @@ impl Application {
         )
         .await?;
         bootstrap_admin(&config, &identity).await?;
-        let state = AppState::new(config, store, metrics, instance_id, identity, chat);
+        let state = AppState::new(config, store, metrics, instance_id, identity, chat, jobs);
         tokio::spawn(follow_revocations(state.clone()));
         let router = http::with_middleware(routes::router().merge(extra), &state);
         Ok(Self {
@@ -210,10 +227,19 @@ impl Application {
         );
         let grace = config.shutdown_grace.0;
         let reloads = tokio::spawn(reload_keys(state.clone()));
-        let retention = tokio::spawn(apply_retention(state.clone()));
+        let (stop_jobs, jobs_stopping) = tokio::sync::watch::channel(false);
+        let workers = state.jobs().start(jobs_stopping);
         let outcome = shutdown::serve(listener, router, &state, shutdown, grace).await;
         reloads.abort();
-        retention.abort();
+        // Attempts in flight end (or reach their timeout); what does not end in time is
+        // retried by a node once its lease ends.
+        stop_jobs.send_replace(true);
+        if tokio::time::timeout(grace.max(Duration::from_secs(1)), workers.stopped())
+            .await
+            .is_err()
+        {
+            tracing::warn!("shutdown: some jobs were still running; they are retried later");
+        }
         let outcome = outcome?;
         let abandoned = metrics::in_flight(state.metrics());
         // Notices already promised to users are sent before the process goes.
@@ -314,21 +340,18 @@ pub async fn recheck_connections(state: &AppState) {
     }
 }
 
-/// Applies room retention on a schedule.
-async fn apply_retention(state: AppState) {
-    let mut tick = tokio::time::interval(
-        state
-            .config()
-            .retention_interval
-            .0
-            .max(Duration::from_secs(1)),
-    );
-    loop {
-        tick.tick().await;
-        match state.chat().apply_retention().await {
-            Ok(0) => {}
-            Ok(deleted) => tracing::info!(deleted, "retention applied"),
-            Err(e) => tracing::warn!(error = %e, "retention not applied"),
-        }
+/// How the job system runs on this node, from the config (checked at load).
+fn jobs_config(config: &Config) -> jobs::JobsConfig {
+    jobs::JobsConfig {
+        queues: unhidra_config::parse_job_queues(&config.jobs_queues).unwrap_or_default(),
+        lease: config.jobs_lease.0,
+        poll_interval: config.jobs_poll_interval.0,
+        retention: config.jobs_retention.0,
+        node: format!(
+            "{}-{}",
+            std::process::id(),
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        ),
+        ..jobs::JobsConfig::default()
     }
 }

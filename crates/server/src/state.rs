@@ -21,6 +21,7 @@ struct Inner {
     instance_id: String,
     identity: Identity,
     chat: Chat,
+    jobs: Arc<unhidra_jobs::Jobs>,
     /// Reverse proxies whose `X-Forwarded-For` is believed.
     trusted_proxies: Vec<std::net::IpAddr>,
     /// Set when the shutdown grace period is over: requests still running are answered 503.
@@ -36,6 +37,7 @@ impl AppState {
         instance_id: String,
         identity: Identity,
         chat: Chat,
+        jobs: Arc<unhidra_jobs::Jobs>,
     ) -> Self {
         let trusted_proxies = config
             .trusted_proxies
@@ -50,6 +52,7 @@ impl AppState {
             instance_id,
             identity,
             chat,
+            jobs,
             abandon: tokio::sync::watch::Sender::new(false),
         }))
     }
@@ -72,6 +75,11 @@ impl AppState {
     /// Accounts, tokens and sessions.
     pub fn identity(&self) -> &Identity {
         &self.0.identity
+    }
+
+    /// Background jobs.
+    pub fn jobs(&self) -> &Arc<unhidra_jobs::Jobs> {
+        &self.0.jobs
     }
 
     /// Rooms, messages and live connections.
