@@ -372,14 +372,15 @@ impl Jobs {
             ));
         }
         let timeout = options.timeout.unwrap_or(defaults.timeout);
-        if timeout.is_zero() || timeout > Duration::from_secs(24 * 3600) {
+        if timeout < Duration::from_millis(1) || timeout > Duration::from_secs(24 * 3600) {
             return Err(JobsError::Invalid(
                 "timeout",
                 "out_of_range",
-                "a timeout is more than 0 s and at most a day".to_owned(),
+                "a timeout is at least 1 ms and at most a day".to_owned(),
             ));
         }
         for (field, key) in [
+            ("trace_id", options.trace_id.as_deref()),
             ("unique_key", options.unique_key.as_deref()),
             (
                 "concurrency_key",

@@ -10,6 +10,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use tokio::sync::{mpsc, watch};
 use tokio::task::{AbortHandle, JoinHandle};
+use unhidra_store::StoreError;
 use unhidra_store::jobs::{AttemptOutcome, Finish, Finished, JobRecord};
 use uuid::Uuid;
 
@@ -55,9 +56,19 @@ impl Workers {
 /// An attempt in flight.
 #[derive(Debug)]
 struct Running {
+    /// Which attempt of its job.
+    attempt: i32,
+    /// Until when this worker's lease is known to last (the last claim or renewal).
+    lease_until: DateTime<Utc>,
     cancel: watch::Sender<bool>,
     task: AbortHandle,
 }
+
+/// The longest error text kept for an attempt, in bytes.
+const MAX_ERROR: usize = 4096;
+
+/// How soon a failed lease renewal is tried again.
+const RENEW_RETRY: Duration = Duration::from_secs(1);
 
 /// The worker of one queue on this node.
 #[derive(Debug)]
@@ -116,7 +127,11 @@ impl QueueWorker {
             tokio::select! {
                 () = wake.notified(), if !stopping => {}
                 Some(ended) = self.done_rx.recv() => self.ended(ended),
-                _ = renew.tick() => self.renew().await,
+                _ = renew.tick() => {
+                    if !self.renew().await {
+                        renew.reset_after(RENEW_RETRY.min(config.lease / 3));
+                    }
+                }
                 () = tokio::time::sleep(pause) => {}
                 _ = shutdown.changed(), if !stopping => stopping = true,
             }
@@ -125,7 +140,15 @@ impl QueueWorker {
     }
 
     fn ended(&mut self, ended: Finished) {
-        self.running.remove(&ended.id);
+        // Only the attempt that ended: the store may have given this worker the job again
+        // (a lost lease), and the newer attempt keeps its place.
+        if self
+            .running
+            .get(&ended.id)
+            .is_some_and(|r| r.attempt == ended.attempt)
+        {
+            self.running.remove(&ended.id);
+        }
         self.ended.push(ended);
     }
 
@@ -136,25 +159,48 @@ impl QueueWorker {
             return true;
         }
         let now = self.jobs.clock.now();
-        match self.jobs.store.finish_jobs(&self.ended, now).await {
+        let recorded = match self.jobs.store.finish_jobs(&self.ended, now).await {
             Ok(recorded) => {
                 self.ended.clear();
-                for job in recorded.iter().filter(|j| j.state.is_final()) {
-                    if let Some(interval) = self.jobs.periodic.get(&job.kind) {
-                        let next = now + chrono_duration(*interval);
-                        if let Err(e) = self.jobs.ensure_periodic(&job.kind, next).await {
-                            // The maintenance loop makes sure of it again.
-                            tracing::warn!(kind = %job.kind, error = %e, "next periodic job not enqueued");
+                recorded
+            }
+            Err(StoreError::Unavailable(e)) => {
+                tracing::warn!(queue = %self.queue, error = %e, "cannot record ended job attempts; retrying");
+                return false;
+            }
+            Err(e) => {
+                // Something in the batch is refused: each is recorded alone, so that one bad
+                // entry cannot hold the others (and the queue) back; one refused alone is
+                // dropped (its lease ends and the job runs again).
+                tracing::warn!(queue = %self.queue, error = %e, "a batch of ended attempts was refused; recording them one by one");
+                let mut recorded = Vec::new();
+                for ended in std::mem::take(&mut self.ended) {
+                    match self
+                        .jobs
+                        .store
+                        .finish_jobs(std::slice::from_ref(&ended), now)
+                        .await
+                    {
+                        Ok(jobs) => recorded.extend(jobs),
+                        Err(StoreError::Unavailable(_)) => self.ended.push(ended),
+                        Err(e) => {
+                            tracing::error!(job = %ended.id, error = %e, "an ended attempt cannot be recorded; its lease will end and it runs again");
                         }
                     }
                 }
-                true
+                recorded
             }
-            Err(e) => {
-                tracing::warn!(queue = %self.queue, error = %e, "cannot record ended job attempts; retrying");
-                false
+        };
+        for job in recorded.iter().filter(|j| j.state.is_final()) {
+            if let Some(interval) = self.jobs.periodic.get(&job.kind) {
+                let next = now + chrono_duration(*interval);
+                if let Err(e) = self.jobs.ensure_periodic(&job.kind, next).await {
+                    // The maintenance loop makes sure of it again.
+                    tracing::warn!(kind = %job.kind, error = %e, "next periodic job not enqueued");
+                }
             }
         }
+        self.ended.is_empty()
     }
 
     /// Claims as many due jobs as there are free places, and starts them.
@@ -184,11 +230,18 @@ impl QueueWorker {
 
     /// Starts one attempt of `job`, claimed at `now`.
     fn start(&mut self, job: JobRecord, now: DateTime<Utc>) {
+        if let Some(old) = self.running.remove(&job.id) {
+            // The store gave this worker the job again: the older attempt's lease was lost.
+            tracing::warn!(job = %job.id, "job lease lost; the older attempt is stopped");
+            old.task.abort();
+        }
         let (cancel, cancelled) = watch::channel(job.cancel_requested);
         let jobs = Arc::clone(&self.jobs);
         let done = self.done_tx.clone();
         let worker = self.name.clone();
         let id = job.id;
+        let attempt_no = job.attempt;
+        let job_lease = job.lease_until.unwrap_or(now);
         let task = tokio::spawn(async move {
             let finish = attempt(&jobs, &job, cancelled).await;
             let _ = done.send(Finished {
@@ -202,20 +255,30 @@ impl QueueWorker {
         self.running.insert(
             id,
             Running {
+                attempt: attempt_no,
+                lease_until: job_lease,
                 cancel,
                 task: task.abort_handle(),
             },
         );
     }
 
-    /// Renews the leases of the attempts in flight; passes on cancellations, and stops the
-    /// attempts whose lease was lost (their job may already run elsewhere).
-    async fn renew(&mut self) {
-        if self.running.is_empty() {
-            return;
+    /// Renews the leases of the attempts in flight and of those ended but not yet recorded;
+    /// passes on cancellations, and stops the attempts whose lease was lost (their job may
+    /// already run elsewhere). False if the store could not be asked: then the attempts whose
+    /// lease has surely passed are stopped, and the renewal is tried again soon.
+    async fn renew(&mut self) -> bool {
+        if self.running.is_empty() && self.ended.is_empty() {
+            return true;
         }
-        let ids: Vec<Uuid> = self.running.keys().copied().collect();
-        let lease_until = self.jobs.clock.now() + lease(&self.jobs);
+        let ids: Vec<Uuid> = self
+            .running
+            .keys()
+            .copied()
+            .chain(self.ended.iter().map(|e| e.id))
+            .collect();
+        let now = self.jobs.clock.now();
+        let lease_until = now + lease(&self.jobs);
         let held = match self
             .jobs
             .store
@@ -225,18 +288,33 @@ impl QueueWorker {
             Ok(held) => held,
             Err(e) => {
                 tracing::warn!(queue = %self.queue, error = %e, "cannot renew job leases");
-                return;
+                let lapsed: Vec<Uuid> = self
+                    .running
+                    .iter()
+                    .filter(|(_, r)| r.lease_until <= now)
+                    .map(|(id, _)| *id)
+                    .collect();
+                for id in lapsed {
+                    if let Some(running) = self.running.remove(&id) {
+                        tracing::warn!(job = %id, queue = %self.queue, "job lease ran out unrenewed; attempt stopped");
+                        running.task.abort();
+                    }
+                }
+                return false;
             }
         };
         let held: HashMap<Uuid, bool> = held.into_iter().collect();
-        for id in ids {
+        let running: Vec<Uuid> = self.running.keys().copied().collect();
+        for id in running {
             match held.get(&id) {
-                Some(true) => {
-                    if let Some(running) = self.running.get(&id) {
-                        running.cancel.send_replace(true);
+                Some(cancel) => {
+                    if let Some(running) = self.running.get_mut(&id) {
+                        running.lease_until = lease_until;
+                        if *cancel {
+                            running.cancel.send_replace(true);
+                        }
                     }
                 }
-                Some(false) => {}
                 None => {
                     if let Some(running) = self.running.remove(&id) {
                         tracing::warn!(job = %id, queue = %self.queue, "job lease lost; attempt stopped");
@@ -245,6 +323,7 @@ impl QueueWorker {
                 }
             }
         }
+        true
     }
 }
 
@@ -309,6 +388,8 @@ async fn attempt(jobs: &Jobs, job: &JobRecord, cancel: watch::Receiver<bool>) ->
         let context = Arc::clone(&context);
         tracing::Instrument::instrument(async move { handler.run(&context).await }, span)
     });
+    // Stopping the attempt (a lost lease, a timeout) stops the handler too.
+    let _stop_handler = AbortOnDrop(run.abort_handle());
     let result = tokio::time::timeout(timeout, &mut run).await;
     match result {
         Ok(Ok(Ok(()))) => Finish::Completed,
@@ -338,10 +419,45 @@ async fn attempt(jobs: &Jobs, job: &JobRecord, cancel: watch::Receiver<bool>) ->
     }
 }
 
+/// Aborts a task when dropped.
+struct AbortOnDrop(AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// An attempt's error as kept: no NUL (which PostgreSQL text refuses), at most [`MAX_ERROR`]
+/// bytes.
+fn kept_error(error: String) -> String {
+    let mut error = if error.contains('\0') {
+        error.replace('\0', "\u{fffd}")
+    } else {
+        error
+    };
+    if error.len() > MAX_ERROR {
+        let mut cut = MAX_ERROR;
+        while !error.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        error.truncate(cut);
+        error.push('…');
+    }
+    error
+}
+
 /// How a failed attempt ends: retried after its backoff while attempts are left, else
 /// discarded.
 fn failed(jobs: &Jobs, job: &JobRecord, error: JobError, outcome: AttemptOutcome) -> Finish {
     let now = jobs.clock.now();
+    let error = match error {
+        JobError::Retry { error, after } => JobError::Retry {
+            error: kept_error(error),
+            after,
+        },
+        JobError::Permanent(error) => JobError::Permanent(kept_error(error)),
+    };
     match error {
         JobError::Retry { error, after } if job.attempt < job.max_attempts => {
             let backoff = jobs
@@ -350,11 +466,13 @@ fn failed(jobs: &Jobs, job: &JobRecord, error: JobError, outcome: AttemptOutcome
                 .map(|k| k.options.backoff)
                 .unwrap_or_default();
             let wait = after.unwrap_or_else(|| backoff.delay(job.attempt, &mut rand::rng()));
-            let wait = chrono::Duration::from_std(wait).unwrap_or(chrono::Duration::hours(1));
+            let retry_at = now
+                .checked_add_signed(chrono_duration(wait))
+                .unwrap_or(now + chrono::Duration::days(365));
             tracing::info!(job = %job.id, kind = %job.kind, attempt = job.attempt, error = %error, "job attempt failed; retrying");
             Finish::Retry {
                 error,
-                retry_at: now + wait,
+                retry_at,
                 outcome,
             }
         }

@@ -159,6 +159,12 @@ impl Harness {
         }
     }
 
+    /// Stops the workers without waiting for handlers that never end.
+    async fn stop_now(mut self) {
+        self.stop.send_replace(true);
+        self.workers.take();
+    }
+
     async fn stop(mut self) {
         self.stop.send_replace(true);
         if let Some(workers) = self.workers.take() {
@@ -587,3 +593,118 @@ async fn a_periodic_kind_runs_once_per_interval_across_two_nodes(backend: Backen
     }
 }
 on_both!(a_periodic_kind_runs_once_per_interval_across_two_nodes);
+
+/// Runs until stopped; counts how many of its runs are alive at once, and the most ever.
+#[derive(Debug, Default)]
+struct Watched {
+    started: AtomicU32,
+    alive: Arc<AtomicU32>,
+    most: Arc<AtomicU32>,
+}
+
+/// Counts a run as alive until dropped (a stopped task drops its future).
+struct Alive(Arc<AtomicU32>);
+
+impl Drop for Alive {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+#[async_trait]
+impl Handler for Watched {
+    async fn run(&self, _: &JobContext) -> Result<(), JobError> {
+        self.started.fetch_add(1, Ordering::SeqCst);
+        let now = self.alive.fetch_add(1, Ordering::SeqCst) + 1;
+        self.most.fetch_max(now, Ordering::SeqCst);
+        let _alive = Alive(Arc::clone(&self.alive));
+        std::future::pending::<()>().await;
+        Ok(())
+    }
+}
+
+/// A lease that runs out under a running handler (the node stalled) stops that handler: the
+/// job then runs again, but never two runs at once, on this node or any.
+async fn a_lost_lease_stops_its_handler_so_a_job_never_runs_twice_at_once(backend: Backend) {
+    let watched = Arc::new(Watched::default());
+    let h = Harness::start(backend, Duration::from_millis(300), |b| {
+        b.register("watched", Shared(Arc::clone(&watched)), options(5))
+    })
+    .await;
+    let job = h.enqueue("watched").await;
+    h.until(job.id, JobState::Running).await;
+    for round in 1..=2u32 {
+        // The node stalled past its lease: another node's rescue took the job back (due an
+        // hour from now, so that the stopped run can be seen before the next one starts).
+        let later = h.clock.now() + chrono::Duration::hours(1);
+        assert_eq!(h.db.store.rescue_expired_leases(later).await.unwrap(), 1);
+        let wait = |what: &'static str, done: Box<dyn Fn() -> bool + Send>| async move {
+            tokio::time::timeout(Duration::from_secs(10), async {
+                while !done() {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            })
+            .await
+            .unwrap_or_else(|_| panic!("{what}"));
+        };
+        let alive = Arc::clone(&watched.alive);
+        wait(
+            "the run whose lease was lost is stopped",
+            Box::new(move || alive.load(Ordering::SeqCst) == 0),
+        )
+        .await;
+        h.clock.advance(chrono::Duration::hours(2));
+        let w = Arc::clone(&watched);
+        wait(
+            "the job runs again",
+            Box::new(move || w.started.load(Ordering::SeqCst) == round + 1),
+        )
+        .await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        watched.most.load(Ordering::SeqCst),
+        1,
+        "never two runs at once"
+    );
+    assert_eq!(watched.alive.load(Ordering::SeqCst), 1);
+    let (_, attempts) = h.jobs.job(job.id).await.unwrap();
+    let lost = attempts
+        .iter()
+        .filter(|a| a.outcome == AttemptOutcome::LeaseLost)
+        .count();
+    assert_eq!(lost, 2);
+    h.stop_now().await;
+}
+on_both!(a_lost_lease_stops_its_handler_so_a_job_never_runs_twice_at_once);
+
+/// A handler's error is kept without NUL (which PostgreSQL text refuses) and bounded in
+/// length, and the queue goes on.
+async fn an_error_with_nul_and_many_bytes_is_kept_bounded(backend: Backend) {
+    #[derive(Debug)]
+    struct Nasty;
+    #[async_trait]
+    impl Handler for Nasty {
+        async fn run(&self, _: &JobContext) -> Result<(), JobError> {
+            Err(JobError::retry(format!("bad\0{}", "x".repeat(10_000))))
+        }
+    }
+    let flaky = Arc::new(Flaky::default());
+    let h = Harness::start(backend, Duration::from_secs(30), |b| {
+        b.register("nasty", Nasty, options(5)).register(
+            "fine",
+            Shared(Arc::clone(&flaky)),
+            options(1),
+        )
+    })
+    .await;
+    let nasty = h.enqueue("nasty").await;
+    let retryable = h.until(nasty.id, JobState::Retryable).await;
+    let error = retryable.last_error.unwrap();
+    assert!(error.starts_with("bad\u{fffd}xxx"), "{}", &error[..20]);
+    assert!(error.len() <= 4100, "{}", error.len());
+    let fine = h.enqueue("fine").await;
+    h.until(fine.id, JobState::Completed).await;
+    h.stop().await;
+}
+on_both!(an_error_with_nul_and_many_bytes_is_kept_bounded);

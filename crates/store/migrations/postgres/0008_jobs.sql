@@ -28,7 +28,7 @@ CREATE TABLE jobs (
     created_at        TIMESTAMPTZ NOT NULL,
     finished_at       TIMESTAMPTZ
 );
-CREATE UNIQUE INDEX jobs_unique_live ON jobs (unique_live) WHERE unique_live IS NOT NULL;
+CREATE UNIQUE INDEX jobs_unique_live ON jobs (kind, unique_live) WHERE unique_live IS NOT NULL;
 -- The claim reads this one in order; only waiting jobs are in it, so it stays small.
 CREATE INDEX jobs_to_claim ON jobs (queue, priority, run_at, id)
     WHERE state IN ('available', 'scheduled', 'retryable');

@@ -259,7 +259,7 @@ macro_rules! job_queries {
                              concurrency_key, concurrency_limit, trace_id, created_at) \
                              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, \
                              $15, $16) \
-                             ON CONFLICT (unique_live) WHERE unique_live IS NOT NULL DO NOTHING \
+                             ON CONFLICT (kind, unique_live) WHERE unique_live IS NOT NULL DO NOTHING \
                              RETURNING {JOB_COLUMNS}"
                         ))
                         .bind(Store::id(new.id))
@@ -285,8 +285,9 @@ macro_rules! job_queries {
                             return Ok(Enqueued::New(job(&row)?));
                         }
                         let existing = sqlx::query(&format!(
-                            "SELECT {JOB_COLUMNS} FROM jobs WHERE unique_live = $1"
+                            "SELECT {JOB_COLUMNS} FROM jobs WHERE kind = $1 AND unique_live = $2"
                         ))
+                        .bind(&new.kind)
                         .bind(unique_live)
                         .fetch_optional(&self.pool)
                         .await
@@ -556,9 +557,10 @@ macro_rules! job_queries {
                         "UPDATE jobs SET {} WHERE state = 'discarded' \
                          AND (CAST($1 AS TEXT) IS NULL OR kind = $1) \
                          AND (unique_key IS NULL OR (unique_states & {available}) = 0 OR ( \
-                         NOT EXISTS (SELECT 1 FROM jobs o WHERE o.unique_live = jobs.unique_key) \
+                         NOT EXISTS (SELECT 1 FROM jobs o WHERE o.kind = jobs.kind \
+                         AND o.unique_live = jobs.unique_key) \
                          AND NOT EXISTS (SELECT 1 FROM jobs d WHERE d.state = 'discarded' \
-                         AND d.unique_key = jobs.unique_key AND d.id > jobs.id \
+                         AND d.kind = jobs.kind AND d.unique_key = jobs.unique_key AND d.id > jobs.id \
                          AND (d.unique_states & {available}) <> 0 \
                          AND (CAST($1 AS TEXT) IS NULL OR d.kind = $1))))",
                         back_to_available(),

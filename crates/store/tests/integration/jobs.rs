@@ -625,7 +625,16 @@ async fn cancel_retry_requeue_and_purge(db: &TestDb) {
     let running = claim(store, 1, "w", t).await.remove(0);
     finish(store, &running, discard("nope"), t).await;
     dead.push(job);
-    let holder = enqueue(store, &dead_letter("c", Some("h"))).await;
+    // Keys are per kind: another kind's job with key `h` holds nothing of `a`'s.
+    enqueue(store, &dead_letter("c", Some("h"))).await;
+    let holder = enqueue(
+        store,
+        &NewJob {
+            run_at: t + secs(3600),
+            ..dead_letter("a", Some("h"))
+        },
+    )
+    .await;
 
     // `a`: one of the two with key `s`, and the one without a key; not `h`.
     assert_eq!(
@@ -656,7 +665,7 @@ async fn cancel_retry_requeue_and_purge(db: &TestDb) {
     assert!(requeued.iter().any(|j| j.id == dead[1].id));
     assert_eq!(
         store.job(holder.id).await.unwrap().0.state,
-        JobState::Available
+        JobState::Scheduled
     );
     assert_eq!(
         store.job(dead[3].id).await.unwrap().0.state,
