@@ -472,6 +472,16 @@ impl Jobs {
     /// Starts this node's workers, one per configured queue; they stop when `shutdown` turns
     /// true, after the attempts in flight end (or are stopped at their timeout).
     pub fn start(self: &Arc<Self>, shutdown: watch::Receiver<bool>) -> Workers {
+        let worked: Vec<&str> = self.config.queues.iter().map(|(q, _)| q.as_str()).collect();
+        for (kind, registered) in &self.kinds {
+            if !worked.contains(&registered.options.queue.as_str()) {
+                tracing::warn!(
+                    %kind,
+                    queue = %registered.options.queue,
+                    "this node does not work the queue of this job kind: its jobs run only where `jobs_queues` names the queue"
+                );
+            }
+        }
         Workers::start(self, shutdown)
     }
 }
