@@ -8,8 +8,12 @@
 //! restart) retries those jobs once the leases end. The rules of the states live in
 //! `unhidra-store`'s [`jobs`](unhidra_store::jobs) module, which holds them on both engines.
 //!
+//! The operator's side — listing with filters, counts, retrying, cancelling, and the dead
+//! letters in bulk — is in `admin.rs`, which checks every input an operator types.
+//!
 //! Knows no HTTP and no SQL.
 
+mod admin;
 pub mod backoff;
 mod worker;
 
@@ -21,10 +25,14 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use tokio::sync::{Notify, watch};
 use unhidra_core::Clock;
-use unhidra_store::jobs::{Enqueued, JobRecord, NewJob, UniqueStates};
+use unhidra_store::jobs::{Enqueued, JobRecord, JobState, NewJob, UniqueStates};
 use unhidra_store::{Store, StoreError};
 use uuid::Uuid;
 
+pub use admin::{
+    DEFAULT_PAGE_SIZE, JobPage, JobStats, ListQuery, MAX_PAGE, MAX_PAGE_SIZE, MAX_QUERY, parse_id,
+    parse_state,
+};
 pub use backoff::Backoff;
 pub use worker::Workers;
 
@@ -125,6 +133,10 @@ pub enum JobsError {
     /// No such job.
     #[error("no such job")]
     NotFound,
+    /// The job's state does not allow this: a retry of a job that is neither discarded nor
+    /// cancelled, or a cancellation of a job that completed or was discarded. Its state now.
+    #[error("the job is {}", .0.as_str())]
+    State(JobState),
     /// The store failed.
     #[error(transparent)]
     Store(StoreError),
@@ -440,14 +452,31 @@ impl Jobs {
         Ok(self.store.job(id).await?)
     }
 
-    /// Cancels a job (a running one at its worker's next lease renewal).
+    /// Cancels a job: one that waits is `cancelled` at once; a running one is marked, and its
+    /// worker stops it at its next lease renewal. A cancelled job is answered as it is;
+    /// [`JobsError::State`] for one that completed or was discarded.
     pub async fn cancel(&self, id: Uuid) -> Result<JobRecord, JobsError> {
-        Ok(self.store.cancel_job(id, self.clock.now()).await?)
+        let job = self.store.cancel_job(id, self.clock.now()).await?;
+        match job.state {
+            JobState::Completed | JobState::Discarded => Err(JobsError::State(job.state)),
+            _ => Ok(job),
+        }
     }
 
     /// Puts a discarded or cancelled job back in its queue with fresh attempts.
+    /// [`JobsError::State`] for a job in another state (it is left as it is); a store
+    /// `Conflict` if another job holds its unique key now.
     pub async fn retry(&self, id: Uuid) -> Result<JobRecord, JobsError> {
+        let (before, _) = self.store.job(id).await?;
+        if !matches!(before.state, JobState::Discarded | JobState::Cancelled) {
+            return Err(JobsError::State(before.state));
+        }
         let job = self.store.retry_job(id, self.clock.now()).await?;
+        // The job may have moved since it was read: another operator's retry leaves it
+        // available too, anything else is its state now.
+        if job.state != JobState::Available {
+            return Err(JobsError::State(job.state));
+        }
         self.wake(&job.queue);
         Ok(job)
     }

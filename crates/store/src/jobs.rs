@@ -422,6 +422,9 @@ pub trait JobStore {
         offset: u64,
     ) -> Result<Vec<JobRecord>, StoreError>;
 
+    /// How many jobs match `filter`: the total of [`Self::list_jobs`]' pages.
+    async fn count_jobs(&self, filter: &JobFilter) -> Result<u64, StoreError>;
+
     /// Counts per kind and state, and when the oldest `available` job (or due `scheduled` or
     /// `retryable` one) became due, if any.
     async fn job_stats(

@@ -19,6 +19,7 @@ use unhidra_server::identity::hasher::HashParams;
 use unhidra_server::identity::import::ImportError;
 use unhidra_server::identity::keys::{self, KeyError};
 use unhidra_server::identity::{Identity, IdentityError, RequestContext};
+use unhidra_server::jobs::{Jobs, JobsConfig, JobsError, ListQuery};
 use unhidra_server::{Application, BUILD, BuildInfo};
 use unhidra_store::{Backend, Store, StoreError};
 
@@ -54,6 +55,39 @@ enum Command {
     /// Manage the keys that sign access tokens.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Look at background jobs, retry or cancel them.
+    #[command(subcommand)]
+    Jobs(JobsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum JobsCommand {
+    /// List jobs, newest first, as JSON lines (at most 200; without payloads).
+    List {
+        /// Only this state: scheduled, available, running, retryable, completed, discarded or
+        /// cancelled.
+        #[arg(long)]
+        state: Option<String>,
+        /// Only this kind.
+        #[arg(long)]
+        kind: Option<String>,
+        #[command(flatten)]
+        data: DataArgs,
+    },
+    /// Put a discarded or cancelled job back in its queue with fresh attempts.
+    Retry {
+        /// The job id, as `jobs list` shows it.
+        id: String,
+        #[command(flatten)]
+        data: DataArgs,
+    },
+    /// Cancel a job; a running one stops at its worker's next lease renewal.
+    Cancel {
+        /// The job id, as `jobs list` shows it.
+        id: String,
+        #[command(flatten)]
+        data: DataArgs,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -134,7 +168,12 @@ fn main() -> ExitCode {
         | Command::Admin(AdminCommand::Create { data, .. })
         | Command::Admin(AdminCommand::ImportUsers { data, .. })
         | Command::Keys(KeysCommand::Rotate(data) | KeysCommand::List(data))
-        | Command::Keys(KeysCommand::Retire { data, .. }) => Layer {
+        | Command::Keys(KeysCommand::Retire { data, .. })
+        | Command::Jobs(
+            JobsCommand::List { data, .. }
+            | JobsCommand::Retry { data, .. }
+            | JobsCommand::Cancel { data, .. },
+        ) => Layer {
             data_dir: data.data_dir.clone(),
             ..Layer::default()
         },
@@ -189,6 +228,7 @@ fn main() -> ExitCode {
                 import_users(&config, &file).await
             }
             Command::Keys(command) => keys(&config, command).await,
+            Command::Jobs(command) => jobs(&config, command).await,
             Command::Spec(_) | Command::Openapi => ExitCode::SUCCESS,
         }
     })
@@ -484,6 +524,100 @@ async fn keys(config: &Config, command: KeysCommand) -> ExitCode {
     };
     store.close().await;
     code
+}
+
+async fn jobs(config: &Config, command: JobsCommand) -> ExitCode {
+    let store = match migrated_store(config).await {
+        Ok(store) => store,
+        Err(err) => {
+            tracing::error!(error = %err, "cannot open the store");
+            return ExitCode::FAILURE;
+        }
+    };
+    // This process runs no queue: it only reads and changes jobs, and the servers' workers
+    // pick up what it puts back.
+    let service = Jobs::builder(
+        Arc::clone(&store),
+        Arc::new(SystemClock),
+        JobsConfig {
+            queues: Vec::new(),
+            ..JobsConfig::default()
+        },
+    )
+    .build();
+    let result = match command {
+        JobsCommand::List { state, kind, .. } => {
+            let query = ListQuery {
+                state,
+                kind,
+                page_size: Some(unhidra_server::jobs::MAX_PAGE_SIZE),
+                ..ListQuery::default()
+            };
+            service.list(&query).await.map(|page| {
+                for job in &page.items {
+                    println!("{}", job_line(job));
+                }
+                if page.total > u64::try_from(page.items.len()).unwrap_or(u64::MAX) {
+                    tracing::info!(
+                        shown = page.items.len(),
+                        total = page.total,
+                        "more jobs match; narrow with --state or --kind"
+                    );
+                }
+            })
+        }
+        JobsCommand::Retry { id, .. } => match unhidra_server::jobs::parse_id(&id) {
+            Ok(id) => service
+                .retry(id)
+                .await
+                .map(|job| println!("{}", job_line(&job))),
+            Err(err) => Err(err),
+        },
+        JobsCommand::Cancel { id, .. } => match unhidra_server::jobs::parse_id(&id) {
+            Ok(id) => service
+                .cancel(id)
+                .await
+                .map(|job| println!("{}", job_line(&job))),
+            Err(err) => Err(err),
+        },
+    };
+    store.close().await;
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(JobsError::Store(StoreError::Conflict { .. })) => {
+            eprintln!("unhidra: another job holds this job's unique key now; it stays as it is");
+            ExitCode::from(2)
+        }
+        Err(JobsError::Store(err)) => {
+            tracing::error!(error = %err, "jobs command failed");
+            ExitCode::FAILURE
+        }
+        Err(JobsError::Invalid(field, _, message)) => {
+            eprintln!("unhidra: {field}: {message}");
+            ExitCode::from(2)
+        }
+        Err(err) => {
+            // No such job, or a state that does not allow it.
+            eprintln!("unhidra: {err}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// A job as one JSON line, without its payload (it may hold personal data).
+fn job_line(job: &unhidra_store::jobs::JobRecord) -> serde_json::Value {
+    serde_json::json!({
+        "id": job.id.to_string(),
+        "kind": job.kind,
+        "queue": job.queue,
+        "state": job.state.as_str(),
+        "attempt": job.attempt,
+        "max_attempts": job.max_attempts,
+        "run_at": job.run_at,
+        "last_error": job.last_error,
+        "created_at": job.created_at,
+        "finished_at": job.finished_at,
+    })
 }
 
 fn print_json(value: &impl Serialize) -> ExitCode {

@@ -849,3 +849,95 @@ async fn a_taken_port_or_an_unreachable_store_exits_with_1() {
     .await;
     assert_eq!(out.code, 1, "{}", out.stderr);
 }
+
+/// Enqueues a job straight into the SQLite store of `dir`, scheduled a day from now.
+async fn stored_job(dir: &Path, kind: &str) -> String {
+    let url = format!("sqlite:{}", dir.join("data/unhidra.db").display());
+    let store = unhidra_store::connect(&url, &unhidra_store::StoreOptions::default())
+        .await
+        .unwrap();
+    let now = chrono::Utc::now();
+    let job = unhidra_store::jobs::NewJob {
+        id: uuid::Uuid::now_v7(),
+        kind: kind.to_owned(),
+        queue: "default".to_owned(),
+        payload: "{}".to_owned(),
+        priority: 0,
+        run_at: now + chrono::Duration::days(1),
+        max_attempts: 3,
+        timeout_ms: 60_000,
+        unique_key: None,
+        unique_states: unhidra_store::jobs::UniqueStates::DEFAULT,
+        concurrency_key: None,
+        concurrency_limit: 0,
+        trace_id: None,
+        created_at: now,
+    };
+    store.enqueue_job(&job).await.unwrap();
+    store.close().await;
+    job.id.to_string()
+}
+
+#[tokio::test]
+async fn jobs_list_retry_and_cancel() {
+    let dir = tempfile::tempdir().unwrap();
+    let env = [("APP_ENV", "test")];
+    assert_eq!(run(dir.path(), &["migrate"], &env).await.code, 0);
+    let first = stored_job(dir.path(), "rooms.retention").await;
+    let second = stored_job(dir.path(), "mail.send").await;
+    let lines = |out: &Output| -> Vec<Value> {
+        out.stdout
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+
+    let all = run(dir.path(), &["jobs", "list"], &env).await;
+    assert_eq!(all.code, 0, "{}", all.stderr);
+    let listed = lines(&all);
+    assert_eq!(listed.len(), 2);
+    assert_eq!(listed[0]["id"], second, "newest first");
+    assert!(
+        listed
+            .iter()
+            .all(|j| j["state"] == "scheduled" && j.get("payload").is_none())
+    );
+    let of_kind = run(
+        dir.path(),
+        &["jobs", "list", "--kind", "rooms.retention"],
+        &env,
+    )
+    .await;
+    assert_eq!(lines(&of_kind).len(), 1);
+    assert_eq!(lines(&of_kind)[0]["id"], first);
+
+    let cancelled = run(dir.path(), &["jobs", "cancel", &first], &env).await;
+    assert_eq!(cancelled.code, 0, "{}", cancelled.stderr);
+    assert_eq!(lines(&cancelled)[0]["state"], "cancelled");
+    let by_state = run(dir.path(), &["jobs", "list", "--state", "cancelled"], &env).await;
+    assert_eq!(lines(&by_state).len(), 1);
+    assert_eq!(lines(&by_state)[0]["id"], first);
+
+    let retried = run(dir.path(), &["jobs", "retry", &first], &env).await;
+    assert_eq!(retried.code, 0, "{}", retried.stderr);
+    assert_eq!(lines(&retried)[0]["state"], "available");
+    // A job that waits already is not retried: exit 2, and its state said.
+    let again = run(dir.path(), &["jobs", "retry", &first], &env).await;
+    assert_eq!(again.code, 2);
+    assert!(again.stderr.contains("available"), "{}", again.stderr);
+
+    for (args, says) in [
+        (&["jobs", "list", "--state", "dead"][..], "state"),
+        (&["jobs", "list", "--kind", "a b"][..], "kind"),
+        (&["jobs", "cancel", "not-an-id"][..], "id"),
+        (
+            &["jobs", "retry", "0190a0b0-0000-7000-8000-000000000000"][..],
+            "no such job",
+        ),
+    ] {
+        let out = run(dir.path(), args, &env).await;
+        assert_eq!(out.code, 2, "{args:?}");
+        assert!(out.stderr.contains(says), "{args:?}: {}", out.stderr);
+        assert!(out.stdout.is_empty(), "{args:?}");
+    }
+}

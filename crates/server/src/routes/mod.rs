@@ -4,6 +4,7 @@ mod admin;
 mod auth;
 mod docs;
 mod health;
+mod jobs;
 mod metrics;
 mod rooms;
 
@@ -33,6 +34,8 @@ pub const OPENAPI_PATH: &str = "/api/v1/openapi.json";
         (name = "operations", description = "Health, readiness, metrics and this document."),
         (name = "auth", description = "Accounts, tokens and sessions."),
         (name = "admin", description = "User management and the audit log; admins only."),
+        (name = "jobs", description = "Background jobs: a job with its attempts, listings, \
+            counts, retries, cancellations and dead letters; admins only."),
         (name = "rooms", description = "Rooms, members, messages and presence. Realtime delivery \
             is the WebSocket at /ws (docs/protocol.md)."),
     ),
@@ -127,6 +130,13 @@ fn documented() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(admin::keys))
         .routes(routes!(admin::rotate_key))
         .routes(routes!(admin::retire_key))
+        .routes(routes!(jobs::get))
+        .routes(routes!(jobs::list))
+        .routes(routes!(jobs::stats))
+        .routes(routes!(jobs::retry))
+        .routes(routes!(jobs::cancel))
+        .routes(routes!(jobs::requeue))
+        .routes(routes!(jobs::purge))
         .routes(routes!(rooms::create, rooms::list))
         .routes(routes!(rooms::get, rooms::update, rooms::delete))
         .routes(routes!(rooms::members, rooms::put_member))

@@ -10,6 +10,7 @@ mod auth;
 mod conformance;
 mod errors;
 mod helpers;
+mod jobs;
 mod mfa;
 mod middleware;
 mod ops;

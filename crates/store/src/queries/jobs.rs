@@ -53,6 +53,21 @@ macro_rules! job_queries {
                 state.bit().to_string()
             }
 
+            /// The condition of an admin listing over `$1` state, `$2` kind, `$3` queue and
+            /// `$4` a lower-case `LIKE` pattern: `lower` makes SQLite's LIKE match it, and
+            /// changes nothing for PostgreSQL's ILIKE.
+            fn filter_condition() -> String {
+                let ilike = Store::ILIKE;
+                format!(
+                    "(CAST($1 AS TEXT) IS NULL OR state = $1) \
+                     AND (CAST($2 AS TEXT) IS NULL OR kind = $2) \
+                     AND (CAST($3 AS TEXT) IS NULL OR queue = $3) \
+                     AND (CAST($4 AS TEXT) IS NULL OR lower(kind) {ilike} $4 ESCAPE '\\' \
+                     OR lower(unique_key) {ilike} $4 ESCAPE '\\' \
+                     OR lower(last_error) {ilike} $4 ESCAPE '\\')"
+                )
+            }
+
             /// What an operator's retry sets: `available` at `$2`, its attempts counted anew.
             fn back_to_available() -> String {
                 format!(
@@ -620,18 +635,10 @@ macro_rules! job_queries {
                     limit: u32,
                     offset: u64,
                 ) -> Result<Vec<JobRecord>, StoreError> {
-                    let ilike = Store::ILIKE;
-                    // The pattern is lower case: `lower` makes SQLite's LIKE match it, and
-                    // changes nothing for PostgreSQL's ILIKE.
                     let rows = sqlx::query(&format!(
-                        "SELECT {JOB_COLUMNS} FROM jobs \
-                         WHERE (CAST($1 AS TEXT) IS NULL OR state = $1) \
-                         AND (CAST($2 AS TEXT) IS NULL OR kind = $2) \
-                         AND (CAST($3 AS TEXT) IS NULL OR queue = $3) \
-                         AND (CAST($4 AS TEXT) IS NULL OR lower(kind) {ilike} $4 ESCAPE '\\' \
-                         OR lower(unique_key) {ilike} $4 ESCAPE '\\' \
-                         OR lower(last_error) {ilike} $4 ESCAPE '\\') \
-                         ORDER BY created_at DESC, id DESC LIMIT $5 OFFSET $6"
+                        "SELECT {JOB_COLUMNS} FROM jobs WHERE {} \
+                         ORDER BY created_at DESC, id DESC LIMIT $5 OFFSET $6",
+                        filter_condition(),
                     ))
                     .bind(filter.state.map(JobState::as_str))
                     .bind(filter.kind.as_deref())
@@ -643,6 +650,21 @@ macro_rules! job_queries {
                     .await
                     .map_err(err)?;
                     jobs(&rows)
+                }
+
+                async fn count_jobs(&self, filter: &JobFilter) -> Result<u64, StoreError> {
+                    let total: i64 = sqlx::query_scalar(&format!(
+                        "SELECT COUNT(*) FROM jobs WHERE {}",
+                        filter_condition(),
+                    ))
+                    .bind(filter.state.map(JobState::as_str))
+                    .bind(filter.kind.as_deref())
+                    .bind(filter.queue.as_deref())
+                    .bind(filter.text.as_deref().map(like_pattern))
+                    .fetch_one(&self.pool)
+                    .await
+                    .map_err(err)?;
+                    Ok(u64::try_from(total).unwrap_or_default())
                 }
 
                 async fn job_stats(

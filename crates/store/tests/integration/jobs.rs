@@ -772,6 +772,22 @@ async fn the_admin_listing_filters_and_counts(db: &TestDb) {
             .is_empty()
     );
 
+    assert_eq!(store.count_jobs(&JobFilter::default()).await.unwrap(), 4);
+    assert_eq!(
+        store
+            .count_jobs(&by(None, None, None, Some("THUMB")))
+            .await
+            .unwrap(),
+        2
+    );
+    assert_eq!(
+        store
+            .count_jobs(&by(Some(JobState::Running), None, None, None))
+            .await
+            .unwrap(),
+        0
+    );
+
     let (counts, oldest) = store.job_stats(t + secs(10)).await.unwrap();
     let count = |kind: &str, state: JobState, count: i64| JobCount {
         kind: kind.to_owned(),
