@@ -53,9 +53,19 @@ async fn listen(pool: PgPool, tx: mpsc::Sender<JobWakeup>) {
                 "cannot listen for jobs enqueued on other nodes; polling meanwhile"
             ),
         }
-        tokio::select! {
-            () = tx.closed() => return,
-            () = tokio::time::sleep(backoff) => {}
+        // What was heard before the connection failed is still handed on meanwhile.
+        let wait = tokio::time::sleep(backoff);
+        tokio::pin!(wait);
+        loop {
+            tokio::select! {
+                () = tx.closed() => return,
+                () = &mut wait => break,
+                permit = tx.reserve(), if !pending.is_empty() => {
+                    if !hand_on(permit, &mut pending) {
+                        return;
+                    }
+                }
+            }
         }
         backoff = (backoff * 2).min(MAX_BACKOFF);
     }
@@ -86,9 +96,8 @@ async fn relay(
         tokio::select! {
             () = tx.closed() => return Ended::Stop,
             permit = tx.reserve(), if !pending.is_empty() => {
-                let Ok(permit) = permit else { return Ended::Stop };
-                if let Some(wakeup) = pending.take() {
-                    permit.send(wakeup);
+                if !hand_on(permit, pending) {
+                    return Ended::Stop;
                 }
             }
             next = notifications.next() => match next {
@@ -107,6 +116,20 @@ async fn relay(
             },
         }
     }
+}
+
+/// Sends the next pending wake-up in the place reserved; false if the receiver is gone.
+fn hand_on(
+    permit: Result<mpsc::Permit<'_, JobWakeup>, mpsc::error::SendError<()>>,
+    pending: &mut PendingWakeups,
+) -> bool {
+    let Ok(permit) = permit else {
+        return false;
+    };
+    if let Some(wakeup) = pending.take() {
+        permit.send(wakeup);
+    }
+    true
 }
 
 fn wakeup(notification: &PgNotification) -> JobWakeup {
