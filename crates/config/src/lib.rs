@@ -296,7 +296,8 @@ config_keys! {
         /// it): the jobs of a node killed mid-job are retried elsewhere once it ends.
         jobs_lease: HumanDuration = HumanDuration::secs(30), secret = false;
         /// How often an idle job queue looks for due jobs that nothing woke it for (jobs
-        /// enqueued on another node, or scheduled for later).
+        /// scheduled for later, or enqueued on another node while PostgreSQL's notification
+        /// of it was missed).
         jobs_poll_interval: HumanDuration = HumanDuration::secs(1), secret = false;
         /// How long finished jobs are kept before they are pruned.
         jobs_retention: HumanDuration = HumanDuration::secs(7 * 24 * 3600), secret = false;

@@ -5,7 +5,10 @@
 //! [`Jobs::start`] runs a [`worker`] per configured queue on this node, which claims due jobs
 //! in batches under a lease it renews, runs their handlers with a timeout, and records each
 //! attempt's end. A node killed mid-job loses its leases, and another node (or this one after a
-//! restart) retries those jobs once the leases end. The rules of the states live in
+//! restart) retries those jobs once the leases end. Where the store hears of other nodes'
+//! enqueues ([`JobStore::job_wakeups`](unhidra_store::JobStore::job_wakeups), PostgreSQL), the
+//! queue's worker here wakes at once too; polling covers the rest. [`metrics`] counts what
+//! this node's workers do. The rules of the states live in
 //! `unhidra-store`'s [`jobs`](unhidra_store::jobs) module, which holds them on both engines.
 //!
 //! The operator's side — listing with filters, counts, retrying, cancelling, and the dead
@@ -15,6 +18,7 @@
 
 mod admin;
 pub mod backoff;
+pub mod metrics;
 mod worker;
 
 use std::collections::HashMap;
@@ -34,6 +38,7 @@ pub use admin::{
     parse_state,
 };
 pub use backoff::Backoff;
+pub use metrics::JobsMetrics;
 pub use worker::Workers;
 
 /// The longest job kind, queue name, unique or concurrency key, in bytes.
@@ -48,7 +53,7 @@ pub struct JobsConfig {
     /// How long a claimed job stays this node's without a renewal; renewed every third of it.
     pub lease: Duration,
     /// How often an idle queue looks for due jobs when nothing woke it (jobs scheduled for
-    /// later, or enqueued by another node).
+    /// later, or enqueued by another node while the store's wake-up of it was missed).
     pub poll_interval: Duration,
     /// The largest payload, in encoded bytes.
     pub max_payload_bytes: usize,
@@ -246,8 +251,10 @@ pub struct Jobs {
     kinds: HashMap<String, Kind>,
     /// Kinds that run every so often, one job at a time across every node.
     periodic: HashMap<String, Duration>,
-    /// One per queue this node works: an enqueue here wakes its worker at once.
+    /// One per queue this node works: an enqueue here, or a wake-up from the store for
+    /// another node's enqueue, wakes its worker at once.
     wake: HashMap<String, Arc<Notify>>,
+    metrics: JobsMetrics,
 }
 
 /// Gathers the kinds before the job system starts.
@@ -258,9 +265,17 @@ pub struct JobsBuilder {
     config: JobsConfig,
     kinds: HashMap<String, Kind>,
     periodic: HashMap<String, Duration>,
+    metrics: JobsMetrics,
 }
 
 impl JobsBuilder {
+    /// Records into `metrics` (which the server registers) rather than metrics of its own.
+    #[must_use]
+    pub fn metrics(mut self, metrics: JobsMetrics) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
     /// Registers the handler of `kind`.
     ///
     /// # Panics
@@ -309,6 +324,7 @@ impl JobsBuilder {
             kinds: self.kinds,
             periodic: self.periodic,
             wake,
+            metrics: self.metrics,
         })
     }
 }
@@ -326,7 +342,13 @@ impl Jobs {
             config,
             kinds: HashMap::new(),
             periodic: HashMap::new(),
+            metrics: JobsMetrics::default(),
         }
+    }
+
+    /// What this node's job system counts.
+    pub fn metrics(&self) -> &JobsMetrics {
+        &self.metrics
     }
 
     /// How the job system runs on this node.
@@ -345,6 +367,7 @@ impl Jobs {
         let job = self.new_job(kind, payload, options)?;
         let enqueued = self.store.enqueue_job(&job).await?;
         if let Enqueued::New(stored) = &enqueued {
+            JobsMetrics::count(&self.metrics.enqueued, &stored.kind, 1);
             self.wake(&stored.queue);
         }
         Ok(enqueued)

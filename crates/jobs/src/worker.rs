@@ -11,10 +11,10 @@ use chrono::{DateTime, Utc};
 use tokio::sync::{mpsc, watch};
 use tokio::task::{AbortHandle, JoinHandle};
 use unhidra_store::StoreError;
-use unhidra_store::jobs::{AttemptOutcome, Finish, Finished, JobRecord};
+use unhidra_store::jobs::{AttemptOutcome, Finish, Finished, JobRecord, JobWakeup};
 use uuid::Uuid;
 
-use crate::{JobContext, JobError, Jobs};
+use crate::{JobContext, JobError, Jobs, JobsMetrics};
 
 /// How long a worker waits before it tries again to record ended attempts the store refused.
 const STORE_RETRY: Duration = Duration::from_secs(1);
@@ -37,6 +37,13 @@ impl Workers {
             tasks.push(tokio::spawn(worker.run(shutdown.clone())));
         }
         if !jobs.config.queues.is_empty() {
+            if let Some(wakeups) = jobs.store.job_wakeups() {
+                tasks.push(tokio::spawn(relay_wakeups(
+                    Arc::clone(jobs),
+                    wakeups,
+                    shutdown.clone(),
+                )));
+            }
             tasks.push(tokio::spawn(maintain(Arc::clone(jobs), shutdown)));
         }
         Self { tasks }
@@ -191,6 +198,9 @@ impl QueueWorker {
                 recorded
             }
         };
+        for job in &recorded {
+            self.jobs.metrics.ended(&job.kind, job.state);
+        }
         for job in recorded.iter().filter(|j| j.state.is_final()) {
             if let Some(interval) = self.jobs.periodic.get(&job.kind) {
                 let next = now + chrono_duration(*interval);
@@ -235,6 +245,13 @@ impl QueueWorker {
             tracing::warn!(job = %job.id, "job lease lost; the older attempt is stopped");
             old.task.abort();
         }
+        let waited = (now - job.run_at).num_microseconds().unwrap_or(i64::MAX);
+        #[allow(
+            clippy::cast_precision_loss,
+            reason = "a latency in seconds needs no more than f64's 52 bits"
+        )]
+        let waited = waited as f64 / 1e6;
+        self.jobs.metrics.started(&job.kind, &self.queue, waited);
         let (cancel, cancelled) = watch::channel(job.cancel_requested);
         let jobs = Arc::clone(&self.jobs);
         let done = self.done_tx.clone();
@@ -243,7 +260,9 @@ impl QueueWorker {
         let attempt_no = job.attempt;
         let job_lease = job.lease_until.unwrap_or(now);
         let task = tokio::spawn(async move {
+            let began = tokio::time::Instant::now();
             let finish = attempt(&jobs, &job, cancelled).await;
+            jobs.metrics.ran(&job.kind, began.elapsed().as_secs_f64());
             let _ = done.send(Finished {
                 id: job.id,
                 attempt: job.attempt,
@@ -487,7 +506,37 @@ fn failed(jobs: &Jobs, job: &JobRecord, error: JobError, outcome: AttemptOutcome
     }
 }
 
-/// Rescues the jobs of dead workers and prunes finished jobs, until shutdown.
+/// Wakes this node's worker of each queue the store says has new work (enqueued on any node),
+/// until shutdown; dropping the receiver stops the store's listener.
+async fn relay_wakeups(
+    jobs: Arc<Jobs>,
+    mut wakeups: mpsc::Receiver<JobWakeup>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    if *shutdown.borrow() {
+        return;
+    }
+    loop {
+        tokio::select! {
+            wakeup = wakeups.recv() => {
+                match wakeup {
+                    Some(JobWakeup::Queue(queue)) => jobs.wake(&queue),
+                    Some(JobWakeup::All) => {
+                        for (queue, _) in &jobs.config.queues {
+                            jobs.wake(queue);
+                        }
+                    }
+                    None => return,
+                }
+                jobs.metrics.wakeups.inc();
+            }
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+/// Rescues the jobs of dead workers, refreshes the gauges read from the store, and prunes
+/// finished jobs, until shutdown.
 async fn maintain(jobs: Arc<Jobs>, mut shutdown: watch::Receiver<bool>) {
     let mut rescue = tokio::time::interval((jobs.config.lease / 2).max(Duration::from_millis(10)));
     rescue.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -514,8 +563,12 @@ async fn maintain(jobs: Arc<Jobs>, mut shutdown: watch::Receiver<bool>) {
                     }
                 }
                 match jobs.store.rescue_expired_leases(jobs.clock.now()).await {
-                    Ok(0) => {}
+                    Ok(rescued) if rescued.is_empty() => {}
                     Ok(rescued) => {
+                        for (kind, n) in &rescued {
+                            JobsMetrics::count(&jobs.metrics.lease_lost, kind, *n);
+                        }
+                        let rescued: u64 = rescued.iter().map(|(_, n)| n).sum();
                         tracing::warn!(rescued, "jobs whose worker lost its lease are due again");
                         for (queue, _) in &jobs.config.queues {
                             jobs.wake(queue);
@@ -523,10 +576,29 @@ async fn maintain(jobs: Arc<Jobs>, mut shutdown: watch::Receiver<bool>) {
                     }
                     Err(e) => tracing::warn!(error = %e, "cannot rescue expired job leases"),
                 }
+                refresh_stats(&jobs).await;
             }
             _ = prune.tick() => prune_finished(&jobs).await,
             _ = shutdown.changed() => return,
         }
+    }
+}
+
+/// Sets the gauges that count every node's jobs from the store.
+async fn refresh_stats(jobs: &Jobs) {
+    let now = jobs.clock.now();
+    match jobs.store.job_stats(now).await {
+        Ok((counts, oldest)) => {
+            let waited = oldest.map_or(0, |t| (now - t).num_milliseconds());
+            #[allow(
+                clippy::cast_precision_loss,
+                reason = "an age in seconds needs no more than f64's 52 bits"
+            )]
+            let waited = waited as f64 / 1e3;
+            jobs.metrics.stats(&counts, waited);
+        }
+        // Stale gauges until the next tick; the store's own failures show elsewhere.
+        Err(e) => tracing::debug!(error = %e, "cannot read job counts for the metrics"),
     }
 }
 

@@ -1,5 +1,6 @@
 //! The job system over a real store, on SQLite and PostgreSQL: retries with backoff, discards
-//! and requeues, timeouts, unique keys, cancellation, lost leases, wake-ups and bad input.
+//! and requeues, timeouts, unique keys, cancellation, lost leases, wake-ups (across nodes on
+//! PostgreSQL), metrics and bad input.
 
 #![allow(
     clippy::unwrap_used,
@@ -637,7 +638,8 @@ async fn a_lost_lease_stops_its_handler_so_a_job_never_runs_twice_at_once(backen
         // The node stalled past its lease: another node's rescue took the job back (due an
         // hour from now, so that the stopped run can be seen before the next one starts).
         let later = h.clock.now() + chrono::Duration::hours(1);
-        assert_eq!(h.db.store.rescue_expired_leases(later).await.unwrap(), 1);
+        let rescued = h.db.store.rescue_expired_leases(later).await.unwrap();
+        assert_eq!(rescued, [("watched".to_owned(), 1)]);
         let wait = |what: &'static str, done: Box<dyn Fn() -> bool + Send>| async move {
             tokio::time::timeout(Duration::from_secs(10), async {
                 while !done() {
@@ -708,3 +710,183 @@ async fn an_error_with_nul_and_many_bytes_is_kept_bounded(backend: Backend) {
     h.stop().await;
 }
 on_both!(an_error_with_nul_and_many_bytes_is_kept_bounded);
+
+/// The counter of `kind` in `family`.
+fn counted(
+    family: &prometheus_client::metrics::family::Family<
+        unhidra_jobs::metrics::KindLabel,
+        prometheus_client::metrics::counter::Counter,
+    >,
+    kind: &str,
+) -> u64 {
+    family
+        .get_or_create(&unhidra_jobs::metrics::KindLabel {
+            kind: kind.to_owned(),
+        })
+        .get()
+}
+
+/// The metrics count what the workers did, by kind; the `jobs` gauge counts the store's jobs.
+async fn metrics_count_attempts_by_how_they_ended(backend: Backend) {
+    let flaky = Arc::new(Flaky {
+        failures: 1,
+        ..Flaky::default()
+    });
+    let h = Harness::start(backend, Duration::from_millis(300), |b| {
+        b.register("flaky", Shared(Arc::clone(&flaky)), options(5))
+            .register(
+                "bad",
+                Flaky {
+                    failures: 1,
+                    permanent: true,
+                    ..Flaky::default()
+                },
+                options(5),
+            )
+    })
+    .await;
+    let job = h.enqueue("flaky").await;
+    let bad = h.enqueue("bad").await;
+    h.until_attempt(job.id, JobState::Retryable, Some(1)).await;
+    h.clock.advance(chrono::Duration::seconds(61));
+    h.until(job.id, JobState::Completed).await;
+    h.until(bad.id, JobState::Discarded).await;
+    let m = h.jobs.metrics();
+    // Counted when the end is recorded, which follows the state the test waited for closely.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while counted(&m.completed, "flaky") + counted(&m.discarded, "bad") < 2 {
+        assert!(tokio::time::Instant::now() < deadline, "ends not counted");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(counted(&m.enqueued, "flaky"), 1);
+    assert_eq!(counted(&m.started, "flaky"), 2);
+    assert_eq!(counted(&m.failed, "flaky"), 1);
+    assert_eq!(counted(&m.completed, "flaky"), 1);
+    assert_eq!(counted(&m.discarded, "flaky"), 0);
+    assert_eq!(counted(&m.discarded, "bad"), 1);
+    assert_eq!(counted(&m.cancelled, "flaky"), 0);
+
+    // The maintenance loop reads the store's counts every half lease.
+    // (A guard of the family is held only for the read: the loop sets it meanwhile.)
+    let completed = || {
+        m.jobs
+            .get_or_create(&unhidra_jobs::metrics::StateLabel { state: "completed" })
+            .get()
+    };
+    while completed() < 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "gauge not refreshed"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut registry = prometheus_client::registry::Registry::default();
+    m.register(&mut registry);
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    for line in [
+        r#"jobs_completed_total{kind="flaky"} 1"#,
+        r#"jobs_failed_total{kind="flaky"} 1"#,
+        r#"jobs_run_duration_seconds_count{kind="flaky"} 2"#,
+        r#"jobs_run_duration_seconds_count{kind="bad"} 1"#,
+        // The retry waited on the manual clock: 61 s after its run_at at most.
+        r#"jobs_queue_latency_seconds_count{queue="default"} 3"#,
+        r#"jobs{state="completed"} 1"#,
+        r#"jobs{state="discarded"} 1"#,
+        r#"jobs{state="running"} 0"#,
+    ] {
+        assert!(text.lines().any(|l| l == line), "{line} not in {text}");
+    }
+    h.stop().await;
+}
+on_both!(metrics_count_attempts_by_how_they_ended);
+
+/// A lease rescued by this node counts as lost for its kind.
+async fn a_rescued_lease_counts_as_lost(backend: Backend) {
+    let h = Harness::start(backend, Duration::from_millis(300), |b| {
+        b.register("flaky", Flaky::default(), options(5))
+    })
+    .await;
+    let mut dead = h
+        .jobs
+        .new_job("flaky", &json!({}), EnqueueOptions::default())
+        .unwrap();
+    dead.queue = "elsewhere".to_owned();
+    h.db.store.enqueue_job(&dead).await.unwrap();
+    let now = h.clock.now();
+    h.db.store
+        .claim_jobs(
+            "elsewhere",
+            1,
+            "dead-node/elsewhere",
+            now,
+            now + chrono::Duration::seconds(5),
+        )
+        .await
+        .unwrap();
+    h.clock.advance(chrono::Duration::seconds(6));
+    h.until(dead.id, JobState::Retryable).await;
+    assert_eq!(counted(&h.jobs.metrics().lease_lost, "flaky"), 1);
+    h.stop().await;
+}
+on_both!(a_rescued_lease_counts_as_lost);
+
+/// On PostgreSQL an enqueue on one node wakes the workers of another at once: node A works no
+/// queue, node B polls once an hour.
+#[tokio::test]
+async fn an_enqueue_on_one_node_wakes_the_workers_of_another_on_postgres() {
+    let flaky = Arc::new(Flaky::default());
+    let db = TestDb::new(Backend::Postgres).await;
+    db.store.migrate().await.unwrap();
+    let other = db.another_handle().await;
+    let clock: Arc<dyn Clock> = Arc::new(unhidra_core::SystemClock);
+    let node = |store: Arc<dyn unhidra_store::Store>, queues: Vec<(String, u32)>| {
+        Jobs::builder(
+            store,
+            Arc::clone(&clock),
+            JobsConfig {
+                queues,
+                // Neither polling nor the lease's renewals wake a worker within the test.
+                poll_interval: Duration::from_secs(3600),
+                lease: Duration::from_secs(3600),
+                ..JobsConfig::default()
+            },
+        )
+        .register("flaky", Shared(Arc::clone(&flaky)), options(1))
+        .build()
+    };
+    let a = node(db.store.clone(), vec![]);
+    let b = node(other.store.clone(), vec![("default".to_owned(), 2)]);
+    let (stop, shutdown) = watch::channel(false);
+    let workers = [a.start(shutdown.clone()), b.start(shutdown)];
+    // B's listener announces itself with a wake-up of every queue once its LISTEN holds.
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while b.metrics().wakeups.get() == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("node B listens");
+    for round in 1..=3 {
+        // Let B's worker end what woke it last (the listener's first wake-up, or the previous
+        // job's end) and go idle, so that only the enqueue's notification can wake it.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        a.enqueue("flaky", &json!({}), EnqueueOptions::default())
+            .await
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while flaky.calls.load(Ordering::SeqCst) < round {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("node B did not hear of enqueue {round}"));
+    }
+    assert_eq!(counted(&a.metrics().enqueued, "flaky"), 3);
+    stop.send_replace(true);
+    for w in workers {
+        tokio::time::timeout(Duration::from_secs(10), w.stopped())
+            .await
+            .unwrap();
+    }
+}

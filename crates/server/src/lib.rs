@@ -154,6 +154,7 @@ impl Application {
         );
         let jobs =
             jobs::Jobs::builder(Arc::clone(&store), Arc::clone(&clock), jobs_config(&config))
+                .metrics(metrics.jobs.clone())
                 .register(
                     chat::retention::KIND,
                     chat.retention_job(),

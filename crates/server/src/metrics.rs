@@ -15,6 +15,7 @@ use prometheus_client::registry::Registry;
 
 use unhidra_chat::metrics::WsMetrics;
 use unhidra_identity::metrics::AuthMetrics;
+use unhidra_jobs::JobsMetrics;
 
 use crate::build_info::BuildInfo;
 
@@ -58,6 +59,8 @@ pub struct Metrics {
     pub auth: AuthMetrics,
     /// The gateway's metrics.
     pub ws: WsMetrics,
+    /// The job system's metrics.
+    pub jobs: JobsMetrics,
 }
 
 fn duration_histogram() -> Histogram {
@@ -104,6 +107,8 @@ impl Metrics {
         auth.register(&mut registry);
         let ws = WsMetrics::default();
         ws.register(&mut registry);
+        let jobs = JobsMetrics::default();
+        jobs.register(&mut registry);
         Self {
             registry,
             http_requests,
@@ -111,6 +116,7 @@ impl Metrics {
             http_in_flight,
             auth,
             ws,
+            jobs,
         }
     }
 

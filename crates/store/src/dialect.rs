@@ -40,6 +40,9 @@ pub(crate) trait Dialect {
     /// A statement taking the transaction-long lock `$1` (a BIGINT), which serialises the claims
     /// of one concurrency key across nodes; `None` where writers are serialised already.
     const LOCK_KEY: Option<&'static str>;
+    /// A statement notifying channel `$1` with the payload `$2` for other connections that
+    /// listen; `None` where no other node could listen.
+    const NOTIFY: Option<&'static str>;
     /// Full-text search: the terms `$1` in the rooms of user `$2` (or in room `$3` only), at
     /// most `$4`, best first, with the message's columns, `snippet` and `score` (higher is
     /// better).

@@ -7,10 +7,18 @@
 //! that moves a batch to `running` (`FOR UPDATE SKIP LOCKED` on PostgreSQL, in a `BEGIN
 //! IMMEDIATE` transaction on SQLite), so no job is ever claimed twice at once.
 //!
+//! On PostgreSQL an enqueue of a job due now also sends `NOTIFY unhidra_jobs, '<queue>'` after
+//! it commits, and [`JobStore::job_wakeups`] listens for them, so that every node's worker of
+//! that queue looks at once rather than at its next poll. A notification is a hint only: one
+//! lost (a listener reconnecting) delays the job until a worker polls.
+//!
 //! The store knows no JSON: a payload is the text the jobs service wrote.
+
+use std::collections::BTreeSet;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use crate::StoreError;
@@ -342,9 +350,71 @@ pub enum Enqueued {
     Existing(JobRecord),
 }
 
+/// A hint from the store that work is due, enqueued on any node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobWakeup {
+    /// A job due now was enqueued in this queue.
+    Queue(String),
+    /// Hints may have been missed (the listener just connected or reconnected, or more queues
+    /// waited than it keeps apart): every queue should look.
+    All,
+}
+
+/// The PostgreSQL channel of [`JobWakeup`]s; a notification's payload is the queue.
+pub(crate) const WAKEUP_CHANNEL: &str = "unhidra_jobs";
+
+/// Wake-ups a listener holds while its receiver is busy, before it sends [`JobWakeup::All`]
+/// instead of each queue.
+pub(crate) const MAX_PENDING_QUEUES: usize = 64;
+
+/// The wake-ups heard but not yet handed on, coalesced: a queue at most once, however many
+/// notifications name it, and everything at once past [`MAX_PENDING_QUEUES`]. So a flood of
+/// notifications costs at most that much memory.
+#[derive(Debug, Default)]
+pub(crate) struct PendingWakeups {
+    queues: BTreeSet<String>,
+    all: bool,
+}
+
+impl PendingWakeups {
+    /// Remembers a wake-up.
+    pub(crate) fn add(&mut self, wakeup: JobWakeup) {
+        match wakeup {
+            JobWakeup::Queue(_) if self.all => {}
+            JobWakeup::Queue(queue) if self.queues.len() < MAX_PENDING_QUEUES => {
+                self.queues.insert(queue);
+            }
+            JobWakeup::Queue(_) | JobWakeup::All => {
+                self.queues.clear();
+                self.all = true;
+            }
+        }
+    }
+
+    /// Whether a wake-up waits.
+    pub(crate) fn is_empty(&self) -> bool {
+        !self.all && self.queues.is_empty()
+    }
+
+    /// The next wake-up to hand on.
+    pub(crate) fn take(&mut self) -> Option<JobWakeup> {
+        if std::mem::take(&mut self.all) {
+            return Some(JobWakeup::All);
+        }
+        self.queues.pop_first().map(JobWakeup::Queue)
+    }
+}
+
 /// The durable job queue.
 #[async_trait]
 pub trait JobStore {
+    /// Where this node hears of jobs enqueued on any node, if the engine can tell: on
+    /// PostgreSQL, a task listening for the enqueues' notifications (reconnecting with backoff
+    /// when the connection drops, and holding one connection of the pool meanwhile), which
+    /// stops once the receiver is dropped or the store closed. `None` on SQLite, where every
+    /// enqueue happens on this node. Must be called within a Tokio runtime.
+    fn job_wakeups(&self) -> Option<mpsc::Receiver<JobWakeup>>;
+
     /// Stores `job`, unless a job with its unique key exists in a state where the key counts.
     /// `Invalid` for a unique key whose states are not [`UniqueStates::is_storable`].
     async fn enqueue_job(&self, job: &NewJob) -> Result<Enqueued, StoreError>;
@@ -386,8 +456,11 @@ pub trait JobStore {
     /// Jobs `running` whose lease ended before `now` (their worker died or stalled): each
     /// attempt is recorded as `lease_lost` and the job is `retryable` at `now` if it has
     /// attempts left, else `discarded` (`cancelled` if that was asked for). Answers how many
-    /// were rescued.
-    async fn rescue_expired_leases(&self, now: DateTime<Utc>) -> Result<u64, StoreError>;
+    /// were rescued, per kind (none: empty).
+    async fn rescue_expired_leases(
+        &self,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<(String, u64)>, StoreError>;
 
     /// Cancels a job: one not yet running becomes `cancelled`; a running one is marked, and
     /// its worker stops it at its next lease renewal. `NotFound` for no such job; a finished
@@ -579,6 +652,26 @@ mod tests {
     fn lock_ids_are_stable() {
         assert_eq!(concurrency_lock_id("a"), concurrency_lock_id("a"));
         assert_ne!(concurrency_lock_id("a"), concurrency_lock_id("b"));
+    }
+
+    #[test]
+    fn pending_wakeups_coalesce_per_queue_and_stay_bounded() {
+        let mut pending = PendingWakeups::default();
+        assert!(pending.is_empty());
+        for _ in 0..1000 {
+            pending.add(JobWakeup::Queue("a".into()));
+            pending.add(JobWakeup::Queue("b".into()));
+        }
+        assert_eq!(pending.take(), Some(JobWakeup::Queue("a".into())));
+        assert_eq!(pending.take(), Some(JobWakeup::Queue("b".into())));
+        assert_eq!(pending.take(), None);
+        // Past the bound, one wake-up of everything replaces the queues.
+        for n in 0..=MAX_PENDING_QUEUES {
+            pending.add(JobWakeup::Queue(format!("q{n}")));
+        }
+        pending.add(JobWakeup::Queue("late".into()));
+        assert_eq!(pending.take(), Some(JobWakeup::All));
+        assert!(pending.is_empty());
     }
 
     #[test]

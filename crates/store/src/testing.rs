@@ -149,6 +149,28 @@ impl TestDb {
         let _ = admin.close().await;
     }
 
+    /// Ends the connections of [`TestDb::postgres_database`] that listen for notifications
+    /// (the job wake-up listener), as a network failure or a server restart would; answers how
+    /// many it ended.
+    pub async fn end_listeners(&self) -> i64 {
+        let Cleanup::PostgresDatabase { name } = &self.cleanup else {
+            panic!("only a database of its own has listeners no other test shares");
+        };
+        let mut admin = PgConnection::connect(&postgres_url())
+            .await
+            .expect("connect PostgreSQL");
+        let ended: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = $1 AND query LIKE 'LISTEN%') ended",
+        )
+        .bind(name)
+        .fetch_one(&mut admin)
+        .await
+        .expect("end the listeners");
+        let _ = admin.close().await;
+        ended
+    }
+
     /// A second handle on the same database with a pool of its own, as a second server node
     /// has; removing the database stays with `self`.
     pub async fn another_handle(&self) -> Self {

@@ -111,6 +111,40 @@ async fn metrics_count_requests_by_route_template() {
     app.shutdown().await;
 }
 
+/// The room retention job runs when the server starts; `/metrics` counts it by kind.
+#[tokio::test]
+async fn metrics_count_jobs_by_kind() {
+    let app = TestApp::spawn().await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let text = loop {
+        let text = app.get("/metrics").await.text().await.unwrap();
+        if metric_value(&text, r#"jobs_completed_total{kind="rooms.retention"}"#)
+            .is_some_and(|n| n >= 1.0)
+        {
+            break text;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the retention job was not counted: {text}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert_eq!(
+        metric_value(&text, r#"jobs_started_total{kind="rooms.retention"}"#),
+        Some(1.0),
+        "{text}"
+    );
+    assert!(
+        text.contains("# TYPE jobs_run_duration_seconds histogram"),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"jobs_queue_latency_seconds_count{queue="default"} 1"#),
+        "{text}"
+    );
+    app.shutdown().await;
+}
+
 #[tokio::test]
 async fn metrics_can_require_a_token() {
     let app = TestApp::spawn_with(

@@ -1,5 +1,7 @@
 //! The scale-out backend: a PostgreSQL server.
 
+mod wakeups;
+
 use std::path::Path;
 
 use async_trait::async_trait;
@@ -38,6 +40,11 @@ impl PostgresStore {
             .await
             .map_err(|e| StoreError::Unavailable(Box::new(e)))?;
         Ok(Self { pool })
+    }
+
+    /// The listener of [`JobStore::job_wakeups`](crate::JobStore::job_wakeups).
+    fn listen_for_jobs(&self) -> Option<tokio::sync::mpsc::Receiver<crate::jobs::JobWakeup>> {
+        Some(wakeups::start(self.pool.clone()))
     }
 }
 
@@ -100,6 +107,7 @@ impl Dialect for PostgresStore {
     const BEGIN_WRITE: &'static str = "BEGIN ISOLATION LEVEL READ COMMITTED";
     const SKIP_LOCKED: &'static str = "FOR UPDATE SKIP LOCKED";
     const LOCK_KEY: Option<&'static str> = Some("SELECT pg_advisory_xact_lock($1)");
+    const NOTIFY: Option<&'static str> = Some("SELECT pg_notify($1, $2)");
     const SEARCH: &'static str = "SELECT m.id, m.room_id, m.sender_id, m.client_msg_id, m.body, \
         m.created_at, ts_headline('simple', m.body, q, 'StartSel=' || chr(57344) || \
         ', StopSel=' || chr(57345) || \

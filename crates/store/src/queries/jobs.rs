@@ -18,8 +18,8 @@ macro_rules! job_queries {
             use $crate::identity::like_pattern;
             use $crate::jobs::{
                 AttemptRecord, Enqueued, Finished, JobCount, JobFilter, JobRecord, JobState,
-                JobStore, NewJob, UniqueStates, concurrency_lock_id, finish_parts,
-                initial_state, stored_outcome, stored_state, within_limits,
+                JobStore, JobWakeup, NewJob, UniqueStates, WAKEUP_CHANNEL, concurrency_lock_id,
+                finish_parts, initial_state, stored_outcome, stored_state, within_limits,
             };
 
             type Store = $store;
@@ -107,9 +107,11 @@ macro_rules! job_queries {
                 rows.iter().map(job).collect()
             }
 
-            /// A running job whose lease expired: id, attempt, worker, when the attempt began.
+            /// A running job whose lease expired: id, kind, attempt, worker, when the attempt
+            /// began.
             type Expired = (
                 <Store as Dialect>::Id,
+                String,
                 i32,
                 Option<String>,
                 Option<<Store as Dialect>::Time>,
@@ -120,6 +122,23 @@ macro_rules! job_queries {
             }
 
             impl Store {
+                /// Tells the listeners of every node that `queue` has a job due, once the
+                /// write committed. A hint only: a failure is logged, and the job waits for
+                /// a worker's poll.
+                async fn announce(&self, queue: &str) {
+                    let Some(notify) = <Store as Dialect>::NOTIFY else {
+                        return;
+                    };
+                    let sent = sqlx::query(notify)
+                        .bind(WAKEUP_CHANNEL)
+                        .bind(queue)
+                        .execute(&self.pool)
+                        .await;
+                    if let Err(e) = sent {
+                        tracing::warn!(%queue, error = %e, "cannot announce a new job to the other nodes");
+                    }
+                }
+
                 async fn find_job(&self, id: Uuid) -> Result<JobRecord, StoreError> {
                     let row =
                         sqlx::query(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1"))
@@ -254,6 +273,10 @@ macro_rules! job_queries {
 
             #[async_trait]
             impl JobStore for Store {
+                fn job_wakeups(&self) -> Option<tokio::sync::mpsc::Receiver<JobWakeup>> {
+                    self.listen_for_jobs()
+                }
+
                 async fn enqueue_job(&self, new: &NewJob) -> Result<Enqueued, StoreError> {
                     if new.unique_key.is_some() && !new.unique_states.is_storable() {
                         return Err(StoreError::invalid(
@@ -297,7 +320,11 @@ macro_rules! job_queries {
                         .await
                         .map_err(err)?;
                         if let Some(row) = inserted {
-                            return Ok(Enqueued::New(job(&row)?));
+                            let stored = job(&row)?;
+                            if stored.state == JobState::Available {
+                                self.announce(&stored.queue).await;
+                            }
+                            return Ok(Enqueued::New(stored));
                         }
                         let existing = sqlx::query(&format!(
                             "SELECT {JOB_COLUMNS} FROM jobs WHERE kind = $1 AND unique_live = $2"
@@ -439,7 +466,7 @@ macro_rules! job_queries {
                 async fn rescue_expired_leases(
                     &self,
                     now: DateTime<Utc>,
-                ) -> Result<u64, StoreError> {
+                ) -> Result<Vec<(String, u64)>, StoreError> {
                     const ERROR: &str = "the worker's lease expired";
                     // Cancelled if that was asked for, discarded if no attempt is left.
                     let next = |cancelled: &str, discarded: &str, retryable: &str| {
@@ -460,7 +487,7 @@ macro_rules! job_queries {
                             &bit(JobState::Retryable),
                         )),
                     );
-                    let mut rescued = 0;
+                    let mut rescued: Vec<(String, u64)> = Vec::new();
                     // Each chunk in a transaction of its own; the rows it reads are locked
                     // (and those another transaction holds skipped), so a worker's late report
                     // waits and then finds the job no longer its own.
@@ -469,7 +496,7 @@ macro_rules! job_queries {
                             self.pool.begin_with(Store::BEGIN_WRITE).await.map_err(err)?;
                         let expired: Vec<Expired> =
                             sqlx::query_as(&format!(
-                                "SELECT id, attempt, leased_by, attempted_at FROM jobs \
+                                "SELECT id, kind, attempt, leased_by, attempted_at FROM jobs \
                                  WHERE state = 'running' AND lease_until < $1 \
                                  ORDER BY lease_until LIMIT $2 {}",
                                 Store::SKIP_LOCKED
@@ -484,8 +511,12 @@ macro_rules! job_queries {
                         }
                         let mut ids = Vec::with_capacity(expired.len());
                         let mut attempts = Vec::with_capacity(expired.len());
-                        for (id, attempt, worker, started) in expired {
+                        for (id, kind, attempt, worker, started) in expired {
                             let id = Store::read_id(id)?;
+                            match rescued.iter_mut().find(|(k, _)| *k == kind) {
+                                Some((_, n)) => *n += 1,
+                                None => rescued.push((kind, 1)),
+                            }
                             let started = Store::read_opt_time(started)?.unwrap_or(now);
                             ids.push(id);
                             attempts.push((id, attempt, worker.unwrap_or_default(), started));
@@ -520,7 +551,6 @@ macro_rules! job_queries {
                         });
                         history.build().execute(&mut *tx).await.map_err(err)?;
                         tx.commit().await.map_err(err)?;
-                        rescued += u64::try_from(ids.len()).unwrap_or(u64::MAX);
                         if ids.len() < CHUNK {
                             break;
                         }
@@ -557,7 +587,11 @@ macro_rules! job_queries {
                          RETURNING {JOB_COLUMNS}",
                         back_to_available(),
                     );
-                    self.change_job(&update, id, now).await
+                    let job = self.change_job(&update, id, now).await?;
+                    if job.state == JobState::Available {
+                        self.announce(&job.queue).await;
+                    }
+                    Ok(job)
                 }
 
                 async fn requeue_discarded(

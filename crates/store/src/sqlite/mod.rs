@@ -31,6 +31,17 @@ pub struct SqliteStore {
 }
 
 impl SqliteStore {
+    /// No other node shares an SQLite file: the job system's own wake-ups cover every enqueue.
+    #[allow(
+        clippy::unused_self,
+        reason = "the same shape as PostgreSQL's, for the queries written once"
+    )]
+    fn listen_for_jobs(&self) -> Option<tokio::sync::mpsc::Receiver<crate::jobs::JobWakeup>> {
+        None
+    }
+}
+
+impl SqliteStore {
     /// Opens (creating if need be) the database file at `path`.
     pub async fn open(path: &Path, options: &StoreOptions) -> Result<Self, StoreError> {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
@@ -143,6 +154,7 @@ impl Dialect for SqliteStore {
     const BEGIN_WRITE: &'static str = "BEGIN IMMEDIATE";
     const SKIP_LOCKED: &'static str = "";
     const LOCK_KEY: Option<&'static str> = None;
+    const NOTIFY: Option<&'static str> = None;
     // FTS5's bm25 is lower for better matches.
     const SEARCH: &'static str = "SELECT m.id, m.room_id, m.sender_id, m.client_msg_id, m.body, \
         m.created_at, snippet(messages_fts, 0, char(57344), char(57345), '…', 12) AS snippet, \

@@ -1,5 +1,6 @@
 //! The job queue on both backends: unique keys, claims (order, batches, concurrency, keys),
-//! attempts' ends, rescue, leases, the dead-letter actions, the admin listing and pruning.
+//! attempts' ends, rescue, leases, the dead-letter actions, the admin listing and pruning, and
+//! the wake-up listener on PostgreSQL.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -477,8 +478,17 @@ async fn an_expired_lease_counts_the_attempt_and_the_last_one_discards(db: &Test
     )
     .await;
     let first = claim(store, 1, "dead-node", t).await.remove(0);
-    assert_eq!(store.rescue_expired_leases(t + secs(29)).await.unwrap(), 0);
-    assert_eq!(store.rescue_expired_leases(t + secs(31)).await.unwrap(), 1);
+    assert!(
+        store
+            .rescue_expired_leases(t + secs(29))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        store.rescue_expired_leases(t + secs(31)).await.unwrap(),
+        [("fragile".to_owned(), 1)]
+    );
     let (rescued, attempts) = store.job(job.id).await.unwrap();
     assert_eq!(rescued.state, JobState::Retryable);
     assert_eq!(rescued.run_at, t + secs(31));
@@ -503,7 +513,10 @@ async fn an_expired_lease_counts_the_attempt_and_the_last_one_discards(db: &Test
     );
 
     // The last attempt's lease expires too: discarded.
-    assert_eq!(store.rescue_expired_leases(t + secs(62)).await.unwrap(), 1);
+    assert_eq!(
+        store.rescue_expired_leases(t + secs(62)).await.unwrap(),
+        [("fragile".to_owned(), 1)]
+    );
     let (dead, attempts) = store.job(job.id).await.unwrap();
     assert_eq!(dead.state, JobState::Discarded);
     assert_eq!(dead.finished_at, Some(t + secs(62)));
@@ -518,7 +531,13 @@ async fn an_expired_lease_counts_the_attempt_and_the_last_one_discards(db: &Test
             (2, AttemptOutcome::LeaseLost)
         ]
     );
-    assert_eq!(store.rescue_expired_leases(t + secs(999)).await.unwrap(), 0);
+    assert!(
+        store
+            .rescue_expired_leases(t + secs(999))
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }
 both_backends!(an_expired_lease_counts_the_attempt_and_the_last_one_discards);
 
@@ -552,7 +571,13 @@ async fn renewals_extend_held_leases_and_carry_cancellation(db: &TestDb) {
         Some(t + secs(90))
     );
     // The old lease's end passes: nothing to rescue.
-    assert_eq!(store.rescue_expired_leases(t + secs(60)).await.unwrap(), 0);
+    assert!(
+        store
+            .rescue_expired_leases(t + secs(60))
+            .await
+            .unwrap()
+            .is_empty()
+    );
 
     let marked = store.cancel_job(a, t).await.unwrap();
     assert_eq!(
@@ -869,7 +894,10 @@ async fn odd_inputs_are_stored_or_refused_without_a_panic(db: &TestDb) {
     );
     assert_eq!(batch[0].payload, "é");
     // Its lease expires: with no attempt left, it is discarded.
-    assert_eq!(store.rescue_expired_leases(t + secs(31)).await.unwrap(), 1);
+    assert_eq!(
+        store.rescue_expired_leases(t + secs(31)).await.unwrap(),
+        [("odd".to_owned(), 1)]
+    );
     assert_eq!(
         store.job(no_attempts.id).await.unwrap().0.state,
         JobState::Discarded
@@ -910,3 +938,68 @@ async fn odd_inputs_are_stored_or_refused_without_a_panic(db: &TestDb) {
     );
 }
 both_backends!(odd_inputs_are_stored_or_refused_without_a_panic);
+
+/// The next wake-up, within 10 s.
+async fn next_wakeup(
+    wakeups: &mut tokio::sync::mpsc::Receiver<unhidra_store::jobs::JobWakeup>,
+) -> unhidra_store::jobs::JobWakeup {
+    tokio::time::timeout(std::time::Duration::from_secs(10), wakeups.recv())
+        .await
+        .expect("a wake-up within 10 s")
+        .expect("the listener runs")
+}
+
+/// On PostgreSQL an enqueue of a job due now is heard by every listener; one scheduled for
+/// later is not. A listener whose connection is killed connects again and, since it may have
+/// missed some, wakes every queue.
+#[tokio::test]
+async fn listeners_hear_enqueues_and_survive_a_lost_connection_on_postgres() {
+    use unhidra_store::jobs::JobWakeup;
+    let db = TestDb::postgres_database().await;
+    db.store.migrate().await.unwrap();
+    let mut wakeups = db.store.job_wakeups().expect("PostgreSQL listens");
+    assert_eq!(next_wakeup(&mut wakeups).await, JobWakeup::All, "listening");
+    let t = t0();
+    enqueue(
+        &*db.store,
+        &NewJob {
+            run_at: t + secs(3600),
+            queue: "later".into(),
+            ..new_job("k", t)
+        },
+    )
+    .await;
+    enqueue(
+        &*db.store,
+        &NewJob {
+            queue: "mail".into(),
+            ..new_job("k", t)
+        },
+    )
+    .await;
+    assert_eq!(
+        next_wakeup(&mut wakeups).await,
+        JobWakeup::Queue("mail".into())
+    );
+
+    assert_eq!(db.end_listeners().await, 1);
+    assert_eq!(
+        next_wakeup(&mut wakeups).await,
+        JobWakeup::All,
+        "listening again"
+    );
+    enqueue(&*db.store, &new_job("k", t)).await;
+    assert_eq!(
+        next_wakeup(&mut wakeups).await,
+        JobWakeup::Queue("default".into())
+    );
+    drop(wakeups);
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn sqlite_has_no_listener() {
+    let db = TestDb::sqlite().await;
+    assert!(db.store.job_wakeups().is_none());
+    db.drop_db().await;
+}
