@@ -109,6 +109,11 @@ struct Conn {
     rooms: HashSet<Uuid>,
     /// Rooms being resumed: their live messages wait here until the replay is sent.
     held: HashMap<Uuid, Held>,
+    /// Rooms just resumed: the last message id their replay held. A message stored before the
+    /// replay was read may be broadcast only after it was sent (its sender was slower than the
+    /// replay): such a message is already in the replay and is dropped, until the first newer
+    /// one comes (deliveries of a room come in id order).
+    floors: HashMap<Uuid, i64>,
 }
 
 /// Live messages of a room held back while its replay is read, bounded like the queue.
@@ -202,6 +207,7 @@ impl Hub {
                 outbox: Arc::clone(&outbox),
                 rooms: HashSet::new(),
                 held: HashMap::new(),
+                floors: HashMap::new(),
             },
         );
         Registration {
@@ -293,6 +299,7 @@ impl Hub {
             }
             if let Some(conn) = state.conns.get_mut(&id) {
                 conn.rooms.remove(&room);
+                conn.floors.remove(&room);
             }
             (removed && !Self::user_in_room(&state, room, user)).then_some(user)
         };
@@ -336,6 +343,7 @@ impl Hub {
             for id in conns {
                 if let Some(conn) = state.conns.get_mut(&id) {
                     conn.rooms.remove(&room);
+                    conn.floors.remove(&room);
                 }
             }
         }
@@ -412,7 +420,15 @@ impl Hub {
                                 .close_now(close::OVERLOADED, "too slow to keep up");
                         }
                     }
-                    None => Self::offer(conn, message),
+                    None => {
+                        if let (Some(id), Some(floor)) = (id, conn.floors.get(&room).copied()) {
+                            if id <= floor {
+                                continue;
+                            }
+                            conn.floors.remove(&room);
+                        }
+                        Self::offer(conn, message);
+                    }
                 }
             }
         }
@@ -431,10 +447,15 @@ impl Hub {
         }
         let replay = Encoded::new(replay).message(conn.msgpack);
         Self::offer(conn, replay);
+        let mut newer = false;
         for (message_id, message) in held.messages {
             if message_id.is_none_or(|m| m > replayed_to) {
+                newer |= message_id.is_some();
                 Self::offer(conn, message);
             }
+        }
+        if !newer && replayed_to < i64::MAX {
+            conn.floors.insert(room, replayed_to);
         }
     }
 
