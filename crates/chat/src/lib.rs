@@ -296,11 +296,6 @@ impl Chat {
             .await?)
     }
 
-    /// Applies every room's retention now.
-    pub async fn apply_retention(&self) -> Result<u64, ChatError> {
-        Ok(self.store.apply_retention(self.now()).await?)
-    }
-
     /// The hub of live connections.
     pub fn hub(&self) -> &Hub {
         &self.hub
