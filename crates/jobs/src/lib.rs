@@ -505,20 +505,18 @@ impl Jobs {
     }
 
     /// Makes sure the next job of the periodic `kind` waits, due at `run_at` if it has to be
-    /// created (an existing one is left as it is).
-    pub(crate) async fn ensure_periodic(
-        &self,
-        kind: &str,
-        run_at: DateTime<Utc>,
-    ) -> Result<(), JobsError> {
+    /// created (an existing one is left as it is). A failure is logged: the maintenance loop
+    /// makes sure of it again at its next tick.
+    pub(crate) async fn ensure_periodic(&self, kind: &str, run_at: DateTime<Utc>) {
         let options = EnqueueOptions {
             run_at: Some(run_at),
             unique_key: Some(format!("every:{kind}")),
             unique_states: Some(UniqueStates::UNFINISHED),
             ..EnqueueOptions::default()
         };
-        self.enqueue(kind, &serde_json::json!({}), options).await?;
-        Ok(())
+        if let Err(e) = self.enqueue(kind, &serde_json::json!({}), options).await {
+            tracing::warn!(%kind, error = %e, "periodic job not enqueued");
+        }
     }
 
     /// Starts this node's workers, one per configured queue; they stop when `shutdown` turns

@@ -204,10 +204,7 @@ impl QueueWorker {
         for job in recorded.iter().filter(|j| j.state.is_final()) {
             if let Some(interval) = self.jobs.periodic.get(&job.kind) {
                 let next = now + chrono_duration(*interval);
-                if let Err(e) = self.jobs.ensure_periodic(&job.kind, next).await {
-                    // The maintenance loop makes sure of it again.
-                    tracing::warn!(kind = %job.kind, error = %e, "next periodic job not enqueued");
-                }
+                self.jobs.ensure_periodic(&job.kind, next).await;
             }
         }
         self.ended.is_empty()
@@ -549,18 +546,14 @@ async fn maintain(jobs: Arc<Jobs>, mut shutdown: watch::Receiver<bool>) {
     // enqueues the next, and every tick makes sure of it (a node that died between the two).
     let now = jobs.clock.now();
     for kind in jobs.periodic.keys() {
-        if let Err(e) = jobs.ensure_periodic(kind, now).await {
-            tracing::warn!(%kind, error = %e, "periodic job not enqueued");
-        }
+        jobs.ensure_periodic(kind, now).await;
     }
     loop {
         tokio::select! {
             _ = rescue.tick() => {
                 let now = jobs.clock.now();
                 for (kind, interval) in &jobs.periodic {
-                    if let Err(e) = jobs.ensure_periodic(kind, now + chrono_duration(*interval)).await {
-                        tracing::warn!(%kind, error = %e, "periodic job not enqueued");
-                    }
+                    jobs.ensure_periodic(kind, now + chrono_duration(*interval)).await;
                 }
                 match jobs.store.rescue_expired_leases(jobs.clock.now()).await {
                     Ok(rescued) if rescued.is_empty() => {}
