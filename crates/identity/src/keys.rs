@@ -178,11 +178,11 @@ impl Keyset {
         })
     }
 
-    /// How long since keys were last read, or a read was tried.
-    fn since_tried(&self, now: DateTime<Utc>) -> StdDuration {
+    /// How long since keys were last read (`loaded_at`, the keys in hand), or a read was tried.
+    fn since_tried(&self, now: DateTime<Utc>, loaded_at: DateTime<Utc>) -> StdDuration {
         let tried = DateTime::from_timestamp_millis(self.tried_at.load(Ordering::Relaxed))
             .unwrap_or(now)
-            .max(self.current().at);
+            .max(loaded_at);
         (now - tried).to_std().unwrap_or_default()
     }
 
@@ -276,10 +276,10 @@ impl Keyset {
         // (by one request; the others go on with the keys they have), and an unknown kid is
         // looked up at once, though not more than every few seconds (a request that finds a
         // read under way waits for it).
-        let age = self.since_tried(now);
+        let age = self.since_tried(now, loaded.at);
         if !loaded.verifiers.contains_key(&kid) && age >= RELOAD_ON_MISS_EVERY {
             let _one = self.reloading.lock().await;
-            if self.since_tried(now) >= RELOAD_ON_MISS_EVERY {
+            if self.since_tried(now, self.current().at) >= RELOAD_ON_MISS_EVERY {
                 let _ = self.reload_held().await;
             }
             loaded = self.current();
