@@ -17,7 +17,7 @@ from conftest import Server
 PASSWORD = "maple orbit candle frost 42"
 # The documented bound for this attack (README, "Rooms and realtime"): the server's peak
 # resident memory stays under this, whatever the client asks for.
-PEAK_RSS_BOUND_MIB = 160
+PEAK_RSS_BOUND_MIB = 128
 
 
 def peak_rss_mib(pid):

@@ -76,12 +76,12 @@ pub enum ChatError {
 }
 
 /// A stored message as the API shows it.
-pub fn message_data(m: &MessageRecord) -> MessageData {
+pub fn message_data(m: MessageRecord) -> MessageData {
     MessageData {
         room: m.room_id.to_string(),
         id: m.id,
         sender: m.sender_id.to_string(),
-        body: m.body.clone(),
+        body: m.body,
         ts: m.created_at.timestamp_millis(),
     }
 }
@@ -602,12 +602,13 @@ impl Chat {
     pub fn deliver(&self, message: &MessageRecord) {
         self.hub.broadcast_message(
             message.room_id,
-            &ServerFrame::Message(message_data(message)),
+            &ServerFrame::Message(message_data(message.clone())),
             Some(message.id),
         );
     }
 
-    /// Messages of a room in a range, oldest first (anyone who may see the room).
+    /// Messages of a room in a range, oldest first (anyone who may see the room), read no
+    /// further than `max_bytes` of bodies allow (see [`MessageRange::max_bytes`]).
     pub async fn history(
         &self,
         who: &Principal,
@@ -615,6 +616,7 @@ impl Chat {
         before: Option<i64>,
         after: Option<i64>,
         limit: Option<u32>,
+        max_bytes: usize,
     ) -> Result<Vec<MessageRecord>, ChatError> {
         let limit = limit.unwrap_or(DEFAULT_HISTORY);
         if !(1..=MAX_HISTORY).contains(&limit) {
@@ -633,6 +635,7 @@ impl Chat {
                     before,
                     after,
                     limit,
+                    max_bytes: Some(max_bytes),
                 },
             )
             .await?)
@@ -649,8 +652,10 @@ impl Chat {
         after: Option<i64>,
         limit: Option<u32>,
     ) -> Result<(Vec<MessageData>, bool), ChatError> {
-        let records = self.history(who, id, before, after, limit).await?;
-        let mut messages: Vec<MessageData> = records.iter().map(message_data).collect();
+        let records = self
+            .history(who, id, before, after, limit, self.max_reply_bytes)
+            .await?;
+        let mut messages: Vec<MessageData> = records.into_iter().map(message_data).collect();
         let (more, _) = session::fit(&mut messages, self.max_reply_bytes, after.is_none());
         Ok((messages, more))
     }

@@ -440,12 +440,12 @@ impl<'a> Session<'a> {
         let mut budget = chat.max_reply_bytes;
         loop {
             match chat
-                .history(&self.who, id, None, Some(after), Some(MAX_HISTORY))
+                .history(&self.who, id, None, Some(after), Some(MAX_HISTORY), budget)
                 .await
             {
                 Ok(page) => {
                     let full = page.len() == usize::try_from(MAX_HISTORY).unwrap_or(usize::MAX);
-                    let mut page: Vec<MessageData> = page.iter().map(message_data).collect();
+                    let mut page: Vec<MessageData> = page.into_iter().map(message_data).collect();
                     // A bounded replay, in messages and in bytes: past it, the client pages
                     // with `history {after}`.
                     let (cut, used) = if replay.is_empty() {

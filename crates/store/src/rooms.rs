@@ -214,6 +214,10 @@ pub struct MessageRange {
     pub after: Option<i64>,
     /// At most this many: the newest ones below `before`, or the oldest ones above `after`.
     pub limit: u32,
+    /// Stop reading, from the cursor outward, at the first message that takes the bodies read
+    /// past this many bytes (but not before two are read): a reply bounded in bytes asks for no
+    /// more than it can hold, and still sees that there is more. `None` reads up to `limit`.
+    pub max_bytes: Option<usize>,
 }
 
 /// Rooms, members and messages.

@@ -432,7 +432,7 @@ pub(crate) async fn publish(
     } else {
         StatusCode::OK
     };
-    Ok((status, JsonResponse(message_data(&posted.message).into())))
+    Ok((status, JsonResponse(message_data(posted.message).into())))
 }
 
 /// `?before=&after=&limit=` of a room's history.
@@ -606,7 +606,7 @@ pub(crate) async fn search(
         items: hits
             .into_iter()
             .map(|h| {
-                let m = message_data(&h.message);
+                let m = message_data(h.message);
                 SearchHitView {
                     room: m.room,
                     id: m.id,

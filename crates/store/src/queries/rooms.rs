@@ -7,6 +7,7 @@ macro_rules! room_queries {
         mod $module {
             use async_trait::async_trait;
             use chrono::{DateTime, Utc};
+            use futures_util::TryStreamExt;
             use sqlx::QueryBuilder;
             use unhidra_core::UserId;
             use uuid::Uuid;
@@ -330,16 +331,24 @@ macro_rules! room_queries {
                          ORDER BY id {} LIMIT $4",
                         if forward { "ASC" } else { "DESC" }
                     );
-                    let rows = sqlx::query(&sql)
+                    // Rows are read one at a time, so that a page cut short by `max_bytes` never
+                    // holds the rest.
+                    let mut rows = sqlx::query(&sql)
                         .bind(Store::id(room))
                         .bind(range.before)
                         .bind(range.after)
                         .bind(i64::from(range.limit))
-                        .fetch_all(&self.pool)
-                        .await
-                        .map_err(message_err)?;
-                    let mut list: Vec<MessageRecord> =
-                        rows.iter().map(message).collect::<Result<_, _>>()?;
+                        .fetch(&self.pool);
+                    let mut list = Vec::new();
+                    let mut bytes = 0usize;
+                    while let Some(row) = rows.try_next().await.map_err(message_err)? {
+                        let m = message(&row)?;
+                        bytes = bytes.saturating_add(m.body.len());
+                        list.push(m);
+                        if range.max_bytes.is_some_and(|max| bytes > max && list.len() >= 2) {
+                            break;
+                        }
+                    }
                     if !forward {
                         list.reverse();
                     }

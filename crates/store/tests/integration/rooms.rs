@@ -55,6 +55,7 @@ fn range(before: Option<i64>, after: Option<i64>, limit: u32) -> MessageRange {
         before,
         after,
         limit,
+        max_bytes: None,
     }
 }
 
@@ -218,6 +219,61 @@ async fn messages_are_stored_once_and_read_in_ranges(db: &TestDb) {
     ));
 }
 both_backends!(messages_are_stored_once_and_read_in_ranges);
+
+/// A page bounded in bytes reads, from the cursor outward, up to the message that takes the
+/// bodies past the bound, and at least two: enough for the reply to see that there is more.
+async fn a_page_bounded_in_bytes_stops_reading_past_the_bound(db: &TestDb) {
+    db.store.migrate().await.unwrap();
+    let ann = user(db, "ann@example.com").await;
+    let lobby = room(db, ann, "lobby", Visibility::Public).await;
+    let mut ids = Vec::new();
+    for i in 0..10 {
+        // Ten bytes each, "é" counting two.
+        let body = format!("{i}{}", "é".repeat(4) + "x");
+        assert_eq!(body.len(), 10);
+        let (stored, _) = db
+            .store
+            .append_message(lobby, ann, &format!("c{i}"), &body, now())
+            .await
+            .unwrap();
+        ids.push(stored.id);
+    }
+    let read = |before, after, max_bytes| {
+        let range = MessageRange {
+            max_bytes: Some(max_bytes),
+            ..range(before, after, 50)
+        };
+        async move {
+            db.store
+                .messages(lobby, range)
+                .await
+                .unwrap()
+                .iter()
+                .map(|m| m.id)
+                .collect::<Vec<_>>()
+        }
+    };
+    // Newest first from the end: 25 bytes are passed by the third message back.
+    assert_eq!(read(None, None, 25).await, ids[7..]);
+    assert_eq!(
+        read(None, None, 30).await,
+        ids[6..],
+        "30 bytes are passed by the fourth"
+    );
+    assert_eq!(read(Some(ids[5]), None, 15).await, ids[3..5]);
+    // Forward from `after`, oldest first.
+    assert_eq!(read(None, Some(ids[1]), 19).await, ids[2..4]);
+    // One message over the bound alone still comes with the next one.
+    assert_eq!(read(None, Some(ids[1]), 1).await, ids[2..4]);
+    assert_eq!(
+        read(None, Some(ids[8]), 1).await,
+        ids[9..],
+        "and the last alone"
+    );
+    // Enough bytes for all: the limit is what stops.
+    assert_eq!(read(None, None, 1_000).await, ids);
+}
+both_backends!(a_page_bounded_in_bytes_stops_reading_past_the_bound);
 
 async fn a_group_of_messages_is_stored_in_order_and_once(db: &TestDb) {
     db.store.migrate().await.unwrap();
