@@ -1,11 +1,18 @@
-"""Mail over SMTP: a real SMTP server (aiosmtpd) on loopback receives what Unhidra sends."""
+"""Mail over SMTP: a real SMTP server (aiosmtpd) on loopback receives what Unhidra sends. Mail
+goes out as jobs: a server that says "try later" gets the message once it accepts, a refusal for
+good is not retried, and mail waiting for a retry survives a `kill -9` of the server."""
 
 import email
 import email.policy
+import json
+import os
 import re
+import signal
 import socket
+import subprocess
 import tempfile
 import threading
+import time
 
 import requests
 from aiosmtpd.controller import Controller
@@ -16,31 +23,164 @@ PASSWORD = "maple orbit candle frost 42"
 
 
 class Inbox:
-    """Collects the messages the SMTP server accepts."""
+    """Collects the messages the SMTP server accepts; answers `refusals` (in order) first."""
 
-    def __init__(self):
+    def __init__(self, refusals=()):
         self.messages = []
+        self.refusals = list(refusals)
+        self.refused = 0
         self.arrived = threading.Condition()
 
     async def handle_DATA(self, server, session, envelope):  # noqa: N802 (aiosmtpd's name)
+        with self.arrived:
+            if self.refusals:
+                self.refused += 1
+                self.arrived.notify_all()
+                return self.refusals.pop(0)
         message = email.message_from_bytes(envelope.content, policy=email.policy.default)
         with self.arrived:
             self.messages.append((envelope.rcpt_tos, message))
             self.arrived.notify_all()
         return "250 OK"
 
-    def wait_for(self, count, timeout=10):
+    def wait_refused(self, count, timeout=20):
+        with self.arrived:
+            assert self.arrived.wait_for(lambda: self.refused >= count, timeout), self.refused
+
+    def wait_for(self, count, timeout=20):
         with self.arrived:
             assert self.arrived.wait_for(lambda: len(self.messages) >= count, timeout), self.messages
             return self.messages[count - 1]
 
 
-def test_verification_mail_is_delivered_over_smtp(server_binary):
-    inbox = Inbox()
+def free_port():
     # aiosmtpd checks that it is up by connecting to its port, so it needs a real one.
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+        return probe.getsockname()[1]
+
+
+def smtp_env(port):
+    return {"UNHIDRA_SMTP_URL": f"smtp://127.0.0.1:{port}", "UNHIDRA_MAIL_FROM": "Unhidra <noreply@unhidra.test>"}
+
+
+def register(base, address):
+    response = requests.post(
+        f"{base}/api/v1/auth/register", json={"email": address, "password": PASSWORD}, timeout=10
+    )
+    assert response.status_code == 201, response.text
+
+
+def verifies(base, message):
+    code = re.search(r"Your code: (\S+)", message.get_content()).group(1)
+    verified = requests.post(f"{base}/api/v1/auth/verify-email", json={"token": code}, timeout=10)
+    return verified.status_code == 204
+
+
+def token_mail_jobs(server_binary, data_dir):
+    """The token-mail jobs, as `unhidra jobs list` prints them (the server may be stopped)."""
+    out = subprocess.run(
+        [server_binary, "jobs", "list", "--kind", "identity.token_mail", "--data-dir", data_dir],
+        env={"PATH": os.environ.get("PATH", ""), "APP_ENV": "test"},
+        cwd=data_dir,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout
+    return [json.loads(line) for line in out.splitlines()]
+
+
+def test_a_server_that_says_try_later_gets_the_mail_once_it_accepts(server_binary):
+    inbox = Inbox(refusals=["451 4.3.0 Try again later", "421 4.7.0 Too busy"])
+    port = free_port()
+    smtp = Controller(inbox, hostname="127.0.0.1", port=port)
+    smtp.start()
+    try:
+        with tempfile.TemporaryDirectory() as data_dir:
+            srv = Server(server_binary, data_dir, smtp_env(port))
+            try:
+                register(srv.base_url, "later@example.com")
+                recipients, message = inbox.wait_for(1)
+                assert recipients == ["later@example.com"]
+                assert inbox.refused == 2
+                # The token of the attempt that was delivered is the one that works.
+                assert verifies(srv.base_url, message)
+            finally:
+                assert srv.stop() == 0, srv.lines
+            assert len(inbox.messages) == 1, "delivered exactly once"
+            [job] = token_mail_jobs(server_binary, data_dir)
+            assert (job["state"], job["attempt"]) == ("completed", 3), job
+    finally:
+        smtp.stop()
+
+
+def test_a_refusal_for_good_is_not_retried(server_binary):
+    inbox = Inbox(refusals=["550 5.1.1 No such mailbox"])
+    port = free_port()
+    smtp = Controller(inbox, hostname="127.0.0.1", port=port)
+    smtp.start()
+    try:
+        with tempfile.TemporaryDirectory() as data_dir:
+            srv = Server(server_binary, data_dir, smtp_env(port))
+            try:
+                register(srv.base_url, "gone@example.com")
+                inbox.wait_refused(1)
+            finally:
+                assert srv.stop() == 0, srv.lines
+            [job] = token_mail_jobs(server_binary, data_dir)
+            assert (job["state"], job["attempt"]) == ("discarded", 1), job
+            assert "550" in job["last_error"], job
+            assert inbox.messages == []
+    finally:
+        smtp.stop()
+
+
+def test_mail_waiting_for_its_smtp_server_survives_a_crash(server_binary):
+    port = free_port()
+    with tempfile.TemporaryDirectory() as data_dir:
+        # Nothing listens on the port yet: every attempt fails and is retried. A short lease,
+        # so that an attempt the kill interrupts is retried soon after the restart.
+        env = smtp_env(port) | {"UNHIDRA_JOBS_LEASE": "2s"}
+        srv = Server(server_binary, data_dir, env)
+        try:
+            register(srv.base_url, "crash@example.com")
+            wait_until(lambda: any(j["state"] == "retryable" for j in token_mail_jobs(server_binary, data_dir)))
+        finally:
+            srv.proc.send_signal(signal.SIGKILL)
+            srv.proc.wait(30)
+        inbox = Inbox()
+        smtp = Controller(inbox, hostname="127.0.0.1", port=port)
+        smtp.start()
+        try:
+            again = Server(server_binary, data_dir, env)
+            try:
+                recipients, message = inbox.wait_for(1, timeout=60)
+                assert recipients == ["crash@example.com"]
+                assert verifies(again.base_url, message)
+            finally:
+                assert again.stop() == 0, again.lines
+            assert len(inbox.messages) == 1
+            [job] = token_mail_jobs(server_binary, data_dir)
+            assert job["state"] == "completed", job
+        finally:
+            smtp.stop()
+
+
+def wait_until(probe, timeout=30):
+    """`probe()` once it is truthy, polled every 50 ms for at most `timeout` seconds."""
+    end = time.monotonic() + timeout
+    while True:
+        found = probe()
+        if found:
+            return found
+        assert time.monotonic() < end, "condition not reached"
+        time.sleep(0.05)
+
+
+def test_verification_mail_is_delivered_over_smtp(server_binary):
+    inbox = Inbox()
+    port = free_port()
     smtp = Controller(inbox, hostname="127.0.0.1", port=port)
     smtp.start()
     try:

@@ -3,55 +3,36 @@
 
 use std::sync::Arc;
 
-use chrono::{DateTime, Duration, Utc};
 use unhidra_core::{Email, OpaqueToken, UserId};
-use unhidra_mail::{Mail, Mailer};
+use unhidra_jobs::{EnqueueOptions, Jobs};
+use unhidra_mail::{Mail, SEND_KIND};
+use unhidra_store::StoreError;
 use unhidra_store::identity::{TokenPurpose, UserRecord};
-use unhidra_store::{Store, StoreError};
 
 use super::{Identity, IdentityError, Principal, RequestContext};
+use crate::mail_jobs::{Purpose, TOKEN_MAIL_KIND, TokenMail};
 
-/// How long a verification link works.
-const VERIFY_TTL: i64 = 24 * 3600;
-/// How long a password-reset link works.
-const RESET_TTL: i64 = 30 * 60;
-
-/// The page of the web app that takes a token of `purpose`.
-fn page(purpose: TokenPurpose) -> &'static str {
-    match purpose {
-        TokenPurpose::VerifyEmail => "verify-email",
-        TokenPurpose::ResetPassword => "reset-password",
-    }
+/// A job to enqueue: its kind and payload.
+pub(super) struct JobLater {
+    kind: &'static str,
+    payload: serde_json::Value,
+    trace_id: Option<String>,
 }
 
-/// A mailed token ready to store and send, owning what it needs, so that it can be issued
-/// after the answer.
-pub(super) struct MailedToken {
-    store: Arc<dyn Store>,
-    mailer: Arc<Mailer>,
-    /// The token's hash; the token itself is only in `mail`.
-    hash: String,
-    user: UserId,
-    purpose: TokenPurpose,
-    now: DateTime<Utc>,
-    expires_at: DateTime<Utc>,
-    mail: Mail,
-}
-
-impl MailedToken {
-    /// Stores the token, then sends its mail in the background.
-    async fn issue(self) -> Result<(), StoreError> {
-        self.store
-            .issue_one_time_token(
-                &self.hash,
-                self.user,
-                self.purpose,
-                self.now,
-                self.expires_at,
-            )
-            .await?;
-        self.mailer.send_later(self.mail);
-        Ok(())
+impl JobLater {
+    /// Enqueues the job; failures are logged (never the payload, which may be a message).
+    async fn enqueue(self, jobs: &Jobs) {
+        let options = EnqueueOptions {
+            trace_id: self.trace_id,
+            ..EnqueueOptions::default()
+        };
+        if let Err(e) = jobs.enqueue(self.kind, &self.payload, options).await {
+            tracing::error!(
+                kind = self.kind,
+                error = %unhidra_core::error_chain(&e),
+                "mail not enqueued; nothing was mailed"
+            );
+        }
     }
 }
 
@@ -64,103 +45,76 @@ pub(super) struct AuditLater {
 }
 
 impl Identity {
-    /// Mails a notice to the user; delivery happens in the background.
+    /// Mails a notice to the user: the mail job is enqueued in the background, so that the
+    /// caller's answer neither waits for nor depends on it.
     pub(super) fn notify(&self, to: &Email, subject: &str, body: String) {
-        self.mailer.send_later(Mail {
+        let mail = Mail {
             to: to.to_string(),
             subject: subject.to_owned(),
             body,
-        });
+        };
+        let job = JobLater {
+            kind: SEND_KIND,
+            payload: serde_json::to_value(&mail).unwrap_or_default(),
+            trace_id: None,
+        };
+        let jobs = Arc::clone(&self.jobs);
+        self.mailer.later(async move { job.enqueue(&jobs).await });
     }
 
-    /// The text that lets the user act on a token: a link when the public URL is known.
-    fn token_text(&self, page: &str, token: &OpaqueToken) -> String {
-        match &self.public_url {
-            Some(base) => format!("{base}/{page}?token={}", token.expose()),
-            None => format!("Your code: {}", token.expose()),
+    /// The job that mails `user` a fresh token of `purpose`.
+    fn token_mail(&self, user: UserId, purpose: TokenPurpose, ctx: &RequestContext) -> JobLater {
+        let purpose = match purpose {
+            TokenPurpose::VerifyEmail => Purpose::VerifyEmail,
+            TokenPurpose::ResetPassword => Purpose::ResetPassword,
+        };
+        JobLater {
+            kind: TOKEN_MAIL_KIND,
+            payload: serde_json::to_value(TokenMail { user, purpose }).unwrap_or_default(),
+            trace_id: ctx.trace_id.clone(),
         }
     }
 
-    /// A verification token for `user`, to issue and mail.
-    pub(super) fn verification_token(&self, user: UserId, email: &Email) -> MailedToken {
-        self.mailed_token(user, TokenPurpose::VerifyEmail, VERIFY_TTL, |text| Mail {
-            to: email.to_string(),
-            subject: "Verify your email address".to_owned(),
-            body: format!(
-                "Welcome to Unhidra.\n\nTo verify that this address is yours, use this within \
-                 24 hours:\n\n{text}\n\nIf you did not create an account, ignore this message.\n"
-            ),
-        })
+    /// The job that mails `user` a verification token.
+    pub(super) fn verification_mail(&self, user: UserId, ctx: &RequestContext) -> JobLater {
+        self.token_mail(user, TokenPurpose::VerifyEmail, ctx)
     }
 
-    /// A password-reset token for `user`, to issue and mail.
-    fn reset_token(&self, user: &UserRecord) -> MailedToken {
-        self.mailed_token(user.id, TokenPurpose::ResetPassword, RESET_TTL, |text| {
-            Mail {
-                to: user.email.to_string(),
-                subject: "Reset your password".to_owned(),
-                body: format!(
-                    "To choose a new password for your Unhidra account, use this within 30 \
-                 minutes:\n\n{text}\n\nIf you did not ask for this, ignore this message; your \
-                 password stays as it is.\n"
-                ),
-            }
-        })
-    }
-
-    /// A new token of `purpose`, good for `ttl` seconds, with the mail that carries it (`mail`
-    /// gets the text that lets the user act on it).
-    fn mailed_token(
-        &self,
-        user: UserId,
-        purpose: TokenPurpose,
-        ttl: i64,
-        mail: impl FnOnce(&str) -> Mail,
-    ) -> MailedToken {
-        let token = OpaqueToken::generate();
-        let now = self.now();
-        MailedToken {
-            store: Arc::clone(&self.store),
-            mailer: Arc::clone(&self.mailer),
-            hash: token.hash(),
-            user,
-            purpose,
-            now,
-            expires_at: now + Duration::seconds(ttl),
-            mail: mail(&self.token_text(page(purpose), &token)),
-        }
-    }
-
-    /// Issues a verification token and mails it.
+    /// Enqueues the job that mails `user` a verification token.
     pub(super) async fn send_verification(
         &self,
         user: UserId,
-        email: &Email,
+        ctx: &RequestContext,
     ) -> Result<(), IdentityError> {
-        Ok(self.verification_token(user, email).issue().await?)
+        let job = self.verification_mail(user, ctx);
+        let options = EnqueueOptions {
+            trace_id: job.trace_id,
+            ..EnqueueOptions::default()
+        };
+        self.jobs
+            .enqueue(job.kind, &job.payload, options)
+            .await
+            .map_err(|e| match e {
+                unhidra_jobs::JobsError::Store(e) => IdentityError::Store(e),
+                // A kind not registered: a bug, answered like a broken store.
+                other => IdentityError::Store(StoreError::Other(Box::new(other))),
+            })?;
+        Ok(())
     }
 
-    /// Does the work that only an existing account's answer has — its audit `event`, then its
-    /// mailed `token` — after the answer, so that the answer takes the same path, and so the
-    /// same time, as one for an unknown or taken email. Failures are logged (never the token);
-    /// [`Mailer::drain`](unhidra_mail::Mailer::drain) waits for this work too.
-    pub(super) fn after_answer(&self, event: AuditLater, token: MailedToken, ctx: &RequestContext) {
+    /// Does the work that only an existing account's answer has — its audit `event`, then
+    /// enqueueing its mailed token's `job` — after the answer, so that the answer takes the
+    /// same path, and so the same time, as one for an unknown or taken email. Failures are
+    /// logged; [`Mailer::drain`](unhidra_mail::Mailer::drain) waits for this work too.
+    pub(super) fn after_answer(&self, event: AuditLater, job: JobLater, ctx: &RequestContext) {
         let auditor = Arc::clone(&self.auditor);
+        let jobs = Arc::clone(&self.jobs);
         let ctx = ctx.clone();
         self.mailer.later(async move {
             auditor
                 .record(event.kind, event.actor, event.subject, &ctx, event.detail)
                 .await;
-            let purpose = token.purpose;
-            let user = token.user;
-            if let Err(e) = token.issue().await {
-                tracing::error!(
-                    %user,
-                    purpose = purpose.as_str(),
-                    error = %unhidra_core::error_chain(&e),
-                    "mailed token not issued; nothing was mailed"
-                );
-            }
+            job.enqueue(&jobs).await;
         });
     }
 
@@ -186,7 +140,7 @@ impl Identity {
             .await?;
         let user = self.store.user_by_id(who.user_id).await?;
         if user.email_verified_at.is_none() {
-            self.send_verification(user.id, &user.email).await?;
+            self.send_verification(user.id, ctx).await?;
         }
         Ok(())
     }
@@ -300,7 +254,7 @@ impl Identity {
                 subject: Some(user.id.to_string()),
                 detail: serde_json::json!({}),
             },
-            self.reset_token(&user),
+            self.token_mail(user.id, TokenPurpose::ResetPassword, ctx),
             ctx,
         );
         Ok(())

@@ -9,6 +9,7 @@ pub mod audit_file;
 pub mod hasher;
 pub mod import;
 pub mod keys;
+pub mod mail_jobs;
 pub mod metrics;
 pub mod mfa;
 mod reauth;
@@ -34,6 +35,7 @@ use self::hasher::{HashError, HashParams, Hasher};
 use self::keys::{KeyError, Keyset, TokenError, TokenSettings};
 use self::mfa::LoginOutcome;
 use crate::metrics::AuthMetrics;
+use unhidra_jobs::Jobs;
 use unhidra_mail::Mailer;
 
 /// The meta key of the installation's refresh-token derivation key.
@@ -267,6 +269,8 @@ pub struct Identity {
     limits: Limits,
     metrics: AuthMetrics,
     mailer: Arc<Mailer>,
+    /// Where mail is enqueued (see [`mail_jobs`]).
+    jobs: Arc<Jobs>,
     revoked: tokio::sync::broadcast::Sender<Revoked>,
     /// Where security events are recorded.
     auditor: Arc<audit::Auditor>,
@@ -280,8 +284,6 @@ pub struct Identity {
     /// against recording a failure with giving the place back: a failure is then counted once,
     /// in the store or in flight, never in both or neither.
     failure_order: [tokio::sync::Mutex<()>; 16],
-    /// Where links in mail point; without it, mail carries the bare token.
-    public_url: Option<String>,
     require_verified: bool,
 }
 
@@ -390,6 +392,7 @@ impl Identity {
         clock: Arc<dyn Clock>,
         metrics: AuthMetrics,
         mailer: Arc<Mailer>,
+        jobs: Arc<Jobs>,
     ) -> Result<Self, KeyError> {
         let hasher = Hasher::new(HashParams::from_config(config), config.hash_workers)
             .map_err(|e| KeyError::Config(format!("argon2 parameters: {e}")))?
@@ -448,16 +451,13 @@ impl Identity {
             limits: Limits::from_config(config),
             metrics,
             mailer,
+            jobs,
             revoked: tokio::sync::broadcast::Sender::new(1024),
             auditor,
             ipv6_prefix: u8::try_from(config.rate_limit_ipv6_prefix.min(128)).unwrap_or(64),
             throttle_epochs: Mutex::new(ThrottleEpochs::default()),
             in_flight: InFlight::default(),
             failure_order: std::array::from_fn(|_| tokio::sync::Mutex::new(())),
-            public_url: config
-                .public_url
-                .as_ref()
-                .map(|u| u.as_str().trim_end_matches('/').to_owned()),
             require_verified: config.require_verified_email,
         })
     }
@@ -668,14 +668,14 @@ impl Identity {
         };
         if self.hide_existing && role == Role::User {
             // A taken email stores nothing more: neither does the answer for a new one.
-            let verification = self.verification_token(user.id, &user.email);
+            let verification = self.verification_mail(user.id, ctx);
             self.after_answer(event, verification, ctx);
             return Ok(UserView::of(&record_of(&user), now));
         }
         self.audit(event.kind, event.actor, event.subject, ctx, event.detail)
             .await;
         if role == Role::User {
-            self.send_verification(user.id, &user.email).await?;
+            self.send_verification(user.id, ctx).await?;
         }
         Ok(UserView::of(&record_of(&user), now))
     }
@@ -980,7 +980,7 @@ impl Identity {
                 subject: Some(user.id.to_string()),
                 detail: serde_json::json!({ "reason": "email_not_verified" }),
             };
-            self.after_answer(event, self.verification_token(user.id, &user.email), ctx);
+            self.after_answer(event, self.verification_mail(user.id, ctx), ctx);
             return Err(IdentityError::InvalidCredentials);
         }
         if self.require_verified && user.email_verified_at.is_none() {

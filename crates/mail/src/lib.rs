@@ -1,17 +1,29 @@
 //! Outgoing mail: one mailer for every message Unhidra sends. With `smtp_url` it delivers over
 //! SMTP; without, it writes each message as an RFC 5322 `.eml` file to `<data_dir>/outbox/`
 //! and logs a line, so that development and tests can read what a user would receive.
+//!
+//! Mail goes out as jobs ([`SEND_KIND`], run by [`Delivery`]): a refused or unreachable SMTP
+//! server is retried with backoff, and a message enqueued is not lost at shutdown or in a
+//! crash. [`job_error`] says which failures another attempt could fix.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use async_trait::async_trait;
 use lettre::message::{Mailbox, header::ContentType};
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
+use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 use unhidra_config::Config;
+use unhidra_jobs::{Handler, JobContext, JobError};
+
+/// The job kind that sends one [`Mail`] (its payload).
+pub const SEND_KIND: &str = "mail.send";
 
 /// A message to one recipient.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Mail {
     /// The recipient's address.
     pub to: String,
@@ -27,9 +39,12 @@ pub enum MailError {
     /// An address or the message could not be built.
     #[error("mail: {0}")]
     Message(String),
-    /// The SMTP server refused or could not be reached.
+    /// The SMTP server could not be reached, or answered "try later" (4xx).
     #[error("smtp: {0}")]
     Smtp(String),
+    /// The SMTP server refused the message for good (5xx): another attempt would not help.
+    #[error("smtp refused: {0}")]
+    Refused(String),
     /// The outbox could not be written.
     #[error("outbox: {0}")]
     Outbox(#[from] std::io::Error),
@@ -44,7 +59,7 @@ enum Transport {
 pub struct Mailer {
     from: Mailbox,
     transport: Transport,
-    /// Messages handed to [`Mailer::send_later`] and not yet sent or failed.
+    /// Work handed to [`Mailer::later`] that has not ended.
     pending: AtomicUsize,
     idle: Notify,
 }
@@ -114,9 +129,13 @@ impl Mailer {
             .map_err(|e| MailError::Message(e.to_string()))?;
         match &self.transport {
             Transport::Smtp(smtp) => {
-                smtp.send(message)
-                    .await
-                    .map_err(|e| MailError::Smtp(e.to_string()))?;
+                smtp.send(message).await.map_err(|e| {
+                    if e.is_permanent() {
+                        MailError::Refused(e.to_string())
+                    } else {
+                        MailError::Smtp(e.to_string())
+                    }
+                })?;
                 tracing::info!(subject = %mail.subject, "mail sent");
             }
             Transport::Outbox(dir) => {
@@ -127,27 +146,14 @@ impl Mailer {
         Ok(())
     }
 
-    /// Sends in the background: the caller's answer neither waits for nor depends on delivery
-    /// (and so takes the same time whether or not a message was sent). Failures are logged.
-    pub fn send_later(self: &std::sync::Arc<Self>, mail: Mail) {
-        let mailer = std::sync::Arc::clone(self);
-        self.later(async move {
-            if let Err(e) = mailer.send(&mail).await {
-                tracing::error!(subject = %mail.subject, error = %e, "mail not sent");
-            }
-        });
-    }
-
-    /// Runs `work` in the background, counted like a message waiting to be sent, so that
-    /// [`Mailer::drain`] also waits for work that ends in a message (storing the token a mail
-    /// carries, then sending it). `work` logs its own failures. With [`MAX_PENDING`] already
-    /// waiting, `work` is dropped (and logged) instead: the caller's answer does not change.
-    pub fn later(
-        self: &std::sync::Arc<Self>,
-        work: impl std::future::Future<Output = ()> + Send + 'static,
-    ) {
+    /// Runs `work` in the background, so that the caller's answer neither waits for nor
+    /// depends on it (work that ends in a message: an audit event, then the job that mails a
+    /// token). [`Mailer::drain`] waits for it. `work` logs its own failures. With
+    /// [`MAX_PENDING`] already waiting, `work` is dropped (and logged) instead: the caller's
+    /// answer does not change.
+    pub fn later(self: &Arc<Self>, work: impl std::future::Future<Output = ()> + Send + 'static) {
         /// Counts the work as pending until it ends, by a panic too.
-        struct Pending(std::sync::Arc<Mailer>);
+        struct Pending(Arc<Mailer>);
         impl Drop for Pending {
             fn drop(&mut self) {
                 if self.0.pending.fetch_sub(1, Ordering::SeqCst) == 1 {
@@ -156,14 +162,14 @@ impl Mailer {
             }
         }
         if self.pending.fetch_add(1, Ordering::SeqCst) >= MAX_PENDING {
-            drop(Pending(std::sync::Arc::clone(self)));
+            drop(Pending(Arc::clone(self)));
             tracing::error!(
                 limit = MAX_PENDING,
                 "background mail work dropped: too much is waiting already"
             );
             return;
         }
-        let pending = Pending(std::sync::Arc::clone(self));
+        let pending = Pending(Arc::clone(self));
         // In the caller's span, so that a failure is logged with the request's trace id.
         let work = tracing::Instrument::in_current_span(work);
         tokio::spawn(async move {
@@ -172,9 +178,8 @@ impl Mailer {
         });
     }
 
-    /// Waits until every message handed to [`Mailer::send_later`] is sent or has failed, and
-    /// all work handed to [`Mailer::later`] has ended: at shutdown, so that no notice is lost,
-    /// and in tests.
+    /// Waits until all work handed to [`Mailer::later`] has ended (its mail is enqueued): at
+    /// shutdown, so that no notice is lost, and in tests.
     pub async fn drain(&self) {
         loop {
             let idle = self.idle.notified();
@@ -186,6 +191,29 @@ impl Mailer {
             }
             idle.await;
         }
+    }
+}
+
+/// How a failed send ends its job's attempt: a message that cannot be built or an SMTP refusal
+/// (5xx) is not retried; an unreachable server, a "try later" (4xx) or an outbox that cannot be
+/// written is.
+pub fn job_error(e: MailError) -> JobError {
+    match e {
+        MailError::Message(_) | MailError::Refused(_) => JobError::permanent(e),
+        MailError::Smtp(_) | MailError::Outbox(_) => JobError::retry(e),
+    }
+}
+
+/// Runs [`SEND_KIND`] jobs: sends the [`Mail`] a job carries.
+#[derive(Debug)]
+pub struct Delivery(pub Arc<Mailer>);
+
+#[async_trait]
+impl Handler for Delivery {
+    async fn run(&self, job: &JobContext) -> Result<(), JobError> {
+        let mail = Mail::deserialize(&job.payload)
+            .map_err(|e| JobError::permanent(format!("not a mail: {e}")))?;
+        self.0.send(&mail).await.map_err(job_error)
     }
 }
 
@@ -207,8 +235,6 @@ async fn write_outbox(dir: &std::path::Path, bytes: &[u8]) -> std::io::Result<Pa
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use super::*;
 
     fn outbox_mailer(dir: &std::path::Path) -> Arc<Mailer> {
@@ -226,11 +252,14 @@ mod tests {
         mailer.later(async move {
             // Stands for storing a token: the mail is handed over only after it.
             let _ = wait.await;
-            inner.send_later(Mail {
-                to: "ada@example.com".to_owned(),
-                subject: "Reset your password".to_owned(),
-                body: "Your code: x".to_owned(),
-            });
+            inner
+                .send(&Mail {
+                    to: "ada@example.com".to_owned(),
+                    subject: "Reset your password".to_owned(),
+                    body: "Your code: x".to_owned(),
+                })
+                .await
+                .unwrap();
         });
         go.send(()).unwrap();
         mailer.drain().await;

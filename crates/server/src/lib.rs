@@ -152,29 +152,35 @@ impl Application {
             &config,
             metrics.ws.clone(),
         );
-        let jobs =
+        let jobs = identity::mail_jobs::register(
             jobs::Jobs::builder(Arc::clone(&store), Arc::clone(&clock), jobs_config(&config))
-                .metrics(metrics.jobs.clone())
-                .register(
-                    chat::retention::KIND,
-                    chat.retention_job(),
-                    jobs::KindOptions {
-                        max_attempts: 3,
-                        timeout: Duration::from_secs(300),
-                        ..jobs::KindOptions::default()
-                    },
-                )
-                .every(
-                    chat::retention::KIND,
-                    config.retention_interval.0.max(Duration::from_secs(1)),
-                )
-                .build();
+                .metrics(metrics.jobs.clone()),
+            &config,
+            Arc::clone(&store),
+            Arc::clone(&clock),
+            Arc::clone(&mailer),
+        )
+        .register(
+            chat::retention::KIND,
+            chat.retention_job(),
+            jobs::KindOptions {
+                max_attempts: 3,
+                timeout: Duration::from_secs(300),
+                ..jobs::KindOptions::default()
+            },
+        )
+        .every(
+            chat::retention::KIND,
+            config.retention_interval.0.max(Duration::from_secs(1)),
+        )
+        .build();
         let identity = identity::Identity::new(
             &config,
             Arc::clone(&store),
             clock,
             metrics.auth.clone(),
             mailer,
+            Arc::clone(&jobs),
         )
         .await?;
         bootstrap_admin(&config, &identity).await?;

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
 use unhidra_config::{Config, KEYS, Layer, Sources};
-use unhidra_core::SystemClock;
+use unhidra_core::{Clock, SystemClock};
 use unhidra_server::identity::hasher::HashParams;
 use unhidra_server::identity::import::ImportError;
 use unhidra_server::identity::keys::{self, KeyError};
@@ -338,18 +338,30 @@ async fn open_identity(config: &Config) -> Result<(Arc<dyn Store>, Identity), Ex
         ExitCode::from(2)
     })?;
     let metrics = unhidra_server::identity::metrics::AuthMetrics::default();
-    let identity = Identity::new(
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let mailer = Arc::new(mailer);
+    // Mail is enqueued here and sent by a running server's workers.
+    let jobs = unhidra_server::identity::mail_jobs::register(
+        Jobs::builder(
+            Arc::clone(&store),
+            Arc::clone(&clock),
+            JobsConfig {
+                queues: Vec::new(),
+                ..JobsConfig::default()
+            },
+        ),
         config,
         Arc::clone(&store),
-        Arc::new(SystemClock),
-        metrics,
-        Arc::new(mailer),
+        Arc::clone(&clock),
+        Arc::clone(&mailer),
     )
-    .await
-    .map_err(|err| {
-        tracing::error!(error = %err, "cannot load the signing keys");
-        ExitCode::FAILURE
-    })?;
+    .build();
+    let identity = Identity::new(config, Arc::clone(&store), clock, metrics, mailer, jobs)
+        .await
+        .map_err(|err| {
+            tracing::error!(error = %err, "cannot load the signing keys");
+            ExitCode::FAILURE
+        })?;
     Ok((store, identity))
 }
 

@@ -239,9 +239,33 @@ impl TestApp {
         self._data_dir.path()
     }
 
+    /// Waits until the mail enqueued so far has been sent: the background work that enqueues
+    /// it has ended, and no mail job is waiting or running (one retried later counts as sent
+    /// or failed for this: its attempt has ended).
+    pub async fn mail_sent(&self) {
+        use unhidra_store::jobs::JobState;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            self.state.identity().mailer().drain().await;
+            let stats = self.state.jobs().stats().await.unwrap();
+            let waiting = stats.counts.iter().any(|c| {
+                c.kind.starts_with("mail.") || c.kind == "identity.token_mail"
+            } && matches!(c.state, JobState::Available | JobState::Running));
+            if !waiting {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "mail jobs still waiting: {:?}",
+                stats.counts
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// Every message mailed so far (to the outbox), oldest first, once background sends are done.
     pub async fn mails(&self) -> Vec<Mailed> {
-        self.state.identity().mailer().drain().await;
+        self.mail_sent().await;
         let dir = self._data_dir.path().join("outbox");
         let Ok(entries) = std::fs::read_dir(&dir) else {
             return Vec::new();
