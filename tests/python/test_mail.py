@@ -214,3 +214,47 @@ def test_verification_mail_is_delivered_over_smtp(server_binary):
                 assert srv.stop() == 0, srv.lines
     finally:
         smtp.stop()
+
+
+def metric(base, name, labels):
+    for line in requests.get(f"{base}/metrics", timeout=10).text.splitlines():
+        if line.startswith(name + "{") and labels in line:
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_an_smtp_server_that_stays_down_opens_the_circuit_and_mail_waits(server_binary):
+    port = free_port()
+    with tempfile.TemporaryDirectory() as data_dir:
+        env = smtp_env(port) | {"UNHIDRA_BREAKER_FAILURES": "2", "UNHIDRA_BREAKER_OPEN_FOR": "3s"}
+        srv = Server(server_binary, data_dir, env)
+        inbox = Inbox()
+        smtp = Controller(inbox, hostname="127.0.0.1", port=port)
+        try:
+            assert requests.get(f"{srv.base_url}/health/ready", timeout=10).json()["circuits"] == [
+                {"dependency": "smtp", "state": "closed"}
+            ]
+            for n in range(3):
+                register(srv.base_url, f"down{n}@example.com")
+
+            def circuit():
+                return requests.get(f"{srv.base_url}/health/ready", timeout=10).json()["circuits"][0]["state"]
+
+            wait_until(lambda: circuit() == "open")
+            assert metric(srv.base_url, "jobs_breaker_state", 'dependency="smtp"') == 2
+            assert metric(srv.base_url, "jobs_breaker_opened_total", 'dependency="smtp"') >= 1
+            # While it is open, mail that comes due waits without using an attempt.
+            wait_until(lambda: metric(srv.base_url, "jobs_deferred_total", 'kind="identity.token_mail"') >= 1)
+            smtp.start()
+            # A probe closes it once its time is up; then every message goes out, once.
+            for n in range(3):
+                inbox.wait_for(n + 1, timeout=60)
+            wait_until(lambda: circuit() == "closed")
+        finally:
+            assert srv.stop() == 0, srv.lines
+            if smtp.loop.is_running():
+                smtp.stop()
+        assert sorted(r[0] for r, _ in inbox.messages) == [f"down{n}@example.com" for n in range(3)]
+        jobs = token_mail_jobs(server_binary, data_dir)
+        assert [j["state"] for j in jobs] == ["completed"] * 3, jobs
+        assert all(j["attempt"] <= j["max_attempts"] for j in jobs), jobs

@@ -301,6 +301,13 @@ config_keys! {
         jobs_poll_interval: HumanDuration = HumanDuration::secs(1), secret = false;
         /// How long finished jobs are kept before they are pruned.
         jobs_retention: HumanDuration = HumanDuration::secs(7 * 24 * 3600), secret = false;
+        /// Failed job attempts against one dependency (SMTP) within `breaker_window` that open
+        /// its circuit: its jobs then wait instead of using up their attempts.
+        breaker_failures: u32 = 5, secret = false;
+        /// How far back a dependency's failures count towards opening its circuit.
+        breaker_window: HumanDuration = HumanDuration::secs(60), secret = false;
+        /// How long an open circuit holds its jobs back before one runs as a probe.
+        breaker_open_for: HumanDuration = HumanDuration::secs(30), secret = false;
         /// With `admin_password`, makes sure this admin exists at start.
         admin_email: Option<String> = None, secret = false;
         /// The first admin's password, used only if the admin does not exist yet.
@@ -527,6 +534,12 @@ fn check(config: &Config) -> Result<(), ConfigError> {
     }
     if config.jobs_lease.0 < std::time::Duration::from_secs(1) {
         problems.push("jobs_lease: at least 1s".to_owned());
+    }
+    if config.breaker_failures == 0 {
+        problems.push("breaker_failures: at least 1".to_owned());
+    }
+    if config.breaker_window.0.is_zero() || config.breaker_open_for.0.is_zero() {
+        problems.push("breaker_window, breaker_open_for: more than 0s".to_owned());
     }
     if config.jobs_poll_interval.0.is_zero() {
         problems.push("jobs_poll_interval: more than 0s".to_owned());

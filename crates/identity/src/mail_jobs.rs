@@ -12,7 +12,9 @@ use chrono::Duration as Span;
 use serde::{Deserialize, Serialize};
 use unhidra_config::Config;
 use unhidra_core::{Clock, OpaqueToken, UserId};
-use unhidra_jobs::{Handler, JobContext, JobError, JobsBuilder, KindOptions};
+use unhidra_jobs::{
+    Breaker, BreakerConfig, Handler, JobContext, JobError, JobsBuilder, KindOptions,
+};
 use unhidra_mail::{Delivery, Mail, Mailer, SEND_KIND, job_error};
 use unhidra_store::identity::TokenPurpose;
 use unhidra_store::{Store, StoreError};
@@ -38,7 +40,9 @@ pub fn mail_options() -> KindOptions {
     }
 }
 
-/// Registers the mail kinds: [`SEND_KIND`] and [`TOKEN_MAIL_KIND`].
+/// Registers the mail kinds: [`SEND_KIND`] and [`TOKEN_MAIL_KIND`]. Over SMTP both share the
+/// `smtp` circuit breaker (`breaker_*` in the config): while the server keeps failing, mail
+/// waits instead of using up its attempts.
 pub fn register(
     builder: JobsBuilder,
     config: &Config,
@@ -55,9 +59,22 @@ pub fn register(
             .as_ref()
             .map(|u| u.as_str().trim_end_matches('/').to_owned()),
     };
+    let options = KindOptions {
+        breaker: (!mailer.is_outbox()).then(|| {
+            Breaker::new(
+                "smtp",
+                BreakerConfig {
+                    failures: config.breaker_failures,
+                    window: config.breaker_window.0,
+                    open_for: config.breaker_open_for.0,
+                },
+            )
+        }),
+        ..mail_options()
+    };
     builder
-        .register(SEND_KIND, Delivery(mailer), mail_options())
-        .register(TOKEN_MAIL_KIND, tokens, mail_options())
+        .register(SEND_KIND, Delivery(mailer), options.clone())
+        .register(TOKEN_MAIL_KIND, tokens, options)
 }
 
 /// A [`TOKEN_MAIL_KIND`] job's payload.

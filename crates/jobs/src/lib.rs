@@ -18,6 +18,7 @@
 
 mod admin;
 pub mod backoff;
+pub mod breaker;
 pub mod metrics;
 mod worker;
 
@@ -38,6 +39,7 @@ pub use admin::{
     parse_state,
 };
 pub use backoff::Backoff;
+pub use breaker::{Breaker, BreakerConfig, BreakerState};
 pub use metrics::JobsMetrics;
 pub use worker::Workers;
 
@@ -89,6 +91,9 @@ pub struct KindOptions {
     pub priority: i16,
     /// The wait between attempts.
     pub backoff: Backoff,
+    /// The circuit breaker of the dependency these jobs need, if any: while it is open they
+    /// are not started but wait, their attempts not counted (see [`breaker`]).
+    pub breaker: Option<Arc<Breaker>>,
 }
 
 impl Default for KindOptions {
@@ -100,6 +105,7 @@ impl Default for KindOptions {
             timeout: Duration::from_secs(60),
             priority: 0,
             backoff: Backoff::default(),
+            breaker: None,
         }
     }
 }
@@ -251,6 +257,8 @@ pub struct Jobs {
     kinds: HashMap<String, Kind>,
     /// Kinds that run every so often, one job at a time across every node.
     periodic: HashMap<String, Duration>,
+    /// The circuit breakers of the kinds' dependencies, by name.
+    breakers: Vec<Arc<Breaker>>,
     /// One per queue this node works: an enqueue here, or a wake-up from the store for
     /// another node's enqueue, wakes its worker at once.
     wake: HashMap<String, Arc<Notify>>,
@@ -295,9 +303,11 @@ impl JobsBuilder {
         self
     }
 
-    /// Runs `kind` (registered before) every `interval`: one job of it waits at any time across
-    /// every node (its unique key is `every:<kind>`); when it ends, the next is due `interval`
-    /// later. Its payload is `{}`.
+    /// Runs `kind` (registered before) once per `interval` across every node: intervals are
+    /// slots counted from the Unix epoch, each with at most one job (its unique key is
+    /// `every:<kind>:<slot>`). The first run is due when a node starts, unless the current
+    /// slot's job exists already; when a job ends, the next slot's is due when that slot
+    /// begins. Its payload is `{}`.
     ///
     /// # Panics
     /// If `kind` is not registered yet, or `interval` is zero: a programming error.
@@ -317,10 +327,30 @@ impl JobsBuilder {
             .iter()
             .map(|(queue, _)| (queue.clone(), Arc::new(Notify::new())))
             .collect();
+        let mut breakers: Vec<Arc<Breaker>> = Vec::new();
+        for breaker in self
+            .kinds
+            .values()
+            .filter_map(|k| k.options.breaker.as_ref())
+        {
+            if !breakers.iter().any(|b| Arc::ptr_eq(b, breaker)) {
+                let label = metrics::DependencyLabel {
+                    dependency: breaker.name().to_owned(),
+                };
+                breaker.attach(
+                    Arc::clone(&self.clock),
+                    self.metrics.breaker_state.get_or_create(&label).clone(),
+                    self.metrics.breaker_opened.get_or_create(&label).clone(),
+                );
+                breakers.push(Arc::clone(breaker));
+            }
+        }
+        breakers.sort_by(|a, b| a.name().cmp(b.name()));
         Arc::new(Jobs {
             store: self.store,
             clock: self.clock,
             config: self.config,
+            breakers,
             kinds: self.kinds,
             periodic: self.periodic,
             wake,
@@ -354,6 +384,11 @@ impl Jobs {
     /// How the job system runs on this node.
     pub fn config(&self) -> &JobsConfig {
         &self.config
+    }
+
+    /// The circuit breakers of the dependencies that jobs need, by name.
+    pub fn breakers(&self) -> &[Arc<Breaker>] {
+        &self.breakers
     }
 
     /// Checks a job against its kind and stores it (or answers the job that holds its unique
@@ -504,19 +539,54 @@ impl Jobs {
         Ok(job)
     }
 
-    /// Makes sure the next job of the periodic `kind` waits, due at `run_at` if it has to be
-    /// created (an existing one is left as it is). A failure is logged: the maintenance loop
-    /// makes sure of it again at its next tick.
-    pub(crate) async fn ensure_periodic(&self, kind: &str, run_at: DateTime<Utc>) {
+    /// Makes sure the periodic `kind` has its job for interval slot `slot` (slot `n` begins
+    /// `n` intervals after the Unix epoch), due when the slot begins or now if that has
+    /// passed. Its unique key `every:<kind>:<slot>` counts in every state but `cancelled`, so
+    /// a slot runs at most once, whichever nodes ask and whenever they start. A failure is
+    /// logged: the maintenance loop makes sure of it again at its next tick.
+    pub(crate) async fn ensure_periodic(&self, kind: &str, slot: i64) {
+        let Some(interval) = self.periodic.get(kind) else {
+            return;
+        };
+        let begins = slot
+            .checked_mul(i64::try_from(interval.as_millis()).unwrap_or(i64::MAX))
+            .and_then(DateTime::from_timestamp_millis)
+            .unwrap_or(DateTime::<Utc>::MAX_UTC);
         let options = EnqueueOptions {
-            run_at: Some(run_at),
-            unique_key: Some(format!("every:{kind}")),
-            unique_states: Some(UniqueStates::UNFINISHED),
+            run_at: Some(begins),
+            unique_key: Some(format!("{}{slot}", periodic_prefix(kind))),
+            unique_states: Some(UniqueStates::of(&[
+                JobState::Scheduled,
+                JobState::Available,
+                JobState::Running,
+                JobState::Retryable,
+                JobState::Completed,
+                JobState::Discarded,
+            ])),
             ..EnqueueOptions::default()
         };
         if let Err(e) = self.enqueue(kind, &serde_json::json!({}), options).await {
             tracing::warn!(%kind, error = %e, "periodic job not enqueued");
         }
+    }
+
+    /// The interval slot of the periodic `kind` that `at` falls in.
+    pub(crate) fn periodic_slot(&self, kind: &str, at: DateTime<Utc>) -> i64 {
+        let interval = self.periodic.get(kind).map_or(1, |i| {
+            i64::try_from(i.as_millis()).unwrap_or(i64::MAX).max(1)
+        });
+        at.timestamp_millis().div_euclid(interval)
+    }
+
+    /// The slot after the one a periodic job ran for (from its unique key), or the slot `now`
+    /// falls in if that is later (the job ran late, or waited for a node).
+    pub(crate) fn next_periodic_slot(&self, job: &JobRecord, now: DateTime<Utc>) -> i64 {
+        let current = self.periodic_slot(&job.kind, now);
+        job.unique_key
+            .as_deref()
+            .and_then(|key| key.strip_prefix(&periodic_prefix(&job.kind)))
+            .and_then(|slot| slot.parse::<i64>().ok())
+            .map_or(current + 1, |ran| (ran + 1).max(current))
     }
 
     /// Starts this node's workers, one per configured queue; they stop when `shutdown` turns
@@ -534,6 +604,11 @@ impl Jobs {
         }
         Workers::start(self, shutdown)
     }
+}
+
+/// The start of a periodic kind's unique keys.
+fn periodic_prefix(kind: &str) -> String {
+    format!("every:{kind}:")
 }
 
 /// A kind or queue name: 1 to [`MAX_NAME`] bytes of ASCII letters, digits, `.`, `_` and `-`.

@@ -27,6 +27,13 @@ pub struct QueueLabel {
     pub queue: String,
 }
 
+/// The label of the `jobs_breaker_*` metrics.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DependencyLabel {
+    /// The dependency a circuit breaker guards.
+    pub dependency: String,
+}
+
 /// The label of the `jobs` gauge.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StateLabel {
@@ -53,6 +60,12 @@ pub struct JobsMetrics {
     pub cancelled: Family<KindLabel, Counter>,
     /// Jobs whose worker's lease ran out and that this node rescued, by kind.
     pub lease_lost: Family<KindLabel, Counter>,
+    /// Jobs this node did not start because a dependency's circuit was open, by kind.
+    pub deferred: Family<KindLabel, Counter>,
+    /// Each circuit breaker's state: 0 closed, 1 half-open, 2 open.
+    pub breaker_state: Family<DependencyLabel, Gauge>,
+    /// How often each circuit breaker opened.
+    pub breaker_opened: Family<DependencyLabel, Counter>,
     /// Seconds an attempt ran, by kind.
     pub run_duration: Histograms<KindLabel>,
     /// Seconds from a job's `run_at` to the start of its attempt, by queue.
@@ -76,6 +89,9 @@ impl Default for JobsMetrics {
             discarded: Family::default(),
             cancelled: Family::default(),
             lease_lost: Family::default(),
+            deferred: Family::default(),
+            breaker_state: Family::default(),
+            breaker_opened: Family::default(),
             run_duration: Family::new_with_constructor(run_histogram),
             queue_latency: Family::new_with_constructor(latency_histogram),
             jobs: Family::default(),
@@ -184,10 +200,25 @@ impl JobsMetrics {
                 "Jobs whose worker's lease ran out, rescued by this node, by kind",
                 &self.lease_lost,
             ),
+            (
+                "jobs_deferred",
+                "Jobs not started because a dependency's circuit was open, by kind",
+                &self.deferred,
+            ),
         ];
         for (name, help, family) in counters {
             registry.register(name, help, family.clone());
         }
+        registry.register(
+            "jobs_breaker_state",
+            "Each dependency's circuit breaker: 0 closed, 1 half-open, 2 open",
+            self.breaker_state.clone(),
+        );
+        registry.register(
+            "jobs_breaker_opened",
+            "How often each dependency's circuit breaker opened",
+            self.breaker_opened.clone(),
+        );
         registry.register_with_unit(
             "jobs_run_duration",
             "Time a job attempt ran, by kind",

@@ -8,12 +8,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use rand::Rng;
 use tokio::sync::{mpsc, watch};
 use tokio::task::{AbortHandle, JoinHandle};
 use unhidra_store::StoreError;
 use unhidra_store::jobs::{AttemptOutcome, Finish, Finished, JobRecord, JobWakeup};
 use uuid::Uuid;
 
+use crate::breaker::{Admission, Breaker};
 use crate::{JobContext, JobError, Jobs, JobsMetrics};
 
 /// How long a worker waits before it tries again to record ended attempts the store refused.
@@ -166,6 +168,13 @@ impl QueueWorker {
             return true;
         }
         let now = self.jobs.clock.now();
+        // Jobs handed back unstarted are no attempt's end.
+        let released: Vec<Uuid> = self
+            .ended
+            .iter()
+            .filter(|e| matches!(e.finish, Finish::Release { .. }))
+            .map(|e| e.id)
+            .collect();
         let recorded = match self.jobs.store.finish_jobs(&self.ended, now).await {
             Ok(recorded) => {
                 self.ended.clear();
@@ -198,12 +207,12 @@ impl QueueWorker {
                 recorded
             }
         };
-        for job in &recorded {
+        for job in recorded.iter().filter(|j| !released.contains(&j.id)) {
             self.jobs.metrics.ended(&job.kind, job.state);
         }
         for job in recorded.iter().filter(|j| j.state.is_final()) {
-            if let Some(interval) = self.jobs.periodic.get(&job.kind) {
-                let next = now + chrono_duration(*interval);
+            if self.jobs.periodic.contains_key(&job.kind) {
+                let next = self.jobs.next_periodic_slot(job, now);
                 self.jobs.ensure_periodic(&job.kind, next).await;
             }
         }
@@ -242,6 +251,16 @@ impl QueueWorker {
             tracing::warn!(job = %job.id, "job lease lost; the older attempt is stopped");
             old.task.abort();
         }
+        let breaker = self
+            .jobs
+            .kinds
+            .get(&job.kind)
+            .and_then(|k| k.options.breaker.clone());
+        let probe = match breaker.as_ref().map(|b| (b, b.admit())) {
+            Some((b, Admission::Wait(until))) => return self.defer(&job, now, b, until),
+            Some((_, Admission::Run { probe })) => probe,
+            None => false,
+        };
         let waited = (now - job.run_at).num_microseconds().unwrap_or(i64::MAX);
         #[allow(
             clippy::cast_precision_loss,
@@ -258,8 +277,11 @@ impl QueueWorker {
         let job_lease = job.lease_until.unwrap_or(now);
         let task = tokio::spawn(async move {
             let began = tokio::time::Instant::now();
-            let finish = attempt(&jobs, &job, cancelled).await;
+            let (finish, healthy) = attempt(&jobs, &job, cancelled).await;
             jobs.metrics.ran(&job.kind, began.elapsed().as_secs_f64());
+            if let Some(breaker) = breaker {
+                breaker.record(probe, healthy);
+            }
             let _ = done.send(Finished {
                 id: job.id,
                 attempt: job.attempt,
@@ -277,6 +299,34 @@ impl QueueWorker {
                 task: task.abort_handle(),
             },
         );
+    }
+
+    /// Hands `job` back unstarted because the circuit of the dependency it needs is open: it
+    /// is due again when a probe may run (spread over a second, so that the waiting jobs do
+    /// not all come back at once), and the attempt its claim took is not counted.
+    fn defer(
+        &mut self,
+        job: &JobRecord,
+        now: DateTime<Utc>,
+        breaker: &Breaker,
+        until: DateTime<Utc>,
+    ) {
+        let spread = chrono::Duration::milliseconds(rand::rng().random_range(0..=1000));
+        JobsMetrics::count(&self.jobs.metrics.deferred, &job.kind, 1);
+        self.ended.push(Finished {
+            id: job.id,
+            attempt: job.attempt,
+            worker: self.name.clone(),
+            started_at: now,
+            finish: Finish::Release {
+                reason: format!(
+                    "waiting: the circuit of {} is {}",
+                    breaker.name(),
+                    breaker.state().as_str()
+                ),
+                run_at: until.max(now) + spread,
+            },
+        });
     }
 
     /// Renews the leases of the attempts in flight and of those ended but not yet recorded;
@@ -354,11 +404,12 @@ fn chrono_duration(d: Duration) -> chrono::Duration {
         .unwrap_or(chrono::Duration::days(365))
 }
 
-/// Runs one attempt of `job` under its timeout and says how it ended.
-async fn attempt(jobs: &Jobs, job: &JobRecord, cancel: watch::Receiver<bool>) -> Finish {
+/// Runs one attempt of `job` under its timeout and says how it ended, and whether the
+/// dependency its kind needs answered (see [`breaker`](crate::breaker)).
+async fn attempt(jobs: &Jobs, job: &JobRecord, cancel: watch::Receiver<bool>) -> (Finish, bool) {
     let Some(kind) = jobs.kinds.get(&job.kind).cloned() else {
         // Enqueued by a node that knows the kind (a newer version during a rolling upgrade).
-        return failed(
+        let finish = failed(
             jobs,
             job,
             JobError::retry_after(
@@ -367,16 +418,18 @@ async fn attempt(jobs: &Jobs, job: &JobRecord, cancel: watch::Receiver<bool>) ->
             ),
             AttemptOutcome::Retried,
         );
+        return (finish, true);
     };
     let payload = match serde_json::from_str(&job.payload) {
         Ok(payload) => payload,
         Err(e) => {
-            return failed(
+            let finish = failed(
                 jobs,
                 job,
                 JobError::permanent(format!("the payload is not JSON: {e}")),
                 AttemptOutcome::Discarded,
             );
+            return (finish, true);
         }
     };
     let context = JobContext {
@@ -408,29 +461,33 @@ async fn attempt(jobs: &Jobs, job: &JobRecord, cancel: watch::Receiver<bool>) ->
     let _stop_handler = AbortOnDrop(run.abort_handle());
     let result = tokio::time::timeout(timeout, &mut run).await;
     match result {
-        Ok(Ok(Ok(()))) => Finish::Completed,
-        Ok(Ok(Err(_))) if context.is_cancelled() => Finish::Cancelled,
+        Ok(Ok(Ok(()))) => (Finish::Completed, true),
+        Ok(Ok(Err(_))) if context.is_cancelled() => (Finish::Cancelled, true),
         Ok(Ok(Err(error))) => {
-            let outcome = match error {
-                JobError::Permanent(_) => AttemptOutcome::Discarded,
-                JobError::Retry { .. } => AttemptOutcome::Retried,
+            let (outcome, healthy) = match error {
+                JobError::Permanent(_) => (AttemptOutcome::Discarded, true),
+                JobError::Retry { .. } => (AttemptOutcome::Retried, false),
             };
-            failed(jobs, job, error, outcome)
+            (failed(jobs, job, error, outcome), healthy)
         }
-        Ok(Err(join)) => failed(
-            jobs,
-            job,
-            JobError::retry(format!("the handler panicked: {join}")),
-            AttemptOutcome::Retried,
+        Ok(Err(join)) => (
+            failed(
+                jobs,
+                job,
+                JobError::retry(format!("the handler panicked: {join}")),
+                AttemptOutcome::Retried,
+            ),
+            false,
         ),
         Err(_) => {
             run.abort();
-            failed(
+            let finish = failed(
                 jobs,
                 job,
                 JobError::retry(format!("timed out after {} ms", job.timeout_ms)),
                 AttemptOutcome::TimedOut,
-            )
+            );
+            (finish, false)
         }
     }
 }
@@ -542,19 +599,21 @@ async fn maintain(jobs: Arc<Jobs>, mut shutdown: watch::Receiver<bool>) {
     if *shutdown.borrow() {
         return;
     }
-    // Periodic kinds: the first run is due now unless one already waits; afterwards each end
-    // enqueues the next, and every tick makes sure of it (a node that died between the two).
-    let now = jobs.clock.now();
-    for kind in jobs.periodic.keys() {
-        jobs.ensure_periodic(kind, now).await;
-    }
+    // Periodic kinds: the current slot's job is due now unless it exists (waiting, or done);
+    // afterwards each end enqueues the next slot's, and every tick makes sure of the current
+    // slot's (a node that died between the two).
+    let ensure_current = || async {
+        let now = jobs.clock.now();
+        for kind in jobs.periodic.keys() {
+            jobs.ensure_periodic(kind, jobs.periodic_slot(kind, now))
+                .await;
+        }
+    };
+    ensure_current().await;
     loop {
         tokio::select! {
             _ = rescue.tick() => {
-                let now = jobs.clock.now();
-                for (kind, interval) in &jobs.periodic {
-                    jobs.ensure_periodic(kind, now + chrono_duration(*interval)).await;
-                }
+                ensure_current().await;
                 match jobs.store.rescue_expired_leases(jobs.clock.now()).await {
                     Ok(rescued) if rescued.is_empty() => {}
                     Ok(rescued) => {

@@ -17,8 +17,8 @@ use serde_json::json;
 use tokio::sync::watch;
 use unhidra_core::{Clock, ManualClock};
 use unhidra_jobs::{
-    Backoff, EnqueueOptions, Handler, JobContext, JobError, Jobs, JobsConfig, JobsError,
-    KindOptions, Workers,
+    Backoff, Breaker, BreakerConfig, BreakerState, EnqueueOptions, Handler, JobContext, JobError,
+    Jobs, JobsConfig, JobsError, KindOptions, Workers,
 };
 use unhidra_store::Backend;
 use unhidra_store::jobs::{AttemptOutcome, Enqueued, JobRecord, JobState};
@@ -156,6 +156,19 @@ impl Harness {
                 job.state,
                 job.attempt
             );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Waits (at most 10 s) until the job is due no sooner than `after` from now.
+    async fn until_due_after(&self, id: Uuid, after: chrono::Duration) -> JobRecord {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let (job, _) = self.jobs.job(id).await.expect("job");
+            if job.run_at >= self.clock.now() + after {
+                return job;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "still due: {job:?}");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
@@ -595,6 +608,80 @@ async fn a_periodic_kind_runs_once_per_interval_across_two_nodes(backend: Backen
 }
 on_both!(a_periodic_kind_runs_once_per_interval_across_two_nodes);
 
+/// A node that starts just after a periodic run — before the next run was enqueued, as when
+/// the node that ran it died in between — does not run it again within the same interval.
+async fn a_node_starting_just_after_a_periodic_run_does_not_repeat_it(backend: Backend) {
+    let ticks = Arc::new(Flaky::default());
+    let db = TestDb::new(backend).await;
+    db.store.migrate().await.unwrap();
+    let clock = Arc::new(ManualClock::new(
+        Utc.with_ymd_and_hms(2026, 12, 1, 12, 0, 0).unwrap(),
+    ));
+    let node = || {
+        Jobs::builder(
+            db.store.clone(),
+            clock.clone() as Arc<dyn Clock>,
+            JobsConfig {
+                queues: vec![("default".to_owned(), 2)],
+                lease: Duration::from_millis(300),
+                poll_interval: Duration::from_millis(10),
+                ..JobsConfig::default()
+            },
+        )
+        .register("tick", Shared(Arc::clone(&ticks)), options(1))
+        .every("tick", Duration::from_secs(60))
+        .build()
+    };
+    let calls = || ticks.calls.load(Ordering::SeqCst);
+    let until_calls = |n: u32| async move {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while calls() < n {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("run {n} did not come"));
+    };
+    let first = node();
+    let (stop, shutdown) = watch::channel(false);
+    let workers = first.start(shutdown);
+    until_calls(1).await;
+    // The next run waits; take it away, as if the node had died before enqueueing it.
+    let next = loop {
+        let page = first
+            .list(&unhidra_jobs::ListQuery {
+                state: Some("scheduled".to_owned()),
+                ..unhidra_jobs::ListQuery::default()
+            })
+            .await
+            .unwrap();
+        if let Some(job) = page.items.into_iter().next() {
+            break job;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    stop.send_replace(true);
+    tokio::time::timeout(Duration::from_secs(10), workers.stopped())
+        .await
+        .unwrap();
+    first.cancel(next.id).await.unwrap();
+
+    let second = node();
+    let (stop, shutdown) = watch::channel(false);
+    let workers = second.start(shutdown);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(calls(), 1, "the interval's run happened already");
+    clock.advance(chrono::Duration::seconds(61));
+    until_calls(2).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(calls(), 2);
+    stop.send_replace(true);
+    tokio::time::timeout(Duration::from_secs(10), workers.stopped())
+        .await
+        .unwrap();
+}
+on_both!(a_node_starting_just_after_a_periodic_run_does_not_repeat_it);
+
 /// Runs until stopped; counts how many of its runs are alive at once, and the most ever.
 #[derive(Debug, Default)]
 struct Watched {
@@ -637,8 +724,17 @@ async fn a_lost_lease_stops_its_handler_so_a_job_never_runs_twice_at_once(backen
     for round in 1..=2u32 {
         // The node stalled past its lease: another node's rescue took the job back (due an
         // hour from now, so that the stopped run can be seen before the next one starts).
+        // A rescue skips a row that a renewal holds locked at that moment: ask until it is
+        // free.
         let later = h.clock.now() + chrono::Duration::hours(1);
-        let rescued = h.db.store.rescue_expired_leases(later).await.unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let rescued = loop {
+            let rescued = h.db.store.rescue_expired_leases(later).await.unwrap();
+            if !rescued.is_empty() || tokio::time::Instant::now() > deadline {
+                break rescued;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
         assert_eq!(rescued, [("watched".to_owned(), 1)]);
         let wait = |what: &'static str, done: Box<dyn Fn() -> bool + Send>| async move {
             tokio::time::timeout(Duration::from_secs(10), async {
@@ -890,3 +986,130 @@ async fn an_enqueue_on_one_node_wakes_the_workers_of_another_on_postgres() {
             .unwrap();
     }
 }
+
+/// Fails (worth a retry) while `down`; counts calls.
+#[derive(Debug, Default)]
+struct Dependency {
+    down: std::sync::atomic::AtomicBool,
+    calls: AtomicU32,
+}
+
+#[async_trait]
+impl Handler for Dependency {
+    async fn run(&self, _: &JobContext) -> Result<(), JobError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        if self.down.load(Ordering::SeqCst) {
+            return Err(JobError::retry("connection refused"));
+        }
+        Ok(())
+    }
+}
+
+async fn an_open_circuit_holds_jobs_back_without_using_their_attempts(backend: Backend) {
+    let dependency = Arc::new(Dependency::default());
+    dependency.down.store(true, Ordering::SeqCst);
+    let breaker = Breaker::new(
+        "smtp",
+        BreakerConfig {
+            failures: 2,
+            window: Duration::from_secs(60),
+            open_for: Duration::from_secs(30),
+        },
+    );
+    let h = Harness::start(backend, Duration::from_secs(30), |b| {
+        b.register(
+            "needs_smtp",
+            Shared(Arc::clone(&dependency)),
+            KindOptions {
+                breaker: Some(Arc::clone(&breaker)),
+                ..options(2)
+            },
+        )
+    })
+    .await;
+    assert_eq!(h.jobs.breakers().len(), 1);
+    let first = h.enqueue("needs_smtp").await;
+    let second = h.enqueue("needs_smtp").await;
+    h.until_attempt(first.id, JobState::Retryable, Some(1))
+        .await;
+    h.until_attempt(second.id, JobState::Retryable, Some(1))
+        .await;
+    assert_eq!(breaker.state(), BreakerState::Open);
+    assert_eq!(dependency.calls.load(Ordering::SeqCst), 2);
+
+    // While it is open, due jobs are handed back unstarted: no call, no attempt used.
+    let waiting: Vec<JobRecord> = [h.enqueue("needs_smtp").await, h.enqueue("needs_smtp").await]
+        .into_iter()
+        .collect();
+    for job in &waiting {
+        let back = h.until_attempt(job.id, JobState::Scheduled, Some(0)).await;
+        assert!(
+            back.last_error
+                .as_deref()
+                .unwrap()
+                .contains("circuit of smtp is open")
+        );
+        assert!(back.run_at >= h.clock.now() + chrono::Duration::seconds(30));
+        let (_, attempts) = h.jobs.job(job.id).await.unwrap();
+        assert!(attempts.is_empty(), "no attempt is recorded");
+    }
+    // The first two come due again before the circuit's time is up: they wait too, keeping
+    // the one attempt they have left.
+    h.clock.advance(chrono::Duration::seconds(20));
+    for job in [&first, &second] {
+        let back = h
+            .until_due_after(job.id, chrono::Duration::seconds(10))
+            .await;
+        assert_eq!(
+            (back.state, back.attempt),
+            (JobState::Retryable, 1),
+            "{back:?}"
+        );
+    }
+    assert_eq!(dependency.calls.load(Ordering::SeqCst), 2);
+
+    // Back up: once the circuit's time is up, one probe runs and closes it (the others due at
+    // once wait for it a few seconds), and the rest follow.
+    dependency.down.store(false, Ordering::SeqCst);
+    h.clock.advance(chrono::Duration::seconds(12));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while breaker.state() != BreakerState::Closed {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{:?}",
+            breaker.state()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        dependency.calls.load(Ordering::SeqCst),
+        3,
+        "the probe alone"
+    );
+    h.clock.advance(chrono::Duration::seconds(10));
+    for job in [&first, &second] {
+        let done = h.until(job.id, JobState::Completed).await;
+        assert_eq!(done.attempt, 2);
+    }
+    for job in &waiting {
+        let done = h.until(job.id, JobState::Completed).await;
+        assert_eq!(done.attempt, 1, "the attempts handed back were not counted");
+    }
+    assert_eq!(breaker.state(), BreakerState::Closed);
+    assert_eq!(
+        dependency.calls.load(Ordering::SeqCst),
+        6,
+        "one call per job that ran"
+    );
+    let deferred = h
+        .jobs
+        .metrics()
+        .deferred
+        .get_or_create(&unhidra_jobs::metrics::KindLabel {
+            kind: "needs_smtp".to_owned(),
+        })
+        .get();
+    assert!(deferred >= 4, "{deferred}");
+    h.stop().await;
+}
+on_both!(an_open_circuit_holds_jobs_back_without_using_their_attempts);

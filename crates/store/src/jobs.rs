@@ -299,6 +299,15 @@ pub enum Finish {
     },
     /// The handler stopped after a cancellation: the job is `cancelled`.
     Cancelled,
+    /// Never started (a dependency it needs is down): the job waits again until `run_at`, as
+    /// if it had not been claimed — its attempt is not counted and leaves no history; `reason`
+    /// becomes its last error, for operators. `cancelled` instead if that was asked for.
+    Release {
+        /// Why it waits.
+        reason: String,
+        /// When it is due again.
+        run_at: DateTime<Utc>,
+    },
 }
 
 /// An attempt's end, for [`JobStore::finish_jobs`].
@@ -550,6 +559,13 @@ pub(crate) fn finish_parts(
         } => (JobState::Retryable, *outcome, Some(error), Some(*retry_at)),
         Finish::Discard { error, outcome } => (JobState::Discarded, *outcome, Some(error), None),
         Finish::Cancelled => (JobState::Cancelled, AttemptOutcome::Cancelled, None, None),
+        // Stored by its own statement (see `finish_jobs`); the state is the one before a claim.
+        Finish::Release { reason, run_at } => (
+            JobState::Scheduled,
+            AttemptOutcome::Retried,
+            Some(reason),
+            Some(*run_at),
+        ),
     }
 }
 

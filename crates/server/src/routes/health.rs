@@ -15,13 +15,30 @@ use crate::state::AppState;
 pub(crate) struct Status {
     /// `live` or `ready`.
     status: &'static str,
+    /// With `ready`: the circuit breaker of each dependency that jobs call (SMTP), as this
+    /// node sees it. An open circuit holds those jobs back but does not make the node
+    /// unready: it still serves everything else.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    circuits: Vec<Circuit>,
+}
+
+/// A dependency's circuit breaker.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct Circuit {
+    /// The dependency, such as `smtp`.
+    dependency: String,
+    /// `closed`, `half_open` or `open`.
+    state: &'static str,
 }
 
 /// The process is up and answering.
 #[utoipa::path(get, path = "/health/live", tag = "operations",
     responses((status = 200, description = "The process is up", body = Status)))]
 pub(crate) async fn live() -> Json<Status> {
-    Json(Status { status: "live" })
+    Json(Status {
+        status: "live",
+        circuits: Vec::new(),
+    })
 }
 
 /// Every dependency is reachable and the database is migrated; 503 names what is not.
@@ -36,7 +53,21 @@ pub(crate) async fn ready(State(state): State<AppState>) -> Result<Json<Status>,
     let backend = store.backend().name();
     let checked = tokio::time::timeout(READY_CHECK_TIMEOUT, store.health()).await;
     let failure = match checked {
-        Ok(Ok(health)) if health.is_migrated() => return Ok(Json(Status { status: "ready" })),
+        Ok(Ok(health)) if health.is_migrated() => {
+            let circuits = state
+                .jobs()
+                .breakers()
+                .iter()
+                .map(|b| Circuit {
+                    dependency: b.name().to_owned(),
+                    state: b.state().as_str(),
+                })
+                .collect();
+            return Ok(Json(Status {
+                status: "ready",
+                circuits,
+            }));
+        }
         Ok(Ok(health)) => format!(
             "store ({backend}): {} of {} migrations applied",
             health.applied_migrations, health.known_migrations

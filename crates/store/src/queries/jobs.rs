@@ -17,7 +17,7 @@ macro_rules! job_queries {
             use $crate::dialect::{Dialect, get};
             use $crate::identity::like_pattern;
             use $crate::jobs::{
-                AttemptRecord, Enqueued, Finished, JobCount, JobFilter, JobRecord, JobState,
+                AttemptRecord, Enqueued, Finish, Finished, JobCount, JobFilter, JobRecord, JobState,
                 JobStore, JobWakeup, NewJob, UniqueStates, WAKEUP_CHANNEL, concurrency_lock_id,
                 finish_parts, initial_state, stored_outcome, stored_state, within_limits,
             };
@@ -425,9 +425,47 @@ macro_rules! job_queries {
                             bit(JobState::Cancelled)
                         )),
                     );
+                    // A release undoes its claim: the attempt is not counted, and the job waits
+                    // as it did before (`scheduled` before a first attempt, else `retryable`).
+                    let release_state = |cancelled: &str, scheduled: &str, retryable: &str| {
+                        format!(
+                            "CASE WHEN cancel_requested THEN {cancelled} \
+                             WHEN attempt <= 1 THEN {scheduled} ELSE {retryable} END"
+                        )
+                    };
+                    let release = format!(
+                        "UPDATE jobs SET state = {}, unique_live = {}, attempt = attempt - 1, \
+                         finished_at = CASE WHEN cancel_requested THEN $6 END, \
+                         run_at = $5, last_error = $4, leased_by = NULL, \
+                         lease_until = NULL, attempted_at = NULL \
+                         WHERE id = $1 AND state = 'running' AND attempt = $2 AND leased_by = $3 \
+                         RETURNING {JOB_COLUMNS}",
+                        release_state("'cancelled'", "'scheduled'", "'retryable'"),
+                        live(&release_state(
+                            &bit(JobState::Cancelled),
+                            &bit(JobState::Scheduled),
+                            &bit(JobState::Retryable),
+                        )),
+                    );
                     let mut tx = self.pool.begin_with(Store::BEGIN_WRITE).await.map_err(err)?;
                     let mut stored = Vec::new();
                     for end in finished {
+                        if let Finish::Release { reason, run_at } = &end.finish {
+                            let row = sqlx::query(&release)
+                                .bind(Store::id(end.id))
+                                .bind(end.attempt)
+                                .bind(&end.worker)
+                                .bind(reason)
+                                .bind(Store::time(*run_at))
+                                .bind(Store::time(now))
+                                .fetch_optional(&mut *tx)
+                                .await
+                                .map_err(err)?;
+                            if let Some(row) = row {
+                                stored.push(job(&row)?);
+                            }
+                            continue;
+                        }
                         let (state, outcome, error, retry_at) = finish_parts(&end.finish);
                         let row = sqlx::query(&update)
                             .bind(Store::id(end.id))
