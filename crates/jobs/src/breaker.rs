@@ -208,6 +208,15 @@ impl Breaker {
         }
     }
 
+    /// Lets another probe run when the one admitted ended without an outcome (its attempt
+    /// was stopped: a lost lease, a shutdown); nothing else changes.
+    fn abandon(&self, probe: bool) {
+        let mut inner = self.lock();
+        if probe && inner.state == BreakerState::HalfOpen {
+            inner.probing = false;
+        }
+    }
+
     /// Gives the breaker the job system's clock, and the gauge and counter it keeps up to
     /// date; the first job system a breaker is built into keeps it.
     pub(crate) fn attach(&self, clock: Arc<dyn Clock>, state: Gauge, opened: Counter) {
@@ -244,6 +253,40 @@ impl Breaker {
         self.inner
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// An attempt that [`Breaker::admit`] let run, recorded on the breaker when it ends: by
+/// [`Pass::finish`], or, dropped unfinished (its task was stopped), as having no outcome, so
+/// that a stopped probe never leaves the breaker waiting for it.
+#[derive(Debug)]
+pub(crate) struct Pass {
+    breaker: Arc<Breaker>,
+    probe: bool,
+    finished: bool,
+}
+
+impl Pass {
+    pub(crate) fn new(breaker: Arc<Breaker>, probe: bool) -> Self {
+        Self {
+            breaker,
+            probe,
+            finished: false,
+        }
+    }
+
+    /// Records the attempt's end: `healthy` if the dependency answered.
+    pub(crate) fn finish(mut self, healthy: bool) {
+        self.finished = true;
+        self.breaker.record(self.probe, healthy);
+    }
+}
+
+impl Drop for Pass {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.breaker.abandon(self.probe);
+        }
     }
 }
 
@@ -298,6 +341,23 @@ mod tests {
         b.record(true, true);
         assert_eq!(b.state(), BreakerState::Closed);
         assert_eq!(b.admit(), Admission::Run { probe: false });
+    }
+
+    #[test]
+    fn a_probe_stopped_without_an_outcome_lets_another_run() {
+        let (b, clock) = breaker();
+        for _ in 0..3 {
+            b.record(false, false);
+        }
+        clock.advance(chrono::Duration::seconds(30));
+        let Admission::Run { probe: true } = b.admit() else {
+            panic!("a probe")
+        };
+        drop(Pass::new(Arc::clone(&b), true));
+        assert_eq!(b.state(), BreakerState::HalfOpen);
+        assert_eq!(b.admit(), Admission::Run { probe: true }, "the next probe");
+        Pass::new(Arc::clone(&b), true).finish(true);
+        assert_eq!(b.state(), BreakerState::Closed);
     }
 
     #[test]

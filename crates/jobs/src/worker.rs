@@ -15,7 +15,7 @@ use unhidra_store::StoreError;
 use unhidra_store::jobs::{AttemptOutcome, Finish, Finished, JobRecord, JobWakeup};
 use uuid::Uuid;
 
-use crate::breaker::{Admission, Breaker};
+use crate::breaker::{Admission, Breaker, Pass};
 use crate::{JobContext, JobError, Jobs, JobsMetrics};
 
 /// How long a worker waits before it tries again to record ended attempts the store refused.
@@ -256,10 +256,10 @@ impl QueueWorker {
             .kinds
             .get(&job.kind)
             .and_then(|k| k.options.breaker.clone());
-        let probe = match breaker.as_ref().map(|b| (b, b.admit())) {
-            Some((b, Admission::Wait(until))) => return self.defer(&job, now, b, until),
-            Some((_, Admission::Run { probe })) => probe,
-            None => false,
+        let pass = match breaker.map(|b| (b.admit(), b)) {
+            Some((Admission::Wait(until), b)) => return self.defer(&job, now, &b, until),
+            Some((Admission::Run { probe }, b)) => Some(Pass::new(b, probe)),
+            None => None,
         };
         let waited = (now - job.run_at).num_microseconds().unwrap_or(i64::MAX);
         #[allow(
@@ -279,8 +279,8 @@ impl QueueWorker {
             let began = tokio::time::Instant::now();
             let (finish, healthy) = attempt(&jobs, &job, cancelled).await;
             jobs.metrics.ran(&job.kind, began.elapsed().as_secs_f64());
-            if let Some(breaker) = breaker {
-                breaker.record(probe, healthy);
+            if let Some(pass) = pass {
+                pass.finish(healthy);
             }
             let _ = done.send(Finished {
                 id: job.id,
