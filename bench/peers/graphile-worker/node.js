@@ -1,7 +1,7 @@
 // The graphile-worker peer of `unhidra-bench jobs`: one graphile-worker node (a runner with a
 // no-op task) on the PostgreSQL database a URL names, driven through lines on stdin and
 // answering on stdout, in the same line protocol as the bench's own Unhidra node
-// (crates/bench/src/jobs_node.rs). Usage: node node.js URL CONCURRENCY
+// (crates/bench/src/jobs_node.rs). Usage: node node.js URL CONCURRENCY [perftest|defaults]
 //
 // stdin:  prefill N BATCH | go | quiet | latency SAMPLES GAP_MS | stop
 // stdout: ready | prefilled N SECONDS | running T_US | progress N T_US | started SEQ LATENCY_US
@@ -10,18 +10,20 @@
 // A latency job that the bench enqueued itself (with two or more nodes) carries `t`, the wall
 // clock in µs just before its add_job; any node may start it.
 //
-// The runner has the configuration of graphile-worker's own perfTest (perfTest/graphile.config.js):
-// a local queue of 500 jobs with a 10 ms refetch delay, and job completions batched.
+// `perftest` (the default) runs with the configuration of graphile-worker's own perfTest
+// (perfTest/graphile.config.js): a local queue of 500 jobs with a 10 ms refetch delay, and job
+// completions batched. `defaults` leaves both off, as graphile-worker does unless told: each
+// worker fetches one job at a time and completes it alone.
 "use strict";
 
 const readline = require("node:readline");
 const { Pool } = require("pg");
 const { Logger, makeWorkerUtils, run, runMigrations } = require("graphile-worker");
 
-const [url, concurrencyArg] = process.argv.slice(2);
+const [url, concurrencyArg, config = "perftest"] = process.argv.slice(2);
 const concurrency = Number.parseInt(concurrencyArg, 10);
-if (!url || !Number.isInteger(concurrency) || concurrency < 1) {
-  process.stderr.write("usage: node node.js URL CONCURRENCY\n");
+if (!url || !Number.isInteger(concurrency) || concurrency < 1 || !["perftest", "defaults"].includes(config)) {
+  process.stderr.write("usage: node node.js URL CONCURRENCY [perftest|defaults]\n");
   process.exit(2);
 }
 
@@ -41,13 +43,19 @@ const logger = new Logger(() => (level, message) => {
   }
 });
 
+const batching =
+  config === "perftest"
+    ? {
+        localQueue: { size: 500, refetchDelay: { durationMs: 10 } },
+        completeJobBatchDelay: 0,
+        failJobBatchDelay: 0,
+      }
+    : {};
 const preset = {
   worker: {
     concurrentJobs: concurrency,
     maxPoolSize: concurrency + 1,
-    localQueue: { size: 500, refetchDelay: { durationMs: 10 } },
-    completeJobBatchDelay: 0,
-    failJobBatchDelay: 0,
+    ...batching,
   },
 };
 

@@ -68,6 +68,39 @@ pub enum Target {
     GraphileWorker,
 }
 
+/// How graphile-worker's runners are configured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PeerConfig {
+    /// Its perfTest's: a local queue of 500 jobs (10 ms refetch delay), completions batched.
+    Perftest,
+    /// Its defaults: each worker fetches one job at a time and completes it alone.
+    Defaults,
+}
+
+impl PeerConfig {
+    /// The argument of `node.js`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Perftest => "perftest",
+            Self::Defaults => "defaults",
+        }
+    }
+
+    /// What it sets, for the report.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::Perftest => {
+                "its perfTest configuration: localQueue size 500 with a 10 ms refetch delay, \
+                 completeJobBatchDelay 0 and failJobBatchDelay 0"
+            }
+            Self::Defaults => {
+                "its defaults: no local queue (each worker fetches one job at a time) and no \
+                 batching of completions"
+            }
+        }
+    }
+}
+
 /// What one run of the scenario is asked to do.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -87,6 +120,8 @@ pub struct Settings {
     pub nodes: Vec<u32>,
     /// The PostgreSQL server (its database is only used to create and drop others).
     pub postgres: String,
+    /// graphile-worker's configuration.
+    pub peer_config: PeerConfig,
 }
 
 /// Which system a measurement is of.
@@ -390,7 +425,7 @@ async fn unhidra_in(settings: &Settings, count: u32, url: &str) -> Result<Measur
             jobs: settings.jobs,
             startup_ms,
             cpu,
-            after: format!("{completed} completed"),
+            after: format!("{} completed", crate::report::thousands(completed as f64)),
             latency_us,
             latency_path,
             started_by,
@@ -637,6 +672,7 @@ async fn graphile_worker_in(
             .arg(folder.join("node.js"))
             .arg(url)
             .arg(settings.concurrency.to_string())
+            .arg(settings.peer_config.name())
             .current_dir(folder);
         command
     };
@@ -702,7 +738,10 @@ async fn graphile_worker_in(
         latency_us,
         latency_path,
         started_by,
-        program: program.to_owned(),
+        program: format!(
+            "{program}, its {} configuration",
+            settings.peer_config.name()
+        ),
         batches: None,
     })
 }

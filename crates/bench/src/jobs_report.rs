@@ -100,7 +100,8 @@ impl JobsReport {
             let r = ratio(u, g);
             writeln!(
                 out,
-                "| Drain, PostgreSQL, {nodes} node(s) × {} workers | {} jobs/s | {} jobs/s | {} | ≥ {THROUGHPUT_RATIO_TARGET:.2} | {} |",
+                "| Drain, PostgreSQL, {nodes} {} × {} workers | {} jobs/s | {} jobs/s | {} | ≥ {THROUGHPUT_RATIO_TARGET:.2} | {} |",
+                if nodes == 1 { "node" } else { "nodes" },
                 self.settings.concurrency,
                 u.map_or_else(|| "–".to_owned(), thousands),
                 g.map_or_else(|| "–".to_owned(), thousands),
@@ -284,13 +285,13 @@ impl JobsReport {
             out,
             "- Unhidra nodes: `unhidra-bench jobs-node` child processes, each a `Jobs` with one \
              queue of {} workers, a 30 s lease and a 1 s poll (the product's defaults), a pool of \
-             {} connections. graphile-worker nodes: `node node.js` child processes with its \
-             perfTest configuration (concurrentJobs {}, maxPoolSize {}, localQueue size 500 with \
-             a 10 ms refetch delay, completeJobBatchDelay 0).",
+             {} connections. graphile-worker nodes: `node node.js` child processes, concurrentJobs \
+             {}, maxPoolSize {}, and {}.",
             self.settings.concurrency,
             self.settings.concurrency + 1,
             self.settings.concurrency,
             self.settings.concurrency + 1,
+            self.settings.peer_config.describe(),
         )?;
         writeln!(out)?;
         Ok(())

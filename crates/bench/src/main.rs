@@ -157,6 +157,10 @@ struct JobsArgs {
         default_value = "postgres://postgres@127.0.0.1:5432/test"
     )]
     postgres: String,
+    /// graphile-worker's configuration: its perfTest's (a local queue of 500 jobs, batched
+    /// completions), or its defaults (one job per fetch and per completion).
+    #[arg(long, value_name = "CONFIG", value_enum, default_value_t = jobs::PeerConfig::Perftest)]
+    graphile_worker_config: jobs::PeerConfig,
     /// The longest one drain (or pre-fill) may take, in seconds.
     #[arg(long, value_name = "SECS", default_value_t = 300,
         value_parser = clap::value_parser!(u64).range(1..=3600))]
@@ -509,6 +513,7 @@ async fn measure_jobs(args: &JobsArgs) -> Result<JobsReport, BoxError> {
         targets,
         nodes,
         postgres: args.postgres.clone(),
+        peer_config: args.graphile_worker_config,
     };
     let runs = jobs::run(&settings).await?;
     Ok(JobsReport {
