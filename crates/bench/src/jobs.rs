@@ -372,7 +372,15 @@ async fn unhidra_in(settings: &Settings, count: u32, url: &str) -> Result<Measur
         let (out, _) = mpsc::unbounded_channel();
         let (started, _) = mpsc::unbounded_channel();
         let enqueuer = jobs_node::node(Arc::clone(&store), 0, "bench", out, started);
-        let prefill_seconds = prefill(&enqueuer, settings.jobs).await?;
+        let prefill_seconds =
+            tokio::time::timeout(settings.drain_within, prefill(&enqueuer, settings.jobs))
+                .await
+                .map_err(|_| {
+                    format!(
+                        "the pre-fill did not finish within {:?}",
+                        settings.drain_within
+                    )
+                })??;
         crate::note(&format!(
             "jobs: pre-filled {} jobs in {prefill_seconds:.2} s",
             settings.jobs

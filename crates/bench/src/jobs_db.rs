@@ -5,11 +5,15 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
 
 use sqlx::{Connection, PgConnection};
 
 use crate::BoxError;
 use crate::server;
+
+/// How long creating or dropping a database may take.
+const ADMIN_WITHIN: Duration = Duration::from_secs(30);
 
 /// Numbers the databases of this process.
 static NEXT_DB: AtomicU32 = AtomicU32::new(0);
@@ -51,14 +55,21 @@ impl TempDb {
             NEXT_DB.fetch_add(1, Ordering::Relaxed)
         );
         let url = with_database(admin_url, &name)?;
-        let mut admin = PgConnection::connect(admin_url)
+        let create = async {
+            let mut admin = PgConnection::connect(admin_url)
+                .await
+                .map_err(|e| format!("cannot connect to PostgreSQL at {admin_url}: {e}"))?;
+            let created = sqlx::query(&format!("CREATE DATABASE {name}"))
+                .execute(&mut admin)
+                .await;
+            let _ = admin.close().await;
+            created.map_err(|e| format!("cannot create database {name}: {e}"))
+        };
+        tokio::time::timeout(ADMIN_WITHIN, create)
             .await
-            .map_err(|e| format!("cannot connect to PostgreSQL at {admin_url}: {e}"))?;
-        let created = sqlx::query(&format!("CREATE DATABASE {name}"))
-            .execute(&mut admin)
-            .await;
-        let _ = admin.close().await;
-        created.map_err(|e| format!("cannot create database {name}: {e}"))?;
+            .map_err(|_| {
+                format!("PostgreSQL at {admin_url} did not answer within {ADMIN_WITHIN:?}")
+            })??;
         Ok(Self::Postgres {
             admin_url: admin_url.to_owned(),
             name,
@@ -80,20 +91,22 @@ impl TempDb {
             Self::Postgres {
                 admin_url, name, ..
             } => {
-                let dropped = match PgConnection::connect(&admin_url).await {
-                    Ok(mut admin) => {
-                        let dropped =
-                            sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                                .execute(&mut admin)
-                                .await
-                                .map(|_| ());
-                        let _ = admin.close().await;
-                        dropped
-                    }
-                    Err(e) => Err(e),
+                let drop = async {
+                    let mut admin = PgConnection::connect(&admin_url).await?;
+                    let dropped =
+                        sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                            .execute(&mut admin)
+                            .await
+                            .map(|_| ());
+                    let _ = admin.close().await;
+                    dropped
                 };
-                if let Err(e) = dropped {
-                    crate::note(&format!("cannot drop database {name}: {e}"));
+                match tokio::time::timeout(ADMIN_WITHIN, drop).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => crate::note(&format!("cannot drop database {name}: {e}")),
+                    Err(_) => crate::note(&format!(
+                        "cannot drop database {name}: no answer within {ADMIN_WITHIN:?}"
+                    )),
                 }
             }
         }
