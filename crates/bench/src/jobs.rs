@@ -476,19 +476,14 @@ async fn prefill(jobs: &Arc<Jobs>, count: u64) -> Result<f64, BoxError> {
     Ok(began.elapsed().as_secs_f64())
 }
 
-/// What graphile-worker's drain waits for after its tasks have all run: its jobs table empty.
-#[derive(Debug)]
-struct EmptyTable {
-    connection: PgConnection,
-}
-
 /// Tells every node `go` and waits until the queue is drained: the nodes' progress adds up to
-/// `settings.jobs`, and then, for graphile-worker, its jobs table is empty. Answers the drain's
+/// `settings.jobs`, and then, for graphile-worker (given a connection to its database), its
+/// jobs table is empty. Answers the drain's
 /// seconds, the time until the first node said its workers run, and the CPU used meanwhile.
 async fn drain(
     nodes: &mut Nodes,
     settings: &Settings,
-    empty: Option<&mut EmptyTable>,
+    peer_table: Option<&mut PgConnection>,
 ) -> Result<(f64, Option<f64>, CpuUse), BoxError> {
     let pids = nodes.pids();
     let before = CpuSample::take(&pids);
@@ -517,13 +512,13 @@ async fn drain(
             _ => {}
         }
     };
-    let done_at = match empty {
+    let done_at = match peer_table {
         None => done_at,
-        Some(table) => {
+        Some(connection) => {
             loop {
                 let left: i64 =
                     sqlx::query_scalar("SELECT COUNT(*) FROM graphile_worker._private_jobs")
-                        .fetch_one(&mut table.connection)
+                        .fetch_one(&mut *connection)
                         .await?;
                 if left == 0 {
                     break;
@@ -560,7 +555,8 @@ async fn latency_by_node(
             &format!("latency {} {}", settings.samples, settings.gap.as_millis()),
         )
         .await?;
-    let deadline = Instant::now() + (START_WITHIN + settings.gap) * samples_u32(settings);
+    let samples = u32::try_from(settings.samples).unwrap_or(u32::MAX);
+    let deadline = Instant::now() + (START_WITHIN + settings.gap) * samples;
     let mut latencies = Vec::new();
     let mut by = vec![0; nodes.len()];
     loop {
@@ -643,10 +639,6 @@ async fn latency_from_bench(
     Ok((latencies, by))
 }
 
-fn samples_u32(settings: &Settings) -> u32 {
-    u32::try_from(settings.samples).unwrap_or(u32::MAX)
-}
-
 /// One measurement of graphile-worker with `count` processes, in a database of its own.
 async fn graphile_worker(
     settings: &Settings,
@@ -714,10 +706,9 @@ async fn graphile_worker_in(
             )
             .await?;
     }
-    let mut table = EmptyTable {
-        connection: PgConnection::connect(url).await?,
-    };
-    let (drain_seconds, startup_ms, cpu) = drain(&mut nodes, settings, Some(&mut table)).await?;
+    let mut connection = PgConnection::connect(url).await?;
+    let (drain_seconds, startup_ms, cpu) =
+        drain(&mut nodes, settings, Some(&mut connection)).await?;
     let ((latency_us, started_by), latency_path) = if count == 1 {
         (
             latency_by_node(&mut nodes, settings).await?,
@@ -727,14 +718,14 @@ async fn graphile_worker_in(
         (
             latency_from_bench(
                 &mut nodes,
-                Enqueuer::GraphileWorker(&mut table.connection),
+                Enqueuer::GraphileWorker(&mut connection),
                 settings,
             )
             .await?,
             "add_job from the bench's own connection, every node woken by NOTIFY",
         )
     };
-    let _ = table.connection.close().await;
+    let _ = connection.close().await;
     nodes.stop().await;
     Ok(Measured {
         prefill_seconds,
