@@ -7,7 +7,10 @@
 //! Unhidra and, with the same load generator, for nats-server and a Socket.IO server. The
 //! `login-timing` subcommand measures, with `hide_existing_accounts` on, the latency of wrong
 //! logins and reset requests for existing, imported, locked and unknown accounts, as ratios to
-//! the unknown email's. Everything it does is bounded in count and time, and it only ever talks to 127.0.0.1.
+//! the unknown email's. The `jobs` subcommand measures the durable job queue (no-op jobs drained
+//! per second, and the latency from enqueue to start) on SQLite and on PostgreSQL with one and
+//! two nodes, against graphile-worker on the same PostgreSQL. Everything it does is bounded in
+//! count and time, and it only ever talks to 127.0.0.1.
 //!
 //! ```text
 //! cargo build --release -p unhidra -p unhidra-bench
@@ -15,6 +18,7 @@
 //! cargo run --release -p unhidra-bench -- identity [--clients N] [--duration SECS] [--hash-workers 0,1]
 //! cargo run --release -p unhidra-bench -- fanout [--subscribers 1000] [--rates 100,1000,5000] [--seconds 5] [--targets unhidra,nats,socketio]
 //! cargo run --release -p unhidra-bench -- login-timing [--samples 200] [--max-seconds 100]
+//! cargo run --release -p unhidra-bench -- jobs [--jobs 20000] [--concurrency 24] [--nodes 1,2] [--targets sqlite,postgres,graphile-worker]
 //! ```
 
 mod fanout;
@@ -24,6 +28,11 @@ mod hashrate;
 mod http;
 mod identity;
 mod identity_report;
+mod jobs;
+mod jobs_child;
+mod jobs_db;
+mod jobs_node;
+mod jobs_report;
 mod load;
 mod login_timing;
 mod login_timing_report;
@@ -41,6 +50,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::fanout_report::{FanoutReport, TargetRun};
 use crate::fanout_target::Target;
 use crate::identity_report::IdentityReport;
+use crate::jobs_report::JobsReport;
 use crate::load::Plan;
 use crate::login_timing_report::LoginTimingReport;
 use crate::report::{CpuShare, Machine, Report, WrkStatus};
@@ -99,6 +109,62 @@ enum Scenario {
     /// account, imported legacy, cheaper and costlier hashes and a locked account, and of reset
     /// requests for an account and an unknown email, as ratios to the unknown email's.
     LoginTiming(LoginTimingArgs),
+    /// The durable job queue: no-op jobs drained per second from a pre-filled queue, and the
+    /// latency from enqueue to start, on SQLite and on PostgreSQL with one and two nodes, side
+    /// by side with graphile-worker on the same PostgreSQL server.
+    Jobs(JobsArgs),
+    /// One job node of the `jobs` scenario, driven by it through stdin and stdout.
+    #[command(hide = true)]
+    JobsNode(jobs_node::NodeArgs),
+}
+
+#[derive(Debug, Args)]
+struct JobsArgs {
+    /// No-op jobs in the pre-filled queue of each measurement.
+    #[arg(long, value_name = "N", default_value_t = 20_000,
+        value_parser = clap::value_parser!(u64).range(100..=1_000_000))]
+    jobs: u64,
+    /// Jobs each node (Unhidra's and graphile-worker's alike) runs at once.
+    #[arg(long, value_name = "N", default_value_t = 24,
+        value_parser = clap::value_parser!(u32).range(1..=200))]
+    concurrency: u32,
+    /// Latency samples of each measurement, enqueued one at a time.
+    #[arg(long, value_name = "N", default_value_t = 200,
+        value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    samples: u64,
+    /// Milliseconds between a latency sample's start and the next enqueue.
+    #[arg(long, value_name = "MS", default_value_t = 25,
+        value_parser = clap::value_parser!(u64).range(0..=1000))]
+    gap_ms: u64,
+    /// Node counts on PostgreSQL (Unhidra nodes, and graphile-worker processes), at most 4.
+    #[arg(long, value_name = "N[,N…]", value_delimiter = ',', default_value = "1,2",
+        value_parser = clap::value_parser!(u32).range(1..=4))]
+    nodes: Vec<u32>,
+    /// What to measure; graphile-worker needs node and npm, and is reported as skipped
+    /// without them.
+    #[arg(
+        long,
+        value_name = "T[,T…]",
+        value_delimiter = ',',
+        default_value = "sqlite,postgres,graphile-worker"
+    )]
+    targets: Vec<jobs::Target>,
+    /// The PostgreSQL server, on this machine; each measurement creates a database of its own
+    /// there and drops it after.
+    #[arg(
+        long,
+        value_name = "URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/test"
+    )]
+    postgres: String,
+    /// graphile-worker's configuration: its perfTest's (a local queue of 500 jobs, batched
+    /// completions), or its defaults (one job per fetch and per completion).
+    #[arg(long, value_name = "CONFIG", value_enum, default_value_t = jobs::PeerConfig::Perftest)]
+    graphile_worker_config: jobs::PeerConfig,
+    /// The longest one drain (or pre-fill) may take, in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 300,
+        value_parser = clap::value_parser!(u64).range(1..=3600))]
+    max_seconds: u64,
 }
 
 #[derive(Debug, Args)]
@@ -201,6 +267,18 @@ fn main() -> ExitCode {
         Some(Scenario::LoginTiming(args)) => runtime
             .block_on(measure_login_timing(cli.server.clone(), args))
             .map(|report| report.render()),
+        Some(Scenario::Jobs(args)) => runtime
+            .block_on(measure_jobs(args))
+            .map(|report| report.render()),
+        Some(Scenario::JobsNode(args)) => {
+            return match runtime.block_on(jobs_node::run(args)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(err) => {
+                    note(&format!("jobs-node: {err}"));
+                    ExitCode::FAILURE
+                }
+            };
+        }
     };
     match rendered {
         Ok(rendered) => match rendered {
@@ -391,6 +469,59 @@ async fn measure_login_timing(
         machine,
         settings,
         outcome,
+    })
+}
+
+/// The job queue scenario.
+async fn measure_jobs(args: &JobsArgs) -> Result<JobsReport, BoxError> {
+    let mut targets: Vec<jobs::Target> = Vec::new();
+    for &target in &args.targets {
+        if !targets.contains(&target) {
+            targets.push(target);
+        }
+    }
+    let mut nodes: Vec<u32> = Vec::new();
+    for &n in &args.nodes {
+        if !nodes.contains(&n) {
+            nodes.push(n);
+        }
+    }
+    if nodes.len() > 4 {
+        return Err("--nodes takes at most 4 values".into());
+    }
+    if targets
+        .iter()
+        .any(|t| matches!(t, jobs::Target::Postgres | jobs::Target::GraphileWorker))
+    {
+        jobs_db::check_local_postgres(&args.postgres)?;
+    }
+    let machine = Machine::read();
+    let load_before = jobs_report::load_average();
+    note(&format!(
+        "unhidra-bench jobs: {} jobs, concurrency {}, {} CPUs, load {}",
+        args.jobs,
+        args.concurrency,
+        machine.cpus,
+        load_before.as_deref().unwrap_or("?")
+    ));
+    let settings = jobs::Settings {
+        jobs: args.jobs,
+        concurrency: args.concurrency,
+        samples: args.samples,
+        gap: Duration::from_millis(args.gap_ms),
+        drain_within: Duration::from_secs(args.max_seconds),
+        targets,
+        nodes,
+        postgres: args.postgres.clone(),
+        peer_config: args.graphile_worker_config,
+    };
+    let runs = jobs::run(&settings).await?;
+    Ok(JobsReport {
+        command: command_line(),
+        machine,
+        settings,
+        runs,
+        load: (load_before, jobs_report::load_average()),
     })
 }
 

@@ -1,7 +1,8 @@
 //! The servers the fan-out scenario compares Unhidra with, started as child processes on free
 //! ports of 127.0.0.1: nats-server with its WebSocket listener, and a Socket.IO server under
 //! node (`bench/peers/socketio`, built into this program and installed with `npm ci` once).
-//! Each is killed if dropped, and its temporary folder removed.
+//! Each is killed if dropped, and its temporary folder removed. The job scenario's peer,
+//! graphile-worker (`bench/peers/graphile-worker`), is installed the same way.
 
 use std::ffi::OsStr;
 use std::net::SocketAddr;
@@ -39,6 +40,22 @@ const SOCKETIO_FILES: [(&str, &str); 3] = [
     (
         "server.js",
         include_str!("../../../bench/peers/socketio/server.js"),
+    ),
+];
+
+/// The graphile-worker peer's files.
+const GRAPHILE_WORKER_FILES: [(&str, &str); 3] = [
+    (
+        "package.json",
+        include_str!("../../../bench/peers/graphile-worker/package.json"),
+    ),
+    (
+        "package-lock.json",
+        include_str!("../../../bench/peers/graphile-worker/package-lock.json"),
+    ),
+    (
+        "node.js",
+        include_str!("../../../bench/peers/graphile-worker/node.js"),
     ),
 ];
 
@@ -85,7 +102,7 @@ impl Peer {
             .ok_or("node is not installed (Debian: apt-get install nodejs npm)".to_owned())?;
         let npm = find_program("npm")
             .ok_or("npm is not installed (Debian: apt-get install npm)".to_owned())?;
-        let folder = socketio_folder(&npm).await?;
+        let folder = npm_folder(&npm, "socketio", &SOCKETIO_FILES, "socket.io").await?;
         let version = version_of(&node, "--version").await;
         let socketio = installed_version(&folder, "socket.io");
         let [port] = server::free_ports::<1>()?;
@@ -242,32 +259,60 @@ fn installed_version(folder: &Path, package: &str) -> String {
         .unwrap_or_else(|| "unknown version".to_owned())
 }
 
-/// The folder the Socket.IO peer runs in: `$CARGO_TARGET_DIR/bench-peers/socketio` (or one
-/// under the temporary folder), with this program's copy of its files, and `node_modules`
-/// installed by `npm ci` when missing or when the lock file changed.
-async fn socketio_folder(npm: &Path) -> Result<PathBuf, BoxError> {
+/// The folder a node peer runs in: `$CARGO_TARGET_DIR/bench-peers/<name>` (or one under the
+/// temporary folder), with this program's copy of its `files`, and `node_modules` installed by
+/// `npm ci` when `package` is missing or the lock file changed.
+async fn npm_folder(
+    npm: &Path,
+    name: &str,
+    files: &[(&str, &str)],
+    package: &str,
+) -> Result<PathBuf, BoxError> {
     let base = std::env::var_os("CARGO_TARGET_DIR")
         .map_or_else(|| std::env::temp_dir().join("unhidra-bench"), PathBuf::from);
-    let folder = base.join("bench-peers").join("socketio");
+    let folder = base.join("bench-peers").join(name);
     std::fs::create_dir_all(&folder)
         .map_err(|e| format!("cannot create {}: {e}", folder.display()))?;
     let mut changed = false;
-    for (name, text) in SOCKETIO_FILES {
-        let path = folder.join(name);
-        if std::fs::read_to_string(&path).ok().as_deref() != Some(text) {
+    for (file, text) in files {
+        let path = folder.join(file);
+        if std::fs::read_to_string(&path).ok().as_deref() != Some(*text) {
             std::fs::write(&path, text)
                 .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-            changed |= name != "server.js";
+            changed |= file.starts_with("package");
         }
     }
-    if changed || !folder.join("node_modules").join("socket.io").is_dir() {
+    if changed || !folder.join("node_modules").join(package).is_dir() {
         crate::note(&format!(
-            "fanout: npm ci in {} (once; later runs reuse it)",
+            "npm ci in {} (once; later runs reuse it)",
             folder.display()
         ));
         npm_ci(npm, &folder).await?;
     }
     Ok(folder)
+}
+
+/// graphile-worker, ready to run: node, the folder holding `node.js` with graphile-worker
+/// installed, and what runs, with its versions.
+pub async fn graphile_worker() -> Result<(PathBuf, PathBuf, String), BoxError> {
+    let node = find_program("node")
+        .ok_or("node is not installed (Debian: apt-get install nodejs npm)".to_owned())?;
+    let npm = find_program("npm")
+        .ok_or("npm is not installed (Debian: apt-get install npm)".to_owned())?;
+    let folder = npm_folder(
+        &npm,
+        "graphile-worker",
+        &GRAPHILE_WORKER_FILES,
+        "graphile-worker",
+    )
+    .await?;
+    let program = format!(
+        "node {}, graphile-worker {}, pg {}",
+        version_of(&node, "--version").await,
+        installed_version(&folder, "graphile-worker"),
+        installed_version(&folder, "pg")
+    );
+    Ok((node, folder, program))
 }
 
 async fn npm_ci(npm: &Path, folder: &Path) -> Result<(), BoxError> {
