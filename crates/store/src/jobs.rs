@@ -455,7 +455,7 @@ pub trait JobStore {
     /// reported for a job that is no longer `running` under that worker and attempt (its lease
     /// ran out and another worker took it) is ignored. Answers the jobs whose end was recorded,
     /// as stored after it (a `Retry` of a job whose cancellation was asked for makes it
-    /// `cancelled`).
+    /// `cancelled`), in the order given.
     async fn finish_jobs(
         &self,
         finished: &[Finished],

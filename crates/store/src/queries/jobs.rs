@@ -39,6 +39,8 @@ macro_rules! job_queries {
 
             /// Claims a batch at most; what a rescue or a renewal changes in one statement.
             const CHUNK: usize = 500;
+            /// Ended attempts recorded per statement (8 parameters each in the UPDATE).
+            const FINISH_CHUNK: usize = 200;
 
             /// How often a claim whose batch broke a concurrency limit is tried again before
             /// it claims jobs without a key only.
@@ -410,21 +412,6 @@ macro_rules! job_queries {
                     if finished.is_empty() {
                         return Ok(Vec::new());
                     }
-                    // A retry of a job whose cancellation was asked for cancels it instead.
-                    let cancels = "(cancel_requested AND $4 = 'retryable')";
-                    let update = format!(
-                        "UPDATE jobs SET state = CASE WHEN {cancels} THEN 'cancelled' ELSE $4 END, \
-                         unique_live = {}, \
-                         finished_at = CASE WHEN {cancels} OR $6 THEN $9 END, \
-                         run_at = COALESCE($8, run_at), last_error = $7, leased_by = NULL, \
-                         lease_until = NULL, attempted_at = NULL \
-                         WHERE id = $1 AND state = 'running' AND attempt = $2 AND leased_by = $3 \
-                         RETURNING {JOB_COLUMNS}",
-                        live(&format!(
-                            "CASE WHEN {cancels} THEN {} ELSE $5 END",
-                            bit(JobState::Cancelled)
-                        )),
-                    );
                     // A release undoes its claim: the attempt is not counted, and the job waits
                     // as it did before (`scheduled` before a first attempt, else `retryable`).
                     let release_state = |cancelled: &str, scheduled: &str, retryable: &str| {
@@ -449,54 +436,97 @@ macro_rules! job_queries {
                     );
                     let mut tx = self.pool.begin_with(Store::BEGIN_WRITE).await.map_err(err)?;
                     let mut stored = Vec::new();
+                    let mut ended = Vec::new();
                     for end in finished {
-                        if let Finish::Release { reason, run_at } = &end.finish {
-                            let row = sqlx::query(&release)
-                                .bind(Store::id(end.id))
-                                .bind(end.attempt)
-                                .bind(&end.worker)
-                                .bind(reason)
-                                .bind(Store::time(*run_at))
-                                .bind(Store::time(now))
-                                .fetch_optional(&mut *tx)
-                                .await
-                                .map_err(err)?;
-                            if let Some(row) = row {
-                                stored.push(job(&row)?);
-                            }
+                        let Finish::Release { reason, run_at } = &end.finish else {
+                            ended.push(end);
                             continue;
-                        }
-                        let (state, outcome, error, retry_at) = finish_parts(&end.finish);
-                        let row = sqlx::query(&update)
+                        };
+                        let row = sqlx::query(&release)
                             .bind(Store::id(end.id))
                             .bind(end.attempt)
                             .bind(&end.worker)
-                            .bind(state.as_str())
-                            .bind(state.bit())
-                            .bind(state.is_final())
-                            .bind(error)
-                            .bind(retry_at.map(Store::time))
+                            .bind(reason)
+                            .bind(Store::time(*run_at))
                             .bind(Store::time(now))
                             .fetch_optional(&mut *tx)
                             .await
                             .map_err(err)?;
-                        let Some(row) = row else { continue };
-                        sqlx::query(
-                            "INSERT INTO job_attempts (job_id, attempt, worker, started_at, \
-                             finished_at, outcome, error) VALUES ($1, $2, $3, $4, $5, $6, $7)",
-                        )
-                        .bind(Store::id(end.id))
-                        .bind(end.attempt)
-                        .bind(&end.worker)
-                        .bind(Store::time(end.started_at))
-                        .bind(Store::time(now))
-                        .bind(outcome.as_str())
-                        .bind(error)
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(err)?;
-                        stored.push(job(&row)?);
+                        if let Some(row) = row {
+                            stored.push(job(&row)?);
+                        }
                     }
+                    // The attempts that ended, a chunk per statement: one UPDATE of the jobs
+                    // (only those still running this attempt under this worker's lease), then
+                    // one INSERT of their history.
+                    for chunk in ended.chunks(FINISH_CHUNK) {
+                        let mut update = QueryBuilder::<Db>::new(
+                            "WITH v (v_id, v_attempt, v_worker, v_state, v_bit, v_final, v_error, \
+                             v_retry_at) AS (",
+                        );
+                        update.push_values(chunk, |mut row, end| {
+                            let (state, _, error, retry_at) = finish_parts(&end.finish);
+                            row.push_bind(Store::id(end.id))
+                                .push_bind(end.attempt)
+                                .push_bind(end.worker.clone())
+                                .push_bind(state.as_str())
+                                .push_bind(state.bit())
+                                .push_bind(state.is_final())
+                                .push_bind(error.map(str::to_owned))
+                                .push_bind(retry_at.map(Store::time));
+                        });
+                        // A retry of a job whose cancellation was asked for cancels it instead.
+                        let cancels = "(cancel_requested AND v_state = 'retryable')";
+                        update.push(format!(
+                            ") UPDATE jobs SET \
+                             state = CASE WHEN {cancels} THEN 'cancelled' ELSE v_state END, \
+                             unique_live = {}, \
+                             finished_at = CASE WHEN {cancels} OR v_final THEN ",
+                            live(&format!(
+                                "CASE WHEN {cancels} THEN {} ELSE v_bit END",
+                                bit(JobState::Cancelled)
+                            )),
+                        ));
+                        update.push_bind(Store::time(now));
+                        update.push(format!(
+                            " END, run_at = COALESCE(v_retry_at, run_at), last_error = v_error, \
+                             leased_by = NULL, lease_until = NULL, attempted_at = NULL \
+                             FROM v WHERE id = v_id AND state = 'running' AND attempt = v_attempt \
+                             AND leased_by = v_worker RETURNING {JOB_COLUMNS}"
+                        ));
+                        let rows = update.build().fetch_all(&mut *tx).await.map_err(err)?;
+                        let mut recorded = Vec::with_capacity(rows.len());
+                        for row in &rows {
+                            let updated = job(row)?;
+                            if let Some(end) = chunk
+                                .iter()
+                                .find(|e| e.id == updated.id && e.attempt == updated.attempt)
+                            {
+                                recorded.push(*end);
+                            }
+                            stored.push(updated);
+                        }
+                        if recorded.is_empty() {
+                            continue;
+                        }
+                        let mut history = QueryBuilder::<Db>::new(
+                            "INSERT INTO job_attempts (job_id, attempt, worker, started_at, \
+                             finished_at, outcome, error) ",
+                        );
+                        history.push_values(&recorded, |mut row, end| {
+                            let (_, outcome, error, _) = finish_parts(&end.finish);
+                            row.push_bind(Store::id(end.id))
+                                .push_bind(end.attempt)
+                                .push_bind(end.worker.clone())
+                                .push_bind(Store::time(end.started_at))
+                                .push_bind(Store::time(now))
+                                .push_bind(outcome.as_str())
+                                .push_bind(error.map(str::to_owned));
+                        });
+                        history.build().execute(&mut *tx).await.map_err(err)?;
+                    }
+                    // In the order given.
+                    stored.sort_by_key(|j| finished.iter().position(|e| e.id == j.id));
                     tx.commit().await.map_err(err)?;
                     Ok(stored)
                 }
