@@ -274,7 +274,7 @@ impl JobsReport {
              the drain; the jobs of one claim share their attempts' start (the claim's time), the \
              ends recorded by one `finish_jobs` transaction share their end time. Each claim is \
              one transaction of one statement; each finish is one transaction of two statements \
-             per job (an UPDATE and the attempt's INSERT)."
+             per batch of up to 200 ends (an UPDATE of the jobs and an INSERT of their attempts)."
         )?;
         writeln!(
             out,

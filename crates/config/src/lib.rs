@@ -535,11 +535,17 @@ fn check(config: &Config) -> Result<(), ConfigError> {
     if config.jobs_lease.0 < std::time::Duration::from_secs(1) {
         problems.push("jobs_lease: at least 1s".to_owned());
     }
-    if config.breaker_failures == 0 {
-        problems.push("breaker_failures: at least 1".to_owned());
+    if !(1..=10_000).contains(&config.breaker_failures) {
+        problems.push("breaker_failures: 1 to 10000".to_owned());
     }
-    if config.breaker_window.0.is_zero() || config.breaker_open_for.0.is_zero() {
-        problems.push("breaker_window, breaker_open_for: more than 0s".to_owned());
+    let day = std::time::Duration::from_secs(24 * 3600);
+    for (key, value) in [
+        ("breaker_window", config.breaker_window.0),
+        ("breaker_open_for", config.breaker_open_for.0),
+    ] {
+        if value.is_zero() || value > day {
+            problems.push(format!("{key}: more than 0s and at most 1d"));
+        }
     }
     if config.jobs_poll_interval.0.is_zero() {
         problems.push("jobs_poll_interval: more than 0s".to_owned());

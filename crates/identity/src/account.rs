@@ -8,6 +8,7 @@ use unhidra_jobs::{EnqueueOptions, Jobs};
 use unhidra_mail::{Mail, SEND_KIND};
 use unhidra_store::StoreError;
 use unhidra_store::identity::{TokenPurpose, UserRecord};
+use unhidra_store::jobs::UniqueStates;
 
 use super::{Identity, IdentityError, Principal, RequestContext};
 use crate::mail_jobs::{Purpose, TOKEN_MAIL_KIND, TokenMail};
@@ -17,22 +18,33 @@ pub(super) struct JobLater {
     kind: &'static str,
     payload: serde_json::Value,
     trace_id: Option<String>,
+    /// While a job with this key waits or runs, another is not enqueued.
+    unique_key: Option<String>,
 }
 
 impl JobLater {
     /// Enqueues the job; failures are logged (never the payload, which may be a message).
     async fn enqueue(self, jobs: &Jobs) {
-        let options = EnqueueOptions {
-            trace_id: self.trace_id,
-            ..EnqueueOptions::default()
-        };
-        if let Err(e) = jobs.enqueue(self.kind, &self.payload, options).await {
+        let kind = self.kind;
+        if let Err(e) = self.try_enqueue(jobs).await {
             tracing::error!(
-                kind = self.kind,
+                kind,
                 error = %unhidra_core::error_chain(&e),
                 "mail not enqueued; nothing was mailed"
             );
         }
+    }
+
+    /// Enqueues the job (or finds the one waiting with its unique key).
+    async fn try_enqueue(self, jobs: &Jobs) -> Result<(), unhidra_jobs::JobsError> {
+        let options = EnqueueOptions {
+            trace_id: self.trace_id,
+            unique_states: self.unique_key.as_ref().map(|_| UniqueStates::UNFINISHED),
+            unique_key: self.unique_key,
+            ..EnqueueOptions::default()
+        };
+        jobs.enqueue(self.kind, &self.payload, options).await?;
+        Ok(())
     }
 }
 
@@ -57,6 +69,7 @@ impl Identity {
             kind: SEND_KIND,
             payload: serde_json::to_value(&mail).unwrap_or_default(),
             trace_id: None,
+            unique_key: None,
         };
         let jobs = Arc::clone(&self.jobs);
         self.mailer.later(async move { job.enqueue(&jobs).await });
@@ -64,6 +77,7 @@ impl Identity {
 
     /// The job that mails `user` a fresh token of `purpose`.
     fn token_mail(&self, user: UserId, purpose: TokenPurpose, ctx: &RequestContext) -> JobLater {
+        let unique_key = format!("token_mail:{user}:{}", purpose.as_str());
         let purpose = match purpose {
             TokenPurpose::VerifyEmail => Purpose::VerifyEmail,
             TokenPurpose::ResetPassword => Purpose::ResetPassword,
@@ -72,6 +86,9 @@ impl Identity {
             kind: TOKEN_MAIL_KIND,
             payload: serde_json::to_value(TokenMail { user, purpose }).unwrap_or_default(),
             trace_id: ctx.trace_id.clone(),
+            // One mail of a kind per user on its way: each attempt's token replaces the one
+            // before, so a second job would undo the link of a mail already sent.
+            unique_key: Some(unique_key),
         }
     }
 
@@ -86,20 +103,14 @@ impl Identity {
         user: UserId,
         ctx: &RequestContext,
     ) -> Result<(), IdentityError> {
-        let job = self.verification_mail(user, ctx);
-        let options = EnqueueOptions {
-            trace_id: job.trace_id,
-            ..EnqueueOptions::default()
-        };
-        self.jobs
-            .enqueue(job.kind, &job.payload, options)
+        self.verification_mail(user, ctx)
+            .try_enqueue(&self.jobs)
             .await
             .map_err(|e| match e {
                 unhidra_jobs::JobsError::Store(e) => IdentityError::Store(e),
                 // A kind not registered: a bug, answered like a broken store.
                 other => IdentityError::Store(StoreError::Other(Box::new(other))),
-            })?;
-        Ok(())
+            })
     }
 
     /// Does the work that only an existing account's answer has — its audit `event`, then

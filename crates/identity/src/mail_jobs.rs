@@ -127,6 +127,8 @@ impl Handler for TokenMails {
     async fn run(&self, job: &JobContext) -> Result<(), JobError> {
         let TokenMail { user, purpose } = TokenMail::deserialize(&job.payload)
             .map_err(|e| JobError::permanent(format!("not a token mail: {e}")))?;
+        // Until the mail is handed to the server, the outcome says nothing of it.
+        job.dependency_used(false);
         let user = match self.store.user_by_id(user).await {
             Ok(user) => user,
             // The account is gone: there is no one to mail.
@@ -173,6 +175,7 @@ impl Handler for TokenMails {
                 ),
             },
         };
+        job.dependency_used(true);
         self.mailer.send(&mail).await.map_err(job_error)
     }
 }

@@ -113,9 +113,6 @@ struct Attached {
     opened: Counter,
 }
 
-/// The longest a job waits for a probe that is running before it is offered again.
-const PROBE_WAIT: Duration = Duration::from_secs(5);
-
 impl Breaker {
     /// A closed breaker for the dependency `name` (as metrics and health name it); give it to
     /// the [`KindOptions`](crate::KindOptions) of each kind that needs the dependency.
@@ -169,7 +166,7 @@ impl Breaker {
                 Admission::Run { probe: true }
             }
             BreakerState::Open | BreakerState::HalfOpen => {
-                Admission::Wait(now + chrono_span(PROBE_WAIT.min(self.config.open_for)))
+                Admission::Wait(now + chrono_span(self.config.open_for))
             }
         }
     }
@@ -290,8 +287,10 @@ impl Drop for Pass {
     }
 }
 
+/// `d` as a span no longer than a year, so that adding it to a time cannot overflow.
 fn chrono_span(d: Duration) -> chrono::Duration {
-    chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
+    chrono::Duration::from_std(d.min(Duration::from_secs(366 * 24 * 3600)))
+        .unwrap_or(chrono::Duration::days(366))
 }
 
 #[cfg(test)]

@@ -218,9 +218,20 @@ pub struct JobContext {
     /// The trace id of the request that enqueued it.
     pub trace_id: Option<String>,
     cancel: watch::Receiver<bool>,
+    /// Set by [`Self::dependency_used`].
+    unused: std::sync::atomic::AtomicBool,
 }
 
 impl JobContext {
+    /// Says whether this attempt has called (so far) the dependency its kind's circuit
+    /// breaker guards; an attempt is taken to have called it unless it says otherwise. An
+    /// attempt that did not (there was nothing to send, or an earlier step failed) says
+    /// nothing of the dependency by its outcome, and the breaker does not count it.
+    pub fn dependency_used(&self, used: bool) {
+        self.unused
+            .store(!used, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Whether a cancellation was asked for: a long handler checks between steps and returns.
     pub fn is_cancelled(&self) -> bool {
         *self.cancel.borrow()
@@ -541,8 +552,10 @@ impl Jobs {
 
     /// Makes sure the periodic `kind` has its job for interval slot `slot` (slot `n` begins
     /// `n` intervals after the Unix epoch), due when the slot begins or now if that has
-    /// passed. Its unique key `every:<kind>:<slot>` counts in every state but `cancelled`, so
-    /// a slot runs at most once, whichever nodes ask and whenever they start. A failure is
+    /// passed. Its unique key `every:<kind>:<slot>` counts in every state (a cancelled slot is
+    /// not brought back), so a slot runs at most once, whichever nodes ask and whenever they
+    /// start, until its job is pruned; its concurrency key `every:<kind>` (limit 1) keeps a
+    /// run that outlasts its slot from being joined by the next. A failure is
     /// logged: the maintenance loop makes sure of it again at its next tick.
     pub(crate) async fn ensure_periodic(&self, kind: &str, slot: i64) {
         let Some(interval) = self.periodic.get(kind) else {
@@ -555,14 +568,9 @@ impl Jobs {
         let options = EnqueueOptions {
             run_at: Some(begins),
             unique_key: Some(format!("{}{slot}", periodic_prefix(kind))),
-            unique_states: Some(UniqueStates::of(&[
-                JobState::Scheduled,
-                JobState::Available,
-                JobState::Running,
-                JobState::Retryable,
-                JobState::Completed,
-                JobState::Discarded,
-            ])),
+            unique_states: Some(UniqueStates::of(&JobState::ALL)),
+            // A run that outlasts its slot is not joined by the next slot's.
+            concurrency: Some((format!("every:{kind}"), 1)),
             ..EnqueueOptions::default()
         };
         if let Err(e) = self.enqueue(kind, &serde_json::json!({}), options).await {

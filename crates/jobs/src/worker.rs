@@ -279,7 +279,8 @@ impl QueueWorker {
             let began = tokio::time::Instant::now();
             let (finish, healthy) = attempt(&jobs, &job, cancelled).await;
             jobs.metrics.ran(&job.kind, began.elapsed().as_secs_f64());
-            if let Some(pass) = pass {
+            // An attempt that says nothing of the dependency drops its pass unfinished.
+            if let (Some(pass), Some(healthy)) = (pass, healthy) {
                 pass.finish(healthy);
             }
             let _ = done.send(Finished {
@@ -405,8 +406,13 @@ fn chrono_duration(d: Duration) -> chrono::Duration {
 }
 
 /// Runs one attempt of `job` under its timeout and says how it ended, and whether the
-/// dependency its kind needs answered (see [`breaker`](crate::breaker)).
-async fn attempt(jobs: &Jobs, job: &JobRecord, cancel: watch::Receiver<bool>) -> (Finish, bool) {
+/// dependency its kind needs answered (see [`breaker`](crate::breaker)); `None` if the attempt
+/// says nothing of it (it did not use it, or was cancelled).
+async fn attempt(
+    jobs: &Jobs,
+    job: &JobRecord,
+    cancel: watch::Receiver<bool>,
+) -> (Finish, Option<bool>) {
     let Some(kind) = jobs.kinds.get(&job.kind).cloned() else {
         // Enqueued by a node that knows the kind (a newer version during a rolling upgrade).
         let finish = failed(
@@ -418,7 +424,7 @@ async fn attempt(jobs: &Jobs, job: &JobRecord, cancel: watch::Receiver<bool>) ->
             ),
             AttemptOutcome::Retried,
         );
-        return (finish, true);
+        return (finish, None);
     };
     let payload = match serde_json::from_str(&job.payload) {
         Ok(payload) => payload,
@@ -429,7 +435,7 @@ async fn attempt(jobs: &Jobs, job: &JobRecord, cancel: watch::Receiver<bool>) ->
                 JobError::permanent(format!("the payload is not JSON: {e}")),
                 AttemptOutcome::Discarded,
             );
-            return (finish, true);
+            return (finish, None);
         }
     };
     let context = JobContext {
@@ -440,6 +446,7 @@ async fn attempt(jobs: &Jobs, job: &JobRecord, cancel: watch::Receiver<bool>) ->
         payload,
         trace_id: job.trace_id.clone(),
         cancel,
+        unused: std::sync::atomic::AtomicBool::new(false),
     };
     let timeout = Duration::from_millis(u64::try_from(job.timeout_ms).unwrap_or(0));
     let span = tracing::info_span!(
@@ -460,15 +467,15 @@ async fn attempt(jobs: &Jobs, job: &JobRecord, cancel: watch::Receiver<bool>) ->
     // Stopping the attempt (a lost lease, a timeout) stops the handler too.
     let _stop_handler = AbortOnDrop(run.abort_handle());
     let result = tokio::time::timeout(timeout, &mut run).await;
-    match result {
-        Ok(Ok(Ok(()))) => (Finish::Completed, true),
-        Ok(Ok(Err(_))) if context.is_cancelled() => (Finish::Cancelled, true),
+    let (finish, healthy) = match result {
+        Ok(Ok(Ok(()))) => (Finish::Completed, Some(true)),
+        Ok(Ok(Err(_))) if context.is_cancelled() => (Finish::Cancelled, None),
         Ok(Ok(Err(error))) => {
             let (outcome, healthy) = match error {
                 JobError::Permanent(_) => (AttemptOutcome::Discarded, true),
                 JobError::Retry { .. } => (AttemptOutcome::Retried, false),
             };
-            (failed(jobs, job, error, outcome), healthy)
+            (failed(jobs, job, error, outcome), Some(healthy))
         }
         Ok(Err(join)) => (
             failed(
@@ -477,7 +484,7 @@ async fn attempt(jobs: &Jobs, job: &JobRecord, cancel: watch::Receiver<bool>) ->
                 JobError::retry(format!("the handler panicked: {join}")),
                 AttemptOutcome::Retried,
             ),
-            false,
+            Some(false),
         ),
         Err(_) => {
             run.abort();
@@ -487,9 +494,11 @@ async fn attempt(jobs: &Jobs, job: &JobRecord, cancel: watch::Receiver<bool>) ->
                 JobError::retry(format!("timed out after {} ms", job.timeout_ms)),
                 AttemptOutcome::TimedOut,
             );
-            (finish, false)
+            (finish, Some(false))
         }
-    }
+    };
+    let unused = context.unused.load(std::sync::atomic::Ordering::Relaxed);
+    (finish, healthy.filter(|_| !unused))
 }
 
 /// Aborts a task when dropped.

@@ -39,10 +39,11 @@ pub enum MailError {
     /// An address or the message could not be built.
     #[error("mail: {0}")]
     Message(String),
-    /// The SMTP server could not be reached, or answered "try later" (4xx).
+    /// The SMTP server could not be reached, or answered "try later" (4xx) or refused the
+    /// session (a 5xx about the server, such as a login it refused).
     #[error("smtp: {0}")]
     Smtp(String),
-    /// The SMTP server refused the message for good (5xx): another attempt would not help.
+    /// The SMTP server refused this message for good (550–553): another attempt would not help.
     #[error("smtp refused: {0}")]
     Refused(String),
     /// The outbox could not be written.
@@ -129,13 +130,7 @@ impl Mailer {
             .map_err(|e| MailError::Message(e.to_string()))?;
         match &self.transport {
             Transport::Smtp(smtp) => {
-                smtp.send(message).await.map_err(|e| {
-                    if e.is_permanent() {
-                        MailError::Refused(e.to_string())
-                    } else {
-                        MailError::Smtp(e.to_string())
-                    }
-                })?;
+                smtp.send(message).await.map_err(|e| smtp_error(&e))?;
                 tracing::info!(subject = %mail.subject, "mail sent");
             }
             Transport::Outbox(dir) => {
@@ -194,9 +189,27 @@ impl Mailer {
     }
 }
 
-/// How a failed send ends its job's attempt: a message that cannot be built or an SMTP refusal
-/// (5xx) is not retried; an unreachable server, a "try later" (4xx) or an outbox that cannot be
-/// written is.
+/// What an SMTP failure is, kept without the server's own words: a reply may quote the
+/// message (a content filter quoting a link, and the link holds a token), so only its code is
+/// kept. Only the replies about this message's recipient or content are final (550 mailbox
+/// unavailable, 551 not local, 552 storage exceeded, 553 mailbox name not allowed); every other
+/// reply — a 4xx, and 5xx replies about the server or the session such as a refused login
+/// (535), a required STARTTLS (530) or a refused greeting (554) — is worth another attempt, and
+/// counts against the server's circuit.
+fn smtp_error(e: &lettre::transport::smtp::Error) -> MailError {
+    match e.status().map(|code| code.to_string()) {
+        Some(code) if matches!(code.as_str(), "550" | "551" | "552" | "553") => {
+            MailError::Refused(format!("the SMTP server refused the message ({code})"))
+        }
+        Some(code) => MailError::Smtp(format!("the SMTP server answered {code}")),
+        // Not a reply: the connection, TLS or a timeout; no server text in it.
+        None => MailError::Smtp(e.to_string()),
+    }
+}
+
+/// How a failed send ends its job's attempt: a message that cannot be built or a refusal of
+/// this message (see [`smtp_error`]) is not retried; an unreachable server, any other reply
+/// or an outbox that cannot be written is.
 pub fn job_error(e: MailError) -> JobError {
     match e {
         MailError::Message(_) | MailError::Refused(_) => JobError::permanent(e),

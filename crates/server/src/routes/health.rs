@@ -16,8 +16,8 @@ pub(crate) struct Status {
     /// `live` or `ready`.
     status: &'static str,
     /// With `ready`: the circuit breaker of each dependency that jobs call (SMTP), as this
-    /// node sees it. An open circuit holds those jobs back but does not make the node
-    /// unready: it still serves everything else.
+    /// node sees it (not shown with `hide_existing_accounts`). An open circuit holds those
+    /// jobs back but does not make the node unready: it still serves everything else.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     circuits: Vec<Circuit>,
 }
@@ -54,10 +54,15 @@ pub(crate) async fn ready(State(state): State<AppState>) -> Result<Json<Status>,
     let checked = tokio::time::timeout(READY_CHECK_TIMEOUT, store.health()).await;
     let failure = match checked {
         Ok(Ok(health)) if health.is_migrated() => {
+            // With hidden accounts the circuits stay out of this unauthenticated answer: only
+            // an existing account's reset sends mail, so the SMTP circuit's moves could tell
+            // which emails have one (`/metrics` has them).
+            let hidden = state.config().hide_existing_accounts;
             let circuits = state
                 .jobs()
                 .breakers()
                 .iter()
+                .filter(|_| !hidden)
                 .map(|b| Circuit {
                     dependency: b.name().to_owned(),
                     state: b.state().as_str(),
