@@ -25,7 +25,7 @@ use chrono_tz::Tz;
 use croner::parser::{CronParser, Seconds, Year};
 use tokio::sync::{Notify, watch};
 use unhidra_store::cron::{CronSchedule, NewCronSchedule, TickClaim};
-use unhidra_store::jobs::{NewJob, UniqueStates};
+use unhidra_store::jobs::{JobState, NewJob, UniqueStates};
 
 pub use unhidra_store::cron::CatchUp;
 
@@ -305,7 +305,8 @@ impl Jobs {
     }
 
     /// The job of tick `tick` of `schedule`: its kind and payload, and the unique key
-    /// `cron:<name>:<tick in RFC 3339, UTC>`, held in every state but `cancelled`.
+    /// `cron:<name>:<tick in RFC 3339, UTC>`, held in every state until the job is pruned (a
+    /// cancelled tick is not brought back).
     fn tick_job(&self, schedule: &CronSchedule, tick: DateTime<Utc>) -> Result<NewJob, JobsError> {
         let payload: serde_json::Value = serde_json::from_str(&schedule.payload).map_err(|e| {
             JobsError::Invalid("payload", "invalid", format!("the stored payload: {e}"))
@@ -316,7 +317,7 @@ impl Jobs {
                 schedule.name,
                 tick.to_rfc3339_opts(SecondsFormat::Secs, true)
             )),
-            unique_states: Some(UniqueStates::NOT_CANCELLED),
+            unique_states: Some(UniqueStates::of(&JobState::ALL)),
             ..EnqueueOptions::default()
         };
         self.new_job(&schedule.kind, &payload, options)

@@ -569,7 +569,14 @@ impl Jobs {
         let options = EnqueueOptions {
             run_at: Some(begins),
             unique_key: Some(format!("{}{slot}", periodic_prefix(kind))),
-            unique_states: Some(UniqueStates::NOT_CANCELLED),
+            unique_states: Some(UniqueStates::of(&[
+                JobState::Scheduled,
+                JobState::Available,
+                JobState::Running,
+                JobState::Retryable,
+                JobState::Completed,
+                JobState::Discarded,
+            ])),
             ..EnqueueOptions::default()
         };
         if let Err(e) = self.enqueue(kind, &serde_json::json!({}), options).await {

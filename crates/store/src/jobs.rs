@@ -109,18 +109,6 @@ impl UniqueStates {
         JobState::Retryable,
     ]);
 
-    /// Every state but `cancelled`: a job that ran, even one discarded, keeps its key until it
-    /// is pruned, so that the key names one run (a periodic slot, a cron tick) at most once;
-    /// only a cancellation frees it.
-    pub const NOT_CANCELLED: Self = Self::of(&[
-        JobState::Scheduled,
-        JobState::Available,
-        JobState::Running,
-        JobState::Retryable,
-        JobState::Completed,
-        JobState::Discarded,
-    ]);
-
     /// The mask of `states`.
     pub const fn of(states: &[JobState]) -> Self {
         let mut mask = 0;

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use unhidra_store::cron::{CatchUp, NewCronSchedule, TickClaim};
-use unhidra_store::jobs::{Enqueued, JobFilter, NewJob, UniqueStates};
+use unhidra_store::jobs::{Enqueued, JobFilter, JobState, NewJob, UniqueStates};
 use unhidra_store::testing::TestDb;
 use unhidra_store::{StoreError, both_backends};
 use uuid::Uuid;
@@ -41,7 +41,7 @@ fn tick_job(name: &str, tick: DateTime<Utc>) -> NewJob {
         max_attempts: 3,
         timeout_ms: 30_000,
         unique_key: Some(format!("cron:{name}:{}", tick.to_rfc3339())),
-        unique_states: UniqueStates::NOT_CANCELLED,
+        unique_states: UniqueStates::of(&JobState::ALL),
         concurrency_key: None,
         concurrency_limit: 0,
         trace_id: None,
