@@ -111,6 +111,22 @@ def prepare_job(server):
     raise AssertionError("no scheduled rooms.retention job appeared")
 
 
+def prepare_cron(server):
+    """The name of a cron schedule for the run to delete."""
+    base = server.base_url
+    admin = requests.post(
+        f"{base}/api/v1/auth/login", json={"email": ADMIN_EMAIL, "password": ADMIN_PASSWORD}, timeout=10
+    ).json()["access_token"]
+    name = "st-prepared"
+    requests.put(
+        f"{base}/api/v1/admin/cron/{name}",
+        headers={"Authorization": f"Bearer {admin}"},
+        json={"expression": "0 4 * * *", "kind": "rooms.retention"},
+        timeout=10,
+    ).raise_for_status()
+    return name
+
+
 def run_schemathesis(server, *paths, exclude=False, env=None):
     schemathesis = Path(sys.executable).with_name("schemathesis")
     selection = []
@@ -145,7 +161,14 @@ def run_schemathesis(server, *paths, exclude=False, env=None):
 def test_every_operation_conforms_to_the_document(server):
     room, member, session = prepare_room(server)
     job = prepare_job(server)
-    env = {"ST_ROOM_ID": room, "ST_MEMBER_ID": member, "ST_SESSION_ID": session, "ST_JOB_ID": job}
+    cron = prepare_cron(server)
+    env = {
+        "ST_ROOM_ID": room,
+        "ST_MEMBER_ID": member,
+        "ST_SESSION_ID": session,
+        "ST_JOB_ID": job,
+        "ST_CRON_NAME": cron,
+    }
     before = successes(server.base_url)
     run_schemathesis(server, *SELF_HARMING, exclude=True, env=env)
     # The lists that supply ids to the self-harming operations run with them.

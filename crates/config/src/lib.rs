@@ -301,6 +301,12 @@ config_keys! {
         jobs_poll_interval: HumanDuration = HumanDuration::secs(1), secret = false;
         /// How long finished jobs are kept before they are pruned.
         jobs_retention: HumanDuration = HumanDuration::secs(7 * 24 * 3600), secret = false;
+        /// Cron schedules stored at start, separated by `;` or line breaks, each
+        /// `name|expression|time_zone|kind[|once or skip[|payload]]`: a job of `kind` (with the
+        /// JSON `payload`, `{}` if none) at every tick of the five-field `expression` read in
+        /// the IANA `time_zone`; `once` (the default) runs the latest of the ticks missed while
+        /// every node was down, `skip` none. The API cannot change these names.
+        jobs_cron: String = String::new(), secret = false;
         /// Failed job attempts against one dependency (SMTP) within `breaker_window` that open
         /// its circuit: its jobs then wait instead of using up their attempts.
         breaker_failures: u32 = 5, secret = false;
@@ -532,6 +538,9 @@ fn check(config: &Config) -> Result<(), ConfigError> {
     if let Err(why) = parse_job_queues(&config.jobs_queues) {
         problems.push(format!("jobs_queues: {why}"));
     }
+    if let Err(why) = parse_job_cron(&config.jobs_cron) {
+        problems.push(format!("jobs_cron: {why}"));
+    }
     if config.jobs_lease.0 < std::time::Duration::from_secs(1) {
         problems.push("jobs_lease: at least 1s".to_owned());
     }
@@ -639,6 +648,81 @@ pub fn parse_job_queues(text: &str) -> Result<Vec<(String, u32)>, String> {
         queues.push((name.to_owned(), concurrency));
     }
     Ok(queues)
+}
+
+/// One cron schedule of `jobs_cron`, read but not yet checked as cron: the jobs service checks
+/// the expression, the time zone, the kind and the payload at start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CronEntry {
+    /// The schedule's name.
+    pub name: String,
+    /// Its five-field cron expression.
+    pub expression: String,
+    /// The IANA time zone the expression is read in.
+    pub time_zone: String,
+    /// The job kind each tick enqueues.
+    pub kind: String,
+    /// `once` or `skip`: what to do with ticks missed while every node was down.
+    pub catch_up: String,
+    /// The JSON payload of each tick's job, as written (`{}` if none was).
+    pub payload: String,
+}
+
+/// Reads `jobs_cron`: schedules separated by `;` or line breaks, each
+/// `name|expression|time_zone|kind[|once or skip[|payload]]` (names and kinds of ASCII
+/// letters, digits, `.`, `_` and `-`, a name at most 100 bytes and given once; the payload is
+/// the rest of the entry, so it may hold `|` but not `;`); empty for none.
+pub fn parse_job_cron(text: &str) -> Result<Vec<CronEntry>, String> {
+    let name_like = |text: &str, max: usize| {
+        !text.is_empty()
+            && text.len() <= max
+            && text
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    };
+    let mut entries: Vec<CronEntry> = Vec::new();
+    for item in text
+        .split([';', '\n'])
+        .map(str::trim)
+        .filter(|i| !i.is_empty())
+    {
+        let fields: Vec<&str> = item.splitn(6, '|').map(str::trim).collect();
+        let [name, expression, time_zone, kind, rest @ ..] = fields.as_slice() else {
+            return Err(format!(
+                "{item:?} is not name|expression|time_zone|kind[|once or skip[|payload]]"
+            ));
+        };
+        if !name_like(name, 100) {
+            return Err(format!("{name:?} is not a schedule name"));
+        }
+        if expression.is_empty() || time_zone.is_empty() {
+            return Err(format!("{name}: an expression and a time zone are needed"));
+        }
+        if !name_like(kind, 200) {
+            return Err(format!("{name}: {kind:?} is not a job kind"));
+        }
+        let catch_up = rest.first().copied().unwrap_or("once");
+        if !matches!(catch_up, "once" | "skip") {
+            return Err(format!("{name}: {catch_up:?} is neither once nor skip"));
+        }
+        let payload = rest
+            .get(1)
+            .copied()
+            .filter(|p| !p.is_empty())
+            .unwrap_or("{}");
+        if entries.iter().any(|e| e.name == *name) {
+            return Err(format!("{name:?} is named twice"));
+        }
+        entries.push(CronEntry {
+            name: (*name).to_owned(),
+            expression: (*expression).to_owned(),
+            time_zone: (*time_zone).to_owned(),
+            kind: (*kind).to_owned(),
+            catch_up: catch_up.to_owned(),
+            payload: payload.to_owned(),
+        });
+    }
+    Ok(entries)
 }
 
 /// `scheme://host[:port]` with nothing after it, as browsers send in `Origin`.

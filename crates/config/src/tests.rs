@@ -339,3 +339,35 @@ fn job_queues_are_name_concurrency_pairs() {
     let p = problems(load_with(None, &[("UNHIDRA_JOBS_QUEUES", "default=lots")]).unwrap_err());
     assert!(p[0].starts_with("jobs_queues: "), "{p:?}");
 }
+
+#[test]
+fn cron_schedules_are_entries_of_fields() {
+    let entries = crate::parse_job_cron(
+        "nightly | 0 3 * * * | Europe/Berlin | rooms.retention;\n\
+         hourly|0 * * * *|UTC|report|skip|{\"a\": \"x|y\"}\n",
+    )
+    .unwrap();
+    assert_eq!(entries.len(), 2);
+    assert_eq!(entries[0].name, "nightly");
+    assert_eq!(entries[0].expression, "0 3 * * *");
+    assert_eq!(entries[0].time_zone, "Europe/Berlin");
+    assert_eq!(entries[0].kind, "rooms.retention");
+    assert_eq!(entries[0].catch_up, "once");
+    assert_eq!(entries[0].payload, "{}");
+    assert_eq!(entries[1].catch_up, "skip");
+    assert_eq!(entries[1].payload, r#"{"a": "x|y"}"#);
+    assert_eq!(crate::parse_job_cron(" ; \n").unwrap(), []);
+    for bad in [
+        "nightly|0 3 * * *|UTC",
+        "night ly|0 3 * * *|UTC|k",
+        "n||UTC|k",
+        "n|0 3 * * *||k",
+        "n|0 3 * * *|UTC|a kind",
+        "n|0 3 * * *|UTC|k|sometimes",
+        "n|* * * * *|UTC|k;n|0 * * * *|UTC|k",
+    ] {
+        assert!(crate::parse_job_cron(bad).is_err(), "{bad}");
+    }
+    let p = problems(load_with(None, &[("UNHIDRA_JOBS_CRON", "nightly|0 3 * * *")]).unwrap_err());
+    assert!(p[0].starts_with("jobs_cron: "), "{p:?}");
+}

@@ -12,13 +12,15 @@
 //! `unhidra-store`'s [`jobs`](unhidra_store::jobs) module, which holds them on both engines.
 //!
 //! The operator's side — listing with filters, counts, retrying, cancelling, and the dead
-//! letters in bulk — is in `admin.rs`, which checks every input an operator types.
+//! letters in bulk — is in `admin.rs`, which checks every input an operator types. [`cron`]
+//! enqueues jobs at the ticks of cron schedules, once across every node.
 //!
 //! Knows no HTTP and no SQL.
 
 mod admin;
 pub mod backoff;
 pub mod breaker;
+pub mod cron;
 pub mod metrics;
 mod worker;
 
@@ -40,6 +42,7 @@ pub use admin::{
 };
 pub use backoff::Backoff;
 pub use breaker::{Breaker, BreakerConfig, BreakerState};
+pub use cron::{CatchUp, CronExpr, CronSpec};
 pub use metrics::JobsMetrics;
 pub use worker::Workers;
 
@@ -151,6 +154,9 @@ pub enum JobsError {
     /// The store failed.
     #[error(transparent)]
     Store(StoreError),
+    /// The cron schedule of this name is defined by this node's configuration, which wins.
+    #[error("the cron schedule {0:?} is defined by the configuration (jobs_cron)")]
+    Configured(String),
 }
 
 impl From<StoreError> for JobsError {
@@ -274,6 +280,8 @@ pub struct Jobs {
     /// another node's enqueue, wakes its worker at once.
     wake: HashMap<String, Arc<Notify>>,
     metrics: JobsMetrics,
+    /// This node's side of the cron schedules.
+    cron: cron::CronState,
 }
 
 /// Gathers the kinds before the job system starts.
@@ -366,6 +374,7 @@ impl JobsBuilder {
             periodic: self.periodic,
             wake,
             metrics: self.metrics,
+            cron: cron::CronState::default(),
         })
     }
 }
@@ -412,11 +421,16 @@ impl Jobs {
     ) -> Result<Enqueued, JobsError> {
         let job = self.new_job(kind, payload, options)?;
         let enqueued = self.store.enqueue_job(&job).await?;
-        if let Enqueued::New(stored) = &enqueued {
+        self.enqueued(&enqueued);
+        Ok(enqueued)
+    }
+
+    /// Counts a job this node stored and wakes its queue's worker here.
+    fn enqueued(&self, enqueued: &Enqueued) {
+        if let Enqueued::New(stored) = enqueued {
             JobsMetrics::count(&self.metrics.enqueued, &stored.kind, 1);
             self.wake(&stored.queue);
         }
-        Ok(enqueued)
     }
 
     /// The job `kind` with `payload` would be stored as, checked: what [`Self::enqueue`] stores,
@@ -597,8 +611,9 @@ impl Jobs {
             .map_or(current + 1, |ran| (ran + 1).max(current))
     }
 
-    /// Starts this node's workers, one per configured queue; they stop when `shutdown` turns
-    /// true, after the attempts in flight end (or are stopped at their timeout).
+    /// Starts this node's workers, one per configured queue, and (if it has any) the
+    /// scheduler of the cron schedules; they stop when `shutdown` turns true, after the
+    /// attempts in flight end (or are stopped at their timeout).
     pub fn start(self: &Arc<Self>, shutdown: watch::Receiver<bool>) -> Workers {
         let worked: Vec<&str> = self.config.queues.iter().map(|(q, _)| q.as_str()).collect();
         for (kind, registered) in &self.kinds {
@@ -610,7 +625,12 @@ impl Jobs {
                 );
             }
         }
-        Workers::start(self, shutdown)
+        let mut workers = Workers::start(self, shutdown.clone());
+        if !self.config.queues.is_empty() {
+            let scheduler = cron::schedule(Arc::clone(self), shutdown);
+            workers.tasks.push(tokio::spawn(scheduler));
+        }
+        workers
     }
 }
 

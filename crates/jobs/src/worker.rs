@@ -28,7 +28,7 @@ const PRUNE_EVERY: Duration = Duration::from_secs(600);
 /// This node's running workers.
 #[derive(Debug)]
 pub struct Workers {
-    tasks: Vec<JoinHandle<()>>,
+    pub(crate) tasks: Vec<JoinHandle<()>>,
 }
 
 impl Workers {

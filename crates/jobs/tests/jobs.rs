@@ -1,6 +1,6 @@
 //! The job system over a real store, on SQLite and PostgreSQL: retries with backoff, discards
 //! and requeues, timeouts, unique keys, cancellation, lost leases, wake-ups (across nodes on
-//! PostgreSQL), metrics and bad input.
+//! PostgreSQL), metrics and bad input; cron schedules in `jobs/cron.rs`.
 
 #![allow(
     clippy::unwrap_used,
@@ -40,6 +40,10 @@ macro_rules! on_both {
         }
     };
 }
+
+// Cron schedules, beside the jobs they enqueue (one test binary per crate).
+#[path = "jobs/cron.rs"]
+mod cron;
 
 /// Fails its first `failures` attempts (retryable, or for good), then succeeds; counts calls.
 #[derive(Debug, Default)]

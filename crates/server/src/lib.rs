@@ -58,6 +58,9 @@ pub enum StartError {
     /// The first admin could not be created.
     #[error("admin_email/admin_password: {0}")]
     Admin(String),
+    /// A cron schedule of the configuration is refused or could not be stored.
+    #[error("jobs_cron: {0}")]
+    Cron(String),
     /// The store could not be opened or migrated.
     #[error("store: {}", error::error_chain(.0))]
     Store(#[from] StoreError),
@@ -174,6 +177,7 @@ impl Application {
             config.retention_interval.0.max(Duration::from_secs(1)),
         )
         .build();
+        configure_cron(&config, &jobs).await?;
         let identity = identity::Identity::new(
             &config,
             Arc::clone(&store),
@@ -345,6 +349,29 @@ pub async fn recheck_connections(state: &AppState) {
             hub.close_session(session, unhidra_protocol::close::REVOKED, "session revoked");
         }
     }
+}
+
+/// Stores the cron schedules of `jobs_cron` (read at load; checked as cron here), which the
+/// API then cannot change. Storing one again at every start keeps its next tick.
+async fn configure_cron(config: &Config, jobs: &jobs::Jobs) -> Result<(), StartError> {
+    for entry in unhidra_config::parse_job_cron(&config.jobs_cron).unwrap_or_default() {
+        let refused = |why: String| StartError::Cron(format!("{}: {why}", entry.name));
+        let payload = serde_json::from_str(&entry.payload)
+            .map_err(|e| refused(format!("the payload is not JSON: {e}")))?;
+        let spec = jobs::CronSpec {
+            name: entry.name.clone(),
+            expression: entry.expression.clone(),
+            time_zone: entry.time_zone.clone(),
+            kind: entry.kind.clone(),
+            payload,
+            catch_up: jobs::CatchUp::parse(&entry.catch_up).unwrap_or(jobs::CatchUp::Once),
+            enabled: true,
+        };
+        jobs.put_configured_cron(&spec)
+            .await
+            .map_err(|e| refused(e.to_string()))?;
+    }
+    Ok(())
 }
 
 /// How the job system runs on this node, from the config (checked at load).

@@ -7,8 +7,9 @@
 //! migrations in `migrations/<backend>/`; [`Store`] gathers them, so callers hold one
 //! `Arc<dyn Store>`.
 //! The [`identity`] module holds users, sessions, signing keys and the audit log; [`jobs`] the
-//! durable job queue.
+//! durable job queue; [`cron`] the cron schedules that enqueue into it.
 
+pub mod cron;
 mod dialect;
 mod error;
 pub mod identity;
@@ -29,6 +30,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
+pub use cron::CronStore;
 pub use error::StoreError;
 pub use identity::{AuditStore, KeyStore, MfaStore, OneTimeTokenStore, SessionStore, UserStore};
 pub use jobs::JobStore;
@@ -112,6 +114,7 @@ pub trait Store:
     + MfaStore
     + RoomStore
     + JobStore
+    + CronStore
     + fmt::Debug
     + Send
     + Sync

@@ -34,6 +34,7 @@ pub(crate) const SQLITE: &[Embedded] = embedded!("sqlite":
     (0006, "search"),
     (0007, "session_factors"),
     (0008, "jobs"),
+    (0009, "cron"),
 );
 
 /// PostgreSQL's migrations, oldest first, in step with [`SQLITE`].
@@ -47,6 +48,7 @@ pub(crate) const POSTGRES: &[Embedded] = embedded!("postgres":
     (0006, "search"),
     (0007, "session_factors"),
     (0008, "jobs"),
+    (0009, "cron"),
 );
 
 #[derive(Debug)]

@@ -1,20 +1,22 @@
 //! `/api/v1/jobs/*` and `/api/v1/admin/jobs/*`: background jobs as an operator sees them — a
-//! job with its attempts, listings, counts, retries, cancellations and the dead letters in bulk.
-//! Every handler takes `Auth<Admin>` (a payload may hold personal data), the inputs are checked
-//! by `Jobs`, and every change is recorded in the audit log.
+//! job with its attempts, listings, counts, retries, cancellations and the dead letters in bulk;
+//! and `/api/v1/admin/cron/*`, the cron schedules that enqueue jobs. Every handler takes
+//! `Auth<Admin>` (a payload may hold personal data), the inputs are checked by `Jobs`, and
+//! every change is recorded in the audit log.
 
 use axum::Json as JsonResponse;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
-use unhidra_jobs::{JobsError, ListQuery};
+use unhidra_jobs::{CatchUp, CronSpec, JobsError, ListQuery};
 use unhidra_store::StoreError;
+use unhidra_store::cron::CronSchedule;
 use unhidra_store::jobs::{AttemptOutcome, AttemptRecord, JobRecord, JobState};
 use utoipa::{IntoParams, ToSchema};
 
 use crate::error::{ApiError, FieldError, Problem};
 use crate::http::auth::{Admin, Auth, Ctx};
-use crate::http::extract::Query;
+use crate::http::extract::{Json, Query};
 use crate::state::AppState;
 
 impl From<JobsError> for ApiError {
@@ -46,6 +48,15 @@ impl From<JobsError> for ApiError {
             ))
             .with_source(source),
             JobsError::Store(e) => e.into(),
+            JobsError::Configured(name) => Problem::new(
+                StatusCode::CONFLICT,
+                "cron_configured",
+                format!(
+                    "The cron schedule {name:?} is defined by the configuration (jobs_cron), \
+                     which wins: change it there."
+                ),
+            )
+            .into(),
         }
     }
 }
@@ -502,6 +513,269 @@ async fn bulk_audit(
             serde_json::json!({ "kind": job_kind, "count": count }),
         )
         .await;
+}
+
+/// What a cron schedule does with the ticks missed while every node was down.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum CatchUpName {
+    /// Run one job, for the latest tick missed.
+    #[default]
+    Once,
+    /// Run none; go on from the next tick.
+    Skip,
+}
+
+impl From<CatchUpName> for CatchUp {
+    fn from(name: CatchUpName) -> Self {
+        match name {
+            CatchUpName::Once => Self::Once,
+            CatchUpName::Skip => Self::Skip,
+        }
+    }
+}
+
+impl From<CatchUp> for CatchUpName {
+    fn from(catch_up: CatchUp) -> Self {
+        match catch_up {
+            CatchUp::Once => Self::Once,
+            CatchUp::Skip => Self::Skip,
+        }
+    }
+}
+
+/// A cron schedule to store.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(example = json!({
+    "expression": "0 3 * * *",
+    "time_zone": "Europe/Berlin",
+    "kind": "rooms.retention",
+    "payload": {},
+    "catch_up": "once",
+    "enabled": true
+}))]
+pub(crate) struct CronBody {
+    /// Five fields — minute, hour, day of month, month, day of week — each `*`, numbers,
+    /// ranges, lists and steps (`*/15`, `1-5`, `0,30`); months and days also as `JAN`, `MON`.
+    /// No seconds, years, `@daily`, `L`, `W`, `#` or `?`.
+    #[schema(example = "0 3 * * *", min_length = 1, max_length = 200)]
+    expression: String,
+    /// The IANA time zone the expression is read in; ticks follow its daylight saving time.
+    #[serde(default = "utc")]
+    #[schema(
+        example = "Europe/Berlin",
+        default = "UTC",
+        min_length = 1,
+        max_length = 100
+    )]
+    time_zone: String,
+    /// The registered job kind each tick enqueues.
+    #[schema(
+        example = "rooms.retention",
+        max_length = 200,
+        pattern = "^[A-Za-z0-9._-]+$"
+    )]
+    kind: String,
+    /// The payload of each tick's job, an object (at most 64 KiB encoded); `{}` if absent.
+    #[serde(default)]
+    #[schema(value_type = Object, example = json!({}))]
+    payload: serde_json::Map<String, serde_json::Value>,
+    #[serde(default)]
+    catch_up: CatchUpName,
+    /// Whether it ticks; a schedule enabled again goes on from its next tick to come.
+    #[serde(default = "enabled")]
+    #[schema(default = true)]
+    enabled: bool,
+}
+
+fn utc() -> String {
+    "UTC".to_owned()
+}
+
+fn enabled() -> bool {
+    true
+}
+
+/// A cron schedule.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct CronView {
+    name: String,
+    expression: String,
+    time_zone: String,
+    kind: String,
+    #[schema(value_type = Object)]
+    payload: serde_json::Value,
+    catch_up: CatchUpName,
+    enabled: bool,
+    /// The tick that runs next (UTC).
+    next_tick_at: chrono::DateTime<chrono::Utc>,
+    /// The tick whose job was enqueued last.
+    last_tick_at: Option<chrono::DateTime<chrono::Utc>>,
+    created_at: chrono::DateTime<chrono::Utc>,
+    updated_at: chrono::DateTime<chrono::Utc>,
+}
+
+impl From<&CronSchedule> for CronView {
+    fn from(s: &CronSchedule) -> Self {
+        Self {
+            name: s.name.clone(),
+            expression: s.expression.clone(),
+            time_zone: s.time_zone.clone(),
+            kind: s.kind.clone(),
+            payload: serde_json::from_str(&s.payload).unwrap_or(serde_json::Value::Null),
+            catch_up: s.catch_up.into(),
+            enabled: s.enabled,
+            next_tick_at: s.next_tick_at,
+            last_tick_at: s.last_tick_at,
+            created_at: s.created_at,
+            updated_at: s.updated_at,
+        }
+    }
+}
+
+/// `{name}` of a cron schedule.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+pub(crate) struct CronPath {
+    /// The schedule's name: ASCII letters, digits, `.`, `_` and `-`.
+    #[param(
+        example = "nightly-report",
+        min_length = 1,
+        max_length = 100,
+        pattern = "^[A-Za-z0-9._-]+$"
+    )]
+    name: String,
+}
+
+/// A schedule's field errors name the body's fields as JSON pointers, the name as the path
+/// parameter it is; not found is the schedule's.
+fn cron_error(err: JobsError) -> ApiError {
+    match err {
+        JobsError::NotFound => ApiError::not_found("cron schedule"),
+        JobsError::Invalid(field, code, message) => {
+            let field = if field == "name" {
+                field.to_owned()
+            } else {
+                format!("/{field}")
+            };
+            ApiError::validation(vec![FieldError::new(field, code, message)])
+        }
+        JobsError::UnknownKind(kind) => ApiError::validation(vec![FieldError::new(
+            "/kind",
+            "unknown_kind",
+            format!("no job kind {kind:?} is registered"),
+        )]),
+        other => other.into(),
+    }
+}
+
+/// Every cron schedule, by name.
+#[utoipa::path(get, path = "/api/v1/admin/cron", tag = "jobs", security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The schedules", body = [CronView]),
+        (status = 403, description = "Not an admin", body = Problem,
+            content_type = "application/problem+json"),
+    ))]
+pub(crate) async fn cron_list(
+    State(state): State<AppState>,
+    _: Auth<Admin>,
+) -> Result<JsonResponse<Vec<CronView>>, ApiError> {
+    let schedules = state.jobs().cron_schedules().await.map_err(cron_error)?;
+    Ok(JsonResponse(schedules.iter().map(CronView::from).collect()))
+}
+
+/// Stores a cron schedule, or replaces the one of this name. A replaced schedule that keeps
+/// its expression and time zone keeps its next tick; otherwise it goes on from its first
+/// tick after now. Each tick enqueues one job across every node (unique key
+/// `cron:<name>:<tick>`).
+#[utoipa::path(put, path = "/api/v1/admin/cron/{name}", tag = "jobs",
+    security(("bearer" = [])),
+    params(CronPath), request_body = CronBody,
+    responses(
+        (status = 200, description = "The schedule, replaced", body = CronView),
+        (status = 201, description = "The schedule, new", body = CronView),
+        (status = 403, description = "Not an admin", body = Problem,
+            content_type = "application/problem+json"),
+        (status = 409, description = "`cron_configured`: the configuration defines this \
+            schedule; nothing changed", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "`errors` names the field: `invalid_cron` (`/expression`), \
+            `unknown_time_zone` (`/time_zone`), `unknown_kind` (`/kind`), `too_large` \
+            (`/payload`), `invalid` (`name`); nothing was stored", body = Problem,
+            content_type = "application/problem+json"),
+    ))]
+pub(crate) async fn cron_put(
+    State(state): State<AppState>,
+    Auth(admin, ..): Auth<Admin>,
+    Ctx(ctx): Ctx,
+    Path(CronPath { name }): Path<CronPath>,
+    Json(body): Json<CronBody>,
+) -> Result<(StatusCode, JsonResponse<CronView>), ApiError> {
+    let spec = CronSpec {
+        name,
+        expression: body.expression,
+        time_zone: body.time_zone,
+        kind: body.kind,
+        payload: serde_json::Value::Object(body.payload),
+        catch_up: body.catch_up.into(),
+        enabled: body.enabled,
+    };
+    let (stored, created) = state.jobs().put_cron(&spec).await.map_err(cron_error)?;
+    state
+        .identity()
+        .audit(
+            "cron.saved",
+            Some(admin.user_id),
+            Some(stored.name.clone()),
+            &ctx,
+            serde_json::json!({
+                "expression": stored.expression,
+                "time_zone": stored.time_zone,
+                "kind": stored.kind,
+                "enabled": stored.enabled,
+                "created": created,
+            }),
+        )
+        .await;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, JsonResponse(CronView::from(&stored))))
+}
+
+/// Deletes a cron schedule; the jobs it enqueued stay.
+#[utoipa::path(delete, path = "/api/v1/admin/cron/{name}", tag = "jobs",
+    security(("bearer" = [])),
+    params(CronPath),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 403, description = "Not an admin", body = Problem,
+            content_type = "application/problem+json"),
+        (status = 404, description = "No such schedule", body = Problem,
+            content_type = "application/problem+json"),
+        (status = 409, description = "`cron_configured`: the configuration defines this \
+            schedule; nothing changed", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub(crate) async fn cron_delete(
+    State(state): State<AppState>,
+    Auth(admin, ..): Auth<Admin>,
+    Ctx(ctx): Ctx,
+    Path(CronPath { name }): Path<CronPath>,
+) -> Result<StatusCode, ApiError> {
+    state.jobs().delete_cron(&name).await.map_err(cron_error)?;
+    state
+        .identity()
+        .audit(
+            "cron.deleted",
+            Some(admin.user_id),
+            Some(name),
+            &ctx,
+            serde_json::json!({}),
+        )
+        .await;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 #[cfg(test)]

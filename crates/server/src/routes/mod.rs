@@ -35,7 +35,8 @@ pub const OPENAPI_PATH: &str = "/api/v1/openapi.json";
         (name = "auth", description = "Accounts, tokens and sessions."),
         (name = "admin", description = "User management and the audit log; admins only."),
         (name = "jobs", description = "Background jobs: a job with its attempts, listings, \
-            counts, retries, cancellations and dead letters; admins only."),
+            counts, retries, cancellations and dead letters, and the cron schedules that \
+            enqueue jobs; admins only."),
         (name = "rooms", description = "Rooms, members, messages and presence. Realtime delivery \
             is the WebSocket at /ws (docs/protocol.md)."),
     ),
@@ -137,6 +138,8 @@ fn documented() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(jobs::cancel))
         .routes(routes!(jobs::requeue))
         .routes(routes!(jobs::purge))
+        .routes(routes!(jobs::cron_list))
+        .routes(routes!(jobs::cron_put, jobs::cron_delete))
         .routes(routes!(rooms::create, rooms::list))
         .routes(routes!(rooms::get, rooms::update, rooms::delete))
         .routes(routes!(rooms::members, rooms::put_member))

@@ -8,6 +8,7 @@
 mod account;
 mod auth;
 mod conformance;
+mod cron;
 mod errors;
 mod helpers;
 mod jobs;

@@ -127,7 +127,7 @@ macro_rules! job_queries {
                 /// Tells the listeners of every node that `queue` has a job due, once the
                 /// write committed. A hint only: a failure is logged, and the job waits for
                 /// a worker's poll.
-                async fn announce(&self, queue: &str) {
+                pub(crate) async fn announce(&self, queue: &str) {
                     let Some(notify) = <Store as Dialect>::NOTIFY else {
                         return;
                     };
@@ -139,6 +139,76 @@ macro_rules! job_queries {
                     if let Err(e) = sent {
                         tracing::warn!(%queue, error = %e, "cannot announce a new job to the other nodes");
                     }
+                }
+
+                /// Stores `new` on `conn` (a transaction's, or the pool's), unless a job with
+                /// its unique key exists in a state where the key counts: what
+                /// [`JobStore::enqueue_job`] does, and what the claim of a cron tick does
+                /// inside its transaction. The caller announces a new job once it committed.
+                pub(crate) async fn insert_job(
+                    conn: &mut <Db as sqlx::Database>::Connection,
+                    new: &NewJob,
+                ) -> Result<Enqueued, StoreError> {
+                    if new.unique_key.is_some() && !new.unique_states.is_storable() {
+                        return Err(StoreError::invalid(
+                            "a unique key must count in every state before its job finishes",
+                        ));
+                    }
+                    let state = initial_state(new);
+                    let unique_live = new
+                        .unique_key
+                        .as_deref()
+                        .filter(|_| new.unique_states.contains(state));
+                    // The job that holds the key may finish between the insert and the read
+                    // of it; the insert then succeeds when tried again.
+                    for _ in 0..3 {
+                        let inserted = sqlx::query(&format!(
+                            "INSERT INTO jobs (id, kind, queue, payload, priority, state, run_at, \
+                             max_attempts, timeout_ms, unique_key, unique_states, unique_live, \
+                             concurrency_key, concurrency_limit, trace_id, created_at) \
+                             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, \
+                             $15, $16) \
+                             ON CONFLICT (kind, unique_live) WHERE unique_live IS NOT NULL DO NOTHING \
+                             RETURNING {JOB_COLUMNS}"
+                        ))
+                        .bind(Store::id(new.id))
+                        .bind(&new.kind)
+                        .bind(&new.queue)
+                        .bind(&new.payload)
+                        .bind(new.priority)
+                        .bind(state.as_str())
+                        .bind(Store::time(new.run_at))
+                        .bind(new.max_attempts)
+                        .bind(new.timeout_ms)
+                        .bind(new.unique_key.as_deref())
+                        .bind(new.unique_states.0)
+                        .bind(unique_live)
+                        .bind(new.concurrency_key.as_deref())
+                        .bind(new.concurrency_limit)
+                        .bind(new.trace_id.as_deref())
+                        .bind(Store::time(new.created_at))
+                        .fetch_optional(&mut *conn)
+                        .await
+                        .map_err(err)?;
+                        if let Some(row) = inserted {
+                            return Ok(Enqueued::New(job(&row)?));
+                        }
+                        let existing = sqlx::query(&format!(
+                            "SELECT {JOB_COLUMNS} FROM jobs WHERE kind = $1 AND unique_live = $2"
+                        ))
+                        .bind(&new.kind)
+                        .bind(unique_live)
+                        .fetch_optional(&mut *conn)
+                        .await
+                        .map_err(err)?;
+                        if let Some(row) = existing {
+                            return Ok(Enqueued::Existing(job(&row)?));
+                        }
+                    }
+                    Err(StoreError::Conflict {
+                        entity: "job",
+                        source: "the job holding the unique key kept changing".into(),
+                    })
                 }
 
                 async fn find_job(&self, id: Uuid) -> Result<JobRecord, StoreError> {
@@ -280,70 +350,15 @@ macro_rules! job_queries {
                 }
 
                 async fn enqueue_job(&self, new: &NewJob) -> Result<Enqueued, StoreError> {
-                    if new.unique_key.is_some() && !new.unique_states.is_storable() {
-                        return Err(StoreError::invalid(
-                            "a unique key must count in every state before its job finishes",
-                        ));
+                    let mut conn = self.pool.acquire().await.map_err(err)?;
+                    let enqueued = Store::insert_job(&mut conn, new).await?;
+                    drop(conn);
+                    if let Enqueued::New(stored) = &enqueued
+                        && stored.state == JobState::Available
+                    {
+                        self.announce(&stored.queue).await;
                     }
-                    let state = initial_state(new);
-                    let unique_live = new
-                        .unique_key
-                        .as_deref()
-                        .filter(|_| new.unique_states.contains(state));
-                    // The job that holds the key may finish between the insert and the read
-                    // of it; the insert then succeeds when tried again.
-                    for _ in 0..3 {
-                        let inserted = sqlx::query(&format!(
-                            "INSERT INTO jobs (id, kind, queue, payload, priority, state, run_at, \
-                             max_attempts, timeout_ms, unique_key, unique_states, unique_live, \
-                             concurrency_key, concurrency_limit, trace_id, created_at) \
-                             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, \
-                             $15, $16) \
-                             ON CONFLICT (kind, unique_live) WHERE unique_live IS NOT NULL DO NOTHING \
-                             RETURNING {JOB_COLUMNS}"
-                        ))
-                        .bind(Store::id(new.id))
-                        .bind(&new.kind)
-                        .bind(&new.queue)
-                        .bind(&new.payload)
-                        .bind(new.priority)
-                        .bind(state.as_str())
-                        .bind(Store::time(new.run_at))
-                        .bind(new.max_attempts)
-                        .bind(new.timeout_ms)
-                        .bind(new.unique_key.as_deref())
-                        .bind(new.unique_states.0)
-                        .bind(unique_live)
-                        .bind(new.concurrency_key.as_deref())
-                        .bind(new.concurrency_limit)
-                        .bind(new.trace_id.as_deref())
-                        .bind(Store::time(new.created_at))
-                        .fetch_optional(&self.pool)
-                        .await
-                        .map_err(err)?;
-                        if let Some(row) = inserted {
-                            let stored = job(&row)?;
-                            if stored.state == JobState::Available {
-                                self.announce(&stored.queue).await;
-                            }
-                            return Ok(Enqueued::New(stored));
-                        }
-                        let existing = sqlx::query(&format!(
-                            "SELECT {JOB_COLUMNS} FROM jobs WHERE kind = $1 AND unique_live = $2"
-                        ))
-                        .bind(&new.kind)
-                        .bind(unique_live)
-                        .fetch_optional(&self.pool)
-                        .await
-                        .map_err(err)?;
-                        if let Some(row) = existing {
-                            return Ok(Enqueued::Existing(job(&row)?));
-                        }
-                    }
-                    Err(StoreError::Conflict {
-                        entity: "job",
-                        source: "the job holding the unique key kept changing".into(),
-                    })
+                    Ok(enqueued)
                 }
 
                 async fn claim_jobs(

@@ -5,6 +5,7 @@
 //! store's [`Dialect`](crate::dialect::Dialect). A macro rather than functions generic over
 //! the engine keeps sqlx's executor, argument and decoding bounds out of every signature.
 
+pub(crate) mod cron;
 pub(crate) mod identity;
 pub(crate) mod jobs;
 pub(crate) mod meta;

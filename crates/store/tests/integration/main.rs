@@ -143,6 +143,8 @@ async fn an_unknown_url_is_refused() {
     assert!(matches!(err, StoreError::Invalid(_)));
 }
 
+mod cron;
+
 mod identity;
 
 mod jobs;
