@@ -8,7 +8,7 @@ use unhidra_jobs::{EnqueueOptions, Jobs};
 use unhidra_mail::{Mail, SEND_KIND};
 use unhidra_store::StoreError;
 use unhidra_store::identity::{TokenPurpose, UserRecord};
-use unhidra_store::jobs::UniqueStates;
+use unhidra_store::jobs::{NewJob, UniqueStates};
 
 use super::{Identity, IdentityError, Principal, RequestContext};
 use crate::mail_jobs::{Purpose, TOKEN_MAIL_KIND, TokenMail};
@@ -37,14 +37,33 @@ impl JobLater {
 
     /// Enqueues the job (or finds the one waiting with its unique key).
     async fn try_enqueue(self, jobs: &Jobs) -> Result<(), unhidra_jobs::JobsError> {
-        let options = EnqueueOptions {
-            trace_id: self.trace_id,
-            unique_states: self.unique_key.as_ref().map(|_| UniqueStates::UNFINISHED),
-            unique_key: self.unique_key,
-            ..EnqueueOptions::default()
-        };
+        let options = self.options();
         jobs.enqueue(self.kind, &self.payload, options).await?;
         Ok(())
+    }
+
+    /// The job as stored, checked, for a store write that enqueues it in its own transaction.
+    pub(super) fn new_job(&self, jobs: &Jobs) -> Result<NewJob, IdentityError> {
+        jobs.new_job(self.kind, &self.payload, self.options())
+            .map_err(jobs_error)
+    }
+
+    fn options(&self) -> EnqueueOptions {
+        EnqueueOptions {
+            trace_id: self.trace_id.clone(),
+            unique_states: self.unique_key.as_ref().map(|_| UniqueStates::UNFINISHED),
+            unique_key: self.unique_key.clone(),
+            ..EnqueueOptions::default()
+        }
+    }
+}
+
+/// A job the system refused, as identity answers it: a store failure as one, anything else (a
+/// kind not registered, a payload too large) is a bug, answered like a broken store.
+fn jobs_error(e: unhidra_jobs::JobsError) -> IdentityError {
+    match e {
+        unhidra_jobs::JobsError::Store(e) => IdentityError::Store(e),
+        other => IdentityError::Store(StoreError::Other(Box::new(other))),
     }
 }
 
@@ -106,11 +125,7 @@ impl Identity {
         self.verification_mail(user, ctx)
             .try_enqueue(&self.jobs)
             .await
-            .map_err(|e| match e {
-                unhidra_jobs::JobsError::Store(e) => IdentityError::Store(e),
-                // A kind not registered: a bug, answered like a broken store.
-                other => IdentityError::Store(StoreError::Other(Box::new(other))),
-            })
+            .map_err(jobs_error)
     }
 
     /// Does the work that only an existing account's answer has — its audit `event`, then

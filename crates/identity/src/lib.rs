@@ -651,9 +651,25 @@ impl Identity {
             role,
             now,
         };
-        match self.store.create_user(&user).await {
-            Ok(()) => {}
-            Err(StoreError::Conflict { .. }) if self.hide_existing && role == Role::User => {
+        // The account and its verification mail commit together (with hidden accounts the
+        // mail is enqueued after the answer instead, as a taken email's notice is).
+        let hidden = self.hide_existing && role == Role::User;
+        let verification = if role == Role::User && !hidden {
+            Some(self.verification_mail(user.id, ctx).new_job(&self.jobs)?)
+        } else {
+            None
+        };
+        match self
+            .store
+            .create_user_with_jobs(&user, verification.as_slice())
+            .await
+        {
+            Ok(()) => {
+                if let Some(job) = &verification {
+                    self.jobs.committed(job);
+                }
+            }
+            Err(StoreError::Conflict { .. }) if hidden => {
                 self.notify_registration_attempt(&user.email);
                 return Ok(UserView::of(&record_of(&user), now));
             }
@@ -666,7 +682,7 @@ impl Identity {
             subject: Some(user.id.to_string()),
             detail: serde_json::json!({ "role": role.as_str() }),
         };
-        if self.hide_existing && role == Role::User {
+        if hidden {
             // A taken email stores nothing more: neither does the answer for a new one.
             let verification = self.verification_mail(user.id, ctx);
             self.after_answer(event, verification, ctx);
@@ -674,9 +690,6 @@ impl Identity {
         }
         self.audit(event.kind, event.actor, event.subject, ctx, event.detail)
             .await;
-        if role == Role::User {
-            self.send_verification(user.id, ctx).await?;
-        }
         Ok(UserView::of(&record_of(&user), now))
     }
 

@@ -433,9 +433,16 @@ impl Jobs {
         }
     }
 
+    /// After the caller's transaction that stored `job` (from [`Self::new_job`]) committed:
+    /// counts it and wakes its queue's worker here (the store tells other nodes).
+    pub fn committed(&self, job: &NewJob) {
+        JobsMetrics::count(&self.metrics.enqueued, &job.kind, 1);
+        self.wake(&job.queue);
+    }
+
     /// The job `kind` with `payload` would be stored as, checked: what [`Self::enqueue`] stores,
     /// and what a capability hands its store to enqueue in the same transaction as its own
-    /// write (then call [`Self::wake`] after the commit).
+    /// write (then call [`Self::committed`] after the commit).
     pub fn new_job(
         &self,
         kind: &str,

@@ -77,6 +77,14 @@ pub trait UserStore {
     /// Creates a user; [`StoreError::Conflict`] if the email is taken.
     async fn create_user(&self, user: &NewUser) -> Result<(), StoreError>;
 
+    /// Creates a user and enqueues `jobs` in one transaction: both are stored, or neither
+    /// (a taken email stores no job). A job whose unique key is held is not stored again.
+    async fn create_user_with_jobs(
+        &self,
+        user: &NewUser,
+        jobs: &[crate::jobs::NewJob],
+    ) -> Result<(), StoreError>;
+
     /// The user with this email.
     async fn user_by_email(&self, email: &Email) -> Result<UserRecord, StoreError>;
 

@@ -11,6 +11,7 @@ macro_rules! identity_queries {
 
             use $crate::StoreError;
             use $crate::dialect::{Dialect, get};
+            use $crate::jobs::NewJob;
             use $crate::identity::{
                 AuditRecord, AuditStore, DeviceHistory, KeyStore, MfaStore, NewAuditEvent,
                 NewRefreshToken, NewSession, NewUser, OneTimeTokenStore, Rotation, SessionRecord,
@@ -63,6 +64,20 @@ macro_rules! identity_queries {
             #[async_trait]
             impl UserStore for Store {
                 async fn create_user(&self, user: &NewUser) -> Result<(), StoreError> {
+                    self.create_user_with_jobs(user, &[]).await
+                }
+
+                async fn create_user_with_jobs(
+                    &self,
+                    user: &NewUser,
+                    jobs: &[NewJob],
+                ) -> Result<(), StoreError> {
+                    let store_err = |e| StoreError::from_sqlx("user", e);
+                    let mut tx = self
+                        .pool
+                        .begin_with(Store::BEGIN_WRITE)
+                        .await
+                        .map_err(store_err)?;
                     sqlx::query(
                         "INSERT INTO users (id, email, display_name, password_hash, role, active, \
                          failed_logins, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, TRUE, \
@@ -74,9 +89,16 @@ macro_rules! identity_queries {
                     .bind(&user.password_hash)
                     .bind(user.role.as_str())
                     .bind(Store::time(user.now))
-                    .execute(&self.pool)
+                    .execute(&mut *tx)
                     .await
-                    .map_err(|e| StoreError::from_sqlx("user", e))?;
+                    .map_err(store_err)?;
+                    for job in jobs {
+                        Store::insert_job(&mut tx, job).await?;
+                    }
+                    tx.commit().await.map_err(store_err)?;
+                    for job in jobs {
+                        self.announce(&job.queue).await;
+                    }
                     Ok(())
                 }
 

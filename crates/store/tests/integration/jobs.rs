@@ -1003,3 +1003,57 @@ async fn sqlite_has_no_listener() {
     assert!(db.store.job_wakeups().is_none());
     db.drop_db().await;
 }
+
+/// A user and the jobs its creation triggers commit together: a taken email stores neither.
+async fn a_user_and_its_jobs_commit_together(db: &TestDb) {
+    db.store.migrate().await.unwrap();
+    let at = t0();
+    let account = |email: &str| unhidra_store::identity::NewUser {
+        id: unhidra_core::UserId::new(),
+        email: unhidra_core::Email::parse(email).unwrap(),
+        display_name: None,
+        password_hash: "$argon2id$v=19$m=8,t=1,p=1$c2FsdA$aGFzaA".into(),
+        role: unhidra_core::Role::User,
+        now: at,
+    };
+    let first = new_job("mail", at);
+    db.store
+        .create_user_with_jobs(&account("ann@example.com"), std::slice::from_ref(&first))
+        .await
+        .unwrap();
+    let (stored, _) = db.store.job(first.id).await.unwrap();
+    assert_eq!(stored.state, JobState::Available);
+
+    let second = new_job("mail", at);
+    let taken = db
+        .store
+        .create_user_with_jobs(&account("ann@example.com"), std::slice::from_ref(&second))
+        .await;
+    assert!(
+        matches!(taken, Err(StoreError::Conflict { .. })),
+        "{taken:?}"
+    );
+    assert!(
+        matches!(
+            db.store.job(second.id).await,
+            Err(StoreError::NotFound { .. })
+        ),
+        "the job of a user that was not created is not stored"
+    );
+    // A job that cannot be stored takes the user with it.
+    let mut bad = new_job("mail", at);
+    bad.unique_key = Some("k".to_owned());
+    bad.unique_states = UniqueStates::of(&[JobState::Completed]);
+    let refused = db
+        .store
+        .create_user_with_jobs(&account("bo@example.com"), &[bad])
+        .await;
+    assert!(refused.is_err());
+    assert!(matches!(
+        db.store
+            .user_by_email(&unhidra_core::Email::parse("bo@example.com").unwrap())
+            .await,
+        Err(StoreError::NotFound { .. })
+    ));
+}
+both_backends!(a_user_and_its_jobs_commit_together);
