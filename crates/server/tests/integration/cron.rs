@@ -9,24 +9,17 @@ use serde_json::{Value, json};
 use unhidra_core::{Clock, ManualClock};
 use unhidra_store::jobs::JobFilter;
 
-use crate::helpers::{TestApp, default_backend, problem, test_config, user};
+use crate::helpers::{TestApp, default_backend, problem, test_config, user, with_admin};
 
-const ADMIN: &str = "root@example.com";
-const ADMIN_PASSWORD: &str = "velvet thunder quietly seven lamps";
 /// A kind the server registers itself.
 const KIND: &str = "rooms.retention";
-
-fn admin(c: &mut unhidra_config::Config) {
-    c.admin_email = Some(ADMIN.to_owned());
-    c.admin_password = Some(unhidra_config::Secret::new(ADMIN_PASSWORD));
-}
 
 /// A server that runs no job queue (nor scheduler), unless `tweak` says otherwise.
 async fn spawn(tweak: impl FnOnce(&mut unhidra_config::Config)) -> TestApp {
     TestApp::spawn_with(
         default_backend(),
         |c| {
-            admin(c);
+            with_admin(c);
             c.jobs_queues = String::new();
             tweak(c);
         },
@@ -36,17 +29,7 @@ async fn spawn(tweak: impl FnOnce(&mut unhidra_config::Config)) -> TestApp {
 }
 
 async fn admin_token(app: &TestApp) -> String {
-    let pair: Value = app
-        .client
-        .post(app.url("/api/v1/auth/login"))
-        .json(&json!({ "email": ADMIN, "password": ADMIN_PASSWORD }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    pair["access_token"].as_str().unwrap().to_owned()
+    app.admin_token().await
 }
 
 async fn put(app: &TestApp, name: &str, token: &str, body: &Value) -> reqwest::Response {
@@ -292,7 +275,7 @@ async fn a_running_server_enqueues_each_tick() {
     let app = TestApp::spawn_on(
         db,
         |c| {
-            admin(c);
+            with_admin(c);
             c.jobs_poll_interval =
                 unhidra_config::HumanDuration(std::time::Duration::from_millis(10));
         },

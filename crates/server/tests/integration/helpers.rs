@@ -152,7 +152,33 @@ pub fn default_backend() -> Backend {
     }
 }
 
+/// The admin that [`with_admin`] has a server create at start.
+pub const ADMIN: &str = "root@example.com";
+/// Its password.
+pub const ADMIN_PASSWORD: &str = "velvet thunder quietly seven lamps";
+
+/// Has the server create [`ADMIN`] at start.
+pub fn with_admin(c: &mut Config) {
+    c.admin_email = Some(ADMIN.to_owned());
+    c.admin_password = Some(unhidra_config::Secret::new(ADMIN_PASSWORD));
+}
+
 impl TestApp {
+    /// An access token of [`ADMIN`] (on a server started [`with_admin`]).
+    pub async fn admin_token(&self) -> String {
+        let pair: serde_json::Value = self
+            .client
+            .post(self.url("/api/v1/auth/login"))
+            .json(&serde_json::json!({ "email": ADMIN, "password": ADMIN_PASSWORD }))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        pair["access_token"].as_str().unwrap().to_owned()
+    }
+
     /// A server on the default backend with the test profile's defaults.
     pub async fn spawn() -> Self {
         Self::spawn_with(default_backend(), |_| {}, None).await

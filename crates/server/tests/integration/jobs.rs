@@ -9,10 +9,8 @@ use serde_json::{Value, json};
 use unhidra_server::jobs::EnqueueOptions;
 use unhidra_store::jobs::{AttemptOutcome, Enqueued, Finish, Finished, JobRecord};
 
-use crate::helpers::{TestApp, default_backend, problem};
+use crate::helpers::{TestApp, default_backend, problem, with_admin};
 
-const ADMIN: &str = "root@example.com";
-const ADMIN_PASSWORD: &str = "velvet thunder quietly seven lamps";
 /// The kind the server registers itself.
 const KIND: &str = "rooms.retention";
 
@@ -20,8 +18,7 @@ async fn spawn() -> TestApp {
     TestApp::spawn_with(
         default_backend(),
         |c| {
-            c.admin_email = Some(ADMIN.to_owned());
-            c.admin_password = Some(unhidra_config::Secret::new(ADMIN_PASSWORD));
+            with_admin(c);
             c.jobs_queues = String::new();
         },
         None,
@@ -30,17 +27,7 @@ async fn spawn() -> TestApp {
 }
 
 async fn admin_token(app: &TestApp) -> String {
-    let pair: Value = app
-        .client
-        .post(app.url("/api/v1/auth/login"))
-        .json(&json!({ "email": ADMIN, "password": ADMIN_PASSWORD }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    pair["access_token"].as_str().unwrap().to_owned()
+    app.admin_token().await
 }
 
 /// Enqueues a job of [`KIND`], due in `due_in` (now if zero).
