@@ -80,7 +80,19 @@ impl AuditFile {
             self.dir.join(LIVE),
             self.dir.join(format!("audit-{stamp}.jsonl")),
         )?;
-        let mut rotated: Vec<(PathBuf, SystemTime)> = std::fs::read_dir(&self.dir)?
+        self.prune().map(|_| ())
+    }
+
+    /// Drops the rotated files past the count or the age; answers how many. Runs at each
+    /// rotation and as the periodic job [`PRUNE_KIND`], so that files age out while nothing is
+    /// written too. A missing folder has nothing to drop.
+    pub fn prune(&self) -> std::io::Result<usize> {
+        let entries = match std::fs::read_dir(&self.dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(e),
+        };
+        let mut rotated: Vec<(PathBuf, SystemTime)> = entries
             .filter_map(Result::ok)
             .map(|e| e.path())
             .filter(|p| is_rotated(p))
@@ -92,15 +104,39 @@ impl AuditFile {
         // Newest first: names sort by time.
         rotated.sort_by(|a, b| b.0.cmp(&a.0));
         let now = SystemTime::now();
+        let mut dropped = 0;
         for (index, (path, modified)) in rotated.iter().enumerate() {
             let too_old = now
                 .duration_since(*modified)
                 .is_ok_and(|age| age > self.max_age);
             if index >= self.max_files || too_old {
                 std::fs::remove_file(path)?;
+                dropped += 1;
             }
         }
-        Ok(())
+        Ok(dropped)
+    }
+}
+
+/// The periodic job that drops rotated audit files past `audit_file_max_files` or
+/// `audit_file_max_age` (hourly, once across every node that shares the data folder's store).
+pub const PRUNE_KIND: &str = "audit.prune";
+
+/// Runs [`PRUNE_KIND`] jobs.
+#[derive(Debug)]
+pub struct Prune(pub AuditFile);
+
+#[async_trait::async_trait]
+impl unhidra_jobs::Handler for Prune {
+    async fn run(&self, _: &unhidra_jobs::JobContext) -> Result<(), unhidra_jobs::JobError> {
+        match self.0.prune() {
+            Ok(0) => Ok(()),
+            Ok(dropped) => {
+                tracing::info!(dropped, "old audit files dropped");
+                Ok(())
+            }
+            Err(e) => Err(unhidra_jobs::JobError::retry(e)),
+        }
     }
 }
 
@@ -134,6 +170,38 @@ mod tests {
         assert_eq!(minimise_ip("203.0.113.77"), "203.0.113.0/24");
         assert_eq!(minimise_ip("2001:db8:abcd:12::1"), "2001:db8:abcd::/48");
         assert_eq!(minimise_ip("junk"), "unknown");
+    }
+
+    #[test]
+    fn prune_drops_files_past_their_age_without_a_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let sink = AuditFile {
+            dir: dir.path().to_owned(),
+            max_bytes: 1 << 20,
+            max_files: 10,
+            max_age: Duration::from_secs(3600),
+            file: Mutex::new(None),
+        };
+        let old = dir.path().join("audit-20260101T000000.000000Z.jsonl");
+        let fresh = dir.path().join("audit-20261201T000000.000000Z.jsonl");
+        std::fs::write(&old, "{}\n").unwrap();
+        std::fs::write(&fresh, "{}\n").unwrap();
+        std::fs::write(dir.path().join(LIVE), "{}\n").unwrap();
+        let two_hours_ago = SystemTime::now() - Duration::from_secs(7200);
+        File::options()
+            .write(true)
+            .open(&old)
+            .unwrap()
+            .set_modified(two_hours_ago)
+            .unwrap();
+        assert_eq!(sink.prune().unwrap(), 1);
+        assert!(!old.exists() && fresh.exists() && dir.path().join(LIVE).exists());
+        assert_eq!(sink.prune().unwrap(), 0);
+        let gone = AuditFile {
+            dir: dir.path().join("never-written"),
+            ..sink
+        };
+        assert_eq!(gone.prune().unwrap(), 0, "no folder, nothing to drop");
     }
 
     #[test]

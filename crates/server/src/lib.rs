@@ -175,7 +175,21 @@ impl Application {
         .every(
             chat::retention::KIND,
             config.retention_interval.0.max(Duration::from_secs(1)),
-        )
+        );
+        // Rotated audit files age out hourly, even while nothing is written.
+        let jobs = match identity::audit_file::AuditFile::from_config(&config) {
+            Some(file) => jobs
+                .register(
+                    identity::audit_file::PRUNE_KIND,
+                    identity::audit_file::Prune(file),
+                    jobs::KindOptions {
+                        max_attempts: 3,
+                        ..jobs::KindOptions::default()
+                    },
+                )
+                .every(identity::audit_file::PRUNE_KIND, Duration::from_secs(3600)),
+            None => jobs,
+        }
         .build();
         configure_cron(&config, &jobs).await?;
         let identity = identity::Identity::new(
