@@ -43,6 +43,8 @@ pub(crate) trait Dialect {
     /// A statement notifying channel `$1` with the payload `$2` for other connections that
     /// listen; `None` where no other node could listen.
     const NOTIFY: Option<&'static str>;
+    /// The start of the `$5`-second bucket that `ts` falls in, comparable with a stored time.
+    const TIME_BUCKET: &'static str;
     /// Full-text search: the terms `$1` in the rooms of user `$2` (or in room `$3` only), at
     /// most `$4`, best first, with the message's columns, `snippet` and `score` (higher is
     /// better).

@@ -7,9 +7,11 @@
 //! migrations in `migrations/<backend>/`; [`Store`] gathers them, so callers hold one
 //! `Arc<dyn Store>`.
 //! The [`identity`] module holds users, sessions, signing keys and the audit log; [`jobs`] the
-//! durable job queue; [`cron`] the cron schedules that enqueue into it.
+//! durable job queue; [`cron`] the cron schedules that enqueue into it; [`devices`] the device
+//! fleet.
 
 pub mod cron;
+pub mod devices;
 mod dialect;
 mod error;
 pub mod identity;
@@ -31,6 +33,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 pub use cron::CronStore;
+pub use devices::DeviceStore;
 pub use error::StoreError;
 pub use identity::{AuditStore, KeyStore, MfaStore, OneTimeTokenStore, SessionStore, UserStore};
 pub use jobs::JobStore;
@@ -115,6 +118,7 @@ pub trait Store:
     + RoomStore
     + JobStore
     + CronStore
+    + DeviceStore
     + fmt::Debug
     + Send
     + Sync

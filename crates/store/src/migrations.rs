@@ -35,6 +35,7 @@ pub(crate) const SQLITE: &[Embedded] = embedded!("sqlite":
     (0007, "session_factors"),
     (0008, "jobs"),
     (0009, "cron"),
+    (0010, "devices"),
 );
 
 /// PostgreSQL's migrations, oldest first, in step with [`SQLITE`].
@@ -49,6 +50,7 @@ pub(crate) const POSTGRES: &[Embedded] = embedded!("postgres":
     (0007, "session_factors"),
     (0008, "jobs"),
     (0009, "cron"),
+    (0010, "devices"),
 );
 
 #[derive(Debug)]

@@ -17,6 +17,7 @@ use crate::{Backend, Health, Store, StoreError, StoreOptions};
 
 // The queries written once for both engines, expanded on this one's types.
 crate::queries::cron::cron_queries!(cron, super::PostgresStore);
+crate::queries::devices::device_queries!(devices, super::PostgresStore);
 crate::queries::identity::identity_queries!(identity, super::PostgresStore);
 crate::queries::jobs::job_queries!(jobs, super::PostgresStore);
 crate::queries::meta::meta_queries!(meta, super::PostgresStore);
@@ -109,6 +110,8 @@ impl Dialect for PostgresStore {
     const SKIP_LOCKED: &'static str = "FOR UPDATE SKIP LOCKED";
     const LOCK_KEY: Option<&'static str> = Some("SELECT pg_advisory_xact_lock($1)");
     const NOTIFY: Option<&'static str> = Some("SELECT pg_notify($1, $2)");
+    const TIME_BUCKET: &'static str = "date_bin(make_interval(secs => CAST($5 AS DOUBLE PRECISION)), \
+        ts, TIMESTAMPTZ '1970-01-01 00:00:00+00')";
     const SEARCH: &'static str = "SELECT m.id, m.room_id, m.sender_id, m.client_msg_id, m.body, \
         m.created_at, ts_headline('simple', m.body, q, 'StartSel=' || chr(57344) || \
         ', StopSel=' || chr(57345) || \

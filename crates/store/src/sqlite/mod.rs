@@ -16,6 +16,7 @@ use crate::{Backend, Health, Store, StoreError, StoreOptions};
 
 // The queries written once for both engines, expanded on this one's types.
 crate::queries::cron::cron_queries!(cron, super::SqliteStore);
+crate::queries::devices::device_queries!(devices, super::SqliteStore);
 crate::queries::identity::identity_queries!(identity, super::SqliteStore);
 crate::queries::jobs::job_queries!(jobs, super::SqliteStore);
 crate::queries::meta::meta_queries!(meta, super::SqliteStore);
@@ -156,6 +157,7 @@ impl Dialect for SqliteStore {
     const SKIP_LOCKED: &'static str = "";
     const LOCK_KEY: Option<&'static str> = None;
     const NOTIFY: Option<&'static str> = None;
+    const TIME_BUCKET: &'static str = "(ts / ($5 * 1000000)) * ($5 * 1000000)";
     // FTS5's bm25 is lower for better matches.
     const SEARCH: &'static str = "SELECT m.id, m.room_id, m.sender_id, m.client_msg_id, m.body, \
         m.created_at, snippet(messages_fts, 0, char(57344), char(57345), '…', 12) AS snippet, \

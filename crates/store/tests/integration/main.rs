@@ -145,6 +145,8 @@ async fn an_unknown_url_is_refused() {
 
 mod cron;
 
+mod devices;
+
 mod identity;
 
 mod jobs;

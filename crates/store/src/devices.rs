@@ -1,0 +1,481 @@
+//! Storage of the device fleet: devices and their tags, hashed API keys, presence, alerts and
+//! telemetry.
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use unhidra_core::UserId;
+use uuid::Uuid;
+
+use crate::StoreError;
+
+/// Where a device stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DeviceStatus {
+    /// Connected, or heard from over HTTP within its inactivity timeout.
+    Online,
+    /// Not connected, and not yet past its inactivity timeout (or never seen).
+    Offline,
+    /// Not heard from for longer than its inactivity timeout.
+    Silent,
+}
+
+impl DeviceStatus {
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Online => "online",
+            Self::Offline => "offline",
+            Self::Silent => "silent",
+        }
+    }
+
+    /// The status a stored name names.
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "online" => Some(Self::Online),
+            "offline" => Some(Self::Offline),
+            "silent" => Some(Self::Silent),
+            _ => None,
+        }
+    }
+}
+
+/// A stored device.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeviceRecord {
+    /// Its id.
+    pub id: Uuid,
+    /// The user who manages it; `None` once that account is deleted (admins still do).
+    pub owner: Option<UserId>,
+    /// Its name.
+    pub name: String,
+    /// Its model.
+    pub model: String,
+    /// Where it is.
+    pub location: Option<String>,
+    /// Its tags, sorted.
+    pub tags: Vec<String>,
+    /// Free-form metadata, a JSON object as text.
+    pub metadata: String,
+    /// The hardware's own id (a MAC or chip id), which a claim after a factory reset matches.
+    pub hardware_id: Option<String>,
+    /// The firmware version its last `hello` reported.
+    pub firmware: Option<String>,
+    /// Where it stands.
+    pub status: DeviceStatus,
+    /// When it was last heard from.
+    pub last_seen: Option<DateTime<Utc>>,
+    /// Its own inactivity timeout in seconds, over the model's and the default.
+    pub inactivity_timeout: Option<i64>,
+    /// The last heartbeat's figures, a JSON object as text.
+    pub heartbeat: Option<String>,
+    /// When it was registered.
+    pub created_at: DateTime<Utc>,
+    /// When it last changed.
+    pub updated_at: DateTime<Utc>,
+}
+
+/// A new API key: only its hash is stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewDeviceKey {
+    /// The key's id.
+    pub id: Uuid,
+    /// SHA-256 of the key, hex.
+    pub hash: String,
+    /// The key's first characters, to tell keys apart in listings.
+    pub prefix: String,
+    /// When it was made.
+    pub created_at: DateTime<Utc>,
+}
+
+/// A stored API key (never the key).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceKeyRecord {
+    /// The key's id.
+    pub id: Uuid,
+    /// The device it belongs to.
+    pub device_id: Uuid,
+    /// The key's first characters.
+    pub prefix: String,
+    /// When it was made.
+    pub created_at: DateTime<Utc>,
+    /// When a rotated key stops working.
+    pub expires_at: Option<DateTime<Utc>>,
+    /// When it was revoked.
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+/// Which devices a listing shows; every field narrows it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeviceFilter {
+    /// Only this owner's devices.
+    pub owner: Option<UserId>,
+    /// Name, model, location or hardware id contains this (case-insensitive).
+    pub q: Option<String>,
+    /// Only devices in this status.
+    pub status: Option<DeviceStatus>,
+    /// Only this model.
+    pub model: Option<String>,
+    /// Only devices with this tag.
+    pub tag: Option<String>,
+    /// Only this firmware version.
+    pub firmware: Option<String>,
+    /// How many to skip.
+    pub offset: u64,
+    /// How many at most.
+    pub limit: u64,
+}
+
+/// Changes to a device; `None` leaves a field as it is.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeviceChange {
+    /// A new name.
+    pub name: Option<String>,
+    /// A new model.
+    pub model: Option<String>,
+    /// A new location (`Some(None)` clears it).
+    pub location: Option<Option<String>>,
+    /// New tags (replacing all).
+    pub tags: Option<Vec<String>>,
+    /// New metadata, a JSON object as text.
+    pub metadata: Option<String>,
+    /// A new inactivity timeout in seconds (`Some(None)` clears it).
+    pub inactivity_timeout: Option<Option<i64>>,
+}
+
+/// What a presence flush writes for one device.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Seen {
+    /// The device.
+    pub device_id: Uuid,
+    /// When it was last heard from.
+    pub at: DateTime<Utc>,
+    /// The last heartbeat's figures, if one came since the last flush.
+    pub heartbeat: Option<String>,
+}
+
+/// What silence detection needs of a device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Presence {
+    /// The device.
+    pub device_id: Uuid,
+    /// Its model (the model's timeout applies).
+    pub model: String,
+    /// Where it stands.
+    pub status: DeviceStatus,
+    /// When it was last heard from.
+    pub last_seen: Option<DateTime<Utc>>,
+    /// Its own timeout in seconds.
+    pub inactivity_timeout: Option<i64>,
+}
+
+/// An alert's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AlertState {
+    /// Raised, nobody has looked yet.
+    Open,
+    /// Someone has seen it.
+    Acknowledged,
+    /// Over: the device came back, or someone closed it.
+    Resolved,
+}
+
+impl AlertState {
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Open => "open",
+            Self::Acknowledged => "acknowledged",
+            Self::Resolved => "resolved",
+        }
+    }
+
+    /// The state a stored name names.
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "open" => Some(Self::Open),
+            "acknowledged" => Some(Self::Acknowledged),
+            "resolved" => Some(Self::Resolved),
+            _ => None,
+        }
+    }
+}
+
+/// A stored alert.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AlertRecord {
+    /// Its id.
+    pub id: Uuid,
+    /// The device.
+    pub device_id: Uuid,
+    /// What it is about: `silent`.
+    pub kind: String,
+    /// Where it stands.
+    pub state: AlertState,
+    /// What was found, for people.
+    pub detail: Option<String>,
+    /// When it was raised.
+    pub opened_at: DateTime<Utc>,
+    /// When someone acknowledged it.
+    pub acknowledged_at: Option<DateTime<Utc>>,
+    /// Who.
+    pub acknowledged_by: Option<UserId>,
+    /// When it ended.
+    pub resolved_at: Option<DateTime<Utc>>,
+}
+
+/// Which alerts a listing shows.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AlertFilter {
+    /// Only this owner's devices' alerts.
+    pub owner: Option<UserId>,
+    /// Only one device's.
+    pub device: Option<Uuid>,
+    /// Only alerts in this state; `None` for open and acknowledged ones.
+    pub state: Option<AlertState>,
+    /// How many to skip.
+    pub offset: u64,
+    /// How many at most.
+    pub limit: u64,
+}
+
+/// A telemetry value as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TelemetryValue {
+    /// A number.
+    Number(f64),
+    /// A flag.
+    Bool(bool),
+    /// Text.
+    Text(String),
+    /// An array: `shape` names its element type and dimensions (`f32:24x32`), `data` holds the
+    /// packed little-endian values.
+    Array {
+        /// Element type and dimensions.
+        shape: String,
+        /// The values.
+        data: Vec<u8>,
+    },
+}
+
+/// One stored point.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TelemetryPoint {
+    /// The key.
+    pub key: String,
+    /// When it was measured.
+    pub ts: DateTime<Utc>,
+    /// The value.
+    pub value: TelemetryValue,
+}
+
+/// One batch a device sent.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TelemetryBatch {
+    /// The device.
+    pub device_id: Uuid,
+    /// The device's sequence number of the batch: a batch with a sequence number stored
+    /// already is a repeat and stores nothing.
+    pub seq: i64,
+    /// When it arrived.
+    pub received_at: DateTime<Utc>,
+    /// Its points.
+    pub points: Vec<TelemetryPoint>,
+}
+
+/// Which points a telemetry read gives: one key, oldest first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TelemetryRange {
+    /// The device.
+    pub device_id: Uuid,
+    /// The key.
+    pub key: String,
+    /// Measured at or after this.
+    pub from: Option<DateTime<Utc>>,
+    /// Measured before this.
+    pub to: Option<DateTime<Utc>>,
+    /// Measured after this (the cursor: the last point's time of the previous page).
+    pub after: Option<DateTime<Utc>>,
+    /// At most this many.
+    pub limit: u32,
+}
+
+/// How a bucket's numbers are summed up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Aggregate {
+    /// The mean.
+    Avg,
+    /// The smallest.
+    Min,
+    /// The largest.
+    Max,
+    /// How many points.
+    Count,
+}
+
+impl Aggregate {
+    pub(crate) fn sql(self) -> &'static str {
+        match self {
+            Self::Avg => "AVG(num)",
+            Self::Min => "MIN(num)",
+            Self::Max => "MAX(num)",
+            Self::Count => "COUNT(*)",
+        }
+    }
+}
+
+/// One bucket of an aggregate read.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TelemetryBucket {
+    /// The bucket's start.
+    pub start: DateTime<Utc>,
+    /// The aggregate of its numeric points (count: of all its points).
+    pub value: f64,
+}
+
+/// The fleet's counts.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FleetCounts {
+    /// Devices per status.
+    pub by_status: Vec<(DeviceStatus, u64)>,
+    /// Devices per model.
+    pub by_model: Vec<(String, u64)>,
+    /// Devices per firmware version (`None`: never said hello).
+    pub by_firmware: Vec<(Option<String>, u64)>,
+    /// Alerts open or acknowledged.
+    pub open_alerts: u64,
+}
+
+/// Devices, keys, presence, alerts and telemetry.
+#[async_trait]
+pub trait DeviceStore: Send + Sync {
+    /// Stores a new device with its first key. A taken `hardware_id` is a `Conflict`.
+    async fn create_device(
+        &self,
+        device: &DeviceRecord,
+        key: &NewDeviceKey,
+    ) -> Result<(), StoreError>;
+
+    /// One device.
+    async fn device(&self, id: Uuid) -> Result<DeviceRecord, StoreError>;
+
+    /// Devices the filter selects, by name, and how many it selects in all.
+    async fn list_devices(
+        &self,
+        filter: &DeviceFilter,
+    ) -> Result<(Vec<DeviceRecord>, u64), StoreError>;
+
+    /// Changes a device and answers it as it is now.
+    async fn update_device(
+        &self,
+        id: Uuid,
+        change: &DeviceChange,
+        now: DateTime<Utc>,
+    ) -> Result<DeviceRecord, StoreError>;
+
+    /// Deletes a device with its keys, alerts and telemetry.
+    async fn delete_device(&self, id: Uuid) -> Result<(), StoreError>;
+
+    /// The device whose usable key (not revoked, not expired at `now`) has this hash.
+    async fn device_by_key(
+        &self,
+        key_hash: &str,
+        now: DateTime<Utc>,
+    ) -> Result<(DeviceRecord, DeviceKeyRecord), StoreError>;
+
+    /// A device's keys, newest first.
+    async fn device_keys(&self, device: Uuid) -> Result<Vec<DeviceKeyRecord>, StoreError>;
+
+    /// Adds a key; the device's other usable keys stop working at `old_until` (now, for none).
+    async fn rotate_device_key(
+        &self,
+        device: Uuid,
+        key: &NewDeviceKey,
+        old_until: DateTime<Utc>,
+    ) -> Result<(), StoreError>;
+
+    /// Revokes every key of the device; answers how many were usable.
+    async fn revoke_device_keys(&self, device: Uuid, now: DateTime<Utc>)
+    -> Result<u64, StoreError>;
+
+    /// Records a `hello`: the firmware version.
+    async fn set_device_firmware(&self, device: Uuid, firmware: &str) -> Result<(), StoreError>;
+
+    /// Writes the last-seen times (and heartbeats) of many devices in one transaction. A
+    /// time never moves backwards.
+    async fn record_seen(&self, seen: &[Seen]) -> Result<(), StoreError>;
+
+    /// Sets a device's status at `at` (which also counts as seen) unless it is `status`
+    /// already; a device that was silent gets its open `silent` alert resolved at once.
+    /// Answers whether the status changed, and the alerts resolved.
+    async fn set_device_status(
+        &self,
+        device: Uuid,
+        status: DeviceStatus,
+        at: DateTime<Utc>,
+    ) -> Result<(bool, Vec<AlertRecord>), StoreError>;
+
+    /// Marks a device silent and opens its `silent` alert, if it is not silent already and was
+    /// last seen at or before `cutoff` (a compare-and-set: of several nodes that find it
+    /// silent, one opens the alert). Answers the alert opened.
+    async fn mark_silent(
+        &self,
+        device: Uuid,
+        cutoff: DateTime<Utc>,
+        alert_id: Uuid,
+        detail: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Option<AlertRecord>, StoreError>;
+
+    /// What silence detection needs of every device that was ever seen.
+    async fn presences(&self) -> Result<Vec<Presence>, StoreError>;
+
+    /// One alert.
+    async fn alert(&self, id: Uuid) -> Result<AlertRecord, StoreError>;
+
+    /// Alerts the filter selects, newest first, and how many in all.
+    async fn list_alerts(
+        &self,
+        filter: &AlertFilter,
+    ) -> Result<(Vec<AlertRecord>, u64), StoreError>;
+
+    /// Acknowledges an open alert, or resolves an open or acknowledged one. Answers it as it
+    /// is now; `Conflict` if it has moved past `state` already.
+    async fn advance_alert(
+        &self,
+        id: Uuid,
+        state: AlertState,
+        by: UserId,
+        now: DateTime<Utc>,
+    ) -> Result<AlertRecord, StoreError>;
+
+    /// Stores batches of points (from many devices) in one transaction, with the latest
+    /// value of every key. Answers, per batch, whether it was stored (`false`: a repeat of a
+    /// stored sequence number, nothing written).
+    async fn append_telemetry(&self, batches: &[TelemetryBatch]) -> Result<Vec<bool>, StoreError>;
+
+    /// Stored points of one key in a range, oldest first.
+    async fn telemetry(&self, range: &TelemetryRange) -> Result<Vec<TelemetryPoint>, StoreError>;
+
+    /// The numeric points of one key in buckets of `bucket_secs`, oldest first; empty buckets
+    /// are left out.
+    async fn telemetry_buckets(
+        &self,
+        range: &TelemetryRange,
+        bucket_secs: i64,
+        aggregate: Aggregate,
+    ) -> Result<Vec<TelemetryBucket>, StoreError>;
+
+    /// The latest point of every key of a device, by key.
+    async fn telemetry_latest(&self, device: Uuid) -> Result<Vec<TelemetryPoint>, StoreError>;
+
+    /// How many keys a device has stored.
+    async fn telemetry_key_count(&self, device: Uuid) -> Result<u64, StoreError>;
+
+    /// Deletes points measured, and batch records received, before `before`; at most `limit`
+    /// points per call. Answers how many points went.
+    async fn prune_telemetry(&self, before: DateTime<Utc>, limit: u32) -> Result<u64, StoreError>;
+
+    /// The fleet's counts, over every device or one owner's.
+    async fn fleet_counts(&self, owner: Option<UserId>) -> Result<FleetCounts, StoreError>;
+}

@@ -1,0 +1,969 @@
+//! Devices, keys, presence, alerts and telemetry on both engines.
+
+/// Expands to a module `$module` with `impl DeviceStore for $store`.
+macro_rules! device_queries {
+    ($module:ident, $store:ty) => {
+        mod $module {
+            use std::collections::{HashMap, HashSet};
+
+            use async_trait::async_trait;
+            use chrono::{DateTime, Utc};
+            use sqlx::QueryBuilder;
+            use unhidra_core::UserId;
+            use uuid::Uuid;
+
+            use $crate::StoreError;
+            use $crate::devices::{
+                Aggregate, AlertFilter, AlertRecord, AlertState, DeviceChange, DeviceFilter,
+                DeviceKeyRecord, DeviceRecord, DeviceStatus, DeviceStore, FleetCounts,
+                NewDeviceKey, Presence, Seen, TelemetryBatch, TelemetryBucket, TelemetryPoint,
+                TelemetryRange, TelemetryValue,
+            };
+            use $crate::dialect::{Dialect, get};
+            use $crate::identity::like_pattern;
+
+            type Store = $store;
+            type Db = <Store as Dialect>::Db;
+            type Row = <Db as sqlx::Database>::Row;
+            type Time = <Store as Dialect>::Time;
+            type Id = <Store as Dialect>::Id;
+
+            const DEVICE_COLUMNS: &str = "d.id, d.owner_id, d.name, d.model, d.location, \
+                d.metadata, d.hardware_id, d.firmware, d.status, d.last_seen, \
+                d.inactivity_timeout, d.heartbeat, d.created_at, d.updated_at";
+
+            const KEY_COLUMNS: &str =
+                "k.id, k.device_id, k.prefix, k.created_at, k.expires_at, k.revoked_at";
+
+            const ALERT_COLUMNS: &str = "a.id, a.device_id, a.kind, a.state, a.detail, \
+                a.opened_at, a.acknowledged_at, a.acknowledged_by, a.resolved_at";
+
+            const POINT_COLUMNS: &str = "key, ts, kind, num, text, shape, blob";
+
+            /// Points per INSERT: eight parameters each, well under SQLite's limit.
+            const POINT_CHUNK: usize = 1000;
+
+            fn err(e: sqlx::Error) -> StoreError {
+                StoreError::from_sqlx("device", e)
+            }
+
+            fn alert_err(e: sqlx::Error) -> StoreError {
+                StoreError::from_sqlx("alert", e)
+            }
+
+            fn telemetry_err(e: sqlx::Error) -> StoreError {
+                StoreError::from_sqlx("telemetry", e)
+            }
+
+            fn stored<T>(what: &str, found: Option<T>, text: &str) -> Result<T, StoreError> {
+                found.ok_or_else(|| StoreError::Other(format!("stored {what} {text:?}").into()))
+            }
+
+            fn device(row: &Row, tags: Vec<String>) -> Result<DeviceRecord, StoreError> {
+                let status: String = get(row, "status")?;
+                Ok(DeviceRecord {
+                    id: Store::read_id(get(row, "id")?)?,
+                    owner: Store::read_opt_id(get(row, "owner_id")?)?.map(UserId),
+                    name: get(row, "name")?,
+                    model: get(row, "model")?,
+                    location: get(row, "location")?,
+                    tags,
+                    metadata: get(row, "metadata")?,
+                    hardware_id: get(row, "hardware_id")?,
+                    firmware: get(row, "firmware")?,
+                    status: stored("status", DeviceStatus::parse(&status), &status)?,
+                    last_seen: Store::read_opt_time(get(row, "last_seen")?)?,
+                    inactivity_timeout: get(row, "inactivity_timeout")?,
+                    heartbeat: get(row, "heartbeat")?,
+                    created_at: Store::read_time(get(row, "created_at")?)?,
+                    updated_at: Store::read_time(get(row, "updated_at")?)?,
+                })
+            }
+
+            fn key(row: &Row) -> Result<DeviceKeyRecord, StoreError> {
+                Ok(DeviceKeyRecord {
+                    id: Store::read_id(get(row, "id")?)?,
+                    device_id: Store::read_id(get(row, "device_id")?)?,
+                    prefix: get(row, "prefix")?,
+                    created_at: Store::read_time(get(row, "created_at")?)?,
+                    expires_at: Store::read_opt_time(get(row, "expires_at")?)?,
+                    revoked_at: Store::read_opt_time(get(row, "revoked_at")?)?,
+                })
+            }
+
+            fn alert(row: &Row) -> Result<AlertRecord, StoreError> {
+                let state: String = get(row, "state")?;
+                Ok(AlertRecord {
+                    id: Store::read_id(get(row, "id")?)?,
+                    device_id: Store::read_id(get(row, "device_id")?)?,
+                    kind: get(row, "kind")?,
+                    state: stored("alert state", AlertState::parse(&state), &state)?,
+                    detail: get(row, "detail")?,
+                    opened_at: Store::read_time(get(row, "opened_at")?)?,
+                    acknowledged_at: Store::read_opt_time(get(row, "acknowledged_at")?)?,
+                    acknowledged_by: Store::read_opt_id(get(row, "acknowledged_by")?)?
+                        .map(UserId),
+                    resolved_at: Store::read_opt_time(get(row, "resolved_at")?)?,
+                })
+            }
+
+            fn point(row: &Row) -> Result<TelemetryPoint, StoreError> {
+                let kind: String = get(row, "kind")?;
+                let num: Option<f64> = get(row, "num")?;
+                let value = match (kind.as_str(), num) {
+                    ("n", Some(n)) => TelemetryValue::Number(n),
+                    ("b", Some(n)) => TelemetryValue::Bool(n != 0.0),
+                    ("s", _) => TelemetryValue::Text(stored("text", get(row, "text")?, &kind)?),
+                    ("a", _) => TelemetryValue::Array {
+                        shape: stored("shape", get(row, "shape")?, &kind)?,
+                        data: stored("array", get(row, "blob")?, &kind)?,
+                    },
+                    _ => return stored("telemetry kind", None, &kind),
+                };
+                Ok(TelemetryPoint {
+                    key: get(row, "key")?,
+                    ts: Store::read_time(get(row, "ts")?)?,
+                    value,
+                })
+            }
+
+            /// The stored columns of a value: kind, num, text, shape, blob.
+            fn value_columns(
+                value: &TelemetryValue,
+            ) -> (&'static str, Option<f64>, Option<&str>, Option<&str>, Option<&[u8]>) {
+                match value {
+                    TelemetryValue::Number(n) => ("n", Some(*n), None, None, None),
+                    TelemetryValue::Bool(b) => ("b", Some(f64::from(u8::from(*b))), None, None, None),
+                    TelemetryValue::Text(t) => ("s", None, Some(t.as_str()), None, None),
+                    TelemetryValue::Array { shape, data } => {
+                        ("a", None, None, Some(shape.as_str()), Some(data.as_slice()))
+                    }
+                }
+            }
+
+            /// The condition of a device listing, over `d`, parameters `$1`–`$6`.
+            fn device_condition() -> String {
+                let ilike = Store::ILIKE;
+                format!(
+                    "(CAST($1 AS TEXT) IS NULL OR d.owner_id = $1) \
+                     AND (CAST($2 AS TEXT) IS NULL OR lower(d.name) {ilike} $2 ESCAPE '\\' \
+                     OR lower(d.model) {ilike} $2 ESCAPE '\\' \
+                     OR lower(d.location) {ilike} $2 ESCAPE '\\' \
+                     OR lower(d.hardware_id) {ilike} $2 ESCAPE '\\') \
+                     AND (CAST($3 AS TEXT) IS NULL OR d.status = $3) \
+                     AND (CAST($4 AS TEXT) IS NULL OR d.model = $4) \
+                     AND (CAST($5 AS TEXT) IS NULL OR EXISTS (SELECT 1 FROM device_tags t \
+                     WHERE t.device_id = d.id AND t.tag = $5)) \
+                     AND (CAST($6 AS TEXT) IS NULL OR d.firmware = $6)"
+                )
+            }
+
+            /// The tags of these devices, by device.
+            async fn tags_of<'e, E>(
+                executor: E,
+                ids: &[Uuid],
+            ) -> Result<HashMap<Uuid, Vec<String>>, StoreError>
+            where
+                E: sqlx::Executor<'e, Database = Db>,
+            {
+                let mut map: HashMap<Uuid, Vec<String>> = HashMap::new();
+                if ids.is_empty() {
+                    return Ok(map);
+                }
+                let mut query = QueryBuilder::<Db>::new(
+                    "SELECT device_id, tag FROM device_tags WHERE device_id IN (",
+                );
+                let mut list = query.separated(", ");
+                for id in ids {
+                    list.push_bind(Store::id(*id));
+                }
+                query.push(") ORDER BY device_id, tag");
+                let rows: Vec<(Id, String)> =
+                    query.build_query_as().fetch_all(executor).await.map_err(err)?;
+                for (id, tag) in rows {
+                    map.entry(Store::read_id(id)?).or_default().push(tag);
+                }
+                Ok(map)
+            }
+
+            async fn devices_with_tags(
+                pool: &sqlx::Pool<Db>,
+                rows: &[Row],
+            ) -> Result<Vec<DeviceRecord>, StoreError> {
+                let ids = rows
+                    .iter()
+                    .map(|row| Store::read_id(get(row, "id")?))
+                    .collect::<Result<Vec<_>, StoreError>>()?;
+                let mut tags = tags_of(pool, &ids).await?;
+                rows.iter()
+                    .zip(&ids)
+                    .map(|(row, id)| device(row, tags.remove(id).unwrap_or_default()))
+                    .collect()
+            }
+
+            async fn write_tags(
+                conn: &mut <Db as sqlx::Database>::Connection,
+                id: Uuid,
+                tags: &[String],
+            ) -> Result<(), StoreError> {
+                sqlx::query("DELETE FROM device_tags WHERE device_id = $1")
+                    .bind(Store::id(id))
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(err)?;
+                if tags.is_empty() {
+                    return Ok(());
+                }
+                let mut insert =
+                    QueryBuilder::<Db>::new("INSERT INTO device_tags (device_id, tag) ");
+                insert.push_values(tags, |mut row, tag| {
+                    row.push_bind(Store::id(id)).push_bind(tag.as_str());
+                });
+                insert.push(" ON CONFLICT DO NOTHING");
+                insert.build().execute(&mut *conn).await.map_err(err)?;
+                Ok(())
+            }
+
+            async fn insert_key(
+                conn: &mut <Db as sqlx::Database>::Connection,
+                device: Uuid,
+                key: &NewDeviceKey,
+            ) -> Result<(), StoreError> {
+                sqlx::query(
+                    "INSERT INTO device_keys (id, device_id, key_hash, prefix, created_at) \
+                     VALUES ($1, $2, $3, $4, $5)",
+                )
+                .bind(Store::id(key.id))
+                .bind(Store::id(device))
+                .bind(&key.hash)
+                .bind(&key.prefix)
+                .bind(Store::time(key.created_at))
+                .execute(&mut *conn)
+                .await
+                .map_err(err)?;
+                Ok(())
+            }
+
+            /// Resolves the live `silent` alert of a device.
+            async fn resolve_silence(
+                conn: &mut <Db as sqlx::Database>::Connection,
+                device: Uuid,
+                now: DateTime<Utc>,
+            ) -> Result<Vec<AlertRecord>, StoreError> {
+                let rows = sqlx::query(&format!(
+                    "UPDATE device_alerts SET state = 'resolved', resolved_at = $2 \
+                     WHERE device_id = $1 AND kind = 'silent' AND state <> 'resolved' \
+                     RETURNING {}",
+                    ALERT_COLUMNS.replace("a.", "")
+                ))
+                .bind(Store::id(device))
+                .bind(Store::time(now))
+                .fetch_all(&mut *conn)
+                .await
+                .map_err(alert_err)?;
+                rows.iter().map(alert).collect()
+            }
+
+            #[async_trait]
+            impl DeviceStore for Store {
+                async fn create_device(
+                    &self,
+                    new: &DeviceRecord,
+                    key: &NewDeviceKey,
+                ) -> Result<(), StoreError> {
+                    let mut tx = self.pool.begin().await.map_err(err)?;
+                    sqlx::query(
+                        "INSERT INTO devices (id, owner_id, name, model, location, metadata, \
+                         hardware_id, firmware, status, last_seen, inactivity_timeout, \
+                         heartbeat, created_at, updated_at) \
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+                    )
+                    .bind(Store::id(new.id))
+                    .bind(new.owner.map(|u| Store::id(u.0)))
+                    .bind(&new.name)
+                    .bind(&new.model)
+                    .bind(new.location.as_deref())
+                    .bind(&new.metadata)
+                    .bind(new.hardware_id.as_deref())
+                    .bind(new.firmware.as_deref())
+                    .bind(new.status.as_str())
+                    .bind(new.last_seen.map(Store::time))
+                    .bind(new.inactivity_timeout)
+                    .bind(new.heartbeat.as_deref())
+                    .bind(Store::time(new.created_at))
+                    .bind(Store::time(new.updated_at))
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(err)?;
+                    write_tags(&mut tx, new.id, &new.tags).await?;
+                    insert_key(&mut tx, new.id, key).await?;
+                    tx.commit().await.map_err(err)
+                }
+
+                async fn device(&self, id: Uuid) -> Result<DeviceRecord, StoreError> {
+                    let row = sqlx::query(&format!(
+                        "SELECT {DEVICE_COLUMNS} FROM devices d WHERE d.id = $1"
+                    ))
+                    .bind(Store::id(id))
+                    .fetch_one(&self.pool)
+                    .await
+                    .map_err(err)?;
+                    let mut found = devices_with_tags(&self.pool, &[row]).await?;
+                    found.pop().ok_or(StoreError::NotFound { entity: "device" })
+                }
+
+                async fn list_devices(
+                    &self,
+                    filter: &DeviceFilter,
+                ) -> Result<(Vec<DeviceRecord>, u64), StoreError> {
+                    let condition = device_condition();
+                    let owner = filter.owner.map(|u| Store::id(u.0));
+                    let q = filter.q.as_deref().map(like_pattern);
+                    let status = filter.status.map(DeviceStatus::as_str);
+                    let rows = sqlx::query(&format!(
+                        "SELECT {DEVICE_COLUMNS} FROM devices d WHERE {condition} \
+                         ORDER BY d.name, d.id LIMIT $7 OFFSET $8"
+                    ))
+                    .bind(owner.clone())
+                    .bind(q.as_deref())
+                    .bind(status)
+                    .bind(filter.model.as_deref())
+                    .bind(filter.tag.as_deref())
+                    .bind(filter.firmware.as_deref())
+                    .bind(i64::try_from(filter.limit).unwrap_or(i64::MAX))
+                    .bind(i64::try_from(filter.offset).unwrap_or(i64::MAX))
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(err)?;
+                    let total: i64 = sqlx::query_scalar(&format!(
+                        "SELECT COUNT(*) FROM devices d WHERE {condition}"
+                    ))
+                    .bind(owner.clone())
+                    .bind(q.as_deref())
+                    .bind(status)
+                    .bind(filter.model.as_deref())
+                    .bind(filter.tag.as_deref())
+                    .bind(filter.firmware.as_deref())
+                    .fetch_one(&self.pool)
+                    .await
+                    .map_err(err)?;
+                    let devices = devices_with_tags(&self.pool, &rows).await?;
+                    Ok((devices, u64::try_from(total).unwrap_or_default()))
+                }
+
+                async fn update_device(
+                    &self,
+                    id: Uuid,
+                    change: &DeviceChange,
+                    now: DateTime<Utc>,
+                ) -> Result<DeviceRecord, StoreError> {
+                    let mut tx = self.pool.begin().await.map_err(err)?;
+                    let changed = sqlx::query(
+                        "UPDATE devices SET name = COALESCE($2, name), \
+                         model = COALESCE($3, model), \
+                         location = CASE WHEN $4 THEN $5 ELSE location END, \
+                         metadata = COALESCE($6, metadata), \
+                         inactivity_timeout = CASE WHEN $7 THEN $8 ELSE inactivity_timeout END, \
+                         updated_at = $9 WHERE id = $1",
+                    )
+                    .bind(Store::id(id))
+                    .bind(change.name.as_deref())
+                    .bind(change.model.as_deref())
+                    .bind(change.location.is_some())
+                    .bind(change.location.clone().flatten())
+                    .bind(change.metadata.as_deref())
+                    .bind(change.inactivity_timeout.is_some())
+                    .bind(change.inactivity_timeout.flatten())
+                    .bind(Store::time(now))
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(err)?;
+                    if changed.rows_affected() == 0 {
+                        return Err(StoreError::NotFound { entity: "device" });
+                    }
+                    if let Some(tags) = &change.tags {
+                        write_tags(&mut tx, id, tags).await?;
+                    }
+                    tx.commit().await.map_err(err)?;
+                    self.device(id).await
+                }
+
+                async fn delete_device(&self, id: Uuid) -> Result<(), StoreError> {
+                    let done = sqlx::query("DELETE FROM devices WHERE id = $1")
+                        .bind(Store::id(id))
+                        .execute(&self.pool)
+                        .await
+                        .map_err(err)?;
+                    if done.rows_affected() == 0 {
+                        return Err(StoreError::NotFound { entity: "device" });
+                    }
+                    Ok(())
+                }
+
+                async fn device_by_key(
+                    &self,
+                    key_hash: &str,
+                    now: DateTime<Utc>,
+                ) -> Result<(DeviceRecord, DeviceKeyRecord), StoreError> {
+                    let row = sqlx::query(&format!(
+                        "SELECT {KEY_COLUMNS} FROM device_keys k WHERE k.key_hash = $1 \
+                         AND k.revoked_at IS NULL AND (k.expires_at IS NULL OR k.expires_at > $2)"
+                    ))
+                    .bind(key_hash)
+                    .bind(Store::time(now))
+                    .fetch_one(&self.pool)
+                    .await
+                    .map_err(|e| StoreError::from_sqlx("device key", e))?;
+                    let key = key(&row)?;
+                    let device = self.device(key.device_id).await?;
+                    Ok((device, key))
+                }
+
+                async fn device_keys(
+                    &self,
+                    device: Uuid,
+                ) -> Result<Vec<DeviceKeyRecord>, StoreError> {
+                    let rows = sqlx::query(&format!(
+                        "SELECT {KEY_COLUMNS} FROM device_keys k WHERE k.device_id = $1 \
+                         ORDER BY k.created_at DESC, k.id"
+                    ))
+                    .bind(Store::id(device))
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(err)?;
+                    rows.iter().map(key).collect()
+                }
+
+                async fn rotate_device_key(
+                    &self,
+                    device: Uuid,
+                    new: &NewDeviceKey,
+                    old_until: DateTime<Utc>,
+                ) -> Result<(), StoreError> {
+                    let mut tx = self.pool.begin().await.map_err(err)?;
+                    sqlx::query(
+                        "UPDATE device_keys SET expires_at = $2 WHERE device_id = $1 \
+                         AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > $2)",
+                    )
+                    .bind(Store::id(device))
+                    .bind(Store::time(old_until))
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(err)?;
+                    insert_key(&mut tx, device, new).await?;
+                    tx.commit().await.map_err(err)
+                }
+
+                async fn revoke_device_keys(
+                    &self,
+                    device: Uuid,
+                    now: DateTime<Utc>,
+                ) -> Result<u64, StoreError> {
+                    let done = sqlx::query(
+                        "UPDATE device_keys SET revoked_at = $2 WHERE device_id = $1 \
+                         AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > $2)",
+                    )
+                    .bind(Store::id(device))
+                    .bind(Store::time(now))
+                    .execute(&self.pool)
+                    .await
+                    .map_err(err)?;
+                    Ok(done.rows_affected())
+                }
+
+                async fn set_device_firmware(
+                    &self,
+                    device: Uuid,
+                    firmware: &str,
+                ) -> Result<(), StoreError> {
+                    sqlx::query(
+                        "UPDATE devices SET firmware = $2 WHERE id = $1 \
+                         AND firmware IS DISTINCT FROM $2",
+                    )
+                    .bind(Store::id(device))
+                    .bind(firmware)
+                    .execute(&self.pool)
+                    .await
+                    .map_err(err)?;
+                    Ok(())
+                }
+
+                async fn record_seen(&self, seen: &[Seen]) -> Result<(), StoreError> {
+                    if seen.is_empty() {
+                        return Ok(());
+                    }
+                    let mut tx = self.pool.begin().await.map_err(err)?;
+                    for one in seen {
+                        sqlx::query(
+                            "UPDATE devices SET \
+                             last_seen = CASE WHEN last_seen IS NULL OR last_seen < $2 \
+                             THEN $2 ELSE last_seen END, \
+                             heartbeat = COALESCE($3, heartbeat) WHERE id = $1",
+                        )
+                        .bind(Store::id(one.device_id))
+                        .bind(Store::time(one.at))
+                        .bind(one.heartbeat.as_deref())
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(err)?;
+                    }
+                    tx.commit().await.map_err(err)
+                }
+
+                async fn set_device_status(
+                    &self,
+                    device: Uuid,
+                    status: DeviceStatus,
+                    at: DateTime<Utc>,
+                ) -> Result<(bool, Vec<AlertRecord>), StoreError> {
+                    let mut tx = self.pool.begin_with(Store::BEGIN_WRITE).await.map_err(err)?;
+                    let before: Option<String> =
+                        sqlx::query_scalar("SELECT status FROM devices WHERE id = $1")
+                            .bind(Store::id(device))
+                            .fetch_optional(&mut *tx)
+                            .await
+                            .map_err(err)?;
+                    let Some(before) = before else {
+                        return Err(StoreError::NotFound { entity: "device" });
+                    };
+                    sqlx::query(
+                        "UPDATE devices SET status = $2, \
+                         last_seen = CASE WHEN last_seen IS NULL OR last_seen < $3 \
+                         THEN $3 ELSE last_seen END WHERE id = $1",
+                    )
+                    .bind(Store::id(device))
+                    .bind(status.as_str())
+                    .bind(Store::time(at))
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(err)?;
+                    let resolved = if before == "silent" && status != DeviceStatus::Silent {
+                        resolve_silence(&mut tx, device, at).await?
+                    } else {
+                        Vec::new()
+                    };
+                    tx.commit().await.map_err(err)?;
+                    Ok((before != status.as_str(), resolved))
+                }
+
+                async fn mark_silent(
+                    &self,
+                    device: Uuid,
+                    cutoff: DateTime<Utc>,
+                    alert_id: Uuid,
+                    detail: &str,
+                    now: DateTime<Utc>,
+                ) -> Result<Option<AlertRecord>, StoreError> {
+                    let mut tx = self.pool.begin_with(Store::BEGIN_WRITE).await.map_err(err)?;
+                    let changed = sqlx::query(
+                        "UPDATE devices SET status = 'silent' WHERE id = $1 \
+                         AND status <> 'silent' AND last_seen IS NOT NULL AND last_seen <= $2",
+                    )
+                    .bind(Store::id(device))
+                    .bind(Store::time(cutoff))
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(err)?;
+                    if changed.rows_affected() == 0 {
+                        return Ok(None);
+                    }
+                    let row = sqlx::query(&format!(
+                        "INSERT INTO device_alerts (id, device_id, kind, state, detail, \
+                         opened_at) VALUES ($1, $2, 'silent', 'open', $3, $4) \
+                         ON CONFLICT DO NOTHING RETURNING {}",
+                        ALERT_COLUMNS.replace("a.", "")
+                    ))
+                    .bind(Store::id(alert_id))
+                    .bind(Store::id(device))
+                    .bind(detail)
+                    .bind(Store::time(now))
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(alert_err)?;
+                    tx.commit().await.map_err(err)?;
+                    row.as_ref().map(alert).transpose()
+                }
+
+                async fn presences(&self) -> Result<Vec<Presence>, StoreError> {
+                    let rows: Vec<(Id, String, String, Option<Time>, Option<i64>)> =
+                        sqlx::query_as(
+                            "SELECT id, model, status, last_seen, inactivity_timeout \
+                             FROM devices WHERE last_seen IS NOT NULL",
+                        )
+                        .fetch_all(&self.pool)
+                        .await
+                        .map_err(err)?;
+                    rows.into_iter()
+                        .map(|(id, model, status, last_seen, timeout)| {
+                            Ok(Presence {
+                                device_id: Store::read_id(id)?,
+                                model,
+                                status: stored("status", DeviceStatus::parse(&status), &status)?,
+                                last_seen: Store::read_opt_time(last_seen)?,
+                                inactivity_timeout: timeout,
+                            })
+                        })
+                        .collect()
+                }
+
+                async fn alert(&self, id: Uuid) -> Result<AlertRecord, StoreError> {
+                    let row = sqlx::query(&format!(
+                        "SELECT {ALERT_COLUMNS} FROM device_alerts a WHERE a.id = $1"
+                    ))
+                    .bind(Store::id(id))
+                    .fetch_one(&self.pool)
+                    .await
+                    .map_err(alert_err)?;
+                    alert(&row)
+                }
+
+                async fn list_alerts(
+                    &self,
+                    filter: &AlertFilter,
+                ) -> Result<(Vec<AlertRecord>, u64), StoreError> {
+                    let condition = "(CAST($1 AS TEXT) IS NULL OR EXISTS (SELECT 1 FROM devices d \
+                        WHERE d.id = a.device_id AND d.owner_id = $1)) \
+                        AND (CAST($2 AS TEXT) IS NULL OR a.device_id = $2) \
+                        AND ((CAST($3 AS TEXT) IS NULL AND a.state <> 'resolved') OR a.state = $3)";
+                    let owner = filter.owner.map(|u| Store::id(u.0));
+                    let device = filter.device.map(Store::id);
+                    let state = filter.state.map(AlertState::as_str);
+                    let rows = sqlx::query(&format!(
+                        "SELECT {ALERT_COLUMNS} FROM device_alerts a WHERE {condition} \
+                         ORDER BY a.opened_at DESC, a.id LIMIT $4 OFFSET $5"
+                    ))
+                    .bind(owner.clone())
+                    .bind(device.clone())
+                    .bind(state)
+                    .bind(i64::try_from(filter.limit).unwrap_or(i64::MAX))
+                    .bind(i64::try_from(filter.offset).unwrap_or(i64::MAX))
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(alert_err)?;
+                    let total: i64 = sqlx::query_scalar(&format!(
+                        "SELECT COUNT(*) FROM device_alerts a WHERE {condition}"
+                    ))
+                    .bind(owner.clone())
+                    .bind(device.clone())
+                    .bind(state)
+                    .fetch_one(&self.pool)
+                    .await
+                    .map_err(alert_err)?;
+                    let alerts = rows.iter().map(alert).collect::<Result<_, _>>()?;
+                    Ok((alerts, u64::try_from(total).unwrap_or_default()))
+                }
+
+                async fn advance_alert(
+                    &self,
+                    id: Uuid,
+                    state: AlertState,
+                    by: UserId,
+                    now: DateTime<Utc>,
+                ) -> Result<AlertRecord, StoreError> {
+                    let (set, from) = match state {
+                        AlertState::Acknowledged => (
+                            "state = 'acknowledged', acknowledged_at = $2, acknowledged_by = $3",
+                            "state = 'open'",
+                        ),
+                        AlertState::Resolved => (
+                            "state = 'resolved', resolved_at = $2",
+                            "state <> 'resolved'",
+                        ),
+                        AlertState::Open => {
+                            return Err(StoreError::invalid("an alert cannot be opened again"));
+                        }
+                    };
+                    let sql = format!(
+                        "UPDATE device_alerts SET {set} WHERE id = $1 AND {from} RETURNING {}",
+                        ALERT_COLUMNS.replace("a.", "")
+                    );
+                    let mut query = sqlx::query(&sql).bind(Store::id(id)).bind(Store::time(now));
+                    if state == AlertState::Acknowledged {
+                        query = query.bind(Store::id(by.0));
+                    }
+                    let row = query
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err(alert_err)?;
+                    match row {
+                        Some(row) => alert(&row),
+                        None => {
+                            // Either there is no such alert, or it has moved on.
+                            self.alert(id).await?;
+                            Err(StoreError::Conflict {
+                                entity: "alert",
+                                source: "the alert has moved past that state".into(),
+                            })
+                        }
+                    }
+                }
+
+                async fn append_telemetry(
+                    &self,
+                    batches: &[TelemetryBatch],
+                ) -> Result<Vec<bool>, StoreError> {
+                    if batches.is_empty() {
+                        return Ok(Vec::new());
+                    }
+                    // A batch repeated within the call counts as a repeat too.
+                    let mut seen_here = HashSet::new();
+                    let firsts: Vec<bool> = batches
+                        .iter()
+                        .map(|b| seen_here.insert((b.device_id, b.seq)))
+                        .collect();
+                    let mut tx = self.pool.begin().await.map_err(telemetry_err)?;
+                    let mut insert = QueryBuilder::<Db>::new(
+                        "INSERT INTO telemetry_batches (device_id, seq, points, received_at) ",
+                    );
+                    insert.push_values(
+                        batches.iter().zip(&firsts).filter(|(_, first)| **first),
+                        |mut row, (batch, _)| {
+                            row.push_bind(Store::id(batch.device_id))
+                                .push_bind(batch.seq)
+                                .push_bind(i32::try_from(batch.points.len()).unwrap_or(i32::MAX))
+                                .push_bind(Store::time(batch.received_at));
+                        },
+                    );
+                    insert.push(" ON CONFLICT DO NOTHING RETURNING device_id, seq");
+                    let new: Vec<(Id, i64)> = insert
+                        .build_query_as()
+                        .fetch_all(&mut *tx)
+                        .await
+                        .map_err(telemetry_err)?;
+                    let new = new
+                        .into_iter()
+                        .map(|(id, seq)| Ok((Store::read_id(id)?, seq)))
+                        .collect::<Result<HashSet<(Uuid, i64)>, StoreError>>()?;
+                    let stored: Vec<bool> = batches
+                        .iter()
+                        .zip(&firsts)
+                        .map(|(b, first)| *first && new.contains(&(b.device_id, b.seq)))
+                        .collect();
+                    let points: Vec<(Uuid, &TelemetryPoint)> = batches
+                        .iter()
+                        .zip(&stored)
+                        .filter(|(_, s)| **s)
+                        .flat_map(|(b, _)| b.points.iter().map(move |p| (b.device_id, p)))
+                        .collect();
+                    for chunk in points.chunks(POINT_CHUNK) {
+                        let mut insert = QueryBuilder::<Db>::new(format!(
+                            "INSERT INTO telemetry (device_id, {POINT_COLUMNS}) "
+                        ));
+                        insert.push_values(chunk, |mut row, (device, p)| {
+                            let (kind, num, text, shape, blob) = value_columns(&p.value);
+                            row.push_bind(Store::id(*device))
+                                .push_bind(p.key.as_str())
+                                .push_bind(Store::time(p.ts))
+                                .push_bind(kind)
+                                .push_bind(num)
+                                .push_bind(text)
+                                .push_bind(shape)
+                                .push_bind(blob);
+                        });
+                        insert.push(" ON CONFLICT DO NOTHING");
+                        insert.build().execute(&mut *tx).await.map_err(telemetry_err)?;
+                    }
+                    // The latest value per key: one row each, the newest point.
+                    let mut latest: HashMap<(Uuid, &str), &TelemetryPoint> = HashMap::new();
+                    for (device, p) in &points {
+                        let slot = latest.entry((*device, p.key.as_str())).or_insert(p);
+                        if p.ts > slot.ts {
+                            *slot = p;
+                        }
+                    }
+                    let latest: Vec<((Uuid, &str), &TelemetryPoint)> = latest.into_iter().collect();
+                    for chunk in latest.chunks(POINT_CHUNK) {
+                        let mut upsert = QueryBuilder::<Db>::new(format!(
+                            "INSERT INTO telemetry_latest (device_id, {POINT_COLUMNS}) "
+                        ));
+                        upsert.push_values(chunk, |mut row, ((device, _), p)| {
+                            let (kind, num, text, shape, blob) = value_columns(&p.value);
+                            row.push_bind(Store::id(*device))
+                                .push_bind(p.key.as_str())
+                                .push_bind(Store::time(p.ts))
+                                .push_bind(kind)
+                                .push_bind(num)
+                                .push_bind(text)
+                                .push_bind(shape)
+                                .push_bind(blob);
+                        });
+                        upsert.push(
+                            " ON CONFLICT (device_id, key) DO UPDATE SET ts = excluded.ts, \
+                             kind = excluded.kind, num = excluded.num, text = excluded.text, \
+                             shape = excluded.shape, blob = excluded.blob \
+                             WHERE excluded.ts >= telemetry_latest.ts",
+                        );
+                        upsert.build().execute(&mut *tx).await.map_err(telemetry_err)?;
+                    }
+                    tx.commit().await.map_err(telemetry_err)?;
+                    Ok(stored)
+                }
+
+                async fn telemetry(
+                    &self,
+                    range: &TelemetryRange,
+                ) -> Result<Vec<TelemetryPoint>, StoreError> {
+                    let rows = sqlx::query(&format!(
+                        "SELECT {POINT_COLUMNS} FROM telemetry WHERE device_id = $1 AND key = $2 \
+                         AND ($3 IS NULL OR ts >= $3) AND ($4 IS NULL OR ts < $4) \
+                         AND ($5 IS NULL OR ts > $5) ORDER BY ts LIMIT $6"
+                    ))
+                    .bind(Store::id(range.device_id))
+                    .bind(&range.key)
+                    .bind(range.from.map(Store::time))
+                    .bind(range.to.map(Store::time))
+                    .bind(range.after.map(Store::time))
+                    .bind(i64::from(range.limit))
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(telemetry_err)?;
+                    rows.iter().map(point).collect()
+                }
+
+                async fn telemetry_buckets(
+                    &self,
+                    range: &TelemetryRange,
+                    bucket_secs: i64,
+                    aggregate: Aggregate,
+                ) -> Result<Vec<TelemetryBucket>, StoreError> {
+                    let bucket = Store::TIME_BUCKET;
+                    let value = aggregate.sql();
+                    let numeric = if aggregate == Aggregate::Count {
+                        ""
+                    } else {
+                        "AND kind IN ('n', 'b')"
+                    };
+                    let rows: Vec<(Time, Option<f64>)> = sqlx::query_as(&format!(
+                        "SELECT {bucket} AS bucket, CAST({value} AS DOUBLE PRECISION) \
+                         FROM telemetry WHERE device_id = $1 AND key = $2 {numeric} \
+                         AND ($3 IS NULL OR ts >= $3) AND ($4 IS NULL OR ts < $4) \
+                         GROUP BY bucket ORDER BY bucket LIMIT $6"
+                    ))
+                    .bind(Store::id(range.device_id))
+                    .bind(&range.key)
+                    .bind(range.from.map(Store::time))
+                    .bind(range.to.map(Store::time))
+                    .bind(bucket_secs)
+                    .bind(i64::from(range.limit))
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(telemetry_err)?;
+                    rows.into_iter()
+                        .map(|(start, value)| {
+                            Ok(TelemetryBucket {
+                                start: Store::read_time(start)?,
+                                value: value.unwrap_or_default(),
+                            })
+                        })
+                        .collect()
+                }
+
+                async fn telemetry_latest(
+                    &self,
+                    device: Uuid,
+                ) -> Result<Vec<TelemetryPoint>, StoreError> {
+                    let rows = sqlx::query(&format!(
+                        "SELECT {POINT_COLUMNS} FROM telemetry_latest WHERE device_id = $1 \
+                         ORDER BY key"
+                    ))
+                    .bind(Store::id(device))
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(telemetry_err)?;
+                    rows.iter().map(point).collect()
+                }
+
+                async fn telemetry_key_count(&self, device: Uuid) -> Result<u64, StoreError> {
+                    let count: i64 = sqlx::query_scalar(
+                        "SELECT COUNT(*) FROM telemetry_latest WHERE device_id = $1",
+                    )
+                    .bind(Store::id(device))
+                    .fetch_one(&self.pool)
+                    .await
+                    .map_err(telemetry_err)?;
+                    Ok(u64::try_from(count).unwrap_or_default())
+                }
+
+                async fn prune_telemetry(
+                    &self,
+                    before: DateTime<Utc>,
+                    limit: u32,
+                ) -> Result<u64, StoreError> {
+                    let done = sqlx::query(
+                        "DELETE FROM telemetry WHERE (device_id, key, ts) IN \
+                         (SELECT device_id, key, ts FROM telemetry WHERE ts < $1 LIMIT $2)",
+                    )
+                    .bind(Store::time(before))
+                    .bind(i64::from(limit))
+                    .execute(&self.pool)
+                    .await
+                    .map_err(telemetry_err)?;
+                    sqlx::query("DELETE FROM telemetry_batches WHERE received_at < $1")
+                        .bind(Store::time(before))
+                        .execute(&self.pool)
+                        .await
+                        .map_err(telemetry_err)?;
+                    Ok(done.rows_affected())
+                }
+
+                async fn fleet_counts(
+                    &self,
+                    owner: Option<UserId>,
+                ) -> Result<FleetCounts, StoreError> {
+                    let owner = owner.map(|u| Store::id(u.0));
+                    let mine = "(CAST($1 AS TEXT) IS NULL OR owner_id = $1)";
+                    let by_status: Vec<(String, i64)> = sqlx::query_as(&format!(
+                        "SELECT status, COUNT(*) FROM devices WHERE {mine} GROUP BY status \
+                         ORDER BY status"
+                    ))
+                    .bind(owner.clone())
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(err)?;
+                    let by_model: Vec<(String, i64)> = sqlx::query_as(&format!(
+                        "SELECT model, COUNT(*) FROM devices WHERE {mine} GROUP BY model \
+                         ORDER BY model"
+                    ))
+                    .bind(owner.clone())
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(err)?;
+                    let by_firmware: Vec<(Option<String>, i64)> = sqlx::query_as(&format!(
+                        "SELECT firmware, COUNT(*) FROM devices WHERE {mine} GROUP BY firmware \
+                         ORDER BY firmware"
+                    ))
+                    .bind(owner.clone())
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(err)?;
+                    let open_alerts: i64 = sqlx::query_scalar(&format!(
+                        "SELECT COUNT(*) FROM device_alerts a JOIN devices d \
+                         ON d.id = a.device_id WHERE a.state <> 'resolved' AND {}",
+                        mine.replace("owner_id", "d.owner_id")
+                    ))
+                    .bind(owner.clone())
+                    .fetch_one(&self.pool)
+                    .await
+                    .map_err(alert_err)?;
+                    let count = |n: i64| u64::try_from(n).unwrap_or_default();
+                    Ok(FleetCounts {
+                        by_status: by_status
+                            .into_iter()
+                            .map(|(s, n)| {
+                                Ok((stored("status", DeviceStatus::parse(&s), &s)?, count(n)))
+                            })
+                            .collect::<Result<_, StoreError>>()?,
+                        by_model: by_model.into_iter().map(|(m, n)| (m, count(n))).collect(),
+                        by_firmware: by_firmware
+                            .into_iter()
+                            .map(|(f, n)| (f, count(n)))
+                            .collect(),
+                        open_alerts: count(open_alerts),
+                    })
+                }
+            }
+        }
+    };
+}
+
+pub(crate) use device_queries;
