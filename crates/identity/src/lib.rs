@@ -1467,6 +1467,31 @@ impl Identity {
     ) {
         self.auditor.record(kind, actor, subject, ctx, detail).await;
     }
+
+    /// Where other capabilities record their security events (a device's registration or
+    /// revocation): the same store and audit file as identity's own.
+    pub fn audit_log(&self) -> AuditLog {
+        AuditLog(Arc::clone(&self.auditor))
+    }
+}
+
+/// The audit log, shared with other capabilities; cloning it is cheap.
+#[derive(Debug, Clone)]
+pub struct AuditLog(Arc<audit::Auditor>);
+
+impl AuditLog {
+    /// Records a security event. A failure to record is logged, and never hides the outcome of
+    /// the action from its caller.
+    pub async fn record(
+        &self,
+        kind: &str,
+        actor: Option<UserId>,
+        subject: Option<String>,
+        ctx: &RequestContext,
+        detail: serde_json::Value,
+    ) {
+        self.0.record(kind, actor, subject, ctx, detail).await;
+    }
 }
 
 /// Maps a keyset failure: a missing key is a 404, anything else is internal.
