@@ -8,6 +8,14 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+pub mod device;
+
+pub use device::{
+    DEVICE_KEY_PREFIX, DEVICE_KEY_PREFIX_TEXT, DeviceFrame, DeviceServerFrame,
+    SUBPROTOCOL_DEVICE_JSON, SUBPROTOCOL_DEVICE_MSGPACK, parse_device_frame,
+    parse_device_frame_msgpack,
+};
+
 /// The subprotocol of JSON text frames.
 pub const SUBPROTOCOL_JSON: &str = "unhidra.v1.json";
 /// The subprotocol of the same JSON frames, where one server text message may carry several
@@ -44,6 +52,9 @@ pub mod close {
     pub const TOKEN_EXPIRED: u16 = 4001;
     /// The session, user or device was revoked, or an admin closed the connection.
     pub const REVOKED: u16 = 4003;
+    /// A newer connection of the same device took over (devices only): the old one is most
+    /// often a half-open socket left behind by a network change.
+    pub const REPLACED: u16 = 4009;
     /// Rate limits were exceeded again and again.
     pub const RATE_LIMITED: u16 = 4029;
 }
