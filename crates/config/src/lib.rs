@@ -314,6 +314,34 @@ config_keys! {
         breaker_window: HumanDuration = HumanDuration::secs(60), secret = false;
         /// How long an open circuit holds its jobs back before one runs as a probe.
         breaker_open_for: HumanDuration = HumanDuration::secs(30), secret = false;
+        /// A device that sends nothing (no frame, heartbeat or batch) for this long is silent
+        /// and gets an alert, unless its model or itself has a timeout of its own.
+        device_inactivity_timeout: HumanDuration = HumanDuration::secs(120), secret = false;
+        /// Inactivity timeouts per model, `model=seconds`, comma-separated (10 s to 30 days).
+        device_model_timeouts: String = String::new(), secret = false;
+        /// How long a device's old keys keep working after a rotation.
+        device_key_grace: HumanDuration = HumanDuration::secs(24 * 3600), secret = false;
+        /// How often devices' last-seen times and heartbeats are written (status changes are
+        /// written at once). At most half the shortest inactivity timeout.
+        device_presence_flush: HumanDuration = HumanDuration::secs(5), secret = false;
+        /// Device registrations per hour for one user, and for one address.
+        device_registrations_per_hour: u32 = 30, secret = false;
+        /// Who is mailed when a device goes silent, comma-separated: `owner` (the device's
+        /// owner) and addresses; empty: nobody.
+        device_alert_mail: String = String::new(), secret = false;
+        /// Points in one telemetry batch at most.
+        telemetry_max_points: u32 = 1000, secret = false;
+        /// Distinct telemetry keys one device may store.
+        telemetry_max_keys: u32 = 256, secret = false;
+        /// Bytes of one telemetry value at most (a string, an array's packed data).
+        telemetry_max_value_bytes: u64 = 16 * 1024, secret = false;
+        /// Telemetry batches one device may send per minute.
+        telemetry_batches_per_minute: u32 = 600, secret = false;
+        /// How far ahead of the server's clock a point's time may be; later points are refused.
+        telemetry_max_future: HumanDuration = HumanDuration::secs(300), secret = false;
+        /// How long telemetry is kept (pruned hourly); older points are refused. A device's
+        /// batch numbers are remembered as long, so a repeat within it is never stored twice.
+        telemetry_retention: HumanDuration = HumanDuration::secs(30 * 24 * 3600), secret = false;
         /// With `admin_password`, makes sure this admin exists at start.
         admin_email: Option<String> = None, secret = false;
         /// The first admin's password, used only if the admin does not exist yet.

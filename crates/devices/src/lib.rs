@@ -1153,14 +1153,6 @@ impl Devices {
             .collect())
     }
 
-    /// The job handler of `devices.telemetry_retention`.
-    pub fn retention_job(&self) -> telemetry::Retention {
-        telemetry::Retention {
-            store: Arc::clone(&self.0.store),
-            clock: Arc::clone(&self.0.clock),
-            keep: self.0.config.telemetry.retention,
-        }
-    }
 }
 
 fn new_key(key: &DeviceKey, now: DateTime<Utc>) -> NewDeviceKey {

@@ -16,6 +16,7 @@ const CAPABILITIES: &[&str] = &[
     "unhidra-chat",
     "unhidra-mail",
     "unhidra-jobs",
+    "unhidra-devices",
 ];
 
 /// Crates of the HTTP and WebSocket stack.
