@@ -263,9 +263,9 @@ impl DevicesConfig {
             .map(str::trim)
             .filter(|s| !s.is_empty())
         {
-            let (model, secs) = item.split_once('=').ok_or_else(|| {
-                format!("device_model_timeouts: {item:?} is not model=seconds")
-            })?;
+            let (model, secs) = item
+                .split_once('=')
+                .ok_or_else(|| format!("device_model_timeouts: {item:?} is not model=seconds"))?;
             let secs: i64 = secs.trim().parse().map_err(|_| {
                 format!("device_model_timeouts: {secs:?} is not a number of seconds")
             })?;
@@ -615,10 +615,7 @@ impl Devices {
                 .as_ref()
                 .map(|m| input::metadata(Some(m)))
                 .transpose()?,
-            inactivity_timeout: update
-                .inactivity_timeout
-                .map(input::timeout)
-                .transpose()?,
+            inactivity_timeout: update.inactivity_timeout.map(input::timeout).transpose()?,
         };
         let record = self.0.store.update_device(id, &change, self.now()).await?;
         if change.model.is_some() || change.inactivity_timeout.is_some() {
@@ -934,7 +931,13 @@ impl Devices {
                     self.presence().set_status(o.device, DeviceStatus::Silent);
                     let delay = (now - (o.last_seen + o.timeout)).num_milliseconds();
                     self.0.metrics.silent(delay);
-                    let owner = self.0.store.device(o.device).await.ok().and_then(|d| d.owner);
+                    let owner = self
+                        .0
+                        .store
+                        .device(o.device)
+                        .await
+                        .ok()
+                        .and_then(|d| d.owner);
                     let view = AlertView::from(alert);
                     self.emit(FleetEvent::Status {
                         device: o.device,
@@ -1152,7 +1155,6 @@ impl Devices {
             .map(telemetry::PointView::from)
             .collect())
     }
-
 }
 
 fn new_key(key: &DeviceKey, now: DateTime<Utc>) -> NewDeviceKey {

@@ -70,7 +70,11 @@ impl Default for DeviceMetrics {
 impl DeviceMetrics {
     /// Adds every metric to `registry`.
     pub fn register(&self, registry: &mut Registry) {
-        registry.register("devices_registered", "Devices registered", self.registered.clone());
+        registry.register(
+            "devices_registered",
+            "Devices registered",
+            self.registered.clone(),
+        );
         registry.register(
             "devices_auth_failed",
             "Device connections and calls refused for a bad key",
@@ -112,7 +116,11 @@ impl DeviceMetrics {
             "Telemetry batches, by outcome",
             self.batches.clone(),
         );
-        registry.register("telemetry_points", "Telemetry points stored", self.points.clone());
+        registry.register(
+            "telemetry_points",
+            "Telemetry points stored",
+            self.points.clone(),
+        );
         registry.register(
             "telemetry_write_batches",
             "Telemetry batches per store write",

@@ -94,7 +94,12 @@ impl Presence {
     }
 
     /// Traffic from a device (a frame, a heartbeat, an HTTP batch) at `now`.
-    pub(crate) fn touch(&mut self, device: Uuid, now: DateTime<Utc>, heartbeat: Option<String>) -> Touch {
+    pub(crate) fn touch(
+        &mut self,
+        device: Uuid,
+        now: DateTime<Utc>,
+        heartbeat: Option<String>,
+    ) -> Touch {
         let Some(live) = self.devices.get_mut(&device) else {
             return Touch::Seen;
         };
@@ -265,11 +270,21 @@ mod tests {
         // Rescheduled once per timeout, not per frame.
         assert_eq!(p.next_deadline(), Some(t(360)));
         let gone = p.overdue(t(360));
-        assert_eq!(gone, [Overdue { device: d, last_seen: t(300), timeout: Duration::seconds(60) }]);
+        assert_eq!(
+            gone,
+            [Overdue {
+                device: d,
+                last_seen: t(300),
+                timeout: Duration::seconds(60)
+            }]
+        );
         assert_eq!(p.next_deadline(), None);
         p.set_status(d, DeviceStatus::Silent);
         // Traffic brings it back, online since it is connected, with a new deadline.
-        assert_eq!(p.touch(d, t(400), None), Touch::Returned(DeviceStatus::Online));
+        assert_eq!(
+            p.touch(d, t(400), None),
+            Touch::Returned(DeviceStatus::Online)
+        );
         assert_eq!(p.next_deadline(), Some(t(460)));
     }
 
@@ -284,16 +299,25 @@ mod tests {
         p.touch(d, t(3), Some("{\"uptime\":3}".into()));
         let seen = p.take_dirty();
         assert_eq!(seen.len(), 1);
-        assert_eq!((seen[0].at, seen[0].heartbeat.as_deref()), (t(3), Some("{\"uptime\":3}")));
+        assert_eq!(
+            (seen[0].at, seen[0].heartbeat.as_deref()),
+            (t(3), Some("{\"uptime\":3}"))
+        );
         assert!(p.take_dirty().is_empty());
         p.restore_dirty(seen);
-        assert_eq!(p.take_dirty()[0].heartbeat.as_deref(), Some("{\"uptime\":3}"));
+        assert_eq!(
+            p.take_dirty()[0].heartbeat.as_deref(),
+            Some("{\"uptime\":3}")
+        );
         assert!(p.disconnect(d, t(4)));
         assert!(!p.is_connected(d));
         assert_eq!(p.connected(), 0);
         // A silent device heard over HTTP comes back offline.
         p.set_status(d, DeviceStatus::Silent);
-        assert_eq!(p.touch(d, t(5), None), Touch::Returned(DeviceStatus::Offline));
+        assert_eq!(
+            p.touch(d, t(5), None),
+            Touch::Returned(DeviceStatus::Offline)
+        );
     }
 
     #[test]
@@ -310,7 +334,12 @@ mod tests {
         assert!(due.windows(2).all(|w| w[0].last_seen <= w[1].last_seen));
         // A stored time older than what this node heard does not move it back.
         p.touch(ids[999], t(2000), None);
-        p.load(ids[999], DeviceStatus::Offline, Some(t(999)), Duration::seconds(30));
+        p.load(
+            ids[999],
+            DeviceStatus::Offline,
+            Some(t(999)),
+            Duration::seconds(30),
+        );
         assert!(p.overdue(t(2029)).iter().all(|o| o.device != ids[999]));
         p.forget(ids[999]);
         assert!(p.overdue(t(5000)).iter().all(|o| o.device != ids[999]));

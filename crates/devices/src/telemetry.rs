@@ -140,15 +140,17 @@ impl Ingest {
         points: Vec<Point>,
         now: DateTime<Utc>,
     ) -> Result<bool, DeviceError> {
-        let seq = i64::try_from(seq).map_err(|_| {
-            invalid("seq", "out_of_range", "seq is at most 2^63 - 1".into())
-        })?;
+        let seq = i64::try_from(seq)
+            .map_err(|_| invalid("seq", "out_of_range", "seq is at most 2^63 - 1".into()))?;
         let limits = &self.limits;
         if points.len() > limits.max_points {
             return Err(invalid(
                 "points",
                 "invalid_length",
-                format!("a batch has at most {} points (telemetry_max_points)", limits.max_points),
+                format!(
+                    "a batch has at most {} points (telemetry_max_points)",
+                    limits.max_points
+                ),
             ));
         }
         let mut stored = Vec::with_capacity(points.len());
@@ -175,7 +177,11 @@ impl Ingest {
             let ts = match p.ts {
                 None => now,
                 Some(ms) => DateTime::from_timestamp_millis(ms).ok_or_else(|| {
-                    invalid("points", "invalid_ts", format!("point {i}: ts is out of range"))
+                    invalid(
+                        "points",
+                        "invalid_ts",
+                        format!("point {i}: ts is out of range"),
+                    )
                 })?,
             };
             if ts > now + limits.max_future {
@@ -235,11 +241,7 @@ impl Ingest {
     }
 
     /// Refuses a batch that would take a device past its number of keys.
-    async fn check_keys(
-        &self,
-        device: Uuid,
-        points: &[TelemetryPoint],
-    ) -> Result<(), DeviceError> {
+    async fn check_keys(&self, device: Uuid, points: &[TelemetryPoint]) -> Result<(), DeviceError> {
         let known = self.keys().contains_key(&device);
         if !known {
             let stored: HashSet<String> = self
@@ -325,7 +327,9 @@ async fn writer(
                     .filter(|(_, s)| **s)
                     .map(|(b, _)| b.points.len())
                     .sum();
-                metrics.points.inc_by(u64::try_from(new_points).unwrap_or(u64::MAX));
+                metrics
+                    .points
+                    .inc_by(u64::try_from(new_points).unwrap_or(u64::MAX));
                 for (reply, stored) in replies.drain(..).zip(stored) {
                     let _ = reply.send(Ok(stored));
                 }
@@ -496,7 +500,13 @@ pub(crate) async fn read(
             c.parse::<i64>()
                 .ok()
                 .and_then(DateTime::from_timestamp_micros)
-                .ok_or_else(|| invalid("cursor", "invalid_cursor", "not a cursor of this API".into()))
+                .ok_or_else(|| {
+                    invalid(
+                        "cursor",
+                        "invalid_cursor",
+                        "not a cursor of this API".into(),
+                    )
+                })
         })
         .transpose()?;
     let range = TelemetryRange {
@@ -603,14 +613,26 @@ mod tests {
         assert_eq!(bucket_secs("5m"), Some(300));
         assert_eq!(bucket_secs("1h"), Some(3600));
         assert_eq!(bucket_secs("31d"), Some(31 * 86_400));
-        for bad in ["", "m", "0m", "-1m", "1w", "32d", "1.5h", "99999999999999999999d"] {
+        for bad in [
+            "",
+            "m",
+            "0m",
+            "-1m",
+            "1w",
+            "32d",
+            "1.5h",
+            "99999999999999999999d",
+        ] {
             assert_eq!(bucket_secs(bad), None, "{bad}");
         }
     }
 
     #[test]
     fn arrays_come_back_as_numbers() {
-        let data: Vec<u8> = [1.5f32, -2.0].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let data: Vec<u8> = [1.5f32, -2.0]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
         assert_eq!(
             array_json("f32:1x2", &data),
             serde_json::json!({ "dtype": "f32", "shape": [1, 2], "data": [1.5, -2.0] })

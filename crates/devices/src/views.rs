@@ -68,9 +68,7 @@ impl DeviceView {
             last_seen: record.last_seen,
             inactivity_timeout: record.inactivity_timeout,
             effective_inactivity_timeout: timeout_secs,
-            heartbeat: record
-                .heartbeat
-                .and_then(|h| serde_json::from_str(&h).ok()),
+            heartbeat: record.heartbeat.and_then(|h| serde_json::from_str(&h).ok()),
             created_at: record.created_at,
             updated_at: record.updated_at,
         }

@@ -1480,6 +1480,16 @@ impl Identity {
 pub struct AuditLog(Arc<audit::Auditor>);
 
 impl AuditLog {
+    /// An audit log that records in the store only (no audit file), for tools and tests.
+    pub fn store_only(store: Arc<dyn Store>, clock: Arc<dyn Clock>) -> Self {
+        Self(Arc::new(audit::Auditor {
+            store,
+            clock,
+            file: None,
+            minimise: false,
+        }))
+    }
+
     /// Records a security event. A failure to record is logged, and never hides the outcome of
     /// the action from its caller.
     pub async fn record(

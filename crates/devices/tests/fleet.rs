@@ -1,0 +1,526 @@
+//! The fleet service over a real store, on both backends, with a manual clock.
+
+#![allow(
+    clippy::unwrap_used,
+    reason = "test code: a panic is how a test reports failure"
+)]
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Duration, Utc};
+use unhidra_config::{Config, Profile};
+use unhidra_core::{Email, ManualClock, Principal, Role, UserId};
+use unhidra_devices::telemetry::ReadQuery;
+use unhidra_devices::{
+    DeviceError, DeviceMetrics, Devices, DevicesConfig, Disconnect, FleetEvent, ListQuery,
+    NewDevice,
+};
+use unhidra_identity::{AuditLog, RequestContext};
+use unhidra_protocol::device::{ArrayValue, Point, Value};
+use unhidra_store::both_backends;
+use unhidra_store::devices::{AlertState, DeviceStatus};
+use unhidra_store::identity::NewUser;
+use unhidra_store::testing::TestDb;
+use uuid::Uuid;
+
+struct Fleet {
+    devices: Devices,
+    clock: Arc<ManualClock>,
+    alice: Principal,
+    bob: Principal,
+    admin: Principal,
+}
+
+fn start() -> DateTime<Utc> {
+    DateTime::from_timestamp(1_800_000_000, 0).unwrap()
+}
+
+async fn user(db: &TestDb, email: &str, role: Role) -> Principal {
+    let id = UserId::new();
+    db.store
+        .create_user(&NewUser {
+            id,
+            email: Email::parse(email).unwrap(),
+            display_name: None,
+            password_hash: "x".into(),
+            role,
+            now: start(),
+        })
+        .await
+        .unwrap();
+    Principal {
+        user_id: id,
+        role,
+        session_id: Uuid::new_v4(),
+        mfa: true,
+    }
+}
+
+fn config(edit: impl FnOnce(&mut Config)) -> DevicesConfig {
+    let mut config = Config::defaults(Profile::Test);
+    edit(&mut config);
+    DevicesConfig::from_config(&config).unwrap()
+}
+
+fn service(db: &TestDb, clock: &Arc<ManualClock>, config: DevicesConfig) -> Devices {
+    let clock: Arc<dyn unhidra_core::Clock> = clock.clone();
+    let jobs = unhidra_jobs::Jobs::builder(
+        Arc::clone(&db.store),
+        Arc::clone(&clock),
+        Default::default(),
+    )
+    .build();
+    Devices::new(
+        Arc::clone(&db.store),
+        Arc::clone(&clock),
+        config,
+        AuditLog::store_only(Arc::clone(&db.store), Arc::clone(&clock)),
+        jobs,
+        DeviceMetrics::default(),
+    )
+}
+
+async fn fleet(db: &TestDb, config: DevicesConfig) -> Fleet {
+    db.store.migrate().await.unwrap();
+    let clock = Arc::new(ManualClock::new(start()));
+    Fleet {
+        devices: service(db, &clock, config),
+        alice: user(db, "alice@example.com", Role::User).await,
+        bob: user(db, "bob@example.com", Role::User).await,
+        admin: user(db, "admin@example.com", Role::Admin).await,
+        clock,
+    }
+}
+
+fn sensor(name: &str) -> NewDevice {
+    NewDevice {
+        name: name.into(),
+        model: "esp32-s3".into(),
+        tags: vec!["Lab".into()],
+        ..NewDevice::default()
+    }
+}
+
+fn ctx() -> RequestContext {
+    RequestContext::default()
+}
+
+async fn devices_are_their_owners_and_keys_rotate_and_revoke(db: &TestDb) {
+    let f = fleet(db, config(|c| c.device_registrations_per_hour = 3)).await;
+    let mut events = f.devices.events();
+    let made = f
+        .devices
+        .register(&f.alice, sensor("boiler"), None, &ctx())
+        .await
+        .unwrap();
+    assert!(made.key.starts_with("unh_dk_"));
+    assert_eq!(made.device.tags, ["lab"]);
+    assert_eq!(made.device.status, "offline");
+    assert_eq!(made.device.effective_inactivity_timeout, 120);
+    let id = made.device.id;
+    let auth = f.devices.authenticate(&made.key).await.unwrap();
+    assert_eq!((auth.device, auth.owner), (id, Some(f.alice.user_id)));
+
+    // Bob does not see Alice's device; an admin does.
+    assert!(matches!(
+        f.devices.get(&f.bob, id).await,
+        Err(DeviceError::NotFound(_))
+    ));
+    assert_eq!(f.devices.get(&f.admin, id).await.unwrap().name, "boiler");
+    assert_eq!(
+        f.devices
+            .list(&f.bob, ListQuery::default())
+            .await
+            .unwrap()
+            .total,
+        0
+    );
+    assert_eq!(
+        f.devices
+            .list(&f.admin, ListQuery::default())
+            .await
+            .unwrap()
+            .total,
+        1
+    );
+    assert!(matches!(
+        f.devices.revoke(&f.bob, id, &ctx()).await,
+        Err(DeviceError::NotFound(_))
+    ));
+
+    // Bad input is refused with its field and stores nothing.
+    let bad = NewDevice {
+        name: " ".into(),
+        ..sensor("x")
+    };
+    match f.devices.register(&f.alice, bad, None, &ctx()).await {
+        Err(DeviceError::Invalid(field, code, _)) => {
+            assert_eq!((field, code), ("/name", "invalid_length"))
+        }
+        other => panic!("{other:?}"),
+    }
+    let bad_model = NewDevice {
+        model: "esp 32".into(),
+        ..sensor("x")
+    };
+    assert!(matches!(
+        f.devices.register(&f.alice, bad_model, None, &ctx()).await,
+        Err(DeviceError::Invalid("/model", _, _))
+    ));
+    assert_eq!(
+        f.devices
+            .list(&f.alice, ListQuery::default())
+            .await
+            .unwrap()
+            .total,
+        1
+    );
+    // Only admins register for someone else.
+    let for_bob = NewDevice {
+        owner: Some(f.bob.user_id),
+        ..sensor("b")
+    };
+    assert!(matches!(
+        f.devices
+            .register(&f.alice, for_bob.clone(), None, &ctx())
+            .await,
+        Err(DeviceError::Forbidden(_))
+    ));
+    let bobs = f
+        .devices
+        .register(&f.admin, for_bob, None, &ctx())
+        .await
+        .unwrap();
+    assert_eq!(bobs.device.owner, Some(f.bob.user_id.0));
+
+    // Rotation: both keys work through the grace period, then only the new one.
+    let rotated = f.devices.rotate_key(&f.alice, id, &ctx()).await.unwrap();
+    assert_ne!(rotated.key, made.key);
+    assert!(f.devices.authenticate(&made.key).await.is_ok());
+    assert!(f.devices.authenticate(&rotated.key).await.is_ok());
+    let keys = f.devices.keys(&f.alice, id).await.unwrap();
+    assert_eq!(keys.len(), 2);
+    assert!(
+        keys.iter()
+            .all(|k| k.usable && k.prefix.starts_with("unh_dk_") && k.prefix.len() == 12)
+    );
+    f.clock.advance(Duration::hours(24));
+    assert!(matches!(
+        f.devices.authenticate(&made.key).await,
+        Err(DeviceError::BadKey)
+    ));
+    assert!(f.devices.authenticate(&rotated.key).await.is_ok());
+
+    // Revocation ends every key at once and tells the server to close its connections.
+    assert_eq!(f.devices.revoke(&f.alice, id, &ctx()).await.unwrap(), 1);
+    assert!(matches!(
+        f.devices.authenticate(&rotated.key).await,
+        Err(DeviceError::BadKey)
+    ));
+    let mut revoked = false;
+    while let Ok(event) = events.try_recv() {
+        revoked |= event == FleetEvent::Revoked { device: id };
+    }
+    assert!(revoked);
+    for garbage in ["", "unh_dk_", "not a key", &format!("{}x", rotated.key)] {
+        assert!(matches!(
+            f.devices.authenticate(garbage).await,
+            Err(DeviceError::BadKey)
+        ));
+    }
+    let audit = db.store.audit_events(None, 50).await.unwrap();
+    let kinds: Vec<&str> = audit.iter().map(|e| e.kind.as_str()).collect();
+    for kind in ["device.registered", "device.key_rotated", "device.revoked"] {
+        assert!(kinds.contains(&kind), "{kinds:?}");
+    }
+    assert!(
+        audit
+            .iter()
+            .all(|e| !e.detail.contains(&made.key) && !e.detail.contains(&rotated.key))
+    );
+
+    // A hardware id is one device's; registrations are limited per user.
+    let hw = NewDevice {
+        hardware_id: Some("aa:bb:cc".into()),
+        ..sensor("one")
+    };
+    f.devices
+        .register(&f.alice, hw.clone(), None, &ctx())
+        .await
+        .unwrap();
+    assert!(matches!(
+        f.devices.register(&f.alice, hw, None, &ctx()).await,
+        Err(DeviceError::Conflict("hardware_id_taken", _))
+    ));
+    // (The 24 hours above emptied the hourly window: two attempts so far.)
+    f.devices
+        .register(&f.alice, sensor("four"), None, &ctx())
+        .await
+        .unwrap();
+    assert!(matches!(
+        f.devices
+            .register(&f.alice, sensor("five"), None, &ctx())
+            .await,
+        Err(DeviceError::RateLimited { .. })
+    ));
+
+    f.devices.delete(&f.alice, id, &ctx()).await.unwrap();
+    assert!(matches!(
+        f.devices.get(&f.admin, id).await,
+        Err(DeviceError::NotFound(_))
+    ));
+}
+both_backends!(devices_are_their_owners_and_keys_rotate_and_revoke);
+
+async fn silence_is_detected_on_time_and_ends_when_the_device_returns(db: &TestDb) {
+    let f = fleet(db, config(|_| {})).await;
+    let made = f
+        .devices
+        .register(&f.alice, sensor("boiler"), None, &ctx())
+        .await
+        .unwrap();
+    let id = made.device.id;
+    let auth = f.devices.authenticate(&made.key).await.unwrap();
+    // A device never seen is never silent.
+    f.clock.advance(Duration::hours(1));
+    assert!(f.devices.check_silence().await.is_empty());
+
+    let mut events = f.devices.events();
+    f.devices.connected(&auth).await.unwrap();
+    assert_eq!(
+        db.store.device(id).await.unwrap().status,
+        DeviceStatus::Online
+    );
+    assert!(matches!(
+        events.try_recv().unwrap(),
+        FleetEvent::Status {
+            status: "online",
+            reason: "connected",
+            ..
+        }
+    ));
+    f.clock.advance(Duration::seconds(30));
+    f.devices.seen(&auth, Some(r#"{"uptime":30}"#.into())).await;
+    f.devices.flush_presence().await;
+    let stored = db.store.device(id).await.unwrap();
+    assert_eq!(stored.last_seen, Some(f.clock_now()));
+    assert_eq!(stored.heartbeat.as_deref(), Some(r#"{"uptime":30}"#));
+
+    // Quiet for one second less than the timeout: nothing. At the timeout: silent.
+    f.clock.advance(Duration::seconds(119));
+    assert!(f.devices.check_silence().await.is_empty());
+    f.clock.advance(Duration::seconds(1));
+    let opened = f.devices.check_silence().await;
+    assert_eq!(opened.len(), 1);
+    assert_eq!((opened[0].device, opened[0].state), (id, "open"));
+    assert_eq!(
+        db.store.device(id).await.unwrap().status,
+        DeviceStatus::Silent
+    );
+    assert!(f.devices.check_silence().await.is_empty());
+    let page = f
+        .devices
+        .alerts(&f.alice, None, None, None, None)
+        .await
+        .unwrap();
+    assert_eq!(page.total, 1);
+    assert_eq!(
+        f.devices
+            .alerts(&f.bob, None, None, None, None)
+            .await
+            .unwrap()
+            .total,
+        0
+    );
+    assert_eq!(f.devices.summary(&f.admin).await.unwrap().silent, 1);
+
+    // Traffic brings it back: online again, the alert resolved.
+    f.clock.advance(Duration::seconds(5));
+    f.devices.seen(&auth, None).await;
+    assert_eq!(
+        db.store.device(id).await.unwrap().status,
+        DeviceStatus::Online
+    );
+    let resolved = f
+        .devices
+        .alerts(&f.alice, Some("resolved"), Some(id), None, None)
+        .await
+        .unwrap();
+    assert_eq!(resolved.total, 1);
+    let mut kinds = Vec::new();
+    while let Ok(event) = events.try_recv() {
+        kinds.push(match event {
+            FleetEvent::Status { status, .. } => status.to_owned(),
+            FleetEvent::Alert { alert, .. } => format!("alert {}", alert.state),
+            FleetEvent::Revoked { .. } => "revoked".into(),
+        });
+    }
+    assert_eq!(kinds, ["silent", "alert open", "online", "alert resolved"]);
+
+    // A clean close: offline, not silent.
+    f.devices.disconnected(&auth, Disconnect::Clean).await;
+    assert_eq!(
+        db.store.device(id).await.unwrap().status,
+        DeviceStatus::Offline
+    );
+
+    // The server stops; the device dies meanwhile. After a restart its deadline comes from
+    // the stored last_seen, and it is reported.
+    f.devices.flush_presence().await;
+    let clock = Arc::new(ManualClock::new(f.clock_now() + Duration::minutes(10)));
+    let restarted = service(db, &clock, config(|_| {}));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = restarted
+        .start(async move {
+            let _ = stopped.await;
+        })
+        .await
+        .unwrap();
+    let opened = restarted.check_silence().await;
+    assert_eq!(opened.len(), 1);
+    assert_eq!(opened[0].device, id);
+    // Acknowledged, then resolved by hand.
+    let acked = restarted
+        .advance_alert(&f.alice, opened[0].id, AlertState::Acknowledged, &ctx())
+        .await
+        .unwrap();
+    assert_eq!(acked.state, "acknowledged");
+    assert!(matches!(
+        restarted
+            .advance_alert(&f.bob, opened[0].id, AlertState::Resolved, &ctx())
+            .await,
+        Err(DeviceError::NotFound(_))
+    ));
+    assert!(matches!(
+        restarted
+            .advance_alert(&f.alice, opened[0].id, AlertState::Acknowledged, &ctx())
+            .await,
+        Err(DeviceError::Conflict(..))
+    ));
+    stop.send(()).unwrap();
+    task.await.unwrap();
+}
+both_backends!(silence_is_detected_on_time_and_ends_when_the_device_returns);
+
+impl Fleet {
+    fn clock_now(&self) -> DateTime<Utc> {
+        unhidra_core::Clock::now(&*self.clock)
+    }
+}
+
+fn point(key: &str, ts: Option<i64>, value: Value) -> Point {
+    Point {
+        ts,
+        key: key.into(),
+        value,
+    }
+}
+
+async fn telemetry_is_acknowledged_once_and_bad_batches_store_nothing(db: &TestDb) {
+    let f = fleet(
+        db,
+        config(|c| {
+            c.telemetry_max_keys = 3;
+            c.telemetry_max_points = 10;
+        }),
+    )
+    .await;
+    let made = f
+        .devices
+        .register(&f.alice, sensor("cam"), None, &ctx())
+        .await
+        .unwrap();
+    let id = made.device.id;
+    let auth = f.devices.authenticate(&made.key).await.unwrap();
+    let ms = |secs: i64| (start() + Duration::seconds(secs)).timestamp_millis();
+    let frame = ArrayValue::from_f32(vec![24, 32], &vec![21.5; 768]).unwrap();
+    let batch = vec![
+        point("temp", Some(ms(-10)), Value::Number(20.5)),
+        point("temp", None, Value::Number(21.0)),
+        point("thermal", Some(ms(-5)), Value::Array(frame)),
+    ];
+    assert!(f.devices.telemetry(&auth, 1, batch.clone()).await.unwrap());
+    // The same seq again: acknowledged, not stored twice.
+    assert!(!f.devices.telemetry(&auth, 1, batch).await.unwrap());
+    let read = |key: &str| ReadQuery {
+        key: key.into(),
+        from: None,
+        to: None,
+        limit: None,
+        cursor: None,
+        bucket: None,
+        agg: None,
+    };
+    let temps = f
+        .devices
+        .read_telemetry(&f.alice, id, read("temp"))
+        .await
+        .unwrap();
+    assert_eq!(temps.points.as_ref().unwrap().len(), 2);
+    assert!(matches!(
+        f.devices.read_telemetry(&f.bob, id, read("temp")).await,
+        Err(DeviceError::NotFound(_))
+    ));
+    let latest = f.devices.latest_telemetry(&f.alice, id).await.unwrap();
+    assert_eq!(latest.len(), 2);
+    assert_eq!(latest[1].value["shape"], serde_json::json!([24, 32]));
+    assert_eq!(latest[1].value["data"].as_array().unwrap().len(), 768);
+
+    // Every refusal names its reason, and nothing of the batch is stored.
+    let refused = [
+        (
+            vec![point("bad key", None, Value::Number(1.0))],
+            "invalid_key",
+        ),
+        (
+            vec![point("x", None, Value::Text("y".repeat(20_000)))],
+            "invalid_length",
+        ),
+        (
+            vec![point("x", Some(ms(3600)), Value::Number(1.0))],
+            "ts_in_future",
+        ),
+        (vec![point("x", Some(0), Value::Number(1.0))], "ts_too_old"),
+        (
+            (0..11)
+                .map(|i| point("temp", Some(ms(-i)), Value::Number(1.0)))
+                .collect(),
+            "invalid_length",
+        ),
+        (
+            vec![
+                point("a", None, Value::Number(1.0)),
+                point("b", None, Value::Number(1.0)),
+            ],
+            "too_many_keys",
+        ),
+    ];
+    for (seq, (points, code)) in (2..).zip(refused) {
+        match f.devices.telemetry(&auth, seq, points).await {
+            Err(DeviceError::Invalid(_, got, _)) => assert_eq!(got, code),
+            other => panic!("{code}: {other:?}"),
+        }
+    }
+    assert_eq!(db.store.telemetry_key_count(id).await.unwrap(), 2);
+    // A refused seq was not recorded: it can be sent again, fixed.
+    assert!(
+        f.devices
+            .telemetry(&auth, 2, vec![point("door", None, Value::Bool(true))])
+            .await
+            .unwrap()
+    );
+    assert_eq!(db.store.telemetry_key_count(id).await.unwrap(), 3);
+
+    // Buckets.
+    let mut q = read("temp");
+    q.bucket = Some("1d".into());
+    let buckets = f.devices.read_telemetry(&f.alice, id, q).await.unwrap();
+    assert_eq!(buckets.buckets.unwrap().len(), 1);
+    let mut q = read("temp");
+    q.bucket = Some("1w".into());
+    assert!(matches!(
+        f.devices.read_telemetry(&f.alice, id, q).await,
+        Err(DeviceError::Invalid("bucket", _, _))
+    ));
+}
+both_backends!(telemetry_is_acknowledged_once_and_bad_batches_store_nothing);
