@@ -155,7 +155,7 @@ async fn devices_are_their_owners_and_keys_rotate_and_revoke(db: &TestDb) {
     };
     match f.devices.register(&f.alice, bad, None, &ctx()).await {
         Err(DeviceError::Invalid(field, code, _)) => {
-            assert_eq!((field, code), ("/name", "invalid_length"))
+            assert_eq!((field, code), ("/name", "invalid_length"));
         }
         other => panic!("{other:?}"),
     }
