@@ -27,13 +27,17 @@ pub type ConnId = u64;
 pub struct ConnectionInfo {
     /// The connection's id.
     pub id: String,
-    /// `user` (devices come later).
+    /// `user` or `device`.
     pub kind: &'static str,
-    /// The user's id.
-    pub user: String,
+    /// The user's id; for a device, its owner's (absent once that account is deleted).
+    pub user: Option<String>,
+    /// The device's id, for a device's connection.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
     /// The client's address.
     pub ip: Option<String>,
-    /// The wire format: `unhidra.v1.json`, `unhidra.v1.jsonl` or `unhidra.v1.msgpack`.
+    /// The wire format: `unhidra.v1.json`, `unhidra.v1.jsonl`, `unhidra.v1.msgpack`,
+    /// `unhidra.device.v1` or `unhidra.device.v1.msgpack`.
     pub protocol: &'static str,
     /// How the client presented its credential (never the credential itself).
     pub auth: AuthStyle,
@@ -92,13 +96,19 @@ pub enum AuthStyle {
     TokenOnly,
     /// `Authorization: Bearer` on the upgrade request.
     AuthorizationHeader,
+    /// A device protocol name and `key.<key>` in `Sec-WebSocket-Protocol`.
+    Key,
 }
 
 struct Conn {
     /// Whether frames go out as MessagePack.
     msgpack: bool,
-    user: UserId,
-    session: Uuid,
+    /// The user; for a device, its owner (or none).
+    user: Option<UserId>,
+    /// The user's session; none for a device.
+    session: Option<Uuid>,
+    /// The device, for a device's connection.
+    device: Option<Uuid>,
     ip: Option<IpAddr>,
     protocol: &'static str,
     auth: AuthStyle,
@@ -190,15 +200,41 @@ impl Hub {
         (protocol, auth): (&'static str, AuthStyle),
         now: DateTime<Utc>,
     ) -> Registration {
+        self.insert(Some(user), Some(session), None, ip, (protocol, auth), now)
+    }
+
+    /// Registers a device's connection; `owner` is its owner's, for the listing.
+    pub fn register_device(
+        &self,
+        device: Uuid,
+        owner: Option<UserId>,
+        ip: Option<IpAddr>,
+        wire: (&'static str, AuthStyle),
+        now: DateTime<Utc>,
+    ) -> Registration {
+        self.insert(owner, None, Some(device), ip, wire, now)
+    }
+
+    fn insert(
+        &self,
+        user: Option<UserId>,
+        session: Option<Uuid>,
+        device: Option<Uuid>,
+        ip: Option<IpAddr>,
+        (protocol, auth): (&'static str, AuthStyle),
+        now: DateTime<Utc>,
+    ) -> Registration {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let outbox = Arc::new(Outbox::new(self.queue, self.queue_bytes));
         let activity = Arc::new(AtomicI64::new(0));
         self.state().conns.insert(
             id,
             Conn {
-                msgpack: protocol == unhidra_protocol::SUBPROTOCOL_MSGPACK,
+                msgpack: protocol == unhidra_protocol::SUBPROTOCOL_MSGPACK
+                    || protocol == unhidra_protocol::SUBPROTOCOL_DEVICE_MSGPACK,
                 user,
                 session,
+                device,
                 ip,
                 protocol,
                 auth,
@@ -269,7 +305,7 @@ impl Hub {
     /// Adds the subscription; returns the user to announce when it is their first connection
     /// in the room.
     fn subscribe_locked(state: &mut State, id: ConnId, room: Uuid, held: bool) -> Option<UserId> {
-        let user = state.conns.get(&id).map(|c| c.user)?;
+        let user = state.conns.get(&id).and_then(|c| c.user)?;
         if held && let Some(conn) = state.conns.get_mut(&id) {
             conn.held.entry(room).or_default();
         }
@@ -287,7 +323,7 @@ impl Hub {
     pub fn unsubscribe(&self, id: ConnId, room: Uuid) {
         let announce = {
             let mut state = self.state();
-            let Some(user) = state.conns.get(&id).map(|c| c.user) else {
+            let Some(user) = state.conns.get(&id).and_then(|c| c.user) else {
                 return;
             };
             let removed = state
@@ -310,8 +346,12 @@ impl Hub {
 
     fn user_in_room(state: &State, room: Uuid, user: UserId) -> bool {
         state.rooms.get(&room).is_some_and(|set| {
-            set.iter()
-                .any(|c| state.conns.get(c).is_some_and(|conn| conn.user == user))
+            set.iter().any(|c| {
+                state
+                    .conns
+                    .get(c)
+                    .is_some_and(|conn| conn.user == Some(user))
+            })
         })
     }
 
@@ -326,7 +366,12 @@ impl Hub {
                 .map(|set| {
                     set.iter()
                         .copied()
-                        .filter(|c| state.conns.get(c).is_some_and(|conn| conn.user == user))
+                        .filter(|c| {
+                            state
+                                .conns
+                                .get(c)
+                                .is_some_and(|conn| conn.user == Some(user))
+                        })
                         .collect()
                 })
                 .unwrap_or_default()
@@ -357,7 +402,7 @@ impl Hub {
             .get(&room)
             .map(|set| {
                 set.iter()
-                    .filter_map(|c| state.conns.get(c).map(|c| c.user))
+                    .filter_map(|c| state.conns.get(c).and_then(|c| c.user))
                     .collect()
             })
             .unwrap_or_default();
@@ -477,7 +522,7 @@ impl Hub {
         for conn in state
             .conns
             .values()
-            .filter(|c| c.user == user && !c.outbox.is_closing())
+            .filter(|c| c.device.is_none() && c.user == Some(user) && !c.outbox.is_closing())
         {
             Self::offer(conn, encoded.message(conn.msgpack));
             delivered += 1;
@@ -516,14 +561,24 @@ impl Hub {
 
     /// Closes every connection of a session.
     pub fn close_session(&self, session: Uuid, code: u16, reason: &str) {
-        for conn in self.state().conns.values().filter(|c| c.session == session) {
+        for conn in self
+            .state()
+            .conns
+            .values()
+            .filter(|c| c.session == Some(session))
+        {
             conn.outbox.close(code, reason);
         }
     }
 
     /// The session of every live connection, to re-check after revocations were missed.
     pub fn sessions(&self) -> Vec<Uuid> {
-        let mut sessions: Vec<Uuid> = self.state().conns.values().map(|c| c.session).collect();
+        let mut sessions: Vec<Uuid> = self
+            .state()
+            .conns
+            .values()
+            .filter_map(|c| c.session)
+            .collect();
         sessions.sort_unstable();
         sessions.dedup();
         sessions
@@ -535,7 +590,7 @@ impl Hub {
             .state()
             .conns
             .values()
-            .filter(|c| c.user == user && Some(c.session) != except)
+            .filter(|c| c.device.is_none() && c.user == Some(user) && c.session != except)
         {
             conn.outbox.close(code, reason);
         }
@@ -543,8 +598,50 @@ impl Hub {
 
     /// Closes every connection of a user.
     pub fn close_user(&self, user: UserId, code: u16, reason: &str) {
-        for conn in self.state().conns.values().filter(|c| c.user == user) {
+        for conn in self
+            .state()
+            .conns
+            .values()
+            .filter(|c| c.device.is_none() && c.user == Some(user))
+        {
             conn.outbox.close(code, reason);
+        }
+    }
+
+    /// Closes every connection of a device.
+    pub fn close_device(&self, device: Uuid, code: u16, reason: &str) -> usize {
+        let state = self.state();
+        let mut closed = 0;
+        for conn in state.conns.values().filter(|c| c.device == Some(device)) {
+            conn.outbox.close(code, reason);
+            closed += 1;
+        }
+        closed
+    }
+
+    /// Closes every connection of a device but `keep` (a newer one replaces them).
+    pub fn close_device_except(&self, device: Uuid, keep: ConnId, code: u16, reason: &str) {
+        for (_, conn) in self
+            .state()
+            .conns
+            .iter()
+            .filter(|(id, c)| c.device == Some(device) && **id != keep)
+        {
+            conn.outbox.close(code, reason);
+        }
+    }
+
+    /// Delivers a device frame to one connection, in its wire format.
+    pub fn send_device_frame(&self, id: ConnId, frame: &unhidra_protocol::DeviceServerFrame) {
+        self.metrics.frame("out", frame.kind());
+        let state = self.state();
+        if let Some(conn) = state.conns.get(&id).filter(|c| !c.outbox.is_closing()) {
+            let message = if conn.msgpack {
+                Message::Binary(frame.to_msgpack().into())
+            } else {
+                Message::Text(bytes::Bytes::from(frame.to_json()))
+            };
+            Self::offer(conn, message);
         }
     }
 
@@ -600,8 +697,9 @@ impl Hub {
             .filter(|(_, c)| !c.outbox.is_closing())
             .map(|(id, c)| ConnectionInfo {
                 id: id.to_string(),
-                kind: "user",
-                user: c.user.to_string(),
+                kind: if c.device.is_some() { "device" } else { "user" },
+                user: c.user.map(|u| u.to_string()),
+                device: c.device.map(|d| d.to_string()),
                 ip: c.ip.map(|ip| ip.to_string()),
                 protocol: c.protocol,
                 auth: c.auth,

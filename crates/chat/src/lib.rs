@@ -223,6 +223,16 @@ impl Chat {
 
     /// Admits a new connection under the per-address and per-user limits.
     pub fn admit(&self, ip: Option<std::net::IpAddr>, user: UserId) -> Result<(), Refused> {
+        self.admit_key(ip, &user.to_string())
+    }
+
+    /// Admits a device's new connection under the per-address limits and, per device, the
+    /// per-user ones.
+    pub fn admit_device(&self, ip: Option<std::net::IpAddr>, device: Uuid) -> Result<(), Refused> {
+        self.admit_key(ip, &format!("device:{device}"))
+    }
+
+    fn admit_key(&self, ip: Option<std::net::IpAddr>, key: &str) -> Result<(), Refused> {
         let now = self.now();
         let refuse = |scope: &'static str, retry_after: i64| {
             self.metrics.limited(scope);
@@ -238,7 +248,7 @@ impl Chat {
                 .map_err(|secs| refuse("ip", secs))?;
         }
         self.conn_per_user
-            .try_acquire(&user.to_string(), now)
+            .try_acquire(key, now)
             .map_err(|secs| refuse("user", secs))?;
         Ok(())
     }

@@ -405,9 +405,14 @@ impl Devices {
             .unwrap_or(self.0.config.default_timeout)
     }
 
-    fn view(&self, record: DeviceRecord) -> DeviceView {
+    fn view(&self, mut record: DeviceRecord) -> DeviceView {
         let timeout = self.timeout_of(record.inactivity_timeout, &record.model);
-        let connected = self.presence().is_connected(record.id);
+        let (connected, heard) = {
+            let presence = self.presence();
+            (presence.is_connected(record.id), presence.last_seen(record.id))
+        };
+        // What this node heard since the last write is newer than the store's.
+        record.last_seen = record.last_seen.max(heard);
         DeviceView::new(record, timeout.num_seconds(), connected)
     }
 
@@ -826,7 +831,23 @@ impl Devices {
     /// database write unless the device was silent.
     pub async fn seen(&self, auth: &DeviceAuth, heartbeat: Option<String>) {
         let now = self.now();
-        let touch = self.presence().touch(auth.device, now, heartbeat);
+        let mut touch = self.presence().touch(auth.device, now, heartbeat.clone());
+        if touch == Touch::Unknown {
+            // First heard on this node (a device that posts over HTTP, say): learn it.
+            match self.0.store.device(auth.device).await {
+                Ok(d) => {
+                    let timeout = self.timeout_of(d.inactivity_timeout, &d.model);
+                    let mut presence = self.presence();
+                    presence.load(d.id, d.status, d.last_seen, timeout);
+                    touch = presence.touch(auth.device, now, heartbeat);
+                }
+                Err(e) => {
+                    tracing::warn!(device = %auth.device, error = %unhidra_core::error_chain(&e), "device presence not loaded");
+                    return;
+                }
+            }
+            self.0.deadline_changed.notify_one();
+        }
         if let Touch::Returned(status) = touch {
             self.0.deadline_changed.notify_one();
             if let Err(e) = self.set_status(auth, status, now, "returned").await {

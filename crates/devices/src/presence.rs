@@ -32,6 +32,8 @@ pub(crate) enum Touch {
     Seen,
     /// The device was silent and is back: its status must become this one.
     Returned(DeviceStatus),
+    /// This node does not know the device yet: load it, then touch again.
+    Unknown,
 }
 
 /// A device whose deadline has come and who has not been heard from since.
@@ -101,7 +103,7 @@ impl Presence {
         heartbeat: Option<String>,
     ) -> Touch {
         let Some(live) = self.devices.get_mut(&device) else {
-            return Touch::Seen;
+            return Touch::Unknown;
         };
         live.last_seen = live.last_seen.max(Some(now));
         if heartbeat.is_some() {
@@ -151,6 +153,11 @@ impl Presence {
             live.status = DeviceStatus::Offline;
         }
         true
+    }
+
+    /// When this node last heard the device, if it knows it.
+    pub(crate) fn last_seen(&self, device: Uuid) -> Option<DateTime<Utc>> {
+        self.devices.get(&device).and_then(|l| l.last_seen)
     }
 
     /// Whether the device has a connection here.

@@ -13,6 +13,7 @@ mod shutdown;
 mod state;
 pub mod telemetry;
 mod ws;
+mod ws_device;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -58,6 +59,9 @@ pub enum StartError {
     /// The first admin could not be created.
     #[error("admin_email/admin_password: {0}")]
     Admin(String),
+    /// The device fleet's settings are wrong.
+    #[error("{0}")]
+    Devices(String),
     /// A cron schedule of the configuration is refused or could not be stored.
     #[error("jobs_cron: {0}")]
     Cron(String),
@@ -176,6 +180,26 @@ impl Application {
             chat::retention::KIND,
             config.retention_interval.0.max(Duration::from_secs(1)),
         );
+        let devices_config =
+            unhidra_devices::DevicesConfig::from_config(&config).map_err(StartError::Devices)?;
+        let jobs = jobs
+            .register(
+                unhidra_devices::telemetry::RETENTION_KIND,
+                unhidra_devices::telemetry::Retention::new(
+                    Arc::clone(&store),
+                    Arc::clone(&clock),
+                    devices_config.telemetry.retention,
+                ),
+                jobs::KindOptions {
+                    max_attempts: 3,
+                    timeout: Duration::from_secs(600),
+                    ..jobs::KindOptions::default()
+                },
+            )
+            .every(
+                unhidra_devices::telemetry::RETENTION_KIND,
+                Duration::from_secs(3600),
+            );
         // Rotated audit files age out hourly, even while nothing is written.
         let jobs = match identity::audit_file::AuditFile::from_config(&config) {
             Some(file) => jobs
@@ -195,15 +219,33 @@ impl Application {
         let identity = identity::Identity::new(
             &config,
             Arc::clone(&store),
-            clock,
+            Arc::clone(&clock),
             metrics.auth.clone(),
             mailer,
             Arc::clone(&jobs),
         )
         .await?;
         bootstrap_admin(&config, &identity).await?;
-        let state = AppState::new(config, store, metrics, instance_id, identity, chat, jobs);
+        let devices = unhidra_devices::Devices::new(
+            Arc::clone(&store),
+            clock,
+            devices_config,
+            identity.audit_log(),
+            Arc::clone(&jobs),
+            metrics.devices.clone(),
+        );
+        let state = AppState::new(
+            config,
+            store,
+            metrics,
+            instance_id,
+            identity,
+            chat,
+            jobs,
+            devices,
+        );
         tokio::spawn(follow_revocations(state.clone()));
+        tokio::spawn(follow_fleet(state.clone()));
         let router = http::with_middleware(routes::router().merge(extra), &state);
         Ok(Self {
             listener,
@@ -253,7 +295,16 @@ impl Application {
         let grace = config.shutdown_grace.0;
         let reloads = tokio::spawn(reload_keys(state.clone()));
         let (stop_jobs, jobs_stopping) = tokio::sync::watch::channel(false);
-        let workers = state.jobs().start(jobs_stopping);
+        let workers = state.jobs().start(jobs_stopping.clone());
+        let presence = {
+            let mut stopping = jobs_stopping;
+            state
+                .devices()
+                .start(async move {
+                    let _ = stopping.wait_for(|stop| *stop).await;
+                })
+                .await
+        };
         let outcome = shutdown::serve(listener, router, &state, shutdown, grace).await;
         reloads.abort();
         // Attempts in flight end (or reach their timeout); what does not end in time is
@@ -264,6 +315,14 @@ impl Application {
             .is_err()
         {
             tracing::warn!("shutdown: some jobs were still running; they are retried later");
+        }
+        match presence {
+            Ok(task) => {
+                let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %unhidra_core::error_chain(&e), "device presence was not loaded")
+            }
         }
         let outcome = outcome?;
         let abandoned = metrics::in_flight(state.metrics());
@@ -313,6 +372,29 @@ async fn bootstrap_admin(config: &Config, identity: &identity::Identity) -> Resu
         Err(e) => return Err(StartError::Admin(e.to_string())),
     }
     Ok(())
+}
+
+/// Closes the connections of devices whose keys were revoked, or that were deleted, with 4003.
+async fn follow_fleet(state: AppState) {
+    let mut events = state.devices().events();
+    loop {
+        match events.recv().await {
+            Ok(unhidra_devices::FleetEvent::Revoked { device }) => {
+                state.chat().hub().close_device(
+                    device,
+                    unhidra_protocol::close::REVOKED,
+                    "device key revoked",
+                );
+            }
+            Ok(_) => {}
+            // A missed revocation still takes effect: a revoked key is refused at the next
+            // connect, and the device's connections are checked again below.
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
+                tracing::warn!(missed, "fleet events were missed");
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+        }
+    }
 }
 
 /// Closes live connections whose session or user was revoked, with close code 4003.

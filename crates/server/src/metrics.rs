@@ -61,6 +61,8 @@ pub struct Metrics {
     pub ws: WsMetrics,
     /// The job system's metrics.
     pub jobs: JobsMetrics,
+    /// The device fleet's.
+    pub devices: unhidra_devices::DeviceMetrics,
 }
 
 fn duration_histogram() -> Histogram {
@@ -109,6 +111,8 @@ impl Metrics {
         ws.register(&mut registry);
         let jobs = JobsMetrics::default();
         jobs.register(&mut registry);
+        let devices = unhidra_devices::DeviceMetrics::default();
+        devices.register(&mut registry);
         Self {
             registry,
             http_requests,
@@ -117,6 +121,7 @@ impl Metrics {
             auth,
             ws,
             jobs,
+            devices,
         }
     }
 

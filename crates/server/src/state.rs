@@ -22,6 +22,7 @@ struct Inner {
     identity: Identity,
     chat: Chat,
     jobs: Arc<unhidra_jobs::Jobs>,
+    devices: unhidra_devices::Devices,
     /// Reverse proxies whose `X-Forwarded-For` is believed.
     trusted_proxies: Vec<std::net::IpAddr>,
     /// Set when the shutdown grace period is over: requests still running are answered 503.
@@ -38,6 +39,7 @@ impl AppState {
         identity: Identity,
         chat: Chat,
         jobs: Arc<unhidra_jobs::Jobs>,
+        devices: unhidra_devices::Devices,
     ) -> Self {
         let trusted_proxies = config
             .trusted_proxies
@@ -53,6 +55,7 @@ impl AppState {
             identity,
             chat,
             jobs,
+            devices,
             abandon: tokio::sync::watch::Sender::new(false),
         }))
     }
@@ -80,6 +83,11 @@ impl AppState {
     /// Background jobs.
     pub fn jobs(&self) -> &Arc<unhidra_jobs::Jobs> {
         &self.0.jobs
+    }
+
+    /// The device fleet.
+    pub fn devices(&self) -> &unhidra_devices::Devices {
+        &self.0.devices
     }
 
     /// Rooms, messages and live connections.

@@ -31,7 +31,7 @@ use crate::identity::{IdentityError, Principal};
 use crate::state::AppState;
 
 /// How much one read from the socket asks for.
-const READ_CHUNK_BYTES: usize = 4 * 1024;
+pub(crate) const READ_CHUNK_BYTES: usize = 4 * 1024;
 /// How long a closing connection's writer gets to send what is queued and the close frame.
 const WRITER_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 /// How long a connection the server closes keeps reading, and discarding, what the peer still
@@ -134,6 +134,13 @@ pub async fn upgrade(
         ))
         .into_response();
     }
+    match crate::ws_device::offer(&headers) {
+        Ok(Some(device)) => {
+            return crate::ws_device::upgrade(state, peer, &headers, ws, device).await;
+        }
+        Ok(None) => {}
+        Err(refused) => return refused.into_response(),
+    }
     let Some(offer) = offer(&headers) else {
         return ApiError::from(IdentityError::Unauthenticated("missing")).into_response();
     };
@@ -185,51 +192,12 @@ async fn run(
     let id = registration.id;
     let outbox = registration.outbox;
     let activity = registration.activity;
-    let (mut sink, mut stream) = socket.split();
+    let (sink, mut stream) = socket.split();
     let coalesce = chat.write_coalesce;
     // On `unhidra.v1.jsonl` a batch's text frames share WebSocket messages, up to the largest
     // message the server itself accepts.
     let lines = (protocol == SUBPROTOCOL_JSON_LINES).then_some(limit);
-    let mut writer = tokio::spawn({
-        let outbox = Arc::clone(&outbox);
-        async move {
-            let mut pace = Pace::new(coalesce);
-            loop {
-                match outbox.next().await {
-                    // Everything queued goes out with one flush, so a busy room costs one write
-                    // per batch rather than one per frame; what queues during a write is the
-                    // next batch.
-                    Next::Frames(mut frames) => {
-                        if let Some(due) = pace.due(tokio::time::Instant::now()) {
-                            // A burst that fills half the queue ends the wait early.
-                            tokio::select! {
-                                () = tokio::time::sleep_until(due) => {}
-                                () = outbox.half_full() => {}
-                            }
-                            outbox.take_more(&mut frames);
-                        }
-                        let count = frames.len();
-                        let frames = match lines {
-                            Some(cap) => join_lines(frames, cap),
-                            None => frames,
-                        };
-                        let Ok(pushed_back) = write_all(&mut sink, frames).await else {
-                            break;
-                        };
-                        pace.wrote(count, pushed_back, tokio::time::Instant::now());
-                    }
-                    Next::Close(code, reason) => {
-                        let frame = CloseFrame {
-                            code,
-                            reason: reason.into(),
-                        };
-                        let _ = sink.send(Message::Close(Some(frame))).await;
-                        break;
-                    }
-                }
-            }
-        }
-    });
+    let mut writer = spawn_writer(Arc::clone(&outbox), sink, coalesce, lines);
     hub.send_to(
         id,
         &ServerFrame::Welcome {
@@ -375,15 +343,76 @@ async fn run(
         .disconnects
         .get_or_create(&unhidra_chat::metrics::CodeLabel { code })
         .inc();
-    // The writer sends what is queued and the close frame; a peer that stopped reading is not
-    // waited for longer than this, and dropping the writer closes the socket.
+    linger(&mut writer, &mut stream, closed_by_peer).await;
+    writer.abort();
+    // Only now: a socket still lingering counts towards its address's connection limit, and
+    // the hub encodes nothing for it meanwhile, since its outbox is closing.
+    hub.unregister(id);
+    tracing::debug!(connection = id, "websocket closed");
+}
+
+/// The writer task of a connection: it takes everything queued at once and writes it with one
+/// flush, paced by `unhidra_chat::writer::Pace`, until the outbox asks to close.
+pub(crate) fn spawn_writer(
+    outbox: Arc<unhidra_chat::outbox::Outbox>,
+    mut sink: futures_util::stream::SplitSink<WebSocket, Message>,
+    coalesce: std::time::Duration,
+    lines: Option<usize>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut pace = Pace::new(coalesce);
+        loop {
+            match outbox.next().await {
+                // Everything queued goes out with one flush, so a busy room costs one write
+                // per batch rather than one per frame; what queues during a write is the
+                // next batch.
+                Next::Frames(mut frames) => {
+                    if let Some(due) = pace.due(tokio::time::Instant::now()) {
+                        // A burst that fills half the queue ends the wait early.
+                        tokio::select! {
+                            () = tokio::time::sleep_until(due) => {}
+                            () = outbox.half_full() => {}
+                        }
+                        outbox.take_more(&mut frames);
+                    }
+                    let count = frames.len();
+                    let frames = match lines {
+                        Some(cap) => join_lines(frames, cap),
+                        None => frames,
+                    };
+                    let Ok(pushed_back) = write_all(&mut sink, frames).await else {
+                        break;
+                    };
+                    pace.wrote(count, pushed_back, tokio::time::Instant::now());
+                }
+                Next::Close(code, reason) => {
+                    let frame = CloseFrame {
+                        code,
+                        reason: reason.into(),
+                    };
+                    let _ = sink.send(Message::Close(Some(frame))).await;
+                    break;
+                }
+            }
+        }
+    })
+}
+
+/// The end of a connection: the writer sends what is queued and the close frame; a peer that
+/// stopped reading is not waited for longer than [`WRITER_GRACE`], and dropping the writer
+/// closes the socket. When the server closed, the peer's frames are read and dropped meanwhile
+/// until its close frame answers ours.
+pub(crate) async fn linger(
+    writer: &mut tokio::task::JoinHandle<()>,
+    stream: &mut futures_util::stream::SplitStream<WebSocket>,
+    closed_by_peer: bool,
+) {
     let written = async {
-        let _ = tokio::time::timeout(WRITER_GRACE, &mut writer).await;
+        let _ = tokio::time::timeout(WRITER_GRACE, &mut *writer).await;
     };
     if closed_by_peer {
         written.await;
     } else {
-        // Meanwhile the peer's frames are read and dropped until its close frame answers ours.
         let drained = async {
             while let Some(Ok(message)) = stream.next().await {
                 if matches!(message, Message::Close(_)) {
@@ -394,11 +423,6 @@ async fn run(
         let linger = WRITER_GRACE.max(CLOSE_LINGER);
         let _ = tokio::time::timeout(linger, futures_util::future::join(written, drained)).await;
     }
-    writer.abort();
-    // Only now: a socket still lingering counts towards its address's connection limit, and
-    // the hub encodes nothing for it meanwhile, since its outbox is closing.
-    hub.unregister(id);
-    tracing::debug!(connection = id, "websocket closed");
 }
 
 /// The client frame a socket message carries: JSON text (on every subprotocol), or MessagePack
@@ -466,7 +490,7 @@ fn gather<S>(
 }
 
 /// The close code for a failed read: too large, invalid UTF-8, or a protocol error.
-fn read_error(err: &axum::Error) -> (u16, &'static str) {
+pub(crate) fn read_error(err: &axum::Error) -> (u16, &'static str) {
     let text = err.to_string();
     if text.contains("Space limit exceeded")
         || text.contains("too long")
@@ -549,7 +573,7 @@ where
 }
 
 /// How long from now until `expires` (zero when it is past).
-fn until(expires: DateTime<Utc>) -> std::time::Duration {
+pub(crate) fn until(expires: DateTime<Utc>) -> std::time::Duration {
     (expires - Utc::now())
         .to_std()
         .unwrap_or(std::time::Duration::ZERO)

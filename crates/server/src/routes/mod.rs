@@ -2,6 +2,7 @@
 
 mod admin;
 mod auth;
+mod devices;
 mod docs;
 mod health;
 mod jobs;
@@ -37,6 +38,9 @@ pub const OPENAPI_PATH: &str = "/api/v1/openapi.json";
         (name = "jobs", description = "Background jobs: a job with its attempts, listings, \
             counts, retries, cancellations and dead letters, and the cron schedules that \
             enqueue jobs; admins only."),
+        (name = "devices", description = "The device fleet: devices and their keys, alerts, \
+            telemetry, and the fleet's summary. Devices connect to the WebSocket at /ws with \
+            their key (docs/protocol.md)."),
         (name = "rooms", description = "Rooms, members, messages and presence. Realtime delivery \
             is the WebSocket at /ws (docs/protocol.md)."),
     ),
@@ -96,6 +100,15 @@ impl utoipa::Modify for BearerAuth {
                     .build(),
             ),
         );
+        components.add_security_scheme(
+            "device_key",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("unh_dk_ device key")
+                    .build(),
+            ),
+        );
     }
 }
 
@@ -140,6 +153,17 @@ fn documented() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(jobs::purge))
         .routes(routes!(jobs::cron_list))
         .routes(routes!(jobs::cron_put, jobs::cron_delete))
+        .routes(routes!(devices::create, devices::list))
+        .routes(routes!(devices::get, devices::update, devices::delete))
+        .routes(routes!(devices::keys, devices::rotate))
+        .routes(routes!(devices::revoke))
+        .routes(routes!(devices::telemetry))
+        .routes(routes!(devices::latest))
+        .routes(routes!(devices::post_telemetry))
+        .routes(routes!(devices::alerts))
+        .routes(routes!(devices::acknowledge))
+        .routes(routes!(devices::resolve))
+        .routes(routes!(devices::fleet))
         .routes(routes!(rooms::create, rooms::list))
         .routes(routes!(rooms::get, rooms::update, rooms::delete))
         .routes(routes!(rooms::members, rooms::put_member))

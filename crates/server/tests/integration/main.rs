@@ -9,6 +9,7 @@ mod account;
 mod auth;
 mod conformance;
 mod cron;
+mod devices;
 mod errors;
 mod helpers;
 mod jobs;

@@ -14,9 +14,9 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use crate::helpers::{PASSWORD, TestApp, access_token, create_room, problem, user};
 
 /// Bounds every wait for a frame, so a broken server fails the test instead of hanging it.
-const WAIT: Duration = Duration::from_secs(10);
+pub(crate) const WAIT: Duration = Duration::from_secs(10);
 
-type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
+pub(crate) type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// Publishes over HTTP, as servers and scripts do.
 async fn publish(
@@ -35,11 +35,11 @@ async fn publish(
         .unwrap()
 }
 
-fn ws_url(app: &TestApp) -> String {
+pub(crate) fn ws_url(app: &TestApp) -> String {
     format!("ws://{}/ws", app.addr)
 }
 
-async fn connect_with(
+pub(crate) async fn connect_with(
     app: &TestApp,
     protocols: Option<&str>,
     bearer: Option<&str>,
@@ -75,12 +75,12 @@ async fn connect(app: &TestApp, token: &str) -> Socket {
     socket
 }
 
-async fn send(socket: &mut Socket, frame: Value) {
+pub(crate) async fn send(socket: &mut Socket, frame: Value) {
     socket.send(Message::text(frame.to_string())).await.unwrap();
 }
 
 /// The next text frame, as JSON.
-async fn next(socket: &mut Socket) -> Value {
+pub(crate) async fn next(socket: &mut Socket) -> Value {
     loop {
         let message = tokio::time::timeout(WAIT, socket.next())
             .await
@@ -104,7 +104,7 @@ async fn next_non_presence(socket: &mut Socket) -> Value {
 }
 
 /// Reads until the server closes, returning the close code.
-async fn close_code(socket: &mut Socket) -> u16 {
+pub(crate) async fn close_code(socket: &mut Socket) -> u16 {
     loop {
         let message = tokio::time::timeout(WAIT, socket.next())
             .await

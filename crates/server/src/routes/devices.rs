@@ -1,0 +1,477 @@
+//! `/api/v1/devices/*`, `/api/v1/alerts/*`, `/api/v1/device/*` and `/api/v1/admin/fleet`:
+//! the device fleet over HTTP. Users manage devices (owners their own, admins all); devices post
+//! telemetry with their key. Every handler checks the caller's right through `Devices`.
+
+use axum::Json as JsonResponse;
+use axum::extract::{FromRequestParts, Path, State};
+use axum::http::request::Parts;
+use axum::http::{StatusCode, header};
+use serde::{Deserialize, Serialize};
+use unhidra_devices::telemetry::{PointView, Read, ReadQuery};
+use unhidra_devices::{
+    AlertView, DeviceAuth, DeviceError, DeviceUpdate, DeviceView, FleetSummary, KeyView, ListQuery,
+    NewDevice, Page, Registered,
+};
+use unhidra_store::devices::AlertState;
+use utoipa::{IntoParams, ToSchema};
+use uuid::Uuid;
+
+use crate::error::{ApiError, FieldError, Problem};
+use crate::http::auth::{Admin, Auth, Ctx};
+use crate::http::extract::{Json, Query};
+use crate::state::AppState;
+
+impl From<DeviceError> for ApiError {
+    fn from(err: DeviceError) -> Self {
+        match err {
+            DeviceError::NotFound(what) => Self::not_found(what),
+            DeviceError::Invalid(field, code, message) => {
+                let pointer = if field.starts_with('/') {
+                    field.to_owned()
+                } else {
+                    format!("/{field}")
+                };
+                Self::validation(vec![FieldError::new(pointer, code, message)])
+            }
+            DeviceError::Conflict(code, message) => {
+                Problem::new(StatusCode::CONFLICT, code, message).into()
+            }
+            DeviceError::BadKey => Self::unauthorized("The device key is missing or not valid."),
+            DeviceError::RateLimited { scope, retry_after } => ApiError::new(
+                Problem::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limited",
+                    format!("Too many {scope}; wait before trying again."),
+                )
+                .with("retry_after", retry_after),
+            ),
+            DeviceError::Forbidden(why) => {
+                Problem::new(StatusCode::FORBIDDEN, "forbidden", why).into()
+            }
+            DeviceError::Store(e) => e.into(),
+        }
+    }
+}
+
+fn device_id(raw: &str) -> Result<Uuid, ApiError> {
+    raw.parse().map_err(|_| ApiError::not_found("device"))
+}
+
+/// A device authenticated by its key in `Authorization: Bearer unh_dk_…`.
+pub(crate) struct DeviceKeyAuth(pub DeviceAuth);
+
+impl FromRequestParts<AppState> for DeviceKeyAuth {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let key = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim)
+            .unwrap_or_default();
+        Ok(Self(state.devices().authenticate(key).await?))
+    }
+}
+
+/// Registers a device; the answer carries its API key, shown this once.
+#[utoipa::path(post, path = "/api/v1/devices", tag = "devices", security(("bearer" = [])),
+    request_body = NewDevice,
+    responses(
+        (status = 201, description = "Registered; store the key on the device now", body = Registered),
+        (status = 409, description = "The hardware id is another device's", body = Problem,
+            content_type = "application/problem+json"),
+        (status = 422, description = "A field is invalid; `errors` names it", body = Problem,
+            content_type = "application/problem+json"),
+        (status = 429, description = "Too many registrations", body = Problem,
+            content_type = "application/problem+json"),
+    ))]
+pub(crate) async fn create(
+    State(state): State<AppState>,
+    Auth(who, ..): Auth,
+    Ctx(ctx): Ctx,
+    Json(body): Json<NewDevice>,
+) -> Result<(StatusCode, JsonResponse<Registered>), ApiError> {
+    let ip = ctx.ip.as_deref().and_then(|ip| ip.parse().ok());
+    let made = state.devices().register(&who, body, ip, &ctx).await?;
+    Ok((StatusCode::CREATED, JsonResponse(made)))
+}
+
+/// Which devices to list.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct DeviceListParams {
+    /// Text in the name, model, location or hardware id (case-insensitive).
+    q: Option<String>,
+    /// `online`, `offline` or `silent`.
+    status: Option<String>,
+    /// Only this model.
+    model: Option<String>,
+    /// Only devices with this tag.
+    tag: Option<String>,
+    /// Only this firmware version.
+    firmware: Option<String>,
+    /// The page, from 1.
+    #[param(minimum = 1, maximum = 1_000_000)]
+    page: Option<u64>,
+    /// Devices per page, 1 to 200 (default 50).
+    #[param(minimum = 1, maximum = 200)]
+    page_size: Option<u64>,
+}
+
+/// A page of devices.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct DevicePage {
+    items: Vec<DeviceView>,
+    page: u64,
+    page_size: u64,
+    total: u64,
+}
+
+impl From<Page<DeviceView>> for DevicePage {
+    fn from(p: Page<DeviceView>) -> Self {
+        Self {
+            items: p.items,
+            page: p.page,
+            page_size: p.page_size,
+            total: p.total,
+        }
+    }
+}
+
+/// The caller's devices (an admin's: every device), by name.
+#[utoipa::path(get, path = "/api/v1/devices", tag = "devices", security(("bearer" = [])),
+    params(DeviceListParams),
+    responses(
+        (status = 200, description = "A page of devices", body = DevicePage),
+        (status = 422, description = "A filter is invalid; `errors` names it", body = Problem,
+            content_type = "application/problem+json"),
+    ))]
+pub(crate) async fn list(
+    State(state): State<AppState>,
+    Auth(who, ..): Auth,
+    Query(p): Query<DeviceListParams>,
+) -> Result<JsonResponse<DevicePage>, ApiError> {
+    let page = state
+        .devices()
+        .list(
+            &who,
+            ListQuery {
+                q: p.q,
+                status: p.status,
+                model: p.model,
+                tag: p.tag,
+                firmware: p.firmware,
+                page: p.page,
+                page_size: p.page_size,
+            },
+        )
+        .await?;
+    Ok(JsonResponse(page.into()))
+}
+
+/// One device, with its last heartbeat's figures.
+#[utoipa::path(get, path = "/api/v1/devices/{id}", tag = "devices", security(("bearer" = [])),
+    params(("id" = String, Path, description = "Device id")),
+    responses((status = 200, description = "The device", body = DeviceView)))]
+pub(crate) async fn get(
+    State(state): State<AppState>,
+    Auth(who, ..): Auth,
+    Path(id): Path<String>,
+) -> Result<JsonResponse<DeviceView>, ApiError> {
+    Ok(JsonResponse(
+        state.devices().get(&who, device_id(&id)?).await?,
+    ))
+}
+
+/// Changes a device: absent fields stay, `null` clears.
+#[utoipa::path(patch, path = "/api/v1/devices/{id}", tag = "devices", security(("bearer" = [])),
+    params(("id" = String, Path, description = "Device id")),
+    request_body = DeviceUpdate,
+    responses(
+        (status = 200, description = "The device as it is now", body = DeviceView),
+        (status = 422, description = "A field is invalid; `errors` names it", body = Problem,
+            content_type = "application/problem+json"),
+    ))]
+pub(crate) async fn update(
+    State(state): State<AppState>,
+    Auth(who, ..): Auth,
+    Path(id): Path<String>,
+    Json(body): Json<DeviceUpdate>,
+) -> Result<JsonResponse<DeviceView>, ApiError> {
+    Ok(JsonResponse(
+        state.devices().update(&who, device_id(&id)?, body).await?,
+    ))
+}
+
+/// Deletes a device with its keys, alerts and telemetry; its connections close with 4003.
+#[utoipa::path(delete, path = "/api/v1/devices/{id}", tag = "devices", security(("bearer" = [])),
+    params(("id" = String, Path, description = "Device id")),
+    responses((status = 204, description = "Deleted")))]
+pub(crate) async fn delete(
+    State(state): State<AppState>,
+    Auth(who, ..): Auth,
+    Ctx(ctx): Ctx,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    state.devices().delete(&who, device_id(&id)?, &ctx).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// A device's keys (never the keys themselves), newest first.
+#[utoipa::path(get, path = "/api/v1/devices/{id}/keys", tag = "devices", security(("bearer" = [])),
+    params(("id" = String, Path, description = "Device id")),
+    responses((status = 200, description = "The keys", body = [KeyView])))]
+pub(crate) async fn keys(
+    State(state): State<AppState>,
+    Auth(who, ..): Auth,
+    Path(id): Path<String>,
+) -> Result<JsonResponse<Vec<KeyView>>, ApiError> {
+    Ok(JsonResponse(
+        state.devices().keys(&who, device_id(&id)?).await?,
+    ))
+}
+
+/// Rotates a device's key: a new key, shown this once; the old ones keep working for
+/// `device_key_grace`.
+#[utoipa::path(post, path = "/api/v1/devices/{id}/keys", tag = "devices", security(("bearer" = [])),
+    params(("id" = String, Path, description = "Device id")),
+    responses((status = 201, description = "The new key", body = Registered)))]
+pub(crate) async fn rotate(
+    State(state): State<AppState>,
+    Auth(who, ..): Auth,
+    Ctx(ctx): Ctx,
+    Path(id): Path<String>,
+) -> Result<(StatusCode, JsonResponse<Registered>), ApiError> {
+    let made = state
+        .devices()
+        .rotate_key(&who, device_id(&id)?, &ctx)
+        .await?;
+    Ok((StatusCode::CREATED, JsonResponse(made)))
+}
+
+/// How many keys a revocation ended.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct Revoked {
+    /// Keys that were usable.
+    revoked: u64,
+}
+
+/// Revokes every key of a device at once; its live connections close with 4003.
+#[utoipa::path(post, path = "/api/v1/devices/{id}/revoke", tag = "devices", security(("bearer" = [])),
+    params(("id" = String, Path, description = "Device id")),
+    responses((status = 200, description = "Revoked", body = Revoked)))]
+pub(crate) async fn revoke(
+    State(state): State<AppState>,
+    Auth(who, ..): Auth,
+    Ctx(ctx): Ctx,
+    Path(id): Path<String>,
+) -> Result<JsonResponse<Revoked>, ApiError> {
+    let revoked = state.devices().revoke(&who, device_id(&id)?, &ctx).await?;
+    Ok(JsonResponse(Revoked { revoked }))
+}
+
+/// A device's stored telemetry of one key: points, oldest first, in pages (`next` is the
+/// cursor), or buckets with `bucket` and `agg`.
+#[utoipa::path(get, path = "/api/v1/devices/{id}/telemetry", tag = "devices", security(("bearer" = [])),
+    params(("id" = String, Path, description = "Device id"), ReadQuery),
+    responses(
+        (status = 200, description = "Points or buckets", body = Read),
+        (status = 422, description = "A parameter is invalid; `errors` names it", body = Problem,
+            content_type = "application/problem+json"),
+    ))]
+pub(crate) async fn telemetry(
+    State(state): State<AppState>,
+    Auth(who, ..): Auth,
+    Path(id): Path<String>,
+    Query(query): Query<ReadQuery>,
+) -> Result<JsonResponse<Read>, ApiError> {
+    Ok(JsonResponse(
+        state
+            .devices()
+            .read_telemetry(&who, device_id(&id)?, query)
+            .await?,
+    ))
+}
+
+/// The latest value of every key of a device.
+#[utoipa::path(get, path = "/api/v1/devices/{id}/telemetry/latest", tag = "devices",
+    security(("bearer" = [])),
+    params(("id" = String, Path, description = "Device id")),
+    responses((status = 200, description = "One point per key, by key", body = [PointView])))]
+pub(crate) async fn latest(
+    State(state): State<AppState>,
+    Auth(who, ..): Auth,
+    Path(id): Path<String>,
+) -> Result<JsonResponse<Vec<PointView>>, ApiError> {
+    Ok(JsonResponse(
+        state
+            .devices()
+            .latest_telemetry(&who, device_id(&id)?)
+            .await?,
+    ))
+}
+
+/// A telemetry batch posted by a device (one that sleeps between batches, say).
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Batch {
+    /// The batch's number; a repeat is acknowledged again and not stored twice.
+    seq: u64,
+    /// The points: `{ts?, key, value}`, as in the `telemetry` frame (docs/protocol.md).
+    #[schema(value_type = Vec<Object>)]
+    points: Vec<unhidra_protocol::device::Point>,
+}
+
+/// The acknowledgement of a batch: it is durable.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct Ack {
+    /// The batch's number.
+    seq: u64,
+    /// The batch was stored before; nothing was stored now.
+    duplicate: bool,
+}
+
+/// Posts a telemetry batch with the device's key (`Authorization: Bearer unh_dk_…`): answered
+/// once the batch is durable.
+#[utoipa::path(post, path = "/api/v1/device/telemetry", tag = "devices",
+    security(("device_key" = [])),
+    request_body = Batch,
+    responses(
+        (status = 200, description = "Stored (or stored before)", body = Ack),
+        (status = 401, description = "No valid device key", body = Problem,
+            content_type = "application/problem+json"),
+        (status = 422, description = "The batch breaks a limit; nothing of it is stored",
+            body = Problem, content_type = "application/problem+json"),
+    ))]
+pub(crate) async fn post_telemetry(
+    State(state): State<AppState>,
+    DeviceKeyAuth(device): DeviceKeyAuth,
+    Json(batch): Json<Batch>,
+) -> Result<JsonResponse<Ack>, ApiError> {
+    let stored = state
+        .devices()
+        .telemetry(&device, batch.seq, batch.points)
+        .await?;
+    Ok(JsonResponse(Ack {
+        seq: batch.seq,
+        duplicate: !stored,
+    }))
+}
+
+/// Which alerts to list.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct AlertListParams {
+    /// `open`, `acknowledged` or `resolved`; absent: open and acknowledged ones.
+    state: Option<String>,
+    /// Only this device's.
+    device: Option<String>,
+    /// The page, from 1.
+    #[param(minimum = 1, maximum = 1_000_000)]
+    page: Option<u64>,
+    /// Alerts per page, 1 to 200 (default 50).
+    #[param(minimum = 1, maximum = 200)]
+    page_size: Option<u64>,
+}
+
+/// A page of alerts.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct AlertPage {
+    items: Vec<AlertView>,
+    page: u64,
+    page_size: u64,
+    total: u64,
+}
+
+/// Alerts of the caller's devices (an admin's: every device's), newest first.
+#[utoipa::path(get, path = "/api/v1/alerts", tag = "devices", security(("bearer" = [])),
+    params(AlertListParams),
+    responses((status = 200, description = "A page of alerts", body = AlertPage)))]
+pub(crate) async fn alerts(
+    State(state): State<AppState>,
+    Auth(who, ..): Auth,
+    Query(p): Query<AlertListParams>,
+) -> Result<JsonResponse<AlertPage>, ApiError> {
+    let device = p.device.as_deref().map(device_id).transpose()?;
+    let page = state
+        .devices()
+        .alerts(&who, p.state.as_deref(), device, p.page, p.page_size)
+        .await?;
+    Ok(JsonResponse(AlertPage {
+        items: page.items,
+        page: page.page,
+        page_size: page.page_size,
+        total: page.total,
+    }))
+}
+
+fn alert_id(raw: &str) -> Result<Uuid, ApiError> {
+    raw.parse().map_err(|_| ApiError::not_found("alert"))
+}
+
+/// Acknowledges an open alert.
+#[utoipa::path(post, path = "/api/v1/alerts/{id}/acknowledge", tag = "devices",
+    security(("bearer" = [])),
+    params(("id" = String, Path, description = "Alert id")),
+    responses(
+        (status = 200, description = "Acknowledged", body = AlertView),
+        (status = 409, description = "It is acknowledged or resolved already", body = Problem,
+            content_type = "application/problem+json"),
+    ))]
+pub(crate) async fn acknowledge(
+    State(state): State<AppState>,
+    Auth(who, ..): Auth,
+    Ctx(ctx): Ctx,
+    Path(id): Path<String>,
+) -> Result<JsonResponse<AlertView>, ApiError> {
+    Ok(JsonResponse(
+        state
+            .devices()
+            .advance_alert(&who, alert_id(&id)?, AlertState::Acknowledged, &ctx)
+            .await?,
+    ))
+}
+
+/// Resolves an open or acknowledged alert.
+#[utoipa::path(post, path = "/api/v1/alerts/{id}/resolve", tag = "devices",
+    security(("bearer" = [])),
+    params(("id" = String, Path, description = "Alert id")),
+    responses(
+        (status = 200, description = "Resolved", body = AlertView),
+        (status = 409, description = "It is resolved already", body = Problem,
+            content_type = "application/problem+json"),
+    ))]
+pub(crate) async fn resolve(
+    State(state): State<AppState>,
+    Auth(who, ..): Auth,
+    Ctx(ctx): Ctx,
+    Path(id): Path<String>,
+) -> Result<JsonResponse<AlertView>, ApiError> {
+    Ok(JsonResponse(
+        state
+            .devices()
+            .advance_alert(&who, alert_id(&id)?, AlertState::Resolved, &ctx)
+            .await?,
+    ))
+}
+
+/// The fleet at a glance: devices per status, model and firmware, and open alerts.
+#[utoipa::path(get, path = "/api/v1/admin/fleet", tag = "devices", security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The summary", body = FleetSummary),
+        (status = 403, description = "Not an admin", body = Problem,
+            content_type = "application/problem+json"),
+    ))]
+pub(crate) async fn fleet(
+    State(state): State<AppState>,
+    Auth(who, ..): Auth<Admin>,
+) -> Result<JsonResponse<FleetSummary>, ApiError> {
+    Ok(JsonResponse(state.devices().summary(&who).await?))
+}

@@ -1,0 +1,385 @@
+//! The device fleet over HTTP and the device session over a real socket: registration and
+//! keys, every way a device presents its key, hello first, telemetry acknowledged once durable
+//! and never stored twice, refusals with their codes, replacement (4009) and revocation (4003).
+
+use futures_util::SinkExt;
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::helpers::{PASSWORD, TestApp, problem, user};
+use crate::ws::{Socket, close_code, connect_with, next, send};
+
+async fn app() -> TestApp {
+    TestApp::spawn_with(
+        crate::helpers::default_backend(),
+        |c| {
+            c.admin_email = Some("root@example.com".into());
+            c.admin_password = Some(unhidra_config::Secret::new(PASSWORD));
+        },
+        None,
+    )
+    .await
+}
+
+/// Registers a device as `token`'s user; answers its id and key.
+async fn register(app: &TestApp, token: &str, name: &str) -> (String, String) {
+    let made = app
+        .client
+        .post(app.url("/api/v1/devices"))
+        .bearer_auth(token)
+        .json(&json!({ "name": name, "model": "esp32-s3", "tags": ["lab"] }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(made.status(), 201);
+    let made: Value = made.json().await.unwrap();
+    (
+        made["device"]["id"].as_str().unwrap().to_owned(),
+        made["key"].as_str().unwrap().to_owned(),
+    )
+}
+
+/// Connects the recommended way and reads the welcome frame.
+async fn connect_device(app: &TestApp, key: &str) -> Socket {
+    let (mut socket, echoed) =
+        connect_with(app, Some(&format!("unhidra.device.v1, key.{key}")), None)
+            .await
+            .unwrap();
+    assert_eq!(echoed.as_deref(), Some("unhidra.device.v1"));
+    let welcome = next(&mut socket).await;
+    assert_eq!(welcome["type"], "welcome");
+    socket
+}
+
+async fn hello(socket: &mut Socket) {
+    send(
+        socket,
+        json!({ "type": "hello", "firmware": "1.4.2", "capabilities": ["thermal"] }),
+    )
+    .await;
+}
+
+async fn get_json(app: &TestApp, token: &str, path: &str) -> Value {
+    let response = app
+        .client
+        .get(app.url(path))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200, "{path}");
+    response.json().await.unwrap()
+}
+
+#[tokio::test]
+async fn a_device_connects_says_hello_and_its_telemetry_is_acknowledged_once() {
+    let app = app().await;
+    let (_, alice) = user(&app, "alice@example.com").await;
+    let (_, bob) = user(&app, "bob@example.com").await;
+    let (id, key) = register(&app, &alice, "boiler").await;
+    let mut socket = connect_device(&app, &key).await;
+
+    // Nothing but hello (or ping) before hello.
+    send(
+        &mut socket,
+        json!({ "type": "telemetry", "seq": 1, "points": [] }),
+    )
+    .await;
+    let refused = next(&mut socket).await;
+    assert_eq!(
+        (refused["type"].as_str(), refused["code"].as_str()),
+        (Some("error"), Some("hello_required"))
+    );
+    assert_eq!(refused["ref"], "1");
+    hello(&mut socket).await;
+    send(
+        &mut socket,
+        json!({ "type": "heartbeat", "uptime": 12, "rssi": -61, "free_heap": 81234 }),
+    )
+    .await;
+    let batch = json!({ "type": "telemetry", "seq": 7, "points": [
+        { "key": "temp", "value": 21.5 },
+        { "key": "door", "value": true, "ts": chrono::Utc::now().timestamp_millis() - 1000 },
+        { "key": "thermal", "value": { "shape": [24, 32], "dtype": "f32", "data": vec![20.5; 768] } },
+    ]});
+    send(&mut socket, batch.clone()).await;
+    assert_eq!(next(&mut socket).await, json!({ "type": "ack", "seq": 7 }));
+    // Sent again (the ack was lost, say): acknowledged again, stored once.
+    send(&mut socket, batch).await;
+    assert_eq!(
+        next(&mut socket).await,
+        json!({ "type": "ack", "seq": 7, "duplicate": true })
+    );
+    send(&mut socket, json!({ "type": "ping" })).await;
+    assert_eq!(next(&mut socket).await["type"], "pong");
+
+    // A malformed frame and a batch past a limit: each answered with its code, nothing stored.
+    socket.send(Message::text("{not json")).await.unwrap();
+    assert_eq!(next(&mut socket).await["code"], "invalid_json");
+    send(
+        &mut socket,
+        json!({ "type": "telemetry", "seq": 8, "points": [{ "key": "bad key", "value": 1 }] }),
+    )
+    .await;
+    let refused = next(&mut socket).await;
+    assert_eq!(
+        (refused["code"].as_str(), refused["ref"].as_str()),
+        (Some("invalid_key"), Some("8"))
+    );
+    send(
+        &mut socket,
+        json!({ "type": "telemetry", "seq": 9, "points": [{ "key": "x", "value": 1, "ts": 0 }] }),
+    )
+    .await;
+    assert_eq!(next(&mut socket).await["code"], "ts_too_old");
+
+    let device = get_json(&app, &alice, &format!("/api/v1/devices/{id}")).await;
+    assert_eq!(device["status"], "online");
+    assert_eq!(device["connected"], true);
+    assert_eq!(device["firmware"], "1.4.2");
+    let temps = get_json(
+        &app,
+        &alice,
+        &format!("/api/v1/devices/{id}/telemetry?key=temp"),
+    )
+    .await;
+    assert_eq!(temps["points"].as_array().unwrap().len(), 1);
+    assert_eq!(temps["points"][0]["value"], 21.5);
+    let latest = get_json(
+        &app,
+        &alice,
+        &format!("/api/v1/devices/{id}/telemetry/latest"),
+    )
+    .await;
+    let keys: Vec<&str> = latest
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["key"].as_str().unwrap())
+        .collect();
+    assert_eq!(keys, ["door", "temp", "thermal"]);
+    assert_eq!(latest[2]["value"]["shape"], json!([24, 32]));
+    // Bob sees none of it.
+    let hidden = app
+        .client
+        .get(app.url(&format!("/api/v1/devices/{id}")))
+        .bearer_auth(&bob)
+        .send()
+        .await
+        .unwrap();
+    problem(hidden, 404, "not_found").await;
+    let hidden = app
+        .client
+        .get(app.url(&format!("/api/v1/devices/{id}/telemetry?key=temp")))
+        .bearer_auth(&bob)
+        .send()
+        .await
+        .unwrap();
+    problem(hidden, 404, "not_found").await;
+
+    // The admin's list of connections shows the device, never its key.
+    let admin = crate::helpers::access_token(&app, "root@example.com").await;
+    let conns = get_json(&app, &admin, "/api/v1/admin/connections").await;
+    let text = conns.to_string();
+    assert!(!text.contains(&key));
+    let device_conn = conns
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["kind"] == "device")
+        .unwrap();
+    assert_eq!(device_conn["device"], id.as_str());
+    assert_eq!(device_conn["auth"], "key");
+    let fleet = get_json(&app, &admin, "/api/v1/admin/fleet").await;
+    assert_eq!(
+        (fleet["total"].as_u64(), fleet["online"].as_u64()),
+        (Some(1), Some(1))
+    );
+
+    // A clean close: offline at once.
+    socket.close(None).await.unwrap();
+    let _ = close_code(&mut socket).await;
+    for _ in 0..100 {
+        let device = get_json(&app, &alice, &format!("/api/v1/devices/{id}")).await;
+        if device["status"] == "offline" {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    panic!("the device did not go offline");
+}
+
+#[tokio::test]
+async fn every_way_to_present_a_key_and_the_refusals() {
+    let app = app().await;
+    let (_, alice) = user(&app, "alice@example.com").await;
+    let (_, key) = register(&app, &alice, "d").await;
+    // The firmware style: the key as the only subprotocol, echoed.
+    let (mut lone, echoed) = connect_with(&app, Some(&key), None).await.unwrap();
+    assert_eq!(echoed.as_deref(), Some(key.as_str()));
+    assert_eq!(next(&mut lone).await["type"], "welcome");
+    // A newer connection replaces it: 4009.
+    let (mut header, echoed) = connect_with(&app, None, Some(&key)).await.unwrap();
+    assert_eq!(echoed, None);
+    assert_eq!(next(&mut header).await["type"], "welcome");
+    assert_eq!(close_code(&mut lone).await, 4009);
+
+    // MessagePack, with a thermal frame as packed f32 in a bin.
+    let (mut packed, echoed) = connect_with(
+        &app,
+        Some(&format!("unhidra.device.v1.msgpack, key.{key}")),
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(echoed.as_deref(), Some("unhidra.device.v1.msgpack"));
+    assert_eq!(close_code(&mut header).await, 4009);
+    let welcome = read_msgpack(&mut packed).await;
+    assert_eq!(welcome["type"], "welcome");
+    let hello = unhidra_protocol::DeviceFrame::Hello {
+        firmware: "2.0.0".into(),
+        partition: None,
+        reset_reason: None,
+        capabilities: vec![],
+    };
+    packed
+        .send(Message::binary(hello.to_msgpack()))
+        .await
+        .unwrap();
+    let frame =
+        unhidra_protocol::device::ArrayValue::from_f32(vec![24, 32], &[19.25; 768]).unwrap();
+    let telemetry = unhidra_protocol::DeviceFrame::Telemetry {
+        seq: 1,
+        points: vec![unhidra_protocol::device::Point {
+            ts: None,
+            key: "thermal".into(),
+            value: unhidra_protocol::device::Value::Array(frame),
+        }],
+    };
+    packed
+        .send(Message::binary(telemetry.to_msgpack()))
+        .await
+        .unwrap();
+    let ack = read_msgpack(&mut packed).await;
+    assert_eq!(
+        (ack["type"].as_str(), ack["seq"].as_u64()),
+        (Some("ack"), Some(1))
+    );
+
+    // Refused before the upgrade: a wrong key, a device protocol with no key, a user token as
+    // a device key.
+    for protocols in [
+        format!("unhidra.device.v1, key.{}x", &key[..key.len() - 1]),
+        "unhidra.device.v1".to_owned(),
+        format!("unhidra.device.v1, key.{alice}"),
+        "unh_dk_short".to_owned(),
+    ] {
+        let refused = connect_with(&app, Some(&protocols), None).await;
+        match refused {
+            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+                assert_eq!(response.status(), 401, "{protocols}");
+            }
+            other => panic!("{protocols}: {other:?}"),
+        }
+    }
+}
+
+async fn read_msgpack(socket: &mut Socket) -> Value {
+    use futures_util::StreamExt;
+    loop {
+        let message = tokio::time::timeout(crate::ws::WAIT, socket.next())
+            .await
+            .unwrap();
+        match message.unwrap().unwrap() {
+            Message::Binary(bytes) => return rmp_serde::from_slice(&bytes).unwrap(),
+            Message::Ping(_) | Message::Pong(_) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn keys_rotate_and_a_revoked_device_is_closed_with_4003() {
+    let app = app().await;
+    let (_, alice) = user(&app, "alice@example.com").await;
+    let (id, key) = register(&app, &alice, "d").await;
+    let mut socket = connect_device(&app, &key).await;
+    let rotated = app
+        .client
+        .post(app.url(&format!("/api/v1/devices/{id}/keys")))
+        .bearer_auth(&alice)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(rotated.status(), 201);
+    let rotated: Value = rotated.json().await.unwrap();
+    let new_key = rotated["key"].as_str().unwrap().to_owned();
+    let keys = get_json(&app, &alice, &format!("/api/v1/devices/{id}/keys")).await;
+    assert_eq!(keys.as_array().unwrap().len(), 2);
+    assert!(!keys.to_string().contains(&key) && !keys.to_string().contains(&new_key));
+
+    let revoked = app
+        .client
+        .post(app.url(&format!("/api/v1/devices/{id}/revoke")))
+        .bearer_auth(&alice)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(revoked.status(), 200);
+    assert_eq!(revoked.json::<Value>().await.unwrap()["revoked"], 2);
+    assert_eq!(close_code(&mut socket).await, 4003);
+    for k in [&key, &new_key] {
+        match connect_with(&app, Some(&format!("unhidra.device.v1, key.{k}")), None).await {
+            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+                assert_eq!(response.status(), 401)
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_sleeping_device_posts_batches_over_http() {
+    let app = app().await;
+    let (_, alice) = user(&app, "alice@example.com").await;
+    let (id, key) = register(&app, &alice, "d").await;
+    let post = |body: Value, key: String| {
+        let client = app.client.clone();
+        let url = app.url("/api/v1/device/telemetry");
+        async move {
+            client
+                .post(url)
+                .bearer_auth(key)
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    let batch = json!({ "seq": 1, "points": [{ "key": "battery", "value": 87.5 }] });
+    let first = post(batch.clone(), key.clone()).await;
+    assert_eq!(first.status(), 200);
+    assert_eq!(
+        first.json::<Value>().await.unwrap(),
+        json!({ "seq": 1, "duplicate": false })
+    );
+    let again = post(batch, key.clone()).await;
+    assert_eq!(again.json::<Value>().await.unwrap()["duplicate"], true);
+    problem(
+        post(json!({ "seq": 2, "points": [] }), "unh_dk_nope".into()).await,
+        401,
+        "unauthorized",
+    )
+    .await;
+    let too_long = json!({ "seq": 3, "points": [{ "key": "x", "value": "y".repeat(20_000) }] });
+    problem(post(too_long, key.clone()).await, 422, "validation_failed").await;
+    let latest = get_json(
+        &app,
+        &alice,
+        &format!("/api/v1/devices/{id}/telemetry/latest"),
+    )
+    .await;
+    assert_eq!(latest.as_array().unwrap().len(), 1);
+    let device = get_json(&app, &alice, &format!("/api/v1/devices/{id}")).await;
+    assert!(device["last_seen"].is_string());
+}
