@@ -37,6 +37,7 @@ NO_SUCCESS_EXPECTED = {
     ("POST", "/api/v1/auth/password-reset/confirm"): "needs a mailed token",
     ("DELETE", "/api/v1/admin/connections/{id}"): "no WebSocket is open during the run",
     ("POST", "/api/v1/admin/keys/{kid}/retire"): "needs a kid that no longer signs",
+    ("POST", "/api/v1/device/telemetry"): "devices post with their key, not the run's user token",
     ("POST", "/api/v1/admin/jobs/{id}/retry"): "the prepared job is retryable only between the run's "
     "cancellation of it and the next periodic job taking its unique key (409 conflict after that)",
 }
@@ -127,6 +128,43 @@ def prepare_cron(server):
     return name
 
 
+def prepare_devices(server):
+    """Two devices of the admin (one for the run to delete) and an open alert of a third,
+    which went silent: its inactivity timeout is the shortest allowed (10 s), and it was heard
+    once, over HTTP. Returns the device ids and the alert's."""
+    base = server.base_url
+    admin = requests.post(
+        f"{base}/api/v1/auth/login", json={"email": ADMIN_EMAIL, "password": ADMIN_PASSWORD}, timeout=10
+    ).json()["access_token"]
+    headers = {"Authorization": f"Bearer {admin}"}
+
+    def device(name, **extra):
+        made = requests.post(
+            f"{base}/api/v1/devices", headers=headers, json={"name": name, "model": "esp32-s3", **extra}, timeout=10
+        )
+        made.raise_for_status()
+        return made.json()
+
+    kept = device("st-kept")["device"]["id"]
+    deleted = device("st-deleted")["device"]["id"]
+    quiet = device("st-quiet", inactivity_timeout=10)
+    requests.post(
+        f"{base}/api/v1/device/telemetry",
+        headers={"Authorization": f"Bearer {quiet['key']}"},
+        json={"seq": 1, "points": [{"key": "temp", "value": 20.5}]},
+        timeout=10,
+    ).raise_for_status()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        page = requests.get(
+            f"{base}/api/v1/alerts", headers=headers, params={"device": quiet["device"]["id"]}, timeout=10
+        ).json()
+        if page["items"]:
+            return kept, deleted, page["items"][0]["id"]
+        time.sleep(0.2)
+    raise AssertionError("the quiet device raised no alert")
+
+
 def run_schemathesis(server, *paths, exclude=False, env=None):
     schemathesis = Path(sys.executable).with_name("schemathesis")
     selection = []
@@ -165,7 +203,11 @@ def test_every_operation_conforms_to_the_document(server):
     room, member, session = prepare_room(server)
     job = prepare_job(server)
     cron = prepare_cron(server)
+    device, deleted_device, alert = prepare_devices(server)
     env = {
+        "ST_DEVICE_ID": device,
+        "ST_DELETE_DEVICE_ID": deleted_device,
+        "ST_ALERT_ID": alert,
         "ST_ROOM_ID": room,
         "ST_MEMBER_ID": member,
         "ST_SESSION_ID": session,

@@ -409,7 +409,10 @@ impl Devices {
         let timeout = self.timeout_of(record.inactivity_timeout, &record.model);
         let (connected, heard) = {
             let presence = self.presence();
-            (presence.is_connected(record.id), presence.last_seen(record.id))
+            (
+                presence.is_connected(record.id),
+                presence.last_seen(record.id),
+            )
         };
         // What this node heard since the last write is newer than the store's.
         record.last_seen = record.last_seen.max(heard);

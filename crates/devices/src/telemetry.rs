@@ -415,6 +415,7 @@ pub enum Agg {
 #[into_params(parameter_in = Query)]
 pub struct ReadQuery {
     /// The key.
+    #[param(pattern = "^[A-Za-z0-9][A-Za-z0-9_.:/-]{0,63}$")]
     pub key: String,
     /// Measured at or after this time (RFC 3339).
     #[serde(default)]
@@ -424,6 +425,7 @@ pub struct ReadQuery {
     pub to: Option<DateTime<Utc>>,
     /// Points (or buckets) at most: 1 to 5000, default 500.
     #[serde(default)]
+    #[param(minimum = 1, maximum = 5000)]
     pub limit: Option<u32>,
     /// The `next` of the previous page.
     #[serde(default)]
@@ -431,10 +433,11 @@ pub struct ReadQuery {
     /// Buckets instead of points: `30s`, `1m`, `5m`, `1h`, `1d` (any count of s, m, h or d
     /// from 1 s to 31 d).
     #[serde(default)]
+    #[param(pattern = "^[1-9][0-9]{0,6}[smhd]$")]
     pub bucket: Option<String>,
     /// With `bucket`: `avg` (default), `min`, `max` or `count`.
     #[serde(default)]
-    #[param(value_type = Option<String>)]
+    #[param(inline)]
     pub agg: Option<Agg>,
 }
 

@@ -234,16 +234,13 @@ impl Application {
             Arc::clone(&jobs),
             metrics.devices.clone(),
         );
-        let state = AppState::new(
-            config,
-            store,
-            metrics,
-            instance_id,
+        let services = state::Services {
             identity,
             chat,
             jobs,
             devices,
-        );
+        };
+        let state = AppState::new(config, store, metrics, instance_id, services);
         tokio::spawn(follow_revocations(state.clone()));
         tokio::spawn(follow_fleet(state.clone()));
         let router = http::with_middleware(routes::router().merge(extra), &state);
@@ -321,7 +318,7 @@ impl Application {
                 let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
             }
             Err(e) => {
-                tracing::warn!(error = %unhidra_core::error_chain(&e), "device presence was not loaded")
+                tracing::warn!(error = %unhidra_core::error_chain(&e), "device presence was not loaded");
             }
         }
         let outcome = outcome?;

@@ -9,6 +9,19 @@ use crate::chat::Chat;
 use crate::identity::Identity;
 use crate::metrics::Metrics;
 
+/// The capabilities' services a server wires together.
+#[derive(Debug)]
+pub struct Services {
+    /// Accounts, tokens and sessions.
+    pub identity: Identity,
+    /// Rooms, messages and live connections.
+    pub chat: Chat,
+    /// Background jobs.
+    pub jobs: Arc<unhidra_jobs::Jobs>,
+    /// The device fleet.
+    pub devices: unhidra_devices::Devices,
+}
+
 /// Shared state of one running server; cloning it is cheap.
 #[derive(Debug, Clone)]
 pub struct AppState(Arc<Inner>);
@@ -36,11 +49,14 @@ impl AppState {
         store: Arc<dyn Store>,
         metrics: Metrics,
         instance_id: String,
-        identity: Identity,
-        chat: Chat,
-        jobs: Arc<unhidra_jobs::Jobs>,
-        devices: unhidra_devices::Devices,
+        services: Services,
     ) -> Self {
+        let Services {
+            identity,
+            chat,
+            jobs,
+            devices,
+        } = services;
         let trusted_proxies = config
             .trusted_proxies
             .iter()

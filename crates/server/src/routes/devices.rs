@@ -109,6 +109,7 @@ pub(crate) struct DeviceListParams {
     /// Text in the name, model, location or hardware id (case-insensitive).
     q: Option<String>,
     /// `online`, `offline` or `silent`.
+    #[param(pattern = "^(online|offline|silent)$")]
     status: Option<String>,
     /// Only this model.
     model: Option<String>,
@@ -370,8 +371,10 @@ pub(crate) async fn post_telemetry(
 #[into_params(parameter_in = Query)]
 pub(crate) struct AlertListParams {
     /// `open`, `acknowledged` or `resolved`; absent: open and acknowledged ones.
+    #[param(pattern = "^(open|acknowledged|resolved)$")]
     state: Option<String>,
     /// Only this device's.
+    #[param(pattern = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")]
     device: Option<String>,
     /// The page, from 1.
     #[param(minimum = 1, maximum = 1_000_000)]
