@@ -348,6 +348,7 @@ async fn writer(
 
 /// A stored point as the API shows it.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[schema(as = TelemetryPointView)]
 pub struct PointView {
     /// The key.
     pub key: String,
@@ -397,6 +398,7 @@ fn array_json(shape: &str, data: &[u8]) -> serde_json::Value {
 
 /// How the numbers of a bucket are summed up, as the API spells it.
 #[derive(Debug, Clone, Copy, Deserialize, utoipa::ToSchema)]
+#[schema(as = TelemetryAggregate)]
 #[serde(rename_all = "lowercase")]
 pub enum Agg {
     /// The mean.
@@ -443,6 +445,7 @@ pub struct ReadQuery {
 
 /// One bucket of an aggregate read.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[schema(as = TelemetryBucketView)]
 pub struct BucketView {
     /// The bucket's start.
     pub start: DateTime<Utc>,
@@ -452,6 +455,7 @@ pub struct BucketView {
 
 /// What a read answers.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[schema(as = TelemetryRead)]
 pub struct Read {
     /// The key.
     pub key: String,

@@ -77,6 +77,7 @@ impl DeviceView {
 
 /// A new device or key: the key is shown this once, and never again.
 #[derive(Debug, Clone, Serialize, ToSchema)]
+#[schema(as = DeviceRegistered)]
 pub struct Registered {
     /// The device.
     pub device: DeviceView,
@@ -86,6 +87,7 @@ pub struct Registered {
 
 /// A device's API key, as listings show it (never the key).
 #[derive(Debug, Clone, Serialize, ToSchema)]
+#[schema(as = DeviceKeyView)]
 pub struct KeyView {
     /// The key's id.
     #[schema(value_type = String)]
@@ -159,6 +161,7 @@ impl From<AlertRecord> for AlertView {
 
 /// How many devices have one value of something.
 #[derive(Debug, Clone, Serialize, ToSchema)]
+#[schema(as = FleetCount)]
 pub struct Count {
     /// The value (a model, a firmware version; `null`: none reported).
     pub value: Option<String>,

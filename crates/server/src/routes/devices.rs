@@ -107,15 +107,31 @@ pub(crate) async fn create(
 #[into_params(parameter_in = Query)]
 pub(crate) struct DeviceListParams {
     /// Text in the name, model, location or hardware id (case-insensitive).
+    #[param(
+        max_length = 100,
+        pattern = "^[^\\u0000-\\u001f\\u007f-\\u009f\\u202a-\\u202e\\u2066-\\u2069]*$"
+    )]
     q: Option<String>,
     /// `online`, `offline` or `silent`.
     #[param(pattern = "^(online|offline|silent)$")]
     status: Option<String>,
     /// Only this model.
+    #[param(
+        max_length = 100,
+        pattern = "^[^\\u0000-\\u001f\\u007f-\\u009f\\u202a-\\u202e\\u2066-\\u2069]*$"
+    )]
     model: Option<String>,
     /// Only devices with this tag.
+    #[param(
+        max_length = 100,
+        pattern = "^[^\\u0000-\\u001f\\u007f-\\u009f\\u202a-\\u202e\\u2066-\\u2069]*$"
+    )]
     tag: Option<String>,
     /// Only this firmware version.
+    #[param(
+        max_length = 100,
+        pattern = "^[^\\u0000-\\u001f\\u007f-\\u009f\\u202a-\\u202e\\u2066-\\u2069]*$"
+    )]
     firmware: Option<String>,
     /// The page, from 1.
     #[param(minimum = 1, maximum = 1_000_000)]
@@ -258,6 +274,7 @@ pub(crate) async fn rotate(
 
 /// How many keys a revocation ended.
 #[derive(Debug, Serialize, ToSchema)]
+#[schema(as = RevokedKeys)]
 pub(crate) struct Revoked {
     /// Keys that were usable.
     revoked: u64,
@@ -320,6 +337,7 @@ pub(crate) async fn latest(
 
 /// A telemetry batch posted by a device (one that sleeps between batches, say).
 #[derive(Debug, Deserialize, ToSchema)]
+#[schema(as = TelemetryBatch)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct Batch {
     /// The batch's number; a repeat is acknowledged again and not stored twice.
@@ -331,6 +349,7 @@ pub(crate) struct Batch {
 
 /// The acknowledgement of a batch: it is durable.
 #[derive(Debug, Serialize, ToSchema)]
+#[schema(as = TelemetryAck)]
 pub(crate) struct Ack {
     /// The batch's number.
     seq: u64,
@@ -374,7 +393,9 @@ pub(crate) struct AlertListParams {
     #[param(pattern = "^(open|acknowledged|resolved)$")]
     state: Option<String>,
     /// Only this device's.
-    #[param(pattern = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")]
+    #[param(
+        pattern = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
+    )]
     device: Option<String>,
     /// The page, from 1.
     #[param(minimum = 1, maximum = 1_000_000)]
