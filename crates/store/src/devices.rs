@@ -346,6 +346,99 @@ pub struct FleetCounts {
     pub open_alerts: u64,
 }
 
+/// Where a command stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CommandState {
+    /// Stored; not yet sent to the device.
+    Queued,
+    /// Sent to the device; no result yet.
+    Delivered,
+    /// The device did it.
+    Succeeded,
+    /// The device did not.
+    Failed,
+    /// Its time ran out before a result came.
+    Expired,
+}
+
+impl CommandState {
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Queued => "queued",
+            Self::Delivered => "delivered",
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+            Self::Expired => "expired",
+        }
+    }
+
+    /// The state a stored name names.
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "queued" => Some(Self::Queued),
+            "delivered" => Some(Self::Delivered),
+            "succeeded" => Some(Self::Succeeded),
+            "failed" => Some(Self::Failed),
+            "expired" => Some(Self::Expired),
+            _ => None,
+        }
+    }
+
+    /// Whether nothing changes it any more.
+    pub fn is_final(self) -> bool {
+        matches!(self, Self::Succeeded | Self::Failed | Self::Expired)
+    }
+}
+
+/// A stored command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommandRecord {
+    /// Its id.
+    pub id: Uuid,
+    /// The device.
+    pub device_id: Uuid,
+    /// What to do.
+    pub name: String,
+    /// With what, a JSON value as text.
+    pub params: String,
+    /// Where it stands.
+    pub state: CommandState,
+    /// The caller's key: a second command with it returns the first.
+    pub idempotency_key: Option<String>,
+    /// Who sent it.
+    pub created_by: Option<UserId>,
+    /// When.
+    pub created_at: DateTime<Utc>,
+    /// When it expires unless answered.
+    pub expires_at: DateTime<Utc>,
+    /// When it was sent to the device (the last time).
+    pub delivered_at: Option<DateTime<Utc>>,
+    /// When it ended.
+    pub finished_at: Option<DateTime<Utc>>,
+    /// What the device answered, a JSON value as text.
+    pub output: Option<String>,
+}
+
+/// A device's configuration: what it should have and what it says it has.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigRecord {
+    /// The device.
+    pub device_id: Uuid,
+    /// The desired configuration, a JSON object as text.
+    pub desired: String,
+    /// Its version, from 1, raised by every change.
+    pub desired_version: i64,
+    /// When it last changed.
+    pub desired_at: DateTime<Utc>,
+    /// The configuration the device last reported, a JSON object as text.
+    pub reported: Option<String>,
+    /// The version of the desired configuration it had applied then.
+    pub reported_version: Option<i64>,
+    /// When it reported.
+    pub reported_at: Option<DateTime<Utc>>,
+}
+
 /// Devices, keys, presence, alerts and telemetry.
 #[async_trait]
 pub trait DeviceStore: Send + Sync {
@@ -478,4 +571,64 @@ pub trait DeviceStore: Send + Sync {
 
     /// The fleet's counts, over every device or one owner's.
     async fn fleet_counts(&self, owner: Option<UserId>) -> Result<FleetCounts, StoreError>;
+
+    /// Stores a command, or — when its device already has one with the same idempotency key —
+    /// answers that one (`false`: nothing stored).
+    async fn create_command(&self, command: &CommandRecord)
+    -> Result<(CommandRecord, bool), StoreError>;
+
+    /// One command.
+    async fn command(&self, id: Uuid) -> Result<CommandRecord, StoreError>;
+
+    /// A device's commands, newest first.
+    async fn device_commands(
+        &self,
+        device: Uuid,
+        limit: u32,
+    ) -> Result<Vec<CommandRecord>, StoreError>;
+
+    /// The commands of these devices that wait for a result and have not expired at `now`,
+    /// oldest first.
+    async fn pending_commands(
+        &self,
+        devices: &[Uuid],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<CommandRecord>, StoreError>;
+
+    /// Marks commands sent to their device (again, after a reconnect).
+    async fn mark_delivered(&self, ids: &[Uuid], now: DateTime<Utc>) -> Result<(), StoreError>;
+
+    /// Ends a command of `device` that waits for a result with `state` (succeeded, failed or
+    /// expired) and `output`; `None` if it is not that device's, or has ended already.
+    async fn finish_command(
+        &self,
+        device: Uuid,
+        id: Uuid,
+        state: CommandState,
+        output: Option<&str>,
+        now: DateTime<Utc>,
+    ) -> Result<Option<CommandRecord>, StoreError>;
+
+    /// Expires every command that waits past its `expires_at`; answers them.
+    async fn expire_commands(&self, now: DateTime<Utc>) -> Result<Vec<CommandRecord>, StoreError>;
+
+    /// Replaces a device's desired configuration; answers the record with its new version.
+    async fn set_desired_config(
+        &self,
+        device: Uuid,
+        desired: &str,
+        now: DateTime<Utc>,
+    ) -> Result<ConfigRecord, StoreError>;
+
+    /// Records what a device reported: its whole configuration and the version it applied.
+    async fn set_reported_config(
+        &self,
+        device: Uuid,
+        reported: &str,
+        version: Option<i64>,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError>;
+
+    /// A device's configuration; `NotFound` if none was ever set or reported.
+    async fn device_config(&self, device: Uuid) -> Result<ConfigRecord, StoreError>;
 }

@@ -36,6 +36,7 @@ pub(crate) const SQLITE: &[Embedded] = embedded!("sqlite":
     (0008, "jobs"),
     (0009, "cron"),
     (0010, "devices"),
+    (0012, "device_commands"),
 );
 
 /// PostgreSQL's migrations, oldest first, in step with [`SQLITE`].
@@ -51,6 +52,7 @@ pub(crate) const POSTGRES: &[Embedded] = embedded!("postgres":
     (0008, "jobs"),
     (0009, "cron"),
     (0010, "devices"),
+    (0012, "device_commands"),
 );
 
 #[derive(Debug)]

@@ -14,7 +14,8 @@ macro_rules! device_queries {
 
             use $crate::StoreError;
             use $crate::devices::{
-                Aggregate, AlertFilter, AlertRecord, AlertState, DeviceChange, DeviceFilter,
+                Aggregate, AlertFilter, AlertRecord, AlertState, CommandRecord, CommandState,
+                ConfigRecord, DeviceChange, DeviceFilter,
                 DeviceKeyRecord, DeviceRecord, DeviceStatus, DeviceStore, FleetCounts,
                 NewDeviceKey, Presence, Seen, TelemetryBatch, TelemetryBucket, TelemetryPoint,
                 TelemetryRange, TelemetryValue,
@@ -45,6 +46,46 @@ macro_rules! device_queries {
 
             fn err(e: sqlx::Error) -> StoreError {
                 StoreError::from_sqlx("device", e)
+            }
+
+            const COMMAND_COLUMNS: &str = "id, device_id, name, params, state, idempotency_key, \
+                created_by, created_at, expires_at, delivered_at, finished_at, output";
+
+            const CONFIG_COLUMNS: &str = "device_id, desired, desired_version, desired_at, \
+                reported, reported_version, reported_at";
+
+            fn command_err(e: sqlx::Error) -> StoreError {
+                StoreError::from_sqlx("command", e)
+            }
+
+            fn command(row: &Row) -> Result<CommandRecord, StoreError> {
+                let state: String = get(row, "state")?;
+                Ok(CommandRecord {
+                    id: Store::read_id(get(row, "id")?)?,
+                    device_id: Store::read_id(get(row, "device_id")?)?,
+                    name: get(row, "name")?,
+                    params: get(row, "params")?,
+                    state: stored("command state", CommandState::parse(&state), &state)?,
+                    idempotency_key: get(row, "idempotency_key")?,
+                    created_by: Store::read_opt_id(get(row, "created_by")?)?.map(UserId),
+                    created_at: Store::read_time(get(row, "created_at")?)?,
+                    expires_at: Store::read_time(get(row, "expires_at")?)?,
+                    delivered_at: Store::read_opt_time(get(row, "delivered_at")?)?,
+                    finished_at: Store::read_opt_time(get(row, "finished_at")?)?,
+                    output: get(row, "output")?,
+                })
+            }
+
+            fn config(row: &Row) -> Result<ConfigRecord, StoreError> {
+                Ok(ConfigRecord {
+                    device_id: Store::read_id(get(row, "device_id")?)?,
+                    desired: get(row, "desired")?,
+                    desired_version: get(row, "desired_version")?,
+                    desired_at: Store::read_time(get(row, "desired_at")?)?,
+                    reported: get(row, "reported")?,
+                    reported_version: get(row, "reported_version")?,
+                    reported_at: Store::read_opt_time(get(row, "reported_at")?)?,
+                })
             }
 
             fn alert_err(e: sqlx::Error) -> StoreError {
@@ -960,6 +1001,221 @@ macro_rules! device_queries {
                             .collect(),
                         open_alerts: count(open_alerts),
                     })
+                }
+
+                async fn create_command(
+                    &self,
+                    c: &CommandRecord,
+                ) -> Result<(CommandRecord, bool), StoreError> {
+                    let inserted = sqlx::query(&format!(
+                        "INSERT INTO device_commands (id, device_id, name, params, state, \
+                         idempotency_key, created_by, created_at, expires_at) \
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+                         ON CONFLICT (device_id, idempotency_key) DO NOTHING \
+                         RETURNING {COMMAND_COLUMNS}"
+                    ))
+                    .bind(Store::id(c.id))
+                    .bind(Store::id(c.device_id))
+                    .bind(&c.name)
+                    .bind(&c.params)
+                    .bind(c.state.as_str())
+                    .bind(c.idempotency_key.as_deref())
+                    .bind(c.created_by.map(|u| Store::id(u.0)))
+                    .bind(Store::time(c.created_at))
+                    .bind(Store::time(c.expires_at))
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err(command_err)?;
+                    if let Some(row) = inserted {
+                        return Ok((command(&row)?, true));
+                    }
+                    let row = sqlx::query(&format!(
+                        "SELECT {COMMAND_COLUMNS} FROM device_commands \
+                         WHERE device_id = $1 AND idempotency_key = $2"
+                    ))
+                    .bind(Store::id(c.device_id))
+                    .bind(c.idempotency_key.as_deref())
+                    .fetch_one(&self.pool)
+                    .await
+                    .map_err(command_err)?;
+                    Ok((command(&row)?, false))
+                }
+
+                async fn command(&self, id: Uuid) -> Result<CommandRecord, StoreError> {
+                    let row = sqlx::query(&format!(
+                        "SELECT {COMMAND_COLUMNS} FROM device_commands WHERE id = $1"
+                    ))
+                    .bind(Store::id(id))
+                    .fetch_one(&self.pool)
+                    .await
+                    .map_err(command_err)?;
+                    command(&row)
+                }
+
+                async fn device_commands(
+                    &self,
+                    device: Uuid,
+                    limit: u32,
+                ) -> Result<Vec<CommandRecord>, StoreError> {
+                    let rows = sqlx::query(&format!(
+                        "SELECT {COMMAND_COLUMNS} FROM device_commands WHERE device_id = $1 \
+                         ORDER BY created_at DESC, id LIMIT $2"
+                    ))
+                    .bind(Store::id(device))
+                    .bind(i64::from(limit))
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(command_err)?;
+                    rows.iter().map(command).collect()
+                }
+
+                async fn pending_commands(
+                    &self,
+                    devices: &[Uuid],
+                    now: DateTime<Utc>,
+                ) -> Result<Vec<CommandRecord>, StoreError> {
+                    let mut out = Vec::new();
+                    for chunk in devices.chunks(POINT_CHUNK) {
+                        let mut query = QueryBuilder::<Db>::new(format!(
+                            "SELECT {COMMAND_COLUMNS} FROM device_commands \
+                             WHERE state IN ('queued', 'delivered') AND expires_at > "
+                        ));
+                        query.push_bind(Store::time(now)).push(" AND device_id IN (");
+                        let mut list = query.separated(", ");
+                        for id in chunk {
+                            list.push_bind(Store::id(*id));
+                        }
+                        query.push(") ORDER BY created_at, id");
+                        let rows = query
+                            .build()
+                            .fetch_all(&self.pool)
+                            .await
+                            .map_err(command_err)?;
+                        for row in &rows {
+                            out.push(command(row)?);
+                        }
+                    }
+                    Ok(out)
+                }
+
+                async fn mark_delivered(
+                    &self,
+                    ids: &[Uuid],
+                    now: DateTime<Utc>,
+                ) -> Result<(), StoreError> {
+                    for chunk in ids.chunks(POINT_CHUNK) {
+                        let mut query = QueryBuilder::<Db>::new(
+                            "UPDATE device_commands SET state = 'delivered', delivered_at = ",
+                        );
+                        query
+                            .push_bind(Store::time(now))
+                            .push(" WHERE state IN ('queued', 'delivered') AND id IN (");
+                        let mut list = query.separated(", ");
+                        for id in chunk {
+                            list.push_bind(Store::id(*id));
+                        }
+                        query.push(")");
+                        query.build().execute(&self.pool).await.map_err(command_err)?;
+                    }
+                    Ok(())
+                }
+
+                async fn finish_command(
+                    &self,
+                    device: Uuid,
+                    id: Uuid,
+                    state: CommandState,
+                    output: Option<&str>,
+                    now: DateTime<Utc>,
+                ) -> Result<Option<CommandRecord>, StoreError> {
+                    let row = sqlx::query(&format!(
+                        "UPDATE device_commands SET state = $3, output = $4, finished_at = $5 \
+                         WHERE id = $1 AND device_id = $2 AND state IN ('queued', 'delivered') \
+                         RETURNING {COMMAND_COLUMNS}"
+                    ))
+                    .bind(Store::id(id))
+                    .bind(Store::id(device))
+                    .bind(state.as_str())
+                    .bind(output)
+                    .bind(Store::time(now))
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err(command_err)?;
+                    row.as_ref().map(command).transpose()
+                }
+
+                async fn expire_commands(
+                    &self,
+                    now: DateTime<Utc>,
+                ) -> Result<Vec<CommandRecord>, StoreError> {
+                    let rows = sqlx::query(&format!(
+                        "UPDATE device_commands SET state = 'expired', finished_at = $1 \
+                         WHERE state IN ('queued', 'delivered') AND expires_at <= $1 \
+                         RETURNING {COMMAND_COLUMNS}"
+                    ))
+                    .bind(Store::time(now))
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(command_err)?;
+                    rows.iter().map(command).collect()
+                }
+
+                async fn set_desired_config(
+                    &self,
+                    device: Uuid,
+                    desired: &str,
+                    now: DateTime<Utc>,
+                ) -> Result<ConfigRecord, StoreError> {
+                    let row = sqlx::query(&format!(
+                        "INSERT INTO device_config (device_id, desired, desired_version, \
+                         desired_at) VALUES ($1, $2, 1, $3) \
+                         ON CONFLICT (device_id) DO UPDATE SET desired = excluded.desired, \
+                         desired_version = device_config.desired_version + 1, \
+                         desired_at = excluded.desired_at RETURNING {CONFIG_COLUMNS}"
+                    ))
+                    .bind(Store::id(device))
+                    .bind(desired)
+                    .bind(Store::time(now))
+                    .fetch_one(&self.pool)
+                    .await
+                    .map_err(err)?;
+                    config(&row)
+                }
+
+                async fn set_reported_config(
+                    &self,
+                    device: Uuid,
+                    reported: &str,
+                    version: Option<i64>,
+                    now: DateTime<Utc>,
+                ) -> Result<(), StoreError> {
+                    sqlx::query(
+                        "INSERT INTO device_config (device_id, desired, desired_version, \
+                         desired_at, reported, reported_version, reported_at) \
+                         VALUES ($1, '{}', 0, $4, $2, $3, $4) \
+                         ON CONFLICT (device_id) DO UPDATE SET reported = excluded.reported, \
+                         reported_version = excluded.reported_version, \
+                         reported_at = excluded.reported_at",
+                    )
+                    .bind(Store::id(device))
+                    .bind(reported)
+                    .bind(version)
+                    .bind(Store::time(now))
+                    .execute(&self.pool)
+                    .await
+                    .map_err(err)?;
+                    Ok(())
+                }
+
+                async fn device_config(&self, device: Uuid) -> Result<ConfigRecord, StoreError> {
+                    let row = sqlx::query(&format!(
+                        "SELECT {CONFIG_COLUMNS} FROM device_config WHERE device_id = $1"
+                    ))
+                    .bind(Store::id(device))
+                    .fetch_one(&self.pool)
+                    .await
+                    .map_err(|e| StoreError::from_sqlx("device config", e))?;
+                    config(&row)
                 }
             }
         }
