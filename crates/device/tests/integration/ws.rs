@@ -1,0 +1,1 @@
+//! The tokio adapter against an in-test WebSocket server.
