@@ -274,7 +274,9 @@ fn compact(
         for (&seq, (points, _)) in batches {
             out.write_all(&encode(&RecordRef::Batch { seq, points }))?;
         }
-        out.into_inner().map_err(io::IntoInnerError::into_error)?.sync_all()?;
+        out.into_inner()
+            .map_err(io::IntoInnerError::into_error)?
+            .sync_all()?;
     }
     fs::rename(&tmp, path)?;
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {

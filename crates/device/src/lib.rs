@@ -7,6 +7,8 @@
 pub mod file;
 pub mod machine;
 #[cfg(feature = "tokio")]
+pub mod simulate;
+#[cfg(feature = "tokio")]
 pub mod ws;
 
 pub use unhidra_protocol::device::{ArrayValue, CommandStatus, Dtype, Point, Value};

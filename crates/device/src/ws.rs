@@ -150,6 +150,7 @@ enum Input {
     Event(String, serde_json::Value),
     Vitals(Vitals),
     Flush,
+    Finish,
     Disconnect,
 }
 
@@ -215,6 +216,13 @@ impl DeviceHandle {
         self.send(Input::Flush).await
     }
 
+    /// Seals the open batch and stops the device once its buffer is empty (everything
+    /// acknowledged): [`Device::run`] then answers [`StopReason::Shutdown`]. Readings recorded
+    /// after this still count.
+    pub async fn finish(&self) -> Result<(), HandleError> {
+        self.send(Input::Finish).await
+    }
+
     /// Drops the connection without a close frame, as a network failure would (the
     /// simulator's random disconnects).
     pub async fn disconnect(&self) -> Result<(), HandleError> {
@@ -234,6 +242,7 @@ pub struct Device<S, R> {
     clock: TokioClock,
     rx: mpsc::Receiver<Input>,
     tx: mpsc::Sender<Input>,
+    finishing: bool,
 }
 
 impl<S: std::fmt::Debug, R> std::fmt::Debug for Device<S, R> {
@@ -268,6 +277,7 @@ impl<S: Storage, R: RngCore> Device<S, R> {
             clock: TokioClock::new(),
             rx,
             tx,
+            finishing: false,
         }
     }
 
@@ -295,6 +305,7 @@ impl<S: Storage, R: RngCore> Device<S, R> {
         let mut stop = std::pin::pin!(stop);
         let mut socket: Option<Socket> = None;
         let mut inputs_open = true;
+        self.finishing = false;
         loop {
             let now = self.now();
             self.session.handle_timeout(now)?;
@@ -331,6 +342,12 @@ impl<S: Storage, R: RngCore> Device<S, R> {
                         return Ok(reason);
                     }
                 }
+            }
+            if self.finishing
+                && self.session.buffered().is_empty()
+                && self.session.open_points() == 0
+            {
+                return self.shut_down(socket).await;
             }
             if let Some(ws) = socket.as_mut()
                 && let Err(e) = self.transmit(ws).await
@@ -387,7 +404,12 @@ impl<S: Storage, R: RngCore> Device<S, R> {
         now
     }
 
-    fn apply(&mut self, now: u64, input: Input, socket: &mut Option<Socket>) -> Result<(), S::Error> {
+    fn apply(
+        &mut self,
+        now: u64,
+        input: Input,
+        socket: &mut Option<Socket>,
+    ) -> Result<(), S::Error> {
         match input {
             Input::Record(point, stamp) => {
                 let result = if stamp {
@@ -407,6 +429,10 @@ impl<S: Storage, R: RngCore> Device<S, R> {
             }
             Input::Vitals(vitals) => self.session.set_vitals(vitals),
             Input::Flush => self.session.flush(now)?,
+            Input::Finish => {
+                self.finishing = true;
+                self.session.flush(now)?;
+            }
             Input::Disconnect => {
                 if socket.take().is_some() {
                     self.session.handle_closed(now, None);

@@ -89,6 +89,7 @@ mod tests {
             assert!(draws.contains(&v), "{v} never drawn");
         }
         assert_eq!(uniform(&mut rng, 0), 0);
-        assert!(uniform(&mut rng, u64::MAX) <= u64::MAX);
+        // The widest range does not overflow.
+        let _ = uniform(&mut rng, u64::MAX);
     }
 }

@@ -357,7 +357,8 @@ impl<S: Storage, R: RngCore> Session<S, R> {
 
     /// The Unix time in ms at monotonic `now`, if the wall clock is set.
     pub fn wall_ms(&self, now: u64) -> Option<i64> {
-        self.wall_offset.map(|offset| offset.saturating_add(now as i64))
+        self.wall_offset
+            .map(|offset| offset.saturating_add(now as i64))
     }
 
     /// The figures of the next heartbeats.
@@ -452,7 +453,9 @@ impl<S: Storage, R: RngCore> Session<S, R> {
     pub fn shutdown(&mut self, now: u64) -> Result<(), S::Error> {
         let flushed = self.flush(now);
         if self.is_connected() {
-            self.actions.push_back(Action::Close { code: close::NORMAL });
+            self.actions.push_back(Action::Close {
+                code: close::NORMAL,
+            });
             self.stats.disconnects += 1;
         }
         self.stop(StopReason::Shutdown);
@@ -866,7 +869,9 @@ impl<S: Storage, R: RngCore> Session<S, R> {
     }
 
     fn on_command(&mut self, now: u64, command: Command) {
-        let expired = self.wall_ms(now).is_some_and(|wall| wall > command.expires_at);
+        let expired = self
+            .wall_ms(now)
+            .is_some_and(|wall| wall > command.expires_at);
         let reply = expired.then(|| CommandReply::failed("expired"));
         match self.commands.admit(&command.id, reply.clone()) {
             Seen::New => match reply {

@@ -41,8 +41,22 @@ fn seqs_and_unacked_batches_survive_a_restart() {
         assert_eq!(first, 1, "no wall clock: seqs start at 1");
         let frames = connect(&mut s, 0);
         assert_eq!(seqs(&frames), vec![1, 2, 3]);
-        s.handle_frame(0, DeviceServerFrame::Ack { seq: 1, duplicate: false }).unwrap();
-        s.handle_frame(0, DeviceServerFrame::Ack { seq: 3, duplicate: false }).unwrap();
+        s.handle_frame(
+            0,
+            DeviceServerFrame::Ack {
+                seq: 1,
+                duplicate: false,
+            },
+        )
+        .unwrap();
+        s.handle_frame(
+            0,
+            DeviceServerFrame::Ack {
+                seq: 3,
+                duplicate: false,
+            },
+        )
+        .unwrap();
         // The process dies here: batch 2 was sent and not acknowledged.
     }
     let mut s = session(small_batches(), FileStorage::open(&path).unwrap(), 1);
@@ -57,7 +71,14 @@ fn seqs_and_unacked_batches_survive_a_restart() {
     assert_eq!(points, &vec![point(2), point(3)], "the batch as it was");
     assert_eq!(seqs(&frames), vec![2, 4]);
     for seq in [2, 4] {
-        s.handle_frame(0, DeviceServerFrame::Ack { seq, duplicate: false }).unwrap();
+        s.handle_frame(
+            0,
+            DeviceServerFrame::Ack {
+                seq,
+                duplicate: false,
+            },
+        )
+        .unwrap();
     }
     drop(s);
     // All acknowledged: the file still remembers the next seq.
@@ -84,14 +105,31 @@ fn a_torn_last_record_is_ignored() {
     }
     // A crash in the middle of the last append: its last 5 bytes never reached the disk.
     let len = std::fs::metadata(&path).unwrap().len();
-    OpenOptions::new().write(true).open(&path).unwrap().set_len(len - 5).unwrap();
+    OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(len - 5)
+        .unwrap();
     let mut storage = FileStorage::open(&path).unwrap();
     assert!(storage.torn_bytes() > 0);
     let loaded = storage.load().unwrap();
-    assert_eq!(loaded.batches.iter().map(|b| b.0).collect::<Vec<_>>(), vec![10, 11]);
-    assert_eq!(loaded.next_seq, 12, "the torn batch's seq was never confirmed: reusing it is safe");
-    let Some(points) = storage.read(11).unwrap() else { panic!() };
-    assert_eq!(points[0].value, Value::Array(thermal), "arrays keep their packed data");
+    assert_eq!(
+        loaded.batches.iter().map(|b| b.0).collect::<Vec<_>>(),
+        vec![10, 11]
+    );
+    assert_eq!(
+        loaded.next_seq, 12,
+        "the torn batch's seq was never confirmed: reusing it is safe"
+    );
+    let Some(points) = storage.read(11).unwrap() else {
+        panic!()
+    };
+    assert_eq!(
+        points[0].value,
+        Value::Array(thermal),
+        "arrays keep their packed data"
+    );
     // The tail is gone and appends land after the good records.
     storage.push(12, &[point(3)]).unwrap();
     drop(storage);
@@ -101,7 +139,12 @@ fn a_torn_last_record_is_ignored() {
 
     // Garbage after the records (a torn length field) is ignored the same way.
     drop(storage);
-    OpenOptions::new().append(true).open(&path).unwrap().write_all(&[0xff; 11]).unwrap();
+    OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .unwrap()
+        .write_all(&[0xff; 11])
+        .unwrap();
     let mut storage = FileStorage::open(&path).unwrap();
     assert_eq!(storage.torn_bytes(), 11);
     assert_eq!(storage.load().unwrap().batches.len(), 3);
@@ -125,7 +168,13 @@ fn the_file_is_compacted_and_foreign_files_refused() {
     drop(storage);
     let mut storage = FileStorage::open(&path).unwrap();
     assert_eq!(
-        storage.load().unwrap().batches.iter().map(|b| b.0).collect::<Vec<_>>(),
+        storage
+            .load()
+            .unwrap()
+            .batches
+            .iter()
+            .map(|b| b.0)
+            .collect::<Vec<_>>(),
         vec![199, 200]
     );
     assert_eq!(storage.load().unwrap().next_seq, 201);

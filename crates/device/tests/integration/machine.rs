@@ -32,7 +32,11 @@ fn two_point_batches() -> unhidra_device::machine::SessionConfig {
     config
 }
 
-fn record_batches(s: &mut unhidra_device::machine::Session<MemoryStorage, rand::rngs::StdRng>, now: u64, n: usize) {
+fn record_batches(
+    s: &mut unhidra_device::machine::Session<MemoryStorage, rand::rngs::StdRng>,
+    now: u64,
+    n: usize,
+) {
     for i in 0..n * 2 {
         s.record(now, "env.temp", Value::Number(i as f64)).unwrap();
     }
@@ -44,14 +48,20 @@ fn hello_goes_first_and_nothing_before_the_connection() {
     s.record(0, "env.temp", Value::Number(21.5)).unwrap();
     s.flush(0).unwrap();
     assert_eq!(drain(&mut s, 0), vec![], "nothing is sent while connecting");
-    assert!(!s.send_event("button", json!(null)), "events are not buffered");
+    assert!(
+        !s.send_event("button", json!(null)),
+        "events are not buffered"
+    );
     let frames = connect(&mut s, 5_000);
     assert!(
         matches!(&frames[0], DeviceFrame::Hello { firmware, partition: Some(p), capabilities, .. }
             if firmware == "1.0.0" && p == "ota_0" && capabilities == &["thermal"]),
         "{frames:?}"
     );
-    assert!(matches!(frames[1], DeviceFrame::Heartbeat { uptime: 5, .. }));
+    assert!(matches!(
+        frames[1],
+        DeviceFrame::Heartbeat { uptime: 5, .. }
+    ));
     assert_eq!(seqs(&frames), vec![1], "the buffered batch follows");
     // The heartbeat comes every 30 s after that.
     assert_eq!(s.poll_timeout(), Some(35_000));
@@ -87,10 +97,19 @@ fn backoff_is_full_jitter_within_its_ceiling() {
     }
     for (attempt, delays) in by_attempt {
         let ceiling = backoff.ceiling_ms(attempt) as f64;
-        let low = delays.iter().filter(|&&d| (d as f64) < ceiling * 0.25).count();
-        let high = delays.iter().filter(|&&d| (d as f64) > ceiling * 0.75).count();
+        let low = delays
+            .iter()
+            .filter(|&&d| (d as f64) < ceiling * 0.25)
+            .count();
+        let high = delays
+            .iter()
+            .filter(|&&d| (d as f64) > ceiling * 0.75)
+            .count();
         // Uniform over [0, ceiling]: a quarter of 200 on each side, give or take.
-        assert!(low > 25 && high > 25, "attempt {attempt}: {low} low, {high} high");
+        assert!(
+            low > 25 && high > 25,
+            "attempt {attempt}: {low} low, {high} high"
+        );
     }
     // The same seed, the same waits.
     let waits = |seed| {
@@ -109,7 +128,9 @@ fn a_stable_connection_resets_the_backoff() {
     for _ in 0..8 {
         actions(&mut s);
         s.handle_connect_failed(now, ConnectFailure::Unreachable);
-        let LinkState::Waiting { until } = s.state() else { panic!() };
+        let LinkState::Waiting { until } = s.state() else {
+            panic!()
+        };
         now = until;
         s.handle_timeout(now).unwrap();
     }
@@ -117,7 +138,9 @@ fn a_stable_connection_resets_the_backoff() {
     // Up for a minute, then gone: the next wait is the first one's, at most 500 ms.
     now += 60_000;
     s.handle_closed(now, Some(close::GOING_AWAY));
-    let LinkState::Waiting { until } = s.state() else { panic!() };
+    let LinkState::Waiting { until } = s.state() else {
+        panic!()
+    };
     assert!(until - now <= 500, "{}", until - now);
 }
 
@@ -159,7 +182,9 @@ fn replaced_waits_at_least_thirty_seconds_with_jitter() {
         let mut s = session(config(), MemoryStorage::new(), seed);
         connect(&mut s, 0);
         s.handle_closed(1_000, Some(close::REPLACED));
-        let LinkState::Waiting { until } = s.state() else { panic!() };
+        let LinkState::Waiting { until } = s.state() else {
+            panic!()
+        };
         let wait = until - 1_000;
         assert!((30_000..=60_000).contains(&wait), "{wait}");
         waits.insert(wait);
@@ -177,10 +202,17 @@ fn unacked_batches_are_sent_again_after_a_disconnect_and_acked_ones_never() {
     s.set_wall_clock(0, 1_000_000);
     record_batches(&mut s, 0, 10);
     let first_seq = s.buffered()[0];
-    assert_eq!(first_seq, 1_000_000, "the first seq of a new buffer is the Unix time in ms");
+    assert_eq!(
+        first_seq, 1_000_000,
+        "the first seq of a new buffer is the Unix time in ms"
+    );
     let frames = connect(&mut s, 0);
     let sent = seqs(&frames);
-    assert_eq!(sent, (first_seq..first_seq + 8).collect::<Vec<_>>(), "a window of 8");
+    assert_eq!(
+        sent,
+        (first_seq..first_seq + 8).collect::<Vec<_>>(),
+        "a window of 8"
+    );
     for seq in &sent[..3] {
         s.handle_frame(10, ack(*seq)).unwrap();
     }
@@ -191,12 +223,26 @@ fn unacked_batches_are_sent_again_after_a_disconnect_and_acked_ones_never() {
     let frames = connect(&mut s, 1_000);
     assert!(matches!(frames[0], DeviceFrame::Hello { .. }));
     let again = seqs(&frames);
-    assert_eq!(again, (first_seq + 3..first_seq + 10).collect::<Vec<_>>(), "oldest first");
+    assert_eq!(
+        again,
+        (first_seq + 3..first_seq + 10).collect::<Vec<_>>(),
+        "oldest first"
+    );
     for seq in &again {
-        s.handle_frame(1_100, DeviceServerFrame::Ack { seq: *seq, duplicate: *seq < first_seq + 5 }).unwrap();
+        s.handle_frame(
+            1_100,
+            DeviceServerFrame::Ack {
+                seq: *seq,
+                duplicate: *seq < first_seq + 5,
+            },
+        )
+        .unwrap();
     }
     let stats = s.stats();
-    assert_eq!((stats.acked, stats.duplicates, stats.retransmits), (10, 2, 7));
+    assert_eq!(
+        (stats.acked, stats.duplicates, stats.retransmits),
+        (10, 2, 7)
+    );
     assert!(s.buffered().is_empty());
     assert!(s.storage().seqs().is_empty());
 }
@@ -251,7 +297,8 @@ fn refused_batches_are_dropped_and_retryable_ones_wait() {
     };
     s.handle_frame(10, error("invalid_key", None, 1)).unwrap();
     s.handle_frame(10, error("internal", None, 2)).unwrap();
-    s.handle_frame(10, error("rate_limited", Some(2), 3)).unwrap();
+    s.handle_frame(10, error("rate_limited", Some(2), 3))
+        .unwrap();
     assert_eq!(s.stats().refused, 1);
     assert_eq!(s.buffered(), vec![2, 3]);
     assert_eq!(drain(&mut s, 10), vec![]);
@@ -291,7 +338,9 @@ fn commands_run_once_and_expired_ones_not_at_all() {
         CommandReply::succeeded(json!({"blinked": params["times"]}))
     });
     s.handle_frame(0, command("c1", i64::MAX)).unwrap();
-    let [Action::Command(c1)] = &actions(&mut s)[..] else { panic!() };
+    let [Action::Command(c1)] = &actions(&mut s)[..] else {
+        panic!()
+    };
     // Delivered again while it runs: nothing happens.
     s.handle_frame(0, command("c1", i64::MAX)).unwrap();
     assert_eq!(actions(&mut s), vec![]);
@@ -310,22 +359,31 @@ fn commands_run_once_and_expired_ones_not_at_all() {
     s.handle_frame(1_000, command("c1", i64::MAX)).unwrap();
     assert_eq!(actions(&mut s), vec![]);
     assert_eq!(drain(&mut s, 1_000), vec![result]);
-    assert_eq!((s.stats().commands_run, s.stats().commands_repeated), (1, 2));
+    assert_eq!(
+        (s.stats().commands_run, s.stats().commands_repeated),
+        (1, 2)
+    );
 
     // An unknown command fails as the protocol says.
-    s.handle_frame(1_000, DeviceServerFrame::Command {
-        id: "c2".into(),
-        name: "dance".into(),
-        params: json!(null),
-        expires_at: i64::MAX,
-    })
+    s.handle_frame(
+        1_000,
+        DeviceServerFrame::Command {
+            id: "c2".into(),
+            name: "dance".into(),
+            params: json!(null),
+            expires_at: i64::MAX,
+        },
+    )
     .unwrap();
-    let [Action::Command(c2)] = &actions(&mut s)[..] else { panic!() };
+    let [Action::Command(c2)] = &actions(&mut s)[..] else {
+        panic!()
+    };
     assert_eq!(handlers.run(c2), CommandReply::failed("unknown_command"));
 
     // Past its expiry by the wall clock: answered `expired`, never run.
     s.set_wall_clock(1_000, 1_767_225_600_000);
-    s.handle_frame(1_000, command("c3", 1_767_225_599_999)).unwrap();
+    s.handle_frame(1_000, command("c3", 1_767_225_599_999))
+        .unwrap();
     assert_eq!(actions(&mut s), vec![]);
     assert_eq!(
         drain(&mut s, 1_000),
@@ -343,7 +401,11 @@ fn a_config_is_applied_and_reported() {
     let mut s = session(config(), MemoryStorage::new(), 1);
     let mut handlers = Handlers::new().with_config(
         Some(3),
-        [("interval".to_owned(), json!(30)), ("led".to_owned(), json!("on"))].into(),
+        [
+            ("interval".to_owned(), json!(30)),
+            ("led".to_owned(), json!("on")),
+        ]
+        .into(),
     );
     let (version, state) = handlers.reported();
     s.set_reported(version, state.clone());
@@ -360,12 +422,18 @@ fn a_config_is_applied_and_reported() {
         0,
         DeviceServerFrame::Config {
             version: 4,
-            desired: [("interval".to_owned(), json!(60)), ("led".to_owned(), json!(null))].into(),
+            desired: [
+                ("interval".to_owned(), json!(60)),
+                ("led".to_owned(), json!(null)),
+            ]
+            .into(),
             full: false,
         },
     )
     .unwrap();
-    let [Action::Config(update)] = &actions(&mut s)[..] else { panic!() };
+    let [Action::Config(update)] = &actions(&mut s)[..] else {
+        panic!()
+    };
     let (version, state) = handlers.apply(update);
     s.config_applied(version, state);
     let expected = DeviceFrame::Reported {
@@ -432,14 +500,22 @@ impl Transport for FakeTransport {
 
     fn send(&mut self, message: Message) -> Result<(), std::io::Error> {
         assert!(self.connected, "sent while not connected");
-        let Message::Text(text) = message else { panic!("JSON was agreed") };
+        let Message::Text(text) = message else {
+            panic!("JSON was agreed")
+        };
         let frame = parse_device_frame(&text).unwrap();
         let mut seen = self.seen.borrow_mut();
         let connection = seen.connections;
         let first = !seen.frames.iter().any(|(c, _)| *c == connection);
-        assert!(!first || matches!(frame, DeviceFrame::Hello { .. }), "hello first");
+        assert!(
+            !first || matches!(frame, DeviceFrame::Hello { .. }),
+            "hello first"
+        );
         if let DeviceFrame::Telemetry { seq, .. } = frame {
-            assert!(!seen.acked.contains(&seq), "batch {seq} was acked, and sent again");
+            assert!(
+                !seen.acked.contains(&seq),
+                "batch {seq} was acked, and sent again"
+            );
             let batches = seen
                 .frames
                 .iter()
@@ -450,8 +526,12 @@ impl Transport for FakeTransport {
                 self.inbox.push_back(Received::Closed(None));
             } else if !self.dropped_once || !self.inbox.contains(&Received::Closed(None)) {
                 seen.acked.insert(seq);
-                let ack = DeviceServerFrame::Ack { seq, duplicate: false };
-                self.inbox.push_back(Received::Message(Message::Text(ack.to_json())));
+                let ack = DeviceServerFrame::Ack {
+                    seq,
+                    duplicate: false,
+                };
+                self.inbox
+                    .push_back(Received::Message(Message::Text(ack.to_json())));
             }
         }
         seen.frames.push((connection, frame));
@@ -491,10 +571,18 @@ fn the_blocking_driver_loses_nothing_over_a_dropped_connection() {
     let mut s = session(two_point_batches(), MemoryStorage::new(), 9);
     let mut handlers = Handlers::new();
     for i in 0..20 {
-        s.record(clock.now_ms(), "n", Value::Number(f64::from(i))).unwrap();
-        assert_eq!(driver.run_until(&mut s, &mut handlers, clock.now_ms() + 100).unwrap(), None);
+        s.record(clock.now_ms(), "n", Value::Number(f64::from(i)))
+            .unwrap();
+        assert_eq!(
+            driver
+                .run_until(&mut s, &mut handlers, clock.now_ms() + 100)
+                .unwrap(),
+            None
+        );
     }
-    driver.run_until(&mut s, &mut handlers, clock.now_ms() + 5_000).unwrap();
+    driver
+        .run_until(&mut s, &mut handlers, clock.now_ms() + 5_000)
+        .unwrap();
     assert!(s.buffered().is_empty(), "{:?}", s.buffered());
     let seen = seen.borrow();
     assert_eq!(seen.connections, 2);
@@ -509,7 +597,11 @@ fn the_blocking_driver_loses_nothing_over_a_dropped_connection() {
         }
     }
     let values: Vec<f64> = values.into_values().flatten().collect();
-    assert_eq!(values, (0..20).map(f64::from).collect::<Vec<_>>(), "each point once, in order");
+    assert_eq!(
+        values,
+        (0..20).map(f64::from).collect::<Vec<_>>(),
+        "each point once, in order"
+    );
     assert_eq!(seen.acked.len(), 10, "every batch acked once");
     assert_eq!(s.stats().retransmits, 1);
 }
