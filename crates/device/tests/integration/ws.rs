@@ -75,6 +75,10 @@ async fn serve(keys: BTreeSet<String>, drop_at: Option<usize>) -> TestServer {
     TestServer { url, ledger }
 }
 
+#[allow(
+    clippy::result_large_err,
+    reason = "the handshake callback's error type is tungstenite's"
+)]
 async fn session(
     stream: TcpStream,
     connection: usize,
