@@ -624,3 +624,38 @@ impl Sensors {
         ArrayValue::from_f32(vec![24, 32], &pixels).ok()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_same_seed_reads_the_same_sensors() {
+        let readings = |seed| {
+            let mut sensors = Sensors::new(&mut StdRng::seed_from_u64(seed));
+            (0..20).map(|_| sensors.read(5).points).collect::<Vec<_>>()
+        };
+        let first = readings(7);
+        assert_eq!(first, readings(7));
+        assert_ne!(first, readings(8));
+        let frames = first
+            .iter()
+            .flatten()
+            .filter(|(key, _)| *key == "thermal")
+            .count();
+        assert_eq!(frames, 4);
+        let temperatures: Vec<f64> = first
+            .iter()
+            .flatten()
+            .filter_map(|(key, value)| match value {
+                Value::Number(n) if *key == "env.temperature" => Some(*n),
+                _ => None,
+            })
+            .collect();
+        // A slow walk: no jump of more than half a degree between two readings.
+        assert!(
+            temperatures.windows(2).all(|w| (w[1] - w[0]).abs() < 0.5),
+            "{temperatures:?}"
+        );
+    }
+}
