@@ -152,7 +152,8 @@ pub struct Report {
     pub batches_sealed: u64,
     /// Telemetry frames sent, retransmissions included.
     pub batches_sent: u64,
-    /// Of those, sent again after a reconnect or restart.
+    /// Of those, batches that may have been sent before (after a reconnect, a retry or a
+    /// restart).
     pub retransmits: u64,
     /// Batches acknowledged.
     pub acked: u64,

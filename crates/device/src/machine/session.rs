@@ -217,7 +217,8 @@ pub struct Stats {
     pub batches_sealed: u64,
     /// Telemetry frames sent, retransmissions included.
     pub batches_sent: u64,
-    /// Of those, batches sent again after a reconnect or a retry.
+    /// Of those, batches that may have been sent before: again after a reconnect or a
+    /// retry, or loaded from the storage at start (whether or not the last boot sent them).
     pub retransmits: u64,
     /// Batches acknowledged.
     pub acked: u64,
