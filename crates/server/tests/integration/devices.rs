@@ -331,7 +331,7 @@ async fn keys_rotate_and_a_revoked_device_is_closed_with_4003() {
     for k in [&key, &new_key] {
         match connect_with(&app, Some(&format!("unhidra.device.v1, key.{k}")), None).await {
             Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
-                assert_eq!(response.status(), 401)
+                assert_eq!(response.status(), 401);
             }
             other => panic!("{other:?}"),
         }
