@@ -22,8 +22,6 @@ pub const DEFAULT_TTL_SECS: u64 = 60;
 pub const MAX_TTL_SECS: u64 = 7 * 24 * 3600;
 /// The largest `params` or `desired` configuration, in bytes of JSON.
 pub const MAX_JSON_BYTES: usize = 8 * 1024;
-/// The job kind that expires commands past their time.
-pub const EXPIRY_KIND: &str = "devices.command_expiry";
 
 /// A command a user sends.
 #[derive(Debug, Clone, Deserialize, ToSchema)]

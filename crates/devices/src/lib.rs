@@ -6,6 +6,7 @@
 //! HTTP and no SQL; the server's routes and WebSocket session call it. Owners manage their own
 //! devices, admins every device; to anyone else a device does not exist.
 
+pub mod commands;
 pub mod input;
 pub mod key;
 pub mod metrics;
@@ -210,6 +211,14 @@ pub enum FleetEvent {
         /// The alert.
         alert: AlertView,
     },
+    /// A command was stored, delivered or ended.
+    Command {
+        /// Its device's owner.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        owner: Option<UserId>,
+        /// The command.
+        command: commands::CommandView,
+    },
     /// The device's keys were revoked, or it was deleted: its connections must close (4003).
     Revoked {
         /// The device.
@@ -328,7 +337,17 @@ struct Inner {
     registrations_per_user: SlidingWindow,
     registrations_per_ip: SlidingWindow,
     telemetry: telemetry::Ingest,
+    /// The frames to send to each device connected to this node: its connection's channel.
+    outbound: Mutex<HashMap<Uuid, (Uuid, tokio::sync::mpsc::Sender<unhidra_protocol::DeviceServerFrame>)>>,
 }
+
+/// Frames waiting for one device connection at most; past it a command waits for the next
+/// delivery (at `hello`, or the next sweep).
+const OUTBOUND: usize = 64;
+
+/// How often queued commands are looked for (for devices connected here) and expired ones
+/// marked.
+pub const COMMAND_SWEEP: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Now, in the whole microseconds that both stores keep.
 fn now_of(clock: &dyn Clock) -> DateTime<Utc> {
@@ -366,6 +385,7 @@ impl Devices {
             deadline_changed: tokio::sync::Notify::new(),
             events: tokio::sync::broadcast::channel(1024).0,
             telemetry,
+            outbound: Mutex::new(HashMap::new()),
         }))
     }
 
@@ -900,6 +920,8 @@ impl Devices {
             tokio::pin!(stop);
             let mut flush = tokio::time::interval(this.0.config.presence_flush);
             flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut sweep = tokio::time::interval(COMMAND_SWEEP);
+            sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 let wait = this
                     .presence()
@@ -909,6 +931,11 @@ impl Devices {
                 tokio::select! {
                     () = &mut stop => break,
                     _ = flush.tick() => this.flush_presence().await,
+                    _ = sweep.tick() => {
+                        if let Err(e) = this.sweep_commands().await {
+                            tracing::warn!(error = %unhidra_core::error_chain(&e), "command sweep failed");
+                        }
+                    }
                     () = tokio::time::sleep(wait) => {
                         this.check_silence().await;
                     }
@@ -1179,6 +1206,317 @@ impl Devices {
             .map(telemetry::PointView::from)
             .collect())
     }
+}
+
+impl Devices {
+    fn outbound(
+        &self,
+    ) -> std::sync::MutexGuard<
+        '_,
+        HashMap<Uuid, (Uuid, tokio::sync::mpsc::Sender<unhidra_protocol::DeviceServerFrame>)>,
+    > {
+        self.0
+            .outbound
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The frames the server sends a device's connection unasked (commands, configuration):
+    /// the newest connection of a device gets them.
+    pub fn attach(&self, auth: &DeviceAuth) -> Outbound {
+        let (tx, rx) = tokio::sync::mpsc::channel(OUTBOUND);
+        let token = Uuid::new_v4();
+        self.outbound().insert(auth.device, (token, tx));
+        Outbound { rx, token }
+    }
+
+    /// Forgets a connection's channel, unless a newer connection replaced it.
+    pub fn detach(&self, auth: &DeviceAuth, attached: &Outbound) {
+        let mut outbound = self.outbound();
+        if outbound
+            .get(&auth.device)
+            .is_some_and(|(token, _)| *token == attached.token)
+        {
+            outbound.remove(&auth.device);
+        }
+    }
+
+    /// Hands frames to a device connected here; answers whether they were queued.
+    fn push(&self, device: Uuid, frames: Vec<unhidra_protocol::DeviceServerFrame>) -> bool {
+        let Some((_, tx)) = self.outbound().get(&device).cloned() else {
+            return false;
+        };
+        frames.into_iter().all(|f| tx.try_send(f).is_ok())
+    }
+
+    fn emit_command(&self, owner: Option<UserId>, record: unhidra_store::devices::CommandRecord) {
+        let command = commands::CommandView::new(record, self.now());
+        self.emit(FleetEvent::Command { owner, command });
+    }
+
+    /// Sends a command to a device the caller may see: stored, then delivered at once when the
+    /// device is connected here (otherwise at its next `hello`, or the next sweep). Answers the
+    /// command and whether it is new (`false`: its idempotency key named an earlier one).
+    pub async fn send_command(
+        &self,
+        who: &Principal,
+        device: Uuid,
+        new: commands::NewCommand,
+    ) -> Result<(commands::CommandView, bool), DeviceError> {
+        let record = self.visible(who, device).await?;
+        let now = self.now();
+        let command = commands::parse(new, device, Some(who.user_id), now)?;
+        let (stored, created) = self.0.store.create_command(&command).await?;
+        if created && self.push(device, vec![commands::frame(&stored)]) {
+            self.0.store.mark_delivered(&[stored.id], now).await?;
+        }
+        let stored = self.0.store.command(stored.id).await?;
+        if created {
+            self.emit_command(record.owner, stored.clone());
+        }
+        Ok((commands::CommandView::new(stored, now), created))
+    }
+
+    /// A command of a device the caller may see.
+    pub async fn command(
+        &self,
+        who: &Principal,
+        id: Uuid,
+    ) -> Result<commands::CommandView, DeviceError> {
+        let stored = match self.0.store.command(id).await {
+            Err(StoreError::NotFound { .. }) => return Err(DeviceError::NotFound("command")),
+            other => other?,
+        };
+        self.visible(who, stored.device_id)
+            .await
+            .map_err(|_| DeviceError::NotFound("command"))?;
+        Ok(commands::CommandView::new(stored, self.now()))
+    }
+
+    /// A command, once it has ended or `wait` has passed, whichever comes first.
+    pub async fn wait_command(
+        &self,
+        who: &Principal,
+        id: Uuid,
+        wait: std::time::Duration,
+    ) -> Result<commands::CommandView, DeviceError> {
+        let mut events = self.events();
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let view = self.command(who, id).await?;
+            if view.is_final() || tokio::time::Instant::now() >= deadline {
+                return Ok(view);
+            }
+            // Ended on this node: an event; on another: seen at the next look.
+            let ended = async {
+                loop {
+                    match events.recv().await {
+                        Ok(FleetEvent::Command { command, .. }) if command.id == id => break,
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                            std::future::pending::<()>().await;
+                        }
+                        _ => {}
+                    }
+                }
+            };
+            let _ = tokio::time::timeout_at(
+                deadline.min(tokio::time::Instant::now() + std::time::Duration::from_millis(500)),
+                ended,
+            )
+            .await;
+        }
+    }
+
+    /// A device's latest commands, newest first.
+    pub async fn commands(
+        &self,
+        who: &Principal,
+        device: Uuid,
+        limit: Option<u32>,
+    ) -> Result<Vec<commands::CommandView>, DeviceError> {
+        self.visible(who, device).await?;
+        let limit = limit.unwrap_or(50);
+        if !(1..=200).contains(&limit) {
+            return Err(DeviceError::Invalid(
+                "limit",
+                "out_of_range",
+                "limit is from 1 to 200".into(),
+            ));
+        }
+        let now = self.now();
+        Ok(self
+            .0
+            .store
+            .device_commands(device, limit)
+            .await?
+            .into_iter()
+            .map(|c| commands::CommandView::new(c, now))
+            .collect())
+    }
+
+    /// A device's `command_result`. A result for a command that is not this device's, or has
+    /// ended already, is refused (`unknown_command`).
+    pub async fn command_result(
+        &self,
+        auth: &DeviceAuth,
+        id: &str,
+        status: unhidra_protocol::device::CommandStatus,
+        output: Option<&serde_json::Value>,
+    ) -> Result<(), DeviceError> {
+        let unknown = || {
+            DeviceError::Invalid(
+                "id",
+                "unknown_command",
+                "no command with this id waits for this device's result".into(),
+            )
+        };
+        let id: Uuid = id.parse().map_err(|_| unknown())?;
+        let output = output.map(serde_json::Value::to_string);
+        if output.as_ref().is_some_and(|o| o.len() > commands::MAX_JSON_BYTES) {
+            return Err(DeviceError::Invalid(
+                "output",
+                "invalid_length",
+                format!(
+                    "a command's output has at most {} bytes of JSON",
+                    commands::MAX_JSON_BYTES
+                ),
+            ));
+        }
+        let ended = self
+            .0
+            .store
+            .finish_command(
+                auth.device,
+                id,
+                commands::outcome(status),
+                output.as_deref(),
+                self.now(),
+            )
+            .await?
+            .ok_or_else(unknown)?;
+        self.emit_command(auth.owner, ended);
+        Ok(())
+    }
+
+    /// What a device gets after its `hello`: the commands that wait for it (marked delivered)
+    /// and, if its reported configuration is older than the desired one, the difference.
+    pub async fn on_hello(
+        &self,
+        auth: &DeviceAuth,
+    ) -> Result<Vec<unhidra_protocol::DeviceServerFrame>, DeviceError> {
+        let now = self.now();
+        let mut frames = Vec::new();
+        if let Some(config) = commands::optional(self.0.store.device_config(auth.device).await)?
+            && let Some(frame) = commands::config_frame(&config)
+        {
+            frames.push(frame);
+        }
+        let pending = self.0.store.pending_commands(&[auth.device], now).await?;
+        if !pending.is_empty() {
+            let ids: Vec<Uuid> = pending.iter().map(|c| c.id).collect();
+            self.0.store.mark_delivered(&ids, now).await?;
+            frames.extend(pending.iter().map(commands::frame));
+        }
+        Ok(frames)
+    }
+
+    /// Delivers the queued commands of the devices connected here (those sent on other nodes
+    /// reach them this way), and expires commands past their time (on every node: each
+    /// expired command is answered to one). Runs every [`COMMAND_SWEEP`].
+    pub async fn sweep_commands(&self) -> Result<(), DeviceError> {
+        let now = self.now();
+        for c in self.0.store.expire_commands(now).await? {
+            let owner = self.0.store.device(c.device_id).await.ok().and_then(|d| d.owner);
+            self.emit_command(owner, c);
+        }
+        let here: Vec<Uuid> = self.outbound().keys().copied().collect();
+        if !here.is_empty() {
+            let queued: Vec<_> = self
+                .0
+                .store
+                .pending_commands(&here, now)
+                .await?
+                .into_iter()
+                .filter(|c| c.state == unhidra_store::devices::CommandState::Queued)
+                .collect();
+            let mut sent = Vec::new();
+            for c in &queued {
+                if self.push(c.device_id, vec![commands::frame(c)]) {
+                    sent.push(c.id);
+                }
+            }
+            if !sent.is_empty() {
+                self.0.store.mark_delivered(&sent, now).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Replaces a device's desired configuration; a device connected here gets the difference
+    /// at once.
+    pub async fn set_config(
+        &self,
+        who: &Principal,
+        device: Uuid,
+        desired: &serde_json::Value,
+    ) -> Result<commands::ConfigView, DeviceError> {
+        self.visible(who, device).await?;
+        let text = commands::desired_text(desired)?;
+        let stored = self
+            .0
+            .store
+            .set_desired_config(device, &text, self.now())
+            .await?;
+        if let Some(frame) = commands::config_frame(&stored) {
+            self.push(device, vec![frame]);
+        }
+        Ok(commands::ConfigView::new(Some(stored)))
+    }
+
+    /// A device's desired and reported configuration and how they differ.
+    pub async fn config(
+        &self,
+        who: &Principal,
+        device: Uuid,
+    ) -> Result<commands::ConfigView, DeviceError> {
+        self.visible(who, device).await?;
+        let stored = commands::optional(self.0.store.device_config(device).await)?;
+        Ok(commands::ConfigView::new(stored))
+    }
+
+    /// A device's `reported`: its whole configuration and the version it applied.
+    pub async fn reported(
+        &self,
+        auth: &DeviceAuth,
+        version: Option<u64>,
+        state: &std::collections::BTreeMap<String, serde_json::Value>,
+    ) -> Result<(), DeviceError> {
+        let text = serde_json::to_string(state).unwrap_or_else(|_| "{}".into());
+        if text.len() > commands::MAX_JSON_BYTES {
+            return Err(DeviceError::Invalid(
+                "state",
+                "invalid_length",
+                format!(
+                    "a reported configuration has at most {} bytes of JSON",
+                    commands::MAX_JSON_BYTES
+                ),
+            ));
+        }
+        let version = version.map(|v| i64::try_from(v).unwrap_or(i64::MAX));
+        self.0
+            .store
+            .set_reported_config(auth.device, &text, version, self.now())
+            .await?;
+        Ok(())
+    }
+}
+
+/// The frames the server sends one device connection unasked.
+#[derive(Debug)]
+pub struct Outbound {
+    /// Commands and configuration for the connection to write.
+    pub rx: tokio::sync::mpsc::Receiver<unhidra_protocol::DeviceServerFrame>,
+    token: Uuid,
 }
 
 fn new_key(key: &DeviceKey, now: DateTime<Utc>) -> NewDeviceKey {

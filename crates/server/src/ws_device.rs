@@ -241,11 +241,22 @@ async fn run(
     };
     let mut heard = true;
     let mut hello = false;
+    // Commands and configuration the server sends unasked, once the device said hello.
+    let mut outbound: Option<unhidra_devices::Outbound> = None;
     let mut how = Disconnect::Server;
     let mut closed_by_peer = false;
     loop {
         let next = tokio::select! {
             _ = &mut close_requested => break,
+            Some(frame) = async {
+                match outbound.as_mut() {
+                    Some(o) => o.rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                hub.send_device_frame(id, &frame);
+                continue;
+            }
             _ = ping.tick() => {
                 if !heard {
                     outbox.close(close::POLICY, "no answer to ping");
@@ -367,7 +378,20 @@ async fn run(
             DeviceFrame::Hello { firmware, .. } => {
                 devices.seen(&auth, None).await;
                 match devices.hello(&auth, &firmware).await {
-                    Ok(()) => hello = true,
+                    Ok(()) => {
+                        if !hello {
+                            outbound = Some(devices.attach(&auth));
+                            match devices.on_hello(&auth).await {
+                                Ok(frames) => {
+                                    for frame in &frames {
+                                        hub.send_device_frame(id, frame);
+                                    }
+                                }
+                                Err(e) => tracing::warn!(device = %auth.device, error = %unhidra_core::error_chain(&e), "pending commands not sent"),
+                            }
+                        }
+                        hello = true;
+                    }
                     Err(e) => hub.send_device_frame(id, &refusal(&e, None)),
                 }
             }
@@ -407,8 +431,24 @@ async fn run(
                 devices.seen(&auth, None).await;
                 tracing::debug!(device = %auth.device, kind, "device event");
             }
-            DeviceFrame::CommandResult { .. } | DeviceFrame::Reported { .. } => {
+            DeviceFrame::CommandResult {
+                id: command,
+                status,
+                output,
+            } => {
                 devices.seen(&auth, None).await;
+                if let Err(e) = devices
+                    .command_result(&auth, &command, status, output.as_ref())
+                    .await
+                {
+                    hub.send_device_frame(id, &refusal(&e, Some(command)));
+                }
+            }
+            DeviceFrame::Reported { version, state } => {
+                devices.seen(&auth, None).await;
+                if let Err(e) = devices.reported(&auth, version, &state).await {
+                    hub.send_device_frame(id, &refusal(&e, None));
+                }
             }
             DeviceFrame::Ping => {
                 devices.seen(&auth, None).await;
@@ -426,6 +466,9 @@ async fn run(
         .disconnects
         .get_or_create(&unhidra_chat::metrics::CodeLabel { code })
         .inc();
+    if let Some(attached) = &outbound {
+        devices.detach(&auth, attached);
+    }
     devices.disconnected(&auth, how).await;
     linger(&mut writer, &mut stream, closed_by_peer).await;
     writer.abort();

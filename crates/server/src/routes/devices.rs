@@ -7,6 +7,7 @@ use axum::extract::{FromRequestParts, Path, State};
 use axum::http::request::Parts;
 use axum::http::{StatusCode, header};
 use serde::{Deserialize, Serialize};
+use unhidra_devices::commands::{CommandView, ConfigView, NewCommand};
 use unhidra_devices::telemetry::{PointView, Read, ReadQuery};
 use unhidra_devices::{
     AlertView, DeviceAuth, DeviceError, DeviceUpdate, DeviceView, FleetSummary, KeyView, ListQuery,
@@ -382,6 +383,150 @@ pub(crate) async fn post_telemetry(
         seq: batch.seq,
         duplicate: !stored,
     }))
+}
+
+/// How long to wait for a command's result.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct WaitParams {
+    /// Seconds to wait for the command to end before answering, 0 to 30 (default 0).
+    #[param(minimum = 0, maximum = 30)]
+    wait: Option<u64>,
+}
+
+fn wait_for(p: &WaitParams) -> Result<std::time::Duration, ApiError> {
+    match p.wait.unwrap_or(0) {
+        secs @ 0..=30 => Ok(std::time::Duration::from_secs(secs)),
+        _ => Err(ApiError::validation(vec![FieldError::new(
+            "/wait",
+            "out_of_range",
+            "wait is 0 to 30 seconds",
+        )])),
+    }
+}
+
+/// Sends a command to a device: delivered at once when it is connected, else when it next
+/// connects (unless it expired first). With `wait`, the answer waits for the result.
+#[utoipa::path(post, path = "/api/v1/devices/{id}/commands", tag = "devices",
+    security(("bearer" = [])),
+    params(("id" = String, Path, description = "Device id"), WaitParams),
+    request_body = NewCommand,
+    responses(
+        (status = 201, description = "Stored (and delivered, if the device is connected)", body = CommandView),
+        (status = 200, description = "The command sent before with this idempotency key", body = CommandView),
+        (status = 422, description = "A field is invalid; `errors` names it", body = Problem,
+            content_type = "application/problem+json"),
+    ))]
+pub(crate) async fn send_command(
+    State(state): State<AppState>,
+    Auth(who, ..): Auth,
+    Path(id): Path<String>,
+    Query(wait): Query<WaitParams>,
+    Json(body): Json<NewCommand>,
+) -> Result<(StatusCode, JsonResponse<CommandView>), ApiError> {
+    let wait = wait_for(&wait)?;
+    let devices = state.devices();
+    let (command, created) = devices.send_command(&who, device_id(&id)?, body).await?;
+    let command = if wait.is_zero() || command.is_final() {
+        command
+    } else {
+        devices.wait_command(&who, command.id, wait).await?
+    };
+    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+    Ok((status, JsonResponse(command)))
+}
+
+/// How many commands to list.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct CommandListParams {
+    /// At most this many, 1 to 200 (default 50).
+    #[param(minimum = 1, maximum = 200)]
+    limit: Option<u32>,
+}
+
+/// A device's latest commands, newest first.
+#[utoipa::path(get, path = "/api/v1/devices/{id}/commands", tag = "devices",
+    security(("bearer" = [])),
+    params(("id" = String, Path, description = "Device id"), CommandListParams),
+    responses((status = 200, description = "The commands", body = [CommandView])))]
+pub(crate) async fn list_commands(
+    State(state): State<AppState>,
+    Auth(who, ..): Auth,
+    Path(id): Path<String>,
+    Query(p): Query<CommandListParams>,
+) -> Result<JsonResponse<Vec<CommandView>>, ApiError> {
+    Ok(JsonResponse(
+        state.devices().commands(&who, device_id(&id)?, p.limit).await?,
+    ))
+}
+
+/// One command; with `wait`, once it has ended or the wait is over.
+#[utoipa::path(get, path = "/api/v1/commands/{id}", tag = "devices", security(("bearer" = [])),
+    params(("id" = String, Path, description = "Command id"), WaitParams),
+    responses((status = 200, description = "The command", body = CommandView)))]
+pub(crate) async fn get_command(
+    State(state): State<AppState>,
+    Auth(who, ..): Auth,
+    Path(id): Path<String>,
+    Query(wait): Query<WaitParams>,
+) -> Result<JsonResponse<CommandView>, ApiError> {
+    let wait = wait_for(&wait)?;
+    let id: Uuid = id.parse().map_err(|_| ApiError::not_found("command"))?;
+    Ok(JsonResponse(
+        state.devices().wait_command(&who, id, wait).await?,
+    ))
+}
+
+/// A device's desired configuration.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct DesiredConfig {
+    /// A JSON object of at most 8 KiB; replaces the one before and raises the version.
+    #[schema(value_type = Object)]
+    desired: serde_json::Value,
+}
+
+/// Replaces a device's desired configuration; a connected device gets the keys that differ
+/// from what it reported at once, others at their next connection.
+#[utoipa::path(put, path = "/api/v1/devices/{id}/config", tag = "devices",
+    security(("bearer" = [])),
+    params(("id" = String, Path, description = "Device id")),
+    request_body = DesiredConfig,
+    responses(
+        (status = 200, description = "The configuration with its new version", body = ConfigView),
+        (status = 422, description = "Not an object, or too large", body = Problem,
+            content_type = "application/problem+json"),
+    ))]
+pub(crate) async fn put_config(
+    State(state): State<AppState>,
+    Auth(who, ..): Auth,
+    Path(id): Path<String>,
+    Json(body): Json<DesiredConfig>,
+) -> Result<JsonResponse<ConfigView>, ApiError> {
+    Ok(JsonResponse(
+        state
+            .devices()
+            .set_config(&who, device_id(&id)?, &body.desired)
+            .await?,
+    ))
+}
+
+/// A device's desired and reported configuration, and the keys that differ.
+#[utoipa::path(get, path = "/api/v1/devices/{id}/config", tag = "devices",
+    security(("bearer" = [])),
+    params(("id" = String, Path, description = "Device id")),
+    responses((status = 200, description = "The configuration", body = ConfigView)))]
+pub(crate) async fn get_config(
+    State(state): State<AppState>,
+    Auth(who, ..): Auth,
+    Path(id): Path<String>,
+) -> Result<JsonResponse<ConfigView>, ApiError> {
+    Ok(JsonResponse(
+        state.devices().config(&who, device_id(&id)?).await?,
+    ))
 }
 
 /// Which alerts to list.
