@@ -129,9 +129,10 @@ def prepare_cron(server):
 
 
 def prepare_devices(server):
-    """Two devices of the admin (one for the run to delete) and an open alert of a third,
+    """Two devices of the admin (one for the run to delete, one with a command that has
+    expired) and an open alert of a third,
     which went silent: its inactivity timeout is the shortest allowed (10 s), and it was heard
-    once, over HTTP. Returns the device ids and the alert's."""
+    once, over HTTP. Returns the device ids, the alert's and the command's."""
     base = server.base_url
     admin = requests.post(
         f"{base}/api/v1/auth/login", json={"email": ADMIN_EMAIL, "password": ADMIN_PASSWORD}, timeout=10
@@ -146,6 +147,11 @@ def prepare_devices(server):
         return made.json()
 
     kept = device("st-kept")["device"]["id"]
+    # A command that expires in a second, so that reading it with `wait` answers at once.
+    command = requests.post(
+        f"{base}/api/v1/devices/{kept}/commands", headers=headers, json={"name": "noop", "ttl": 1}, timeout=10
+    )
+    command.raise_for_status()
     deleted = device("st-deleted")["device"]["id"]
     quiet = device("st-quiet", inactivity_timeout=10)
     requests.post(
@@ -160,7 +166,7 @@ def prepare_devices(server):
             f"{base}/api/v1/alerts", headers=headers, params={"device": quiet["device"]["id"]}, timeout=10
         ).json()
         if page["items"]:
-            return kept, deleted, page["items"][0]["id"]
+            return kept, deleted, page["items"][0]["id"], command.json()["id"]
         time.sleep(0.2)
     raise AssertionError("the quiet device raised no alert")
 
@@ -203,11 +209,12 @@ def test_every_operation_conforms_to_the_document(server):
     room, member, session = prepare_room(server)
     job = prepare_job(server)
     cron = prepare_cron(server)
-    device, deleted_device, alert = prepare_devices(server)
+    device, deleted_device, alert, command = prepare_devices(server)
     env = {
         "ST_DEVICE_ID": device,
         "ST_DELETE_DEVICE_ID": deleted_device,
         "ST_ALERT_ID": alert,
+        "ST_COMMAND_ID": command,
         "ST_ROOM_ID": room,
         "ST_MEMBER_ID": member,
         "ST_SESSION_ID": session,

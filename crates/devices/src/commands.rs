@@ -336,7 +336,11 @@ mod tests {
             reported_at: None,
         };
         match config_frame(&c) {
-            Some(DeviceServerFrame::Config { version, full, desired }) => {
+            Some(DeviceServerFrame::Config {
+                version,
+                full,
+                desired,
+            }) => {
                 assert_eq!((version, full, desired.len()), (3, false, 3));
             }
             other => panic!("{other:?}"),

@@ -336,9 +336,19 @@ struct Inner {
     events: tokio::sync::broadcast::Sender<FleetEvent>,
     registrations_per_user: SlidingWindow,
     registrations_per_ip: SlidingWindow,
+    /// One alert mail per device an hour.
+    alert_mail_per_device: SlidingWindow,
     telemetry: telemetry::Ingest,
     /// The frames to send to each device connected to this node: its connection's channel.
-    outbound: Mutex<HashMap<Uuid, (Uuid, tokio::sync::mpsc::Sender<unhidra_protocol::DeviceServerFrame>)>>,
+    outbound: Mutex<
+        HashMap<
+            Uuid,
+            (
+                Uuid,
+                tokio::sync::mpsc::Sender<unhidra_protocol::DeviceServerFrame>,
+            ),
+        >,
+    >,
 }
 
 /// Frames waiting for one device connection at most; past it a command waits for the next
@@ -375,6 +385,7 @@ impl Devices {
         Self(Arc::new(Inner {
             registrations_per_user: SlidingWindow::new(config.registrations_per_hour, hour),
             registrations_per_ip: SlidingWindow::new(config.registrations_per_hour, hour),
+            alert_mail_per_device: SlidingWindow::new(1, hour),
             store,
             clock,
             config,
@@ -770,6 +781,25 @@ impl Devices {
         }
     }
 
+    /// Whether a connected device's key still works: not revoked, not expired (a rotation's
+    /// grace is over), its device not deleted and its owner active. Connections ask it
+    /// every ping interval, so a revocation on another node (or an event missed here) ends
+    /// them too. A store that cannot answer keeps the connection.
+    pub async fn still_valid(&self, auth: &DeviceAuth) -> bool {
+        match self
+            .0
+            .store
+            .device_key_usable(auth.key_id, self.now())
+            .await
+        {
+            Ok(usable) => usable,
+            Err(e) => {
+                tracing::warn!(device = %auth.device, error = %unhidra_core::error_chain(&e), "device key not re-checked");
+                true
+            }
+        }
+    }
+
     /// A device's connection opened: it is online at once (written now).
     pub async fn connected(&self, auth: &DeviceAuth) -> Result<(), DeviceError> {
         let record = self.0.store.device(auth.device).await?;
@@ -1022,15 +1052,8 @@ impl Devices {
                     Err(_) => self.presence().forget(o.device),
                 },
                 Err(e) => {
-                    tracing::warn!(device = %o.device, error = %unhidra_core::error_chain(&e), "silence not recorded; trying again");
-                    let timeout = o.timeout;
-                    // Looked at again a second later.
-                    self.presence().load(
-                        o.device,
-                        DeviceStatus::Offline,
-                        Some(o.last_seen + Duration::seconds(1)),
-                        timeout,
-                    );
+                    tracing::warn!(device = %o.device, error = %unhidra_core::error_chain(&e), "silence not recorded; trying again in 5 s");
+                    self.presence().defer(o.device, now + Duration::seconds(5));
                 }
             }
         }
@@ -1040,13 +1063,27 @@ impl Devices {
     /// Mails an opened alert, as configured, through the jobs system (with its retries).
     async fn mail_alert(&self, device: Uuid, owner: Option<UserId>, alert: &AlertView) {
         let mut to = self.0.config.alert_mail_to.clone();
+        // Only an active owner whose address is verified: an account opened with someone
+        // else's address must not make the server mail them.
         if self.0.config.alert_mail_owner
             && let Some(owner) = owner
             && let Ok(user) = self.0.store.user_by_id(owner).await
+            && user.active
+            && user.email_verified_at.is_some()
         {
             to.push(user.email.as_str().to_owned());
         }
         if to.is_empty() {
+            return;
+        }
+        // At most one mail per device an hour, however often it comes and goes.
+        if self
+            .0
+            .alert_mail_per_device
+            .try_acquire(&device.to_string(), self.now())
+            .is_err()
+        {
+            tracing::info!(device = %device, "silent alert not mailed: one was mailed within the hour");
             return;
         }
         let name = self
@@ -1213,7 +1250,13 @@ impl Devices {
         &self,
     ) -> std::sync::MutexGuard<
         '_,
-        HashMap<Uuid, (Uuid, tokio::sync::mpsc::Sender<unhidra_protocol::DeviceServerFrame>)>,
+        HashMap<
+            Uuid,
+            (
+                Uuid,
+                tokio::sync::mpsc::Sender<unhidra_protocol::DeviceServerFrame>,
+            ),
+        >,
     > {
         self.0
             .outbound
@@ -1372,7 +1415,10 @@ impl Devices {
         };
         let id: Uuid = id.parse().map_err(|_| unknown())?;
         let output = output.map(serde_json::Value::to_string);
-        if output.as_ref().is_some_and(|o| o.len() > commands::MAX_JSON_BYTES) {
+        if output
+            .as_ref()
+            .is_some_and(|o| o.len() > commands::MAX_JSON_BYTES)
+        {
             return Err(DeviceError::Invalid(
                 "output",
                 "invalid_length",
@@ -1426,7 +1472,13 @@ impl Devices {
     pub async fn sweep_commands(&self) -> Result<(), DeviceError> {
         let now = self.now();
         for c in self.0.store.expire_commands(now).await? {
-            let owner = self.0.store.device(c.device_id).await.ok().and_then(|d| d.owner);
+            let owner = self
+                .0
+                .store
+                .device(c.device_id)
+                .await
+                .ok()
+                .and_then(|d| d.owner);
             self.emit_command(owner, c);
         }
         let here: Vec<Uuid> = self.outbound().keys().copied().collect();

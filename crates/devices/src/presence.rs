@@ -173,6 +173,18 @@ impl Presence {
         }
     }
 
+    /// Looks at a device again at `at`, its `last_seen` left as it is (after a failed write).
+    pub(crate) fn defer(&mut self, device: Uuid, at: DateTime<Utc>) {
+        let Some(live) = self.devices.get_mut(&device) else {
+            return;
+        };
+        if let Some(old) = live.deadline.take() {
+            self.deadlines.remove(&(old, device));
+        }
+        live.deadline = Some(at);
+        self.deadlines.insert((at, device));
+    }
+
     /// Forgets a deleted device.
     pub(crate) fn forget(&mut self, device: Uuid) {
         if let Some(live) = self.devices.remove(&device)

@@ -174,6 +174,16 @@ impl Ingest {
                     ),
                 ));
             }
+            if let Value::Text(text) = &p.value
+                && unhidra_core::forbidden_control(text, unhidra_core::Controls::LineBreaks)
+                    .is_some()
+            {
+                return Err(invalid(
+                    "points",
+                    "invalid_value",
+                    format!("point {i}: text has no control characters but tab and line breaks"),
+                ));
+            }
             let ts = match p.ts {
                 None => now,
                 Some(ms) => DateTime::from_timestamp_millis(ms).ok_or_else(|| {
@@ -332,6 +342,27 @@ async fn writer(
                     .inc_by(u64::try_from(new_points).unwrap_or(u64::MAX));
                 for (reply, stored) in replies.drain(..).zip(stored) {
                     let _ = reply.send(Ok(stored));
+                }
+            }
+            // One bad batch must not fail the others it was grouped with: each is tried alone.
+            Err(e) if batches.len() > 1 => {
+                tracing::warn!(batches = batches.len(), error = %unhidra_core::error_chain(&e), "telemetry group not stored; storing its batches one by one");
+                for (batch, reply) in batches.drain(..).zip(replies.drain(..)) {
+                    let points = batch.points.len();
+                    let one = store.append_telemetry(std::slice::from_ref(&batch)).await;
+                    let _ = reply.send(match one {
+                        Ok(stored) => {
+                            let stored = stored.first().copied().unwrap_or(false);
+                            if stored {
+                                metrics.points.inc_by(u64::try_from(points).unwrap_or(u64::MAX));
+                            }
+                            Ok(stored)
+                        }
+                        Err(e) => {
+                            tracing::warn!(device = %batch.device_id, seq = batch.seq, error = %unhidra_core::error_chain(&e), "telemetry batch not stored");
+                            Err(unavailable(&e.to_string()))
+                        }
+                    });
                 }
             }
             Err(e) => {

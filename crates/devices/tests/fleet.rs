@@ -353,6 +353,7 @@ async fn silence_is_detected_on_time_and_ends_when_the_device_returns(db: &TestD
             FleetEvent::Status { status, .. } => status.to_owned(),
             FleetEvent::Alert { alert, .. } => format!("alert {}", alert.state),
             FleetEvent::Revoked { .. } => "revoked".into(),
+            FleetEvent::Command { .. } => "command".into(),
         });
     }
     assert_eq!(kinds, ["silent", "alert open", "online", "alert resolved"]);
@@ -524,3 +525,249 @@ async fn telemetry_is_acknowledged_once_and_bad_batches_store_nothing(db: &TestD
     ));
 }
 both_backends!(telemetry_is_acknowledged_once_and_bad_batches_store_nothing);
+
+async fn a_bad_batch_fails_alone_and_a_deactivated_owner_ends_its_devices_keys(db: &TestDb) {
+    let f = fleet(db, config(|_| {})).await;
+    let a = f
+        .devices
+        .register(&f.alice, sensor("a"), None, &ctx())
+        .await
+        .unwrap();
+    let b = f
+        .devices
+        .register(&f.alice, sensor("b"), None, &ctx())
+        .await
+        .unwrap();
+    let auth_a = f.devices.authenticate(&a.key).await.unwrap();
+    let auth_b = f.devices.authenticate(&b.key).await.unwrap();
+    // A NUL (which PostgreSQL cannot store) is refused before anything is written.
+    match f
+        .devices
+        .telemetry(
+            &auth_a,
+            1,
+            vec![point("mode", None, Value::Text("a\0b".into()))],
+        )
+        .await
+    {
+        Err(DeviceError::Invalid(_, code, _)) => assert_eq!(code, "invalid_value"),
+        other => panic!("{other:?}"),
+    }
+    // A batch the store refuses (its device is gone) fails alone, whatever it was grouped with.
+    db.store.delete_device(b.device.id).await.unwrap();
+    let (first, second) = tokio::join!(
+        f.devices
+            .telemetry(&auth_a, 2, vec![point("temp", None, Value::Number(1.0))]),
+        f.devices
+            .telemetry(&auth_b, 2, vec![point("temp", None, Value::Number(1.0))]),
+    );
+    assert!(first.unwrap());
+    assert!(matches!(second, Err(DeviceError::Store(_))), "{second:?}");
+    assert!(!f.devices.still_valid(&auth_b).await);
+
+    // An owner deactivated: their devices' keys stop working, for new and live connections.
+    assert!(f.devices.still_valid(&auth_a).await);
+    db.store
+        .update_user(
+            f.alice.user_id,
+            unhidra_store::identity::UserChange {
+                active: Some(false),
+                ..Default::default()
+            },
+            start(),
+        )
+        .await
+        .unwrap();
+    assert!(!f.devices.still_valid(&auth_a).await);
+    assert!(matches!(
+        f.devices.authenticate(&a.key).await,
+        Err(DeviceError::BadKey)
+    ));
+}
+both_backends!(a_bad_batch_fails_alone_and_a_deactivated_owner_ends_its_devices_keys);
+
+async fn commands_reach_the_device_and_configuration_its_difference(db: &TestDb) {
+    use unhidra_devices::commands::NewCommand;
+    use unhidra_protocol::DeviceServerFrame;
+    use unhidra_protocol::device::CommandStatus;
+    let f = fleet(db, config(|_| {})).await;
+    let made = f
+        .devices
+        .register(&f.alice, sensor("a"), None, &ctx())
+        .await
+        .unwrap();
+    let id = made.device.id;
+    let auth = f.devices.authenticate(&made.key).await.unwrap();
+    let reboot = |key: Option<&str>, ttl: Option<u64>| NewCommand {
+        name: "reboot".into(),
+        params: Some(serde_json::json!({ "delay": 5 })),
+        ttl,
+        idempotency_key: key.map(str::to_owned),
+    };
+    // Offline: queued, and delivered with the configuration on hello.
+    let (queued, created) = f
+        .devices
+        .send_command(&f.alice, id, reboot(Some("r1"), None))
+        .await
+        .unwrap();
+    assert!(created);
+    assert_eq!(queued.state, "queued");
+    let (again, created) = f
+        .devices
+        .send_command(&f.alice, id, reboot(Some("r1"), None))
+        .await
+        .unwrap();
+    assert!(!created);
+    assert_eq!(again.id, queued.id);
+    assert!(matches!(
+        f.devices.send_command(&f.bob, id, reboot(None, None)).await,
+        Err(DeviceError::NotFound(_))
+    ));
+    assert!(matches!(
+        f.devices
+            .send_command(&f.alice, id, reboot(None, Some(0)))
+            .await,
+        Err(DeviceError::Invalid("/ttl", _, _))
+    ));
+    f.devices
+        .set_config(
+            &f.alice,
+            id,
+            &serde_json::json!({ "rate": 10, "led": true }),
+        )
+        .await
+        .unwrap();
+    let mut outbound = f.devices.attach(&auth);
+    let frames = f.devices.on_hello(&auth).await.unwrap();
+    assert_eq!(frames.len(), 2);
+    assert!(
+        matches!(&frames[0], DeviceServerFrame::Config { version: 1, full: true, desired } if desired.len() == 2)
+    );
+    assert!(matches!(&frames[1], DeviceServerFrame::Command { name, .. } if name == "reboot"));
+    assert_eq!(
+        f.devices.command(&f.alice, queued.id).await.unwrap().state,
+        "delivered"
+    );
+
+    // Online: delivered at once through the connection's channel.
+    let (live, _) = f
+        .devices
+        .send_command(&f.alice, id, reboot(None, None))
+        .await
+        .unwrap();
+    assert_eq!(live.state, "delivered");
+    match outbound.rx.try_recv().unwrap() {
+        DeviceServerFrame::Command {
+            id: sent, params, ..
+        } => {
+            assert_eq!(sent, live.id.to_string());
+            assert_eq!(params["delay"], 5);
+        }
+        other => panic!("{other:?}"),
+    }
+    // The result ends it, once; a stranger's id is refused.
+    let waiter = {
+        let devices = f.devices.clone();
+        let who = f.alice.clone();
+        let command = live.id;
+        tokio::spawn(async move {
+            devices
+                .wait_command(&who, command, std::time::Duration::from_secs(10))
+                .await
+        })
+    };
+    tokio::task::yield_now().await;
+    f.devices
+        .command_result(
+            &auth,
+            &live.id.to_string(),
+            CommandStatus::Succeeded,
+            Some(&serde_json::json!({ "up": true })),
+        )
+        .await
+        .unwrap();
+    let done = waiter.await.unwrap().unwrap();
+    assert_eq!(
+        (done.state, done.output.clone()),
+        ("succeeded", Some(serde_json::json!({ "up": true })))
+    );
+    for unknown in [
+        live.id.to_string(),
+        Uuid::new_v4().to_string(),
+        "nope".into(),
+    ] {
+        assert!(matches!(
+            f.devices
+                .command_result(&auth, &unknown, CommandStatus::Failed, None)
+                .await,
+            Err(DeviceError::Invalid(_, "unknown_command", _))
+        ));
+    }
+    // Past its time, a command is expired, and the sweep writes it.
+    let (short, _) = f
+        .devices
+        .send_command(&f.alice, id, reboot(None, Some(5)))
+        .await
+        .unwrap();
+    assert!(matches!(
+        outbound.rx.try_recv(),
+        Ok(DeviceServerFrame::Command { .. })
+    ));
+    f.clock.advance(Duration::seconds(6));
+    assert_eq!(
+        f.devices.command(&f.alice, short.id).await.unwrap().state,
+        "expired"
+    );
+    f.devices.sweep_commands().await.unwrap();
+    assert_eq!(
+        db.store.command(short.id).await.unwrap().state,
+        unhidra_store::devices::CommandState::Expired
+    );
+    assert_eq!(
+        f.devices.commands(&f.alice, id, None).await.unwrap().len(),
+        3
+    );
+
+    // The device reports what it applied; the difference is what is left.
+    let mut state = std::collections::BTreeMap::new();
+    state.insert("rate".to_owned(), serde_json::json!(10));
+    state.insert("old".to_owned(), serde_json::json!(1));
+    f.devices.reported(&auth, Some(1), &state).await.unwrap();
+    let config = f.devices.config(&f.alice, id).await.unwrap();
+    assert!(!config.in_sync);
+    assert_eq!(
+        serde_json::to_value(&config.difference).unwrap(),
+        serde_json::json!({ "led": true, "old": null })
+    );
+    // A new version reaches the connected device at once, as the difference.
+    f.devices
+        .set_config(&f.alice, id, &serde_json::json!({ "rate": 20 }))
+        .await
+        .unwrap();
+    match outbound.rx.try_recv().unwrap() {
+        DeviceServerFrame::Config {
+            version,
+            desired,
+            full,
+        } => {
+            assert_eq!((version, full), (2, false));
+            assert_eq!(
+                serde_json::to_value(&desired).unwrap(),
+                serde_json::json!({ "rate": 20, "old": null })
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    let mut applied = std::collections::BTreeMap::new();
+    applied.insert("rate".to_owned(), serde_json::json!(20));
+    f.devices.reported(&auth, Some(2), &applied).await.unwrap();
+    assert!(f.devices.config(&f.alice, id).await.unwrap().in_sync);
+    assert!(matches!(
+        f.devices
+            .set_config(&f.alice, id, &serde_json::json!([1]))
+            .await,
+        Err(DeviceError::Invalid("/desired", _, _))
+    ));
+    f.devices.detach(&auth, &outbound);
+}
+both_backends!(commands_reach_the_device_and_configuration_its_difference);

@@ -217,8 +217,18 @@ async fn run(
         chat.write_coalesce,
         None,
     );
-    if let Err(e) = devices.connected(&auth).await {
-        tracing::warn!(device = %auth.device, error = %unhidra_core::error_chain(&e), "device status not written");
+    // A revocation or deletion between the key check and the registration above found no
+    // connection to close: look again now that it is registered.
+    let gone = match devices.connected(&auth).await {
+        Err(DeviceError::Store(unhidra_store::StoreError::NotFound { .. })) => true,
+        Err(e) => {
+            tracing::warn!(device = %auth.device, error = %unhidra_core::error_chain(&e), "device status not written");
+            false
+        }
+        Ok(()) => false,
+    };
+    if gone || !devices.still_valid(&auth).await {
+        outbox.close(close::REVOKED, "device key revoked");
     }
     hub.send_device_frame(
         id,
@@ -265,6 +275,12 @@ async fn run(
                 }
                 heard = false;
                 hub.ping(id);
+                // Revoked on another node, an event missed here, a rotation's grace over, the
+                // owner deactivated: the key is checked again every ping interval.
+                if !devices.still_valid(&auth).await {
+                    outbox.close(close::REVOKED, "device key revoked");
+                    break;
+                }
                 continue;
             }
             next = stream.next() => next,
@@ -387,7 +403,9 @@ async fn run(
                                         hub.send_device_frame(id, frame);
                                     }
                                 }
-                                Err(e) => tracing::warn!(device = %auth.device, error = %unhidra_core::error_chain(&e), "pending commands not sent"),
+                                Err(e) => {
+                                    tracing::warn!(device = %auth.device, error = %unhidra_core::error_chain(&e), "pending commands not sent");
+                                }
                             }
                         }
                         hello = true;

@@ -469,12 +469,18 @@ pub trait DeviceStore: Send + Sync {
     /// Deletes a device with its keys, alerts and telemetry.
     async fn delete_device(&self, id: Uuid) -> Result<(), StoreError>;
 
-    /// The device whose usable key (not revoked, not expired at `now`) has this hash.
+    /// The device whose usable key (not revoked, not expired at `now`) has this hash; a device
+    /// whose owner's account is deactivated has no usable key.
     async fn device_by_key(
         &self,
         key_hash: &str,
         now: DateTime<Utc>,
     ) -> Result<(DeviceRecord, DeviceKeyRecord), StoreError>;
+
+    /// Whether a key is still usable at `now`: not revoked, not expired, its device there and
+    /// its owner (if any) an active account.
+    async fn device_key_usable(&self, key_id: Uuid, now: DateTime<Utc>)
+    -> Result<bool, StoreError>;
 
     /// A device's keys, newest first.
     async fn device_keys(&self, device: Uuid) -> Result<Vec<DeviceKeyRecord>, StoreError>;
@@ -574,8 +580,10 @@ pub trait DeviceStore: Send + Sync {
 
     /// Stores a command, or — when its device already has one with the same idempotency key —
     /// answers that one (`false`: nothing stored).
-    async fn create_command(&self, command: &CommandRecord)
-    -> Result<(CommandRecord, bool), StoreError>;
+    async fn create_command(
+        &self,
+        command: &CommandRecord,
+    ) -> Result<(CommandRecord, bool), StoreError>;
 
     /// One command.
     async fn command(&self, id: Uuid) -> Result<CommandRecord, StoreError>;

@@ -54,6 +54,10 @@ impl From<DeviceError> for ApiError {
     }
 }
 
+/// Answers that carry a key are kept by no cache.
+type NoStore = [(header::HeaderName, &'static str); 1];
+const NO_STORE: NoStore = [(header::CACHE_CONTROL, "no-store")];
+
 fn device_id(raw: &str) -> Result<Uuid, ApiError> {
     raw.parse().map_err(|_| ApiError::not_found("device"))
 }
@@ -96,10 +100,10 @@ pub(crate) async fn create(
     Auth(who, ..): Auth,
     Ctx(ctx): Ctx,
     Json(body): Json<NewDevice>,
-) -> Result<(StatusCode, JsonResponse<Registered>), ApiError> {
+) -> Result<(StatusCode, NoStore, JsonResponse<Registered>), ApiError> {
     let ip = ctx.ip.as_deref().and_then(|ip| ip.parse().ok());
     let made = state.devices().register(&who, body, ip, &ctx).await?;
-    Ok((StatusCode::CREATED, JsonResponse(made)))
+    Ok((StatusCode::CREATED, NO_STORE, JsonResponse(made)))
 }
 
 /// Which devices to list.
@@ -265,12 +269,12 @@ pub(crate) async fn rotate(
     Auth(who, ..): Auth,
     Ctx(ctx): Ctx,
     Path(id): Path<String>,
-) -> Result<(StatusCode, JsonResponse<Registered>), ApiError> {
+) -> Result<(StatusCode, NoStore, JsonResponse<Registered>), ApiError> {
     let made = state
         .devices()
         .rotate_key(&who, device_id(&id)?, &ctx)
         .await?;
-    Ok((StatusCode::CREATED, JsonResponse(made)))
+    Ok((StatusCode::CREATED, NO_STORE, JsonResponse(made)))
 }
 
 /// How many keys a revocation ended.
@@ -433,7 +437,11 @@ pub(crate) async fn send_command(
     } else {
         devices.wait_command(&who, command.id, wait).await?
     };
-    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
     Ok((status, JsonResponse(command)))
 }
 
@@ -459,7 +467,10 @@ pub(crate) async fn list_commands(
     Query(p): Query<CommandListParams>,
 ) -> Result<JsonResponse<Vec<CommandView>>, ApiError> {
     Ok(JsonResponse(
-        state.devices().commands(&who, device_id(&id)?, p.limit).await?,
+        state
+            .devices()
+            .commands(&who, device_id(&id)?, p.limit)
+            .await?,
     ))
 }
 

@@ -383,3 +383,141 @@ async fn a_sleeping_device_posts_batches_over_http() {
     let device = get_json(&app, &alice, &format!("/api/v1/devices/{id}")).await;
     assert!(device["last_seen"].is_string());
 }
+
+#[tokio::test]
+async fn commands_and_configuration_reach_the_device_online_and_on_connect() {
+    let app = app().await;
+    let (_, alice) = user(&app, "alice@example.com").await;
+    let (id, key) = register(&app, &alice, "d").await;
+    let command = |body: Value, wait: u64| {
+        let client = app.client.clone();
+        let url = app.url(&format!("/api/v1/devices/{id}/commands?wait={wait}"));
+        let token = alice.clone();
+        async move {
+            client
+                .post(url)
+                .bearer_auth(token)
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    // Offline: a command and a configuration wait for the device.
+    let queued = command(json!({ "name": "blink", "params": { "times": 3 } }), 0).await;
+    assert_eq!(queued.status(), 201);
+    let queued: Value = queued.json().await.unwrap();
+    assert_eq!(queued["state"], "queued");
+    let put = app
+        .client
+        .put(app.url(&format!("/api/v1/devices/{id}/config")))
+        .bearer_auth(&alice)
+        .json(&json!({ "desired": { "rate": 10 } }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), 200);
+
+    let mut socket = connect_device(&app, &key).await;
+    hello(&mut socket).await;
+    assert_eq!(
+        next(&mut socket).await,
+        json!({ "type": "config", "version": 1, "desired": { "rate": 10 }, "full": true })
+    );
+    let delivered = next(&mut socket).await;
+    assert_eq!(
+        (delivered["type"].as_str(), delivered["id"].as_str()),
+        (Some("command"), queued["id"].as_str())
+    );
+    assert_eq!(delivered["params"], json!({ "times": 3 }));
+    send(
+        &mut socket,
+        json!({ "type": "command_result", "id": queued["id"], "status": "succeeded" }),
+    )
+    .await;
+    send(
+        &mut socket,
+        json!({ "type": "reported", "version": 1, "state": { "rate": 10 } }),
+    )
+    .await;
+
+    // Online, waited for: the answer carries the device's result.
+    let waited = tokio::spawn(command(
+        json!({ "name": "read", "idempotency_key": "r-1" }),
+        10,
+    ));
+    let live = next(&mut socket).await;
+    assert_eq!(live["type"], "command");
+    send(&mut socket, json!({ "type": "command_result", "id": live["id"], "status": "failed", "output": { "why": "busy" } })).await;
+    let waited = waited.await.unwrap();
+    assert_eq!(waited.status(), 201);
+    let waited: Value = waited.json().await.unwrap();
+    assert_eq!(
+        (waited["state"].as_str(), &waited["output"]),
+        (Some("failed"), &json!({ "why": "busy" }))
+    );
+    // The same idempotency key: the same command, 200.
+    let again = command(json!({ "name": "read", "idempotency_key": "r-1" }), 0).await;
+    assert_eq!(again.status(), 200);
+    assert_eq!(again.json::<Value>().await.unwrap()["id"], waited["id"]);
+    // A result for no command of this device is refused with its reference.
+    send(&mut socket, json!({ "type": "command_result", "id": "00000000-0000-0000-0000-000000000000", "status": "succeeded" })).await;
+    let refused = next(&mut socket).await;
+    assert_eq!(
+        (refused["code"].as_str(), refused["ref"].as_str()),
+        (
+            Some("unknown_command"),
+            Some("00000000-0000-0000-0000-000000000000")
+        )
+    );
+
+    let first = get_json(
+        &app,
+        &alice,
+        &format!("/api/v1/commands/{}", queued["id"].as_str().unwrap()),
+    )
+    .await;
+    assert_eq!(first["state"], "succeeded");
+    let list = get_json(&app, &alice, &format!("/api/v1/devices/{id}/commands")).await;
+    assert_eq!(list.as_array().unwrap().len(), 2);
+    let config = get_json(&app, &alice, &format!("/api/v1/devices/{id}/config")).await;
+    assert_eq!(
+        (config["version"].as_i64(), config["in_sync"].as_bool()),
+        (Some(1), Some(true))
+    );
+}
+
+#[tokio::test]
+async fn a_deactivated_owners_device_is_closed_at_the_next_check() {
+    let app = TestApp::spawn_with(
+        crate::helpers::default_backend(),
+        |c| {
+            c.admin_email = Some("root@example.com".into());
+            c.admin_password = Some(unhidra_config::Secret::new(PASSWORD));
+            c.ws_ping_interval = unhidra_config::HumanDuration::secs(1);
+        },
+        None,
+    )
+    .await;
+    let (alice_id, alice) = user(&app, "alice@example.com").await;
+    let (_, key) = register(&app, &alice, "d").await;
+    let mut socket = connect_device(&app, &key).await;
+    hello(&mut socket).await;
+    let admin = crate::helpers::access_token(&app, "root@example.com").await;
+    let off = app
+        .client
+        .patch(app.url(&format!("/api/v1/admin/users/{alice_id}")))
+        .bearer_auth(&admin)
+        .json(&json!({ "active": false }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(off.status(), 200);
+    assert_eq!(close_code(&mut socket).await, 4003);
+    match connect_with(&app, Some(&format!("unhidra.device.v1, key.{key}")), None).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 401)
+        }
+        other => panic!("{other:?}"),
+    }
+}

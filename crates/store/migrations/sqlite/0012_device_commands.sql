@@ -30,3 +30,6 @@ CREATE TABLE device_config (
     reported_version INTEGER,
     reported_at      INTEGER
 ) STRICT;
+
+-- Alerts of one device (its listing, and the cascade when it is deleted).
+CREATE INDEX device_alerts_by_device ON device_alerts (device_id, opened_at);

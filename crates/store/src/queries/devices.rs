@@ -39,6 +39,12 @@ macro_rules! device_queries {
             const ALERT_COLUMNS: &str = "a.id, a.device_id, a.kind, a.state, a.detail, \
                 a.opened_at, a.acknowledged_at, a.acknowledged_by, a.resolved_at";
 
+            /// A key `k` usable at `$2`: not revoked, not expired, and its device's owner (if
+            /// any) active.
+            const USABLE: &str = "k.revoked_at IS NULL AND (k.expires_at IS NULL OR k.expires_at > $2) \
+                AND NOT EXISTS (SELECT 1 FROM devices d JOIN users u ON u.id = d.owner_id \
+                WHERE d.id = k.device_id AND NOT u.active)";
+
             const POINT_COLUMNS: &str = "key, ts, kind, num, text, shape, blob";
 
             /// Points per INSERT: eight parameters each, well under SQLite's limit.
@@ -448,7 +454,7 @@ macro_rules! device_queries {
                 ) -> Result<(DeviceRecord, DeviceKeyRecord), StoreError> {
                     let row = sqlx::query(&format!(
                         "SELECT {KEY_COLUMNS} FROM device_keys k WHERE k.key_hash = $1 \
-                         AND k.revoked_at IS NULL AND (k.expires_at IS NULL OR k.expires_at > $2)"
+                         AND {USABLE}"
                     ))
                     .bind(key_hash)
                     .bind(Store::time(now))
@@ -458,6 +464,22 @@ macro_rules! device_queries {
                     let key = key(&row)?;
                     let device = self.device(key.device_id).await?;
                     Ok((device, key))
+                }
+
+                async fn device_key_usable(
+                    &self,
+                    key_id: Uuid,
+                    now: DateTime<Utc>,
+                ) -> Result<bool, StoreError> {
+                    let found: Option<i64> = sqlx::query_scalar(&format!(
+                        "SELECT 1 FROM device_keys k WHERE k.id = $1 AND {USABLE}"
+                    ))
+                    .bind(Store::id(key_id))
+                    .bind(Store::time(now))
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err(err)?;
+                    Ok(found.is_some())
                 }
 
                 async fn device_keys(
@@ -558,8 +580,11 @@ macro_rules! device_queries {
                     at: DateTime<Utc>,
                 ) -> Result<(bool, Vec<AlertRecord>), StoreError> {
                     let mut tx = self.pool.begin_with(Store::BEGIN_WRITE).await.map_err(err)?;
-                    let before: Option<String> =
-                        sqlx::query_scalar("SELECT status FROM devices WHERE id = $1")
+                    // A write that changes nothing but takes the row's lock, so that a
+                    // concurrent `mark_silent` is either seen here or waits for this one.
+                    let before: Option<String> = sqlx::query_scalar(
+                        "UPDATE devices SET status = status WHERE id = $1 RETURNING status",
+                    )
                             .bind(Store::id(device))
                             .fetch_optional(&mut *tx)
                             .await

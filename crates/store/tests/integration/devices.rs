@@ -3,8 +3,9 @@
 use chrono::{DateTime, Duration, Utc};
 use unhidra_core::{Email, Role, UserId};
 use unhidra_store::devices::{
-    Aggregate, AlertFilter, AlertState, CommandRecord, CommandState, DeviceChange, DeviceFilter, DeviceRecord, DeviceStatus,
-    NewDeviceKey, Seen, TelemetryBatch, TelemetryPoint, TelemetryRange, TelemetryValue,
+    Aggregate, AlertFilter, AlertState, CommandRecord, CommandState, DeviceChange, DeviceFilter,
+    DeviceRecord, DeviceStatus, NewDeviceKey, Seen, TelemetryBatch, TelemetryPoint, TelemetryRange,
+    TelemetryValue,
 };
 use unhidra_store::identity::NewUser;
 use unhidra_store::testing::TestDb;
@@ -642,35 +643,79 @@ async fn commands_are_idempotent_delivered_answered_and_expired(db: &TestDb) {
     assert!(created);
     assert_eq!(stored, first);
     // The same key again: the first command, nothing new stored.
-    let (again, created) = db.store.create_command(&new_command(a, Some("k1"), t0, 60)).await.unwrap();
+    let (again, created) = db
+        .store
+        .create_command(&new_command(a, Some("k1"), t0, 60))
+        .await
+        .unwrap();
     assert!(!created);
     assert_eq!(again.id, first.id);
     // Another device may use the same key; no key means no deduplication.
-    assert!(db.store.create_command(&new_command(b, Some("k1"), t0, 60)).await.unwrap().1);
+    assert!(
+        db.store
+            .create_command(&new_command(b, Some("k1"), t0, 60))
+            .await
+            .unwrap()
+            .1
+    );
     let short = new_command(a, None, t0, 5);
     db.store.create_command(&short).await.unwrap();
-    db.store.create_command(&new_command(a, None, t0, 60)).await.unwrap();
+    db.store
+        .create_command(&new_command(a, None, t0, 60))
+        .await
+        .unwrap();
 
     let pending = db.store.pending_commands(&[a], t0).await.unwrap();
     assert_eq!(pending.len(), 3);
     db.store.mark_delivered(&[first.id], t0).await.unwrap();
-    assert_eq!(db.store.command(first.id).await.unwrap().state, CommandState::Delivered);
+    assert_eq!(
+        db.store.command(first.id).await.unwrap().state,
+        CommandState::Delivered
+    );
     // Past the short one's expiry it is no longer pending, and the sweep expires it.
     let later = t0 + Duration::seconds(10);
-    assert_eq!(db.store.pending_commands(&[a, b], later).await.unwrap().len(), 3);
+    assert_eq!(
+        db.store
+            .pending_commands(&[a, b], later)
+            .await
+            .unwrap()
+            .len(),
+        3
+    );
     let expired = db.store.expire_commands(later).await.unwrap();
     assert_eq!(expired.iter().map(|c| c.id).collect::<Vec<_>>(), [short.id]);
     assert_eq!(expired[0].state, CommandState::Expired);
     // A result from another device, or a second result, changes nothing.
-    assert!(db.store.finish_command(b, first.id, CommandState::Succeeded, None, later).await.unwrap().is_none());
+    assert!(
+        db.store
+            .finish_command(b, first.id, CommandState::Succeeded, None, later)
+            .await
+            .unwrap()
+            .is_none()
+    );
     let done = db
         .store
-        .finish_command(a, first.id, CommandState::Succeeded, Some(r#"{"ok":true}"#), later)
+        .finish_command(
+            a,
+            first.id,
+            CommandState::Succeeded,
+            Some(r#"{"ok":true}"#),
+            later,
+        )
         .await
         .unwrap()
         .expect("finished");
-    assert_eq!((done.state, done.output.as_deref()), (CommandState::Succeeded, Some(r#"{"ok":true}"#)));
-    assert!(db.store.finish_command(a, first.id, CommandState::Failed, None, later).await.unwrap().is_none());
+    assert_eq!(
+        (done.state, done.output.as_deref()),
+        (CommandState::Succeeded, Some(r#"{"ok":true}"#))
+    );
+    assert!(
+        db.store
+            .finish_command(a, first.id, CommandState::Failed, None, later)
+            .await
+            .unwrap()
+            .is_none()
+    );
     assert_eq!(db.store.device_commands(a, 10).await.unwrap().len(), 3);
 }
 both_backends!(commands_are_idempotent_delivered_answered_and_expired);
@@ -680,17 +725,40 @@ async fn configuration_has_versions_and_a_report(db: &TestDb) {
     let alice = user(db, "alice@example.com").await;
     let a = device(db, alice, "a", "m", &[]).await;
     let t0 = now();
-    assert!(matches!(db.store.device_config(a).await, Err(StoreError::NotFound { .. })));
+    assert!(matches!(
+        db.store.device_config(a).await,
+        Err(StoreError::NotFound { .. })
+    ));
     // A report before anything is desired.
-    db.store.set_reported_config(a, r#"{"rate":5}"#, None, t0).await.unwrap();
+    db.store
+        .set_reported_config(a, r#"{"rate":5}"#, None, t0)
+        .await
+        .unwrap();
     let c = db.store.device_config(a).await.unwrap();
-    assert_eq!((c.desired_version, c.reported.as_deref()), (0, Some(r#"{"rate":5}"#)));
-    let c = db.store.set_desired_config(a, r#"{"rate":10}"#, t0).await.unwrap();
+    assert_eq!(
+        (c.desired_version, c.reported.as_deref()),
+        (0, Some(r#"{"rate":5}"#))
+    );
+    let c = db
+        .store
+        .set_desired_config(a, r#"{"rate":10}"#, t0)
+        .await
+        .unwrap();
     assert_eq!(c.desired_version, 1);
-    let c = db.store.set_desired_config(a, r#"{"rate":20}"#, t0).await.unwrap();
-    assert_eq!((c.desired_version, c.desired.as_str()), (2, r#"{"rate":20}"#));
+    let c = db
+        .store
+        .set_desired_config(a, r#"{"rate":20}"#, t0)
+        .await
+        .unwrap();
+    assert_eq!(
+        (c.desired_version, c.desired.as_str()),
+        (2, r#"{"rate":20}"#)
+    );
     assert_eq!(c.reported.as_deref(), Some(r#"{"rate":5}"#));
-    db.store.set_reported_config(a, r#"{"rate":20}"#, Some(2), t0).await.unwrap();
+    db.store
+        .set_reported_config(a, r#"{"rate":20}"#, Some(2), t0)
+        .await
+        .unwrap();
     let c = db.store.device_config(a).await.unwrap();
     assert_eq!((c.reported_version, c.desired_version), (Some(2), 2));
 }
