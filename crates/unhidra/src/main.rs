@@ -58,6 +58,54 @@ enum Command {
     /// Look at background jobs, retry or cancel them.
     #[command(subcommand)]
     Jobs(JobsCommand),
+    /// Simulated devices, for tests and benchmarks.
+    #[command(subcommand)]
+    Device(DeviceCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum DeviceCommand {
+    /// Run simulated devices against a server: realistic telemetry (temperature, humidity,
+    /// battery, a 32×24 thermal frame), heartbeats, random dropped connections and restarts,
+    /// each device with its own buffer file; prints what was sent and acknowledged.
+    Simulate(SimulateArgs),
+}
+
+#[derive(Debug, Args)]
+struct SimulateArgs {
+    /// How many devices (at most one per key; default: one per key).
+    #[arg(long)]
+    count: Option<usize>,
+    /// The server: `http://host:port` or `ws://host:port/ws`.
+    #[arg(long)]
+    server: String,
+    /// The device keys: one per line, or a JSON list of strings.
+    #[arg(long, value_name = "FILE")]
+    key_file: PathBuf,
+    /// Where the devices keep their buffer files.
+    #[arg(long, value_name = "DIR", default_value = "simulated-devices")]
+    folder: PathBuf,
+    /// How long the devices run, in seconds.
+    #[arg(long, default_value_t = 60)]
+    seconds: u64,
+    /// Seconds between readings of a device's sensors (fractions allowed).
+    #[arg(long, default_value_t = 1.0)]
+    reading_interval: f64,
+    /// Dropped connections per device at most.
+    #[arg(long, default_value_t = 3)]
+    disconnects: u32,
+    /// Restarts per device at most.
+    #[arg(long, default_value_t = 1)]
+    restarts: u32,
+    /// The seed of the readings and schedules.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Send JSON frames instead of MessagePack.
+    #[arg(long)]
+    json: bool,
+    /// Print the report as JSON.
+    #[arg(long)]
+    report_json: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -177,10 +225,13 @@ fn main() -> ExitCode {
             data_dir: data.data_dir.clone(),
             ..Layer::default()
         },
-        Command::Openapi => Layer::default(),
+        Command::Openapi | Command::Device(_) => Layer::default(),
     };
     if let Command::Openapi = cli.command {
         return print_json(&unhidra_server::openapi());
+    }
+    if let Command::Device(DeviceCommand::Simulate(args)) = cli.command {
+        return simulate(&args);
     }
     let config = match unhidra_config::load(&Sources::from_process(cli.config, flags)) {
         Ok(config) => config,
@@ -229,9 +280,61 @@ fn main() -> ExitCode {
             }
             Command::Keys(command) => keys(&config, command).await,
             Command::Jobs(command) => jobs(&config, command).await,
-            Command::Spec(_) | Command::Openapi => ExitCode::SUCCESS,
+            Command::Spec(_) | Command::Openapi | Command::Device(_) => ExitCode::SUCCESS,
         }
     })
+}
+
+/// `unhidra device simulate`: needs no configuration or database, only a server to talk to.
+fn simulate(args: &SimulateArgs) -> ExitCode {
+    use unhidra_device::simulate::{self, SimulateOptions};
+    let url = if let Some(rest) = args.server.strip_prefix("http://") {
+        format!("ws://{}/ws", rest.trim_end_matches('/'))
+    } else {
+        args.server.clone()
+    };
+    if !url.starts_with("ws://") {
+        eprintln!("unhidra: --server is http://host:port or ws://host:port/ws");
+        return ExitCode::from(2);
+    }
+    let Ok(reading) = std::time::Duration::try_from_secs_f64(args.reading_interval) else {
+        eprintln!("unhidra: --reading-interval is a number of seconds above 0");
+        return ExitCode::from(2);
+    };
+    let mut options = SimulateOptions::new(url, &args.key_file, &args.folder);
+    options.devices = args.count;
+    options.duration = std::time::Duration::from_secs(args.seconds);
+    options.reading_interval = reading;
+    options.disconnects = args.disconnects;
+    options.restarts = args.restarts;
+    options.seed = args.seed;
+    if args.json {
+        options.encoding = unhidra_device::machine::Encoding::Json;
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("unhidra: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(simulate::run(options)) {
+        Ok(report) => {
+            if args.report_json {
+                print_json(&report)
+            } else {
+                print!("{report}");
+                ExitCode::SUCCESS
+            }
+        }
+        Err(err) => {
+            eprintln!("unhidra: {err}");
+            ExitCode::from(2)
+        }
+    }
 }
 
 /// `UNHIDRA_LOG` (or the file's `log`) wins; `RUST_LOG` is honoured when neither was given.

@@ -941,3 +941,43 @@ async fn jobs_list_retry_and_cancel() {
         assert!(out.stdout.is_empty(), "{args:?}");
     }
 }
+
+#[tokio::test]
+async fn device_simulate_checks_its_arguments_before_it_connects() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys.txt");
+    std::fs::write(&keys, "not-a-key\n").unwrap();
+    let keys = keys.to_str().unwrap();
+    let out = run(
+        dir.path(),
+        &[
+            "device",
+            "simulate",
+            "--server",
+            "ftp://x",
+            "--key-file",
+            keys,
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(out.code, 2, "{}", out.stderr);
+    assert!(out.stderr.contains("--server"), "{}", out.stderr);
+    let args = [
+        "device",
+        "simulate",
+        "--server",
+        "http://127.0.0.1:9",
+        "--key-file",
+        keys,
+        "--seconds",
+        "1",
+    ];
+    let out = run(dir.path(), &args, &[]).await;
+    assert_eq!(out.code, 2, "{}", out.stderr);
+    assert!(
+        out.stderr.contains("entry 1 is not a device key"),
+        "{}",
+        out.stderr
+    );
+}

@@ -516,8 +516,105 @@ async fn a_deactivated_owners_device_is_closed_at_the_next_check() {
     assert_eq!(close_code(&mut socket).await, 4003);
     match connect_with(&app, Some(&format!("unhidra.device.v1, key.{key}")), None).await {
         Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
-            assert_eq!(response.status(), 401)
+            assert_eq!(response.status(), 401);
         }
         other => panic!("{other:?}"),
     }
+}
+
+/// Stored points of a device, over every key its latest values name.
+async fn stored_points(app: &TestApp, token: &str, id: &str) -> usize {
+    let latest = get_json(
+        app,
+        token,
+        &format!("/api/v1/devices/{id}/telemetry/latest"),
+    )
+    .await;
+    let mut total = 0;
+    for point in latest.as_array().unwrap() {
+        let key = point["key"].as_str().unwrap();
+        let read = get_json(
+            app,
+            token,
+            &format!("/api/v1/devices/{id}/telemetry?key={key}&limit=5000"),
+        )
+        .await;
+        total += read["points"].as_array().unwrap().len();
+    }
+    total
+}
+
+#[tokio::test]
+async fn simulated_devices_lose_and_double_nothing_through_drops_and_restarts() {
+    use unhidra_device::simulate::{SimulateOptions, run};
+    let app = app().await;
+    let (_, alice) = user(&app, "alice@example.com").await;
+    let mut devices = Vec::new();
+    for i in 0..3 {
+        devices.push(register(&app, &alice, &format!("sim-{i}")).await);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys.txt");
+    let lines: Vec<&str> = devices.iter().map(|(_, k)| k.as_str()).collect();
+    std::fs::write(&keys, lines.join("\n")).unwrap();
+    let mut recorded = 0;
+    for encoding in [
+        unhidra_device::machine::Encoding::Json,
+        unhidra_device::machine::Encoding::MsgPack,
+    ] {
+        let mut options = SimulateOptions::new(
+            format!("ws://{}/ws", app.addr),
+            &keys,
+            dir.path().join("buffers"),
+        );
+        options.duration = std::time::Duration::from_secs(3);
+        options.drain = std::time::Duration::from_secs(10);
+        options.reading_interval = std::time::Duration::from_millis(100);
+        options.batch_linger = std::time::Duration::from_millis(200);
+        options.thermal_every = 5;
+        options.disconnects = 2;
+        options.restarts = 1;
+        options.seed = 7;
+        options.encoding = encoding;
+        let report = run(options).await.unwrap();
+        assert!(report.errors.is_empty(), "{report}");
+        assert_eq!(
+            (report.unacked, report.refused, report.dropped),
+            (0, 0, 0),
+            "{report}"
+        );
+        assert!(
+            report.disconnects_injected + report.restarts > 0,
+            "{report}"
+        );
+        recorded += report.points;
+    }
+    // Every point recorded is stored once: the server holds exactly what the devices read.
+    let mut stored = 0;
+    for (id, _) in &devices {
+        stored += stored_points(&app, &alice, id).await;
+    }
+    assert_eq!(stored as u64, recorded);
+    let fleet = get_json(
+        &app,
+        &crate::helpers::access_token(&app, &"root@example.com".to_owned()).await,
+        "/api/v1/admin/fleet",
+    )
+    .await;
+    assert_eq!(fleet["total"], 3);
+    let batches: u64 = app
+        .get("/metrics")
+        .await
+        .text()
+        .await
+        .unwrap()
+        .lines()
+        .filter(|l| l.starts_with("telemetry_points_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .map(|v| v as u64)
+        .sum();
+    assert_eq!(
+        batches, stored as u64,
+        "points stored by the server and found by reading them"
+    );
 }
