@@ -597,7 +597,7 @@ async fn simulated_devices_lose_and_double_nothing_through_drops_and_restarts() 
     assert_eq!(stored as u64, recorded);
     let fleet = get_json(
         &app,
-        &crate::helpers::access_token(&app, &"root@example.com".to_owned()).await,
+        &crate::helpers::access_token(&app, "root@example.com").await,
         "/api/v1/admin/fleet",
     )
     .await;
