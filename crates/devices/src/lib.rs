@@ -629,12 +629,14 @@ impl Devices {
         })
     }
 
-    /// Changes a device.
+    /// Changes a device; audited (`device.updated`, with the fields changed: a longer
+    /// inactivity timeout quiets its alerts).
     pub async fn update(
         &self,
         who: &Principal,
         id: Uuid,
         update: DeviceUpdate,
+        ctx: &RequestContext,
     ) -> Result<DeviceView, DeviceError> {
         let before = self.visible(who, id).await?;
         let change = DeviceChange {
@@ -657,6 +659,27 @@ impl Devices {
             inactivity_timeout: update.inactivity_timeout.map(input::timeout).transpose()?,
         };
         let record = self.0.store.update_device(id, &change, self.now()).await?;
+        let changed: Vec<&str> = [
+            ("name", change.name.is_some()),
+            ("model", change.model.is_some()),
+            ("location", change.location.is_some()),
+            ("tags", change.tags.is_some()),
+            ("metadata", change.metadata.is_some()),
+            ("inactivity_timeout", change.inactivity_timeout.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(field, set)| set.then_some(field))
+        .collect();
+        self.0
+            .audit
+            .record(
+                "device.updated",
+                Some(who.user_id),
+                Some(id.to_string()),
+                ctx,
+                serde_json::json!({ "fields": changed, "inactivity_timeout": record.inactivity_timeout }),
+            )
+            .await;
         if change.model.is_some() || change.inactivity_timeout.is_some() {
             let timeout = self.timeout_of(record.inactivity_timeout, &record.model);
             self.presence()

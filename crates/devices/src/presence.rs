@@ -50,6 +50,8 @@ pub(crate) struct Presence {
     devices: HashMap<Uuid, Live>,
     deadlines: BTreeSet<(DateTime<Utc>, Uuid)>,
     dirty: HashSet<Uuid>,
+    /// Devices with a connection here, kept as connections come and go.
+    connected: usize,
 }
 
 impl Presence {
@@ -133,6 +135,9 @@ impl Presence {
         self.load(device, DeviceStatus::Offline, Some(now), timeout);
         let live = self.devices.get_mut(&device).expect("loaded above");
         live.connections += 1;
+        if live.connections == 1 {
+            self.connected += 1;
+        }
         live.status = DeviceStatus::Online;
         self.schedule(device);
         live_first(self.devices.get(&device))
@@ -145,10 +150,14 @@ impl Presence {
         };
         live.last_seen = live.last_seen.max(Some(now));
         self.dirty.insert(device);
-        live.connections = live.connections.saturating_sub(1);
+        if live.connections == 0 {
+            return false;
+        }
+        live.connections -= 1;
         if live.connections > 0 {
             return false;
         }
+        self.connected -= 1;
         if live.status == DeviceStatus::Online {
             live.status = DeviceStatus::Offline;
         }
@@ -187,10 +196,13 @@ impl Presence {
 
     /// Forgets a deleted device.
     pub(crate) fn forget(&mut self, device: Uuid) {
-        if let Some(live) = self.devices.remove(&device)
-            && let Some(at) = live.deadline
-        {
-            self.deadlines.remove(&(at, device));
+        if let Some(live) = self.devices.remove(&device) {
+            if let Some(at) = live.deadline {
+                self.deadlines.remove(&(at, device));
+            }
+            if live.connections > 0 {
+                self.connected -= 1;
+            }
         }
         self.dirty.remove(&device);
     }
@@ -260,7 +272,7 @@ impl Presence {
 
     /// How many devices have a connection here.
     pub(crate) fn connected(&self) -> usize {
-        self.devices.values().filter(|l| l.connections > 0).count()
+        self.connected
     }
 }
 
@@ -328,8 +340,17 @@ mod tests {
             p.take_dirty()[0].heartbeat.as_deref(),
             Some("{\"uptime\":3}")
         );
+        assert_eq!(p.connected(), 1);
+        let other = Uuid::new_v4();
+        p.connect(other, t(3), Duration::seconds(60));
+        assert_eq!(p.connected(), 2);
+        p.forget(other);
+        assert_eq!(p.connected(), 1);
         assert!(p.disconnect(d, t(4)));
         assert!(!p.is_connected(d));
+        assert_eq!(p.connected(), 0);
+        // A close that was never opened here changes nothing.
+        assert!(!p.disconnect(d, t(4)));
         assert_eq!(p.connected(), 0);
         // A silent device heard over HTTP comes back offline.
         p.set_status(d, DeviceStatus::Silent);

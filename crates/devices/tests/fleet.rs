@@ -228,9 +228,19 @@ async fn devices_are_their_owners_and_keys_rotate_and_revoke(db: &TestDb) {
             Err(DeviceError::BadKey)
         ));
     }
+    let quiet = unhidra_devices::DeviceUpdate {
+        inactivity_timeout: Some(Some(3600)),
+        ..Default::default()
+    };
+    f.devices.update(&f.alice, id, quiet, &ctx()).await.unwrap();
     let audit = db.store.audit_events(None, 50).await.unwrap();
     let kinds: Vec<&str> = audit.iter().map(|e| e.kind.as_str()).collect();
-    for kind in ["device.registered", "device.key_rotated", "device.revoked"] {
+    for kind in [
+        "device.registered",
+        "device.key_rotated",
+        "device.revoked",
+        "device.updated",
+    ] {
         assert!(kinds.contains(&kind), "{kinds:?}");
     }
     assert!(

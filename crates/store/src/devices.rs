@@ -466,7 +466,7 @@ pub trait DeviceStore: Send + Sync {
         now: DateTime<Utc>,
     ) -> Result<DeviceRecord, StoreError>;
 
-    /// Deletes a device with its keys, alerts and telemetry.
+    /// Deletes a device with its keys, alerts and telemetry (the telemetry in rounds first).
     async fn delete_device(&self, id: Uuid) -> Result<(), StoreError>;
 
     /// The device whose usable key (not revoked, not expired at `now`) has this hash; a device
@@ -571,8 +571,8 @@ pub trait DeviceStore: Send + Sync {
     /// How many keys a device has stored.
     async fn telemetry_key_count(&self, device: Uuid) -> Result<u64, StoreError>;
 
-    /// Deletes points measured, and batch records received, before `before`; at most `limit`
-    /// points per call. Answers how many points went.
+    /// Deletes points measured, batch records received and alerts resolved before `before`;
+    /// at most `limit` points per call. Answers how many points went.
     async fn prune_telemetry(&self, before: DateTime<Utc>, limit: u32) -> Result<u64, StoreError>;
 
     /// The fleet's counts, over every device or one owner's.

@@ -223,11 +223,15 @@ pub(crate) async fn get(
 pub(crate) async fn update(
     State(state): State<AppState>,
     Auth(who, ..): Auth,
+    Ctx(ctx): Ctx,
     Path(id): Path<String>,
     Json(body): Json<DeviceUpdate>,
 ) -> Result<JsonResponse<DeviceView>, ApiError> {
     Ok(JsonResponse(
-        state.devices().update(&who, device_id(&id)?, body).await?,
+        state
+            .devices()
+            .update(&who, device_id(&id)?, body, &ctx)
+            .await?,
     ))
 }
 

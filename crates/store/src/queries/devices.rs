@@ -436,6 +436,23 @@ macro_rules! device_queries {
                 }
 
                 async fn delete_device(&self, id: Uuid) -> Result<(), StoreError> {
+                    // Its telemetry first, in rounds of their own: one cascade of a device's
+                    // whole history would hold SQLite's write lock for as long as it takes.
+                    loop {
+                        let round = sqlx::query(
+                            "DELETE FROM telemetry WHERE (device_id, key, ts) IN \
+                             (SELECT device_id, key, ts FROM telemetry WHERE device_id = $1 \
+                             LIMIT $2)",
+                        )
+                        .bind(Store::id(id))
+                        .bind(i64::try_from(POINT_CHUNK * 10).unwrap_or(i64::MAX))
+                        .execute(&self.pool)
+                        .await
+                        .map_err(telemetry_err)?;
+                        if round.rows_affected() < u64::try_from(POINT_CHUNK * 10).unwrap_or(0) {
+                            break;
+                        }
+                    }
                     let done = sqlx::query("DELETE FROM devices WHERE id = $1")
                         .bind(Store::id(id))
                         .execute(&self.pool)
@@ -969,6 +986,13 @@ macro_rules! device_queries {
                         .execute(&self.pool)
                         .await
                         .map_err(telemetry_err)?;
+                    sqlx::query(
+                        "DELETE FROM device_alerts WHERE state = 'resolved' AND resolved_at < $1",
+                    )
+                    .bind(Store::time(before))
+                    .execute(&self.pool)
+                    .await
+                    .map_err(alert_err)?;
                     Ok(done.rows_affected())
                 }
 

@@ -454,6 +454,18 @@ async fn silence_is_a_compare_and_set_and_ends_when_the_device_returns(db: &Test
             .await,
         Err(StoreError::NotFound { .. })
     ));
+    // Retention takes resolved alerts too.
+    let resolved = AlertFilter {
+        state: Some(AlertState::Resolved),
+        limit: 10,
+        ..AlertFilter::default()
+    };
+    assert_eq!(db.store.list_alerts(&resolved).await.unwrap().1, 2);
+    db.store
+        .prune_telemetry(back + Duration::days(1), 100)
+        .await
+        .unwrap();
+    assert_eq!(db.store.list_alerts(&resolved).await.unwrap().1, 0);
 }
 both_backends!(silence_is_a_compare_and_set_and_ends_when_the_device_returns);
 
