@@ -497,6 +497,62 @@ async fn unique_keys_return_the_existing_job(backend: Backend) {
 }
 on_both!(unique_keys_return_the_existing_job);
 
+/// A batch enqueue checks every job first, stores them together, and the worker runs them.
+async fn a_batch_enqueue_stores_and_runs_every_job(backend: Backend) {
+    let counter = Arc::new(Flaky::default());
+    let h = Harness::start(backend, Duration::from_secs(30), |b| {
+        b.register("counted", Shared(Arc::clone(&counter)), options(1))
+    })
+    .await;
+    let payloads: Vec<serde_json::Value> = (0..50).map(|n| json!({ "n": n })).collect();
+    let unknown = json!({});
+    // One refused: nothing is stored.
+    let refused = h
+        .jobs
+        .enqueue_many(
+            payloads
+                .iter()
+                .map(|p| ("counted", p, EnqueueOptions::default()))
+                .chain([("no-such-kind", &unknown, EnqueueOptions::default())]),
+        )
+        .await;
+    assert!(matches!(refused, Err(JobsError::UnknownKind(_))));
+    assert_eq!(
+        h.jobs
+            .list(&unhidra_jobs::ListQuery::default())
+            .await
+            .unwrap()
+            .total,
+        0
+    );
+    let enqueued = h
+        .jobs
+        .enqueue_many(
+            payloads
+                .iter()
+                .map(|p| ("counted", p, EnqueueOptions::default())),
+        )
+        .await
+        .unwrap();
+    assert_eq!(enqueued.len(), 50);
+    for (stored, payload) in enqueued.iter().zip(&payloads) {
+        let Enqueued::New(job) = stored else {
+            panic!("{stored:?}");
+        };
+        assert_eq!(job.payload, payload.to_string());
+    }
+    for stored in &enqueued {
+        let Enqueued::New(job) = stored else {
+            unreachable!()
+        };
+        h.until(job.id, JobState::Completed).await;
+    }
+    assert_eq!(counter.calls.load(Ordering::SeqCst), 50, "each ran once");
+    assert_eq!(counted(&h.jobs.metrics().enqueued, "counted"), 50);
+    h.stop().await;
+}
+on_both!(a_batch_enqueue_stores_and_runs_every_job);
+
 async fn bad_jobs_are_refused_and_store_nothing(backend: Backend) {
     let h = Harness::start(backend, Duration::from_secs(30), |b| {
         b.register("flaky", Flaky::default(), options(1))
@@ -850,9 +906,10 @@ async fn metrics_count_attempts_by_how_they_ended(backend: Backend) {
     let job = h.enqueue("flaky").await;
     let bad = h.enqueue("bad").await;
     h.until_attempt(job.id, JobState::Retryable, Some(1)).await;
+    // Before the clock jumps past every lease (the claim of `bad` may commit with the retry).
+    h.until(bad.id, JobState::Discarded).await;
     h.clock.advance(chrono::Duration::seconds(61));
     h.until(job.id, JobState::Completed).await;
-    h.until(bad.id, JobState::Discarded).await;
     let m = h.jobs.metrics();
     // Counted when the end is recorded, which follows the state the test waited for closely.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -1069,6 +1126,12 @@ async fn an_open_circuit_holds_jobs_back_without_using_their_attempts(backend: B
         assert_eq!(
             (back.state, back.attempt),
             (JobState::Retryable, 1),
+            "{back:?}"
+        );
+        // The hand-back leaves the error of the attempt that really ran.
+        assert_eq!(
+            back.last_error.as_deref(),
+            Some("connection refused"),
             "{back:?}"
         );
     }

@@ -35,6 +35,8 @@ pub(crate) const SQLITE: &[Embedded] = embedded!("sqlite":
     (0007, "session_factors"),
     (0008, "jobs"),
     (0009, "cron"),
+    // 0010 is another change's, landing beside this one.
+    (0011, "jobs_indexes"),
 );
 
 /// PostgreSQL's migrations, oldest first, in step with [`SQLITE`].
@@ -49,6 +51,8 @@ pub(crate) const POSTGRES: &[Embedded] = embedded!("postgres":
     (0007, "session_factors"),
     (0008, "jobs"),
     (0009, "cron"),
+    // 0010 is another change's, landing beside this one.
+    (0011, "jobs_indexes"),
 );
 
 #[derive(Debug)]
