@@ -117,14 +117,16 @@ const MAX_ERROR: usize = 4096;
 /// How soon a failed lease renewal is tried again.
 const RENEW_RETRY: Duration = Duration::from_secs(1);
 
-/// A worker claims ahead of its free slots (as many again as its concurrency) while its
-/// attempts take less than this on average: then a claim's round trip is a large share of an
-/// attempt, and a slot that frees starts the next job without waiting for it.
-const AHEAD_BELOW: Duration = Duration::from_millis(50);
-
 /// The longest a job claimed ahead waits for a slot before it is handed back to the queue
-/// (where another node may take it), unstarted and its attempt not counted.
+/// (where another node may take it), unstarted and its attempt not counted. A worker claims
+/// ahead only as many jobs as its slots should start within half of it, judging by how long
+/// attempts took lately: many while they are short (then a claim's round trip is a large share
+/// of an attempt, and a slot that frees starts the next job without waiting for it), none once
+/// they take a good part of it.
 const HOLD_AHEAD: Duration = Duration::from_millis(250);
+
+/// The most jobs a worker claims ahead of its free slots, as a multiple of its concurrency.
+const MAX_AHEAD: u32 = 8;
 
 /// The weight of the last attempt in the moving average of attempts' run time.
 const RUN_WEIGHT: f64 = 0.2;
@@ -258,26 +260,36 @@ impl QueueWorker {
         self.ended.push(ended);
     }
 
-    /// How many jobs the next claim may take: the free slots, and while attempts are short
-    /// as many again ahead of them, less what waits already.
-    fn claim_limit(&self) -> u32 {
-        let depth = if self.typical_run < AHEAD_BELOW.as_secs_f64() {
-            self.concurrency.saturating_mul(2)
-        } else {
-            self.concurrency
-        };
-        let held = u32::try_from(self.running.len() + self.ready.len()).unwrap_or(u32::MAX);
-        depth.saturating_sub(held)
+    /// How many jobs to hold claimed ahead of the free slots: as many as the slots should start
+    /// within half of [`HOLD_AHEAD`] at the recent attempts' pace, at most [`MAX_AHEAD`] times
+    /// the concurrency.
+    fn ahead(&self) -> u32 {
+        let most = self.concurrency.saturating_mul(MAX_AHEAD);
+        let pace = HOLD_AHEAD.as_secs_f64() / 2.0 / self.typical_run.max(1e-9);
+        #[allow(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            reason = "a non-negative count clamped to a u32 first"
+        )]
+        let ahead = (f64::from(self.concurrency) * pace).min(f64::from(most)) as u32;
+        ahead
     }
 
-    /// Sends the ends not yet recorded and, unless stopping, a claim for the free places to
-    /// the store, in a task of its own, if there is anything to ask.
+    /// Sends the ends not yet recorded and, unless stopping, a claim for the free slots and
+    /// those ahead of them to the store, in a task of its own, if there is anything to ask.
+    /// While more than a quarter of what it holds ahead still waits, it waits too, so that each
+    /// call records and claims many jobs at once (the ends wait a fraction of [`HOLD_AHEAD`] at
+    /// most, under their leases).
     fn launch(&mut self, stopping: bool) {
-        let limit = if stopping { 0 } else { self.claim_limit() };
-        let limit = if self.more_due || !self.ended.is_empty() {
-            limit
-        } else {
+        let ahead = if stopping { 0 } else { self.ahead() };
+        if !stopping && self.ready.len() > usize::try_from(ahead / 4).unwrap_or(usize::MAX) {
+            return;
+        }
+        let held = u32::try_from(self.running.len() + self.ready.len()).unwrap_or(u32::MAX);
+        let limit = if stopping || (!self.more_due && self.ended.is_empty()) {
             0
+        } else {
+            self.concurrency.saturating_add(ahead).saturating_sub(held)
         };
         if self.ended.is_empty() && limit == 0 {
             return;
@@ -445,11 +457,12 @@ impl QueueWorker {
     }
 
     /// Hands back the jobs claimed ahead that waited [`HOLD_AHEAD`] for a slot (the attempts
-    /// before them run long), and claims no more ahead until attempts are short again.
+    /// before them run long), and claims none ahead until a run of short attempts.
     fn hand_back_stale(&mut self, now: Instant) {
         if self.ready.iter().any(|r| r.since + HOLD_AHEAD <= now) {
             self.hand_back(|r| r.since + HOLD_AHEAD <= now);
-            self.typical_run = self.typical_run.max(HOLD_AHEAD.as_secs_f64());
+            let none_ahead = HOLD_AHEAD.as_secs_f64() * f64::from(self.concurrency);
+            self.typical_run = self.typical_run.max(none_ahead);
         }
     }
 

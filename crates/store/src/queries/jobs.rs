@@ -41,7 +41,7 @@ macro_rules! job_queries {
             /// Claims a batch at most; what a rescue or a renewal changes in one statement.
             const CHUNK: usize = 500;
             /// Ended attempts recorded per statement (8 parameters each in the UPDATE).
-            const FINISH_CHUNK: usize = 200;
+            const FINISH_CHUNK: usize = 500;
             /// Jobs inserted per statement by a batch enqueue (16 parameters each).
             const ENQUEUE_CHUNK: usize = 500;
 
