@@ -273,9 +273,10 @@ impl JobsReport {
             "- Jobs per claim / per finish (Unhidra): read back from the store after the drain; \
              the jobs of one claim share their claim's time, the ends recorded by one transaction \
              share their end time. A worker records the ends and makes its next claim in one \
-             transaction: an UPDATE of the jobs and an INSERT of their attempts per batch of up \
-             to 200 ends, then the claim's UPDATE; it claims up to twice its concurrency while \
-             attempts are short, so that a slot that frees starts a job claimed ahead."
+             transaction: an UPDATE of the jobs per batch of up to 500 ends (a completed \
+             attempt is kept on its job's row; the others add a row each to the attempts' \
+             history), then the claim's UPDATE. While attempts are short it holds up to eight \
+             times its concurrency claimed ahead, so that a slot that frees starts a job at once."
         )?;
         writeln!(
             out,

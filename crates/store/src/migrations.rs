@@ -36,7 +36,7 @@ pub(crate) const SQLITE: &[Embedded] = embedded!("sqlite":
     (0008, "jobs"),
     (0009, "cron"),
     // 0010 is another change's, landing beside this one.
-    (0011, "jobs_indexes"),
+    (0011, "jobs_fewer_writes"),
 );
 
 /// PostgreSQL's migrations, oldest first, in step with [`SQLITE`].
@@ -52,7 +52,7 @@ pub(crate) const POSTGRES: &[Embedded] = embedded!("postgres":
     (0008, "jobs"),
     (0009, "cron"),
     // 0010 is another change's, landing beside this one.
-    (0011, "jobs_indexes"),
+    (0011, "jobs_fewer_writes"),
 );
 
 #[derive(Debug)]

@@ -40,7 +40,7 @@ macro_rules! job_queries {
 
             /// Claims a batch at most; what a rescue or a renewal changes in one statement.
             const CHUNK: usize = 500;
-            /// Ended attempts recorded per statement (8 parameters each in the UPDATE).
+            /// Ended attempts recorded per statement (9 parameters each in the UPDATE).
             const FINISH_CHUNK: usize = 500;
             /// Jobs inserted per statement by a batch enqueue (16 parameters each).
             const ENQUEUE_CHUNK: usize = 500;
@@ -442,8 +442,9 @@ macro_rules! job_queries {
                 /// Records the ends `finished` on `conn` (a writing transaction's): the jobs
                 /// handed back one statement each, then the attempts that ended a chunk per
                 /// statement — one UPDATE of the jobs (only those still running this attempt
-                /// under this worker's lease) and one INSERT of their history. Answers the jobs
-                /// as stored after it, in the order given.
+                /// under this worker's lease; a completed attempt is kept on its job's row) and
+                /// one INSERT of the history of the others. Answers the jobs as stored after
+                /// it, in the order given.
                 async fn finish_on(
                     conn: &mut <Db as sqlx::Database>::Connection,
                     finished: &[Finished],
@@ -503,7 +504,7 @@ macro_rules! job_queries {
                     for chunk in ended.chunks(FINISH_CHUNK) {
                         let mut update = QueryBuilder::<Db>::new(
                             "WITH v (v_id, v_attempt, v_worker, v_state, v_bit, v_final, v_error, \
-                             v_retry_at) AS (",
+                             v_retry_at, v_started) AS (",
                         );
                         update.push_values(chunk, |mut row, end| {
                             let (state, _, error, retry_at) = finish_parts(&end.finish);
@@ -514,7 +515,8 @@ macro_rules! job_queries {
                                 .push_bind(state.bit())
                                 .push_bind(state.is_final())
                                 .push_bind(error)
-                                .push_bind(retry_at.map(Store::time));
+                                .push_bind(retry_at.map(Store::time))
+                                .push_bind(Store::time(end.started_at));
                         });
                         // A retry of a job whose cancellation was asked for cancels it instead.
                         let cancels = "(cancel_requested AND v_state = 'retryable')";
@@ -531,18 +533,23 @@ macro_rules! job_queries {
                         update.push_bind(Store::time(now));
                         update.push(format!(
                             " END, run_at = COALESCE(v_retry_at, run_at), last_error = v_error, \
-                             leased_by = NULL, lease_until = NULL \
+                             leased_by = NULL, lease_until = NULL, \
+                             ran_by = CASE WHEN v_state = 'completed' THEN v_worker END, \
+                             ran_at = CASE WHEN v_state = 'completed' THEN v_started END \
                              FROM v WHERE id = v_id AND state = 'running' AND attempt = v_attempt \
                              AND leased_by = v_worker RETURNING {JOB_COLUMNS}"
                         ));
                         let rows = update.build().fetch_all(&mut *conn).await.map_err(err)?;
+                        // A completed attempt is kept on its job's row; the others get a row of
+                        // the history.
                         let mut recorded = Vec::with_capacity(rows.len());
                         for row in &rows {
                             let updated = job(row)?;
-                            if let Some(end) = chunk
-                                .iter()
-                                .find(|e| e.id == updated.id && e.attempt == updated.attempt)
-                            {
+                            if let Some(end) = chunk.iter().find(|e| {
+                                e.id == updated.id
+                                    && e.attempt == updated.attempt
+                                    && !matches!(e.finish, Finish::Completed)
+                            }) {
                                 recorded.push(*end);
                             }
                             stored.push(updated);
@@ -923,9 +930,14 @@ macro_rules! job_queries {
                     id: Uuid,
                 ) -> Result<(JobRecord, Vec<AttemptRecord>), StoreError> {
                     let record = self.find_job(id).await?;
+                    // The completed attempt, kept on the job's row, comes last.
                     let rows = sqlx::query(
-                        "SELECT attempt, worker, started_at, finished_at, outcome, error \
-                         FROM job_attempts WHERE job_id = $1 ORDER BY id",
+                        "SELECT attempt, worker, started_at, finished_at, outcome, error, id AS n \
+                         FROM job_attempts WHERE job_id = $1 \
+                         UNION ALL SELECT attempt, ran_by, ran_at, finished_at, 'completed', \
+                         NULL, 9223372036854775807 FROM jobs \
+                         WHERE id = $1 AND state = 'completed' AND ran_by IS NOT NULL \
+                         ORDER BY n",
                     )
                     .bind(Store::id(id))
                     .fetch_all(&self.pool)

@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Duration, Utc};
 use unhidra_store::jobs::{
-    AttemptOutcome, Claim, Enqueued, Finish, Finished, JobCount, JobFilter, JobRecord, JobState,
-    NewJob, UniqueStates,
+    AttemptOutcome, AttemptRecord, Claim, Enqueued, Finish, Finished, JobCount, JobFilter,
+    JobRecord, JobState, NewJob, UniqueStates,
 };
 use unhidra_store::testing::TestDb;
 use unhidra_store::{Backend, Store, StoreError, both_backends};
@@ -501,6 +501,19 @@ async fn attempts_end_completed_retried_discarded_or_cancelled(db: &TestDb) {
         Some("timeout talking to smtp")
     );
     assert_eq!(stored[2].last_error.as_deref(), Some("bad payload"));
+    // The completed attempt is kept on the job's row, and its history shows it.
+    let (_, attempts) = store.job(batch[0].id).await.unwrap();
+    assert_eq!(
+        attempts,
+        [AttemptRecord {
+            attempt: 1,
+            worker: "w".into(),
+            started_at: t,
+            finished_at: now,
+            outcome: AttemptOutcome::Completed,
+            error: None,
+        }]
+    );
     let (_, attempts) = store.job(batch[1].id).await.unwrap();
     assert_eq!(attempts.len(), 1);
     assert_eq!(
