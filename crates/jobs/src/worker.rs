@@ -16,7 +16,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use rand::Rng;
 use tokio::sync::{mpsc, watch};
-use tokio::task::{AbortHandle, JoinHandle};
+use tokio::task::{AbortHandle, JoinHandle, JoinSet};
 use tokio::time::Instant;
 use unhidra_store::StoreError;
 use unhidra_store::jobs::{AttemptOutcome, Claim, Finish, Finished, JobRecord, JobWakeup};
@@ -102,13 +102,12 @@ struct Done {
 /// What a [`Cycle`] answers: the jobs whose end was recorded, and those claimed.
 type Landed = Result<(Vec<JobRecord>, Vec<JobRecord>), StoreError>;
 
-/// The one store call of a worker in flight: it records `ends` and claims up to `limit`, in
-/// one transaction, while the worker starts jobs claimed before.
+/// A store call of a worker in flight: it records `ends` and claims up to `limit`, in one
+/// transaction, while the worker starts jobs claimed before.
 #[derive(Debug)]
 struct Cycle {
     ends: Vec<Finished>,
     limit: u32,
-    task: JoinHandle<Landed>,
 }
 
 /// The longest error text kept for an attempt, in bytes.
@@ -126,7 +125,7 @@ const RENEW_RETRY: Duration = Duration::from_secs(1);
 const HOLD_AHEAD: Duration = Duration::from_millis(250);
 
 /// The most jobs a worker claims ahead of its free slots, as a multiple of its concurrency.
-const MAX_AHEAD: u32 = 8;
+const MAX_AHEAD: u32 = 16;
 
 /// The weight of the last attempt in the moving average of attempts' run time.
 const RUN_WEIGHT: f64 = 0.2;
@@ -144,8 +143,12 @@ struct QueueWorker {
     ready: Vec<Ready>,
     /// Ended attempts (and jobs handed back) not yet recorded.
     ended: Vec<Finished>,
-    /// The store call in flight, if any.
-    cycle: Option<Cycle>,
+    /// The store calls in flight, by task.
+    in_flight: HashMap<tokio::task::Id, Cycle>,
+    cycles: JoinSet<Landed>,
+    /// How many store calls may be in flight: two where the store's claims do not wait for
+    /// each other (one runs while the worker starts what the other claimed), else one.
+    max_cycles: usize,
     /// More jobs may be due: the last claim was full, or a wake-up or the poll came since.
     more_due: bool,
     /// The store was unavailable: no call before this.
@@ -159,6 +162,7 @@ struct QueueWorker {
 impl QueueWorker {
     fn new(jobs: Arc<Jobs>, queue: String, concurrency: u32) -> Self {
         let name = format!("{}/{queue}", jobs.config.node);
+        let max_cycles = if jobs.store.concurrent_claims() { 2 } else { 1 };
         let (done_tx, done_rx) = mpsc::unbounded_channel();
         Self {
             jobs,
@@ -168,7 +172,9 @@ impl QueueWorker {
             running: HashMap::new(),
             ready: Vec::new(),
             ended: Vec::new(),
-            cycle: None,
+            in_flight: HashMap::new(),
+            cycles: JoinSet::new(),
+            max_cycles,
             more_due: true,
             retry_at: None,
             typical_run: 0.0,
@@ -200,7 +206,7 @@ impl QueueWorker {
                 self.hand_back_stale(now);
                 self.start_ready();
             }
-            if self.cycle.is_none() && self.retry_at.is_none_or(|at| at <= now) {
+            if self.in_flight.len() < self.max_cycles && self.retry_at.is_none_or(|at| at <= now) {
                 self.retry_at = None;
                 self.launch(stopping);
             }
@@ -208,19 +214,15 @@ impl QueueWorker {
                 && self.running.is_empty()
                 && self.ended.is_empty()
                 && self.ready.is_empty()
-                && self.cycle.is_none()
+                && self.in_flight.is_empty()
             {
                 break;
             }
             let pause = self.pause(config.poll_interval, now);
-            let cycle = self.cycle.as_mut().map(|c| &mut c.task);
             tokio::select! {
-                landed = async {
-                    match cycle {
-                        Some(task) => task.await,
-                        None => std::future::pending().await,
-                    }
-                } => self.landed(landed).await,
+                Some(landed) = self.cycles.join_next_with_id(), if !self.in_flight.is_empty() => {
+                    self.landed(landed).await;
+                }
                 Some(done) = self.done_rx.recv() => self.ended(done),
                 () = wake.notified(), if !stopping => self.more_due = true,
                 _ = renew.tick() => {
@@ -282,10 +284,29 @@ impl QueueWorker {
     /// most, under their leases).
     fn launch(&mut self, stopping: bool) {
         let ahead = if stopping { 0 } else { self.ahead() };
-        if !stopping && self.ready.len() > usize::try_from(ahead / 4).unwrap_or(usize::MAX) {
-            return;
+        let pending: u32 = self.in_flight.values().map(|c| c.limit).sum();
+        if !stopping {
+            let low = usize::try_from(ahead / 4).unwrap_or(usize::MAX);
+            if self.in_flight.is_empty() {
+                // Not while plenty waits here: each call then carries many jobs.
+                if self.ready.len() > low {
+                    return;
+                }
+            } else {
+                // A second call for enough ends to be worth a transaction, or to refill.
+                let enough = usize::try_from(self.concurrency)
+                    .unwrap_or(usize::MAX)
+                    .max(low);
+                let refill =
+                    self.ready.len() + usize::try_from(pending).unwrap_or(usize::MAX) <= low;
+                if self.ended.len() < enough && !refill {
+                    return;
+                }
+            }
         }
-        let held = u32::try_from(self.running.len() + self.ready.len()).unwrap_or(u32::MAX);
+        let held = u32::try_from(self.running.len() + self.ready.len())
+            .unwrap_or(u32::MAX)
+            .saturating_add(pending);
         let limit = if stopping || (!self.more_due && self.ended.is_empty()) {
             0
         } else {
@@ -299,7 +320,7 @@ impl QueueWorker {
         let queue = self.queue.clone();
         let worker = self.name.clone();
         let sent = ends.clone();
-        let task = tokio::spawn(async move {
+        let task = self.cycles.spawn(async move {
             let now = jobs.clock.now();
             let claim = Claim {
                 queue: &queue,
@@ -312,18 +333,21 @@ impl QueueWorker {
                 .await
         });
         self.more_due = false;
-        self.cycle = Some(Cycle { ends, limit, task });
+        self.in_flight.insert(task.id(), Cycle { ends, limit });
     }
 
     /// Takes in what the store call answered: counts the ends recorded and queues the jobs
     /// claimed. When the store refused, the ends are kept to be recorded again (the leases keep
     /// their jobs from running elsewhere meanwhile).
-    async fn landed(&mut self, landed: Result<Landed, tokio::task::JoinError>) {
-        let Some(cycle) = self.cycle.take() else {
+    async fn landed(&mut self, landed: Result<(tokio::task::Id, Landed), tokio::task::JoinError>) {
+        let (id, landed) = match landed {
+            Ok((id, landed)) => (id, landed),
+            Err(e) => (e.id(), Err(StoreError::Other(Box::new(e)))),
+        };
+        let Some(cycle) = self.in_flight.remove(&id) else {
             return;
         };
         let now = self.jobs.clock.now();
-        let landed = landed.unwrap_or_else(|e| Err(StoreError::Other(Box::new(e))));
         match landed {
             Ok((recorded, claimed)) => {
                 self.recorded(&cycle.ends, &recorded, now).await;
@@ -588,7 +612,7 @@ impl QueueWorker {
         if self.running.is_empty()
             && self.ended.is_empty()
             && self.ready.is_empty()
-            && self.cycle.is_none()
+            && self.in_flight.is_empty()
         {
             return true;
         }
@@ -598,7 +622,11 @@ impl QueueWorker {
             .copied()
             .chain(self.ready.iter().map(|r| r.job.id))
             .chain(self.ended.iter().map(|e| e.id))
-            .chain(self.cycle.iter().flat_map(|c| c.ends.iter().map(|e| e.id)))
+            .chain(
+                self.in_flight
+                    .values()
+                    .flat_map(|c| c.ends.iter().map(|e| e.id)),
+            )
             .collect();
         if ids.is_empty() {
             return true;

@@ -441,6 +441,11 @@ pub trait JobStore {
     /// enqueue happens on this node. Must be called within a Tokio runtime.
     fn job_wakeups(&self) -> Option<mpsc::Receiver<JobWakeup>>;
 
+    /// Whether transactions that claim jobs (and record ends) run at once without waiting for
+    /// each other: on PostgreSQL, which locks the rows they take one by one; not on SQLite, where
+    /// one writer has the database at a time.
+    fn concurrent_claims(&self) -> bool;
+
     /// Stores `job`, unless a job with its unique key exists in a state where the key counts.
     /// `Invalid` for a unique key whose states are not [`UniqueStates::is_storable`].
     async fn enqueue_job(&self, job: &NewJob) -> Result<Enqueued, StoreError>;

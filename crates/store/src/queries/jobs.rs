@@ -607,6 +607,12 @@ macro_rules! job_queries {
                     self.listen_for_jobs()
                 }
 
+                fn concurrent_claims(&self) -> bool {
+                    // Where a writing transaction has the database to itself, there is nothing
+                    // to skip.
+                    !Store::SKIP_LOCKED.is_empty()
+                }
+
                 async fn enqueue_job(&self, new: &NewJob) -> Result<Enqueued, StoreError> {
                     let mut conn = self.pool.acquire().await.map_err(err)?;
                     let enqueued = Store::insert_job(&mut conn, new).await?;
