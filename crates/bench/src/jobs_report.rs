@@ -275,8 +275,9 @@ impl JobsReport {
              share their end time. A worker records the ends and makes its next claim in one \
              transaction: an UPDATE of the jobs per batch of up to 500 ends (a completed \
              attempt is kept on its job's row; the others add a row each to the attempts' \
-             history), then the claim's UPDATE. While attempts are short it holds up to eight \
-             times its concurrency claimed ahead, so that a slot that frees starts a job at once."
+             history), then the claim's UPDATE; on PostgreSQL two such transactions of a worker \
+             may be in flight at once. While attempts are short it holds up to sixteen times its \
+             concurrency claimed ahead, so that a slot that frees starts a job at once."
         )?;
         writeln!(
             out,

@@ -124,8 +124,10 @@ const RENEW_RETRY: Duration = Duration::from_secs(1);
 /// they take a good part of it.
 const HOLD_AHEAD: Duration = Duration::from_millis(250);
 
-/// The most jobs a worker claims ahead of its free slots, as a multiple of its concurrency.
+/// The most jobs a worker claims ahead of its free slots, as a multiple of its concurrency, and
+/// in all.
 const MAX_AHEAD: u32 = 16;
+const MAX_AHEAD_JOBS: u32 = 1000;
 
 /// The weight of the last attempt in the moving average of attempts' run time.
 const RUN_WEIGHT: f64 = 0.2;
@@ -264,9 +266,12 @@ impl QueueWorker {
 
     /// How many jobs to hold claimed ahead of the free slots: as many as the slots should start
     /// within half of [`HOLD_AHEAD`] at the recent attempts' pace, at most [`MAX_AHEAD`] times
-    /// the concurrency.
+    /// the concurrency and [`MAX_AHEAD_JOBS`].
     fn ahead(&self) -> u32 {
-        let most = self.concurrency.saturating_mul(MAX_AHEAD);
+        let most = self
+            .concurrency
+            .saturating_mul(MAX_AHEAD)
+            .min(MAX_AHEAD_JOBS);
         let pace = HOLD_AHEAD.as_secs_f64() / 2.0 / self.typical_run.max(1e-9);
         #[allow(
             clippy::cast_possible_truncation,
