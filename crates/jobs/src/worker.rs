@@ -423,7 +423,8 @@ impl QueueWorker {
         }
     }
 
-    /// Queues jobs just claimed (in the claim's order, best first) behind the free slots.
+    /// Queues jobs just claimed (in the claim's order, best first) for the free slots, which
+    /// the loop's next turn fills (unless it is stopping: then it hands them back).
     fn queue_claimed(&mut self, claimed: Vec<JobRecord>) {
         if claimed.is_empty() {
             return;
@@ -440,7 +441,6 @@ impl QueueWorker {
             let key = |r: &Ready| (r.job.priority, r.job.run_at, r.job.id);
             key(b).cmp(&key(a))
         });
-        self.start_ready();
     }
 
     /// Starts jobs claimed ahead while slots are free; one whose lease has passed meanwhile
