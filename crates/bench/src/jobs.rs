@@ -6,9 +6,9 @@
 //! process ([`Nodes`]): Unhidra's is this program's hidden `jobs-node` subcommand
 //! ([`crate::jobs_node`]), graphile-worker's is `node.js` in `bench/peers/graphile-worker`.
 //!
-//! - **Throughput.** The queue is filled first with `jobs` no-op jobs, while no worker runs
-//!   (Unhidra: 16 concurrent `Jobs::enqueue` calls from the bench, since the store has no batch
-//!   enqueue; graphile-worker: `addJobs` batches of 1000, as its perfTest). Then the nodes are
+//! - **Throughput.** The queue is filled first with `jobs` no-op jobs, while no worker runs, in
+//!   batches of 1000 (Unhidra: `Jobs::enqueue_many` from the bench; graphile-worker: `addJobs`,
+//!   as its perfTest). Then the nodes are
 //!   told `go` at once and drain it. The time runs from `go` until every job's completion is in
 //!   the database: for Unhidra, until the nodes' counts of completions they recorded add up to
 //!   `jobs`; for graphile-worker (which reports a task before its completion is written), until
@@ -19,8 +19,8 @@
 //!   perfTest/latencyTest.js does; with two or more, the bench enqueues them (Unhidra: from a
 //!   node of its own that runs no workers; graphile-worker: `add_job` on a connection of its
 //!   own), so that any node may start each, woken by PostgreSQL's NOTIFY.
-//! - **Batches.** After an Unhidra drain, the attempts' history tells how many jobs each claim
-//!   and each `finish_jobs` transaction carried ([`Batches`]).
+//! - **Batches.** After an Unhidra drain, the jobs' claim and end times tell how
+//!   many jobs each claim and each transaction that recorded ends carried ([`Batches`]).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -46,9 +46,8 @@ pub const THROUGHPUT_RATIO_TARGET: f64 = 1.0;
 pub const SQLITE_TARGET: f64 = 10_000.0;
 /// graphile-worker's published average latency from `add_job` to the start of the job.
 pub const GRAPHILE_WORKER_PUBLISHED_MS: f64 = 4.16;
-/// Unhidra's concurrent enqueues while it fills the queue.
-pub const PREFILL_IN_FLIGHT: u64 = 16;
-/// graphile-worker's `addJobs` batch while it fills the queue.
+/// The batch of one enqueue while the queue is filled: Unhidra's `Jobs::enqueue_many`,
+/// graphile-worker's `addJobs`.
 pub const PREFILL_BATCH: u64 = 1000;
 /// How long a node gets to connect (and graphile-worker to install its schema).
 const READY_WITHIN: Duration = Duration::from_secs(30);
@@ -208,16 +207,16 @@ pub struct Measured {
     pub batches: Option<Batches>,
 }
 
-/// How many statements Unhidra's workers needed for the drain, read back from the attempts'
-/// history: every job claimed by one claim has the claim's time as its attempt's start, and
-/// every end recorded by one `finish_jobs` call has that call's time as its end.
+/// How many claims and transactions Unhidra's workers needed for the drain, read back from
+/// the store: every job claimed by one claim keeps the claim's time (`jobs.attempted_at`), and
+/// every end recorded by one transaction has that transaction's time (`jobs.finished_at`).
 #[derive(Debug, Clone, Copy)]
 pub struct Batches {
     /// Claims that took at least one job.
     pub claims: u64,
-    /// `finish_jobs` calls (one transaction each).
+    /// Transactions that recorded ends (each with the claim after them).
     pub finishes: u64,
-    /// Attempts of no-op jobs.
+    /// No-op jobs completed.
     pub attempts: u64,
 }
 
@@ -227,16 +226,16 @@ impl Batches {
         self.attempts as f64 / self.claims.max(1) as f64
     }
 
-    /// Jobs per `finish_jobs` transaction.
+    /// Jobs per transaction that recorded ends.
     pub fn per_finish(&self) -> f64 {
         self.attempts as f64 / self.finishes.max(1) as f64
     }
 }
 
-/// The SQL of [`Batches`]: a diagnostic that reads the store's tables directly (it knows the
-/// schema of `job_attempts`), so a failure only leaves the figures out.
-const BATCHES_SQL: &str = "SELECT COUNT(DISTINCT a.started_at), COUNT(DISTINCT a.finished_at), \
-    COUNT(*) FROM job_attempts a JOIN jobs j ON j.id = a.job_id WHERE j.kind = 'bench.noop'";
+/// The SQL of [`Batches`]: a diagnostic that reads the store's table directly (it knows the
+/// schema of `jobs`), so a failure only leaves the figures out.
+const BATCHES_SQL: &str = "SELECT COUNT(DISTINCT attempted_at), COUNT(DISTINCT finished_at), \
+    COUNT(*) FROM jobs WHERE kind = 'bench.noop' AND state = 'completed'";
 
 async fn batches(url: &str) -> Option<Batches> {
     let row: (i64, i64, i64) = if url.starts_with("sqlite:") {
@@ -363,8 +362,8 @@ async fn unhidra(settings: &Settings, system: System, nodes: u32) -> Result<Meas
 }
 
 async fn unhidra_in(settings: &Settings, count: u32, url: &str) -> Result<Measured, BoxError> {
-    let store =
-        unhidra_store::connect(url, &jobs_node::store_options(PREFILL_IN_FLIGHT as u32)).await?;
+    // The bench's own pool: the pre-fill and the latency samples use a connection at a time.
+    let store = unhidra_store::connect(url, &jobs_node::store_options(4)).await?;
     let result = async {
         store.migrate().await?;
         // The bench's own node runs no workers: it fills the queue, and enqueues the latency
@@ -449,29 +448,24 @@ async fn unhidra_in(settings: &Settings, count: u32, url: &str) -> Result<Measur
     result
 }
 
-/// Fills the queue with `count` no-op jobs, [`PREFILL_IN_FLIGHT`] enqueues at a time; answers
-/// the seconds it took.
+/// Fills the queue with `count` no-op jobs, [`PREFILL_BATCH`] per `Jobs::enqueue_many` call (one
+/// transaction each), as graphile-worker's perfTest calls `addJobs`; answers the seconds it
+/// took.
 async fn prefill(jobs: &Arc<Jobs>, count: u64) -> Result<f64, BoxError> {
     let began = Instant::now();
-    let mut tasks = Vec::new();
-    for lane in 0..PREFILL_IN_FLIGHT {
-        let jobs = Arc::clone(jobs);
-        tasks.push(tokio::spawn(async move {
-            let mut i = lane;
-            while i < count {
-                jobs.enqueue(
-                    NOOP,
-                    &serde_json::json!({ "id": i }),
-                    EnqueueOptions::default(),
-                )
-                .await?;
-                i += PREFILL_IN_FLIGHT;
-            }
-            Ok::<(), unhidra_jobs::JobsError>(())
-        }));
-    }
-    for task in tasks {
-        task.await??;
+    let mut next = 0;
+    while next < count {
+        let end = (next + PREFILL_BATCH).min(count);
+        let payloads: Vec<serde_json::Value> = (next..end)
+            .map(|i| serde_json::json!({ "id": i }))
+            .collect();
+        jobs.enqueue_many(
+            payloads
+                .iter()
+                .map(|payload| (NOOP, payload, EnqueueOptions::default())),
+        )
+        .await?;
+        next = end;
     }
     Ok(began.elapsed().as_secs_f64())
 }

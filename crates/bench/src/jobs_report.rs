@@ -5,8 +5,8 @@
 use std::fmt::{self, Write as _};
 
 use crate::jobs::{
-    GRAPHILE_WORKER_PUBLISHED_MS, Measured, PREFILL_BATCH, PREFILL_IN_FLIGHT, Run, SQLITE_TARGET,
-    Settings, System, THROUGHPUT_RATIO_TARGET, ratio,
+    GRAPHILE_WORKER_PUBLISHED_MS, Measured, PREFILL_BATCH, Run, SQLITE_TARGET, Settings, System,
+    THROUGHPUT_RATIO_TARGET, ratio,
 };
 use crate::report::{Machine, thousands, write_machine, yes_no};
 
@@ -191,9 +191,9 @@ impl JobsReport {
         writeln!(out)?;
         writeln!(
             out,
-            "Pre-fill is not a target: Unhidra's store has no batch enqueue, so it is {PREFILL_IN_FLIGHT} \
-             concurrent `Jobs::enqueue` calls (an INSERT and a NOTIFY each on PostgreSQL); \
-             graphile-worker's is `addJobs` in batches of {PREFILL_BATCH}."
+            "Pre-fill is not a target: both fill the queue in batches of {PREFILL_BATCH}, Unhidra \
+             with `Jobs::enqueue_many` (one transaction of two multi-row INSERTs and one NOTIFY \
+             on PostgreSQL), graphile-worker with `addJobs`."
         )?;
         writeln!(out)?;
         for run in &self.runs {
@@ -270,11 +270,14 @@ impl JobsReport {
         )?;
         writeln!(
             out,
-            "- Jobs per claim / per finish (Unhidra): read back from the attempts' history after \
-             the drain; the jobs of one claim share their attempts' start (the claim's time), the \
-             ends recorded by one `finish_jobs` transaction share their end time. Each claim is \
-             one transaction of one statement; each finish is one transaction of two statements \
-             per batch of up to 200 ends (an UPDATE of the jobs and an INSERT of their attempts)."
+            "- Jobs per claim / per finish (Unhidra): read back from the store after the drain; \
+             the jobs of one claim share their claim's time, the ends recorded by one transaction \
+             share their end time. A worker records the ends and makes its next claim in one \
+             transaction: an UPDATE of the jobs per batch of up to 500 ends (a completed \
+             attempt is kept on its job's row; the others add a row each to the attempts' \
+             history), then the claim's UPDATE; on PostgreSQL two such transactions of a worker \
+             may be in flight at once. While attempts are short it holds up to sixteen times its \
+             concurrency claimed ahead, so that a slot that frees starts a job at once."
         )?;
         writeln!(
             out,

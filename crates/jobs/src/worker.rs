@@ -1,18 +1,25 @@
-//! The workers of one node: per queue, a loop that claims due jobs in batches, runs each
-//! attempt in a task of its own under the job's timeout, renews the leases of what runs, and
-//! records the attempts that ended in batches; and one maintenance loop that rescues jobs whose
-//! lease ran out and prunes finished ones.
+//! The workers of one node: per queue, a loop that claims due jobs in batches — ahead of its
+//! free slots while attempts are short, so that a slot that frees starts the next job at once —
+//! runs each attempt in a task of its own under the job's timeout, renews the leases of what
+//! runs and waits, and records the attempts that ended in batches, in the same store call and
+//! transaction as its next claim; and one maintenance loop that rescues jobs whose lease ran
+//! out and prunes finished ones.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use rand::Rng;
 use tokio::sync::{mpsc, watch};
-use tokio::task::{AbortHandle, JoinHandle};
+use tokio::task::{AbortHandle, JoinHandle, JoinSet};
+use tokio::time::Instant;
 use unhidra_store::StoreError;
-use unhidra_store::jobs::{AttemptOutcome, Finish, Finished, JobRecord, JobWakeup};
+use unhidra_store::jobs::{AttemptOutcome, Claim, Finish, Finished, JobRecord, JobWakeup};
 use uuid::Uuid;
 
 use crate::breaker::{Admission, Breaker, Pass};
@@ -73,11 +80,57 @@ struct Running {
     task: AbortHandle,
 }
 
+/// A job claimed ahead of a free slot: it waits here, under this worker's lease (renewed with
+/// the others), until a slot frees.
+#[derive(Debug)]
+struct Ready {
+    job: JobRecord,
+    /// Until when this worker's lease is known to last.
+    lease_until: DateTime<Utc>,
+    /// When it was claimed.
+    since: Instant,
+}
+
+/// What an attempt's task reports when it ends.
+#[derive(Debug)]
+struct Done {
+    finished: Finished,
+    /// How long it ran.
+    ran: Duration,
+}
+
+/// What a [`Cycle`] answers: the jobs whose end was recorded, and those claimed.
+type Landed = Result<(Vec<JobRecord>, Vec<JobRecord>), StoreError>;
+
+/// A store call of a worker in flight: it records `ends` and claims up to `limit`, in one
+/// transaction, while the worker starts jobs claimed before.
+#[derive(Debug)]
+struct Cycle {
+    ends: Vec<Finished>,
+    limit: u32,
+}
+
 /// The longest error text kept for an attempt, in bytes.
 const MAX_ERROR: usize = 4096;
 
 /// How soon a failed lease renewal is tried again.
 const RENEW_RETRY: Duration = Duration::from_secs(1);
+
+/// The longest a job claimed ahead waits for a slot before it is handed back to the queue
+/// (where another node may take it), unstarted and its attempt not counted. A worker claims
+/// ahead only as many jobs as its slots should start within half of it, judging by how long
+/// attempts took lately: many while they are short (then a claim's round trip is a large share
+/// of an attempt, and a slot that frees starts the next job without waiting for it), none once
+/// they take a good part of it.
+const HOLD_AHEAD: Duration = Duration::from_millis(250);
+
+/// The most jobs a worker claims ahead of its free slots, as a multiple of its concurrency, and
+/// in all.
+const MAX_AHEAD: u32 = 16;
+const MAX_AHEAD_JOBS: u32 = 1000;
+
+/// The weight of the last attempt in the moving average of attempts' run time.
+const RUN_WEIGHT: f64 = 0.2;
 
 /// The worker of one queue on this node.
 #[derive(Debug)]
@@ -88,15 +141,30 @@ struct QueueWorker {
     /// The name in leases and attempts: this node and the queue.
     name: String,
     running: HashMap<Uuid, Running>,
-    /// Ended attempts not yet recorded.
+    /// Claimed ahead, best last (the next to start is popped).
+    ready: Vec<Ready>,
+    /// Ended attempts (and jobs handed back) not yet recorded.
     ended: Vec<Finished>,
-    done_tx: mpsc::UnboundedSender<Finished>,
-    done_rx: mpsc::UnboundedReceiver<Finished>,
+    /// The store calls in flight, by task.
+    in_flight: HashMap<tokio::task::Id, Cycle>,
+    cycles: JoinSet<Landed>,
+    /// How many store calls may be in flight: two where the store's claims do not wait for
+    /// each other (one runs while the worker starts what the other claimed), else one.
+    max_cycles: usize,
+    /// More jobs may be due: the last claim was full, or a wake-up or the poll came since.
+    more_due: bool,
+    /// The store was unavailable: no call before this.
+    retry_at: Option<Instant>,
+    /// The moving average of attempts' run time, in seconds.
+    typical_run: f64,
+    done_tx: mpsc::UnboundedSender<Done>,
+    done_rx: mpsc::UnboundedReceiver<Done>,
 }
 
 impl QueueWorker {
     fn new(jobs: Arc<Jobs>, queue: String, concurrency: u32) -> Self {
         let name = format!("{}/{queue}", jobs.config.node);
+        let max_cycles = if jobs.store.concurrent_claims() { 2 } else { 1 };
         let (done_tx, done_rx) = mpsc::unbounded_channel();
         Self {
             jobs,
@@ -104,12 +172,24 @@ impl QueueWorker {
             concurrency,
             name,
             running: HashMap::new(),
+            ready: Vec::new(),
             ended: Vec::new(),
+            in_flight: HashMap::new(),
+            cycles: JoinSet::new(),
+            max_cycles,
+            more_due: true,
+            retry_at: None,
+            typical_run: 0.0,
             done_tx,
             done_rx,
         }
     }
 
+    /// The loop: each turn starts what waits for a free slot, sends the ends and a claim to the
+    /// store when no call is in flight, and waits for an attempt to end, the call to land, a
+    /// wake-up, the renewal of leases, the poll or the shutdown. On shutdown it claims no more,
+    /// hands back what it claimed ahead, and stops once the attempts in flight ended and every
+    /// end is recorded.
     async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
         let config = self.jobs.config.clone();
         let wake = self.jobs.wake.get(&self.queue).cloned().unwrap_or_default();
@@ -118,37 +198,59 @@ impl QueueWorker {
         let mut stopping = *shutdown.borrow();
         tracing::debug!(queue = %self.queue, worker = %self.name, "job worker started");
         loop {
-            while let Ok(ended) = self.done_rx.try_recv() {
-                self.ended(ended);
+            while let Ok(done) = self.done_rx.try_recv() {
+                self.ended(done);
             }
-            let recorded = self.record_ended().await;
-            if stopping && self.running.is_empty() && self.ended.is_empty() {
+            let now = Instant::now();
+            if stopping {
+                self.hand_back(|_| true);
+            } else {
+                self.hand_back_stale(now);
+                self.start_ready();
+            }
+            if self.in_flight.len() < self.max_cycles && self.retry_at.is_none_or(|at| at <= now) {
+                self.retry_at = None;
+                self.launch(stopping);
+            }
+            if stopping
+                && self.running.is_empty()
+                && self.ended.is_empty()
+                && self.ready.is_empty()
+                && self.in_flight.is_empty()
+            {
                 break;
             }
-            if !stopping && recorded {
-                self.claim().await;
-            }
-            let pause = if recorded {
-                config.poll_interval
-            } else {
-                STORE_RETRY
-            };
+            let pause = self.pause(config.poll_interval, now);
             tokio::select! {
-                () = wake.notified(), if !stopping => {}
-                Some(ended) = self.done_rx.recv() => self.ended(ended),
+                Some(landed) = self.cycles.join_next_with_id(), if !self.in_flight.is_empty() => {
+                    self.landed(landed).await;
+                }
+                Some(done) = self.done_rx.recv() => self.ended(done),
+                () = wake.notified(), if !stopping => self.more_due = true,
                 _ = renew.tick() => {
                     if !self.renew().await {
                         renew.reset_after(RENEW_RETRY.min(config.lease / 3));
                     }
                 }
-                () = tokio::time::sleep(pause) => {}
+                () = tokio::time::sleep_until(pause) => self.more_due = true,
                 _ = shutdown.changed(), if !stopping => stopping = true,
             }
         }
         tracing::debug!(queue = %self.queue, worker = %self.name, "job worker stopped");
     }
 
-    fn ended(&mut self, ended: Finished) {
+    /// When the loop looks again without an event: at the poll, when the store may be asked
+    /// again, or when the job claimed ahead longest ago has waited [`HOLD_AHEAD`].
+    fn pause(&self, poll: Duration, now: Instant) -> Instant {
+        let mut at = self.retry_at.unwrap_or(now + poll);
+        if let Some(oldest) = self.ready.iter().map(|r| r.since).min() {
+            at = at.min(oldest + HOLD_AHEAD);
+        }
+        at
+    }
+
+    fn ended(&mut self, done: Done) {
+        let ended = done.finished;
         // Only the attempt that ended: the store may have given this worker the job again
         // (a lost lease), and the newer attempt keeps its place.
         if self
@@ -158,31 +260,119 @@ impl QueueWorker {
         {
             self.running.remove(&ended.id);
         }
+        self.typical_run += RUN_WEIGHT * (done.ran.as_secs_f64() - self.typical_run);
         self.ended.push(ended);
     }
 
-    /// Records the attempts that ended, in one batch; false if the store refused (they are
-    /// kept and recorded later: the leases keep their jobs from running elsewhere meanwhile).
-    async fn record_ended(&mut self) -> bool {
-        if self.ended.is_empty() {
-            return true;
+    /// How many jobs to hold claimed ahead of the free slots: as many as the slots should start
+    /// within half of [`HOLD_AHEAD`] at the recent attempts' pace, at most [`MAX_AHEAD`] times
+    /// the concurrency and [`MAX_AHEAD_JOBS`].
+    fn ahead(&self) -> u32 {
+        let most = self
+            .concurrency
+            .saturating_mul(MAX_AHEAD)
+            .min(MAX_AHEAD_JOBS);
+        let pace = HOLD_AHEAD.as_secs_f64() / 2.0 / self.typical_run.max(1e-9);
+        #[allow(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            reason = "a non-negative count clamped to a u32 first"
+        )]
+        let ahead = (f64::from(self.concurrency) * pace).min(f64::from(most)) as u32;
+        ahead
+    }
+
+    /// Sends the ends not yet recorded and, unless stopping, a claim for the free slots and
+    /// those ahead of them to the store, in a task of its own, if there is anything to ask.
+    /// While more than a quarter of what it holds ahead still waits, it waits too, so that each
+    /// call records and claims many jobs at once (the ends wait a fraction of [`HOLD_AHEAD`] at
+    /// most, under their leases).
+    fn launch(&mut self, stopping: bool) {
+        let ahead = if stopping { 0 } else { self.ahead() };
+        let pending: u32 = self.in_flight.values().map(|c| c.limit).sum();
+        if !stopping {
+            let low = usize::try_from(ahead / 4).unwrap_or(usize::MAX);
+            if self.in_flight.is_empty() {
+                // Not while plenty waits here: each call then carries many jobs.
+                if self.ready.len() > low {
+                    return;
+                }
+            } else {
+                // A second call for enough ends to be worth a transaction, or to refill.
+                let enough = usize::try_from(self.concurrency)
+                    .unwrap_or(usize::MAX)
+                    .max(low);
+                let refill =
+                    self.ready.len() + usize::try_from(pending).unwrap_or(usize::MAX) <= low;
+                if self.ended.len() < enough && !refill {
+                    return;
+                }
+            }
         }
+        let held = u32::try_from(self.running.len() + self.ready.len())
+            .unwrap_or(u32::MAX)
+            .saturating_add(pending);
+        let limit = if stopping || (!self.more_due && self.ended.is_empty()) {
+            0
+        } else {
+            self.concurrency.saturating_add(ahead).saturating_sub(held)
+        };
+        if self.ended.is_empty() && limit == 0 {
+            return;
+        }
+        let ends = std::mem::take(&mut self.ended);
+        let jobs = Arc::clone(&self.jobs);
+        let queue = self.queue.clone();
+        let worker = self.name.clone();
+        let sent = ends.clone();
+        let task = self.cycles.spawn(async move {
+            let now = jobs.clock.now();
+            let claim = Claim {
+                queue: &queue,
+                limit,
+                worker: &worker,
+                lease_until: now + lease(&jobs),
+            };
+            jobs.store
+                .finish_and_claim(&sent, (limit > 0).then_some(claim), now)
+                .await
+        });
+        self.more_due = false;
+        self.in_flight.insert(task.id(), Cycle { ends, limit });
+    }
+
+    /// Takes in what the store call answered: counts the ends recorded and queues the jobs
+    /// claimed. When the store refused, the ends are kept to be recorded again (the leases keep
+    /// their jobs from running elsewhere meanwhile).
+    async fn landed(&mut self, landed: Result<(tokio::task::Id, Landed), tokio::task::JoinError>) {
+        let (id, landed) = match landed {
+            Ok((id, landed)) => (id, landed),
+            Err(e) => (e.id(), Err(StoreError::Other(Box::new(e)))),
+        };
+        let Some(cycle) = self.in_flight.remove(&id) else {
+            return;
+        };
         let now = self.jobs.clock.now();
-        // Jobs handed back unstarted are no attempt's end.
-        let released: Vec<Uuid> = self
-            .ended
-            .iter()
-            .filter(|e| matches!(e.finish, Finish::Release { .. }))
-            .map(|e| e.id)
-            .collect();
-        let recorded = match self.jobs.store.finish_jobs(&self.ended, now).await {
-            Ok(recorded) => {
-                self.ended.clear();
-                recorded
+        match landed {
+            Ok((recorded, claimed)) => {
+                self.recorded(&cycle.ends, &recorded, now).await;
+                if cycle.limit > 0 {
+                    self.more_due = claimed.len() >= usize::try_from(cycle.limit).unwrap_or(0);
+                }
+                self.queue_claimed(claimed);
             }
             Err(StoreError::Unavailable(e)) => {
-                tracing::warn!(queue = %self.queue, error = %e, "cannot record ended job attempts; retrying");
-                return false;
+                if cycle.ends.is_empty() {
+                    tracing::warn!(queue = %self.queue, error = %e, "cannot claim jobs");
+                } else {
+                    tracing::warn!(queue = %self.queue, error = %e, "cannot record ended job attempts; retrying");
+                }
+                self.more_due = self.more_due || cycle.limit > 0;
+                self.ended.splice(0..0, cycle.ends);
+                self.retry_at = Some(Instant::now() + STORE_RETRY);
+            }
+            Err(e) if cycle.ends.is_empty() => {
+                tracing::warn!(queue = %self.queue, error = %e, "cannot claim jobs");
             }
             Err(e) => {
                 // Something in the batch is refused: each is recorded alone, so that one bad
@@ -190,24 +380,39 @@ impl QueueWorker {
                 // dropped (its lease ends and the job runs again).
                 tracing::warn!(queue = %self.queue, error = %e, "a batch of ended attempts was refused; recording them one by one");
                 let mut recorded = Vec::new();
-                for ended in std::mem::take(&mut self.ended) {
+                let mut kept = Vec::new();
+                for ended in &cycle.ends {
                     match self
                         .jobs
                         .store
-                        .finish_jobs(std::slice::from_ref(&ended), now)
+                        .finish_jobs(std::slice::from_ref(ended), now)
                         .await
                     {
                         Ok(jobs) => recorded.extend(jobs),
-                        Err(StoreError::Unavailable(_)) => self.ended.push(ended),
+                        Err(StoreError::Unavailable(_)) => kept.push(ended.clone()),
                         Err(e) => {
                             tracing::error!(job = %ended.id, error = %e, "an ended attempt cannot be recorded; its lease will end and it runs again");
                         }
                     }
                 }
-                recorded
+                self.recorded(&cycle.ends, &recorded, now).await;
+                if !kept.is_empty() {
+                    self.ended.splice(0..0, kept);
+                    self.retry_at = Some(Instant::now() + STORE_RETRY);
+                }
+                self.more_due = self.more_due || cycle.limit > 0;
             }
+        }
+    }
+
+    /// Counts the ends the store recorded (not the jobs handed back unstarted), and enqueues
+    /// the next run of the periodic kinds that finished.
+    async fn recorded(&self, sent: &[Finished], recorded: &[JobRecord], now: DateTime<Utc>) {
+        let released = |id: Uuid| {
+            sent.iter()
+                .any(|e| e.id == id && matches!(e.finish, Finish::Release { .. }))
         };
-        for job in recorded.iter().filter(|j| !released.contains(&j.id)) {
+        for job in recorded.iter().filter(|j| !released(j.id)) {
             self.jobs.metrics.ended(&job.kind, job.state);
         }
         for job in recorded.iter().filter(|j| j.state.is_final()) {
@@ -216,35 +421,81 @@ impl QueueWorker {
                 self.jobs.ensure_periodic(&job.kind, next).await;
             }
         }
-        self.ended.is_empty()
     }
 
-    /// Claims as many due jobs as there are free places, and starts them.
-    async fn claim(&mut self) {
-        let free = self
-            .concurrency
-            .saturating_sub(u32::try_from(self.running.len()).unwrap_or(u32::MAX));
-        if free == 0 {
+    /// Queues jobs just claimed (in the claim's order, best first) for the free slots, which
+    /// the loop's next turn fills (unless it is stopping: then it hands them back).
+    fn queue_claimed(&mut self, claimed: Vec<JobRecord>) {
+        if claimed.is_empty() {
+            return;
+        }
+        let since = Instant::now();
+        let now = self.jobs.clock.now();
+        self.ready.extend(claimed.into_iter().map(|job| Ready {
+            lease_until: job.lease_until.unwrap_or(now),
+            job,
+            since,
+        }));
+        // Best last: smaller priority, then older `run_at`, then id, as the claim orders.
+        self.ready.sort_by(|a, b| {
+            let key = |r: &Ready| (r.job.priority, r.job.run_at, r.job.id);
+            key(b).cmp(&key(a))
+        });
+    }
+
+    /// Starts jobs claimed ahead while slots are free; one whose lease has passed meanwhile
+    /// (unrenewed, or the clock jumped) is not started, as it may run elsewhere, but handed
+    /// back, which the store ignores if the job is no longer this worker's.
+    fn start_ready(&mut self) {
+        let now = self.jobs.clock.now();
+        if self.ready.iter().any(|r| r.lease_until <= now) {
+            tracing::warn!(queue = %self.queue, "job leases ran out while their jobs waited for a slot; handed back");
+            self.hand_back(|r| r.lease_until <= now);
+        }
+        while self.running.len() < usize::try_from(self.concurrency).unwrap_or(usize::MAX) {
+            let Some(next) = self.ready.pop() else {
+                break;
+            };
+            self.start(next.job, now);
+        }
+    }
+
+    /// Hands back the jobs claimed ahead that `which` picks, unstarted: the store undoes their
+    /// claim, so that another node (or this one later) takes them.
+    fn hand_back(&mut self, which: impl Fn(&Ready) -> bool) {
+        if !self.ready.iter().any(&which) {
             return;
         }
         let now = self.jobs.clock.now();
-        let lease_until = now + lease(&self.jobs);
-        match self
-            .jobs
-            .store
-            .claim_jobs(&self.queue, free, &self.name, now, lease_until)
-            .await
-        {
-            Ok(claimed) => {
-                for job in claimed {
-                    self.start(job, now);
-                }
-            }
-            Err(e) => tracing::warn!(queue = %self.queue, error = %e, "cannot claim jobs"),
+        let (back, keep): (Vec<Ready>, Vec<Ready>) = std::mem::take(&mut self.ready)
+            .into_iter()
+            .partition(|r| which(r));
+        self.ready = keep;
+        for ready in back {
+            self.ended.push(Finished {
+                id: ready.job.id,
+                attempt: ready.job.attempt,
+                worker: self.name.clone(),
+                started_at: now,
+                finish: Finish::Release {
+                    reason: None,
+                    run_at: ready.job.run_at,
+                },
+            });
         }
     }
 
-    /// Starts one attempt of `job`, claimed at `now`.
+    /// Hands back the jobs claimed ahead that waited [`HOLD_AHEAD`] for a slot (the attempts
+    /// before them run long), and claims none ahead until a run of short attempts.
+    fn hand_back_stale(&mut self, now: Instant) {
+        if self.ready.iter().any(|r| r.since + HOLD_AHEAD <= now) {
+            self.hand_back(|r| r.since + HOLD_AHEAD <= now);
+            let none_ahead = HOLD_AHEAD.as_secs_f64() * f64::from(self.concurrency);
+            self.typical_run = self.typical_run.max(none_ahead);
+        }
+    }
+
+    /// Starts one attempt of `job` at `now`.
     fn start(&mut self, job: JobRecord, now: DateTime<Utc>) {
         if let Some(old) = self.running.remove(&job.id) {
             // The store gave this worker the job again: the older attempt's lease was lost.
@@ -275,20 +526,46 @@ impl QueueWorker {
         let id = job.id;
         let attempt_no = job.attempt;
         let job_lease = job.lease_until.unwrap_or(now);
+        let job = Arc::new(job);
         let task = tokio::spawn(async move {
-            let began = tokio::time::Instant::now();
-            let (finish, healthy) = attempt(&jobs, &job, cancelled).await;
-            jobs.metrics.ran(&job.kind, began.elapsed().as_secs_f64());
-            // An attempt that says nothing of the dependency drops its pass unfinished.
-            if let (Some(pass), Some(healthy)) = (pass, healthy) {
-                pass.finish(healthy);
-            }
-            let _ = done.send(Finished {
-                id: job.id,
-                attempt: job.attempt,
-                worker,
-                started_at: now,
-                finish,
+            let began = Instant::now();
+            // Whatever panics in the attempt — its handler, or the code around it — the end
+            // is reported, so that the job does not stay `running` until its lease ends.
+            let guarded = CatchUnwind(Box::pin({
+                let jobs = Arc::clone(&jobs);
+                let job = Arc::clone(&job);
+                async move {
+                    let (finish, healthy) = attempt(&jobs, &job, cancelled).await;
+                    #[cfg(test)]
+                    tests::fail_point(&job.kind);
+                    jobs.metrics.ran(&job.kind, began.elapsed().as_secs_f64());
+                    // An attempt that says nothing of the dependency drops its pass unfinished.
+                    if let (Some(pass), Some(healthy)) = (pass, healthy) {
+                        pass.finish(healthy);
+                    }
+                    finish
+                }
+            }))
+            .await;
+            let finish = guarded.unwrap_or_else(|panic| {
+                tracing::error!(job = %job.id, kind = %job.kind, %panic, "a job attempt panicked outside its handler");
+                failed_at(
+                    &jobs,
+                    &job,
+                    now,
+                    JobError::retry(format!("the attempt panicked: {panic}")),
+                    AttemptOutcome::Retried,
+                )
+            });
+            let _ = done.send(Done {
+                finished: Finished {
+                    id: job.id,
+                    attempt: job.attempt,
+                    worker,
+                    started_at: now,
+                    finish,
+                },
+                ran: began.elapsed(),
             });
         });
         self.running.insert(
@@ -320,30 +597,45 @@ impl QueueWorker {
             worker: self.name.clone(),
             started_at: now,
             finish: Finish::Release {
-                reason: format!(
+                reason: Some(format!(
                     "waiting: the circuit of {} is {}",
                     breaker.name(),
                     breaker.state().as_str()
-                ),
+                )),
                 run_at: until.max(now) + spread,
             },
         });
     }
 
-    /// Renews the leases of the attempts in flight and of those ended but not yet recorded;
-    /// passes on cancellations, and stops the attempts whose lease was lost (their job may
-    /// already run elsewhere). False if the store could not be asked: then the attempts whose
-    /// lease has surely passed are stopped, and the renewal is tried again soon.
+    /// Renews the leases of the attempts in flight, of the jobs claimed ahead, and of those
+    /// ended but not yet recorded; passes on cancellations (a job claimed ahead whose
+    /// cancellation was asked for is handed back, which cancels it), and stops the attempts
+    /// whose lease was lost (their job may already run elsewhere). False if the store could not
+    /// be asked: then the attempts whose lease has surely passed are stopped, and the renewal
+    /// is tried again soon.
     async fn renew(&mut self) -> bool {
-        if self.running.is_empty() && self.ended.is_empty() {
+        if self.running.is_empty()
+            && self.ended.is_empty()
+            && self.ready.is_empty()
+            && self.in_flight.is_empty()
+        {
             return true;
         }
         let ids: Vec<Uuid> = self
             .running
             .keys()
             .copied()
+            .chain(self.ready.iter().map(|r| r.job.id))
             .chain(self.ended.iter().map(|e| e.id))
+            .chain(
+                self.in_flight
+                    .values()
+                    .flat_map(|c| c.ends.iter().map(|e| e.id)),
+            )
             .collect();
+        if ids.is_empty() {
+            return true;
+        }
         let now = self.jobs.clock.now();
         let lease_until = now + lease(&self.jobs);
         let held = match self
@@ -367,6 +659,7 @@ impl QueueWorker {
                         running.task.abort();
                     }
                 }
+                self.hand_back(|r| r.lease_until <= now);
                 return false;
             }
         };
@@ -390,6 +683,19 @@ impl QueueWorker {
                 }
             }
         }
+        let queue = &self.queue;
+        self.ready.retain_mut(|r| match held.get(&r.job.id) {
+            Some(cancel) => {
+                r.lease_until = lease_until;
+                r.job.cancel_requested |= *cancel;
+                true
+            }
+            None => {
+                tracing::warn!(job = %r.job.id, %queue, "job lease lost while it waited for a slot");
+                false
+            }
+        });
+        self.hand_back(|r| r.job.cancel_requested);
         true
     }
 }
@@ -456,17 +762,13 @@ async fn attempt(
         attempt = job.attempt,
         trace_id = job.trace_id.as_deref().unwrap_or("")
     );
-    // The handler runs in a task of its own, so that a panic is an attempt that failed rather
-    // than a worker that stops, and a timeout can stop it.
-    let handler = Arc::clone(&kind.handler);
-    let context = Arc::new(context);
-    let mut run = tokio::spawn({
-        let context = Arc::clone(&context);
-        tracing::Instrument::instrument(async move { handler.run(&context).await }, span)
-    });
-    // Stopping the attempt (a lost lease, a timeout) stops the handler too.
-    let _stop_handler = AbortOnDrop(run.abort_handle());
-    let result = tokio::time::timeout(timeout, &mut run).await;
+    // A panic in the handler is an attempt that failed rather than a worker that stops; the
+    // timeout, or the attempt's task stopped (a lost lease), drops the handler's future.
+    let run = CatchUnwind(tracing::Instrument::instrument(
+        kind.handler.run(&context),
+        span,
+    ));
+    let result = tokio::time::timeout(timeout, run).await;
     let (finish, healthy) = match result {
         Ok(Ok(Ok(()))) => (Finish::Completed, Some(true)),
         Ok(Ok(Err(_))) if context.is_cancelled() => (Finish::Cancelled, None),
@@ -477,17 +779,16 @@ async fn attempt(
             };
             (failed(jobs, job, error, outcome), Some(healthy))
         }
-        Ok(Err(join)) => (
+        Ok(Err(panic)) => (
             failed(
                 jobs,
                 job,
-                JobError::retry(format!("the handler panicked: {join}")),
+                JobError::retry(format!("the handler panicked: {panic}")),
                 AttemptOutcome::Retried,
             ),
             Some(false),
         ),
         Err(_) => {
-            run.abort();
             let finish = failed(
                 jobs,
                 job,
@@ -501,13 +802,30 @@ async fn attempt(
     (finish, healthy.filter(|_| !unused))
 }
 
-/// Aborts a task when dropped.
-struct AbortOnDrop(AbortHandle);
+/// A future that answers a panic while it is polled as an error with the panic's message,
+/// as `std::panic::catch_unwind` does for a closure. It is not polled again after that.
+struct CatchUnwind<F>(F);
 
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
+impl<F: Future + Unpin> Future for CatchUnwind<F> {
+    type Output = Result<F::Output, String>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let inner = &mut self.0;
+        match std::panic::catch_unwind(AssertUnwindSafe(|| Pin::new(inner).poll(cx))) {
+            Ok(Poll::Pending) => Poll::Pending,
+            Ok(Poll::Ready(output)) => Poll::Ready(Ok(output)),
+            Err(panic) => Poll::Ready(Err(panic_message(panic.as_ref()))),
+        }
     }
+}
+
+/// What a panic said.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_owned())
 }
 
 /// An attempt's error as kept: no NUL (which PostgreSQL text refuses), at most [`MAX_ERROR`]
@@ -532,7 +850,17 @@ fn kept_error(error: String) -> String {
 /// How a failed attempt ends: retried after its backoff while attempts are left, else
 /// discarded.
 fn failed(jobs: &Jobs, job: &JobRecord, error: JobError, outcome: AttemptOutcome) -> Finish {
-    let now = jobs.clock.now();
+    failed_at(jobs, job, jobs.clock.now(), error, outcome)
+}
+
+/// [`failed`] at `now`, which it does not ask the clock for.
+fn failed_at(
+    jobs: &Jobs,
+    job: &JobRecord,
+    now: DateTime<Utc>,
+    error: JobError,
+    outcome: AttemptOutcome,
+) -> Finish {
     let error = match error {
         JobError::Retry { error, after } => JobError::Retry {
             error: kept_error(error),
@@ -677,5 +1005,122 @@ async fn prune_finished(jobs: &Jobs) {
                 break;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(
+        clippy::unwrap_used,
+        reason = "test code: a panic is how a test reports failure"
+    )]
+
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use async_trait::async_trait;
+    use chrono::TimeZone;
+    use tokio::sync::watch;
+    use unhidra_core::{Clock, ManualClock};
+    use unhidra_store::Backend;
+    use unhidra_store::jobs::{AttemptOutcome, Enqueued, JobState};
+    use unhidra_store::testing::TestDb;
+
+    use crate::{EnqueueOptions, Handler, JobContext, JobError, Jobs, JobsConfig, KindOptions};
+
+    /// Kinds whose attempts panic after their handler returned, in the code around it.
+    static PANIC_AFTER_HANDLER: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+    /// Panics if `kind`'s attempts are to (a fault injected by a test).
+    pub(super) fn fail_point(kind: &str) {
+        let armed = PANIC_AFTER_HANDLER
+            .lock()
+            .map(|kinds| kinds.iter().any(|k| k == kind))
+            .unwrap_or(false);
+        assert!(!armed, "a fault injected after the handler of {kind}");
+    }
+
+    #[derive(Debug)]
+    struct Succeeds;
+
+    #[async_trait]
+    impl Handler for Succeeds {
+        async fn run(&self, _: &JobContext) -> Result<(), JobError> {
+            Ok(())
+        }
+    }
+
+    /// A panic in the attempt's code around the handler still reports the end: the job is
+    /// retried at once rather than left `running` until its lease (an hour here) ends.
+    async fn a_panic_around_the_handler_still_reports_the_end(backend: Backend) {
+        const KIND: &str = "test.panics_after_handler";
+        PANIC_AFTER_HANDLER.lock().unwrap().push(KIND.to_owned());
+        let db = TestDb::new(backend).await;
+        db.store.migrate().await.unwrap();
+        let clock = Arc::new(ManualClock::new(
+            chrono::Utc.with_ymd_and_hms(2026, 12, 1, 12, 0, 0).unwrap(),
+        ));
+        let config = JobsConfig {
+            queues: vec![("default".to_owned(), 2)],
+            lease: Duration::from_secs(3600),
+            poll_interval: Duration::from_millis(10),
+            ..JobsConfig::default()
+        };
+        let jobs = Jobs::builder(db.store.clone(), clock.clone() as Arc<dyn Clock>, config)
+            .register(
+                KIND,
+                Succeeds,
+                KindOptions {
+                    max_attempts: 2,
+                    ..KindOptions::default()
+                },
+            )
+            .build();
+        let (stop, shutdown) = watch::channel(false);
+        let workers = jobs.start(shutdown);
+        let Enqueued::New(job) = jobs
+            .enqueue(KIND, &serde_json::json!({}), EnqueueOptions::default())
+            .await
+            .unwrap()
+        else {
+            panic!("a new job");
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let (stored, attempts) = loop {
+            let (stored, attempts) = jobs.job(job.id).await.unwrap();
+            if stored.state != JobState::Available && stored.state != JobState::Running {
+                break (stored, attempts);
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the job is still {:?}: its end was never reported",
+                stored.state
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        assert_eq!(stored.state, JobState::Retryable, "{stored:?}");
+        assert!(
+            stored
+                .last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("panicked") && e.contains("a fault injected")),
+            "{stored:?}"
+        );
+        assert_eq!(attempts.len(), 1);
+        assert_eq!(attempts[0].outcome, AttemptOutcome::Retried);
+        stop.send_replace(true);
+        tokio::time::timeout(Duration::from_secs(10), workers.stopped())
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_panic_around_the_handler_still_reports_the_end_sqlite() {
+        a_panic_around_the_handler_still_reports_the_end(Backend::Sqlite).await;
+    }
+
+    #[tokio::test]
+    async fn a_panic_around_the_handler_still_reports_the_end_postgres() {
+        a_panic_around_the_handler_still_reports_the_end(Backend::Postgres).await;
     }
 }

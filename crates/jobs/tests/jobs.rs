@@ -497,6 +497,62 @@ async fn unique_keys_return_the_existing_job(backend: Backend) {
 }
 on_both!(unique_keys_return_the_existing_job);
 
+/// A batch enqueue checks every job first, stores them together, and the worker runs them.
+async fn a_batch_enqueue_stores_and_runs_every_job(backend: Backend) {
+    let counter = Arc::new(Flaky::default());
+    let h = Harness::start(backend, Duration::from_secs(30), |b| {
+        b.register("counted", Shared(Arc::clone(&counter)), options(1))
+    })
+    .await;
+    let payloads: Vec<serde_json::Value> = (0..50).map(|n| json!({ "n": n })).collect();
+    let unknown = json!({});
+    // One refused: nothing is stored.
+    let refused = h
+        .jobs
+        .enqueue_many(
+            payloads
+                .iter()
+                .map(|p| ("counted", p, EnqueueOptions::default()))
+                .chain([("no-such-kind", &unknown, EnqueueOptions::default())]),
+        )
+        .await;
+    assert!(matches!(refused, Err(JobsError::UnknownKind(_))));
+    assert_eq!(
+        h.jobs
+            .list(&unhidra_jobs::ListQuery::default())
+            .await
+            .unwrap()
+            .total,
+        0
+    );
+    let enqueued = h
+        .jobs
+        .enqueue_many(
+            payloads
+                .iter()
+                .map(|p| ("counted", p, EnqueueOptions::default())),
+        )
+        .await
+        .unwrap();
+    assert_eq!(enqueued.len(), 50);
+    for (stored, payload) in enqueued.iter().zip(&payloads) {
+        let Enqueued::New(job) = stored else {
+            panic!("{stored:?}");
+        };
+        assert_eq!(job.payload, payload.to_string());
+    }
+    for stored in &enqueued {
+        let Enqueued::New(job) = stored else {
+            unreachable!()
+        };
+        h.until(job.id, JobState::Completed).await;
+    }
+    assert_eq!(counter.calls.load(Ordering::SeqCst), 50, "each ran once");
+    assert_eq!(counted(&h.jobs.metrics().enqueued, "counted"), 50);
+    h.stop().await;
+}
+on_both!(a_batch_enqueue_stores_and_runs_every_job);
+
 async fn bad_jobs_are_refused_and_store_nothing(backend: Backend) {
     let h = Harness::start(backend, Duration::from_secs(30), |b| {
         b.register("flaky", Flaky::default(), options(1))
@@ -717,6 +773,154 @@ impl Handler for Watched {
     }
 }
 
+/// Waits (at most 10 s) until `done` holds of the job.
+async fn until_seen(
+    h: &Harness,
+    id: Uuid,
+    what: &str,
+    done: impl Fn(&JobRecord) -> bool,
+) -> JobRecord {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (job, _) = h.jobs.job(id).await.expect("job");
+        if done(&job) {
+            return job;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not {what}: {job:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// A worker claims jobs ahead of its free slots; behind attempts that run long, those it holds
+/// are handed back unstarted (their leases renewed meanwhile, shorter than the wait), their
+/// attempt not counted, and run once slots free.
+async fn jobs_claimed_ahead_behind_long_attempts_are_handed_back(backend: Backend) {
+    let slow = Arc::new(Slow {
+        for_: Duration::from_millis(1500),
+        started: AtomicU32::new(0),
+    });
+    let quick = Arc::new(Flaky::default());
+    let h = Harness::start(backend, Duration::from_millis(200), |b| {
+        b.register("slow", Shared(Arc::clone(&slow)), options(1))
+            .register("quick", Shared(Arc::clone(&quick)), options(1))
+    })
+    .await;
+    // Four slow jobs fill the four slots; the quick ones are claimed ahead of them.
+    let batch: Vec<(&str, serde_json::Value, EnqueueOptions)> = (0..7)
+        .map(|n| {
+            let kind = if n < 4 { "slow" } else { "quick" };
+            (kind, json!({}), EnqueueOptions::default())
+        })
+        .collect();
+    let enqueued = h
+        .jobs
+        .enqueue_many(batch.iter().map(|(k, p, o)| (*k, p, o.clone())))
+        .await
+        .unwrap();
+    let ids: Vec<Uuid> = enqueued
+        .iter()
+        .map(|e| match e {
+            Enqueued::New(job) => job.id,
+            Enqueued::Existing(job) => panic!("{job:?}"),
+        })
+        .collect();
+    let quick_ids = &ids[4..];
+    until_seen(&h, quick_ids[0], "claimed ahead", |j| {
+        j.state == JobState::Running
+    })
+    .await;
+    let back = until_seen(&h, quick_ids[0], "handed back", |j| {
+        j.state == JobState::Available
+    })
+    .await;
+    assert_eq!(
+        (back.attempt, back.leased_by.as_deref()),
+        (0, None),
+        "{back:?}"
+    );
+    assert_eq!(quick.calls.load(Ordering::SeqCst), 0, "not started");
+    assert!(
+        h.jobs.job(quick_ids[0]).await.unwrap().1.is_empty(),
+        "no attempt kept"
+    );
+    // Once the long attempts end, each quick job runs once, as its first attempt.
+    for id in quick_ids {
+        let done = h.until(*id, JobState::Completed).await;
+        let (_, attempts) = h.jobs.job(*id).await.unwrap();
+        assert_eq!((done.attempt, attempts.len()), (1, 1), "{attempts:?}");
+        assert_eq!(attempts[0].outcome, AttemptOutcome::Completed);
+    }
+    assert_eq!(quick.calls.load(Ordering::SeqCst), 3);
+    assert_eq!(counted(&h.jobs.metrics().lease_lost, "quick"), 0);
+    h.stop().await;
+}
+on_both!(jobs_claimed_ahead_behind_long_attempts_are_handed_back);
+
+/// A worker that stops hands back what it claimed ahead: not started, attempt not counted,
+/// available to the next node at once.
+async fn jobs_claimed_ahead_are_handed_back_at_shutdown(backend: Backend) {
+    let slow = Arc::new(Slow {
+        for_: Duration::from_millis(500),
+        started: AtomicU32::new(0),
+    });
+    let quick = Arc::new(Flaky::default());
+    let h = Harness::start(backend, Duration::from_secs(30), |b| {
+        b.register("slow", Shared(Arc::clone(&slow)), options(1))
+            .register("quick", Shared(Arc::clone(&quick)), options(1))
+    })
+    .await;
+    let payload = json!({});
+    let kinds = ["slow", "slow", "slow", "slow", "quick", "quick"];
+    let enqueued = h
+        .jobs
+        .enqueue_many(
+            kinds
+                .iter()
+                .map(|k| (*k, &payload, EnqueueOptions::default())),
+        )
+        .await
+        .unwrap();
+    let Enqueued::New(ahead) = &enqueued[4] else {
+        panic!("{:?}", enqueued[4]);
+    };
+    until_seen(&h, ahead.id, "claimed ahead", |j| {
+        j.state == JobState::Running
+    })
+    .await;
+    let (clock, jobs) = (h.clock.clone(), h.jobs.clone());
+    let mut h = h;
+    h.stop.send_replace(true);
+    let workers = h.workers.take().unwrap();
+    tokio::time::timeout(Duration::from_secs(10), workers.stopped())
+        .await
+        .expect("workers stop");
+    assert_eq!(quick.calls.load(Ordering::SeqCst), 0);
+    for stored in &enqueued[4..] {
+        let Enqueued::New(job) = stored else {
+            unreachable!()
+        };
+        let (back, attempts) = jobs.job(job.id).await.unwrap();
+        assert_eq!(
+            (back.state, back.attempt, back.leased_by.as_deref()),
+            (JobState::Available, 0, None),
+            "{back:?}"
+        );
+        assert!(back.run_at <= clock.now(), "due at once: {back:?}");
+        assert!(attempts.is_empty());
+    }
+    // The long attempts ran to their end.
+    for stored in &enqueued[..4] {
+        let Enqueued::New(job) = stored else {
+            unreachable!()
+        };
+        assert_eq!(jobs.job(job.id).await.unwrap().0.state, JobState::Completed);
+    }
+}
+on_both!(jobs_claimed_ahead_are_handed_back_at_shutdown);
+
 /// A lease that runs out under a running handler (the node stalled) stops that handler: the
 /// job then runs again, but never two runs at once, on this node or any.
 async fn a_lost_lease_stops_its_handler_so_a_job_never_runs_twice_at_once(backend: Backend) {
@@ -850,9 +1054,10 @@ async fn metrics_count_attempts_by_how_they_ended(backend: Backend) {
     let job = h.enqueue("flaky").await;
     let bad = h.enqueue("bad").await;
     h.until_attempt(job.id, JobState::Retryable, Some(1)).await;
+    // Before the clock jumps past every lease (the claim of `bad` may commit with the retry).
+    h.until(bad.id, JobState::Discarded).await;
     h.clock.advance(chrono::Duration::seconds(61));
     h.until(job.id, JobState::Completed).await;
-    h.until(bad.id, JobState::Discarded).await;
     let m = h.jobs.metrics();
     // Counted when the end is recorded, which follows the state the test waited for closely.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -1069,6 +1274,12 @@ async fn an_open_circuit_holds_jobs_back_without_using_their_attempts(backend: B
         assert_eq!(
             (back.state, back.attempt),
             (JobState::Retryable, 1),
+            "{back:?}"
+        );
+        // The hand-back leaves the error of the attempt that really ran.
+        assert_eq!(
+            back.last_error.as_deref(),
+            Some("connection refused"),
             "{back:?}"
         );
     }

@@ -299,12 +299,15 @@ pub enum Finish {
     },
     /// The handler stopped after a cancellation: the job is `cancelled`.
     Cancelled,
-    /// Never started (a dependency it needs is down): the job waits again until `run_at`, as
-    /// if it had not been claimed — its attempt is not counted and leaves no history; `reason`
-    /// becomes its last error, for operators. `cancelled` instead if that was asked for.
+    /// Never started (a dependency it needs is down, or the worker claimed it ahead and is
+    /// stopping): the job waits again until `run_at`, as if it had not been claimed — its
+    /// attempt is not counted and leaves no history — `available` if that has come and it has
+    /// had no attempt, else `scheduled` (first attempt) or `retryable`. Its last error stays
+    /// that of its last real attempt; `reason`, if any, becomes the last error of a job that
+    /// has none, for operators. `cancelled` instead if that was asked for.
     Release {
-        /// Why it waits.
-        reason: String,
+        /// Why it waits, if operators should see it.
+        reason: Option<String>,
         /// When it is due again.
         run_at: DateTime<Utc>,
     },
@@ -324,6 +327,20 @@ pub struct Finished {
     pub started_at: DateTime<Utc>,
     /// How it ended.
     pub finish: Finish,
+}
+
+/// The claim that [`JobStore::finish_and_claim`] makes after recording ends: what
+/// [`JobStore::claim_jobs`] takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Claim<'a> {
+    /// The queue.
+    pub queue: &'a str,
+    /// At most this many jobs (0: none).
+    pub limit: u32,
+    /// The worker whose lease they are under.
+    pub worker: &'a str,
+    /// Until when.
+    pub lease_until: DateTime<Utc>,
 }
 
 /// Which jobs an admin listing shows.
@@ -424,9 +441,19 @@ pub trait JobStore {
     /// enqueue happens on this node. Must be called within a Tokio runtime.
     fn job_wakeups(&self) -> Option<mpsc::Receiver<JobWakeup>>;
 
+    /// Whether transactions that claim jobs (and record ends) run at once without waiting for
+    /// each other: on PostgreSQL, which locks the rows they take one by one; not on SQLite, where
+    /// one writer has the database at a time.
+    fn concurrent_claims(&self) -> bool;
+
     /// Stores `job`, unless a job with its unique key exists in a state where the key counts.
     /// `Invalid` for a unique key whose states are not [`UniqueStates::is_storable`].
     async fn enqueue_job(&self, job: &NewJob) -> Result<Enqueued, StoreError>;
+
+    /// Stores `jobs` as [`Self::enqueue_job`] does each, in one transaction (a multi-row INSERT
+    /// per few hundred jobs, and one notification per queue): answers what it did with each,
+    /// in the order given. Nothing is stored if one is refused.
+    async fn enqueue_jobs(&self, jobs: &[NewJob]) -> Result<Vec<Enqueued>, StoreError>;
 
     /// Moves up to `limit` jobs of `queue` that are due at `now` (`available`, or `scheduled`
     /// and `retryable` ones whose `run_at` has come), best priority first, then oldest `run_at`,
@@ -461,6 +488,17 @@ pub trait JobStore {
         finished: &[Finished],
         now: DateTime<Utc>,
     ) -> Result<Vec<JobRecord>, StoreError>;
+
+    /// [`Self::finish_jobs`] then, if `claim` asks for jobs, [`Self::claim_jobs`] at `now`, in
+    /// one transaction where the engine allows (one commit for both; a claim that frees no
+    /// slot of a concurrency key sees the slots the ends freed): answers the jobs whose end was
+    /// recorded and the jobs claimed.
+    async fn finish_and_claim(
+        &self,
+        finished: &[Finished],
+        claim: Option<Claim<'_>>,
+        now: DateTime<Utc>,
+    ) -> Result<(Vec<JobRecord>, Vec<JobRecord>), StoreError>;
 
     /// Jobs `running` whose lease ended before `now` (their worker died or stalled): each
     /// attempt is recorded as `lease_lost` and the job is `retryable` at `now` if it has
@@ -563,7 +601,7 @@ pub(crate) fn finish_parts(
         Finish::Release { reason, run_at } => (
             JobState::Scheduled,
             AttemptOutcome::Retried,
-            Some(reason),
+            reason.as_deref(),
             Some(*run_at),
         ),
     }

@@ -36,6 +36,7 @@ pub(crate) const SQLITE: &[Embedded] = embedded!("sqlite":
     (0008, "jobs"),
     (0009, "cron"),
     (0010, "devices"),
+    (0011, "jobs_fewer_writes"),
     (0012, "device_commands"),
 );
 
@@ -52,6 +53,7 @@ pub(crate) const POSTGRES: &[Embedded] = embedded!("postgres":
     (0008, "jobs"),
     (0009, "cron"),
     (0010, "devices"),
+    (0011, "jobs_fewer_writes"),
     (0012, "device_commands"),
 );
 

@@ -17,9 +17,10 @@ macro_rules! job_queries {
             use $crate::dialect::{Dialect, get};
             use $crate::identity::like_pattern;
             use $crate::jobs::{
-                AttemptRecord, Enqueued, Finish, Finished, JobCount, JobFilter, JobRecord, JobState,
-                JobStore, JobWakeup, NewJob, UniqueStates, WAKEUP_CHANNEL, concurrency_lock_id,
-                finish_parts, initial_state, stored_outcome, stored_state, within_limits,
+                AttemptRecord, Claim, Enqueued, Finish, Finished, JobCount, JobFilter, JobRecord,
+                JobState, JobStore, JobWakeup, NewJob, UniqueStates, WAKEUP_CHANNEL,
+                concurrency_lock_id, finish_parts, initial_state, stored_outcome, stored_state,
+                within_limits,
             };
 
             type Store = $store;
@@ -39,8 +40,15 @@ macro_rules! job_queries {
 
             /// Claims a batch at most; what a rescue or a renewal changes in one statement.
             const CHUNK: usize = 500;
-            /// Ended attempts recorded per statement (8 parameters each in the UPDATE).
-            const FINISH_CHUNK: usize = 200;
+            /// Ended attempts recorded per statement (9 parameters each in the UPDATE).
+            const FINISH_CHUNK: usize = 500;
+            /// Jobs inserted per statement by a batch enqueue (16 parameters each).
+            const ENQUEUE_CHUNK: usize = 500;
+
+            /// The columns an enqueue sets, in the order it binds them.
+            const INSERT_COLUMNS: &str = "id, kind, queue, payload, priority, state, run_at, \
+                max_attempts, timeout_ms, unique_key, unique_states, unique_live, \
+                concurrency_key, concurrency_limit, trace_id, created_at";
 
             /// How often a claim whose batch broke a concurrency limit is tried again before
             /// it claims jobs without a key only.
@@ -211,6 +219,71 @@ macro_rules! job_queries {
                     })
                 }
 
+                /// Stores `new` on `conn` as [`Self::insert_job`] stores each, a multi-row
+                /// INSERT per [`ENQUEUE_CHUNK`] jobs; a job that the INSERT skipped (its unique
+                /// key is held, perhaps by a job before it in `new`) goes through
+                /// [`Self::insert_job`], which answers the job holding the key.
+                pub(crate) async fn insert_jobs(
+                    conn: &mut <Db as sqlx::Database>::Connection,
+                    new: &[NewJob],
+                ) -> Result<Vec<Enqueued>, StoreError> {
+                    if new
+                        .iter()
+                        .any(|j| j.unique_key.is_some() && !j.unique_states.is_storable())
+                    {
+                        return Err(StoreError::invalid(
+                            "a unique key must count in every state before its job finishes",
+                        ));
+                    }
+                    let mut done: Vec<Option<Enqueued>> = Vec::with_capacity(new.len());
+                    for chunk in new.chunks(ENQUEUE_CHUNK) {
+                        let mut insert = QueryBuilder::<Db>::new(format!(
+                            "INSERT INTO jobs ({INSERT_COLUMNS}) "
+                        ));
+                        insert.push_values(chunk, |mut row, job| {
+                            let state = initial_state(job);
+                            let unique_live = job
+                                .unique_key
+                                .as_deref()
+                                .filter(|_| job.unique_states.contains(state));
+                            row.push_bind(Store::id(job.id))
+                                .push_bind(job.kind.as_str())
+                                .push_bind(job.queue.as_str())
+                                .push_bind(job.payload.as_str())
+                                .push_bind(job.priority)
+                                .push_bind(state.as_str())
+                                .push_bind(Store::time(job.run_at))
+                                .push_bind(job.max_attempts)
+                                .push_bind(job.timeout_ms)
+                                .push_bind(job.unique_key.as_deref())
+                                .push_bind(job.unique_states.0)
+                                .push_bind(unique_live)
+                                .push_bind(job.concurrency_key.as_deref())
+                                .push_bind(job.concurrency_limit)
+                                .push_bind(job.trace_id.as_deref())
+                                .push_bind(Store::time(job.created_at));
+                        });
+                        insert.push(format!(
+                            " ON CONFLICT (kind, unique_live) WHERE unique_live IS NOT NULL \
+                             DO NOTHING RETURNING {JOB_COLUMNS}"
+                        ));
+                        let rows = insert.build().fetch_all(&mut *conn).await.map_err(err)?;
+                        let mut stored: std::collections::HashMap<Uuid, JobRecord> = rows
+                            .iter()
+                            .map(|row| job(row).map(|j| (j.id, j)))
+                            .collect::<Result<_, StoreError>>()?;
+                        done.extend(chunk.iter().map(|j| stored.remove(&j.id).map(Enqueued::New)));
+                    }
+                    let mut enqueued = Vec::with_capacity(new.len());
+                    for (job, stored) in new.iter().zip(done) {
+                        enqueued.push(match stored {
+                            Some(stored) => stored,
+                            None => Store::insert_job(&mut *conn, job).await?,
+                        });
+                    }
+                    Ok(enqueued)
+                }
+
                 async fn find_job(&self, id: Uuid) -> Result<JobRecord, StoreError> {
                     let row =
                         sqlx::query(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1"))
@@ -241,11 +314,11 @@ macro_rules! job_queries {
                     }
                 }
 
-                /// One claim: the statement, then on an engine where two claims can run at
-                /// once, the check of the concurrency limits under the keys' locks. `None`
-                /// if the batch broke a limit and was rolled back.
-                async fn claim_round(
-                    &self,
+                /// The claim's statement on `conn` (a writing transaction's), then on an engine
+                /// where two claims can run at once, the check of the concurrency limits under
+                /// the keys' locks. `None` if the batch broke a limit: the caller rolls back.
+                async fn claim_on(
+                    conn: &mut <Db as sqlx::Database>::Connection,
                     queue: &str,
                     limit: i64,
                     worker: &str,
@@ -280,14 +353,13 @@ macro_rules! job_queries {
                         live(&bit(JobState::Running)),
                         Store::SKIP_LOCKED,
                     );
-                    let mut tx = self.pool.begin_with(Store::BEGIN_WRITE).await.map_err(err)?;
                     let rows = sqlx::query(&sql)
                         .bind(queue)
                         .bind(Store::time(now))
                         .bind(limit)
                         .bind(worker)
                         .bind(Store::time(lease_until))
-                        .fetch_all(&mut *tx)
+                        .fetch_all(&mut *conn)
                         .await
                         .map_err(err)?;
                     let mut claimed = jobs(&rows)?;
@@ -310,7 +382,7 @@ macro_rules! job_queries {
                         for id in locks {
                             sqlx::query(lock)
                                 .bind(id)
-                                .execute(&mut *tx)
+                                .execute(&mut *conn)
                                 .await
                                 .map_err(err)?;
                         }
@@ -327,19 +399,205 @@ macro_rules! job_queries {
                         count.push(") GROUP BY concurrency_key");
                         let running: Vec<(String, i64)> = count
                             .build_query_as()
-                            .fetch_all(&mut *tx)
+                            .fetch_all(&mut *conn)
                             .await
                             .map_err(err)?;
                         if !within_limits(&claimed, &running) {
-                            tx.rollback().await.map_err(err)?;
                             return Ok(None);
                         }
                     }
-                    tx.commit().await.map_err(err)?;
                     claimed.sort_by(|a, b| {
                         (a.priority, a.run_at, a.id).cmp(&(b.priority, b.run_at, b.id))
                     });
                     Ok(Some(claimed))
+                }
+
+                /// One claim in a transaction of its own; `None` if the batch broke a limit
+                /// and was rolled back.
+                async fn claim_round(
+                    &self,
+                    queue: &str,
+                    limit: i64,
+                    worker: &str,
+                    now: DateTime<Utc>,
+                    lease_until: DateTime<Utc>,
+                    with_keys: bool,
+                ) -> Result<Option<Vec<JobRecord>>, StoreError> {
+                    let mut tx = self.pool.begin_with(Store::BEGIN_WRITE).await.map_err(err)?;
+                    let claimed =
+                        Store::claim_on(&mut tx, queue, limit, worker, now, lease_until, with_keys)
+                            .await?;
+                    match claimed {
+                        Some(claimed) => {
+                            tx.commit().await.map_err(err)?;
+                            Ok(Some(claimed))
+                        }
+                        None => {
+                            tx.rollback().await.map_err(err)?;
+                            Ok(None)
+                        }
+                    }
+                }
+
+                /// Records the ends `finished` on `conn` (a writing transaction's): the jobs
+                /// handed back one statement each, then the attempts that ended a chunk per
+                /// statement — one UPDATE of the jobs (only those still running this attempt
+                /// under this worker's lease; a completed attempt is kept on its job's row) and
+                /// one INSERT of the history of the others. Answers the jobs as stored after
+                /// it, in the order given.
+                async fn finish_on(
+                    conn: &mut <Db as sqlx::Database>::Connection,
+                    finished: &[Finished],
+                    now: DateTime<Utc>,
+                ) -> Result<Vec<JobRecord>, StoreError> {
+                    if finished.is_empty() {
+                        return Ok(Vec::new());
+                    }
+                    // A release undoes its claim: the attempt is not counted, and the job waits
+                    // as it did before (`available` or `scheduled` before a first attempt, else
+                    // `retryable`); its last error stays its last real attempt's.
+                    let release_state =
+                        |cancelled: &str, available: &str, scheduled: &str, retryable: &str| {
+                            format!(
+                                "CASE WHEN cancel_requested THEN {cancelled} \
+                                 WHEN attempt > 1 THEN {retryable} \
+                                 WHEN $5 <= $6 THEN {available} ELSE {scheduled} END"
+                            )
+                        };
+                    let release = format!(
+                        "UPDATE jobs SET state = {}, unique_live = {}, attempt = attempt - 1, \
+                         finished_at = CASE WHEN cancel_requested THEN $6 END, \
+                         run_at = $5, last_error = COALESCE(last_error, $4), leased_by = NULL, \
+                         lease_until = NULL, attempted_at = NULL \
+                         WHERE id = $1 AND state = 'running' AND attempt = $2 AND leased_by = $3 \
+                         RETURNING {JOB_COLUMNS}",
+                        release_state("'cancelled'", "'available'", "'scheduled'", "'retryable'"),
+                        live(&release_state(
+                            &bit(JobState::Cancelled),
+                            &bit(JobState::Available),
+                            &bit(JobState::Scheduled),
+                            &bit(JobState::Retryable),
+                        )),
+                    );
+                    let mut stored = Vec::new();
+                    let mut ended = Vec::new();
+                    for end in finished {
+                        let Finish::Release { reason, run_at } = &end.finish else {
+                            ended.push(end);
+                            continue;
+                        };
+                        let row = sqlx::query(&release)
+                            .bind(Store::id(end.id))
+                            .bind(end.attempt)
+                            .bind(&end.worker)
+                            .bind(reason.as_deref())
+                            .bind(Store::time(*run_at))
+                            .bind(Store::time(now))
+                            .fetch_optional(&mut *conn)
+                            .await
+                            .map_err(err)?;
+                        if let Some(row) = row {
+                            stored.push(job(&row)?);
+                        }
+                    }
+                    // `attempted_at` stays: when the job's last attempt was claimed.
+                    for chunk in ended.chunks(FINISH_CHUNK) {
+                        let mut update = QueryBuilder::<Db>::new(
+                            "WITH v (v_id, v_attempt, v_worker, v_state, v_bit, v_final, v_error, \
+                             v_retry_at, v_started) AS (",
+                        );
+                        update.push_values(chunk, |mut row, end| {
+                            let (state, _, error, retry_at) = finish_parts(&end.finish);
+                            row.push_bind(Store::id(end.id))
+                                .push_bind(end.attempt)
+                                .push_bind(end.worker.as_str())
+                                .push_bind(state.as_str())
+                                .push_bind(state.bit())
+                                .push_bind(state.is_final())
+                                .push_bind(error)
+                                .push_bind(retry_at.map(Store::time))
+                                .push_bind(Store::time(end.started_at));
+                        });
+                        // A retry of a job whose cancellation was asked for cancels it instead.
+                        let cancels = "(cancel_requested AND v_state = 'retryable')";
+                        update.push(format!(
+                            ") UPDATE jobs SET \
+                             state = CASE WHEN {cancels} THEN 'cancelled' ELSE v_state END, \
+                             unique_live = {}, \
+                             finished_at = CASE WHEN {cancels} OR v_final THEN ",
+                            live(&format!(
+                                "CASE WHEN {cancels} THEN {} ELSE v_bit END",
+                                bit(JobState::Cancelled)
+                            )),
+                        ));
+                        update.push_bind(Store::time(now));
+                        update.push(format!(
+                            " END, run_at = COALESCE(v_retry_at, run_at), last_error = v_error, \
+                             leased_by = NULL, lease_until = NULL, \
+                             ran_by = CASE WHEN v_state = 'completed' THEN v_worker END, \
+                             ran_at = CASE WHEN v_state = 'completed' THEN v_started END \
+                             FROM v WHERE id = v_id AND state = 'running' AND attempt = v_attempt \
+                             AND leased_by = v_worker RETURNING {JOB_COLUMNS}"
+                        ));
+                        let rows = update.build().fetch_all(&mut *conn).await.map_err(err)?;
+                        // A completed attempt is kept on its job's row; the others get a row of
+                        // the history.
+                        let mut recorded = Vec::with_capacity(rows.len());
+                        for row in &rows {
+                            let updated = job(row)?;
+                            if let Some(end) = chunk.iter().find(|e| {
+                                e.id == updated.id
+                                    && e.attempt == updated.attempt
+                                    && !matches!(e.finish, Finish::Completed)
+                            }) {
+                                recorded.push(*end);
+                            }
+                            stored.push(updated);
+                        }
+                        if recorded.is_empty() {
+                            continue;
+                        }
+                        let mut history = QueryBuilder::<Db>::new(
+                            "INSERT INTO job_attempts (job_id, attempt, worker, started_at, \
+                             finished_at, outcome, error) ",
+                        );
+                        history.push_values(&recorded, |mut row, end| {
+                            let (_, outcome, error, _) = finish_parts(&end.finish);
+                            row.push_bind(Store::id(end.id))
+                                .push_bind(end.attempt)
+                                .push_bind(end.worker.as_str())
+                                .push_bind(Store::time(end.started_at))
+                                .push_bind(Store::time(now))
+                                .push_bind(outcome.as_str())
+                                .push_bind(error);
+                        });
+                        history.build().execute(&mut *conn).await.map_err(err)?;
+                    }
+                    // In the order given.
+                    stored.sort_by_key(|j| finished.iter().position(|e| e.id == j.id));
+                    Ok(stored)
+                }
+
+                /// Tells the other nodes of the queues where a job handed back is due now.
+                async fn announce_released(&self, finished: &[Finished], stored: &[JobRecord]) {
+                    if <Store as Dialect>::NOTIFY.is_none() {
+                        return;
+                    }
+                    let mut queues: Vec<&str> = stored
+                        .iter()
+                        .filter(|j| j.state == JobState::Available)
+                        .filter(|j| {
+                            finished
+                                .iter()
+                                .any(|e| e.id == j.id && matches!(e.finish, Finish::Release { .. }))
+                        })
+                        .map(|j| j.queue.as_str())
+                        .collect();
+                    queues.sort_unstable();
+                    queues.dedup();
+                    for queue in queues {
+                        self.announce(queue).await;
+                    }
                 }
             }
 
@@ -347,6 +605,12 @@ macro_rules! job_queries {
             impl JobStore for Store {
                 fn job_wakeups(&self) -> Option<tokio::sync::mpsc::Receiver<JobWakeup>> {
                     self.listen_for_jobs()
+                }
+
+                fn concurrent_claims(&self) -> bool {
+                    // Where a writing transaction has the database to itself, there is nothing
+                    // to skip.
+                    !Store::SKIP_LOCKED.is_empty()
                 }
 
                 async fn enqueue_job(&self, new: &NewJob) -> Result<Enqueued, StoreError> {
@@ -357,6 +621,30 @@ macro_rules! job_queries {
                         && stored.state == JobState::Available
                     {
                         self.announce(&stored.queue).await;
+                    }
+                    Ok(enqueued)
+                }
+
+                async fn enqueue_jobs(&self, new: &[NewJob]) -> Result<Vec<Enqueued>, StoreError> {
+                    if new.is_empty() {
+                        return Ok(Vec::new());
+                    }
+                    let mut tx = self.pool.begin_with(Store::BEGIN_WRITE).await.map_err(err)?;
+                    let enqueued = Store::insert_jobs(&mut tx, new).await?;
+                    tx.commit().await.map_err(err)?;
+                    let mut queues: Vec<&str> = enqueued
+                        .iter()
+                        .filter_map(|e| match e {
+                            Enqueued::New(j) if j.state == JobState::Available => {
+                                Some(j.queue.as_str())
+                            }
+                            _ => None,
+                        })
+                        .collect();
+                    queues.sort_unstable();
+                    queues.dedup();
+                    for queue in queues {
+                        self.announce(queue).await;
                     }
                     Ok(enqueued)
                 }
@@ -424,126 +712,52 @@ macro_rules! job_queries {
                     finished: &[Finished],
                     now: DateTime<Utc>,
                 ) -> Result<Vec<JobRecord>, StoreError> {
-                    if finished.is_empty() {
-                        return Ok(Vec::new());
-                    }
-                    // A release undoes its claim: the attempt is not counted, and the job waits
-                    // as it did before (`scheduled` before a first attempt, else `retryable`).
-                    let release_state = |cancelled: &str, scheduled: &str, retryable: &str| {
-                        format!(
-                            "CASE WHEN cancel_requested THEN {cancelled} \
-                             WHEN attempt <= 1 THEN {scheduled} ELSE {retryable} END"
-                        )
-                    };
-                    let release = format!(
-                        "UPDATE jobs SET state = {}, unique_live = {}, attempt = attempt - 1, \
-                         finished_at = CASE WHEN cancel_requested THEN $6 END, \
-                         run_at = $5, last_error = $4, leased_by = NULL, \
-                         lease_until = NULL, attempted_at = NULL \
-                         WHERE id = $1 AND state = 'running' AND attempt = $2 AND leased_by = $3 \
-                         RETURNING {JOB_COLUMNS}",
-                        release_state("'cancelled'", "'scheduled'", "'retryable'"),
-                        live(&release_state(
-                            &bit(JobState::Cancelled),
-                            &bit(JobState::Scheduled),
-                            &bit(JobState::Retryable),
-                        )),
-                    );
-                    let mut tx = self.pool.begin_with(Store::BEGIN_WRITE).await.map_err(err)?;
-                    let mut stored = Vec::new();
-                    let mut ended = Vec::new();
-                    for end in finished {
-                        let Finish::Release { reason, run_at } = &end.finish else {
-                            ended.push(end);
-                            continue;
-                        };
-                        let row = sqlx::query(&release)
-                            .bind(Store::id(end.id))
-                            .bind(end.attempt)
-                            .bind(&end.worker)
-                            .bind(reason)
-                            .bind(Store::time(*run_at))
-                            .bind(Store::time(now))
-                            .fetch_optional(&mut *tx)
-                            .await
-                            .map_err(err)?;
-                        if let Some(row) = row {
-                            stored.push(job(&row)?);
-                        }
-                    }
-                    // The attempts that ended, a chunk per statement: one UPDATE of the jobs
-                    // (only those still running this attempt under this worker's lease), then
-                    // one INSERT of their history.
-                    for chunk in ended.chunks(FINISH_CHUNK) {
-                        let mut update = QueryBuilder::<Db>::new(
-                            "WITH v (v_id, v_attempt, v_worker, v_state, v_bit, v_final, v_error, \
-                             v_retry_at) AS (",
-                        );
-                        update.push_values(chunk, |mut row, end| {
-                            let (state, _, error, retry_at) = finish_parts(&end.finish);
-                            row.push_bind(Store::id(end.id))
-                                .push_bind(end.attempt)
-                                .push_bind(end.worker.clone())
-                                .push_bind(state.as_str())
-                                .push_bind(state.bit())
-                                .push_bind(state.is_final())
-                                .push_bind(error.map(str::to_owned))
-                                .push_bind(retry_at.map(Store::time));
-                        });
-                        // A retry of a job whose cancellation was asked for cancels it instead.
-                        let cancels = "(cancel_requested AND v_state = 'retryable')";
-                        update.push(format!(
-                            ") UPDATE jobs SET \
-                             state = CASE WHEN {cancels} THEN 'cancelled' ELSE v_state END, \
-                             unique_live = {}, \
-                             finished_at = CASE WHEN {cancels} OR v_final THEN ",
-                            live(&format!(
-                                "CASE WHEN {cancels} THEN {} ELSE v_bit END",
-                                bit(JobState::Cancelled)
-                            )),
-                        ));
-                        update.push_bind(Store::time(now));
-                        update.push(format!(
-                            " END, run_at = COALESCE(v_retry_at, run_at), last_error = v_error, \
-                             leased_by = NULL, lease_until = NULL, attempted_at = NULL \
-                             FROM v WHERE id = v_id AND state = 'running' AND attempt = v_attempt \
-                             AND leased_by = v_worker RETURNING {JOB_COLUMNS}"
-                        ));
-                        let rows = update.build().fetch_all(&mut *tx).await.map_err(err)?;
-                        let mut recorded = Vec::with_capacity(rows.len());
-                        for row in &rows {
-                            let updated = job(row)?;
-                            if let Some(end) = chunk
-                                .iter()
-                                .find(|e| e.id == updated.id && e.attempt == updated.attempt)
-                            {
-                                recorded.push(*end);
-                            }
-                            stored.push(updated);
-                        }
-                        if recorded.is_empty() {
-                            continue;
-                        }
-                        let mut history = QueryBuilder::<Db>::new(
-                            "INSERT INTO job_attempts (job_id, attempt, worker, started_at, \
-                             finished_at, outcome, error) ",
-                        );
-                        history.push_values(&recorded, |mut row, end| {
-                            let (_, outcome, error, _) = finish_parts(&end.finish);
-                            row.push_bind(Store::id(end.id))
-                                .push_bind(end.attempt)
-                                .push_bind(end.worker.clone())
-                                .push_bind(Store::time(end.started_at))
-                                .push_bind(Store::time(now))
-                                .push_bind(outcome.as_str())
-                                .push_bind(error.map(str::to_owned));
-                        });
-                        history.build().execute(&mut *tx).await.map_err(err)?;
-                    }
-                    // In the order given.
-                    stored.sort_by_key(|j| finished.iter().position(|e| e.id == j.id));
-                    tx.commit().await.map_err(err)?;
+                    let (stored, _) = self.finish_and_claim(finished, None, now).await?;
                     Ok(stored)
+                }
+
+                async fn finish_and_claim(
+                    &self,
+                    finished: &[Finished],
+                    claim: Option<Claim<'_>>,
+                    now: DateTime<Utc>,
+                ) -> Result<(Vec<JobRecord>, Vec<JobRecord>), StoreError> {
+                    let claim = claim.filter(|c| c.limit > 0);
+                    if finished.is_empty() {
+                        let Some(c) = claim else {
+                            return Ok((Vec::new(), Vec::new()));
+                        };
+                        let claimed = self
+                            .claim_jobs(c.queue, c.limit, c.worker, now, c.lease_until)
+                            .await?;
+                        return Ok((Vec::new(), claimed));
+                    }
+                    let mut tx = self.pool.begin_with(Store::BEGIN_WRITE).await.map_err(err)?;
+                    let stored = Store::finish_on(&mut tx, finished, now).await?;
+                    let claimed = match claim {
+                        Some(c) => {
+                            let limit = i64::from(c.limit);
+                            let claimed = Store::claim_on(
+                                &mut tx, c.queue, limit, c.worker, now, c.lease_until, true,
+                            )
+                            .await?;
+                            let Some(claimed) = claimed else {
+                                // The batch broke a concurrency limit (another node's claim
+                                // took the slot): the ends alone, then the claim's rounds.
+                                tx.rollback().await.map_err(err)?;
+                                let (stored, _) = self.finish_and_claim(finished, None, now).await?;
+                                let claimed = self
+                                    .claim_jobs(c.queue, c.limit, c.worker, now, c.lease_until)
+                                    .await?;
+                                return Ok((stored, claimed));
+                            };
+                            claimed
+                        }
+                        None => Vec::new(),
+                    };
+                    tx.commit().await.map_err(err)?;
+                    self.announce_released(finished, &stored).await;
+                    Ok((stored, claimed))
                 }
 
                 async fn rescue_expired_leases(
@@ -722,9 +936,14 @@ macro_rules! job_queries {
                     id: Uuid,
                 ) -> Result<(JobRecord, Vec<AttemptRecord>), StoreError> {
                     let record = self.find_job(id).await?;
+                    // The completed attempt, kept on the job's row, comes last.
                     let rows = sqlx::query(
-                        "SELECT attempt, worker, started_at, finished_at, outcome, error \
-                         FROM job_attempts WHERE job_id = $1 ORDER BY id",
+                        "SELECT attempt, worker, started_at, finished_at, outcome, error, id AS n \
+                         FROM job_attempts WHERE job_id = $1 \
+                         UNION ALL SELECT attempt, ran_by, ran_at, finished_at, 'completed', \
+                         NULL, 9223372036854775807 FROM jobs \
+                         WHERE id = $1 AND state = 'completed' AND ran_by IS NOT NULL \
+                         ORDER BY n",
                     )
                     .bind(Store::id(id))
                     .fetch_all(&self.pool)

@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Duration, Utc};
 use unhidra_store::jobs::{
-    AttemptOutcome, Enqueued, Finish, Finished, JobCount, JobFilter, JobRecord, JobState, NewJob,
-    UniqueStates,
+    AttemptOutcome, AttemptRecord, Claim, Enqueued, Finish, Finished, JobCount, JobFilter,
+    JobRecord, JobState, NewJob, UniqueStates,
 };
 use unhidra_store::testing::TestDb;
 use unhidra_store::{Backend, Store, StoreError, both_backends};
@@ -154,6 +154,79 @@ async fn unique_keys_return_the_job_holding_them(db: &TestDb) {
     ));
 }
 both_backends!(unique_keys_return_the_job_holding_them);
+
+async fn a_batch_enqueue_stores_each_job_as_a_single_one_would(db: &TestDb) {
+    db.store.migrate().await.unwrap();
+    let store = &*db.store;
+    let t = t0();
+    let keyed = |key: &str| NewJob {
+        unique_key: Some(key.to_owned()),
+        ..new_job("k", t)
+    };
+    let held = enqueue(store, &keyed("held")).await;
+    let later = NewJob {
+        run_at: t + secs(60),
+        ..new_job("k", t)
+    };
+    let batch = [
+        new_job("k", t),
+        keyed("held"),
+        keyed("new"),
+        keyed("new"),
+        later.clone(),
+    ];
+    let enqueued = store.enqueue_jobs(&batch).await.unwrap();
+    assert_eq!(enqueued.len(), 5);
+    let Enqueued::New(first) = &enqueued[0] else {
+        panic!("{:?}", enqueued[0]);
+    };
+    assert_eq!((first.id, first.state), (batch[0].id, JobState::Available));
+    // A key held before the batch, or by a job before it in the batch, answers that job.
+    assert_eq!(
+        enqueued[1],
+        Enqueued::Existing(store.job(held.id).await.unwrap().0)
+    );
+    let Enqueued::New(new) = &enqueued[2] else {
+        panic!("{:?}", enqueued[2]);
+    };
+    assert_eq!(new.id, batch[2].id);
+    assert_eq!(enqueued[3], Enqueued::Existing(new.clone()));
+    let Enqueued::New(scheduled) = &enqueued[4] else {
+        panic!("{:?}", enqueued[4]);
+    };
+    assert_eq!(
+        (scheduled.id, scheduled.state),
+        (later.id, JobState::Scheduled)
+    );
+    assert_eq!(store.count_jobs(&JobFilter::default()).await.unwrap(), 4);
+    // One job refused: nothing of the batch is stored.
+    let refused = [
+        new_job("k", t),
+        NewJob {
+            unique_key: Some("x".into()),
+            unique_states: UniqueStates::of(&[JobState::Running]),
+            ..new_job("k", t)
+        },
+    ];
+    assert!(matches!(
+        store.enqueue_jobs(&refused).await,
+        Err(StoreError::Invalid(_))
+    ));
+    assert_eq!(store.count_jobs(&JobFilter::default()).await.unwrap(), 4);
+    assert!(store.enqueue_jobs(&[]).await.unwrap().is_empty());
+    // More than one statement's worth.
+    let many: Vec<NewJob> = (0..1200).map(|_| new_job("many", t)).collect();
+    let enqueued = store.enqueue_jobs(&many).await.unwrap();
+    assert!(
+        enqueued
+            .iter()
+            .zip(&many)
+            .all(|(e, j)| matches!(e, Enqueued::New(s) if s.id == j.id))
+    );
+    // Every job due: the held one, two of the batch and the 1200.
+    assert_eq!(claim(store, 2000, "w", t).await.len(), 1203);
+}
+both_backends!(a_batch_enqueue_stores_each_job_as_a_single_one_would);
 
 async fn scheduled_jobs_wait_for_their_time(db: &TestDb) {
     db.store.migrate().await.unwrap();
@@ -428,6 +501,19 @@ async fn attempts_end_completed_retried_discarded_or_cancelled(db: &TestDb) {
         Some("timeout talking to smtp")
     );
     assert_eq!(stored[2].last_error.as_deref(), Some("bad payload"));
+    // The completed attempt is kept on the job's row, and its history shows it.
+    let (_, attempts) = store.job(batch[0].id).await.unwrap();
+    assert_eq!(
+        attempts,
+        [AttemptRecord {
+            attempt: 1,
+            worker: "w".into(),
+            started_at: t,
+            finished_at: now,
+            outcome: AttemptOutcome::Completed,
+            error: None,
+        }]
+    );
     let (_, attempts) = store.job(batch[1].id).await.unwrap();
     assert_eq!(attempts.len(), 1);
     assert_eq!(
@@ -464,6 +550,145 @@ async fn attempts_end_completed_retried_discarded_or_cancelled(db: &TestDb) {
     assert!(store.finish_jobs(&[], now).await.unwrap().is_empty());
 }
 both_backends!(attempts_end_completed_retried_discarded_or_cancelled);
+
+async fn a_hand_back_undoes_the_claim_and_keeps_the_last_real_error(db: &TestDb) {
+    db.store.migrate().await.unwrap();
+    let store = &*db.store;
+    let t = t0();
+    let failed = enqueue(store, &new_job("work", t)).await;
+    let fresh = enqueue(store, &new_job("work", t + secs(1))).await;
+    let first = claim(store, 1, "w", t).await;
+    assert_eq!(ids(&first), [failed.id]);
+    let retry = Finish::Retry {
+        error: "connection refused".into(),
+        retry_at: t + secs(10),
+        outcome: AttemptOutcome::Retried,
+    };
+    finish(store, &first[0], retry, t).await;
+    let second = claim(store, 2, "w", t + secs(10)).await;
+    assert_eq!(ids(&second), [fresh.id, failed.id]);
+    let release = |reason: Option<&str>, run_at| Finish::Release {
+        reason: reason.map(str::to_owned),
+        run_at,
+    };
+    let now = t + secs(11);
+    let back = store
+        .finish_jobs(
+            &[
+                ended(
+                    &second[1],
+                    release(Some("waiting: the circuit of smtp is open"), t + secs(40)),
+                ),
+                // Handed back due now (claimed ahead by a worker that stops).
+                ended(&second[0], release(None, second[0].run_at)),
+            ],
+            now,
+        )
+        .await
+        .unwrap();
+    assert_eq!(ids(&back), [failed.id, fresh.id]);
+    // Its attempt is not counted, and its last error stays its real attempt's.
+    assert_eq!(
+        (back[0].state, back[0].attempt, back[0].run_at),
+        (JobState::Retryable, 1, t + secs(40))
+    );
+    assert_eq!(back[0].last_error.as_deref(), Some("connection refused"));
+    // Never attempted and due: available again, without an error.
+    assert_eq!(
+        (back[1].state, back[1].attempt, back[1].run_at),
+        (JobState::Available, 0, t + secs(1))
+    );
+    assert_eq!(back[1].last_error, None);
+    for job in &back {
+        assert_eq!((job.leased_by.as_deref(), job.lease_until), (None, None));
+        assert!(store.job(job.id).await.unwrap().1.len() <= 1);
+    }
+    // Never attempted, handed back for later: scheduled, with the reason for operators.
+    let again = claim(store, 1, "w", now).await;
+    assert_eq!(ids(&again), [fresh.id]);
+    let reason = "waiting: the circuit of smtp is open";
+    let later = finish(store, &again[0], release(Some(reason), t + secs(60)), now).await;
+    assert_eq!((later.state, later.attempt), (JobState::Scheduled, 0));
+    assert_eq!(later.last_error.as_deref(), Some(reason));
+    assert!(store.job(fresh.id).await.unwrap().1.is_empty());
+}
+both_backends!(a_hand_back_undoes_the_claim_and_keeps_the_last_real_error);
+
+async fn a_finish_and_claim_records_the_ends_and_claims_in_one_call(db: &TestDb) {
+    db.store.migrate().await.unwrap();
+    let store = &*db.store;
+    let t = t0();
+    let mut plain = Vec::new();
+    for _ in 0..4 {
+        plain.push(enqueue(store, &new_job("work", t)).await.id);
+    }
+    // One job of the key may run at once.
+    let keyed = |n: i64| NewJob {
+        concurrency_key: Some("tenant".into()),
+        concurrency_limit: 1,
+        priority: 2,
+        ..new_job("keyed", t - Duration::microseconds(n))
+    };
+    let k1 = enqueue(store, &keyed(2)).await;
+    let k2 = enqueue(store, &keyed(1)).await;
+    let claim_of = |limit| Claim {
+        queue: "default",
+        limit,
+        worker: "w",
+        lease_until: t + secs(30),
+    };
+    let (recorded, first) = store
+        .finish_and_claim(&[], Some(claim_of(3)), t)
+        .await
+        .unwrap();
+    assert!(recorded.is_empty());
+    assert_eq!(first.len(), 3);
+    assert!(first.iter().all(|j| j.state == JobState::Running));
+    let (_, second) = store
+        .finish_and_claim(&[], Some(claim_of(10)), t)
+        .await
+        .unwrap();
+    let last_plain: Vec<Uuid> = plain
+        .iter()
+        .copied()
+        .filter(|id| !ids(&first).contains(id))
+        .collect();
+    assert_eq!(ids(&second), [last_plain[0], k1.id], "k2 waits for k1");
+    // The ends and the next claim in one call: the claim sees the slot of the key that k1's
+    // end freed.
+    let ends: Vec<Finished> = first
+        .iter()
+        .chain(&second)
+        .map(|j| ended(j, Finish::Completed))
+        .collect();
+    let now = t + secs(1);
+    let (recorded, claimed) = store
+        .finish_and_claim(&ends, Some(claim_of(10)), now)
+        .await
+        .unwrap();
+    assert_eq!(
+        ids(&recorded),
+        ends.iter().map(|e| e.id).collect::<Vec<_>>()
+    );
+    assert!(recorded.iter().all(|j| j.state == JobState::Completed));
+    assert_eq!(ids(&claimed), [k2.id]);
+    assert_eq!(claimed[0].lease_until, Some(t + secs(30)));
+    let (_, attempts) = store.job(k1.id).await.unwrap();
+    assert_eq!(attempts.len(), 1);
+    assert_eq!(attempts[0].outcome, AttemptOutcome::Completed);
+    // Only ends: nothing claimed; nothing at all: nothing done.
+    let (recorded, claimed) = store
+        .finish_and_claim(&[ended(&claimed[0], Finish::Completed)], None, now)
+        .await
+        .unwrap();
+    assert_eq!((ids(&recorded), claimed.len()), (vec![k2.id], 0));
+    let (recorded, claimed) = store
+        .finish_and_claim(&[], Some(claim_of(0)), now)
+        .await
+        .unwrap();
+    assert!(recorded.is_empty() && claimed.is_empty());
+}
+both_backends!(a_finish_and_claim_records_the_ends_and_claims_in_one_call);
 
 async fn an_expired_lease_counts_the_attempt_and_the_last_one_discards(db: &TestDb) {
     db.store.migrate().await.unwrap();
