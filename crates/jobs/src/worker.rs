@@ -155,6 +155,9 @@ struct QueueWorker {
     more_due: bool,
     /// The store was unavailable: no call before this.
     retry_at: Option<Instant>,
+    /// When the store was last asked for jobs: the poll comes `poll_interval` after it, however
+    /// often other events (renewals, ends) wake the loop meanwhile.
+    claimed_at: Instant,
     /// The moving average of attempts' run time, in seconds.
     typical_run: f64,
     done_tx: mpsc::UnboundedSender<Done>,
@@ -179,6 +182,7 @@ impl QueueWorker {
             max_cycles,
             more_due: true,
             retry_at: None,
+            claimed_at: Instant::now(),
             typical_run: 0.0,
             done_tx,
             done_rx,
@@ -242,7 +246,7 @@ impl QueueWorker {
     /// When the loop looks again without an event: at the poll, when the store may be asked
     /// again, or when the job claimed ahead longest ago has waited [`HOLD_AHEAD`].
     fn pause(&self, poll: Duration, now: Instant) -> Instant {
-        let mut at = self.retry_at.unwrap_or(now + poll);
+        let mut at = self.retry_at.unwrap_or(self.claimed_at + poll).max(now);
         if let Some(oldest) = self.ready.iter().map(|r| r.since).min() {
             at = at.min(oldest + HOLD_AHEAD);
         }
@@ -319,6 +323,9 @@ impl QueueWorker {
         };
         if self.ended.is_empty() && limit == 0 {
             return;
+        }
+        if limit > 0 {
+            self.claimed_at = Instant::now();
         }
         let ends = std::mem::take(&mut self.ended);
         let jobs = Arc::clone(&self.jobs);
