@@ -271,6 +271,35 @@ macro_rules! device_queries {
                 Ok(())
             }
 
+            /// Writes points into `table` (`telemetry` or `telemetry_latest`, which have the same
+            /// columns), [`POINT_CHUNK`] rows per statement, each ending with `on_conflict`.
+            async fn write_points(
+                conn: &mut <Db as sqlx::Database>::Connection,
+                table: &str,
+                points: &[(Uuid, &TelemetryPoint)],
+                on_conflict: &str,
+            ) -> Result<(), StoreError> {
+                for chunk in points.chunks(POINT_CHUNK) {
+                    let mut insert = QueryBuilder::<Db>::new(format!(
+                        "INSERT INTO {table} (device_id, {POINT_COLUMNS}) "
+                    ));
+                    insert.push_values(chunk, |mut row, (device, p)| {
+                        let (kind, num, text, shape, blob) = value_columns(&p.value);
+                        row.push_bind(Store::id(*device))
+                            .push_bind(p.key.as_str())
+                            .push_bind(Store::time(p.ts))
+                            .push_bind(kind)
+                            .push_bind(num)
+                            .push_bind(text)
+                            .push_bind(shape)
+                            .push_bind(blob);
+                    });
+                    insert.push(on_conflict);
+                    insert.build().execute(&mut *conn).await.map_err(telemetry_err)?;
+                }
+                Ok(())
+            }
+
             async fn insert_key(
                 conn: &mut <Db as sqlx::Database>::Connection,
                 device: Uuid,
@@ -828,24 +857,7 @@ macro_rules! device_queries {
                         .filter(|(_, s)| **s)
                         .flat_map(|(b, _)| b.points.iter().map(move |p| (b.device_id, p)))
                         .collect();
-                    for chunk in points.chunks(POINT_CHUNK) {
-                        let mut insert = QueryBuilder::<Db>::new(format!(
-                            "INSERT INTO telemetry (device_id, {POINT_COLUMNS}) "
-                        ));
-                        insert.push_values(chunk, |mut row, (device, p)| {
-                            let (kind, num, text, shape, blob) = value_columns(&p.value);
-                            row.push_bind(Store::id(*device))
-                                .push_bind(p.key.as_str())
-                                .push_bind(Store::time(p.ts))
-                                .push_bind(kind)
-                                .push_bind(num)
-                                .push_bind(text)
-                                .push_bind(shape)
-                                .push_bind(blob);
-                        });
-                        insert.push(" ON CONFLICT DO NOTHING");
-                        insert.build().execute(&mut *tx).await.map_err(telemetry_err)?;
-                    }
+                    write_points(&mut tx, "telemetry", &points, " ON CONFLICT DO NOTHING").await?;
                     // The latest value per key: one row each, the newest point.
                     let mut latest: HashMap<(Uuid, &str), &TelemetryPoint> = HashMap::new();
                     for (device, p) in &points {
@@ -854,30 +866,18 @@ macro_rules! device_queries {
                             *slot = p;
                         }
                     }
-                    let latest: Vec<((Uuid, &str), &TelemetryPoint)> = latest.into_iter().collect();
-                    for chunk in latest.chunks(POINT_CHUNK) {
-                        let mut upsert = QueryBuilder::<Db>::new(format!(
-                            "INSERT INTO telemetry_latest (device_id, {POINT_COLUMNS}) "
-                        ));
-                        upsert.push_values(chunk, |mut row, ((device, _), p)| {
-                            let (kind, num, text, shape, blob) = value_columns(&p.value);
-                            row.push_bind(Store::id(*device))
-                                .push_bind(p.key.as_str())
-                                .push_bind(Store::time(p.ts))
-                                .push_bind(kind)
-                                .push_bind(num)
-                                .push_bind(text)
-                                .push_bind(shape)
-                                .push_bind(blob);
-                        });
-                        upsert.push(
-                            " ON CONFLICT (device_id, key) DO UPDATE SET ts = excluded.ts, \
-                             kind = excluded.kind, num = excluded.num, text = excluded.text, \
-                             shape = excluded.shape, blob = excluded.blob \
-                             WHERE excluded.ts >= telemetry_latest.ts",
-                        );
-                        upsert.build().execute(&mut *tx).await.map_err(telemetry_err)?;
-                    }
+                    let latest: Vec<(Uuid, &TelemetryPoint)> =
+                        latest.into_iter().map(|((device, _), p)| (device, p)).collect();
+                    write_points(
+                        &mut tx,
+                        "telemetry_latest",
+                        &latest,
+                        " ON CONFLICT (device_id, key) DO UPDATE SET ts = excluded.ts, \
+                         kind = excluded.kind, num = excluded.num, text = excluded.text, \
+                         shape = excluded.shape, blob = excluded.blob \
+                         WHERE excluded.ts >= telemetry_latest.ts",
+                    )
+                    .await?;
                     tx.commit().await.map_err(telemetry_err)?;
                     Ok(stored)
                 }
