@@ -130,9 +130,9 @@ def prepare_cron(server):
 
 def prepare_devices(server):
     """Two devices of the admin (one for the run to delete, one with a command that has
-    expired) and an open alert of a third,
+    expired), a provisioning token for the run to revoke, and an open alert of a third,
     which went silent: its inactivity timeout is the shortest allowed (10 s), and it was heard
-    once, over HTTP. Returns the device ids, the alert's and the command's."""
+    once, over HTTP. Returns the device ids, the alert's, the command's and the token's."""
     base = server.base_url
     admin = requests.post(
         f"{base}/api/v1/auth/login", json={"email": ADMIN_EMAIL, "password": ADMIN_PASSWORD}, timeout=10
@@ -160,13 +160,17 @@ def prepare_devices(server):
         json={"seq": 1, "points": [{"key": "temp", "value": 20.5}]},
         timeout=10,
     ).raise_for_status()
+    token = requests.post(
+        f"{base}/api/v1/provisioning-tokens", headers=headers, json={"model": "esp32-s3"}, timeout=10
+    )
+    token.raise_for_status()
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         page = requests.get(
             f"{base}/api/v1/alerts", headers=headers, params={"device": quiet["device"]["id"]}, timeout=10
         ).json()
         if page["items"]:
-            return kept, deleted, page["items"][0]["id"], command.json()["id"]
+            return kept, deleted, page["items"][0]["id"], command.json()["id"], token.json()["token"]["id"]
         time.sleep(0.2)
     raise AssertionError("the quiet device raised no alert")
 
@@ -209,8 +213,9 @@ def test_every_operation_conforms_to_the_document(server):
     room, member, session = prepare_room(server)
     job = prepare_job(server)
     cron = prepare_cron(server)
-    device, deleted_device, alert, command = prepare_devices(server)
+    device, deleted_device, alert, command, token = prepare_devices(server)
     env = {
+        "ST_TOKEN_ID": token,
         "ST_DEVICE_ID": device,
         "ST_DELETE_DEVICE_ID": deleted_device,
         "ST_ALERT_ID": alert,

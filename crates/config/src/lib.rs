@@ -326,6 +326,9 @@ config_keys! {
         device_presence_flush: HumanDuration = HumanDuration::secs(5), secret = false;
         /// Device registrations per hour for one user, and for one address.
         device_registrations_per_hour: u32 = 30, secret = false;
+        /// Device claims (`POST /api/v1/devices/claim`, successful or not) per hour from one
+        /// address.
+        device_claims_per_hour: u32 = 60, secret = false;
         /// Who is mailed when a device goes silent, comma-separated: `owner` (the device's
         /// owner) and addresses; empty: nobody.
         device_alert_mail: String = String::new(), secret = false;

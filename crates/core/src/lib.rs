@@ -7,6 +7,7 @@
 pub mod clock;
 pub mod email;
 pub mod password;
+pub mod qr;
 pub mod ratelimit;
 pub mod secret;
 pub mod text;

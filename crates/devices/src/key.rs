@@ -1,58 +1,73 @@
-//! Device API keys: `unh_dk_` and 256 random bits, shown once and stored as a SHA-256 hash.
-//! A key is found by its hash through the store's index: what timing could reveal is a few bits
-//! of a hash of a 256-bit secret, which helps no one guess a key.
+//! The fleet's secrets: device API keys (`unh_dk_`) and provisioning tokens (`unh_pt_`), each
+//! the prefix and 256 random bits, shown once and stored as a SHA-256 hash. A secret is found
+//! by its hash through the store's index: what timing could reveal is a few bits of a hash of
+//! a 256-bit secret, which helps no one guess one.
 
 use unhidra_core::OpaqueToken;
-use unhidra_protocol::device::DEVICE_KEY_PREFIX_TEXT;
+use unhidra_protocol::device::{CLAIM_TOKEN_PREFIX_TEXT, DEVICE_KEY_PREFIX_TEXT};
 
-/// How many characters of a key the listings show, prefix included.
+/// How many characters of a secret the listings show, prefix included.
 const SHOWN: usize = 12;
 
-/// A device key as the device holds it.
-#[derive(Clone)]
-pub struct DeviceKey(String);
+/// Defines a prefixed secret type.
+macro_rules! prefixed_secret {
+    ($(#[$doc:meta])* $name:ident, $prefix:expr) => {
+        $(#[$doc])*
+        #[derive(Clone)]
+        pub struct $name(String);
 
-impl DeviceKey {
-    /// A new random key.
-    pub fn generate() -> Self {
-        Self(format!(
-            "{DEVICE_KEY_PREFIX_TEXT}{}",
-            OpaqueToken::generate().expose()
-        ))
-    }
+        impl $name {
+            /// A new random one.
+            pub fn generate() -> Self {
+                Self(format!("{}{}", $prefix, OpaqueToken::generate().expose()))
+            }
 
-    /// A key a device presented, if it looks like one (the prefix and 43 base64url
-    /// characters): anything else is refused before the store is asked.
-    pub fn from_client(text: &str) -> Option<Self> {
-        let rest = text.strip_prefix(DEVICE_KEY_PREFIX_TEXT)?;
-        let shaped = rest.len() == 43
-            && rest
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-        shaped.then(|| Self(text.to_owned()))
-    }
+            /// One a client presented, if it looks like one (the prefix and 43 base64url
+            /// characters): anything else is refused before the store is asked.
+            pub fn from_client(text: &str) -> Option<Self> {
+                let rest = text.strip_prefix($prefix)?;
+                let shaped = rest.len() == 43
+                    && rest
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+                shaped.then(|| Self(text.to_owned()))
+            }
 
-    /// The key, to hand to its device once.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
+            /// The secret, to hand out once.
+            pub fn expose(&self) -> &str {
+                &self.0
+            }
 
-    /// What is stored: its SHA-256, hex.
-    pub fn hash(&self) -> String {
-        unhidra_core::secret::hash_hex(self.0.as_bytes())
-    }
+            /// What is stored: its SHA-256, hex.
+            pub fn hash(&self) -> String {
+                unhidra_core::secret::hash_hex(self.0.as_bytes())
+            }
 
-    /// The first characters, to tell keys apart in listings; no use to an attacker.
-    pub fn shown(&self) -> String {
-        self.0.chars().take(SHOWN).collect()
-    }
+            /// The first characters, to tell secrets apart in listings; no use to an attacker.
+            pub fn shown(&self) -> String {
+                self.0.chars().take(SHOWN).collect()
+            }
+        }
+
+        impl std::fmt::Debug for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(concat!(stringify!($name), "([redacted])"))
+            }
+        }
+    };
 }
 
-impl std::fmt::Debug for DeviceKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("DeviceKey([redacted])")
-    }
-}
+prefixed_secret!(
+    /// A device key as the device holds it.
+    DeviceKey,
+    DEVICE_KEY_PREFIX_TEXT
+);
+
+prefixed_secret!(
+    /// A provisioning token, as its QR code carries it.
+    ClaimToken,
+    CLAIM_TOKEN_PREFIX_TEXT
+);
 
 #[cfg(test)]
 mod tests {
@@ -75,5 +90,15 @@ mod tests {
         }
         let spaced = format!("{} ", a.expose());
         assert!(DeviceKey::from_client(&spaced).is_none());
+    }
+
+    #[test]
+    fn tokens_and_keys_are_not_each_other() {
+        let token = ClaimToken::generate();
+        assert!(token.expose().starts_with("unh_pt_"));
+        assert!(ClaimToken::from_client(token.expose()).is_some());
+        assert!(DeviceKey::from_client(token.expose()).is_none());
+        assert!(ClaimToken::from_client(DeviceKey::generate().expose()).is_none());
+        assert_eq!(format!("{token:?}"), "ClaimToken([redacted])");
     }
 }

@@ -11,6 +11,7 @@ pub mod input;
 pub mod key;
 pub mod metrics;
 mod presence;
+pub mod provision;
 pub mod telemetry;
 pub mod views;
 
@@ -31,7 +32,7 @@ use unhidra_store::devices::{
 use unhidra_store::{Store, StoreError};
 use uuid::Uuid;
 
-pub use key::DeviceKey;
+pub use key::{ClaimToken, DeviceKey};
 pub use metrics::DeviceMetrics;
 use presence::{Presence, Touch};
 pub use views::{AlertView, DeviceView, FleetSummary, KeyView, Registered};
@@ -67,6 +68,9 @@ pub enum DeviceError {
     /// The caller may not do this (not an admin).
     #[error("{0}")]
     Forbidden(&'static str),
+    /// A claim with a provisioning token was refused.
+    #[error("the claim was refused: {0:?}")]
+    Claim(unhidra_store::devices::ClaimRefusal),
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -250,8 +254,12 @@ pub struct DevicesConfig {
     pub presence_flush: std::time::Duration,
     /// Telemetry limits.
     pub telemetry: telemetry::Limits,
-    /// Registrations per hour per user and per address.
+    /// Registrations (and provisioning tokens) per hour per user and per address.
     pub registrations_per_hour: u32,
+    /// Claims per hour per address.
+    pub claims_per_hour: u32,
+    /// The URL devices reach this server at, for provisioning payloads.
+    pub public_url: Option<String>,
     /// IPv6 clients are limited per network of this many bits.
     pub ipv6_prefix: u8,
     /// Whether admin powers need a second factor.
@@ -310,6 +318,8 @@ impl DevicesConfig {
             presence_flush: config.device_presence_flush.0,
             telemetry: telemetry::Limits::from_config(config)?,
             registrations_per_hour: config.device_registrations_per_hour,
+            claims_per_hour: config.device_claims_per_hour,
+            public_url: config.public_url.as_ref().map(ToString::to_string),
             ipv6_prefix: u8::try_from(config.rate_limit_ipv6_prefix).unwrap_or(128),
             require_admin_mfa: config.require_admin_mfa,
             alert_mail_owner,
@@ -336,6 +346,7 @@ struct Inner {
     events: tokio::sync::broadcast::Sender<FleetEvent>,
     registrations_per_user: SlidingWindow,
     registrations_per_ip: SlidingWindow,
+    claims_per_ip: SlidingWindow,
     /// One alert mail per device an hour.
     alert_mail_per_device: SlidingWindow,
     telemetry: telemetry::Ingest,
@@ -385,6 +396,7 @@ impl Devices {
         Self(Arc::new(Inner {
             registrations_per_user: SlidingWindow::new(config.registrations_per_hour, hour),
             registrations_per_ip: SlidingWindow::new(config.registrations_per_hour, hour),
+            claims_per_ip: SlidingWindow::new(config.claims_per_hour, hour),
             alert_mail_per_device: SlidingWindow::new(1, hour),
             store,
             clock,
@@ -463,6 +475,81 @@ impl Devices {
         }
     }
 
+    /// Whom a new device (or provisioning token) is for: the caller, or for an admin, the
+    /// user named.
+    async fn owner_for(
+        &self,
+        who: &Principal,
+        owner: Option<UserId>,
+    ) -> Result<UserId, DeviceError> {
+        match owner {
+            Some(owner) if owner != who.user_id => {
+                if !self.is_admin(who) {
+                    return Err(DeviceError::Forbidden(
+                        "only admins register devices for someone else",
+                    ));
+                }
+                match self.0.store.user_by_id(owner).await {
+                    Ok(_) => Ok(owner),
+                    Err(StoreError::NotFound { .. }) => Err(DeviceError::Invalid(
+                        "/owner",
+                        "unknown_user",
+                        "no such user".into(),
+                    )),
+                    Err(e) => Err(e.into()),
+                }
+            }
+            _ => Ok(who.user_id),
+        }
+    }
+
+    /// One attempt of a limited kind (`scope` for the metric, `what` for the caller).
+    fn limit(
+        &self,
+        window: &SlidingWindow,
+        key: &str,
+        scope: &'static str,
+        what: &'static str,
+        now: DateTime<Utc>,
+    ) -> Result<(), DeviceError> {
+        window
+            .try_acquire(key, now)
+            .map(drop)
+            .map_err(|retry_after| {
+                self.0.metrics.limited(scope);
+                DeviceError::RateLimited {
+                    scope: what,
+                    retry_after,
+                }
+            })
+    }
+
+    /// A registration (or a provisioning token), per address and per user.
+    fn limit_registration(
+        &self,
+        who: &Principal,
+        ip: Option<IpAddr>,
+        now: DateTime<Utc>,
+    ) -> Result<(), DeviceError> {
+        if let Some(ip) = ip {
+            let key = address_key(ip, self.0.config.ipv6_prefix);
+            self.limit(
+                &self.0.registrations_per_ip,
+                &key,
+                "registration_ip",
+                "registrations",
+                now,
+            )?;
+        }
+        self.limit(
+            &self.0.registrations_per_user,
+            &who.user_id.to_string(),
+            "registration_user",
+            "registrations",
+            now,
+        )
+    }
+
     /// Registers a device for the caller (or, for an admin, for `owner`) and answers it with
     /// its key, which is shown this once.
     pub async fn register(
@@ -472,27 +559,7 @@ impl Devices {
         ip: Option<IpAddr>,
         ctx: &RequestContext,
     ) -> Result<Registered, DeviceError> {
-        let owner = match new.owner {
-            Some(owner) if owner != who.user_id => {
-                if !self.is_admin(who) {
-                    return Err(DeviceError::Forbidden(
-                        "only admins register devices for someone else",
-                    ));
-                }
-                match self.0.store.user_by_id(owner).await {
-                    Ok(_) => owner,
-                    Err(StoreError::NotFound { .. }) => {
-                        return Err(DeviceError::Invalid(
-                            "/owner",
-                            "unknown_user",
-                            "no such user".into(),
-                        ));
-                    }
-                    Err(e) => return Err(e.into()),
-                }
-            }
-            _ => who.user_id,
-        };
+        let owner = self.owner_for(who, new.owner).await?;
         let now = self.now();
         let record = DeviceRecord {
             id: Uuid::new_v4(),
@@ -516,23 +583,7 @@ impl Devices {
             updated_at: now,
         };
         // Limits after parsing, so that malformed requests cost no attempt.
-        let limited = |scope, retry_after| {
-            self.0.metrics.limited(scope);
-            DeviceError::RateLimited {
-                scope: "registrations",
-                retry_after,
-            }
-        };
-        if let Some(ip) = ip {
-            self.0
-                .registrations_per_ip
-                .try_acquire(&address_key(ip, self.0.config.ipv6_prefix), now)
-                .map_err(|secs| limited("registration_ip", secs))?;
-        }
-        self.0
-            .registrations_per_user
-            .try_acquire(&who.user_id.to_string(), now)
-            .map_err(|secs| limited("registration_user", secs))?;
+        self.limit_registration(who, ip, now)?;
         let key = DeviceKey::generate();
         match self
             .0

@@ -46,6 +46,9 @@ pub struct DeviceMetrics {
     pub write_batches: Histogram,
     /// Attempts refused by a rate limit, by scope.
     pub limited: Family<Label, Counter>,
+    /// Claims with a provisioning token, by outcome (`claimed`, `reclaimed`, `unknown`,
+    /// `expired`, `used_up`, `wrong_model`, `hardware_taken`).
+    pub claims: Family<Label, Counter>,
 }
 
 impl Default for DeviceMetrics {
@@ -63,6 +66,7 @@ impl Default for DeviceMetrics {
             points: Counter::default(),
             write_batches: Histogram::new(exponential_buckets(1.0, 2.0, 10)),
             limited: Family::default(),
+            claims: Family::default(),
         }
     }
 }
@@ -131,6 +135,15 @@ impl DeviceMetrics {
             "Device registrations and batches refused by a rate limit, by scope",
             self.limited.clone(),
         );
+        registry.register(
+            "devices_claims",
+            "Device claims with a provisioning token, by outcome",
+            self.claims.clone(),
+        );
+    }
+
+    pub(crate) fn claim(&self, outcome: &'static str) {
+        self.claims.get_or_create(&Label { value: outcome }).inc();
     }
 
     pub(crate) fn limited(&self, scope: &'static str) {

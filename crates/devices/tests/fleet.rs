@@ -18,7 +18,7 @@ use unhidra_devices::{
 use unhidra_identity::{AuditLog, RequestContext};
 use unhidra_protocol::device::{ArrayValue, Point, Value};
 use unhidra_store::both_backends;
-use unhidra_store::devices::{AlertState, DeviceStatus};
+use unhidra_store::devices::{AlertState, ClaimRefusal, DeviceStatus};
 use unhidra_store::identity::NewUser;
 use unhidra_store::testing::TestDb;
 use uuid::Uuid;
@@ -781,3 +781,310 @@ async fn commands_reach_the_device_and_configuration_its_difference(db: &TestDb)
     f.devices.detach(&auth, &outbound);
 }
 both_backends!(commands_reach_the_device_and_configuration_its_difference);
+
+fn token_for(model: &str, tags: &[&str], max_uses: u32) -> unhidra_devices::provision::NewToken {
+    unhidra_devices::provision::NewToken {
+        model: model.into(),
+        tags: tags.iter().map(|t| (*t).to_owned()).collect(),
+        max_uses: Some(max_uses),
+        ttl: Some(3600),
+        ..Default::default()
+    }
+}
+
+fn claim_of(
+    token: &str,
+    hardware_id: &str,
+    model: &str,
+) -> unhidra_devices::provision::ClaimRequest {
+    unhidra_devices::provision::ClaimRequest {
+        token: token.into(),
+        hardware_id: hardware_id.into(),
+        model: model.into(),
+        firmware: Some("1.0.0".into()),
+        name: None,
+    }
+}
+
+fn refusal(result: Result<unhidra_devices::provision::Claimed, DeviceError>) -> ClaimRefusal {
+    match result {
+        Err(DeviceError::Claim(why)) => why,
+        other => panic!("expected a refused claim, got {other:?}"),
+    }
+}
+
+async fn provisioning_tokens_are_claimed_once_and_a_reset_device_keeps_its_identity(db: &TestDb) {
+    let f = fleet(db, config(|c| c.device_claims_per_hour = 1000)).await;
+    let mut events = f.devices.events();
+    let single = f
+        .devices
+        .create_token(
+            &f.alice,
+            token_for("esp32-s3", &["Lab", "floor-2"], 1),
+            None,
+            &ctx(),
+        )
+        .await
+        .unwrap();
+    assert!(single.secret.starts_with("unh_pt_"));
+    let payload: serde_json::Value = serde_json::from_str(&single.qr_payload).unwrap();
+    assert_eq!(payload["ver"], "v1");
+    assert_eq!(payload["token"], single.secret.as_str());
+    assert!(single.qr_svg.contains("<svg"));
+    assert_eq!(single.token.tags, ["floor-2", "lab"]);
+    assert!(single.token.usable);
+
+    // A wrong model, a malformed or unknown token: refused, and no claim is used.
+    assert_eq!(
+        refusal(
+            f.devices
+                .claim(claim_of(&single.secret, "aa:01", "esp32-c3"), None, &ctx())
+                .await
+        ),
+        ClaimRefusal::WrongModel("esp32-s3".into())
+    );
+    assert_eq!(
+        refusal(
+            f.devices
+                .claim(claim_of("unh_pt_short", "aa:01", "esp32-s3"), None, &ctx())
+                .await
+        ),
+        ClaimRefusal::Unknown
+    );
+    let unknown = unhidra_devices::ClaimToken::generate();
+    assert_eq!(
+        refusal(
+            f.devices
+                .claim(
+                    claim_of(unknown.expose(), "aa:01", "esp32-s3"),
+                    None,
+                    &ctx()
+                )
+                .await
+        ),
+        ClaimRefusal::Unknown
+    );
+    assert_eq!(f.devices.tokens(&f.alice).await.unwrap()[0].uses, 0);
+
+    // Two devices claim a single-use token at once: one gets it.
+    let context = ctx();
+    let (first, second) = tokio::join!(
+        f.devices.claim(
+            claim_of(&single.secret, "aa:01", "esp32-s3"),
+            None,
+            &context
+        ),
+        f.devices.claim(
+            claim_of(&single.secret, "aa:02", "esp32-s3"),
+            None,
+            &context
+        ),
+    );
+    let (claimed, lost) = match (first, second) {
+        (Ok(c), Err(e)) | (Err(e), Ok(c)) => (c, e),
+        other => panic!("exactly one claim wins: {other:?}"),
+    };
+    assert!(
+        matches!(lost, DeviceError::Claim(ClaimRefusal::UsedUp)),
+        "{lost:?}"
+    );
+    assert!(!claimed.reclaimed);
+    assert!(claimed.key.starts_with("unh_dk_"));
+    let device = f.devices.get(&f.alice, claimed.device.id).await.unwrap();
+    assert_eq!(device.tags, ["floor-2", "lab"]);
+    assert_eq!(device.firmware.as_deref(), Some("1.0.0"));
+    assert_eq!(device.model, "esp32-s3");
+    let auth = f.devices.authenticate(&claimed.key).await.unwrap();
+    assert_eq!(auth.owner, Some(f.alice.user_id));
+    let listed = f.devices.tokens(&f.alice).await.unwrap();
+    assert_eq!((listed[0].uses, listed[0].usable), (1, false));
+
+    // A multi-use token: a factory-reset device claims again and keeps its identity, its old
+    // key revoked (live connections told to close).
+    let multi = f
+        .devices
+        .create_token(&f.alice, token_for("esp32-s3", &["field"], 5), None, &ctx())
+        .await
+        .unwrap();
+    let hw = claimed.device.hardware_id.clone().unwrap();
+    let again = f
+        .devices
+        .claim(claim_of(&multi.secret, &hw, "esp32-s3"), None, &ctx())
+        .await
+        .unwrap();
+    assert!(again.reclaimed);
+    assert_eq!(again.device.id, claimed.device.id);
+    assert_eq!(
+        again.device.tags,
+        ["floor-2", "lab"],
+        "a reclaimed device keeps its tags"
+    );
+    assert!(matches!(
+        f.devices.authenticate(&claimed.key).await,
+        Err(DeviceError::BadKey)
+    ));
+    assert!(f.devices.authenticate(&again.key).await.is_ok());
+    let mut revoked = false;
+    while let Ok(event) = events.try_recv() {
+        revoked |= event
+            == FleetEvent::Revoked {
+                device: claimed.device.id,
+            };
+    }
+    assert!(revoked);
+
+    // Bob's token cannot take Alice's hardware id; nothing is used or made.
+    let bobs = f
+        .devices
+        .create_token(&f.bob, token_for("esp32-s3", &[], 3), None, &ctx())
+        .await
+        .unwrap();
+    assert_eq!(
+        refusal(
+            f.devices
+                .claim(claim_of(&bobs.secret, &hw, "esp32-s3"), None, &ctx())
+                .await
+        ),
+        ClaimRefusal::HardwareTaken
+    );
+    assert_eq!(f.devices.tokens(&f.bob).await.unwrap()[0].uses, 0);
+    assert!(f.devices.authenticate(&again.key).await.is_ok());
+
+    // Owners see and revoke their own tokens; admins all.
+    assert_eq!(f.devices.tokens(&f.bob).await.unwrap().len(), 1);
+    assert_eq!(f.devices.tokens(&f.admin).await.unwrap().len(), 3);
+    assert!(matches!(
+        f.devices.revoke_token(&f.bob, multi.token.id, &ctx()).await,
+        Err(DeviceError::NotFound(_))
+    ));
+    f.devices
+        .revoke_token(&f.alice, multi.token.id, &ctx())
+        .await
+        .unwrap();
+    assert_eq!(
+        refusal(
+            f.devices
+                .claim(claim_of(&multi.secret, "aa:09", "esp32-s3"), None, &ctx())
+                .await
+        ),
+        ClaimRefusal::Unknown
+    );
+
+    // An expired token says so.
+    f.clock.advance(Duration::seconds(3601));
+    assert_eq!(
+        refusal(
+            f.devices
+                .claim(claim_of(&bobs.secret, "bb:01", "esp32-s3"), None, &ctx())
+                .await
+        ),
+        ClaimRefusal::Expired
+    );
+
+    // An admin makes a token for Bob: its devices are Bob's. Bob deactivated: it stops working.
+    let for_bob = f
+        .devices
+        .create_token(
+            &f.admin,
+            unhidra_devices::provision::NewToken {
+                owner: Some(f.bob.user_id.0),
+                ..token_for("esp32-s3", &[], 2)
+            },
+            None,
+            &ctx(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(for_bob.token.owner, f.bob.user_id.0);
+    let bobs_device = f
+        .devices
+        .claim(claim_of(&for_bob.secret, "bb:02", "esp32-s3"), None, &ctx())
+        .await
+        .unwrap();
+    assert_eq!(
+        f.devices
+            .get(&f.bob, bobs_device.device.id)
+            .await
+            .unwrap()
+            .name,
+        "esp32-s3 bb:02"
+    );
+    assert!(matches!(
+        f.devices
+            .create_token(
+                &f.alice,
+                unhidra_devices::provision::NewToken {
+                    owner: Some(f.bob.user_id.0),
+                    ..token_for("esp32-s3", &[], 1)
+                },
+                None,
+                &ctx(),
+            )
+            .await,
+        Err(DeviceError::Forbidden(_))
+    ));
+    db.store
+        .update_user(
+            f.bob.user_id,
+            unhidra_store::identity::UserChange {
+                active: Some(false),
+                ..Default::default()
+            },
+            start(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        refusal(
+            f.devices
+                .claim(claim_of(&for_bob.secret, "bb:03", "esp32-s3"), None, &ctx())
+                .await
+        ),
+        ClaimRefusal::Unknown
+    );
+
+    // Bad fields are refused with their pointer.
+    for (new, field) in [
+        (token_for("bad model", &[], 1), "/model"),
+        (token_for("m", &[], 0), "/max_uses"),
+        (
+            unhidra_devices::provision::NewToken {
+                ttl: Some(10),
+                ..token_for("m", &[], 1)
+            },
+            "/ttl",
+        ),
+    ] {
+        match f.devices.create_token(&f.alice, new, None, &ctx()).await {
+            Err(DeviceError::Invalid(got, ..)) => assert_eq!(got, field),
+            other => panic!("{field}: {other:?}"),
+        }
+    }
+}
+both_backends!(provisioning_tokens_are_claimed_once_and_a_reset_device_keeps_its_identity);
+
+async fn claims_are_limited_per_address(db: &TestDb) {
+    let f = fleet(db, config(|c| c.device_claims_per_hour = 2)).await;
+    let ip: std::net::IpAddr = "192.0.2.7".parse().unwrap();
+    let unknown = unhidra_devices::ClaimToken::generate();
+    for _ in 0..2 {
+        assert_eq!(
+            refusal(
+                f.devices
+                    .claim(claim_of(unknown.expose(), "cc:01", "m"), Some(ip), &ctx())
+                    .await
+            ),
+            ClaimRefusal::Unknown
+        );
+    }
+    assert!(matches!(
+        f.devices
+            .claim(claim_of(unknown.expose(), "cc:01", "m"), Some(ip), &ctx())
+            .await,
+        Err(DeviceError::RateLimited {
+            scope: "claims",
+            ..
+        })
+    ));
+}
+both_backends!(claims_are_limited_per_address);

@@ -114,13 +114,8 @@ impl Identity {
         }
         let totp = totp(&secret, user.email.as_str())?;
         let uri = totp.get_url();
-        let qr_svg = qrcode::QrCode::new(uri.as_bytes())
-            .map(|qr| {
-                qr.render::<qrcode::render::svg::Color<'_>>()
-                    .min_dimensions(200, 200)
-                    .build()
-            })
-            .map_err(|e| IdentityError::Crypto(e.to_string()))?;
+        let qr_svg = unhidra_core::qr::svg(&uri)
+            .ok_or_else(|| IdentityError::Crypto("the URI is too long for a QR code".into()))?;
         Ok(TotpSetup {
             secret,
             otpauth_uri: uri,

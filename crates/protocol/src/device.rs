@@ -25,6 +25,9 @@ pub const SUBPROTOCOL_DEVICE_MSGPACK: &str = "unhidra.device.v1.msgpack";
 pub const DEVICE_KEY_PREFIX: &str = "key.";
 /// How every device key begins (`unh_dk_<random>`): what tells a key from a user's token.
 pub const DEVICE_KEY_PREFIX_TEXT: &str = "unh_dk_";
+/// How every provisioning (claim) token begins (`unh_pt_<random>`), which a device exchanges
+/// for its key at `POST /api/v1/devices/claim`.
+pub const CLAIM_TOKEN_PREFIX_TEXT: &str = "unh_pt_";
 
 /// The deepest nesting a MessagePack frame may have, as serde_json allows for JSON text.
 const MAX_DEPTH: usize = 128;

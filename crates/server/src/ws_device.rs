@@ -172,6 +172,8 @@ fn refusal(e: &DeviceError, reference: Option<String>) -> DeviceServerFrame {
         DeviceError::NotFound(_) => ("not_found", e.to_string(), None),
         DeviceError::Forbidden(why) => ("forbidden", (*why).to_owned(), None),
         DeviceError::BadKey => ("invalid_key", e.to_string(), None),
+        // Claims are made over HTTP, never on a device's connection.
+        DeviceError::Claim(_) => ("claim_refused", e.to_string(), None),
         // Never the store's own text.
         DeviceError::Store(_) => ("internal", "the server could not do this now".into(), None),
     };

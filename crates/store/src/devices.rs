@@ -439,6 +439,85 @@ pub struct ConfigRecord {
     pub reported_at: Option<DateTime<Utc>>,
 }
 
+/// A stored provisioning token (never the token).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProvisioningTokenRecord {
+    /// Its id.
+    pub id: Uuid,
+    /// Who owns the devices it makes.
+    pub owner: UserId,
+    /// Who made it.
+    pub created_by: Option<UserId>,
+    /// The token's first characters, to tell tokens apart in listings.
+    pub prefix: String,
+    /// The model a claiming device must report.
+    pub model: String,
+    /// The tags the devices it makes get, sorted.
+    pub tags: Vec<String>,
+    /// Claims it allows in all.
+    pub max_uses: i64,
+    /// Claims made with it.
+    pub uses: i64,
+    /// When it was made.
+    pub created_at: DateTime<Utc>,
+    /// When it stops working.
+    pub expires_at: DateTime<Utc>,
+    /// When it was revoked.
+    pub revoked_at: Option<DateTime<Utc>>,
+    /// When a device last claimed with it.
+    pub last_used_at: Option<DateTime<Utc>>,
+}
+
+/// A device's claim with a provisioning token, as the store carries it out in one transaction.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Claim {
+    /// SHA-256 of the token, hex.
+    pub token_hash: String,
+    /// The model the device reports.
+    pub model: String,
+    /// The firmware it runs.
+    pub firmware: Option<String>,
+    /// The device to make when no device has its hardware id (`hardware_id` set; its owner and
+    /// tags are the token's, filled in by the store).
+    pub device: DeviceRecord,
+    /// Its new key.
+    pub key: NewDeviceKey,
+    /// Now.
+    pub now: DateTime<Utc>,
+}
+
+/// What came of a claim.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ClaimOutcome {
+    /// A new device was made.
+    Claimed(DeviceRecord),
+    /// The device with this hardware id (the token owner's) claimed again: its keys were
+    /// revoked, the new key added, the token's tags added to its own.
+    Reclaimed {
+        /// The device, as it is now.
+        device: DeviceRecord,
+        /// How many keys were revoked.
+        revoked: u64,
+    },
+    /// Nothing was changed, for this reason.
+    Refused(ClaimRefusal),
+}
+
+/// Why a claim changed nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClaimRefusal {
+    /// No such token, it was revoked, or its owner is deactivated.
+    Unknown,
+    /// It expired.
+    Expired,
+    /// Its claims are used up.
+    UsedUp,
+    /// It is for another model: this one.
+    WrongModel(String),
+    /// Another user's device has this hardware id.
+    HardwareTaken,
+}
+
 /// Devices, keys, presence, alerts and telemetry.
 #[async_trait]
 pub trait DeviceStore: Send + Sync {
@@ -639,4 +718,32 @@ pub trait DeviceStore: Send + Sync {
 
     /// A device's configuration; `NotFound` if none was ever set or reported.
     async fn device_config(&self, device: Uuid) -> Result<ConfigRecord, StoreError>;
+
+    /// Stores a new provisioning token (its hash).
+    async fn create_provisioning_token(
+        &self,
+        token: &ProvisioningTokenRecord,
+        hash: &str,
+    ) -> Result<(), StoreError>;
+
+    /// One provisioning token.
+    async fn provisioning_token(&self, id: Uuid) -> Result<ProvisioningTokenRecord, StoreError>;
+
+    /// Provisioning tokens, newest first, `owner`'s only when given; at most `limit`.
+    async fn provisioning_tokens(
+        &self,
+        owner: Option<UserId>,
+        limit: u32,
+    ) -> Result<Vec<ProvisioningTokenRecord>, StoreError>;
+
+    /// Revokes a provisioning token; false if it was revoked already.
+    async fn revoke_provisioning_token(
+        &self,
+        id: Uuid,
+        now: DateTime<Utc>,
+    ) -> Result<bool, StoreError>;
+
+    /// Carries out a claim in one transaction: uses the token once, then makes the device or
+    /// claims the token owner's device with this hardware id again. A refusal changes nothing.
+    async fn claim_device(&self, claim: &Claim) -> Result<ClaimOutcome, StoreError>;
 }

@@ -38,6 +38,7 @@ pub(crate) const SQLITE: &[Embedded] = embedded!("sqlite":
     (0010, "devices"),
     (0011, "jobs_fewer_writes"),
     (0012, "device_commands"),
+    (0013, "provisioning"),
 );
 
 /// PostgreSQL's migrations, oldest first, in step with [`SQLITE`].
@@ -55,6 +56,7 @@ pub(crate) const POSTGRES: &[Embedded] = embedded!("postgres":
     (0010, "devices"),
     (0011, "jobs_fewer_writes"),
     (0012, "device_commands"),
+    (0013, "provisioning"),
 );
 
 #[derive(Debug)]

@@ -8,12 +8,13 @@ use axum::http::request::Parts;
 use axum::http::{StatusCode, header};
 use serde::{Deserialize, Serialize};
 use unhidra_devices::commands::{CommandView, ConfigView, NewCommand};
+use unhidra_devices::provision::{ClaimRequest, Claimed, CreatedToken, NewToken, TokenView};
 use unhidra_devices::telemetry::{PointView, Read, ReadQuery};
 use unhidra_devices::{
     AlertView, DeviceAuth, DeviceError, DeviceUpdate, DeviceView, FleetSummary, KeyView, ListQuery,
     NewDevice, Page, Registered,
 };
-use unhidra_store::devices::AlertState;
+use unhidra_store::devices::{AlertState, ClaimRefusal};
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
@@ -49,9 +50,44 @@ impl From<DeviceError> for ApiError {
             DeviceError::Forbidden(why) => {
                 Problem::new(StatusCode::FORBIDDEN, "forbidden", why).into()
             }
+            DeviceError::Claim(why) => claim_refused(&why),
             DeviceError::Store(e) => e.into(),
         }
     }
+}
+
+/// A refused claim: a problem whose `code` says why.
+fn claim_refused(why: &ClaimRefusal) -> ApiError {
+    let (status, code, message) = match why {
+        ClaimRefusal::Unknown => (
+            StatusCode::UNAUTHORIZED,
+            "claim_token_invalid",
+            "The provisioning token is not known, or was revoked.".to_owned(),
+        ),
+        ClaimRefusal::Expired => (
+            StatusCode::GONE,
+            "claim_token_expired",
+            "The provisioning token has expired.".to_owned(),
+        ),
+        ClaimRefusal::UsedUp => (
+            StatusCode::GONE,
+            "claim_token_used",
+            "The provisioning token's claims are used up.".to_owned(),
+        ),
+        ClaimRefusal::WrongModel(model) => {
+            return ApiError::validation(vec![FieldError::new(
+                "/model",
+                "model_mismatch",
+                format!("the provisioning token is for model {model}"),
+            )]);
+        }
+        ClaimRefusal::HardwareTaken => (
+            StatusCode::CONFLICT,
+            "hardware_id_taken",
+            "Another user's device has this hardware id.".to_owned(),
+        ),
+    };
+    Problem::new(status, code, message).into()
 }
 
 /// Answers that carry a key are kept by no cache.
@@ -104,6 +140,95 @@ pub(crate) async fn create(
     let ip = ctx.ip.as_deref().and_then(|ip| ip.parse().ok());
     let made = state.devices().register(&who, body, ip, &ctx).await?;
     Ok((StatusCode::CREATED, NO_STORE, JsonResponse(made)))
+}
+
+/// Makes a provisioning token for devices to claim their keys with; the answer carries the
+/// token and its QR code (ESP-IDF `wifi_prov_mgr` JSON with the token added), shown this once.
+#[utoipa::path(post, path = "/api/v1/provisioning-tokens", tag = "devices", security(("bearer" = [])),
+    request_body = NewToken,
+    responses(
+        (status = 201, description = "Made; print or show the QR code now", body = CreatedToken),
+        (status = 422, description = "A field is invalid; `errors` names it", body = Problem,
+            content_type = "application/problem+json"),
+        (status = 429, description = "Too many tokens and registrations", body = Problem,
+            content_type = "application/problem+json"),
+    ))]
+pub(crate) async fn create_token(
+    State(state): State<AppState>,
+    Auth(who, ..): Auth,
+    Ctx(ctx): Ctx,
+    Json(body): Json<NewToken>,
+) -> Result<(StatusCode, NoStore, JsonResponse<CreatedToken>), ApiError> {
+    let ip = ctx.ip.as_deref().and_then(|ip| ip.parse().ok());
+    let made = state.devices().create_token(&who, body, ip, &ctx).await?;
+    Ok((StatusCode::CREATED, NO_STORE, JsonResponse(made)))
+}
+
+/// The caller's provisioning tokens (an admin's: everyone's), newest first, 200 at most;
+/// never the tokens themselves.
+#[utoipa::path(get, path = "/api/v1/provisioning-tokens", tag = "devices", security(("bearer" = [])),
+    responses((status = 200, description = "The tokens", body = [TokenView])))]
+pub(crate) async fn list_tokens(
+    State(state): State<AppState>,
+    Auth(who, ..): Auth,
+) -> Result<JsonResponse<Vec<TokenView>>, ApiError> {
+    Ok(JsonResponse(state.devices().tokens(&who).await?))
+}
+
+/// Revokes a provisioning token: no device claims with it from now on (the devices it made
+/// keep their keys).
+#[utoipa::path(delete, path = "/api/v1/provisioning-tokens/{id}", tag = "devices", security(("bearer" = [])),
+    params(("id" = String, Path, description = "Token id")),
+    responses(
+        (status = 204, description = "Revoked"),
+        (status = 404, description = "No such token", body = Problem,
+            content_type = "application/problem+json"),
+    ))]
+pub(crate) async fn revoke_token(
+    State(state): State<AppState>,
+    Auth(who, ..): Auth,
+    Ctx(ctx): Ctx,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let id = id
+        .parse()
+        .map_err(|_| ApiError::not_found("provisioning token"))?;
+    state.devices().revoke_token(&who, id, &ctx).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// A device exchanges a provisioning token for its own key (no other credential). A device
+/// whose `hardware_id` its owner has already (a factory reset) keeps its identity: 200, and its
+/// old keys stop working; a new device: 201.
+#[utoipa::path(post, path = "/api/v1/devices/claim", tag = "devices",
+    request_body = ClaimRequest,
+    responses(
+        (status = 201, description = "A new device; store the key now", body = Claimed),
+        (status = 200, description = "The device claimed again; store the new key now", body = Claimed),
+        (status = 401, description = "`claim_token_invalid`: unknown or revoked", body = Problem,
+            content_type = "application/problem+json"),
+        (status = 409, description = "`hardware_id_taken`: another user's device", body = Problem,
+            content_type = "application/problem+json"),
+        (status = 410, description = "`claim_token_expired` or `claim_token_used`", body = Problem,
+            content_type = "application/problem+json"),
+        (status = 422, description = "A field is invalid, or `model_mismatch`", body = Problem,
+            content_type = "application/problem+json"),
+        (status = 429, description = "Too many claims from this address", body = Problem,
+            content_type = "application/problem+json"),
+    ))]
+pub(crate) async fn claim(
+    State(state): State<AppState>,
+    Ctx(ctx): Ctx,
+    Json(body): Json<ClaimRequest>,
+) -> Result<(StatusCode, NoStore, JsonResponse<Claimed>), ApiError> {
+    let ip = ctx.ip.as_deref().and_then(|ip| ip.parse().ok());
+    let claimed = state.devices().claim(body, ip, &ctx).await?;
+    let status = if claimed.reclaimed {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    Ok((status, NO_STORE, JsonResponse(claimed)))
 }
 
 /// Which devices to list.

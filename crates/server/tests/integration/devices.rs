@@ -618,3 +618,166 @@ async fn simulated_devices_lose_and_double_nothing_through_drops_and_restarts() 
         "points stored by the server and found by reading them"
     );
 }
+
+async fn claim(app: &TestApp, token: &str, hardware_id: &str, model: &str) -> reqwest::Response {
+    app.client
+        .post(app.url("/api/v1/devices/claim"))
+        .json(&json!({
+            "token": token, "hardware_id": hardware_id, "model": model, "firmware": "2.0.1",
+        }))
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_device_claims_its_key_with_a_qr_token_and_claims_again_after_a_reset() {
+    let app = app().await;
+    let (_, alice) = user(&app, "alice@example.com").await;
+    let made = app
+        .client
+        .post(app.url("/api/v1/provisioning-tokens"))
+        .bearer_auth(&alice)
+        .json(&json!({
+            "model": "esp32-s3", "tags": ["greenhouse"], "max_uses": 2, "ttl": 600,
+            "provisioning": { "name": "PROV_1a2b3c", "pop": "abcd1234", "transport": "softap" },
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(made.status(), 201);
+    assert_eq!(made.headers()["cache-control"], "no-store");
+    let made: Value = made.json().await.unwrap();
+    let token = made["secret"].as_str().unwrap().to_owned();
+    let payload: Value = serde_json::from_str(made["qr_payload"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        payload,
+        json!({ "ver": "v1", "name": "PROV_1a2b3c", "pop": "abcd1234", "transport": "softap",
+                "token": token })
+    );
+    assert!(made["qr_svg"].as_str().unwrap().contains("<svg"));
+    let listed = get_json(&app, &alice, "/api/v1/provisioning-tokens").await;
+    assert_eq!(listed[0]["uses"], 0);
+    assert!(
+        !listed.to_string().contains(&token),
+        "listings never show the token"
+    );
+
+    // A wrong model is refused and uses nothing; the right one gets a key that connects.
+    let wrong = problem(
+        claim(&app, &token, "24:6f:28:aa:bb:cc", "esp32-c3").await,
+        422,
+        "validation_failed",
+    )
+    .await;
+    assert_eq!(wrong["errors"][0]["code"], "model_mismatch");
+    let first = claim(&app, &token, "24:6f:28:aa:bb:cc", "esp32-s3").await;
+    assert_eq!(first.status(), 201);
+    assert_eq!(first.headers()["cache-control"], "no-store");
+    let first: Value = first.json().await.unwrap();
+    assert_eq!(first["reclaimed"], false);
+    assert_eq!(first["device"]["tags"], json!(["greenhouse"]));
+    assert_eq!(first["device"]["firmware"], "2.0.1");
+    let id = first["device"]["id"].as_str().unwrap().to_owned();
+    let old_key = first["key"].as_str().unwrap().to_owned();
+    let mut socket = connect_device(&app, &old_key).await;
+    hello(&mut socket).await;
+    let devices = get_json(&app, &alice, "/api/v1/devices").await;
+    assert_eq!(devices["items"][0]["id"], id.as_str());
+
+    // After a factory reset the device claims again: the same device, a new key, and the old
+    // key's connection closed with 4003.
+    let again = claim(&app, &token, "24:6f:28:aa:bb:cc", "esp32-s3").await;
+    assert_eq!(again.status(), 200);
+    let again: Value = again.json().await.unwrap();
+    assert_eq!(
+        (again["reclaimed"].as_bool(), again["device"]["id"].as_str()),
+        (Some(true), Some(id.as_str()))
+    );
+    assert_eq!(close_code(&mut socket).await, 4003);
+    let mut socket = connect_device(&app, again["key"].as_str().unwrap()).await;
+    hello(&mut socket).await;
+
+    // The token is used up now; another user's token cannot take this hardware id; garbage is
+    // refused with its code.
+    problem(
+        claim(&app, &token, "24:6f:28:aa:bb:dd", "esp32-s3").await,
+        410,
+        "claim_token_used",
+    )
+    .await;
+    let (_, bob) = user(&app, "bob@example.com").await;
+    let bobs: Value = app
+        .client
+        .post(app.url("/api/v1/provisioning-tokens"))
+        .bearer_auth(&bob)
+        .json(&json!({ "model": "esp32-s3" }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let bobs_token = bobs["secret"].as_str().unwrap();
+    problem(
+        claim(&app, bobs_token, "24:6f:28:aa:bb:cc", "esp32-s3").await,
+        409,
+        "hardware_id_taken",
+    )
+    .await;
+    problem(
+        claim(&app, "unh_pt_nope", "x1", "esp32-s3").await,
+        401,
+        "claim_token_invalid",
+    )
+    .await;
+    let missing = app
+        .client
+        .post(app.url("/api/v1/devices/claim"))
+        .json(&json!({ "token": bobs_token, "model": "esp32-s3" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 422);
+
+    // Bob cannot revoke Alice's token; his own revoked token claims nothing.
+    let alices_id = listed[0]["id"].as_str().unwrap();
+    let theirs = app
+        .client
+        .delete(app.url(&format!("/api/v1/provisioning-tokens/{alices_id}")))
+        .bearer_auth(&bob)
+        .send()
+        .await
+        .unwrap();
+    problem(theirs, 404, "not_found").await;
+    let bobs_id = bobs["token"]["id"].as_str().unwrap();
+    let revoked = app
+        .client
+        .delete(app.url(&format!("/api/v1/provisioning-tokens/{bobs_id}")))
+        .bearer_auth(&bob)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(revoked.status(), 204);
+    problem(
+        claim(&app, bobs_token, "b0:b0:b0", "esp32-s3").await,
+        401,
+        "claim_token_invalid",
+    )
+    .await;
+    let admin = crate::helpers::access_token(&app, "root@example.com").await;
+    let audit = get_json(&app, &admin, "/api/v1/admin/logs").await;
+    let kinds: Vec<&str> = audit["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["subject_id"] == id.as_str())
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["device.reclaimed", "device.claimed"]);
+    let audit = audit.to_string();
+    assert!(
+        !audit.contains(&token) && !audit.contains(&old_key),
+        "no secret is logged"
+    );
+}

@@ -14,10 +14,10 @@ macro_rules! device_queries {
 
             use $crate::StoreError;
             use $crate::devices::{
-                Aggregate, AlertFilter, AlertRecord, AlertState, CommandRecord, CommandState,
-                ConfigRecord, DeviceChange, DeviceFilter,
+                Aggregate, AlertFilter, AlertRecord, AlertState, Claim, ClaimOutcome, ClaimRefusal,
+                CommandRecord, CommandState, ConfigRecord, DeviceChange, DeviceFilter,
                 DeviceKeyRecord, DeviceRecord, DeviceStatus, DeviceStore, FleetCounts,
-                NewDeviceKey, Presence, Seen, TelemetryBatch, TelemetryBucket, TelemetryPoint,
+                NewDeviceKey, Presence, ProvisioningTokenRecord, Seen, TelemetryBatch, TelemetryBucket, TelemetryPoint,
                 TelemetryRange, TelemetryValue,
             };
             use $crate::dialect::{Dialect, get};
@@ -300,6 +300,110 @@ macro_rules! device_queries {
                 Ok(())
             }
 
+            const TOKEN_COLUMNS: &str = "id, owner_id, created_by, prefix, model, tags, max_uses, \
+                uses, created_at, expires_at, revoked_at, last_used_at";
+
+            fn token_err(e: sqlx::Error) -> StoreError {
+                StoreError::from_sqlx("provisioning token", e)
+            }
+
+            /// A token's tags are identifiers, kept space-separated.
+            fn token(row: &Row) -> Result<ProvisioningTokenRecord, StoreError> {
+                let tags: String = get(row, "tags")?;
+                Ok(ProvisioningTokenRecord {
+                    id: Store::read_id(get(row, "id")?)?,
+                    owner: UserId(Store::read_id(get(row, "owner_id")?)?),
+                    created_by: Store::read_opt_id(get(row, "created_by")?)?.map(UserId),
+                    prefix: get(row, "prefix")?,
+                    model: get(row, "model")?,
+                    tags: tags.split_whitespace().map(str::to_owned).collect(),
+                    max_uses: get(row, "max_uses")?,
+                    uses: get(row, "uses")?,
+                    created_at: Store::read_time(get(row, "created_at")?)?,
+                    expires_at: Store::read_time(get(row, "expires_at")?)?,
+                    revoked_at: Store::read_opt_time(get(row, "revoked_at")?)?,
+                    last_used_at: Store::read_opt_time(get(row, "last_used_at")?)?,
+                })
+            }
+
+            /// Why a token could not be used for a claim (in the claim's transaction).
+            async fn why_unusable(
+                conn: &mut <Db as sqlx::Database>::Connection,
+                claim: &Claim,
+            ) -> Result<ClaimRefusal, StoreError> {
+                let row = sqlx::query(&format!(
+                    "SELECT {TOKEN_COLUMNS}, (SELECT u.active FROM users u \
+                     WHERE u.id = owner_id) AS owner_active \
+                     FROM provisioning_tokens WHERE token_hash = $1"
+                ))
+                .bind(&claim.token_hash)
+                .fetch_optional(&mut *conn)
+                .await
+                .map_err(token_err)?;
+                let Some(row) = row else {
+                    return Ok(ClaimRefusal::Unknown);
+                };
+                let found = token(&row)?;
+                let active: Option<bool> = get(&row, "owner_active")?;
+                Ok(if found.revoked_at.is_some() || active != Some(true) {
+                    ClaimRefusal::Unknown
+                } else if found.expires_at <= claim.now {
+                    ClaimRefusal::Expired
+                } else if found.uses >= found.max_uses {
+                    ClaimRefusal::UsedUp
+                } else {
+                    ClaimRefusal::WrongModel(found.model)
+                })
+            }
+
+            async fn insert_device(
+                conn: &mut <Db as sqlx::Database>::Connection,
+                new: &DeviceRecord,
+            ) -> Result<(), StoreError> {
+                sqlx::query(
+                    "INSERT INTO devices (id, owner_id, name, model, location, metadata, \
+                     hardware_id, firmware, status, last_seen, inactivity_timeout, \
+                     heartbeat, created_at, updated_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+                )
+                .bind(Store::id(new.id))
+                .bind(new.owner.map(|u| Store::id(u.0)))
+                .bind(&new.name)
+                .bind(&new.model)
+                .bind(new.location.as_deref())
+                .bind(&new.metadata)
+                .bind(new.hardware_id.as_deref())
+                .bind(new.firmware.as_deref())
+                .bind(new.status.as_str())
+                .bind(new.last_seen.map(Store::time))
+                .bind(new.inactivity_timeout)
+                .bind(new.heartbeat.as_deref())
+                .bind(Store::time(new.created_at))
+                .bind(Store::time(new.updated_at))
+                .execute(&mut *conn)
+                .await
+                .map_err(err)?;
+                write_tags(&mut *conn, new.id, &new.tags).await
+            }
+
+            /// Revokes a device's usable keys.
+            async fn revoke_keys(
+                conn: &mut <Db as sqlx::Database>::Connection,
+                device: Uuid,
+                now: DateTime<Utc>,
+            ) -> Result<u64, StoreError> {
+                let done = sqlx::query(
+                    "UPDATE device_keys SET revoked_at = $2 WHERE device_id = $1 \
+                     AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > $2)",
+                )
+                .bind(Store::id(device))
+                .bind(Store::time(now))
+                .execute(&mut *conn)
+                .await
+                .map_err(err)?;
+                Ok(done.rows_affected())
+            }
+
             async fn insert_key(
                 conn: &mut <Db as sqlx::Database>::Connection,
                 device: Uuid,
@@ -348,30 +452,7 @@ macro_rules! device_queries {
                     key: &NewDeviceKey,
                 ) -> Result<(), StoreError> {
                     let mut tx = self.pool.begin().await.map_err(err)?;
-                    sqlx::query(
-                        "INSERT INTO devices (id, owner_id, name, model, location, metadata, \
-                         hardware_id, firmware, status, last_seen, inactivity_timeout, \
-                         heartbeat, created_at, updated_at) \
-                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
-                    )
-                    .bind(Store::id(new.id))
-                    .bind(new.owner.map(|u| Store::id(u.0)))
-                    .bind(&new.name)
-                    .bind(&new.model)
-                    .bind(new.location.as_deref())
-                    .bind(&new.metadata)
-                    .bind(new.hardware_id.as_deref())
-                    .bind(new.firmware.as_deref())
-                    .bind(new.status.as_str())
-                    .bind(new.last_seen.map(Store::time))
-                    .bind(new.inactivity_timeout)
-                    .bind(new.heartbeat.as_deref())
-                    .bind(Store::time(new.created_at))
-                    .bind(Store::time(new.updated_at))
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(err)?;
-                    write_tags(&mut tx, new.id, &new.tags).await?;
+                    insert_device(&mut tx, new).await?;
                     insert_key(&mut tx, new.id, key).await?;
                     tx.commit().await.map_err(err)
                 }
@@ -568,16 +649,8 @@ macro_rules! device_queries {
                     device: Uuid,
                     now: DateTime<Utc>,
                 ) -> Result<u64, StoreError> {
-                    let done = sqlx::query(
-                        "UPDATE device_keys SET revoked_at = $2 WHERE device_id = $1 \
-                         AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > $2)",
-                    )
-                    .bind(Store::id(device))
-                    .bind(Store::time(now))
-                    .execute(&self.pool)
-                    .await
-                    .map_err(err)?;
-                    Ok(done.rows_affected())
+                    let mut conn = self.pool.acquire().await.map_err(err)?;
+                    revoke_keys(&mut conn, device, now).await
                 }
 
                 async fn set_device_firmware(
@@ -1265,6 +1338,156 @@ macro_rules! device_queries {
                     .await
                     .map_err(|e| StoreError::from_sqlx("device config", e))?;
                     config(&row)
+                }
+
+                async fn create_provisioning_token(
+                    &self,
+                    token: &ProvisioningTokenRecord,
+                    hash: &str,
+                ) -> Result<(), StoreError> {
+                    sqlx::query(
+                        "INSERT INTO provisioning_tokens (id, token_hash, prefix, owner_id, \
+                         created_by, model, tags, max_uses, uses, created_at, expires_at) \
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 0, $9, $10)",
+                    )
+                    .bind(Store::id(token.id))
+                    .bind(hash)
+                    .bind(&token.prefix)
+                    .bind(Store::id(token.owner.0))
+                    .bind(token.created_by.map(|u| Store::id(u.0)))
+                    .bind(&token.model)
+                    .bind(token.tags.join(" "))
+                    .bind(token.max_uses)
+                    .bind(Store::time(token.created_at))
+                    .bind(Store::time(token.expires_at))
+                    .execute(&self.pool)
+                    .await
+                    .map_err(token_err)?;
+                    Ok(())
+                }
+
+                async fn provisioning_token(
+                    &self,
+                    id: Uuid,
+                ) -> Result<ProvisioningTokenRecord, StoreError> {
+                    let row = sqlx::query(&format!(
+                        "SELECT {TOKEN_COLUMNS} FROM provisioning_tokens WHERE id = $1"
+                    ))
+                    .bind(Store::id(id))
+                    .fetch_one(&self.pool)
+                    .await
+                    .map_err(token_err)?;
+                    token(&row)
+                }
+
+                async fn provisioning_tokens(
+                    &self,
+                    owner: Option<UserId>,
+                    limit: u32,
+                ) -> Result<Vec<ProvisioningTokenRecord>, StoreError> {
+                    let rows = sqlx::query(&format!(
+                        "SELECT {TOKEN_COLUMNS} FROM provisioning_tokens \
+                         WHERE CAST($1 AS TEXT) IS NULL OR owner_id = $1 \
+                         ORDER BY created_at DESC, id LIMIT $2"
+                    ))
+                    .bind(owner.map(|u| Store::id(u.0)))
+                    .bind(i64::from(limit))
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(token_err)?;
+                    rows.iter().map(token).collect()
+                }
+
+                async fn revoke_provisioning_token(
+                    &self,
+                    id: Uuid,
+                    now: DateTime<Utc>,
+                ) -> Result<bool, StoreError> {
+                    let done = sqlx::query(
+                        "UPDATE provisioning_tokens SET revoked_at = $2 \
+                         WHERE id = $1 AND revoked_at IS NULL",
+                    )
+                    .bind(Store::id(id))
+                    .bind(Store::time(now))
+                    .execute(&self.pool)
+                    .await
+                    .map_err(token_err)?;
+                    Ok(done.rows_affected() == 1)
+                }
+
+                async fn claim_device(&self, claim: &Claim) -> Result<ClaimOutcome, StoreError> {
+                    let Some(hardware_id) = claim.device.hardware_id.as_deref() else {
+                        return Err(StoreError::Other("a claim needs a hardware id".into()));
+                    };
+                    // Dropped without a commit, the transaction rolls back: a refusal changes
+                    // nothing, the token's use included.
+                    let mut tx = self.pool.begin_with(Store::BEGIN_WRITE).await.map_err(err)?;
+                    let used = sqlx::query(&format!(
+                        "UPDATE provisioning_tokens SET uses = uses + 1, last_used_at = $2 \
+                         WHERE token_hash = $1 AND revoked_at IS NULL AND expires_at > $2 \
+                         AND uses < max_uses AND model = $3 \
+                         AND EXISTS (SELECT 1 FROM users u WHERE u.id = owner_id AND u.active) \
+                         RETURNING {TOKEN_COLUMNS}"
+                    ))
+                    .bind(&claim.token_hash)
+                    .bind(Store::time(claim.now))
+                    .bind(&claim.model)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(token_err)?;
+                    let Some(row) = used else {
+                        return Ok(ClaimOutcome::Refused(why_unusable(&mut tx, claim).await?));
+                    };
+                    let token = token(&row)?;
+                    // The token owner's device with this hardware id keeps its identity: its
+                    // id, name, tags, history; it gets the model and firmware it reports now.
+                    let again: Option<Id> = sqlx::query_scalar(
+                        "UPDATE devices SET model = $3, firmware = COALESCE($4, firmware), \
+                         updated_at = $5 WHERE hardware_id = $1 AND owner_id = $2 RETURNING id",
+                    )
+                    .bind(hardware_id)
+                    .bind(Store::id(token.owner.0))
+                    .bind(&claim.model)
+                    .bind(claim.firmware.as_deref())
+                    .bind(Store::time(claim.now))
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(err)?;
+                    let outcome = if let Some(id) = again {
+                        let id = Store::read_id(id)?;
+                        let revoked = revoke_keys(&mut tx, id, claim.now).await?;
+                        insert_key(&mut tx, id, &claim.key).await?;
+                        let row = sqlx::query(&format!(
+                            "SELECT {DEVICE_COLUMNS} FROM devices d WHERE d.id = $1"
+                        ))
+                        .bind(Store::id(id))
+                        .fetch_one(&mut *tx)
+                        .await
+                        .map_err(err)?;
+                        let mut tags = tags_of(&mut *tx, &[id]).await?;
+                        let device = device(&row, tags.remove(&id).unwrap_or_default())?;
+                        ClaimOutcome::Reclaimed { device, revoked }
+                    } else {
+                        let taken: Option<Id> =
+                            sqlx::query_scalar("SELECT id FROM devices WHERE hardware_id = $1")
+                                .bind(hardware_id)
+                                .fetch_optional(&mut *tx)
+                                .await
+                                .map_err(err)?;
+                        if taken.is_some() {
+                            return Ok(ClaimOutcome::Refused(ClaimRefusal::HardwareTaken));
+                        }
+                        let mut device = claim.device.clone();
+                        device.owner = Some(token.owner);
+                        device.model.clone_from(&claim.model);
+                        device.firmware.clone_from(&claim.firmware);
+                        device.tags = token.tags;
+                        insert_device(&mut tx, &device).await?;
+                        insert_key(&mut tx, device.id, &claim.key).await?;
+                        ClaimOutcome::Claimed(device)
+                    };
+                    tx.commit().await.map_err(err)?;
+                    Ok(outcome)
                 }
             }
         }
