@@ -80,6 +80,8 @@ def server(server_binary):
         "UNHIDRA_RATE_LIMIT_REGISTER_PER_HOUR": "0",
         "UNHIDRA_RATE_LIMIT_REFRESH_PER_MINUTE": "0",
         "UNHIDRA_DEVICE_REGISTRATIONS_PER_HOUR": "0",
+        "UNHIDRA_DEVICE_CLAIMS_PER_HOUR": "0",
+        "UNHIDRA_DEVICE_AUTH_FAILURES_PER_MINUTE": "0",
         "UNHIDRA_TELEMETRY_BATCHES_PER_MINUTE": "0",
         # The next retention job waits an hour: test_openapi.py hands it to the job routes, and
         # it must not run (and complete) while they are fuzzed.

@@ -94,10 +94,13 @@ pub struct Chat {
     hub: Hub,
     metrics: WsMetrics,
     conn_per_ip: SlidingWindow,
+    /// New device connections per address: devices count apart from people.
+    device_conn_per_ip: SlidingWindow,
     conn_per_user: SlidingWindow,
     /// HTTP publishes per user and second: the same budget as one connection's frames.
     publish_per_user: SlidingWindow,
     max_per_ip: usize,
+    max_devices_per_ip: usize,
     /// Frames per second a connection may send.
     pub frames_per_sec: u32,
     /// How often idle connections are pinged.
@@ -197,15 +200,19 @@ impl Chat {
                 usize::try_from(config.ws_queue_frames).unwrap_or(256),
                 usize::try_from(config.ws_queue_bytes).unwrap_or(usize::MAX),
                 metrics.clone(),
-            ),
+            )
+            .with_ipv6_prefix(u8::try_from(config.rate_limit_ipv6_prefix).unwrap_or(128)),
             metrics,
             conn_per_ip: SlidingWindow::new(config.rate_limit_ip_per_minute, minute),
+            device_conn_per_ip: SlidingWindow::new(config.rate_limit_device_ip_per_minute, minute),
             conn_per_user: SlidingWindow::new(config.rate_limit_user_per_minute, minute),
             publish_per_user: SlidingWindow::new(
                 config.rate_limit_messages_per_sec,
                 chrono::Duration::seconds(1),
             ),
             max_per_ip: usize::try_from(config.ws_max_connections_per_ip).unwrap_or(usize::MAX),
+            max_devices_per_ip: usize::try_from(config.ws_max_device_connections_per_ip)
+                .unwrap_or(usize::MAX),
             frames_per_sec: config.rate_limit_messages_per_sec,
             ping_interval: config.ws_ping_interval.0,
             write_coalesce: config.ws_write_coalesce.0,
@@ -223,27 +230,38 @@ impl Chat {
 
     /// Admits a new connection under the per-address and per-user limits.
     pub fn admit(&self, ip: Option<std::net::IpAddr>, user: UserId) -> Result<(), Refused> {
-        self.admit_key(ip, &user.to_string())
+        self.admit_key(ip, &user.to_string(), false)
     }
 
-    /// Admits a device's new connection under the per-address limits and, per device, the
-    /// per-user ones.
+    /// Admits a device's new connection under the per-address limits of devices
+    /// (`ws_max_device_connections_per_ip`, `rate_limit_device_ip_per_minute`, apart from
+    /// people's) and, per device, the per-user one.
     pub fn admit_device(&self, ip: Option<std::net::IpAddr>, device: Uuid) -> Result<(), Refused> {
-        self.admit_key(ip, &format!("device:{device}"))
+        self.admit_key(ip, &format!("device:{device}"), true)
     }
 
-    fn admit_key(&self, ip: Option<std::net::IpAddr>, key: &str) -> Result<(), Refused> {
+    fn admit_key(
+        &self,
+        ip: Option<std::net::IpAddr>,
+        key: &str,
+        device: bool,
+    ) -> Result<(), Refused> {
         let now = self.now();
         let refuse = |scope: &'static str, retry_after: i64| {
             self.metrics.limited(scope);
             Refused { scope, retry_after }
         };
         if let Some(ip) = ip {
+            let (most, window) = if device {
+                (self.max_devices_per_ip, &self.device_conn_per_ip)
+            } else {
+                (self.max_per_ip, &self.conn_per_ip)
+            };
             // An IPv6 client counts as its network (`rate_limit_ipv6_prefix`), as for logins.
-            if self.hub.connections_from(ip, self.ipv6_prefix) >= self.max_per_ip {
+            if self.hub.connections_from(ip, device) >= most {
                 return Err(refuse("concurrent", 1));
             }
-            self.conn_per_ip
+            window
                 .try_acquire(&address_key(ip, self.ipv6_prefix), now)
                 .map_err(|secs| refuse("ip", secs))?;
         }

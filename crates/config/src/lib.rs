@@ -282,8 +282,16 @@ config_keys! {
         rate_limit_user_per_minute: u32 = 30, secret = false;
         /// Frames per second one WebSocket connection may send (a token bucket of that size).
         rate_limit_messages_per_sec: u32 = 50, secret = false;
-        /// Concurrent WebSocket connections from one address.
+        /// Concurrent WebSocket connections of people from one address.
         ws_max_connections_per_ip: u32 = 200, secret = false;
+        /// Concurrent device connections from one address: a site's devices often share one
+        /// (NAT). Devices count apart from people, and each has its key.
+        ws_max_device_connections_per_ip: u32 = 10_000, secret = false;
+        /// New device connections per minute from one address.
+        rate_limit_device_ip_per_minute: u32 = 1200, secret = false;
+        /// Device-key attempts that fail (unknown, revoked, malformed) per minute from one
+        /// address; past it the address is refused (429) before any key is looked up.
+        device_auth_failures_per_minute: u32 = 30, secret = false;
         /// How often an idle WebSocket is pinged; one that stays silent for two intervals is
         /// closed.
         ws_ping_interval: HumanDuration = HumanDuration::secs(30), secret = false;

@@ -258,6 +258,8 @@ pub struct DevicesConfig {
     pub registrations_per_hour: u32,
     /// Claims per hour per address.
     pub claims_per_hour: u32,
+    /// Failed key attempts per minute per address.
+    pub auth_failures_per_minute: u32,
     /// The URL devices reach this server at, for provisioning payloads.
     pub public_url: Option<String>,
     /// IPv6 clients are limited per network of this many bits.
@@ -319,6 +321,7 @@ impl DevicesConfig {
             telemetry: telemetry::Limits::from_config(config)?,
             registrations_per_hour: config.device_registrations_per_hour,
             claims_per_hour: config.device_claims_per_hour,
+            auth_failures_per_minute: config.device_auth_failures_per_minute,
             public_url: config.public_url.as_ref().map(ToString::to_string),
             ipv6_prefix: u8::try_from(config.rate_limit_ipv6_prefix).unwrap_or(128),
             require_admin_mfa: config.require_admin_mfa,
@@ -347,6 +350,7 @@ struct Inner {
     registrations_per_user: SlidingWindow,
     registrations_per_ip: SlidingWindow,
     claims_per_ip: SlidingWindow,
+    auth_failures_per_ip: SlidingWindow,
     /// One alert mail per device an hour.
     alert_mail_per_device: SlidingWindow,
     telemetry: telemetry::Ingest,
@@ -397,6 +401,10 @@ impl Devices {
             registrations_per_user: SlidingWindow::new(config.registrations_per_hour, hour),
             registrations_per_ip: SlidingWindow::new(config.registrations_per_hour, hour),
             claims_per_ip: SlidingWindow::new(config.claims_per_hour, hour),
+            auth_failures_per_ip: SlidingWindow::new(
+                config.auth_failures_per_minute,
+                Duration::minutes(1),
+            ),
             alert_mail_per_device: SlidingWindow::new(1, hour),
             store,
             clock,
@@ -833,6 +841,35 @@ impl Devices {
             )
             .await;
         Ok(revoked)
+    }
+
+    /// The device a key from `ip` belongs to, if the key is usable now. Failed attempts are
+    /// limited per address (`device_auth_failures_per_minute`): past the limit the address is
+    /// refused before any key is looked up, good keys too, until the window has passed.
+    pub async fn authenticate_from(
+        &self,
+        key: &str,
+        ip: Option<IpAddr>,
+    ) -> Result<DeviceAuth, DeviceError> {
+        let Some(ip) = ip else {
+            return self.authenticate(key).await;
+        };
+        let window = &self.0.auth_failures_per_ip;
+        let reservation = window
+            .try_acquire(&address_key(ip, self.0.config.ipv6_prefix), self.now())
+            .map_err(|retry_after| {
+                self.0.metrics.limited("auth_ip");
+                DeviceError::RateLimited {
+                    scope: "failed device-key attempts",
+                    retry_after,
+                }
+            })?;
+        let result = self.authenticate(key).await;
+        // Only a refused key counts; a store that could not answer does not either.
+        if !matches!(result, Err(DeviceError::BadKey)) {
+            window.release(&reservation);
+        }
+        result
     }
 
     /// The device a key belongs to, if the key is usable now.

@@ -1088,3 +1088,41 @@ async fn claims_are_limited_per_address(db: &TestDb) {
     ));
 }
 both_backends!(claims_are_limited_per_address);
+
+async fn only_failed_key_attempts_count_against_an_address(db: &TestDb) {
+    let f = fleet(db, config(|c| c.device_auth_failures_per_minute = 2)).await;
+    let made = f
+        .devices
+        .register(&f.alice, sensor("d"), None, &ctx())
+        .await
+        .unwrap();
+    let ip: std::net::IpAddr = "198.51.100.4".parse().unwrap();
+    let elsewhere: std::net::IpAddr = "198.51.100.5".parse().unwrap();
+    for _ in 0..5 {
+        f.devices
+            .authenticate_from(&made.key, Some(ip))
+            .await
+            .unwrap();
+    }
+    let wrong = unhidra_devices::DeviceKey::generate();
+    for _ in 0..2 {
+        assert!(matches!(
+            f.devices.authenticate_from(wrong.expose(), Some(ip)).await,
+            Err(DeviceError::BadKey)
+        ));
+    }
+    assert!(matches!(
+        f.devices.authenticate_from(&made.key, Some(ip)).await,
+        Err(DeviceError::RateLimited { .. })
+    ));
+    f.devices
+        .authenticate_from(&made.key, Some(elsewhere))
+        .await
+        .unwrap();
+    f.clock.advance(Duration::seconds(61));
+    f.devices
+        .authenticate_from(&made.key, Some(ip))
+        .await
+        .unwrap();
+}
+both_backends!(only_failed_key_attempts_count_against_an_address);

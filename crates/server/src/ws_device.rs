@@ -106,11 +106,11 @@ pub(crate) async fn upgrade(
     ws: WebSocketUpgrade,
     offer: DeviceOffer,
 ) -> Response {
-    let auth = match state.devices().authenticate(&offer.key).await {
+    let ip = client_ip(Some(peer.ip()), headers, state.trusted_proxies());
+    let auth = match state.devices().authenticate_from(&offer.key, ip).await {
         Ok(auth) => auth,
         Err(e) => return ApiError::from(e).into_response(),
     };
-    let ip = client_ip(Some(peer.ip()), headers, state.trusted_proxies());
     if let Err(refused) = state.chat().admit_device(ip, auth.device) {
         return rate_limited(refused, "new connections").into_response();
     }

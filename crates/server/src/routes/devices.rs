@@ -19,7 +19,7 @@ use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use crate::error::{ApiError, FieldError, Problem};
-use crate::http::auth::{Admin, Auth, Ctx};
+use crate::http::auth::{Admin, Auth, Ctx, client_ip};
 use crate::http::extract::{Json, Query};
 use crate::state::AppState;
 
@@ -115,7 +115,12 @@ impl FromRequestParts<AppState> for DeviceKeyAuth {
             .and_then(|v| v.strip_prefix("Bearer "))
             .map(str::trim)
             .unwrap_or_default();
-        Ok(Self(state.devices().authenticate(key).await?))
+        let peer = parts
+            .extensions
+            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+            .map(|c| c.0.ip());
+        let ip = client_ip(peer, &parts.headers, state.trusted_proxies());
+        Ok(Self(state.devices().authenticate_from(key, ip).await?))
     }
 }
 
@@ -502,6 +507,9 @@ pub(crate) struct Ack {
             content_type = "application/problem+json"),
         (status = 422, description = "The batch breaks a limit; nothing of it is stored",
             body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "Too many batches from this device, or too many failed \
+            key attempts from this address", body = Problem,
+            content_type = "application/problem+json"),
     ))]
 pub(crate) async fn post_telemetry(
     State(state): State<AppState>,

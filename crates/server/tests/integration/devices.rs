@@ -781,3 +781,51 @@ async fn a_device_claims_its_key_with_a_qr_token_and_claims_again_after_a_reset(
         "no secret is logged"
     );
 }
+
+#[tokio::test]
+async fn failed_keys_are_limited_per_address_and_devices_have_their_own_connection_limits() {
+    let app = TestApp::spawn_with(
+        crate::helpers::default_backend(),
+        |c| {
+            c.device_auth_failures_per_minute = 3;
+            c.ws_max_connections_per_ip = 1;
+        },
+        None,
+    )
+    .await;
+    let (_, alice) = user(&app, "alice@example.com").await;
+    let (_, key) = register(&app, &alice, "d").await;
+    // People's limit of one connection from this address leaves devices theirs.
+    let (mut person, _) = connect_with(
+        &app,
+        Some(&format!("unhidra.v1.json, bearer.{alice}")),
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(next(&mut person).await["type"], "welcome");
+    let device = connect_device(&app, &key).await;
+    drop(device);
+
+    // Three wrong keys are refused with 401, the fourth attempt with 429 before any lookup, and
+    // then a good key from this address too, until the window has passed.
+    let wrong = format!("unhidra.device.v1, key.{}x", &key[..key.len() - 1]);
+    for attempt in 0..4 {
+        match connect_with(&app, Some(&wrong), None).await {
+            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+                let want = if attempt < 3 { 401 } else { 429 };
+                assert_eq!(response.status(), want, "attempt {attempt}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    let over = app
+        .client
+        .post(app.url("/api/v1/device/telemetry"))
+        .bearer_auth(&key)
+        .json(&json!({ "seq": 1, "points": [{ "key": "t", "value": 1 }] }))
+        .send()
+        .await
+        .unwrap();
+    problem(over, 429, "rate_limited").await;
+}
