@@ -292,6 +292,8 @@ config_keys! {
         /// Device-key attempts that fail (unknown, revoked, malformed) per minute from one
         /// address; past it the address is refused (429) before any key is looked up.
         device_auth_failures_per_minute: u32 = 30, secret = false;
+        /// `event` frames one device may send per minute (past it: an error frame, nothing stored).
+        device_events_per_minute: u32 = 60, secret = false;
         /// How often an idle WebSocket is pinged; one that stays silent for two intervals is
         /// closed.
         ws_ping_interval: HumanDuration = HumanDuration::secs(30), secret = false;

@@ -7,6 +7,7 @@
 //! devices, admins every device; to anyone else a device does not exist.
 
 pub mod commands;
+pub mod events;
 pub mod input;
 pub mod key;
 pub mod metrics;
@@ -223,6 +224,14 @@ pub enum FleetEvent {
         /// The command.
         command: commands::CommandView,
     },
+    /// A device reported something happening (an `event` frame, or its `hello`).
+    Device {
+        /// Its owner.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        owner: Option<UserId>,
+        /// The event.
+        device_event: events::EventView,
+    },
     /// The device's keys were revoked, or it was deleted: its connections must close (4003).
     Revoked {
         /// The device.
@@ -260,6 +269,8 @@ pub struct DevicesConfig {
     pub claims_per_hour: u32,
     /// Failed key attempts per minute per address.
     pub auth_failures_per_minute: u32,
+    /// Events one device may send per minute.
+    pub events_per_minute: u32,
     /// The URL devices reach this server at, for provisioning payloads.
     pub public_url: Option<String>,
     /// IPv6 clients are limited per network of this many bits.
@@ -322,6 +333,7 @@ impl DevicesConfig {
             registrations_per_hour: config.device_registrations_per_hour,
             claims_per_hour: config.device_claims_per_hour,
             auth_failures_per_minute: config.device_auth_failures_per_minute,
+            events_per_minute: config.device_events_per_minute,
             public_url: config.public_url.as_ref().map(ToString::to_string),
             ipv6_prefix: u8::try_from(config.rate_limit_ipv6_prefix).unwrap_or(128),
             require_admin_mfa: config.require_admin_mfa,
@@ -351,6 +363,7 @@ struct Inner {
     registrations_per_ip: SlidingWindow,
     claims_per_ip: SlidingWindow,
     auth_failures_per_ip: SlidingWindow,
+    events_per_device: SlidingWindow,
     /// One alert mail per device an hour.
     alert_mail_per_device: SlidingWindow,
     telemetry: telemetry::Ingest,
@@ -405,6 +418,7 @@ impl Devices {
                 config.auth_failures_per_minute,
                 Duration::minutes(1),
             ),
+            events_per_device: SlidingWindow::new(config.events_per_minute, Duration::minutes(1)),
             alert_mail_per_device: SlidingWindow::new(1, hour),
             store,
             clock,

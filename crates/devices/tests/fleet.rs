@@ -364,6 +364,7 @@ async fn silence_is_detected_on_time_and_ends_when_the_device_returns(db: &TestD
             FleetEvent::Alert { alert, .. } => format!("alert {}", alert.state),
             FleetEvent::Revoked { .. } => "revoked".into(),
             FleetEvent::Command { .. } => "command".into(),
+            FleetEvent::Device { device_event, .. } => device_event.kind,
         });
     }
     assert_eq!(kinds, ["silent", "alert open", "online", "alert resolved"]);
@@ -1126,3 +1127,116 @@ async fn only_failed_key_attempts_count_against_an_address(db: &TestDb) {
         .unwrap();
 }
 both_backends!(only_failed_key_attempts_count_against_an_address);
+
+async fn device_events_are_stored_read_by_their_owner_and_told_live(db: &TestDb) {
+    let f = fleet(db, config(|c| c.device_events_per_minute = 3)).await;
+    let made = f
+        .devices
+        .register(&f.alice, sensor("d"), None, &ctx())
+        .await
+        .unwrap();
+    let id = made.device.id;
+    let auth = f.devices.authenticate(&made.key).await.unwrap();
+    let mut live = f.devices.events();
+    f.devices
+        .hello_event(&auth, "1.2.0", Some("ota_0"), Some("brownout"))
+        .await
+        .unwrap();
+    f.devices
+        .event(&auth, "door", &serde_json::json!({ "open": true }))
+        .await
+        .unwrap();
+    f.devices
+        .event(&auth, "door", &serde_json::json!({ "open": false }))
+        .await
+        .unwrap();
+    // Bad events are refused with their field, and store nothing.
+    for (kind, data, field) in [
+        ("bad kind", serde_json::Value::Null, "/kind"),
+        ("blob", serde_json::json!("x".repeat(5000)), "/data"),
+    ] {
+        match f.devices.event(&auth, kind, &data).await {
+            Err(DeviceError::Invalid(got, ..)) => assert_eq!(got, field),
+            other => panic!("{field}: {other:?}"),
+        }
+    }
+    f.devices
+        .event(&auth, "tick", &serde_json::Value::Null)
+        .await
+        .unwrap();
+    assert!(matches!(
+        f.devices
+            .event(&auth, "tick", &serde_json::Value::Null)
+            .await,
+        Err(DeviceError::RateLimited {
+            scope: "events",
+            ..
+        })
+    ));
+
+    let all = f
+        .devices
+        .events_of(&f.alice, id, &Default::default())
+        .await
+        .unwrap();
+    let kinds: Vec<&str> = all.items.iter().map(|e| e.kind.as_str()).collect();
+    assert_eq!(kinds, ["tick", "door", "door", "hello"], "newest first");
+    assert_eq!(all.items[3].data["reset_reason"], "brownout");
+    assert_eq!(all.items[1].data, serde_json::json!({ "open": false }));
+    let doors = f
+        .devices
+        .events_of(
+            &f.admin,
+            id,
+            &unhidra_devices::events::EventQuery {
+                kind: Some("door".into()),
+                limit: Some(1),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(doors.items.len(), 1);
+    let older = f
+        .devices
+        .events_of(
+            &f.admin,
+            id,
+            &unhidra_devices::events::EventQuery {
+                kind: Some("door".into()),
+                before: doors.next_before,
+                limit: Some(1),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(older.items[0].data, serde_json::json!({ "open": true }));
+    assert!(matches!(
+        f.devices.events_of(&f.bob, id, &Default::default()).await,
+        Err(DeviceError::NotFound(_))
+    ));
+    let mut told = 0;
+    while let Ok(event) = live.try_recv() {
+        if let FleetEvent::Device {
+            owner,
+            device_event,
+        } = event
+        {
+            assert_eq!((owner, device_event.device), (Some(f.alice.user_id), id));
+            told += 1;
+        }
+    }
+    assert_eq!(told, 4);
+
+    // Retention takes events with old telemetry.
+    let later = start() + Duration::days(2);
+    assert!(db.store.prune_telemetry(later, 2).await.unwrap() >= 2);
+    db.store.prune_telemetry(later, 10).await.unwrap();
+    let left = f
+        .devices
+        .events_of(&f.alice, id, &Default::default())
+        .await
+        .unwrap();
+    assert!(left.items.is_empty());
+}
+both_backends!(device_events_are_stored_read_by_their_owner_and_told_live);

@@ -393,10 +393,26 @@ async fn run(
             continue;
         }
         match frame {
-            DeviceFrame::Hello { firmware, .. } => {
+            DeviceFrame::Hello {
+                firmware,
+                partition,
+                reset_reason,
+                ..
+            } => {
                 devices.seen(&auth, None).await;
                 match devices.hello(&auth, &firmware).await {
                     Ok(()) => {
+                        if let Err(e) = devices
+                            .hello_event(
+                                &auth,
+                                &firmware,
+                                partition.as_deref(),
+                                reset_reason.as_deref(),
+                            )
+                            .await
+                        {
+                            tracing::warn!(device = %auth.device, error = %unhidra_core::error_chain(&e), "hello not recorded");
+                        }
                         if !hello {
                             outbound = Some(devices.attach(&auth));
                             match devices.on_hello(&auth).await {
@@ -447,9 +463,12 @@ async fn run(
                     }
                 }
             }
-            DeviceFrame::Event { kind, .. } => {
+            DeviceFrame::Event { kind, data } => {
                 devices.seen(&auth, None).await;
-                tracing::debug!(device = %auth.device, kind, "device event");
+                if let Err(e) = devices.event(&auth, &kind, &data).await {
+                    tracing::info!(device = %auth.device, kind, error = %e, "device event refused");
+                    hub.send_device_frame(id, &refusal(&e, None));
+                }
             }
             DeviceFrame::CommandResult {
                 id: command,

@@ -439,6 +439,21 @@ pub struct ConfigRecord {
     pub reported_at: Option<DateTime<Utc>>,
 }
 
+/// Something a device reported happening.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceEventRecord {
+    /// Its number, rising in the order events were stored.
+    pub id: i64,
+    /// The device.
+    pub device_id: Uuid,
+    /// What kind of thing (`hello`, or the device's own kinds).
+    pub kind: String,
+    /// Anything about it, JSON text.
+    pub data: Option<String>,
+    /// When it was stored.
+    pub at: DateTime<Utc>,
+}
+
 /// A stored provisioning token (never the token).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProvisioningTokenRecord {
@@ -650,8 +665,10 @@ pub trait DeviceStore: Send + Sync {
     /// How many keys a device has stored.
     async fn telemetry_key_count(&self, device: Uuid) -> Result<u64, StoreError>;
 
-    /// Deletes points measured, batch records received and alerts resolved before `before`;
-    /// at most `limit` points per call. Answers how many points went.
+    /// Deletes points measured, batch records received, events stored and alerts resolved
+    /// before `before`; at most `limit` points (and `limit` events) per call. Answers the more
+    /// numerous of the points and the events deleted, so that a caller repeats while either is
+    /// left.
     async fn prune_telemetry(&self, before: DateTime<Utc>, limit: u32) -> Result<u64, StoreError>;
 
     /// The fleet's counts, over every device or one owner's.
@@ -718,6 +735,25 @@ pub trait DeviceStore: Send + Sync {
 
     /// A device's configuration; `NotFound` if none was ever set or reported.
     async fn device_config(&self, device: Uuid) -> Result<ConfigRecord, StoreError>;
+
+    /// Stores what a device reported happening.
+    async fn append_device_event(
+        &self,
+        device: Uuid,
+        kind: &str,
+        data: Option<&str>,
+        at: DateTime<Utc>,
+    ) -> Result<DeviceEventRecord, StoreError>;
+
+    /// A device's events, newest first: of one kind when given, older than `before` when
+    /// given, at most `limit`.
+    async fn device_events(
+        &self,
+        device: Uuid,
+        kind: Option<&str>,
+        before: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<DeviceEventRecord>, StoreError>;
 
     /// Stores a new provisioning token (its hash).
     async fn create_provisioning_token(

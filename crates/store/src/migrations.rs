@@ -39,6 +39,7 @@ pub(crate) const SQLITE: &[Embedded] = embedded!("sqlite":
     (0011, "jobs_fewer_writes"),
     (0012, "device_commands"),
     (0013, "provisioning"),
+    (0014, "device_events"),
 );
 
 /// PostgreSQL's migrations, oldest first, in step with [`SQLITE`].
@@ -57,6 +58,7 @@ pub(crate) const POSTGRES: &[Embedded] = embedded!("postgres":
     (0011, "jobs_fewer_writes"),
     (0012, "device_commands"),
     (0013, "provisioning"),
+    (0014, "device_events"),
 );
 
 #[derive(Debug)]

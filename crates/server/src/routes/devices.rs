@@ -8,6 +8,7 @@ use axum::http::request::Parts;
 use axum::http::{StatusCode, header};
 use serde::{Deserialize, Serialize};
 use unhidra_devices::commands::{CommandView, ConfigView, NewCommand};
+use unhidra_devices::events::{EventPage, EventQuery};
 use unhidra_devices::provision::{ClaimRequest, Claimed, CreatedToken, NewToken, TokenView};
 use unhidra_devices::telemetry::{PointView, Read, ReadQuery};
 use unhidra_devices::{
@@ -145,6 +146,31 @@ pub(crate) async fn create(
     let ip = ctx.ip.as_deref().and_then(|ip| ip.parse().ok());
     let made = state.devices().register(&who, body, ip, &ctx).await?;
     Ok((StatusCode::CREATED, NO_STORE, JsonResponse(made)))
+}
+
+/// A device's events (its `event` frames and each `hello`), newest first, in pages
+/// (`next_before` is the next page's `before`).
+#[utoipa::path(get, path = "/api/v1/devices/{id}/events", tag = "devices", security(("bearer" = [])),
+    params(("id" = String, Path, description = "Device id"), EventQuery),
+    responses(
+        (status = 200, description = "The events", body = EventPage),
+        (status = 404, description = "No such device", body = Problem,
+            content_type = "application/problem+json"),
+        (status = 422, description = "A parameter is invalid", body = Problem,
+            content_type = "application/problem+json"),
+    ))]
+pub(crate) async fn events(
+    State(state): State<AppState>,
+    Auth(who, ..): Auth,
+    Path(id): Path<String>,
+    Query(query): Query<EventQuery>,
+) -> Result<JsonResponse<EventPage>, ApiError> {
+    Ok(JsonResponse(
+        state
+            .devices()
+            .events_of(&who, device_id(&id)?, &query)
+            .await?,
+    ))
 }
 
 /// Makes a provisioning token for devices to claim their keys with; the answer carries the

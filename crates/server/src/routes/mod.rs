@@ -168,6 +168,7 @@ fn documented() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(devices::resolve))
         .routes(routes!(devices::fleet))
         .routes(routes!(devices::claim))
+        .routes(routes!(devices::events))
         .routes(routes!(devices::create_token, devices::list_tokens))
         .routes(routes!(devices::revoke_token))
         .routes(routes!(rooms::create, rooms::list))

@@ -829,3 +829,54 @@ async fn failed_keys_are_limited_per_address_and_devices_have_their_own_connecti
         .unwrap();
     problem(over, 429, "rate_limited").await;
 }
+
+#[tokio::test]
+async fn a_devices_events_and_hellos_are_stored_and_read_by_its_owner() {
+    let app = app().await;
+    let (_, alice) = user(&app, "alice@example.com").await;
+    let (id, key) = register(&app, &alice, "d").await;
+    let mut socket = connect_device(&app, &key).await;
+    send(
+        &mut socket,
+        json!({ "type": "hello", "firmware": "1.4.2", "partition": "ota_1",
+                "reset_reason": "panic", "capabilities": [] }),
+    )
+    .await;
+    send(
+        &mut socket,
+        json!({ "type": "event", "kind": "door", "data": { "open": true } }),
+    )
+    .await;
+    send(&mut socket, json!({ "type": "event", "kind": "no spaces" })).await;
+    let refused = next(&mut socket).await;
+    assert_eq!(
+        (refused["type"].as_str(), refused["code"].as_str()),
+        (Some("error"), Some("invalid_key"))
+    );
+    let page = get_json(&app, &alice, &format!("/api/v1/devices/{id}/events")).await;
+    let items = page["items"].as_array().unwrap();
+    assert_eq!(items.len(), 2, "{page}");
+    assert_eq!(
+        (items[0]["kind"].as_str(), &items[0]["data"]),
+        (Some("door"), &json!({ "open": true }))
+    );
+    assert_eq!(items[1]["kind"], "hello");
+    assert_eq!(items[1]["data"]["reset_reason"], "panic");
+    assert_eq!(items[1]["data"]["partition"], "ota_1");
+    let hellos = get_json(
+        &app,
+        &alice,
+        &format!("/api/v1/devices/{id}/events?kind=hello"),
+    )
+    .await;
+    assert_eq!(hellos["items"].as_array().unwrap().len(), 1);
+    let (_, bob) = user(&app, "bob@example.com").await;
+    let hidden = app
+        .client
+        .get(app.url(&format!("/api/v1/devices/{id}/events")))
+        .bearer_auth(&bob)
+        .send()
+        .await
+        .unwrap();
+    problem(hidden, 404, "not_found").await;
+}

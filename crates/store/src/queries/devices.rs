@@ -15,7 +15,8 @@ macro_rules! device_queries {
             use $crate::StoreError;
             use $crate::devices::{
                 Aggregate, AlertFilter, AlertRecord, AlertState, Claim, ClaimOutcome, ClaimRefusal,
-                CommandRecord, CommandState, ConfigRecord, DeviceChange, DeviceFilter,
+                CommandRecord, CommandState, ConfigRecord, DeviceChange, DeviceEventRecord,
+                DeviceFilter,
                 DeviceKeyRecord, DeviceRecord, DeviceStatus, DeviceStore, FleetCounts,
                 NewDeviceKey, Presence, ProvisioningTokenRecord, Seen, TelemetryBatch, TelemetryBucket, TelemetryPoint,
                 TelemetryRange, TelemetryValue,
@@ -298,6 +299,22 @@ macro_rules! device_queries {
                     insert.build().execute(&mut *conn).await.map_err(telemetry_err)?;
                 }
                 Ok(())
+            }
+
+            const EVENT_COLUMNS: &str = "id, device_id, kind, data, at";
+
+            fn event_err(e: sqlx::Error) -> StoreError {
+                StoreError::from_sqlx("device event", e)
+            }
+
+            fn event(row: &Row) -> Result<DeviceEventRecord, StoreError> {
+                Ok(DeviceEventRecord {
+                    id: get(row, "id")?,
+                    device_id: Store::read_id(get(row, "device_id")?)?,
+                    kind: get(row, "kind")?,
+                    data: get(row, "data")?,
+                    at: Store::read_time(get(row, "at")?)?,
+                })
             }
 
             const TOKEN_COLUMNS: &str = "id, owner_id, created_by, prefix, model, tags, max_uses, \
@@ -1059,6 +1076,15 @@ macro_rules! device_queries {
                         .execute(&self.pool)
                         .await
                         .map_err(telemetry_err)?;
+                    let events = sqlx::query(
+                        "DELETE FROM device_events WHERE id IN \
+                         (SELECT id FROM device_events WHERE at < $1 LIMIT $2)",
+                    )
+                    .bind(Store::time(before))
+                    .bind(i64::from(limit))
+                    .execute(&self.pool)
+                    .await
+                    .map_err(event_err)?;
                     sqlx::query(
                         "DELETE FROM device_alerts WHERE state = 'resolved' AND resolved_at < $1",
                     )
@@ -1066,7 +1092,7 @@ macro_rules! device_queries {
                     .execute(&self.pool)
                     .await
                     .map_err(alert_err)?;
-                    Ok(done.rows_affected())
+                    Ok(done.rows_affected().max(events.rows_affected()))
                 }
 
                 async fn fleet_counts(
@@ -1338,6 +1364,50 @@ macro_rules! device_queries {
                     .await
                     .map_err(|e| StoreError::from_sqlx("device config", e))?;
                     config(&row)
+                }
+
+                async fn append_device_event(
+                    &self,
+                    device: Uuid,
+                    kind: &str,
+                    data: Option<&str>,
+                    at: DateTime<Utc>,
+                ) -> Result<DeviceEventRecord, StoreError> {
+                    let row = sqlx::query(&format!(
+                        "INSERT INTO device_events (device_id, kind, data, at) \
+                         VALUES ($1, $2, $3, $4) RETURNING {EVENT_COLUMNS}"
+                    ))
+                    .bind(Store::id(device))
+                    .bind(kind)
+                    .bind(data)
+                    .bind(Store::time(at))
+                    .fetch_one(&self.pool)
+                    .await
+                    .map_err(event_err)?;
+                    event(&row)
+                }
+
+                async fn device_events(
+                    &self,
+                    device: Uuid,
+                    kind: Option<&str>,
+                    before: Option<i64>,
+                    limit: u32,
+                ) -> Result<Vec<DeviceEventRecord>, StoreError> {
+                    let rows = sqlx::query(&format!(
+                        "SELECT {EVENT_COLUMNS} FROM device_events WHERE device_id = $1 \
+                         AND (CAST($2 AS TEXT) IS NULL OR kind = $2) \
+                         AND (CAST($3 AS BIGINT) IS NULL OR id < $3) \
+                         ORDER BY id DESC LIMIT $4"
+                    ))
+                    .bind(Store::id(device))
+                    .bind(kind)
+                    .bind(before)
+                    .bind(i64::from(limit))
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(event_err)?;
+                    rows.iter().map(event).collect()
                 }
 
                 async fn create_provisioning_token(
