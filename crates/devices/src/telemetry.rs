@@ -47,6 +47,8 @@ pub struct Limits {
     pub max_value_bytes: usize,
     /// Batches per minute per device.
     pub batches_per_minute: u32,
+    /// Bytes stored per device and day (UTC); 0: no limit.
+    pub bytes_per_day: u64,
     /// How far ahead of the server's clock a point's time may be.
     pub max_future: Duration,
     /// How long points are kept; a point older than this is refused.
@@ -65,6 +67,7 @@ impl Limits {
             max_value_bytes: usize::try_from(config.telemetry_max_value_bytes)
                 .unwrap_or(usize::MAX),
             batches_per_minute: config.telemetry_batches_per_minute,
+            bytes_per_day: config.telemetry_bytes_per_day,
             max_future: duration("telemetry_max_future", config.telemetry_max_future.0)?,
             retention: duration("telemetry_retention", config.telemetry_retention.0)?,
         })
@@ -83,6 +86,18 @@ pub(crate) struct Ingest {
     rate: SlidingWindow,
     /// The keys each device has stored, learnt at its first batch.
     keys: Mutex<HashMap<Uuid, HashSet<String>>>,
+    /// Each device's day (days since 1970, UTC) and the bytes it stored that day, on this node.
+    bytes: Mutex<HashMap<Uuid, (i64, u64)>>,
+}
+
+/// What a point costs against a device's daily budget: its key and value, and 24 bytes for its
+/// device, time and row.
+const POINT_OVERHEAD: u64 = 24;
+
+/// The day of `now`, since 1970 (UTC), and the seconds until the next one.
+fn day_of(now: DateTime<Utc>) -> (i64, i64) {
+    let secs = now.timestamp();
+    (secs.div_euclid(86_400), 86_400 - secs.rem_euclid(86_400))
 }
 
 fn invalid(field: &'static str, code: &'static str, message: String) -> DeviceError {
@@ -101,7 +116,48 @@ impl Ingest {
             metrics,
             queue,
             keys: Mutex::new(HashMap::new()),
+            bytes: Mutex::new(HashMap::new()),
         }
+    }
+
+    fn bytes(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, (i64, u64)>> {
+        self.bytes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Refuses a batch of `cost` bytes that would take a device past its daily budget.
+    fn check_budget(&self, device: Uuid, cost: u64, now: DateTime<Utc>) -> Result<(), DeviceError> {
+        let budget = self.limits.bytes_per_day;
+        if budget == 0 {
+            return Ok(());
+        }
+        let (day, left) = day_of(now);
+        let used = match self.bytes().get(&device) {
+            Some(&(d, used)) if d == day => used,
+            _ => 0,
+        };
+        if used.saturating_add(cost) > budget {
+            return Err(DeviceError::RateLimited {
+                scope: "telemetry bytes today (telemetry_bytes_per_day)",
+                retry_after: left,
+            });
+        }
+        Ok(())
+    }
+
+    /// Counts a stored batch against its device's daily budget.
+    fn charge(&self, device: Uuid, cost: u64, now: DateTime<Utc>) {
+        if self.limits.bytes_per_day == 0 {
+            return;
+        }
+        let (day, _) = day_of(now);
+        let mut bytes = self.bytes();
+        let entry = bytes.entry(device).or_insert((day, 0));
+        if entry.0 != day {
+            *entry = (day, 0);
+        }
+        entry.1 = entry.1.saturating_add(cost);
     }
 
     fn keys(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, HashSet<String>>> {
@@ -112,6 +168,7 @@ impl Ingest {
 
     pub(crate) fn forget(&self, device: Uuid) {
         self.keys().remove(&device);
+        self.bytes().remove(&device);
     }
 
     /// Checks a batch, and stores it; answers once it is durable.
@@ -154,6 +211,7 @@ impl Ingest {
             ));
         }
         let mut stored = Vec::with_capacity(points.len());
+        let mut cost = 0u64;
         for (i, p) in points.into_iter().enumerate() {
             if !valid_telemetry_key(&p.key) {
                 return Err(invalid(
@@ -214,6 +272,8 @@ impl Ingest {
                     ),
                 ));
             }
+            cost += POINT_OVERHEAD
+                + u64::try_from(p.key.len() + p.value.byte_len()).unwrap_or(u64::MAX);
             stored.push(TelemetryPoint {
                 key: p.key,
                 ts,
@@ -221,6 +281,14 @@ impl Ingest {
             });
         }
         self.check_keys(device, &stored).await?;
+        if let Err(over) = self.check_budget(device, cost, now) {
+            // A batch stored before is acknowledged again, over the budget or not.
+            if self.store.telemetry_batch_stored(device, seq).await? {
+                return Ok(false);
+            }
+            self.metrics.limited("telemetry_bytes");
+            return Err(over);
+        }
         self.rate
             .try_acquire(&device.to_string(), now)
             .map_err(|retry_after| {
@@ -246,6 +314,9 @@ impl Ingest {
             .map_err(|_| unavailable("the telemetry writer has stopped"))??;
         if let Some(keys) = self.keys().get_mut(&device) {
             keys.extend(new_keys);
+        }
+        if stored {
+            self.charge(device, cost, now);
         }
         Ok(stored)
     }

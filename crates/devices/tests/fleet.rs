@@ -1240,3 +1240,61 @@ async fn device_events_are_stored_read_by_their_owner_and_told_live(db: &TestDb)
     assert!(left.items.is_empty());
 }
 both_backends!(device_events_are_stored_read_by_their_owner_and_told_live);
+
+async fn a_devices_telemetry_bytes_are_budgeted_per_day(db: &TestDb) {
+    // Three numbers under `temp` cost 3 × (24 + 4 + 8) = 108 bytes.
+    let f = fleet(db, config(|c| c.telemetry_bytes_per_day = 200)).await;
+    let made = f
+        .devices
+        .register(&f.alice, sensor("d"), None, &ctx())
+        .await
+        .unwrap();
+    let auth = f.devices.authenticate(&made.key).await.unwrap();
+    let batch = |n: i64| {
+        (0..3)
+            .map(|i| {
+                point(
+                    "temp",
+                    Some(start().timestamp_millis() - n * 10 - i),
+                    Value::Number(1.0),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    assert!(f.devices.telemetry(&auth, 1, batch(1)).await.unwrap());
+    // A repeated batch is acknowledged again and costs nothing.
+    assert!(!f.devices.telemetry(&auth, 1, batch(1)).await.unwrap());
+    match f.devices.telemetry(&auth, 2, batch(2)).await {
+        Err(DeviceError::RateLimited { retry_after, .. }) => {
+            assert!((1..=86_400).contains(&retry_after), "{retry_after}");
+        }
+        other => panic!("{other:?}"),
+    }
+    let stored = f
+        .devices
+        .read_telemetry(
+            &f.alice,
+            made.device.id,
+            ReadQuery {
+                key: "temp".into(),
+                from: None,
+                to: None,
+                limit: None,
+                cursor: None,
+                bucket: None,
+                agg: None,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        stored.points.unwrap().len(),
+        3,
+        "nothing of the refused batch"
+    );
+    // The next day the budget is whole again.
+    f.clock.advance(Duration::days(1));
+    let tomorrow = vec![point("temp", None, Value::Number(2.0))];
+    assert!(f.devices.telemetry(&auth, 3, tomorrow).await.unwrap());
+}
+both_backends!(a_devices_telemetry_bytes_are_budgeted_per_day);

@@ -662,6 +662,9 @@ pub trait DeviceStore: Send + Sync {
     /// The latest point of every key of a device, by key.
     async fn telemetry_latest(&self, device: Uuid) -> Result<Vec<TelemetryPoint>, StoreError>;
 
+    /// Whether a device's batch `seq` is stored (within the retention).
+    async fn telemetry_batch_stored(&self, device: Uuid, seq: i64) -> Result<bool, StoreError>;
+
     /// How many keys a device has stored.
     async fn telemetry_key_count(&self, device: Uuid) -> Result<u64, StoreError>;
 

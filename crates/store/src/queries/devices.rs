@@ -1057,6 +1057,22 @@ macro_rules! device_queries {
                     Ok(u64::try_from(count).unwrap_or_default())
                 }
 
+                async fn telemetry_batch_stored(
+                    &self,
+                    device: Uuid,
+                    seq: i64,
+                ) -> Result<bool, StoreError> {
+                    let found: Option<i64> = sqlx::query_scalar(
+                        "SELECT seq FROM telemetry_batches WHERE device_id = $1 AND seq = $2",
+                    )
+                    .bind(Store::id(device))
+                    .bind(seq)
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err(telemetry_err)?;
+                    Ok(found.is_some())
+                }
+
                 async fn prune_telemetry(
                     &self,
                     before: DateTime<Utc>,
