@@ -17,6 +17,7 @@ const CAPABILITIES: &[&str] = &[
     "unhidra-mail",
     "unhidra-jobs",
     "unhidra-devices",
+    "unhidra-ota",
 ];
 
 /// Crates of the HTTP and WebSocket stack.

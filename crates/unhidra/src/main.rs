@@ -7,6 +7,8 @@
     reason = "the binary prints documents to stdout and, before logging exists, errors to stderr"
 )]
 
+mod firmware;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -61,6 +63,9 @@ enum Command {
     /// Simulated devices, for tests and benchmarks.
     #[command(subcommand)]
     Device(DeviceCommand),
+    /// Firmware signing keys and signed manifests, made off the server.
+    #[command(subcommand)]
+    Firmware(firmware::FirmwareCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -225,13 +230,16 @@ fn main() -> ExitCode {
             data_dir: data.data_dir.clone(),
             ..Layer::default()
         },
-        Command::Openapi | Command::Device(_) => Layer::default(),
+        Command::Openapi | Command::Device(_) | Command::Firmware(_) => Layer::default(),
     };
     if let Command::Openapi = cli.command {
         return print_json(&unhidra_server::openapi());
     }
     if let Command::Device(DeviceCommand::Simulate(args)) = cli.command {
         return simulate(&args);
+    }
+    if let Command::Firmware(command) = &cli.command {
+        return firmware::run(command);
     }
     let config = match unhidra_config::load(&Sources::from_process(cli.config, flags)) {
         Ok(config) => config,
@@ -280,7 +288,9 @@ fn main() -> ExitCode {
             }
             Command::Keys(command) => keys(&config, command).await,
             Command::Jobs(command) => jobs(&config, command).await,
-            Command::Spec(_) | Command::Openapi | Command::Device(_) => ExitCode::SUCCESS,
+            Command::Spec(_) | Command::Openapi | Command::Device(_) | Command::Firmware(_) => {
+                ExitCode::SUCCESS
+            }
         }
     })
 }

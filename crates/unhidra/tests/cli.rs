@@ -981,3 +981,145 @@ async fn device_simulate_checks_its_arguments_before_it_connects() {
         out.stderr
     );
 }
+
+#[tokio::test]
+async fn firmware_is_signed_off_the_server_with_facts_read_from_the_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = |name: &str| dir.path().join(name).to_str().unwrap().to_owned();
+    let made = run(
+        dir.path(),
+        &["firmware", "keygen", "--out", &path("release")],
+        &[],
+    )
+    .await;
+    assert_eq!(made.code, 0, "{}", made.stderr);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(path("release.pem"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "the private key is the owner's alone");
+    }
+    // A second keygen never overwrites a key.
+    let again = run(
+        dir.path(),
+        &["firmware", "keygen", "--out", &path("release")],
+        &[],
+    )
+    .await;
+    assert_ne!(again.code, 0);
+
+    let image = unhidra_ota::image::build_test_image(0x0009, "3.0.1", "greenhouse", 2, true);
+    std::fs::write(path("app.bin"), &image).unwrap();
+    let signed = run(
+        dir.path(),
+        &[
+            "firmware",
+            "sign",
+            "--key",
+            &path("release.pem"),
+            &path("app.bin"),
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(signed.code, 0, "{}", signed.stderr);
+    let manifest: unhidra_ota::SignedManifest =
+        serde_json::from_str(&std::fs::read_to_string(path("app.bin.manifest.json")).unwrap())
+            .unwrap();
+    let trusted = unhidra_ota::TrustedKeys::from_pem(
+        &std::fs::read_to_string(path("release.pub.pem")).unwrap(),
+    )
+    .unwrap();
+    let facts = trusted.verify(&manifest).unwrap();
+    assert_eq!(
+        (
+            facts.version.as_str(),
+            facts.project.as_str(),
+            facts.target.as_str()
+        ),
+        ("3.0.1", "greenhouse", "esp32s3")
+    );
+    assert_eq!((facts.secure_version, facts.size), (2, image.len() as u64));
+    assert!(
+        !std::fs::read_to_string(path("app.bin.manifest.json"))
+            .unwrap()
+            .contains("PRIVATE")
+    );
+
+    // A version that is not the image's, a file that is not an ESP32 image, a generic image
+    // without its facts: refused, and no manifest written.
+    let wrong = run(
+        dir.path(),
+        &[
+            "firmware",
+            "sign",
+            "--key",
+            &path("release.pem"),
+            "--version",
+            "3.0.2",
+            "--out",
+            &path("x.json"),
+            &path("app.bin"),
+        ],
+        &[],
+    )
+    .await;
+    assert_ne!(wrong.code, 0);
+    assert!(wrong.stderr.contains("3.0.1"), "{}", wrong.stderr);
+    std::fs::write(path("blob.bin"), b"not an image at all").unwrap();
+    let blob = run(
+        dir.path(),
+        &[
+            "firmware",
+            "sign",
+            "--key",
+            &path("release.pem"),
+            &path("blob.bin"),
+        ],
+        &[],
+    )
+    .await;
+    assert_ne!(blob.code, 0);
+    assert!(blob.stderr.contains("--generic"), "{}", blob.stderr);
+    let bare = run(
+        dir.path(),
+        &[
+            "firmware",
+            "sign",
+            "--key",
+            &path("release.pem"),
+            "--generic",
+            &path("blob.bin"),
+        ],
+        &[],
+    )
+    .await;
+    assert_ne!(bare.code, 0);
+    assert!(
+        !Path::new(&path("x.json")).exists()
+            && !Path::new(&path("blob.bin.manifest.json")).exists()
+    );
+    let generic = run(
+        dir.path(),
+        &[
+            "firmware",
+            "sign",
+            "--key",
+            &path("release.pem"),
+            "--generic",
+            "--version",
+            "1.0",
+            "--project",
+            "gateway",
+            "--target",
+            "rp2040",
+            &path("blob.bin"),
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(generic.code, 0, "{}", generic.stderr);
+}
