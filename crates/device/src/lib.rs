@@ -1,11 +1,12 @@
 //! Unhidra's device SDK: the device protocol (`docs/protocol.md`, "Devices") as a state
 //! machine without I/O ([`machine`]), an offline buffer in a crash-safe file ([`file`]), a
 //! tokio WebSocket adapter that drives the machine over a real socket ([`ws`]) and a fleet
-//! simulator built on it ([`simulate`]). `docs/device-sdk.md` explains how to use it and how
+//! simulator built on it ([`simulate`]); [`ota`] checks firmware offers and images. `docs/device-sdk.md` explains how to use it and how
 //! to port it to firmware.
 
 pub mod file;
 pub mod machine;
+pub mod ota;
 #[cfg(feature = "tokio")]
 pub mod simulate;
 #[cfg(feature = "tokio")]

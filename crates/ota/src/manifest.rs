@@ -1,61 +1,16 @@
 //! Firmware manifests: `{sha256, size, version, project, target, secure_version}` signed with
 //! Ed25519 off the server (`unhidra firmware sign`), verified by the server at upload against
-//! its trusted keys and by the device before it switches its boot partition.
-//!
-//! What is signed is the domain string `unhidra-firmware-manifest-v1\n` followed by the
-//! manifest as compact JSON with its keys in the order above — the bytes
-//! [`Manifest::signed_bytes`] gives, which a device can rebuild from the fields.
+//! its trusted keys and by the device before it switches its boot partition. The manifest and
+//! its verification are the protocol crate's (`unhidra_protocol::firmware`), which devices
+//! share; keys in PEM, their generation and signing are here.
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use ed25519_dalek::pkcs8::{DecodePrivateKey, DecodePublicKey, EncodePrivateKey, EncodePublicKey};
-use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
-use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
+use ed25519_dalek::{Signer, SigningKey, VerifyingKey};
+use unhidra_protocol::firmware::ManifestError;
 
-/// What precedes the manifest's JSON in the signed bytes.
-pub const SIGNING_DOMAIN: &[u8] = b"unhidra-firmware-manifest-v1\n";
-
-/// The facts of an image that its signer vouches for.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Manifest {
-    /// The image's SHA-256, lower-case hex.
-    pub sha256: String,
-    /// Its length in bytes.
-    pub size: u64,
-    /// Its version (`esp_app_desc_t.version` for ESP32 images).
-    pub version: String,
-    /// Its project (`esp_app_desc_t.project_name`).
-    pub project: String,
-    /// The chip or board it is for (`esp32s3`, …).
-    pub target: String,
-    /// Its anti-rollback version.
-    pub secure_version: u32,
-}
-
-impl Manifest {
-    /// The bytes a signature covers.
-    pub fn signed_bytes(&self) -> Vec<u8> {
-        let mut bytes = SIGNING_DOMAIN.to_vec();
-        // A struct serialises its fields in declaration order, and these are strings and
-        // numbers only: the text is the same on every machine.
-        bytes.extend(serde_json::to_vec(self).unwrap_or_default());
-        bytes
-    }
-}
-
-/// A manifest with its signature, as `unhidra firmware sign` writes it next to the image.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SignedManifest {
-    /// The manifest.
-    pub manifest: Manifest,
-    /// The id of the key that signed it ([`key_id`]).
-    pub key_id: String,
-    /// The Ed25519 signature of [`Manifest::signed_bytes`], base64.
-    pub signature: String,
-}
+pub use unhidra_protocol::firmware::{Manifest, SIGNING_DOMAIN, SignedManifest};
 
 /// Why a key or a signature was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -84,11 +39,7 @@ impl SignatureError {
 
 /// A public key's id: the first 16 hex digits of the SHA-256 of its 32 bytes.
 pub fn key_id(key: &VerifyingKey) -> String {
-    Sha256::digest(key.as_bytes())
-        .iter()
-        .take(8)
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    unhidra_protocol::firmware::key_id(key.as_bytes())
 }
 
 /// A new signing key from the operating system's generator.
@@ -131,14 +82,14 @@ pub fn sign(manifest: Manifest, key: &SigningKey) -> SignedManifest {
     }
 }
 
-/// The public keys a server (or device) trusts; several, so that keys can be rotated.
+/// The public keys a server trusts; several, so that keys can be rotated.
 #[derive(Debug, Clone, Default)]
-pub struct TrustedKeys(Vec<(String, VerifyingKey)>);
+pub struct TrustedKeys(Vec<[u8; 32]>);
 
 impl TrustedKeys {
     /// Trusts these keys.
     pub fn new(keys: impl IntoIterator<Item = VerifyingKey>) -> Self {
-        Self(keys.into_iter().map(|k| (key_id(&k), k)).collect())
+        Self(keys.into_iter().map(|k| k.to_bytes()).collect())
     }
 
     /// Trusts the keys of PEM texts (each one or more `PUBLIC KEY` blocks).
@@ -159,8 +110,11 @@ impl TrustedKeys {
     }
 
     /// The ids of the keys trusted.
-    pub fn ids(&self) -> Vec<&str> {
-        self.0.iter().map(|(id, _)| id.as_str()).collect()
+    pub fn ids(&self) -> Vec<String> {
+        self.0
+            .iter()
+            .map(unhidra_protocol::firmware::key_id)
+            .collect()
     }
 
     /// Whether no key is trusted.
@@ -168,25 +122,16 @@ impl TrustedKeys {
         self.0.is_empty()
     }
 
+    /// The raw keys, as a device ships them.
+    pub fn raw(&self) -> &[[u8; 32]] {
+        &self.0
+    }
+
     /// The manifest, if a trusted key signed it.
     pub fn verify<'m>(&self, signed: &'m SignedManifest) -> Result<&'m Manifest, SignatureError> {
-        let key = self
-            .0
-            .iter()
-            .find(|(id, _)| *id == signed.key_id)
-            .map(|(_, key)| key)
-            .ok_or_else(|| SignatureError::UnknownKey(signed.key_id.clone()))?;
-        let bytes: [u8; 64] = STANDARD
-            .decode(&signed.signature)
-            .ok()
-            .and_then(|b| b.try_into().ok())
-            .ok_or(SignatureError::BadSignature)?;
-        // Strict: no small-order keys, no malleable signatures.
-        key.verify_strict(
-            &signed.manifest.signed_bytes(),
-            &Signature::from_bytes(&bytes),
-        )
-        .map_err(|_| SignatureError::BadSignature)?;
-        Ok(&signed.manifest)
+        unhidra_protocol::firmware::verify(signed, &self.0).map_err(|e| match e {
+            ManifestError::UnknownKey(id) => SignatureError::UnknownKey(id),
+            ManifestError::BadSignature => SignatureError::BadSignature,
+        })
     }
 }

@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 pub mod device;
+pub mod firmware;
 
 pub use device::{
     DEVICE_KEY_PREFIX, DEVICE_KEY_PREFIX_TEXT, DeviceFrame, DeviceServerFrame,
