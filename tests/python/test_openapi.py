@@ -38,6 +38,9 @@ NO_SUCCESS_EXPECTED = {
     ("DELETE", "/api/v1/admin/connections/{id}"): "no WebSocket is open during the run",
     ("POST", "/api/v1/admin/keys/{kid}/retire"): "needs a kid that no longer signs",
     ("POST", "/api/v1/device/telemetry"): "devices post with their key, not the run's user token",
+    ("POST", "/api/v1/firmware"): "needs an image signed by a trusted key; the test server trusts none",
+    ("GET", "/api/v1/firmware/{sha256}"): "no image can be uploaded (no trusted key), so none exists",
+    ("POST", "/api/v1/firmware/{sha256}/retire"): "no image can be uploaded (no trusted key), so none exists",
     ("POST", "/api/v1/admin/jobs/{id}/retry"): "the prepared job is retryable only between the run's "
     "cancellation of it and the next periodic job taking its unique key (409 conflict after that)",
 }

@@ -294,6 +294,11 @@ config_keys! {
         device_auth_failures_per_minute: u32 = 30, secret = false;
         /// `event` frames one device may send per minute (past it: an error frame, nothing stored).
         device_events_per_minute: u32 = 60, secret = false;
+        /// A PEM file of the Ed25519 public keys whose firmware manifests are trusted (several
+        /// for rotation); unset: firmware uploads are refused.
+        ota_trusted_keys: Option<PathBuf> = None, secret = false;
+        /// The largest firmware image, in bytes.
+        ota_max_image_bytes: u64 = 16 * 1024 * 1024, secret = false;
         /// How often an idle WebSocket is pinged; one that stays silent for two intervals is
         /// closed.
         ws_ping_interval: HumanDuration = HumanDuration::secs(30), secret = false;

@@ -62,6 +62,9 @@ pub enum StartError {
     /// The device fleet's settings are wrong.
     #[error("{0}")]
     Devices(String),
+    /// The firmware settings are wrong, or the firmware folder cannot be made.
+    #[error("{0}")]
+    Firmware(String),
     /// A cron schedule of the configuration is refused or could not be stored.
     #[error("jobs_cron: {0}")]
     Cron(String),
@@ -228,17 +231,19 @@ impl Application {
         bootstrap_admin(&config, &identity).await?;
         let devices = unhidra_devices::Devices::new(
             Arc::clone(&store),
-            clock,
+            Arc::clone(&clock),
             devices_config,
             identity.audit_log(),
             Arc::clone(&jobs),
             metrics.devices.clone(),
         );
+        let firmware = firmware_service(&config, &store, &clock, identity.audit_log())?;
         let services = state::Services {
             identity,
             chat,
             jobs,
             devices,
+            firmware,
         };
         let state = AppState::new(config, store, metrics, instance_id, services);
         tokio::spawn(follow_revocations(state.clone()));
@@ -481,4 +486,44 @@ fn jobs_config(config: &Config) -> jobs::JobsConfig {
         ),
         ..jobs::JobsConfig::default()
     }
+}
+
+/// The firmware service: images under `<data_dir>/firmware`, manifests trusted by the keys of
+/// `ota_trusted_keys` (a PEM file of public keys; none: uploads are refused).
+fn firmware_service(
+    config: &Config,
+    store: &Arc<dyn Store>,
+    clock: &Arc<dyn unhidra_core::Clock>,
+    audit: identity::AuditLog,
+) -> Result<unhidra_ota::Firmware, StartError> {
+    let trusted = match &config.ota_trusted_keys {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                StartError::Firmware(format!("ota_trusted_keys: {}: {e}", path.display()))
+            })?;
+            let keys = unhidra_ota::TrustedKeys::from_pem(&text).map_err(|e| {
+                StartError::Firmware(format!("ota_trusted_keys: {}: {e}", path.display()))
+            })?;
+            if keys.is_empty() {
+                return Err(StartError::Firmware(format!(
+                    "ota_trusted_keys: {} holds no PUBLIC KEY block",
+                    path.display()
+                )));
+            }
+            keys
+        }
+        None => unhidra_ota::TrustedKeys::default(),
+    };
+    unhidra_ota::Firmware::new(
+        Arc::clone(store),
+        Arc::clone(clock),
+        unhidra_ota::FirmwareConfig {
+            dir: config.data_dir.join("firmware"),
+            max_bytes: config.ota_max_image_bytes,
+            trusted,
+            require_admin_mfa: config.require_admin_mfa,
+        },
+        audit,
+    )
+    .map_err(|e| StartError::Firmware(format!("the firmware folder: {e}")))
 }

@@ -20,6 +20,8 @@ pub struct Services {
     pub jobs: Arc<unhidra_jobs::Jobs>,
     /// The device fleet.
     pub devices: unhidra_devices::Devices,
+    /// Firmware images.
+    pub firmware: unhidra_ota::Firmware,
 }
 
 /// Shared state of one running server; cloning it is cheap.
@@ -36,6 +38,7 @@ struct Inner {
     chat: Chat,
     jobs: Arc<unhidra_jobs::Jobs>,
     devices: unhidra_devices::Devices,
+    firmware: unhidra_ota::Firmware,
     /// Reverse proxies whose `X-Forwarded-For` is believed.
     trusted_proxies: Vec<std::net::IpAddr>,
     /// Set when the shutdown grace period is over: requests still running are answered 503.
@@ -56,6 +59,7 @@ impl AppState {
             chat,
             jobs,
             devices,
+            firmware,
         } = services;
         let trusted_proxies = config
             .trusted_proxies
@@ -72,6 +76,7 @@ impl AppState {
             chat,
             jobs,
             devices,
+            firmware,
             abandon: tokio::sync::watch::Sender::new(false),
         }))
     }
@@ -104,6 +109,11 @@ impl AppState {
     /// The device fleet.
     pub fn devices(&self) -> &unhidra_devices::Devices {
         &self.0.devices
+    }
+
+    /// Firmware images.
+    pub fn firmware(&self) -> &unhidra_ota::Firmware {
+        &self.0.firmware
     }
 
     /// Rooms, messages and live connections.

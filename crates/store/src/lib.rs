@@ -14,6 +14,7 @@ pub mod cron;
 pub mod devices;
 mod dialect;
 mod error;
+pub mod firmware;
 pub mod identity;
 pub mod jobs;
 mod meta;
@@ -35,6 +36,7 @@ use async_trait::async_trait;
 pub use cron::CronStore;
 pub use devices::DeviceStore;
 pub use error::StoreError;
+pub use firmware::FirmwareStore;
 pub use identity::{AuditStore, KeyStore, MfaStore, OneTimeTokenStore, SessionStore, UserStore};
 pub use jobs::JobStore;
 pub use meta::{INSTANCE_ID, MetaStore};
@@ -119,6 +121,7 @@ pub trait Store:
     + JobStore
     + CronStore
     + DeviceStore
+    + FirmwareStore
     + fmt::Debug
     + Send
     + Sync

@@ -40,6 +40,7 @@ pub(crate) const SQLITE: &[Embedded] = embedded!("sqlite":
     (0012, "device_commands"),
     (0013, "provisioning"),
     (0014, "device_events"),
+    (0015, "firmware"),
 );
 
 /// PostgreSQL's migrations, oldest first, in step with [`SQLITE`].
@@ -59,6 +60,7 @@ pub(crate) const POSTGRES: &[Embedded] = embedded!("postgres":
     (0012, "device_commands"),
     (0013, "provisioning"),
     (0014, "device_events"),
+    (0015, "firmware"),
 );
 
 #[derive(Debug)]

@@ -4,6 +4,7 @@ mod admin;
 mod auth;
 mod devices;
 mod docs;
+mod firmware;
 mod health;
 mod jobs;
 mod metrics;
@@ -41,6 +42,9 @@ pub const OPENAPI_PATH: &str = "/api/v1/openapi.json";
         (name = "devices", description = "The device fleet: devices and their keys, alerts, \
             telemetry, and the fleet's summary. Devices connect to the WebSocket at /ws with \
             their key (docs/protocol.md)."),
+        (name = "firmware", description = "Firmware images for over-the-air updates: uploaded \
+            with a manifest signed off the server (docs/ota.md), checked, content-addressed; \
+            admins only."),
         (name = "rooms", description = "Rooms, members, messages and presence. Realtime delivery \
             is the WebSocket at /ws (docs/protocol.md)."),
     ),
@@ -168,6 +172,9 @@ fn documented() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(devices::resolve))
         .routes(routes!(devices::fleet))
         .routes(routes!(devices::claim))
+        .routes(routes!(firmware::upload, firmware::list))
+        .routes(routes!(firmware::get))
+        .routes(routes!(firmware::retire))
         .routes(routes!(devices::events))
         .routes(routes!(devices::create_token, devices::list_tokens))
         .routes(routes!(devices::revoke_token))

@@ -11,6 +11,7 @@ mod conformance;
 mod cron;
 mod devices;
 mod errors;
+mod firmware;
 mod helpers;
 mod jobs;
 mod mfa;

@@ -18,6 +18,7 @@ use crate::{Backend, Health, Store, StoreError, StoreOptions};
 // The queries written once for both engines, expanded on this one's types.
 crate::queries::cron::cron_queries!(cron, super::PostgresStore);
 crate::queries::devices::device_queries!(devices, super::PostgresStore);
+crate::queries::firmware::firmware_queries!(firmware, super::PostgresStore);
 crate::queries::identity::identity_queries!(identity, super::PostgresStore);
 crate::queries::jobs::job_queries!(jobs, super::PostgresStore);
 crate::queries::meta::meta_queries!(meta, super::PostgresStore);

@@ -7,6 +7,7 @@
 
 pub(crate) mod cron;
 pub(crate) mod devices;
+pub(crate) mod firmware;
 pub(crate) mod identity;
 pub(crate) mod jobs;
 pub(crate) mod meta;
