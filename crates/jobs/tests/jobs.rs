@@ -1133,6 +1133,15 @@ async fn a_rescued_lease_counts_as_lost(backend: Backend) {
         .unwrap();
     h.clock.advance(chrono::Duration::seconds(6));
     h.until(dead.id, JobState::Retryable).await;
+    // The rescue commits before the maintainer counts it: wait for the count, not the state.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while counted(&h.jobs.metrics().lease_lost, "flaky") == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "lease loss not counted"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     assert_eq!(counted(&h.jobs.metrics().lease_lost, "flaky"), 1);
     h.stop().await;
 }
