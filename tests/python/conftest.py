@@ -88,6 +88,12 @@ def server(server_binary):
         "UNHIDRA_RETENTION_INTERVAL": "1h",
     }
     with tempfile.TemporaryDirectory() as data_dir:
+        # A firmware signing key made with the CLI, as on a build machine; the server trusts
+        # its public half, and the tests sign images with it (`srv.firmware_key`).
+        key = os.path.join(data_dir, "release")
+        subprocess.run([server_binary, "firmware", "keygen", "--out", key], check=True, capture_output=True)
+        env["UNHIDRA_OTA_TRUSTED_KEYS"] = key + ".pub.pem"
         srv = Server(server_binary, data_dir, env)
+        srv.firmware_key = key + ".pem"
         yield srv
         assert srv.stop() == 0, srv.lines

@@ -1,5 +1,6 @@
 """Schemathesis, an independent client, checks every operation against the OpenAPI document."""
 
+import base64
 import os
 import re
 import subprocess
@@ -38,9 +39,8 @@ NO_SUCCESS_EXPECTED = {
     ("DELETE", "/api/v1/admin/connections/{id}"): "no WebSocket is open during the run",
     ("POST", "/api/v1/admin/keys/{kid}/retire"): "needs a kid that no longer signs",
     ("POST", "/api/v1/device/telemetry"): "devices post with their key, not the run's user token",
-    ("POST", "/api/v1/firmware"): "needs an image signed by a trusted key; the test server trusts none",
-    ("GET", "/api/v1/firmware/{sha256}"): "no image can be uploaded (no trusted key), so none exists",
-    ("POST", "/api/v1/firmware/{sha256}/retire"): "no image can be uploaded (no trusted key), so none exists",
+    ("POST", "/api/v1/firmware"): "needs an image with a manifest signed by the trusted key",
+    ("POST", "/api/v1/firmware/{sha256}/links"): "needs the id of an existing device in its body",
     ("POST", "/api/v1/admin/jobs/{id}/retry"): "the prepared job is retryable only between the run's "
     "cancellation of it and the next periodic job taking its unique key (409 conflict after that)",
 }
@@ -113,6 +113,31 @@ def prepare_job(server):
             return page["items"][0]["id"]
         time.sleep(0.1)
     raise AssertionError("no scheduled rooms.retention job appeared")
+
+
+def prepare_firmware(server, binary):
+    """A generic image signed with the CLI and uploaded; returns its SHA-256."""
+    base = server.base_url
+    admin = requests.post(
+        f"{base}/api/v1/auth/login", json={"email": ADMIN_EMAIL, "password": ADMIN_PASSWORD}, timeout=10
+    ).json()["access_token"]
+    image = Path(server.firmware_key).with_name("board.bin")
+    image.write_bytes(bytes(range(256)) * 64)
+    subprocess.run(
+        [binary, "firmware", "sign", "--key", server.firmware_key, str(image), "--generic",
+         "--version", "1.0.0", "--project", "schemathesis", "--target", "rp2040"],
+        check=True,
+        capture_output=True,
+    )
+    manifest = image.with_name("board.bin.manifest.json").read_bytes()
+    stored = requests.post(
+        f"{base}/api/v1/firmware?generic=true",
+        headers={"Authorization": f"Bearer {admin}", "Unhidra-Manifest": base64.b64encode(manifest).decode()},
+        data=image.read_bytes(),
+        timeout=10,
+    )
+    assert stored.status_code == 201, stored.text
+    return stored.json()["sha256"]
 
 
 def prepare_cron(server):
@@ -212,13 +237,15 @@ def run_schemathesis(server, *paths, exclude=False, env=None):
     assert "❌" not in result.stdout and "🚫" not in result.stdout, result.stdout
 
 
-def test_every_operation_conforms_to_the_document(server):
+def test_every_operation_conforms_to_the_document(server, server_binary):
+    firmware = prepare_firmware(server, server_binary)
     room, member, session = prepare_room(server)
     job = prepare_job(server)
     cron = prepare_cron(server)
     device, deleted_device, alert, command, token = prepare_devices(server)
     env = {
         "ST_TOKEN_ID": token,
+        "ST_FIRMWARE_SHA": firmware,
         "ST_DEVICE_ID": device,
         "ST_DELETE_DEVICE_ID": deleted_device,
         "ST_ALERT_ID": alert,

@@ -290,7 +290,7 @@ config_keys! {
         /// New device connections per minute from one address.
         rate_limit_device_ip_per_minute: u32 = 1200, secret = false;
         /// Device-key attempts that fail (unknown, revoked, malformed) per minute from one
-        /// address; past it the address is refused (429) before any key is looked up.
+        /// address; past it a wrong key from the address gets 429 instead of 401 (a good key passes).
         device_auth_failures_per_minute: u32 = 30, secret = false;
         /// `event` frames one device may send per minute (past it: an error frame, nothing stored).
         device_events_per_minute: u32 = 60, secret = false;
@@ -299,6 +299,8 @@ config_keys! {
         ota_trusted_keys: Option<PathBuf> = None, secret = false;
         /// The largest firmware image, in bytes.
         ota_max_image_bytes: u64 = 16 * 1024 * 1024, secret = false;
+        /// How long a signed firmware download link works (the offer a device gets carries one).
+        ota_link_ttl: HumanDuration = HumanDuration::secs(3600), secret = false;
         /// How often an idle WebSocket is pinged; one that stays silent for two intervals is
         /// closed.
         ws_ping_interval: HumanDuration = HumanDuration::secs(30), secret = false;
@@ -604,6 +606,10 @@ fn check(config: &Config) -> Result<(), ConfigError> {
         if value.is_zero() || value > day {
             problems.push(format!("{key}: more than 0s and at most 1d"));
         }
+    }
+    if config.ota_link_ttl.0 < std::time::Duration::from_secs(60) || config.ota_link_ttl.0 > 7 * day
+    {
+        problems.push("ota_link_ttl: at least 1m and at most 7d".to_owned());
     }
     if config.jobs_poll_interval.0.is_zero() {
         problems.push("jobs_poll_interval: more than 0s".to_owned());

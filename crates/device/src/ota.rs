@@ -20,6 +20,14 @@ pub enum OtaError {
         /// This device's.
         device: String,
     },
+    /// The image is another product's.
+    #[error("the image is of project {image}, this device runs {device}")]
+    WrongProject {
+        /// The manifest's.
+        image: String,
+        /// This device's.
+        device: String,
+    },
     /// Installing it would go below the device's anti-rollback version.
     #[error("secure version {image} is below this device's {device}")]
     Downgrade {
@@ -39,6 +47,8 @@ pub enum OtaError {
 /// What the device is, for the checks of an offer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceImage {
+    /// The project its firmware is (`esp_app_desc_t.project_name`).
+    pub project: String,
     /// Its chip or board (`esp32s3`, …).
     pub target: String,
     /// Its anti-rollback version.
@@ -54,8 +64,8 @@ pub struct ImageVerifier {
 }
 
 impl ImageVerifier {
-    /// Accepts an offer if a trusted key signed its manifest, for this device's target, at or
-    /// above its secure version.
+    /// Accepts an offer if a trusted key signed its manifest, for this device's project and
+    /// target, at or above its secure version.
     pub fn new(
         signed: &SignedManifest,
         trusted: &[[u8; 32]],
@@ -66,6 +76,12 @@ impl ImageVerifier {
             return Err(OtaError::WrongTarget {
                 image: manifest.target.clone(),
                 device: device.target.clone(),
+            });
+        }
+        if manifest.project != device.project {
+            return Err(OtaError::WrongProject {
+                image: manifest.project.clone(),
+                device: device.project.clone(),
             });
         }
         if manifest.secure_version < device.secure_version {

@@ -74,6 +74,20 @@ pub fn ident(field: &'static str, text: &str) -> Result<String, DeviceError> {
     }
 }
 
+/// A firmware version as a device reports it and a manifest carries it
+/// ([`unhidra_protocol::firmware::is_version`]).
+pub fn firmware_version(text: &str) -> Result<(), DeviceError> {
+    if unhidra_protocol::firmware::is_version(text) {
+        Ok(())
+    } else {
+        Err(invalid(
+            "firmware",
+            "invalid_format",
+            "1 to 31 printable ASCII characters without spaces",
+        ))
+    }
+}
+
 /// A location: up to 200 characters, no control characters; empty means none.
 pub fn location(text: Option<&str>) -> Result<Option<String>, DeviceError> {
     let Some(text) = text.map(str::trim).filter(|t| !t.is_empty()) else {

@@ -858,30 +858,31 @@ impl Devices {
     }
 
     /// The device a key from `ip` belongs to, if the key is usable now. Failed attempts are
-    /// limited per address (`device_auth_failures_per_minute`): past the limit the address is
-    /// refused before any key is looked up, good keys too, until the window has passed.
+    /// limited per address (`device_auth_failures_per_minute`): past the limit a refused key
+    /// is answered `RateLimited` instead of `BadKey` until the window has passed. A good key
+    /// always passes, so a hostile client at a site's address (behind the same NAT), or one
+    /// that fills the limiter's table, locks no working device out.
     pub async fn authenticate_from(
         &self,
         key: &str,
         ip: Option<IpAddr>,
     ) -> Result<DeviceAuth, DeviceError> {
-        let Some(ip) = ip else {
-            return self.authenticate(key).await;
-        };
-        let window = &self.0.auth_failures_per_ip;
-        let reservation = window
-            .try_acquire(&address_key(ip, self.0.config.ipv6_prefix), self.now())
-            .map_err(|retry_after| {
-                self.0.metrics.limited("auth_ip");
-                DeviceError::RateLimited {
-                    scope: "failed device-key attempts",
-                    retry_after,
-                }
-            })?;
         let result = self.authenticate(key).await;
-        // Only a refused key counts; a store that could not answer does not either.
-        if !matches!(result, Err(DeviceError::BadKey)) {
-            window.release(&reservation);
+        let Some(ip) = ip else {
+            return result;
+        };
+        // Only a refused key counts; a store that could not answer does not.
+        if matches!(result, Err(DeviceError::BadKey)) {
+            self.0
+                .auth_failures_per_ip
+                .try_acquire(&address_key(ip, self.0.config.ipv6_prefix), self.now())
+                .map_err(|retry_after| {
+                    self.0.metrics.limited("auth_ip");
+                    DeviceError::RateLimited {
+                        scope: "failed device-key attempts",
+                        retry_after,
+                    }
+                })?;
         }
         result
     }
@@ -1034,12 +1035,25 @@ impl Devices {
         }
     }
 
-    /// A device's `hello`: its firmware version.
-    pub async fn hello(&self, auth: &DeviceAuth, firmware: &str) -> Result<(), DeviceError> {
-        let firmware = input::ident("firmware", firmware)?;
+    /// A device's `hello`: its firmware version (as a manifest's version may be), and the
+    /// partition and reset reason, identifiers when given. Nothing is written of a refused one.
+    pub async fn hello(
+        &self,
+        auth: &DeviceAuth,
+        firmware: &str,
+        partition: Option<&str>,
+        reset_reason: Option<&str>,
+    ) -> Result<(), DeviceError> {
+        input::firmware_version(firmware)?;
+        if let Some(partition) = partition {
+            input::ident("partition", partition)?;
+        }
+        if let Some(reason) = reset_reason {
+            input::ident("reset_reason", reason)?;
+        }
         self.0
             .store
-            .set_device_firmware(auth.device, &firmware)
+            .set_device_firmware(auth.device, firmware)
             .await?;
         Ok(())
     }

@@ -47,7 +47,7 @@ pub struct DeviceMetrics {
     /// Attempts refused by a rate limit, by scope.
     pub limited: Family<Label, Counter>,
     /// Claims with a provisioning token, by outcome (`claimed`, `reclaimed`, `unknown`,
-    /// `expired`, `used_up`, `wrong_model`, `hardware_taken`).
+    /// `expired`, `used_up`, `wrong_model`, `hardware_taken`, `not_reclaimable`).
     pub claims: Family<Label, Counter>,
 }
 

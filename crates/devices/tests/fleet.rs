@@ -900,14 +900,28 @@ async fn provisioning_tokens_are_claimed_once_and_a_reset_device_keeps_its_ident
     let listed = f.devices.tokens(&f.alice).await.unwrap();
     assert_eq!((listed[0].uses, listed[0].usable), (1, false));
 
-    // A multi-use token: a factory-reset device claims again and keeps its identity, its old
-    // key revoked (live connections told to close).
+    // A multi-use token: a device that still has a usable key is not taken over by a claim of
+    // its hardware id (nothing used); once its owner revoked its keys (a factory reset), it
+    // claims again and keeps its identity.
     let multi = f
         .devices
         .create_token(&f.alice, token_for("esp32-s3", &["field"], 5), None, &ctx())
         .await
         .unwrap();
     let hw = claimed.device.hardware_id.clone().unwrap();
+    assert_eq!(
+        refusal(
+            f.devices
+                .claim(claim_of(&multi.secret, &hw, "esp32-s3"), None, &ctx())
+                .await
+        ),
+        ClaimRefusal::NotReclaimable
+    );
+    assert!(f.devices.authenticate(&claimed.key).await.is_ok());
+    f.devices
+        .revoke(&f.alice, claimed.device.id, &ctx())
+        .await
+        .unwrap();
     let again = f
         .devices
         .claim(claim_of(&multi.secret, &hw, "esp32-s3"), None, &ctx())
@@ -1112,19 +1126,26 @@ async fn only_failed_key_attempts_count_against_an_address(db: &TestDb) {
             Err(DeviceError::BadKey)
         ));
     }
+    // Past the limit a wrong key is refused as limited; a good one still passes.
     assert!(matches!(
-        f.devices.authenticate_from(&made.key, Some(ip)).await,
+        f.devices.authenticate_from(wrong.expose(), Some(ip)).await,
         Err(DeviceError::RateLimited { .. })
     ));
-    f.devices
-        .authenticate_from(&made.key, Some(elsewhere))
-        .await
-        .unwrap();
-    f.clock.advance(Duration::seconds(61));
     f.devices
         .authenticate_from(&made.key, Some(ip))
         .await
         .unwrap();
+    assert!(matches!(
+        f.devices
+            .authenticate_from(wrong.expose(), Some(elsewhere))
+            .await,
+        Err(DeviceError::BadKey)
+    ));
+    f.clock.advance(Duration::seconds(61));
+    assert!(matches!(
+        f.devices.authenticate_from(wrong.expose(), Some(ip)).await,
+        Err(DeviceError::BadKey)
+    ));
 }
 both_backends!(only_failed_key_attempts_count_against_an_address);
 

@@ -11,14 +11,18 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
-use unhidra_core::{Clock, Principal, UserId};
+use unhidra_core::{Clock, OpaqueToken, Principal, UserId};
 use unhidra_identity::{AuditLog, RequestContext};
 use unhidra_store::firmware::FirmwareRecord;
 use unhidra_store::{Store, StoreError};
 use utoipa::ToSchema;
 
+use crate::download::{DownloadLink, ImageCache, LINK_KEY_META};
 use crate::image::{ImageChecker, ImageError};
 use crate::manifest::{Manifest, SignatureError, SignedManifest, TrustedKeys};
+
+/// How the temporary file of an upload under way is named, before its SHA-256.
+const UPLOAD_PREFIX: &str = ".upload-";
 
 /// Images a listing shows at most.
 pub const LIST_LIMIT: u32 = 200;
@@ -35,6 +39,9 @@ pub enum FirmwareError {
     /// The manifest is not JSON of the documented shape: (code, message).
     #[error("{1}")]
     BadManifest(&'static str, String),
+    /// A fact of the manifest breaks its rule: (field, the rule).
+    #[error("the manifest's {0}: {1}")]
+    InvalidFact(&'static str, &'static str),
     /// The manifest's signature was refused.
     #[error(transparent)]
     Signature(#[from] SignatureError),
@@ -56,6 +63,15 @@ pub enum FirmwareError {
     /// The firmware folder could not be written.
     #[error("the firmware folder: {0}")]
     Io(#[from] std::io::Error),
+    /// A download link whose signature does not hold (another image, device or expiry).
+    #[error("the download link is not valid")]
+    LinkInvalid,
+    /// A download link past its expiry.
+    #[error("the download link has expired")]
+    LinkExpired,
+    /// No such device (for a link).
+    #[error("no such device")]
+    NoSuchDevice,
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -72,6 +88,8 @@ pub struct FirmwareConfig {
     pub trusted: TrustedKeys,
     /// Whether admin powers need a second factor.
     pub require_admin_mfa: bool,
+    /// How long a signed download link works.
+    pub link_ttl: std::time::Duration,
 }
 
 /// An image as the API shows it.
@@ -163,6 +181,9 @@ struct Inner {
     clock: Arc<dyn Clock>,
     config: FirmwareConfig,
     audit: AuditLog,
+    /// The key download links are signed with, shared by every node through the store.
+    link_key: Vec<u8>,
+    cache: ImageCache,
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -170,7 +191,7 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 /// A SHA-256 in hex, as the API takes it.
-fn sha_of(text: &str) -> Result<String, FirmwareError> {
+pub(crate) fn sha_of(text: &str) -> Result<String, FirmwareError> {
     let text = text.to_ascii_lowercase();
     if text.len() == 64 && text.bytes().all(|b| b.is_ascii_hexdigit()) {
         Ok(text)
@@ -180,20 +201,44 @@ fn sha_of(text: &str) -> Result<String, FirmwareError> {
 }
 
 impl Firmware {
-    /// The service over a store; creates the firmware folder.
-    pub fn new(
+    /// The service over a store; creates the firmware folder, and the link key in the store
+    /// when it has none.
+    pub async fn new(
         store: Arc<dyn Store>,
         clock: Arc<dyn Clock>,
         config: FirmwareConfig,
         audit: AuditLog,
-    ) -> Result<Self, std::io::Error> {
+    ) -> Result<Self, FirmwareError> {
         std::fs::create_dir_all(&config.dir)?;
+        remove_unfinished_uploads(&config.dir);
+        let link_key = store
+            .meta_get_or_insert(LINK_KEY_META, &OpaqueToken::generate().hash(), clock.now())
+            .await?
+            .into_bytes();
         Ok(Self(Arc::new(Inner {
             store,
             clock,
             config,
             audit,
+            link_key,
+            cache: ImageCache::default(),
         })))
+    }
+
+    pub(crate) fn clock(&self) -> &dyn Clock {
+        self.0.clock.as_ref()
+    }
+
+    pub(crate) fn config(&self) -> &FirmwareConfig {
+        &self.0.config
+    }
+
+    pub(crate) fn link_key(&self) -> &[u8] {
+        &self.0.link_key
+    }
+
+    pub(crate) fn cache(&self) -> &ImageCache {
+        &self.0.cache
     }
 
     fn admin(&self, who: &Principal) -> Result<(), FirmwareError> {
@@ -224,6 +269,9 @@ impl Firmware {
             return Err(FirmwareError::NoTrustedKeys);
         }
         self.0.config.trusted.verify(&signed)?;
+        if let Some((field, rule)) = signed.manifest.invalid_fact() {
+            return Err(FirmwareError::InvalidFact(field, rule));
+        }
         if signed.manifest.size > self.0.config.max_bytes {
             return Err(FirmwareError::TooLarge(self.0.config.max_bytes));
         }
@@ -231,7 +279,7 @@ impl Firmware {
             .0
             .config
             .dir
-            .join(format!(".upload-{}", uuid::Uuid::new_v4()));
+            .join(format!("{UPLOAD_PREFIX}{}", uuid::Uuid::new_v4()));
         let file = tokio::fs::File::create(&temp).await?;
         Ok(Upload {
             signed,
@@ -321,27 +369,28 @@ impl Firmware {
             retired_at: None,
         };
         let target = self.path_of(&sha256);
-        // The file first, then the record: a record never names a missing file. A file
-        // without a record (a crash between the two, or a conflict) is overwritten by the next
-        // upload of the same image.
+        // The file first, then the record: a record never names a missing file. The file is
+        // named by its SHA-256, so replacing one is replacing it with the same bytes. A file
+        // without a record (a crash between the two, or a refused record) is overwritten by
+        // the next upload of the same image.
         tokio::fs::rename(&upload.temp, &target).await?;
         upload.kept = true;
-        match self.0.store.create_firmware(&record).await {
-            Ok(()) => {}
-            Err(StoreError::Conflict { .. }) => {
-                // Another record may own the file already (the same image): leave it.
-                if self.0.store.firmware(&sha256).await.is_err() {
-                    let _ = tokio::fs::remove_file(&target).await;
-                }
-                return Err(FirmwareError::Conflict(format!(
+        if let Err(e) = self.0.store.create_firmware(&record).await {
+            // The file goes only when no record owns it; when that cannot be told (the store
+            // failed), it stays, harmless.
+            if matches!(
+                self.0.store.firmware(&sha256).await,
+                Err(StoreError::NotFound { .. })
+            ) {
+                let _ = tokio::fs::remove_file(&target).await;
+            }
+            return Err(match e {
+                StoreError::Conflict { .. } => FirmwareError::Conflict(format!(
                     "{} {} for {} exists already (or this image does)",
                     claimed.project, claimed.version, claimed.target
-                )));
-            }
-            Err(e) => {
-                let _ = tokio::fs::remove_file(&target).await;
-                return Err(e.into());
-            }
+                )),
+                e => e.into(),
+            });
         }
         self.0
             .audit
@@ -384,7 +433,7 @@ impl Firmware {
         self.record(sha256).await.map(FirmwareView::from)
     }
 
-    async fn record(&self, sha256: &str) -> Result<FirmwareRecord, FirmwareError> {
+    pub(crate) async fn record(&self, sha256: &str) -> Result<FirmwareRecord, FirmwareError> {
         match self.0.store.firmware(&sha_of(sha256)?).await {
             Err(StoreError::NotFound { .. }) => Err(FirmwareError::NotFound),
             other => Ok(other?),
@@ -420,9 +469,55 @@ impl Firmware {
         self.record(&record.sha256).await.map(FirmwareView::from)
     }
 
+    /// A signed download link to an image for a device, made by an admin (to hand to a
+    /// device by other means, or to try a download); audited.
+    pub async fn link(
+        &self,
+        who: &Principal,
+        sha256: &str,
+        device: uuid::Uuid,
+        ctx: &RequestContext,
+    ) -> Result<DownloadLink, FirmwareError> {
+        self.admin(who)?;
+        let record = self.record(sha256).await?;
+        match self.0.store.device(device).await {
+            Ok(_) => {}
+            Err(StoreError::NotFound { .. }) => return Err(FirmwareError::NoSuchDevice),
+            Err(e) => return Err(e.into()),
+        }
+        let link = self.sign_link(&record.sha256, device);
+        self.0
+            .audit
+            .record(
+                "firmware.link_made",
+                Some(who.user_id),
+                Some(record.sha256),
+                ctx,
+                serde_json::json!({ "device": device, "expires_at": link.expires_at }),
+            )
+            .await;
+        Ok(link)
+    }
+
     /// The folder images are kept in.
     pub fn dir(&self) -> &Path {
         &self.0.config.dir
+    }
+}
+
+/// Removes the temporary files of uploads a previous run left unfinished (killed mid-way).
+fn remove_unfinished_uploads(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with(UPLOAD_PREFIX)
+        {
+            let _ = std::fs::remove_file(entry.path());
+        }
     }
 }
 

@@ -1,12 +1,15 @@
 //! Firmware updates over the air. So far: an ESP32 app image is checked from its own bytes as
 //! it streams in ([`image`]), every image goes with a manifest signed with Ed25519 off the
 //! server ([`manifest`]), and [`firmware`] keeps the images an admin uploads, each checked and
-//! compared with its manifest before it is stored. It knows no HTTP and no SQL.
+//! compared with its manifest before it is stored; [`download`] serves them to devices, with
+//! their key or a signed link. It knows no HTTP and no SQL.
 
+pub mod download;
 pub mod firmware;
 pub mod image;
 pub mod manifest;
 
+pub use download::{DownloadLink, PresentedLink, StoredImage};
 pub use firmware::{Firmware, FirmwareConfig, FirmwareError, FirmwareView, Upload};
 pub use image::{EspImage, ImageChecker, ImageError};
 pub use manifest::{Manifest, SignatureError, SignedManifest, TrustedKeys};

@@ -76,6 +76,9 @@ async fn upload(
 async fn uploads_are_checked_against_their_manifest_and_leave_nothing_when_refused(db: &TestDb) {
     db.store.migrate().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
+    // An upload a killed server left half-way is removed at the next start.
+    std::fs::create_dir_all(dir.path().join("firmware")).unwrap();
+    std::fs::write(dir.path().join("firmware/.upload-cut-short"), b"\xE9").unwrap();
     let key = manifest::generate_key();
     let clock: Arc<dyn unhidra_core::Clock> = Arc::new(ManualClock::new(start()));
     let firmware = Firmware::new(
@@ -86,9 +89,11 @@ async fn uploads_are_checked_against_their_manifest_and_leave_nothing_when_refus
             max_bytes: 4096,
             trusted: TrustedKeys::new([key.verifying_key()]),
             require_admin_mfa: false,
+            link_ttl: std::time::Duration::from_secs(600),
         },
         AuditLog::store_only(Arc::clone(&db.store), clock),
     )
+    .await
     .unwrap();
     let admin = principal(db, "root@example.com", Role::Admin).await;
     let user = principal(db, "user@example.com", Role::User).await;
@@ -124,6 +129,35 @@ async fn uploads_are_checked_against_their_manifest_and_leave_nothing_when_refus
     ] {
         match upload(&firmware, &admin, &manifest, &image, false).await {
             Err(FirmwareError::Mismatch(got, ..)) => assert_eq!(got, field),
+            other => panic!("{field}: {other:?}"),
+        }
+    }
+    // Facts a device could not report, or names with spaces, are refused before any byte.
+    for (m, field) in [
+        (
+            Manifest {
+                version: "2.1 beta".into(),
+                ..facts(&image, "2.1.0", "esp32s3", 3)
+            },
+            "version",
+        ),
+        (
+            Manifest {
+                project: "green\u{0}house".into(),
+                ..facts(&image, "2.1.0", "esp32s3", 3)
+            },
+            "project",
+        ),
+        (
+            Manifest {
+                target: "x".repeat(32),
+                ..facts(&image, "2.1.0", "esp32s3", 3)
+            },
+            "target",
+        ),
+    ] {
+        match upload(&firmware, &admin, &signed(m), &image, true).await {
+            Err(FirmwareError::InvalidFact(got, _)) => assert_eq!(got, field),
             other => panic!("{field}: {other:?}"),
         }
     }
@@ -221,3 +255,138 @@ async fn uploads_are_checked_against_their_manifest_and_leave_nothing_when_refus
     );
 }
 both_backends!(uploads_are_checked_against_their_manifest_and_leave_nothing_when_refused);
+
+/// Two nodes over one store: a link one makes opens its image on the other, for its device and
+/// until it expires; a changed image, device, expiry or signature is refused.
+async fn links_open_one_image_for_one_device_until_they_expire(db: &TestDb) {
+    db.store.migrate().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let key = manifest::generate_key();
+    let clock = Arc::new(ManualClock::new(start()));
+    let node = || {
+        let clock: Arc<dyn unhidra_core::Clock> = clock.clone();
+        Firmware::new(
+            Arc::clone(&db.store),
+            Arc::clone(&clock),
+            FirmwareConfig {
+                dir: dir.path().join("firmware"),
+                max_bytes: 1 << 20,
+                trusted: TrustedKeys::new([key.verifying_key()]),
+                require_admin_mfa: false,
+                link_ttl: std::time::Duration::from_secs(600),
+            },
+            AuditLog::store_only(Arc::clone(&db.store), clock),
+        )
+    };
+    let (a, b) = (node().await.unwrap(), node().await.unwrap());
+    let admin = principal(db, "root@example.com", Role::Admin).await;
+    let user = principal(db, "user@example.com", Role::User).await;
+    let image = build_test_image(0x0009, "2.2.0", "greenhouse", 3, true);
+    let signed =
+        serde_json::to_string(&manifest::sign(facts(&image, "2.2.0", "esp32s3", 3), &key)).unwrap();
+    let stored = upload(&a, &admin, &signed, &image, false).await.unwrap();
+
+    let device = Uuid::new_v4();
+    let link = a.sign_link(&stored.sha256, device);
+    assert_eq!(link.expires_at, start() + chrono::Duration::seconds(600));
+    let query: std::collections::HashMap<String, String> = link
+        .url
+        .split_once('?')
+        .unwrap()
+        .1
+        .split('&')
+        .map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap();
+            (k.to_owned(), v.to_owned())
+        })
+        .collect();
+    assert!(
+        link.url
+            .starts_with(&format!("/api/v1/firmware/{}/image?", stored.sha256))
+    );
+    let presented = unhidra_ota::PresentedLink {
+        device: query["device"].parse().unwrap(),
+        expires: query["expires"].parse().unwrap(),
+        sig: &query["sig"],
+    };
+    b.check_link(&stored.sha256, &presented).unwrap();
+    b.check_link(&stored.sha256.to_uppercase(), &presented)
+        .unwrap();
+    let other_sha = "0".repeat(64);
+    for (sha, changed) in [
+        (other_sha.as_str(), presented.clone()),
+        (
+            stored.sha256.as_str(),
+            unhidra_ota::PresentedLink {
+                device: Uuid::new_v4(),
+                ..presented.clone()
+            },
+        ),
+        (
+            stored.sha256.as_str(),
+            unhidra_ota::PresentedLink {
+                expires: presented.expires + 3600,
+                ..presented.clone()
+            },
+        ),
+        (
+            stored.sha256.as_str(),
+            unhidra_ota::PresentedLink {
+                sig: "AAAA",
+                ..presented.clone()
+            },
+        ),
+        (
+            stored.sha256.as_str(),
+            unhidra_ota::PresentedLink {
+                sig: "not base64!",
+                ..presented.clone()
+            },
+        ),
+    ] {
+        assert!(
+            matches!(b.check_link(sha, &changed), Err(FirmwareError::LinkInvalid)),
+            "{changed:?}"
+        );
+    }
+    clock.advance(chrono::Duration::seconds(600));
+    assert!(matches!(
+        b.check_link(&stored.sha256, &presented),
+        Err(FirmwareError::LinkExpired)
+    ));
+
+    // Opening: the facts and the very bytes; an unknown or malformed hash is not found.
+    use tokio::io::AsyncReadExt;
+    let mut opened = b.open(&stored.sha256).await.unwrap();
+    assert_eq!(opened.size, image.len() as u64);
+    assert_eq!(opened.file_name, "greenhouse-2.2.0.bin");
+    let mut bytes = Vec::new();
+    opened.file.read_to_end(&mut bytes).await.unwrap();
+    assert_eq!(bytes, image);
+    assert!(matches!(
+        b.open(&other_sha).await,
+        Err(FirmwareError::NotFound)
+    ));
+    assert!(matches!(
+        b.open("../etc/passwd").await,
+        Err(FirmwareError::NotFound)
+    ));
+
+    // Links by the API: admins only, for a device that exists.
+    assert!(matches!(
+        a.link(&user, &stored.sha256, device, &RequestContext::default())
+            .await,
+        Err(FirmwareError::Forbidden)
+    ));
+    assert!(matches!(
+        a.link(&admin, &stored.sha256, device, &RequestContext::default())
+            .await,
+        Err(FirmwareError::NoSuchDevice)
+    ));
+    assert!(matches!(
+        a.link(&admin, &other_sha, device, &RequestContext::default())
+            .await,
+        Err(FirmwareError::NotFound)
+    ));
+}
+both_backends!(links_open_one_image_for_one_device_until_they_expire);

@@ -33,7 +33,46 @@ pub struct Manifest {
     pub secure_version: u32,
 }
 
+/// The longest version, project or target: `esp_app_desc_t` holds 31 characters of each.
+pub const MAX_FACT: usize = 31;
+
+/// Whether `text` is a firmware version a device can report in its `hello`: 1 to
+/// [`MAX_FACT`] printable ASCII characters, no spaces (`2.1.0`, `1.2.0+build.7`,
+/// `v5.3-14-g1a2b3c`).
+pub fn is_version(text: &str) -> bool {
+    (1..=MAX_FACT).contains(&text.len()) && text.bytes().all(|b| b.is_ascii_graphic())
+}
+
+/// Whether `text` is a project or target name: 1 to [`MAX_FACT`] ASCII letters, digits and
+/// `._-`, starting with a letter or digit.
+pub fn is_name(text: &str) -> bool {
+    (1..=MAX_FACT).contains(&text.len())
+        && text.as_bytes()[0].is_ascii_alphanumeric()
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
 impl Manifest {
+    /// The first fact that breaks its rule ([`is_version`], [`is_name`]), with the rule.
+    pub fn invalid_fact(&self) -> Option<(&'static str, &'static str)> {
+        if !is_version(&self.version) {
+            return Some((
+                "version",
+                "1 to 31 printable ASCII characters without spaces",
+            ));
+        }
+        for (field, value) in [("project", &self.project), ("target", &self.target)] {
+            if !is_name(value) {
+                return Some((
+                    field,
+                    "1 to 31 ASCII letters, digits and `._-`, starting with a letter or digit",
+                ));
+            }
+        }
+        None
+    }
+
     /// The bytes a signature covers.
     pub fn signed_bytes(&self) -> Vec<u8> {
         let mut bytes = SIGNING_DOMAIN.to_vec();

@@ -237,7 +237,7 @@ impl Application {
             Arc::clone(&jobs),
             metrics.devices.clone(),
         );
-        let firmware = firmware_service(&config, &store, &clock, identity.audit_log())?;
+        let firmware = firmware_service(&config, &store, &clock, identity.audit_log()).await?;
         let services = state::Services {
             identity,
             chat,
@@ -490,7 +490,7 @@ fn jobs_config(config: &Config) -> jobs::JobsConfig {
 
 /// The firmware service: images under `<data_dir>/firmware`, manifests trusted by the keys of
 /// `ota_trusted_keys` (a PEM file of public keys; none: uploads are refused).
-fn firmware_service(
+async fn firmware_service(
     config: &Config,
     store: &Arc<dyn Store>,
     clock: &Arc<dyn unhidra_core::Clock>,
@@ -522,8 +522,10 @@ fn firmware_service(
             max_bytes: config.ota_max_image_bytes,
             trusted,
             require_admin_mfa: config.require_admin_mfa,
+            link_ttl: config.ota_link_ttl.0,
         },
         audit,
     )
-    .map_err(|e| StartError::Firmware(format!("the firmware folder: {e}")))
+    .await
+    .map_err(|e| StartError::Firmware(e.to_string()))
 }

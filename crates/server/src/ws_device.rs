@@ -393,6 +393,18 @@ async fn run(
             continue;
         }
         match frame {
+            DeviceFrame::Hello { .. } if hello => {
+                // One per connection: what a device runs does not change while it is connected.
+                hub.send_device_frame(
+                    id,
+                    &DeviceServerFrame::Error {
+                        code: "hello_repeated".into(),
+                        message: "a connection says `hello` once".into(),
+                        retry_after: None,
+                        reference: None,
+                    },
+                );
+            }
             DeviceFrame::Hello {
                 firmware,
                 partition,
@@ -400,7 +412,15 @@ async fn run(
                 ..
             } => {
                 devices.seen(&auth, None).await;
-                match devices.hello(&auth, &firmware).await {
+                match devices
+                    .hello(
+                        &auth,
+                        &firmware,
+                        partition.as_deref(),
+                        reset_reason.as_deref(),
+                    )
+                    .await
+                {
                     Ok(()) => {
                         if let Err(e) = devices
                             .hello_event(
@@ -413,17 +433,15 @@ async fn run(
                         {
                             tracing::warn!(device = %auth.device, error = %unhidra_core::error_chain(&e), "hello not recorded");
                         }
-                        if !hello {
-                            outbound = Some(devices.attach(&auth));
-                            match devices.on_hello(&auth).await {
-                                Ok(frames) => {
-                                    for frame in &frames {
-                                        hub.send_device_frame(id, frame);
-                                    }
+                        outbound = Some(devices.attach(&auth));
+                        match devices.on_hello(&auth).await {
+                            Ok(frames) => {
+                                for frame in &frames {
+                                    hub.send_device_frame(id, frame);
                                 }
-                                Err(e) => {
-                                    tracing::warn!(device = %auth.device, error = %unhidra_core::error_chain(&e), "pending commands not sent");
-                                }
+                            }
+                            Err(e) => {
+                                tracing::warn!(device = %auth.device, error = %unhidra_core::error_chain(&e), "pending commands not sent");
                             }
                         }
                         hello = true;

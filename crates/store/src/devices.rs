@@ -531,6 +531,9 @@ pub enum ClaimRefusal {
     WrongModel(String),
     /// Another user's device has this hardware id.
     HardwareTaken,
+    /// The token owner's device with this hardware id still has a usable key, or is another
+    /// model: its owner revokes its keys to re-provision it.
+    NotReclaimable,
 }
 
 /// Devices, keys, presence, alerts and telemetry.

@@ -116,6 +116,13 @@ fn sign(args: &SignArgs) -> ExitCode {
         Ok(facts) => facts,
         Err(e) => return fail(e),
     };
+    // The server refuses these, and devices could not report the version after the update.
+    if let Some((field, rule)) = facts.invalid_fact() {
+        return fail(format!(
+            "{}: its {field} is refused: {rule}",
+            args.image.display()
+        ));
+    }
     let signed = manifest::sign(facts, &key);
     let out = args
         .out

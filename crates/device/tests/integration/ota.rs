@@ -1,4 +1,4 @@
-//! A firmware offer is checked against the keys the device trusts, its target and its
+//! A firmware offer is checked against the keys the device trusts, its project, target and its
 //! anti-rollback version, and the image against the manifest, chunk by chunk.
 
 use base64::Engine as _;
@@ -30,6 +30,7 @@ fn signed(image: &[u8], key: &SigningKey, secure_version: u32) -> SignedManifest
 
 fn device() -> DeviceImage {
     DeviceImage {
+        project: "greenhouse".into(),
         target: "esp32s3".into(),
         secure_version: 2,
     }
@@ -81,6 +82,14 @@ fn an_offer_is_checked_before_the_download_and_the_image_before_the_switch() {
     assert!(matches!(
         ImageVerifier::new(&offer, &trusted, &other),
         Err(OtaError::WrongTarget { .. })
+    ));
+    let product = DeviceImage {
+        project: "weather-station".into(),
+        ..device()
+    };
+    assert!(matches!(
+        ImageVerifier::new(&offer, &trusted, &product),
+        Err(OtaError::WrongProject { .. })
     ));
     assert_eq!(
         ImageVerifier::new(&signed(&image, &key, 1), &trusted, &device()).unwrap_err(),

@@ -19,6 +19,7 @@ use axum::response::{IntoResponse, Response};
 use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::compression::CompressionLayer;
+use tower_http::compression::predicate::{DefaultPredicate, NotForContentType, Predicate};
 use tower_http::timeout::TimeoutLayer;
 
 pub use finish::{REQUEST_ID, TraceId};
@@ -31,7 +32,10 @@ pub(crate) fn with_middleware(routes: Router<AppState>, state: &AppState) -> Rou
     let config = state.config();
     let body_limit = usize::try_from(config.body_limit).unwrap_or(usize::MAX);
     let stack = ServiceBuilder::new()
-        .layer(CompressionLayer::new())
+        // Binary downloads (firmware) keep their length and byte ranges: never compressed.
+        .layer(CompressionLayer::new().compress_when(
+            DefaultPredicate::new().and(NotForContentType::const_new("application/octet-stream")),
+        ))
         .layer(middleware::from_fn_with_state(
             security::Headers::new(config),
             security::headers,

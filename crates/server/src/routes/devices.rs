@@ -87,6 +87,13 @@ fn claim_refused(why: &ClaimRefusal) -> ApiError {
             "hardware_id_taken",
             "Another user's device has this hardware id.".to_owned(),
         ),
+        ClaimRefusal::NotReclaimable => (
+            StatusCode::CONFLICT,
+            "device_not_reclaimable",
+            "Your device with this hardware id still has a usable key, or is another model: \
+             revoke its keys to re-provision it."
+                .to_owned(),
+        ),
     };
     Problem::new(status, code, message).into()
 }
@@ -238,7 +245,7 @@ pub(crate) async fn revoke_token(
         (status = 200, description = "The device claimed again; store the new key now", body = Claimed),
         (status = 401, description = "`claim_token_invalid`: unknown or revoked", body = Problem,
             content_type = "application/problem+json"),
-        (status = 409, description = "`hardware_id_taken`: another user's device", body = Problem,
+        (status = 409, description = "`hardware_id_taken`: another user's device; `device_not_reclaimable`: yours, still with a usable key", body = Problem,
             content_type = "application/problem+json"),
         (status = 410, description = "`claim_token_expired` or `claim_token_used`", body = Problem,
             content_type = "application/problem+json"),

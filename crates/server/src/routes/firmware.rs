@@ -2,19 +2,26 @@
 //! with its signed manifest in the `Unhidra-Manifest` header (base64 of the JSON that
 //! `unhidra firmware sign` writes); the body streams through the checks, never held whole.
 
+use std::io::SeekFrom;
+
 use axum::Json as JsonResponse;
 use axum::body::Body;
-use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::{FromRequestParts, Path, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use futures_util::StreamExt;
 use serde::Deserialize;
-use unhidra_ota::{FirmwareError, FirmwareView};
-use utoipa::IntoParams;
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use unhidra_ota::{DownloadLink, FirmwareError, FirmwareView, PresentedLink};
+use utoipa::{IntoParams, ToSchema};
+use uuid::Uuid;
 
+use super::devices::DeviceKeyAuth;
 use crate::error::{ApiError, FieldError, Problem};
 use crate::http::auth::{Admin, Auth, Ctx};
-use crate::http::extract::Query;
+use crate::http::extract::{Json, Query};
 use crate::state::AppState;
 
 /// The header that carries an upload's signed manifest.
@@ -31,6 +38,11 @@ impl From<FirmwareError> for ApiError {
             FirmwareError::BadManifest(code, _) => {
                 Self::validation(vec![FieldError::new("/manifest", code, message)])
             }
+            FirmwareError::InvalidFact(field, _) => Self::validation(vec![FieldError::new(
+                format!("/manifest/{field}"),
+                "invalid_format",
+                message,
+            )]),
             FirmwareError::Signature(e) => Self::validation(vec![FieldError::new(
                 "/manifest/signature",
                 e.code(),
@@ -60,6 +72,15 @@ impl From<FirmwareError> for ApiError {
             ),
             FirmwareError::Conflict(_) => {
                 Problem::new(StatusCode::CONFLICT, "firmware_exists", message).into()
+            }
+            FirmwareError::LinkInvalid => {
+                Problem::new(StatusCode::FORBIDDEN, "link_invalid", message).into()
+            }
+            FirmwareError::LinkExpired => {
+                Problem::new(StatusCode::FORBIDDEN, "link_expired", message).into()
+            }
+            FirmwareError::NoSuchDevice => {
+                Self::validation(vec![FieldError::new("/device", "not_found", message)])
             }
             FirmwareError::Io(e) => ApiError::internal(e),
             FirmwareError::Store(e) => e.into(),
@@ -218,4 +239,289 @@ pub(crate) async fn retire(
     Ok(JsonResponse(
         state.firmware().retire(&who, &sha256, &ctx).await?,
     ))
+}
+
+/// What a link is asked for.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct NewLink {
+    /// The device the link is for.
+    #[schema(value_type = String, format = "uuid")]
+    device: Uuid,
+}
+
+/// Makes a signed download link to an image for one device, valid for `ota_link_ttl`: for a
+/// device that cannot send its key with the download (ESP-IDF's `esp_https_ota`). Audited.
+#[utoipa::path(post, path = "/api/v1/firmware/{sha256}/links", tag = "firmware", security(("bearer" = [])),
+    params(("sha256" = String, Path, description = "The image's SHA-256")),
+    request_body = NewLink,
+    responses(
+        (status = 201, description = "The link", body = DownloadLink),
+        (status = 403, description = "Not an admin", body = Problem,
+            content_type = "application/problem+json"),
+        (status = 404, description = "No such image", body = Problem,
+            content_type = "application/problem+json"),
+        (status = 422, description = "No such device", body = Problem,
+            content_type = "application/problem+json"),
+    ))]
+pub(crate) async fn create_link(
+    State(state): State<AppState>,
+    Auth(who, ..): Auth<Admin>,
+    Ctx(ctx): Ctx,
+    Path(sha256): Path<String>,
+    Json(body): Json<NewLink>,
+) -> Result<(StatusCode, JsonResponse<DownloadLink>), ApiError> {
+    let link = state
+        .firmware()
+        .link(&who, &sha256, body.device, &ctx)
+        .await?;
+    Ok((StatusCode::CREATED, JsonResponse(link)))
+}
+
+/// A download's signed link, when it comes with one.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct DownloadParams {
+    /// The device a signed link is for.
+    device: Option<String>,
+    /// The link's expiry, in Unix seconds.
+    expires: Option<i64>,
+    /// The link's signature.
+    sig: Option<String>,
+}
+
+/// The largest piece of an image read from its file at once.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// Downloads an image: with a device's key (`Authorization: Bearer unh_dk_…`), a signed link's
+/// query, or an admin's token. `HEAD` answers the headers alone; `Range: bytes=a-b` gets 206
+/// with `Content-Range` (one range; several get the whole image), 416 when it is past the end;
+/// the `ETag` is the image's SHA-256 (strong: images are immutable), for `If-Range` and
+/// `If-None-Match`. The bytes stream from the file.
+#[utoipa::path(get, path = "/api/v1/firmware/{sha256}/image", tag = "firmware", security(("bearer" = []), ()),
+    params(("sha256" = String, Path, description = "The image's SHA-256"), DownloadParams),
+    responses(
+        (status = 200, description = "The image", body = Vec<u8>, content_type = "application/octet-stream"),
+        (status = 206, description = "The range asked for", body = Vec<u8>,
+            content_type = "application/octet-stream"),
+        (status = 304, description = "`If-None-Match` names this image"),
+        (status = 401, description = "No key, link or token", body = Problem,
+            content_type = "application/problem+json"),
+        (status = 403, description = "`link_invalid` or `link_expired`, or not an admin", body = Problem,
+            content_type = "application/problem+json"),
+        (status = 404, description = "No such image", body = Problem,
+            content_type = "application/problem+json"),
+        (status = 416, description = "`range_not_satisfiable`", body = Problem,
+            content_type = "application/problem+json"),
+        (status = 422, description = "A query parameter is malformed", body = Problem,
+            content_type = "application/problem+json"),
+    ))]
+pub(crate) async fn download(
+    State(state): State<AppState>,
+    Path(sha256): Path<String>,
+    Query(params): Query<DownloadParams>,
+    method: Method,
+    mut parts: Parts,
+) -> Result<Response, ApiError> {
+    let firmware = state.firmware();
+    if params.device.is_some() || params.expires.is_some() || params.sig.is_some() {
+        let (Some(device), Some(expires), Some(sig)) = (
+            params
+                .device
+                .as_deref()
+                .and_then(|d| d.parse::<Uuid>().ok()),
+            params.expires,
+            params.sig.as_deref(),
+        ) else {
+            return Err(FirmwareError::LinkInvalid.into());
+        };
+        firmware.check_link(
+            &sha256,
+            &PresentedLink {
+                device,
+                expires,
+                sig,
+            },
+        )?;
+    } else if bearer(&parts.headers)
+        .is_some_and(|t| t.starts_with(unhidra_protocol::device::DEVICE_KEY_PREFIX_TEXT))
+    {
+        DeviceKeyAuth::from_request_parts(&mut parts, &state).await?;
+    } else {
+        Auth::<Admin>::from_request_parts(&mut parts, &state).await?;
+    }
+    let mut image = firmware.open(&sha256).await?;
+    let etag = format!("\"{}\"", image.sha256);
+    let headers = &parts.headers;
+    let mut response = Response::builder()
+        .header(header::ETAG, &etag)
+        .header(header::ACCEPT_RANGES, "bytes")
+        .header(
+            header::CACHE_CONTROL,
+            "private, max-age=31536000, immutable",
+        );
+    if headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| names_etag(v, &etag))
+    {
+        return response
+            .status(StatusCode::NOT_MODIFIED)
+            .body(Body::empty())
+            .map_err(ApiError::internal);
+    }
+    let range = match wanted_range(headers, &etag, image.size) {
+        Ok(range) => range,
+        Err(()) => {
+            return Ok((
+                [(
+                    header::CONTENT_RANGE,
+                    HeaderValue::from_str(&format!("bytes */{}", image.size))
+                        .map_err(ApiError::internal)?,
+                )],
+                ApiError::new(
+                    Problem::new(
+                        StatusCode::RANGE_NOT_SATISFIABLE,
+                        "range_not_satisfiable",
+                        format!("The image has {} bytes.", image.size),
+                    )
+                    .with("size", image.size),
+                ),
+            )
+                .into_response());
+        }
+    };
+    let (start, len) = match &range {
+        Some(r) => {
+            response = response.status(StatusCode::PARTIAL_CONTENT).header(
+                header::CONTENT_RANGE,
+                format!("bytes {}-{}/{}", r.start(), r.end(), image.size),
+            );
+            (*r.start(), r.end() - r.start() + 1)
+        }
+        None => (0, image.size),
+    };
+    response = response
+        .header(header::CONTENT_TYPE, "application/octet-stream")
+        .header(header::CONTENT_LENGTH, len)
+        .header(
+            header::CONTENT_DISPOSITION,
+            format!("attachment; filename=\"{}\"", image.file_name),
+        );
+    if method == Method::HEAD || len == 0 {
+        return response.body(Body::empty()).map_err(ApiError::internal);
+    }
+    if start > 0 {
+        image
+            .file
+            .seek(SeekFrom::Start(start))
+            .await
+            .map_err(ApiError::internal)?;
+    }
+    let reader = image.file.take(len);
+    let capacity = usize::try_from(len).unwrap_or(READ_CHUNK).min(READ_CHUNK);
+    let body = Body::from_stream(tokio_util::io::ReaderStream::with_capacity(
+        reader, capacity,
+    ));
+    response.body(body).map_err(ApiError::internal)
+}
+
+/// The bearer token of a request, if any.
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(str::trim)
+}
+
+/// Whether an `If-None-Match` value names this entity tag (weak comparison, as RFC 9110 says
+/// for it), or is `*`.
+fn names_etag(value: &str, etag: &str) -> bool {
+    value
+        .split(',')
+        .map(str::trim)
+        .any(|tag| tag == "*" || tag.strip_prefix("W/").unwrap_or(tag) == etag)
+}
+
+/// The one range to serve: `None` for the whole image (no `Range`, an `If-Range` that is not
+/// this image's strong tag, a `Range` that does not parse, or several ranges); `Err` when it
+/// cannot be satisfied (416).
+fn wanted_range(
+    headers: &HeaderMap,
+    etag: &str,
+    size: u64,
+) -> Result<Option<std::ops::RangeInclusive<u64>>, ()> {
+    use http_range_header::RangeUnsatisfiableError;
+    let Some(range) = headers.get(header::RANGE).and_then(|v| v.to_str().ok()) else {
+        return Ok(None);
+    };
+    // If-Range: a date, or any tag but this image's own, means the client's copy may be of
+    // something else; it gets the whole image.
+    if headers
+        .get(header::IF_RANGE)
+        .is_some_and(|v| v.as_bytes() != etag.as_bytes())
+    {
+        return Ok(None);
+    }
+    match http_range_header::parse_range_header(range).and_then(|r| r.validate(size)) {
+        Ok(ranges) if ranges.len() == 1 => Ok(ranges.into_iter().next()),
+        Ok(_) | Err(RangeUnsatisfiableError::Invalid(_)) => Ok(None),
+        Err(_) => Err(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(header::HeaderName, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in pairs {
+            map.insert(name.clone(), HeaderValue::from_str(value).unwrap());
+        }
+        map
+    }
+
+    #[test]
+    fn ranges_follow_rfc_9110() {
+        let tag = "\"abc\"";
+        let range = |pairs: &[(header::HeaderName, &str)]| wanted_range(&headers(pairs), tag, 1000);
+        assert_eq!(range(&[]), Ok(None));
+        assert_eq!(range(&[(header::RANGE, "bytes=0-99")]), Ok(Some(0..=99)));
+        assert_eq!(range(&[(header::RANGE, "bytes=900-")]), Ok(Some(900..=999)));
+        assert_eq!(range(&[(header::RANGE, "bytes=-10")]), Ok(Some(990..=999)));
+        assert_eq!(
+            range(&[(header::RANGE, "bytes=990-5000")]),
+            Ok(Some(990..=999))
+        );
+        assert_eq!(range(&[(header::RANGE, "bytes=1000-")]), Err(()));
+        assert_eq!(range(&[(header::RANGE, "bytes=0-1,5-9")]), Ok(None));
+        assert_eq!(range(&[(header::RANGE, "pages=1-2")]), Ok(None));
+        assert_eq!(range(&[(header::RANGE, "bytes=9-1")]), Ok(None));
+        assert_eq!(
+            range(&[(header::RANGE, "bytes=0-9"), (header::IF_RANGE, tag)]),
+            Ok(Some(0..=9))
+        );
+        for other in ["\"other\"", "W/\"abc\"", "Wed, 21 Oct 2015 07:28:00 GMT"] {
+            assert_eq!(
+                range(&[(header::RANGE, "bytes=0-9"), (header::IF_RANGE, other)]),
+                Ok(None),
+                "{other}"
+            );
+        }
+    }
+
+    #[test]
+    fn if_none_match_compares_weakly() {
+        assert!(names_etag("\"abc\"", "\"abc\""));
+        assert!(names_etag("W/\"abc\"", "\"abc\""));
+        assert!(names_etag("\"x\", \"abc\"", "\"abc\""));
+        assert!(names_etag("*", "\"abc\""));
+        assert!(!names_etag("\"abcd\"", "\"abc\""));
+    }
 }

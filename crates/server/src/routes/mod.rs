@@ -175,6 +175,8 @@ fn documented() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(firmware::upload, firmware::list))
         .routes(routes!(firmware::get))
         .routes(routes!(firmware::retire))
+        .routes(routes!(firmware::download))
+        .routes(routes!(firmware::create_link))
         .routes(routes!(devices::events))
         .routes(routes!(devices::create_token, devices::list_tokens))
         .routes(routes!(devices::revoke_token))

@@ -685,8 +685,24 @@ async fn a_device_claims_its_key_with_a_qr_token_and_claims_again_after_a_reset(
     let devices = get_json(&app, &alice, "/api/v1/devices").await;
     assert_eq!(devices["items"][0]["id"], id.as_str());
 
-    // After a factory reset the device claims again: the same device, a new key, and the old
-    // key's connection closed with 4003.
+    // A claim of a working device's hardware id takes nothing over; after a factory reset its
+    // owner revokes its keys (the connection closes with 4003) and it claims again: the same
+    // device, a new key.
+    problem(
+        claim(&app, &token, "24:6f:28:aa:bb:cc", "esp32-s3").await,
+        409,
+        "device_not_reclaimable",
+    )
+    .await;
+    let revoked = app
+        .client
+        .post(app.url(&format!("/api/v1/devices/{id}/revoke")))
+        .bearer_auth(&alice)
+        .send()
+        .await
+        .unwrap();
+    assert!(revoked.status().is_success());
+    assert_eq!(close_code(&mut socket).await, 4003);
     let again = claim(&app, &token, "24:6f:28:aa:bb:cc", "esp32-s3").await;
     assert_eq!(again.status(), 200);
     let again: Value = again.json().await.unwrap();
@@ -694,7 +710,6 @@ async fn a_device_claims_its_key_with_a_qr_token_and_claims_again_after_a_reset(
         (again["reclaimed"].as_bool(), again["device"]["id"].as_str()),
         (Some(true), Some(id.as_str()))
     );
-    assert_eq!(close_code(&mut socket).await, 4003);
     let mut socket = connect_device(&app, again["key"].as_str().unwrap()).await;
     hello(&mut socket).await;
 
@@ -774,7 +789,10 @@ async fn a_device_claims_its_key_with_a_qr_token_and_claims_again_after_a_reset(
         .filter(|e| e["subject_id"] == id.as_str())
         .map(|e| e["kind"].as_str().unwrap())
         .collect();
-    assert_eq!(kinds, ["device.reclaimed", "device.claimed"]);
+    assert_eq!(
+        kinds,
+        ["device.reclaimed", "device.revoked", "device.claimed"]
+    );
     let audit = audit.to_string();
     assert!(
         !audit.contains(&token) && !audit.contains(&old_key),
@@ -807,8 +825,8 @@ async fn failed_keys_are_limited_per_address_and_devices_have_their_own_connecti
     let device = connect_device(&app, &key).await;
     drop(device);
 
-    // Three wrong keys are refused with 401, the fourth attempt with 429 before any lookup, and
-    // then a good key from this address too, until the window has passed.
+    // Three wrong keys are refused with 401, the fourth with 429; a good key from this
+    // address still passes (a hostile neighbour behind the same NAT locks no device out).
     let wrong = format!("unhidra.device.v1, key.{}x", &key[..key.len() - 1]);
     for attempt in 0..4 {
         match connect_with(&app, Some(&wrong), None).await {
@@ -819,7 +837,7 @@ async fn failed_keys_are_limited_per_address_and_devices_have_their_own_connecti
             other => panic!("{other:?}"),
         }
     }
-    let over = app
+    let good = app
         .client
         .post(app.url("/api/v1/device/telemetry"))
         .bearer_auth(&key)
@@ -827,7 +845,16 @@ async fn failed_keys_are_limited_per_address_and_devices_have_their_own_connecti
         .send()
         .await
         .unwrap();
-    problem(over, 429, "rate_limited").await;
+    assert!(good.status().is_success(), "{}", good.status());
+    let still_wrong = app
+        .client
+        .post(app.url("/api/v1/device/telemetry"))
+        .bearer_auth(format!("{}x", &key[..key.len() - 1]))
+        .json(&json!({ "seq": 1, "points": [{ "key": "t", "value": 1 }] }))
+        .send()
+        .await
+        .unwrap();
+    problem(still_wrong, 429, "rate_limited").await;
 }
 
 #[tokio::test]
@@ -836,12 +863,30 @@ async fn a_devices_events_and_hellos_are_stored_and_read_by_its_owner() {
     let (_, alice) = user(&app, "alice@example.com").await;
     let (id, key) = register(&app, &alice, "d").await;
     let mut socket = connect_device(&app, &key).await;
+    // A hello that breaks a rule is refused, and nothing of it is stored.
+    for bad in [
+        json!({ "type": "hello", "firmware": "1.4 beta" }),
+        json!({ "type": "hello", "firmware": "1.4.2", "reset_reason": "x".repeat(60_000) }),
+        json!({ "type": "hello", "firmware": "1.4.2", "partition": "ota 1" }),
+    ] {
+        send(&mut socket, bad).await;
+        let refused = next(&mut socket).await;
+        assert_eq!(refused["code"], "invalid_format", "{refused}");
+    }
     send(
         &mut socket,
-        json!({ "type": "hello", "firmware": "1.4.2", "partition": "ota_1",
+        json!({ "type": "hello", "firmware": "1.4.2+build.7", "partition": "ota_1",
                 "reset_reason": "panic", "capabilities": [] }),
     )
     .await;
+    // One hello a connection: a second changes nothing.
+    send(
+        &mut socket,
+        json!({ "type": "hello", "firmware": "9.9.9", "reset_reason": "panic" }),
+    )
+    .await;
+    let repeated = next(&mut socket).await;
+    assert_eq!(repeated["code"], "hello_repeated", "{repeated}");
     send(
         &mut socket,
         json!({ "type": "event", "kind": "door", "data": { "open": true } }),
@@ -863,6 +908,9 @@ async fn a_devices_events_and_hellos_are_stored_and_read_by_its_owner() {
     assert_eq!(items[1]["kind"], "hello");
     assert_eq!(items[1]["data"]["reset_reason"], "panic");
     assert_eq!(items[1]["data"]["partition"], "ota_1");
+    assert_eq!(items[1]["data"]["firmware"], "1.4.2+build.7");
+    let device = get_json(&app, &alice, &format!("/api/v1/devices/{id}")).await;
+    assert_eq!(device["firmware"], "1.4.2+build.7");
     let hellos = get_json(
         &app,
         &alice,

@@ -25,10 +25,10 @@ fn manifest_header(image: &[u8], version: &str, key: &ed25519_dalek::SigningKey)
     base64::engine::general_purpose::STANDARD.encode(json)
 }
 
-#[tokio::test]
-async fn an_admin_uploads_a_signed_image_and_every_refusal_is_typed() {
+/// A server that trusts `key`'s manifests, with `root@example.com` its admin; the folder holds
+/// the trusted key's file.
+async fn app_trusting(key: &ed25519_dalek::SigningKey) -> (tempfile::TempDir, TestApp) {
     let keys = tempfile::tempdir().unwrap();
-    let key = manifest::generate_key();
     let trusted = keys.path().join("trusted.pem");
     std::fs::write(
         &trusted,
@@ -46,6 +46,13 @@ async fn an_admin_uploads_a_signed_image_and_every_refusal_is_typed() {
         None,
     )
     .await;
+    (keys, app)
+}
+
+#[tokio::test]
+async fn an_admin_uploads_a_signed_image_and_every_refusal_is_typed() {
+    let key = manifest::generate_key();
+    let (_keys, app) = app_trusting(&key).await;
     let admin = crate::helpers::access_token(&app, "root@example.com").await;
     let (_, someone) = user(&app, "someone@example.com").await;
     let image = build_test_image(0x0009, "2.1.0", "greenhouse", 1, true);
@@ -174,4 +181,215 @@ async fn an_admin_uploads_a_signed_image_and_every_refusal_is_typed() {
         .await
         .unwrap();
     problem(gone, 404, "not_found").await;
+}
+
+/// Downloads as `esp_https_ota` and a resuming client make them: with the device's key or a
+/// signed link, `HEAD` for the length, ranges with 206 and `Content-Range`, a cut download
+/// resumed with `If-Range`, 416 past the end, 304 for a copy already held; every refusal typed.
+#[tokio::test]
+async fn devices_download_images_in_ranges_with_their_key_or_a_signed_link() {
+    use sha2::Digest;
+    let key = manifest::generate_key();
+    let (_keys, app) = app_trusting(&key).await;
+    let admin = crate::helpers::access_token(&app, "root@example.com").await;
+    let (_, someone) = user(&app, "someone@example.com").await;
+    let image = build_test_image(0x0009, "3.0.0", "greenhouse", 1, true);
+    let stored = app
+        .client
+        .post(app.url("/api/v1/firmware"))
+        .bearer_auth(&admin)
+        .header("unhidra-manifest", manifest_header(&image, "3.0.0", &key))
+        .body(image.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stored.status(), 201);
+    let sha = sha2::Sha256::digest(&image)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<String>();
+    let made: Value = app
+        .client
+        .post(app.url("/api/v1/devices"))
+        .bearer_auth(&admin)
+        .json(&serde_json::json!({ "name": "bench-1", "model": "esp32-s3" }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let device_key = made["key"].as_str().unwrap().to_owned();
+    let device_id = made["device"]["id"].as_str().unwrap().to_owned();
+    let path = format!("/api/v1/firmware/{sha}/image");
+    let size = image.len();
+    let etag = format!("\"{sha}\"");
+    let get = |headers: &[(&str, &str)]| {
+        let mut request = app.client.get(app.url(&path)).bearer_auth(&device_key);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        request.send()
+    };
+
+    // The whole image, and its headers; HEAD gives the length alone. A client that accepts
+    // gzip still gets the bytes as they are, with their length and ranges.
+    let whole = get(&[("accept-encoding", "gzip")]).await.unwrap();
+    assert_eq!(whole.status(), 200);
+    let h = whole.headers().clone();
+    assert_eq!(h["etag"], etag.as_str());
+    assert_eq!(h["accept-ranges"], "bytes");
+    assert_eq!(h["content-type"], "application/octet-stream");
+    assert_eq!(h["content-length"], size.to_string().as_str());
+    assert!(h.get("content-encoding").is_none());
+    assert_eq!(whole.bytes().await.unwrap(), image.as_slice());
+    let head = app
+        .client
+        .head(app.url(&path))
+        .bearer_auth(&device_key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(head.status(), 200);
+    assert_eq!(head.headers()["content-length"], size.to_string().as_str());
+    assert_eq!(head.headers()["etag"], etag.as_str());
+    assert!(head.bytes().await.unwrap().is_empty());
+
+    // 4 KiB ranges, as partial_http_download asks, put the image back together.
+    let mut joined = Vec::new();
+    let mut start = 0;
+    while start < size {
+        let end = (start + 4096).min(size) - 1;
+        let part = get(&[("range", &format!("bytes={start}-{end}"))])
+            .await
+            .unwrap();
+        assert_eq!(part.status(), 206);
+        assert_eq!(
+            part.headers()["content-range"],
+            format!("bytes {start}-{end}/{size}").as_str()
+        );
+        joined.extend_from_slice(&part.bytes().await.unwrap());
+        start = end + 1;
+    }
+    assert_eq!(joined, image);
+
+    // A download cut in the middle resumes where it stopped, while the image is the same one.
+    let mut cut = Vec::new();
+    let mut stream = get(&[]).await.unwrap();
+    while cut.len() < size / 2 {
+        cut.extend_from_slice(&stream.chunk().await.unwrap().unwrap());
+    }
+    drop(stream);
+    // The connection broke half-way (what arrived past it is lost).
+    cut.truncate(size / 2);
+    let rest = get(&[
+        ("range", &format!("bytes={}-", cut.len())),
+        ("if-range", &etag),
+    ])
+    .await
+    .unwrap();
+    assert_eq!(rest.status(), 206);
+    cut.extend_from_slice(&rest.bytes().await.unwrap());
+    assert_eq!(
+        sha2::Sha256::digest(&cut).as_slice(),
+        sha2::Sha256::digest(&image).as_slice()
+    );
+    let changed = get(&[("range", "bytes=10-"), ("if-range", "\"another\"")])
+        .await
+        .unwrap();
+    assert_eq!(changed.status(), 200, "another copy gets the whole image");
+    assert_eq!(changed.bytes().await.unwrap().len(), size);
+    let tail = get(&[("range", "bytes=-100")]).await.unwrap();
+    assert_eq!(tail.status(), 206);
+    assert_eq!(tail.bytes().await.unwrap(), &image[size - 100..]);
+    let past = get(&[("range", &format!("bytes={size}-"))]).await.unwrap();
+    assert_eq!(
+        past.headers()["content-range"],
+        format!("bytes */{size}").as_str()
+    );
+    let past = problem(past, 416, "range_not_satisfiable").await;
+    assert_eq!(past["size"], size);
+    let held = get(&[("if-none-match", &etag)]).await.unwrap();
+    assert_eq!(held.status(), 304);
+
+    // Who may download: a device's key, an admin; not a user, nor no one.
+    let anonymous = app.client.get(app.url(&path)).send().await.unwrap();
+    assert_eq!(anonymous.status(), 401);
+    let by_user = app
+        .client
+        .get(app.url(&path))
+        .bearer_auth(&someone)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(by_user.status(), 403);
+    let by_admin = app
+        .client
+        .get(app.url(&path))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(by_admin.status(), 200);
+    let wrong_key = app
+        .client
+        .get(app.url(&path))
+        .bearer_auth("unh_dk_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong_key.status(), 401);
+    let unknown = app
+        .client
+        .get(app.url(&format!("/api/v1/firmware/{}/image", "0".repeat(64))))
+        .bearer_auth(&device_key)
+        .send()
+        .await
+        .unwrap();
+    problem(unknown, 404, "not_found").await;
+
+    // A signed link: made by an admin for one device, it needs no header and nothing else.
+    let link = |token: &str, device: &str| {
+        app.client
+            .post(app.url(&format!("/api/v1/firmware/{sha}/links")))
+            .bearer_auth(token)
+            .json(&serde_json::json!({ "device": device }))
+            .send()
+    };
+    problem(link(&someone, &device_id).await.unwrap(), 403, "forbidden").await;
+    let nobody = problem(
+        link(&admin, &uuid::Uuid::new_v4().to_string())
+            .await
+            .unwrap(),
+        422,
+        "validation_failed",
+    )
+    .await;
+    assert_eq!(nobody["errors"][0]["field"], "/device");
+    let made = link(&admin, &device_id).await.unwrap();
+    assert_eq!(made.status(), 201);
+    let made: Value = made.json().await.unwrap();
+    let url = made["url"].as_str().unwrap().to_owned();
+    assert!(made["expires_at"].is_string());
+    let by_link = app
+        .client
+        .get(app.url(&url))
+        .header("range", "bytes=0-99")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(by_link.status(), 206);
+    assert_eq!(by_link.bytes().await.unwrap(), &image[..100]);
+    let tampered = url.replace(&device_id, &uuid::Uuid::new_v4().to_string());
+    problem(app.get(&tampered).await, 403, "link_invalid").await;
+    let stretched = {
+        let (head, expires) = url.split_once("expires=").unwrap();
+        let (value, tail) = expires.split_once('&').unwrap();
+        format!("{head}expires={}&{tail}", value.parse::<i64>().unwrap() + 1)
+    };
+    problem(app.get(&stretched).await, 403, "link_invalid").await;
+    let unsigned = url.split_once("&sig=").unwrap().0.to_owned();
+    problem(app.get(&unsigned).await, 403, "link_invalid").await;
+    let expired = url.replace(&url.split_once("expires=").unwrap().1[..10], "1000000000");
+    problem(app.get(&expired).await, 403, "link_invalid").await;
 }

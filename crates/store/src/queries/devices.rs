@@ -1525,11 +1525,18 @@ macro_rules! device_queries {
                         return Ok(ClaimOutcome::Refused(why_unusable(&mut tx, claim).await?));
                     };
                     let token = token(&row)?;
-                    // The token owner's device with this hardware id keeps its identity: its
-                    // id, name, tags, history; it gets the model and firmware it reports now.
+                    // The token owner's device with this hardware id keeps its identity (its
+                    // id, name, tags, history) and gets the firmware it reports now — but only
+                    // a device of the token's model whose keys are all revoked or expired: the
+                    // owner re-provisions it, a token and a public hardware id alone do not
+                    // take over a working device.
                     let again: Option<Id> = sqlx::query_scalar(
-                        "UPDATE devices SET model = $3, firmware = COALESCE($4, firmware), \
-                         updated_at = $5 WHERE hardware_id = $1 AND owner_id = $2 RETURNING id",
+                        "UPDATE devices SET firmware = COALESCE($4, firmware), updated_at = $5 \
+                         WHERE hardware_id = $1 AND owner_id = $2 AND model = $3 \
+                         AND NOT EXISTS (SELECT 1 FROM device_keys k \
+                             WHERE k.device_id = devices.id AND k.revoked_at IS NULL \
+                             AND (k.expires_at IS NULL OR k.expires_at > $5)) \
+                         RETURNING id",
                     )
                     .bind(hardware_id)
                     .bind(Store::id(token.owner.0))
@@ -1554,14 +1561,23 @@ macro_rules! device_queries {
                         let device = device(&row, tags.remove(&id).unwrap_or_default())?;
                         ClaimOutcome::Reclaimed { device, revoked }
                     } else {
-                        let taken: Option<Id> =
-                            sqlx::query_scalar("SELECT id FROM devices WHERE hardware_id = $1")
-                                .bind(hardware_id)
-                                .fetch_optional(&mut *tx)
-                                .await
-                                .map_err(err)?;
-                        if taken.is_some() {
-                            return Ok(ClaimOutcome::Refused(ClaimRefusal::HardwareTaken));
+                        let taken: Option<Option<Id>> = sqlx::query_scalar(
+                            "SELECT owner_id FROM devices WHERE hardware_id = $1",
+                        )
+                        .bind(hardware_id)
+                        .fetch_optional(&mut *tx)
+                        .await
+                        .map_err(err)?;
+                        if let Some(owner) = taken {
+                            let ours = match owner {
+                                Some(owner) => Store::read_id(owner)? == token.owner.0,
+                                None => false,
+                            };
+                            return Ok(ClaimOutcome::Refused(if ours {
+                                ClaimRefusal::NotReclaimable
+                            } else {
+                                ClaimRefusal::HardwareTaken
+                            }));
                         }
                         let mut device = claim.device.clone();
                         device.owner = Some(token.owner);
