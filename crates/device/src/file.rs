@@ -264,16 +264,30 @@ fn compact(
     next_seq: u64,
     batches: &BTreeMap<u64, (Vec<Point>, u64)>,
 ) -> io::Result<File> {
-    let mut tmp_name = path.as_os_str().to_owned();
-    tmp_name.push(".tmp");
-    let tmp = PathBuf::from(tmp_name);
-    {
-        let mut out = io::BufWriter::new(File::create(&tmp)?);
+    replace_durably(path, |out| {
         out.write_all(MAGIC)?;
         out.write_all(&encode(&RecordRef::Next { seq: next_seq }))?;
         for (&seq, (points, _)) in batches {
             out.write_all(&encode(&RecordRef::Batch { seq, points }))?;
         }
+        Ok(())
+    })?;
+    OpenOptions::new().append(true).open(path)
+}
+
+/// Replaces `path` with what `write` writes, so that a power loss at any moment leaves either
+/// the old file or the new one whole: written to `<path>.tmp`, synced, renamed over `path`,
+/// and the folder synced.
+pub(crate) fn replace_durably(
+    path: &Path,
+    write: impl FnOnce(&mut io::BufWriter<File>) -> io::Result<()>,
+) -> io::Result<()> {
+    let mut tmp_name = path.as_os_str().to_owned();
+    tmp_name.push(".tmp");
+    let tmp = PathBuf::from(tmp_name);
+    {
+        let mut out = io::BufWriter::new(File::create(&tmp)?);
+        write(&mut out)?;
         out.into_inner()
             .map_err(io::IntoInnerError::into_error)?
             .sync_all()?;
@@ -285,5 +299,5 @@ fn compact(
             let _ = dir.sync_all();
         }
     }
-    OpenOptions::new().append(true).open(path)
+    Ok(())
 }
