@@ -1,6 +1,7 @@
 """Schemathesis, an independent client, checks every operation against the OpenAPI document."""
 
 import base64
+import datetime
 import os
 import re
 import subprocess
@@ -41,6 +42,7 @@ NO_SUCCESS_EXPECTED = {
     ("POST", "/api/v1/device/telemetry"): "devices post with their key, not the run's user token",
     ("POST", "/api/v1/firmware"): "needs an image with a manifest signed by the trusted key",
     ("POST", "/api/v1/firmware/{sha256}/links"): "needs the id of an existing device in its body",
+    ("POST", "/api/v1/deployments"): "needs an existing image's SHA-256 and devices that can take it in its body",
     ("POST", "/api/v1/admin/jobs/{id}/retry"): "the prepared job is retryable only between the run's "
     "cancellation of it and the next periodic job taking its unique key (409 conflict after that)",
 }
@@ -138,6 +140,33 @@ def prepare_firmware(server, binary):
     )
     assert stored.status_code == 201, stored.text
     return stored.json()["sha256"]
+
+
+def prepare_deployments(server, firmware):
+    """Three deployments of the image, each to a device of its own, scheduled months ahead: one
+    for the run to pause, one paused for it to resume, one for it to cancel."""
+    base = server.base_url
+    admin = requests.post(
+        f"{base}/api/v1/auth/login", json={"email": ADMIN_EMAIL, "password": ADMIN_PASSWORD}, timeout=10
+    ).json()["access_token"]
+    headers = {"Authorization": f"Bearer {admin}"}
+    start_at = (datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=200)).isoformat()
+    ids = []
+    for name in ["pause", "resume", "cancel"]:
+        device = requests.post(
+            f"{base}/api/v1/devices", headers=headers, json={"name": f"st-ota-{name}", "model": "rp2040"}, timeout=10
+        ).json()["device"]["id"]
+        made = requests.post(
+            f"{base}/api/v1/deployments",
+            headers=headers,
+            json={"firmware": firmware, "target": {"devices": [device]}, "start_at": start_at},
+            timeout=10,
+        )
+        assert made.status_code == 201, made.text
+        ids.append(made.json()["id"])
+    paused = requests.post(f"{base}/api/v1/deployments/{ids[1]}/pause", headers=headers, timeout=10)
+    assert paused.status_code == 200, paused.text
+    return ids
 
 
 def prepare_cron(server):
@@ -239,6 +268,7 @@ def run_schemathesis(server, *paths, exclude=False, env=None):
 
 def test_every_operation_conforms_to_the_document(server, server_binary):
     firmware = prepare_firmware(server, server_binary)
+    to_pause, to_resume, to_cancel = prepare_deployments(server, firmware)
     room, member, session = prepare_room(server)
     job = prepare_job(server)
     cron = prepare_cron(server)
@@ -246,6 +276,9 @@ def test_every_operation_conforms_to_the_document(server, server_binary):
     env = {
         "ST_TOKEN_ID": token,
         "ST_FIRMWARE_SHA": firmware,
+        "ST_DEPLOYMENT_ID": to_pause,
+        "ST_RESUME_ID": to_resume,
+        "ST_CANCEL_ID": to_cancel,
         "ST_DEVICE_ID": device,
         "ST_DELETE_DEVICE_ID": deleted_device,
         "ST_ALERT_ID": alert,

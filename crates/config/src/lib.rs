@@ -301,6 +301,9 @@ config_keys! {
         ota_max_image_bytes: u64 = 16 * 1024 * 1024, secret = false;
         /// How long a signed firmware download link works (the offer a device gets carries one).
         ota_link_ttl: HumanDuration = HumanDuration::secs(3600), secret = false;
+        /// How often each node moves deployments on: starts those due, fails devices past their
+        /// deadline, makes the offers owed, advances stages.
+        ota_tick_interval: HumanDuration = HumanDuration::secs(5), secret = false;
         /// How often an idle WebSocket is pinged; one that stays silent for two intervals is
         /// closed.
         ws_ping_interval: HumanDuration = HumanDuration::secs(30), secret = false;
@@ -610,6 +613,11 @@ fn check(config: &Config) -> Result<(), ConfigError> {
     if config.ota_link_ttl.0 < std::time::Duration::from_secs(60) || config.ota_link_ttl.0 > 7 * day
     {
         problems.push("ota_link_ttl: at least 1m and at most 7d".to_owned());
+    }
+    if config.ota_tick_interval.0 < std::time::Duration::from_millis(10)
+        || config.ota_tick_interval.0 > std::time::Duration::from_secs(3600)
+    {
+        problems.push("ota_tick_interval: at least 10ms and at most 1h".to_owned());
     }
     if config.jobs_poll_interval.0.is_zero() {
         problems.push("jobs_poll_interval: more than 0s".to_owned());

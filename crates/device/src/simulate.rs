@@ -399,6 +399,7 @@ async fn simulate_device(
                 ),
                 reset_reason: Some(if boot == 0 { "power_on" } else { "software" }.into()),
                 capabilities: vec!["thermal".into(), "env".into()],
+                secure_version: Some(0),
             },
             heartbeat_interval_ms: millis(options.heartbeat_interval),
             batch: BatchLimits {

@@ -1043,6 +1043,7 @@ impl Devices {
         firmware: &str,
         partition: Option<&str>,
         reset_reason: Option<&str>,
+        secure_version: Option<u32>,
     ) -> Result<(), DeviceError> {
         input::firmware_version(firmware)?;
         if let Some(partition) = partition {
@@ -1053,7 +1054,12 @@ impl Devices {
         }
         self.0
             .store
-            .set_device_firmware(auth.device, firmware)
+            .record_boot(&unhidra_store::deployments::DeviceBoot {
+                device_id: auth.device,
+                firmware: Some(firmware.to_owned()),
+                partition: partition.map(str::to_owned),
+                secure_version: secure_version.map(i64::from),
+            })
             .await?;
         Ok(())
     }
@@ -1446,17 +1452,67 @@ impl Devices {
         new: commands::NewCommand,
     ) -> Result<(commands::CommandView, bool), DeviceError> {
         let record = self.visible(who, device).await?;
+        let command = commands::parse(new, device, Some(who.user_id), self.now())?;
+        self.deliver(record.owner, command).await
+    }
+
+    /// Sends a command on the server's own behalf (an OTA offer), to any device: as
+    /// [`Devices::send_command`] does, with no sender.
+    pub async fn send_service_command(
+        &self,
+        device: Uuid,
+        new: commands::NewCommand,
+    ) -> Result<(commands::CommandView, bool), DeviceError> {
+        let owner = self.0.store.device(device).await?.owner;
+        let command = commands::parse(new, device, None, self.now())?;
+        self.deliver(owner, command).await
+    }
+
+    /// Stores a command, then hands it to the device when it is connected here.
+    async fn deliver(
+        &self,
+        owner: Option<UserId>,
+        command: unhidra_store::devices::CommandRecord,
+    ) -> Result<(commands::CommandView, bool), DeviceError> {
         let now = self.now();
-        let command = commands::parse(new, device, Some(who.user_id), now)?;
+        let device = command.device_id;
         let (stored, created) = self.0.store.create_command(&command).await?;
         if created && self.push(device, vec![commands::frame(&stored)]) {
             self.0.store.mark_delivered(&[stored.id], now).await?;
         }
         let stored = self.0.store.command(stored.id).await?;
         if created {
-            self.emit_command(record.owner, stored.clone());
+            self.emit_command(owner, stored.clone());
         }
         Ok((commands::CommandView::new(stored, now), created))
+    }
+
+    /// Ends a command that waits for its result as expired, with `why` as its output (an
+    /// offer withdrawn); false if it had ended already.
+    pub async fn withdraw_command(
+        &self,
+        device: Uuid,
+        id: Uuid,
+        why: &str,
+    ) -> Result<bool, DeviceError> {
+        let output = serde_json::json!({ "withdrawn": why }).to_string();
+        let ended = self
+            .0
+            .store
+            .finish_command(
+                device,
+                id,
+                unhidra_store::devices::CommandState::Expired,
+                Some(&output),
+                self.now(),
+            )
+            .await?;
+        let Some(ended) = ended else {
+            return Ok(false);
+        };
+        let owner = self.0.store.device(device).await.ok().and_then(|d| d.owner);
+        self.emit_command(owner, ended);
+        Ok(true)
     }
 
     /// A command of a device the caller may see.

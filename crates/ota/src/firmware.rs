@@ -469,6 +469,13 @@ impl Firmware {
         self.record(&record.sha256).await.map(FirmwareView::from)
     }
 
+    /// The signed manifest of an image, as devices get it in an offer.
+    pub async fn signed_manifest(&self, sha256: &str) -> Result<SignedManifest, FirmwareError> {
+        let record = self.record(sha256).await?;
+        serde_json::from_str(&record.manifest)
+            .map_err(|e| FirmwareError::BadManifest("invalid_manifest", e.to_string()))
+    }
+
     /// A signed download link to an image for a device, made by an admin (to hand to a
     /// device by other means, or to try a download); audited.
     pub async fn link(

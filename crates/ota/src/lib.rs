@@ -4,11 +4,13 @@
 //! compared with its manifest before it is stored; [`download`] serves them to devices, with
 //! their key or a signed link. It knows no HTTP and no SQL.
 
+pub mod deploy;
 pub mod download;
 pub mod firmware;
 pub mod image;
 pub mod manifest;
 
+pub use deploy::{DeployError, DeploymentView, Deployments, NewDeployment};
 pub use download::{DownloadLink, PresentedLink, StoredImage};
 pub use firmware::{Firmware, FirmwareConfig, FirmwareError, FirmwareView, Upload};
 pub use image::{EspImage, ImageChecker, ImageError};

@@ -40,6 +40,7 @@ const DEVICE_FRAME_TYPES: &[&str] = &[
     "event",
     "command_result",
     "reported",
+    "ota_status",
     "ping",
 ];
 
@@ -60,6 +61,10 @@ pub enum DeviceFrame {
         /// What the firmware can do (`thermal`, `ota`, …).
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         capabilities: Vec<String>,
+        /// Its anti-rollback version (the eFuse `secure_version` on an ESP32): a deployment
+        /// never offers an image below it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        secure_version: Option<u32>,
     },
     /// Vital signs. Fields this version does not know are ignored, so newer firmware can
     /// send more; a reading that is not a finite number (JSON `null`, MessagePack NaN) is
@@ -121,8 +126,57 @@ pub enum DeviceFrame {
         /// The whole configuration, key → JSON value.
         state: BTreeMap<String, serde_json::Value>,
     },
+    /// Where a firmware update offered by a deployment stands on the device.
+    OtaStatus {
+        /// The deployment (the `deployment` of the `ota.update` command's params).
+        deployment: String,
+        /// What the device is doing.
+        state: OtaState,
+        /// The download's progress, 0 to 100.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        progress: Option<u8>,
+        /// Why it failed or rolled back (`bad_signature`, `self_test`, …).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
     /// Keep-alive; answered with `pong`.
     Ping,
+}
+
+/// The states of an update a device reports in `ota_status`. The server itself marks a device
+/// `confirmed` (or `rolled_back`) from the `hello` after its reboot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OtaState {
+    /// Downloading (with `progress`).
+    Downloading,
+    /// Downloaded whole.
+    Downloaded,
+    /// Checking the signature and the SHA-256.
+    Verifying,
+    /// Writing it and switching the boot partition.
+    Installing,
+    /// About to restart into it.
+    Rebooting,
+    /// Given up (with `reason`).
+    Failed,
+    /// Came back on the old image (with `reason`, such as `self_test`).
+    RolledBack,
+}
+
+impl OtaState {
+    /// Its name in frames and the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Downloading => "downloading",
+            Self::Downloaded => "downloaded",
+            Self::Verifying => "verifying",
+            Self::Installing => "installing",
+            Self::Rebooting => "rebooting",
+            Self::Failed => "failed",
+            Self::RolledBack => "rolled_back",
+        }
+    }
 }
 
 impl DeviceFrame {
@@ -135,6 +189,7 @@ impl DeviceFrame {
             Self::Event { .. } => "event",
             Self::CommandResult { .. } => "command_result",
             Self::Reported { .. } => "reported",
+            Self::OtaStatus { .. } => "ota_status",
             Self::Ping => "ping",
         }
     }
@@ -1150,6 +1205,9 @@ mod tests {
             r#"{"type":"command_result","id":"c2","status":"failed","output":{"error":"busy"}}"#,
             r#"{"type":"reported","state":{}}"#,
             r#"{"type":"reported","version":3,"state":{"interval":60,"led":"on"}}"#,
+            r#"{"type":"ota_status","deployment":"d1","state":"downloading","progress":40}"#,
+            r#"{"type":"ota_status","deployment":"d1","state":"rolled_back","reason":"self_test"}"#,
+            r#"{"type":"hello","firmware":"2.0.0","partition":"ota_1","secure_version":2}"#,
             r#"{"type":"ping"}"#,
         ];
         let mut kinds = BTreeSet::new();
@@ -1179,6 +1237,7 @@ mod tests {
                 partition: None,
                 reset_reason: None,
                 capabilities: vec![],
+                secure_version: None,
             }
         );
         // Forward compatibility: fields a newer firmware adds are ignored; a failed sensor's

@@ -12,7 +12,7 @@ pub mod device;
 pub mod firmware;
 
 pub use device::{
-    DEVICE_KEY_PREFIX, DEVICE_KEY_PREFIX_TEXT, DeviceFrame, DeviceServerFrame,
+    DEVICE_KEY_PREFIX, DEVICE_KEY_PREFIX_TEXT, DeviceFrame, DeviceServerFrame, OtaState,
     SUBPROTOCOL_DEVICE_JSON, SUBPROTOCOL_DEVICE_MSGPACK, parse_device_frame,
     parse_device_frame_msgpack,
 };

@@ -238,12 +238,22 @@ impl Application {
             metrics.devices.clone(),
         );
         let firmware = firmware_service(&config, &store, &clock, identity.audit_log()).await?;
+        let deployments = unhidra_ota::Deployments::new(
+            Arc::clone(&store),
+            Arc::clone(&clock),
+            firmware.clone(),
+            devices.clone(),
+            identity.audit_log(),
+            config.require_admin_mfa,
+            config.public_url.as_ref().map(ToString::to_string),
+        );
         let services = state::Services {
             identity,
             chat,
             jobs,
             devices,
             firmware,
+            deployments,
         };
         let state = AppState::new(config, store, metrics, instance_id, services);
         tokio::spawn(follow_revocations(state.clone()));
@@ -307,6 +317,16 @@ impl Application {
                 })
                 .await
         };
+        let rollouts =
+            {
+                let mut stopping = stop_jobs.subscribe();
+                tokio::spawn(state.deployments().clone().run(
+                    config.ota_tick_interval.0,
+                    async move {
+                        let _ = stopping.wait_for(|stop| *stop).await;
+                    },
+                ))
+            };
         let outcome = shutdown::serve(listener, router, &state, shutdown, grace).await;
         reloads.abort();
         // Attempts in flight end (or reach their timeout); what does not end in time is
@@ -318,6 +338,7 @@ impl Application {
         {
             tracing::warn!("shutdown: some jobs were still running; they are retried later");
         }
+        let _ = tokio::time::timeout(Duration::from_secs(5), rollouts).await;
         match presence {
             Ok(task) => {
                 let _ = tokio::time::timeout(Duration::from_secs(5), task).await;

@@ -22,6 +22,8 @@ pub struct Services {
     pub devices: unhidra_devices::Devices,
     /// Firmware images.
     pub firmware: unhidra_ota::Firmware,
+    /// Firmware deployments.
+    pub deployments: unhidra_ota::Deployments,
 }
 
 /// Shared state of one running server; cloning it is cheap.
@@ -39,6 +41,7 @@ struct Inner {
     jobs: Arc<unhidra_jobs::Jobs>,
     devices: unhidra_devices::Devices,
     firmware: unhidra_ota::Firmware,
+    deployments: unhidra_ota::Deployments,
     /// Reverse proxies whose `X-Forwarded-For` is believed.
     trusted_proxies: Vec<std::net::IpAddr>,
     /// Set when the shutdown grace period is over: requests still running are answered 503.
@@ -60,6 +63,7 @@ impl AppState {
             jobs,
             devices,
             firmware,
+            deployments,
         } = services;
         let trusted_proxies = config
             .trusted_proxies
@@ -77,6 +81,7 @@ impl AppState {
             jobs,
             devices,
             firmware,
+            deployments,
             abandon: tokio::sync::watch::Sender::new(false),
         }))
     }
@@ -114,6 +119,11 @@ impl AppState {
     /// Firmware images.
     pub fn firmware(&self) -> &unhidra_ota::Firmware {
         &self.0.firmware
+    }
+
+    /// Firmware deployments.
+    pub fn deployments(&self) -> &unhidra_ota::Deployments {
+        &self.0.deployments
     }
 
     /// Rooms, messages and live connections.

@@ -185,6 +185,23 @@ fn refusal(e: &DeviceError, reference: Option<String>) -> DeviceServerFrame {
     }
 }
 
+/// The `error` frame of a refused `ota_status`.
+fn ota_refusal(e: &unhidra_ota::DeployError) -> DeviceServerFrame {
+    use unhidra_ota::DeployError;
+    let (code, message) = match e {
+        DeployError::Invalid(_, code, message) => (*code, message.clone()),
+        DeployError::NotOffered(_) => ("ota_not_offered", e.to_string()),
+        DeployError::BadTransition(..) => ("ota_invalid_state", e.to_string()),
+        _ => ("internal", "the server could not do this now".to_owned()),
+    };
+    DeviceServerFrame::Error {
+        code: code.to_owned(),
+        message,
+        retry_after: None,
+        reference: None,
+    }
+}
+
 /// One device connection, from upgrade to close.
 async fn run(
     state: AppState,
@@ -409,19 +426,33 @@ async fn run(
                 firmware,
                 partition,
                 reset_reason,
+                secure_version,
                 ..
             } => {
                 devices.seen(&auth, None).await;
+                // Attached before the hello is recorded: from the moment the device is seen
+                // running its firmware, frames sent to it (an offer) reach this connection.
+                // They are written out once this hello is handled.
+                let attached = devices.attach(&auth);
                 match devices
                     .hello(
                         &auth,
                         &firmware,
                         partition.as_deref(),
                         reset_reason.as_deref(),
+                        secure_version,
                     )
                     .await
                 {
                     Ok(()) => {
+                        // An update waiting for this boot is confirmed (or rolled back) first.
+                        if let Err(e) = state
+                            .deployments()
+                            .on_hello(auth.device, &firmware, partition.as_deref())
+                            .await
+                        {
+                            tracing::warn!(device = %auth.device, error = %unhidra_core::error_chain(&e), "update not followed");
+                        }
                         if let Err(e) = devices
                             .hello_event(
                                 &auth,
@@ -433,7 +464,7 @@ async fn run(
                         {
                             tracing::warn!(device = %auth.device, error = %unhidra_core::error_chain(&e), "hello not recorded");
                         }
-                        outbound = Some(devices.attach(&auth));
+                        outbound = Some(attached);
                         match devices.on_hello(&auth).await {
                             Ok(frames) => {
                                 for frame in &frames {
@@ -446,7 +477,10 @@ async fn run(
                         }
                         hello = true;
                     }
-                    Err(e) => hub.send_device_frame(id, &refusal(&e, None)),
+                    Err(e) => {
+                        devices.detach(&auth, &attached);
+                        hub.send_device_frame(id, &refusal(&e, None));
+                    }
                 }
             }
             DeviceFrame::Heartbeat {
@@ -505,6 +539,28 @@ async fn run(
                 devices.seen(&auth, None).await;
                 if let Err(e) = devices.reported(&auth, version, &state).await {
                     hub.send_device_frame(id, &refusal(&e, None));
+                }
+            }
+            DeviceFrame::OtaStatus {
+                deployment,
+                state: ota_state,
+                progress,
+                reason,
+            } => {
+                devices.seen(&auth, None).await;
+                if let Err(e) = state
+                    .deployments()
+                    .report(
+                        auth.device,
+                        &deployment,
+                        ota_state,
+                        progress,
+                        reason.as_deref(),
+                    )
+                    .await
+                {
+                    tracing::info!(device = %auth.device, error = %e, "update report refused");
+                    hub.send_device_frame(id, &ota_refusal(&e));
                 }
             }
             DeviceFrame::Ping => {

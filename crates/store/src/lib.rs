@@ -11,6 +11,7 @@
 //! fleet.
 
 pub mod cron;
+pub mod deployments;
 pub mod devices;
 mod dialect;
 mod error;
@@ -34,6 +35,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 pub use cron::CronStore;
+pub use deployments::DeploymentStore;
 pub use devices::DeviceStore;
 pub use error::StoreError;
 pub use firmware::FirmwareStore;
@@ -122,6 +124,7 @@ pub trait Store:
     + CronStore
     + DeviceStore
     + FirmwareStore
+    + DeploymentStore
     + fmt::Debug
     + Send
     + Sync

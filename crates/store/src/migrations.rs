@@ -41,6 +41,7 @@ pub(crate) const SQLITE: &[Embedded] = embedded!("sqlite":
     (0013, "provisioning"),
     (0014, "device_events"),
     (0015, "firmware"),
+    (0016, "deployments"),
 );
 
 /// PostgreSQL's migrations, oldest first, in step with [`SQLITE`].
@@ -61,6 +62,7 @@ pub(crate) const POSTGRES: &[Embedded] = embedded!("postgres":
     (0013, "provisioning"),
     (0014, "device_events"),
     (0015, "firmware"),
+    (0016, "deployments"),
 );
 
 #[derive(Debug)]

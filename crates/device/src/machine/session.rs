@@ -26,6 +26,8 @@ pub struct Hello {
     pub reset_reason: Option<String>,
     /// What the firmware can do.
     pub capabilities: Vec<String>,
+    /// Its anti-rollback version (an ESP32's eFuse `secure_version`).
+    pub secure_version: Option<u32>,
 }
 
 /// When an open batch is sealed.
@@ -766,6 +768,7 @@ impl<S: Storage, R: RngCore> Session<S, R> {
             partition: hello.partition.clone(),
             reset_reason: hello.reset_reason.clone(),
             capabilities: hello.capabilities.clone(),
+            secure_version: hello.secure_version,
         }
     }
 

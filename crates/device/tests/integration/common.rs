@@ -12,6 +12,7 @@ pub fn config() -> SessionConfig {
             partition: Some("ota_0".into()),
             reset_reason: Some("power_on".into()),
             capabilities: vec!["thermal".into()],
+            secure_version: Some(1),
         },
         ..SessionConfig::default()
     }

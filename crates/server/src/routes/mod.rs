@@ -2,6 +2,7 @@
 
 mod admin;
 mod auth;
+mod deployments;
 mod devices;
 mod docs;
 mod firmware;
@@ -44,7 +45,10 @@ pub const OPENAPI_PATH: &str = "/api/v1/openapi.json";
             their key (docs/protocol.md)."),
         (name = "firmware", description = "Firmware images for over-the-air updates: uploaded \
             with a manifest signed off the server (docs/ota.md), checked, content-addressed; \
-            admins only."),
+            downloaded by devices with their key or a signed link."),
+        (name = "deployments", description = "Firmware rollouts to a cohort of devices in \
+            stages that halt themselves past an error threshold, each device followed to its \
+            confirmation after the reboot (docs/ota.md); admins only."),
         (name = "rooms", description = "Rooms, members, messages and presence. Realtime delivery \
             is the WebSocket at /ws (docs/protocol.md)."),
     ),
@@ -177,6 +181,12 @@ fn documented() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(firmware::retire))
         .routes(routes!(firmware::download))
         .routes(routes!(firmware::create_link))
+        .routes(routes!(deployments::create, deployments::list))
+        .routes(routes!(deployments::get))
+        .routes(routes!(deployments::devices))
+        .routes(routes!(deployments::pause))
+        .routes(routes!(deployments::resume))
+        .routes(routes!(deployments::cancel))
         .routes(routes!(devices::events))
         .routes(routes!(devices::create_token, devices::list_tokens))
         .routes(routes!(devices::revoke_token))

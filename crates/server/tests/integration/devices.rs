@@ -241,6 +241,7 @@ async fn every_way_to_present_a_key_and_the_refusals() {
         partition: None,
         reset_reason: None,
         capabilities: vec![],
+        secure_version: None,
     };
     packed
         .send(Message::binary(hello.to_msgpack()))

@@ -9,6 +9,16 @@ use unhidra_ota::manifest::{self, Manifest};
 use crate::helpers::{PASSWORD, TestApp, problem, user};
 
 fn manifest_header(image: &[u8], version: &str, key: &ed25519_dalek::SigningKey) -> String {
+    signed_header(image, version, 1, key)
+}
+
+/// The `Unhidra-Manifest` header of a `greenhouse` image for `esp32s3`, signed with `key`.
+pub(crate) fn signed_header(
+    image: &[u8],
+    version: &str,
+    secure_version: u32,
+    key: &ed25519_dalek::SigningKey,
+) -> String {
     use sha2::Digest;
     let facts = Manifest {
         sha256: sha2::Sha256::digest(image)
@@ -19,15 +29,16 @@ fn manifest_header(image: &[u8], version: &str, key: &ed25519_dalek::SigningKey)
         version: version.into(),
         project: "greenhouse".into(),
         target: "esp32s3".into(),
-        secure_version: 1,
+        secure_version,
     };
     let json = serde_json::to_string(&manifest::sign(facts, key)).unwrap();
     base64::engine::general_purpose::STANDARD.encode(json)
 }
 
-/// A server that trusts `key`'s manifests, with `root@example.com` its admin; the folder holds
-/// the trusted key's file.
-async fn app_trusting(key: &ed25519_dalek::SigningKey) -> (tempfile::TempDir, TestApp) {
+/// A folder with a PEM file of `key`'s public half, for `ota_trusted_keys`; and the file.
+pub(crate) fn trusted_keys(
+    key: &ed25519_dalek::SigningKey,
+) -> (tempfile::TempDir, std::path::PathBuf) {
     let keys = tempfile::tempdir().unwrap();
     let trusted = keys.path().join("trusted.pem");
     std::fs::write(
@@ -35,6 +46,13 @@ async fn app_trusting(key: &ed25519_dalek::SigningKey) -> (tempfile::TempDir, Te
         manifest::public_pem(&key.verifying_key()).unwrap(),
     )
     .unwrap();
+    (keys, trusted)
+}
+
+/// A server that trusts `key`'s manifests, with `root@example.com` its admin; the folder holds
+/// the trusted key's file.
+async fn app_trusting(key: &ed25519_dalek::SigningKey) -> (tempfile::TempDir, TestApp) {
+    let (keys, trusted) = trusted_keys(key);
     let app = TestApp::spawn_with(
         crate::helpers::default_backend(),
         |c| {

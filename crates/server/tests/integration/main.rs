@@ -9,6 +9,7 @@ mod account;
 mod auth;
 mod conformance;
 mod cron;
+mod deployments;
 mod devices;
 mod errors;
 mod firmware;

@@ -6,6 +6,7 @@
 //! the engine keeps sqlx's executor, argument and decoding bounds out of every signature.
 
 pub(crate) mod cron;
+pub(crate) mod deployments;
 pub(crate) mod devices;
 pub(crate) mod firmware;
 pub(crate) mod identity;
