@@ -20,6 +20,8 @@ use crate::{DeviceError, input};
 pub const DEFAULT_TTL_SECS: u64 = 60;
 /// The longest a command may wait: seven days.
 pub const MAX_TTL_SECS: u64 = 7 * 24 * 3600;
+/// Idempotency keys that start so are the server's own (an OTA offer's); users' may not.
+pub const RESERVED_KEY_PREFIX: &str = "unhidra:";
 /// The largest `params` or `desired` configuration, in bytes of JSON.
 pub const MAX_JSON_BYTES: usize = 8 * 1024;
 
@@ -130,6 +132,18 @@ pub(crate) fn parse(
             "/ttl",
             "out_of_range",
             format!("ttl is 1 to {MAX_TTL_SECS} seconds"),
+        ));
+    }
+    if created_by.is_some()
+        && new
+            .idempotency_key
+            .as_deref()
+            .is_some_and(|k| k.starts_with(RESERVED_KEY_PREFIX))
+    {
+        return Err(DeviceError::Invalid(
+            "/idempotency_key",
+            "reserved",
+            format!("idempotency keys that start with {RESERVED_KEY_PREFIX:?} are the server's"),
         ));
     }
     if let Some(key) = &new.idempotency_key

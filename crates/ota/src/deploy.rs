@@ -32,7 +32,7 @@ use unhidra_devices::commands::NewCommand;
 use unhidra_identity::{AuditLog, RequestContext};
 use unhidra_protocol::OtaState;
 use unhidra_store::deployments::{
-    DeploymentDeviceRecord, DeploymentRecord, DeviceTransition, StageCount,
+    DeploymentChange, DeploymentDeviceRecord, DeploymentRecord, DeviceTransition, StageCount,
 };
 use unhidra_store::devices::DeviceFilter;
 use unhidra_store::{Store, StoreError};
@@ -43,6 +43,9 @@ use crate::firmware::{Firmware, FirmwareError};
 
 /// The command that carries an offer.
 pub const OFFER_COMMAND: &str = "ota.update";
+/// The idempotency key of an offer's command starts so; users' keys may not
+/// (`unhidra_devices::commands::RESERVED_KEY_PREFIX`).
+const OFFER_KEY_PREFIX: &str = "unhidra:ota:";
 
 /// Devices a deployment may hold at most.
 pub const MAX_COHORT: usize = 100_000;
@@ -68,6 +71,15 @@ const IN_FLIGHT: &[&str] = &[
     "verifying",
     "installing",
     "rebooting",
+];
+/// Every state of a deployment.
+const ALL_STATES: &[&str] = &[
+    "scheduled",
+    "running",
+    "paused",
+    "halted",
+    "cancelled",
+    "completed",
 ];
 /// Deployments whose devices' reports still count.
 const TRACKED: &[&str] = &["running", "paused", "halted", "cancelled", "completed"];
@@ -553,6 +565,14 @@ impl Deployments {
             threshold.max_failure_share,
             0.0,
         )?;
+        // A threshold of nothing would halt at the first device, even a confirmed one.
+        if threshold.max_failures == Some(0) || threshold.max_failure_share == Some(0.0) {
+            return Err(invalid(
+                "/error_threshold",
+                "out_of_range",
+                "max_failures is at least 1 and max_failure_share more than 0",
+            ));
+        }
         let now = self.now();
         let start_at = new.start_at.unwrap_or(now).max(now);
         if start_at > now + Duration::days(365) {
@@ -568,7 +588,7 @@ impl Deployments {
         let busy: HashSet<Uuid> = self
             .0
             .store
-            .devices_in_deployments(&selected, &["scheduled", "running", "paused"])
+            .devices_in_deployments(&selected, ALL_STATES)
             .await?
             .into_iter()
             .collect();
@@ -665,8 +685,9 @@ impl Deployments {
                 }),
             )
             .await;
-        if started {
-            self.offer_stage(&record).await?;
+        if started && let Err(e) = self.offer_stage(&record).await {
+            // Made and running: the next tick makes the offers still owed.
+            tracing::warn!(deployment = %id, error = %e, "first offers not made");
         }
         self.view(self.0.store.deployment(id).await?).await
     }
@@ -922,27 +943,46 @@ impl Deployments {
         to: &str,
         reason: Option<&str>,
     ) -> Result<(), DeployError> {
-        let finished = matches!(to, "halted" | "cancelled" | "completed").then(|| self.now());
-        let started = d
-            .stage_started_at
-            .or_else(|| (to == "running").then(|| self.now()));
-        if self
+        let now = self.now();
+        let finished = matches!(to, "halted" | "cancelled" | "completed").then_some(now);
+        let started = (to == "running" && d.stage_started_at.is_none()).then_some(now);
+        let changed = self
             .0
             .store
-            .set_deployment_state(d.id, from, to, d.stage, started, reason, finished)
-            .await?
-        {
-            Ok(())
-        } else {
-            Err(DeployError::WrongState(
+            .change_deployment(&DeploymentChange {
+                id: d.id,
+                from,
+                from_stage: None,
+                to,
+                stage: None,
+                stage_started_at: started,
+                reason,
+                finished_at: finished,
+            })
+            .await?;
+        if !changed {
+            return Err(DeployError::WrongState(
                 self.record(d.id).await.map(|d| d.state).unwrap_or_default(),
-            ))
+            ));
         }
+        if matches!(to, "halted" | "completed") {
+            self.0
+                .audit
+                .record(
+                    &format!("deployment.{to}"),
+                    None,
+                    Some(d.id.to_string()),
+                    &RequestContext::default(),
+                    serde_json::json!({ "reason": reason }),
+                )
+                .await;
+        }
+        Ok(())
     }
 
     /// Ends a deployment (halted or cancelled): its waiting devices are cancelled, and so are
     /// those whose offer has not reached them yet (the offer is withdrawn). Devices that have
-    /// their offer may be mid-way: they are still followed to their end.
+    /// their offer may be mid-way: they are still followed to their end (or their deadline).
     async fn stop(
         &self,
         d: &DeploymentRecord,
@@ -951,55 +991,22 @@ impl Deployments {
         reason: &str,
     ) -> Result<(), DeployError> {
         self.move_to(d, from, to, Some(reason)).await?;
-        let now = self.now();
         for state in ["waiting", "offered"] {
+            // Rows left as they are stay in the listing: the next page starts past them.
+            let mut offset = 0;
             loop {
                 let rows = self
                     .0
                     .store
-                    .deployment_devices(d.id, Some(state), 0, PAGE)
+                    .deployment_devices(d.id, Some(state), offset, PAGE)
                     .await?;
                 if rows.is_empty() {
                     break;
                 }
-                let mut moved_any = false;
                 for row in rows {
-                    if state == "offered" {
-                        // An offer being sent right now (no command yet), or one the device
-                        // has: it may be mid-way, and is followed.
-                        let queued = match row.command_id {
-                            Some(command) => self.0.store.command(command).await.is_ok_and(|c| {
-                                c.state == unhidra_store::devices::CommandState::Queued
-                            }),
-                            None => false,
-                        };
-                        if !queued {
-                            continue;
-                        }
+                    if !self.withdraw(d.id, &row, reason).await? {
+                        offset += 1;
                     }
-                    let moved = self
-                        .0
-                        .store
-                        .transition_device(&DeviceTransition {
-                            deployment: d.id,
-                            device: row.device_id,
-                            from: &[state],
-                            to: "cancelled",
-                            progress: None,
-                            reason: Some(reason),
-                            now,
-                        })
-                        .await?;
-                    moved_any |= moved;
-                    if moved && let Some(command) = row.command_id {
-                        self.0
-                            .devices
-                            .withdraw_command(row.device_id, command, reason)
-                            .await?;
-                    }
-                }
-                if !moved_any {
-                    break;
                 }
             }
         }
@@ -1007,7 +1014,52 @@ impl Deployments {
         Ok(())
     }
 
-    /// Offers the image to the waiting devices of the current stage and those before it.
+    /// Cancels a device's row unless its offer has reached it (or is being sent: no command
+    /// yet, which the sender checks itself), withdrawing the offer; true if it was cancelled.
+    async fn withdraw(
+        &self,
+        deployment: Uuid,
+        row: &DeploymentDeviceRecord,
+        reason: &str,
+    ) -> Result<bool, DeployError> {
+        if row.state == "offered" {
+            let queued = match row.command_id {
+                Some(command) => self
+                    .0
+                    .store
+                    .command(command)
+                    .await
+                    .is_ok_and(|c| c.state == unhidra_store::devices::CommandState::Queued),
+                None => false,
+            };
+            if !queued {
+                return Ok(false);
+            }
+        }
+        let moved = self
+            .0
+            .store
+            .transition_device(&DeviceTransition {
+                deployment,
+                device: row.device_id,
+                from: &[row.state.as_str()],
+                to: "cancelled",
+                progress: None,
+                reason: Some(reason),
+                now: self.now(),
+            })
+            .await?;
+        if moved && let Some(command) = row.command_id {
+            self.0
+                .devices
+                .withdraw_command(row.device_id, command, reason)
+                .await?;
+        }
+        Ok(moved)
+    }
+
+    /// Offers the image to the waiting devices of the current stage and those before it. A
+    /// device whose offer cannot be sent waits again for the next tick.
     async fn offer_stage(&self, d: &DeploymentRecord) -> Result<(), DeployError> {
         if d.state != "running" {
             return Ok(());
@@ -1023,8 +1075,9 @@ impl Deployments {
             .await?;
         let deadline = now + Duration::seconds(i64::try_from(ttl).unwrap_or(i64::MAX));
         for row in rows.into_iter().filter(|r| r.stage <= d.stage) {
-            // The row first: a deployment that ends meanwhile (or another node's offer) wins,
-            // and no offer goes out that the deployment does not know of.
+            // The row first, while the deployment runs: a deployment that ends meanwhile (or
+            // another node's offer) wins, and no offer goes out that the deployment does not
+            // know of.
             if !self
                 .0
                 .store
@@ -1033,7 +1086,11 @@ impl Deployments {
             {
                 continue;
             }
-            let link = self.0.firmware.sign_link(&d.firmware_sha256, row.device_id);
+            // The link works as long as the offer does (it comes again after reconnects).
+            let link = self
+                .0
+                .firmware
+                .sign_link_until(&d.firmware_sha256, row.device_id, deadline);
             let url = match &self.0.public_url {
                 Some(base) => format!("{base}{}", link.url),
                 None => link.url,
@@ -1044,7 +1101,7 @@ impl Deployments {
                 "url": url,
                 "size": signed.manifest.size,
             });
-            let (command, _) = self
+            let sent = self
                 .0
                 .devices
                 .send_service_command(
@@ -1053,14 +1110,46 @@ impl Deployments {
                         name: OFFER_COMMAND.into(),
                         params: Some(params),
                         ttl: Some(ttl),
-                        idempotency_key: Some(format!("ota:{}", d.id)),
+                        idempotency_key: Some(format!("{OFFER_KEY_PREFIX}{}", d.id)),
                     },
                 )
-                .await?;
+                .await;
+            let command = match sent {
+                Ok((command, _))
+                    if command.name == OFFER_COMMAND && command.created_by.is_none() =>
+                {
+                    command
+                }
+                other => {
+                    tracing::warn!(deployment = %d.id, device = %row.device_id, outcome = ?other.map(|c| c.0.id), "offer not sent; the device waits again");
+                    self.0
+                        .store
+                        .transition_device(&DeviceTransition {
+                            deployment: d.id,
+                            device: row.device_id,
+                            from: &["offered"],
+                            to: "waiting",
+                            progress: None,
+                            reason: None,
+                            now,
+                        })
+                        .await?;
+                    continue;
+                }
+            };
             self.0
                 .store
                 .set_offer_command(d.id, row.device_id, command.id)
                 .await?;
+            // Ended while the offer went out: withdrawn, unless the device has it already.
+            let current = self.record(d.id).await?;
+            if current.state != "running" {
+                let mut row = row.clone();
+                row.state = "offered".into();
+                row.command_id = Some(command.id);
+                let reason = current.reason.unwrap_or_else(|| current.state.clone());
+                self.withdraw(d.id, &row, &reason).await?;
+            }
         }
         Ok(())
     }
@@ -1147,19 +1236,20 @@ impl Deployments {
             return Ok(());
         }
         let version = self.0.store.firmware(&d.firmware_sha256).await?.version;
+        // When the device said where it ran from before, the new version must run from
+        // elsewhere: the same partition would mean nothing was switched.
         let moved_partition = match (row.from_partition.as_deref(), partition) {
             (Some(before), Some(now)) => before != now,
-            _ => true,
+            (Some(_), None) => false,
+            (None, _) => true,
         };
         let (to, from, reason): (&str, &[&str], Option<&str>) =
             if firmware == version && moved_partition {
                 ("confirmed", IN_FLIGHT, None)
             } else if firmware != version {
-                (
-                    "rolled_back",
-                    &["installing", "rebooting"],
-                    Some("old_version_running"),
-                )
+                // Only after the restart it announced: a reconnect while installing is not a
+                // rollback.
+                ("rolled_back", &["rebooting"], Some("old_version_running"))
             } else {
                 return Ok(());
             };
@@ -1228,12 +1318,18 @@ impl Deployments {
                 || t.max_failure_share.is_some_and(|s| failed_share >= s)
             {
                 let reason = format!("error_threshold: {failures} of {executed} failed");
-                return self.stop(&d, &["running"], "halted", &reason).await;
+                return self.halt(&d, &reason).await;
             }
         }
         let Some(stage) = usize::try_from(d.stage).ok().and_then(|i| stages.get(i)) else {
             return Ok(());
         };
+        // The stage's devices as they are now (a deleted device leaves its stage).
+        let size = counts
+            .iter()
+            .filter(|c| c.stage == d.stage)
+            .map(|c| c.count)
+            .sum::<u64>();
         let confirmed = count(Some(d.stage), &["confirmed"]);
         let finished = count(Some(d.stage), FINAL);
         #[allow(
@@ -1242,7 +1338,7 @@ impl Deployments {
             clippy::cast_precision_loss,
             reason = "a share of at most 100 000 devices"
         )]
-        let needed = ((stage.success_share * stage.size as f64).ceil() as u64).min(stage.size);
+        let needed = ((stage.success_share * size as f64).ceil() as u64).min(size);
         let now = self.now();
         let soaked = d.stage_started_at.is_none_or(|at| {
             now >= at + Duration::seconds(i64::try_from(stage.soak).unwrap_or(i64::MAX))
@@ -1253,28 +1349,51 @@ impl Deployments {
             }
             let next = d.stage + 1;
             if usize::try_from(next).is_ok_and(|n| n < stages.len()) {
+                // From this stage only: a node that read the deployment earlier cannot move it
+                // back.
                 if self
                     .0
                     .store
-                    .set_deployment_state(id, &["running"], "running", next, Some(now), None, None)
+                    .change_deployment(&DeploymentChange {
+                        id,
+                        from: &["running"],
+                        from_stage: Some(d.stage),
+                        to: "running",
+                        stage: Some(next),
+                        stage_started_at: Some(now),
+                        reason: None,
+                        finished_at: None,
+                    })
                     .await?
                 {
                     tracing::info!(deployment = %id, stage = next, "deployment stage begins");
                     self.offer_stage(&self.record(id).await?).await?;
                 }
             } else if count(None, FINAL) == counts.iter().map(|c| c.count).sum::<u64>() {
-                self.move_to(&d, &["running"], "completed", None).await?;
-                tracing::info!(deployment = %id, "deployment completed");
+                match self.move_to(&d, &["running"], "completed", None).await {
+                    Ok(()) => tracing::info!(deployment = %id, "deployment completed"),
+                    // Another node or a report got there first.
+                    Err(DeployError::WrongState(_)) => {}
+                    Err(e) => return Err(e),
+                }
             }
-        } else if finished == stage.size {
+        } else if finished == size {
             let reason = format!(
-                "stage {}: {confirmed} of {} confirmed, {needed} needed",
+                "stage {}: {confirmed} of {size} confirmed, {needed} needed",
                 d.stage + 1,
-                stage.size
             );
-            return self.stop(&d, &["running"], "halted", &reason).await;
+            return self.halt(&d, &reason).await;
         }
         Ok(())
+    }
+
+    /// Halts a running deployment; one that another node or a report halted (or that was
+    /// paused) meanwhile is left as it is.
+    async fn halt(&self, d: &DeploymentRecord, reason: &str) -> Result<(), DeployError> {
+        match self.stop(d, &["running"], "halted", reason).await {
+            Err(DeployError::WrongState(_)) => Ok(()),
+            other => other,
+        }
     }
 
     /// What every node does every few seconds: starts scheduled deployments that are due,
@@ -1287,7 +1406,16 @@ impl Deployments {
                 && self
                     .0
                     .store
-                    .set_deployment_state(d.id, &["scheduled"], "running", 0, Some(now), None, None)
+                    .change_deployment(&DeploymentChange {
+                        id: d.id,
+                        from: &["scheduled"],
+                        from_stage: None,
+                        to: "running",
+                        stage: None,
+                        stage_started_at: Some(now),
+                        reason: None,
+                        finished_at: None,
+                    })
                     .await?
             {
                 tracing::info!(deployment = %d.id, "deployment started");
@@ -1319,9 +1447,14 @@ impl Deployments {
                     .await;
             }
         }
+        // One deployment's trouble does not hold the others up.
         for d in self.0.store.deployments_in(&["running"]).await? {
-            self.offer_stage(&d).await?;
-            self.evaluate(d.id).await?;
+            if let Err(e) = self.offer_stage(&d).await {
+                tracing::warn!(deployment = %d.id, error = %e, "offers not made");
+            }
+            if let Err(e) = self.evaluate(d.id).await {
+                tracing::warn!(deployment = %d.id, error = %e, "deployment not evaluated");
+            }
         }
         Ok(())
     }

@@ -106,10 +106,22 @@ impl Firmware {
     /// A signed link to an image for a device, valid for `ota_link_ttl` from now. The caller
     /// has decided that the device may have the image.
     pub fn sign_link(&self, sha256: &str, device: Uuid) -> DownloadLink {
+        self.sign_link_until(sha256, device, self.clock().now())
+    }
+
+    /// A signed link valid for `ota_link_ttl` from now, and at least until `until` (an offer's
+    /// deadline: the link must work as long as the offer does).
+    pub fn sign_link_until(
+        &self,
+        sha256: &str,
+        device: Uuid,
+        until: DateTime<Utc>,
+    ) -> DownloadLink {
         let now = self.clock().now();
         let ttl = chrono::Duration::from_std(self.config().link_ttl)
             .unwrap_or_else(|_| chrono::Duration::hours(1));
-        let expires_at = DateTime::from_timestamp((now + ttl).timestamp(), 0).unwrap_or(now + ttl);
+        let end = (now + ttl).max(until);
+        let expires_at = DateTime::from_timestamp(end.timestamp(), 0).unwrap_or(end);
         let expires = expires_at.timestamp();
         let sig = mac(self.link_key(), sha256, device, expires)
             .finalize()

@@ -96,6 +96,29 @@ pub struct StageCount {
     pub count: u64,
 }
 
+/// A change of a deployment, applied only while it is in one of `from` (and at `from_stage`,
+/// when given). What is `None` is kept; a reason already there is kept too (the first reason
+/// a deployment stopped for stays).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeploymentChange<'a> {
+    /// The deployment.
+    pub id: Uuid,
+    /// The states it may leave.
+    pub from: &'a [&'a str],
+    /// The stage it must be at.
+    pub from_stage: Option<i64>,
+    /// Its new state.
+    pub to: &'a str,
+    /// Its new stage.
+    pub stage: Option<i64>,
+    /// When that stage began.
+    pub stage_started_at: Option<DateTime<Utc>>,
+    /// Why.
+    pub reason: Option<&'a str>,
+    /// When it ended.
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
 /// A change of one device's row, applied only while it is in one of `from`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceTransition<'a> {
@@ -134,19 +157,9 @@ pub trait DeploymentStore: Send + Sync {
     /// Deployments in one of these states, oldest first.
     async fn deployments_in(&self, states: &[&str]) -> Result<Vec<DeploymentRecord>, StoreError>;
 
-    /// Moves a deployment from one of `from` to `to`, with its stage, the stage's start, its
-    /// reason and its end as given; false if it was in none of `from`.
-    #[allow(clippy::too_many_arguments, reason = "one compare-and-set of one row")]
-    async fn set_deployment_state(
-        &self,
-        id: Uuid,
-        from: &[&str],
-        to: &str,
-        stage: i64,
-        stage_started_at: Option<DateTime<Utc>>,
-        reason: Option<&str>,
-        finished_at: Option<DateTime<Utc>>,
-    ) -> Result<bool, StoreError>;
+    /// Applies a change to a deployment; false if it was in none of the change's `from`
+    /// states (or, when it names one, not at its `from_stage`).
+    async fn change_deployment(&self, change: &DeploymentChange<'_>) -> Result<bool, StoreError>;
 
     /// A deployment's devices in a state when given, by stage and device, from `offset`.
     async fn deployment_devices(
@@ -178,8 +191,9 @@ pub trait DeploymentStore: Send + Sync {
     /// Applies a transition; false if the row was in none of its `from` states.
     async fn transition_device(&self, t: &DeviceTransition<'_>) -> Result<bool, StoreError>;
 
-    /// Moves a `waiting` device to `offered` with its deadline, before its offer is sent;
-    /// false if it was not waiting (the deployment ended meanwhile, or another node offered).
+    /// Moves a `waiting` device to `offered` with its deadline, before its offer is sent, while
+    /// its deployment is running; what the device runs now becomes what it ran before. False if
+    /// it was not waiting or the deployment is not running (it ended, or another node offered).
     async fn offer_device(
         &self,
         deployment: Uuid,
@@ -196,7 +210,8 @@ pub trait DeploymentStore: Send + Sync {
         command: Uuid,
     ) -> Result<(), StoreError>;
 
-    /// Rows of running deployments, not final, whose deadline is before `now`; at most `limit`.
+    /// Rows not final whose deadline is before `now` (in any deployment: nothing stays in
+    /// progress); at most `limit`.
     async fn overdue_devices(
         &self,
         now: DateTime<Utc>,
@@ -206,6 +221,7 @@ pub trait DeploymentStore: Send + Sync {
     /// What these devices' last `hello` said of their boot.
     async fn device_boots(&self, devices: &[Uuid]) -> Result<Vec<DeviceBoot>, StoreError>;
 
-    /// Records what a device's `hello` says of its boot.
+    /// Records what a device's `hello` says of its boot. The anti-rollback version only rises
+    /// (a `hello` without one, or with a lower one, keeps it): it is burnt into eFuses.
     async fn record_boot(&self, boot: &DeviceBoot) -> Result<(), StoreError>;
 }

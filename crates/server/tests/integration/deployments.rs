@@ -500,6 +500,12 @@ async fn silent_devices_time_out_offline_ones_get_the_offer_on_connect_and_refus
             "/target",
             "empty_cohort",
         ),
+        (
+            json!({ "firmware": sha, "target": { "tags": ["lab"] },
+                    "error_threshold": { "max_failures": 0 } }),
+            "/error_threshold",
+            "out_of_range",
+        ),
     ] {
         let refused = problem(
             f.post("/api/v1/deployments", &body).await,
@@ -565,7 +571,15 @@ async fn silent_devices_time_out_offline_ones_get_the_offer_on_connect_and_refus
         "{ended:#}"
     );
 
-    // A deployment for the protected device alone finds no one to offer the image to.
+    // A deployment for the protected device alone finds no one to offer the image to — even
+    // after a hello that leaves its anti-rollback version out (it only rises).
+    drop(stranger);
+    let mut quiet = f
+        .connect(&protected_key, json!({ "type": "hello", "firmware": OLD }))
+        .await;
+    // Frames are handled in order: the pong comes after the hello is recorded.
+    send(&mut quiet, json!({ "type": "ping" })).await;
+    while next(&mut quiet).await["type"] != "pong" {}
     let downgrade = problem(
         f.post(
             "/api/v1/deployments",
@@ -577,6 +591,19 @@ async fn silent_devices_time_out_offline_ones_get_the_offer_on_connect_and_refus
     )
     .await;
     assert_eq!(downgrade["errors"][0]["code"], "empty_cohort");
+    drop(quiet);
+    // An owner cannot take an offer's idempotency key for a command of theirs.
+    let reserved = problem(
+        f.post(
+            &format!("/api/v1/devices/{protected}/commands"),
+            &json!({ "name": "noop", "idempotency_key": format!("unhidra:ota:{id}") }),
+        )
+        .await,
+        422,
+        "validation_failed",
+    )
+    .await;
+    assert_eq!(reserved["errors"][0]["code"], "reserved");
     // Pause, resume and cancel move a deployment only from the states they apply to; a
     // rollback is a deployment of an older image with an allowed `secure_version`.
     let old = f.upload("0.9.0", 1).await;

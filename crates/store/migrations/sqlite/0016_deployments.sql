@@ -45,3 +45,6 @@ CREATE TABLE deployment_devices (
 ) STRICT;
 CREATE INDEX deployment_devices_by_device ON deployment_devices (device_id, state);
 CREATE INDEX deployment_devices_by_deadline ON deployment_devices (deadline);
+-- A device has at most one update in progress, whatever deployment it belongs to.
+CREATE UNIQUE INDEX deployment_devices_one_open ON deployment_devices (device_id)
+    WHERE state NOT IN ('confirmed', 'failed', 'rolled_back', 'cancelled');

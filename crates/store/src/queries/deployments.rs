@@ -12,8 +12,8 @@ macro_rules! deployment_queries {
 
             use $crate::StoreError;
             use $crate::deployments::{
-                DeploymentDeviceRecord, DeploymentRecord, DeploymentStore, DeviceBoot,
-                DeviceTransition, StageCount,
+                DeploymentChange, DeploymentDeviceRecord, DeploymentRecord, DeploymentStore,
+                DeviceBoot, DeviceTransition, StageCount,
             };
             use $crate::dialect::{Dialect, get};
 
@@ -175,31 +175,35 @@ macro_rules! deployment_queries {
                     rows.iter().map(record).collect()
                 }
 
-                async fn set_deployment_state(
+                async fn change_deployment(
                     &self,
-                    id: Uuid,
-                    from: &[&str],
-                    to: &str,
-                    stage: i64,
-                    stage_started_at: Option<DateTime<Utc>>,
-                    reason: Option<&str>,
-                    finished_at: Option<DateTime<Utc>>,
+                    c: &DeploymentChange<'_>,
                 ) -> Result<bool, StoreError> {
                     let mut query = QueryBuilder::<Db>::new("UPDATE deployments SET state = ");
+                    query.push_bind(c.to.to_owned());
+                    if let Some(stage) = c.stage {
+                        query.push(", stage = ").push_bind(stage);
+                    }
+                    if let Some(at) = c.stage_started_at {
+                        query.push(", stage_started_at = ").push_bind(Store::time(at));
+                    }
+                    if let Some(reason) = c.reason {
+                        query
+                            .push(", reason = COALESCE(reason, ")
+                            .push_bind(reason.to_owned())
+                            .push(")");
+                    }
+                    if let Some(at) = c.finished_at {
+                        query.push(", finished_at = ").push_bind(Store::time(at));
+                    }
                     query
-                        .push_bind(to.to_owned())
-                        .push(", stage = ")
-                        .push_bind(stage)
-                        .push(", stage_started_at = ")
-                        .push_bind(stage_started_at.map(Store::time))
-                        .push(", reason = ")
-                        .push_bind(reason.map(str::to_owned))
-                        .push(", finished_at = ")
-                        .push_bind(finished_at.map(Store::time))
                         .push(" WHERE id = ")
-                        .push_bind(Store::id(id))
+                        .push_bind(Store::id(c.id))
                         .push(" AND state IN ");
-                    push_states(&mut query, from);
+                    push_states(&mut query, c.from);
+                    if let Some(stage) = c.from_stage {
+                        query.push(" AND stage = ").push_bind(stage);
+                    }
                     let done = query.build().execute(&self.pool).await.map_err(err)?;
                     Ok(done.rows_affected() == 1)
                 }
@@ -338,8 +342,12 @@ macro_rules! deployment_queries {
                 ) -> Result<bool, StoreError> {
                     let done = sqlx::query(
                         "UPDATE deployment_devices SET state = 'offered', \
-                         offered_at = $3, deadline = $4, updated_at = $3 \
-                         WHERE deployment_id = $1 AND device_id = $2 AND state = 'waiting'",
+                         offered_at = $3, deadline = $4, updated_at = $3, \
+                         from_version = (SELECT firmware FROM devices WHERE id = $2), \
+                         from_partition = (SELECT partition FROM devices WHERE id = $2) \
+                         WHERE deployment_id = $1 AND device_id = $2 AND state = 'waiting' \
+                         AND EXISTS (SELECT 1 FROM deployments d \
+                             WHERE d.id = $1 AND d.state = 'running')",
                     )
                     .bind(Store::id(deployment))
                     .bind(Store::id(device))
@@ -378,8 +386,6 @@ macro_rules! deployment_queries {
                     let rows = sqlx::query(&format!(
                         "SELECT {DEVICE_COLUMNS} FROM deployment_devices dd \
                          WHERE dd.deadline < $1 AND dd.state NOT IN {FINAL} \
-                         AND EXISTS (SELECT 1 FROM deployments d WHERE d.id = dd.deployment_id \
-                             AND d.state IN ('running', 'paused')) \
                          ORDER BY dd.deadline LIMIT $2"
                     ))
                     .bind(Store::time(now))
@@ -419,9 +425,12 @@ macro_rules! deployment_queries {
 
                 async fn record_boot(&self, boot: &DeviceBoot) -> Result<(), StoreError> {
                     sqlx::query(
-                        "UPDATE devices SET firmware = $2, partition = $3, secure_version = $4 \
+                        "UPDATE devices SET firmware = $2, partition = $3, \
+                         secure_version = CASE WHEN secure_version IS NULL OR $4 > secure_version \
+                             THEN $4 ELSE secure_version END \
                          WHERE id = $1 AND (firmware IS DISTINCT FROM $2 \
-                         OR partition IS DISTINCT FROM $3 OR secure_version IS DISTINCT FROM $4)",
+                         OR partition IS DISTINCT FROM $3 \
+                         OR (secure_version IS NULL AND $4 IS NOT NULL) OR $4 > secure_version)",
                     )
                     .bind(Store::id(boot.device_id))
                     .bind(boot.firmware.as_deref())
