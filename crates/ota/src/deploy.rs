@@ -39,6 +39,7 @@ use unhidra_store::{Store, StoreError};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
+use crate::OtaMetrics;
 use crate::firmware::{Firmware, FirmwareError};
 
 /// The command that carries an offer.
@@ -977,6 +978,9 @@ impl Deployments {
                 )
                 .await;
         }
+        if matches!(to, "halted" | "completed" | "cancelled") {
+            OtaMetrics::count(&self.0.firmware.metrics().deployments, static_state(to));
+        }
         Ok(())
     }
 
@@ -1049,6 +1053,9 @@ impl Deployments {
                 now: self.now(),
             })
             .await?;
+        if moved {
+            OtaMetrics::count(&self.0.firmware.metrics().updates, "cancelled");
+        }
         if moved && let Some(command) = row.command_id {
             self.0
                 .devices
@@ -1141,6 +1148,7 @@ impl Deployments {
                 .store
                 .set_offer_command(d.id, row.device_id, command.id)
                 .await?;
+            self.0.firmware.metrics().offers.inc();
             // Ended while the offer went out: withdrawn, unless the device has it already.
             let current = self.record(d.id).await?;
             if current.state != "running" {
@@ -1274,6 +1282,7 @@ impl Deployments {
 
     /// A device's update ended: audited, then the deployment looked at again.
     async fn ended(&self, d: &DeploymentRecord, device: Uuid, state: &str, reason: Option<&str>) {
+        OtaMetrics::count(&self.0.firmware.metrics().updates, static_state(state));
         self.0
             .audit
             .record(
@@ -1479,6 +1488,16 @@ impl Deployments {
             }
         }
     }
+}
+
+/// A final state's name as a metric label (a bounded set).
+fn static_state(state: &str) -> &'static str {
+    FINAL
+        .iter()
+        .chain(ALL_STATES)
+        .find(|s| **s == state)
+        .copied()
+        .unwrap_or("other")
 }
 
 fn valid_reason(text: &str) -> bool {

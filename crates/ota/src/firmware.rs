@@ -184,6 +184,7 @@ struct Inner {
     /// The key download links are signed with, shared by every node through the store.
     link_key: Vec<u8>,
     cache: ImageCache,
+    metrics: crate::OtaMetrics,
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -208,6 +209,7 @@ impl Firmware {
         clock: Arc<dyn Clock>,
         config: FirmwareConfig,
         audit: AuditLog,
+        metrics: crate::OtaMetrics,
     ) -> Result<Self, FirmwareError> {
         std::fs::create_dir_all(&config.dir)?;
         remove_unfinished_uploads(&config.dir);
@@ -222,6 +224,7 @@ impl Firmware {
             audit,
             link_key,
             cache: ImageCache::default(),
+            metrics,
         })))
     }
 
@@ -239,6 +242,11 @@ impl Firmware {
 
     pub(crate) fn cache(&self) -> &ImageCache {
         &self.0.cache
+    }
+
+    /// The OTA metrics.
+    pub fn metrics(&self) -> &crate::OtaMetrics {
+        &self.0.metrics
     }
 
     fn admin(&self, who: &Principal) -> Result<(), FirmwareError> {
@@ -392,6 +400,7 @@ impl Firmware {
                 e => e.into(),
             });
         }
+        self.0.metrics.uploads.inc();
         self.0
             .audit
             .record(

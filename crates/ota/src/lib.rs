@@ -9,9 +9,11 @@ pub mod download;
 pub mod firmware;
 pub mod image;
 pub mod manifest;
+pub mod metrics;
 
 pub use deploy::{DeployError, DeploymentView, Deployments, NewDeployment};
 pub use download::{DownloadLink, PresentedLink, StoredImage};
 pub use firmware::{Firmware, FirmwareConfig, FirmwareError, FirmwareView, Upload};
 pub use image::{EspImage, ImageChecker, ImageError};
 pub use manifest::{Manifest, SignatureError, SignedManifest, TrustedKeys};
+pub use metrics::OtaMetrics;

@@ -92,6 +92,7 @@ async fn uploads_are_checked_against_their_manifest_and_leave_nothing_when_refus
             link_ttl: std::time::Duration::from_secs(600),
         },
         AuditLog::store_only(Arc::clone(&db.store), clock),
+        unhidra_ota::OtaMetrics::default(),
     )
     .await
     .unwrap();
@@ -276,6 +277,7 @@ async fn links_open_one_image_for_one_device_until_they_expire(db: &TestDb) {
                 link_ttl: std::time::Duration::from_secs(600),
             },
             AuditLog::store_only(Arc::clone(&db.store), clock),
+            unhidra_ota::OtaMetrics::default(),
         )
     };
     let (a, b) = (node().await.unwrap(), node().await.unwrap());

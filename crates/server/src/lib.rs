@@ -237,7 +237,14 @@ impl Application {
             Arc::clone(&jobs),
             metrics.devices.clone(),
         );
-        let firmware = firmware_service(&config, &store, &clock, identity.audit_log()).await?;
+        let firmware = firmware_service(
+            &config,
+            &store,
+            &clock,
+            identity.audit_log(),
+            metrics.ota.clone(),
+        )
+        .await?;
         let deployments = unhidra_ota::Deployments::new(
             Arc::clone(&store),
             Arc::clone(&clock),
@@ -516,6 +523,7 @@ async fn firmware_service(
     store: &Arc<dyn Store>,
     clock: &Arc<dyn unhidra_core::Clock>,
     audit: identity::AuditLog,
+    metrics: unhidra_ota::OtaMetrics,
 ) -> Result<unhidra_ota::Firmware, StartError> {
     let trusted = match &config.ota_trusted_keys {
         Some(path) => {
@@ -546,6 +554,7 @@ async fn firmware_service(
             link_ttl: config.ota_link_ttl.0,
         },
         audit,
+        metrics,
     )
     .await
     .map_err(|e| StartError::Firmware(e.to_string()))

@@ -63,6 +63,8 @@ pub struct Metrics {
     pub jobs: JobsMetrics,
     /// The device fleet's.
     pub devices: unhidra_devices::DeviceMetrics,
+    /// Over-the-air updates'.
+    pub ota: unhidra_ota::OtaMetrics,
 }
 
 fn duration_histogram() -> Histogram {
@@ -113,6 +115,8 @@ impl Metrics {
         jobs.register(&mut registry);
         let devices = unhidra_devices::DeviceMetrics::default();
         devices.register(&mut registry);
+        let ota = unhidra_ota::OtaMetrics::default();
+        ota.register(&mut registry);
         Self {
             registry,
             http_requests,
@@ -122,6 +126,7 @@ impl Metrics {
             ws,
             jobs,
             devices,
+            ota,
         }
     }
 

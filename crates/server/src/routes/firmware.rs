@@ -361,11 +361,13 @@ pub(crate) async fn download(
             header::CACHE_CONTROL,
             "private, max-age=31536000, immutable",
         );
+    let metrics = firmware.metrics();
     if headers
         .get(header::IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| names_etag(v, &etag))
     {
+        unhidra_ota::OtaMetrics::count(&metrics.downloads, "not_modified");
         return response
             .status(StatusCode::NOT_MODIFIED)
             .body(Body::empty())
@@ -409,9 +411,16 @@ pub(crate) async fn download(
             header::CONTENT_DISPOSITION,
             format!("attachment; filename=\"{}\"", image.file_name),
         );
+    let kind = match (&method, &range) {
+        (&Method::HEAD, _) => "head",
+        (_, Some(_)) => "range",
+        (_, None) => "whole",
+    };
+    unhidra_ota::OtaMetrics::count(&metrics.downloads, kind);
     if method == Method::HEAD || len == 0 {
         return response.body(Body::empty()).map_err(ApiError::internal);
     }
+    metrics.download_bytes.inc_by(len);
     if start > 0 {
         image
             .file

@@ -355,6 +355,24 @@ async fn a_staged_rollout_to_twenty_devices_completes_stage_by_stage() {
         rows.iter()
             .all(|r| r["state"] == "confirmed" && r["from_version"] == OLD)
     );
+    let metrics = f.app.get("/metrics").await.text().await.unwrap();
+    for line in [
+        "ota_offers_total 20",
+        r#"ota_updates_total{value="confirmed"} 20"#,
+        r#"ota_deployments_total{value="completed"} 1"#,
+        "ota_uploads_total 1",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "{line} not in {metrics}"
+        );
+    }
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with(r#"ota_downloads_total{value="range"}"#)),
+        "{metrics}"
+    );
     // Every device runs the new version now, and a second deployment of it finds no one.
     assert_eq!(
         f.get("/api/v1/devices?firmware=2.0.0").await["total"].as_u64(),
