@@ -24,6 +24,9 @@ use crate::manifest::{Manifest, SignatureError, SignedManifest, TrustedKeys};
 /// How the temporary file of an upload under way is named, before its SHA-256.
 const UPLOAD_PREFIX: &str = ".upload-";
 
+/// Uploads one node takes at once (each holds a file open and hashes as it writes).
+pub const MAX_CONCURRENT_UPLOADS: usize = 4;
+
 /// Images a listing shows at most.
 pub const LIST_LIMIT: u32 = 200;
 
@@ -72,6 +75,9 @@ pub enum FirmwareError {
     /// No such device (for a link).
     #[error("no such device")]
     NoSuchDevice,
+    /// [`MAX_CONCURRENT_UPLOADS`] uploads are under way on this node.
+    #[error("{MAX_CONCURRENT_UPLOADS} firmware uploads are under way; try again shortly")]
+    Busy,
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -161,6 +167,8 @@ pub struct Upload {
     file: Option<tokio::fs::File>,
     temp: PathBuf,
     kept: bool,
+    /// Its place among the uploads under way.
+    _slot: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl Drop for Upload {
@@ -185,6 +193,7 @@ struct Inner {
     link_key: Vec<u8>,
     cache: ImageCache,
     metrics: crate::OtaMetrics,
+    uploads: Arc<tokio::sync::Semaphore>,
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -212,7 +221,7 @@ impl Firmware {
         metrics: crate::OtaMetrics,
     ) -> Result<Self, FirmwareError> {
         std::fs::create_dir_all(&config.dir)?;
-        remove_unfinished_uploads(&config.dir);
+        sweep(&config.dir, store.as_ref()).await;
         let link_key = store
             .meta_get_or_insert(LINK_KEY_META, &OpaqueToken::generate().hash(), clock.now())
             .await?
@@ -225,6 +234,7 @@ impl Firmware {
             link_key,
             cache: ImageCache::default(),
             metrics,
+            uploads: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_UPLOADS)),
         })))
     }
 
@@ -283,6 +293,9 @@ impl Firmware {
         if signed.manifest.size > self.0.config.max_bytes {
             return Err(FirmwareError::TooLarge(self.0.config.max_bytes));
         }
+        let slot = Arc::clone(&self.0.uploads)
+            .try_acquire_owned()
+            .map_err(|_| FirmwareError::Busy)?;
         let temp = self
             .0
             .config
@@ -298,6 +311,7 @@ impl Firmware {
             file: Some(file),
             temp,
             kept: false,
+            _slot: slot,
         })
     }
 
@@ -521,17 +535,27 @@ impl Firmware {
     }
 }
 
-/// Removes the temporary files of uploads a previous run left unfinished (killed mid-way).
-fn remove_unfinished_uploads(dir: &Path) {
+/// Removes what a previous run left behind: the temporary files of uploads it was killed in
+/// the middle of, and images renamed into place whose record was never stored (killed between
+/// the two). A file whose record cannot be read now stays.
+async fn sweep(dir: &Path, store: &dyn Store) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
     for entry in entries.flatten() {
-        if entry
-            .file_name()
-            .to_string_lossy()
-            .starts_with(UPLOAD_PREFIX)
-        {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let orphan = if name.starts_with(UPLOAD_PREFIX) {
+            true
+        } else if sha_of(&name).is_ok_and(|sha| sha == name) {
+            matches!(
+                store.firmware(&name).await,
+                Err(StoreError::NotFound { .. })
+            )
+        } else {
+            false
+        };
+        if orphan {
+            tracing::info!(file = %name, "firmware folder: leftover removed");
             let _ = std::fs::remove_file(entry.path());
         }
     }

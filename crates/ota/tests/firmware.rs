@@ -79,6 +79,8 @@ async fn uploads_are_checked_against_their_manifest_and_leave_nothing_when_refus
     // An upload a killed server left half-way is removed at the next start.
     std::fs::create_dir_all(dir.path().join("firmware")).unwrap();
     std::fs::write(dir.path().join("firmware/.upload-cut-short"), b"\xE9").unwrap();
+    // So is an image renamed into place whose record was never stored.
+    std::fs::write(dir.path().join("firmware").join("ab".repeat(32)), b"\xE9").unwrap();
     let key = manifest::generate_key();
     let clock: Arc<dyn unhidra_core::Clock> = Arc::new(ManualClock::new(start()));
     let firmware = Firmware::new(
@@ -192,6 +194,19 @@ async fn uploads_are_checked_against_their_manifest_and_leave_nothing_when_refus
         .await,
         Err(FirmwareError::TooLarge(4096))
     ));
+    // Four uploads at once on a node; a fifth waits for one to end.
+    let open: Vec<_> = {
+        let mut open = Vec::new();
+        for _ in 0..unhidra_ota::firmware::MAX_CONCURRENT_UPLOADS {
+            open.push(firmware.begin(&admin, &good, false).await.unwrap());
+        }
+        open
+    };
+    assert!(matches!(
+        firmware.begin(&admin, &good, false).await,
+        Err(FirmwareError::Busy)
+    ));
+    drop(open);
     let leftovers = std::fs::read_dir(dir.path().join("firmware"))
         .unwrap()
         .count();

@@ -82,6 +82,10 @@ impl From<FirmwareError> for ApiError {
             FirmwareError::NoSuchDevice => {
                 Self::validation(vec![FieldError::new("/device", "not_found", message)])
             }
+            FirmwareError::Busy => ApiError::new(
+                Problem::new(StatusCode::SERVICE_UNAVAILABLE, "uploads_busy", message)
+                    .with("retry_after", 5),
+            ),
             FirmwareError::Io(e) => ApiError::internal(e),
             FirmwareError::Store(e) => e.into(),
         }
@@ -116,6 +120,9 @@ pub(crate) struct UploadParams {
         (status = 409, description = "`firmware_exists`: this image, or this version", body = Problem,
             content_type = "application/problem+json"),
         (status = 413, description = "Larger than `ota_max_image_bytes`", body = Problem,
+            content_type = "application/problem+json"),
+        (status = 503, description = "`uploads_busy`: four uploads are under way on this node; \
+            `Retry-After` says when to try again", body = Problem,
             content_type = "application/problem+json"),
         (status = 422, description = "The manifest or the image is refused; `code` or \
             `errors[]` says why", body = Problem, content_type = "application/problem+json"),
