@@ -594,9 +594,6 @@ pub trait DeviceStore: Send + Sync {
     async fn revoke_device_keys(&self, device: Uuid, now: DateTime<Utc>)
     -> Result<u64, StoreError>;
 
-    /// Records a `hello`: the firmware version.
-    async fn set_device_firmware(&self, device: Uuid, firmware: &str) -> Result<(), StoreError>;
-
     /// Writes the last-seen times (and heartbeats) of many devices in one transaction. A
     /// time never moves backwards.
     async fn record_seen(&self, seen: &[Seen]) -> Result<(), StoreError>;

@@ -670,23 +670,6 @@ macro_rules! device_queries {
                     revoke_keys(&mut conn, device, now).await
                 }
 
-                async fn set_device_firmware(
-                    &self,
-                    device: Uuid,
-                    firmware: &str,
-                ) -> Result<(), StoreError> {
-                    sqlx::query(
-                        "UPDATE devices SET firmware = $2 WHERE id = $1 \
-                         AND firmware IS DISTINCT FROM $2",
-                    )
-                    .bind(Store::id(device))
-                    .bind(firmware)
-                    .execute(&self.pool)
-                    .await
-                    .map_err(err)?;
-                    Ok(())
-                }
-
                 async fn record_seen(&self, seen: &[Seen]) -> Result<(), StoreError> {
                     if seen.is_empty() {
                         return Ok(());
