@@ -16,7 +16,7 @@ fn now() -> DateTime<Utc> {
     DateTime::from_timestamp_micros(Utc::now().timestamp_micros()).unwrap()
 }
 
-async fn user(db: &TestDb, email: &str) -> UserId {
+pub(crate) async fn user(db: &TestDb, email: &str) -> UserId {
     let id = UserId::new();
     db.store
         .create_user(&NewUser {
@@ -62,7 +62,13 @@ fn record(owner: UserId, name: &str, model: &str, tags: &[&str]) -> DeviceRecord
     }
 }
 
-async fn device(db: &TestDb, owner: UserId, name: &str, model: &str, tags: &[&str]) -> Uuid {
+pub(crate) async fn device(
+    db: &TestDb,
+    owner: UserId,
+    name: &str,
+    model: &str,
+    tags: &[&str],
+) -> Uuid {
     let device = record(owner, name, model, tags);
     let hash = format!("{:0>64}", device.id.simple());
     db.store

@@ -145,6 +145,8 @@ async fn an_unknown_url_is_refused() {
 
 mod cron;
 
+mod deployments;
+
 mod devices;
 
 mod identity;
