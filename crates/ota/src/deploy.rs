@@ -1081,6 +1081,7 @@ impl Deployments {
             .deployment_devices(d.id, Some("waiting"), 0, OFFERS_PER_TICK)
             .await?;
         let deadline = now + Duration::seconds(i64::try_from(ttl).unwrap_or(i64::MAX));
+        let mut made = Vec::new();
         for row in rows.into_iter().filter(|r| r.stage <= d.stage) {
             // The row first, while the deployment runs: a deployment that ends meanwhile (or
             // another node's offer) wins, and no offer goes out that the deployment does not
@@ -1149,14 +1150,20 @@ impl Deployments {
                 .set_offer_command(d.id, row.device_id, command.id)
                 .await?;
             self.0.firmware.metrics().offers.inc();
-            // Ended while the offer went out: withdrawn, unless the device has it already.
+            let mut row = row;
+            row.state = "offered".into();
+            row.command_id = Some(command.id);
+            made.push(row);
+        }
+        // Ended while offers went out (no new one is made once it has: `offer_device` checks):
+        // those are withdrawn, unless their device has them already.
+        if !made.is_empty() {
             let current = self.record(d.id).await?;
             if current.state != "running" {
-                let mut row = row.clone();
-                row.state = "offered".into();
-                row.command_id = Some(command.id);
                 let reason = current.reason.unwrap_or_else(|| current.state.clone());
-                self.withdraw(d.id, &row, &reason).await?;
+                for row in &made {
+                    self.withdraw(d.id, row, &reason).await?;
+                }
             }
         }
         Ok(())

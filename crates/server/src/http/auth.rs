@@ -54,17 +54,7 @@ impl<R: Requirement> FromRequestParts<AppState> for Auth<R> {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let token = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| {
-                v.strip_prefix("Bearer ")
-                    .or_else(|| v.strip_prefix("bearer "))
-            })
-            .map(str::trim)
-            .filter(|t| !t.is_empty())
-            .ok_or(IdentityError::Unauthenticated("missing"))?;
+        let token = bearer(&parts.headers).ok_or(IdentityError::Unauthenticated("missing"))?;
         let principal = state.identity().authenticate(token).await?;
         if !R::admits(principal.role) {
             return Err(IdentityError::Forbidden.into());
@@ -76,6 +66,19 @@ impl<R: Requirement> FromRequestParts<AppState> for Auth<R> {
         }
         Ok(Self(principal, PhantomData))
     }
+}
+
+/// The token of `Authorization: Bearer …` (either case of `Bearer`), when there is one.
+pub fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
 }
 
 /// Where a request comes from, for sessions and the audit log.

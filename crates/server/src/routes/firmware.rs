@@ -20,7 +20,7 @@ use uuid::Uuid;
 
 use super::devices::DeviceKeyAuth;
 use crate::error::{ApiError, FieldError, Problem};
-use crate::http::auth::{Admin, Auth, Ctx};
+use crate::http::auth::{Admin, Auth, Ctx, bearer};
 use crate::http::extract::{Json, Query};
 use crate::state::AppState;
 
@@ -441,18 +441,6 @@ pub(crate) async fn download(
         reader, capacity,
     ));
     response.body(body).map_err(ApiError::internal)
-}
-
-/// The bearer token of a request, if any.
-fn bearer(headers: &HeaderMap) -> Option<&str> {
-    headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
-        .map(str::trim)
 }
 
 /// Whether an `If-None-Match` value names this entity tag (weak comparison, as RFC 9110 says
