@@ -1,7 +1,10 @@
 //! The fleet simulator: N devices, each a tokio task running the SDK's [`Device`] over its
 //! own buffer file, with readings that look real (a slow temperature walk, humidity, a
 //! draining battery, a 32×24 thermal frame) and a bounded, seeded schedule of dropped
-//! connections and restarts. Same seed, same readings and schedule; it stops by itself.
+//! connections and restarts. With [`SimulateOta`] each device also keeps A/B slots in its
+//! folder and takes deployments' offers with the SDK's update client, failing a share of them
+//! as told (a failed self-test, a boot loop, a power loss mid-download). Same seed, same
+//! readings and schedule; it stops by itself.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -20,6 +23,8 @@ use crate::machine::{
     BatchLimits, CommandReply, Encoding, Handlers, Hello, Session, SessionConfig, Stats,
     StopReason, Vitals,
 };
+use crate::slots::{SelfTest, Slots};
+use crate::update::{OFFER_COMMAND, UpdateOptions, Updater, origin_of};
 use crate::ws::{Device, DeviceHandle, WsOptions};
 use crate::{ArrayValue, Value};
 
@@ -62,6 +67,50 @@ pub struct SimulateOptions {
     /// At most this many restarts per device (the device stops and boots again from its
     /// buffer file), at random times.
     pub restarts: u32,
+    /// Firmware updates: `None`, the devices answer no offer (`unknown_command`).
+    pub ota: Option<SimulateOta>,
+}
+
+/// How the simulated devices take firmware updates.
+#[derive(Debug, Clone)]
+pub struct SimulateOta {
+    /// The Ed25519 public keys the firmware trusts.
+    pub trusted: Vec<[u8; 32]>,
+    /// The firmware's project.
+    pub project: String,
+    /// The chip.
+    pub target: String,
+    /// The version flashed at the factory, and its anti-rollback version.
+    pub factory_version: String,
+    /// The factory image's anti-rollback version.
+    pub factory_secure_version: u32,
+    /// Download in ranges of this many bytes, or whole (`None`).
+    pub range_size: Option<u64>,
+    /// The share (0 to 1) of installs whose new image fails its self-test and rolls back.
+    pub fail_self_test: f64,
+    /// The share of installs whose new image resets before its self-test ends (a boot
+    /// loop): the next boot rolls it back.
+    pub boot_loop: f64,
+    /// The share of devices that lose power once in the middle of a download: they boot
+    /// again and resume it.
+    pub power_loss: f64,
+}
+
+impl SimulateOta {
+    /// Updates that all work, in 4 KiB ranges, from factory version `sim-1.0.0`.
+    pub fn new(trusted: Vec<[u8; 32]>, project: &str, target: &str) -> Self {
+        Self {
+            trusted,
+            project: project.to_owned(),
+            target: target.to_owned(),
+            factory_version: "sim-1.0.0".into(),
+            factory_secure_version: 0,
+            range_size: Some(4096),
+            fail_self_test: 0.0,
+            boot_loop: 0.0,
+            power_loss: 0.0,
+        }
+    }
 }
 
 impl SimulateOptions {
@@ -87,6 +136,7 @@ impl SimulateOptions {
             batch_linger: Duration::from_secs(2),
             disconnects: 3,
             restarts: 1,
+            ota: None,
         }
     }
 }
@@ -173,6 +223,12 @@ pub struct Report {
     pub restarts: u64,
     /// Commands run.
     pub commands_run: u64,
+    /// Firmware updates installed (each followed by a reboot into the new image).
+    pub updates_installed: u64,
+    /// Boots that went back to the old image (a failed self-test or a boot loop).
+    pub rollbacks: u64,
+    /// Power losses in the middle of a download.
+    pub power_losses: u64,
     /// Devices whose key was refused (revoked, unknown): they stopped.
     pub revoked: usize,
     /// Batches left unacknowledged in the buffer files at the end.
@@ -201,6 +257,11 @@ impl fmt::Display for Report {
             self.reconnects, self.connect_failures, self.disconnects_injected, self.restarts
         )?;
         writeln!(f, "commands       {} run", self.commands_run)?;
+        writeln!(
+            f,
+            "updates        {} installed, {} rolled back, {} power losses mid-download",
+            self.updates_installed, self.rollbacks, self.power_losses
+        )?;
         write!(f, "revoked        {}", self.revoked)?;
         for error in &self.errors {
             write!(f, "\nerror          {error}")?;
@@ -295,6 +356,9 @@ struct DeviceOutcome {
     restarts: u64,
     revoked: bool,
     unacked: u64,
+    updates_installed: u64,
+    rollbacks: u64,
+    power_losses: u64,
     error: Option<String>,
 }
 
@@ -315,6 +379,9 @@ impl Report {
         self.disconnects_injected += device.disconnects;
         self.restarts += device.restarts;
         self.revoked += usize::from(device.revoked);
+        self.updates_installed += device.updates_installed;
+        self.rollbacks += device.rollbacks;
+        self.power_losses += device.power_losses;
         self.unacked += device.unacked;
         self.errors.extend(device.error);
     }
@@ -358,6 +425,9 @@ async fn simulate_device(
         restarts: 0,
         revoked: false,
         unacked: 0,
+        updates_installed: 0,
+        rollbacks: 0,
+        power_losses: 0,
         error: None,
     };
     // The schedule, fixed up front from the seed: at random instants within the duration.
@@ -375,9 +445,17 @@ async fn simulate_device(
     tokio::time::sleep(stagger).await;
     let deadline = start + options.duration;
     let path = options.folder.join(format!("device-{index:04}.buf"));
+    let slots_dir = options.folder.join(format!("device-{index:04}.slots"));
     let mut sensors = Sensors::new(&mut rng);
     let mut boot = 0u32;
     let mut chaos = chaos.into_iter().peekable();
+    // A restart of the schedule that an update's reboot came before: it still happens.
+    let mut restart_pending: Option<Instant> = None;
+    // Whether this device still has its power loss mid-download to come.
+    let mut power_loss = options
+        .ota
+        .as_ref()
+        .is_some_and(|ota| rng.random_bool(ota.power_loss.clamp(0.0, 1.0)));
     loop {
         let storage = match FileStorage::open_with(&path, SyncPolicy::Never) {
             Ok(storage) => storage,
@@ -386,21 +464,79 @@ async fn simulate_device(
                 return outcome;
             }
         };
-        let config = SessionConfig {
-            hello: Hello {
-                firmware: "sim-1.0.0".into(),
-                partition: Some(
-                    if boot.is_multiple_of(2) {
-                        "ota_0"
-                    } else {
-                        "ota_1"
+        let reset_reason = if boot == 0 { "power_on" } else { "software" };
+        let (hello, updater) = match &options.ota {
+            None => (
+                Hello {
+                    firmware: "sim-1.0.0".into(),
+                    partition: Some(
+                        if boot.is_multiple_of(2) {
+                            "ota_0"
+                        } else {
+                            "ota_1"
+                        }
+                        .into(),
+                    ),
+                    reset_reason: Some(reset_reason.into()),
+                    capabilities: vec!["thermal".into(), "env".into()],
+                    secure_version: Some(0),
+                },
+                None,
+            ),
+            Some(ota) => {
+                let (fail, reset) = (ota.fail_self_test, ota.boot_loop);
+                let started = Slots::start(
+                    &slots_dir,
+                    &ota.factory_version,
+                    ota.factory_secure_version,
+                    |_| {
+                        let draw: f64 = rng.random();
+                        if draw < fail {
+                            SelfTest::Failed
+                        } else if draw < fail + reset {
+                            SelfTest::Reset
+                        } else {
+                            SelfTest::Passed
+                        }
+                    },
+                );
+                let started = match started {
+                    Ok(started) => started,
+                    Err(e) => {
+                        outcome.error = Some(format!("device {index}: its slots: {e}"));
+                        return outcome;
                     }
-                    .into(),
-                ),
-                reset_reason: Some(if boot == 0 { "power_on" } else { "software" }.into()),
-                capabilities: vec!["thermal".into(), "env".into()],
-                secure_version: Some(0),
-            },
+                };
+                outcome.rollbacks += u64::from(started.rolled_back.is_some());
+                let hello = Hello {
+                    firmware: started.boot.version.clone(),
+                    partition: Some(started.boot.running.name().into()),
+                    reset_reason: Some(
+                        if started.boots > 1 {
+                            "panic"
+                        } else {
+                            reset_reason
+                        }
+                        .into(),
+                    ),
+                    capabilities: vec!["thermal".into(), "env".into(), "ota".into()],
+                    secure_version: Some(started.slots.secure_version()),
+                };
+                let mut update = UpdateOptions::new(
+                    origin_of(&options.url),
+                    ota.trusted.clone(),
+                    &ota.project,
+                    &ota.target,
+                );
+                update.range_size = ota.range_size;
+                (
+                    hello,
+                    Some(Updater::new(started.slots, started.rolled_back, update)),
+                )
+            }
+        };
+        let config = SessionConfig {
+            hello,
             heartbeat_interval_ms: millis(options.heartbeat_interval),
             batch: BatchLimits {
                 linger_ms: millis(options.batch_linger),
@@ -421,17 +557,17 @@ async fn simulate_device(
         };
         let mut device = Device::new(session, handlers(), ws);
         let handle = device.handle();
-        // This boot lasts until the next restart, or the end.
+        let mut offers = updater.as_ref().map(|_| device.defer(OFFER_COMMAND));
+        // This boot lasts until the next restart, an update's reboot, or the end.
         let mut disconnects_now = Vec::new();
-        let mut restart_at = None;
-        while let Some(&(at, what)) = chaos.peek() {
+        let mut restart_at = restart_pending.take();
+        while restart_at.is_none()
+            && let Some(&(at, what)) = chaos.peek()
+        {
             chaos.next();
             match what {
                 Chaos::Disconnect => disconnects_now.push(start + Duration::from_millis(at)),
-                Chaos::Restart => {
-                    restart_at = Some(start + Duration::from_millis(at));
-                    break;
-                }
+                Chaos::Restart => restart_at = Some(start + Duration::from_millis(at)),
             }
         }
         let last = restart_at.is_none();
@@ -445,17 +581,50 @@ async fn simulate_device(
             read_until,
             last,
         );
-        let result = {
+        let mut updater = updater;
+        let progress = updater.as_ref().map(Updater::progress);
+        let updates = async {
+            match (updater.as_mut(), offers.as_mut()) {
+                (Some(updater), Some(offers)) => updater.serve(offers, &handle).await,
+                _ => std::future::pending().await,
+            }
+        };
+        let cut = async {
+            match progress {
+                Some(mut progress) if power_loss => {
+                    // Somewhere between a fifth and four fifths of the image.
+                    let share = rng.random_range(0.2..0.8);
+                    let _ = progress
+                        .wait_for(|p| p.size > 0 && p.received as f64 >= p.size as f64 * share)
+                        .await;
+                }
+                _ => std::future::pending().await,
+            }
+        };
+        enum End {
+            Ran(Result<StopReason, crate::file::FileError>),
+            PowerLost,
+        }
+        let (end, installed) = {
             let run = device.run(tokio::time::sleep_until(stop_at));
             tokio::pin!(run);
             tokio::pin!(readings);
+            tokio::pin!(updates);
+            tokio::pin!(cut);
             let mut injected = None;
-            loop {
+            let mut installed = false;
+            let end = loop {
                 tokio::select! {
-                    result = &mut run => break result,
+                    result = &mut run => break End::Ran(result),
                     n = &mut readings, if injected.is_none() => injected = Some(n),
+                    () = &mut updates, if !installed => {
+                        installed = true;
+                        let _ = handle.shutdown().await;
+                    }
+                    () = &mut cut, if !installed => break End::PowerLost,
                 }
-            }
+            };
+            (end, installed)
         };
         outcome.disconnects += disconnects_now
             .iter()
@@ -465,21 +634,35 @@ async fn simulate_device(
         outcome.reconnects += stats.connects.saturating_sub(1);
         add_stats(&mut outcome.stats, stats);
         outcome.unacked = device.session().buffered().len() as u64;
-        match result {
-            Ok(StopReason::Revoked) => {
+        match end {
+            End::Ran(Ok(StopReason::Revoked)) => {
                 outcome.revoked = true;
                 return outcome;
             }
-            Ok(StopReason::Shutdown) => {}
-            Err(e) => {
+            End::Ran(Ok(StopReason::Shutdown)) => {}
+            End::Ran(Err(e)) => {
                 outcome.error = Some(format!("device {index}: {e}"));
                 return outcome;
             }
+            End::PowerLost => {
+                power_loss = false;
+                outcome.power_losses += 1;
+            }
         }
-        if last {
-            return outcome;
+        let rebooted = installed || matches!(end, End::PowerLost);
+        if rebooted {
+            outcome.updates_installed += u64::from(installed);
+            // The boot's scheduled restart, if it was still to come, comes in the next one.
+            restart_pending = restart_at.filter(|&at| at > Instant::now());
+            if Instant::now() >= deadline + options.drain {
+                return outcome;
+            }
+        } else {
+            if last {
+                return outcome;
+            }
+            outcome.restarts += 1;
         }
-        outcome.restarts += 1;
         boot += 1;
     }
 }

@@ -78,6 +78,9 @@ pub struct SlotImage {
     pub version: String,
     /// Its state.
     pub state: ImageState,
+    /// Its anti-rollback version (`esp_app_desc_t.secure_version`).
+    #[serde(default)]
+    pub secure_version: u32,
 }
 
 /// The `otadata` record.
@@ -87,6 +90,9 @@ struct Otadata {
     boot: Slot,
     /// What each slot holds.
     slots: [Option<SlotImage>; 2],
+    /// The device's anti-rollback version: an ESP32 keeps it in eFuses, which only rise.
+    #[serde(default)]
+    secure_version: u32,
 }
 
 /// What a boot found.
@@ -101,6 +107,41 @@ pub struct Boot {
     /// The slot chosen to boot held an image that never confirmed itself: this boot went back
     /// to the other slot, and the refused version is this.
     pub rolled_back: Option<String>,
+}
+
+/// How a new image's self-test ended, at its first boot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SelfTest {
+    /// It works: the image confirms itself.
+    Passed,
+    /// It does not: the image marks itself invalid and the device reboots into the other slot.
+    Failed,
+    /// The device reset before the self-test ended (a crash, a watchdog, a power loss): the
+    /// next boot refuses the image.
+    Reset,
+}
+
+/// An update that did not stay, found at power-on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RolledBack {
+    /// The version refused.
+    pub version: String,
+    /// Why: `self_test` (it failed its self-test) or `boot_failed` (it never confirmed itself,
+    /// or the bootloader refused it).
+    pub reason: &'static str,
+}
+
+/// A device up and running after [`Slots::start`].
+#[derive(Debug)]
+pub struct Started {
+    /// The slots, for the update client.
+    pub slots: Slots,
+    /// What runs (confirmed).
+    pub boot: Boot,
+    /// The update this power-on went back from, if any.
+    pub rolled_back: Option<RolledBack>,
+    /// How many boots it took (more than one after a rollback).
+    pub boots: u32,
 }
 
 /// The download into the idle slot under way, kept beside the slots so that it can resume.
@@ -123,9 +164,20 @@ const DOWNLOAD: &str = "download.json";
 
 impl Slots {
     /// Powers on: reads `otadata` in `dir` (a device that has none was flashed at the factory
-    /// with `factory_version` in `ota_0`, valid), applies the boot rules, and answers what
-    /// runs.
+    /// with `factory_version` in `ota_0`, valid, secure version 0), applies the boot rules, and
+    /// answers what runs.
     pub fn boot(dir: &Path, factory_version: &str) -> io::Result<(Self, Boot)> {
+        Self::boot_factory(dir, factory_version, 0)
+    }
+
+    /// [`Slots::boot`], for a device flashed at the factory with an image of this anti-rollback
+    /// version (its eFuses start there). A `new` image below the eFuses' version never starts:
+    /// the bootloader refuses it as ESP-IDF's anti-rollback does.
+    pub fn boot_factory(
+        dir: &Path,
+        factory_version: &str,
+        factory_secure_version: u32,
+    ) -> io::Result<(Self, Boot)> {
         fs::create_dir_all(dir)?;
         let path = dir.join(OTADATA);
         let mut data = match fs::read(&path) {
@@ -137,15 +189,23 @@ impl Slots {
                     Some(SlotImage {
                         version: factory_version.to_owned(),
                         state: ImageState::Valid,
+                        secure_version: factory_secure_version,
                     }),
                     None,
                 ],
+                secure_version: factory_secure_version,
             },
             Err(e) => return Err(e),
         };
         let mut rolled_back = None;
         let chosen = data.boot;
-        let state = data.slots[chosen.index()].as_ref().map(|s| s.state);
+        let state = data.slots[chosen.index()].as_ref().map(|s| {
+            if s.state == ImageState::New && s.secure_version < data.secure_version {
+                ImageState::Aborted
+            } else {
+                s.state
+            }
+        });
         let running = match state {
             Some(ImageState::New) => {
                 if let Some(image) = &mut data.slots[chosen.index()] {
@@ -186,10 +246,71 @@ impl Slots {
         Ok((slots, boot))
     }
 
+    /// Powers on as firmware does: boots, and when a new image runs for the first time runs
+    /// `self_test` on it (with its version) and confirms it, or rolls back to the other slot
+    /// and boots again. Answers once an image that is confirmed runs.
+    pub fn start(
+        dir: &Path,
+        factory_version: &str,
+        factory_secure_version: u32,
+        mut self_test: impl FnMut(&str) -> SelfTest,
+    ) -> io::Result<Started> {
+        let mut rolled_back = None;
+        // A new image takes at most three boots: its first, a reboot after its self-test
+        // failed (or a reset during it), and the boot of the old image.
+        for boots in 1..=3 {
+            let (mut slots, boot) =
+                Self::boot_factory(dir, factory_version, factory_secure_version)?;
+            if let Some(version) = boot.rolled_back.clone() {
+                rolled_back.get_or_insert(RolledBack {
+                    version,
+                    reason: "boot_failed",
+                });
+            }
+            if !boot.pending_verify {
+                return Ok(Started {
+                    slots,
+                    boot,
+                    rolled_back,
+                    boots,
+                });
+            }
+            match self_test(&boot.version) {
+                SelfTest::Passed => {
+                    slots.mark_valid()?;
+                    let boot = Boot {
+                        pending_verify: false,
+                        ..boot
+                    };
+                    return Ok(Started {
+                        slots,
+                        boot,
+                        rolled_back,
+                        boots,
+                    });
+                }
+                SelfTest::Failed => {
+                    slots.mark_invalid()?;
+                    rolled_back = Some(RolledBack {
+                        version: boot.version,
+                        reason: "self_test",
+                    });
+                }
+                SelfTest::Reset => {}
+            }
+        }
+        Err(io::Error::other("no image confirmed itself in three boots"))
+    }
+
     fn save(&self) -> io::Result<()> {
         let bytes = serde_json::to_vec(&self.data)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
         crate::file::replace_durably(&self.dir.join(OTADATA), |out| out.write_all(&bytes))
+    }
+
+    /// The device's anti-rollback version: what its `hello` reports as `secure_version`.
+    pub fn secure_version(&self) -> u32 {
+        self.data.secure_version
     }
 
     /// The slot running now.
@@ -262,7 +383,7 @@ impl Slots {
 
     /// After the image in the idle slot is whole and verified (its size, SHA-256 and signed
     /// manifest: `ota::ImageVerifier`): it boots next, as `new` (`esp_ota_set_boot_partition`).
-    pub fn set_boot(&mut self, version: &str) -> io::Result<()> {
+    pub fn set_boot(&mut self, version: &str, secure_version: u32) -> io::Result<()> {
         let idle = self.running.other();
         if let Ok(file) = File::open(self.path(idle)) {
             file.sync_all()?;
@@ -270,6 +391,7 @@ impl Slots {
         self.data.slots[idle.index()] = Some(SlotImage {
             version: version.to_owned(),
             state: ImageState::New,
+            secure_version,
         });
         self.data.boot = idle;
         self.save()?;
@@ -277,10 +399,13 @@ impl Slots {
         Ok(())
     }
 
-    /// The running image passed its self-test: it stays (`esp_ota_mark_app_valid_cancel_rollback`).
+    /// The running image passed its self-test: it stays (`esp_ota_mark_app_valid_cancel_rollback`),
+    /// and the device's anti-rollback version rises to the image's (as ESP-IDF burns the eFuses
+    /// then), so that older images can no longer boot.
     pub fn mark_valid(&mut self) -> io::Result<()> {
         if let Some(image) = &mut self.data.slots[self.running.index()] {
             image.state = ImageState::Valid;
+            self.data.secure_version = self.data.secure_version.max(image.secure_version);
         }
         self.save()
     }

@@ -15,11 +15,11 @@ use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode};
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{self, Message as WsMessage};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
-use unhidra_protocol::device::{Point, Value, valid_telemetry_key};
+use unhidra_protocol::device::{OtaState, Point, Value, valid_telemetry_key};
 
 use crate::machine::{
-    Action, Clock, ConnectFailure, Encoding, Handlers, Message, Session, StopReason, Storage,
-    Vitals,
+    Action, Clock, Command, CommandReply, ConnectFailure, Encoding, Handlers, Message, Session,
+    StopReason, Storage, Vitals,
 };
 
 type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
@@ -152,6 +152,14 @@ enum Input {
     Flush,
     Finish,
     Disconnect,
+    CommandDone(String, CommandReply),
+    Shutdown,
+    OtaStatus {
+        deployment: String,
+        state: OtaState,
+        progress: Option<u8>,
+        reason: Option<String>,
+    },
 }
 
 /// A reading the handle refuses before it reaches the session.
@@ -229,6 +237,35 @@ impl DeviceHandle {
         self.send(Input::Disconnect).await
     }
 
+    /// Sends what the device has queued (its last `ota_status`, say), seals the open batch and
+    /// stops: [`Device::run`] answers [`StopReason::Shutdown`]. For a restart, where
+    /// [`DeviceHandle::finish`] would wait for every batch to be acknowledged.
+    pub async fn shutdown(&self) -> Result<(), HandleError> {
+        self.send(Input::Shutdown).await
+    }
+
+    /// Answers a command that [`Device::defer`] handed to the application.
+    pub async fn command_done(&self, id: &str, reply: CommandReply) -> Result<(), HandleError> {
+        self.send(Input::CommandDone(id.to_owned(), reply)).await
+    }
+
+    /// Sends an `ota_status` (best-effort: dropped while offline).
+    pub async fn ota_status(
+        &self,
+        deployment: &str,
+        state: OtaState,
+        progress: Option<u8>,
+        reason: Option<&str>,
+    ) -> Result<(), HandleError> {
+        self.send(Input::OtaStatus {
+            deployment: deployment.to_owned(),
+            state,
+            progress,
+            reason: reason.map(str::to_owned),
+        })
+        .await
+    }
+
     async fn send(&self, input: Input) -> Result<(), HandleError> {
         self.tx.send(input).await.map_err(|_| HandleError::Stopped)
     }
@@ -242,7 +279,9 @@ pub struct Device<S, R> {
     clock: TokioClock,
     rx: mpsc::Receiver<Input>,
     tx: mpsc::Sender<Input>,
+    deferred: std::collections::BTreeMap<String, mpsc::UnboundedSender<Command>>,
     finishing: bool,
+    stopping: bool,
 }
 
 impl<S: std::fmt::Debug, R> std::fmt::Debug for Device<S, R> {
@@ -277,8 +316,21 @@ impl<S: Storage, R: RngCore> Device<S, R> {
             clock: TokioClock::new(),
             rx,
             tx,
+            deferred: std::collections::BTreeMap::new(),
             finishing: false,
+            stopping: false,
         }
+    }
+
+    /// Hands the commands named `name` to the application instead of a handler: for work that
+    /// takes long or waits (a firmware download), which answers with
+    /// [`DeviceHandle::command_done`] when it is done. A command delivered again while it runs
+    /// is not handed out twice. Commands that arrive after the receiver is dropped are answered
+    /// `failed {"error": "unavailable"}`.
+    pub fn defer(&mut self, name: &str) -> mpsc::UnboundedReceiver<Command> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.deferred.insert(name.to_owned(), tx);
+        rx
     }
 
     /// The application's handle.
@@ -306,6 +358,7 @@ impl<S: Storage, R: RngCore> Device<S, R> {
         let mut socket: Option<Socket> = None;
         let mut inputs_open = true;
         self.finishing = false;
+        self.stopping = false;
         loop {
             let now = self.now();
             self.session.handle_timeout(now)?;
@@ -328,10 +381,19 @@ impl<S: Storage, R: RngCore> Device<S, R> {
                         }
                     }
                     Action::Close { code } => close(socket.take(), code).await,
-                    Action::Command(command) => {
-                        let reply = self.handlers.run(&command);
-                        self.session.command_done(&command.id, reply);
-                    }
+                    Action::Command(command) => match self.deferred.get(&command.name) {
+                        Some(to_app) => {
+                            let id = command.id.clone();
+                            if to_app.send(command).is_err() {
+                                self.session
+                                    .command_done(&id, CommandReply::failed("unavailable"));
+                            }
+                        }
+                        None => {
+                            let reply = self.handlers.run(&command);
+                            self.session.command_done(&command.id, reply);
+                        }
+                    },
                     Action::Config(update) => {
                         let (version, state) = self.handlers.apply(&update);
                         self.session.config_applied(version, state);
@@ -357,6 +419,9 @@ impl<S: Storage, R: RngCore> Device<S, R> {
                 let now = self.now();
                 self.session.handle_closed(now, None);
                 continue;
+            }
+            if self.stopping {
+                return self.shut_down(socket).await;
             }
             let wake = self.session.poll_timeout().map(|ms| self.clock.instant(ms));
             let woke = tokio::select! {
@@ -437,6 +502,17 @@ impl<S: Storage, R: RngCore> Device<S, R> {
                 if socket.take().is_some() {
                     self.session.handle_closed(now, None);
                 }
+            }
+            Input::CommandDone(id, reply) => self.session.command_done(&id, reply),
+            Input::Shutdown => self.stopping = true,
+            Input::OtaStatus {
+                deployment,
+                state,
+                progress,
+                reason,
+            } => {
+                self.session
+                    .send_ota_status(&deployment, state, progress, reason.as_deref());
             }
         }
         Ok(())

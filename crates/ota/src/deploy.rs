@@ -43,7 +43,7 @@ use crate::OtaMetrics;
 use crate::firmware::{Firmware, FirmwareError};
 
 /// The command that carries an offer.
-pub const OFFER_COMMAND: &str = "ota.update";
+pub use unhidra_protocol::firmware::OFFER_COMMAND;
 /// The idempotency key of an offer's command starts so; users' keys may not
 /// (`unhidra_devices::commands::RESERVED_KEY_PREFIX`).
 const OFFER_KEY_PREFIX: &str = "unhidra:ota:";

@@ -404,6 +404,19 @@ pub fn build_test_image(
     secure_version: u32,
     hash: bool,
 ) -> Vec<u8> {
+    build_test_image_of(chip_id, version, project, secure_version, hash, 700)
+}
+
+/// [`build_test_image`] with `code` bytes of code after the app description, for images of a
+/// realistic size.
+pub fn build_test_image_of(
+    chip_id: u16,
+    version: &str,
+    project: &str,
+    secure_version: u32,
+    hash: bool,
+    code: u32,
+) -> Vec<u8> {
     let mut desc = vec![0u8; APP_DESC_LEN];
     desc[0..4].copy_from_slice(&APP_DESC_MAGIC.to_le_bytes());
     desc[4..8].copy_from_slice(&secure_version.to_le_bytes());
@@ -414,7 +427,7 @@ pub fn build_test_image(
     desc[112..118].copy_from_slice(b"v5.3.1");
     desc[144..176].copy_from_slice(&[0xAB; 32]);
     let mut first = desc;
-    first.extend((0..700u32).map(|i| (i * 7) as u8));
+    first.extend((0..code).map(|i| (i * 7) as u8));
     let second: Vec<u8> = (0..333u32).map(|i| (i * 13 + 5) as u8).collect();
     let mut image = vec![IMAGE_MAGIC, 2, 2, 0x20];
     image.extend_from_slice(&0x4008_0000u32.to_le_bytes());

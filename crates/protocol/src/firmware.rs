@@ -100,6 +100,24 @@ pub struct SignedManifest {
     pub signature: String,
 }
 
+/// The name of the command that offers a device an update.
+pub const OFFER_COMMAND: &str = "ota.update";
+
+/// The params of an [`OFFER_COMMAND`] (docs/protocol.md, "OTA updates"). A device ignores
+/// fields it does not know, so that offers can grow.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Offer {
+    /// The deployment that offers it: what the device's `ota_status` frames name.
+    pub deployment: String,
+    /// The signed manifest, to check before the download.
+    pub manifest: SignedManifest,
+    /// The download link: a path on the server (resolved against the server's origin) or an
+    /// absolute URL; it needs no header and answers `HEAD` and `Range`.
+    pub url: String,
+    /// The image's length in bytes (the manifest's).
+    pub size: u64,
+}
+
 /// Why a manifest was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ManifestError {

@@ -111,6 +111,49 @@ struct SimulateArgs {
     /// Print the report as JSON.
     #[arg(long)]
     report_json: bool,
+    #[command(flatten)]
+    ota: SimulateOtaArgs,
+}
+
+/// Firmware updates in `unhidra device simulate`: with `--ota-trust`, each device keeps A/B
+/// slots beside its buffer file and takes deployments' offers.
+#[derive(Debug, Args)]
+struct SimulateOtaArgs {
+    /// The PEM file of the public keys the simulated firmware trusts (what the server's
+    /// `ota_trusted_keys` holds); without it the devices take no updates.
+    #[arg(long, value_name = "FILE")]
+    ota_trust: Option<PathBuf>,
+    /// The firmware's project, as images name it.
+    #[arg(long, default_value = "sim", requires = "ota_trust")]
+    project: String,
+    /// The chip.
+    #[arg(long, default_value = "esp32s3", requires = "ota_trust")]
+    target: String,
+    /// The version flashed at the factory.
+    #[arg(long, default_value = "sim-1.0.0", requires = "ota_trust")]
+    firmware: String,
+    /// The factory image's anti-rollback version.
+    #[arg(long, default_value_t = 0, requires = "ota_trust")]
+    secure_version: u32,
+    /// Download images whole (resumed after a cut) rather than in 4 KiB ranges.
+    #[arg(long, requires = "ota_trust")]
+    whole_downloads: bool,
+    /// The share (0 to 1) of installs whose self-test fails.
+    #[arg(long, default_value_t = 0.0, value_parser = share, requires = "ota_trust")]
+    fail_self_test: f64,
+    /// The share of installs whose new image resets before its self-test ends.
+    #[arg(long, default_value_t = 0.0, value_parser = share, requires = "ota_trust")]
+    boot_loop: f64,
+    /// The share of devices that lose power once in the middle of a download.
+    #[arg(long, default_value_t = 0.0, value_parser = share, requires = "ota_trust")]
+    power_loss: f64,
+}
+
+fn share(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
+        _ => Err("a share is a number from 0 to 1".into()),
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -320,6 +363,33 @@ fn simulate(args: &SimulateArgs) -> ExitCode {
     options.seed = args.seed;
     if args.json {
         options.encoding = unhidra_device::machine::Encoding::Json;
+    }
+    if let Some(path) = &args.ota.ota_trust {
+        let trusted = std::fs::read_to_string(path)
+            .map_err(|e| e.to_string())
+            .and_then(|text| {
+                unhidra_ota::manifest::TrustedKeys::from_pem(&text).map_err(|e| e.to_string())
+            });
+        let trusted = match trusted {
+            Ok(keys) if !keys.is_empty() => keys.raw().to_vec(),
+            Ok(_) => {
+                eprintln!("unhidra: {}: no PUBLIC KEY block", path.display());
+                return ExitCode::from(2);
+            }
+            Err(e) => {
+                eprintln!("unhidra: {}: {e}", path.display());
+                return ExitCode::from(2);
+            }
+        };
+        let a = &args.ota;
+        let mut ota = simulate::SimulateOta::new(trusted, &a.project, &a.target);
+        ota.factory_version = a.firmware.clone();
+        ota.factory_secure_version = a.secure_version;
+        ota.range_size = (!a.whole_downloads).then_some(4096);
+        ota.fail_self_test = a.fail_self_test;
+        ota.boot_loop = a.boot_loop;
+        ota.power_loss = a.power_loss;
+        options.ota = Some(ota);
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

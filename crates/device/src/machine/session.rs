@@ -8,7 +8,9 @@ use std::fmt;
 use rand_core::RngCore;
 use serde_json::Value as Json;
 use unhidra_protocol::close;
-use unhidra_protocol::device::{DeviceFrame, DeviceServerFrame, Point, Value, valid_telemetry_key};
+use unhidra_protocol::device::{
+    DeviceFrame, DeviceServerFrame, OtaState, Point, Value, valid_telemetry_key,
+};
 
 use super::backoff::{Backoff, uniform};
 use super::commands::{Command, CommandMemory, CommandReply, ConfigUpdate, Seen};
@@ -432,6 +434,28 @@ impl<S: Storage, R: RngCore> Session<S, R> {
         self.out.push_back(DeviceFrame::Event {
             kind: kind.to_owned(),
             data,
+        });
+        true
+    }
+
+    /// Sends an `ota_status` for the update offered by `deployment` (best-effort, like an
+    /// event: a state may repeat and the server takes the latest; the `hello` after the reboot
+    /// is what confirms an update). `false` when not connected.
+    pub fn send_ota_status(
+        &mut self,
+        deployment: &str,
+        state: OtaState,
+        progress: Option<u8>,
+        reason: Option<&str>,
+    ) -> bool {
+        if !self.is_connected() {
+            return false;
+        }
+        self.out.push_back(DeviceFrame::OtaStatus {
+            deployment: deployment.to_owned(),
+            state,
+            progress,
+            reason: reason.map(str::to_owned),
         });
         true
     }

@@ -15,10 +15,14 @@ fn sha(bytes: &[u8]) -> String {
 
 /// Downloads `image` into the idle slot whole and makes it boot next.
 fn install(slots: &mut Slots, image: &[u8], version: &str) {
+    install_secure(slots, image, version, 0);
+}
+
+fn install_secure(slots: &mut Slots, image: &[u8], version: &str, secure_version: u32) {
     let mut file = slots.write_idle(&sha(image), 0).unwrap();
     file.write_all(image).unwrap();
     drop(file);
-    slots.set_boot(version).unwrap();
+    slots.set_boot(version, secure_version).unwrap();
 }
 
 #[test]
@@ -105,7 +109,7 @@ fn a_cut_download_resumes_and_a_power_loss_never_breaks_otadata() {
     file.write_all(&image[20_000..]).unwrap();
     drop(file);
     assert_eq!(std::fs::read(slots.path(Slot::Ota1)).unwrap(), image);
-    slots.set_boot("2.0.0").unwrap();
+    slots.set_boot("2.0.0", 0).unwrap();
     assert!(
         slots.partial(&digest).unwrap().is_empty(),
         "a finished download is no longer partial"
@@ -113,4 +117,29 @@ fn a_cut_download_resumes_and_a_power_loss_never_breaks_otadata() {
     drop(slots);
     let (_, boot) = Slots::boot(dir.path(), "1.0.0").unwrap();
     assert_eq!((boot.running, boot.version.as_str()), (Slot::Ota1, "2.0.0"));
+}
+
+#[test]
+fn a_confirmed_image_raises_the_anti_rollback_version_and_older_images_never_boot() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut slots, _) = Slots::boot_factory(dir.path(), "1.0.0", 1).unwrap();
+    assert_eq!(slots.secure_version(), 1);
+    install_secure(&mut slots, b"image two", "2.0.0", 3);
+    drop(slots);
+    let (mut slots, boot) = Slots::boot_factory(dir.path(), "1.0.0", 1).unwrap();
+    assert!(boot.pending_verify);
+    // Not confirmed yet: the eFuses have not moved.
+    assert_eq!(slots.secure_version(), 1);
+    slots.mark_valid().unwrap();
+    assert_eq!(slots.secure_version(), 3);
+    // An image below it is refused by the bootloader, as the eFuses would refuse it.
+    install_secure(&mut slots, b"old image", "1.5.0", 2);
+    drop(slots);
+    let (slots, boot) = Slots::boot_factory(dir.path(), "1.0.0", 1).unwrap();
+    assert_eq!(
+        (boot.version.as_str(), boot.pending_verify),
+        ("2.0.0", false)
+    );
+    assert_eq!(boot.rolled_back.as_deref(), Some("1.5.0"));
+    assert_eq!(slots.secure_version(), 3);
 }

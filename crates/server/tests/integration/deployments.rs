@@ -11,10 +11,8 @@ use std::time::Duration;
 use chrono::Utc;
 use serde_json::{Value, json};
 use unhidra_core::{Clock, ManualClock};
-use unhidra_device::ota::{DeviceImage, ImageVerifier};
-use unhidra_ota::image::build_test_image;
+use unhidra_ota::image::{build_test_image, build_test_image_of};
 use unhidra_ota::manifest;
-use unhidra_protocol::firmware::SignedManifest;
 
 use crate::helpers::{TestApp, default_backend, problem, with_admin};
 use crate::ws::{Socket, connect_with, next, send};
@@ -31,6 +29,10 @@ enum Behaviour {
     FailsSelfTest,
     /// Takes the offer and never answers.
     Silent,
+    /// Its new image resets before its self-test ends, and the next boot rolls it back.
+    BootLoops,
+    /// Loses power half-way through the download, boots again and resumes it.
+    LosesPower,
 }
 
 struct Fleet {
@@ -73,6 +75,11 @@ impl Fleet {
     /// Uploads an ESP32 image of `version`; answers its SHA-256.
     async fn upload(&self, version: &str, secure_version: u32) -> String {
         let image = build_test_image(0x0009, version, "greenhouse", secure_version, true);
+        self.upload_image(image, version, secure_version).await
+    }
+
+    /// Uploads `image`; answers its SHA-256.
+    async fn upload_image(&self, image: Vec<u8>, version: &str, secure_version: u32) -> String {
         let header = crate::firmware::signed_header(&image, version, secure_version, &self.key);
         let stored = self
             .app
@@ -176,137 +183,156 @@ impl Fleet {
         }
     }
 
-    /// A simulated device: connected, it waits for its offer and takes it as `behaviour` says;
-    /// after its "reboot" it answers the offer's command and stays connected.
+    /// A simulated device on the device SDK: A/B slots in a folder of its own, the SDK's
+    /// session over a real socket and its update client. It takes its offer as `behaviour`
+    /// says (asked when the offer comes), reboots into the image, runs its self-test, and
+    /// answers the offer when it comes again.
     fn spawn_device(
         &self,
         key: String,
-        behaviour: impl Fn() -> Behaviour + Send + 'static,
+        behaviour: impl Fn() -> Behaviour + Send + Sync + 'static,
     ) -> tokio::task::JoinHandle<()> {
-        let app_url = self.app.url("");
-        let client = self.app.client.clone();
-        let trusted = [self.key.verifying_key().to_bytes()];
-        let addr = self.app.addr;
-        // A device waits for its offer as long as it takes (the test bounds the whole).
-        async fn offer_of(socket: &mut Socket) -> Value {
-            use futures_util::StreamExt;
-            use tokio_tungstenite::tungstenite::Message;
-            loop {
-                let Some(Ok(message)) = socket.next().await else {
-                    std::future::pending::<()>().await;
-                    unreachable!();
-                };
-                let Message::Text(text) = message else {
-                    continue;
-                };
-                let frame: Value = serde_json::from_str(&text).unwrap();
-                if frame["type"] == "command" && frame["name"] == "ota.update" {
-                    return frame;
-                }
-            }
-        }
-        let ws = format!("ws://{addr}/ws");
+        self.spawn_sdk_device(key, SimDevice::default(), behaviour)
+    }
+
+    fn spawn_sdk_device(
+        &self,
+        key: String,
+        sim: SimDevice,
+        behaviour: impl Fn() -> Behaviour + Send + Sync + 'static,
+    ) -> tokio::task::JoinHandle<()> {
+        use unhidra_device::machine::{Handlers, Hello, MemoryStorage, Session, SessionConfig};
+        use unhidra_device::slots::{SelfTest, Slots};
+        use unhidra_device::update::{OFFER_COMMAND, Taken, UpdateOptions, Updater, origin_of};
+        use unhidra_device::ws::{Device, WsOptions};
+
+        let url = format!("ws://{}/ws", self.app.addr);
+        let trusted = vec![
+            sim.trusts
+                .unwrap_or_else(|| self.key.verifying_key().to_bytes()),
+        ];
         tokio::spawn(async move {
-            let connect = |firmware: &'static str, partition: &'static str| {
-                let key = key.clone();
-                let ws = ws.clone();
-                async move {
-                    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-                    let mut request = ws.into_client_request().unwrap();
-                    request.headers_mut().insert(
-                        "sec-websocket-protocol",
-                        format!("unhidra.device.v1, key.{key}").parse().unwrap(),
-                    );
-                    let (mut socket, _) = tokio_tungstenite::connect_async(request).await.unwrap();
-                    assert_eq!(next(&mut socket).await["type"], "welcome");
-                    send(
-                        &mut socket,
-                        json!({ "type": "hello", "firmware": firmware, "partition": partition,
-                                "secure_version": 1 }),
-                    )
-                    .await;
-                    socket
-                }
-            };
-            let mut socket = connect(OLD, "ota_0").await;
-            let offer = offer_of(&mut socket).await;
-            let behaviour = behaviour();
-            if behaviour == Behaviour::Silent {
-                std::future::pending::<()>().await;
-            }
-            let params = &offer["params"];
-            let deployment = params["deployment"].as_str().unwrap().to_owned();
-            let signed: SignedManifest =
-                serde_json::from_value(params["manifest"].clone()).unwrap();
-            let me = DeviceImage {
-                project: "greenhouse".into(),
-                target: "esp32s3".into(),
-                secure_version: 1,
-            };
-            let mut verifier = ImageVerifier::new(&signed, &trusted, &me).unwrap();
-            let url = format!(
-                "{}{}",
-                app_url.trim_end_matches('/'),
-                params["url"].as_str().unwrap()
-            );
-            let size = params["size"].as_u64().unwrap();
-            let status = |state: &str, progress: Option<u64>, reason: Option<&str>| {
-                let mut frame =
-                    json!({ "type": "ota_status", "deployment": deployment, "state": state });
-                if let Some(p) = progress {
-                    frame["progress"] = json!(p);
-                }
-                if let Some(r) = reason {
-                    frame["reason"] = json!(r);
-                }
-                frame
-            };
-            // partial_http_download's way: 4 KiB ranges, with the link and no header.
-            while verifier.received() < size {
-                let start = verifier.received();
-                let end = (start + 4096).min(size) - 1;
-                let part = client
-                    .get(&url)
-                    .header("range", format!("bytes={start}-{end}"))
-                    .send()
-                    .await
+            let dir = tempfile::tempdir().unwrap();
+            // Asked once, when the first offer comes; read by the boots and the power cut.
+            let chosen = std::sync::Mutex::new(None::<Behaviour>);
+            let power_lost = std::sync::atomic::AtomicBool::new(false);
+            let chosen_now = || *chosen.lock().unwrap();
+            loop {
+                let started =
+                    Slots::start(dir.path(), OLD, sim.secure_version, |_| {
+                        match chosen_now() {
+                            Some(Behaviour::FailsSelfTest) => SelfTest::Failed,
+                            Some(Behaviour::BootLoops) => SelfTest::Reset,
+                            _ => SelfTest::Passed,
+                        }
+                    })
                     .unwrap();
-                assert_eq!(part.status(), 206);
-                verifier.update(&part.bytes().await.unwrap()).unwrap();
-                let progress = verifier.received() * 100 / size;
-                send(&mut socket, status("downloading", Some(progress), None)).await;
+                let hello = Hello {
+                    firmware: started.boot.version.clone(),
+                    partition: Some(started.boot.running.name().into()),
+                    reset_reason: Some("software".into()),
+                    capabilities: vec!["ota".into()],
+                    secure_version: sim
+                        .reports_secure_version
+                        .then(|| started.slots.secure_version()),
+                };
+                let config = SessionConfig {
+                    hello,
+                    ..SessionConfig::default()
+                };
+                let session = Session::new(
+                    config,
+                    MemoryStorage::default(),
+                    <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(7),
+                )
+                .unwrap();
+                let mut device = Device::new(
+                    session,
+                    Handlers::new(),
+                    WsOptions::new(url.clone(), key.clone()),
+                );
+                let handle = device.handle();
+                let mut offers = device.defer(OFFER_COMMAND);
+                let mut options =
+                    UpdateOptions::new(origin_of(&url), trusted.clone(), "greenhouse", sim.target);
+                options.range_size = sim.range_size;
+                let mut updater = Updater::new(started.slots, started.rolled_back, options);
+                let mut progress = updater.progress();
+                let updates = async {
+                    loop {
+                        let Some(offer) = offers.recv().await else {
+                            std::future::pending::<()>().await;
+                            return;
+                        };
+                        let how = *chosen.lock().unwrap().get_or_insert_with(&behaviour);
+                        if how == Behaviour::Silent {
+                            std::future::pending::<()>().await;
+                        }
+                        if updater.take(&offer, &handle).await == Taken::Reboot {
+                            handle.shutdown().await.unwrap();
+                            return;
+                        }
+                    }
+                };
+                let power_loss = async {
+                    let _ = progress
+                        .wait_for(|p| {
+                            chosen_now() == Some(Behaviour::LosesPower)
+                                && !power_lost.load(Ordering::SeqCst)
+                                && p.size > 0
+                                && p.received * 2 >= p.size
+                        })
+                        .await;
+                };
+                let run = device.run(std::future::pending());
+                tokio::pin!(run, updates, power_loss);
+                let mut installed = false;
+                loop {
+                    tokio::select! {
+                        // The power cut first: it wins over the next chunk of the download.
+                        biased;
+                        () = &mut power_loss, if !installed => {
+                            // Off mid-download: no close frame, no shutdown.
+                            power_lost.store(true, Ordering::SeqCst);
+                            break;
+                        }
+                        stopped = &mut run => {
+                            stopped.unwrap();
+                            assert!(installed, "the device stopped without an update");
+                            break;
+                        }
+                        () = &mut updates, if !installed => installed = true,
+                    }
+                }
             }
-            for state in ["downloaded", "verifying"] {
-                send(&mut socket, status(state, None, None)).await;
-            }
-            verifier.finish().unwrap();
-            for state in ["installing", "rebooting"] {
-                send(&mut socket, status(state, None, None)).await;
-            }
-            drop(socket);
-            // The reboot: the new image confirms itself, or its self-test fails and the
-            // bootloader goes back to the old one.
-            let (firmware, partition) = match behaviour {
-                Behaviour::Updates => (NEW, "ota_1"),
-                _ => (OLD, "ota_0"),
-            };
-            let mut socket = connect(firmware, partition).await;
-            if behaviour == Behaviour::FailsSelfTest {
-                send(&mut socket, status("rolled_back", None, Some("self_test"))).await;
-            }
-            let again = offer_of(&mut socket).await;
-            let outcome = if behaviour == Behaviour::Updates {
-                "succeeded"
-            } else {
-                "failed"
-            };
-            send(
-                &mut socket,
-                json!({ "type": "command_result", "id": again["id"], "status": outcome }),
-            )
-            .await;
-            std::future::pending::<()>().await;
         })
+    }
+}
+
+/// What a simulated device is, besides how it takes its update.
+#[derive(Clone, Copy)]
+struct SimDevice {
+    /// Its chip.
+    target: &'static str,
+    /// Its factory image's (and eFuses') anti-rollback version.
+    secure_version: u32,
+    /// Whether its `hello` says its anti-rollback version.
+    reports_secure_version: bool,
+    /// The one public key its firmware trusts (default: the fleet's).
+    trusts: Option<[u8; 32]>,
+    /// Download ranges, or whole.
+    range_size: Option<u64>,
+}
+
+impl Default for SimDevice {
+    fn default() -> Self {
+        Self {
+            target: "esp32s3",
+            secure_version: 1,
+            reports_secure_version: true,
+            trusts: None,
+            range_size: Some(4096),
+        }
     }
 }
 
@@ -658,12 +684,14 @@ async fn silent_devices_time_out_offline_ones_get_the_offer_on_connect_and_refus
         .await
         .unwrap();
     assert_eq!(cancelled["state"], "cancelled");
-    // The device had its offer already (it is connected): it may be mid-way, and is still
-    // followed; one that had not would be cancelled with its offer withdrawn.
+    // The device had its offer already (it is connected): it may be mid-way or done, and is
+    // still followed; one that had not would be cancelled with its offer withdrawn.
+    let rows = f.get(&format!("/api/v1/deployments/{sid}/devices")).await;
+    let row = &rows[0];
     assert_eq!(
-        state_count(&cancelled, "offered") + state_count(&cancelled, "cancelled"),
-        1,
-        "{cancelled:#}"
+        row["state"] == "cancelled",
+        row["offered_at"].is_null(),
+        "{cancelled:#} {row}"
     );
     problem(
         f.post(&format!("/api/v1/deployments/{sid}/pause"), &json!({}))
@@ -682,4 +710,189 @@ async fn silent_devices_time_out_offline_ones_get_the_offer_on_connect_and_refus
     .await;
     silent.abort();
     late.abort();
+}
+
+#[tokio::test]
+async fn devices_resume_a_cut_download_roll_back_a_boot_loop_and_refuse_what_they_must() {
+    let f = fleet().await;
+    // 256 KiB: a download that takes many chunks, so that a power cut lands in its middle.
+    let image = build_test_image_of(0x0009, NEW, "greenhouse", 1, true, 256 * 1024);
+    let sha = f.upload_image(image, NEW, 1).await;
+    let stranger = manifest::generate_key().verifying_key().to_bytes();
+    let whole = SimDevice {
+        range_size: None,
+        ..SimDevice::default()
+    };
+    let cases = [
+        ("power-cut", whole, Behaviour::LosesPower),
+        ("boot-loop", SimDevice::default(), Behaviour::BootLoops),
+        (
+            "other-key",
+            SimDevice {
+                trusts: Some(stranger),
+                ..SimDevice::default()
+            },
+            Behaviour::Updates,
+        ),
+        (
+            "other-chip",
+            SimDevice {
+                target: "esp32c3",
+                ..SimDevice::default()
+            },
+            Behaviour::Updates,
+        ),
+        // Its eFuses are at 3 and its hello does not say so: the server cannot know, the
+        // device refuses.
+        (
+            "fused",
+            SimDevice {
+                secure_version: 3,
+                reports_secure_version: false,
+                ..SimDevice::default()
+            },
+            Behaviour::Updates,
+        ),
+    ];
+    let mut ids = std::collections::BTreeMap::new();
+    let mut tasks = Vec::new();
+    for (name, sim, behaviour) in cases {
+        let (id, key) = f.register(name, "bench").await;
+        ids.insert(id, name);
+        tasks.push(f.spawn_sdk_device(key, sim, move || behaviour));
+    }
+    f.running(OLD, 5).await;
+    let made: Value = f
+        .post(
+            "/api/v1/deployments",
+            &json!({ "firmware": sha, "target": { "tags": ["bench"] } }),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    let id = made["id"].as_str().unwrap().to_owned();
+    assert_eq!(made["stages"][0]["size"], 5, "{made:#}");
+    // Four of five cannot succeed: the one stage halts once every device has ended.
+    let ended = f.until(&id, |d| d["state"] == "halted").await;
+    assert_eq!(state_count(&ended, "confirmed"), 1, "{ended:#}");
+    let rows = f.get(&format!("/api/v1/deployments/{id}/devices")).await;
+    let mut outcomes: Vec<(&str, &str, &str)> = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                ids[r["device"].as_str().unwrap()],
+                r["state"].as_str().unwrap(),
+                r["reason"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    outcomes.sort_unstable();
+    assert_eq!(outcomes[0], ("boot-loop", "rolled_back", outcomes[0].2));
+    assert_eq!(
+        outcomes[1..],
+        [
+            ("fused", "failed", "downgrade"),
+            ("other-chip", "failed", "wrong_target"),
+            ("other-key", "failed", "unknown_key"),
+            ("power-cut", "confirmed", ""),
+        ]
+    );
+    // The cut download was one whole request, then the rest as a range: the image's bytes
+    // were sent once and a part, never twice.
+    let metrics = f.app.get("/metrics").await.text().await.unwrap();
+    let figure = |name: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    assert_eq!(
+        figure(r#"ota_downloads_total{value="whole"}"#),
+        1,
+        "{metrics}"
+    );
+    assert!(
+        figure(r#"ota_downloads_total{value="range"}"#) >= 2,
+        "{metrics}"
+    );
+    assert_eq!(
+        f.get("/api/v1/devices?firmware=2.0.0").await["total"].as_u64(),
+        Some(1)
+    );
+    for task in tasks {
+        task.abort();
+    }
+}
+
+#[tokio::test]
+async fn the_fleet_simulator_takes_a_rollout_with_failed_self_tests_boot_loops_and_power_cuts() {
+    use unhidra_device::simulate::{SimulateOptions, SimulateOta, run};
+    let f = fleet().await;
+    let sha = f
+        .upload_image(
+            build_test_image_of(0x0009, NEW, "greenhouse", 1, true, 64 * 1024),
+            NEW,
+            1,
+        )
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut keys = Vec::new();
+    for i in 0..10 {
+        keys.push(f.register(&format!("sim-{i}"), "sim").await.1);
+    }
+    let key_file = dir.path().join("keys.txt");
+    std::fs::write(&key_file, keys.join("\n")).unwrap();
+    // The cohort is the tag's devices, whether they have connected yet or not.
+    let made: Value = f
+        .post(
+            "/api/v1/deployments",
+            &json!({ "firmware": sha, "target": { "tags": ["sim"] } }),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    let id = made["id"].as_str().unwrap().to_owned();
+    assert_eq!(made["stages"][0]["size"], 10, "{made:#}");
+    let mut options = SimulateOptions::new(
+        format!("ws://{}/ws", f.app.addr),
+        &key_file,
+        dir.path().join("devices"),
+    );
+    options.duration = Duration::from_secs(4);
+    options.drain = Duration::from_secs(4);
+    options.reading_interval = Duration::from_millis(500);
+    options.disconnects = 0;
+    options.restarts = 0;
+    options.seed = 11;
+    let mut ota = SimulateOta::new(
+        vec![f.key.verifying_key().to_bytes()],
+        "greenhouse",
+        "esp32s3",
+    );
+    ota.factory_version = OLD.into();
+    ota.factory_secure_version = 1;
+    ota.fail_self_test = 0.3;
+    ota.boot_loop = 0.2;
+    ota.power_loss = 0.5;
+    options.ota = Some(ota);
+    let report = run(options).await.unwrap();
+    assert!(report.errors.is_empty(), "{report}");
+    // Every device installed the image once; those whose new image failed (its self-test, or
+    // a boot loop) went back to the old one, and the server saw it.
+    assert_eq!(report.updates_installed, 10, "{report}");
+    assert!(report.rollbacks > 0 && report.power_losses > 0, "{report}");
+    let ended = f
+        .until(&id, |d| {
+            state_count(d, "confirmed") + state_count(d, "rolled_back") == 10
+        })
+        .await;
+    assert_eq!(
+        state_count(&ended, "rolled_back"),
+        report.rollbacks,
+        "{ended:#} {report}"
+    );
 }
