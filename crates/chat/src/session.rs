@@ -97,6 +97,10 @@ pub enum Handled {
     Done,
     /// An `auth` frame brought this token: verify it and call [`Session::reauthenticated`].
     Authenticate(String),
+    /// A `watch` of this topic: live updates are the adapter's (they are not chat's).
+    Watch(String),
+    /// An `unwatch` of this topic.
+    Unwatch(String),
 }
 
 /// What to do with a frame under the rate limit.
@@ -389,6 +393,8 @@ impl<'a> Session<'a> {
                 }
             }
             ClientFrame::Auth { token } => return Handled::Authenticate(token),
+            ClientFrame::Watch { topic } => return Handled::Watch(topic),
+            ClientFrame::Unwatch { topic } => return Handled::Unwatch(topic),
         }
         Handled::Done
     }

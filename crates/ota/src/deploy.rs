@@ -355,6 +355,56 @@ struct StoredStage {
     soak: u64,
 }
 
+/// A change in a deployment, for live watchers (operators' `watch` of `deployments` or
+/// `deployment:<id>`). Best-effort: the API is the record.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum DeploymentEvent {
+    /// The deployment was made, or changed state or stage.
+    Deployment {
+        /// The deployment.
+        deployment: Uuid,
+        /// Its state now.
+        state: String,
+        /// Its stage now, from 0, when it changed.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        stage: Option<i64>,
+        /// Why (a halt's or cancellation's reason).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
+    /// One of its devices moved.
+    Device {
+        /// The deployment.
+        deployment: Uuid,
+        /// The device.
+        device: Uuid,
+        /// Its state now.
+        state: String,
+        /// Its download's progress, in percent.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        progress: Option<i64>,
+        /// Why it failed or was cancelled.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
+}
+
+impl DeploymentEvent {
+    /// The deployment it is about.
+    pub fn deployment(&self) -> Uuid {
+        match self {
+            Self::Deployment { deployment, .. } | Self::Device { deployment, .. } => *deployment,
+        }
+    }
+}
+
+/// How many deployment events a slow watcher may fall behind before it is told it lagged.
+const EVENT_BUFFER: usize = 1024;
+
+/// Locks that keep each device's events in the order of its moves.
+const ORDERING_STRIPES: usize = 64;
+
 /// The deployment service; cloning it is cheap.
 #[derive(Debug, Clone)]
 pub struct Deployments(Arc<Inner>);
@@ -369,6 +419,10 @@ struct Inner {
     require_admin_mfa: bool,
     /// Prefixed to a download link's path in offers (the server's public URL), if any.
     public_url: Option<String>,
+    events: tokio::sync::broadcast::Sender<DeploymentEvent>,
+    /// Held from a row's write to its event, by device (or deployment): two moves of one
+    /// device reach watchers in the order they were stored.
+    ordering: Box<[tokio::sync::Mutex<()>]>,
 }
 
 fn invalid(field: &'static str, code: &'static str, message: impl Into<String>) -> DeployError {
@@ -506,7 +560,62 @@ impl Deployments {
             audit,
             require_admin_mfa,
             public_url: public_url.map(|u| u.trim_end_matches('/').to_owned()),
+            events: tokio::sync::broadcast::channel(EVENT_BUFFER).0,
+            ordering: (0..ORDERING_STRIPES)
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
         }))
+    }
+
+    /// Live changes of every deployment on this node (a watcher filters them).
+    pub fn events(&self) -> tokio::sync::broadcast::Receiver<DeploymentEvent> {
+        self.0.events.subscribe()
+    }
+
+    /// Whether `who` may follow deployments live (as the API: admins).
+    pub fn may_watch(&self, who: &Principal) -> bool {
+        self.admin(who).is_ok()
+    }
+
+    fn emit(&self, event: DeploymentEvent) {
+        // No watcher is not an error.
+        let _ = self.0.events.send(event);
+    }
+
+    fn ordering(&self, id: Uuid) -> &tokio::sync::Mutex<()> {
+        // Ids are random: their last byte spreads them over the stripes.
+        &self.0.ordering[usize::from(id.as_bytes()[15]) % ORDERING_STRIPES]
+    }
+
+    /// Moves a device's row (compare-and-set); watchers hear of it when it moved.
+    async fn transition(&self, t: &DeviceTransition<'_>) -> Result<bool, DeployError> {
+        let _ordered = self.ordering(t.device).lock().await;
+        let moved = self.0.store.transition_device(t).await?;
+        if moved {
+            self.emit(DeploymentEvent::Device {
+                deployment: t.deployment,
+                device: t.device,
+                state: t.to.to_owned(),
+                progress: t.progress,
+                reason: t.reason.map(str::to_owned),
+            });
+        }
+        Ok(moved)
+    }
+
+    /// Changes a deployment (compare-and-set); watchers hear of it when it changed.
+    async fn change(&self, c: &DeploymentChange<'_>) -> Result<bool, DeployError> {
+        let _ordered = self.ordering(c.id).lock().await;
+        let changed = self.0.store.change_deployment(c).await?;
+        if changed {
+            self.emit(DeploymentEvent::Deployment {
+                deployment: c.id,
+                state: c.to.to_owned(),
+                stage: c.stage,
+                reason: c.reason.map(str::to_owned),
+            });
+        }
+        Ok(changed)
     }
 
     fn admin(&self, who: &Principal) -> Result<(), DeployError> {
@@ -673,6 +782,12 @@ impl Deployments {
             finished_at: None,
         };
         self.0.store.create_deployment(&record, &rows).await?;
+        self.emit(DeploymentEvent::Deployment {
+            deployment: id,
+            state: record.state.clone(),
+            stage: Some(0),
+            reason: None,
+        });
         self.0
             .audit
             .record(
@@ -948,9 +1063,7 @@ impl Deployments {
         let finished = matches!(to, "halted" | "cancelled" | "completed").then_some(now);
         let started = (to == "running" && d.stage_started_at.is_none()).then_some(now);
         let changed = self
-            .0
-            .store
-            .change_deployment(&DeploymentChange {
+            .change(&DeploymentChange {
                 id: d.id,
                 from,
                 from_stage: None,
@@ -1041,9 +1154,7 @@ impl Deployments {
             }
         }
         let moved = self
-            .0
-            .store
-            .transition_device(&DeviceTransition {
+            .transition(&DeviceTransition {
                 deployment,
                 device: row.device_id,
                 from: &[row.state.as_str()],
@@ -1086,12 +1197,25 @@ impl Deployments {
             // The row first, while the deployment runs: a deployment that ends meanwhile (or
             // another node's offer) wins, and no offer goes out that the deployment does not
             // know of.
-            if !self
-                .0
-                .store
-                .offer_device(d.id, row.device_id, deadline, now)
-                .await?
-            {
+            let offered = {
+                let _ordered = self.ordering(row.device_id).lock().await;
+                let offered = self
+                    .0
+                    .store
+                    .offer_device(d.id, row.device_id, deadline, now)
+                    .await?;
+                if offered {
+                    self.emit(DeploymentEvent::Device {
+                        deployment: d.id,
+                        device: row.device_id,
+                        state: "offered".into(),
+                        progress: None,
+                        reason: None,
+                    });
+                }
+                offered
+            };
+            if !offered {
                 continue;
             }
             // The link works as long as the offer does (it comes again after reconnects).
@@ -1130,18 +1254,16 @@ impl Deployments {
                 }
                 other => {
                     tracing::warn!(deployment = %d.id, device = %row.device_id, outcome = ?other.map(|c| c.0.id), "offer not sent; the device waits again");
-                    self.0
-                        .store
-                        .transition_device(&DeviceTransition {
-                            deployment: d.id,
-                            device: row.device_id,
-                            from: &["offered"],
-                            to: "waiting",
-                            progress: None,
-                            reason: None,
-                            now,
-                        })
-                        .await?;
+                    self.transition(&DeviceTransition {
+                        deployment: d.id,
+                        device: row.device_id,
+                        from: &["offered"],
+                        to: "waiting",
+                        progress: None,
+                        reason: None,
+                        now,
+                    })
+                    .await?;
                     continue;
                 }
             };
@@ -1215,9 +1337,7 @@ impl Deployments {
             _ => None,
         };
         let moved = self
-            .0
-            .store
-            .transition_device(&DeviceTransition {
+            .transition(&DeviceTransition {
                 deployment: d.id,
                 device,
                 from: &from,
@@ -1269,9 +1389,7 @@ impl Deployments {
                 return Ok(());
             };
         let moved = self
-            .0
-            .store
-            .transition_device(&DeviceTransition {
+            .transition(&DeviceTransition {
                 deployment: d.id,
                 device,
                 from,
@@ -1368,9 +1486,7 @@ impl Deployments {
                 // From this stage only: a node that read the deployment earlier cannot move it
                 // back.
                 if self
-                    .0
-                    .store
-                    .change_deployment(&DeploymentChange {
+                    .change(&DeploymentChange {
                         id,
                         from: &["running"],
                         from_stage: Some(d.stage),
@@ -1420,9 +1536,7 @@ impl Deployments {
         for d in self.0.store.deployments_in(&["scheduled"]).await? {
             if d.start_at <= now
                 && self
-                    .0
-                    .store
-                    .change_deployment(&DeploymentChange {
+                    .change(&DeploymentChange {
                         id: d.id,
                         from: &["scheduled"],
                         from_stage: None,
@@ -1439,9 +1553,7 @@ impl Deployments {
         }
         for row in self.0.store.overdue_devices(now, 1000).await? {
             let moved = self
-                .0
-                .store
-                .transition_device(&DeviceTransition {
+                .transition(&DeviceTransition {
                     deployment: row.deployment_id,
                     device: row.device_id,
                     from: IN_FLIGHT,

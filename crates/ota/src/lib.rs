@@ -11,7 +11,7 @@ pub mod image;
 pub mod manifest;
 pub mod metrics;
 
-pub use deploy::{DeployError, DeploymentView, Deployments, NewDeployment};
+pub use deploy::{DeployError, DeploymentEvent, DeploymentView, Deployments, NewDeployment};
 pub use download::{DownloadLink, PresentedLink, StoredImage};
 pub use firmware::{Firmware, FirmwareConfig, FirmwareError, FirmwareView, Upload};
 pub use image::{EspImage, ImageChecker, ImageError};

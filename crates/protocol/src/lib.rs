@@ -115,6 +115,16 @@ pub enum ClientFrame {
         /// The access token.
         token: String,
     },
+    /// Start receiving a topic's live updates (`fleet`, `deployments`, `deployment:<id>`).
+    Watch {
+        /// The topic.
+        topic: String,
+    },
+    /// Stop receiving a topic's updates.
+    Unwatch {
+        /// The topic.
+        topic: String,
+    },
 }
 
 /// A stored message as frames carry it.
@@ -212,6 +222,21 @@ pub enum ServerFrame {
     },
     /// The answer to `ping`.
     Pong,
+    /// A `watch` took effect: the topic's updates follow (or an `unwatch`: they stop).
+    Watching {
+        /// The topic, as the server names it.
+        topic: String,
+        /// Whether updates come now (`false` after an `unwatch`).
+        active: bool,
+    },
+    /// A live update of a watched topic: best-effort, never replayed (read the REST API
+    /// after a reconnect); `{"event": "lagged", "missed": n}` when the server dropped some.
+    Update {
+        /// The topic.
+        topic: String,
+        /// What happened: an object with an `event` field.
+        data: serde_json::Value,
+    },
     /// A frame could not be carried out; the connection goes on.
     Error {
         /// A stable code (see `docs/protocol.md`).
@@ -261,6 +286,8 @@ impl ServerFrame {
             Self::Presence { .. } => "presence",
             Self::History { .. } => "history",
             Self::Pong => "pong",
+            Self::Watching { .. } => "watching",
+            Self::Update { .. } => "update",
             Self::Error { .. } => "error",
         }
     }
@@ -278,6 +305,8 @@ impl ClientFrame {
             Self::Typing { .. } => "typing",
             Self::Ping => "ping",
             Self::Auth { .. } => "auth",
+            Self::Watch { .. } => "watch",
+            Self::Unwatch { .. } => "unwatch",
         }
     }
 }

@@ -12,6 +12,7 @@ mod routes;
 mod shutdown;
 mod state;
 pub mod telemetry;
+mod watch;
 mod ws;
 mod ws_device;
 

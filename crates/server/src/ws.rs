@@ -207,6 +207,7 @@ async fn run(
     );
     tracing::debug!(connection = id, user = %who.user_id, "websocket open");
 
+    let mut watches = crate::watch::Watches::new(id, who.clone());
     let mut conn = Session::new(chat, id, who, expires);
     let mut ping = tokio::time::interval(chat.ping_interval.max(std::time::Duration::from_secs(1)));
     ping.tick().await;
@@ -278,12 +279,15 @@ async fn run(
                         }
                         conn.send_boxed(burst).await;
                     }
-                    parsed => {
-                        if let Handled::Authenticate(token) = conn.handle_boxed(parsed).await {
+                    parsed => match conn.handle_boxed(parsed).await {
+                        Handled::Authenticate(token) => {
                             let verified = state.identity().authenticate_until(&token).await.ok();
                             conn.reauthenticated(verified);
                         }
-                    }
+                        Handled::Watch(topic) => watches.watch(&state, conn.who(), topic).await,
+                        Handled::Unwatch(topic) => watches.unwatch(hub, &topic),
+                        Handled::Done => {}
+                    },
                 },
                 Admit::Drop => {}
                 Admit::Close => break,
@@ -343,6 +347,8 @@ async fn run(
         .disconnects
         .get_or_create(&unhidra_chat::metrics::CodeLabel { code })
         .inc();
+    // No update is made for a connection that is closing.
+    drop(watches);
     linger(&mut writer, &mut stream, closed_by_peer).await;
     writer.abort();
     // Only now: a socket still lingering counts towards its address's connection limit, and

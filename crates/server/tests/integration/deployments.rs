@@ -14,8 +14,8 @@ use unhidra_core::{Clock, ManualClock};
 use unhidra_ota::image::{build_test_image, build_test_image_of};
 use unhidra_ota::manifest;
 
-use crate::helpers::{TestApp, default_backend, problem, with_admin};
-use crate::ws::{Socket, connect_with, next, send};
+use crate::helpers::{TestApp, default_backend, problem, user, with_admin};
+use crate::ws::{Socket, connect, connect_with, next, send};
 
 const OLD: &str = "1.0.0";
 const NEW: &str = "2.0.0";
@@ -895,4 +895,278 @@ async fn the_fleet_simulator_takes_a_rollout_with_failed_self_tests_boot_loops_a
         report.rollbacks,
         "{ended:#} {report}"
     );
+}
+
+/// What an operator watching `deployments` and `deployment:<id>` was told.
+#[derive(Default)]
+struct Told {
+    /// Each device's states, as told.
+    devices: std::collections::BTreeMap<String, Vec<String>>,
+    /// The deployment's states on `deployment:<id>`.
+    states: Vec<String>,
+    /// The deployment's states on `deployments`.
+    listed: Vec<String>,
+}
+
+impl Told {
+    /// Reads the next update about deployment `id` (fleet updates are skipped); answers it.
+    async fn next(&mut self, operator: &mut Socket, id: &str) -> Value {
+        let topic = format!("deployment:{id}");
+        loop {
+            let frame = next(operator).await;
+            if frame["type"] != "update" || frame["topic"] == "fleet" {
+                continue;
+            }
+            let seen = frame["data"].clone();
+            assert_eq!(seen["deployment"], id, "{frame}");
+            let state = seen["state"].as_str().unwrap().to_owned();
+            match (frame["topic"].as_str(), seen["event"].as_str()) {
+                (Some("deployments"), Some("deployment")) => self.listed.push(state),
+                (Some(t), Some("deployment")) if t == topic => self.states.push(state),
+                (Some(t), Some("device")) if t == topic => self
+                    .devices
+                    .entry(seen["device"].as_str().unwrap().to_owned())
+                    .or_default()
+                    .push(state),
+                _ => panic!("{frame}"),
+            }
+            return seen;
+        }
+    }
+}
+
+/// The next `update` of `topic` on a watcher's socket (other frames are skipped).
+async fn update_of(socket: &mut Socket, topic: &str) -> Value {
+    loop {
+        let frame = next(socket).await;
+        if frame["type"] == "update" && frame["topic"] == topic {
+            return frame["data"].clone();
+        }
+    }
+}
+
+/// Sends a `watch` and answers the reply (`watching` or an error).
+async fn watch(socket: &mut Socket, topic: &str) -> Value {
+    send(socket, json!({ "type": "watch", "topic": topic })).await;
+    loop {
+        let frame = next(socket).await;
+        if frame["type"] == "watching" || frame["type"] == "error" {
+            return frame;
+        }
+    }
+}
+
+#[tokio::test]
+async fn operators_follow_a_rollout_and_owners_their_devices_live_over_websocket() {
+    let f = fleet().await;
+    let sha = f.upload(NEW, 1).await;
+    let (_, alice) = user(&f.app, "alice@example.com").await;
+    let (_, bob) = user(&f.app, "bob@example.com").await;
+    let mut operator = connect(&f.app, &f.admin).await;
+    let mut alice_ws = connect(&f.app, &alice).await;
+    let mut bob_ws = connect(&f.app, &bob).await;
+
+    // Refusals are typed, and name the topic.
+    let unknown = uuid::Uuid::new_v4();
+    for (admin, topic, code) in [
+        (false, "deployments".to_owned(), "forbidden"),
+        (false, format!("deployment:{unknown}"), "forbidden"),
+        (false, "rooms".to_owned(), "invalid_topic"),
+        (
+            false,
+            format!("deployment:{}", unknown.simple()),
+            "invalid_topic",
+        ),
+        (true, format!("deployment:{unknown}"), "not_found"),
+    ] {
+        let socket = if admin { &mut operator } else { &mut bob_ws };
+        let refused = watch(socket, &topic).await;
+        assert_eq!(refused["type"], "error", "{topic}: {refused}");
+        assert_eq!(refused["code"], code, "{topic}: {refused}");
+        assert_eq!(refused["ref"], topic.as_str());
+    }
+    for socket in [&mut operator, &mut alice_ws, &mut bob_ws] {
+        assert_eq!(
+            watch(socket, "fleet").await,
+            json!({ "type": "watching", "topic": "fleet", "active": true })
+        );
+    }
+
+    // Owners hear of their own devices only; admins of every one.
+    let mut own = Vec::new();
+    for token in [&alice, &bob] {
+        let made: Value = f
+            .app
+            .client
+            .post(f.app.url("/api/v1/devices"))
+            .bearer_auth(token)
+            .json(&json!({ "name": "desk", "model": "esp32-c3" }))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        own.push((
+            made["device"]["id"].as_str().unwrap().to_owned(),
+            made["key"].as_str().unwrap().to_owned(),
+        ));
+    }
+    let hello = json!({ "type": "hello", "firmware": "0.1.0" });
+    let _alice_device = f.connect(&own[0].1, hello.clone()).await;
+    let seen = update_of(&mut alice_ws, "fleet").await;
+    assert_eq!(
+        (&seen["event"], &seen["device"], &seen["status"]),
+        (&json!("status"), &json!(own[0].0), &json!("online")),
+        "{seen}"
+    );
+    let _bob_device = f.connect(&own[1].1, hello).await;
+    // Bob's first fleet update is his own device: Alice's came earlier on the same feed.
+    let seen = update_of(&mut bob_ws, "fleet").await;
+    assert_eq!(seen["device"], own[1].0.as_str(), "{seen}");
+    let mut admin_saw = Vec::new();
+    while admin_saw.len() < 2 {
+        let seen = update_of(&mut operator, "fleet").await;
+        if seen["event"] == "status" {
+            admin_saw.push(seen["device"].as_str().unwrap().to_owned());
+        }
+    }
+    assert_eq!(admin_saw, [own[0].0.clone(), own[1].0.clone()]);
+    // Unwatched, the feed stops (the reply comes after anything already queued).
+    send(
+        &mut alice_ws,
+        json!({ "type": "unwatch", "topic": "fleet" }),
+    )
+    .await;
+    loop {
+        let frame = next(&mut alice_ws).await;
+        if frame["type"] == "watching" {
+            assert_eq!(frame["active"], false);
+            break;
+        }
+    }
+
+    // An operator follows a rollout from its start to its end.
+    assert_eq!(
+        watch(&mut operator, "deployments").await["type"],
+        "watching"
+    );
+    // Its devices have said hello once and are offline: their offers wait for them. Two
+    // run the SDK; the third is driven frame by frame here.
+    let mut keys = Vec::new();
+    for i in 0..3 {
+        let (device, key) = f.register(&format!("live-{i}"), "live").await;
+        let hello = json!({ "type": "hello", "firmware": OLD, "secure_version": 1 });
+        drop(f.connect(&key, hello).await);
+        keys.push((device, key));
+    }
+    f.running(OLD, 3).await;
+    let made: Value = f
+        .post(
+            "/api/v1/deployments",
+            &json!({ "firmware": sha, "target": { "tags": ["live"] } }),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    let id = made["id"].as_str().unwrap().to_owned();
+    let created = update_of(&mut operator, "deployments").await;
+    assert_eq!(
+        (&created["event"], &created["deployment"], &created["state"]),
+        (&json!("deployment"), &json!(id), &json!("running")),
+        "{created}"
+    );
+    let topic = format!("deployment:{id}");
+    assert_eq!(watch(&mut operator, &topic).await["active"], true);
+    let (manual, manual_key) = keys.pop().unwrap();
+    let tasks: Vec<_> = keys
+        .into_iter()
+        .map(|(_, key)| f.spawn_device(key, || Behaviour::Updates))
+        .collect();
+
+    let mut told = Told::default();
+
+    // The third device takes its offer and reports each step; each is told as it is stored.
+    let hello = json!({ "type": "hello", "firmware": OLD, "secure_version": 1 });
+    let mut socket = f.connect(&manual_key, hello).await;
+    loop {
+        let frame = next(&mut socket).await;
+        if frame["type"] == "command" && frame["name"] == "ota.update" {
+            break;
+        }
+    }
+    for (state, progress) in [
+        ("downloading", Some(40)),
+        ("downloaded", None),
+        ("verifying", None),
+        ("installing", None),
+        ("rebooting", None),
+    ] {
+        let mut report = json!({ "type": "ota_status", "deployment": id, "state": state });
+        if let Some(p) = progress {
+            report["progress"] = json!(p);
+        }
+        send(&mut socket, report).await;
+        let seen = loop {
+            let seen = told.next(&mut operator, &id).await;
+            if seen["device"] == manual.as_str() && seen["state"] == state {
+                break seen;
+            }
+        };
+        assert_eq!(seen["progress"], progress.map_or(Value::Null, |p| json!(p)));
+    }
+    drop(socket);
+    let hello = json!({ "type": "hello", "firmware": NEW, "secure_version": 1 });
+    let _manual = f.connect(&manual_key, hello).await;
+
+    // Moves of different devices are told in the order their tasks finish: the last
+    // device's `confirmed` may come just after the deployment's `completed`.
+    let finished = |told: &Told| {
+        told.devices.len() == 3
+            && told
+                .devices
+                .values()
+                .all(|s| s.last().is_some_and(|s| s == "confirmed"))
+            && told.listed.last().is_some_and(|s| s == "completed")
+            && told.states.last().is_some_and(|s| s == "completed")
+    };
+    while !finished(&told) {
+        told.next(&mut operator, &id).await;
+    }
+    assert_eq!(told.states, ["completed"]);
+    // The `deployments` topic carried the deployment's own changes, not its devices'.
+    assert_eq!(told.listed, ["completed"]);
+    assert_eq!(
+        told.devices[&manual],
+        [
+            "downloading",
+            "downloaded",
+            "verifying",
+            "installing",
+            "rebooting",
+            "confirmed"
+        ]
+    );
+    // Each device's moves come in the order they were stored (an SDK device's reports that
+    // arrive after its confirmation are refused, and told of never).
+    let order = [
+        "offered",
+        "downloading",
+        "downloaded",
+        "verifying",
+        "installing",
+        "rebooting",
+        "confirmed",
+    ];
+    for (device, seen) in &told.devices {
+        let ranks: Vec<usize> = seen
+            .iter()
+            .map(|s| order.iter().position(|o| o == s).unwrap())
+            .collect();
+        assert!(ranks.windows(2).all(|w| w[0] <= w[1]), "{device}: {seen:?}");
+    }
+    for d in tasks {
+        d.abort();
+    }
 }

@@ -65,7 +65,7 @@ pub(crate) async fn connect_with(
 }
 
 /// Connects the browser way and reads the welcome frame.
-async fn connect(app: &TestApp, token: &str) -> Socket {
+pub(crate) async fn connect(app: &TestApp, token: &str) -> Socket {
     let (mut socket, echoed) =
         connect_with(app, Some(&format!("unhidra.v1.json, bearer.{token}")), None)
             .await
