@@ -11,12 +11,13 @@
 //! resumes after it.
 
 use std::io::Write as _;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::json;
 use tokio::sync::{mpsc, watch};
 use unhidra_protocol::device::OtaState;
-use unhidra_protocol::firmware::{ManifestError, Offer};
+use unhidra_protocol::firmware::{InstallWindow, ManifestError, Offer};
 
 use crate::machine::{Command, CommandReply};
 use crate::ota::{DeviceImage, ImageVerifier, OtaError};
@@ -44,6 +45,40 @@ pub struct UpdateOptions {
     pub attempts: u32,
     /// How long one request may take.
     pub request_timeout: Duration,
+    /// The wall clock an offer's install window is read against (default: the system's).
+    pub clock: WallClock,
+}
+
+/// Unix milliseconds now: the device's wall clock (SNTP on a device; a test's own clock).
+#[derive(Clone)]
+pub struct WallClock(Arc<dyn Fn() -> i64 + Send + Sync>);
+
+impl WallClock {
+    /// A clock that reads `now`.
+    pub fn new(now: impl Fn() -> i64 + Send + Sync + 'static) -> Self {
+        Self(Arc::new(now))
+    }
+
+    /// Unix milliseconds now.
+    pub fn now_ms(&self) -> i64 {
+        (self.0)()
+    }
+}
+
+impl Default for WallClock {
+    fn default() -> Self {
+        Self::new(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        })
+    }
+}
+
+impl std::fmt::Debug for WallClock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("WallClock").field(&self.now_ms()).finish()
+    }
 }
 
 impl UpdateOptions {
@@ -62,6 +97,7 @@ impl UpdateOptions {
             range_size: Some(4096),
             attempts: 5,
             request_timeout: Duration::from_secs(30),
+            clock: WallClock::default(),
         }
     }
 }
@@ -212,6 +248,11 @@ impl Updater {
             Ok(()) => {}
             Err(reason) => return fail(device, deployment, reason).await,
         }
+        if let Some(window) = offer.install_window
+            && let Err(reason) = self.until_window(window).await
+        {
+            return fail(device, deployment, reason).await;
+        }
         let _ = device
             .ota_status(deployment, OtaState::Installing, None, None)
             .await;
@@ -227,6 +268,23 @@ impl Updater {
             .ota_status(deployment, OtaState::Rebooting, None, None)
             .await;
         Taken::Reboot
+    }
+
+    /// Waits, with the verified image in its slot, until the install window opens; a window
+    /// that closed already is `window_missed` (the deployment's next offer may bring another).
+    async fn until_window(&self, window: InstallWindow) -> Result<(), &'static str> {
+        loop {
+            let now = self.options.clock.now_ms();
+            if now >= window.end {
+                return Err("window_missed");
+            }
+            if now >= window.start {
+                return Ok(());
+            }
+            // Read again at least every second: the clock may be stepped (SNTP, a test's).
+            let wait = u64::try_from(window.start - now).unwrap_or(0).min(1000);
+            tokio::time::sleep(Duration::from_millis(wait.max(1))).await;
+        }
     }
 
     /// Downloads and verifies the image into the idle slot; answers why it failed.

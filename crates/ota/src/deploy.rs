@@ -41,9 +41,11 @@ use uuid::Uuid;
 
 use crate::OtaMetrics;
 use crate::firmware::{Firmware, FirmwareError};
+use crate::window::{MaintenanceWindow, Window};
 
 /// The command that carries an offer.
 pub use unhidra_protocol::firmware::OFFER_COMMAND;
+use unhidra_protocol::firmware::{InstallWindow, Offer};
 /// The idempotency key of an offer's command starts so; users' keys may not
 /// (`unhidra_devices::commands::RESERVED_KEY_PREFIX`).
 const OFFER_KEY_PREFIX: &str = "unhidra:ota:";
@@ -244,6 +246,15 @@ pub struct NewDeployment {
     /// When it starts (default: now).
     #[serde(default)]
     pub start_at: Option<DateTime<Utc>>,
+    /// When devices install: they download at once and install inside the next opening of
+    /// this daily window (default: at once).
+    #[serde(default)]
+    pub maintenance_window: Option<MaintenanceWindow>,
+    /// Whether devices that match the target only later (registered, tagged, or back from
+    /// another deployment) join it at their next `hello` while it runs or is paused, in its
+    /// last stage (default: false; the cohort is the one resolved at creation).
+    #[serde(default)]
+    pub join_new: bool,
 }
 
 /// What a deployment keeps of its policy.
@@ -255,6 +266,12 @@ pub struct Policy {
     pub device_timeout: u64,
     /// Devices left out when it was made, by why (`current`, `downgrade`, `busy`).
     pub skipped: BTreeMap<String, u64>,
+    /// Its maintenance window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub maintenance_window: Option<MaintenanceWindow>,
+    /// Whether devices join it later.
+    #[serde(default)]
+    pub join_new: bool,
 }
 
 /// One stage as the API shows it.
@@ -295,6 +312,8 @@ pub struct DeploymentView {
     pub stages: Vec<StageView>,
     /// Every device by state.
     pub states: BTreeMap<String, u64>,
+    /// Devices that joined after it was made (`join_new`).
+    pub joined: u64,
     /// Its policy.
     pub policy: Policy,
     /// When it was made.
@@ -329,6 +348,8 @@ pub struct DeploymentDeviceView {
     pub deadline: Option<DateTime<Utc>>,
     /// When it last changed.
     pub updated_at: DateTime<Utc>,
+    /// When it joined, if it came after the deployment was made.
+    pub joined_at: Option<DateTime<Utc>>,
 }
 
 impl From<DeploymentDeviceRecord> for DeploymentDeviceView {
@@ -343,6 +364,7 @@ impl From<DeploymentDeviceRecord> for DeploymentDeviceView {
             offered_at: r.offered_at,
             deadline: r.deadline,
             updated_at: r.updated_at,
+            joined_at: r.joined_at,
         }
     }
 }
@@ -692,6 +714,9 @@ impl Deployments {
                 "a deployment starts within a year",
             ));
         }
+        if let Some(window) = &new.maintenance_window {
+            Window::parse(window)?;
+        }
         let selected = self.select(&new.target).await?;
         // Who can take the image: not those that run it, not below their anti-rollback
         // version, not those another deployment is updating.
@@ -755,6 +780,7 @@ impl Deployments {
                     offered_at: None,
                     deadline: None,
                     updated_at: now,
+                    joined_at: None,
                 });
             }
             at += size;
@@ -763,6 +789,8 @@ impl Deployments {
             error_threshold: threshold,
             device_timeout,
             skipped,
+            maintenance_window: new.maintenance_window.clone(),
+            join_new: new.join_new,
         };
         let started = start_at <= now;
         let record = DeploymentRecord {
@@ -901,6 +929,7 @@ impl Deployments {
             .await
             .map(|f| f.version)
             .unwrap_or_default();
+        let joined = self.0.store.joined_devices(d.id).await?;
         let mut states = BTreeMap::new();
         let mut per_stage: Vec<BTreeMap<String, u64>> = vec![BTreeMap::new(); stages.len()];
         for StageCount {
@@ -930,13 +959,15 @@ impl Deployments {
                 .into_iter()
                 .zip(per_stage)
                 .map(|(s, states)| StageView {
-                    size: s.size,
+                    // As evaluated: its devices now (joiners in, deleted devices out).
+                    size: states.values().sum(),
                     success_share: s.success_share,
                     soak: s.soak,
                     states,
                 })
                 .collect(),
             states,
+            joined,
             policy: parse_stored(&d.policy)?,
             created_at: d.created_at,
             start_at: d.start_at,
@@ -1184,16 +1215,56 @@ impl Deployments {
         }
         let signed = self.0.firmware.signed_manifest(&d.firmware_sha256).await?;
         let policy: Policy = parse_stored(&d.policy)?;
-        let ttl = policy.device_timeout;
         let now = self.now();
-        let rows = self
+        let rows: Vec<DeploymentDeviceRecord> = self
             .0
             .store
             .deployment_devices(d.id, Some("waiting"), 0, OFFERS_PER_TICK)
-            .await?;
-        let deadline = now + Duration::seconds(i64::try_from(ttl).unwrap_or(i64::MAX));
+            .await?
+            .into_iter()
+            .filter(|r| r.stage <= d.stage)
+            .collect();
+        if rows.is_empty() {
+            return Ok(());
+        }
+        // With a maintenance window, the device's time runs from the window's opening: it
+        // downloads now and installs then.
+        let opening = match &policy.maintenance_window {
+            Some(w) => Some(Window::parse(w)?.next_opening(now)),
+            None => None,
+        };
+        let from = opening.map_or(now, |o| o.start.max(now));
+        let deadline =
+            from + Duration::seconds(i64::try_from(policy.device_timeout).unwrap_or(i64::MAX));
+        let ttl = u64::try_from((deadline - now).num_seconds())
+            .unwrap_or(1)
+            .clamp(1, unhidra_devices::commands::MAX_TTL_SECS);
+        let install_window = opening.map(|o| InstallWindow {
+            start: o.start.timestamp_millis(),
+            end: o.end.timestamp_millis(),
+        });
+        // Anti-rollback versions as the devices report them now: one that rose since the
+        // deployment was made would refuse the image (or brick trying): it fails here instead.
+        let ids: Vec<Uuid> = rows.iter().map(|r| r.device_id).collect();
+        let above: HashSet<Uuid> = self
+            .0
+            .store
+            .device_boots(&ids)
+            .await?
+            .into_iter()
+            .filter(|b| {
+                b.secure_version
+                    .is_some_and(|v| v > i64::from(signed.manifest.secure_version))
+            })
+            .map(|b| b.device_id)
+            .collect();
         let mut made = Vec::new();
-        for row in rows.into_iter().filter(|r| r.stage <= d.stage) {
+        for row in rows {
+            if above.contains(&row.device_id) {
+                self.refuse_downgrade(d, row.device_id, &["waiting"])
+                    .await?;
+                continue;
+            }
             // The row first, while the deployment runs: a deployment that ends meanwhile (or
             // another node's offer) wins, and no offer goes out that the deployment does not
             // know of.
@@ -1227,12 +1298,15 @@ impl Deployments {
                 Some(base) => format!("{base}{}", link.url),
                 None => link.url,
             };
-            let params = serde_json::json!({
-                "deployment": d.id,
-                "manifest": signed,
-                "url": url,
-                "size": signed.manifest.size,
-            });
+            let offer = Offer {
+                deployment: d.id.to_string(),
+                manifest: signed.clone(),
+                url,
+                size: signed.manifest.size,
+                install_window,
+            };
+            let params = serde_json::to_value(&offer)
+                .map_err(|e| DeployError::Store(StoreError::Other(Box::new(e))))?;
             let sent = self
                 .0
                 .devices
@@ -1357,7 +1431,10 @@ impl Deployments {
     }
 
     /// What a device's `hello` says of its update: the new version from another partition is
-    /// `confirmed`; the old one after the install began is `rolled_back`.
+    /// `confirmed`; the old one after the install began is `rolled_back`; an anti-rollback
+    /// version that rose above the image's before the update began fails it (`downgrade`).
+    /// A device in no deployment joins one that takes newcomers (`join_new`) and targets it.
+    /// Called once the hello is stored.
     pub async fn on_hello(
         &self,
         device: Uuid,
@@ -1365,12 +1442,31 @@ impl Deployments {
         partition: Option<&str>,
     ) -> Result<(), DeployError> {
         let Some((d, row)) = self.0.store.active_deployment_of(device, TRACKED).await? else {
-            return Ok(());
+            return self.join(device).await;
         };
+        let image = self.0.store.firmware(&d.firmware_sha256).await?;
+        if matches!(row.state.as_str(), "waiting" | "offered") {
+            let boot = self.0.store.device_boots(&[device]).await?;
+            if boot
+                .first()
+                .and_then(|b| b.secure_version)
+                .is_some_and(|v| v > image.secure_version)
+            {
+                self.refuse_downgrade(&d, device, &[row.state.as_str()])
+                    .await?;
+                if let Some(command) = row.command_id {
+                    self.0
+                        .devices
+                        .withdraw_command(device, command, "downgrade")
+                        .await?;
+                }
+                return self.evaluate(d.id).await;
+            }
+        }
         if row.state == "waiting" {
             return Ok(());
         }
-        let version = self.0.store.firmware(&d.firmware_sha256).await?.version;
+        let version = image.version;
         // When the device said where it ran from before, the new version must run from
         // elsewhere: the same partition would mean nothing was switched.
         let moved_partition = match (row.from_partition.as_deref(), partition) {
@@ -1405,8 +1501,130 @@ impl Deployments {
         Ok(())
     }
 
-    /// A device's update ended: audited, then the deployment looked at again.
-    async fn ended(&self, d: &DeploymentRecord, device: Uuid, state: &str, reason: Option<&str>) {
+    /// A device that is in no deployment joins the oldest running or paused one that takes
+    /// newcomers, targets it and has an image it can take, in its last stage; audited, and
+    /// offered the image at once when that stage has begun.
+    async fn join(&self, device: Uuid) -> Result<(), DeployError> {
+        let mut open = Vec::new();
+        for d in self.0.store.deployments_in(&["running", "paused"]).await? {
+            if parse_stored::<Policy>(&d.policy)?.join_new {
+                open.push(d);
+            }
+        }
+        if open.is_empty() {
+            return Ok(());
+        }
+        open.sort_by_key(|d| d.created_at);
+        let record = match self.0.store.device(device).await {
+            Ok(record) => record,
+            Err(StoreError::NotFound { .. }) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        let boot = self
+            .0
+            .store
+            .device_boots(&[device])
+            .await?
+            .into_iter()
+            .next()
+            .unwrap_or_default();
+        for d in open {
+            let target: Target = parse_stored(&d.target)?;
+            let targeted = target.devices.contains(&device)
+                || target.model.as_deref() == Some(record.model.as_str())
+                || target.tags.iter().any(|t| record.tags.contains(t));
+            if !targeted {
+                continue;
+            }
+            let image = self.0.store.firmware(&d.firmware_sha256).await?;
+            if boot.firmware.as_deref() == Some(image.version.as_str())
+                || boot
+                    .secure_version
+                    .is_some_and(|v| v > image.secure_version)
+            {
+                continue;
+            }
+            let stages: Vec<StoredStage> = parse_stored(&d.stages)?;
+            let now = self.now();
+            let row = DeploymentDeviceRecord {
+                deployment_id: d.id,
+                device_id: device,
+                stage: i64::try_from(stages.len().saturating_sub(1)).unwrap_or_default(),
+                state: "waiting".into(),
+                progress: None,
+                reason: None,
+                command_id: None,
+                from_version: boot.firmware.clone(),
+                from_partition: boot.partition.clone(),
+                offered_at: None,
+                deadline: None,
+                updated_at: now,
+                joined_at: Some(now),
+            };
+            // Not twice into one deployment, nor with an update open elsewhere (another node's
+            // join may have won).
+            let joined = {
+                let _ordered = self.ordering(device).lock().await;
+                let joined = self.0.store.join_deployment(&row).await?;
+                if joined {
+                    self.emit(DeploymentEvent::Device {
+                        deployment: d.id,
+                        device,
+                        state: "waiting".into(),
+                        progress: None,
+                        reason: None,
+                    });
+                }
+                joined
+            };
+            if !joined {
+                continue;
+            }
+            tracing::info!(deployment = %d.id, %device, "device joined the deployment");
+            self.0
+                .audit
+                .record(
+                    "deployment.device_joined",
+                    None,
+                    Some(d.id.to_string()),
+                    &RequestContext::default(),
+                    serde_json::json!({ "device": device, "stage": row.stage }),
+                )
+                .await;
+            return self.offer_stage(&self.record(d.id).await?).await;
+        }
+        Ok(())
+    }
+
+    /// A device whose anti-rollback version is above the image's fails with `downgrade`
+    /// (from one of `from`); its offer, if any, is withdrawn. The deployment is evaluated at
+    /// its next tick.
+    async fn refuse_downgrade(
+        &self,
+        d: &DeploymentRecord,
+        device: Uuid,
+        from: &[&str],
+    ) -> Result<(), DeployError> {
+        let moved = self
+            .transition(&DeviceTransition {
+                deployment: d.id,
+                device,
+                from,
+                to: "failed",
+                progress: None,
+                reason: Some("downgrade"),
+                now: self.now(),
+            })
+            .await?;
+        if moved {
+            tracing::info!(deployment = %d.id, %device, "update refused: a downgrade below the device's anti-rollback version");
+            self.counted(d, device, "failed", Some("downgrade")).await;
+        }
+        Ok(())
+    }
+
+    /// A device's update ended: counted and audited.
+    async fn counted(&self, d: &DeploymentRecord, device: Uuid, state: &str, reason: Option<&str>) {
         OtaMetrics::count(&self.0.firmware.metrics().updates, static_state(state));
         self.0
             .audit
@@ -1418,6 +1636,11 @@ impl Deployments {
                 serde_json::json!({ "device": device, "reason": reason }),
             )
             .await;
+    }
+
+    /// A device's update ended: counted and audited, then the deployment looked at again.
+    async fn ended(&self, d: &DeploymentRecord, device: Uuid, state: &str, reason: Option<&str>) {
+        self.counted(d, device, state, reason).await;
         if let Err(e) = self.evaluate(d.id).await {
             tracing::warn!(deployment = %d.id, error = %e, "deployment not evaluated");
         }

@@ -10,6 +10,7 @@ pub mod firmware;
 pub mod image;
 pub mod manifest;
 pub mod metrics;
+pub mod window;
 
 pub use deploy::{DeployError, DeploymentEvent, DeploymentView, Deployments, NewDeployment};
 pub use download::{DownloadLink, PresentedLink, StoredImage};

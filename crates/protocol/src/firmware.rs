@@ -116,6 +116,20 @@ pub struct Offer {
     pub url: String,
     /// The image's length in bytes (the manifest's).
     pub size: u64,
+    /// When the device may install it, if the deployment has a maintenance window: download
+    /// at once, install from `start` until `end`; a device ready only after `end` fails with
+    /// `window_missed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub install_window: Option<InstallWindow>,
+}
+
+/// An opening of a maintenance window, in Unix milliseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstallWindow {
+    /// When installing may begin.
+    pub start: i64,
+    /// When it must have begun.
+    pub end: i64,
 }
 
 /// Why a manifest was refused.

@@ -70,6 +70,8 @@ pub struct DeploymentDeviceRecord {
     pub deadline: Option<DateTime<Utc>>,
     /// When its row last changed.
     pub updated_at: DateTime<Utc>,
+    /// When it joined the deployment, if it came after the deployment was made.
+    pub joined_at: Option<DateTime<Utc>>,
 }
 
 /// What a device's last `hello` said of its boot.
@@ -190,6 +192,13 @@ pub trait DeploymentStore: Send + Sync {
 
     /// Applies a transition; false if the row was in none of its `from` states.
     async fn transition_device(&self, t: &DeviceTransition<'_>) -> Result<bool, StoreError>;
+
+    /// Adds a device to a running or paused deployment (it joined late); false when the
+    /// deployment is neither, the device was in it already, or it has an update in progress.
+    async fn join_deployment(&self, row: &DeploymentDeviceRecord) -> Result<bool, StoreError>;
+
+    /// How many devices joined a deployment after it was made.
+    async fn joined_devices(&self, id: Uuid) -> Result<u64, StoreError>;
 
     /// Moves a `waiting` device to `offered` with its deadline, before its offer is sent, while
     /// its deployment is running; what the device runs now becomes what it ran before. False if

@@ -42,6 +42,7 @@ pub(crate) const SQLITE: &[Embedded] = embedded!("sqlite":
     (0014, "device_events"),
     (0015, "firmware"),
     (0016, "deployments"),
+    (0017, "deployment_joins"),
 );
 
 /// PostgreSQL's migrations, oldest first, in step with [`SQLITE`].
@@ -63,6 +64,7 @@ pub(crate) const POSTGRES: &[Embedded] = embedded!("postgres":
     (0014, "device_events"),
     (0015, "firmware"),
     (0016, "deployments"),
+    (0017, "deployment_joins"),
 );
 
 #[derive(Debug)]

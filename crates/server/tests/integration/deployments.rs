@@ -17,12 +17,12 @@ use unhidra_ota::manifest;
 use crate::helpers::{TestApp, default_backend, problem, user, with_admin};
 use crate::ws::{Socket, connect, connect_with, next, send};
 
-const OLD: &str = "1.0.0";
-const NEW: &str = "2.0.0";
+pub(crate) const OLD: &str = "1.0.0";
+pub(crate) const NEW: &str = "2.0.0";
 
 /// How a simulated device takes its update.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Behaviour {
+pub(crate) enum Behaviour {
     /// Installs it, reboots into it, and it passes its self-test.
     Updates,
     /// Installs it; its self-test fails and it comes back on the old image.
@@ -35,15 +35,15 @@ enum Behaviour {
     LosesPower,
 }
 
-struct Fleet {
-    app: TestApp,
-    admin: String,
+pub(crate) struct Fleet {
+    pub(crate) app: TestApp,
+    pub(crate) admin: String,
     key: ed25519_dalek::SigningKey,
-    clock: Arc<ManualClock>,
+    pub(crate) clock: Arc<ManualClock>,
     _keys: tempfile::TempDir,
 }
 
-async fn fleet() -> Fleet {
+pub(crate) async fn fleet() -> Fleet {
     let key = manifest::generate_key();
     let (keys, trusted) = crate::firmware::trusted_keys(&key);
     let clock = Arc::new(ManualClock::new(Utc::now()));
@@ -73,7 +73,7 @@ async fn fleet() -> Fleet {
 
 impl Fleet {
     /// Uploads an ESP32 image of `version`; answers its SHA-256.
-    async fn upload(&self, version: &str, secure_version: u32) -> String {
+    pub(crate) async fn upload(&self, version: &str, secure_version: u32) -> String {
         let image = build_test_image(0x0009, version, "greenhouse", secure_version, true);
         self.upload_image(image, version, secure_version).await
     }
@@ -99,7 +99,7 @@ impl Fleet {
     }
 
     /// Registers a device tagged `tag`; answers its id and key.
-    async fn register(&self, name: &str, tag: &str) -> (String, String) {
+    pub(crate) async fn register(&self, name: &str, tag: &str) -> (String, String) {
         let made: Value = self
             .app
             .client
@@ -118,7 +118,12 @@ impl Fleet {
         )
     }
 
-    async fn post(&self, path: &str, body: &Value) -> reqwest::Response {
+    /// Signs the admin in again (after the clock passed the access token's expiry).
+    pub(crate) async fn sign_in_again(&mut self) {
+        self.admin = self.app.admin_token().await;
+    }
+
+    pub(crate) async fn post(&self, path: &str, body: &Value) -> reqwest::Response {
         self.app
             .client
             .post(self.app.url(path))
@@ -129,7 +134,7 @@ impl Fleet {
             .unwrap()
     }
 
-    async fn get(&self, path: &str) -> Value {
+    pub(crate) async fn get(&self, path: &str) -> Value {
         let response = self
             .app
             .client
@@ -143,7 +148,7 @@ impl Fleet {
     }
 
     /// Waits until the deployment satisfies `done`; answers it.
-    async fn until(&self, id: &str, done: impl Fn(&Value) -> bool) -> Value {
+    pub(crate) async fn until(&self, id: &str, done: impl Fn(&Value) -> bool) -> Value {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
             let d = self.get(&format!("/api/v1/deployments/{id}")).await;
@@ -156,7 +161,7 @@ impl Fleet {
     }
 
     /// Connects a device and says `hello`.
-    async fn connect(&self, key: &str, hello: Value) -> Socket {
+    pub(crate) async fn connect(&self, key: &str, hello: Value) -> Socket {
         let (mut socket, _) = connect_with(
             &self.app,
             Some(&format!("unhidra.device.v1, key.{key}")),
@@ -170,7 +175,7 @@ impl Fleet {
     }
 
     /// Waits until `total` devices run `firmware`.
-    async fn running(&self, firmware: &str, total: u64) {
+    pub(crate) async fn running(&self, firmware: &str, total: u64) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         while self
             .get(&format!("/api/v1/devices?firmware={firmware}"))
@@ -187,7 +192,7 @@ impl Fleet {
     /// session over a real socket and its update client. It takes its offer as `behaviour`
     /// says (asked when the offer comes), reboots into the image, runs its self-test, and
     /// answers the offer when it comes again.
-    fn spawn_device(
+    pub(crate) fn spawn_device(
         &self,
         key: String,
         behaviour: impl Fn() -> Behaviour + Send + Sync + 'static,
@@ -207,6 +212,7 @@ impl Fleet {
         use unhidra_device::ws::{Device, WsOptions};
 
         let url = format!("ws://{}/ws", self.app.addr);
+        let clock = Arc::clone(&self.clock);
         let trusted = vec![
             sim.trusts
                 .unwrap_or_else(|| self.key.verifying_key().to_bytes()),
@@ -256,6 +262,10 @@ impl Fleet {
                 let mut options =
                     UpdateOptions::new(origin_of(&url), trusted.clone(), "greenhouse", sim.target);
                 options.range_size = sim.range_size;
+                options.clock = unhidra_device::update::WallClock::new({
+                    let clock = clock.clone();
+                    move || clock.now().timestamp_millis()
+                });
                 let mut updater = Updater::new(started.slots, started.rolled_back, options);
                 let mut progress = updater.progress();
                 let updates = async {
@@ -336,7 +346,7 @@ impl Default for SimDevice {
     }
 }
 
-fn state_count(d: &Value, state: &str) -> u64 {
+pub(crate) fn state_count(d: &Value, state: &str) -> u64 {
     d["states"][state].as_u64().unwrap_or(0)
 }
 

@@ -10,6 +10,7 @@ mod auth;
 mod conformance;
 mod cron;
 mod deployments;
+mod deployments_window;
 mod devices;
 mod errors;
 mod firmware;

@@ -32,7 +32,7 @@ macro_rules! deployment_queries {
 
             const DEVICE_COLUMNS: &str = "deployment_id, device_id, stage, state, progress, \
                 reason, command_id, from_version, from_partition, offered_at, deadline, \
-                updated_at";
+                updated_at, joined_at";
 
             fn err(e: sqlx::Error) -> StoreError {
                 StoreError::from_sqlx("deployment", e)
@@ -71,6 +71,7 @@ macro_rules! deployment_queries {
                     offered_at: Store::read_opt_time(get(row, "offered_at")?)?,
                     deadline: Store::read_opt_time(get(row, "deadline")?)?,
                     updated_at: Store::read_time(get(row, "updated_at")?)?,
+                    joined_at: Store::read_opt_time(get(row, "joined_at")?)?,
                 })
             }
 
@@ -113,7 +114,7 @@ macro_rules! deployment_queries {
                     .execute(&mut *tx)
                     .await
                     .map_err(err)?;
-                    for chunk in devices.chunks(CHUNK / 12) {
+                    for chunk in devices.chunks(CHUNK / 13) {
                         let mut query = QueryBuilder::<Db>::new(format!(
                             "INSERT INTO deployment_devices ({DEVICE_COLUMNS}) "
                         ));
@@ -129,7 +130,8 @@ macro_rules! deployment_queries {
                                 .push_bind(r.from_partition.clone())
                                 .push_bind(r.offered_at.map(Store::time))
                                 .push_bind(r.deadline.map(Store::time))
-                                .push_bind(Store::time(r.updated_at));
+                                .push_bind(Store::time(r.updated_at))
+                                .push_bind(r.joined_at.map(Store::time));
                         });
                         query.build().execute(&mut *tx).await.map_err(err)?;
                     }
@@ -331,6 +333,50 @@ macro_rules! deployment_queries {
                     push_states(&mut query, t.from);
                     let done = query.build().execute(&self.pool).await.map_err(err)?;
                     Ok(done.rows_affected() == 1)
+                }
+
+                async fn join_deployment(
+                    &self,
+                    r: &DeploymentDeviceRecord,
+                ) -> Result<bool, StoreError> {
+                    // `DO NOTHING` covers both the deployment's own row and the index that
+                    // allows one open update per device.
+                    let done = sqlx::query(&format!(
+                        "INSERT INTO deployment_devices ({DEVICE_COLUMNS}) \
+                         SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13 \
+                         WHERE EXISTS (SELECT 1 FROM deployments d \
+                             WHERE d.id = $1 AND d.state IN ('running', 'paused')) \
+                         ON CONFLICT DO NOTHING"
+                    ))
+                    .bind(Store::id(r.deployment_id))
+                    .bind(Store::id(r.device_id))
+                    .bind(r.stage)
+                    .bind(r.state.clone())
+                    .bind(r.progress)
+                    .bind(r.reason.clone())
+                    .bind(r.command_id.map(Store::id))
+                    .bind(r.from_version.clone())
+                    .bind(r.from_partition.clone())
+                    .bind(r.offered_at.map(Store::time))
+                    .bind(r.deadline.map(Store::time))
+                    .bind(Store::time(r.updated_at))
+                    .bind(r.joined_at.map(Store::time))
+                    .execute(&self.pool)
+                    .await
+                    .map_err(err)?;
+                    Ok(done.rows_affected() == 1)
+                }
+
+                async fn joined_devices(&self, id: Uuid) -> Result<u64, StoreError> {
+                    let n: i64 = sqlx::query_scalar(
+                        "SELECT COUNT(*) FROM deployment_devices \
+                         WHERE deployment_id = $1 AND joined_at IS NOT NULL",
+                    )
+                    .bind(Store::id(id))
+                    .fetch_one(&self.pool)
+                    .await
+                    .map_err(err)?;
+                    Ok(u64::try_from(n).unwrap_or_default())
                 }
 
                 async fn offer_device(

@@ -75,6 +75,7 @@ fn member(deployment: Uuid, device: Uuid, stage: i64) -> DeploymentDeviceRecord 
         offered_at: None,
         deadline: None,
         updated_at: now(),
+        joined_at: None,
     }
 }
 
@@ -266,3 +267,79 @@ async fn a_boots_anti_rollback_version_only_rises(db: &TestDb) {
     }
 }
 both_backends!(a_boots_anti_rollback_version_only_rises);
+
+async fn devices_join_running_and_paused_deployments_once_without_a_second_open_update(
+    db: &TestDb,
+) {
+    db.store.migrate().await.unwrap();
+    let owner = user(db, "ops@example.com").await;
+    let a = device(db, owner, "a", "m", &[]).await;
+    let b = device(db, owner, "b", "m", &[]).await;
+    let sha = image(db).await;
+    let joined = |deployment: Uuid, device: Uuid| DeploymentDeviceRecord {
+        joined_at: Some(now()),
+        ..member(deployment, device, 1)
+    };
+    // Not a scheduled, halted or finished deployment.
+    for state in ["scheduled", "halted", "cancelled", "completed"] {
+        let d = deployment(&sha, state);
+        db.store.create_deployment(&d, &[]).await.unwrap();
+        assert!(
+            !db.store.join_deployment(&joined(d.id, a)).await.unwrap(),
+            "{state}"
+        );
+        assert_eq!(db.store.joined_devices(d.id).await.unwrap(), 0);
+    }
+    let running = deployment(&sha, "running");
+    db.store
+        .create_deployment(&running, &[member(running.id, b, 0)])
+        .await
+        .unwrap();
+    assert!(
+        db.store
+            .join_deployment(&joined(running.id, a))
+            .await
+            .unwrap()
+    );
+    // Once: the row is there.
+    assert!(
+        !db.store
+            .join_deployment(&joined(running.id, a))
+            .await
+            .unwrap()
+    );
+    let rows = db
+        .store
+        .deployment_devices(running.id, None, 0, 10)
+        .await
+        .unwrap();
+    let row = rows.iter().find(|r| r.device_id == a).unwrap();
+    assert_eq!((row.stage, row.state.as_str()), (1, "waiting"));
+    assert!(row.joined_at.is_some());
+    assert!(
+        rows.iter()
+            .find(|r| r.device_id == b)
+            .unwrap()
+            .joined_at
+            .is_none()
+    );
+    assert_eq!(db.store.joined_devices(running.id).await.unwrap(), 1);
+    // A paused deployment takes joiners too, but not a device with an update open elsewhere.
+    let paused = deployment(&sha, "paused");
+    db.store.create_deployment(&paused, &[]).await.unwrap();
+    assert!(
+        !db.store
+            .join_deployment(&joined(paused.id, a))
+            .await
+            .unwrap()
+    );
+    let c = device(db, owner, "c", "m", &[]).await;
+    assert!(
+        db.store
+            .join_deployment(&joined(paused.id, c))
+            .await
+            .unwrap()
+    );
+    assert_eq!(db.store.joined_devices(paused.id).await.unwrap(), 1);
+}
+both_backends!(devices_join_running_and_paused_deployments_once_without_a_second_open_update);
