@@ -616,7 +616,7 @@ impl Devices {
             Err(StoreError::Conflict { .. }) => {
                 return Err(DeviceError::Conflict(
                     "hardware_id_taken",
-                    "another device has this hardware id".into(),
+                    "another of this owner's devices has this hardware id".into(),
                 ));
             }
             other => other?,

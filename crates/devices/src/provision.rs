@@ -263,7 +263,6 @@ pub fn refusal_name(why: &ClaimRefusal) -> &'static str {
         ClaimRefusal::Expired => "expired",
         ClaimRefusal::UsedUp => "used_up",
         ClaimRefusal::WrongModel(_) => "wrong_model",
-        ClaimRefusal::HardwareTaken => "hardware_taken",
         ClaimRefusal::NotReclaimable => "not_reclaimable",
     }
 }

@@ -249,7 +249,9 @@ async fn devices_are_their_owners_and_keys_rotate_and_revoke(db: &TestDb) {
             .all(|e| !e.detail.contains(&made.key) && !e.detail.contains(&rotated.key))
     );
 
-    // A hardware id is one device's; registrations are limited per user.
+    // A hardware id is one of an owner's devices (another owner may register it too: ids are
+    // public, and a squatter must not block their real owner); registrations are limited per
+    // user.
     let hw = NewDevice {
         hardware_id: Some("aa:bb:cc".into()),
         ..sensor("one")
@@ -259,9 +261,10 @@ async fn devices_are_their_owners_and_keys_rotate_and_revoke(db: &TestDb) {
         .await
         .unwrap();
     assert!(matches!(
-        f.devices.register(&f.alice, hw, None, &ctx()).await,
+        f.devices.register(&f.alice, hw.clone(), None, &ctx()).await,
         Err(DeviceError::Conflict("hardware_id_taken", _))
     ));
+    f.devices.register(&f.bob, hw, None, &ctx()).await.unwrap();
     // (The 24 hours above emptied the hourly window: two attempts so far.)
     f.devices
         .register(&f.alice, sensor("four"), None, &ctx())
@@ -948,22 +951,32 @@ async fn provisioning_tokens_are_claimed_once_and_a_reset_device_keeps_its_ident
     }
     assert!(revoked);
 
-    // Bob's token cannot take Alice's hardware id; nothing is used or made.
+    // Hardware ids are unique per owner: Alice's device with this one neither blocks Bob's
+    // claim nor is touched by it; Bob gets a device of his own.
     let bobs = f
         .devices
         .create_token(&f.bob, token_for("esp32-s3", &[], 3), None, &ctx())
         .await
         .unwrap();
+    let bobs_device = f
+        .devices
+        .claim(claim_of(&bobs.secret, &hw, "esp32-s3"), None, &ctx())
+        .await
+        .unwrap();
+    assert!(!bobs_device.reclaimed);
+    assert_ne!(bobs_device.device.id, claimed.device.id);
+    assert_eq!(f.devices.tokens(&f.bob).await.unwrap()[0].uses, 1);
+    assert!(f.devices.authenticate(&again.key).await.is_ok());
+    assert!(f.devices.authenticate(&bobs_device.key).await.is_ok());
+    // Claimed again with his token while its key works, it is not taken over.
     assert_eq!(
         refusal(
             f.devices
                 .claim(claim_of(&bobs.secret, &hw, "esp32-s3"), None, &ctx())
                 .await
         ),
-        ClaimRefusal::HardwareTaken
+        ClaimRefusal::NotReclaimable
     );
-    assert_eq!(f.devices.tokens(&f.bob).await.unwrap()[0].uses, 0);
-    assert!(f.devices.authenticate(&again.key).await.is_ok());
 
     // Owners see and revoke their own tokens; admins all.
     assert_eq!(f.devices.tokens(&f.bob).await.unwrap().len(), 1);

@@ -492,8 +492,8 @@ pub struct Claim {
     pub model: String,
     /// The firmware it runs.
     pub firmware: Option<String>,
-    /// The device to make when no device has its hardware id (`hardware_id` set; its owner and
-    /// tags are the token's, filled in by the store).
+    /// The device to make when the token's owner has none with its hardware id (`hardware_id`
+    /// set; its owner and tags are the token's, filled in by the store).
     pub device: DeviceRecord,
     /// Its new key.
     pub key: NewDeviceKey,
@@ -529,8 +529,6 @@ pub enum ClaimRefusal {
     UsedUp,
     /// It is for another model: this one.
     WrongModel(String),
-    /// Another user's device has this hardware id.
-    HardwareTaken,
     /// The token owner's device with this hardware id still has a usable key, or is another
     /// model: its owner revokes its keys to re-provision it.
     NotReclaimable,
@@ -539,7 +537,8 @@ pub enum ClaimRefusal {
 /// Devices, keys, presence, alerts and telemetry.
 #[async_trait]
 pub trait DeviceStore: Send + Sync {
-    /// Stores a new device with its first key. A taken `hardware_id` is a `Conflict`.
+    /// Stores a new device with its first key. A `hardware_id` that its owner's other device
+    /// has is a `Conflict` (other owners' devices may have it too).
     async fn create_device(
         &self,
         device: &DeviceRecord,

@@ -43,6 +43,7 @@ pub(crate) const SQLITE: &[Embedded] = embedded!("sqlite":
     (0015, "firmware"),
     (0016, "deployments"),
     (0017, "deployment_joins"),
+    (0018, "hardware_ids_per_owner"),
 );
 
 /// PostgreSQL's migrations, oldest first, in step with [`SQLITE`].
@@ -65,6 +66,7 @@ pub(crate) const POSTGRES: &[Embedded] = embedded!("postgres":
     (0015, "firmware"),
     (0016, "deployments"),
     (0017, "deployment_joins"),
+    (0018, "hardware_ids_per_owner"),
 );
 
 #[derive(Debug)]
@@ -107,5 +109,66 @@ mod tests {
         let versions = |list: &[Embedded]| list.iter().map(|m| (m.0, m.1)).collect::<Vec<_>>();
         assert_eq!(versions(SQLITE), versions(POSTGRES));
         assert!(SQLITE.windows(2).all(|w| w[0].0 < w[1].0));
+    }
+
+    /// Upgrading a SQLite database that has devices with hardware ids keeps them, now unique
+    /// per owner.
+    #[tokio::test]
+    async fn hardware_ids_move_to_their_per_owner_column() {
+        use sqlx::sqlite::SqlitePoolOptions;
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect("sqlite::memory:")
+            .await
+            .unwrap();
+        let before = SQLITE.iter().position(|m| m.0 == 18).unwrap();
+        migrator(&SQLITE[..before])
+            .await
+            .unwrap()
+            .run(&pool)
+            .await
+            .unwrap();
+        for (id, owner, hw) in [("d1", "u1", "aa:bb"), ("d2", "u2", "cc:dd")] {
+            sqlx::query("INSERT OR IGNORE INTO users (id, email, password_hash, role, active, created_at, updated_at) VALUES ($1, $1, 'x', 'user', 1, 0, 0)")
+                .bind(owner)
+                .execute(&pool)
+                .await
+                .unwrap();
+            sqlx::query(
+                "INSERT INTO devices (id, owner_id, name, model, metadata, hardware_id, status, \
+                 created_at, updated_at) VALUES ($1, $2, 'n', 'm', '{}', $3, 'offline', 0, 0)",
+            )
+            .bind(id)
+            .bind(owner)
+            .bind(hw)
+            .execute(&pool)
+            .await
+            .unwrap();
+        }
+        migrator(SQLITE).await.unwrap().run(&pool).await.unwrap();
+        let moved: Vec<(String, Option<String>, Option<String>)> =
+            sqlx::query_as("SELECT id, hw_id, hardware_id FROM devices ORDER BY id")
+                .fetch_all(&pool)
+                .await
+                .unwrap();
+        assert_eq!(
+            moved,
+            [
+                ("d1".into(), Some("aa:bb".into()), None),
+                ("d2".into(), Some("cc:dd".into()), None)
+            ]
+        );
+        // Another owner may have the id now; the same owner may not twice.
+        let insert = |id: &'static str, owner: &'static str| {
+            sqlx::query(
+                "INSERT INTO devices (id, owner_id, name, model, metadata, hw_id, status, \
+                 created_at, updated_at) VALUES ($1, $2, 'n', 'm', '{}', 'aa:bb', 'offline', 0, 0)",
+            )
+            .bind(id)
+            .bind(owner)
+            .execute(&pool)
+        };
+        insert("d3", "u2").await.unwrap();
+        assert!(insert("d4", "u1").await.is_err());
     }
 }

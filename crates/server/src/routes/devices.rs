@@ -82,11 +82,6 @@ fn claim_refused(why: &ClaimRefusal) -> ApiError {
                 format!("the provisioning token is for model {model}"),
             )]);
         }
-        ClaimRefusal::HardwareTaken => (
-            StatusCode::CONFLICT,
-            "hardware_id_taken",
-            "Another user's device has this hardware id.".to_owned(),
-        ),
         ClaimRefusal::NotReclaimable => (
             StatusCode::CONFLICT,
             "device_not_reclaimable",
@@ -245,7 +240,7 @@ pub(crate) async fn revoke_token(
         (status = 200, description = "The device claimed again; store the new key now", body = Claimed),
         (status = 401, description = "`claim_token_invalid`: unknown or revoked", body = Problem,
             content_type = "application/problem+json"),
-        (status = 409, description = "`hardware_id_taken`: another user's device; `device_not_reclaimable`: yours, still with a usable key", body = Problem,
+        (status = 409, description = "`device_not_reclaimable`: your device with this hardware id still has a usable key, or is another model", body = Problem,
             content_type = "application/problem+json"),
         (status = 410, description = "`claim_token_expired` or `claim_token_used`", body = Problem,
             content_type = "application/problem+json"),

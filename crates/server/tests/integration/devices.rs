@@ -735,12 +735,13 @@ async fn a_device_claims_its_key_with_a_qr_token_and_claims_again_after_a_reset(
         .await
         .unwrap();
     let bobs_token = bobs["secret"].as_str().unwrap();
-    problem(
-        claim(&app, bobs_token, "24:6f:28:aa:bb:cc", "esp32-s3").await,
-        409,
-        "hardware_id_taken",
-    )
-    .await;
+    // Hardware ids are unique per owner: Alice's device does not keep Bob from claiming one
+    // with the same id (a squatter cannot block the real owner, nor learn what exists).
+    let bobs_claim = claim(&app, bobs_token, "24:6f:28:aa:bb:cc", "esp32-s3").await;
+    assert_eq!(bobs_claim.status(), 201);
+    let bobs_claim: Value = bobs_claim.json().await.unwrap();
+    assert_eq!(bobs_claim["reclaimed"], false);
+    assert_ne!(bobs_claim["device"]["id"], again["device"]["id"]);
     problem(
         claim(&app, "unh_pt_nope", "x1", "esp32-s3").await,
         401,

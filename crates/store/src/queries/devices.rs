@@ -31,7 +31,7 @@ macro_rules! device_queries {
             type Id = <Store as Dialect>::Id;
 
             const DEVICE_COLUMNS: &str = "d.id, d.owner_id, d.name, d.model, d.location, \
-                d.metadata, d.hardware_id, d.firmware, d.status, d.last_seen, \
+                d.metadata, d.hw_id AS hardware_id, d.firmware, d.status, d.last_seen, \
                 d.inactivity_timeout, d.heartbeat, d.created_at, d.updated_at";
 
             const KEY_COLUMNS: &str =
@@ -197,7 +197,7 @@ macro_rules! device_queries {
                      AND (CAST($2 AS TEXT) IS NULL OR lower(d.name) {ilike} $2 ESCAPE '\\' \
                      OR lower(d.model) {ilike} $2 ESCAPE '\\' \
                      OR lower(d.location) {ilike} $2 ESCAPE '\\' \
-                     OR lower(d.hardware_id) {ilike} $2 ESCAPE '\\') \
+                     OR lower(d.hw_id) {ilike} $2 ESCAPE '\\') \
                      AND (CAST($3 AS TEXT) IS NULL OR d.status = $3) \
                      AND (CAST($4 AS TEXT) IS NULL OR d.model = $4) \
                      AND (CAST($5 AS TEXT) IS NULL OR EXISTS (SELECT 1 FROM device_tags t \
@@ -379,7 +379,7 @@ macro_rules! device_queries {
             ) -> Result<(), StoreError> {
                 sqlx::query(
                     "INSERT INTO devices (id, owner_id, name, model, location, metadata, \
-                     hardware_id, firmware, status, last_seen, inactivity_timeout, \
+                     hw_id, firmware, status, last_seen, inactivity_timeout, \
                      heartbeat, created_at, updated_at) \
                      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
                 )
@@ -1515,7 +1515,7 @@ macro_rules! device_queries {
                     // take over a working device.
                     let again: Option<Id> = sqlx::query_scalar(
                         "UPDATE devices SET firmware = COALESCE($4, firmware), updated_at = $5 \
-                         WHERE hardware_id = $1 AND owner_id = $2 AND model = $3 \
+                         WHERE hw_id = $1 AND owner_id = $2 AND model = $3 \
                          AND NOT EXISTS (SELECT 1 FROM device_keys k \
                              WHERE k.device_id = devices.id AND k.revoked_at IS NULL \
                              AND (k.expires_at IS NULL OR k.expires_at > $5)) \
@@ -1544,23 +1544,18 @@ macro_rules! device_queries {
                         let device = device(&row, tags.remove(&id).unwrap_or_default())?;
                         ClaimOutcome::Reclaimed { device, revoked }
                     } else {
-                        let taken: Option<Option<Id>> = sqlx::query_scalar(
-                            "SELECT owner_id FROM devices WHERE hardware_id = $1",
+                        // The owner's own device with this hardware id, not to be taken
+                        // over (another user's device with it does not matter).
+                        let ours: Option<Id> = sqlx::query_scalar(
+                            "SELECT id FROM devices WHERE hw_id = $1 AND owner_id = $2",
                         )
                         .bind(hardware_id)
+                        .bind(Store::id(token.owner.0))
                         .fetch_optional(&mut *tx)
                         .await
                         .map_err(err)?;
-                        if let Some(owner) = taken {
-                            let ours = match owner {
-                                Some(owner) => Store::read_id(owner)? == token.owner.0,
-                                None => false,
-                            };
-                            return Ok(ClaimOutcome::Refused(if ours {
-                                ClaimRefusal::NotReclaimable
-                            } else {
-                                ClaimRefusal::HardwareTaken
-                            }));
+                        if ours.is_some() {
+                            return Ok(ClaimOutcome::Refused(ClaimRefusal::NotReclaimable));
                         }
                         let mut device = claim.device.clone();
                         device.owner = Some(token.owner);

@@ -138,7 +138,7 @@ async fn devices_are_listed_filtered_changed_and_deleted(db: &TestDb) {
     let (found, total) = db.store.list_devices(&page).await.unwrap();
     assert_eq!((found.len(), found[0].id, total), (1, a, 3));
 
-    // A hardware id belongs to one device.
+    // A hardware id belongs to one of an owner's devices.
     let mut first = record(alice, "one", "m", &[]);
     first.hardware_id = Some("aa:bb".into());
     db.store
@@ -159,6 +159,22 @@ async fn devices_are_listed_filtered_changed_and_deleted(db: &TestDb) {
         db.store.device(second.id).await,
         Err(StoreError::NotFound { .. })
     ));
+    // Another owner's device may have it.
+    let mut elsewhere = record(bob, "three", "m", &[]);
+    elsewhere.hardware_id = Some("aa:bb".into());
+    db.store
+        .create_device(&elsewhere, &new_key(&"3".repeat(64), now()))
+        .await
+        .unwrap();
+    assert_eq!(
+        db.store
+            .device(elsewhere.id)
+            .await
+            .unwrap()
+            .hardware_id
+            .as_deref(),
+        Some("aa:bb")
+    );
 
     let changed = db
         .store
