@@ -363,6 +363,10 @@ config_keys! {
         /// Bytes of telemetry one device may store per day (UTC), counted as its keys and values
         /// plus 24 bytes a point; past it batches are refused until the next day. `0`: no limit.
         telemetry_bytes_per_day: u64 = 512 * 1024 * 1024, secret = false;
+        /// Bytes of telemetry one owner's devices may store per day (UTC) together, counted as
+        /// for `telemetry_bytes_per_day`, so that many devices do not multiply one user's
+        /// budget. `0`: no limit.
+        telemetry_bytes_per_owner_per_day: u64 = 8 * 1024 * 1024 * 1024, secret = false;
         /// How far ahead of the server's clock a point's time may be; later points are refused.
         telemetry_max_future: HumanDuration = HumanDuration::secs(300), secret = false;
         /// How long telemetry is kept (pruned hourly); older points are refused. A device's

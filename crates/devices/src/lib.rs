@@ -1074,7 +1074,10 @@ impl Devices {
     ) -> Result<bool, DeviceError> {
         let now = self.now();
         self.seen(auth, None).await;
-        self.0.telemetry.submit(auth.device, seq, points, now).await
+        self.0
+            .telemetry
+            .submit(auth.device, auth.owner, seq, points, now)
+            .await
     }
 
     /// Loads every device's stored presence (after a start, deadlines come from the stored

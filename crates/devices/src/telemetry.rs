@@ -11,11 +11,13 @@ use chrono::{DateTime, Duration, Utc};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 use unhidra_config::Config;
+use unhidra_core::UserId;
 use unhidra_core::{Clock, SlidingWindow};
 use unhidra_jobs::{Handler, JobContext, JobError};
 use unhidra_protocol::device::{Point, Value, valid_telemetry_key};
 use unhidra_store::devices::{
-    Aggregate, TelemetryBatch, TelemetryBucket, TelemetryPoint, TelemetryRange, TelemetryValue,
+    Aggregate, Appended, TelemetryBatch, TelemetryBucket, TelemetryBudget, TelemetryPoint,
+    TelemetryRange, TelemetryValue,
 };
 use unhidra_store::{Store, StoreError};
 use uuid::Uuid;
@@ -49,6 +51,8 @@ pub struct Limits {
     pub batches_per_minute: u32,
     /// Bytes stored per device and day (UTC); 0: no limit.
     pub bytes_per_day: u64,
+    /// Bytes stored per owner (all their devices) and day (UTC); 0: no limit.
+    pub bytes_per_owner_per_day: u64,
     /// How far ahead of the server's clock a point's time may be.
     pub max_future: Duration,
     /// How long points are kept; a point older than this is refused.
@@ -68,13 +72,14 @@ impl Limits {
                 .unwrap_or(usize::MAX),
             batches_per_minute: config.telemetry_batches_per_minute,
             bytes_per_day: config.telemetry_bytes_per_day,
+            bytes_per_owner_per_day: config.telemetry_bytes_per_owner_per_day,
             max_future: duration("telemetry_max_future", config.telemetry_max_future.0)?,
             retention: duration("telemetry_retention", config.telemetry_retention.0)?,
         })
     }
 }
 
-type Reply = oneshot::Sender<Result<bool, DeviceError>>;
+type Reply = oneshot::Sender<Result<Appended, DeviceError>>;
 
 /// The write path: limits, then the writer task.
 #[derive(Debug)]
@@ -86,8 +91,6 @@ pub(crate) struct Ingest {
     rate: SlidingWindow,
     /// The keys each device has stored, learnt at its first batch.
     keys: Mutex<HashMap<Uuid, HashSet<String>>>,
-    /// Each device's day (days since 1970, UTC) and the bytes it stored that day, on this node.
-    bytes: Mutex<HashMap<Uuid, (i64, u64)>>,
 }
 
 /// What a point costs against a device's daily budget: its key and value, and 24 bytes for its
@@ -108,7 +111,11 @@ impl Ingest {
     /// The write path, with its writer task started.
     pub(crate) fn start(store: Arc<dyn Store>, limits: Limits, metrics: DeviceMetrics) -> Self {
         let (queue, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(writer(Arc::clone(&store), rx, metrics.clone()));
+        let budget = TelemetryBudget {
+            per_device: limits.bytes_per_day,
+            per_owner: limits.bytes_per_owner_per_day,
+        };
+        tokio::spawn(writer(Arc::clone(&store), rx, metrics.clone(), budget));
         Self {
             rate: SlidingWindow::new(limits.batches_per_minute, Duration::minutes(1)),
             store,
@@ -116,48 +123,7 @@ impl Ingest {
             metrics,
             queue,
             keys: Mutex::new(HashMap::new()),
-            bytes: Mutex::new(HashMap::new()),
         }
-    }
-
-    fn bytes(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, (i64, u64)>> {
-        self.bytes
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// Refuses a batch of `cost` bytes that would take a device past its daily budget.
-    fn check_budget(&self, device: Uuid, cost: u64, now: DateTime<Utc>) -> Result<(), DeviceError> {
-        let budget = self.limits.bytes_per_day;
-        if budget == 0 {
-            return Ok(());
-        }
-        let (day, left) = day_of(now);
-        let used = match self.bytes().get(&device) {
-            Some(&(d, used)) if d == day => used,
-            _ => 0,
-        };
-        if used.saturating_add(cost) > budget {
-            return Err(DeviceError::RateLimited {
-                scope: "telemetry bytes today (telemetry_bytes_per_day)",
-                retry_after: left,
-            });
-        }
-        Ok(())
-    }
-
-    /// Counts a stored batch against its device's daily budget.
-    fn charge(&self, device: Uuid, cost: u64, now: DateTime<Utc>) {
-        if self.limits.bytes_per_day == 0 {
-            return;
-        }
-        let (day, _) = day_of(now);
-        let mut bytes = self.bytes();
-        let entry = bytes.entry(device).or_insert((day, 0));
-        if entry.0 != day {
-            *entry = (day, 0);
-        }
-        entry.1 = entry.1.saturating_add(cost);
     }
 
     fn keys(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, HashSet<String>>> {
@@ -168,18 +134,18 @@ impl Ingest {
 
     pub(crate) fn forget(&self, device: Uuid) {
         self.keys().remove(&device);
-        self.bytes().remove(&device);
     }
 
     /// Checks a batch, and stores it; answers once it is durable.
     pub(crate) async fn submit(
         &self,
         device: Uuid,
+        owner: Option<UserId>,
         seq: u64,
         points: Vec<Point>,
         now: DateTime<Utc>,
     ) -> Result<bool, DeviceError> {
-        let result = self.check_and_store(device, seq, points, now).await;
+        let result = self.check_and_store(device, owner, seq, points, now).await;
         let outcome = match &result {
             Ok(true) => "stored",
             Ok(false) => "duplicate",
@@ -193,6 +159,7 @@ impl Ingest {
     async fn check_and_store(
         &self,
         device: Uuid,
+        owner: Option<UserId>,
         seq: u64,
         points: Vec<Point>,
         now: DateTime<Utc>,
@@ -281,14 +248,6 @@ impl Ingest {
             });
         }
         self.check_keys(device, &stored).await?;
-        if let Err(over) = self.check_budget(device, cost, now) {
-            // A batch stored before is acknowledged again, over the budget or not.
-            if self.store.telemetry_batch_stored(device, seq).await? {
-                return Ok(false);
-            }
-            self.metrics.limited("telemetry_bytes");
-            return Err(over);
-        }
         self.rate
             .try_acquire(&device.to_string(), now)
             .map_err(|retry_after| {
@@ -304,21 +263,39 @@ impl Ingest {
             seq,
             received_at: now,
             points: stored,
+            owner,
+            cost,
         };
         let (tx, rx) = oneshot::channel();
         if self.queue.send((batch, tx)).await.is_err() {
             return Err(unavailable("the telemetry writer has stopped"));
         }
-        let stored = rx
+        // The budgets are reserved with the write, in the store, so that they hold across
+        // nodes and for batches written at once; a batch stored before is acknowledged again,
+        // over a budget or not.
+        let over = |scope| {
+            self.metrics.limited("telemetry_bytes");
+            Err(DeviceError::RateLimited {
+                scope,
+                retry_after: day_of(now).1,
+            })
+        };
+        match rx
             .await
-            .map_err(|_| unavailable("the telemetry writer has stopped"))??;
-        if let Some(keys) = self.keys().get_mut(&device) {
-            keys.extend(new_keys);
+            .map_err(|_| unavailable("the telemetry writer has stopped"))??
+        {
+            Appended::Stored => {
+                if let Some(keys) = self.keys().get_mut(&device) {
+                    keys.extend(new_keys);
+                }
+                Ok(true)
+            }
+            Appended::Repeat => Ok(false),
+            Appended::OverDeviceBudget => over("telemetry bytes today (telemetry_bytes_per_day)"),
+            Appended::OverOwnerBudget => over(
+                "telemetry bytes of the owner's devices today (telemetry_bytes_per_owner_per_day)",
+            ),
         }
-        if stored {
-            self.charge(device, cost, now);
-        }
-        Ok(stored)
     }
 
     /// Refuses a batch that would take a device past its number of keys.
@@ -381,6 +358,7 @@ async fn writer(
     store: Arc<dyn Store>,
     mut rx: mpsc::Receiver<(TelemetryBatch, Reply)>,
     metrics: DeviceMetrics,
+    budget: TelemetryBudget,
 ) {
     let mut batches = Vec::new();
     let mut replies = Vec::new();
@@ -400,12 +378,12 @@ async fn writer(
         }
         #[allow(clippy::cast_precision_loss, reason = "a count of batches")]
         metrics.write_batches.observe(batches.len() as f64);
-        match store.append_telemetry(&batches).await {
+        match store.append_telemetry(&batches, &budget).await {
             Ok(stored) => {
                 let new_points: usize = batches
                     .iter()
                     .zip(&stored)
-                    .filter(|(_, s)| **s)
+                    .filter(|(_, s)| **s == Appended::Stored)
                     .map(|(b, _)| b.points.len())
                     .sum();
                 metrics
@@ -420,11 +398,13 @@ async fn writer(
                 tracing::warn!(batches = batches.len(), error = %unhidra_core::error_chain(&e), "telemetry group not stored; storing its batches one by one");
                 for (batch, reply) in batches.drain(..).zip(replies.drain(..)) {
                     let points = batch.points.len();
-                    let one = store.append_telemetry(std::slice::from_ref(&batch)).await;
+                    let one = store
+                        .append_telemetry(std::slice::from_ref(&batch), &budget)
+                        .await;
                     let _ = reply.send(match one {
                         Ok(stored) => {
-                            let stored = stored.first().copied().unwrap_or(false);
-                            if stored {
+                            let stored = stored.first().copied().unwrap_or(Appended::Repeat);
+                            if stored == Appended::Stored {
                                 metrics.points.inc_by(u64::try_from(points).unwrap_or(u64::MAX));
                             }
                             Ok(stored)

@@ -1332,3 +1332,58 @@ async fn a_devices_telemetry_bytes_are_budgeted_per_day(db: &TestDb) {
     assert!(f.devices.telemetry(&auth, 3, tomorrow).await.unwrap());
 }
 both_backends!(a_devices_telemetry_bytes_are_budgeted_per_day);
+
+async fn telemetry_budgets_hold_across_nodes_and_for_an_owners_devices_together(db: &TestDb) {
+    // Each batch below costs 108 bytes (three numbers under `temp`).
+    let limits = |c: &mut Config| {
+        c.telemetry_bytes_per_day = 200;
+        c.telemetry_bytes_per_owner_per_day = 300;
+    };
+    let f = fleet(db, config(limits)).await;
+    // A second node on the same database.
+    let other = service(db, &f.clock, config(limits));
+    let mut auths = Vec::new();
+    for name in ["d1", "d2", "d3"] {
+        let made = f
+            .devices
+            .register(&f.alice, sensor(name), None, &ctx())
+            .await
+            .unwrap();
+        auths.push(f.devices.authenticate(&made.key).await.unwrap());
+    }
+    let batch = |n: i64| {
+        (0..3)
+            .map(|i| {
+                point(
+                    "temp",
+                    Some(start().timestamp_millis() - n * 10 - i),
+                    Value::Number(1.0),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    let scope = |r: Result<bool, DeviceError>| match r {
+        Err(DeviceError::RateLimited { scope, .. }) => scope,
+        other => panic!("{other:?}"),
+    };
+    // The device's budget counts what it stored through either node.
+    assert!(f.devices.telemetry(&auths[0], 1, batch(1)).await.unwrap());
+    assert!(
+        scope(other.telemetry(&auths[0], 2, batch(2)).await).contains("telemetry_bytes_per_day")
+    );
+    // The owner's devices share theirs: 108 + 108 fit in 300, a third batch does not.
+    assert!(other.telemetry(&auths[1], 1, batch(3)).await.unwrap());
+    assert!(
+        scope(f.devices.telemetry(&auths[2], 1, batch(4)).await)
+            .contains("telemetry_bytes_per_owner_per_day")
+    );
+    // Bob's devices have a budget of their own.
+    let bobs = f
+        .devices
+        .register(&f.bob, sensor("b1"), None, &ctx())
+        .await
+        .unwrap();
+    let bob = f.devices.authenticate(&bobs.key).await.unwrap();
+    assert!(other.telemetry(&bob, 1, batch(5)).await.unwrap());
+}
+both_backends!(telemetry_budgets_hold_across_nodes_and_for_an_owners_devices_together);

@@ -281,6 +281,33 @@ pub struct TelemetryBatch {
     pub received_at: DateTime<Utc>,
     /// Its points.
     pub points: Vec<TelemetryPoint>,
+    /// The device's owner, whose daily budget it counts against too.
+    pub owner: Option<UserId>,
+    /// What it costs against the daily budgets, in bytes.
+    pub cost: u64,
+}
+
+/// The daily budgets a telemetry write reserves against (`0`: no limit); a batch counts
+/// towards the UTC day it arrived on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TelemetryBudget {
+    /// Bytes one device may store that day.
+    pub per_device: u64,
+    /// Bytes one owner's devices may store that day, together.
+    pub per_owner: u64,
+}
+
+/// What became of one batch of a telemetry write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Appended {
+    /// Stored, and its cost reserved.
+    Stored,
+    /// A repeat of a stored sequence number: nothing written.
+    Repeat,
+    /// Refused, nothing written: its device's budget for the day would be passed.
+    OverDeviceBudget,
+    /// Refused, nothing written: its owner's budget for the day would be passed.
+    OverOwnerBudget,
 }
 
 /// Which points a telemetry read gives: one key, oldest first.
@@ -642,9 +669,15 @@ pub trait DeviceStore: Send + Sync {
     ) -> Result<AlertRecord, StoreError>;
 
     /// Stores batches of points (from many devices) in one transaction, with the latest
-    /// value of every key. Answers, per batch, whether it was stored (`false`: a repeat of a
-    /// stored sequence number, nothing written).
-    async fn append_telemetry(&self, batches: &[TelemetryBatch]) -> Result<Vec<bool>, StoreError>;
+    /// value of every key, each batch's cost reserved against its device's and its owner's
+    /// budget for the day in the same transaction. Answers what became of each batch: a
+    /// repeat is one whatever the budgets; a batch over a budget writes nothing and reserves
+    /// nothing.
+    async fn append_telemetry(
+        &self,
+        batches: &[TelemetryBatch],
+        budget: &TelemetryBudget,
+    ) -> Result<Vec<Appended>, StoreError>;
 
     /// Stored points of one key in a range, oldest first.
     async fn telemetry(&self, range: &TelemetryRange) -> Result<Vec<TelemetryPoint>, StoreError>;
@@ -660,9 +693,6 @@ pub trait DeviceStore: Send + Sync {
 
     /// The latest point of every key of a device, by key.
     async fn telemetry_latest(&self, device: Uuid) -> Result<Vec<TelemetryPoint>, StoreError>;
-
-    /// Whether a device's batch `seq` is stored (within the retention).
-    async fn telemetry_batch_stored(&self, device: Uuid, seq: i64) -> Result<bool, StoreError>;
 
     /// How many keys a device has stored.
     async fn telemetry_key_count(&self, device: Uuid) -> Result<u64, StoreError>;

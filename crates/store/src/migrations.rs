@@ -44,6 +44,7 @@ pub(crate) const SQLITE: &[Embedded] = embedded!("sqlite":
     (0016, "deployments"),
     (0017, "deployment_joins"),
     (0018, "hardware_ids_per_owner"),
+    (0019, "telemetry_usage"),
 );
 
 /// PostgreSQL's migrations, oldest first, in step with [`SQLITE`].
@@ -67,6 +68,7 @@ pub(crate) const POSTGRES: &[Embedded] = embedded!("postgres":
     (0016, "deployments"),
     (0017, "deployment_joins"),
     (0018, "hardware_ids_per_owner"),
+    (0019, "telemetry_usage"),
 );
 
 #[derive(Debug)]

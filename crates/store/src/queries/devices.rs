@@ -19,6 +19,7 @@ macro_rules! device_queries {
                 DeviceFilter,
                 DeviceKeyRecord, DeviceRecord, DeviceStatus, DeviceStore, FleetCounts,
                 NewDeviceKey, Presence, ProvisioningTokenRecord, Seen, TelemetryBatch, TelemetryBucket, TelemetryPoint,
+                Appended, TelemetryBudget,
                 TelemetryRange, TelemetryValue,
             };
             use $crate::dialect::{Dialect, get};
@@ -371,6 +372,61 @@ macro_rules! device_queries {
                 } else {
                     ClaimRefusal::WrongModel(found.model)
                 })
+            }
+
+            /// Adds `cost` to `scope`'s bytes of `day` unless that passes `budget` (`0`: no
+            /// limit, nothing kept); false when it would.
+            async fn reserve(
+                conn: &mut <Db as sqlx::Database>::Connection,
+                scope: &str,
+                day: i64,
+                cost: i64,
+                budget: u64,
+            ) -> Result<bool, StoreError> {
+                if budget == 0 {
+                    return Ok(true);
+                }
+                let budget = i64::try_from(budget).unwrap_or(i64::MAX);
+                if cost > budget {
+                    return Ok(false);
+                }
+                let kept: Option<i64> = sqlx::query_scalar(
+                    "INSERT INTO telemetry_usage (scope, day, bytes) VALUES ($1, $2, $3) \
+                     ON CONFLICT (scope, day) DO UPDATE \
+                     SET bytes = telemetry_usage.bytes + excluded.bytes \
+                     WHERE telemetry_usage.bytes + excluded.bytes <= $4 RETURNING bytes",
+                )
+                .bind(scope)
+                .bind(day)
+                .bind(cost)
+                .bind(budget)
+                .fetch_optional(&mut *conn)
+                .await
+                .map_err(telemetry_err)?;
+                Ok(kept.is_some())
+            }
+
+            /// Gives back what [`reserve`] kept.
+            async fn refund(
+                conn: &mut <Db as sqlx::Database>::Connection,
+                scope: &str,
+                day: i64,
+                cost: i64,
+                budget: u64,
+            ) -> Result<(), StoreError> {
+                if budget == 0 {
+                    return Ok(());
+                }
+                sqlx::query(
+                    "UPDATE telemetry_usage SET bytes = bytes - $3 WHERE scope = $1 AND day = $2",
+                )
+                .bind(scope)
+                .bind(day)
+                .bind(cost)
+                .execute(&mut *conn)
+                .await
+                .map_err(telemetry_err)?;
+                Ok(())
             }
 
             async fn insert_device(
@@ -886,44 +942,109 @@ macro_rules! device_queries {
                 async fn append_telemetry(
                     &self,
                     batches: &[TelemetryBatch],
-                ) -> Result<Vec<bool>, StoreError> {
+                    budget: &TelemetryBudget,
+                ) -> Result<Vec<Appended>, StoreError> {
                     if batches.is_empty() {
                         return Ok(Vec::new());
                     }
-                    // A batch repeated within the call counts as a repeat too.
+                    // A write transaction from its start: it reads, then writes what it read.
+                    let mut tx = self
+                        .pool
+                        .begin_with(Store::BEGIN_WRITE)
+                        .await
+                        .map_err(telemetry_err)?;
+                    // Repeats first, whatever the budgets: a stored sequence number, or one
+                    // earlier in this call.
+                    let mut stored_before = HashSet::new();
+                    for chunk in batches.chunks(200) {
+                        let mut query = QueryBuilder::<Db>::new(
+                            "SELECT device_id, seq FROM telemetry_batches WHERE (device_id, seq) IN (",
+                        );
+                        let mut list = query.separated(", ");
+                        for b in chunk {
+                            list.push("(")
+                                .push_bind_unseparated(Store::id(b.device_id))
+                                .push_unseparated(", ")
+                                .push_bind_unseparated(b.seq)
+                                .push_unseparated(")");
+                        }
+                        query.push(")");
+                        let rows: Vec<(Id, i64)> = query
+                            .build_query_as()
+                            .fetch_all(&mut *tx)
+                            .await
+                            .map_err(telemetry_err)?;
+                        for (id, seq) in rows {
+                            stored_before.insert((Store::read_id(id)?, seq));
+                        }
+                    }
                     let mut seen_here = HashSet::new();
-                    let firsts: Vec<bool> = batches
-                        .iter()
-                        .map(|b| seen_here.insert((b.device_id, b.seq)))
-                        .collect();
-                    let mut tx = self.pool.begin().await.map_err(telemetry_err)?;
+                    let mut outcomes = Vec::with_capacity(batches.len());
+                    for b in batches {
+                        let key = (b.device_id, b.seq);
+                        if stored_before.contains(&key) || !seen_here.insert(key) {
+                            outcomes.push(Appended::Repeat);
+                            continue;
+                        }
+                        let cost = i64::try_from(b.cost).unwrap_or(i64::MAX);
+                        let day = b.received_at.timestamp().div_euclid(86_400);
+                        let device = format!("device:{}", b.device_id);
+                        if !reserve(&mut tx, &device, day, cost, budget.per_device).await? {
+                            outcomes.push(Appended::OverDeviceBudget);
+                            continue;
+                        }
+                        if let Some(owner) = b.owner {
+                            let owner = format!("owner:{}", owner.0);
+                            if !reserve(&mut tx, &owner, day, cost, budget.per_owner).await? {
+                                refund(&mut tx, &device, day, cost, budget.per_device).await?;
+                                outcomes.push(Appended::OverOwnerBudget);
+                                continue;
+                            }
+                        }
+                        outcomes.push(Appended::Stored);
+                    }
                     let mut insert = QueryBuilder::<Db>::new(
                         "INSERT INTO telemetry_batches (device_id, seq, points, received_at) ",
                     );
-                    insert.push_values(
-                        batches.iter().zip(&firsts).filter(|(_, first)| **first),
-                        |mut row, (batch, _)| {
+                    let taken: Vec<&TelemetryBatch> = batches
+                        .iter()
+                        .zip(&outcomes)
+                        .filter(|(_, o)| **o == Appended::Stored)
+                        .map(|(b, _)| b)
+                        .collect();
+                    let mut new = HashSet::new();
+                    if !taken.is_empty() {
+                        insert.push_values(&taken, |mut row, batch| {
                             row.push_bind(Store::id(batch.device_id))
                                 .push_bind(batch.seq)
                                 .push_bind(i32::try_from(batch.points.len()).unwrap_or(i32::MAX))
                                 .push_bind(Store::time(batch.received_at));
-                        },
-                    );
-                    insert.push(" ON CONFLICT DO NOTHING RETURNING device_id, seq");
-                    let new: Vec<(Id, i64)> = insert
-                        .build_query_as()
-                        .fetch_all(&mut *tx)
-                        .await
-                        .map_err(telemetry_err)?;
-                    let new = new
-                        .into_iter()
-                        .map(|(id, seq)| Ok((Store::read_id(id)?, seq)))
-                        .collect::<Result<HashSet<(Uuid, i64)>, StoreError>>()?;
-                    let stored: Vec<bool> = batches
-                        .iter()
-                        .zip(&firsts)
-                        .map(|(b, first)| *first && new.contains(&(b.device_id, b.seq)))
-                        .collect();
+                        });
+                        // Another node may have stored the same batch meanwhile: a repeat.
+                        insert.push(" ON CONFLICT DO NOTHING RETURNING device_id, seq");
+                        let rows: Vec<(Id, i64)> = insert
+                            .build_query_as()
+                            .fetch_all(&mut *tx)
+                            .await
+                            .map_err(telemetry_err)?;
+                        for (id, seq) in rows {
+                            new.insert((Store::read_id(id)?, seq));
+                        }
+                    }
+                    for (b, outcome) in batches.iter().zip(outcomes.iter_mut()) {
+                        if *outcome == Appended::Stored && !new.contains(&(b.device_id, b.seq)) {
+                            *outcome = Appended::Repeat;
+                            let cost = i64::try_from(b.cost).unwrap_or(i64::MAX);
+                            let day = b.received_at.timestamp().div_euclid(86_400);
+                            let device = format!("device:{}", b.device_id);
+                            refund(&mut tx, &device, day, cost, budget.per_device).await?;
+                            if let Some(owner) = b.owner {
+                                let owner = format!("owner:{}", owner.0);
+                                refund(&mut tx, &owner, day, cost, budget.per_owner).await?;
+                            }
+                        }
+                    }
+                    let stored: Vec<bool> = outcomes.iter().map(|o| *o == Appended::Stored).collect();
                     let points: Vec<(Uuid, &TelemetryPoint)> = batches
                         .iter()
                         .zip(&stored)
@@ -952,7 +1073,7 @@ macro_rules! device_queries {
                     )
                     .await?;
                     tx.commit().await.map_err(telemetry_err)?;
-                    Ok(stored)
+                    Ok(outcomes)
                 }
 
                 async fn telemetry(
@@ -1040,22 +1161,6 @@ macro_rules! device_queries {
                     Ok(u64::try_from(count).unwrap_or_default())
                 }
 
-                async fn telemetry_batch_stored(
-                    &self,
-                    device: Uuid,
-                    seq: i64,
-                ) -> Result<bool, StoreError> {
-                    let found: Option<i64> = sqlx::query_scalar(
-                        "SELECT seq FROM telemetry_batches WHERE device_id = $1 AND seq = $2",
-                    )
-                    .bind(Store::id(device))
-                    .bind(seq)
-                    .fetch_optional(&self.pool)
-                    .await
-                    .map_err(telemetry_err)?;
-                    Ok(found.is_some())
-                }
-
                 async fn prune_telemetry(
                     &self,
                     before: DateTime<Utc>,
@@ -1072,6 +1177,12 @@ macro_rules! device_queries {
                     .map_err(telemetry_err)?;
                     sqlx::query("DELETE FROM telemetry_batches WHERE received_at < $1")
                         .bind(Store::time(before))
+                        .execute(&self.pool)
+                        .await
+                        .map_err(telemetry_err)?;
+                    // Budgets of days before `before`'s are done with.
+                    sqlx::query("DELETE FROM telemetry_usage WHERE day < $1")
+                        .bind(before.timestamp().div_euclid(86_400))
                         .execute(&self.pool)
                         .await
                         .map_err(telemetry_err)?;

@@ -3,9 +3,9 @@
 use chrono::{DateTime, Duration, Utc};
 use unhidra_core::{Email, Role, UserId};
 use unhidra_store::devices::{
-    Aggregate, AlertFilter, AlertState, CommandRecord, CommandState, DeviceChange, DeviceFilter,
-    DeviceRecord, DeviceStatus, NewDeviceKey, Seen, TelemetryBatch, TelemetryPoint, TelemetryRange,
-    TelemetryValue,
+    Aggregate, AlertFilter, AlertState, Appended, CommandRecord, CommandState, DeviceChange,
+    DeviceFilter, DeviceRecord, DeviceStatus, NewDeviceKey, Seen, TelemetryBatch, TelemetryBudget,
+    TelemetryPoint, TelemetryRange, TelemetryValue,
 };
 use unhidra_store::identity::NewUser;
 use unhidra_store::testing::TestDb;
@@ -514,6 +514,8 @@ async fn telemetry_is_stored_once_per_batch_with_latest_values(db: &TestDb) {
             device_id: a,
             seq: 1,
             received_at: s(0),
+            owner: None,
+            cost: 0,
             points: vec![
                 point("temp", s(0), TelemetryValue::Number(20.5)),
                 point("temp", s(30), TelemetryValue::Number(21.5)),
@@ -533,6 +535,8 @@ async fn telemetry_is_stored_once_per_batch_with_latest_values(db: &TestDb) {
             device_id: b,
             seq: 1,
             received_at: s(0),
+            owner: None,
+            cost: 0,
             points: vec![point("temp", s(0), TelemetryValue::Number(5.0))],
         },
         // The same batch twice in one call: stored once.
@@ -540,32 +544,44 @@ async fn telemetry_is_stored_once_per_batch_with_latest_values(db: &TestDb) {
             device_id: b,
             seq: 1,
             received_at: s(0),
+            owner: None,
+            cost: 0,
             points: vec![point("temp", s(0), TelemetryValue::Number(5.0))],
         },
     ];
     assert_eq!(
-        db.store.append_telemetry(&batches).await.unwrap(),
-        [true, true, false]
+        db.store
+            .append_telemetry(&batches, &TelemetryBudget::default())
+            .await
+            .unwrap(),
+        [Appended::Stored, Appended::Stored, Appended::Repeat]
     );
     // A repeat of a stored batch stores nothing, even with other points.
     let repeat = TelemetryBatch {
         device_id: a,
         seq: 1,
         received_at: s(60),
+        owner: None,
+        cost: 0,
         points: vec![point("temp", s(60), TelemetryValue::Number(99.0))],
     };
     let next = TelemetryBatch {
         device_id: a,
         seq: 2,
         received_at: s(60),
+        owner: None,
+        cost: 0,
         points: vec![
             point("temp", s(90), TelemetryValue::Number(23.5)),
             point("temp", s(60), TelemetryValue::Number(22.5)),
         ],
     };
     assert_eq!(
-        db.store.append_telemetry(&[repeat, next]).await.unwrap(),
-        [false, true]
+        db.store
+            .append_telemetry(&[repeat, next], &TelemetryBudget::default())
+            .await
+            .unwrap(),
+        [Appended::Repeat, Appended::Stored]
     );
 
     let range = |after: Option<DateTime<Utc>>, limit: u32| TelemetryRange {
@@ -648,6 +664,83 @@ async fn telemetry_is_stored_once_per_batch_with_latest_values(db: &TestDb) {
     assert!(db.store.telemetry_latest(a).await.unwrap().is_empty());
 }
 both_backends!(telemetry_is_stored_once_per_batch_with_latest_values);
+
+async fn telemetry_budgets_are_reserved_with_the_write_per_device_and_owner(db: &TestDb) {
+    db.store.migrate().await.unwrap();
+    let alice = user(db, "alice@example.com").await;
+    let a = device(db, alice, "a", "m", &[]).await;
+    let b = device(db, alice, "b", "m", &[]).await;
+    let t0 = DateTime::from_timestamp(1_800_000_000, 0).unwrap();
+    let batch = |device: Uuid, seq: i64, at: DateTime<Utc>, cost: u64| TelemetryBatch {
+        device_id: device,
+        seq,
+        received_at: at,
+        owner: Some(alice),
+        cost,
+        points: vec![point("temp", at, TelemetryValue::Number(1.0))],
+    };
+    let budget = TelemetryBudget {
+        per_device: 100,
+        per_owner: 150,
+    };
+    let append = |batches: Vec<TelemetryBatch>| async move {
+        db.store.append_telemetry(&batches, &budget).await.unwrap()
+    };
+    // In one write: the device's budget holds for batches written together, and a batch over
+    // it stores nothing; then the owner's holds across the owner's devices.
+    assert_eq!(
+        append(vec![
+            batch(a, 1, t0, 60),
+            batch(a, 2, t0, 60),
+            batch(a, 3, t0, 40)
+        ])
+        .await,
+        [
+            Appended::Stored,
+            Appended::OverDeviceBudget,
+            Appended::Stored
+        ]
+    );
+    assert_eq!(
+        append(vec![batch(b, 1, t0, 60), batch(b, 2, t0, 10)]).await,
+        [Appended::OverOwnerBudget, Appended::Stored]
+    );
+    // A refused batch was not stored: the same seq later (under the budget) is new. A stored
+    // one repeated is a repeat whatever the budgets, and costs nothing again.
+    assert_eq!(
+        append(vec![batch(a, 1, t0, 1000), batch(b, 1, t0, 40)]).await,
+        [Appended::Repeat, Appended::Stored]
+    );
+    assert_eq!(
+        append(vec![batch(b, 3, t0, 1)]).await,
+        [Appended::OverOwnerBudget]
+    );
+    let read = |device: Uuid| TelemetryRange {
+        device_id: device,
+        key: "temp".into(),
+        from: None,
+        to: None,
+        after: None,
+        limit: 10,
+    };
+    assert_eq!(db.store.telemetry(&read(a)).await.unwrap().len(), 1);
+    // The next UTC day starts again.
+    let tomorrow = t0 + Duration::days(1);
+    assert_eq!(
+        append(vec![batch(a, 4, tomorrow, 100), batch(b, 4, tomorrow, 50)]).await,
+        [Appended::Stored, Appended::Stored]
+    );
+    // No limits: nothing is counted.
+    let free = TelemetryBudget::default();
+    assert_eq!(
+        db.store
+            .append_telemetry(&[batch(a, 5, tomorrow, u64::MAX)], &free)
+            .await
+            .unwrap(),
+        [Appended::Stored]
+    );
+}
+both_backends!(telemetry_budgets_are_reserved_with_the_write_per_device_and_owner);
 
 fn new_command(device: Uuid, key: Option<&str>, at: DateTime<Utc>, ttl: i64) -> CommandRecord {
     CommandRecord {
