@@ -143,6 +143,55 @@ struct State {
     removals: HashMap<Uuid, u64>,
     /// (An address's network, whether devices') → its open connections.
     per_network: HashMap<(IpAddr, bool), usize>,
+    /// (An address's network, whether devices') → connections admitted and not registered yet
+    /// (mid-handshake): they count towards the limit too.
+    pending: HashMap<(IpAddr, bool), usize>,
+}
+
+fn decrement(map: &mut HashMap<(IpAddr, bool), usize>, key: (IpAddr, bool)) {
+    if let Some(count) = map.get_mut(&key) {
+        *count -= 1;
+        if *count == 0 {
+            map.remove(&key);
+        }
+    }
+}
+
+/// A place held for a new connection from one address's network, taken by
+/// [`Hub::reserve`] when it is admitted and given up when it registers — or when the upgrade
+/// fails and this is dropped — so that many handshakes at once cannot pass a limit that each
+/// checked alone.
+pub struct Reservation {
+    state: Arc<Mutex<State>>,
+    key: Option<(IpAddr, bool)>,
+    ip: Option<IpAddr>,
+}
+
+impl std::fmt::Debug for Reservation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reservation")
+            .field("network", &self.key)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Reservation {
+    /// The address it was made for.
+    pub fn ip(&self) -> Option<IpAddr> {
+        self.ip
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if let Some(key) = self.key.take() {
+            let mut state = self
+                .state
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            decrement(&mut state.pending, key);
+        }
+    }
 }
 
 /// Every live connection of this process.
@@ -153,7 +202,7 @@ pub struct Hub {
     ipv6_prefix: u8,
     metrics: WsMetrics,
     next: AtomicU64,
-    state: Mutex<State>,
+    state: Arc<Mutex<State>>,
 }
 
 impl std::fmt::Debug for Hub {
@@ -186,7 +235,7 @@ impl Hub {
             ipv6_prefix: 128,
             metrics,
             next: AtomicU64::new(1),
-            state: Mutex::new(State::default()),
+            state: Arc::new(Mutex::new(State::default())),
         }
     }
 
@@ -213,7 +262,77 @@ impl Hub {
         (protocol, auth): (&'static str, AuthStyle),
         now: DateTime<Utc>,
     ) -> Registration {
-        self.insert(Some(user), Some(session), None, ip, (protocol, auth), now)
+        self.insert(
+            Some(user),
+            Some(session),
+            None,
+            ip,
+            (protocol, auth),
+            now,
+            None,
+        )
+    }
+
+    /// Holds a place for a connection of people (or, with `devices`, of devices) from `ip`'s
+    /// network, unless `most` are open or being opened from it already; `None` then. Without
+    /// an address, nothing is counted.
+    pub fn reserve(&self, ip: Option<IpAddr>, devices: bool, most: usize) -> Option<Reservation> {
+        let Some(ip) = ip else {
+            return Some(Reservation {
+                state: Arc::clone(&self.state),
+                key: None,
+                ip: None,
+            });
+        };
+        let key = (address_network(ip, self.ipv6_prefix), devices);
+        let mut state = self.state();
+        let open = state.per_network.get(&key).copied().unwrap_or(0);
+        let opening = state.pending.get(&key).copied().unwrap_or(0);
+        if open + opening >= most {
+            return None;
+        }
+        *state.pending.entry(key).or_default() += 1;
+        Some(Reservation {
+            state: Arc::clone(&self.state),
+            key: Some(key),
+            ip: Some(ip),
+        })
+    }
+
+    /// Registers a person's connection admitted with `reservation`, which it turns into an
+    /// open connection in the same step.
+    pub fn register_reserved(
+        &self,
+        reservation: Reservation,
+        user: UserId,
+        session: Uuid,
+        wire: (&'static str, AuthStyle),
+        now: DateTime<Utc>,
+    ) -> Registration {
+        let ip = reservation.ip;
+        self.insert(
+            Some(user),
+            Some(session),
+            None,
+            ip,
+            wire,
+            now,
+            Some(reservation),
+        )
+    }
+
+    /// Registers a device's connection admitted with `reservation` (see
+    /// [`Hub::register_reserved`]).
+    pub fn register_device_reserved(
+        &self,
+        reservation: Reservation,
+        device: Uuid,
+        owner: Option<UserId>,
+        wire: (&'static str, AuthStyle),
+        now: DateTime<Utc>,
+    ) -> Registration {
+        let ip = reservation.ip;
+        self.insert(owner, None, Some(device), ip, wire, now, Some(reservation))
     }
 
     /// Registers a device's connection; `owner` is its owner's, for the listing.
@@ -225,9 +344,13 @@ impl Hub {
         wire: (&'static str, AuthStyle),
         now: DateTime<Utc>,
     ) -> Registration {
-        self.insert(owner, None, Some(device), ip, wire, now)
+        self.insert(owner, None, Some(device), ip, wire, now, None)
     }
 
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "the registrations' fields, in one place"
+    )]
     fn insert(
         &self,
         user: Option<UserId>,
@@ -236,11 +359,16 @@ impl Hub {
         ip: Option<IpAddr>,
         (protocol, auth): (&'static str, AuthStyle),
         now: DateTime<Utc>,
+        mut reservation: Option<Reservation>,
     ) -> Registration {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let outbox = Arc::new(Outbox::new(self.queue, self.queue_bytes));
         let activity = Arc::new(AtomicI64::new(0));
         let mut state = self.state();
+        // The place it held becomes the open connection's, under the same lock.
+        if let Some(key) = reservation.as_mut().and_then(|r| r.key.take()) {
+            decrement(&mut state.pending, key);
+        }
         if let Some(ip) = ip {
             let network = address_network(ip, self.ipv6_prefix);
             *state
@@ -294,12 +422,7 @@ impl Hub {
         };
         if let Some(ip) = conn.ip {
             let key = (address_network(ip, self.ipv6_prefix), conn.device.is_some());
-            if let Some(count) = state.per_network.get_mut(&key) {
-                *count -= 1;
-                if *count == 0 {
-                    state.per_network.remove(&key);
-                }
-            }
+            decrement(&mut state.per_network, key);
         }
     }
 
@@ -752,6 +875,34 @@ impl Hub {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn handshakes_under_way_hold_their_places_until_they_register_or_fail() {
+        let hub = hub();
+        let ip: IpAddr = "192.0.2.7".parse().unwrap();
+        let wire = (unhidra_protocol::SUBPROTOCOL_JSON, AuthStyle::Bearer);
+        // Two places at most: two handshakes at once take them both, a third waits.
+        let first = hub.reserve(Some(ip), false, 2).unwrap();
+        let second = hub.reserve(Some(ip), false, 2).unwrap();
+        assert!(hub.reserve(Some(ip), false, 2).is_none());
+        // Devices count apart, and so do other addresses.
+        assert!(hub.reserve(Some(ip), true, 2).is_some());
+        assert!(hub.reserve(Some("192.0.2.8".parse().unwrap()), false, 2).is_some());
+        // One registers: its place is its connection's now, not counted twice.
+        let user = UserId(Uuid::new_v4());
+        let conn = hub.register_reserved(first, user, Uuid::new_v4(), wire, Utc::now());
+        assert_eq!(hub.connections_from(ip, false), 1);
+        assert!(hub.reserve(Some(ip), false, 2).is_none());
+        // The other fails: dropped, its place is free again.
+        drop(second);
+        let third = hub.reserve(Some(ip), false, 2).unwrap();
+        assert!(hub.reserve(Some(ip), false, 2).is_none());
+        drop(third);
+        hub.unregister(conn.id);
+        assert!(hub.state().pending.is_empty() && hub.state().per_network.is_empty());
+        // Without an address nothing is counted.
+        assert!(hub.reserve(None, false, 0).is_some());
+    }
 
     fn hub() -> Hub {
         Hub::new(8, 1 << 20, WsMetrics::default())

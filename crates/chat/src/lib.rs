@@ -229,38 +229,50 @@ impl Chat {
     }
 
     /// Admits a new connection under the per-address and per-user limits.
-    pub fn admit(&self, ip: Option<std::net::IpAddr>, user: UserId) -> Result<(), Refused> {
+    pub fn admit(
+        &self,
+        ip: Option<std::net::IpAddr>,
+        user: UserId,
+    ) -> Result<hub::Reservation, Refused> {
         self.admit_key(ip, &user.to_string(), false)
     }
 
     /// Admits a device's new connection under the per-address limits of devices
     /// (`ws_max_device_connections_per_ip`, `rate_limit_device_ip_per_minute`, apart from
     /// people's) and, per device, the per-user one.
-    pub fn admit_device(&self, ip: Option<std::net::IpAddr>, device: Uuid) -> Result<(), Refused> {
+    pub fn admit_device(
+        &self,
+        ip: Option<std::net::IpAddr>,
+        device: Uuid,
+    ) -> Result<hub::Reservation, Refused> {
         self.admit_key(ip, &format!("device:{device}"), true)
     }
 
+    /// The limits of a new connection; admitted, it holds its place among its network's
+    /// connections until it registers (the [`hub::Reservation`], to pass to the hub).
     fn admit_key(
         &self,
         ip: Option<std::net::IpAddr>,
         key: &str,
         device: bool,
-    ) -> Result<(), Refused> {
+    ) -> Result<hub::Reservation, Refused> {
         let now = self.now();
         let refuse = |scope: &'static str, retry_after: i64| {
             self.metrics.limited(scope);
             Refused { scope, retry_after }
         };
+        let (most, window) = if device {
+            (self.max_devices_per_ip, &self.device_conn_per_ip)
+        } else {
+            (self.max_per_ip, &self.conn_per_ip)
+        };
+        // An IPv6 client counts as its network (`rate_limit_ipv6_prefix`), as for logins; the
+        // place is held from here, so that handshakes under way count too.
+        let reservation = self
+            .hub
+            .reserve(ip, device, most)
+            .ok_or_else(|| refuse("concurrent", 1))?;
         if let Some(ip) = ip {
-            let (most, window) = if device {
-                (self.max_devices_per_ip, &self.device_conn_per_ip)
-            } else {
-                (self.max_per_ip, &self.conn_per_ip)
-            };
-            // An IPv6 client counts as its network (`rate_limit_ipv6_prefix`), as for logins.
-            if self.hub.connections_from(ip, device) >= most {
-                return Err(refuse("concurrent", 1));
-            }
             window
                 .try_acquire(&address_key(ip, self.ipv6_prefix), now)
                 .map_err(|secs| refuse("ip", secs))?;
@@ -268,7 +280,7 @@ impl Chat {
         self.conn_per_user
             .try_acquire(key, now)
             .map_err(|secs| refuse("user", secs))?;
-        Ok(())
+        Ok(reservation)
     }
 
     /// Admits an HTTP publish under the per-user limit (`rate_limit_messages_per_sec`).

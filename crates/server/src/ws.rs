@@ -3,7 +3,7 @@
 //! lone token as ESP32 firmware sends it), or in `Authorization` for non-browser clients.
 
 use std::collections::VecDeque;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -20,7 +20,7 @@ use unhidra_protocol::{
     SUBPROTOCOL_MSGPACK, ServerFrame, close, parse_client_frame, parse_client_frame_msgpack,
 };
 
-use unhidra_chat::hub::AuthStyle;
+use unhidra_chat::hub::{AuthStyle, Reservation};
 use unhidra_chat::outbox::{Message as Queued, Next};
 use unhidra_chat::session::{Admit, Burst, Handled, Session};
 use unhidra_chat::writer::{Pace, join_lines};
@@ -149,9 +149,10 @@ pub async fn upgrade(
         Err(e) => return ApiError::from(e).into_response(),
     };
     let ip = client_ip(Some(peer.ip()), &headers, state.trusted_proxies());
-    if let Err(refused) = state.chat().admit(ip, who.user_id) {
-        return rate_limited(refused, "new connections").into_response();
-    }
+    let admitted = match state.chat().admit(ip, who.user_id) {
+        Ok(admitted) => admitted,
+        Err(refused) => return rate_limited(refused, "new connections").into_response(),
+    };
     let limit = usize::try_from(state.config().ws_max_frame_bytes).unwrap_or(usize::MAX);
     let wire = (offer.protocol, offer.style);
     // Frames past `limit` are refused with 1009 by the reader below. The library's own cap sits
@@ -168,7 +169,8 @@ pub async fn upgrade(
         Some(echo) => ws.protocols([echo]),
         None => ws,
     };
-    ws.on_upgrade(move |socket| run(state, socket, who, expires, ip, wire, limit))
+    // A failed upgrade drops the closure, and the place it held.
+    ws.on_upgrade(move |socket| run(state, socket, who, expires, admitted, wire, limit))
 }
 
 /// One connection, from upgrade to close.
@@ -177,7 +179,7 @@ async fn run(
     socket: WebSocket,
     who: Principal,
     mut expires: DateTime<Utc>,
-    ip: Option<IpAddr>,
+    admitted: Reservation,
     wire: (&'static str, AuthStyle),
     limit: usize,
 ) {
@@ -188,7 +190,8 @@ async fn run(
     let kind = unhidra_chat::metrics::KindLabel { kind: "user" };
     metrics.connections.get_or_create(&kind).inc();
     let msgpack = protocol == SUBPROTOCOL_MSGPACK;
-    let registration = hub.register(who.user_id, who.session_id, ip, wire, Utc::now());
+    let registration =
+        hub.register_reserved(admitted, who.user_id, who.session_id, wire, Utc::now());
     let id = registration.id;
     let outbox = registration.outbox;
     let activity = registration.activity;

@@ -6,7 +6,7 @@
 //! device one. A newer connection of the same device replaces an older one (4009); a revoked or
 //! deleted device's connections close with 4003.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
@@ -14,7 +14,7 @@ use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
 use chrono::Utc;
 use futures_util::StreamExt;
-use unhidra_chat::hub::AuthStyle;
+use unhidra_chat::hub::{AuthStyle, Reservation};
 use unhidra_devices::{DeviceAuth, DeviceError, Disconnect};
 use unhidra_protocol::device::{
     DEVICE_KEY_PREFIX, DEVICE_KEY_PREFIX_TEXT, device_frame_ref, device_frame_ref_msgpack,
@@ -111,9 +111,10 @@ pub(crate) async fn upgrade(
         Ok(auth) => auth,
         Err(e) => return ApiError::from(e).into_response(),
     };
-    if let Err(refused) = state.chat().admit_device(ip, auth.device) {
-        return rate_limited(refused, "new connections").into_response();
-    }
+    let admitted = match state.chat().admit_device(ip, auth.device) {
+        Ok(admitted) => admitted,
+        Err(refused) => return rate_limited(refused, "new connections").into_response(),
+    };
     let limit = usize::try_from(state.config().ws_max_frame_bytes).unwrap_or(usize::MAX);
     let hard_cap = limit.saturating_mul(4).max(1024 * 1024);
     let ws = ws
@@ -125,7 +126,8 @@ pub(crate) async fn upgrade(
         None => ws,
     };
     let wire = (offer.protocol, offer.style);
-    ws.on_upgrade(move |socket| run(state, socket, auth, ip, wire, limit))
+    // A failed upgrade drops the closure, and the place it held.
+    ws.on_upgrade(move |socket| run(state, socket, auth, admitted, wire, limit))
 }
 
 /// Frames one connection may send per second, as a window that starts again every second.
@@ -207,7 +209,7 @@ async fn run(
     state: AppState,
     socket: WebSocket,
     auth: DeviceAuth,
-    ip: Option<IpAddr>,
+    admitted: Reservation,
     wire: (&'static str, AuthStyle),
     limit: usize,
 ) {
@@ -218,7 +220,8 @@ async fn run(
     let kind = unhidra_chat::metrics::KindLabel { kind: "device" };
     metrics.connections.get_or_create(&kind).inc();
     let msgpack = wire.0 == SUBPROTOCOL_DEVICE_MSGPACK;
-    let registration = hub.register_device(auth.device, auth.owner, ip, wire, Utc::now());
+    let registration =
+        hub.register_device_reserved(admitted, auth.device, auth.owner, wire, Utc::now());
     let id = registration.id;
     let outbox = registration.outbox;
     let activity = registration.activity;
