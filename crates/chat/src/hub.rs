@@ -887,7 +887,10 @@ mod tests {
         assert!(hub.reserve(Some(ip), false, 2).is_none());
         // Devices count apart, and so do other addresses.
         assert!(hub.reserve(Some(ip), true, 2).is_some());
-        assert!(hub.reserve(Some("192.0.2.8".parse().unwrap()), false, 2).is_some());
+        assert!(
+            hub.reserve(Some("192.0.2.8".parse().unwrap()), false, 2)
+                .is_some()
+        );
         // One registers: its place is its connection's now, not counted twice.
         let user = UserId(Uuid::new_v4());
         let conn = hub.register_reserved(first, user, Uuid::new_v4(), wire, Utc::now());
