@@ -299,6 +299,16 @@ config_keys! {
         ota_trusted_keys: Option<PathBuf> = None, secret = false;
         /// The largest firmware image, in bytes.
         ota_max_image_bytes: u64 = 16 * 1024 * 1024, secret = false;
+        /// The largest uploaded file, in bytes; a body that passes it is refused as it streams.
+        files_max_bytes: u64 = 50 * 1024 * 1024, secret = false;
+        /// Bytes of files one user may keep (an admin may set a user's own). `0`: no limit.
+        files_quota_bytes: u64 = 1024 * 1024 * 1024, secret = false;
+        /// Files one user may keep. `0`: no limit.
+        files_quota_files: u64 = 10_000, secret = false;
+        /// Bytes of files one admin may keep. `0`: no limit.
+        files_admin_quota_bytes: u64 = 0, secret = false;
+        /// Files one admin may keep. `0`: no limit.
+        files_admin_quota_files: u64 = 0, secret = false;
         /// How long a signed firmware download link works (the offer a device gets carries one).
         ota_link_ttl: HumanDuration = HumanDuration::secs(3600), secret = false;
         /// How often each node moves deployments on: starts those due, fails devices past their

@@ -18,7 +18,7 @@ pub use email::{Email, EmailError};
 pub use password::{PasswordPolicy, Violation};
 pub use ratelimit::{Reservation, SlidingWindow};
 pub use secret::OpaqueToken;
-pub use text::{Controls, forbidden_control};
+pub use text::{Controls, forbidden_control, hex};
 pub use user::{Principal, Role, UserId};
 
 /// The error and its sources, one after another, for a log line.

@@ -25,6 +25,16 @@ pub fn forbidden_control(text: &str, allowed: Controls) -> Option<char> {
     })
 }
 
+/// Bytes as lower-case hex (a digest as the API shows it).
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(out, "{b:02x}");
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,6 +11,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
+use unhidra_core::hex;
 use unhidra_core::{Clock, OpaqueToken, Principal, UserId};
 use unhidra_identity::{AuditLog, RequestContext};
 use unhidra_store::firmware::FirmwareRecord;
@@ -194,10 +195,6 @@ struct Inner {
     cache: ImageCache,
     metrics: crate::OtaMetrics,
     uploads: Arc<tokio::sync::Semaphore>,
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// A SHA-256 in hex, as the API takes it.

@@ -9,6 +9,7 @@
 //! bytes, so an upload is checked while it is written to storage, never held whole.
 
 use sha2::{Digest, Sha256};
+use unhidra_core::hex;
 
 /// The first byte of every image.
 pub const IMAGE_MAGIC: u8 = 0xE9;
@@ -155,10 +156,6 @@ impl Default for ImageChecker {
     fn default() -> Self {
         Self::new()
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// A NUL-terminated text field.

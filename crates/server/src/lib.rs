@@ -66,6 +66,9 @@ pub enum StartError {
     /// The firmware settings are wrong, or the firmware folder cannot be made.
     #[error("{0}")]
     Firmware(String),
+    /// The files folder cannot be made or read.
+    #[error("files: {0}")]
+    Files(String),
     /// A cron schedule of the configuration is refused or could not be stored.
     #[error("jobs_cron: {0}")]
     Cron(String),
@@ -255,6 +258,7 @@ impl Application {
             config.require_admin_mfa,
             config.public_url.as_ref().map(ToString::to_string),
         );
+        let files = files_service(&config, &store, &clock, identity.audit_log()).await?;
         let services = state::Services {
             identity,
             chat,
@@ -262,6 +266,7 @@ impl Application {
             devices,
             firmware,
             deployments,
+            files,
         };
         let state = AppState::new(config, store, metrics, instance_id, services);
         tokio::spawn(follow_revocations(state.clone()));
@@ -519,6 +524,37 @@ fn jobs_config(config: &Config) -> jobs::JobsConfig {
 
 /// The firmware service: images under `<data_dir>/firmware`, manifests trusted by the keys of
 /// `ota_trusted_keys` (a PEM file of public keys; none: uploads are refused).
+/// The file service over its storage: `<data_dir>/files`.
+async fn files_service(
+    config: &Config,
+    store: &Arc<dyn Store>,
+    clock: &Arc<dyn Clock>,
+    audit: identity::AuditLog,
+) -> Result<unhidra_media::Files, StartError> {
+    let storage = unhidra_media::LocalStorage::open_dir(config.data_dir.join("files"))
+        .await
+        .map_err(|e| StartError::Files(e.to_string()))?;
+    let limit = |n: u64| (n > 0).then(|| i64::try_from(n).unwrap_or(i64::MAX));
+    Ok(unhidra_media::Files::new(
+        Arc::clone(store),
+        Arc::new(storage),
+        Arc::clone(clock),
+        audit,
+        unhidra_media::FilesConfig {
+            max_bytes: config.files_max_bytes,
+            user_quota: unhidra_store::files::FileQuota {
+                max_bytes: limit(config.files_quota_bytes),
+                max_files: limit(config.files_quota_files),
+            },
+            admin_quota: unhidra_store::files::FileQuota {
+                max_bytes: limit(config.files_admin_quota_bytes),
+                max_files: limit(config.files_admin_quota_files),
+            },
+            require_admin_mfa: config.require_admin_mfa,
+        },
+    ))
+}
+
 async fn firmware_service(
     config: &Config,
     store: &Arc<dyn Store>,

@@ -24,6 +24,8 @@ pub struct Services {
     pub firmware: unhidra_ota::Firmware,
     /// Firmware deployments.
     pub deployments: unhidra_ota::Deployments,
+    /// Uploaded files.
+    pub files: unhidra_media::Files,
 }
 
 /// Shared state of one running server; cloning it is cheap.
@@ -42,6 +44,7 @@ struct Inner {
     devices: unhidra_devices::Devices,
     firmware: unhidra_ota::Firmware,
     deployments: unhidra_ota::Deployments,
+    files: unhidra_media::Files,
     /// Reverse proxies whose `X-Forwarded-For` is believed.
     trusted_proxies: Vec<std::net::IpAddr>,
     /// Set when the shutdown grace period is over: requests still running are answered 503.
@@ -63,6 +66,7 @@ impl AppState {
             jobs,
             devices,
             firmware,
+            files,
             deployments,
         } = services;
         let trusted_proxies = config
@@ -82,6 +86,7 @@ impl AppState {
             devices,
             firmware,
             deployments,
+            files,
             abandon: tokio::sync::watch::Sender::new(false),
         }))
     }
@@ -119,6 +124,11 @@ impl AppState {
     /// Firmware images.
     pub fn firmware(&self) -> &unhidra_ota::Firmware {
         &self.0.firmware
+    }
+
+    /// Uploaded files.
+    pub fn files(&self) -> &unhidra_media::Files {
+        &self.0.files
     }
 
     /// Firmware deployments.

@@ -15,6 +15,7 @@ pub mod deployments;
 pub mod devices;
 mod dialect;
 mod error;
+pub mod files;
 pub mod firmware;
 pub mod identity;
 pub mod jobs;
@@ -38,6 +39,7 @@ pub use cron::CronStore;
 pub use deployments::DeploymentStore;
 pub use devices::DeviceStore;
 pub use error::StoreError;
+pub use files::FileStore;
 pub use firmware::FirmwareStore;
 pub use identity::{AuditStore, KeyStore, MfaStore, OneTimeTokenStore, SessionStore, UserStore};
 pub use jobs::JobStore;
@@ -124,6 +126,7 @@ pub trait Store:
     + CronStore
     + DeviceStore
     + FirmwareStore
+    + FileStore
     + DeploymentStore
     + fmt::Debug
     + Send

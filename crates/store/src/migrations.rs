@@ -45,6 +45,7 @@ pub(crate) const SQLITE: &[Embedded] = embedded!("sqlite":
     (0017, "deployment_joins"),
     (0018, "hardware_ids_per_owner"),
     (0019, "telemetry_usage"),
+    (0020, "files"),
 );
 
 /// PostgreSQL's migrations, oldest first, in step with [`SQLITE`].
@@ -69,6 +70,7 @@ pub(crate) const POSTGRES: &[Embedded] = embedded!("postgres":
     (0017, "deployment_joins"),
     (0018, "hardware_ids_per_owner"),
     (0019, "telemetry_usage"),
+    (0020, "files"),
 );
 
 #[derive(Debug)]

@@ -18,6 +18,7 @@ const CAPABILITIES: &[&str] = &[
     "unhidra-jobs",
     "unhidra-devices",
     "unhidra-ota",
+    "unhidra-media",
 ];
 
 /// Crates of the HTTP and WebSocket stack.

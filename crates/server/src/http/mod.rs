@@ -8,6 +8,7 @@ pub mod auth;
 pub mod extract;
 mod finish;
 mod security;
+pub(crate) mod serve;
 
 use std::time::Duration;
 

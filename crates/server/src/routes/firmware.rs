@@ -8,8 +8,8 @@ use axum::Json as JsonResponse;
 use axum::body::Body;
 use axum::extract::{FromRequestParts, Path, State};
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use axum::http::{HeaderMap, Method, StatusCode, header};
+use axum::response::Response;
 use base64::Engine as _;
 use futures_util::StreamExt;
 use serde::Deserialize;
@@ -22,6 +22,7 @@ use super::devices::DeviceKeyAuth;
 use crate::error::{ApiError, FieldError, Problem};
 use crate::http::auth::{Admin, Auth, Ctx, bearer};
 use crate::http::extract::{Json, Query};
+use crate::http::serve::{self, Plan};
 use crate::state::AppState;
 
 /// The header that carries an upload's signed manifest.
@@ -298,9 +299,6 @@ pub(crate) struct DownloadParams {
     sig: Option<String>,
 }
 
-/// The largest piece of an image read from its file at once.
-const READ_CHUNK: usize = 64 * 1024;
-
 /// Downloads an image: with a device's key (`Authorization: Bearer unh_dk_…`), a signed link's
 /// query, or an admin's token. `HEAD` answers the headers alone; `Range: bytes=a-b` gets 206
 /// with `Content-Range` (one range; several get the whole image), 416 when it is past the end;
@@ -360,68 +358,34 @@ pub(crate) async fn download(
     }
     let mut image = firmware.open(&sha256).await?;
     let etag = format!("\"{}\"", image.sha256);
-    let headers = &parts.headers;
-    let mut response = Response::builder()
-        .header(header::ETAG, &etag)
-        .header(header::ACCEPT_RANGES, "bytes")
-        .header(
-            header::CACHE_CONTROL,
-            "private, max-age=31536000, immutable",
-        );
     let metrics = firmware.metrics();
-    if headers
-        .get(header::IF_NONE_MATCH)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| names_etag(v, &etag))
-    {
-        unhidra_ota::OtaMetrics::count(&metrics.downloads, "not_modified");
-        return response
-            .status(StatusCode::NOT_MODIFIED)
-            .body(Body::empty())
-            .map_err(ApiError::internal);
+    let plan = serve::plan(&parts.headers, &etag, image.size);
+    if plan == Plan::Unsatisfiable {
+        return Ok(serve::unsatisfiable(image.size));
     }
-    let range = match wanted_range(headers, &etag, image.size) {
-        Ok(range) => range,
-        Err(()) => {
-            return Ok((
-                [(
-                    header::CONTENT_RANGE,
-                    HeaderValue::from_str(&format!("bytes */{}", image.size))
-                        .map_err(ApiError::internal)?,
-                )],
-                ApiError::new(
-                    Problem::new(
-                        StatusCode::RANGE_NOT_SATISFIABLE,
-                        "range_not_satisfiable",
-                        format!("The image has {} bytes.", image.size),
-                    )
-                    .with("size", image.size),
-                ),
-            )
-                .into_response());
-        }
+    let response = serve::start(plan, &etag, image.size).header(
+        header::CACHE_CONTROL,
+        "private, max-age=31536000, immutable",
+    );
+    let Plan::Send {
+        start,
+        len,
+        partial,
+    } = plan
+    else {
+        unhidra_ota::OtaMetrics::count(&metrics.downloads, "not_modified");
+        return response.body(Body::empty()).map_err(ApiError::internal);
     };
-    let (start, len) = match &range {
-        Some(r) => {
-            response = response.status(StatusCode::PARTIAL_CONTENT).header(
-                header::CONTENT_RANGE,
-                format!("bytes {}-{}/{}", r.start(), r.end(), image.size),
-            );
-            (*r.start(), r.end() - r.start() + 1)
-        }
-        None => (0, image.size),
-    };
-    response = response
+    let response = response
         .header(header::CONTENT_TYPE, "application/octet-stream")
-        .header(header::CONTENT_LENGTH, len)
         .header(
             header::CONTENT_DISPOSITION,
             format!("attachment; filename=\"{}\"", image.file_name),
         );
-    let kind = match (&method, &range) {
+    let kind = match (&method, partial) {
         (&Method::HEAD, _) => "head",
-        (_, Some(_)) => "range",
-        (_, None) => "whole",
+        (_, true) => "range",
+        (_, false) => "whole",
     };
     unhidra_ota::OtaMetrics::count(&metrics.downloads, kind);
     if method == Method::HEAD || len == 0 {
@@ -435,97 +399,7 @@ pub(crate) async fn download(
             .await
             .map_err(ApiError::internal)?;
     }
-    let reader = image.file.take(len);
-    let capacity = usize::try_from(len).unwrap_or(READ_CHUNK).min(READ_CHUNK);
-    let body = Body::from_stream(tokio_util::io::ReaderStream::with_capacity(
-        reader, capacity,
-    ));
-    response.body(body).map_err(ApiError::internal)
-}
-
-/// Whether an `If-None-Match` value names this entity tag (weak comparison, as RFC 9110 says
-/// for it), or is `*`.
-fn names_etag(value: &str, etag: &str) -> bool {
-    value
-        .split(',')
-        .map(str::trim)
-        .any(|tag| tag == "*" || tag.strip_prefix("W/").unwrap_or(tag) == etag)
-}
-
-/// The one range to serve: `None` for the whole image (no `Range`, an `If-Range` that is not
-/// this image's strong tag, a `Range` that does not parse, or several ranges); `Err` when it
-/// cannot be satisfied (416).
-fn wanted_range(
-    headers: &HeaderMap,
-    etag: &str,
-    size: u64,
-) -> Result<Option<std::ops::RangeInclusive<u64>>, ()> {
-    use http_range_header::RangeUnsatisfiableError;
-    let Some(range) = headers.get(header::RANGE).and_then(|v| v.to_str().ok()) else {
-        return Ok(None);
-    };
-    // If-Range: a date, or any tag but this image's own, means the client's copy may be of
-    // something else; it gets the whole image.
-    if headers
-        .get(header::IF_RANGE)
-        .is_some_and(|v| v.as_bytes() != etag.as_bytes())
-    {
-        return Ok(None);
-    }
-    match http_range_header::parse_range_header(range).and_then(|r| r.validate(size)) {
-        Ok(ranges) if ranges.len() == 1 => Ok(ranges.into_iter().next()),
-        Ok(_) | Err(RangeUnsatisfiableError::Invalid(_)) => Ok(None),
-        Err(_) => Err(()),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn headers(pairs: &[(header::HeaderName, &str)]) -> HeaderMap {
-        let mut map = HeaderMap::new();
-        for (name, value) in pairs {
-            map.insert(name.clone(), HeaderValue::from_str(value).unwrap());
-        }
-        map
-    }
-
-    #[test]
-    fn ranges_follow_rfc_9110() {
-        let tag = "\"abc\"";
-        let range = |pairs: &[(header::HeaderName, &str)]| wanted_range(&headers(pairs), tag, 1000);
-        assert_eq!(range(&[]), Ok(None));
-        assert_eq!(range(&[(header::RANGE, "bytes=0-99")]), Ok(Some(0..=99)));
-        assert_eq!(range(&[(header::RANGE, "bytes=900-")]), Ok(Some(900..=999)));
-        assert_eq!(range(&[(header::RANGE, "bytes=-10")]), Ok(Some(990..=999)));
-        assert_eq!(
-            range(&[(header::RANGE, "bytes=990-5000")]),
-            Ok(Some(990..=999))
-        );
-        assert_eq!(range(&[(header::RANGE, "bytes=1000-")]), Err(()));
-        assert_eq!(range(&[(header::RANGE, "bytes=0-1,5-9")]), Ok(None));
-        assert_eq!(range(&[(header::RANGE, "pages=1-2")]), Ok(None));
-        assert_eq!(range(&[(header::RANGE, "bytes=9-1")]), Ok(None));
-        assert_eq!(
-            range(&[(header::RANGE, "bytes=0-9"), (header::IF_RANGE, tag)]),
-            Ok(Some(0..=9))
-        );
-        for other in ["\"other\"", "W/\"abc\"", "Wed, 21 Oct 2015 07:28:00 GMT"] {
-            assert_eq!(
-                range(&[(header::RANGE, "bytes=0-9"), (header::IF_RANGE, other)]),
-                Ok(None),
-                "{other}"
-            );
-        }
-    }
-
-    #[test]
-    fn if_none_match_compares_weakly() {
-        assert!(names_etag("\"abc\"", "\"abc\""));
-        assert!(names_etag("W/\"abc\"", "\"abc\""));
-        assert!(names_etag("\"x\", \"abc\"", "\"abc\""));
-        assert!(names_etag("*", "\"abc\""));
-        assert!(!names_etag("\"abcd\"", "\"abc\""));
-    }
+    response
+        .body(serve::body(image.file.take(len), len))
+        .map_err(ApiError::internal)
 }

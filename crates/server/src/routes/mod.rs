@@ -5,6 +5,7 @@ mod auth;
 mod deployments;
 mod devices;
 mod docs;
+mod files;
 mod firmware;
 mod health;
 mod jobs;
@@ -49,6 +50,9 @@ pub const OPENAPI_PATH: &str = "/api/v1/openapi.json";
         (name = "deployments", description = "Firmware rollouts to a cohort of devices in \
             stages that halt themselves past an error threshold, each device followed to its \
             confirmation after the reboot (docs/ota.md); admins only."),
+        (name = "files", description = "Uploaded files: typed by their content, named \
+            safely, counted against quotas, downloaded by access with ranges and entity tags \
+            (docs/media.md)."),
         (name = "rooms", description = "Rooms, members, messages and presence. Realtime delivery \
             is the WebSocket at /ws (docs/protocol.md)."),
     ),
@@ -176,6 +180,12 @@ fn documented() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(devices::resolve))
         .routes(routes!(devices::fleet))
         .routes(routes!(devices::claim))
+        .routes(routes!(files::upload, files::list))
+        .routes(routes!(files::get, files::update, files::delete))
+        .routes(routes!(files::content))
+        .routes(routes!(files::my_usage))
+        .routes(routes!(files::user_usage))
+        .routes(routes!(files::set_quota, files::reset_quota))
         .routes(routes!(firmware::upload, firmware::list))
         .routes(routes!(firmware::get))
         .routes(routes!(firmware::retire))

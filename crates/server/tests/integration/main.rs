@@ -13,6 +13,7 @@ mod deployments;
 mod deployments_window;
 mod devices;
 mod errors;
+mod files;
 mod firmware;
 mod helpers;
 mod jobs;

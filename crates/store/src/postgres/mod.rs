@@ -19,6 +19,7 @@ use crate::{Backend, Health, Store, StoreError, StoreOptions};
 crate::queries::cron::cron_queries!(cron, super::PostgresStore);
 crate::queries::devices::device_queries!(devices, super::PostgresStore);
 crate::queries::firmware::firmware_queries!(firmware, super::PostgresStore);
+crate::queries::files::file_queries!(files, super::PostgresStore);
 crate::queries::deployments::deployment_queries!(deployments, super::PostgresStore);
 crate::queries::identity::identity_queries!(identity, super::PostgresStore);
 crate::queries::jobs::job_queries!(jobs, super::PostgresStore);

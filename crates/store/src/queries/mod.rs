@@ -8,6 +8,7 @@
 pub(crate) mod cron;
 pub(crate) mod deployments;
 pub(crate) mod devices;
+pub(crate) mod files;
 pub(crate) mod firmware;
 pub(crate) mod identity;
 pub(crate) mod jobs;

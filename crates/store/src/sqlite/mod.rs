@@ -18,6 +18,7 @@ use crate::{Backend, Health, Store, StoreError, StoreOptions};
 crate::queries::cron::cron_queries!(cron, super::SqliteStore);
 crate::queries::devices::device_queries!(devices, super::SqliteStore);
 crate::queries::firmware::firmware_queries!(firmware, super::SqliteStore);
+crate::queries::files::file_queries!(files, super::SqliteStore);
 crate::queries::deployments::deployment_queries!(deployments, super::SqliteStore);
 crate::queries::identity::identity_queries!(identity, super::SqliteStore);
 crate::queries::jobs::job_queries!(jobs, super::SqliteStore);

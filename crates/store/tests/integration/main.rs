@@ -149,6 +149,8 @@ mod deployments;
 
 mod devices;
 
+mod files;
+
 mod identity;
 
 mod jobs;
