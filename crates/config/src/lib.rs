@@ -309,6 +309,8 @@ config_keys! {
         files_admin_quota_bytes: u64 = 0, secret = false;
         /// Files one admin may keep. `0`: no limit.
         files_admin_quota_files: u64 = 0, secret = false;
+        /// How long a signed link to a file works when its maker names no `ttl` (60 s to 7 d).
+        files_link_ttl: HumanDuration = HumanDuration::secs(3600), secret = false;
         /// How long a signed firmware download link works (the offer a device gets carries one).
         ota_link_ttl: HumanDuration = HumanDuration::secs(3600), secret = false;
         /// How often each node moves deployments on: starts those due, fails devices past their

@@ -6,6 +6,7 @@
 
 pub mod clock;
 pub mod email;
+pub mod link;
 pub mod password;
 pub mod qr;
 pub mod ratelimit;
@@ -15,6 +16,7 @@ pub mod user;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use email::{Email, EmailError};
+pub use link::{LinkError, LinkSigner};
 pub use password::{PasswordPolicy, Violation};
 pub use ratelimit::{Reservation, SlidingWindow};
 pub use secret::OpaqueToken;

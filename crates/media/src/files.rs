@@ -69,6 +69,15 @@ pub enum FilesError {
     /// Too many uploads at once on this node.
     #[error("too many uploads at once; try again shortly")]
     Busy,
+    /// A link to a file whose access is `private`.
+    #[error("the file's access is private: set it to `link` to share it by link")]
+    NotShared,
+    /// A link this server did not sign for this file (or one its access no longer allows).
+    #[error("the link is not valid for this file")]
+    LinkInvalid,
+    /// A genuine link that has expired.
+    #[error("the link has expired")]
+    LinkExpired,
     /// The storage failed.
     #[error("storage: {0}")]
     Io(#[from] std::io::Error),
@@ -185,6 +194,31 @@ pub struct FilesConfig {
     pub admin_quota: FileQuota,
     /// Whether admin powers need a second factor.
     pub require_admin_mfa: bool,
+    /// How long a signed link works when its maker names no `ttl`.
+    pub link_ttl: std::time::Duration,
+}
+
+/// A signed link to a file's bytes.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct FileLink {
+    /// The path and query to fetch, relative to the server's address.
+    pub url: String,
+    /// Until when it works.
+    pub expires_at: DateTime<Utc>,
+}
+
+/// What a file link's signature covers comes after this.
+const LINK_DOMAIN: &str = "unhidra-file-link-v1";
+
+/// The store's meta key of the links' key (one for every node).
+const LINK_KEY_META: &str = "files_link_key";
+
+/// The longest a link may work: a week.
+pub const MAX_LINK_TTL: u64 = 7 * 24 * 3600;
+
+/// The path a file's bytes are served at, which its links are signed for.
+fn content_path(id: Uuid) -> String {
+    format!("/api/v1/files/{id}/content")
 }
 
 /// The file service; cloning it is cheap.
@@ -199,6 +233,7 @@ struct Inner {
     audit: AuditLog,
     config: FilesConfig,
     uploads: Arc<tokio::sync::Semaphore>,
+    links: unhidra_core::LinkSigner,
 }
 
 /// An upload under way: [`Files::write`] its chunks, then [`Files::finish`] it. Dropped
@@ -233,22 +268,31 @@ fn invalid(field: &'static str, code: &'static str, message: &str) -> FilesError
 }
 
 impl Files {
-    /// The service, over `storage`.
-    pub fn new(
+    /// The service, over `storage`; the key of its signed links is read from the store (made
+    /// there by the first node to start).
+    pub async fn open(
         store: Arc<dyn Store>,
         storage: Arc<dyn Storage>,
         clock: Arc<dyn Clock>,
         audit: AuditLog,
         config: FilesConfig,
-    ) -> Self {
-        Self(Arc::new(Inner {
+    ) -> Result<Self, FilesError> {
+        let key = store
+            .meta_get_or_insert(
+                LINK_KEY_META,
+                &unhidra_core::OpaqueToken::generate().hash(),
+                clock.now(),
+            )
+            .await?;
+        Ok(Self(Arc::new(Inner {
             store,
             storage,
             clock,
             audit,
             config,
             uploads: Arc::new(tokio::sync::Semaphore::new(MAX_UPLOADS)),
-        }))
+            links: unhidra_core::LinkSigner::new(key.into_bytes()),
+        })))
     }
 
     fn now(&self) -> DateTime<Utc> {
@@ -499,6 +543,102 @@ impl Files {
         };
         if !allowed || record.state != "ready" {
             return Err(FilesError::NotFound);
+        }
+        Ok(record)
+    }
+
+    /// A signed link to a file's bytes, for whoever holds it, valid `ttl` seconds (60 s to a
+    /// week; default `files_link_ttl`). The file's owner or an admin makes it, for a file whose
+    /// access is `link` (or `public`); setting the access back to `private` ends every link.
+    /// Audited.
+    pub async fn create_link(
+        &self,
+        who: &Principal,
+        id: Uuid,
+        ttl: Option<u64>,
+        ctx: &RequestContext,
+    ) -> Result<FileLink, FilesError> {
+        let record = self.visible(who, id).await?;
+        if record.access == Access::Private.as_str() {
+            return Err(FilesError::NotShared);
+        }
+        let ttl = match ttl {
+            Some(t) if (60..=MAX_LINK_TTL).contains(&t) => t,
+            Some(_) => {
+                return Err(invalid(
+                    "/ttl",
+                    "out_of_range",
+                    "a link works 60 seconds to a week",
+                ));
+            }
+            None => self.0.config.link_ttl.as_secs().clamp(60, MAX_LINK_TTL),
+        };
+        let expires = self.now().timestamp() + i64::try_from(ttl).unwrap_or(i64::MAX / 2);
+        let by = who.user_id.0.to_string();
+        let path = content_path(id);
+        let sig = self
+            .0
+            .links
+            .sign(LINK_DOMAIN, &["GET", &path, &by], expires);
+        self.0
+            .audit
+            .record(
+                "file.link_created",
+                Some(who.user_id),
+                Some(id.to_string()),
+                ctx,
+                serde_json::json!({ "expires": expires }),
+            )
+            .await;
+        Ok(FileLink {
+            url: format!("{path}?by={by}&expires={expires}&sig={sig}"),
+            expires_at: DateTime::from_timestamp(expires, 0).unwrap_or_else(|| self.now()),
+        })
+    }
+
+    /// A file to download with a signed link: the signature (constant time) before anything
+    /// else, then its expiry; then the file must still allow links, and the link's maker still
+    /// be its owner or an admin.
+    pub async fn record_for_link(
+        &self,
+        id: Uuid,
+        by: Uuid,
+        expires: i64,
+        sig: &str,
+    ) -> Result<FileRecord, FilesError> {
+        let by_text = by.to_string();
+        self.0
+            .links
+            .verify(
+                LINK_DOMAIN,
+                &["GET", &content_path(id), &by_text],
+                expires,
+                sig,
+                self.now().timestamp(),
+            )
+            .map_err(|e| match e {
+                unhidra_core::LinkError::Invalid => FilesError::LinkInvalid,
+                unhidra_core::LinkError::Expired => FilesError::LinkExpired,
+            })?;
+        let record = match self.0.store.file(id).await {
+            Ok(r) => r,
+            Err(StoreError::NotFound { .. }) => return Err(FilesError::NotFound),
+            Err(e) => return Err(e.into()),
+        };
+        if record.state != "ready" {
+            return Err(FilesError::NotFound);
+        }
+        if record.access == Access::Private.as_str() {
+            return Err(FilesError::LinkInvalid);
+        }
+        let maker_may = record.owner == Some(UserId(by))
+            || match self.0.store.user_by_id(UserId(by)).await {
+                Ok(u) => u.active && u.role == Role::Admin,
+                Err(StoreError::NotFound { .. }) => false,
+                Err(e) => return Err(e.into()),
+            };
+        if !maker_may {
+            return Err(FilesError::LinkInvalid);
         }
         Ok(record)
     }

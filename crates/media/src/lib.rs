@@ -8,5 +8,7 @@ pub mod kinds;
 pub mod names;
 pub mod storage;
 
-pub use files::{Access, FilePage, FileView, Files, FilesConfig, FilesError, Upload, UsageView};
+pub use files::{
+    Access, FileLink, FilePage, FileView, Files, FilesConfig, FilesError, Upload, UsageView,
+};
 pub use storage::{LocalStorage, Storage};

@@ -10,12 +10,9 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use base64::Engine as _;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chrono::{DateTime, Utc};
-use hmac::{Hmac, Mac};
 use serde::Serialize;
-use sha2::Sha256;
+use unhidra_core::LinkError;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
@@ -89,19 +86,6 @@ impl ImageCache {
     }
 }
 
-/// The bytes a link's signature covers.
-fn signed_text(sha256: &str, device: Uuid, expires: i64) -> String {
-    format!("{LINK_DOMAIN}\n{sha256}\n{device}\n{expires}")
-}
-
-fn mac(key: &[u8], sha256: &str, device: Uuid, expires: i64) -> Hmac<Sha256> {
-    // HMAC takes a key of any length; this cannot fail.
-    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key)
-        .unwrap_or_else(|_| unreachable!("HMAC accepts keys of any length"));
-    mac.update(signed_text(sha256, device, expires).as_bytes());
-    mac
-}
-
 impl Firmware {
     /// A signed link to an image for a device, valid for `ota_link_ttl` from now. The caller
     /// has decided that the device may have the image.
@@ -123,13 +107,13 @@ impl Firmware {
         let end = (now + ttl).max(until);
         let expires_at = DateTime::from_timestamp(end.timestamp(), 0).unwrap_or(end);
         let expires = expires_at.timestamp();
-        let sig = mac(self.link_key(), sha256, device, expires)
-            .finalize()
-            .into_bytes();
+        let device = device.to_string();
+        let sig = self
+            .link_signer()
+            .sign(LINK_DOMAIN, &[sha256, &device], expires);
         DownloadLink {
             url: format!(
-                "/api/v1/firmware/{sha256}/image?device={device}&expires={expires}&sig={}",
-                URL_SAFE_NO_PAD.encode(sig)
+                "/api/v1/firmware/{sha256}/image?device={device}&expires={expires}&sig={sig}"
             ),
             expires_at,
         }
@@ -138,16 +122,19 @@ impl Firmware {
     /// Checks a presented link to an image: its signature (in constant time), then its expiry.
     pub fn check_link(&self, sha256: &str, link: &PresentedLink<'_>) -> Result<(), FirmwareError> {
         let sha256 = crate::firmware::sha_of(sha256)?;
-        let sig = URL_SAFE_NO_PAD
-            .decode(link.sig)
-            .map_err(|_| FirmwareError::LinkInvalid)?;
-        mac(self.link_key(), &sha256, link.device, link.expires)
-            .verify_slice(&sig)
-            .map_err(|_| FirmwareError::LinkInvalid)?;
-        if link.expires <= self.clock().now().timestamp() {
-            return Err(FirmwareError::LinkExpired);
-        }
-        Ok(())
+        let device = link.device.to_string();
+        self.link_signer()
+            .verify(
+                LINK_DOMAIN,
+                &[&sha256, &device],
+                link.expires,
+                link.sig,
+                self.clock().now().timestamp(),
+            )
+            .map_err(|e| match e {
+                LinkError::Invalid => FirmwareError::LinkInvalid,
+                LinkError::Expired => FirmwareError::LinkExpired,
+            })
     }
 
     /// An image to serve, by its SHA-256: its facts (cached once read) and its file opened.
@@ -197,27 +184,6 @@ fn download_name(project: &str, version: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_link_covers_the_image_the_device_and_the_expiry() {
-        let key = b"key";
-        let sha = "a".repeat(64);
-        let device = Uuid::new_v4();
-        let sig = mac(key, &sha, device, 100).finalize().into_bytes();
-        assert!(mac(key, &sha, device, 100).verify_slice(&sig).is_ok());
-        assert!(
-            mac(key, &"b".repeat(64), device, 100)
-                .verify_slice(&sig)
-                .is_err()
-        );
-        assert!(
-            mac(key, &sha, Uuid::new_v4(), 100)
-                .verify_slice(&sig)
-                .is_err()
-        );
-        assert!(mac(key, &sha, device, 101).verify_slice(&sig).is_err());
-        assert!(mac(b"other", &sha, device, 100).verify_slice(&sig).is_err());
-    }
 
     #[test]
     fn download_names_are_plain() {

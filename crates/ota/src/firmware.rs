@@ -191,7 +191,7 @@ struct Inner {
     config: FirmwareConfig,
     audit: AuditLog,
     /// The key download links are signed with, shared by every node through the store.
-    link_key: Vec<u8>,
+    links: unhidra_core::LinkSigner,
     cache: ImageCache,
     metrics: crate::OtaMetrics,
     uploads: Arc<tokio::sync::Semaphore>,
@@ -228,7 +228,7 @@ impl Firmware {
             clock,
             config,
             audit,
-            link_key,
+            links: unhidra_core::LinkSigner::new(link_key),
             cache: ImageCache::default(),
             metrics,
             uploads: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_UPLOADS)),
@@ -243,8 +243,8 @@ impl Firmware {
         &self.0.config
     }
 
-    pub(crate) fn link_key(&self) -> &[u8] {
-        &self.0.link_key
+    pub(crate) fn link_signer(&self) -> &unhidra_core::LinkSigner {
+        &self.0.links
     }
 
     pub(crate) fn cache(&self) -> &ImageCache {

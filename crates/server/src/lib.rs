@@ -535,7 +535,7 @@ async fn files_service(
         .await
         .map_err(|e| StartError::Files(e.to_string()))?;
     let limit = |n: u64| (n > 0).then(|| i64::try_from(n).unwrap_or(i64::MAX));
-    Ok(unhidra_media::Files::new(
+    unhidra_media::Files::open(
         Arc::clone(store),
         Arc::new(storage),
         Arc::clone(clock),
@@ -551,8 +551,11 @@ async fn files_service(
                 max_files: limit(config.files_admin_quota_files),
             },
             require_admin_mfa: config.require_admin_mfa,
+            link_ttl: config.files_link_ttl.0,
         },
-    ))
+    )
+    .await
+    .map_err(|e| StartError::Files(e.to_string()))
 }
 
 async fn firmware_service(

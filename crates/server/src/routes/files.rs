@@ -11,7 +11,7 @@ use axum::response::Response;
 use futures_util::StreamExt;
 use serde::Deserialize;
 use unhidra_core::UserId;
-use unhidra_media::{Access, FilePage, FileView, FilesError, UsageView};
+use unhidra_media::{Access, FileLink, FilePage, FileView, FilesError, UsageView};
 use unhidra_store::files::FileQuota;
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
@@ -71,6 +71,15 @@ impl From<FilesError> for ApiError {
             FilesError::Empty => Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "empty_file", message).into(),
             FilesError::Invalid(field, code, _) => {
                 Self::validation(vec![FieldError::new(field, code, message)])
+            }
+            FilesError::NotShared => {
+                Problem::new(StatusCode::CONFLICT, "file_not_shared", message).into()
+            }
+            FilesError::LinkInvalid => {
+                Problem::new(StatusCode::FORBIDDEN, "link_invalid", message).into()
+            }
+            FilesError::LinkExpired => {
+                Problem::new(StatusCode::GONE, "link_expired", message).into()
             }
             FilesError::Busy => ApiError::new(
                 Problem::new(StatusCode::SERVICE_UNAVAILABLE, "uploads_busy", message)
@@ -245,18 +254,73 @@ pub(crate) async fn delete(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// A file's bytes: a public file for anyone, others for their owner or an admin. `HEAD`,
+/// A signed link's query.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct ContentParams {
+    /// Who made the link.
+    #[param(max_length = 36)]
+    by: Option<String>,
+    /// Until when it works, Unix seconds.
+    expires: Option<i64>,
+    /// Its signature.
+    #[param(max_length = 100)]
+    sig: Option<String>,
+}
+
+/// A link's lifetime.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct LinkRequest {
+    /// Seconds it works, 60 to 604800 (default `files_link_ttl`).
+    #[serde(default)]
+    ttl: Option<u64>,
+}
+
+/// Makes a signed link to a file's bytes, for anyone who holds it (the file's access must be
+/// `link` or `public`; setting it to `private` ends every link). Audited.
+#[utoipa::path(post, path = "/api/v1/files/{id}/links", tag = "files", security(("bearer" = [])),
+    params(("id" = String, Path, description = "The file's id")),
+    request_body = LinkRequest,
+    responses(
+        (status = 201, description = "The link", body = FileLink),
+        (status = 404, description = "No such file of yours", body = Problem,
+            content_type = "application/problem+json"),
+        (status = 409, description = "`file_not_shared`: its access is `private`", body = Problem,
+            content_type = "application/problem+json"),
+    ))]
+pub(crate) async fn create_link(
+    State(state): State<AppState>,
+    Auth(who, ..): Auth,
+    Ctx(ctx): Ctx,
+    Path(id): Path<String>,
+    Json(request): Json<LinkRequest>,
+) -> Result<(StatusCode, JsonResponse<FileLink>), ApiError> {
+    let link = state
+        .files()
+        .create_link(&who, file_id(&id)?, request.ttl, &ctx)
+        .await?;
+    Ok((StatusCode::CREATED, JsonResponse(link)))
+}
+
+/// A file's bytes: a public file for anyone, others for their owner or an admin, or with a
+/// signed link's `by`, `expires` and `sig` (403 `link_invalid`, 410 `link_expired`). `HEAD`,
 /// `Range` (206; 416 past the end), a strong `ETag` (its SHA-256) for `If-None-Match` (304)
 /// and `If-Range`; served as an attachment with `nosniff` and a sandboxing CSP, so that
 /// nothing uploaded runs in this origin.
 #[utoipa::path(get, path = "/api/v1/files/{id}/content", tag = "files", security(("bearer" = []), ()),
-    params(("id" = String, Path, description = "The file's id")),
+    params(("id" = String, Path, description = "The file's id"), ContentParams),
     responses(
         (status = 200, description = "The file", body = Vec<u8>, content_type = "application/octet-stream"),
         (status = 206, description = "The range asked for", body = Vec<u8>,
             content_type = "application/octet-stream"),
         (status = 304, description = "`If-None-Match` names it"),
+        (status = 403, description = "`link_invalid`", body = Problem,
+            content_type = "application/problem+json"),
         (status = 404, description = "No such file that you may read", body = Problem,
+            content_type = "application/problem+json"),
+        (status = 410, description = "`link_expired`", body = Problem,
             content_type = "application/problem+json"),
         (status = 416, description = "`range_not_satisfiable`", body = Problem,
             content_type = "application/problem+json"),
@@ -264,21 +328,33 @@ pub(crate) async fn delete(
 pub(crate) async fn content(
     State(state): State<AppState>,
     Path(id): Path<String>,
+    Query(link): Query<ContentParams>,
     method: Method,
     mut parts: Parts,
 ) -> Result<Response, ApiError> {
     let id = file_id(&id)?;
-    let who = if bearer(&parts.headers).is_some() {
-        Some(
-            Auth::<crate::http::auth::AnyUser>::from_request_parts(&mut parts, &state)
-                .await?
-                .0,
-        )
-    } else {
-        None
-    };
     let files = state.files();
-    let record = files.record_for_download(who.as_ref(), id).await?;
+    let record = if link.by.is_some() || link.expires.is_some() || link.sig.is_some() {
+        let (Some(by), Some(expires), Some(sig)) = (
+            link.by.as_deref().and_then(|b| Uuid::try_parse(b).ok()),
+            link.expires,
+            link.sig.as_deref(),
+        ) else {
+            return Err(FilesError::LinkInvalid.into());
+        };
+        files.record_for_link(id, by, expires, sig).await?
+    } else {
+        let who = if bearer(&parts.headers).is_some() {
+            Some(
+                Auth::<crate::http::auth::AnyUser>::from_request_parts(&mut parts, &state)
+                    .await?
+                    .0,
+            )
+        } else {
+            None
+        };
+        files.record_for_download(who.as_ref(), id).await?
+    };
     let size = u64::try_from(record.size).unwrap_or_default();
     let etag = format!("\"{}\"", record.sha256);
     let plan = serve::plan(&parts.headers, &etag, size);

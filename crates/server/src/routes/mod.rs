@@ -183,6 +183,7 @@ fn documented() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(files::upload, files::list))
         .routes(routes!(files::get, files::update, files::delete))
         .routes(routes!(files::content))
+        .routes(routes!(files::create_link))
         .routes(routes!(files::my_usage))
         .routes(routes!(files::user_usage))
         .routes(routes!(files::set_quota, files::reset_quota))

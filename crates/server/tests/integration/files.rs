@@ -354,3 +354,102 @@ async fn chunked_upload(app: &TestApp, token: &str, name: &str, chunks: usize) -
         .unwrap_or(0);
     (status, answer)
 }
+
+#[tokio::test]
+async fn signed_links_share_a_file_until_they_expire_or_its_access_is_private() {
+    let clock = std::sync::Arc::new(unhidra_core::ManualClock::new(chrono::Utc::now()));
+    let db = unhidra_store::testing::TestDb::new(default_backend()).await;
+    let app = TestApp::spawn_on(
+        db,
+        with_admin,
+        None,
+        clock.clone() as std::sync::Arc<dyn unhidra_core::Clock>,
+    )
+    .await;
+    let (alice_id, alice) = user(&app, "alice@example.com").await;
+    let (bob_id, bob) = user(&app, "bob@example.com").await;
+    let made: Value = upload(&app, &alice, "map.png", PNG.to_vec())
+        .await
+        .json()
+        .await
+        .unwrap();
+    let id = made["id"].as_str().unwrap();
+    let link = |token: &str, body: Value| {
+        app.client
+            .post(app.url(&format!("/api/v1/files/{id}/links")))
+            .bearer_auth(token.to_owned())
+            .json(&body)
+            .send()
+    };
+    // A private file has no links; nor does Bob make one for Alice's file.
+    problem(
+        link(&alice, json!({})).await.unwrap(),
+        409,
+        "file_not_shared",
+    )
+    .await;
+    app.client
+        .patch(app.url(&format!("/api/v1/files/{id}")))
+        .bearer_auth(&alice)
+        .json(&json!({ "access": "link" }))
+        .send()
+        .await
+        .unwrap();
+    problem(link(&bob, json!({})).await.unwrap(), 404, "not_found").await;
+    let bad_ttl = link(&alice, json!({ "ttl": 10 })).await.unwrap();
+    let bad_ttl = problem(bad_ttl, 422, "validation_failed").await;
+    assert_eq!(bad_ttl["errors"][0]["field"], "/ttl");
+    let made = link(&alice, json!({ "ttl": 600 })).await.unwrap();
+    assert_eq!(made.status(), 201);
+    let url = made.json::<Value>().await.unwrap()["url"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // Anyone with the link, signed in or not, gets the bytes.
+    let got = app.get(&url).await;
+    assert_eq!(got.status(), 200);
+    assert_eq!(got.bytes().await.unwrap().as_ref(), PNG);
+    // A link changed in any part is not one.
+    let sig = url.rsplit_once("sig=").unwrap().1.to_owned();
+    let other_sig = format!(
+        "{}{}",
+        &sig[..sig.len() - 2],
+        if sig.ends_with("AA") { "BB" } else { "AA" }
+    );
+    let expires: i64 = url
+        .split("expires=")
+        .nth(1)
+        .unwrap()
+        .split('&')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    for tampered in [
+        url.replace(&sig, &other_sig),
+        url.replace(
+            &format!("expires={expires}"),
+            &format!("expires={}", expires + 3600),
+        ),
+        url.replace(&format!("by={alice_id}"), &format!("by={bob_id}")),
+        url.split("&sig=").next().unwrap().to_owned(),
+    ] {
+        problem(app.get(&tampered).await, 403, "link_invalid").await;
+    }
+    let other_file = url.replace(id, &uuid::Uuid::new_v4().to_string());
+    problem(app.get(&other_file).await, 403, "link_invalid").await;
+    // Expired: 410.
+    clock.advance(chrono::Duration::seconds(601));
+    problem(app.get(&url).await, 410, "link_expired").await;
+    clock.advance(chrono::Duration::seconds(-601));
+    assert_eq!(app.get(&url).await.status(), 200);
+    // Private again: every link ends.
+    app.client
+        .patch(app.url(&format!("/api/v1/files/{id}")))
+        .bearer_auth(&alice)
+        .json(&json!({ "access": "private" }))
+        .send()
+        .await
+        .unwrap();
+    problem(app.get(&url).await, 403, "link_invalid").await;
+}
