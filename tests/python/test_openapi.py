@@ -185,6 +185,23 @@ def prepare_cron(server):
     return name
 
 
+def prepare_file(server):
+    """The id of a file of the admin's, shared by link, for the run to make links to."""
+    base = server.base_url
+    admin = requests.post(
+        f"{base}/api/v1/auth/login", json={"email": ADMIN_EMAIL, "password": ADMIN_PASSWORD}, timeout=10
+    ).json()["access_token"]
+    made = requests.post(
+        f"{base}/api/v1/files",
+        params={"name": "shared.txt", "access": "link"},
+        headers={"Authorization": f"Bearer {admin}"},
+        data=b"shared by link\n",
+        timeout=10,
+    )
+    made.raise_for_status()
+    return made.json()["id"]
+
+
 def prepare_devices(server):
     """Two devices of the admin (one for the run to delete, one with a command that has
     expired), a provisioning token for the run to revoke, and an open alert of a third,
@@ -273,7 +290,9 @@ def test_every_operation_conforms_to_the_document(server, server_binary):
     job = prepare_job(server)
     cron = prepare_cron(server)
     device, deleted_device, alert, command, token = prepare_devices(server)
+    shared_file = prepare_file(server)
     env = {
+        "ST_FILE_ID": shared_file,
         "ST_TOKEN_ID": token,
         "ST_FIRMWARE_SHA": firmware,
         "ST_DEPLOYMENT_ID": to_pause,

@@ -21,6 +21,12 @@ use crate::storage::{ObjectWriter, Reader, Storage};
 /// Uploads at once per node; past it, `Busy`.
 pub const MAX_UPLOADS: usize = 32;
 
+/// Uploads at once per user on one node, so that one account cannot hold every slot.
+pub const MAX_UPLOADS_PER_USER: usize = 4;
+
+/// The longest name an upload may give (it is kept shorter: `names::MAX_NAME_CHARS`).
+pub const MAX_GIVEN_NAME_CHARS: usize = 1000;
+
 /// The most files one listing page has.
 pub const MAX_PAGE: u32 = 200;
 
@@ -233,7 +239,30 @@ struct Inner {
     audit: AuditLog,
     config: FilesConfig,
     uploads: Arc<tokio::sync::Semaphore>,
+    /// Uploads under way, per user.
+    uploading: Arc<std::sync::Mutex<std::collections::HashMap<UserId, usize>>>,
     links: unhidra_core::LinkSigner,
+}
+
+/// A user's place among the uploads under way; given back when dropped.
+struct UserSlot {
+    uploading: Arc<std::sync::Mutex<std::collections::HashMap<UserId, usize>>>,
+    user: UserId,
+}
+
+impl Drop for UserSlot {
+    fn drop(&mut self) {
+        let mut map = self
+            .uploading
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = map.get_mut(&self.user) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.user);
+            }
+        }
+    }
 }
 
 /// An upload under way: [`Files::write`] its chunks, then [`Files::finish`] it. Dropped
@@ -252,6 +281,7 @@ pub struct Upload {
     hasher: Sha256,
     size: u64,
     _slot: tokio::sync::OwnedSemaphorePermit,
+    _user_slot: UserSlot,
 }
 
 impl std::fmt::Debug for Upload {
@@ -291,6 +321,7 @@ impl Files {
             audit,
             config,
             uploads: Arc::new(tokio::sync::Semaphore::new(MAX_UPLOADS)),
+            uploading: Arc::default(),
             links: unhidra_core::LinkSigner::new(key.into_bytes()),
         })))
     }
@@ -323,6 +354,13 @@ impl Files {
         access: Access,
         declared: Option<u64>,
     ) -> Result<Upload, FilesError> {
+        if name.chars().count() > MAX_GIVEN_NAME_CHARS {
+            return Err(invalid(
+                "name",
+                "invalid_length",
+                "a name has at most 1000 characters",
+            ));
+        }
         let name = names::sanitise(name)?;
         let max = self.0.config.max_bytes;
         if declared.is_some_and(|d| d > max) {
@@ -342,6 +380,22 @@ impl Files {
                 usage,
             });
         }
+        let user_slot = {
+            let mut map = self
+                .0
+                .uploading
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let n = map.entry(who.user_id).or_default();
+            if *n >= MAX_UPLOADS_PER_USER {
+                return Err(FilesError::Busy);
+            }
+            *n += 1;
+            UserSlot {
+                uploading: Arc::clone(&self.0.uploading),
+                user: who.user_id,
+            }
+        };
         let slot = Arc::clone(&self.0.uploads)
             .try_acquire_owned()
             .map_err(|_| FilesError::Busy)?;
@@ -370,6 +424,7 @@ impl Files {
             hasher: Sha256::new(),
             size: 0,
             _slot: slot,
+            _user_slot: user_slot,
         })
     }
 
@@ -426,7 +481,6 @@ impl Files {
         let Some(writer) = upload.writer.take() else {
             return Err(std::io::Error::other("the upload is finished").into());
         };
-        writer.finish().await?;
         let sha256 = unhidra_core::hex(&std::mem::take(&mut upload.hasher).finalize());
         let record = FileRecord {
             id: upload.id,
@@ -443,22 +497,22 @@ impl Files {
             expires_at: None,
             deleted_at: None,
         };
-        let stored = match self.0.store.create_file(&record, &upload.quota).await {
-            Ok(stored) => stored,
-            Err(e) => {
-                self.remove_object(&upload.key).await;
-                return Err(e.into());
-            }
-        };
-        if !stored {
-            self.remove_object(&upload.key).await;
+        // From here to the record the work runs in a task of its own: a client that goes away
+        // (or a request timeout) cannot stop it between the object and its record, which would
+        // leave bytes no quota counts.
+        let files = self.clone();
+        let quota = upload.quota;
+        let stored = tokio::spawn(async move { files.store_object(writer, record, quota).await })
+            .await
+            .map_err(|e| FilesError::Io(std::io::Error::other(e)))??;
+        let Some(record) = stored else {
             let usage = self.0.store.file_usage(upload.owner).await?;
             return Err(FilesError::QuotaExceeded {
                 max_bytes: upload.quota.max_bytes,
                 max_files: upload.quota.max_files,
                 usage,
             });
-        }
+        };
         self.0
             .audit
             .record(
@@ -473,6 +527,34 @@ impl Files {
             )
             .await;
         Ok(FileView::from(&record))
+    }
+
+    /// Makes an upload's object durable, then stores its record within `quota`; the record,
+    /// or `None` over the quota (the object removed). A failed store call removes the object
+    /// only when the record is not there (a commit whose answer was lost may have stored it).
+    async fn store_object(
+        &self,
+        writer: Box<dyn ObjectWriter>,
+        record: FileRecord,
+        quota: FileQuota,
+    ) -> Result<Option<FileRecord>, FilesError> {
+        writer.finish().await?;
+        match self.0.store.create_file(&record, &quota).await {
+            Ok(true) => Ok(Some(record)),
+            Ok(false) => {
+                self.remove_object(&record.storage_key).await;
+                Ok(None)
+            }
+            Err(e) => {
+                if matches!(
+                    self.0.store.file(record.id).await,
+                    Err(StoreError::NotFound { .. })
+                ) {
+                    self.remove_object(&record.storage_key).await;
+                }
+                Err(e.into())
+            }
+        }
     }
 
     async fn remove_object(&self, key: &str) {
@@ -692,8 +774,12 @@ impl Files {
             return Err(FilesError::NotFound);
         };
         // The record says deleted whatever happens next: a storage that fails here leaves an
-        // orphan object for the cleanup, never a file that is served.
-        if let Err(e) = self.0.storage.delete(&record.storage_key).await {
+        // orphan object for the cleanup, never a file that is served. In a task of its own,
+        // so that a client that goes away does not stop it.
+        let storage = Arc::clone(&self.0.storage);
+        let key = record.storage_key.clone();
+        let removed = tokio::spawn(async move { storage.delete(&key).await }).await;
+        if let Ok(Err(e)) = removed {
             tracing::warn!(file = %id, error = %e, "a deleted file's object was not removed");
         }
         self.0

@@ -38,28 +38,32 @@ pub fn sanitise(name: &str) -> Result<String, NameError> {
     if cleaned.is_empty() {
         return Err(NameError::Empty);
     }
-    for part in cleaned.split('.').skip(1) {
+    let kept = if cleaned.chars().count() <= MAX_NAME_CHARS {
+        cleaned.to_owned()
+    } else {
+        let ext = extension(cleaned)
+            .map(|e| format!(".{e}"))
+            .unwrap_or_default();
+        let keep = MAX_NAME_CHARS.saturating_sub(ext.chars().count());
+        cleaned.chars().take(keep).collect::<String>() + &ext
+    };
+    // Checked on the name as kept: shortening must not make an extension that runs.
+    for part in kept.split('.').skip(1) {
         let part = part.trim().to_ascii_lowercase();
         if EXECUTABLE.contains(&part.as_str()) {
             return Err(NameError::Executable(part));
         }
     }
-    if cleaned.chars().count() <= MAX_NAME_CHARS {
-        return Ok(cleaned.to_owned());
-    }
-    let ext = extension(cleaned)
-        .map(|e| format!(".{e}"))
-        .unwrap_or_default();
-    let keep = MAX_NAME_CHARS.saturating_sub(ext.chars().count());
-    Ok(cleaned.chars().take(keep).collect::<String>() + &ext)
+    Ok(kept)
 }
 
 /// Unicode format characters (`Cf`) that change how a name reads: bidirectional marks,
 /// overrides and isolates, zero-width characters, the byte-order mark.
 fn is_format(c: char) -> bool {
     matches!(c,
-        '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2060}'..='\u{2064}'
-        | '\u{2066}'..='\u{2069}' | '\u{feff}' | '\u{00ad}')
+        '\u{00ad}' | '\u{061c}' | '\u{180e}' | '\u{200b}'..='\u{200f}'
+        | '\u{2028}'..='\u{202e}' | '\u{2060}'..='\u{206f}' | '\u{feff}'
+        | '\u{fff9}'..='\u{fffb}' | '\u{e0000}'..='\u{e007f}')
 }
 
 /// A name's extension, lower case, if it has one (`archive.tar.gz` → `gz`).
@@ -81,6 +85,7 @@ mod tests {
             ("re\u{0}port\n.txt", "report.txt"),
             // "gnp.exe" shown as "exe.png" by a right-to-left override: the override goes.
             ("photo\u{202e}gnp.txt", "photognp.txt"),
+            ("a\u{2028}b\u{061c}c\u{e0041}.txt", "abc.txt"),
             ("  .hidden.png. ", "hidden.png"),
             (
                 "thermal 2026-03-01 12:00.tiff",
@@ -117,6 +122,13 @@ mod tests {
         let kept = sanitise(&long).unwrap();
         assert_eq!(kept.chars().count(), MAX_NAME_CHARS);
         assert!(kept.ends_with(".png"));
+        // Shortened into an extension that runs: refused.
+        let trick = format!("{}.htmlzzzz.png", "x".repeat(191));
+        assert!(
+            matches!(sanitise(&trick), Err(NameError::Executable(_))),
+            "{:?}",
+            sanitise(&trick)
+        );
         assert_eq!(extension("a.tar.GZ").as_deref(), Some("gz"));
         assert_eq!(extension(".png"), None);
         assert_eq!(extension("README"), None);

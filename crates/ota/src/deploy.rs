@@ -1537,11 +1537,24 @@ impl Deployments {
                 continue;
             }
             let image = self.0.store.firmware(&d.firmware_sha256).await?;
-            if boot.firmware.as_deref() == Some(image.version.as_str())
+            // A retired image takes no new device; nor does a deployment at the cohort's size.
+            if image.retired_at.is_some()
+                || boot.firmware.as_deref() == Some(image.version.as_str())
                 || boot
                     .secure_version
                     .is_some_and(|v| v > image.secure_version)
             {
+                continue;
+            }
+            let members: u64 = self
+                .0
+                .store
+                .deployment_counts(d.id)
+                .await?
+                .iter()
+                .map(|c| c.count)
+                .sum();
+            if members >= MAX_COHORT as u64 {
                 continue;
             }
             let stages: Vec<StoredStage> = parse_stored(&d.stages)?;

@@ -78,14 +78,15 @@ impl Window {
     }
 
     /// The zone's wall-clock time `at` on `day` in UTC: in a daylight-saving gap, the first
-    /// instant after it; in an overlap, the earlier one.
+    /// minute after it; in an overlap, the earlier one.
     fn instant(&self, day: NaiveDate, at: NaiveTime) -> DateTime<Utc> {
         let mut local = day.and_time(at);
-        for _ in 0..4 {
+        // Gaps are whole minutes, at most a few hours long.
+        for _ in 0..=240 {
             if let Some(t) = self.zone.from_local_datetime(&local).earliest() {
                 return t.with_timezone(&Utc);
             }
-            local += Duration::minutes(30);
+            local += Duration::minutes(1);
         }
         // No zone has a gap longer than two hours; fall back to reading it as UTC.
         Utc.from_utc_datetime(&day.and_time(at))
@@ -211,6 +212,15 @@ mod tests {
             Opening {
                 start: at("2026-03-29T01:00:00Z"),
                 end: at("2026-03-29T02:00:00Z")
+            }
+        );
+        // 02:15 in the gap opens at 03:00 too, not half an hour later.
+        let quarter = window("02:15", "03:05", "Europe/Berlin");
+        assert_eq!(
+            quarter.next_opening(at("2026-03-28T12:00:00Z")),
+            Opening {
+                start: at("2026-03-29T01:00:00Z"),
+                end: at("2026-03-29T01:05:00Z")
             }
         );
         // Summer: UTC+2.

@@ -160,6 +160,37 @@ impl Watches {
         );
     }
 
+    /// The connection authenticated again (an `auth` frame): updates are shown as the new
+    /// credentials allow (a role that changed since, on any node, counts from here), and
+    /// topics they no longer allow end, each told with `watching` `active: false`.
+    pub(crate) fn reauthenticated(&mut self, state: &AppState, who: &Principal) {
+        let ended: Vec<Topic> = {
+            let mut watching = self.lock();
+            watching.who = who.clone();
+            if state.deployments().may_watch(who) {
+                Vec::new()
+            } else {
+                let ended: Vec<Topic> = watching
+                    .topics
+                    .iter()
+                    .copied()
+                    .filter(|t| *t != Topic::Fleet)
+                    .collect();
+                watching.topics.retain(|t| *t == Topic::Fleet);
+                ended
+            }
+        };
+        for topic in ended {
+            state.chat().hub().send_to(
+                self.id,
+                &ServerFrame::Watching {
+                    topic: topic.name(),
+                    active: false,
+                },
+            );
+        }
+    }
+
     /// An `unwatch` frame: answered with `watching` and `active: false` (also for a topic that
     /// was not watched), or `invalid_topic`.
     pub(crate) fn unwatch(&mut self, hub: &Hub, name: &str) {
@@ -282,7 +313,14 @@ async fn forward(
             event = deployments.recv() => {
                 match event {
                     Ok(event) => {
-                        let topics = deployment_topics(&lock(), &event);
+                        let topics = {
+                            let watching = lock();
+                            // Checked at each update too: what `watch` allowed must still hold.
+                            if !state.deployments().may_watch(&watching.who) {
+                                continue;
+                            }
+                            deployment_topics(&watching, &event)
+                        };
                         if topics.is_empty() {
                             continue;
                         }

@@ -286,6 +286,7 @@ async fn run(
                         Handled::Authenticate(token) => {
                             let verified = state.identity().authenticate_until(&token).await.ok();
                             conn.reauthenticated(verified);
+                            watches.reauthenticated(&state, conn.who());
                         }
                         Handled::Watch(topic) => watches.watch(&state, conn.who(), topic).await,
                         Handled::Unwatch(topic) => watches.unwatch(hub, &topic),

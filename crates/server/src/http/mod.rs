@@ -28,15 +28,35 @@ pub use finish::{REQUEST_ID, TraceId};
 use crate::error::{ApiError, InternalCause};
 use crate::state::AppState;
 
+/// Compress only answers that do not offer byte ranges: a range of a compressed body would
+/// be counted in bytes of the other one, under the same strong tag.
+#[derive(Debug, Clone, Copy)]
+struct NotRanged;
+
+impl tower_http::compression::predicate::Predicate for NotRanged {
+    fn should_compress<B>(&self, response: &axum::http::Response<B>) -> bool
+    where
+        B: axum::body::HttpBody,
+    {
+        !response
+            .headers()
+            .contains_key(axum::http::header::ACCEPT_RANGES)
+    }
+}
+
 /// Wraps `routes` (the API and every other route) in the middleware stack.
 pub(crate) fn with_middleware(routes: Router<AppState>, state: &AppState) -> Router {
     let config = state.config();
     let body_limit = usize::try_from(config.body_limit).unwrap_or(usize::MAX);
     let stack = ServiceBuilder::new()
-        // Binary downloads (firmware) keep their length and byte ranges: never compressed.
-        .layer(CompressionLayer::new().compress_when(
-            DefaultPredicate::new().and(NotForContentType::const_new("application/octet-stream")),
-        ))
+        // Downloads (firmware, files) keep their length, tag and byte ranges: never compressed.
+        .layer(
+            CompressionLayer::new().compress_when(
+                DefaultPredicate::new()
+                    .and(NotForContentType::const_new("application/octet-stream"))
+                    .and(NotRanged),
+            ),
+        )
         .layer(middleware::from_fn_with_state(
             security::Headers::new(config),
             security::headers,

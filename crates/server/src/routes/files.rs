@@ -98,7 +98,7 @@ impl From<FilesError> for ApiError {
 pub(crate) struct UploadParams {
     /// The file's name (sanitised: no path, no control characters, no extension that runs;
     /// its extension must be its content's type, and is added when missing).
-    #[param(max_length = 1000)]
+    #[param(min_length = 1, max_length = 1000)]
     name: String,
     /// Who may download it (default `private`).
     #[serde(default)]
@@ -161,9 +161,10 @@ pub(crate) async fn upload(
 #[into_params(parameter_in = Query)]
 pub(crate) struct ListParams {
     /// The `next_cursor` of the page before.
-    #[param(max_length = 100)]
+    #[param(pattern = "^[0-9]{1,18}_[0-9a-f]{32}$")]
     cursor: Option<String>,
     /// Files per page, 1–200 (default 50).
+    #[param(minimum = 1, maximum = 200)]
     limit: Option<u32>,
 }
 
@@ -312,9 +313,10 @@ pub(crate) async fn create_link(
 #[utoipa::path(get, path = "/api/v1/files/{id}/content", tag = "files", security(("bearer" = []), ()),
     params(("id" = String, Path, description = "The file's id"), ContentParams),
     responses(
-        (status = 200, description = "The file", body = Vec<u8>, content_type = "application/octet-stream"),
+        (status = 200, description = "The file, of the type its content has (one of the \
+            accepted ones)", body = Vec<u8>, content_type = "*/*"),
         (status = 206, description = "The range asked for", body = Vec<u8>,
-            content_type = "application/octet-stream"),
+            content_type = "*/*"),
         (status = 304, description = "`If-None-Match` names it"),
         (status = 403, description = "`link_invalid`", body = Problem,
             content_type = "application/problem+json"),
@@ -361,10 +363,12 @@ pub(crate) async fn content(
     if plan == Plan::Unsatisfiable {
         return Ok(serve::unsatisfiable(size));
     }
+    // Revalidated at each use (cheap with the tag): a file made private or deleted is not
+    // served from a cache afterwards.
     let cache = if record.access == "public" {
-        "public, max-age=3600"
+        "public, no-cache"
     } else {
-        "private, max-age=3600"
+        "private, no-cache"
     };
     let response = serve::start(plan, &etag, size)
         .header(header::CACHE_CONTROL, cache)
@@ -451,8 +455,10 @@ pub(crate) async fn user_usage(
 #[serde(deny_unknown_fields)]
 pub(crate) struct QuotaChange {
     /// The most bytes (`null`: no limit).
+    #[schema(minimum = 0)]
     max_bytes: Option<i64>,
     /// The most files (`null`: no limit).
+    #[schema(minimum = 0)]
     max_files: Option<i64>,
 }
 

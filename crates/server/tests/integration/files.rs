@@ -218,7 +218,7 @@ async fn files_are_typed_by_their_content_and_served_with_tags_ranges_and_a_sand
     assert_eq!(shared.status(), 200);
     let anyone = app.get(&path).await;
     assert_eq!(anyone.status(), 200);
-    assert_eq!(anyone.headers()["cache-control"], "public, max-age=3600");
+    assert_eq!(anyone.headers()["cache-control"], "public, no-cache");
 
     // Deleted: gone from the folder, the usage and the API.
     assert_eq!(objects(&app).len(), 2);
@@ -452,4 +452,74 @@ async fn signed_links_share_a_file_until_they_expire_or_its_access_is_private() 
         .await
         .unwrap();
     problem(app.get(&url).await, 403, "link_invalid").await;
+}
+
+#[tokio::test]
+async fn one_user_holds_at_most_four_uploads_at_once() {
+    let app = app(|_| {}).await;
+    let (_, alice) = user(&app, "alice@example.com").await;
+    let (_, bob) = user(&app, "bob@example.com").await;
+    // Five uploads that trickle: each sends its head and a first chunk, and waits. Four are
+    // taken; the fifth is answered at once with 503, whichever it is.
+    let mut open = Vec::new();
+    for i in 0..5 {
+        let mut socket = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+        let head = format!(
+            "POST /api/v1/files?name=slow{i}.txt HTTP/1.1\r\nHost: localhost\r\n\
+             Authorization: Bearer {alice}\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nslow\r\n"
+        );
+        socket.write_all(head.as_bytes()).await.unwrap();
+        open.push(socket);
+    }
+    // Read at once from all five, each for at most 3 s: only the refused one is answered.
+    let reads = open.iter_mut().map(|socket| async move {
+        let mut buf = vec![0u8; 4096];
+        match tokio::time::timeout(std::time::Duration::from_secs(3), socket.read(&mut buf)).await {
+            Ok(Ok(n)) => Some(String::from_utf8_lossy(&buf[..n]).into_owned()),
+            _ => None,
+        }
+    });
+    let answered: Vec<String> = futures_util::future::join_all(reads)
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
+    assert_eq!(answered.len(), 1, "{answered:?}");
+    assert!(answered[0].starts_with("HTTP/1.1 503"), "{answered:?}");
+    assert!(answered[0].contains("uploads_busy"), "{answered:?}");
+    // Bob's uploads are not held up by Alice's.
+    assert_eq!(
+        upload(&app, &bob, "bob.txt", b"bob\n".to_vec())
+            .await
+            .status(),
+        201
+    );
+    // The four end (their clients went away): Alice may upload again, and nothing of them
+    // was kept.
+    drop(open);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let again = upload(&app, &alice, "again.txt", b"again\n".to_vec()).await;
+        if again.status() == 201 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{}", again.status());
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let names: Vec<String> = app
+        .client
+        .get(app.url("/api/v1/files"))
+        .bearer_auth(&alice)
+        .send()
+        .await
+        .unwrap()
+        .json::<Value>()
+        .await
+        .unwrap()["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(names.iter().all(|n| !n.starts_with("slow")), "{names:?}");
 }
