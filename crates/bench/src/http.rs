@@ -42,6 +42,33 @@ pub fn post_json_request(addr: SocketAddr, path: &str, json: &str) -> Vec<u8> {
     .into_bytes()
 }
 
+/// The bytes of a `POST path` request to `addr` with `body` of `content_type`, the
+/// `Authorization: Bearer token` header when a token is given, and the `headers` given.
+pub fn post_request(
+    addr: SocketAddr,
+    path: &str,
+    token: Option<&str>,
+    content_type: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Vec<u8> {
+    let mut head = format!(
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: unhidra-bench\r\nAccept: */*\r\n\
+         Content-Type: {content_type}\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    if let Some(token) = token {
+        head.push_str(&format!("Authorization: Bearer {token}\r\n"));
+    }
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str("\r\n");
+    let mut request = head.into_bytes();
+    request.extend_from_slice(body);
+    request
+}
+
 /// What the client keeps of a response.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Answer {

@@ -9,8 +9,10 @@
 //! logins and reset requests for existing, imported, locked and unknown accounts, as ratios to
 //! the unknown email's. The `jobs` subcommand measures the durable job queue (no-op jobs drained
 //! per second, and the latency from enqueue to start) on SQLite and on PostgreSQL with one and
-//! two nodes, against graphile-worker on the same PostgreSQL. Everything it does is bounded in
-//! count and time, and it only ever talks to 127.0.0.1.
+//! two nodes, against graphile-worker on the same PostgreSQL. The `ota` subcommand measures
+//! many devices downloading one firmware image at once, in 4 KiB ranges and whole (aggregate
+//! throughput, latency, server RSS), against nginx serving the same file in the same run.
+//! Everything it does is bounded in count and time, and it only ever talks to 127.0.0.1.
 //!
 //! ```text
 //! cargo build --release -p unhidra -p unhidra-bench
@@ -19,6 +21,7 @@
 //! cargo run --release -p unhidra-bench -- fanout [--subscribers 1000] [--rates 100,1000,5000] [--seconds 5] [--targets unhidra,nats,socketio]
 //! cargo run --release -p unhidra-bench -- login-timing [--samples 200] [--max-seconds 100]
 //! cargo run --release -p unhidra-bench -- jobs [--jobs 20000] [--concurrency 24] [--nodes 1,2] [--targets sqlite,postgres,graphile-worker]
+//! cargo run --release -p unhidra-bench -- ota [--devices 200] [--image-kib 1536] [--range 4096] [--rounds 3] [--targets unhidra,unhidra-key,nginx]
 //! ```
 
 mod fanout;
@@ -36,6 +39,9 @@ mod jobs_report;
 mod load;
 mod login_timing;
 mod login_timing_report;
+mod ota;
+mod ota_client;
+mod ota_report;
 mod peer;
 mod report;
 mod server;
@@ -53,6 +59,7 @@ use crate::identity_report::IdentityReport;
 use crate::jobs_report::JobsReport;
 use crate::load::Plan;
 use crate::login_timing_report::LoginTimingReport;
+use crate::ota_report::OtaReport;
 use crate::report::{CpuShare, Machine, Report, WrkStatus};
 use crate::server::Server;
 
@@ -113,9 +120,47 @@ enum Scenario {
     /// latency from enqueue to start, on SQLite and on PostgreSQL with one and two nodes, side
     /// by side with graphile-worker on the same PostgreSQL server.
     Jobs(JobsArgs),
+    /// Firmware downloads: N devices fetching one image at once, in byte ranges (as ESP-IDF's
+    /// `partial_http_download`) and whole, from Unhidra (signed links and device keys) and
+    /// from nginx serving the same file, in the same run: aggregate throughput, latency and
+    /// server RSS.
+    Ota(OtaArgs),
     /// One job node of the `jobs` scenario, driven by it through stdin and stdout.
     #[command(hide = true)]
     JobsNode(jobs_node::NodeArgs),
+}
+
+#[derive(Debug, Args)]
+struct OtaArgs {
+    /// Simulated devices, each with one keep-alive connection, downloading at once.
+    #[arg(long, value_name = "N", default_value_t = 200,
+        value_parser = clap::value_parser!(u32).range(1..=2000))]
+    devices: u32,
+    /// The image's size in KiB.
+    #[arg(long, value_name = "K", default_value_t = 1536,
+        value_parser = clap::value_parser!(u64).range(16..=16_384))]
+    image_kib: u64,
+    /// The bytes of one range request.
+    #[arg(long, value_name = "BYTES", default_value_t = 4096,
+        value_parser = clap::value_parser!(u64).range(512..=1_048_576))]
+    range: u64,
+    /// Rounds; each downloads from every target in ranges, then whole.
+    #[arg(long, value_name = "R", default_value_t = 3,
+        value_parser = clap::value_parser!(u32).range(1..=20))]
+    rounds: u32,
+    /// What to measure; nginx is installed from Debian's package when it is missing and this
+    /// program runs as root, and is reported as skipped when it cannot be had.
+    #[arg(
+        long,
+        value_name = "T[,T…]",
+        value_delimiter = ',',
+        default_value = "unhidra,unhidra-key,nginx"
+    )]
+    targets: Vec<ota::Target>,
+    /// The longest one pass (every device downloading once) may take, in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 120,
+        value_parser = clap::value_parser!(u64).range(1..=600))]
+    max_seconds: u64,
 }
 
 #[derive(Debug, Args)]
@@ -269,6 +314,9 @@ fn main() -> ExitCode {
             .map(|report| report.render()),
         Some(Scenario::Jobs(args)) => runtime
             .block_on(measure_jobs(args))
+            .map(|report| report.render()),
+        Some(Scenario::Ota(args)) => runtime
+            .block_on(measure_ota(cli.server.clone(), args))
             .map(|report| report.render()),
         Some(Scenario::JobsNode(args)) => {
             return match runtime.block_on(jobs_node::run(args)) {
@@ -466,6 +514,56 @@ async fn measure_login_timing(
     Ok(LoginTimingReport {
         command: command_line(),
         server: server_bin,
+        machine,
+        settings,
+        outcome,
+    })
+}
+
+/// The firmware download scenario.
+async fn measure_ota(server: Option<PathBuf>, args: &OtaArgs) -> Result<OtaReport, BoxError> {
+    let mut targets: Vec<ota::Target> = Vec::new();
+    for &target in &args.targets {
+        if !targets.contains(&target) {
+            targets.push(target);
+        }
+    }
+    let image_bytes = args.image_kib * 1024;
+    if u64::from(args.devices) * image_bytes > ota::MAX_COPIES_BYTES {
+        return Err(format!(
+            "--devices × --image-kib is at most {} GiB: each device keeps its copy of the image \
+             until it is checked",
+            ota::MAX_COPIES_BYTES >> 30
+        )
+        .into());
+    }
+    let server_bin = if targets.iter().any(|t| *t != ota::Target::Nginx) {
+        Some(server_binary(server)?)
+    } else {
+        None
+    };
+    fanout::check_open_files(args.devices)?;
+    let machine = Machine::read();
+    note(&format!(
+        "unhidra-bench ota: {}; {} CPUs",
+        targets
+            .iter()
+            .map(|t| t.name())
+            .collect::<Vec<_>>()
+            .join(", "),
+        machine.cpus
+    ));
+    let settings = ota::Settings {
+        devices: args.devices,
+        image_bytes,
+        range: args.range,
+        rounds: args.rounds,
+        pass_within: Duration::from_secs(args.max_seconds),
+        targets,
+    };
+    let outcome = ota::run(server_bin.as_deref(), &settings).await?;
+    Ok(OtaReport {
+        command: command_line(),
         machine,
         settings,
         outcome,

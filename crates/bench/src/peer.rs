@@ -2,7 +2,9 @@
 //! ports of 127.0.0.1: nats-server with its WebSocket listener, and a Socket.IO server under
 //! node (`bench/peers/socketio`, built into this program and installed with `npm ci` once).
 //! Each is killed if dropped, and its temporary folder removed. The job scenario's peer,
-//! graphile-worker (`bench/peers/graphile-worker`), is installed the same way.
+//! graphile-worker (`bench/peers/graphile-worker`), is installed the same way. The firmware
+//! download scenario's peer is nginx, serving files from its folder (installed from Debian's
+//! package when it is missing and this program runs as root).
 
 use std::ffi::OsStr;
 use std::net::SocketAddr;
@@ -24,6 +26,11 @@ const POLL_EVERY: Duration = Duration::from_millis(20);
 const NPM_WITHIN: Duration = Duration::from_secs(300);
 /// How long `--version` may take.
 const VERSION_WITHIN: Duration = Duration::from_secs(5);
+/// How long `apt-get update` and `apt-get install` may take, each.
+const APT_WITHIN: Duration = Duration::from_secs(300);
+/// The user and group nginx runs as when this program is root: Debian's `nobody` and
+/// `nogroup`.
+const NOBODY: u32 = 65_534;
 /// The end of a peer's log quoted when it fails to start.
 const LOG_TAIL: usize = 600;
 
@@ -69,6 +76,8 @@ pub struct Peer {
     dir: PathBuf,
     /// What runs, with its version, for the report.
     program: String,
+    /// Its worker processes, when the peer has any (nginx).
+    workers: Vec<u32>,
 }
 
 impl Peer {
@@ -117,6 +126,58 @@ impl Peer {
         Self::spawn(command, dir, addr, program).await
     }
 
+    /// nginx serving `files` (each a path under its root, and its bytes) on a free port of
+    /// 127.0.0.1, with its own configuration in a temporary folder: `workers` worker
+    /// processes, room for `connections` keep-alive connections, sendfile on and no access
+    /// log. Run as root, it runs as `nobody` (through `setpriv`), so that no part of it is
+    /// privileged.
+    pub async fn nginx(
+        files: &[(&str, &[u8])],
+        workers: usize,
+        connections: u32,
+    ) -> Result<Self, BoxError> {
+        let binary = nginx_binary().await?;
+        let version = stderr_version_of(&binary, "-v").await;
+        let [port] = server::free_ports::<1>()?;
+        let dir = server::fresh_data_dir()?;
+        let command = match nginx_command(&binary, &dir, files, workers, connections, port) {
+            Ok(command) => command,
+            Err(err) => {
+                server::remove_dir(&dir);
+                return Err(err);
+            }
+        };
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let mut peer = Self::spawn(command, dir, addr, version).await?;
+        match peer.wait_workers(workers).await {
+            Ok(()) => Ok(peer),
+            Err(err) => {
+                peer.stop().await;
+                Err(err)
+            }
+        }
+    }
+
+    /// Waits until the master has `count` children, and keeps their ids.
+    async fn wait_workers(&mut self, count: usize) -> Result<(), BoxError> {
+        let started = Instant::now();
+        loop {
+            self.workers = server::children_of(self.pid);
+            if self.workers.len() >= count {
+                return Ok(());
+            }
+            if started.elapsed() >= READY_WITHIN {
+                return Err(format!(
+                    "{} started {} of its {count} workers within {READY_WITHIN:?}",
+                    self.program,
+                    self.workers.len()
+                )
+                .into());
+            }
+            tokio::time::sleep(POLL_EVERY).await;
+        }
+    }
+
     /// Starts `command` with its output in `dir/log` and waits until `addr` takes connections.
     async fn spawn(
         mut command: Command,
@@ -154,6 +215,7 @@ impl Peer {
             addr,
             dir,
             program,
+            workers: Vec::new(),
         };
         match peer.wait_listening().await {
             Ok(()) => Ok(peer),
@@ -208,6 +270,13 @@ impl Peer {
         server::memory_of(self.pid)
     }
 
+    /// Its process and its workers' (nginx's master and workers).
+    pub fn pids(&self) -> Vec<u32> {
+        std::iter::once(self.pid)
+            .chain(self.workers.iter().copied())
+            .collect()
+    }
+
     /// SIGTERM, then SIGKILL after 10 s.
     pub async fn stop(mut self) {
         server::terminate(&mut self.child, self.pid).await;
@@ -228,6 +297,173 @@ fn find_program(name: &str) -> Option<PathBuf> {
         .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/usr/local/bin")])
         .map(|dir| dir.join(name))
         .find(|candidate| candidate.is_file())
+}
+
+/// nginx from `PATH` or `/usr/sbin`; when it is missing and this program runs as root, Debian's
+/// package is installed first (as `scripts/test` installs Chromium). The package's own service
+/// is left alone.
+async fn nginx_binary() -> Result<PathBuf, BoxError> {
+    if let Some(binary) = find_program("nginx") {
+        return Ok(binary);
+    }
+    if !is_root() {
+        return Err("nginx is not installed (Debian: apt-get install nginx)".into());
+    }
+    crate::note("nginx is not installed: apt-get install -y nginx");
+    apt_get(&["update", "-qq"]).await?;
+    apt_get(&["install", "-y", "-qq", "nginx"]).await?;
+    find_program("nginx").ok_or_else(|| "apt-get installed nginx, but it is not on PATH".into())
+}
+
+async fn apt_get(args: &[&str]) -> Result<(), BoxError> {
+    let run = Command::new("apt-get")
+        .args(args)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(APT_WITHIN, run)
+        .await
+        .map_err(|_| format!("apt-get {} took longer than {APT_WITHIN:?}", args.join(" ")))?
+        .map_err(|e| format!("cannot run apt-get: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "apt-get {} failed ({}): {}",
+            args.join(" "),
+            out.status,
+            tail(&String::from_utf8_lossy(&out.stderr))
+        )
+        .into())
+    }
+}
+
+/// Whether this process runs with user id 0 (from `/proc/self/status`).
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            let uids = status.lines().find_map(|l| l.strip_prefix("Uid:"))?;
+            Some(uids.split_whitespace().nth(1)? == "0")
+        })
+        .unwrap_or(false)
+}
+
+/// Writes nginx's folder (`nginx.conf`, `www/` with `files`, `tmp/`) into `dir` and answers
+/// the command that runs it in the foreground: `nginx -p DIR -c nginx.conf -e error.log
+/// -g 'daemon off;'`, under `setpriv` as `nobody` when this program is root.
+fn nginx_command(
+    binary: &Path,
+    dir: &Path,
+    files: &[(&str, &[u8])],
+    workers: usize,
+    connections: u32,
+    port: u16,
+) -> Result<Command, BoxError> {
+    let at = |e: std::io::Error, path: &Path| format!("cannot write {}: {e}", path.display());
+    let www = dir.join("www");
+    for (name, bytes) in files {
+        let path = www.join(name.trim_start_matches('/'));
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| at(e, parent))?;
+        }
+        std::fs::write(&path, bytes).map_err(|e| at(e, &path))?;
+    }
+    let tmp = dir.join("tmp");
+    std::fs::create_dir_all(&tmp).map_err(|e| at(e, &tmp))?;
+    let d = dir.display();
+    // Debian's nginx.conf has sendfile and tcp_nopush on too; the access log is off so that
+    // no disk write is timed, and keep-alive connections are never closed for their number of
+    // requests (nginx's default closes one after 1000).
+    let config = format!(
+        "worker_processes {workers};
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{
+    worker_connections {connections};
+}}
+http {{
+    access_log off;
+    sendfile on;
+    tcp_nopush on;
+    keepalive_timeout 75s;
+    keepalive_requests 10000000;
+    default_type application/octet-stream;
+    client_body_temp_path {d}/tmp/body;
+    proxy_temp_path {d}/tmp/proxy;
+    fastcgi_temp_path {d}/tmp/fastcgi;
+    uwsgi_temp_path {d}/tmp/uwsgi;
+    scgi_temp_path {d}/tmp/scgi;
+    server {{
+        listen 127.0.0.1:{port};
+        root {d}/www;
+    }}
+}}
+"
+    );
+    let conf = dir.join("nginx.conf");
+    std::fs::write(&conf, config).map_err(|e| at(e, &conf))?;
+    let mut command = if is_root() {
+        let setpriv = find_program("setpriv")
+            .ok_or("setpriv (Debian: util-linux) is needed to run nginx as nobody")?;
+        chown_tree(dir, NOBODY)?;
+        let mut command = Command::new(setpriv);
+        command
+            .arg(format!("--reuid={NOBODY}"))
+            .arg(format!("--regid={NOBODY}"))
+            .arg("--clear-groups")
+            .arg(binary);
+        command
+    } else {
+        Command::new(binary)
+    };
+    command
+        .arg("-p")
+        .arg(dir)
+        .arg("-c")
+        .arg(&conf)
+        .arg("-e")
+        .arg(dir.join("error.log"))
+        .arg("-g")
+        .arg("daemon off;");
+    Ok(command)
+}
+
+/// Gives `dir` and everything in it to user and group `id`.
+fn chown_tree(dir: &Path, id: u32) -> Result<(), BoxError> {
+    std::os::unix::fs::chown(dir, Some(id), Some(id))
+        .map_err(|e| format!("cannot chown {}: {e}", dir.display()))?;
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.is_dir() {
+            chown_tree(&path, id)?;
+        } else {
+            std::os::unix::fs::chown(&path, Some(id), Some(id))
+                .map_err(|e| format!("cannot chown {}: {e}", path.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// The first line `binary flag` prints on standard error (where `nginx -v` prints), or
+/// "unknown version".
+async fn stderr_version_of(binary: &Path, flag: &str) -> String {
+    let run = Command::new(binary)
+        .arg(flag)
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    match tokio::time::timeout(VERSION_WITHIN, run).await {
+        Ok(Ok(out)) => String::from_utf8_lossy(&out.stderr)
+            .lines()
+            .next()
+            .map_or_else(
+                || "unknown version".to_owned(),
+                |l| l.trim().trim_start_matches("nginx version: ").to_owned(),
+            ),
+        _ => "unknown version".to_owned(),
+    }
 }
 
 /// The first line `binary flag` prints, or "unknown version".

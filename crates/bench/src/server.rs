@@ -261,6 +261,46 @@ pub fn memory_of(pid: u32) -> Result<Memory, BoxError> {
     })
 }
 
+/// The current and peak resident memory of several processes added up (a server of a master
+/// and its workers). The peak is the sum of each one's peak: at or above the true peak.
+pub fn memory_of_all(pids: &[u32]) -> Result<Memory, BoxError> {
+    let mut total = Memory {
+        rss_kib: 0,
+        hwm_kib: 0,
+    };
+    for &pid in pids {
+        let one = memory_of(pid)?;
+        total.rss_kib += one.rss_kib;
+        total.hwm_kib += one.hwm_kib;
+    }
+    Ok(total)
+}
+
+/// The processes whose parent is `pid`, from the `ppid` field of every `/proc/<n>/stat`.
+pub fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut children: Vec<u32> = entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&child| {
+            std::fs::read_to_string(format!("/proc/{child}/stat"))
+                .ok()
+                .and_then(|stat| ppid_of(&stat))
+                == Some(pid)
+        })
+        .collect();
+    children.sort_unstable();
+    children
+}
+
+/// The `ppid` field of a `stat` line: the 2nd after the `(comm)` that may hold spaces.
+fn ppid_of(stat: &str) -> Option<u32> {
+    let after_comm = &stat[stat.rfind(')')? + 1..];
+    after_comm.split_whitespace().nth(1)?.parse().ok()
+}
+
 /// Sends SIGTERM (with the `kill` command) to `child`, whose id is `pid`, and waits for it to
 /// exit, killing it after 10 s.
 pub async fn terminate(child: &mut Child, pid: u32) -> Stopped {
@@ -418,10 +458,14 @@ mod tests {
     fn proc_counters_are_read() {
         let stat = "123 (tokio rt) worker) S 1 123 123 0 -1 4194560 4242 0 0 0 7 3 0 0 20 0 5 0";
         assert_eq!(minflt_of(stat), Some(4242));
+        assert_eq!(ppid_of(stat), Some(1));
+        assert_eq!(ppid_of("garbage"), None);
         assert_eq!(minflt_of("garbage"), None);
         let me = std::process::id();
         assert!(minor_faults(me).is_some());
         assert!(thread_minor_faults().is_some());
         assert!(threads(me).is_some_and(|n| n >= 1));
+        assert!(!children_of(me).contains(&me));
+        assert!(memory_of_all(&[me, me]).is_ok_and(|m| m.rss_kib > 0));
     }
 }
