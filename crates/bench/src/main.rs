@@ -21,7 +21,7 @@
 //! cargo run --release -p unhidra-bench -- fanout [--subscribers 1000] [--rates 100,1000,5000] [--seconds 5] [--targets unhidra,nats,socketio]
 //! cargo run --release -p unhidra-bench -- login-timing [--samples 200] [--max-seconds 100]
 //! cargo run --release -p unhidra-bench -- jobs [--jobs 20000] [--concurrency 24] [--nodes 1,2] [--targets sqlite,postgres,graphile-worker]
-//! cargo run --release -p unhidra-bench -- ota [--devices 200] [--image-kib 1536] [--range 4096] [--rounds 3] [--targets unhidra,unhidra-key,nginx]
+//! cargo run --release -p unhidra-bench -- ota [--devices 200] [--image-kib 1536] [--range 4096] [--rounds 3] [--whole-passes 5] [--targets unhidra,unhidra-key,nginx]
 //! ```
 
 mod fanout;
@@ -144,10 +144,15 @@ struct OtaArgs {
     #[arg(long, value_name = "BYTES", default_value_t = 4096,
         value_parser = clap::value_parser!(u64).range(512..=1_048_576))]
     range: u64,
-    /// Rounds; each downloads from every target in ranges, then whole.
+    /// Rounds; each downloads from every target once in ranges, then whole.
     #[arg(long, value_name = "R", default_value_t = 3,
         value_parser = clap::value_parser!(u32).range(1..=20))]
     rounds: u32,
+    /// Whole-image passes per target and round, each checked (a pass of one GET per device
+    /// lasts a fraction of a second).
+    #[arg(long, value_name = "N", default_value_t = 5,
+        value_parser = clap::value_parser!(u32).range(1..=50))]
+    whole_passes: u32,
     /// What to measure; nginx is installed from Debian's package when it is missing and this
     /// program runs as root, and is reported as skipped when it cannot be had.
     #[arg(
@@ -157,6 +162,11 @@ struct OtaArgs {
         default_value = "unhidra,unhidra-key,nginx"
     )]
     targets: Vec<ota::Target>,
+    /// A diagnostic, not what a device does: the devices' sockets acknowledge every segment at
+    /// once (TCP_QUICKACK), so that a server whose answer waits for an ACK (Nagle's algorithm
+    /// against delayed ACKs) is measured without that wait.
+    #[arg(long)]
+    client_quickack: bool,
     /// The longest one pass (every device downloading once) may take, in seconds.
     #[arg(long, value_name = "SECS", default_value_t = 120,
         value_parser = clap::value_parser!(u64).range(1..=600))]
@@ -558,6 +568,8 @@ async fn measure_ota(server: Option<PathBuf>, args: &OtaArgs) -> Result<OtaRepor
         image_bytes,
         range: args.range,
         rounds: args.rounds,
+        whole_passes: args.whole_passes,
+        client_quickack: args.client_quickack,
         pass_within: Duration::from_secs(args.max_seconds),
         targets,
     };

@@ -14,8 +14,9 @@
 //!   device's last byte. While it runs, the server's RSS is read every 20 ms.
 //! - **Check.** After the clock stops, every device's copy must have the image's SHA-256 (each
 //!   copy is overwritten before every pass, so a stale copy cannot pass).
-//! - **Rounds.** Each round runs every target's passes, ranges then whole; the order of the
-//!   targets is reversed every other round, so that a drift of the machine weighs on both.
+//! - **Rounds.** Each round runs every target's passes, one in ranges and then `whole_passes`
+//!   whole (a whole pass lasts a fraction of a second); the order of the targets is reversed
+//!   every other round, so that a drift of the machine weighs on both.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -112,10 +113,16 @@ pub struct Settings {
     pub range: u64,
     /// Rounds of passes.
     pub rounds: u32,
+    /// Whole-image passes per target and round (one takes a fraction of a second, so several
+    /// are timed).
+    pub whole_passes: u32,
     /// The longest one pass may take.
     pub pass_within: Duration,
     /// What to measure.
     pub targets: Vec<Target>,
+    /// The devices' sockets acknowledge every segment at once (TCP_QUICKACK): a diagnostic
+    /// that takes the receiver's delayed ACKs out of the figures.
+    pub client_quickack: bool,
 }
 
 impl Settings {
@@ -175,6 +182,11 @@ pub struct Pass {
     pub cpu: Cpu,
     /// The largest RSS read during the pass, in KiB.
     pub peak_rss_kib: u64,
+    /// The most threads the server's processes had together when RSS was read.
+    pub peak_threads: u64,
+    /// Delayed ACKs the machine's kernel sent during the pass (every connection of the
+    /// machine counts, but the devices' are nearly all there are).
+    pub delayed_acks: Option<u64>,
 }
 
 impl Pass {
@@ -429,7 +441,11 @@ async fn rounds(
             order.reverse();
         }
         for target in order {
-            for mode in [Mode::Ranges, Mode::Whole] {
+            let modes = std::iter::once(Mode::Ranges).chain(std::iter::repeat_n(
+                Mode::Whole,
+                settings.whole_passes as usize,
+            ));
+            for mode in modes {
                 let (pass, back) = pass(
                     round,
                     target,
@@ -484,6 +500,7 @@ async fn pass(
     let devices = copies.len();
     let barrier = Arc::new(Barrier::new(devices + 1));
     let range = settings.range;
+    let quickack = settings.client_quickack;
     let handles: Vec<_> = copies
         .into_iter()
         .enumerate()
@@ -492,16 +509,13 @@ async fn pass(
             let barrier = Arc::clone(&barrier);
             let addr = ready.addr;
             tokio::spawn(async move {
-                device(
-                    addr,
-                    &accesses[i % accesses.len()],
+                let how = How {
                     mode,
                     size,
                     range,
-                    copy,
-                    &barrier,
-                )
-                .await
+                    quickack,
+                };
+                device(addr, &accesses[i % accesses.len()], how, copy, &barrier).await
             })
         })
         .collect();
@@ -512,16 +526,20 @@ async fn pass(
     barrier.wait().await;
     let start = Instant::now();
     let before = CpuSample::take(&ready.pids);
+    let acks_before = server::delayed_acks();
     let (stop, stopped) = oneshot::channel();
-    let sampler = tokio::spawn(peak_rss(ready.pids.clone(), stopped));
+    let sampler = tokio::spawn(peaks(ready.pids.clone(), stopped));
     let joined = tokio::time::timeout(
         settings.pass_within,
         futures_util::future::join_all(handles),
     )
     .await;
     let after = CpuSample::take(&ready.pids);
+    let delayed_acks = acks_before
+        .zip(server::delayed_acks())
+        .map(|(a, b)| b.saturating_sub(a));
     let _ = stop.send(());
-    let peak_rss_kib = sampler.await.unwrap_or(0);
+    let (peak_rss_kib, peak_threads) = sampler.await.unwrap_or((0, 0));
     let mut pass = Pass {
         round,
         target: ready.target,
@@ -536,6 +554,8 @@ async fn pass(
         reconnects: 0,
         cpu: before.until(&after),
         peak_rss_kib,
+        peak_threads,
+        delayed_acks,
     };
     let mut copies = Vec::with_capacity(devices);
     let mut last = start;
@@ -597,19 +617,29 @@ fn wants(mode: Mode, size: u64, range: u64) -> Vec<Want> {
     }
 }
 
+/// How a device downloads in a pass.
+#[derive(Debug, Clone, Copy)]
+struct How {
+    mode: Mode,
+    /// The image's bytes.
+    size: u64,
+    /// The bytes of one range.
+    range: u64,
+    /// TCP_QUICKACK on its socket.
+    quickack: bool,
+}
+
 /// One device: connect, wait for the others, download the image into `copy`.
 async fn device(
     addr: SocketAddr,
     access: &Access,
-    mode: Mode,
-    size: u64,
-    range: u64,
+    how: How,
     mut copy: Vec<u8>,
     barrier: &Barrier,
 ) -> DeviceRun {
-    let connected = tokio::time::timeout(REQUEST_WITHIN, Device::connect(addr)).await;
+    let connected = tokio::time::timeout(REQUEST_WITHIN, Device::connect(addr, how.quickack)).await;
     barrier.wait().await;
-    let wants = wants(mode, size, range);
+    let wants = wants(how.mode, how.size, how.range);
     let mut run = DeviceRun {
         copy: Vec::new(),
         latencies_us: Vec::with_capacity(wants.len()),
@@ -704,23 +734,25 @@ async fn verify(copies: Vec<Vec<u8>>, digest: [u8; 32]) -> (u32, Vec<Vec<u8>>) {
     }
 }
 
-/// The largest RSS of `pids` together, read every [`SAMPLE_EVERY`] until `stop`.
-async fn peak_rss(pids: Vec<u32>, mut stop: oneshot::Receiver<()>) -> u64 {
-    let mut peak = 0;
+/// The largest RSS (KiB) and thread count of `pids` together, read every [`SAMPLE_EVERY`]
+/// until `stop`.
+async fn peaks(pids: Vec<u32>, mut stop: oneshot::Receiver<()>) -> (u64, u64) {
+    let mut peak = (0, 0);
+    let read = |peak: &mut (u64, u64)| {
+        if let Ok(memory) = server::memory_of_all(&pids) {
+            peak.0 = peak.0.max(memory.rss_kib);
+        }
+        let threads: u64 = pids.iter().filter_map(|p| server::threads(*p)).sum();
+        peak.1 = peak.1.max(threads);
+    };
     let mut tick = tokio::time::interval(SAMPLE_EVERY);
     loop {
         tokio::select! {
             _ = &mut stop => break,
-            _ = tick.tick() => {
-                if let Ok(memory) = server::memory_of_all(&pids) {
-                    peak = peak.max(memory.rss_kib);
-                }
-            }
+            _ = tick.tick() => read(&mut peak),
         }
     }
-    if let Ok(memory) = server::memory_of_all(&pids) {
-        peak = peak.max(memory.rss_kib);
-    }
+    read(&mut peak);
     peak
 }
 

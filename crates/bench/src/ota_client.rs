@@ -177,16 +177,21 @@ pub struct Device {
     pending: Vec<u8>,
     /// How often the connection had to be opened again after the server closed it.
     pub reconnects: u64,
+    /// Whether each request asks the kernel to acknowledge the answer's segments at once
+    /// (TCP_QUICKACK) instead of delaying the ACKs: not what a device does, a diagnostic.
+    quickack: bool,
 }
 
 impl Device {
-    /// Connects to `addr`, which must be a loopback address.
-    pub async fn connect(addr: SocketAddr) -> Result<Self, BoxError> {
+    /// Connects to `addr`, which must be a loopback address; with `quickack`, every request
+    /// turns TCP_QUICKACK on before its answer comes.
+    pub async fn connect(addr: SocketAddr, quickack: bool) -> Result<Self, BoxError> {
         Ok(Self {
             addr,
             stream: open(addr).await?,
             pending: Vec::with_capacity(READ_CHUNK),
             reconnects: 0,
+            quickack,
         })
     }
 
@@ -199,6 +204,10 @@ impl Device {
         image: &mut [u8],
     ) -> Result<(), BoxError> {
         self.stream.write_all(request).await?;
+        if self.quickack {
+            // The kernel leaves quick-ACK mode by itself, so it is asked again every time.
+            socket2::SockRef::from(&self.stream).set_tcp_quickack(true)?;
+        }
         let head_end = loop {
             if let Some(at) = find_head_end(&self.pending) {
                 break at;
@@ -382,7 +391,7 @@ mod tests {
                     }
                 }
             });
-            let mut device = Device::connect(addr).await.unwrap();
+            let mut device = Device::connect(addr, true).await.unwrap();
             let mut copy = vec![0_u8; image.len()];
             let mut request = String::new();
             for (start, end) in [(0, 4095), (4096, 8191), (8192, 9999)] {

@@ -100,16 +100,27 @@ impl OtaReport {
             out,
             "{} devices, each on one keep-alive HTTP/1.1 connection, download a {}-byte ESP32 \
              image (SHA-256 `{}`) at once: in {}-byte ranges ({} requests each, as ESP-IDF's \
-             `partial_http_download`), then whole (one GET). {} rounds; the targets' order is \
-             reversed every other round. Every copy's SHA-256 is checked after each pass.",
+             `partial_http_download`), then whole (one GET). {} rounds, each of one pass in \
+             ranges and {} whole passes per target; the targets' order is reversed every other \
+             round. Every copy's SHA-256 is checked after each pass.",
             s.devices,
             thousands(s.image_bytes as f64),
             self.outcome.sha256,
             s.range,
             s.ranges_per_image(),
-            s.rounds
+            s.rounds,
+            s.whole_passes
         )?;
         writeln!(out)?;
+        if s.client_quickack {
+            writeln!(
+                out,
+                "**Diagnostic run (`--client-quickack`): the devices' sockets acknowledge every \
+                 segment at once (TCP_QUICKACK), which devices do not; these figures show the \
+                 servers without the wait for a delayed ACK.**"
+            )?;
+            writeln!(out)?;
+        }
         self.write_targets(&mut out)?;
         self.write_memory(&mut out)?;
         self.write_passes(&mut out)?;
@@ -123,8 +134,7 @@ impl OtaReport {
         writeln!(out)?;
         writeln!(
             out,
-            "| Measure (median of {} rounds) | Unhidra | nginx | Unhidra ÷ nginx | Target | Met |",
-            self.settings.rounds
+            "| Measure (median of the passes) | Unhidra | nginx | Unhidra ÷ nginx | Target | Met |"
         )?;
         writeln!(out, "|---|---|---|---|---|---|")?;
         for mode in [Mode::Ranges, Mode::Whole] {
@@ -183,7 +193,7 @@ impl OtaReport {
         }
         writeln!(
             out,
-            "| Target | Mode | MiB/s, each round | Requests/s (median) | Latency p50 / p99 / max | Every copy right |"
+            "| Target | Mode | MiB/s, each pass (sorted) | Requests/s (median) | Latency p50 / p99 / max | Every copy right |"
         )?;
         writeln!(out, "|---|---|---|---|---|---|")?;
         for target in [Target::Unhidra, Target::UnhidraKey, Target::Nginx] {
@@ -251,16 +261,16 @@ impl OtaReport {
         writeln!(out)?;
         writeln!(
             out,
-            "| Round | Target | Mode | Seconds | MiB/s | Requests/s | p50 / p99 ms | Copies right | Failed | Peak RSS | CPU server / bench / others / steal (cores) |"
+            "| Round | Target | Mode | Seconds | MiB/s | Requests/s | p50 / p99 ms | Copies right | Failed | Peak RSS | Peak threads | Delayed ACKs | CPU server / bench / others / steal (cores) |"
         )?;
-        writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|")?;
+        writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|---|---|")?;
         let mut busy = false;
         for p in &self.outcome.passes {
             let others = p.cpu.others();
             busy |= others.is_some_and(|o| o > 0.2);
             writeln!(
                 out,
-                "| {} | {} | {} | {:.3} | {:.1} | {} | {} / {} | {} / {} | {} | {:.1} MiB | {:.2} / {:.2} / {} / {} |",
+                "| {} | {} | {} | {:.3} | {:.1} | {} | {} / {} | {} / {} | {} | {:.1} MiB | {} | {} | {:.2} / {:.2} / {} / {} |",
                 p.round,
                 p.target.name(),
                 p.mode.name(),
@@ -273,6 +283,9 @@ impl OtaReport {
                 self.settings.devices,
                 p.failed,
                 mib(p.peak_rss_kib),
+                p.peak_threads,
+                p.delayed_acks
+                    .map_or_else(|| "–".to_owned(), |n| thousands(n as f64)),
                 p.cpu.server,
                 p.cpu.bench,
                 show(others, 2),
@@ -350,8 +363,11 @@ impl OtaReport {
         )?;
         writeln!(
             out,
-            "- RSS is `VmRSS` from `/proc/<pid>/status`, read every 20 ms during each pass; the \
-             servers, the bench and its devices share the machine's {} CPUs.",
+            "- RSS is `VmRSS` from `/proc/<pid>/status`, read every 20 ms during each pass with \
+             the threads of the server's processes. Delayed ACKs are the kernel's \
+             `TcpExt: DelayedACKs` (`/proc/net/netstat`) over the pass, for the whole machine: \
+             ACKs held back until the delayed-ACK timer (40 ms or more) fired. The servers, the \
+             bench and its devices share the machine's {} CPUs.",
             self.machine.cpus
         )?;
         writeln!(out)?;

@@ -374,6 +374,32 @@ pub fn threads(pid: u32) -> Option<u64> {
         .ok()
 }
 
+/// The machine's count of delayed ACKs so far (`TcpExt: DelayedACKs` in `/proc/net/netstat`):
+/// ACKs the kernel held back, hoping to send them with data, until its delayed-ACK timer
+/// fired. `None` if it cannot be read.
+pub fn delayed_acks() -> Option<u64> {
+    netstat_field(
+        &std::fs::read_to_string("/proc/net/netstat").ok()?,
+        "TcpExt:",
+        "DelayedACKs",
+    )
+}
+
+/// A field of `/proc/net/netstat`, which pairs a line of names with a line of values.
+fn netstat_field(text: &str, prefix: &str, name: &str) -> Option<u64> {
+    let mut lines = text.lines().filter(|l| l.starts_with(prefix));
+    while let (Some(names), Some(values)) = (lines.next(), lines.next()) {
+        if let Some((_, value)) = names
+            .split_whitespace()
+            .zip(values.split_whitespace())
+            .find(|(n, _)| *n == name)
+        {
+            return value.parse().ok();
+        }
+    }
+    None
+}
+
 /// The whole machine's CPU counters from the first line of `/proc/stat`, in ticks.
 #[derive(Debug, Clone, Copy)]
 pub struct MachineTicks {
@@ -466,6 +492,10 @@ mod tests {
         assert!(thread_minor_faults().is_some());
         assert!(threads(me).is_some_and(|n| n >= 1));
         assert!(!children_of(me).contains(&me));
+        let netstat =
+            "TcpExt: SyncookiesSent DelayedACKs\nTcpExt: 0 42\nIpExt: InNoRoutes\nIpExt: 1\n";
+        assert_eq!(netstat_field(netstat, "TcpExt:", "DelayedACKs"), Some(42));
+        assert_eq!(netstat_field(netstat, "IpExt:", "DelayedACKs"), None);
         assert!(memory_of_all(&[me, me]).is_ok_and(|m| m.rss_kib > 0));
     }
 }
