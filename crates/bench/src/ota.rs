@@ -41,6 +41,14 @@ pub const THROUGHPUT_RATIO_TARGET: f64 = 0.8;
 /// device above the idle server's: the server reads an image in pieces of at most 64 KiB, so
 /// that is one piece per download in flight, and no download holds its image.
 pub const FLAT_KIB_PER_DEVICE: u64 = 64;
+/// …and at least this many KiB, for the allocator's noise when there are few devices.
+pub const FLAT_FLOOR_KIB: u64 = 4096;
+
+/// The most the peak RSS may rise above the idle server's for `devices` downloads at once,
+/// in KiB, with RSS still flat.
+pub fn flat_allowance_kib(devices: u32) -> u64 {
+    (FLAT_KIB_PER_DEVICE * u64::from(devices)).max(FLAT_FLOOR_KIB)
+}
 /// The most memory the devices' copies of the image may take together.
 pub const MAX_COPIES_BYTES: u64 = 4 << 30;
 /// The ESP32 chip the image is built for (esp32s3), and its manifest's target.
@@ -978,5 +986,7 @@ mod tests {
             assert_eq!(next, size);
         }
         assert_eq!(wants(Mode::Whole, 7, 4096), vec![Want::Whole(7)]);
+        assert_eq!(flat_allowance_kib(200), 12_800);
+        assert_eq!(flat_allowance_kib(3), FLAT_FLOOR_KIB);
     }
 }
