@@ -31,6 +31,13 @@ pub(crate) async fn serve(
     grace: Duration,
 ) -> std::io::Result<Outcome> {
     let (stopping_tx, mut stopping) = watch::channel(false);
+    // Nagle off: a streamed answer's head and its first piece of body (a 4 KiB firmware range,
+    // a WebSocket frame) must not wait for the client's delayed ACK.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "TCP_NODELAY not set");
+        }
+    });
     let server = axum::serve(
         listener,
         router.into_make_service_with_connect_info::<SocketAddr>(),
