@@ -201,6 +201,16 @@ impl ApiError {
         ))
     }
 
+    /// A streamed body that could not be read to its end (the client went away, a malformed
+    /// chunk): 400.
+    pub fn unreadable_body(e: &axum::Error) -> Self {
+        Self::new(Problem::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("The body could not be read: {e}."),
+        ))
+    }
+
     /// 500 for a failure the client cannot act on; `source` goes to the log only.
     pub fn internal(source: impl Into<Box<dyn StdError + Send + Sync>>) -> Self {
         Self {

@@ -61,11 +61,7 @@ fn offer(headers: &HeaderMap) -> Option<Offer> {
         .map(|p| p.trim().to_owned())
         .filter(|p| !p.is_empty())
         .collect();
-    let bearer = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(|t| t.trim().to_owned());
+    let bearer = crate::http::auth::bearer(headers).map(str::to_owned);
     // The first protocol name the client offers wins.
     let named = offered.iter().find_map(|p| {
         [

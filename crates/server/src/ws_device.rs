@@ -49,11 +49,7 @@ pub(crate) fn offer(headers: &HeaderMap) -> Result<Option<DeviceOffer>, ApiError
         .map(str::trim)
         .filter(|p| !p.is_empty())
         .collect();
-    let bearer = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
+    let bearer = crate::http::auth::bearer(headers);
     let named = offered.iter().find_map(|p| {
         [SUBPROTOCOL_DEVICE_JSON, SUBPROTOCOL_DEVICE_MSGPACK]
             .into_iter()

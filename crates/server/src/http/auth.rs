@@ -68,17 +68,14 @@ impl<R: Requirement> FromRequestParts<AppState> for Auth<R> {
     }
 }
 
-/// The token of `Authorization: Bearer …` (either case of `Bearer`), when there is one.
+/// The token of `Authorization: Bearer …` when there is one: the scheme in any case (RFC 9110
+/// §11.1), the token trimmed. Every route and upgrade that takes a bearer credential (a user's
+/// token, a device's key, the metrics token) reads it here.
 pub fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
-    headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
-        .map(str::trim)
-        .filter(|t| !t.is_empty())
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
 /// Where a request comes from, for sessions and the audit log.
@@ -189,5 +186,21 @@ mod tests {
             Some(ip("127.0.0.1"))
         );
         assert_eq!(client_ip(None, &headers, &trusted), None);
+    }
+
+    #[test]
+    fn the_scheme_is_read_in_any_case_and_an_empty_token_is_none() {
+        let with = |value: &str| {
+            let mut headers = axum::http::HeaderMap::new();
+            headers.insert(header::AUTHORIZATION, value.parse().unwrap());
+            bearer(&headers).map(str::to_owned)
+        };
+        for value in ["Bearer abc", "bearer abc", "BEARER abc", "Bearer   abc  "] {
+            assert_eq!(with(value).as_deref(), Some("abc"), "{value}");
+        }
+        for value in ["Bearer ", "Bearer", "Basic abc", "Bearerabc", "Token abc"] {
+            assert_eq!(with(value), None, "{value}");
+        }
+        assert_eq!(bearer(&axum::http::HeaderMap::new()), None);
     }
 }

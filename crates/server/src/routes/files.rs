@@ -142,13 +142,7 @@ pub(crate) async fn upload(
     let mut upload = files.begin(&who, &params.name, access, declared).await?;
     let mut stream = body.into_data_stream();
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| {
-            ApiError::new(Problem::new(
-                StatusCode::BAD_REQUEST,
-                "bad_request",
-                format!("The body could not be read: {e}."),
-            ))
-        })?;
+        let chunk = chunk.map_err(|e| ApiError::unreadable_body(&e))?;
         files.write(&mut upload, &chunk).await?;
     }
     let stored = files.finish(upload, &ctx).await?;

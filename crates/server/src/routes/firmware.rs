@@ -158,13 +158,7 @@ pub(crate) async fn upload(
     let mut upload = firmware.begin(&who, &manifest, params.generic).await?;
     let mut stream = body.into_data_stream();
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| {
-            ApiError::new(Problem::new(
-                StatusCode::BAD_REQUEST,
-                "bad_request",
-                format!("The body could not be read: {e}."),
-            ))
-        })?;
+        let chunk = chunk.map_err(|e| ApiError::unreadable_body(&e))?;
         firmware.write(&mut upload, &chunk).await?;
     }
     let stored = firmware.finish(upload, &ctx).await?;

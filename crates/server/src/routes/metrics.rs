@@ -23,11 +23,7 @@ pub(crate) async fn metrics(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     if let Some(token) = &state.config().metrics_token {
-        let presented = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
+        let presented = crate::http::auth::bearer(&headers).unwrap_or("");
         // Constant time, so the token cannot be guessed byte by byte from response times.
         let matches: bool = presented.as_bytes().ct_eq(token.expose().as_bytes()).into();
         if !matches {
