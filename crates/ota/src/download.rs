@@ -8,7 +8,7 @@
 //! (the image exists, and its size) is cached once read.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -61,12 +61,21 @@ pub struct StoredImage {
     pub file: tokio::fs::File,
 }
 
+/// What is kept of an image once read: its length, its download name, and its file, open (an
+/// image never changes), once a range was read from it.
+#[derive(Debug, Clone)]
+struct Cached {
+    size: u64,
+    file_name: String,
+    file: Option<Arc<std::fs::File>>,
+}
+
 /// The facts of images already read, by SHA-256.
 #[derive(Debug, Default)]
-pub(crate) struct ImageCache(Mutex<HashMap<String, (u64, String)>>);
+pub(crate) struct ImageCache(Mutex<HashMap<String, Cached>>);
 
 impl ImageCache {
-    fn get(&self, sha256: &str) -> Option<(u64, String)> {
+    fn get(&self, sha256: &str) -> Option<Cached> {
         self.0
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -74,7 +83,7 @@ impl ImageCache {
             .cloned()
     }
 
-    fn put(&self, sha256: String, facts: (u64, String)) {
+    fn put(&self, sha256: String, cached: Cached) {
         let mut map = self
             .0
             .lock()
@@ -82,9 +91,13 @@ impl ImageCache {
         if map.len() >= CACHE_ENTRIES {
             map.clear();
         }
-        map.insert(sha256, facts);
+        map.insert(sha256, cached);
     }
 }
+
+/// The largest range read whole into memory and answered in one write (`Firmware::read_range`);
+/// longer ones stream.
+pub const WHOLE_RANGE_BYTES: u64 = 64 * 1024;
 
 impl Firmware {
     /// A signed link to an image for a device, valid for `ota_link_ttl` from now. The caller
@@ -140,18 +153,9 @@ impl Firmware {
     /// An image to serve, by its SHA-256: its facts (cached once read) and its file opened.
     pub async fn open(&self, sha256: &str) -> Result<StoredImage, FirmwareError> {
         let sha256 = crate::firmware::sha_of(sha256)?;
-        let (size, file_name) = match self.cache().get(&sha256) {
-            Some(facts) => facts,
-            None => {
-                let record = self.record(&sha256).await?;
-                let facts = (
-                    u64::try_from(record.size).unwrap_or_default(),
-                    download_name(&record.project, &record.version),
-                );
-                self.cache().put(sha256.clone(), facts.clone());
-                facts
-            }
-        };
+        let Cached {
+            size, file_name, ..
+        } = self.facts(&sha256).await?;
         let file = tokio::fs::File::open(self.path_of(&sha256))
             .await
             .map_err(|e| match e.kind() {
@@ -164,6 +168,66 @@ impl Firmware {
             file_name,
             file,
         })
+    }
+}
+
+impl Firmware {
+    /// An image's cached facts, read from its record the first time.
+    async fn facts(&self, sha256: &str) -> Result<Cached, FirmwareError> {
+        if let Some(cached) = self.cache().get(sha256) {
+            return Ok(cached);
+        }
+        let record = self.record(sha256).await?;
+        let cached = Cached {
+            size: u64::try_from(record.size).unwrap_or_default(),
+            file_name: download_name(&record.project, &record.version),
+            file: None,
+        };
+        self.cache().put(sha256.to_owned(), cached.clone());
+        Ok(cached)
+    }
+
+    /// Its length and download name, for an answer to start with.
+    pub async fn describe(&self, sha256: &str) -> Result<(String, u64, String), FirmwareError> {
+        let sha256 = crate::firmware::sha_of(sha256)?;
+        let cached = self.facts(&sha256).await?;
+        Ok((sha256, cached.size, cached.file_name))
+    }
+
+    /// `len` bytes of an image from `start` (at most [`WHOLE_RANGE_BYTES`]), with one
+    /// positioned read in one trip to the blocking pool: the file stays open in the cache, so
+    /// that a device fetching 4 KiB ranges costs no open, no seek and no streamed body.
+    pub async fn read_range(
+        &self,
+        sha256: &str,
+        start: u64,
+        len: u64,
+    ) -> Result<Vec<u8>, FirmwareError> {
+        use std::os::unix::fs::FileExt as _;
+        let mut cached = self.facts(sha256).await?;
+        let len = usize::try_from(len.min(WHOLE_RANGE_BYTES)).unwrap_or_default();
+        let open = cached.file.clone();
+        let path = self.path_of(sha256);
+        let (file, bytes) = tokio::task::spawn_blocking(move || {
+            let file = match open {
+                Some(file) => file,
+                None => Arc::new(std::fs::File::open(&path)?),
+            };
+            let mut buf = vec![0; len];
+            file.read_exact_at(&mut buf, start)?;
+            Ok::<_, std::io::Error>((file, buf))
+        })
+        .await
+        .map_err(|e| FirmwareError::Io(std::io::Error::other(e)))?
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => FirmwareError::NotFound,
+            _ => FirmwareError::Io(e),
+        })?;
+        if cached.file.is_none() {
+            cached.file = Some(file);
+            self.cache().put(sha256.to_owned(), cached);
+        }
+        Ok(bytes)
     }
 }
 
