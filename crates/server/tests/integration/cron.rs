@@ -294,7 +294,10 @@ async fn a_running_server_enqueues_each_tick() {
     assert_eq!(created.status(), 201);
     let created: Value = created.json().await.unwrap();
     let tick = created["next_tick_at"].as_str().unwrap().to_owned();
-    clock.advance(chrono::Duration::seconds(61));
+    // Just past the tick, and well before the next one (a minute later): 61 s from a start a
+    // moment before a minute's end would pass both.
+    let at: chrono::DateTime<Utc> = tick.parse().unwrap();
+    clock.advance(at - clock.now() + chrono::Duration::seconds(1));
     let ticked = tokio::time::timeout(std::time::Duration::from_secs(10), async {
         loop {
             let jobs = app
