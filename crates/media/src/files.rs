@@ -566,11 +566,10 @@ impl Files {
     /// A file the caller may see: their own, or any for an admin. Others' files are
     /// `NotFound`, so that ids tell nothing.
     async fn visible(&self, who: &Principal, id: Uuid) -> Result<FileRecord, FilesError> {
-        let record = match self.0.store.file(id).await {
-            Ok(r) if r.state != "deleted" => r,
-            Ok(_) | Err(StoreError::NotFound { .. }) => return Err(FilesError::NotFound),
-            Err(e) => return Err(e.into()),
-        };
+        let record = found(self.0.store.file(id).await)?;
+        if record.state == "deleted" {
+            return Err(FilesError::NotFound);
+        }
         if record.owner == Some(who.user_id) || self.is_admin(who) {
             Ok(record)
         } else {
@@ -613,11 +612,7 @@ impl Files {
         who: Option<&Principal>,
         id: Uuid,
     ) -> Result<FileRecord, FilesError> {
-        let record = match self.0.store.file(id).await {
-            Ok(r) => r,
-            Err(StoreError::NotFound { .. }) => return Err(FilesError::NotFound),
-            Err(e) => return Err(e.into()),
-        };
+        let record = found(self.0.store.file(id).await)?;
         let allowed = match who {
             _ if record.access == "public" => true,
             Some(who) => record.owner == Some(who.user_id) || self.is_admin(who),
@@ -702,11 +697,7 @@ impl Files {
                 unhidra_core::LinkError::Invalid => FilesError::LinkInvalid,
                 unhidra_core::LinkError::Expired => FilesError::LinkExpired,
             })?;
-        let record = match self.0.store.file(id).await {
-            Ok(r) => r,
-            Err(StoreError::NotFound { .. }) => return Err(FilesError::NotFound),
-            Err(e) => return Err(e.into()),
-        };
+        let record = found(self.0.store.file(id).await)?;
         if record.state != "ready" {
             return Err(FilesError::NotFound);
         }
@@ -803,11 +794,7 @@ impl Files {
         let role = if user == who.user_id {
             who.role
         } else {
-            match self.0.store.user_by_id(user).await {
-                Ok(u) => u.role,
-                Err(StoreError::NotFound { .. }) => return Err(FilesError::NotFound),
-                Err(e) => return Err(e.into()),
-            }
+            found(self.0.store.user_by_id(user).await)?.role
         };
         let (quota, custom) = self.quota_of(user, role).await?;
         let usage = self.0.store.file_usage(user).await?;
@@ -841,11 +828,7 @@ impl Files {
                 "a quota is 0 or more",
             ));
         }
-        match self.0.store.user_by_id(user).await {
-            Ok(_) => {}
-            Err(StoreError::NotFound { .. }) => return Err(FilesError::NotFound),
-            Err(e) => return Err(e.into()),
-        }
+        found(self.0.store.user_by_id(user).await)?;
         self.0.store.set_file_quota(user, quota.as_ref()).await?;
         self.0
             .audit
@@ -862,6 +845,14 @@ impl Files {
             .await;
         self.usage(who, user).await
     }
+}
+
+/// A store answer, with "no such row" as the service's `NotFound` (a file or a user).
+fn found<T>(answer: Result<T, StoreError>) -> Result<T, FilesError> {
+    answer.map_err(|e| match e {
+        StoreError::NotFound { .. } => FilesError::NotFound,
+        e => FilesError::Store(e),
+    })
 }
 
 fn cursor_of(r: &FileRecord) -> String {

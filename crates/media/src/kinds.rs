@@ -75,11 +75,6 @@ fn is_text(head: &[u8], complete: bool) -> bool {
             .all(|c| !c.is_control() || matches!(c, '\t' | '\n' | '\r' | '\u{c}'))
 }
 
-/// The kind of a stored media type.
-pub fn by_mime(mime: &str) -> Option<&'static Kind> {
-    ALLOWED.iter().find(|k| k.mime == mime)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

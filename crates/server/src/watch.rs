@@ -28,6 +28,12 @@ use crate::state::AppState;
 /// Topics one connection may watch at once.
 pub(crate) const MAX_WATCHES: usize = 8;
 
+/// What an `invalid_topic` error says.
+const NO_SUCH_TOPIC: &str = "topics are `fleet`, `deployments` and `deployment:<id>`";
+
+/// What a `forbidden` error says.
+const ADMINS_ONLY: &str = "deployments are followed by admins";
+
 /// A topic, parsed once: its name is the server's spelling.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Topic {
@@ -108,10 +114,7 @@ impl Watches {
             hub.send_to(self.id, &error(code, message, &name));
         };
         let Some(topic) = Topic::parse(&name) else {
-            return refuse(
-                "invalid_topic",
-                "topics are `fleet`, `deployments` and `deployment:<id>`",
-            );
+            return refuse("invalid_topic", NO_SUCH_TOPIC);
         };
         // Before any lookup: a connection at its limit costs no store read.
         if !self.lock().has_room_for(topic) {
@@ -121,12 +124,12 @@ impl Watches {
             Topic::Fleet => {}
             Topic::Deployments if state.deployments().may_watch(who) => {}
             Topic::Deployments => {
-                return refuse("forbidden", "deployments are followed by admins");
+                return refuse("forbidden", ADMINS_ONLY);
             }
             Topic::Deployment(id) => match state.deployments().get(who, id).await {
                 Ok(_) => {}
                 Err(DeployError::Forbidden) => {
-                    return refuse("forbidden", "deployments are followed by admins");
+                    return refuse("forbidden", ADMINS_ONLY);
                 }
                 Err(DeployError::NotFound) => return refuse("not_found", "no such deployment"),
                 Err(e) => {
@@ -195,14 +198,7 @@ impl Watches {
     /// was not watched), or `invalid_topic`.
     pub(crate) fn unwatch(&mut self, hub: &Hub, name: &str) {
         let Some(topic) = Topic::parse(name) else {
-            hub.send_to(
-                self.id,
-                &error(
-                    "invalid_topic",
-                    "topics are `fleet`, `deployments` and `deployment:<id>`",
-                    name,
-                ),
-            );
+            hub.send_to(self.id, &error("invalid_topic", NO_SUCH_TOPIC, name));
             return;
         };
         self.lock().topics.remove(&topic);

@@ -137,7 +137,7 @@ pub(crate) struct UserPatch {
     active: Option<bool>,
 }
 
-fn user_id(raw: &str) -> Result<UserId, ApiError> {
+pub(super) fn user_id(raw: &str) -> Result<UserId, ApiError> {
     raw.parse().map_err(|_| ApiError::not_found("user"))
 }
 

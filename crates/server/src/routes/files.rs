@@ -10,12 +10,12 @@ use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::response::Response;
 use futures_util::StreamExt;
 use serde::Deserialize;
-use unhidra_core::UserId;
 use unhidra_media::{Access, FileLink, FilePage, FileView, FilesError, UsageView};
 use unhidra_store::files::FileQuota;
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
+use super::admin::user_id;
 use crate::error::{ApiError, FieldError, Problem};
 use crate::http::auth::{Admin, Auth, Ctx, bearer};
 use crate::http::extract::{Json, Query};
@@ -418,12 +418,6 @@ pub(crate) async fn my_usage(
     Auth(who, ..): Auth,
 ) -> Result<JsonResponse<UsageView>, ApiError> {
     Ok(JsonResponse(state.files().usage(&who, who.user_id).await?))
-}
-
-fn user_id(id: &str) -> Result<UserId, ApiError> {
-    Uuid::try_parse(id)
-        .map(UserId)
-        .map_err(|_| ApiError::not_found("user"))
 }
 
 /// A user's usage and quota; admins only.
