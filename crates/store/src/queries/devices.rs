@@ -374,59 +374,71 @@ macro_rules! device_queries {
                 })
             }
 
-            /// Adds `cost` to `scope`'s bytes of `day` unless that passes `budget` (`0`: no
-            /// limit, nothing kept); false when it would.
-            async fn reserve(
+            /// A scope's bytes of one day: `("device:<id>" | "owner:<id>", day number)`.
+            type UsageKey = (String, i64);
+
+            /// Usage rows per statement: three parameters each.
+            const USAGE_CHUNK: usize = 1000;
+
+            /// The stored bytes of every `key` (sorted), each row created if missing and
+            /// locked until the transaction ends. Rows are locked in the keys' order, the same
+            /// on every node, so that two writers that share scopes wait for each other instead
+            /// of deadlocking.
+            async fn lock_usage(
                 conn: &mut <Db as sqlx::Database>::Connection,
-                scope: &str,
-                day: i64,
-                cost: i64,
-                budget: u64,
-            ) -> Result<bool, StoreError> {
-                if budget == 0 {
-                    return Ok(true);
+                keys: &[UsageKey],
+            ) -> Result<HashMap<UsageKey, i64>, StoreError> {
+                let mut used = HashMap::with_capacity(keys.len());
+                for chunk in keys.chunks(USAGE_CHUNK) {
+                    let mut query =
+                        QueryBuilder::<Db>::new("INSERT INTO telemetry_usage (scope, day, bytes) ");
+                    query.push_values(chunk, |mut row, (scope, day)| {
+                        row.push_bind(scope.as_str()).push_bind(*day).push_bind(0_i64);
+                    });
+                    // An update that changes nothing, so that an existing row is locked and read.
+                    query.push(
+                        " ON CONFLICT (scope, day) DO UPDATE SET bytes = telemetry_usage.bytes \
+                         RETURNING scope, day, bytes",
+                    );
+                    let rows: Vec<(String, i64, i64)> = query
+                        .build_query_as()
+                        .fetch_all(&mut *conn)
+                        .await
+                        .map_err(telemetry_err)?;
+                    used.extend(rows.into_iter().map(|(scope, day, bytes)| ((scope, day), bytes)));
                 }
-                let budget = i64::try_from(budget).unwrap_or(i64::MAX);
-                if cost > budget {
-                    return Ok(false);
-                }
-                let kept: Option<i64> = sqlx::query_scalar(
-                    "INSERT INTO telemetry_usage (scope, day, bytes) VALUES ($1, $2, $3) \
-                     ON CONFLICT (scope, day) DO UPDATE \
-                     SET bytes = telemetry_usage.bytes + excluded.bytes \
-                     WHERE telemetry_usage.bytes + excluded.bytes <= $4 RETURNING bytes",
-                )
-                .bind(scope)
-                .bind(day)
-                .bind(cost)
-                .bind(budget)
-                .fetch_optional(&mut *conn)
-                .await
-                .map_err(telemetry_err)?;
-                Ok(kept.is_some())
+                Ok(used)
             }
 
-            /// Gives back what [`reserve`] kept.
-            async fn refund(
+            /// Stores the bytes of every scope in `changed`.
+            async fn store_usage(
                 conn: &mut <Db as sqlx::Database>::Connection,
-                scope: &str,
-                day: i64,
-                cost: i64,
-                budget: u64,
+                changed: &[(&UsageKey, i64)],
             ) -> Result<(), StoreError> {
-                if budget == 0 {
-                    return Ok(());
+                for chunk in changed.chunks(USAGE_CHUNK) {
+                    let mut query =
+                        QueryBuilder::<Db>::new("INSERT INTO telemetry_usage (scope, day, bytes) ");
+                    query.push_values(chunk, |mut row, ((scope, day), bytes)| {
+                        row.push_bind(scope.as_str()).push_bind(*day).push_bind(*bytes);
+                    });
+                    query.push(" ON CONFLICT (scope, day) DO UPDATE SET bytes = excluded.bytes");
+                    query.build().execute(&mut *conn).await.map_err(telemetry_err)?;
                 }
-                sqlx::query(
-                    "UPDATE telemetry_usage SET bytes = bytes - $3 WHERE scope = $1 AND day = $2",
-                )
-                .bind(scope)
-                .bind(day)
-                .bind(cost)
-                .execute(&mut *conn)
-                .await
-                .map_err(telemetry_err)?;
                 Ok(())
+            }
+
+            /// The budgets' scopes of one batch: its device's and its owner's, when limited.
+            fn usage_keys(
+                b: &TelemetryBatch,
+                budget: &TelemetryBudget,
+            ) -> (Option<UsageKey>, Option<UsageKey>) {
+                let day = b.received_at.timestamp().div_euclid(86_400);
+                let device = (budget.per_device > 0).then(|| (format!("device:{}", b.device_id), day));
+                let owner = b
+                    .owner
+                    .filter(|_| budget.per_owner > 0)
+                    .map(|owner| (format!("owner:{}", owner.0), day));
+                (device, owner)
             }
 
             async fn insert_device(
@@ -979,39 +991,64 @@ macro_rules! device_queries {
                         }
                     }
                     let mut seen_here = HashSet::new();
-                    let mut outcomes = Vec::with_capacity(batches.len());
-                    for b in batches {
-                        let key = (b.device_id, b.seq);
-                        if stored_before.contains(&key) || !seen_here.insert(key) {
-                            outcomes.push(Appended::Repeat);
+                    let mut outcomes: Vec<Appended> = batches
+                        .iter()
+                        .map(|b| {
+                            let key = (b.device_id, b.seq);
+                            if stored_before.contains(&key) || !seen_here.insert(key) {
+                                Appended::Repeat
+                            } else {
+                                Appended::Stored
+                            }
+                        })
+                        .collect();
+                    // Budgets: every scope's row locked once, in sorted order, then each new
+                    // batch taken or refused in the caller's order.
+                    let scopes: Vec<_> = batches.iter().map(|b| usage_keys(b, budget)).collect();
+                    let keys: Vec<UsageKey> = scopes
+                        .iter()
+                        .zip(&outcomes)
+                        .filter(|(_, o)| **o == Appended::Stored)
+                        .flat_map(|((device, owner), _)| device.iter().chain(owner))
+                        .cloned()
+                        .collect::<std::collections::BTreeSet<_>>()
+                        .into_iter()
+                        .collect();
+                    let locked = lock_usage(&mut tx, &keys).await?;
+                    let mut used = locked.clone();
+                    let limit = |budget: u64| i64::try_from(budget).unwrap_or(i64::MAX);
+                    for ((b, (device, owner)), outcome) in
+                        batches.iter().zip(&scopes).zip(outcomes.iter_mut())
+                    {
+                        if *outcome != Appended::Stored {
                             continue;
                         }
                         let cost = i64::try_from(b.cost).unwrap_or(i64::MAX);
-                        let day = b.received_at.timestamp().div_euclid(86_400);
-                        let device = format!("device:{}", b.device_id);
-                        if !reserve(&mut tx, &device, day, cost, budget.per_device).await? {
-                            outcomes.push(Appended::OverDeviceBudget);
-                            continue;
-                        }
-                        if let Some(owner) = b.owner {
-                            let owner = format!("owner:{}", owner.0);
-                            if !reserve(&mut tx, &owner, day, cost, budget.per_owner).await? {
-                                refund(&mut tx, &device, day, cost, budget.per_device).await?;
-                                outcomes.push(Appended::OverOwnerBudget);
-                                continue;
+                        let fits = |key: &Option<UsageKey>, budget: u64| {
+                            key.as_ref().is_none_or(|k| {
+                                used[k].checked_add(cost).is_some_and(|n| n <= limit(budget))
+                            })
+                        };
+                        if !fits(device, budget.per_device) {
+                            *outcome = Appended::OverDeviceBudget;
+                        } else if !fits(owner, budget.per_owner) {
+                            *outcome = Appended::OverOwnerBudget;
+                        } else {
+                            for key in device.iter().chain(owner) {
+                                *used.get_mut(key).expect("locked above") += cost;
                             }
                         }
-                        outcomes.push(Appended::Stored);
                     }
                     let mut insert = QueryBuilder::<Db>::new(
                         "INSERT INTO telemetry_batches (device_id, seq, points, received_at) ",
                     );
-                    let taken: Vec<&TelemetryBatch> = batches
+                    let mut taken: Vec<&TelemetryBatch> = batches
                         .iter()
                         .zip(&outcomes)
                         .filter(|(_, o)| **o == Appended::Stored)
                         .map(|(b, _)| b)
                         .collect();
+                    taken.sort_by_key(|b| (b.device_id, b.seq));
                     let mut new = HashSet::new();
                     if !taken.is_empty() {
                         insert.push_values(&taken, |mut row, batch| {
@@ -1031,26 +1068,32 @@ macro_rules! device_queries {
                             new.insert((Store::read_id(id)?, seq));
                         }
                     }
-                    for (b, outcome) in batches.iter().zip(outcomes.iter_mut()) {
+                    for ((b, (device, owner)), outcome) in
+                        batches.iter().zip(&scopes).zip(outcomes.iter_mut())
+                    {
                         if *outcome == Appended::Stored && !new.contains(&(b.device_id, b.seq)) {
                             *outcome = Appended::Repeat;
                             let cost = i64::try_from(b.cost).unwrap_or(i64::MAX);
-                            let day = b.received_at.timestamp().div_euclid(86_400);
-                            let device = format!("device:{}", b.device_id);
-                            refund(&mut tx, &device, day, cost, budget.per_device).await?;
-                            if let Some(owner) = b.owner {
-                                let owner = format!("owner:{}", owner.0);
-                                refund(&mut tx, &owner, day, cost, budget.per_owner).await?;
+                            for key in device.iter().chain(owner) {
+                                *used.get_mut(key).expect("locked above") -= cost;
                             }
                         }
                     }
+                    let changed: Vec<(&UsageKey, i64)> = keys
+                        .iter()
+                        .filter(|k| used[*k] != locked[*k])
+                        .map(|k| (k, used[k]))
+                        .collect();
+                    store_usage(&mut tx, &changed).await?;
                     let stored: Vec<bool> = outcomes.iter().map(|o| *o == Appended::Stored).collect();
-                    let points: Vec<(Uuid, &TelemetryPoint)> = batches
+                    // Rows in one order on every node (device, key, time), like the budgets.
+                    let mut points: Vec<(Uuid, &TelemetryPoint)> = batches
                         .iter()
                         .zip(&stored)
                         .filter(|(_, s)| **s)
                         .flat_map(|(b, _)| b.points.iter().map(move |p| (b.device_id, p)))
                         .collect();
+                    points.sort_by(|(a, p), (b, q)| (a, &p.key, p.ts).cmp(&(b, &q.key, q.ts)));
                     write_points(&mut tx, "telemetry", &points, " ON CONFLICT DO NOTHING").await?;
                     // The latest value per key: one row each, the newest point.
                     let mut latest: HashMap<(Uuid, &str), &TelemetryPoint> = HashMap::new();
@@ -1060,8 +1103,9 @@ macro_rules! device_queries {
                             *slot = p;
                         }
                     }
-                    let latest: Vec<(Uuid, &TelemetryPoint)> =
+                    let mut latest: Vec<(Uuid, &TelemetryPoint)> =
                         latest.into_iter().map(|((device, _), p)| (device, p)).collect();
+                    latest.sort_by(|(a, p), (b, q)| (a, &p.key).cmp(&(b, &q.key)));
                     write_points(
                         &mut tx,
                         "telemetry_latest",

@@ -1,5 +1,7 @@
 //! Devices, keys, presence, alerts and telemetry, on both backends.
 
+use std::sync::Arc;
+
 use chrono::{DateTime, Duration, Utc};
 use unhidra_core::{Email, Role, UserId};
 use unhidra_store::devices::{
@@ -741,6 +743,66 @@ async fn telemetry_budgets_are_reserved_with_the_write_per_device_and_owner(db: 
     );
 }
 both_backends!(telemetry_budgets_are_reserved_with_the_write_per_device_and_owner);
+
+/// Two writers (two pools, as two nodes) whose batches share devices and owners in opposite
+/// orders: the budgets' rows are locked in one order, so neither waits for the other in a
+/// cycle (PostgreSQL would abort one with "deadlock detected"), and the budgets hold.
+async fn writers_sharing_scopes_in_opposite_orders_do_not_deadlock(db: &TestDb) {
+    db.store.migrate().await.unwrap();
+    let other = db.another_handle().await;
+    let t0 = DateTime::from_timestamp(1_800_000_000, 0).unwrap();
+    let mut devices = Vec::new();
+    for o in 0..8 {
+        let owner = user(db, &format!("owner{o}@example.com")).await;
+        for d in 0..4 {
+            devices.push((
+                device(db, owner, &format!("d{o}-{d}"), "m", &[]).await,
+                owner,
+            ));
+        }
+    }
+    let budget = TelemetryBudget {
+        per_device: 1_000,
+        per_owner: 3_000,
+    };
+    let batches = |seq: i64, reversed: bool| {
+        let mut all: Vec<TelemetryBatch> = devices
+            .iter()
+            .map(|&(device_id, owner)| TelemetryBatch {
+                device_id,
+                seq,
+                received_at: t0,
+                owner: Some(owner),
+                cost: 100,
+                points: vec![point("temp", t0, TelemetryValue::Number(1.0))],
+            })
+            .collect();
+        if reversed {
+            all.reverse();
+        }
+        all
+    };
+    let stores = [Arc::clone(&db.store), Arc::clone(&other.store)];
+    let mut stored = 0;
+    for round in 0..6 {
+        let writers: Vec<_> = (0..2)
+            .map(|i| {
+                let store = Arc::clone(&stores[i]);
+                let batches = batches(round * 2 + i as i64, i == 1);
+                tokio::spawn(async move { store.append_telemetry(&batches, &budget).await })
+            })
+            .collect();
+        for writer in writers {
+            let outcomes = writer.await.unwrap().expect("no writer is aborted");
+            stored += outcomes.iter().filter(|o| **o == Appended::Stored).count();
+        }
+    }
+    // Ten batches of 100 bytes fit a device's 1,000; thirty fit an owner's 3,000 over its four
+    // devices: 8 owners × 30.
+    assert_eq!(stored, 240);
+    other.store.close().await;
+}
+both_backends!(writers_sharing_scopes_in_opposite_orders_do_not_deadlock);
 
 fn new_command(device: Uuid, key: Option<&str>, at: DateTime<Utc>, ttl: i64) -> CommandRecord {
     CommandRecord {
