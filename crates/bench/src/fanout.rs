@@ -264,13 +264,19 @@ pub fn open_files_limit() -> Option<u64> {
 
 /// Fails early, with the `ulimit -n` to use, if `subscribers` connections cannot be opened.
 pub fn check_open_files(subscribers: u32) -> Result<Option<u64>, BoxError> {
+    check_open_files_for(subscribers, "subscribers", "--subscribers")
+}
+
+/// Fails early, with the `ulimit -n` to use, if `count` connections (of `what`, asked for
+/// with `flag`) cannot be opened.
+pub fn check_open_files_for(count: u32, what: &str, flag: &str) -> Result<Option<u64>, BoxError> {
     let limit = open_files_limit();
-    let needed = u64::from(subscribers) + SPARE_FDS;
+    let needed = u64::from(count) + SPARE_FDS;
     match limit {
         Some(limit) if limit < needed => Err(format!(
-            "{subscribers} subscribers need about {needed} open files, but this process may \
+            "{count} {what} need about {needed} open files, but this process may \
              open {limit}; run `ulimit -n {}` in the shell first (the servers inherit it too), \
-             or ask for fewer with --subscribers",
+             or ask for fewer with {flag}",
             needed.next_power_of_two().max(1024)
         )
         .into()),

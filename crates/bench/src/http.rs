@@ -318,6 +318,30 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
         .position(|window| window == needle)
 }
 
+/// How long [`call`] waits for an answer.
+pub const CALL_WITHIN: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Sends one setup request and answers its JSON body, which must come with `status`.
+pub async fn call(
+    connection: &mut Connection,
+    what: &str,
+    request: &[u8],
+    status: u16,
+) -> Result<serde_json::Value, BoxError> {
+    let (answer, body) = tokio::time::timeout(CALL_WITHIN, connection.send_for_body(request))
+        .await
+        .map_err(|_| format!("{what}: no answer within {CALL_WITHIN:?}"))??;
+    if answer.status != status {
+        return Err(format!(
+            "{what} answered {} instead of {status}: {}",
+            answer.status,
+            String::from_utf8_lossy(&body)
+        )
+        .into());
+    }
+    Ok(serde_json::from_slice(&body)?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,7 +11,10 @@
 //! per second, and the latency from enqueue to start) on SQLite and on PostgreSQL with one and
 //! two nodes, against graphile-worker on the same PostgreSQL. The `ota` subcommand measures
 //! many devices downloading one firmware image at once, in 4 KiB ranges and whole (aggregate
-//! throughput, latency, server RSS), against nginx serving the same file in the same run.
+//! throughput, latency, server RSS), against nginx serving the same file in the same run. The
+//! `devices` subcommand measures the device fleet: telemetry points acknowledged per second on
+//! SQLite and PostgreSQL against a raw insert of the same rows, and many idle devices (connect
+//! rate, RSS per connection, how late silent devices are reported).
 //! Everything it does is bounded in count and time, and it only ever talks to 127.0.0.1.
 //!
 //! ```text
@@ -21,9 +24,12 @@
 //! cargo run --release -p unhidra-bench -- fanout [--subscribers 1000] [--rates 100,1000,5000] [--seconds 5] [--targets unhidra,nats,socketio]
 //! cargo run --release -p unhidra-bench -- login-timing [--samples 200] [--max-seconds 100]
 //! cargo run --release -p unhidra-bench -- jobs [--jobs 20000] [--concurrency 24] [--nodes 1,2] [--targets sqlite,postgres,graphile-worker]
+//! cargo run --release -p unhidra-bench -- devices [--devices 200] [--points 100] [--seconds 10] [--backends sqlite,postgres] [--idle 10000] [--silence-after 20]
 //! cargo run --release -p unhidra-bench -- ota [--devices 200] [--image-kib 1536] [--range 4096] [--rounds 3] [--whole-passes 5] [--targets unhidra,unhidra-key,nginx]
 //! ```
 
+mod devices;
+mod devices_report;
 mod fanout;
 mod fanout_report;
 mod fanout_target;
@@ -53,6 +59,7 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::devices_report::DevicesReport;
 use crate::fanout_report::{FanoutReport, TargetRun};
 use crate::fanout_target::Target;
 use crate::identity_report::IdentityReport;
@@ -125,6 +132,11 @@ enum Scenario {
     /// from nginx serving the same file, in the same run: aggregate throughput, latency and
     /// server RSS.
     Ota(OtaArgs),
+    /// The device fleet: telemetry points acknowledged (durable) per second from simulated
+    /// devices on SQLite and PostgreSQL, against a raw batched insert of the same rows into the
+    /// same database; and many idle devices: connect rate, server RSS per connection, and the
+    /// delay from a device's inactivity timeout to its silent status reaching a watcher.
+    Devices(DevicesArgs),
     /// One job node of the `jobs` scenario, driven by it through stdin and stdout.
     #[command(hide = true)]
     JobsNode(jobs_node::NodeArgs),
@@ -171,6 +183,46 @@ struct OtaArgs {
     #[arg(long, value_name = "SECS", default_value_t = 120,
         value_parser = clap::value_parser!(u64).range(1..=600))]
     max_seconds: u64,
+}
+
+#[derive(Debug, Args)]
+struct DevicesArgs {
+    /// Devices sending telemetry at once.
+    #[arg(long, value_name = "N", default_value_t = 200,
+        value_parser = clap::value_parser!(u32).range(1..=5000))]
+    devices: u32,
+    /// Points per telemetry batch (the server's `telemetry_max_points` is 1,000).
+    #[arg(long, value_name = "P", default_value_t = 100,
+        value_parser = clap::value_parser!(u32).range(1..=1000))]
+    points: u32,
+    /// Measured seconds of ingest per backend, after a 2 s warm-up.
+    #[arg(long, value_name = "SECS", default_value_t = 10,
+        value_parser = clap::value_parser!(u64).range(1..=120))]
+    seconds: u64,
+    /// Backends of the ingest measurement.
+    #[arg(
+        long,
+        value_name = "B[,B…]",
+        value_delimiter = ',',
+        default_value = "sqlite,postgres"
+    )]
+    backends: Vec<devices::Backend>,
+    /// The PostgreSQL server (on this machine) where a database is made for the run.
+    #[arg(
+        long,
+        value_name = "URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/test"
+    )]
+    postgres: String,
+    /// Idle devices connected at once (0: not measured); needs `ulimit -n` above it.
+    #[arg(long, value_name = "N", default_value_t = 10_000,
+        value_parser = clap::value_parser!(u32).range(0..=20_000))]
+    idle: u32,
+    /// The idle devices' inactivity timeout, in seconds (the server's minimum is 10); their
+    /// connects must end before it.
+    #[arg(long, value_name = "SECS", default_value_t = 20,
+        value_parser = clap::value_parser!(u64).range(10..=600))]
+    silence_after: u64,
 }
 
 #[derive(Debug, Args)]
@@ -327,6 +379,9 @@ fn main() -> ExitCode {
             .map(|report| report.render()),
         Some(Scenario::Ota(args)) => runtime
             .block_on(measure_ota(cli.server.clone(), args))
+            .map(|report| report.render()),
+        Some(Scenario::Devices(args)) => runtime
+            .block_on(measure_devices(cli.server.clone(), args))
             .map(|report| report.render()),
         Some(Scenario::JobsNode(args)) => {
             return match runtime.block_on(jobs_node::run(args)) {
@@ -531,6 +586,41 @@ async fn measure_login_timing(
 }
 
 /// The firmware download scenario.
+/// The devices scenario: ingest on each backend, then the idle devices.
+async fn measure_devices(
+    server: Option<PathBuf>,
+    args: &DevicesArgs,
+) -> Result<DevicesReport, BoxError> {
+    let server_bin = server_binary(server)?;
+    if args.backends.contains(&devices::Backend::Postgres) {
+        jobs_db::check_local_postgres(&args.postgres)?;
+    }
+    devices::check_open_files(args.idle.max(args.devices))?;
+    let machine = Machine::read();
+    let mut backends = Vec::new();
+    for &b in &args.backends {
+        if !backends.contains(&b) {
+            backends.push(b);
+        }
+    }
+    let settings = devices::Settings {
+        devices: args.devices,
+        points: args.points,
+        window: Duration::from_secs(args.seconds),
+        backends,
+        postgres: args.postgres.clone(),
+        idle: args.idle,
+        silence_after: args.silence_after,
+    };
+    let outcome = devices::run(&server_bin, &settings).await?;
+    Ok(DevicesReport {
+        command: command_line(),
+        machine,
+        settings,
+        outcome,
+    })
+}
+
 async fn measure_ota(server: Option<PathBuf>, args: &OtaArgs) -> Result<OtaReport, BoxError> {
     let mut targets: Vec<ota::Target> = Vec::new();
     for &target in &args.targets {

@@ -30,7 +30,7 @@ use tokio::time::Instant;
 use unhidra_ota::manifest::{self, Manifest};
 
 use crate::BoxError;
-use crate::http::{Connection, post_json_request, post_request};
+use crate::http::{Connection, call, post_json_request, post_request};
 use crate::ota_client::{Device, Want, write_request};
 use crate::peer::Peer;
 use crate::server::{self, Memory, Server};
@@ -766,7 +766,7 @@ async fn peaks(pids: Vec<u32>, mut stop: oneshot::Receiver<()>) -> (u64, u64) {
 
 /// CPU counters at one moment.
 #[derive(Debug, Clone, Copy)]
-struct CpuSample {
+pub struct CpuSample {
     at: Instant,
     server: Duration,
     bench: Duration,
@@ -774,7 +774,7 @@ struct CpuSample {
 }
 
 impl CpuSample {
-    fn take(pids: &[u32]) -> Self {
+    pub fn take(pids: &[u32]) -> Self {
         Self {
             at: Instant::now(),
             server: pids.iter().filter_map(|p| server::cpu_time(*p)).sum(),
@@ -783,7 +783,7 @@ impl CpuSample {
         }
     }
 
-    fn until(&self, later: &Self) -> Cpu {
+    pub fn until(&self, later: &Self) -> Cpu {
         let wall = later.at.duration_since(self.at).as_secs_f64().max(1e-9);
         let cores = |a: Duration, b: Duration| b.saturating_sub(a).as_secs_f64() / wall;
         let (machine, steal) = match (self.machine, later.machine) {
@@ -932,27 +932,6 @@ async fn set_up(
         });
     }
     Ok((links, keys))
-}
-
-/// Sends one setup request and answers its JSON body, which must come with `status`.
-async fn call(
-    connection: &mut Connection,
-    what: &str,
-    request: &[u8],
-    status: u16,
-) -> Result<serde_json::Value, BoxError> {
-    let (answer, body) = tokio::time::timeout(REQUEST_WITHIN, connection.send_for_body(request))
-        .await
-        .map_err(|_| format!("{what}: no answer within {REQUEST_WITHIN:?}"))??;
-    if answer.status != status {
-        return Err(format!(
-            "{what} answered {} instead of {status}: {}",
-            answer.status,
-            String::from_utf8_lossy(&body)
-        )
-        .into());
-    }
-    Ok(serde_json::from_slice(&body)?)
 }
 
 #[cfg(test)]
