@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 pub use value::{
     DatabaseUrl, EnvValue, HumanDuration, LogFormat, REDACTED, Secret, SqliteSynchronous,
+    StorageBackend,
 };
 
 /// The environment variable that selects the profile.
@@ -311,6 +312,22 @@ config_keys! {
         files_admin_quota_files: u64 = 0, secret = false;
         /// How long a signed link to a file works when its maker names no `ttl` (60 s to 7 d).
         files_link_ttl: HumanDuration = HumanDuration::secs(3600), secret = false;
+        /// Where files' bytes are kept: `local` (a folder, `<data_dir>/files`) or `s3` (any
+        /// S3-compatible object store; the `s3_*` keys).
+        storage_backend: StorageBackend = StorageBackend::Local, secret = false;
+        /// The S3 endpoint, e.g. `https://s3.eu-west-1.amazonaws.com` or a MinIO's URL.
+        s3_endpoint: Option<url::Url> = None, secret = false;
+        /// The bucket files are kept in (it must exist).
+        s3_bucket: Option<String> = None, secret = false;
+        /// The bucket's region (signed into every request).
+        s3_region: String = "us-east-1".to_owned(), secret = false;
+        /// The access key id requests are signed with.
+        s3_access_key_id: Option<String> = None, secret = false;
+        /// The secret access key requests are signed with.
+        s3_secret_access_key: Option<Secret> = None, secret = true;
+        /// Path-style URLs (`<endpoint>/<bucket>/<key>`, as MinIO and most self-hosted stores
+        /// want); `false`: virtual-host style (`<bucket>.<endpoint host>/<key>`).
+        s3_path_style: bool = true, secret = false;
         /// How long a signed firmware download link works (the offer a device gets carries one).
         ota_link_ttl: HumanDuration = HumanDuration::secs(3600), secret = false;
         /// How often each node moves deployments on: starts those due, fails devices past their
@@ -653,6 +670,40 @@ fn check(config: &Config) -> Result<(), ConfigError> {
         problems.push(
             "ws_max_reply_bytes: must be at least 128 KiB and at most ws_queue_bytes".to_owned(),
         );
+    }
+    if config.storage_backend == StorageBackend::S3 {
+        let missing: Vec<&str> = [
+            ("s3_endpoint", config.s3_endpoint.is_none()),
+            (
+                "s3_bucket",
+                config.s3_bucket.as_deref().is_none_or(str::is_empty),
+            ),
+            (
+                "s3_access_key_id",
+                config.s3_access_key_id.as_deref().is_none_or(str::is_empty),
+            ),
+            (
+                "s3_secret_access_key",
+                config.s3_secret_access_key.is_none(),
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(key, absent)| absent.then_some(key))
+        .collect();
+        if !missing.is_empty() {
+            problems.push(format!(
+                "storage_backend = \"s3\" needs {}",
+                missing.join(", ")
+            ));
+        }
+        if let Some(url) = &config.s3_endpoint
+            && (!matches!(url.scheme(), "http" | "https") || url.host_str().is_none())
+        {
+            problems.push("s3_endpoint: an http:// or https:// URL with a host".to_owned());
+        }
+        if config.s3_region.trim().is_empty() {
+            problems.push("s3_region: must not be empty".to_owned());
+        }
     }
     if config.admin_email.is_some() != config.admin_password.is_some() {
         problems.push("admin_email and admin_password: give both or neither".to_owned());

@@ -261,7 +261,13 @@ fn every_key_has_a_distinct_environment_variable() {
     let secrets: Vec<&str> = KEYS.iter().filter(|k| k.secret).map(|k| k.name).collect();
     assert_eq!(
         secrets,
-        ["metrics_token", "signing_key", "smtp_url", "admin_password"]
+        [
+            "metrics_token",
+            "signing_key",
+            "smtp_url",
+            "s3_secret_access_key",
+            "admin_password"
+        ]
     );
 }
 
@@ -370,4 +376,44 @@ fn cron_schedules_are_entries_of_fields() {
     }
     let p = problems(load_with(None, &[("UNHIDRA_JOBS_CRON", "nightly|0 3 * * *")]).unwrap_err());
     assert!(p[0].starts_with("jobs_cron: "), "{p:?}");
+}
+
+#[test]
+fn the_s3_backend_needs_its_keys_and_its_secret_never_prints() {
+    let err = load_with(None, &[("UNHIDRA_STORAGE_BACKEND", "s3")]).unwrap_err();
+    let text = err.to_string();
+    for key in [
+        "s3_endpoint",
+        "s3_bucket",
+        "s3_access_key_id",
+        "s3_secret_access_key",
+    ] {
+        assert!(text.contains(key), "{text}");
+    }
+    let err = load_with(None, &[("UNHIDRA_STORAGE_BACKEND", "ftp")]).unwrap_err();
+    assert!(err.to_string().contains("expected local or s3"), "{err}");
+
+    let config = load_with(
+        None,
+        &[
+            ("UNHIDRA_STORAGE_BACKEND", "S3"),
+            ("UNHIDRA_S3_ENDPOINT", "http://127.0.0.1:9000"),
+            ("UNHIDRA_S3_BUCKET", "unhidra-files"),
+            ("UNHIDRA_S3_ACCESS_KEY_ID", "AKIDEXAMPLE"),
+            ("UNHIDRA_S3_SECRET_ACCESS_KEY", "s3-secret-value"),
+            ("UNHIDRA_S3_PATH_STYLE", "false"),
+        ],
+    )
+    .unwrap();
+    assert_eq!(config.storage_backend, crate::StorageBackend::S3);
+    assert!(!config.s3_path_style);
+    assert_eq!(config.s3_region, "us-east-1");
+    assert_eq!(
+        config.s3_secret_access_key.as_ref().unwrap().expose(),
+        "s3-secret-value"
+    );
+    let shown = format!("{config:?}");
+    let json = serde_json::to_string(&config).unwrap();
+    assert!(!shown.contains("s3-secret-value"), "{shown}");
+    assert!(!json.contains("s3-secret-value"), "{json}");
 }

@@ -195,6 +195,26 @@ impl EnvValue for LogFormat {
     }
 }
 
+/// Where files' bytes are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageBackend {
+    /// A folder: `<data_dir>/files`.
+    Local,
+    /// An S3-compatible object store (the `s3_*` keys).
+    S3,
+}
+
+impl EnvValue for StorageBackend {
+    fn parse_env(text: &str) -> Result<Self, String> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "local" => Ok(Self::Local),
+            "s3" => Ok(Self::S3),
+            _ => Err(format!("expected local or s3, got {text:?}")),
+        }
+    }
+}
+
 /// When SQLite makes a commit durable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -716,6 +716,11 @@ impl Files {
         Ok(record)
     }
 
+    /// Whether the storage answers (for readiness).
+    pub async fn check_storage(&self) -> std::io::Result<()> {
+        self.0.storage.check().await
+    }
+
     /// The bytes of a file the caller was given by [`Files::record_for_download`].
     pub async fn read(
         &self,

@@ -34,6 +34,28 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
 
     /// Removes `key`; one that is not there is no error.
     async fn delete(&self, key: &str) -> std::io::Result<()>;
+
+    /// Whether the backend answers (for readiness); a folder always does.
+    async fn check(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Whether `key` is one Unhidra makes: `/`-separated parts of ASCII letters, digits, `-` and
+/// `_`, so that no key can leave a folder or a bucket's prefix, or need escaping.
+pub fn is_key(key: &str) -> bool {
+    !key.is_empty()
+        && key.split('/').all(|part| {
+            !part.is_empty()
+                && part
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+}
+
+/// The error for a key [`is_key`] refuses.
+pub fn not_a_key() -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a storage key")
 }
 
 /// Objects as files in a folder: a key's `/`s are sub-folders.
@@ -67,20 +89,8 @@ impl LocalStorage {
     /// The file of `key`: keys are made by Unhidra (ids and dates), and anything that could
     /// leave the folder is refused.
     fn path_of(&self, key: &str) -> std::io::Result<PathBuf> {
-        let safe = !key.is_empty()
-            && key.split('/').all(|part| {
-                !part.is_empty()
-                    && part != "."
-                    && part != ".."
-                    && part
-                        .bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-            });
-        if !safe {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                "not a storage key",
-            ));
+        if !is_key(key) {
+            return Err(not_a_key());
         }
         Ok(self.dir.join(key))
     }
@@ -171,35 +181,105 @@ impl Storage for LocalStorage {
     }
 }
 
+/// What every backend must do, as one story that each backend's tests run.
+#[cfg(any(test, feature = "testing"))]
+pub mod testing {
+    use tokio::io::AsyncReadExt;
+
+    use super::Storage;
+
+    /// The bytes of `key` from `start`, `len` of them.
+    pub async fn read(storage: &dyn Storage, key: &str, start: u64, len: u64) -> Vec<u8> {
+        let mut out = Vec::new();
+        storage
+            .open(key, start, len)
+            .await
+            .unwrap_or_else(|e| panic!("open {key}: {e}"))
+            .read_to_end(&mut out)
+            .await
+            .unwrap_or_else(|e| panic!("read {key}: {e}"));
+        out
+    }
+
+    /// Whether `key` is missing: opening it is `NotFound`.
+    pub async fn is_missing(storage: &dyn Storage, key: &str) -> bool {
+        match storage.open(key, 0, 1).await {
+            Err(e) => e.kind() == std::io::ErrorKind::NotFound,
+            Ok(_) => false,
+        }
+    }
+
+    /// Writes `len` bytes (a known pattern) under a new key in `chunk`-byte writes, then reads
+    /// them back whole and in ranges; an object is invisible until finished, one dropped
+    /// unfinished is never seen, a deleted one is gone (and deleting it again is no error), a
+    /// missing one is `NotFound`, and keys that could escape are refused. Keys are new on
+    /// every run, so that runs can share a bucket.
+    pub async fn story(storage: &dyn Storage, len: usize, chunk: usize) {
+        let run = uuid::Uuid::new_v4().simple().to_string();
+        let key = format!("u{run}/2026/03/01/f1");
+        let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+
+        let mut w = storage.create(&key).await.expect("create");
+        for part in data.chunks(chunk) {
+            w.write(part).await.expect("write");
+        }
+        assert!(is_missing(storage, &key).await, "visible before finish");
+        w.finish().await.expect("finish");
+
+        assert_eq!(read(storage, &key, 0, len as u64).await, data, "whole");
+        let mid = len / 2;
+        let n = 7.min(len - mid);
+        assert_eq!(
+            read(storage, &key, mid as u64, n as u64).await,
+            &data[mid..mid + n],
+            "a range in the middle"
+        );
+        assert_eq!(
+            read(storage, &key, len as u64 - 3, 3).await,
+            &data[len - 3..],
+            "the last bytes"
+        );
+        assert_eq!(read(storage, &key, 0, 1).await, &data[..1], "the first");
+
+        storage.delete(&key).await.expect("delete");
+        assert!(is_missing(storage, &key).await, "gone once deleted");
+        storage
+            .delete(&key)
+            .await
+            .expect("deleting a missing key is no error");
+        assert!(is_missing(storage, &format!("u{run}/never")).await);
+
+        let dropped = format!("u{run}/2026/03/01/f2");
+        let mut w = storage.create(&dropped).await.expect("create");
+        for part in data.chunks(chunk) {
+            w.write(part).await.expect("write");
+        }
+        drop(w);
+        assert!(is_missing(storage, &dropped).await, "an unfinished object");
+
+        for bad in ["../x", "/etc/passwd", "a//b", "a/./b", "a/b.c", "a/b?c", ""] {
+            assert!(storage.create(bad).await.is_err(), "{bad:?} refused");
+            assert!(storage.open(bad, 0, 1).await.is_err(), "{bad:?} refused");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn objects_appear_whole_and_are_read_in_ranges() {
+    async fn a_folder_keeps_objects_as_every_backend_must() {
         let dir = tempfile::tempdir().unwrap();
         let storage = LocalStorage::open_dir(dir.path()).await.unwrap();
-        let key = "u1/2026/03/01/f1";
-        let mut w = storage.create(key).await.unwrap();
-        w.write(b"hello ").await.unwrap();
-        w.write(b"world").await.unwrap();
-        assert!(
-            storage.open(key, 0, 5).await.is_err(),
-            "not visible before finish"
-        );
-        w.finish().await.unwrap();
-        let mut read = String::new();
-        storage
-            .open(key, 6, 5)
-            .await
+        testing::story(&storage, 100_000, 4096).await;
+        testing::story(&storage, 11, 3).await;
+        // Nothing half-written is left beside the objects.
+        let partial = std::fs::read_dir(dir.path())
             .unwrap()
-            .read_to_string(&mut read)
-            .await
-            .unwrap();
-        assert_eq!(read, "world");
-        storage.delete(key).await.unwrap();
-        storage.delete(key).await.unwrap();
-        assert!(storage.open(key, 0, 1).await.is_err());
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().starts_with(PARTIAL_PREFIX));
+        assert!(!partial);
     }
 
     #[tokio::test]

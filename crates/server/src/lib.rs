@@ -522,22 +522,50 @@ fn jobs_config(config: &Config) -> jobs::JobsConfig {
     }
 }
 
-/// The firmware service: images under `<data_dir>/firmware`, manifests trusted by the keys of
-/// `ota_trusted_keys` (a PEM file of public keys; none: uploads are refused).
-/// The file service over its storage: `<data_dir>/files`.
+/// Where files' bytes are kept: `<data_dir>/files`, or the S3 bucket of the `s3_*` keys
+/// (checked at load).
+async fn files_storage(config: &Config) -> Result<Arc<dyn unhidra_media::Storage>, StartError> {
+    let failed = |e: std::io::Error| StartError::Files(e.to_string());
+    match config.storage_backend {
+        unhidra_config::StorageBackend::Local => Ok(Arc::new(
+            unhidra_media::LocalStorage::open_dir(config.data_dir.join("files"))
+                .await
+                .map_err(failed)?,
+        )),
+        unhidra_config::StorageBackend::S3 => {
+            let missing =
+                || StartError::Files("storage_backend = \"s3\" needs the s3_* keys".into());
+            let s3 = unhidra_s3::S3Config {
+                endpoint: config.s3_endpoint.clone().ok_or_else(missing)?,
+                bucket: config.s3_bucket.clone().ok_or_else(missing)?,
+                region: config.s3_region.clone(),
+                access_key_id: config.s3_access_key_id.clone().ok_or_else(missing)?,
+                secret_access_key: config
+                    .s3_secret_access_key
+                    .as_ref()
+                    .ok_or_else(missing)?
+                    .expose()
+                    .into(),
+                path_style: config.s3_path_style,
+                part_bytes: unhidra_s3::PART_BYTES,
+            };
+            Ok(Arc::new(unhidra_s3::S3Storage::new(&s3).map_err(failed)?))
+        }
+    }
+}
+
+/// The file service over its storage.
 async fn files_service(
     config: &Config,
     store: &Arc<dyn Store>,
     clock: &Arc<dyn Clock>,
     audit: identity::AuditLog,
 ) -> Result<unhidra_media::Files, StartError> {
-    let storage = unhidra_media::LocalStorage::open_dir(config.data_dir.join("files"))
-        .await
-        .map_err(|e| StartError::Files(e.to_string()))?;
+    let storage = files_storage(config).await?;
     let limit = |n: u64| (n > 0).then(|| i64::try_from(n).unwrap_or(i64::MAX));
     unhidra_media::Files::open(
         Arc::clone(store),
-        Arc::new(storage),
+        storage,
         Arc::clone(clock),
         audit,
         unhidra_media::FilesConfig {
@@ -558,6 +586,8 @@ async fn files_service(
     .map_err(|e| StartError::Files(e.to_string()))
 }
 
+/// The firmware service: images under `<data_dir>/firmware`, manifests trusted by the keys of
+/// `ota_trusted_keys` (a PEM file of public keys; none: uploads are refused).
 async fn firmware_service(
     config: &Config,
     store: &Arc<dyn Store>,

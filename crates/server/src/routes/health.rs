@@ -54,6 +54,13 @@ pub(crate) async fn ready(State(state): State<AppState>) -> Result<Json<Status>,
     let checked = tokio::time::timeout(READY_CHECK_TIMEOUT, store.health()).await;
     let failure = match checked {
         Ok(Ok(health)) if health.is_migrated() => {
+            if let Some(failure) = storage_failure(&state).await {
+                return Err(
+                    Problem::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", failure)
+                        .with("failing", vec!["storage"])
+                        .into(),
+                );
+            }
             // With hidden accounts the circuits stay out of this unauthenticated answer: only
             // an existing account's reset sends mail, so the SMTP circuit's moves could tell
             // which emails have one (`/metrics` has them).
@@ -88,4 +95,22 @@ pub(crate) async fn ready(State(state): State<AppState>) -> Result<Json<Status>,
             .with("failing", vec!["store"])
             .into(),
     )
+}
+
+/// Why the files' storage is not ready (an S3 bucket that does not answer), if it is not.
+async fn storage_failure(state: &AppState) -> Option<String> {
+    let backend = match state.config().storage_backend {
+        unhidra_config::StorageBackend::Local => "local",
+        unhidra_config::StorageBackend::S3 => "s3",
+    };
+    match tokio::time::timeout(READY_CHECK_TIMEOUT, state.files().check_storage()).await {
+        Ok(Ok(())) => None,
+        Ok(Err(err)) => {
+            tracing::warn!(error = %err, "readiness: storage check failed");
+            Some(format!("storage ({backend}): unreachable"))
+        }
+        Err(_) => Some(format!(
+            "storage ({backend}): no answer within {READY_CHECK_TIMEOUT:?}"
+        )),
+    }
 }

@@ -523,3 +523,152 @@ async fn one_user_holds_at_most_four_uploads_at_once() {
         .collect();
     assert!(names.iter().all(|n| !n.starts_with("slow")), "{names:?}");
 }
+
+/// A body of `len` bytes that is PNG to the type check (its signature and header), then a
+/// known pattern.
+fn big_png(len: usize) -> Vec<u8> {
+    let mut body = PNG[..33].to_vec();
+    body.extend((body.len()..len).map(|i| (i % 251) as u8));
+    body
+}
+
+#[tokio::test]
+async fn on_s3_files_are_stored_by_owner_and_day_served_with_ranges_and_tags_and_deleted() {
+    let s3 = unhidra_s3::testing::new_bucket().await;
+    let bucket = unhidra_s3::S3Storage::new(&s3).unwrap();
+    let app = app(|c| on_s3(c, &s3)).await;
+    let (alice_id, alice) = user(&app, "alice@example.com").await;
+    // Past one part (8 MiB): a multipart upload of two parts.
+    let body = big_png(unhidra_s3::PART_BYTES + 1_000_003);
+    let made = upload(&app, &alice, "survey.png", body.clone()).await;
+    assert_eq!(made.status(), 201);
+    let made: Value = made.json().await.unwrap();
+    let id = made["id"].as_str().unwrap().to_owned();
+    assert_eq!(made["size"], body.len());
+
+    // The object is in the bucket under `<owner>/<yyyy>/<mm>/<dd>/<id>`, and nothing else is.
+    let record = app
+        .state
+        .store()
+        .file(uuid::Uuid::parse_str(&id).unwrap())
+        .await
+        .unwrap();
+    let today = chrono::Utc::now().format("%Y/%m/%d").to_string();
+    assert_eq!(
+        record.storage_key,
+        format!(
+            "{}/{today}/{}",
+            alice_id.replace('-', ""),
+            id.replace('-', "")
+        )
+    );
+    let stored =
+        unhidra_media::storage::testing::read(&bucket, &record.storage_key, 0, body.len() as u64)
+            .await;
+    assert!(stored == body, "the bucket holds the bytes uploaded");
+
+    // Served through the server: whole, by tag, in ranges.
+    let path = format!("/api/v1/files/{id}/content");
+    let got = app
+        .client
+        .get(app.url(&path))
+        .bearer_auth(&alice)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(got.status(), 200);
+    let etag = got.headers()["etag"].to_str().unwrap().to_owned();
+    assert_eq!(etag, format!("\"{}\"", made["sha256"].as_str().unwrap()));
+    assert_eq!(
+        got.headers()["content-security-policy"],
+        "default-src 'none'; sandbox"
+    );
+    assert!(got.bytes().await.unwrap().as_ref() == body.as_slice());
+    let again = app
+        .client
+        .get(app.url(&path))
+        .bearer_auth(&alice)
+        .header("if-none-match", &etag)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 304);
+    let start = unhidra_s3::PART_BYTES - 2;
+    let part = app
+        .client
+        .get(app.url(&path))
+        .bearer_auth(&alice)
+        .header("range", format!("bytes={start}-{}", start + 4))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(part.status(), 206);
+    assert_eq!(
+        part.headers()["content-range"],
+        format!("bytes {start}-{}/{}", start + 4, body.len()).as_str()
+    );
+    assert_eq!(
+        part.bytes().await.unwrap().as_ref(),
+        &body[start..start + 5]
+    );
+    let tail = app
+        .client
+        .get(app.url(&path))
+        .bearer_auth(&alice)
+        .header("range", "bytes=-3")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(tail.status(), 206);
+    assert_eq!(
+        tail.bytes().await.unwrap().as_ref(),
+        &body[body.len() - 3..]
+    );
+
+    // A refused upload is typed as on a folder; a small one is one PUT.
+    let refused = upload(&app, &alice, "notes.png", b"plain text".to_vec()).await;
+    problem(refused, 415, "type_mismatch").await;
+    let small = upload(&app, &alice, "dot.png", PNG.to_vec()).await;
+    assert_eq!(small.status(), 201);
+
+    // Deleted: the object leaves the bucket.
+    let deleted = app
+        .client
+        .delete(app.url(&format!("/api/v1/files/{id}")))
+        .bearer_auth(&alice)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), 204);
+    assert!(
+        unhidra_media::storage::testing::is_missing(&bucket, &record.storage_key).await,
+        "deleting the file removes its object"
+    );
+    problem(app.get(&path).await, 404, "not_found").await;
+    assert_eq!(usage(&app, &alice).await["files"], 1);
+}
+
+/// Points a test app's files at an S3 bucket.
+fn on_s3(c: &mut unhidra_config::Config, s3: &unhidra_s3::S3Config) {
+    c.storage_backend = unhidra_config::StorageBackend::S3;
+    c.s3_endpoint = Some(s3.endpoint.clone());
+    c.s3_bucket = Some(s3.bucket.clone());
+    c.s3_region = s3.region.clone();
+    c.s3_access_key_id = Some(s3.access_key_id.clone());
+    c.s3_secret_access_key = Some(unhidra_config::Secret::new("unhidra-test-secret"));
+}
+
+#[tokio::test]
+async fn a_bucket_that_does_not_answer_makes_the_node_unready() {
+    let s3 = unhidra_s3::testing::new_bucket().await;
+    let ready = app(|c| on_s3(c, &s3)).await;
+    assert_eq!(ready.get("/health/ready").await.status(), 200);
+    let gone = unhidra_s3::S3Config {
+        bucket: format!("{}-gone", s3.bucket),
+        ..s3
+    };
+    let unready = app(|c| on_s3(c, &gone)).await;
+    let answer = problem(unready.get("/health/ready").await, 503, "not_ready").await;
+    assert_eq!(answer["failing"], json!(["storage"]));
+    assert_eq!(answer["detail"], "storage (s3): unreachable");
+}
